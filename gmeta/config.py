@@ -1,0 +1,428 @@
+"""Typed configuration.
+
+Dataclasses below are the schema; YAML files only supply values, and ``key=value``
+command-line overrides are applied on top. Every error names the dotted key that caused it
+(``meta.inner_lr: expected float, got 'fast'``) and, when it comes from a file, the file.
+
+Nothing in a config can name code to import: pluggable parts (algorithms, optimizers,
+sharding types) are picked from small fixed vocabularies validated here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid. The message names the key (and file)."""
+
+
+# --------------------------------------------------------------------------------------
+# schema
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SparseFeature:
+    """One categorical feature, looked up in its own embedding table.
+
+    ``multi_hot`` features hold a list of ids per row and are pooled (``pooling``);
+    single-valued features hold exactly one id per row.
+    """
+
+    name: str = ""
+    num_embeddings: int = 1000
+    multi_hot: bool = False
+    pooling: Literal["sum", "mean"] = "sum"
+
+
+@dataclass
+class FeaturesConfig:
+    """Column names of the raw row-level data and the table size of each sparse feature."""
+
+    task_key: str = "campaign_id"
+    timestamp: str = "ts"
+    label: str = "label"
+    # Column with the true probability of a positive label (synthetic data only), used for
+    # the oracle AUC. Empty string: not available.
+    true_prob: str = "p_true"
+    sparse: list[SparseFeature] = field(
+        default_factory=lambda: [
+            SparseFeature("user_id", 20000),
+            SparseFeature("ad_id", 20000),
+            SparseFeature("advertiser_id", 2000),
+            SparseFeature("hour", 24),
+            SparseFeature("device", 8),
+            SparseFeature("site_id", 200),
+            SparseFeature("interests", 200, multi_hot=True, pooling="mean"),
+        ]
+    )
+    dense: list[str] = field(default_factory=lambda: ["bid_price", "user_activity", "ad_position"])
+
+
+@dataclass
+class SynthConfig:
+    """Synthetic ads-CVR generator (see gmeta/synth.py for the hidden model)."""
+
+    seed: int = 0
+    num_tasks: int = 4000
+    num_users: int = 20000
+    num_interests: int = 200
+    num_sites: int = 200
+    latent_dim: int = 8
+    min_rows_per_task: int = 16
+    max_rows_per_task: int = 400
+    # Pareto tail index of task sizes (smaller = heavier tail).
+    size_alpha: float = 1.3
+    # Scales of the hidden per-task part of the logit: base-rate offset, audience preference
+    # over the user latent, slope on the bid price.
+    task_bias_scale: float = 1.0
+    task_pref_scale: float = 1.5
+    task_slope_scale: float = 0.8
+    rows_per_file: int = 200_000
+
+
+@dataclass
+class SplitConfig:
+    """How each task's rows become support and query, and which tasks are held out."""
+
+    rule: Literal["time", "ratio"] = "time"
+    support_ratio: float = 0.5
+    min_support: int = 4
+    max_support: int = 64
+    min_query: int = 4
+    max_query: int = 64
+    # Share of tasks (chosen by a hash of the task key) held out for cold-start evaluation.
+    eval_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    raw_dir: str = "data/ads_cvr/raw"
+    shards_dir: str = "data/ads_cvr/shards"
+    tasks_per_shard: int = 2000
+    tasks_per_row_group: int = 256
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+@dataclass
+class ModelConfig:
+    embedding_dim: int = 16
+    # Hidden sizes of the bottom MLP on dense features; its output has embedding_dim units.
+    dense_arch: list[int] = field(default_factory=lambda: [64])
+    # Hidden sizes of the top MLP; a final layer with one logit is appended.
+    over_arch: list[int] = field(default_factory=lambda: [64, 32])
+
+
+@dataclass
+class MetaConfig:
+    algorithm: Literal["maml", "erm"] = "maml"
+    tasks_per_batch: int = 16
+    inner_steps: int = 1
+    inner_lr: float = 0.1
+    first_order: bool = False
+    # Dense parts adapted in the inner loop (any of dense_arch, over_arch).
+    adapt_dense: list[str] = field(default_factory=lambda: ["dense_arch", "over_arch"])
+    # Also adapt the embedding rows the task looks up (per-task fast rows).
+    adapt_embeddings: bool = True
+    embedding_inner_lr: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    dense_lr: float = 1e-3
+    dense_weight_decay: float = 0.0
+    embedding_optimizer: Literal["sgd", "rowwise_adagrad", "adagrad", "adam"] = "rowwise_adagrad"
+    embedding_lr: float = 0.05
+
+
+@dataclass
+class ShardingConfig:
+    sharding_type: Literal["table_wise", "row_wise", "column_wise", "auto"] = "table_wise"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    # Stop after this many meta-batches (0: run all epochs).
+    max_steps: int = 0
+    log_every: int = 20
+    seed: int = 0
+    nproc_per_node: int = 2
+    output_dir: str = "runs/ads_cvr"
+    # Evaluate on the held-out tasks when training ends (rank 0, unsharded checkpoint).
+    eval_at_end: bool = True
+
+
+@dataclass
+class EvalConfig:
+    # Inner steps at evaluation; -1 means meta.inner_steps.
+    inner_steps: int = -1
+    tasks_per_batch: int = 64
+    # Evaluate on at most this many held-out tasks (0: all).
+    max_tasks: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    # Empty: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working directory.
+    uri: str = ""
+    experiment: str = "gmeta"
+    run_name: str = ""
+
+
+@dataclass
+class Config:
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# --------------------------------------------------------------------------------------
+# validation of values (types are checked while building)
+# --------------------------------------------------------------------------------------
+
+_DENSE_PARTS = ("dense_arch", "over_arch")
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Check values that are well typed but impossible. Raises ConfigError naming the key."""
+    f = cfg.features
+    _check(bool(f.task_key), "features.task_key", "must not be empty")
+    _check(len(f.sparse) > 0, "features.sparse", "at least one sparse feature is required")
+    _check(len(f.dense) > 0, "features.dense", "at least one dense feature is required")
+    names = [s.name for s in f.sparse] + list(f.dense)
+    for i, s in enumerate(f.sparse):
+        _check(bool(s.name), f"features.sparse[{i}].name", "must not be empty")
+        _check(s.num_embeddings >= 1, f"features.sparse[{i}].num_embeddings", "must be >= 1")
+    dup = {n for n in names if names.count(n) > 1}
+    _check(not dup, "features", f"duplicate feature names {sorted(dup)}")
+    reserved = {f.task_key, f.timestamp, f.label, f.true_prob}
+    clash = reserved & set(names)
+    _check(not clash, "features", f"feature names {sorted(clash)} clash with task key/label/timestamp")
+
+    s = cfg.synth
+    for k in ("num_tasks", "num_users", "num_interests", "num_sites", "latent_dim", "rows_per_file"):
+        _check(getattr(s, k) >= 1, f"synth.{k}", "must be >= 1")
+    _check(s.min_rows_per_task >= 2, "synth.min_rows_per_task", "must be >= 2")
+    _check(s.max_rows_per_task >= s.min_rows_per_task, "synth.max_rows_per_task",
+           "must be >= synth.min_rows_per_task")
+    _check(s.size_alpha > 0, "synth.size_alpha", "must be > 0")
+
+    sp = cfg.data.split
+    _check(0.0 < sp.support_ratio < 1.0, "data.split.support_ratio", "must be in (0, 1)")
+    _check(sp.min_support >= 1, "data.split.min_support", "must be >= 1")
+    _check(sp.min_query >= 1, "data.split.min_query", "must be >= 1")
+    _check(sp.max_support >= sp.min_support, "data.split.max_support", "must be >= data.split.min_support")
+    _check(sp.max_query >= sp.min_query, "data.split.max_query", "must be >= data.split.min_query")
+    _check(0.0 <= sp.eval_fraction < 1.0, "data.split.eval_fraction", "must be in [0, 1)")
+    _check(cfg.data.tasks_per_shard >= 1, "data.tasks_per_shard", "must be >= 1")
+    _check(cfg.data.tasks_per_row_group >= 1, "data.tasks_per_row_group", "must be >= 1")
+
+    m = cfg.model
+    _check(m.embedding_dim >= 1, "model.embedding_dim", "must be >= 1")
+    _check(all(h >= 1 for h in m.dense_arch), "model.dense_arch", "layer sizes must be >= 1")
+    _check(all(h >= 1 for h in m.over_arch), "model.over_arch", "layer sizes must be >= 1")
+
+    me = cfg.meta
+    _check(me.tasks_per_batch >= 1, "meta.tasks_per_batch", "must be >= 1")
+    _check(me.inner_steps >= 0, "meta.inner_steps", "must be >= 0")
+    _check(me.inner_lr > 0, "meta.inner_lr", "must be > 0")
+    _check(me.embedding_inner_lr > 0, "meta.embedding_inner_lr", "must be > 0")
+    for i, part in enumerate(me.adapt_dense):
+        _check(part in _DENSE_PARTS, f"meta.adapt_dense[{i}]", f"must be one of {list(_DENSE_PARTS)}, got {part!r}")
+    if me.algorithm == "maml":
+        _check(me.inner_steps >= 1, "meta.inner_steps", "must be >= 1 for maml")
+        _check(bool(me.adapt_dense) or me.adapt_embeddings, "meta.adapt_dense",
+               "maml must adapt something: list a dense part or set meta.adapt_embeddings")
+
+    o = cfg.optim
+    _check(o.dense_lr > 0, "optim.dense_lr", "must be > 0")
+    _check(o.dense_weight_decay >= 0, "optim.dense_weight_decay", "must be >= 0")
+    _check(o.embedding_lr > 0, "optim.embedding_lr", "must be > 0")
+
+    t = cfg.train
+    _check(t.epochs >= 1, "train.epochs", "must be >= 1")
+    _check(t.max_steps >= 0, "train.max_steps", "must be >= 0")
+    _check(t.log_every >= 1, "train.log_every", "must be >= 1")
+    _check(t.nproc_per_node >= 1, "train.nproc_per_node", "must be >= 1")
+    _check(bool(t.output_dir), "train.output_dir", "must not be empty")
+
+    e = cfg.eval
+    _check(e.inner_steps >= -1, "eval.inner_steps", "must be >= 0, or -1 for meta.inner_steps")
+    _check(e.tasks_per_batch >= 1, "eval.tasks_per_batch", "must be >= 1")
+    _check(e.max_tasks >= 0, "eval.max_tasks", "must be >= 0")
+
+
+# --------------------------------------------------------------------------------------
+# building dataclasses from plain data
+# --------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported union type in schema at {key}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected bool, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected str, got {value!r}")
+        return value
+    raise TypeError(f"unsupported type {tp!r} in schema at {key}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{key}: unknown key{hint}")
+        kwargs[k] = _convert(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as a YAML scalar or list)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+    return key.split("."), value
+
+
+def _apply_override(data: dict, parts: list[str], value: Any) -> None:
+    node = data
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {'.'.join(parts)}")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (YAML, safe loader) over the defaults, apply ``key=value`` overrides,
+    check types and values. Raises ConfigError naming the key (and the file)."""
+    data: dict = {}
+    where = ""
+    if path is not None:
+        p = Path(path)
+        where = f" (in {p})"
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        data = loaded
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        _apply_override(data, parts, value)
+    try:
+        cfg = _build(Config, data, "")
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{where}") from None
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config saved with ``to_dict`` (e.g. from a checkpoint)."""
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": value}; lists of dicts are indexed (``a[0].b``)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out.update(flatten(x, f"{key}[{i}]"))
+        else:
+            out[key] = v
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,35 @@
+"""Offline ranking metrics for CTR/CVR models."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import log_loss, roc_auc_score
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC; NaN when only one class is present."""
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
+
+
+def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
+    """Group AUC: per-task AUC averaged with weights = task rows, over tasks with both classes."""
+    order = np.argsort(groups, kind="stable")
+    g, lab, sc = groups[order], labels[order], scores[order]
+    bounds = np.flatnonzero(np.diff(g)) + 1
+    total = weight = 0.0
+    for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(g)]])):
+        y = lab[lo:hi]
+        if 0 < y.sum() < len(y):
+            total += roc_auc_score(y, sc[lo:hi]) * (hi - lo)
+            weight += hi - lo
+    return float(total / weight) if weight else float("nan")
+
+
+def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
+    return float(log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1]))
+
+
+def summarize(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    return {"auc": auc(labels, probs), "gauc": gauc(labels, probs, groups), "logloss": logloss(labels, probs)}

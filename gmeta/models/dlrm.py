@@ -1,0 +1,224 @@
+"""Meta DLRM from named parts.
+
+::
+
+    KeyedJaggedTensor ──► SparseArch (torchrec EmbeddingCollection, one table per feature)
+                              │ per-id embeddings  (the unit MAML can adapt per task)
+                              ▼ pool per (row, feature): sum or mean  ──► [R, F, D]
+    dense [R, nd] ──► DenseArch (MLP) ──► [R, D] ─┐
+                                                  ▼
+                             InteractionArch (pairwise dots of the F+1 vectors)
+                                                  ▼
+                                   OverArch (MLP) ──► logit [R]
+
+The sparse arch returns *unpooled* per-id embeddings (an EmbeddingCollection, not an
+EmbeddingBagCollection) so the inner loop can differentiate with respect to each looked-up
+row: a task's fast embedding rows are then exact per-row fast weights.
+
+Every dense layer is a ``MetaLinear``: it takes ordinary weights ``[out, in]`` or per-task
+weights ``[N, out, in]`` (with inputs ``[N, R, in]``), so one ``functional_call`` runs all N
+tasks of a meta-batch with their own fast weights, without a Python loop over tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import EmbeddingCollection, EmbeddingConfig
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from gmeta.config import Config
+
+
+class MetaLinear(nn.Linear):
+    """Linear layer accepting shared ``[out, in]`` or per-task ``[N, out, in]`` weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if w.dim() == 3:  # per-task fast weights: x [N, R, in] -> [N, R, out]
+            return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+        return F.linear(x, w, b)
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, sizes: list[int], *, last_activation: bool) -> None:
+        super().__init__()
+        dims = [in_features] + list(sizes)
+        self.layers = nn.ModuleList(MetaLinear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.last_activation = last_activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1 or self.last_activation:
+                x = torch.relu(x)
+        return x
+
+
+class SparseArch(nn.Module):
+    """One embedding table per sparse feature; returns per-id embeddings per feature."""
+
+    def __init__(self, features: list[dict], embedding_dim: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.feature_names = [f["name"] for f in features]
+        self.ec = EmbeddingCollection(
+            tables=[
+                EmbeddingConfig(name=f"t_{f['name']}", embedding_dim=embedding_dim,
+                                num_embeddings=f["num_embeddings"], feature_names=[f["name"]])
+                for f in features
+            ],
+            device=device,
+        )
+
+    def forward(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        return self.ec(kjt)
+
+
+class DenseArch(nn.Module):
+    def __init__(self, num_dense: int, sizes: list[int], embedding_dim: int) -> None:
+        super().__init__()
+        self.mlp = MLP(num_dense, list(sizes) + [embedding_dim], last_activation=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class InteractionArch(nn.Module):
+    """DLRM dot interaction: dense vector plus the pairwise dots of all F+1 vectors."""
+
+    def __init__(self, num_sparse: int) -> None:
+        super().__init__()
+        n = num_sparse + 1
+        rows, cols = torch.triu_indices(n, n, offset=1)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+
+    @staticmethod
+    def out_features(num_sparse: int, embedding_dim: int) -> int:
+        return embedding_dim + (num_sparse + 1) * num_sparse // 2
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """dense [..., D], sparse [..., F, D] -> [..., D + (F+1)F/2]"""
+        combined = torch.cat([dense.unsqueeze(-2), sparse], dim=-2)
+        dots = combined @ combined.transpose(-1, -2)
+        return torch.cat([dense, dots[..., self.rows, self.cols]], dim=-1)
+
+
+class OverArch(nn.Module):
+    def __init__(self, in_features: int, sizes: list[int]) -> None:
+        super().__init__()
+        self.mlp = MLP(in_features, list(sizes) + [1], last_activation=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x).squeeze(-1)
+
+
+class DLRMHead(nn.Module):
+    """The dense, data-parallel part: (dense features, pooled embeddings) -> logits.
+
+    Shapes: dense ``[..., R, nd]``, pooled ``[..., R, F, D]`` -> logits ``[..., R]``; the
+    leading dim is the task dim N when per-task weights are passed by functional_call.
+    """
+
+    def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
+                 over_sizes: list[int]) -> None:
+        super().__init__()
+        self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
+        self.interaction = InteractionArch(num_sparse)
+        self.over_arch = OverArch(InteractionArch.out_features(num_sparse, embedding_dim), over_sizes)
+
+    def forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        return self.over_arch(self.interaction(self.dense_arch(dense), pooled))
+
+
+@dataclass
+class Lookup:
+    """Looked-up embeddings of one batch as a flat list of id occurrences.
+
+    values  [nnz, D]  embedding of every id occurrence, features in key order
+    slot    [nnz]     row * F + feature: the pooled cell each occurrence adds into
+    feature [nnz]     feature index of each occurrence
+    ids     [nnz]     the (hashed) id, i.e. the table row
+    scale   [R * F]   pooling factor per cell (1 for sum, 1/len for mean)
+    num_rows          R
+    """
+
+    values: torch.Tensor
+    slot: torch.Tensor
+    feature: torch.Tensor
+    ids: torch.Tensor
+    scale: torch.Tensor
+    num_rows: int
+
+
+def make_lookup(emb: dict[str, JaggedTensor], kjt: KeyedJaggedTensor, features: list[dict]) -> Lookup:
+    """Flatten the per-feature outputs of the sparse arch into a ``Lookup``."""
+    num_rows = kjt.stride()
+    nf = len(features)
+    values, slots, feats, ids, scales = [], [], [], [], []
+    per_key = kjt.to_dict()
+    for fi, feat in enumerate(features):
+        name = feat["name"]
+        jt = emb[name]
+        lengths = jt.lengths()
+        rows = torch.repeat_interleave(torch.arange(num_rows, device=lengths.device), lengths)
+        values.append(jt.values())
+        slots.append(rows * nf + fi)
+        feats.append(torch.full_like(rows, fi))
+        ids.append(per_key[name].values())
+        if feat["pooling"] == "mean":
+            scales.append(1.0 / lengths.clamp(min=1).to(jt.values().dtype))
+        else:
+            scales.append(torch.ones(num_rows, dtype=jt.values().dtype, device=lengths.device))
+    # scale is per (row, feature) cell, laid out row-major to match slot
+    scale = torch.stack(scales, dim=1).reshape(-1)
+    return Lookup(torch.cat(values), torch.cat(slots), torch.cat(feats), torch.cat(ids), scale, num_rows)
+
+
+def pool(values: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor, num_rows: int, num_features: int) -> torch.Tensor:
+    """Sum (or mean, through ``scale``) occurrences into cells: -> ``[num_rows, F, D]``."""
+    out = values.new_zeros(num_rows * num_features, values.shape[-1]).index_add(0, slot, values)
+    return (out * scale.unsqueeze(-1)).view(num_rows, num_features, -1)
+
+
+class MetaDLRM(nn.Module):
+    """DLRM for meta learning: ``sparse_arch`` (sharded by torchrec) + ``head`` (dense)."""
+
+    def __init__(self, features: list[dict], num_dense: int, embedding_dim: int, dense_sizes: list[int],
+                 over_sizes: list[int], device: torch.device | None = None) -> None:
+        super().__init__()
+        self.features = [dict(f) for f in features]
+        self.sparse_arch = SparseArch(self.features, embedding_dim, device=device)
+        self.head = DLRMHead(num_dense, len(features), embedding_dim, dense_sizes, over_sizes)
+        if device is not None and device.type != "meta":
+            self.head.to(device)
+
+    @property
+    def num_features(self) -> int:
+        return len(self.features)
+
+    def lookup(self, kjt: KeyedJaggedTensor) -> Lookup:
+        """One embedding lookup (one all-to-all when sharded) for all rows of a batch."""
+        return make_lookup(self.sparse_arch(kjt), kjt, self.features)
+
+    def forward(self, kjt: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        """Plain prediction without adaptation: logits ``[R]``."""
+        lk = self.lookup(kjt)
+        pooled = pool(lk.values, lk.slot, lk.scale, lk.num_rows, self.num_features)
+        return self.head(dense, pooled)
+
+
+def build_model(cfg: Config, device: torch.device | None = None) -> MetaDLRM:
+    from dataclasses import asdict
+
+    return MetaDLRM(
+        features=[asdict(s) for s in cfg.features.sparse],
+        num_dense=len(cfg.features.dense),
+        embedding_dim=cfg.model.embedding_dim,
+        dense_sizes=cfg.model.dense_arch,
+        over_sizes=cfg.model.over_arch,
+        device=device,
+    )

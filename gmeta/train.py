@@ -1,0 +1,143 @@
+"""Meta-training, top to bottom: setup -> loop over meta-batches -> log -> checkpoint ->
+evaluate -> cleanup. Run by ``gmeta train`` in every process torchrun starts (or directly
+in one process).
+
+One meta-batch (see DESIGN.md)::
+
+    lookup of support+query ids (one all-to-all)  ->  inner loop, local, autograd.grad only
+    -> query loss -> ONE backward(): embedding grads -> fused optimizer on the owning shard,
+                                      dense grads -> mean all-reduce -> Adam step
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.autograd.profiler import record_function
+
+from gmeta import __version__, checkpoint
+from gmeta.config import Config, dump_yaml, flatten, to_dict
+from gmeta.io.prepare import check_manifest_matches, load_manifest
+from gmeta.io.reader import TaskShardReader
+from gmeta.models.dlrm import build_model
+from gmeta.parallel.dist import allreduce_mean_grads, broadcast_params, init_distributed
+from gmeta.parallel.maml import MetaOutput, erm_loss, maml_loss
+from gmeta.parallel.sharding import shard_model
+from gmeta.tracking import NullTracker, make_tracker, resolve_tracking_uri, ui_command
+
+log = logging.getLogger(__name__)
+
+
+def meta_step(model, batch, cfg: Config) -> MetaOutput:
+    """Forward of one meta-batch on the (sharded) model; returns the loss to backward."""
+    inner = model.module if hasattr(model, "module") else model
+    with record_function("## lookup ##"):
+        lookup = inner.lookup(batch.sparse)
+    m = cfg.meta
+    if m.algorithm == "erm":
+        return erm_loss(inner.head, lookup, batch, num_features=inner.num_features)
+    return maml_loss(inner.head, lookup, batch, num_features=inner.num_features, steps=m.inner_steps,
+                     lr=m.inner_lr, emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
+                     adapt_embeddings=m.adapt_embeddings, first_order=m.first_order)
+
+
+def main(cfg: Config, *, tracking_uri: str = "") -> dict:
+    # ---------------------------------------------------------------- setup
+    env = init_distributed()
+    torch.manual_seed(cfg.train.seed)
+    out_dir = Path(cfg.train.output_dir)
+    manifest = load_manifest(cfg.data.shards_dir)
+    check_manifest_matches(manifest, cfg, str(Path(cfg.data.shards_dir) / "manifest.json"))
+
+    model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, env.device)
+    dense_params = list(model.module.head.parameters())
+    broadcast_params(dense_params)  # every rank starts from rank 0's dense weights
+    dense_opt = torch.optim.Adam(dense_params, lr=cfg.optim.dense_lr, weight_decay=cfg.optim.dense_weight_decay)
+
+    reader = TaskShardReader(cfg.data.shards_dir, "train", cfg.meta.tasks_per_batch, rank=env.rank,
+                             world_size=env.world_size, seed=cfg.train.seed)
+    total_steps = len(reader) * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+
+    uri = resolve_tracking_uri(cfg.tracking.uri, tracking_uri)
+    tracker = NullTracker()
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tracker = make_tracker(cfg.tracking.enabled, uri, cfg.tracking.experiment, cfg.tracking.run_name)
+        tracker.log_params(flatten(to_dict(cfg)))
+        tracker.set_tags({"gmeta.version": __version__, "torch.version": torch.__version__,
+                          "gmeta.world_size": str(env.world_size), "gmeta.algorithm": cfg.meta.algorithm})
+        tracker.log_text(dump_yaml(cfg), "config.yaml")
+        tracker.log_artifact(Path(cfg.data.shards_dir) / "manifest.json")
+        log.info("training %s: %d steps (%d per epoch), %d tasks per step on each of %d ranks",
+                 cfg.meta.algorithm, total_steps, len(reader), cfg.meta.tasks_per_batch, env.world_size)
+
+    # ---------------------------------------------------------------- loop
+    step = 0
+    tasks_seen = rows_seen = 0
+    t_log = time.perf_counter()
+    tasks_since = rows_since = 0
+    last: dict[str, float] = {}
+    for epoch in range(cfg.train.epochs):
+        reader.set_epoch(epoch)
+        for batch in reader:
+            if step >= total_steps:
+                break
+            batch = batch.to(env.device, non_blocking=True)
+            out = meta_step(model, batch, cfg)
+            with record_function("## backward ##"):
+                out.loss.backward()  # the only backward of the step; fires the fused embedding optimizer
+            with record_function("## dense_allreduce_wait ##"):
+                allreduce_mean_grads(dense_params)
+            dense_opt.step()
+            dense_opt.zero_grad(set_to_none=True)
+            step += 1
+            tasks_since += batch.num_tasks * env.world_size
+            rows_since += batch.num_rows * env.world_size
+
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                # sync point: .item() and an all-reduce of the losses, on log steps only
+                stats = torch.stack([out.query_loss.mean(), out.support_loss.mean()]).detach()
+                dist.all_reduce(stats)
+                stats /= env.world_size
+                dt = time.perf_counter() - t_log
+                last = {"train/query_loss": stats[0].item(), "train/support_loss": stats[1].item(),
+                        "train/tasks_per_s": tasks_since / dt, "train/rows_per_s": rows_since / dt,
+                        "train/epoch": float(epoch)}
+                tracker.log_metrics(last, step=step)
+                if env.is_main:
+                    log.info("step %d/%d epoch %d query_loss %.4f support_loss %.4f %.0f tasks/s %.0f rows/s",
+                             step, total_steps, epoch, last["train/query_loss"], last["train/support_loss"],
+                             last["train/tasks_per_s"], last["train/rows_per_s"])
+                tasks_seen += tasks_since
+                rows_seen += rows_since
+                tasks_since = rows_since = 0
+                t_log = time.perf_counter()
+
+    # ---------------------------------------------------------------- checkpoint
+    ckpt = checkpoint.save(model, cfg, out_dir / "checkpoint",
+                           {"step": step, "epoch": cfg.train.epochs, "algorithm": cfg.meta.algorithm,
+                            "mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri})
+    dist.destroy_process_group()
+
+    # ---------------------------------------------------------------- evaluate (rank 0)
+    result: dict = {"checkpoint": str(ckpt), "steps": step, **last}
+    if env.is_main:
+        if cfg.train.eval_at_end:
+            from gmeta.evaluate import evaluate, format_table
+
+            emodel, ecfg, _ = checkpoint.load_unsharded(ckpt)
+            ev = evaluate(emodel, ecfg, cfg.data.shards_dir, inner_steps=cfg.eval.inner_steps)
+            tracker.log_metrics({f"eval/{k}": v for k, v in ev.items()}, step=step)
+            log.info("cold-start evaluation:\n%s", format_table(ev))
+            result.update({f"eval/{k}": v for k, v in ev.items()})
+        tracker.finish()
+        log.info("checkpoint: %s", ckpt)
+        if tracker.run_id:
+            log.info("mlflow run %s; to browse: %s", tracker.run_id, ui_command(uri))
+    return result
