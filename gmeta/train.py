@@ -45,6 +45,19 @@ def meta_step(model, batch, cfg: Config) -> MetaOutput:
                      adapt_embeddings=m.adapt_embeddings, first_order=m.first_order)
 
 
+def train_step(model, batch, cfg: Config, dense_params: list[torch.Tensor],
+               dense_opt: torch.optim.Optimizer) -> MetaOutput:
+    """One optimizer step on one meta-batch: forward, ONE backward, dense all-reduce, step."""
+    out = meta_step(model, batch, cfg)
+    with record_function("## backward ##"):
+        out.loss.backward()  # the only backward of the step; fires the fused embedding optimizer
+    with record_function("## dense_allreduce_wait ##"):
+        allreduce_mean_grads(dense_params)
+    dense_opt.step()
+    dense_opt.zero_grad(set_to_none=True)
+    return out
+
+
 def main(cfg: Config, *, tracking_uri: str = "") -> dict:
     # ---------------------------------------------------------------- setup
     env = init_distributed()
@@ -79,7 +92,6 @@ def main(cfg: Config, *, tracking_uri: str = "") -> dict:
 
     # ---------------------------------------------------------------- loop
     step = 0
-    tasks_seen = rows_seen = 0
     t_log = time.perf_counter()
     tasks_since = rows_since = 0
     last: dict[str, float] = {}
@@ -89,13 +101,7 @@ def main(cfg: Config, *, tracking_uri: str = "") -> dict:
             if step >= total_steps:
                 break
             batch = batch.to(env.device, non_blocking=True)
-            out = meta_step(model, batch, cfg)
-            with record_function("## backward ##"):
-                out.loss.backward()  # the only backward of the step; fires the fused embedding optimizer
-            with record_function("## dense_allreduce_wait ##"):
-                allreduce_mean_grads(dense_params)
-            dense_opt.step()
-            dense_opt.zero_grad(set_to_none=True)
+            out = train_step(model, batch, cfg, dense_params, dense_opt)
             step += 1
             tasks_since += batch.num_tasks * env.world_size
             rows_since += batch.num_rows * env.world_size
@@ -114,8 +120,6 @@ def main(cfg: Config, *, tracking_uri: str = "") -> dict:
                     log.info("step %d/%d epoch %d query_loss %.4f support_loss %.4f %.0f tasks/s %.0f rows/s",
                              step, total_steps, epoch, last["train/query_loss"], last["train/support_loss"],
                              last["train/tasks_per_s"], last["train/rows_per_s"])
-                tasks_seen += tasks_since
-                rows_seen += rows_since
                 tasks_since = rows_since = 0
                 t_log = time.perf_counter()
 

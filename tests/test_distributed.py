@@ -1,0 +1,122 @@
+"""2 CPU ranks over gloo against a single-process reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from gmeta.config import load_config
+from gmeta.io.reader import TaskShardReader
+from gmeta.models.dlrm import build_model
+from gmeta.parallel.dist import broadcast_params
+from gmeta.parallel.sharding import shard_model
+from gmeta.train import train_step
+from tests.multiprocess import run_ranks
+from tests.reference import task_query_losses
+
+WORLD = 2
+
+
+def _local_table_shards(dmp):
+    """(feature name, row offset, col offset, local tensor) for every shard on this rank."""
+    for key, value in dmp.state_dict().items():
+        if not key.startswith("sparse_arch.ec.embeddings."):
+            continue
+        name = key.split(".")[3][len("t_"):]
+        for shard in value.local_shards():
+            r0, c0 = shard.metadata.shard_offsets
+            yield name, r0, c0, shard.tensor
+
+
+def _full_tables(features, dim, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return {f["name"]: torch.randn(f["num_embeddings"], dim, generator=g) * 0.3 for f in features}
+
+
+def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, sharding_type):
+    cfg = load_config(cfg_path, [
+        "model.embedding_dim=4", "model.dense_arch=[6]", "model.over_arch=[5]", "meta.tasks_per_batch=3",
+        "meta.inner_steps=2", "meta.inner_lr=0.3", "meta.embedding_inner_lr=0.6", f"meta.first_order={first_order}",
+        "optim.embedding_optimizer=sgd", "optim.embedding_lr=0.5", f"sharding.sharding_type={sharding_type}"])
+    torch.manual_seed(0)
+    model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, torch.device("cpu"))
+    features = model.module.features
+    tables = _full_tables(features, 4)
+    with torch.no_grad():  # known initial tables, written into this rank's shards
+        for name, r0, c0, t in _local_table_shards(model):
+            t.copy_(tables[name][r0: r0 + t.shape[0], c0: c0 + t.shape[1]])
+    dense_params = list(model.module.head.parameters())
+    broadcast_params(dense_params)
+    ref_head = copy.deepcopy(model.module.head)
+    ref_tables = {k: v.clone().requires_grad_() for k, v in tables.items()}
+    lr_dense = 0.5
+    opt = torch.optim.SGD(dense_params, lr=lr_dense)
+    ref_opt = torch.optim.SGD(list(ref_head.parameters()), lr=lr_dense)
+    readers = [TaskShardReader(shards, "train", 3, rank=r, world_size=world, seed=5) for r in range(world)]
+    iters = [iter(r) for r in readers]
+    m = cfg.meta
+    kw = dict(steps=m.inner_steps, lr=m.inner_lr, emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
+              adapt_embeddings=m.adapt_embeddings, first_order=m.first_order)
+    for _ in range(2):
+        batches = [next(it) for it in iters]
+        train_step(model, batches[rank], cfg, dense_params, opt)
+        # reference: one process, every task of every rank, real per-task fast weights
+        losses = []
+        for b in batches:
+            losses += task_query_losses(ref_head, ref_tables, features, b, **kw)
+        ref_opt.zero_grad()
+        for t in ref_tables.values():
+            t.grad = None
+        torch.stack(losses).mean().backward()
+        ref_opt.step()
+        with torch.no_grad():
+            for t in ref_tables.values():
+                t -= cfg.optim.embedding_lr * t.grad
+    for p, r in zip(dense_params, ref_head.parameters()):
+        torch.testing.assert_close(p, r, rtol=0, atol=1e-5)
+    moved = 0.0
+    for name, r0, c0, t in _local_table_shards(model):
+        ref = ref_tables[name][r0: r0 + t.shape[0], c0: c0 + t.shape[1]].detach()
+        torch.testing.assert_close(t, ref, rtol=0, atol=1e-5)
+        moved += float((ref - tables[name][r0: r0 + t.shape[0], c0: c0 + t.shape[1]]).abs().sum())
+    assert moved > 0  # the step did update this rank's rows
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_maml_step_on_two_ranks_equals_single_process_reference(debug_config_path, debug_data, first_order):
+    run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]),
+              first_order, "table_wise")
+
+
+def test_row_wise_sharding_equals_reference(debug_config_path, debug_data):
+    run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]),
+              False, "row_wise")
+
+
+def _dense_identical(rank, world, cfg_path, shards, algorithm):
+    cfg = load_config(cfg_path, [f"meta.algorithm={algorithm}", "meta.tasks_per_batch=8"])
+    torch.manual_seed(rank)  # different seeds: broadcast must still make ranks agree
+    model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, torch.device("cpu"))
+    dense_params = list(model.module.head.parameters())
+    broadcast_params(dense_params)
+    opt = torch.optim.Adam(dense_params, lr=1e-2)
+    start = [p.detach().clone() for p in dense_params]
+    reader = TaskShardReader(shards, "train", 8, rank=rank, world_size=world, seed=1)
+    for i, batch in enumerate(reader):
+        if i == 6:
+            break
+        train_step(model, batch, cfg, dense_params, opt)
+    flat = torch.cat([p.detach().reshape(-1) for p in dense_params])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    for other in gathered[1:]:
+        assert torch.equal(other, gathered[0])
+    assert not torch.equal(flat, torch.cat([s.reshape(-1) for s in start]))
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "erm"])
+def test_dense_parameters_identical_on_all_ranks(debug_config_path, debug_data, algorithm):
+    run_ranks(_dense_identical, WORLD, str(debug_config_path), str(debug_data["shards"]), algorithm)
