@@ -410,7 +410,9 @@ def config_from_dict(data: dict) -> Config:
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"a.b.c": value}; lists of dicts are indexed (``a[0].b``)."""
+    """Nested dict -> {"a.b.c": value}. Items of a list of dicts are keyed by their
+    ``name`` (``features.sparse.user_id.num_embeddings``), else by position. (Tracking
+    stores such as MLflow accept only letters, digits and ``_-. :/`` in keys.)"""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else k
@@ -418,7 +420,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, key))
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
             for i, x in enumerate(v):
-                out.update(flatten(x, f"{key}[{i}]"))
+                out.update(flatten(x, f"{key}.{x.get('name') or i}"))
         else:
             out[key] = v
     return out

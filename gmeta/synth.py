@@ -159,6 +159,7 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
         "seed": s.seed,
         "files": files,
     }
-    (out / "synth.json").write_text(json.dumps(summary, indent=2))
+    # a leading underscore: pyarrow datasets skip it when reading the directory
+    (out / "_synth.json").write_text(json.dumps(summary, indent=2))
     log.info("synth: wrote %d rows of %d tasks to %s", n_rows, s.num_tasks, out)
     return summary

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gmeta.cli import main as cli_main
+from gmeta.config import Config, ConfigError, dump_yaml, flatten, load_config, to_dict
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"ads_cvr.yaml", "ads_cvr_debug.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads_and_says_how_to_launch(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# launch: gmeta train --config configs/" + path.name)
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, key, fragment", [
+    ("meta:\n  inner_lrr: 0.1\n", "meta.inner_lrr", "did you mean 'inner_lr'"),
+    ("meta:\n  inner_lr: fast\n", "meta.inner_lr", "expected float, got 'fast'"),
+    ("meta:\n  inner_steps: 1.5\n", "meta.inner_steps", "expected int"),
+    ("meta:\n  algorithm: reptile\n", "meta.algorithm", "one of 'maml', 'erm'"),
+    ("meta:\n  inner_lr: -1\n", "meta.inner_lr", "must be > 0"),
+    ("train:\n  epochs: 0\n", "train.epochs", "must be >= 1"),
+    ("data:\n  split:\n    support_ratio: 1.5\n", "data.split.support_ratio", "(0, 1)"),
+    ("features:\n  sparse:\n    - {name: a, num_embeddings: 0}\n", "features.sparse[0].num_embeddings", ">= 1"),
+    ("features:\n  sparse:\n    - {name: a, bogus: 1}\n", "features.sparse[0].bogus", "unknown key"),
+    ("meta:\n  adapt_dense: [over_arch, head]\n", "meta.adapt_dense[1]", "must be one of"),
+    ("meta: 3\n", "meta", "expected a mapping"),
+    ("optim:\n  embedding_optimizer: lion\n", "optim.embedding_optimizer", "one of"),
+    ("train:\n  eval_at_end: 'yes'\n", "train.eval_at_end", "expected bool"),
+])
+def test_config_errors_name_the_key_and_file(tmp_path, text, key, fragment):
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert msg.startswith(key + ":"), msg
+    assert fragment in msg
+    assert str(p) in msg
+
+
+@pytest.mark.parametrize("override, key", [
+    ("meta.inner_lr=fast", "meta.inner_lr"),
+    ("meta.nope=1", "meta.nope"),
+    ("nosection.x=1", "nosection"),
+    ("meta.inner_lr.x=1", "meta.inner_lr"),
+])
+def test_override_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value).startswith(key), str(e.value)
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(None, ["meta.inner_lr=0.05", "meta.first_order=true", "model.over_arch=[8, 4]",
+                             "train.output_dir=/tmp/x"])
+    assert cfg.meta.inner_lr == 0.05 and cfg.meta.first_order is True
+    assert cfg.model.over_arch == [8, 4] and cfg.train.output_dir == "/tmp/x"
+
+
+def test_int_accepted_for_float_and_roundtrip():
+    cfg = load_config(None, ["optim.dense_lr=1"])
+    assert isinstance(cfg.optim.dense_lr, float)
+    import yaml
+
+    again = load_config(None, [])
+    assert to_dict(again) == to_dict(Config())
+    assert yaml.safe_load(dump_yaml(cfg))["optim"]["dense_lr"] == 1.0
+    flat = flatten(to_dict(cfg))
+    assert flat["features.sparse.user_id.num_embeddings"] == 20000 and flat["meta.inner_lr"] == cfg.meta.inner_lr
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(_write(tmp_path, "meta: [\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(_write(tmp_path, "- 1\n"))
+
+
+def test_yaml_cannot_construct_python_objects(tmp_path):
+    p = _write(tmp_path, "meta: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(p)
+
+
+def test_cli_reports_config_error_with_key(tmp_path, capsys):
+    p = _write(tmp_path, "meta:\n  inner_lr: fast\n")
+    assert cli_main(["train", "--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "meta.inner_lr: expected float, got 'fast'" in err
+
+
+def test_cli_help_for_every_subcommand(capsys):
+    for cmd in ("synth", "prepare", "train", "evaluate"):
+        with pytest.raises(SystemExit) as e:
+            cli_main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "--config" in capsys.readouterr().out
