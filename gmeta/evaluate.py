@@ -113,7 +113,8 @@ def run_evaluate(checkpoint: str | Path, *, cfg_override: Config | None = None, 
     log.info("evaluation of %s:\n%s", checkpoint, table)
     run_id = meta.get("mlflow_run_id", "")
     if tracking and run_id:
-        tracker = make_tracker(True, tracking_uri or meta.get("tracking_uri", ""), cfg.tracking.experiment, run_id=run_id)
+        uri = tracking_uri or meta.get("tracking_uri", "")
+        tracker = make_tracker(True, uri, cfg.tracking.experiment, run_id=run_id)
         tracker.log_metrics({f"eval/{k}": v for k, v in result.items()}, step=int(meta.get("step", 0)))
         tracker.log_text(table, "eval_report.md")
         tracker.log_artifact(report)

@@ -121,7 +121,8 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
     # interests: the user's tags (multi-hot, variable length)
     row_ntags = n_tags[user]
     row_off = np.concatenate([[0], np.cumsum(row_ntags)])
-    gather = np.repeat(user_tag_off[user], row_ntags) + (np.arange(int(row_off[-1])) - np.repeat(row_off[:-1], row_ntags))
+    within = np.arange(int(row_off[-1])) - np.repeat(row_off[:-1], row_ntags)
+    gather = np.repeat(user_tag_off[user], row_ntags) + within
     interests = pa.ListArray.from_arrays(pa.array(row_off, pa.int32()), pa.array(user_tags_flat[gather], pa.int64()))
 
     # Shuffle rows so that raw files are not grouped by task (as real logs are not).

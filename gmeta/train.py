@@ -59,6 +59,17 @@ def train_step(model, batch, cfg: Config, dense_params: list[torch.Tensor],
 
 
 def main(cfg: Config, *, tracking_uri: str = "") -> dict:
+    """Train with ``cfg`` in this process (one of ``WORLD_SIZE``); returns final metrics."""
+    tracker_box: list = []
+    try:
+        return _run(cfg, tracking_uri, tracker_box)
+    except BaseException:
+        if tracker_box:  # leave no MLflow run marked as running after a crash
+            tracker_box[0].finish(status="FAILED")
+        raise
+
+
+def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     # ---------------------------------------------------------------- setup
     env = init_distributed()
     torch.manual_seed(cfg.train.seed)
@@ -82,6 +93,7 @@ def main(cfg: Config, *, tracking_uri: str = "") -> dict:
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         tracker = make_tracker(cfg.tracking.enabled, uri, cfg.tracking.experiment, cfg.tracking.run_name)
+        tracker_box.append(tracker)
         tracker.log_params(flatten(to_dict(cfg)))
         tracker.set_tags({"gmeta.version": __version__, "torch.version": torch.__version__,
                           "gmeta.world_size": str(env.world_size), "gmeta.algorithm": cfg.meta.algorithm})
@@ -141,6 +153,7 @@ def main(cfg: Config, *, tracking_uri: str = "") -> dict:
             log.info("cold-start evaluation:\n%s", format_table(ev))
             result.update({f"eval/{k}": v for k, v in ev.items()})
         tracker.finish()
+        tracker_box.clear()
         log.info("checkpoint: %s", ckpt)
         if tracker.run_id:
             log.info("mlflow run %s; to browse: %s", tracker.run_id, ui_command(uri))

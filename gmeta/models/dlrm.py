@@ -178,7 +178,8 @@ def make_lookup(emb: dict[str, JaggedTensor], kjt: KeyedJaggedTensor, features: 
     return Lookup(torch.cat(values), torch.cat(slots), torch.cat(feats), torch.cat(ids), scale, num_rows)
 
 
-def pool(values: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor, num_rows: int, num_features: int) -> torch.Tensor:
+def pool(values: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor, num_rows: int,
+         num_features: int) -> torch.Tensor:
     """Sum (or mean, through ``scale``) occurrences into cells: -> ``[num_rows, F, D]``."""
     out = values.new_zeros(num_rows * num_features, values.shape[-1]).index_add(0, slot, values)
     return (out * scale.unsqueeze(-1)).view(num_rows, num_features, -1)
