@@ -15,9 +15,11 @@ start=$(date +%s)
 
 gmeta synth --config "$CONFIG"
 gmeta prepare --config "$CONFIG"
-gmeta train --config "$CONFIG" --tracking-uri "$URI" train.output_dir="$OUT/maml" tracking.run_name="$NAME-maml"
+# (evaluation runs once below, for both models, and logs into the MAML run)
+gmeta train --config "$CONFIG" --tracking-uri "$URI" train.output_dir="$OUT/maml" tracking.run_name="$NAME-maml" \
+  train.eval_at_end=false
 gmeta train --config "$CONFIG" --tracking-uri "$URI" train.output_dir="$OUT/erm" tracking.run_name="$NAME-erm" \
-  meta.algorithm=erm
+  train.eval_at_end=false meta.algorithm=erm
 gmeta evaluate --config "$CONFIG" --checkpoint "$OUT/maml/checkpoint" --baseline "$OUT/erm/checkpoint" \
   --tracking-uri "$URI" | tee "$OUT/eval_table.md"
 
