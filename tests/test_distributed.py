@@ -85,15 +85,12 @@ def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, shar
     assert moved > 0  # the step did update this rank's rows
 
 
-@pytest.mark.parametrize("first_order", [False, True])
-def test_maml_step_on_two_ranks_equals_single_process_reference(debug_config_path, debug_data, first_order):
+@pytest.mark.parametrize("first_order, sharding_type", [
+    (False, "table_wise"), (True, "table_wise"), (False, "row_wise"), (False, "column_wise")])
+def test_maml_step_on_two_ranks_equals_single_process_reference(debug_config_path, debug_data, first_order,
+                                                                sharding_type):
     run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]),
-              first_order, "table_wise")
-
-
-def test_row_wise_sharding_equals_reference(debug_config_path, debug_data):
-    run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]),
-              False, "row_wise")
+              first_order, sharding_type)
 
 
 def _dense_identical(rank, world, cfg_path, shards, algorithm):
