@@ -109,9 +109,17 @@ class SplitConfig:
 class DataConfig:
     raw_dir: str = "data/ads_cvr/raw"
     shards_dir: str = "data/ads_cvr/shards"
+    # prepare: shard format, tasks per shard file and per Parquet row group
+    format: Literal["parquet", "webdataset"] = "parquet"
     tasks_per_shard: int = 2000
     tasks_per_row_group: int = 256
     split: SplitConfig = field(default_factory=SplitConfig)
+    # reader: background worker processes per rank, batches each prepares ahead, tasks in
+    # each worker's shuffle buffer, and what to do with a task holding invalid values
+    num_workers: int = 1
+    prefetch_factor: int = 4
+    shuffle_buffer: int = 1024
+    on_bad_task: Literal["error", "skip"] = "error"
 
 
 @dataclass
@@ -240,6 +248,9 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= sp.eval_fraction < 1.0, "data.split.eval_fraction", "must be in [0, 1)")
     _check(cfg.data.tasks_per_shard >= 1, "data.tasks_per_shard", "must be >= 1")
     _check(cfg.data.tasks_per_row_group >= 1, "data.tasks_per_row_group", "must be >= 1")
+    _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(cfg.data.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+    _check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
 
     m = cfg.model
     _check(m.embedding_dim >= 1, "model.embedding_dim", "must be >= 1")

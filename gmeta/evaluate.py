@@ -17,7 +17,7 @@ import torch
 from gmeta import metrics
 from gmeta.checkpoint import load_unsharded
 from gmeta.config import Config
-from gmeta.io.reader import TaskShardReader
+from gmeta.io.reader import TaskReader
 from gmeta.models.dlrm import Lookup, MetaDLRM
 from gmeta.parallel.maml import adapt_and_query, task_layout
 from gmeta.types import TaskBatch
@@ -48,8 +48,9 @@ def evaluate(model: MetaDLRM, cfg: Config, shards_dir: str | Path, *, inner_step
     maml (adapted), no_adapt, erm (baseline or ERM checkpoint), oracle; plus counts."""
     t0 = time.perf_counter()
     steps = cfg.meta.inner_steps if inner_steps is None or inner_steps < 0 else inner_steps
-    reader = TaskShardReader(shards_dir, "eval", cfg.eval.tasks_per_batch, shuffle=False, drop_last=False,
-                             max_tasks=cfg.eval.max_tasks)
+    reader = TaskReader(shards_dir, "eval", cfg.eval.tasks_per_batch, shuffle=False, drop_last=False,
+                        num_workers=min(cfg.data.num_workers, 1), on_bad_task=cfg.data.on_bad_task,
+                        max_tasks=cfg.eval.max_tasks)
     scorers: list[tuple[str, MetaDLRM, Config, int]] = []
     if cfg.meta.algorithm == "maml":
         scorers += [("maml", model, cfg, steps), ("no_adapt", model, cfg, 0)]

@@ -22,7 +22,7 @@ from torch.autograd.profiler import record_function
 from gmeta import __version__, checkpoint
 from gmeta.config import Config, dump_yaml, flatten, to_dict
 from gmeta.io.prepare import check_manifest_matches, load_manifest
-from gmeta.io.reader import TaskShardReader
+from gmeta.io.reader import TaskReader
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import allreduce_mean_grads, broadcast_params, init_distributed
 from gmeta.parallel.maml import MetaOutput, erm_loss, maml_loss
@@ -82,8 +82,11 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     broadcast_params(dense_params)  # every rank starts from rank 0's dense weights
     dense_opt = torch.optim.Adam(dense_params, lr=cfg.optim.dense_lr, weight_decay=cfg.optim.dense_weight_decay)
 
-    reader = TaskShardReader(cfg.data.shards_dir, "train", cfg.meta.tasks_per_batch, rank=env.rank,
-                             world_size=env.world_size, seed=cfg.train.seed)
+    d = cfg.data
+    reader = TaskReader(d.shards_dir, "train", cfg.meta.tasks_per_batch, rank=env.rank, world_size=env.world_size,
+                        num_workers=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
+                        prefetch_factor=d.prefetch_factor, pin_memory=env.device.type == "cuda",
+                        on_bad_task=d.on_bad_task)
     total_steps = len(reader) * cfg.train.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)

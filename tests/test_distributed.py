@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from gmeta.config import load_config
-from gmeta.io.reader import TaskShardReader
+from gmeta.io.reader import TaskReader
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import broadcast_params
 from gmeta.parallel.sharding import shard_model
@@ -55,7 +55,7 @@ def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, shar
     lr_dense = 0.5
     opt = torch.optim.SGD(dense_params, lr=lr_dense)
     ref_opt = torch.optim.SGD(list(ref_head.parameters()), lr=lr_dense)
-    readers = [TaskShardReader(shards, "train", 3, rank=r, world_size=world, seed=5) for r in range(world)]
+    readers = [TaskReader(shards, "train", 3, rank=r, world_size=world, seed=5) for r in range(world)]
     iters = [iter(r) for r in readers]
     m = cfg.meta
     kw = dict(steps=m.inner_steps, lr=m.inner_lr, emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
@@ -101,7 +101,7 @@ def _dense_identical(rank, world, cfg_path, shards, algorithm):
     broadcast_params(dense_params)
     opt = torch.optim.Adam(dense_params, lr=1e-2)
     start = [p.detach().clone() for p in dense_params]
-    reader = TaskShardReader(shards, "train", 8, rank=rank, world_size=world, seed=1)
+    reader = TaskReader(shards, "train", 8, rank=rank, world_size=world, seed=1)
     for i, batch in enumerate(reader):
         if i == 6:
             break

@@ -12,7 +12,7 @@ import pytest
 
 from gmeta.config import load_config
 from gmeta.io.prepare import PrepareError, load_manifest, prepare
-from gmeta.io.reader import ShardError, TaskShardReader
+from gmeta.io.reader import ShardError, TaskReader
 from gmeta.synth import generate
 
 
@@ -75,7 +75,7 @@ def test_ratio_rule_and_dropped_counts(debug_data, debug_config_path, tmp_path):
 
 
 def test_reader_batches_layout(debug_data):
-    reader = TaskShardReader(debug_data["shards"], "train", 4, seed=0)
+    reader = TaskReader(debug_data["shards"], "train", 4, seed=0)
     batch = next(iter(reader))
     assert batch.num_tasks == 4
     n = batch.num_support + batch.num_query
@@ -88,23 +88,53 @@ def test_reader_batches_layout(debug_data):
     assert batch.true_prob is not None and batch.true_prob.shape == batch.labels.shape
 
 
-def test_reader_epoch_covers_each_task_once_across_ranks(debug_data):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reader_epoch_reads_each_task_once_across_ranks_and_workers(debug_data, workers):
     n, world = 8, 2
     seen = []
+    steps = set()
     for rank in range(world):
-        r = TaskShardReader(debug_data["shards"], "train", n, rank=rank, world_size=world, seed=3)
+        r = TaskReader(debug_data["shards"], "train", n, rank=rank, world_size=world, num_workers=workers, seed=3)
         r.set_epoch(1)
-        for b in r:
-            seen += b.task_ids.tolist()
+        batches = list(r)
+        steps.add(len(batches))
+        assert len(batches) == len(r) and all(b.num_tasks == n for b in batches)
+        seen += [i for b in batches for i in b.task_ids.tolist()]
     total = load_manifest(debug_data["shards"])["splits"]["train"]["tasks"]
-    assert len(seen) == len(set(seen)) == (total // world // n) * world * n
-    # a new epoch reshuffles
-    r0 = TaskShardReader(debug_data["shards"], "train", n, seed=3)
+    assert len(steps) == 1  # every rank runs the same number of steps
+    assert len(seen) == len(set(seen))  # no task twice
+    assert len(seen) + r.dropped_tasks == total
+    assert r.dropped_tasks < world * max(1, workers) * n  # only batch tails are left out
+    # another epoch reshuffles
+    r0 = TaskReader(debug_data["shards"], "train", n, rank=0, world_size=world, num_workers=workers, seed=3)
     assert next(iter(r0)).task_ids.tolist() != seen[:n]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reader_resumes_exactly_mid_epoch(debug_data, workers):
+    kw = dict(num_workers=workers, seed=11, shuffle_buffer=40)
+    full = TaskReader(debug_data["shards"], "train", 6, **kw)
+    full.set_epoch(2)
+    want = [b.task_ids.tolist() for b in full]
+    part = TaskReader(debug_data["shards"], "train", 6, **kw)
+    part.set_epoch(2)
+    got = []
+    for i, b in enumerate(part):
+        got.append(b.task_ids.tolist())
+        if i == 6:
+            break
+    state = part.state_dict()
+    again = TaskReader(debug_data["shards"], "train", 6, **kw)
+    again.load_state_dict(state)
+    got += [b.task_ids.tolist() for b in again]
+    assert sorted(sum(got, [])) == sorted(sum(want, []))  # every task once, none lost or repeated
+    assert got == want  # and in the same order as an uninterrupted epoch
+    with pytest.raises(ValueError, match="num_workers"):
+        TaskReader(debug_data["shards"], "train", 6, num_workers=workers + 1, seed=11).load_state_dict(state)
+
+
 def test_reader_without_drop_last_keeps_every_task(debug_data):
-    r = TaskShardReader(debug_data["shards"], "eval", 50, shuffle=False, drop_last=False)
+    r = TaskReader(debug_data["shards"], "eval", 50, shuffle=False, drop_last=False)
     ids = [i for b in r for i in b.task_ids.tolist()]
     assert len(ids) == load_manifest(debug_data["shards"])["splits"]["eval"]["tasks"] == len(set(ids))
 
@@ -135,15 +165,15 @@ def test_bad_inputs_name_the_file(debug_data, debug_config_path, tmp_path):
     f = shards / "train" / "part-00000.parquet"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(ShardError, match="part-00000.parquet"):
-        TaskShardReader(shards, "train", 4)
+        next(iter(TaskReader(shards, "train", 4, shuffle=False)))
     # missing manifest
     with pytest.raises(PrepareError, match="manifest.json: not found"):
-        TaskShardReader(tmp_path, "train", 4)
+        TaskReader(tmp_path, "train", 4)
 
 
 def test_too_few_tasks_for_batch_is_an_error(debug_data):
     with pytest.raises(ShardError, match="meta.tasks_per_batch"):
-        TaskShardReader(debug_data["shards"], "eval", 10_000, world_size=2)
+        TaskReader(debug_data["shards"], "eval", 10_000, world_size=2)
 
 
 def test_synth_is_deterministic_and_has_power_law_tasks(debug_config_path, tmp_path):

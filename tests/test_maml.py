@@ -10,7 +10,7 @@ import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from gmeta.config import load_config
-from gmeta.io.reader import TaskShardReader
+from gmeta.io.reader import TaskReader
 from gmeta.models.dlrm import DLRMHead, build_model, make_lookup
 from gmeta.parallel.maml import maml_loss
 from tests.reference import task_query_losses
@@ -22,7 +22,7 @@ def _setup(debug_config_path, debug_data, n_tasks=5, dim=4):
     torch.manual_seed(0)
     model = build_model(cfg)
     head = copy.deepcopy(model.head).double()
-    reader = TaskShardReader(debug_data["shards"], "train", n_tasks, shuffle=False)
+    reader = TaskReader(debug_data["shards"], "train", n_tasks, shuffle=False)
     batch = next(iter(reader))
     batch.dense = batch.dense.double()
     batch.labels = batch.labels.double()

@@ -268,7 +268,9 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
             tmp = path.with_suffix(".parquet.tmp")
             pq.write_table(rec, tmp, row_group_size=cfg.data.tasks_per_row_group)
             tmp.replace(path)
-            files.append({"path": f"{split}/{path.name}", "tasks": len(chunk),
+            units = [pq.ParquetFile(path).metadata.row_group(i).num_rows
+                     for i in range(pq.ParquetFile(path).metadata.num_row_groups)]
+            files.append({"path": f"{split}/{path.name}", "tasks": len(chunk), "units": units,
                           "support_rows": int(s_len.sum()), "query_rows": int(q_len.sum()),
                           "sha256": _sha256(path)})
             n_sup += int(s_len.sum())

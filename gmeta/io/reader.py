@@ -1,155 +1,230 @@
-"""Reading task shards into meta-batches (``TaskBatch``).
+"""Streaming task shards into meta-batches, in background workers, resumable.
 
-The reader is a plain iterator over ``TaskBatch``; prefetching and pipelining wrap it.
-Each epoch every rank sees a disjoint, equally long share of the tasks (a global
-permutation from ``seed + epoch``, strided by rank), so all ranks run the same number of
-steps: a collective never waits on a rank that has run out of data.
+``TaskReader`` is the iterator the trainer uses. Each epoch it plans (``gmeta.io.plan``)
+which (rank, worker) slot reads which units and in what order, starts a torch DataLoader
+whose workers each stream their units (Parquet row groups or WebDataset tars), check them,
+and collate meta-batches in the background, and yields exactly ``len(reader)`` batches on
+every rank. ``state_dict()`` records how many batches of each worker the trainer consumed;
+after ``load_state_dict()`` the next iteration yields exactly the tasks not yet consumed,
+each once.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gmeta.io.prepare import PrepareError, load_manifest
-from gmeta.types import TaskBatch
+from gmeta.io.blocks import ShardError, TaskBlock, block_from_arrow, check_block, collate
+from gmeta.io.plan import EpochPlan, Unit, plan_epoch, units_from_manifest
+from gmeta.io.prepare import load_manifest
 
+log = logging.getLogger(__name__)
 
-class ShardError(PrepareError):
-    """A task shard is unreadable or does not match the manifest. Names the file."""
-
-
-def _split_arrays(struct: pa.StructArray) -> dict[str, pa.ListArray]:
-    return {struct.type.field(i).name: child for i, child in enumerate(struct.flatten())}
+__all__ = ["ShardError", "TaskReader"]
 
 
-def _flat(arr: pa.ListArray) -> np.ndarray:
-    return arr.flatten().to_numpy(zero_copy_only=False)
+def load_unit(root: Path, unit: Unit, schema: dict, fmt: str, on_bad_task: str) -> TaskBlock:
+    """Read one unit from disk into a checked TaskBlock. Errors name the file and unit."""
+    path = root / unit.path
+    if fmt == "webdataset":
+        from gmeta.io.wds import read_tar
+
+        block = read_tar(path, schema)
+        where = f"{path}"
+    else:
+        where = f"{path} (row group {unit.index})"
+        try:
+            table = pq.ParquetFile(path).read_row_group(unit.index)
+        except FileNotFoundError:
+            raise ShardError(f"{path}: task shard listed in the manifest is missing") from None
+        except (OSError, pa.ArrowException, IndexError) as e:
+            raise ShardError(f"{where}: cannot read task shard: {e}") from None
+        block = block_from_arrow(table, where, schema)
+    if block.num_tasks != unit.tasks:
+        raise ShardError(f"{where}: {block.num_tasks} tasks, manifest says {unit.tasks}")
+    return check_block(block, schema, on_bad_task)
 
 
-def collate(records: pa.Table, sparse: list[dict], has_true_prob: bool) -> TaskBatch:
-    """N task records (rows of a shard table) -> one TaskBatch (layout in its docstring)."""
-    sup = _split_arrays(records.column("support").combine_chunks())
-    qry = _split_arrays(records.column("query").combine_chunks())
-    s_len = sup["label"].value_lengths().to_numpy()
-    q_len = qry["label"].value_lengths().to_numpy()
-    n_s, n_q = int(s_len.sum()), int(q_len.sum())
-    values, lengths = [], []
-    for feat in sparse:
-        name = feat["name"]
-        if feat["multi_hot"]:
-            for part in (sup[name], qry[name]):
-                rows = part.flatten()  # one list of ids per row
-                lengths.append(rows.value_lengths().to_numpy())
-                values.append(_flat(rows))
-        else:
-            values += [_flat(sup[name]), _flat(qry[name])]
-            lengths.append(np.ones(n_s + n_q, dtype=np.int64))
-    kjt = KeyedJaggedTensor(
-        keys=[f["name"] for f in sparse],
-        values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
-        lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int64, copy=False)),
-    )
-    dense = np.concatenate([_flat(sup["dense"].flatten()), _flat(qry["dense"].flatten())])
-    dense_t = torch.from_numpy(dense.astype(np.float32, copy=False)).reshape(n_s + n_q, -1)
-    labels = torch.from_numpy(np.concatenate([_flat(sup["label"]), _flat(qry["label"])]).astype(np.float32))
-    true_prob = None
-    if has_true_prob:
-        true_prob = torch.from_numpy(
-            np.concatenate([_flat(sup["true_prob"]), _flat(qry["true_prob"])]).astype(np.float32))
-    return TaskBatch(
-        sparse=kjt,
-        dense=dense_t,
-        labels=labels,
-        support_offsets=torch.from_numpy(np.concatenate([[0], np.cumsum(s_len)]).astype(np.int64)),
-        query_offsets=torch.from_numpy(np.concatenate([[0], np.cumsum(q_len)]).astype(np.int64)),
-        task_ids=torch.from_numpy(records.column("task_id").to_numpy().astype(np.int64)),
-        true_prob=true_prob,
-    )
+class _EpochStream(IterableDataset):
+    """One epoch of one rank; each DataLoader worker streams its own slot of the plan.
+
+    Yields (worker, batch index in that worker, tasks skipped as bad, TaskBatch).
+    """
+
+    def __init__(self, root: Path, units: list[Unit], schema: dict, fmt: str, plan: EpochPlan, rank: int,
+                 tasks_per_batch: int, start: list[int], on_bad_task: str, rotate: int) -> None:
+        self.root, self.units, self.schema, self.fmt = root, units, schema, fmt
+        self.plan, self.rank, self.n = plan, rank, tasks_per_batch
+        self.start, self.on_bad_task, self.rotate = start, on_bad_task, rotate
+
+    def __iter__(self):
+        info = get_worker_info()
+        w = info.id if info is not None else 0
+        workers = len(self.plan.orders[self.rank])
+        # The DataLoader asks its workers in turn, starting with worker 0; after a resume the
+        # slot that was next in turn is given to worker 0 so batches keep their order.
+        slots = [(w + self.rotate) % workers] if info is not None else list(range(workers))
+        for slot in slots:  # without worker processes, one process reads every slot in turn
+            yield from self._slot(slot)
+
+    def _slot(self, w: int):
+        order = self.plan.orders[self.rank][w]
+        nb = self.plan.batches[self.rank][w]
+        first = self.start[w]
+        if first >= nb:
+            return
+        # Units stay loaded while tasks of theirs are still to come (bounded by the buffer).
+        remaining = np.bincount(order[first * self.n: nb * self.n, 0], minlength=len(self.units))
+        loaded: dict[int, TaskBlock] = {}
+        for b in range(first, nb):
+            refs = order[b * self.n: (b + 1) * self.n]
+            # group by unit, keeping emission order inside each unit (deterministic layout)
+            picks, skipped = [], 0
+            for u in dict.fromkeys(refs[:, 0].tolist()):
+                if u not in loaded:
+                    loaded[u] = load_unit(self.root, self.units[u], self.schema, self.fmt, self.on_bad_task)
+                block = loaded[u]
+                idx = refs[refs[:, 0] == u, 1]
+                if block.bad:
+                    bad = np.array([t for t, _ in block.bad])
+                    keep = ~np.isin(idx, bad)
+                    skipped += int((~keep).sum())
+                    idx = idx[keep]
+                remaining[u] -= int((refs[:, 0] == u).sum())
+                if len(idx):
+                    picks.append((block, idx))
+                if remaining[u] == 0:
+                    del loaded[u]
+            if not picks:
+                raise ShardError(f"{self.root}: every task of a meta-batch was bad (data.on_bad_task=skip)")
+            yield w, b, skipped, collate(picks, self.schema)
 
 
-class TaskShardReader:
-    """Iterate meta-batches of ``tasks_per_batch`` tasks from one split of a shard dir.
+class TaskReader:
+    """Meta-batches of one split of a shard directory, for one rank.
 
     Args:
-        shards_dir: output directory of ``gmeta prepare`` (holds manifest.json).
+        shards_dir: output of ``gmeta prepare`` (holds manifest.json).
         split: "train" or "eval".
-        tasks_per_batch: N, tasks per meta-batch.
-        rank, world_size: this process's share of every epoch.
-        seed: base of the per-epoch task permutation.
-        shuffle: permute tasks each epoch (False: manifest order).
-        drop_last: drop the tail that does not fill a meta-batch on every rank (training);
-            False keeps every task (evaluation on one process).
-        max_tasks: use only the first max_tasks tasks of the split (0: all).
+        tasks_per_batch: N tasks per meta-batch.
+        rank, world_size: this process and how many read the split together.
+        num_workers: DataLoader worker processes per rank (0: read in this process).
+        seed: base of the per-epoch unit permutation and shuffle buffers.
+        shuffle: shuffle units and tasks (False: manifest order, for evaluation).
+        shuffle_buffer: tasks in each worker's shuffle buffer.
+        drop_last: every rank yields the same number of full batches (training); False
+            yields every task, the last batch of each worker possibly short (evaluation).
+        prefetch_factor: batches each worker prepares ahead.
+        pin_memory: pin batches (when training on GPU).
+        on_bad_task: "error" (default) or "skip" (skipped tasks are counted).
+        max_tasks: read only the first units holding at least this many tasks (0: all).
     """
 
     def __init__(self, shards_dir: str | Path, split: str, tasks_per_batch: int, *, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
-                 max_tasks: int = 0) -> None:
-        self.dir = Path(shards_dir)
-        self.manifest = load_manifest(self.dir)
+                 world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
+                 shuffle_buffer: int = 1024, drop_last: bool = True, prefetch_factor: int = 4,
+                 pin_memory: bool = False, on_bad_task: str = "error", max_tasks: int = 0) -> None:
+        self.root = Path(shards_dir)
+        self.manifest = load_manifest(self.root)
         if split not in self.manifest["splits"]:
-            raise ShardError(f"{self.dir / 'manifest.json'}: no split {split!r}")
-        self.sparse = self.manifest["schema"]["sparse"]
-        self.has_true_prob = self.manifest["schema"]["has_true_prob"]
+            raise ShardError(f"{self.root / 'manifest.json'}: no split {split!r}")
+        self.schema = self.manifest["schema"]
+        self.format = self.manifest.get("format", "parquet")
+        self.units = units_from_manifest(self.manifest, split)
+        if max_tasks:
+            keep, total = [], 0
+            for u in self.units:
+                if total >= max_tasks:
+                    break
+                keep.append(u)
+                total += u.tasks
+            self.units = keep
+        self.split = split
         self.tasks_per_batch = tasks_per_batch
         self.rank, self.world_size = rank, world_size
-        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.num_workers = num_workers
+        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.drop_last, self.prefetch_factor, self.pin_memory = drop_last, prefetch_factor, pin_memory
+        self.on_bad_task = on_bad_task
+        self.num_tasks = sum(u.tasks for u in self.units)
         self.epoch = 0
-        tables = [self._read(e) for e in self.manifest["splits"][split]["files"]]
-        if not tables:
-            raise ShardError(f"{self.dir}: split {split!r} has no tasks")
-        self.table = pa.concat_tables(tables)
-        if max_tasks:
-            self.table = self.table.slice(0, max_tasks)
-        self.num_tasks = self.table.num_rows
-        per_rank = self.num_tasks // world_size
-        if drop_last:
-            self._batches = per_rank // tasks_per_batch
-        else:
-            per_rank = -(-self.num_tasks // world_size)
-            self._batches = -(-per_rank // tasks_per_batch)
-        if self._batches == 0:
+        self._consumed = [0] * max(1, num_workers)  # batches of each worker the trainer has taken
+        self._steps_done = 0
+        self.skipped_tasks = 0
+        self._plan = self._make_plan()
+        if self._plan.steps == 0:
             raise ShardError(
-                f"{self.dir}: split {split!r} has {self.num_tasks} tasks, fewer than "
-                f"{world_size} rank(s) x {tasks_per_batch} tasks per batch (meta.tasks_per_batch)")
+                f"{self.root}: split {split!r} has {self.num_tasks} tasks, too few for {world_size} rank(s) x "
+                f"{max(1, num_workers)} worker(s) x {tasks_per_batch} tasks per batch (meta.tasks_per_batch)")
 
-    def _read(self, entry: dict) -> pa.Table:
-        path = self.dir / entry["path"]
-        try:
-            table = pq.read_table(path)
-        except (OSError, pa.ArrowException) as e:
-            raise ShardError(f"{path}: cannot read task shard: {e}") from None
-        if table.num_rows != entry["tasks"]:
-            raise ShardError(f"{path}: {table.num_rows} tasks, manifest says {entry['tasks']}")
-        for col in ("task_id", "support", "query"):
-            if col not in table.column_names:
-                raise ShardError(f"{path}: missing column {col!r}")
-        fields = {table.schema.field("support").type.field(i).name
-                  for i in range(table.schema.field("support").type.num_fields)}
-        need = {f["name"] for f in self.sparse} | {"dense", "label"} | ({"true_prob"} if self.has_true_prob else set())
-        if not need <= fields:
-            raise ShardError(f"{path}: support/query lack field(s) {sorted(need - fields)} listed in the manifest")
-        return table
+    def _make_plan(self) -> EpochPlan:
+        return plan_epoch(self.units, world_size=self.world_size, num_workers=self.num_workers,
+                          tasks_per_batch=self.tasks_per_batch, seed=self.seed, epoch=self.epoch,
+                          shuffle=self.shuffle, buffer_size=self.shuffle_buffer, drop_last=self.drop_last)
 
     def __len__(self) -> int:
-        return self._batches
+        """Meta-batches per epoch on this rank (the same on every rank when drop_last)."""
+        return self._plan.steps if self.drop_last else sum(self._plan.batches[self.rank])
+
+    @property
+    def dropped_tasks(self) -> int:
+        """Tasks of this epoch in no batch (tails too short for a batch on every rank)."""
+        return self._plan.dropped_tasks
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._plan = self._make_plan()
+            self._consumed = [0] * max(1, self.num_workers)
+            self._steps_done = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": list(self._consumed), "steps_done": self._steps_done,
+                "skipped_tasks": self.skipped_tasks, "seed": self.seed, "world_size": self.world_size,
+                "num_workers": self.num_workers, "tasks_per_batch": self.tasks_per_batch, "split": self.split}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "world_size", "num_workers", "tasks_per_batch", "split"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"reader state was saved with {key}={state.get(key)!r}, this reader has "
+                                 f"{getattr(self, key)!r}: resuming exactly needs the same value")
+        self.set_epoch(int(state["epoch"]))
+        self._consumed = [int(c) for c in state["consumed"]]
+        self._steps_done = int(state["steps_done"])
+        self.skipped_tasks = int(state.get("skipped_tasks", 0))
 
     def __iter__(self):
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_tasks)
-        else:
-            order = np.arange(self.num_tasks)
-        mine = order[self.rank:: self.world_size]
-        n = self.tasks_per_batch
-        for b in range(self._batches):
-            idx = mine[b * n: (b + 1) * n]
-            yield collate(self.table.take(pa.array(idx)), self.sparse, self.has_true_prob)
+        """Yield the rest of the current epoch; the next call starts the next epoch's
+        position only after ``set_epoch``."""
+        total = len(self)
+        if self._steps_done >= total:
+            return
+        c = self._consumed
+        rotate = next((w for w in range(len(c)) if c[w] < c[0]), 0)  # next slot in round-robin turn
+        stream = _EpochStream(self.root, self.units, self.schema, self.format, self._plan, self.rank,
+                              self.tasks_per_batch, list(c), self.on_bad_task, rotate)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                            pin_memory=self.pin_memory and torch.cuda.is_available(),
+                            collate_fn=_identity, persistent_workers=False)
+        it = iter(loader)
+        try:
+            while self._steps_done < total:
+                w, b, skipped, batch = next(it)
+                self._consumed[w] = b + 1
+                self._steps_done += 1
+                self.skipped_tasks += skipped
+                yield batch
+        finally:
+            del it  # stops the workers when the trainer leaves the epoch early
+
+
+def _identity(x):
+    return x
+

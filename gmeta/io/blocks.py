@@ -1,0 +1,204 @@
+"""Tasks in memory, checked, and collated into meta-batches.
+
+A ``TaskBlock`` holds the tasks of one unit (a Parquet row group or a WebDataset tar) as
+flat numpy arrays with offsets, the same whatever the file format, so both formats collate
+into identical ``TaskBatch``es. Every block is checked when it is loaded (ids inside their
+tables, finite dense values, 0/1 labels, consistent lengths); a bad task is an error naming
+the file and row group or sample, or is skipped and counted when ``on_bad_task`` is "skip".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from gmeta.io.prepare import PrepareError
+from gmeta.types import TaskBatch
+
+
+class ShardError(PrepareError):
+    """A task shard is unreadable, corrupt or does not match the manifest. Names the file."""
+
+
+@dataclass
+class SplitArrays:
+    """Rows of one side (support or query) of several tasks.
+
+    rows       int64 [T+1]   task t owns rows rows[t]:rows[t+1]
+    ids        name -> int64 [R] (single-valued) or [nnz] (multi-hot) hashed ids
+    id_offsets name -> int64 [R+1], multi-hot features only: row r owns ids[off[r]:off[r+1]]
+    dense      float32 [R, num_dense]
+    label      float32 [R]
+    true_prob  float32 [R] or None
+    """
+
+    rows: np.ndarray
+    ids: dict[str, np.ndarray]
+    id_offsets: dict[str, np.ndarray]
+    dense: np.ndarray
+    label: np.ndarray
+    true_prob: np.ndarray | None = None
+
+
+@dataclass
+class TaskBlock:
+    source: str  # where the block came from, for error messages
+    task_id: np.ndarray  # int64 [T]
+    support: SplitArrays
+    query: SplitArrays
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (task index, reason), when skipping
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_id)
+
+
+def _np(arr: pa.Array) -> np.ndarray:
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def _list_offsets(arr: pa.ListArray) -> np.ndarray:
+    off = _np(arr.offsets).astype(np.int64)
+    return off - off[0]
+
+
+def _split_from_arrow(struct: pa.StructArray, schema: dict) -> SplitArrays:
+    children = {struct.type.field(i).name: c for i, c in enumerate(struct.flatten())}
+    rows = _list_offsets(children["label"])
+    ids, id_offsets = {}, {}
+    for feat in schema["sparse"]:
+        col = children[feat["name"]].flatten()  # per row
+        if feat["multi_hot"]:
+            id_offsets[feat["name"]] = _list_offsets(col)
+            col = col.flatten()
+        ids[feat["name"]] = _np(col).astype(np.int64, copy=False)
+    dense = _np(children["dense"].flatten().flatten()).astype(np.float32, copy=False)
+    nd = len(schema["dense"])
+    label = _np(children["label"].flatten()).astype(np.float32, copy=False)
+    true_prob = None
+    if schema["has_true_prob"]:
+        true_prob = _np(children["true_prob"].flatten()).astype(np.float32, copy=False)
+    if dense.size != len(label) * nd:
+        raise ValueError(f"dense has {dense.size} values for {len(label)} rows x {nd} features")
+    return SplitArrays(rows, ids, id_offsets, dense.reshape(len(label), nd), label, true_prob)
+
+
+def block_from_arrow(table: pa.Table, source: str, schema: dict) -> TaskBlock:
+    """A table of task records (see gmeta.io.prepare) -> TaskBlock."""
+    try:
+        return TaskBlock(
+            source=source,
+            task_id=_np(table.column("task_id")).astype(np.int64, copy=False),
+            support=_split_from_arrow(table.column("support").combine_chunks(), schema),
+            query=_split_from_arrow(table.column("query").combine_chunks(), schema),
+        )
+    except (KeyError, ValueError, pa.ArrowException) as e:
+        raise ShardError(f"{source}: records do not match the manifest schema: {e}") from None
+
+
+def _task_of_rows(rows: np.ndarray) -> np.ndarray:
+    return np.repeat(np.arange(len(rows) - 1), np.diff(rows))
+
+
+def find_bad_tasks(block: TaskBlock, schema: dict) -> list[tuple[int, str]]:
+    """(task index, reason) for every task with invalid values; empty when all are good."""
+    bad: dict[int, str] = {}
+    for side_name, side in (("support", block.support), ("query", block.query)):
+        row_task = _task_of_rows(side.rows)
+        counts = np.diff(side.rows)
+        for t in np.flatnonzero(counts == 0):
+            bad.setdefault(int(t), f"empty {side_name} set")
+        for feat in schema["sparse"]:
+            name = feat["name"]
+            ids = side.ids[name]
+            out = (ids < 0) | (ids >= feat["num_embeddings"])
+            if out.any():
+                if feat["multi_hot"]:
+                    row_of_id = _task_of_rows(side.id_offsets[name])
+                    tasks = row_task[row_of_id[out]]
+                else:
+                    tasks = row_task[out]
+                for t in np.unique(tasks):
+                    bad.setdefault(int(t), f"{side_name}.{name}: id outside [0, {feat['num_embeddings']})")
+        nonfinite = ~np.isfinite(side.dense).all(axis=1)
+        for t in np.unique(row_task[nonfinite]):
+            bad.setdefault(int(t), f"{side_name}.dense: NaN or inf")
+        badlab = ~np.isin(side.label, (0.0, 1.0))
+        for t in np.unique(row_task[badlab]):
+            bad.setdefault(int(t), f"{side_name}.label: not 0/1")
+    return sorted(bad.items())
+
+
+def check_block(block: TaskBlock, schema: dict, on_bad_task: str) -> TaskBlock:
+    """Raise on the first bad task (naming file, unit and task id), or record the bad ones."""
+    bad = find_bad_tasks(block, schema)
+    if bad and on_bad_task == "error":
+        t, reason = bad[0]
+        raise ShardError(f"{block.source}: task {t} (task_id {int(block.task_id[t])}): {reason} "
+                         f"({len(bad)} bad task(s) in this unit; data.on_bad_task=skip skips them)")
+    block.bad = bad
+    return block
+
+
+def _ranges(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the ranges offsets[i]:offsets[i+1] for i in idx, concatenated; and lengths."""
+    starts = offsets[idx]
+    lens = offsets[idx + 1] - starts
+    out_starts = np.cumsum(lens) - lens
+    return np.repeat(starts - out_starts, lens) + np.arange(int(lens.sum())), lens
+
+
+def collate(picks: list[tuple[TaskBlock, np.ndarray]], schema: dict) -> TaskBatch:
+    """Tasks ``idx`` of each block, in that order, -> one TaskBatch (layout in its docstring)."""
+    sides = {}
+    for side_name in ("support", "query"):
+        parts = {"ids": {}, "len": {}, "dense": [], "label": [], "true_prob": [], "counts": []}
+        for block, idx in picks:
+            side: SplitArrays = getattr(block, side_name)
+            rows, counts = _ranges(side.rows, idx)
+            parts["counts"].append(counts)
+            parts["dense"].append(side.dense[rows])
+            parts["label"].append(side.label[rows])
+            if side.true_prob is not None:
+                parts["true_prob"].append(side.true_prob[rows])
+            for feat in schema["sparse"]:
+                name = feat["name"]
+                if feat["multi_hot"]:
+                    pos, lens = _ranges(side.id_offsets[name], rows)
+                    parts["ids"].setdefault(name, []).append(side.ids[name][pos])
+                    parts["len"].setdefault(name, []).append(lens)
+                else:
+                    parts["ids"].setdefault(name, []).append(side.ids[name][rows])
+        sides[side_name] = parts
+    s, q = sides["support"], sides["query"]
+    s_counts, q_counts = np.concatenate(s["counts"]), np.concatenate(q["counts"])
+    n_rows = int(s_counts.sum() + q_counts.sum())
+    values, lengths = [], []
+    for feat in schema["sparse"]:
+        name = feat["name"]
+        values += s["ids"][name] + q["ids"][name]
+        if feat["multi_hot"]:
+            lengths += s["len"][name] + q["len"][name]
+        else:
+            lengths.append(np.ones(n_rows, dtype=np.int64))
+    kjt = KeyedJaggedTensor(
+        keys=[f["name"] for f in schema["sparse"]],
+        values=torch.from_numpy(np.concatenate(values)),
+        lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int64, copy=False)),
+    )
+    true_prob = None
+    if schema["has_true_prob"]:
+        true_prob = torch.from_numpy(np.concatenate(s["true_prob"] + q["true_prob"]))
+    return TaskBatch(
+        sparse=kjt,
+        dense=torch.from_numpy(np.concatenate(s["dense"] + q["dense"])),
+        labels=torch.from_numpy(np.concatenate(s["label"] + q["label"])),
+        support_offsets=torch.from_numpy(np.concatenate([[0], np.cumsum(s_counts)]).astype(np.int64)),
+        query_offsets=torch.from_numpy(np.concatenate([[0], np.cumsum(q_counts)]).astype(np.int64)),
+        task_ids=torch.from_numpy(np.concatenate([b.task_id[i] for b, i in picks])),
+        true_prob=true_prob,
+    )
