@@ -109,11 +109,17 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     step = 0
     t_log = time.perf_counter()
     tasks_since = rows_since = 0
+    wait_since = 0.0  # seconds the loop waited for the reader since the last log step
     last: dict[str, float] = {}
     for epoch in range(cfg.train.epochs):
         reader.set_epoch(epoch)
-        for batch in reader:
-            if step >= total_steps:
+        batches = iter(reader)
+        while step < total_steps:
+            t_wait = time.perf_counter()
+            with record_function("## data_wait ##"):
+                batch = next(batches, None)  # prefetched by the reader's workers
+            wait_since += time.perf_counter() - t_wait
+            if batch is None:
                 break
             batch = batch.to(env.device, non_blocking=True)
             out = train_step(model, batch, cfg, dense_params, dense_opt)
@@ -123,19 +129,25 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
 
             if step % cfg.train.log_every == 0 or step == total_steps:
                 # sync point: .item() and an all-reduce of the losses, on log steps only
-                stats = torch.stack([out.query_loss.mean(), out.support_loss.mean()]).detach()
+                dt = time.perf_counter() - t_log
+                stats = torch.stack([out.query_loss.mean().detach(), out.support_loss.mean().detach(),
+                                     torch.tensor(wait_since / dt, device=out.loss.device),
+                                     torch.tensor(float(reader.skipped_tasks), device=out.loss.device)])
                 dist.all_reduce(stats)
                 stats /= env.world_size
-                dt = time.perf_counter() - t_log
                 last = {"train/query_loss": stats[0].item(), "train/support_loss": stats[1].item(),
                         "train/tasks_per_s": tasks_since / dt, "train/rows_per_s": rows_since / dt,
+                        "train/data_stall_share": stats[2].item(),
+                        "train/skipped_bad_tasks": stats[3].item() * env.world_size,
                         "train/epoch": float(epoch)}
                 tracker.log_metrics(last, step=step)
                 if env.is_main:
-                    log.info("step %d/%d epoch %d query_loss %.4f support_loss %.4f %.0f tasks/s %.0f rows/s",
-                             step, total_steps, epoch, last["train/query_loss"], last["train/support_loss"],
-                             last["train/tasks_per_s"], last["train/rows_per_s"])
+                    log.info("step %d/%d epoch %d query_loss %.4f support_loss %.4f %.0f tasks/s %.0f rows/s "
+                             "data stall %.1f%%", step, total_steps, epoch, last["train/query_loss"],
+                             last["train/support_loss"], last["train/tasks_per_s"], last["train/rows_per_s"],
+                             100 * last["train/data_stall_share"])
                 tasks_since = rows_since = 0
+                wait_since = 0.0
                 t_log = time.perf_counter()
 
     # ---------------------------------------------------------------- checkpoint

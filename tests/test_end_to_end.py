@@ -59,6 +59,7 @@ def test_train_evaluate_and_mlflow_end_to_end(tmp_path):
     assert run.data.params["meta.algorithm"] == "maml" and run.data.params["meta.inner_steps"] == "2"
     assert run.data.tags["gmeta.world_size"] == "2"
     for key in ("train/query_loss", "train/support_loss", "train/tasks_per_s", "train/rows_per_s",
+                "train/data_stall_share", "train/skipped_bad_tasks",
                 "eval/maml_auc", "eval/maml_gauc", "eval/maml_logloss", "eval/no_adapt_auc", "eval/erm_auc",
                 "eval/oracle_auc"):
         assert key in run.data.metrics, key

@@ -184,3 +184,66 @@ def test_synth_is_deterministic_and_has_power_law_tasks(debug_config_path, tmp_p
     assert a["task_size_max"] > 3 * a["task_size_median"] and a == {**b, "files": a["files"]}
     t = pq.read_table(tmp_path / "a").to_pandas()
     assert t.p_true.between(0, 1).all() and 0.05 < t.label.mean() < 0.6
+
+
+def _tamper(shards, tmp_path, edit):
+    """Copy the shard dir; rewrite the first train shard's records through ``edit``."""
+    out = tmp_path / "tampered"
+    shutil.copytree(shards, out)
+    path = out / "train" / "part-00000.parquet"
+    meta = pq.ParquetFile(path).metadata
+    table = pq.read_table(path)
+    recs = table.to_pylist()
+    edit(recs)
+    pq.write_table(pa.Table.from_pylist(recs, schema=table.schema), path,
+                   row_group_size=meta.row_group(0).num_rows)
+    return out
+
+
+def _break_two_tasks(recs):
+    recs[3]["support"]["dense"][0][1] = float("nan")
+    recs[5]["query"]["user_id"][1] = 10**6  # table has 2000 rows
+
+
+def test_bad_task_is_an_error_naming_file_row_group_and_task(debug_data, tmp_path):
+    shards = _tamper(debug_data["shards"], tmp_path, _break_two_tasks)
+    r = TaskReader(shards, "train", 4, shuffle=False)
+    with pytest.raises(ShardError) as e:
+        list(r)
+    msg = str(e.value)
+    assert "part-00000.parquet (row group 0)" in msg and "task 3" in msg and "NaN" in msg
+    assert "2 bad task(s)" in msg
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_tasks_skipped_and_counted(debug_data, tmp_path, workers):
+    shards = _tamper(debug_data["shards"], tmp_path, _break_two_tasks)
+    bad_ids = {r["task_id"] for i, r in enumerate(pq.read_table(shards / "train/part-00000.parquet").to_pylist())
+               if i in (3, 5)}
+    r = TaskReader(shards, "train", 4, shuffle=False, drop_last=False, num_workers=workers, on_bad_task="skip")
+    seen = [i for b in r for i in b.task_ids.tolist()]
+    total = load_manifest(shards)["splits"]["train"]["tasks"]
+    assert r.skipped_tasks == 2 and len(seen) == total - 2 and not bad_ids & set(seen)
+
+
+def test_records_not_matching_manifest_schema(debug_data, tmp_path):
+    def drop_field(recs):
+        for rec in recs:
+            del rec["support"]["site_id"]
+
+    out = tmp_path / "noschema"
+    shutil.copytree(debug_data["shards"], out)
+    path = out / "train" / "part-00000.parquet"
+    recs = pq.read_table(path).to_pylist()
+    drop_field(recs)
+    pq.write_table(pa.Table.from_pylist(recs), path, row_group_size=64)
+    with pytest.raises(ShardError, match="part-00000.parquet.*do not match the manifest schema.*site_id"):
+        list(TaskReader(out, "train", 4, shuffle=False))
+
+
+def test_missing_shard_file_named(debug_data, tmp_path):
+    out = tmp_path / "missing"
+    shutil.copytree(debug_data["shards"], out)
+    (out / "train" / "part-00001.parquet").unlink()
+    with pytest.raises(ShardError, match="part-00001.parquet: task shard listed in the manifest is missing"):
+        list(TaskReader(out, "train", 4, shuffle=False))
