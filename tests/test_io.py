@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from gmeta.config import load_config
 from gmeta.io.prepare import PrepareError, load_manifest, prepare
@@ -246,4 +247,41 @@ def test_missing_shard_file_named(debug_data, tmp_path):
     shutil.copytree(debug_data["shards"], out)
     (out / "train" / "part-00001.parquet").unlink()
     with pytest.raises(ShardError, match="part-00001.parquet: task shard listed in the manifest is missing"):
+        list(TaskReader(out, "train", 4, shuffle=False))
+
+
+def _same_batch(a, b):
+    assert torch.equal(a.task_ids, b.task_ids)
+    assert a.sparse.keys() == b.sparse.keys()
+    assert torch.equal(a.sparse.values(), b.sparse.values()) and torch.equal(a.sparse.lengths(), b.sparse.lengths())
+    for name in ("dense", "labels", "support_offsets", "query_offsets", "true_prob"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.fixture(scope="module")
+def wds_shards(debug_data, debug_config_path, tmp_path_factory):
+    cfg = load_config(debug_config_path, ["data.format=webdataset"])
+    out = tmp_path_factory.mktemp("wds")
+    m = prepare(cfg, debug_data["raw"], out)
+    assert m["format"] == "webdataset" and all(f["path"].endswith(".tar") for f in m["splits"]["train"]["files"])
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_parquet_and_webdataset_give_identical_batches(debug_data, wds_shards, workers):
+    kw = dict(num_workers=workers, seed=4, shuffle_buffer=30, rank=1, world_size=2)
+    pq_batches = list(TaskReader(debug_data["shards"], "train", 5, **kw))
+    wds_batches = list(TaskReader(wds_shards, "train", 5, **kw))
+    assert len(pq_batches) == len(wds_batches) > 10
+    for a, b in zip(pq_batches, wds_batches):
+        _same_batch(a, b)
+
+
+def test_corrupt_tar_names_file(wds_shards, tmp_path):
+    out = tmp_path / "w"
+    shutil.copytree(wds_shards, out)
+    m = load_manifest(out)
+    first = out / m["splits"]["train"]["files"][0]["path"]
+    first.write_bytes(first.read_bytes()[:3000])
+    with pytest.raises(ShardError, match=first.name):
         list(TaskReader(out, "train", 4, shuffle=False))

@@ -199,6 +199,44 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _write_shard(rec: pa.Table, split_dir: Path, k: int, first: int, cfg: Config, schema: dict) -> list[dict]:
+    """Write one shard's task records; return manifest entries of the files written.
+
+    Parquet: one file, row groups of ``tasks_per_row_group`` tasks (the reading unit).
+    WebDataset: one tar per unit, so both formats have the same units and a reader yields
+    identical batches from either.
+    """
+    split = split_dir.name
+    entries = []
+    s_rows = pc.list_value_length(rec.column("support").combine_chunks().field("label"))
+    q_rows = pc.list_value_length(rec.column("query").combine_chunks().field("label"))
+
+    def entry(path: Path, lo: int, hi: int, units: list[int]) -> dict:
+        return {"path": f"{split}/{path.name}", "tasks": hi - lo, "units": units,
+                "support_rows": int(pc.sum(s_rows.slice(lo, hi - lo)).as_py() or 0),
+                "query_rows": int(pc.sum(q_rows.slice(lo, hi - lo)).as_py() or 0), "sha256": _sha256(path)}
+
+    step = cfg.data.tasks_per_row_group
+    if cfg.data.format == "parquet":
+        path = split_dir / f"part-{k:05d}.parquet"
+        tmp = path.with_suffix(".parquet.tmp")
+        pq.write_table(rec, tmp, row_group_size=step)
+        tmp.replace(path)
+        meta = pq.ParquetFile(path).metadata
+        entries.append(entry(path, 0, rec.num_rows, [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]))
+    else:
+        from gmeta.io.blocks import block_from_arrow
+        from gmeta.io.wds import write_tar
+
+        for u, lo in enumerate(range(0, rec.num_rows, step)):
+            part = rec.slice(lo, step)
+            path = split_dir / f"part-{k:05d}-{u:04d}.tar"
+            block = block_from_arrow(part, str(path), schema)
+            write_tar(path, block, part.column("task_key").to_pylist(), first + lo, schema)
+            entries.append(entry(path, lo, lo + part.num_rows, [part.num_rows]))
+    return entries
+
+
 def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
     """Build task shards and the manifest; return the manifest dict."""
     t0 = time.perf_counter()
@@ -240,11 +278,12 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
     is_eval = u < sp.eval_fraction
 
     out.mkdir(parents=True, exist_ok=True)
+    schema = {"sparse": [asdict(s) for s in f.sparse], "dense": list(f.dense), "has_true_prob": bool(true_prob_col)}
     manifest_splits = {}
     for split in SPLITS:
         split_dir = out / split
         split_dir.mkdir(parents=True, exist_ok=True)
-        for old in split_dir.glob("*.parquet"):
+        for old in [*split_dir.glob("*.parquet"), *split_dir.glob("*.tar")]:
             old.unlink()
         sel = [i for i in range(len(task_keys))
                if support_idx[i] is not None and bool(is_eval[i]) == (split == "eval")]
@@ -264,32 +303,20 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
                 "support": _nested(s_rows, s_len, columns),
                 "query": _nested(q_rows, q_len, columns),
             })
-            path = split_dir / f"part-{k:05d}.parquet"
-            tmp = path.with_suffix(".parquet.tmp")
-            pq.write_table(rec, tmp, row_group_size=cfg.data.tasks_per_row_group)
-            tmp.replace(path)
-            units = [pq.ParquetFile(path).metadata.row_group(i).num_rows
-                     for i in range(pq.ParquetFile(path).metadata.num_row_groups)]
-            files.append({"path": f"{split}/{path.name}", "tasks": len(chunk), "units": units,
-                          "support_rows": int(s_len.sum()), "query_rows": int(q_len.sum()),
-                          "sha256": _sha256(path)})
+            files += _write_shard(rec, split_dir, k, lo, cfg, schema)
             n_sup += int(s_len.sum())
             n_qry += int(q_len.sum())
         manifest_splits[split] = {"tasks": len(sel), "support_rows": n_sup, "query_rows": n_qry, "files": files}
 
     manifest = {
         "format_version": FORMAT_VERSION,
-        "format": "parquet",
+        "format": cfg.data.format,
         "input": str(input_path),
         "input_rows": int(n_rows_in),
         "input_tasks": int(len(task_keys)),
         "dropped_tasks": dropped,
         "task_key": f.task_key,
-        "schema": {
-            "sparse": [asdict(s) for s in f.sparse],
-            "dense": list(f.dense),
-            "has_true_prob": bool(true_prob_col),
-        },
+        "schema": schema,
         "cardinality": card,
         "split_rule": asdict(sp),
         "splits": manifest_splits,

@@ -1,0 +1,123 @@
+"""WebDataset task shards: one tar sample per task.
+
+Sample ``<key>`` (the task's position in the split, zero-padded) holds::
+
+    <key>.json                      {"task_key": ..., "task_id": ...}
+    <key>.support.<feature>.npy     int64 [R] hashed ids (multi-hot: all ids of the rows)
+    <key>.support.<feature>.len.npy int64 [R] ids per row (multi-hot features only)
+    <key>.support.dense.npy         float32 [R, num_dense]
+    <key>.support.label.npy         float32 [R]
+    <key>.support.true_prob.npy     float32 [R] (when the data has it)
+    ... and the same for query.
+
+Members are decoded only as ``.npy`` (numpy without pickle) and ``.json``: a tar cannot
+make the reader execute code, whatever it contains.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import numpy.lib.format
+import webdataset as wds
+
+from gmeta.io.blocks import ShardError, SplitArrays, TaskBlock
+
+
+def _npy(data: bytes) -> np.ndarray:
+    return numpy.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+
+
+def write_tar(path: Path, block: TaskBlock, task_keys: list, first_index: int, schema: dict) -> None:
+    """Write the tasks of ``block`` to ``path`` (atomically: a temporary name, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with wds.TarWriter(str(tmp), mtime=0.0) as sink:
+        for t in range(block.num_tasks):
+            sample = {"__key__": f"{first_index + t:09d}",
+                      "json": {"task_key": _jsonable(task_keys[t]), "task_id": int(block.task_id[t])}}
+            for side_name in ("support", "query"):
+                side: SplitArrays = getattr(block, side_name)
+                r0, r1 = int(side.rows[t]), int(side.rows[t + 1])
+                for feat in schema["sparse"]:
+                    name = feat["name"]
+                    if feat["multi_hot"]:
+                        off = side.id_offsets[name]
+                        sample[f"{side_name}.{name}.npy"] = side.ids[name][off[r0]: off[r1]]
+                        sample[f"{side_name}.{name}.len.npy"] = np.diff(off[r0: r1 + 1])
+                    else:
+                        sample[f"{side_name}.{name}.npy"] = side.ids[name][r0:r1]
+                sample[f"{side_name}.dense.npy"] = side.dense[r0:r1]
+                sample[f"{side_name}.label.npy"] = side.label[r0:r1]
+                if side.true_prob is not None:
+                    sample[f"{side_name}.true_prob.npy"] = side.true_prob[r0:r1]
+            sink.write(sample)
+    tmp.replace(path)
+
+
+def _jsonable(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+def _side(samples: list[dict], side_name: str, schema: dict, where: str) -> SplitArrays:
+    def get(sample: dict, member: str) -> np.ndarray:
+        data = sample.get(member)
+        if data is None:
+            raise ShardError(f"{where}: sample {sample['__key__']} has no member {member!r}")
+        try:
+            return _npy(data)
+        except (ValueError, OSError, EOFError) as e:
+            raise ShardError(f"{where}: sample {sample['__key__']} member {member!r} is not a valid .npy: "
+                             f"{e}") from None
+
+    labels = [get(s, f"{side_name}.label.npy").astype(np.float32, copy=False) for s in samples]
+    counts = np.array([len(x) for x in labels], dtype=np.int64)
+    rows = np.concatenate([[0], np.cumsum(counts)])
+    ids, id_offsets = {}, {}
+    for feat in schema["sparse"]:
+        name = feat["name"]
+        ids[name] = np.concatenate([get(s, f"{side_name}.{name}.npy") for s in samples]).astype(np.int64, copy=False)
+        if feat["multi_hot"]:
+            lens = np.concatenate([get(s, f"{side_name}.{name}.len.npy") for s in samples]).astype(np.int64)
+            id_offsets[name] = np.concatenate([[0], np.cumsum(lens)])
+            if id_offsets[name][-1] != len(ids[name]):
+                raise ShardError(f"{where}: {side_name}.{name}: lengths add up to {id_offsets[name][-1]} ids, "
+                                 f"found {len(ids[name])}")
+        elif len(ids[name]) != rows[-1]:
+            raise ShardError(f"{where}: {side_name}.{name}: {len(ids[name])} ids for {rows[-1]} rows")
+    nd = len(schema["dense"])
+    dense = np.concatenate([get(s, f"{side_name}.dense.npy").reshape(-1, nd) for s in samples]).astype(np.float32)
+    if len(dense) != rows[-1]:
+        raise ShardError(f"{where}: {side_name}.dense: {len(dense)} rows, labels have {rows[-1]}")
+    true_prob = None
+    if schema["has_true_prob"]:
+        true_prob = np.concatenate([get(s, f"{side_name}.true_prob.npy") for s in samples]).astype(np.float32)
+    return SplitArrays(rows, ids, id_offsets, dense, np.concatenate(labels), true_prob)
+
+
+def read_tar(path: Path, schema: dict) -> TaskBlock:
+    """Read a whole tar shard into a TaskBlock (samples in file order)."""
+    if not Path(path).is_file():
+        raise ShardError(f"{path}: task shard listed in the manifest is missing")
+    samples = []
+    try:
+        # One whole shard per call: gmeta.io.plan already decided who reads it, so webdataset
+        # must not split it again by node or worker.
+        for sample in wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                     empty_check=False):
+            samples.append(sample)
+    except Exception as e:  # tarfile.ReadError, truncated streams, ... from inside webdataset
+        raise ShardError(f"{path}: cannot read tar shard (after {len(samples)} samples): {e}") from None
+    if not samples:
+        raise ShardError(f"{path}: no samples")
+    task_ids = []
+    for s in samples:
+        try:
+            task_ids.append(int(json.loads(s["json"])["task_id"]))
+        except (KeyError, ValueError, TypeError) as e:
+            raise ShardError(f"{path}: sample {s.get('__key__')} has no valid .json task_id: {e}") from None
+    return TaskBlock(source=str(path), task_id=np.array(task_ids, dtype=np.int64),
+                     support=_side(samples, "support", schema, str(path)),
+                     query=_side(samples, "query", schema, str(path)))
