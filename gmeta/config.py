@@ -111,6 +111,8 @@ class DataConfig:
     shards_dir: str = "data/ads_cvr/shards"
     # prepare: shard format, tasks per shard file and per Parquet row group
     format: Literal["parquet", "webdataset"] = "parquet"
+    # memory prepare may use; a larger input is partitioned on disk by task key first
+    prepare_memory_mb: int = 2048
     tasks_per_shard: int = 2000
     tasks_per_row_group: int = 256
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -249,6 +251,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.tasks_per_shard >= 1, "data.tasks_per_shard", "must be >= 1")
     _check(cfg.data.tasks_per_row_group >= 1, "data.tasks_per_row_group", "must be >= 1")
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(cfg.data.prepare_memory_mb >= 1, "data.prepare_memory_mb", "must be >= 1")
     _check(cfg.data.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
     _check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
 

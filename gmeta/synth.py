@@ -148,7 +148,7 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
     files = []
     for i, lo in enumerate(range(0, n_rows, s.rows_per_file)):
         path = out / f"part-{i:05d}.parquet"
-        pq.write_table(table.slice(lo, s.rows_per_file), path)
+        pq.write_table(table.slice(lo, s.rows_per_file), path, row_group_size=65_536)
         files.append(path.name)
     summary = {
         "rows": n_rows,

@@ -26,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,6 +36,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -61,100 +64,222 @@ def hash_ids(values: np.ndarray, feature: str, num_embeddings: int) -> np.ndarra
     return (stable_hash(values, feature) % np.uint64(num_embeddings)).astype(np.int64)
 
 
-def _read_input(cfg: Config, input_path: Path) -> pa.Table:
-    f = cfg.features
+def _input_files(input_path: Path) -> list[Path]:
     if not input_path.exists():
         raise PrepareError(f"input not found: {input_path}")
     if input_path.is_dir():
-        files = sorted(p for p in input_path.rglob("*") if p.suffix in (".parquet", ".csv"))
+        files = sorted(p for p in input_path.rglob("*")
+                       if p.suffix in (".parquet", ".csv") and not p.name.startswith(("_", ".")))
         if not files:
             raise PrepareError(f"{input_path}: no .parquet or .csv files inside")
     else:
         files = [input_path]
-    fmt = "csv" if files[0].suffix == ".csv" else "parquet"
-    columns = [f.task_key, f.timestamp, f.label] + [s.name for s in f.sparse] + list(f.dense)
-    if f.true_prob:
-        columns.append(f.true_prob)
-    dataset = ds.dataset([str(p) for p in files], format=fmt)
-    missing = [c for c in columns if c not in dataset.schema.names]
-    if f.true_prob and f.true_prob in missing:
-        missing.remove(f.true_prob)
-        columns.remove(f.true_prob)
-        f_true = ""
-    else:
-        f_true = f.true_prob
-    if missing:
-        raise PrepareError(
-            f"{input_path}: missing column(s) {missing} required by the config "
-            f"(features.*); columns present: {dataset.schema.names}"
-        )
-    table = dataset.to_table(columns=columns)
-    table = table.replace_schema_metadata({b"gmeta_true_prob": f_true.encode()})
-    return table
+    kinds = {p.suffix for p in files}
+    if len(kinds) > 1 or not kinds <= {".parquet", ".csv"}:
+        raise PrepareError(f"{input_path}: expected .parquet or .csv files of one kind, got {sorted(kinds)}")
+    return files
 
 
-def _check_values(table: pa.Table, cfg: Config, input_path: Path) -> None:
+def _required_columns(cfg: Config) -> list[str]:
+    f = cfg.features
+    return [f.task_key, f.timestamp, f.label] + [s.name for s in f.sparse] + list(f.dense)
+
+
+def _check_values(table: pa.Table, cfg: Config, where: str) -> None:
+    """Nulls, non-numeric or non-finite values, labels other than 0/1: an error naming the
+    file and column (and the first bad row of the file's batch)."""
     f = cfg.features
     for name in [f.task_key, f.timestamp, f.label] + [s.name for s in f.sparse]:
         nulls = table.column(name).null_count
         if nulls:
-            raise PrepareError(f"{input_path}: column {name!r} has {nulls} null value(s)")
-    for name in [f.label] + list(f.dense):
+            raise PrepareError(f"{where}: column {name!r} has {nulls} null value(s)")
+    for name in [f.label] + list(f.dense) + ([f.true_prob] if f.true_prob in table.column_names else []):
         col = table.column(name)
         if not pa.types.is_integer(col.type) and not pa.types.is_floating(col.type):
-            raise PrepareError(f"{input_path}: column {name!r} must be numeric, got {col.type}")
+            raise PrepareError(f"{where}: column {name!r} must be numeric, got {col.type}")
         arr = col.to_numpy().astype(np.float64)
         bad = ~np.isfinite(arr)
         if bad.any():
-            raise PrepareError(f"{input_path}: column {name!r} has {int(bad.sum())} NaN/inf value(s)"
-                               f" (first at row {int(np.argmax(bad))})")
+            raise PrepareError(f"{where}: column {name!r} has {int(bad.sum())} NaN/inf value(s)"
+                               f" (first at row {int(np.argmax(bad))} of the batch)")
     lab = table.column(f.label).to_numpy().astype(np.float64)
     if not np.isin(lab, (0.0, 1.0)).all():
-        raise PrepareError(f"{input_path}: column {f.label!r} (features.label) must be 0 or 1")
-    for s in cfg.features.sparse:
-        t = table.column(s.name).type
-        if s.multi_hot != (pa.types.is_list(t) or pa.types.is_large_list(t)):
-            kind = "a list column" if s.multi_hot else "a scalar column"
-            raise PrepareError(f"{input_path}: column {s.name!r} must be {kind} "
-                               f"(features.sparse multi_hot={s.multi_hot}), got {t}")
+        raise PrepareError(f"{where}: column {f.label!r} (features.label) must be 0 or 1")
+    ts_type = table.column(f.timestamp).type
+    if not (pa.types.is_integer(ts_type) or pa.types.is_timestamp(ts_type)):
+        raise PrepareError(f"{where}: column {f.timestamp!r} (features.timestamp) must be an integer or "
+                           f"timestamp, got {ts_type}")
 
 
-def _hash_features(table: pa.Table, cfg: Config) -> tuple[dict[str, pa.Array], dict[str, dict]]:
-    """Hash every sparse column into its table; return arrays and per-feature cardinality."""
-    out: dict[str, pa.Array] = {}
-    card: dict[str, dict] = {}
-    for s in cfg.features.sparse:
+class _Cardinality:
+    """Distinct ids per feature: exact after hashing (a bitmap of the table), and before
+    hashing exact up to 4096 distinct values, a k-minimum-values estimate beyond (so memory
+    stays bounded however many distinct raw ids the input has)."""
+
+    K = 4096
+
+    def __init__(self, cfg: Config) -> None:
+        self.features = cfg.features.sparse
+        self.seen = {s.name: np.zeros(s.num_embeddings, dtype=bool) if s.num_embeddings <= (1 << 28) else None
+                     for s in self.features}
+        self.kmv = {s.name: np.zeros(0, dtype=np.uint64) for s in self.features}
+
+    def add(self, name: str, raw: np.ndarray, hashed: np.ndarray) -> None:
+        if self.seen[name] is not None:
+            self.seen[name][hashed] = True
+        h = np.unique(np.concatenate([self.kmv[name], stable_hash(raw, "kmv")]))
+        self.kmv[name] = h[: self.K]
+
+    def summary(self) -> dict[str, dict]:
+        out = {}
+        for s in self.features:
+            h = self.kmv[s.name]
+            if len(h) < self.K:
+                raw, exact = len(h), True
+            else:  # (k - 1) / (k-th smallest hash as a fraction of the hash space)
+                raw, exact = int(round((self.K - 1) / (float(h[-1]) / 2.0**64))), False
+            seen = self.seen[s.name]
+            out[s.name] = {"num_embeddings": s.num_embeddings, "distinct_raw": raw, "distinct_raw_exact": exact,
+                           "distinct_hashed": int(seen.sum()) if seen is not None else None,
+                           "multi_hot": s.multi_hot, "pooling": s.pooling}
+        return out
+
+
+def _hash_batch(table: pa.Table, cfg: Config, card: _Cardinality, where: str) -> pa.Table:
+    """Raw batch -> the columns prepare keeps, sparse ids hashed into their tables."""
+    f = cfg.features
+    cols: dict[str, pa.Array] = {
+        "__key": table.column(f.task_key).combine_chunks(),
+        "__ts": table.column(f.timestamp).combine_chunks().cast(pa.int64()),
+        "__label": pa.array(table.column(f.label).to_numpy().astype(np.float32)),
+    }
+    for s in f.sparse:
         col = table.column(s.name).combine_chunks()
+        if s.multi_hot and pa.types.is_string(col.type):  # CSV: ids joined by "|"
+            col = pc.split_pattern(col, "|")
+            try:  # numeric ids hash as numbers, as they do from Parquet
+                col = col.cast(pa.list_(pa.int64()))
+            except pa.ArrowInvalid:
+                pass
+        is_list = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+        if s.multi_hot != is_list:
+            kind = "a list column (or '|'-separated ids in CSV)" if s.multi_hot else "a scalar column"
+            raise PrepareError(f"{where}: column {s.name!r} must be {kind} "
+                               f"(features.sparse multi_hot={s.multi_hot}), got {col.type}")
         if s.multi_hot:
-            flat = col.flatten()
-            raw = flat.to_numpy(zero_copy_only=False)
+            if col.null_count or col.flatten().null_count:
+                raise PrepareError(f"{where}: column {s.name!r} has null ids")
+            raw = col.flatten().to_numpy(zero_copy_only=False)
             hashed = hash_ids(raw, s.name, s.num_embeddings)
-            off = col.offsets.to_numpy()
-            offsets = pa.array((off - off[0]).astype(np.int32))
-            out[s.name] = pa.ListArray.from_arrays(offsets, pa.array(hashed))
+            off = col.offsets.to_numpy().astype(np.int64)
+            cols[s.name] = pa.ListArray.from_arrays(pa.array((off - off[0]).astype(np.int32)), pa.array(hashed))
         else:
             raw = col.to_numpy(zero_copy_only=False)
             hashed = hash_ids(raw, s.name, s.num_embeddings)
-            out[s.name] = pa.array(hashed)
-        distinct_raw = len(pd.unique(raw)) if len(raw) else 0
-        distinct_hashed = len(np.unique(hashed))
-        card[s.name] = {
-            "num_embeddings": s.num_embeddings,
-            "distinct_raw": int(distinct_raw),
-            "distinct_hashed": int(distinct_hashed),
-            "multi_hot": s.multi_hot,
-            "pooling": s.pooling,
-        }
-    return out, card
+            cols[s.name] = pa.array(hashed)
+        card.add(s.name, raw, hashed)
+    dense = np.stack([table.column(c).to_numpy().astype(np.float32) for c in f.dense], axis=1)
+    cols["dense"] = pa.FixedSizeListArray.from_arrays(pa.array(dense.reshape(-1)), len(f.dense))
+    if f.true_prob and f.true_prob in table.column_names:
+        cols["true_prob"] = pa.array(table.column(f.true_prob).to_numpy().astype(np.float32))
+    return pa.table(cols)
+
+
+class _Partitions:
+    """Rows bucketed by a hash of the task key: in memory when one bucket is enough, else
+    spilled to one Parquet file per bucket (the external-partitioning pass)."""
+
+    def __init__(self, count: int, tmp: Path, buffer_bytes: int) -> None:
+        self.count, self.tmp, self.buffer_bytes = count, tmp, buffer_bytes
+        self.mem: list[pa.Table] = []
+        self.writers: dict[int, pq.ParquetWriter] = {}
+        self.pending: dict[int, list[pa.Table]] = {}
+        self.pending_bytes = 0
+
+    def add(self, table: pa.Table) -> None:
+        if self.count == 1:
+            self.mem.append(table)
+            return
+        bucket = (stable_hash(table.column("__key").to_numpy(zero_copy_only=False), "bucket")
+                  % np.uint64(self.count)).astype(np.int64)
+        order = np.argsort(bucket, kind="stable")
+        bounds = np.searchsorted(bucket[order], np.arange(self.count + 1))
+        for b in range(self.count):
+            if bounds[b] == bounds[b + 1]:
+                continue
+            part = table.take(pa.array(order[bounds[b]: bounds[b + 1]]))
+            self.pending.setdefault(b, []).append(part)
+            self.pending_bytes += part.nbytes
+        # Buffer rows per bucket up to a share of the memory cap, then write each bucket's
+        # rows at once: few, large row groups instead of one tiny write per bucket and batch.
+        if self.pending_bytes > self.buffer_bytes:
+            self._spill()
+
+    def _spill(self) -> None:
+        for b, parts in sorted(self.pending.items()):
+            part = pa.concat_tables(parts)
+            if b not in self.writers:
+                self.writers[b] = pq.ParquetWriter(self.tmp / f"bucket-{b:05d}.parquet", part.schema)
+            self.writers[b].write_table(part)
+        self.pending.clear()
+        self.pending_bytes = 0
+
+    def buckets(self):
+        if self.count == 1:
+            if self.mem:
+                yield pa.concat_tables(self.mem)
+            self.mem = []
+            return
+        self._spill()
+        for w in self.writers.values():
+            w.close()
+        for b in sorted(self.writers):
+            yield pq.read_table(self.tmp / f"bucket-{b:05d}.parquet")
+            pa.default_memory_pool().release_unused()
+
+
+def _read_batches(path: Path, columns: list[str]):
+    """Stream one input file in batches, one Parquet row group (or CSV block) decoded at a
+    time: no pre-buffering or read-ahead, so memory stays near one batch."""
+    if path.suffix == ".csv":
+        with pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=8 << 20),
+                            convert_options=pacsv.ConvertOptions(include_columns=columns)) as reader:
+            yield from reader
+    else:
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+        yield from pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns, use_threads=False)
+
+
+def _estimate_bytes(files: list[Path], columns: list[str]) -> tuple[int, int]:
+    """(bytes the input takes decoded in Arrow, rows). Parquet: rows from the footers times
+    the decoded size per row of the first row group; CSV: 1.5 x the file size, rows unknown."""
+    rows = 0
+    per_row = 0.0
+    total_csv = 0
+    for p in files:
+        if p.suffix != ".parquet":
+            total_csv += p.stat().st_size
+            continue
+        try:
+            pf = pq.ParquetFile(p)
+            rows += pf.metadata.num_rows
+            if not per_row and pf.metadata.num_row_groups and pf.metadata.row_group(0).num_rows:
+                sample = pf.read_row_group(0, columns=[c for c in columns if c in pf.schema_arrow.names])
+                per_row = sample.nbytes / sample.num_rows
+        except (OSError, pa.ArrowException) as e:
+            raise PrepareError(f"{p}: cannot read Parquet file: {e}") from None
+    return int(rows * per_row + 1.5 * total_csv), rows
 
 
 def _split_tasks(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np.ndarray,
-                 rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, int]]:
-    """Per task, support and query row indices (into the task-sorted table)."""
+                 task_hash: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, int]]:
+    """Per task, support and query row indices (into the task-sorted table); None for a
+    dropped task. The ratio rule draws each task's split from (seed, task), so the result
+    does not depend on which other tasks were prepared together."""
     sp = cfg.data.split
     support_idx, query_idx = [], []
     dropped = {"support_too_small": 0, "query_too_small": 0}
-    for start, n in zip(task_start.tolist(), counts.tolist()):
+    for start, n, th in zip(task_start.tolist(), counts.tolist(), task_hash.tolist()):
         rows = np.arange(start, start + n)
         n_s = int(round(n * sp.support_ratio))
         n_s = min(max(n_s, 0), n)
@@ -165,7 +290,7 @@ def _split_tasks(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np
             s_rows, q_rows = rows[:n_s], rows[n_s:]
             s_rows = s_rows[-sp.max_support:]  # the most recent rows before the boundary
         else:
-            perm = rng.permutation(rows)
+            perm = np.random.default_rng([sp.seed, th]).permutation(rows)
             s_rows, q_rows = np.sort(perm[:n_s])[: sp.max_support], np.sort(perm[n_s:])
         q_rows = q_rows[: sp.max_query]
         if len(s_rows) < sp.min_support:
@@ -199,137 +324,225 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_shard(rec: pa.Table, split_dir: Path, k: int, first: int, cfg: Config, schema: dict) -> list[dict]:
-    """Write one shard's task records; return manifest entries of the files written.
+class _ShardWriter:
+    """Writes task records per split as they come, one *unit* (``tasks_per_row_group``
+    tasks) at a time, so at most one unit per split is buffered.
 
-    Parquet: one file, row groups of ``tasks_per_row_group`` tasks (the reading unit).
-    WebDataset: one tar per unit, so both formats have the same units and a reader yields
-    identical batches from either.
+    Parquet: a file takes ``tasks_per_shard // tasks_per_row_group`` units, one row group each.
+    WebDataset: one tar per unit. Both formats thus have the same units in the same order,
+    and a reader yields identical batches from either.
     """
-    split = split_dir.name
-    entries = []
-    s_rows = pc.list_value_length(rec.column("support").combine_chunks().field("label"))
-    q_rows = pc.list_value_length(rec.column("query").combine_chunks().field("label"))
 
-    def entry(path: Path, lo: int, hi: int, units: list[int]) -> dict:
-        return {"path": f"{split}/{path.name}", "tasks": hi - lo, "units": units,
-                "support_rows": int(pc.sum(s_rows.slice(lo, hi - lo)).as_py() or 0),
-                "query_rows": int(pc.sum(q_rows.slice(lo, hi - lo)).as_py() or 0), "sha256": _sha256(path)}
+    def __init__(self, out: Path, cfg: Config, schema: dict) -> None:
+        self.out, self.cfg, self.schema = out, cfg, schema
+        self.unit = cfg.data.tasks_per_row_group
+        self.units_per_shard = max(1, cfg.data.tasks_per_shard // self.unit)
+        self.pending: dict[str, list[pa.Table]] = {s: [] for s in SPLITS}
+        self.count = dict.fromkeys(SPLITS, 0)
+        self.written = dict.fromkeys(SPLITS, 0)  # tasks written per split
+        self.files: dict[str, list[dict]] = {s: [] for s in SPLITS}
+        self.open: dict[str, tuple | None] = dict.fromkeys(SPLITS)
+        for split in SPLITS:
+            d = out / split
+            d.mkdir(parents=True, exist_ok=True)
+            for old in [*d.glob("*.parquet"), *d.glob("*.tar"), *d.glob("*.tmp")]:
+                old.unlink()
 
-    step = cfg.data.tasks_per_row_group
-    if cfg.data.format == "parquet":
-        path = split_dir / f"part-{k:05d}.parquet"
-        tmp = path.with_suffix(".parquet.tmp")
-        pq.write_table(rec, tmp, row_group_size=step)
-        tmp.replace(path)
-        meta = pq.ParquetFile(path).metadata
-        entries.append(entry(path, 0, rec.num_rows, [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]))
-    else:
-        from gmeta.io.blocks import block_from_arrow
-        from gmeta.io.wds import write_tar
+    def add(self, split: str, records: pa.Table) -> None:
+        if records.num_rows == 0:
+            return
+        self.pending[split].append(records)
+        self.count[split] += records.num_rows
+        while self.count[split] >= self.unit:
+            self._emit(split, self.unit)
 
-        for u, lo in enumerate(range(0, rec.num_rows, step)):
-            part = rec.slice(lo, step)
-            path = split_dir / f"part-{k:05d}-{u:04d}.tar"
-            block = block_from_arrow(part, str(path), schema)
-            write_tar(path, block, part.column("task_key").to_pylist(), first + lo, schema)
-            entries.append(entry(path, lo, lo + part.num_rows, [part.num_rows]))
-    return entries
+    def _emit(self, split: str, n: int) -> None:
+        table = pa.concat_tables(self.pending[split])
+        unit, rest = table.slice(0, n), table.slice(n)
+        self.pending[split] = [rest] if rest.num_rows else []
+        self.count[split] = rest.num_rows
+        u = self.written[split] // self.unit  # index of this unit in the split
+        shard, within = divmod(u, self.units_per_shard)
+        rows = {side: int(pc.sum(pc.list_value_length(unit.column(side).combine_chunks().field("label"))).as_py())
+                for side in ("support", "query")}
+        if self.cfg.data.format == "webdataset":
+            from gmeta.io.blocks import block_from_arrow
+            from gmeta.io.wds import write_tar
+
+            path = self.out / split / f"part-{shard:05d}-{within:04d}.tar"
+            write_tar(path, block_from_arrow(unit, str(path), self.schema), unit.column("task_key").to_pylist(),
+                      self.written[split], self.schema)
+            self.files[split].append({"path": f"{split}/{path.name}", "tasks": n, "units": [n],
+                                      "support_rows": rows["support"], "query_rows": rows["query"],
+                                      "sha256": _sha256(path)})
+        else:
+            if self.open[split] is None:
+                path = self.out / split / f"part-{shard:05d}.parquet"
+                tmp = path.with_name(path.name + ".tmp")
+                entry = {"path": f"{split}/{path.name}", "tasks": 0, "units": [], "support_rows": 0, "query_rows": 0}
+                self.open[split] = (pq.ParquetWriter(tmp, unit.schema), path, entry)
+            writer, path, entry = self.open[split]
+            writer.write_table(unit, row_group_size=n)
+            entry["tasks"] += n
+            entry["units"].append(n)
+            entry["support_rows"] += rows["support"]
+            entry["query_rows"] += rows["query"]
+            if within == self.units_per_shard - 1:
+                self._close_file(split)
+        self.written[split] += n
+
+    def _close_file(self, split: str) -> None:
+        if self.open[split] is None:
+            return
+        writer, path, entry = self.open[split]
+        writer.close()
+        path.with_name(path.name + ".tmp").replace(path)
+        entry["sha256"] = _sha256(path)
+        self.files[split].append(entry)
+        self.open[split] = None
+
+    def close(self) -> dict:
+        for split in SPLITS:
+            if self.count[split]:
+                self._emit(split, self.count[split])
+            self._close_file(split)
+        return {split: {"tasks": sum(f["tasks"] for f in files),
+                        "support_rows": sum(f["support_rows"] for f in files),
+                        "query_rows": sum(f["query_rows"] for f in files), "files": files}
+                for split, files in self.files.items()}
 
 
-def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
-    """Build task shards and the manifest; return the manifest dict."""
-    t0 = time.perf_counter()
-    f = cfg.features
+def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, int]) -> dict[str, pa.Table]:
+    """All rows of some tasks -> their task records, per split, in a seeded order."""
     sp = cfg.data.split
-    input_path = Path(input_path)
-    out = Path(out_dir)
-    table = _read_input(cfg, input_path)
-    true_prob_col = table.schema.metadata[b"gmeta_true_prob"].decode()
-    _check_values(table, cfg, input_path)
-    n_rows_in = table.num_rows
-    if n_rows_in == 0:
-        raise PrepareError(f"{input_path}: no rows")
-
-    # Sort rows by (task key, time). The sort is a stable lexicographic sort of two keys.
-    order = pc.sort_indices(table, sort_keys=[(f.task_key, "ascending"), (f.timestamp, "ascending")])
-    order_np = order.to_numpy()
-    keys = table.column(f.task_key).take(order).to_numpy(zero_copy_only=False)
-    ts = table.column(f.timestamp).take(order).to_numpy(zero_copy_only=False).astype(np.int64)
-    change = np.flatnonzero(keys[1:] != keys[:-1]) + 1
-    task_start = np.concatenate([[0], change]).astype(np.int64)
+    t = t.take(pc.sort_indices(t, sort_keys=[("__key", "ascending"), ("__ts", "ascending")]))
+    keys = t.column("__key").to_numpy(zero_copy_only=False)
+    ts = t.column("__ts").to_numpy().astype(np.int64)
+    task_start = np.concatenate([[0], np.flatnonzero(keys[1:] != keys[:-1]) + 1]).astype(np.int64)
     counts = np.diff(np.concatenate([task_start, [len(keys)]]))
     task_keys = keys[task_start]
-
-    hashed, card = _hash_features(table, cfg)
-    dense = np.stack([table.column(c).to_numpy().astype(np.float32) for c in f.dense], axis=1)
-    columns: dict[str, pa.Array] = {name: arr.take(order) for name, arr in hashed.items()}
-    columns["dense"] = pa.FixedSizeListArray.from_arrays(pa.array(dense[order_np].reshape(-1)), len(f.dense))
-    columns["label"] = pa.array(table.column(f.label).to_numpy().astype(np.float32)[order_np])
-    if true_prob_col:
-        columns["true_prob"] = pa.array(table.column(true_prob_col).to_numpy().astype(np.float32)[order_np])
-    columns["timestamp"] = pa.array(ts)
-
-    rng = np.random.default_rng(sp.seed)
-    support_idx, query_idx, dropped = _split_tasks(cfg, task_start, counts, ts, rng)
-    task_ids = stable_hash(task_keys, "task").astype(np.int64)
+    task_hash = stable_hash(task_keys, "task")
+    support_idx, query_idx, d = _split_tasks(cfg, task_start, counts, ts, task_hash)
+    for k, v in d.items():
+        dropped[k] += v
     # eval tasks: a hash of the key, uniform in [0, 1), below eval_fraction
     u = (stable_hash(task_keys, f"split{sp.seed}") >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     is_eval = u < sp.eval_fraction
-
-    out.mkdir(parents=True, exist_ok=True)
-    schema = {"sparse": [asdict(s) for s in f.sparse], "dense": list(f.dense), "has_true_prob": bool(true_prob_col)}
-    manifest_splits = {}
+    # order of tasks in the shards: a seeded hash of the key, so it does not depend on how
+    # the input was partitioned
+    rank = stable_hash(task_keys, f"order{sp.seed}")
+    columns: dict[str, pa.Array] = {s.name: t.column(s.name).combine_chunks() for s in cfg.features.sparse}
+    columns["dense"] = t.column("dense").combine_chunks()
+    columns["label"] = t.column("__label").combine_chunks()
+    if "true_prob" in t.column_names:
+        columns["true_prob"] = t.column("true_prob").combine_chunks()
+    columns["timestamp"] = pa.array(ts)
+    out = {}
     for split in SPLITS:
-        split_dir = out / split
-        split_dir.mkdir(parents=True, exist_ok=True)
-        for old in [*split_dir.glob("*.parquet"), *split_dir.glob("*.tar")]:
-            old.unlink()
-        sel = [i for i in range(len(task_keys))
+        sel = [i for i in np.argsort(rank, kind="stable").tolist()
                if support_idx[i] is not None and bool(is_eval[i]) == (split == "eval")]
-        # Deterministic task order across shards, mixed so no shard is all big tasks.
-        sel = [sel[j] for j in np.random.default_rng(sp.seed + (split == "eval")).permutation(len(sel))]
-        files = []
-        n_sup = n_qry = 0
-        for k, lo in enumerate(range(0, len(sel), cfg.data.tasks_per_shard)):
-            chunk = sel[lo: lo + cfg.data.tasks_per_shard]
-            s_len = np.array([len(support_idx[i]) for i in chunk])
-            q_len = np.array([len(query_idx[i]) for i in chunk])
-            s_rows = np.concatenate([support_idx[i] for i in chunk])
-            q_rows = np.concatenate([query_idx[i] for i in chunk])
-            rec = pa.table({
-                "task_key": pa.array(task_keys[chunk]),
-                "task_id": pa.array(task_ids[chunk]),
-                "support": _nested(s_rows, s_len, columns),
-                "query": _nested(q_rows, q_len, columns),
-            })
-            files += _write_shard(rec, split_dir, k, lo, cfg, schema)
-            n_sup += int(s_len.sum())
-            n_qry += int(q_len.sum())
-        manifest_splits[split] = {"tasks": len(sel), "support_rows": n_sup, "query_rows": n_qry, "files": files}
+        if not sel:
+            out[split] = pa.table({})
+            continue
+        s_len = np.array([len(support_idx[i]) for i in sel])
+        q_len = np.array([len(query_idx[i]) for i in sel])
+        out[split] = pa.table({
+            "task_key": pa.array(task_keys[sel]),
+            "task_id": pa.array(task_hash[sel].astype(np.int64)),
+            "support": _nested(np.concatenate([support_idx[i] for i in sel]), s_len, columns),
+            "query": _nested(np.concatenate([query_idx[i] for i in sel]), q_len, columns),
+        })
+    return out
 
+
+def num_partitions(input_bytes: int, memory_mb: int) -> int:
+    """Buckets so that one bucket's working set (about ``_EXPANSION`` times its decoded
+    size: sort, gather, nesting) fits in the memory cap."""
+    return max(1, -(-input_bytes * _EXPANSION // (memory_mb << 20)))
+
+
+_EXPANSION = 20  # measured: peak Arrow + numpy bytes over decoded bucket bytes, with headroom
+_BATCH_ROWS = 8192
+
+
+def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
+    """Build task shards and the manifest within ``data.prepare_memory_mb``; return the manifest.
+
+    Pass 1 streams the input in batches (checking values, hashing ids) into buckets by a
+    hash of the task key, spilled to disk when the input is larger than the memory cap
+    allows; pass 2 groups one bucket at a time into task records and writes the shards.
+    """
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    f = cfg.features
+    input_path, out = Path(input_path), Path(out_dir)
+    files = _input_files(input_path)
+    fmt = "csv" if files[0].suffix == ".csv" else "parquet"
+    dataset = ds.dataset([str(p) for p in files], format=fmt)
+    columns = _required_columns(cfg)
+    missing = [c for c in columns if c not in dataset.schema.names]
+    if missing:
+        raise PrepareError(f"{input_path}: missing column(s) {missing} required by the config "
+                           f"(features.*); columns present: {dataset.schema.names}")
+    has_true_prob = bool(f.true_prob) and f.true_prob in dataset.schema.names
+    if has_true_prob:
+        columns.append(f.true_prob)
+    input_bytes, input_rows = _estimate_bytes(files, columns)
+    parts_n = num_partitions(input_bytes, cfg.data.prepare_memory_mb)
+    schema = {"sparse": [asdict(s) for s in f.sparse], "dense": list(f.dense), "has_true_prob": has_true_prob}
+    out.mkdir(parents=True, exist_ok=True)
+    card = _Cardinality(cfg)
+    dropped = {"support_too_small": 0, "query_too_small": 0}
+    n_rows = 0
+    task_keys_seen = 0
+    show = sys.stderr.isatty()
+    with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as tmp:
+        parts = _Partitions(parts_n, Path(tmp), (cfg.data.prepare_memory_mb << 20) // 4)
+        with tqdm(total=input_rows or None, unit="rows", desc="prepare: read", disable=not show) as bar:
+            for path in files:
+                where = str(path)
+                try:
+                    for batch in _read_batches(path, columns):
+                        table = pa.Table.from_batches([batch])
+                        _check_values(table, cfg, where)
+                        parts.add(_hash_batch(table, cfg, card, where))
+                        n_rows += table.num_rows
+                        bar.update(table.num_rows)
+                except pa.ArrowException as e:
+                    raise PrepareError(f"{where}: cannot read: {e}") from None
+        if n_rows == 0:
+            raise PrepareError(f"{input_path}: no rows")
+        writer = _ShardWriter(out, cfg, schema)
+        for bucket in tqdm(parts.buckets(), total=parts_n, unit="bucket", desc="prepare: group", disable=not show):
+            records = _bucket_records(bucket, cfg, dropped)
+            task_keys_seen += sum(r.num_rows for r in records.values())
+            del bucket
+            for split in SPLITS:
+                writer.add(split, records[split])
+        splits = writer.close()
     manifest = {
         "format_version": FORMAT_VERSION,
         "format": cfg.data.format,
         "input": str(input_path),
-        "input_rows": int(n_rows_in),
-        "input_tasks": int(len(task_keys)),
+        "input_rows": int(n_rows),
+        "input_tasks": int(task_keys_seen + sum(dropped.values())),
         "dropped_tasks": dropped,
         "task_key": f.task_key,
         "schema": schema,
-        "cardinality": card,
-        "split_rule": asdict(sp),
-        "splits": manifest_splits,
+        "cardinality": card.summary(),
+        "split_rule": asdict(cfg.data.split),
+        "partitions": parts_n,
+        "splits": splits,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out / MANIFEST)
-    log.info("prepare: %d rows, %d tasks -> train %d, eval %d tasks (dropped %s) in %.1fs",
-             n_rows_in, len(task_keys), manifest_splits["train"]["tasks"],
-             manifest_splits["eval"]["tasks"], dropped, manifest["seconds"])
+    tmp_manifest = out / (MANIFEST + ".tmp")
+    tmp_manifest.write_text(json.dumps(manifest, indent=2))
+    tmp_manifest.replace(out / MANIFEST)
+    log.info("prepare: %d rows, %d tasks -> train %d, eval %d tasks (dropped %s, %d partition(s)) in %.1fs",
+             n_rows, manifest["input_tasks"], splits["train"]["tasks"], splits["eval"]["tasks"], dropped,
+             parts_n, manifest["seconds"])
     return manifest
-
 
 def load_manifest(shards_dir: str | Path) -> dict:
     path = Path(shards_dir) / MANIFEST
