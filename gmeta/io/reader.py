@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gmeta.io.blocks import ShardError, TaskBlock, block_from_arrow, check_block, collate
+from gmeta.io.blocks import ShardError, TaskBlock, block_from_arrow, check_block, collate_packed
 from gmeta.io.plan import EpochPlan, Unit, plan_epoch, units_from_manifest
 from gmeta.io.prepare import load_manifest
 
@@ -54,7 +54,7 @@ def load_unit(root: Path, unit: Unit, schema: dict, fmt: str, on_bad_task: str) 
 class _EpochStream(IterableDataset):
     """One epoch of one rank; each DataLoader worker streams its own slot of the plan.
 
-    Yields (worker, batch index in that worker, tasks skipped as bad, TaskBatch).
+    Yields (worker, batch index in that worker, tasks skipped as bad, PackedBatch).
     """
 
     def __init__(self, root: Path, units: list[Unit], schema: dict, fmt: str, plan: EpochPlan, rank: int,
@@ -103,7 +103,7 @@ class _EpochStream(IterableDataset):
                     del loaded[u]
             if not picks:
                 raise ShardError(f"{self.root}: every task of a meta-batch was bad (data.on_bad_task=skip)")
-            yield w, b, skipped, collate(picks, self.schema)
+            yield w, b, skipped, collate_packed(picks, self.schema)
 
 
 class TaskReader:
@@ -216,7 +216,8 @@ class TaskReader:
         it = iter(loader)
         try:
             while self._steps_done < total:
-                w, b, skipped, batch = next(it)
+                w, b, skipped, packed = next(it)
+                batch = packed.unpack()
                 self._consumed[w] = b + 1
                 self._steps_done += 1
                 self.skipped_tasks += skipped
