@@ -110,6 +110,7 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     t_log = time.perf_counter()
     tasks_since = rows_since = 0
     wait_since = 0.0  # seconds the loop waited for the reader since the last log step
+    wait_total, t_loop = 0.0, time.perf_counter()
     last: dict[str, float] = {}
     for epoch in range(cfg.train.epochs):
         reader.set_epoch(epoch)
@@ -118,7 +119,9 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
             t_wait = time.perf_counter()
             with record_function("## data_wait ##"):
                 batch = next(batches, None)  # prefetched by the reader's workers
-            wait_since += time.perf_counter() - t_wait
+            waited = time.perf_counter() - t_wait
+            wait_since += waited
+            wait_total += waited
             if batch is None:
                 break
             batch = batch.to(env.device, non_blocking=True)
@@ -149,6 +152,14 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
                 tasks_since = rows_since = 0
                 wait_since = 0.0
                 t_log = time.perf_counter()
+
+    # share of the whole loop spent waiting for data, averaged over ranks
+    stall = torch.tensor(wait_total / max(time.perf_counter() - t_loop, 1e-9))
+    dist.all_reduce(stall)
+    last["train/data_stall_share_total"] = stall.item() / env.world_size
+    tracker.log_metrics({"train/data_stall_share_total": last["train/data_stall_share_total"]}, step=step)
+    if env.is_main:
+        log.info("data stall: %.2f%% of the training loop waited for data", 100 * last["train/data_stall_share_total"])
 
     # ---------------------------------------------------------------- checkpoint
     ckpt = checkpoint.save(model, cfg, out_dir / "checkpoint",

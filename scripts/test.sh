@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-ruff check gmeta tests
+ruff check gmeta tests benchmarks
 python -m pytest -q "$@"

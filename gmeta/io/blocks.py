@@ -173,6 +173,9 @@ class PackedBatch:
     layout: list[tuple[str, str, tuple, int]]  # (field, dtype, shape, byte offset)
     keys: list[str]
 
+    def pin_memory(self) -> PackedBatch:  # called by the DataLoader's pinning thread
+        return PackedBatch(self.buf.pin_memory(), self.layout, self.keys)
+
     def unpack(self) -> TaskBatch:
         f = {}
         for name, dtype, shape, off in self.layout:

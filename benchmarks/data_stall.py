@@ -1,0 +1,62 @@
+"""Data stall: the share of the training loop spent waiting for the next meta-batch, on
+configs/ads_cvr.yaml with 2 processes, with the reader's background workers (the default,
+data.num_workers=1) vs. reading in the training process (data.num_workers=0).
+
+    python benchmarks/data_stall.py [--steps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import ROOT, emit
+
+
+def run(cfg: str, workdir: Path, uri: str, workers: int, steps: int) -> float:
+    out = workdir / f"run-w{workers}"
+    cmd = [sys.executable, "-m", "gmeta.cli", "train", "--config", cfg, "--nproc-per-node", "2", "--tracking-uri", uri,
+           f"data.num_workers={workers}", f"train.max_steps={steps}", "train.eval_at_end=false",
+           f"train.output_dir={out}", f"tracking.run_name=stall-w{workers}"]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=os.environ.copy())
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-4000:])
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("gmeta-ads-cvr")
+    run = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = 'stall-w{workers}'",
+                             order_by=["attributes.start_time DESC"], max_results=1)[0]
+    m = run.data.metrics
+    return m["train/data_stall_share_total"], m["train/tasks_per_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gmeta-bench-stall"))
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = str(ROOT / "configs" / "ads_cvr.yaml")
+    if not (work / "data/ads_cvr/shards/manifest.json").is_file():
+        for sub in ("synth", "prepare"):
+            subprocess.run([sys.executable, "-m", "gmeta.cli", sub, "--config", cfg], cwd=work, check=True,
+                           capture_output=True)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    with_workers, tps_w = run(cfg, work, uri, 1, args.steps)
+    inline, tps_0 = run(cfg, work, uri, 0, args.steps)
+    print(f"data stall with background reader workers: {100 * with_workers:6.2f}% of the loop "
+          f"({tps_w:.0f} tasks/s)  (target < 5%)")
+    print(f"data stall reading in the training process: {100 * inline:6.2f}% of the loop ({tps_0:.0f} tasks/s)")
+    print(f"ratio inline / workers: {inline / max(with_workers, 1e-9):.1f}x")
+    emit("data_stall", {"stall_workers": with_workers, "stall_inline": inline, "tasks_per_s_workers": tps_w,
+                        "tasks_per_s_inline": tps_0, "steps": args.steps})
+
+
+if __name__ == "__main__":
+    main()
