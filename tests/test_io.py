@@ -285,3 +285,21 @@ def test_corrupt_tar_names_file(wds_shards, tmp_path):
     first.write_bytes(first.read_bytes()[:3000])
     with pytest.raises(ShardError, match=first.name):
         list(TaskReader(out, "train", 4, shuffle=False))
+
+
+def test_shards_prepared_with_other_features_are_refused(debug_data, debug_config_path):
+    from gmeta.io.prepare import check_manifest_matches
+
+    m = load_manifest(debug_data["shards"])
+    check_manifest_matches(m, load_config(debug_config_path), "manifest.json")  # same config: fine
+    other = load_config(debug_config_path, ["features.dense=[bid_price, user_activity]"])
+    with pytest.raises(PrepareError, match="dense features .* differ from the config's features.dense"):
+        check_manifest_matches(m, other, "manifest.json")
+
+
+def test_max_tasks_limits_the_epoch(debug_data):
+    r = TaskReader(debug_data["shards"], "eval", 7, shuffle=False, drop_last=False, max_tasks=30)
+    ids = [i for b in r for i in b.task_ids.tolist()]
+    full = [i for b in TaskReader(debug_data["shards"], "eval", 7, shuffle=False, drop_last=False)
+            for i in b.task_ids.tolist()]
+    assert ids == full[:30]

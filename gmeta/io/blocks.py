@@ -100,6 +100,38 @@ def block_from_arrow(table: pa.Table, source: str, schema: dict) -> TaskBlock:
         raise ShardError(f"{source}: records do not match the manifest schema: {e}") from None
 
 
+def _concat_offsets(parts: list[np.ndarray]) -> np.ndarray:
+    shifts = np.cumsum([0] + [int(p[-1]) for p in parts[:-1]])
+    return np.concatenate([parts[0][:1]] + [p[1:] + s for p, s in zip(parts, shifts)])
+
+
+def _concat_sides(sides: list[SplitArrays]) -> SplitArrays:
+    first = sides[0]
+    return SplitArrays(
+        rows=_concat_offsets([s.rows for s in sides]),
+        ids={k: np.concatenate([s.ids[k] for s in sides]) for k in first.ids},
+        id_offsets={k: _concat_offsets([s.id_offsets[k] for s in sides]) for k in first.id_offsets},
+        dense=np.concatenate([s.dense for s in sides]),
+        label=np.concatenate([s.label for s in sides]),
+        true_prob=None if first.true_prob is None else np.concatenate([s.true_prob for s in sides]),
+    )
+
+
+def concat_blocks(blocks: list[TaskBlock]) -> TaskBlock:
+    """One block holding the tasks of ``blocks`` in order (task t of blocks[i] becomes task
+    sum(len(blocks[:i])) + t)."""
+    if len(blocks) == 1:
+        return blocks[0]
+    shifts = np.cumsum([0] + [b.num_tasks for b in blocks[:-1]])
+    return TaskBlock(
+        source=", ".join(b.source for b in blocks),
+        task_id=np.concatenate([b.task_id for b in blocks]),
+        support=_concat_sides([b.support for b in blocks]),
+        query=_concat_sides([b.query for b in blocks]),
+        bad=[(t + int(s), r) for b, s in zip(blocks, shifts) for t, r in b.bad],
+    )
+
+
 def _task_of_rows(rows: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(len(rows) - 1), np.diff(rows))
 

@@ -82,11 +82,14 @@ class EpochPlan:
 
 
 def plan_epoch(units: list[Unit], *, world_size: int, num_workers: int, tasks_per_batch: int, seed: int,
-               epoch: int, shuffle: bool, buffer_size: int, drop_last: bool) -> EpochPlan:
+               epoch: int, shuffle: bool, buffer_size: int, drop_last: bool, max_tasks: int = 0) -> EpochPlan:
     workers = max(1, num_workers)
+    stream = epoch_stream(units, seed, epoch, shuffle)
+    if max_tasks:
+        stream = stream[:max_tasks]
     # Contiguous, equal shares of the epoch's task stream: a unit on a boundary is read by
     # two slots, each taking only its own tasks, so shares differ by at most one task.
-    shares = np.array_split(epoch_stream(units, seed, epoch, shuffle), world_size * workers)
+    shares = np.array_split(stream, world_size * workers)
     orders: list[list[np.ndarray]] = []
     batches: list[list[int]] = []
     for r in range(world_size):
@@ -101,6 +104,6 @@ def plan_epoch(units: list[Unit], *, world_size: int, num_workers: int, tasks_pe
             batches[r].append(n // tasks_per_batch if drop_last else -(-n // tasks_per_batch))
     per_rank = [sum(b) for b in batches]
     steps = min(per_rank) if drop_last else max(per_rank)
-    total = sum(u.tasks for u in units)
+    total = len(stream)
     used = steps * world_size * tasks_per_batch if drop_last else total
     return EpochPlan(orders, batches, steps, total - min(used, total))

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gmeta.io.blocks import ShardError, TaskBlock, block_from_arrow, check_block, collate_packed
+from gmeta.io.blocks import ShardError, TaskBlock, block_from_arrow, check_block, collate_packed, concat_blocks
 from gmeta.io.plan import EpochPlan, Unit, plan_epoch, units_from_manifest
 from gmeta.io.prepare import load_manifest
 
@@ -51,6 +51,9 @@ def load_unit(root: Path, unit: Unit, schema: dict, fmt: str, on_bad_task: str) 
     return check_block(block, schema, on_bad_task)
 
 
+_LOOKAHEAD_BATCHES = 8
+
+
 class _EpochStream(IterableDataset):
     """One epoch of one rank; each DataLoader worker streams its own slot of the plan.
 
@@ -79,31 +82,37 @@ class _EpochStream(IterableDataset):
         first = self.start[w]
         if first >= nb:
             return
-        # Units stay loaded while tasks of theirs are still to come (bounded by the buffer).
+        # Units stay loaded while tasks of theirs are still to come (bounded by the shuffle
+        # buffer). The loaded units are kept concatenated in one window block, rebuilt only
+        # when a unit is added, so a batch is one gather per field however many units its
+        # tasks come from.
         remaining = np.bincount(order[first * self.n: nb * self.n, 0], minlength=len(self.units))
         loaded: dict[int, TaskBlock] = {}
+        window: TaskBlock | None = None
+        base = np.full(len(self.units), -1, dtype=np.int64)  # first task of each unit in the window
         for b in range(first, nb):
             refs = order[b * self.n: (b + 1) * self.n]
-            # group by unit, keeping emission order inside each unit (deterministic layout)
-            picks, skipped = [], 0
-            for u in dict.fromkeys(refs[:, 0].tolist()):
-                if u not in loaded:
-                    loaded[u] = load_unit(self.root, self.units[u], self.schema, self.fmt, self.on_bad_task)
-                block = loaded[u]
-                idx = refs[refs[:, 0] == u, 1]
-                if block.bad:
-                    bad = np.array([t for t, _ in block.bad])
-                    keep = ~np.isin(idx, bad)
-                    skipped += int((~keep).sum())
-                    idx = idx[keep]
-                remaining[u] -= int((refs[:, 0] == u).sum())
-                if len(idx):
-                    picks.append((block, idx))
-                if remaining[u] == 0:
+            if any(u not in loaded for u in refs[:, 0].tolist()):
+                # also load what the next few batches need: fewer window rebuilds
+                ahead = order[b * self.n: min(b + _LOOKAHEAD_BATCHES, nb) * self.n, 0]
+                new = [u for u in dict.fromkeys(ahead.tolist()) if u not in loaded]
+                for u in [u for u in loaded if remaining[u] == 0]:
                     del loaded[u]
-            if not picks:
+                for u in new:
+                    loaded[u] = load_unit(self.root, self.units[u], self.schema, self.fmt, self.on_bad_task)
+                window = concat_blocks(list(loaded.values()))
+                base[:] = -1
+                base[list(loaded)] = np.cumsum([0] + [blk.num_tasks for blk in loaded.values()])[:-1]
+            idx = base[refs[:, 0]] + refs[:, 1]
+            np.subtract.at(remaining, refs[:, 0], 1)
+            skipped = 0
+            if window.bad:
+                keep = ~np.isin(idx, np.array([t for t, _ in window.bad]))
+                skipped = int((~keep).sum())
+                idx = idx[keep]
+            if not len(idx):
                 raise ShardError(f"{self.root}: every task of a meta-batch was bad (data.on_bad_task=skip)")
-            yield w, b, skipped, collate_packed(picks, self.schema)
+            yield w, b, skipped, collate_packed([(window, idx)], self.schema)
 
 
 class TaskReader:
@@ -123,7 +132,7 @@ class TaskReader:
         prefetch_factor: batches each worker prepares ahead.
         pin_memory: pin batches (when training on GPU).
         on_bad_task: "error" (default) or "skip" (skipped tasks are counted).
-        max_tasks: read only the first units holding at least this many tasks (0: all).
+        max_tasks: read only the first max_tasks tasks of each epoch's order (0: all).
     """
 
     def __init__(self, shards_dir: str | Path, split: str, tasks_per_batch: int, *, rank: int = 0,
@@ -137,14 +146,7 @@ class TaskReader:
         self.schema = self.manifest["schema"]
         self.format = self.manifest.get("format", "parquet")
         self.units = units_from_manifest(self.manifest, split)
-        if max_tasks:
-            keep, total = [], 0
-            for u in self.units:
-                if total >= max_tasks:
-                    break
-                keep.append(u)
-                total += u.tasks
-            self.units = keep
+        self.max_tasks = max_tasks
         self.split = split
         self.tasks_per_batch = tasks_per_batch
         self.rank, self.world_size = rank, world_size
@@ -152,7 +154,8 @@ class TaskReader:
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.drop_last, self.prefetch_factor, self.pin_memory = drop_last, prefetch_factor, pin_memory
         self.on_bad_task = on_bad_task
-        self.num_tasks = sum(u.tasks for u in self.units)
+        total = sum(u.tasks for u in self.units)
+        self.num_tasks = min(total, max_tasks) if max_tasks else total
         self.epoch = 0
         self._consumed = [0] * max(1, num_workers)  # batches of each worker the trainer has taken
         self._steps_done = 0
@@ -166,7 +169,8 @@ class TaskReader:
     def _make_plan(self) -> EpochPlan:
         return plan_epoch(self.units, world_size=self.world_size, num_workers=self.num_workers,
                           tasks_per_batch=self.tasks_per_batch, seed=self.seed, epoch=self.epoch,
-                          shuffle=self.shuffle, buffer_size=self.shuffle_buffer, drop_last=self.drop_last)
+                          shuffle=self.shuffle, buffer_size=self.shuffle_buffer, drop_last=self.drop_last,
+                          max_tasks=self.max_tasks)
 
     def __len__(self) -> int:
         """Meta-batches per epoch on this rank (the same on every rank when drop_last)."""
