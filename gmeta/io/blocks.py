@@ -196,23 +196,24 @@ _TORCH_DTYPES = {"int64": torch.int64, "float32": torch.float32}
 class PackedBatch:
     """A collated meta-batch in one contiguous byte buffer plus its layout.
 
-    A DataLoader worker hands each tensor to the main process through its own shared-memory
-    segment; one buffer per batch makes that one transfer instead of eight, which is most
-    of a worker's cost at these batch sizes. ``unpack()`` returns views, not copies.
+    A DataLoader worker hands each tensor to the main process through a new shared-memory
+    segment, which costs more than collating the batch; a numpy buffer instead travels
+    pickled through the worker's pipe in one copy. ``unpack()`` returns tensor views of it.
     """
 
-    buf: torch.Tensor  # uint8 [bytes]
+    buf: np.ndarray | torch.Tensor  # uint8 [bytes]; a tensor once pinned
     layout: list[tuple[str, str, tuple, int]]  # (field, dtype, shape, byte offset)
     keys: list[str]
 
     def pin_memory(self) -> PackedBatch:  # called by the DataLoader's pinning thread
-        return PackedBatch(self.buf.pin_memory(), self.layout, self.keys)
+        return PackedBatch(torch.as_tensor(self.buf).pin_memory(), self.layout, self.keys)
 
     def unpack(self) -> TaskBatch:
+        buf = torch.as_tensor(self.buf)
         f = {}
         for name, dtype, shape, off in self.layout:
             n = int(np.prod(shape)) * (8 if dtype == "int64" else 4)
-            f[name] = self.buf[off: off + n].view(_TORCH_DTYPES[dtype]).reshape(shape)
+            f[name] = buf[off: off + n].view(_TORCH_DTYPES[dtype]).reshape(shape)
         return TaskBatch(
             sparse=KeyedJaggedTensor(keys=self.keys, values=f["values"], lengths=f["lengths"]),
             dense=f["dense"], labels=f["labels"], support_offsets=f["support_offsets"],
@@ -227,7 +228,7 @@ def _pack(arrays: dict[str, np.ndarray], keys: list[str]) -> PackedBatch:
     buf = np.empty(off, dtype=np.uint8)
     for (_, _, _, o), a in zip(layout, arrays.values()):
         buf[o: o + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
-    return PackedBatch(torch.from_numpy(buf), layout, keys)
+    return PackedBatch(buf, layout, keys)
 
 
 def collate_packed(picks: list[tuple[TaskBlock, np.ndarray]], schema: dict) -> PackedBatch:

@@ -51,7 +51,7 @@ def load_unit(root: Path, unit: Unit, schema: dict, fmt: str, on_bad_task: str) 
     return check_block(block, schema, on_bad_task)
 
 
-_LOOKAHEAD_BATCHES = 8
+_LOOKAHEAD_BATCHES = 32
 
 
 class _EpochStream(IterableDataset):
