@@ -111,10 +111,12 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     tasks_since = rows_since = 0
     wait_since = 0.0  # seconds the loop waited for the reader since the last log step
     wait_total, t_loop = 0.0, time.perf_counter()
+    wait_first = 0.0  # waits for the first batch of each epoch (reader workers starting)
     last: dict[str, float] = {}
     for epoch in range(cfg.train.epochs):
         reader.set_epoch(epoch)
         batches = iter(reader)
+        first = True
         while step < total_steps:
             t_wait = time.perf_counter()
             with record_function("## data_wait ##"):
@@ -122,6 +124,9 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
             waited = time.perf_counter() - t_wait
             wait_since += waited
             wait_total += waited
+            if first:
+                wait_first += waited
+                first = False
             if batch is None:
                 break
             batch = batch.to(env.device, non_blocking=True)
@@ -153,13 +158,19 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
                 wait_since = 0.0
                 t_log = time.perf_counter()
 
-    # share of the whole loop spent waiting for data, averaged over ranks
-    stall = torch.tensor(wait_total / max(time.perf_counter() - t_loop, 1e-9))
+    # share of the whole loop spent waiting for data (and the same without each epoch's
+    # first batch, i.e. in steady state), averaged over ranks
+    loop_s = max(time.perf_counter() - t_loop, 1e-9)
+    stall = torch.tensor([wait_total / loop_s, (wait_total - wait_first) / max(loop_s - wait_first, 1e-9)])
     dist.all_reduce(stall)
-    last["train/data_stall_share_total"] = stall.item() / env.world_size
-    tracker.log_metrics({"train/data_stall_share_total": last["train/data_stall_share_total"]}, step=step)
+    stall /= env.world_size
+    last["train/data_stall_share_total"] = stall[0].item()
+    last["train/data_stall_share_steady"] = stall[1].item()
+    tracker.log_metrics({k: last[k] for k in ("train/data_stall_share_total", "train/data_stall_share_steady")},
+                        step=step)
     if env.is_main:
-        log.info("data stall: %.2f%% of the training loop waited for data", 100 * last["train/data_stall_share_total"])
+        log.info("data stall: %.2f%% of the training loop waited for data (%.2f%% after each epoch's first batch)",
+                 100 * stall[0].item(), 100 * stall[1].item())
 
     # ---------------------------------------------------------------- checkpoint
     ckpt = checkpoint.save(model, cfg, out_dir / "checkpoint",
