@@ -24,7 +24,7 @@ from gmeta.config import Config, dump_yaml, flatten, to_dict
 from gmeta.io.prepare import check_manifest_matches, load_manifest
 from gmeta.io.reader import TaskReader
 from gmeta.models.dlrm import build_model
-from gmeta.parallel.dist import allreduce_mean_grads, broadcast_params, init_distributed
+from gmeta.parallel.dist import DenseGradSync, broadcast_params, init_distributed
 from gmeta.parallel.maml import MetaOutput, erm_loss, maml_loss
 from gmeta.parallel.sharding import shard_model
 from gmeta.tracking import NullTracker, make_tracker, resolve_tracking_uri, ui_command
@@ -45,14 +45,15 @@ def meta_step(model, batch, cfg: Config) -> MetaOutput:
                      adapt_embeddings=m.adapt_embeddings, first_order=m.first_order)
 
 
-def train_step(model, batch, cfg: Config, dense_params: list[torch.Tensor],
+def train_step(model, batch, cfg: Config, grad_sync: DenseGradSync,
                dense_opt: torch.optim.Optimizer) -> MetaOutput:
-    """One optimizer step on one meta-batch: forward, ONE backward, dense all-reduce, step."""
+    """One optimizer step on one meta-batch: forward, ONE backward (dense all-reduces start
+    from its gradient hooks), wait for them, step."""
     out = meta_step(model, batch, cfg)
     with record_function("## backward ##"):
         out.loss.backward()  # the only backward of the step; fires the fused embedding optimizer
     with record_function("## dense_allreduce_wait ##"):
-        allreduce_mean_grads(dense_params)
+        grad_sync.wait()
     dense_opt.step()
     dense_opt.zero_grad(set_to_none=True)
     return out
@@ -81,6 +82,7 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     dense_params = list(model.module.head.parameters())
     broadcast_params(dense_params)  # every rank starts from rank 0's dense weights
     dense_opt = torch.optim.Adam(dense_params, lr=cfg.optim.dense_lr, weight_decay=cfg.optim.dense_weight_decay)
+    grad_sync = DenseGradSync(dense_params)
 
     d = cfg.data
     reader = TaskReader(d.shards_dir, "train", cfg.meta.tasks_per_batch, rank=env.rank, world_size=env.world_size,
@@ -130,7 +132,7 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
             if batch is None:
                 break
             batch = batch.to(env.device, non_blocking=True)
-            out = train_step(model, batch, cfg, dense_params, dense_opt)
+            out = train_step(model, batch, cfg, grad_sync, dense_opt)
             step += 1
             tasks_since += batch.num_tasks * env.world_size
             rows_since += batch.num_rows * env.world_size

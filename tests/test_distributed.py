@@ -11,7 +11,7 @@ import torch.distributed as dist
 from gmeta.config import load_config
 from gmeta.io.reader import TaskReader
 from gmeta.models.dlrm import build_model
-from gmeta.parallel.dist import broadcast_params
+from gmeta.parallel.dist import DenseGradSync, broadcast_params
 from gmeta.parallel.sharding import shard_model
 from gmeta.train import train_step
 from tests.multiprocess import run_ranks
@@ -54,6 +54,7 @@ def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, shar
     ref_tables = {k: v.clone().requires_grad_() for k, v in tables.items()}
     lr_dense = 0.5
     opt = torch.optim.SGD(dense_params, lr=lr_dense)
+    sync = DenseGradSync(dense_params, bucket_bytes=256)  # several buckets
     ref_opt = torch.optim.SGD(list(ref_head.parameters()), lr=lr_dense)
     readers = [TaskReader(shards, "train", 3, rank=r, world_size=world, seed=5) for r in range(world)]
     iters = [iter(r) for r in readers]
@@ -62,7 +63,7 @@ def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, shar
               adapt_embeddings=m.adapt_embeddings, first_order=m.first_order)
     for _ in range(2):
         batches = [next(it) for it in iters]
-        train_step(model, batches[rank], cfg, dense_params, opt)
+        train_step(model, batches[rank], cfg, sync, opt)
         # reference: one process, every task of every rank, real per-task fast weights
         losses = []
         for b in batches:
@@ -100,12 +101,13 @@ def _dense_identical(rank, world, cfg_path, shards, algorithm):
     dense_params = list(model.module.head.parameters())
     broadcast_params(dense_params)
     opt = torch.optim.Adam(dense_params, lr=1e-2)
+    sync = DenseGradSync(dense_params)
     start = [p.detach().clone() for p in dense_params]
     reader = TaskReader(shards, "train", 8, rank=rank, world_size=world, seed=1)
     for i, batch in enumerate(reader):
         if i == 6:
             break
-        train_step(model, batch, cfg, dense_params, opt)
+        train_step(model, batch, cfg, sync, opt)
     flat = torch.cat([p.detach().reshape(-1) for p in dense_params])
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
@@ -117,3 +119,38 @@ def _dense_identical(rank, world, cfg_path, shards, algorithm):
 @pytest.mark.parametrize("algorithm", ["maml", "erm"])
 def test_dense_parameters_identical_on_all_ranks(debug_config_path, debug_data, algorithm):
     run_ranks(_dense_identical, WORLD, str(debug_config_path), str(debug_data["shards"]), algorithm)
+
+
+def _grad_sync_mean(rank, world):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7)),
+              torch.nn.Parameter(torch.randn(2, 2))]
+    sync = DenseGradSync(params, bucket_bytes=40)  # one bucket per parameter or so
+    assert len(sync.buckets) >= 2
+    for step in range(2):
+        x = torch.arange(3.0) + rank + step
+        loss = (params[0] @ x).pow(2).sum() + (params[1] * (rank + 1)).sum()
+        if rank == 0:  # params[2] gets a gradient on rank 0 only
+            loss = loss + params[2].pow(3).sum()
+        loss.backward()
+        # rank 0: every bucket started during backward; rank 1: the first bucket (params[2],
+        # no gradient there) holds back the others, which start in order in wait()
+        assert all(x is not None for x in sync.launched) == (rank == 0)
+        assert (sync.launched[0] is None) == (rank == 1)
+        sync.wait()
+        # hand-computed mean over ranks
+        grads = []
+        for r in range(world):
+            xr = torch.arange(3.0) + r + step
+            g0 = 2 * (params[0].detach() @ xr).unsqueeze(1) * xr.unsqueeze(0)
+            g1 = torch.full((7,), float(r + 1))
+            g2 = 3 * params[2].detach() ** 2 if r == 0 else torch.zeros(2, 2)
+            grads.append((g0, g1, g2))
+        for i, p in enumerate(params):
+            want = sum(g[i] for g in grads) / world
+            torch.testing.assert_close(p.grad, want)
+            p.grad = None
+
+
+def test_dense_grad_sync_equals_hand_computed_mean(debug_config_path):
+    run_ranks(_grad_sync_mean, WORLD)

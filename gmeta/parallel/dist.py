@@ -72,31 +72,74 @@ def broadcast_params(params: list[torch.Tensor], src: int = 0) -> None:
             p.data.copy_(v)
 
 
-def allreduce_mean_grads(params: list[torch.Tensor], bucket_bytes: int = 25 << 20) -> None:
-    """Mean all-reduce of dense gradients in flat buckets, all launched before any wait.
+class DenseGradSync:
+    """Bucketed, asynchronous mean all-reduce of dense gradients, overlapped with backward.
 
-    A parameter without a gradient on this rank contributes zeros, so every rank sends
-    the same buckets (a rank skipping one would deadlock the others).
+    Buckets are filled in reverse parameter order (roughly the order backward produces
+    gradients). A gradient hook marks each parameter ready; as soon as a bucket is complete
+    its all-reduce starts while backward goes on. Buckets start strictly in index order, so
+    every rank issues the same collectives in the same order. ``wait()`` (before the
+    optimizer step) starts any bucket still incomplete (a parameter without a gradient on
+    this rank contributes zeros), waits for all, and writes the means back.
+
+    A plain hook-based reducer rather than DDP: DDP does not support the double backward of
+    second-order MAML and is bypassed by ``functional_call`` (see module docstring).
     """
-    world = dist.get_world_size()
-    if world == 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    buckets: list[list[torch.Tensor]] = [[]]
-    size = 0
-    for p in params:
-        nbytes = p.grad.numel() * p.grad.element_size()
-        if buckets[-1] and size + nbytes > bucket_bytes:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(p.grad)
-        size += nbytes
-    flats = [_flatten_dense_tensors(b) for b in buckets]
-    works = [dist.all_reduce(f, async_op=True) for f in flats]
-    for work, flat, bucket in zip(works, flats, buckets):
-        work.wait()  # sync point: the optimizer step needs the reduced gradients
-        flat.div_(world)
-        for g, v in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-            g.copy_(v)
+
+    def __init__(self, params: list[torch.Tensor], bucket_bytes: int = 4 << 20) -> None:
+        self.params = list(params)
+        self.world = dist.get_world_size()
+        self.buckets: list[list[torch.Tensor]] = [[]]
+        size = 0
+        for p in reversed(self.params):
+            nbytes = p.numel() * p.element_size()
+            if self.buckets[-1] and size + nbytes > bucket_bytes:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += nbytes
+        self.bucket_of = {id(p): b for b, ps in enumerate(self.buckets) for p in ps}
+        self._reset()
+        self.handles = []
+        if self.world > 1:
+            for p in self.params:
+                self.handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    def _reset(self) -> None:
+        self.ready = [0] * len(self.buckets)
+        self.launched: list[tuple | None] = [None] * len(self.buckets)
+        self.next = 0
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        b = self.bucket_of[id(p)]
+        self.ready[b] += 1
+        while self.next < len(self.buckets) and self.ready[self.next] == len(self.buckets[self.next]):
+            self._launch(self.next)
+
+    def _launch(self, b: int) -> None:
+        grads = []
+        for p in self.buckets[b]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flat = _flatten_dense_tensors(grads)
+        self.launched[b] = (dist.all_reduce(flat, async_op=True), flat, grads)
+        self.next = b + 1
+
+    def wait(self) -> None:
+        """Sync point: all dense gradients reduced (mean over ranks) when this returns."""
+        if self.world == 1:
+            return
+        while self.next < len(self.buckets):
+            self._launch(self.next)
+        for work, flat, grads in self.launched:
+            work.wait()
+            flat.div_(self.world)
+            for g, v in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(v)
+        self._reset()
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
