@@ -145,6 +145,9 @@ class MetaConfig:
     # Also adapt the embedding rows the task looks up (per-task fast rows).
     adapt_embeddings: bool = True
     embedding_inner_lr: float = 0.1
+    # Meta-SGD: learn the inner learning rates (per element of each adapted parameter, per
+    # feature and dim for embeddings), starting from inner_lr / embedding_inner_lr.
+    meta_sgd: bool = False
 
 
 @dataclass

@@ -34,10 +34,11 @@ def predict_query(model: MetaDLRM, cfg: Config, batch: TaskBatch, steps: int) ->
     lk = Lookup(lk.values.detach().requires_grad_(True), lk.slot, lk.feature, lk.ids, lk.scale, lk.num_rows)
     layout = task_layout(batch)
     m = cfg.meta
+    lr, emb_lr = model.inner_lrs(m.inner_lr, m.embedding_inner_lr)
     with torch.enable_grad():
         logits_q, _, _ = adapt_and_query(
-            model.head, lk, batch, num_features=model.num_features, steps=steps, lr=m.inner_lr,
-            emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
+            model.head, lk, batch, num_features=model.num_features, steps=steps, lr=lr,
+            emb_lr=emb_lr, adapt_dense=m.adapt_dense,
             adapt_embeddings=m.adapt_embeddings, first_order=True, layout=layout)
     return torch.sigmoid(logits_q.detach()[layout.q_mask]).cpu().numpy()
 

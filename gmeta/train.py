@@ -40,8 +40,9 @@ def meta_step(model, batch, cfg: Config) -> MetaOutput:
     m = cfg.meta
     if m.algorithm == "erm":
         return erm_loss(inner.head, lookup, batch, num_features=inner.num_features)
+    lr, emb_lr = inner.inner_lrs(m.inner_lr, m.embedding_inner_lr)
     return maml_loss(inner.head, lookup, batch, num_features=inner.num_features, steps=m.inner_steps,
-                     lr=m.inner_lr, emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
+                     lr=lr, emb_lr=emb_lr, adapt_dense=m.adapt_dense,
                      adapt_embeddings=m.adapt_embeddings, first_order=m.first_order)
 
 
@@ -79,7 +80,7 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     check_manifest_matches(manifest, cfg, str(Path(cfg.data.shards_dir) / "manifest.json"))
 
     model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, env.device)
-    dense_params = list(model.module.head.parameters())
+    dense_params = model.module.dense_parameters()
     broadcast_params(dense_params)  # every rank starts from rank 0's dense weights
     dense_opt = torch.optim.Adam(dense_params, lr=cfg.optim.dense_lr, weight_decay=cfg.optim.dense_weight_decay)
     grad_sync = DenseGradSync(dense_params)

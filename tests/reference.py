@@ -29,7 +29,7 @@ def embed(tables: dict[str, torch.Tensor], features: list[dict], batch: TaskBatc
 
 
 def task_query_losses(head: torch.nn.Module, tables: dict[str, torch.Tensor], features: list[dict],
-                      batch: TaskBatch, *, steps: int, lr: float, emb_lr: float, adapt_dense: list[str],
+                      batch: TaskBatch, *, steps: int, lr, emb_lr, adapt_dense: list[str],
                       adapt_embeddings: bool, first_order: bool) -> list[torch.Tensor]:
     s_total = batch.num_support
     so, qo = batch.support_offsets.tolist(), batch.query_offsets.tolist()
@@ -50,9 +50,13 @@ def task_query_losses(head: torch.nn.Module, tables: dict[str, torch.Tensor], fe
             inputs = [fast[n] for n in names] + [fast_tables[n] for n in tnames]
             grads = torch.autograd.grad(loss, inputs, create_graph=not first_order)
             for n, g in zip(names, grads[: len(names)]):
-                fast[n] = fast[n] - lr * g
+                fast[n] = fast[n] - (lr[n] if isinstance(lr, dict) else lr) * g
             for n, g in zip(tnames, grads[len(names):]):
-                fast_tables[n] = fast_tables[n] - emb_lr * g
+                if torch.is_tensor(emb_lr):  # Meta-SGD: one rate per (feature, dim)
+                    fi = [f["name"] for f in features].index(n)
+                    fast_tables[n] = fast_tables[n] - emb_lr[fi] * g
+                else:
+                    fast_tables[n] = fast_tables[n] - emb_lr * g
         pooled = embed(fast_tables, features, batch)[q_rows]
         logits = functional_call(head, fast, (dense[q_rows], pooled))
         out.append(F.binary_cross_entropy_with_logits(logits, labels[q_rows]))

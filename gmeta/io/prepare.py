@@ -45,7 +45,7 @@ from gmeta.config import Config
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-file "units" (row groups / tars) for the streaming reader
 SPLITS = ("train", "eval")
 
 
@@ -553,7 +553,8 @@ def load_manifest(shards_dir: str | Path) -> dict:
     except json.JSONDecodeError as e:
         raise PrepareError(f"{path}: not valid JSON: {e}") from None
     if m.get("format_version") != FORMAT_VERSION:
-        raise PrepareError(f"{path}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise PrepareError(f"{path}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}; "
+                           "prepare the shards again with this version of gmeta")
     return m
 
 

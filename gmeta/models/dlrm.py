@@ -201,6 +201,27 @@ class MetaDLRM(nn.Module):
     def num_features(self) -> int:
         return len(self.features)
 
+    def enable_meta_sgd(self, adapt_dense: list[str], inner_lr: float, embedding_inner_lr: float) -> None:
+        """Meta-SGD: learn one inner learning rate per element of every adapted dense
+        parameter, and one per (feature, embedding dim) for the embedding rows."""
+        self.inner_lr_dense = nn.ParameterDict({
+            name.replace(".", "__"): nn.Parameter(torch.full_like(p, inner_lr))
+            for name, p in self.head.named_parameters() if name.split(".")[0] in adapt_dense})
+        dim = self.head.dense_arch.mlp.layers[-1].out_features
+        self.inner_lr_emb = nn.Parameter(torch.full((self.num_features, dim), embedding_inner_lr))
+
+    def inner_lrs(self, inner_lr: float, embedding_inner_lr: float) -> tuple:
+        """(dense lr, embedding lr) for the inner loop: the learned tensors under Meta-SGD,
+        else the configured constants."""
+        if not hasattr(self, "inner_lr_dense"):
+            return inner_lr, embedding_inner_lr
+        return {k.replace("__", "."): v for k, v in self.inner_lr_dense.items()}, self.inner_lr_emb
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Data-parallel parameters: the head, and the Meta-SGD learning rates if any."""
+        extra = list(self.inner_lr_dense.parameters()) + [self.inner_lr_emb] if hasattr(self, "inner_lr_dense") else []
+        return list(self.head.parameters()) + extra
+
     def lookup(self, kjt: KeyedJaggedTensor) -> Lookup:
         """One embedding lookup (one all-to-all when sharded) for all rows of a batch."""
         return make_lookup(self.sparse_arch(kjt), kjt, self.features)
@@ -215,7 +236,7 @@ class MetaDLRM(nn.Module):
 def build_model(cfg: Config, device: torch.device | None = None) -> MetaDLRM:
     from dataclasses import asdict
 
-    return MetaDLRM(
+    model = MetaDLRM(
         features=[asdict(s) for s in cfg.features.sparse],
         num_dense=len(cfg.features.dense),
         embedding_dim=cfg.model.embedding_dim,
@@ -223,3 +244,6 @@ def build_model(cfg: Config, device: torch.device | None = None) -> MetaDLRM:
         over_sizes=cfg.model.over_arch,
         device=device,
     )
+    if cfg.meta.meta_sgd:
+        model.enable_meta_sgd(cfg.meta.adapt_dense, cfg.meta.inner_lr, cfg.meta.embedding_inner_lr)
+    return model

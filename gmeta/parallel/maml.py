@@ -86,6 +86,7 @@ class SplitLookup:
     scale_s: torch.Tensor
     scale_q: torch.Tensor
     num_groups: int
+    group_feature: torch.Tensor | None  # [G] feature of each group
 
 
 def split_lookup(lk: Lookup, layout: TaskLayout, num_features: int, group: bool) -> SplitLookup:
@@ -95,16 +96,19 @@ def split_lookup(lk: Lookup, layout: TaskLayout, num_features: int, group: bool)
     sel_q = (~is_s).nonzero().squeeze(1)
     num_groups = 0
     groups = torch.zeros_like(lk.ids)
+    group_feature = None
     if group:
         # key = (task, feature, id); ids < 2^40 and N * F < 2^23 keep it inside int64
         key = ((layout.row_task[row] * num_features + lk.feature) << 40) | lk.ids
         uniq, groups = torch.unique(key, return_inverse=True)
         num_groups = int(uniq.numel())
+        group_feature = (uniq >> 40) % num_features
     split = lk.scale.numel() // lk.num_rows * layout.num_support
     return SplitLookup(
         values_s=lk.values[sel_s], slot_s=lk.slot[sel_s], group_s=groups[sel_s],
         values_q=lk.values[sel_q], slot_q=lk.slot[sel_q] - layout.num_support * num_features,
         group_q=groups[sel_q], scale_s=lk.scale[:split], scale_q=lk.scale[split:], num_groups=num_groups,
+        group_feature=group_feature,
     )
 
 
@@ -124,8 +128,8 @@ def adapt_and_query(
     *,
     num_features: int,
     steps: int,
-    lr: float,
-    emb_lr: float,
+    lr: float | dict[str, torch.Tensor],
+    emb_lr: float | torch.Tensor,
     adapt_dense: list[str],
     adapt_embeddings: bool,
     first_order: bool,
@@ -138,6 +142,8 @@ def adapt_and_query(
 
     ``first_order``: inner gradients are treated as constants (FOMAML); otherwise the graph
     of the inner steps is kept for the meta-gradient (second order).
+    ``lr`` / ``emb_lr``: constants, or (Meta-SGD) a learned tensor per adapted parameter
+    (parameter shape) and one [F, D] tensor for the embedding rows.
     """
     layout = layout or task_layout(batch)
     n = batch.num_tasks
@@ -163,11 +169,13 @@ def adapt_and_query(
                 support_loss0 = losses.detach()
             inputs = list(fast.values()) + ([emb_s] if adapt_embeddings else [])
             grads = torch.autograd.grad(losses.sum(), inputs, create_graph=not first_order)
-            fast = {name: fast[name] - lr * g for name, g in zip(fast, grads)}
+            fast = {name: fast[name] - (lr[name] if isinstance(lr, dict) else lr) * g
+                    for name, g in zip(fast, grads)}
             if adapt_embeddings:
                 g_emb = grads[-1]
                 step = g_emb.new_zeros(sl.num_groups, g_emb.shape[-1]).index_add(0, sl.group_s, g_emb)
-                delta = emb_lr * step if delta is None else delta + emb_lr * step
+                step = step * (emb_lr[sl.group_feature] if torch.is_tensor(emb_lr) else emb_lr)
+                delta = step if delta is None else delta + step
 
     with record_function("## query_fwd ##"):
         emb_q = sl.values_q if delta is None else sl.values_q - delta[sl.group_q]
@@ -177,8 +185,9 @@ def adapt_and_query(
     return logits_q, query_loss, support_loss0
 
 
-def maml_loss(head: DLRMHead, lookup: Lookup, batch: TaskBatch, *, num_features: int, steps: int, lr: float,
-              emb_lr: float, adapt_dense: list[str], adapt_embeddings: bool, first_order: bool) -> MetaOutput:
+def maml_loss(head: DLRMHead, lookup: Lookup, batch: TaskBatch, *, num_features: int, steps: int,
+              lr: float | dict[str, torch.Tensor], emb_lr: float | torch.Tensor, adapt_dense: list[str],
+              adapt_embeddings: bool, first_order: bool) -> MetaOutput:
     """Meta-loss of a meta-batch: mean over its tasks of the query loss after adaptation."""
     _, query_loss, support_loss = adapt_and_query(
         head, lookup, batch, num_features=num_features, steps=steps, lr=lr, emb_lr=emb_lr,
