@@ -174,6 +174,8 @@ class TrainConfig:
     output_dir: str = "runs/ads_cvr"
     # Evaluate on the held-out tasks when training ends (rank 0, unsharded checkpoint).
     eval_at_end: bool = True
+    # Start the id all-to-all of the next meta-batch before this one computes.
+    pipeline: bool = True
 
 
 @dataclass

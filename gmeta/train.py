@@ -23,20 +23,24 @@ from gmeta import __version__, checkpoint
 from gmeta.config import Config, dump_yaml, flatten, to_dict
 from gmeta.io.prepare import check_manifest_matches, load_manifest
 from gmeta.io.reader import TaskReader
-from gmeta.models.dlrm import build_model
+from gmeta.models.dlrm import Lookup, build_model
 from gmeta.parallel.dist import DenseGradSync, broadcast_params, init_distributed
 from gmeta.parallel.maml import MetaOutput, erm_loss, maml_loss
+from gmeta.parallel.pipeline import SparseDistPipeline
 from gmeta.parallel.sharding import shard_model
 from gmeta.tracking import NullTracker, make_tracker, resolve_tracking_uri, ui_command
+from gmeta.types import TaskBatch
 
 log = logging.getLogger(__name__)
 
 
-def meta_step(model, batch, cfg: Config) -> MetaOutput:
-    """Forward of one meta-batch on the (sharded) model; returns the loss to backward."""
+def meta_step(model, batch, cfg: Config, lookup: Lookup | None = None) -> MetaOutput:
+    """Forward of one meta-batch on the (sharded) model; returns the loss to backward.
+    ``lookup``: the batch's embeddings when a pipeline already looked them up."""
     inner = model.module if hasattr(model, "module") else model
-    with record_function("## lookup ##"):
-        lookup = inner.lookup(batch.sparse)
+    if lookup is None:
+        with record_function("## lookup ##"):
+            lookup = inner.lookup(batch.sparse)
     m = cfg.meta
     if m.algorithm == "erm":
         return erm_loss(inner.head, lookup, batch, num_features=inner.num_features)
@@ -46,11 +50,36 @@ def meta_step(model, batch, cfg: Config) -> MetaOutput:
                      adapt_embeddings=m.adapt_embeddings, first_order=m.first_order)
 
 
-def train_step(model, batch, cfg: Config, grad_sync: DenseGradSync,
-               dense_opt: torch.optim.Optimizer) -> MetaOutput:
+class _Fetcher:
+    """Takes batches from the reader, timing how long the loop waits for them."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.since = 0.0  # waited since the last log step
+        self.total = 0.0  # waited in all
+        self.first_total = 0.0  # waited for each epoch's first batch (reader workers starting)
+
+    def new_epoch(self, batches) -> None:
+        self.batches, self.first = batches, True
+
+    def __call__(self) -> TaskBatch | None:
+        t = time.perf_counter()
+        with record_function("## data_wait ##"):
+            batch = next(self.batches, None)  # prefetched by the reader's workers
+        waited = time.perf_counter() - t
+        self.since += waited
+        self.total += waited
+        if self.first:
+            self.first_total += waited
+            self.first = False
+        return None if batch is None else batch.to(self.device, non_blocking=True)
+
+
+def train_step(model, batch, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.optim.Optimizer,
+               lookup: Lookup | None = None) -> MetaOutput:
     """One optimizer step on one meta-batch: forward, ONE backward (dense all-reduces start
     from its gradient hooks), wait for them, step."""
-    out = meta_step(model, batch, cfg)
+    out = meta_step(model, batch, cfg, lookup)
     with record_function("## backward ##"):
         out.loss.backward()  # the only backward of the step; fires the fused embedding optimizer
     with record_function("## dense_allreduce_wait ##"):
@@ -58,6 +87,34 @@ def train_step(model, batch, cfg: Config, grad_sync: DenseGradSync,
     dense_opt.step()
     dense_opt.zero_grad(set_to_none=True)
     return out
+
+
+def run_steps(model, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.optim.Optimizer, fetch,
+              max_steps: int, pipe: SparseDistPipeline | None):
+    """Train on batches from ``fetch()`` (None: no more) for at most ``max_steps`` steps,
+    yielding (batch, output) after each. With ``pipe``, batch i+1 is fetched and its id
+    all-to-all started before batch i computes."""
+    pending = None  # the next batch (with the pipeline: its id all-to-all in flight)
+    done = 0
+    while done < max_steps:
+        if pending is None:
+            batch = fetch()
+            if batch is None:
+                return
+            pending = pipe.start(batch) if pipe else batch
+        current, pending = pending, None
+        if pipe and done + 1 < max_steps:
+            nxt = fetch()
+            if nxt is not None:
+                pending = pipe.start(nxt)
+        if pipe:
+            batch = current.batch
+            out = train_step(model, batch, cfg, grad_sync, dense_opt, lookup=pipe.lookup(current))
+        else:
+            batch = current
+            out = train_step(model, batch, cfg, grad_sync, dense_opt)
+        done += 1
+        yield batch, out
 
 
 def main(cfg: Config, *, tracking_uri: str = "") -> dict:
@@ -112,28 +169,14 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     step = 0
     t_log = time.perf_counter()
     tasks_since = rows_since = 0
-    wait_since = 0.0  # seconds the loop waited for the reader since the last log step
-    wait_total, t_loop = 0.0, time.perf_counter()
-    wait_first = 0.0  # waits for the first batch of each epoch (reader workers starting)
+    fetch = _Fetcher(env.device)
+    t_loop = time.perf_counter()
     last: dict[str, float] = {}
+    pipe = SparseDistPipeline(model.module) if cfg.train.pipeline else None
     for epoch in range(cfg.train.epochs):
         reader.set_epoch(epoch)
-        batches = iter(reader)
-        first = True
-        while step < total_steps:
-            t_wait = time.perf_counter()
-            with record_function("## data_wait ##"):
-                batch = next(batches, None)  # prefetched by the reader's workers
-            waited = time.perf_counter() - t_wait
-            wait_since += waited
-            wait_total += waited
-            if first:
-                wait_first += waited
-                first = False
-            if batch is None:
-                break
-            batch = batch.to(env.device, non_blocking=True)
-            out = train_step(model, batch, cfg, grad_sync, dense_opt)
+        fetch.new_epoch(iter(reader))
+        for batch, out in run_steps(model, cfg, grad_sync, dense_opt, fetch, total_steps - step, pipe):
             step += 1
             tasks_since += batch.num_tasks * env.world_size
             rows_since += batch.num_rows * env.world_size
@@ -142,7 +185,7 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
                 # sync point: .item() and an all-reduce of the losses, on log steps only
                 dt = time.perf_counter() - t_log
                 stats = torch.stack([out.query_loss.mean().detach(), out.support_loss.mean().detach(),
-                                     torch.tensor(wait_since / dt, device=out.loss.device),
+                                     torch.tensor(fetch.since / dt, device=out.loss.device),
                                      torch.tensor(float(reader.skipped_tasks), device=out.loss.device)])
                 dist.all_reduce(stats)
                 stats /= env.world_size
@@ -158,13 +201,14 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
                              last["train/support_loss"], last["train/tasks_per_s"], last["train/rows_per_s"],
                              100 * last["train/data_stall_share"])
                 tasks_since = rows_since = 0
-                wait_since = 0.0
+                fetch.since = 0.0
                 t_log = time.perf_counter()
 
     # share of the whole loop spent waiting for data (and the same without each epoch's
     # first batch, i.e. in steady state), averaged over ranks
     loop_s = max(time.perf_counter() - t_loop, 1e-9)
-    stall = torch.tensor([wait_total / loop_s, (wait_total - wait_first) / max(loop_s - wait_first, 1e-9)])
+    steady = (fetch.total - fetch.first_total) / max(loop_s - fetch.first_total, 1e-9)
+    stall = torch.tensor([fetch.total / loop_s, steady])
     dist.all_reduce(stall)
     stall /= env.world_size
     last["train/data_stall_share_total"] = stall[0].item()

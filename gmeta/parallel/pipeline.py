@@ -1,0 +1,54 @@
+"""Overlap the id all-to-all of the next meta-batch with the compute of this one.
+
+Built on torchrec's own awaitables, as ``TrainPipelineSparseDist`` is: a sharded
+``EmbeddingCollection`` runs ``input_dist`` (the all-to-all of ids, two stages: splits,
+then values), then ``compute_and_output_dist`` (lookup and the all-to-all of embeddings).
+``start(batch i+1)`` issues both input-dist stages right after batch i+1 arrives, before
+batch i's inner loop, query forward and backward run; ``lookup(batch i+1)`` then only waits
+for what is already in flight. Every rank issues the same collectives in the same order.
+
+::
+
+    step i:   start(i+1) ─► [ids a2a of i+1 in flight] ─► wait(i) lookup ─► inner ─► query ─► backward
+    step i+1:              ... wait(i+1) lookup ─► ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch.autograd.profiler import record_function
+
+from gmeta.models.dlrm import Lookup, MetaDLRM, make_lookup
+from gmeta.types import TaskBatch
+
+
+@dataclass
+class Pending:
+    batch: TaskBatch
+    ctx: Any
+    dist_input: Any  # awaitable of the distributed ids
+
+
+class SparseDistPipeline:
+    def __init__(self, model: MetaDLRM) -> None:
+        self.model = model
+        self.ec = model.sparse_arch.ec  # a ShardedEmbeddingCollection after DMP
+
+    def start(self, batch: TaskBatch) -> Pending:
+        """Issue the id all-to-all of ``batch`` (both stages) and return without waiting."""
+        with record_function("## input_dist ##"):
+            ctx = self.ec.create_context()
+            splits = self.ec.input_dist(ctx, batch.sparse)
+            values = splits.wait()  # the splits are small; this issues the values all-to-all
+        return Pending(batch, ctx, values)
+
+    def lookup(self, pending: Pending) -> Lookup:
+        """Wait for the ids, look them up and bring the embeddings back (one a2a each way)."""
+        with record_function("## input_dist_wait ##"):
+            dist_input = pending.dist_input.wait()
+        with record_function("## lookup ##"):
+            emb = self.ec.compute_and_output_dist(pending.ctx, dist_input)
+            return make_lookup(emb.wait() if hasattr(emb, "wait") else emb, pending.batch.sparse,
+                               self.model.features)
