@@ -158,9 +158,24 @@ class OptimConfig:
     embedding_lr: float = 0.05
 
 
+_SHARDING = Literal["table_wise", "row_wise", "column_wise", "auto"]
+
+
+@dataclass
+class TableSharding:
+    name: str = ""  # a sparse feature name
+    sharding_type: _SHARDING = "table_wise"
+
+
 @dataclass
 class ShardingConfig:
-    sharding_type: Literal["table_wise", "row_wise", "column_wise", "auto"] = "table_wise"
+    # default for every table; "auto" lets the planner choose
+    sharding_type: _SHARDING = "table_wise"
+    # per-table overrides
+    tables: list[TableSharding] = field(default_factory=list)
+    # embedding memory each process may hold (MiB, 0: no limit); a table larger than this
+    # is sharded by rows whatever sharding_type says
+    memory_budget_mb: float = 0.0
 
 
 @dataclass
@@ -288,6 +303,11 @@ def validate(cfg: Config) -> None:
     _check(t.log_every >= 1, "train.log_every", "must be >= 1")
     _check(t.nproc_per_node >= 1, "train.nproc_per_node", "must be >= 1")
     _check(bool(t.output_dir), "train.output_dir", "must not be empty")
+
+    names = {s.name for s in f.sparse}
+    for i, t in enumerate(cfg.sharding.tables):
+        _check(t.name in names, f"sharding.tables[{i}].name", f"{t.name!r} is not a sparse feature ({sorted(names)})")
+    _check(cfg.sharding.memory_budget_mb >= 0, "sharding.memory_budget_mb", "must be >= 0")
 
     e = cfg.eval
     _check(e.inner_steps >= -1, "eval.inner_steps", "must be >= 0, or -1 for meta.inner_steps")

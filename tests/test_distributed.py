@@ -36,13 +36,22 @@ def _full_tables(features, dim, seed=3):
     return {f["name"]: torch.randn(f["num_embeddings"], dim, generator=g) * 0.3 for f in features}
 
 
-def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, sharding_type):
-    cfg = load_config(cfg_path, [
+def _plan_types(model) -> dict[str, str]:
+    return {name[len("t_"):]: ps.sharding_type for module in model.plan.plan.values()
+            for name, ps in module.items()}
+
+
+def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, sharding_type, extra=(),
+                                expect_plan=None):
+    cfg = load_config(cfg_path, [*extra,
         "model.embedding_dim=4", "model.dense_arch=[6]", "model.over_arch=[5]", "meta.tasks_per_batch=3",
         "meta.inner_steps=2", "meta.inner_lr=0.3", "meta.embedding_inner_lr=0.6", f"meta.first_order={first_order}",
         "optim.embedding_optimizer=sgd", "optim.embedding_lr=0.5", f"sharding.sharding_type={sharding_type}"])
     torch.manual_seed(0)
     model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, torch.device("cpu"))
+    if expect_plan:
+        plan = _plan_types(model)
+        assert {k: plan[k] for k in expect_plan} == expect_plan, plan
     features = model.module.features
     tables = _full_tables(features, 4)
     with torch.no_grad():  # known initial tables, written into this rank's shards
@@ -92,6 +101,15 @@ def test_maml_step_on_two_ranks_equals_single_process_reference(debug_config_pat
                                                                 sharding_type):
     run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]),
               first_order, sharding_type)
+
+
+def test_per_table_sharding_and_memory_budget_equal_reference(debug_config_path, debug_data):
+    # user_id/ad_id tables (2000 x 4 floats = 31 KiB) exceed a 0.02 MiB budget: row-wise;
+    # site_id is column-wise by override; the rest table-wise by default
+    extra = ["sharding.memory_budget_mb=0.02", "sharding.tables=[{name: site_id, sharding_type: column_wise}]"]
+    expect = {"user_id": "row_wise", "ad_id": "row_wise", "site_id": "column_wise", "hour": "table_wise"}
+    run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]), False,
+              "table_wise", extra, expect)
 
 
 def _dense_identical(rank, world, cfg_path, shards, algorithm):

@@ -7,6 +7,8 @@ left unwrapped (see gmeta.parallel.dist).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 import torchrec.optim as trec_optim
@@ -20,6 +22,8 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from gmeta.config import Config
 from gmeta.models.dlrm import MetaDLRM
 
+log = logging.getLogger(__name__)
+
 # The fused optimizers fbgemm provides, by config name (optim.embedding_optimizer).
 EMBEDDING_OPTIMIZERS = {
     "sgd": torch.optim.SGD,
@@ -29,19 +33,35 @@ EMBEDDING_OPTIMIZERS = {
 }
 
 
+def table_sharding_types(model: MetaDLRM, cfg: Config) -> dict[str, str]:
+    """Sharding type per table: a per-table override, else the default; and row-wise,
+    whatever was asked, for a table larger than one process's memory budget."""
+    s = cfg.sharding
+    per_table = {t.name: t.sharding_type for t in s.tables}
+    out = {}
+    budget = s.memory_budget_mb * 2**20
+    for f in model.features:
+        kind = per_table.get(f["name"], s.sharding_type)
+        table_bytes = f["num_embeddings"] * cfg.model.embedding_dim * 4
+        if budget and table_bytes > budget and kind != "row_wise":
+            log.info("table %s (%.1f MiB) exceeds sharding.memory_budget_mb=%s: sharded row-wise",
+                     f["name"], table_bytes / 2**20, s.memory_budget_mb)
+            kind = "row_wise"
+        out[f["name"]] = kind
+    return out
+
+
 def shard_model(model: MetaDLRM, cfg: Config, device: torch.device) -> DistributedModelParallel:
     """Attach the fused embedding optimizer, plan, and shard ``model`` over the default group."""
     opt_cls = EMBEDDING_OPTIMIZERS[cfg.optim.embedding_optimizer]
     apply_optimizer_in_backward(opt_cls, model.sparse_arch.parameters(), {"lr": cfg.optim.embedding_lr})
     world = dist.get_world_size()
-    constraints = None
-    if cfg.sharding.sharding_type != "auto":
-        constraints = {
-            f"t_{f['name']}": ParameterConstraints(sharding_types=[cfg.sharding.sharding_type])
-            for f in model.features
-        }
+    constraints = {}
+    for f, kind in table_sharding_types(model, cfg).items():
+        if kind != "auto":
+            constraints[f"t_{f}"] = ParameterConstraints(sharding_types=[kind])
     topology = Topology(world_size=world, compute_device=device.type, local_world_size=world)
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints or None)
     sharders = [EmbeddingCollectionSharder()]
     pg = dist.GroupMember.WORLD
     plan = planner.collective_plan(model, sharders, pg)
