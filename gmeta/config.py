@@ -148,6 +148,8 @@ class MetaConfig:
     # Meta-SGD: learn the inner learning rates (per element of each adapted parameter, per
     # feature and dim for embeddings), starting from inner_lr / embedding_inner_lr.
     meta_sgd: bool = False
+    # Pad tasks in this many groups of similar size (1: all to the largest task's size).
+    size_buckets: int = 2
 
 
 @dataclass
@@ -285,6 +287,7 @@ def validate(cfg: Config) -> None:
     _check(me.inner_steps >= 0, "meta.inner_steps", "must be >= 0")
     _check(me.inner_lr > 0, "meta.inner_lr", "must be > 0")
     _check(me.embedding_inner_lr > 0, "meta.embedding_inner_lr", "must be > 0")
+    _check(me.size_buckets >= 1, "meta.size_buckets", "must be >= 1")
     for i, part in enumerate(me.adapt_dense):
         _check(part in _DENSE_PARTS, f"meta.adapt_dense[{i}]", f"must be one of {list(_DENSE_PARTS)}, got {part!r}")
     if me.algorithm == "maml":

@@ -32,7 +32,7 @@ def predict_query(model: MetaDLRM, cfg: Config, batch: TaskBatch, steps: int) ->
         lk = model.lookup(batch.sparse)
     # Inner gradients are taken with respect to the looked-up rows: make them a leaf.
     lk = Lookup(lk.values.detach().requires_grad_(True), lk.slot, lk.feature, lk.ids, lk.scale, lk.num_rows)
-    layout = task_layout(batch)
+    layout = task_layout(batch, cfg.meta.size_buckets)
     m = cfg.meta
     lr, emb_lr = model.inner_lrs(m.inner_lr, m.embedding_inner_lr)
     with torch.enable_grad():
@@ -40,7 +40,7 @@ def predict_query(model: MetaDLRM, cfg: Config, batch: TaskBatch, steps: int) ->
             model.head, lk, batch, num_features=model.num_features, steps=steps, lr=lr,
             emb_lr=emb_lr, adapt_dense=m.adapt_dense,
             adapt_embeddings=m.adapt_embeddings, first_order=True, layout=layout)
-    return torch.sigmoid(logits_q.detach()[layout.q_mask]).cpu().numpy()
+    return torch.sigmoid(logits_q.detach()).cpu().numpy()
 
 
 def evaluate(model: MetaDLRM, cfg: Config, shards_dir: str | Path, *, inner_steps: int | None = None,

@@ -47,7 +47,7 @@ def meta_step(model, batch, cfg: Config, lookup: Lookup | None = None) -> MetaOu
     lr, emb_lr = inner.inner_lrs(m.inner_lr, m.embedding_inner_lr)
     return maml_loss(inner.head, lookup, batch, num_features=inner.num_features, steps=m.inner_steps,
                      lr=lr, emb_lr=emb_lr, adapt_dense=m.adapt_dense,
-                     adapt_embeddings=m.adapt_embeddings, first_order=m.first_order)
+                     adapt_embeddings=m.adapt_embeddings, first_order=m.first_order, size_buckets=m.size_buckets)
 
 
 class _Fetcher:
@@ -76,24 +76,42 @@ class _Fetcher:
 
 
 def train_step(model, batch, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.optim.Optimizer,
-               lookup: Lookup | None = None) -> MetaOutput:
+               lookup: Lookup | None = None, times: StepTimes | None = None) -> MetaOutput:
     """One optimizer step on one meta-batch: forward, ONE backward (dense all-reduces start
     from its gradient hooks), wait for them, step."""
     out = meta_step(model, batch, cfg, lookup)
     with record_function("## backward ##"):
         out.loss.backward()  # the only backward of the step; fires the fused embedding optimizer
+    t = time.perf_counter()
     with record_function("## dense_allreduce_wait ##"):
         grad_sync.wait()
+    if times is not None:
+        times.comm += time.perf_counter() - t
     dense_opt.step()
     dense_opt.zero_grad(set_to_none=True)
     return out
 
 
+class StepTimes:
+    """Wall time of training steps and of their waits on communication: the embedding
+    lookup (id and embedding all-to-alls; with the pipeline only what is still in flight)
+    and the dense all-reduce wait. CPU clocks: on a GPU they time launches, not kernels."""
+
+    def __init__(self) -> None:
+        self.comm = 0.0
+        self.step = 0.0
+
+    def share(self) -> float:
+        return self.comm / self.step if self.step else 0.0
+
+
 def run_steps(model, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.optim.Optimizer, fetch,
-              max_steps: int, pipe: SparseDistPipeline | None):
+              max_steps: int, pipe: SparseDistPipeline | None, times: StepTimes | None = None):
     """Train on batches from ``fetch()`` (None: no more) for at most ``max_steps`` steps,
     yielding (batch, output) after each. With ``pipe``, batch i+1 is fetched and its id
     all-to-all started before batch i computes."""
+    times = times if times is not None else StepTimes()
+    inner = model.module if hasattr(model, "module") else model
     pending = None  # the next batch (with the pipeline: its id all-to-all in flight)
     done = 0
     while done < max_steps:
@@ -107,12 +125,15 @@ def run_steps(model, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.opt
             nxt = fetch()
             if nxt is not None:
                 pending = pipe.start(nxt)
-        if pipe:
-            batch = current.batch
-            out = train_step(model, batch, cfg, grad_sync, dense_opt, lookup=pipe.lookup(current))
-        else:
-            batch = current
-            out = train_step(model, batch, cfg, grad_sync, dense_opt)
+        t0 = time.perf_counter()
+        with record_function("## lookup ##"):
+            if pipe:
+                batch, lookup = current.batch, pipe.lookup(current)
+            else:
+                batch, lookup = current, inner.lookup(current.sparse)
+        times.comm += time.perf_counter() - t0
+        out = train_step(model, batch, cfg, grad_sync, dense_opt, lookup=lookup, times=times)
+        times.step += time.perf_counter() - t0
         done += 1
         yield batch, out
 
@@ -173,10 +194,11 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     t_loop = time.perf_counter()
     last: dict[str, float] = {}
     pipe = SparseDistPipeline(model.module) if cfg.train.pipeline else None
+    times = StepTimes()
     for epoch in range(cfg.train.epochs):
         reader.set_epoch(epoch)
         fetch.new_epoch(iter(reader))
-        for batch, out in run_steps(model, cfg, grad_sync, dense_opt, fetch, total_steps - step, pipe):
+        for batch, out in run_steps(model, cfg, grad_sync, dense_opt, fetch, total_steps - step, pipe, times):
             step += 1
             tasks_since += batch.num_tasks * env.world_size
             rows_since += batch.num_rows * env.world_size
@@ -186,20 +208,23 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
                 dt = time.perf_counter() - t_log
                 stats = torch.stack([out.query_loss.mean().detach(), out.support_loss.mean().detach(),
                                      torch.tensor(fetch.since / dt, device=out.loss.device),
-                                     torch.tensor(float(reader.skipped_tasks), device=out.loss.device)])
+                                     torch.tensor(float(reader.skipped_tasks), device=out.loss.device),
+                                     torch.tensor(times.share(), device=out.loss.device)])
                 dist.all_reduce(stats)
                 stats /= env.world_size
                 last = {"train/query_loss": stats[0].item(), "train/support_loss": stats[1].item(),
                         "train/tasks_per_s": tasks_since / dt, "train/rows_per_s": rows_since / dt,
                         "train/data_stall_share": stats[2].item(),
                         "train/skipped_bad_tasks": stats[3].item() * env.world_size,
+                        "train/comm_wait_share": stats[4].item(),
                         "train/epoch": float(epoch)}
                 tracker.log_metrics(last, step=step)
                 if env.is_main:
                     log.info("step %d/%d epoch %d query_loss %.4f support_loss %.4f %.0f tasks/s %.0f rows/s "
-                             "data stall %.1f%%", step, total_steps, epoch, last["train/query_loss"],
-                             last["train/support_loss"], last["train/tasks_per_s"], last["train/rows_per_s"],
-                             100 * last["train/data_stall_share"])
+                             "data stall %.1f%% comm wait %.1f%%", step, total_steps, epoch,
+                             last["train/query_loss"], last["train/support_loss"], last["train/tasks_per_s"],
+                             last["train/rows_per_s"], 100 * last["train/data_stall_share"],
+                             100 * last["train/comm_wait_share"])
                 tasks_since = rows_since = 0
                 fetch.since = 0.0
                 t_log = time.perf_counter()

@@ -41,16 +41,18 @@ def _lookup(model, batch, tables):
 
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("adapt_embeddings", [True, False])
-@pytest.mark.parametrize("adapt_dense", [["dense_arch", "over_arch"], ["over_arch"]])
+@pytest.mark.parametrize("adapt_dense, buckets", [(["dense_arch", "over_arch"], 1), (["over_arch"], 1),
+                                                  (["dense_arch", "over_arch"], 3)])
 def test_vectorized_step_equals_per_task_reference(debug_config_path, debug_data, first_order, adapt_embeddings,
-                                                   adapt_dense):
+                                                   adapt_dense, buckets):
     model, head, batch, tables = _setup(debug_config_path, debug_data)
     kw = dict(steps=2, lr=0.3, emb_lr=0.7, adapt_dense=adapt_dense, adapt_embeddings=adapt_embeddings,
               first_order=first_order)
     ref = torch.stack(task_query_losses(head, tables, model.features, batch, **kw))
     ref_grads = torch.autograd.grad(ref.mean(), list(head.parameters()) + list(tables.values()))
 
-    out = maml_loss(head, _lookup(model, batch, tables), batch, num_features=len(model.features), **kw)
+    out = maml_loss(head, _lookup(model, batch, tables), batch, num_features=len(model.features),
+                    size_buckets=buckets, **kw)
     grads = torch.autograd.grad(out.loss, list(head.parameters()) + list(tables.values()))
     torch.testing.assert_close(out.query_loss, ref, rtol=0, atol=1e-12)
     for g, r in zip(grads, ref_grads):
@@ -126,3 +128,16 @@ def test_head_accepts_shared_and_per_task_weights():
     batched = torch.func.functional_call(head, per_task, (dense, pooled))
     torch.testing.assert_close(batched, shared)
     assert shared.shape == (2, 7)
+
+
+def test_size_buckets_keep_query_logits_in_row_order(debug_config_path, debug_data):
+    from gmeta.parallel.maml import adapt_and_query
+
+    model, head, batch, tables = _setup(debug_config_path, debug_data, n_tasks=9)
+    kw = dict(num_features=len(model.features), steps=1, lr=0.3, emb_lr=0.5, adapt_dense=["over_arch"],
+              adapt_embeddings=True, first_order=True)
+    one = adapt_and_query(head, _lookup(model, batch, tables), batch, size_buckets=1, **kw)
+    four = adapt_and_query(head, _lookup(model, batch, tables), batch, size_buckets=4, **kw)
+    assert one[0].shape == (batch.num_query,)
+    for a, b in zip(one, four):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -46,25 +46,90 @@ class TaskLayout:
     row_task: torch.Tensor
     num_support: int
     num_query: int
+    buckets: list[SizeBucket] | None = None
 
 
-def _padded(offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    counts = offsets[1:] - offsets[:-1]
+@dataclass
+class SizeBucket:
+    """Tasks of similar size, padded together: ``tasks`` [N_b] and their padded support and
+    query layouts (as in TaskLayout). Padding every task to the largest of the meta-batch
+    wastes most of the work when task sizes follow a power law."""
+
+    tasks: torch.Tensor
+    s_index: torch.Tensor
+    s_mask: torch.Tensor
+    s_count: torch.Tensor
+    q_index: torch.Tensor
+    q_mask: torch.Tensor
+    q_count: torch.Tensor
+
+
+def _padded(offsets: torch.Tensor,
+            tasks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    starts, counts = offsets[:-1], offsets[1:] - offsets[:-1]
+    if tasks is not None:
+        starts, counts = starts[tasks], counts[tasks]
     width = int(counts.max()) if counts.numel() else 0
     ar = torch.arange(width, device=offsets.device)
     mask = ar.unsqueeze(0) < counts.unsqueeze(1)
-    index = torch.where(mask, offsets[:-1].unsqueeze(1) + ar.unsqueeze(0), torch.zeros_like(ar))
+    index = torch.where(mask, starts.unsqueeze(1) + ar.unsqueeze(0), torch.zeros_like(ar))
     return index, mask, counts
 
 
-def task_layout(batch: TaskBatch) -> TaskLayout:
+def _split_points(sizes: list[int], num_buckets: int) -> list[int]:
+    """Cut points of ascending ``sizes`` into at most ``num_buckets`` contiguous groups,
+    chosen greedily to minimise the padded work sum(len(group) * max(group)): the most
+    costly group is split where that saves most, until no split saves anything."""
+    cuts = [0, len(sizes)]
+    for _ in range(num_buckets - 1):
+        best = (0, None)
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            whole = (hi - lo) * sizes[hi - 1]
+            for c in range(lo + 1, hi):
+                saved = whole - (c - lo) * sizes[c - 1] - (hi - c) * sizes[hi - 1]
+                if saved > best[0]:
+                    best = (saved, c)
+        if best[1] is None:
+            break
+        cuts = sorted(cuts + [best[1]])
+    return cuts
+
+
+def size_buckets(batch: TaskBatch, num_buckets: int) -> list[SizeBucket]:
+    """Group the tasks, sorted by size, into at most ``num_buckets`` buckets of least padding."""
+    s_cnt = batch.support_offsets[1:] - batch.support_offsets[:-1]
+    q_cnt = batch.query_offsets[1:] - batch.query_offsets[:-1]
+    size = s_cnt + q_cnt
+    order = torch.argsort(size, stable=True)
+    cuts = _split_points(size[order].tolist(), num_buckets)
+    out = []
+    for tasks in (order[lo:hi] for lo, hi in zip(cuts[:-1], cuts[1:])):
+        s = _padded(batch.support_offsets, tasks)
+        q = _padded(batch.query_offsets, tasks)
+        out.append(SizeBucket(tasks, s[0], s[1], s[2].to(batch.labels.dtype), q[0], q[1],
+                              q[2].to(batch.labels.dtype)))
+    return out
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` for an index of any shape, through index_select: its backward is an
+    index_add, where plain indexing backward is a serial accumulating index_put on CPU."""
+    return x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])
+
+
+def task_layout(batch: TaskBatch, num_buckets: int = 1) -> TaskLayout:
     s_index, s_mask, s_count = _padded(batch.support_offsets)
     q_index, q_mask, q_count = _padded(batch.query_offsets)
     n = batch.num_tasks
     tasks = torch.arange(n, device=s_count.device)
     row_task = torch.cat([torch.repeat_interleave(tasks, s_count), torch.repeat_interleave(tasks, q_count)])
+    if num_buckets > 1:
+        buckets = size_buckets(batch, num_buckets)
+    else:
+        buckets = [SizeBucket(tasks, s_index, s_mask, s_count.to(batch.labels.dtype), q_index, q_mask,
+                              q_count.to(batch.labels.dtype))]
     return TaskLayout(s_index, s_mask, s_count.to(batch.labels.dtype), q_index, q_mask,
-                      q_count.to(batch.labels.dtype), row_task, int(s_count.sum()), int(q_count.sum()))
+                      q_count.to(batch.labels.dtype), row_task, int(s_count.sum()), int(q_count.sum()), buckets)
 
 
 def task_losses(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -105,8 +170,8 @@ def split_lookup(lk: Lookup, layout: TaskLayout, num_features: int, group: bool)
         group_feature = (uniq >> 40) % num_features
     split = lk.scale.numel() // lk.num_rows * layout.num_support
     return SplitLookup(
-        values_s=lk.values[sel_s], slot_s=lk.slot[sel_s], group_s=groups[sel_s],
-        values_q=lk.values[sel_q], slot_q=lk.slot[sel_q] - layout.num_support * num_features,
+        values_s=gather_rows(lk.values, sel_s), slot_s=lk.slot[sel_s], group_s=groups[sel_s],
+        values_q=gather_rows(lk.values, sel_q), slot_q=lk.slot[sel_q] - layout.num_support * num_features,
         group_q=groups[sel_q], scale_s=lk.scale[:split], scale_q=lk.scale[split:], num_groups=num_groups,
         group_feature=group_feature,
     )
@@ -134,24 +199,36 @@ def adapt_and_query(
     adapt_embeddings: bool,
     first_order: bool,
     layout: TaskLayout | None = None,
+    size_buckets: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adapt every task on its support rows (``steps`` SGD steps), score its query rows.
 
-    Returns (query logits [N, Q_max] (padded), per-task query loss [N], per-task support
-    loss before adaptation [N], NaN if steps == 0).
+    Returns (query logits [Q] in query-block order, per-task query loss [N], per-task
+    support loss before adaptation [N], NaN if steps == 0).
+
+    Tasks run in ``size_buckets`` groups of similar size (each padded to its own largest
+    task): a loop over a few buckets, never over tasks.
 
     ``first_order``: inner gradients are treated as constants (FOMAML); otherwise the graph
     of the inner steps is kept for the meta-gradient (second order).
     ``lr`` / ``emb_lr``: constants, or (Meta-SGD) a learned tensor per adapted parameter
     (parameter shape) and one [F, D] tensor for the embedding rows.
     """
-    layout = layout or task_layout(batch)
+    layout = layout or task_layout(batch, size_buckets)
     n = batch.num_tasks
     sl = split_lookup(lookup, layout, num_features, group=adapt_embeddings and steps > 0)
     labels_s, labels_q = batch.labels[: layout.num_support], batch.labels[layout.num_support:]
     dense_s, dense_q = batch.dense[: layout.num_support], batch.dense[layout.num_support:]
-    # rows [R, ...] -> padded per task [N, W, ...]
-    ys, xs = labels_s[layout.s_index], dense_s[layout.s_index]
+    buckets = layout.buckets
+    whole = len(buckets) == 1  # one bucket holding every task in order: no per-bucket gathers
+    # rows [R, ...] -> padded per task [N_b, W_b, ...], per bucket
+    ys = [gather_rows(labels_s, b.s_index) for b in buckets]
+    xs = [gather_rows(dense_s, b.s_index) for b in buckets]
+    order = torch.cat([b.tasks for b in buckets])
+    inverse = torch.argsort(order)  # bucket order -> task order
+
+    def per_bucket(fast: dict, b: SizeBucket) -> dict:
+        return fast if whole else {k: v.index_select(0, b.tasks) for k, v in fast.items()}
 
     params = dict(head.named_parameters())
     adapted = [name for name in params if name.split(".")[0] in adapt_dense]
@@ -161,12 +238,16 @@ def adapt_and_query(
 
     with record_function("## inner_adapt ##"):
         for k in range(steps):
-            emb_s = sl.values_s if delta is None else sl.values_s - delta[sl.group_s]
+            emb_s = sl.values_s if delta is None else sl.values_s - gather_rows(delta, sl.group_s)
             pooled_s = pool(emb_s, sl.slot_s, sl.scale_s, layout.num_support, num_features)
-            logits_s = functional_call(head, {**params, **fast}, (xs, pooled_s[layout.s_index]))
-            losses = task_losses(logits_s, ys, layout.s_mask, layout.s_count)
+            parts = []
+            for i, b in enumerate(buckets):
+                logits_s = functional_call(head, {**params, **per_bucket(fast, b)},
+                                           (xs[i], gather_rows(pooled_s, b.s_index)))
+                parts.append(task_losses(logits_s, ys[i], b.s_mask, b.s_count))
+            losses = torch.cat(parts)
             if k == 0:
-                support_loss0 = losses.detach()
+                support_loss0 = losses.detach()[inverse]
             inputs = list(fast.values()) + ([emb_s] if adapt_embeddings else [])
             grads = torch.autograd.grad(losses.sum(), inputs, create_graph=not first_order)
             fast = {name: fast[name] - (lr[name] if isinstance(lr, dict) else lr) * g
@@ -178,19 +259,29 @@ def adapt_and_query(
                 delta = step if delta is None else delta + step
 
     with record_function("## query_fwd ##"):
-        emb_q = sl.values_q if delta is None else sl.values_q - delta[sl.group_q]
+        emb_q = sl.values_q if delta is None else sl.values_q - gather_rows(delta, sl.group_q)
         pooled_q = pool(emb_q, sl.slot_q, sl.scale_q, layout.num_query, num_features)
-        logits_q = functional_call(head, {**params, **fast}, (dense_q[layout.q_index], pooled_q[layout.q_index]))
-        query_loss = task_losses(logits_q, labels_q[layout.q_index], layout.q_mask, layout.q_count)
-    return logits_q, query_loss, support_loss0
+        parts, flat, where = [], [], []
+        for b in buckets:
+            logits_q = functional_call(head, {**params, **per_bucket(fast, b)},
+                                       (gather_rows(dense_q, b.q_index), gather_rows(pooled_q, b.q_index)))
+            parts.append(task_losses(logits_q, gather_rows(labels_q, b.q_index), b.q_mask, b.q_count))
+            flat.append(logits_q[b.q_mask])
+            where.append(b.q_index[b.q_mask])
+        query_loss = torch.cat(parts)[inverse]
+        flat_logits = torch.cat(flat)
+        if not whole:  # back to query-block order
+            flat_logits = flat_logits.new_zeros(layout.num_query).index_copy(0, torch.cat(where), flat_logits)
+    return flat_logits, query_loss, support_loss0
 
 
 def maml_loss(head: DLRMHead, lookup: Lookup, batch: TaskBatch, *, num_features: int, steps: int,
               lr: float | dict[str, torch.Tensor], emb_lr: float | torch.Tensor, adapt_dense: list[str],
-              adapt_embeddings: bool, first_order: bool) -> MetaOutput:
+              adapt_embeddings: bool, first_order: bool, size_buckets: int = 1) -> MetaOutput:
     """Meta-loss of a meta-batch: mean over its tasks of the query loss after adaptation."""
     _, query_loss, support_loss = adapt_and_query(
         head, lookup, batch, num_features=num_features, steps=steps, lr=lr, emb_lr=emb_lr,
+        size_buckets=size_buckets,
         adapt_dense=adapt_dense, adapt_embeddings=adapt_embeddings, first_order=first_order)
     return MetaOutput(loss=query_loss.mean(), query_loss=query_loss, support_loss=support_loss)
 
