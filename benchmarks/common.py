@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
+import subprocess
+import sys
 from pathlib import Path
 
 from gmeta.config import Config, load_config
-from gmeta.io.prepare import prepare
+from gmeta.io.prepare import PrepareError, load_manifest, prepare
 from gmeta.synth import generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +26,9 @@ def ensure_data(workdir: Path, num_tasks: int, overrides: list[str] | None = Non
     raw, shards = workdir / f"raw-{num_tasks}", workdir / f"shards-{num_tasks}"
     if not (raw / "_synth.json").is_file():
         generate(cfg, raw)
-    if not (shards / "manifest.json").is_file():
+    try:
+        load_manifest(shards)
+    except PrepareError:  # missing, or written by an older format
         prepare(cfg, raw, shards)
     return cfg, raw, shards
 
@@ -35,3 +40,34 @@ def peak_rss_mb() -> float:
 def emit(name: str, result: dict) -> None:
     """Print a result as one JSON line (machine-readable) after the human-readable lines."""
     print(f"RESULT {name} " + json.dumps(result, sort_keys=True))
+
+
+def prepared_workdir(workdir: Path) -> str:
+    """A workdir holding data/ads_cvr (synth + prepare of configs/ads_cvr.yaml); returns the config path."""
+    cfg = str(ROOT / "configs" / "ads_cvr.yaml")
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        load_manifest(workdir / "data/ads_cvr/shards")
+    except PrepareError:  # missing, or written by an older format
+        for sub in ("synth", "prepare"):
+            subprocess.run([sys.executable, "-m", "gmeta.cli", sub, "--config", cfg], cwd=workdir, check=True,
+                           capture_output=True)
+    return cfg
+
+
+def train_run(cfg: str, workdir: Path, name: str, nproc: int, overrides: list[str]) -> dict[str, float]:
+    """``gmeta train`` in ``workdir`` as MLflow run ``name``; returns the run's last metrics."""
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "gmeta.cli", "train", "--config", cfg, "--nproc-per-node", str(nproc),
+           "--tracking-uri", uri, "train.eval_at_end=false", f"train.output_dir={workdir / ('run-' + name)}",
+           f"tracking.run_name={name}", *overrides]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=os.environ.copy())
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-4000:])
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("gmeta-ads-cvr")
+    run = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{name}'",
+                             order_by=["attributes.start_time DESC"], max_results=1)[0]
+    return dict(run.data.metrics)

@@ -8,30 +8,14 @@ data.num_workers=1) vs. reading in the training process (data.num_workers=0).
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import ROOT, emit
+from benchmarks.common import emit, prepared_workdir, train_run
 
 
-def run(cfg: str, workdir: Path, uri: str, workers: int, steps: int) -> float:
-    out = workdir / f"run-w{workers}"
-    cmd = [sys.executable, "-m", "gmeta.cli", "train", "--config", cfg, "--nproc-per-node", "2", "--tracking-uri", uri,
-           f"data.num_workers={workers}", f"train.max_steps={steps}", "train.eval_at_end=false",
-           f"train.output_dir={out}", f"tracking.run_name=stall-w{workers}"]
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=os.environ.copy())
-    if proc.returncode:
-        raise SystemExit(proc.stderr[-4000:])
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("gmeta-ads-cvr")
-    run = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = 'stall-w{workers}'",
-                             order_by=["attributes.start_time DESC"], max_results=1)[0]
-    m = run.data.metrics
+def run(cfg: str, workdir: Path, workers: int, steps: int) -> tuple[float, float, float]:
+    m = train_run(cfg, workdir, f"stall-w{workers}", 2, [f"data.num_workers={workers}", f"train.max_steps={steps}"])
     return m["train/data_stall_share_total"], m["train/data_stall_share_steady"], m["train/tasks_per_s"]
 
 
@@ -41,15 +25,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gmeta-bench-stall"))
     args = ap.parse_args()
     work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    cfg = str(ROOT / "configs" / "ads_cvr.yaml")
-    if not (work / "data/ads_cvr/shards/manifest.json").is_file():
-        for sub in ("synth", "prepare"):
-            subprocess.run([sys.executable, "-m", "gmeta.cli", sub, "--config", cfg], cwd=work, check=True,
-                           capture_output=True)
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    with_workers, steady_w, tps_w = run(cfg, work, uri, 1, args.steps)
-    inline, steady_0, tps_0 = run(cfg, work, uri, 0, args.steps)
+    cfg = prepared_workdir(work)
+    with_workers, steady_w, tps_w = run(cfg, work, 1, args.steps)
+    inline, steady_0, tps_0 = run(cfg, work, 0, args.steps)
     print(f"data stall with a background reader worker: {100 * with_workers:6.2f}% of the loop, "
           f"{100 * steady_w:5.2f}% after the first batch ({tps_w:.0f} tasks/s)  (target < 5%)")
     print(f"data stall reading in the training process:  {100 * inline:6.2f}% of the loop, "

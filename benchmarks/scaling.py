@@ -1,0 +1,44 @@
+"""Scaling and communication: tasks/s of MAML training on configs/ads_cvr.yaml with 1 vs 2
+processes, and the share of step time spent waiting on communication (embedding
+all-to-alls and the dense all-reduce) with and without the input-dist pipeline.
+
+    python benchmarks/scaling.py [--steps 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import emit, prepared_workdir, train_run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gmeta-bench-stall"))
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    cfg = prepared_workdir(work)
+    common = [f"train.max_steps={args.steps}", "train.log_every=25"]
+    runs = {
+        "1proc": train_run(cfg, work, "scale-1proc", 1, common),
+        "2proc_pipeline": train_run(cfg, work, "scale-2proc-pipe", 2, common + ["train.pipeline=true"]),
+        "2proc_plain": train_run(cfg, work, "scale-2proc-plain", 2, common + ["train.pipeline=false"]),
+    }
+    for name, m in runs.items():
+        print(f"{name:16s}: {m['train/tasks_per_s']:7.0f} tasks/s, communication wait "
+              f"{100 * m['train/comm_wait_share']:5.1f}% of step time, "
+              f"data stall {100 * m['train/data_stall_share']:4.1f}%")
+    one, two, plain = runs["1proc"], runs["2proc_pipeline"], runs["2proc_plain"]
+    print(f"scaling 2 / 1 processes: {two['train/tasks_per_s'] / one['train/tasks_per_s']:.2f}x tasks/s")
+    ratio = plain["train/comm_wait_share"] / max(two["train/comm_wait_share"], 1e-9)
+    print(f"communication wait, plain / pipelined: {plain['train/comm_wait_share']:.3f} / "
+          f"{two['train/comm_wait_share']:.3f} = {ratio:.2f}x")
+    emit("scaling", {k: {m: v[m] for m in ("train/tasks_per_s", "train/comm_wait_share", "train/data_stall_share")}
+                     for k, v in runs.items()})
+
+
+if __name__ == "__main__":
+    main()
