@@ -227,12 +227,13 @@ def adapt_and_query(
     order = torch.cat([b.tasks for b in buckets])
     inverse = torch.argsort(order)  # bucket order -> task order
 
-    def per_bucket(fast: dict, b: SizeBucket) -> dict:
-        return fast if whole else {k: v.index_select(0, b.tasks) for k, v in fast.items()}
 
     params = dict(head.named_parameters())
     adapted = [name for name in params if name.split(".")[0] in adapt_dense]
-    fast = {name: params[name].unsqueeze(0).expand(n, *params[name].shape) for name in adapted}
+    # fast weights per bucket: every task starts from the shared weights, so each bucket's
+    # are the parameters expanded to [N_b, ...] (a view, no copy and no gather)
+    fast = [{name: params[name].unsqueeze(0).expand(len(b.tasks), *params[name].shape) for name in adapted}
+            for b in buckets]
     delta = None  # accumulated per-group embedding update [G, D]
     support_loss0 = torch.full((n,), float("nan"), device=batch.labels.device)
 
@@ -242,16 +243,17 @@ def adapt_and_query(
             pooled_s = pool(emb_s, sl.slot_s, sl.scale_s, layout.num_support, num_features)
             parts = []
             for i, b in enumerate(buckets):
-                logits_s = functional_call(head, {**params, **per_bucket(fast, b)},
+                logits_s = functional_call(head, {**params, **fast[i]},
                                            (xs[i], gather_rows(pooled_s, b.s_index)))
                 parts.append(task_losses(logits_s, ys[i], b.s_mask, b.s_count))
             losses = torch.cat(parts)
             if k == 0:
                 support_loss0 = losses.detach()[inverse]
-            inputs = list(fast.values()) + ([emb_s] if adapt_embeddings else [])
+            inputs = [t for f in fast for t in f.values()] + ([emb_s] if adapt_embeddings else [])
             grads = torch.autograd.grad(losses.sum(), inputs, create_graph=not first_order)
-            fast = {name: fast[name] - (lr[name] if isinstance(lr, dict) else lr) * g
-                    for name, g in zip(fast, grads)}
+            it = iter(grads)
+            fast = [{name: w - (lr[name] if isinstance(lr, dict) else lr) * next(it) for name, w in f.items()}
+                    for f in fast]
             if adapt_embeddings:
                 g_emb = grads[-1]
                 step = g_emb.new_zeros(sl.num_groups, g_emb.shape[-1]).index_add(0, sl.group_s, g_emb)
@@ -262,8 +264,8 @@ def adapt_and_query(
         emb_q = sl.values_q if delta is None else sl.values_q - gather_rows(delta, sl.group_q)
         pooled_q = pool(emb_q, sl.slot_q, sl.scale_q, layout.num_query, num_features)
         parts, flat, where = [], [], []
-        for b in buckets:
-            logits_q = functional_call(head, {**params, **per_bucket(fast, b)},
+        for i, b in enumerate(buckets):
+            logits_q = functional_call(head, {**params, **fast[i]},
                                        (gather_rows(dense_q, b.q_index), gather_rows(pooled_q, b.q_index)))
             parts.append(task_losses(logits_q, gather_rows(labels_q, b.q_index), b.q_mask, b.q_count))
             flat.append(logits_q[b.q_mask])
