@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             train_main(cfg, tracking_uri=args.tracking_uri)
-        except PrepareError as e:
+        except (PrepareError, ConfigError) as e:
             print(f"gmeta train: {e}", file=sys.stderr)
             return 2
         return 0

@@ -195,11 +195,13 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     last: dict[str, float] = {}
     pipe = SparseDistPipeline(model.module) if cfg.train.pipeline else None
     times = StepTimes()
+    tasks_total = 0
     for epoch in range(cfg.train.epochs):
         reader.set_epoch(epoch)
         fetch.new_epoch(iter(reader))
         for batch, out in run_steps(model, cfg, grad_sync, dense_opt, fetch, total_steps - step, pipe, times):
             step += 1
+            tasks_total += batch.num_tasks * env.world_size
             tasks_since += batch.num_tasks * env.world_size
             rows_since += batch.num_rows * env.world_size
 
@@ -238,8 +240,10 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     stall /= env.world_size
     last["train/data_stall_share_total"] = stall[0].item()
     last["train/data_stall_share_steady"] = stall[1].item()
-    tracker.log_metrics({k: last[k] for k in ("train/data_stall_share_total", "train/data_stall_share_steady")},
-                        step=step)
+    last["train/tasks_per_s_total"] = tasks_total / loop_s  # the whole loop, every rank's tasks
+    last["train/comm_wait_share_total"] = times.share()
+    tracker.log_metrics({k: last[k] for k in ("train/data_stall_share_total", "train/data_stall_share_steady",
+                                              "train/tasks_per_s_total", "train/comm_wait_share_total")}, step=step)
     if env.is_main:
         log.info("data stall: %.2f%% of the training loop waited for data (%.2f%% after each epoch's first batch)",
                  100 * stall[0].item(), 100 * stall[1].item())

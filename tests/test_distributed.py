@@ -172,3 +172,30 @@ def _grad_sync_mean(rank, world):
 
 def test_dense_grad_sync_equals_hand_computed_mean(debug_config_path):
     run_ranks(_grad_sync_mean, WORLD)
+
+
+def _every_embedding_optimizer_trains(rank, world, cfg_path, shards):
+    from gmeta.config import ConfigError
+
+    cfg = load_config(cfg_path, ["optim.embedding_optimizer=adam"])
+    with pytest.raises(ConfigError, match="optim.embedding_optimizer: 'adam' has a fused kernel in fbgemm on GPU"):
+        shard_model(build_model(cfg, device=torch.device("meta")), cfg, torch.device("cpu"))
+    for name in ("sgd", "adagrad", "rowwise_adagrad"):
+        cfg = load_config(cfg_path, [f"optim.embedding_optimizer={name}", "meta.tasks_per_batch=4"])
+        torch.manual_seed(0)
+        model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, torch.device("cpu"))
+        before = {n: t.clone() for n, _, _, t in _local_table_shards(model)}
+        params = model.module.dense_parameters()
+        broadcast_params(params)
+        sync, opt = DenseGradSync(params), torch.optim.Adam(params, lr=1e-3)
+        for i, batch in enumerate(TaskReader(shards, "train", 4, rank=rank, world_size=world, seed=1)):
+            if i == 2:
+                break
+            out = train_step(model, batch, cfg, sync, opt)
+            assert torch.isfinite(out.loss)
+        changed = sum(int(not torch.equal(before[n], t)) for n, _, _, t in _local_table_shards(model))
+        assert changed > 0, name
+
+
+def test_every_fused_embedding_optimizer_trains(debug_config_path, debug_data):
+    run_ranks(_every_embedding_optimizer_trains, WORLD, str(debug_config_path), str(debug_data["shards"]))

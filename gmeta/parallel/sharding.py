@@ -19,7 +19,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from gmeta.config import Config
+from gmeta.config import Config, ConfigError
 from gmeta.models.dlrm import MetaDLRM
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ EMBEDDING_OPTIMIZERS = {
     "rowwise_adagrad": trec_optim.RowWiseAdagrad,
     "adam": torch.optim.Adam,
 }
+# fbgemm's CPU kernels implement SGD and (row-wise) Adagrad; Adam is fused on GPU only.
+CUDA_ONLY_OPTIMIZERS = {"adam"}
 
 
 def table_sharding_types(model: MetaDLRM, cfg: Config) -> dict[str, str]:
@@ -53,6 +55,10 @@ def table_sharding_types(model: MetaDLRM, cfg: Config) -> dict[str, str]:
 
 def shard_model(model: MetaDLRM, cfg: Config, device: torch.device) -> DistributedModelParallel:
     """Attach the fused embedding optimizer, plan, and shard ``model`` over the default group."""
+    if device.type == "cpu" and cfg.optim.embedding_optimizer in CUDA_ONLY_OPTIMIZERS:
+        raise ConfigError(f"optim.embedding_optimizer: {cfg.optim.embedding_optimizer!r} has a fused kernel in "
+                          "fbgemm on GPU only; on CPU use one of "
+                          f"{sorted(set(EMBEDDING_OPTIMIZERS) - CUDA_ONLY_OPTIMIZERS)}")
     opt_cls = EMBEDDING_OPTIMIZERS[cfg.optim.embedding_optimizer]
     apply_optimizer_in_backward(opt_cls, model.sparse_arch.parameters(), {"lr": cfg.optim.embedding_lr})
     world = dist.get_world_size()
