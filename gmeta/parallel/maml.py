@@ -27,33 +27,15 @@ from gmeta.types import TaskBatch
 
 
 @dataclass
-class TaskLayout:
-    """Index tensors that move rows of a TaskBatch into a padded per-task layout.
-
-    s_index [N, S_max]  support row (0..S-1) at each padded slot, 0 where padding
-    s_mask  [N, S_max]  True at real rows
-    s_count [N]         support rows per task (float)
-    q_index, q_mask, q_count   the same for query rows, indexing the query block (0..Q-1)
-    row_task [S+Q]      task of every row
-    """
-
-    s_index: torch.Tensor
-    s_mask: torch.Tensor
-    s_count: torch.Tensor
-    q_index: torch.Tensor
-    q_mask: torch.Tensor
-    q_count: torch.Tensor
-    row_task: torch.Tensor
-    num_support: int
-    num_query: int
-    buckets: list[SizeBucket] | None = None
-
-
-@dataclass
 class SizeBucket:
-    """Tasks of similar size, padded together: ``tasks`` [N_b] and their padded support and
-    query layouts (as in TaskLayout). Padding every task to the largest of the meta-batch
-    wastes most of the work when task sizes follow a power law."""
+    """Index tensors that move rows of some tasks of a TaskBatch into a padded layout.
+
+    tasks   [N_b]        the tasks (indices into the batch)
+    s_index [N_b, S_b]   support row (0..S-1) at each padded slot, 0 where padding
+    s_mask  [N_b, S_b]   True at real rows
+    s_count [N_b]        support rows per task (float)
+    q_index, q_mask, q_count   the same for query rows, indexing the query block (0..Q-1)
+    """
 
     tasks: torch.Tensor
     s_index: torch.Tensor
@@ -62,6 +44,24 @@ class SizeBucket:
     q_index: torch.Tensor
     q_mask: torch.Tensor
     q_count: torch.Tensor
+
+
+@dataclass
+class TaskLayout:
+    """Where the rows of each task of a TaskBatch go.
+
+    every     all tasks in order, each padded to the largest task of the batch
+    buckets   the tasks in groups of similar size, each padded to its own largest task:
+              padding everything to the largest wastes most of the work when task sizes
+              follow a power law
+    row_task  [S+Q] task of every row
+    """
+
+    every: SizeBucket
+    buckets: list[SizeBucket]
+    row_task: torch.Tensor
+    num_support: int
+    num_query: int
 
 
 def _padded(offsets: torch.Tensor,
@@ -120,16 +120,12 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def task_layout(batch: TaskBatch, num_buckets: int = 1) -> TaskLayout:
     s_index, s_mask, s_count = _padded(batch.support_offsets)
     q_index, q_mask, q_count = _padded(batch.query_offsets)
-    n = batch.num_tasks
-    tasks = torch.arange(n, device=s_count.device)
+    tasks = torch.arange(batch.num_tasks, device=s_count.device)
     row_task = torch.cat([torch.repeat_interleave(tasks, s_count), torch.repeat_interleave(tasks, q_count)])
-    if num_buckets > 1:
-        buckets = size_buckets(batch, num_buckets)
-    else:
-        buckets = [SizeBucket(tasks, s_index, s_mask, s_count.to(batch.labels.dtype), q_index, q_mask,
-                              q_count.to(batch.labels.dtype))]
-    return TaskLayout(s_index, s_mask, s_count.to(batch.labels.dtype), q_index, q_mask,
-                      q_count.to(batch.labels.dtype), row_task, int(s_count.sum()), int(q_count.sum()), buckets)
+    every = SizeBucket(tasks, s_index, s_mask, s_count.to(batch.labels.dtype), q_index, q_mask,
+                       q_count.to(batch.labels.dtype))
+    buckets = size_buckets(batch, num_buckets) if num_buckets > 1 else [every]
+    return TaskLayout(every, buckets, row_task, int(s_count.sum()), int(q_count.sum()))
 
 
 def task_losses(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -295,8 +291,9 @@ def erm_loss(head: DLRMHead, lookup: Lookup, batch: TaskBatch, *, num_features: 
     loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
     layout = task_layout(batch)
     with torch.no_grad():
-        q = logits[layout.num_support:][layout.q_index]
-        ql = task_losses(q, batch.labels[layout.num_support:][layout.q_index], layout.q_mask, layout.q_count)
-        s = logits[: layout.num_support][layout.s_index]
-        sl = task_losses(s, batch.labels[: layout.num_support][layout.s_index], layout.s_mask, layout.s_count)
+        e = layout.every
+        q = logits[layout.num_support:][e.q_index]
+        ql = task_losses(q, batch.labels[layout.num_support:][e.q_index], e.q_mask, e.q_count)
+        s = logits[: layout.num_support][e.s_index]
+        sl = task_losses(s, batch.labels[: layout.num_support][e.s_index], e.s_mask, e.s_count)
     return MetaOutput(loss=loss, query_loss=ql, support_loss=sl)
