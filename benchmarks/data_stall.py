@@ -16,7 +16,7 @@ from benchmarks.common import emit, prepared_workdir, train_run
 
 def run(cfg: str, workdir: Path, workers: int, steps: int) -> tuple[float, float, float]:
     m = train_run(cfg, workdir, f"stall-w{workers}", 2, [f"data.num_workers={workers}", f"train.max_steps={steps}"])
-    return m["train/data_stall_share_total"], m["train/data_stall_share_steady"], m["train/tasks_per_s"]
+    return m["train/data_stall_share_total"], m["train/data_stall_share_steady"], m["train/tasks_per_s_total"]
 
 
 def main() -> None:

@@ -184,11 +184,6 @@ def _ranges(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.repeat(starts - out_starts, lens) + np.arange(int(lens.sum())), lens
 
 
-def collate(picks: list[tuple[TaskBlock, np.ndarray]], schema: dict) -> TaskBatch:
-    """Tasks ``idx`` of each block, in that order, -> one TaskBatch (layout in its docstring)."""
-    return collate_packed(picks, schema).unpack()
-
-
 _TORCH_DTYPES = {"int64": torch.int64, "float32": torch.float32}
 
 
@@ -232,7 +227,8 @@ def _pack(arrays: dict[str, np.ndarray], keys: list[str]) -> PackedBatch:
 
 
 def collate_packed(picks: list[tuple[TaskBlock, np.ndarray]], schema: dict) -> PackedBatch:
-    """Like ``collate``, returning the batch packed in one buffer."""
+    """Tasks ``idx`` of each block, in that order, -> one meta-batch packed in one buffer
+    (``.unpack()`` gives the TaskBatch; layout in its docstring)."""
     sides = {}
     for side_name in ("support", "query"):
         parts = {"ids": {}, "len": {}, "dense": [], "label": [], "true_prob": [], "counts": []}
