@@ -124,10 +124,16 @@ def test_head_accepts_shared_and_per_task_weights():
     dense = torch.randn(2, 7, 3)
     pooled = torch.randn(2, 7, 2, 4)
     shared = head(dense, pooled)
-    per_task = {n: p.unsqueeze(0).expand(2, *p.shape) for n, p in head.named_parameters()}
-    batched = torch.func.functional_call(head, per_task, (dense, pooled))
-    torch.testing.assert_close(batched, shared)
     assert shared.shape == (2, 7)
+    # per-task weights of only some layers, different for each task: task t's logits are those
+    # of the module holding task t's weights (the reference swaps them in by functional_call)
+    per_task = {n: p.unsqueeze(0) + 0.1 * torch.randn(2, *p.shape)
+                for n, p in head.named_parameters() if n.startswith("over_arch")}
+    batched = head(dense, pooled, per_task)
+    for t in range(2):
+        own = torch.func.functional_call(head, {n: w[t] for n, w in per_task.items()}, (dense[t], pooled[t]))
+        torch.testing.assert_close(batched[t], own)
+    assert not torch.allclose(batched, shared)
 
 
 def test_size_buckets_keep_query_logits_in_row_order(debug_config_path, debug_data):

@@ -16,8 +16,14 @@ EmbeddingBagCollection) so the inner loop can differentiate with respect to each
 row: a task's fast embedding rows are then exact per-row fast weights.
 
 Every dense layer is a ``MetaLinear``: it takes ordinary weights ``[out, in]`` or per-task
-weights ``[N, out, in]`` (with inputs ``[N, R, in]``), so one ``functional_call`` runs all N
+weights ``[N, out, in]`` (with inputs ``[N, R, in]``), so one call of the head runs all N
 tasks of a meta-batch with their own fast weights, without a Python loop over tasks.
+
+The head takes its weights as an optional dict (``head(dense, pooled, params)``, names as in
+``named_parameters``; the torchmeta ``MetaModule`` convention) rather than through
+``torch.func.functional_call``: that swaps every parameter in and out of the modules on
+each call, about 0.27 ms here, as much as the head's arithmetic on a meta-batch, and the
+inner loop calls the head once per step and size bucket.
 """
 
 from __future__ import annotations
@@ -32,12 +38,16 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from gmeta.config import Config
 
+Params = dict[str, torch.Tensor] | None  # replacement weights by parameter name
+
 
 class MetaLinear(nn.Linear):
     """Linear layer accepting shared ``[out, in]`` or per-task ``[N, out, in]`` weights."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
         w, b = self.weight, self.bias
+        if params is not None:
+            w, b = params.get(prefix + "weight", w), params.get(prefix + "bias", b)
         if w.dim() == 3:  # per-task fast weights: x [N, R, in] -> [N, R, out]
             return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
         return F.linear(x, w, b)
@@ -50,9 +60,9 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(MetaLinear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.last_activation = last_activation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
         for i, layer in enumerate(self.layers):
-            x = layer(x)
+            x = layer(x, params, f"{prefix}layers.{i}.")
             if i < len(self.layers) - 1 or self.last_activation:
                 x = torch.relu(x)
         return x
@@ -82,8 +92,8 @@ class DenseArch(nn.Module):
         super().__init__()
         self.mlp = MLP(num_dense, list(sizes) + [embedding_dim], last_activation=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
+    def forward(self, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
+        return self.mlp(x, params, prefix + "mlp.")
 
 
 class InteractionArch(nn.Module):
@@ -93,8 +103,9 @@ class InteractionArch(nn.Module):
         super().__init__()
         n = num_sparse + 1
         rows, cols = torch.triu_indices(n, n, offset=1)
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("cols", cols, persistent=False)
+        # flat positions of the upper triangle: index_select's backward is an index_add,
+        # 2x faster on CPU than the accumulating index_put of dots[..., rows, cols]
+        self.register_buffer("upper", rows * n + cols, persistent=False)
 
     @staticmethod
     def out_features(num_sparse: int, embedding_dim: int) -> int:
@@ -104,7 +115,7 @@ class InteractionArch(nn.Module):
         """dense [..., D], sparse [..., F, D] -> [..., D + (F+1)F/2]"""
         combined = torch.cat([dense.unsqueeze(-2), sparse], dim=-2)
         dots = combined @ combined.transpose(-1, -2)
-        return torch.cat([dense, dots[..., self.rows, self.cols]], dim=-1)
+        return torch.cat([dense, dots.flatten(-2).index_select(-1, self.upper)], dim=-1)
 
 
 class OverArch(nn.Module):
@@ -112,15 +123,15 @@ class OverArch(nn.Module):
         super().__init__()
         self.mlp = MLP(in_features, list(sizes) + [1], last_activation=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x).squeeze(-1)
+    def forward(self, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
+        return self.mlp(x, params, prefix + "mlp.").squeeze(-1)
 
 
 class DLRMHead(nn.Module):
     """The dense, data-parallel part: (dense features, pooled embeddings) -> logits.
 
     Shapes: dense ``[..., R, nd]``, pooled ``[..., R, F, D]`` -> logits ``[..., R]``; the
-    leading dim is the task dim N when per-task weights are passed by functional_call.
+    leading dim is the task dim N when per-task weights ``[N, ...]`` are passed in ``params``.
     """
 
     def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
@@ -130,8 +141,10 @@ class DLRMHead(nn.Module):
         self.interaction = InteractionArch(num_sparse)
         self.over_arch = OverArch(InteractionArch.out_features(num_sparse, embedding_dim), over_sizes)
 
-    def forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        return self.over_arch(self.interaction(self.dense_arch(dense), pooled))
+    def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
+        """``params``: weights to use instead of the module's own, by parameter name."""
+        x = self.interaction(self.dense_arch(dense, params, "dense_arch."), pooled)
+        return self.over_arch(x, params, "over_arch.")
 
 
 @dataclass

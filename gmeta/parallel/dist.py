@@ -1,8 +1,8 @@
 """Process group, device choice and dense-gradient synchronisation.
 
 Dense parameters are data parallel but not wrapped in DDP: DDP does not support double
-backward, and the meta step calls the dense head through ``functional_call`` rather than
-``DDP.forward``, which would silently skip its all-reduce. Gradients are mean-all-reduced
+backward, and the meta step calls the dense head with per-task fast weights rather than
+through ``DDP.forward``, which would silently skip its all-reduce. Gradients are mean-all-reduced
 explicitly instead. torchrec already divides sparse gradients by the world size in its
 all-to-all backward, so a mean keeps dense and sparse updates consistent.
 """
@@ -83,7 +83,7 @@ class DenseGradSync:
     this rank contributes zeros), waits for all, and writes the means back.
 
     A plain hook-based reducer rather than DDP: DDP does not support the double backward of
-    second-order MAML and is bypassed by ``functional_call`` (see module docstring).
+    second-order MAML and is bypassed by the meta step's calls (see module docstring).
     """
 
     def __init__(self, params: list[torch.Tensor], bucket_bytes: int = 4 << 20) -> None:

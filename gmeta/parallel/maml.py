@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.autograd.profiler import record_function
-from torch.func import functional_call
 
 from gmeta.models.dlrm import DLRMHead, Lookup, pool
 from gmeta.types import TaskBatch
@@ -173,6 +172,11 @@ def split_lookup(lk: Lookup, layout: TaskLayout, num_features: int, group: bool)
     )
 
 
+def _sgd(w: torch.Tensor, g: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
+    """w - lr * g as one op (one node fewer per parameter in the graph, per step)."""
+    return torch.addcmul(w, lr, g, value=-1) if torch.is_tensor(lr) else torch.add(w, g, alpha=-lr)
+
+
 @dataclass
 class MetaOutput:
     """Results of one meta-batch. Losses are tensors; ``.item()`` them only on log steps."""
@@ -196,11 +200,12 @@ def adapt_and_query(
     first_order: bool,
     layout: TaskLayout | None = None,
     size_buckets: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with_logits: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Adapt every task on its support rows (``steps`` SGD steps), score its query rows.
 
-    Returns (query logits [Q] in query-block order, per-task query loss [N], per-task
-    support loss before adaptation [N], NaN if steps == 0).
+    Returns (query logits [Q] in query-block order, or None unless ``with_logits``;
+    per-task query loss [N]; per-task support loss before adaptation [N], NaN if steps == 0).
 
     Tasks run in ``size_buckets`` groups of similar size (each padded to its own largest
     task): a loop over a few buckets, never over tasks.
@@ -222,8 +227,6 @@ def adapt_and_query(
     xs = [gather_rows(dense_s, b.s_index) for b in buckets]
     order = torch.cat([b.tasks for b in buckets])
     inverse = torch.argsort(order)  # bucket order -> task order
-
-
     params = dict(head.named_parameters())
     adapted = [name for name in params if name.split(".")[0] in adapt_dense]
     # fast weights per bucket: every task starts from the shared weights, so each bucket's
@@ -239,8 +242,7 @@ def adapt_and_query(
             pooled_s = pool(emb_s, sl.slot_s, sl.scale_s, layout.num_support, num_features)
             parts = []
             for i, b in enumerate(buckets):
-                logits_s = functional_call(head, {**params, **fast[i]},
-                                           (xs[i], gather_rows(pooled_s, b.s_index)))
+                logits_s = head(xs[i], gather_rows(pooled_s, b.s_index), fast[i])
                 parts.append(task_losses(logits_s, ys[i], b.s_mask, b.s_count))
             losses = torch.cat(parts)
             if k == 0:
@@ -248,7 +250,7 @@ def adapt_and_query(
             inputs = [t for f in fast for t in f.values()] + ([emb_s] if adapt_embeddings else [])
             grads = torch.autograd.grad(losses.sum(), inputs, create_graph=not first_order)
             it = iter(grads)
-            fast = [{name: w - (lr[name] if isinstance(lr, dict) else lr) * next(it) for name, w in f.items()}
+            fast = [{name: _sgd(w, next(it), lr[name] if isinstance(lr, dict) else lr) for name, w in f.items()}
                     for f in fast]
             if adapt_embeddings:
                 g_emb = grads[-1]
@@ -261,12 +263,14 @@ def adapt_and_query(
         pooled_q = pool(emb_q, sl.slot_q, sl.scale_q, layout.num_query, num_features)
         parts, flat, where = [], [], []
         for i, b in enumerate(buckets):
-            logits_q = functional_call(head, {**params, **fast[i]},
-                                       (gather_rows(dense_q, b.q_index), gather_rows(pooled_q, b.q_index)))
+            logits_q = head(gather_rows(dense_q, b.q_index), gather_rows(pooled_q, b.q_index), fast[i])
             parts.append(task_losses(logits_q, gather_rows(labels_q, b.q_index), b.q_mask, b.q_count))
-            flat.append(logits_q[b.q_mask])
-            where.append(b.q_index[b.q_mask])
+            if with_logits:
+                flat.append(logits_q[b.q_mask])
+                where.append(b.q_index[b.q_mask])
         query_loss = torch.cat(parts)[inverse]
+        if not with_logits:
+            return None, query_loss, support_loss0
         flat_logits = torch.cat(flat)
         if not whole:  # back to query-block order
             flat_logits = flat_logits.new_zeros(layout.num_query).index_copy(0, torch.cat(where), flat_logits)
@@ -279,7 +283,7 @@ def maml_loss(head: DLRMHead, lookup: Lookup, batch: TaskBatch, *, num_features:
     """Meta-loss of a meta-batch: mean over its tasks of the query loss after adaptation."""
     _, query_loss, support_loss = adapt_and_query(
         head, lookup, batch, num_features=num_features, steps=steps, lr=lr, emb_lr=emb_lr,
-        size_buckets=size_buckets,
+        size_buckets=size_buckets, with_logits=False,
         adapt_dense=adapt_dense, adapt_embeddings=adapt_embeddings, first_order=first_order)
     return MetaOutput(loss=query_loss.mean(), query_loss=query_loss, support_loss=support_loss)
 
