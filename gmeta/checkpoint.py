@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,17 +64,40 @@ def read_meta(path: str | Path) -> dict:
         raise CheckpointError(f"{meta_path}: not valid JSON: {e}") from None
 
 
+def _config(path: str | Path, meta: dict) -> Config:
+    try:
+        return config_from_dict(meta["config"])
+    except (ConfigError, KeyError) as e:
+        raise CheckpointError(f"{Path(path) / META}: invalid config: {e}") from None
+
+
+def load_sharded(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config, dict]:
+    """Collective: load a checkpoint into this process group's sharded model (tables
+    sharded by the config's plan for the current world size; DCP reshards)."""
+    from gmeta.parallel.sharding import shard_model
+
+    meta = read_meta(path)
+    cfg = _config(path, meta)
+    model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, device)
+    state = model.state_dict()
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # DCP raises a variety of errors for damaged files
+        raise CheckpointError(f"{path}: cannot load model state: {e}") from None
+    model.load_state_dict(state)
+    return model, cfg, meta
+
+
 def load_unsharded(path: str | Path, device: torch.device | None = None) -> tuple[MetaDLRM, Config, dict]:
     """Load a checkpoint into one process: the model with whole (unsharded) tables."""
     meta = read_meta(path)
-    try:
-        cfg = config_from_dict(meta["config"])
-    except (ConfigError, KeyError) as e:
-        raise CheckpointError(f"{Path(path) / META}: invalid config: {e}") from None
+    cfg = _config(path, meta)
     model = build_model(cfg, device=device or torch.device("cpu"))
     state = model.state_dict()
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(path), no_dist=True)
     except Exception as e:  # DCP raises a variety of errors for damaged files
         raise CheckpointError(f"{path}: cannot load model state: {e}") from None
     model.load_state_dict(state)

@@ -1,4 +1,4 @@
-"""``gmeta`` command line: synth, prepare, train, evaluate.
+"""``gmeta`` command line: synth, prepare, train, evaluate, predict.
 
 Thin by design: each subcommand loads the config and calls one function. ``train`` with
 ``--nproc-per-node N > 1`` hands off to ``torch.distributed.run`` (torchrun), which starts N
@@ -54,18 +54,33 @@ def _parser() -> argparse.ArgumentParser:
                    "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
     p = sub.add_parser("evaluate", help="cold-start evaluation of a checkpoint on held-out tasks",
-                       description="Adapt on each held-out task's support set, score its query set.")
+                       description="Adapt on each held-out task's support set, score its query set; write "
+                                   "eval_report.{json,md,html} and plots, and log them to the training run.")
     _add_config(p, required=False)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory written by gmeta train")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint directory written by gmeta train")
+    src.add_argument("--run-id", help="MLflow run of a gmeta train (its tag gmeta.checkpoint)")
     p.add_argument("--baseline", default=None, help="checkpoint of an ERM model to compare against")
     p.add_argument("--shards", default=None, help="task shard directory (default: data.shards_dir)")
+    p.add_argument("--inner-steps", type=int, default=None, help="inner steps K (default: eval.inner_steps)")
+    p.add_argument("--out", default=None, help="report directory (default: <checkpoint>/../eval)")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="processes, tables sharded (default: 1, unsharded)")
     p.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: the training run's)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+
+    p = sub.add_parser("predict", help="batch prediction: adapt on each task's support set, score its query set",
+                       description="Stream task shards, adapt per task, write query-row scores to Parquet parts; "
+                                   "--resume continues an interrupted run without duplicate or missing rows.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory written by gmeta train")
+    p.add_argument("--shards", default=None, help="task shard directory (default: the checkpoint's data.shards_dir)")
+    p.add_argument("--split", default="eval", choices=["eval", "train"], help="which tasks (default: eval)")
+    p.add_argument("--out", required=True, help="output directory of Parquet parts")
+    p.add_argument("--inner-steps", type=int, default=None, help="inner steps K (default: eval.inner_steps)")
+    p.add_argument("--tasks-per-batch", type=int, default=None, help="default: eval.tasks_per_batch")
+    p.add_argument("--rows-per-part", type=int, default=200_000, help="query rows per Parquet part")
+    p.add_argument("--max-tasks", type=int, default=0, help="predict only the first N tasks (0: all)")
+    p.add_argument("--resume", action="store_true", help="continue the predictions already in --out")
     return ap
-
-
-def _under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
 def _launch(nproc: int, argv: list[str]) -> int:
@@ -117,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         if nproc < 1:
             print("gmeta train: --nproc-per-node must be >= 1", file=sys.stderr)
             return 2
-        if nproc > 1 and not _under_torchrun():
+        from gmeta.parallel.dist import under_torchrun
+
+        if nproc > 1 and not under_torchrun():
             return _launch(nproc, argv)
         from gmeta.io.prepare import PrepareError
         from gmeta.train import main as train_main
@@ -133,14 +150,43 @@ def main(argv: list[str] | None = None) -> int:
         from gmeta.checkpoint import CheckpointError
         from gmeta.evaluate import format_table, run_evaluate
         from gmeta.io.prepare import PrepareError
+        from gmeta.parallel.dist import under_torchrun
 
+        if args.nproc_per_node < 1:
+            print("gmeta evaluate: --nproc-per-node must be >= 1", file=sys.stderr)
+            return 2
+        if args.nproc_per_node > 1 and not under_torchrun():
+            return _launch(args.nproc_per_node, argv)
         try:
-            result = run_evaluate(args.checkpoint, cfg_override=cfg, baseline=args.baseline, shards_dir=args.shards,
-                                  tracking=not args.no_tracking, tracking_uri=args.tracking_uri)
-        except (CheckpointError, PrepareError) as e:
+            result = run_evaluate(args.checkpoint, run_id=args.run_id or "", cfg_override=cfg,
+                                  baseline=args.baseline, shards_dir=args.shards, tracking=not args.no_tracking,
+                                  tracking_uri=args.tracking_uri, out_dir=args.out, inner_steps=args.inner_steps)
+        except (CheckpointError, PrepareError, ValueError) as e:
             print(f"gmeta evaluate: {e}", file=sys.stderr)
             return 2
-        print(format_table(result))
+        if result is not None:
+            print(format_table(result))
+        return 0
+
+    if args.command == "predict":
+        from gmeta.checkpoint import CheckpointError
+        from gmeta.io.prepare import PrepareError
+        from gmeta.predict import PredictError, run_predict
+
+        if args.rows_per_part < 1 or args.max_tasks < 0 or (args.tasks_per_batch or 1) < 1:
+            print("gmeta predict: --rows-per-part and --tasks-per-batch must be >= 1, --max-tasks >= 0",
+                  file=sys.stderr)
+            return 2
+        try:
+            summary = run_predict(args.checkpoint, args.out, shards_dir=args.shards, split=args.split,
+                                  inner_steps=args.inner_steps, tasks_per_batch=args.tasks_per_batch,
+                                  rows_per_part=args.rows_per_part, resume=args.resume, max_tasks=args.max_tasks,
+                                  progress=sys.stderr.isatty())
+        except (CheckpointError, PrepareError, PredictError) as e:
+            print(f"gmeta predict: {e}", file=sys.stderr)
+            return 2
+        print(f"{summary['rows']} query rows of {summary['tasks']} tasks in {summary['parts']} part(s) -> "
+              f"{summary['out']} ({summary['rows_per_s']:.0f} rows/s)")
         return 0
     return 2
 

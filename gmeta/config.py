@@ -202,6 +202,12 @@ class EvalConfig:
     tasks_per_batch: int = 64
     # Evaluate on at most this many held-out tasks (0: all).
     max_tasks: int = 0
+    # Inner steps of the AUC-vs-K curve (K = 0 is no adaptation).
+    curve_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 5])
+    # Cold-start buckets by support-set size: lower edges, ascending ([8, 16] -> 8-15, 16+).
+    support_buckets: list[int] = field(default_factory=lambda: [1, 8, 16, 32, 64])
+    # Bins of the calibration (reliability) table and plot.
+    calibration_bins: int = 10
 
 
 @dataclass
@@ -211,6 +217,10 @@ class TrackingConfig:
     uri: str = ""
     experiment: str = "gmeta"
     run_name: str = ""
+    # Sample host metrics (CPU, memory, disk, network, GPU) every this many seconds (0: off).
+    system_metrics_s: float = 5.0
+    # Log the trained model as an MLflow pyfunc (adapt-then-predict on raw rows).
+    log_model: bool = True
 
 
 @dataclass
@@ -316,6 +326,11 @@ def validate(cfg: Config) -> None:
     _check(e.inner_steps >= -1, "eval.inner_steps", "must be >= 0, or -1 for meta.inner_steps")
     _check(e.tasks_per_batch >= 1, "eval.tasks_per_batch", "must be >= 1")
     _check(e.max_tasks >= 0, "eval.max_tasks", "must be >= 0")
+    _check(all(k >= 0 for k in e.curve_steps), "eval.curve_steps", "inner steps must be >= 0")
+    _check(len(e.support_buckets) >= 1 and e.support_buckets == sorted(set(e.support_buckets))
+           and e.support_buckets[0] >= 0, "eval.support_buckets", "must be ascending, distinct lower edges >= 0")
+    _check(e.calibration_bins >= 2, "eval.calibration_bins", "must be >= 2")
+    _check(cfg.tracking.system_metrics_s >= 0, "tracking.system_metrics_s", "must be >= 0 (0: off)")
 
 
 # --------------------------------------------------------------------------------------

@@ -1,21 +1,33 @@
 """Cold-start evaluation: adapt on each held-out task's support rows, score its query rows.
 
-Runs on one process with tables loaded unsharded from a checkpoint (DCP reshards), so it
-works for a checkpoint written by any number of training processes.
+One process with the tables loaded unsharded from the checkpoint (DCP reshards, so a
+checkpoint written by any number of training processes loads), or N processes under
+torchrun with the tables sharded as in training: each rank scores its share of the tasks
+and rank 0 gathers the predictions and computes the report.
+
+The report (JSON, Markdown, HTML and PNG plots, all logged to MLflow):
+- AUC, GAUC (task-weighted), logloss and calibration (mean predicted vs. observed rate) of
+  the adapted model (K inner steps), the same model without adaptation, an ERM baseline
+  and the oracle (true probabilities, synthetic data) where available;
+- the same per cold-start bucket (support-set size);
+- AUC, GAUC and logloss against the number of inner steps K (``eval.curve_steps``);
+- reliability bins (predicted vs. observed rate) per scorer.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from gmeta import metrics
-from gmeta.checkpoint import load_unsharded
 from gmeta.config import Config
 from gmeta.io.reader import TaskReader
 from gmeta.models.dlrm import Lookup, MetaDLRM
@@ -24,101 +36,332 @@ from gmeta.types import TaskBatch
 
 log = logging.getLogger(__name__)
 
+SCORERS = ("maml", "no_adapt", "erm", "oracle")
 
-def predict_query(model: MetaDLRM, cfg: Config, batch: TaskBatch, steps: int) -> np.ndarray:
+
+def _inner(model) -> MetaDLRM:
+    return model.module if hasattr(model, "module") else model
+
+
+def predict_query(model, cfg: Config, batch: TaskBatch, steps: int) -> np.ndarray:
     """Probabilities of the batch's query rows (query-block order) after ``steps`` inner
-    steps on each task's support rows (0: no adaptation)."""
+    steps on each task's support rows (0: no adaptation). ``model``: a MetaDLRM, or one
+    sharded by torchrec (then every rank must call this for the same number of batches)."""
+    inner = _inner(model)
     with torch.no_grad():
-        lk = model.lookup(batch.sparse)
+        lk = inner.lookup(batch.sparse)
     # Inner gradients are taken with respect to the looked-up rows: make them a leaf.
     lk = Lookup(lk.values.detach().requires_grad_(True), lk.slot, lk.feature, lk.ids, lk.scale, lk.num_rows)
     layout = task_layout(batch, cfg.meta.size_buckets)
     m = cfg.meta
-    lr, emb_lr = model.inner_lrs(m.inner_lr, m.embedding_inner_lr)
+    lr, emb_lr = inner.inner_lrs(m.inner_lr, m.embedding_inner_lr)
     with torch.enable_grad():
         logits_q, _, _ = adapt_and_query(
-            model.head, lk, batch, num_features=model.num_features, steps=steps, lr=lr,
+            inner.head, lk, batch, num_features=inner.num_features, steps=steps, lr=lr,
             emb_lr=emb_lr, adapt_dense=m.adapt_dense,
             adapt_embeddings=m.adapt_embeddings, first_order=True, layout=layout)
     return torch.sigmoid(logits_q.detach()).cpu().numpy()
 
 
-def evaluate(model: MetaDLRM, cfg: Config, shards_dir: str | Path, *, inner_steps: int | None = None,
-             baseline: tuple[MetaDLRM, Config] | None = None) -> dict[str, float]:
-    """Metrics on the held-out split. Keys: ``<scorer>_{auc,gauc,logloss}`` for scorer in
-    maml (adapted), no_adapt, erm (baseline or ERM checkpoint), oracle; plus counts."""
-    t0 = time.perf_counter()
-    steps = cfg.meta.inner_steps if inner_steps is None or inner_steps < 0 else inner_steps
-    reader = TaskReader(shards_dir, "eval", cfg.eval.tasks_per_batch, shuffle=False, drop_last=False,
-                        num_workers=min(cfg.data.num_workers, 1), on_bad_task=cfg.data.on_bad_task,
-                        max_tasks=cfg.eval.max_tasks)
-    scorers: list[tuple[str, MetaDLRM, Config, int]] = []
-    if cfg.meta.algorithm == "maml":
-        scorers += [("maml", model, cfg, steps), ("no_adapt", model, cfg, 0)]
-    else:
-        scorers.append(("erm", model, cfg, 0))
-    if baseline is not None:
-        scorers.append(("erm", baseline[0], baseline[1], 0))
-    scores: dict[str, list[np.ndarray]] = {name: [] for name, *_ in scorers}
-    labels, groups, oracle = [], [], []
-    offset = 0
-    for batch in reader:
-        for name, mdl, c, k in scorers:
-            scores[name].append(predict_query(mdl, c, batch, k))
+@dataclass
+class Predictions:
+    """Query rows of the evaluated tasks, and each scorer's probabilities for them."""
+
+    labels: list[np.ndarray] = field(default_factory=list)
+    task_ids: list[np.ndarray] = field(default_factory=list)  # task of each row
+    support_size: list[np.ndarray] = field(default_factory=list)  # support rows of its task, per row
+    scores: dict[str, list[np.ndarray]] = field(default_factory=dict)  # scorer or "k=<K>" -> per batch
+
+    def add(self, name: str, probs: np.ndarray) -> None:
+        self.scores.setdefault(name, []).append(probs)
+
+    def merge(self, others: list[Predictions]) -> Predictions:
+        out = Predictions()
+        for p in others:
+            out.labels += p.labels
+            out.task_ids += p.task_ids
+            out.support_size += p.support_size
+            for k, v in p.scores.items():
+                out.scores.setdefault(k, []).extend(v)
+        return out
+
+
+def _eval_steps(cfg: Config, inner_steps: int | None) -> int:
+    return cfg.meta.inner_steps if inner_steps is None or inner_steps < 0 else inner_steps
+
+
+def collect(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | None = None,
+            baseline: tuple[MetaDLRM, Config] | None = None, rank: int = 0, world_size: int = 1) -> Predictions:
+    """Score this rank's share of the held-out tasks with every scorer and every K of the curve."""
+    steps = _eval_steps(cfg, inner_steps)
+    reader = TaskReader(shards_dir, "eval", cfg.eval.tasks_per_batch, rank=rank, world_size=world_size,
+                        shuffle=False, drop_last=False, num_workers=min(cfg.data.num_workers, 1),
+                        on_bad_task=cfg.data.on_bad_task, max_tasks=cfg.eval.max_tasks)
+    ks = sorted(set(cfg.eval.curve_steps) | {steps, 0})
+    n_batches = len(reader)
+    if world_size > 1:  # sharded lookups are collective: every rank runs as many batches
+        t = torch.tensor([n_batches])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        n_batches = int(t)
+    device = next(_inner(model).head.parameters()).device
+    out = Predictions()
+    last = None
+    it = iter(reader)
+    for _ in range(n_batches):
+        batch = next(it, None)
+        own = batch is not None
+        batch = batch if own else last  # ran out: repeat the last batch for the collectives, drop it
+        if batch is None:
+            raise ValueError(f"{shards_dir}: rank {rank} has no held-out tasks to evaluate")
+        last = batch
+        batch = batch.to(device)
+        scored = {f"k={k}": predict_query(model, cfg, batch, k) for k in ks}
+        base = predict_query(baseline[0], baseline[1], batch, 0) if baseline is not None else None
+        if not own:
+            continue
+        for name, probs in scored.items():
+            out.add(name, probs)
+        if base is not None:
+            out.add("erm", base)
         s = batch.num_support
-        labels.append(batch.labels[s:].numpy())
-        counts = (batch.query_offsets[1:] - batch.query_offsets[:-1]).numpy()
-        groups.append(np.repeat(np.arange(offset, offset + batch.num_tasks), counts))
-        offset += batch.num_tasks
+        q_counts = (batch.query_offsets[1:] - batch.query_offsets[:-1]).cpu().numpy()
+        s_counts = (batch.support_offsets[1:] - batch.support_offsets[:-1]).cpu().numpy()
+        out.labels.append(batch.labels[s:].cpu().numpy())
+        out.task_ids.append(np.repeat(batch.task_ids.cpu().numpy(), q_counts))
+        out.support_size.append(np.repeat(s_counts, q_counts))
         if batch.true_prob is not None:
-            oracle.append(batch.true_prob[s:].numpy())
-    y = np.concatenate(labels)
-    g = np.concatenate(groups)
-    out: dict[str, float] = {"tasks": float(offset), "query_rows": float(len(y)), "inner_steps": float(steps)}
-    for name, parts in scores.items():
-        for k, v in metrics.summarize(y, np.concatenate(parts), g).items():
-            out[f"{name}_{k}"] = v
-    if oracle:
-        for k, v in metrics.summarize(y, np.concatenate(oracle), g).items():
-            out[f"oracle_{k}"] = v
-    out["seconds"] = time.perf_counter() - t0
+            out.add("oracle", batch.true_prob[s:].cpu().numpy())
     return out
 
 
-def format_table(result: dict[str, float]) -> str:
-    rows = [n for n in ("maml", "no_adapt", "erm", "oracle") if f"{n}_auc" in result]
-    lines = ["| model | AUC | GAUC | logloss |", "|---|---|---|---|"]
-    for n in rows:
-        lines.append(f"| {n} | {result[f'{n}_auc']:.4f} | {result[f'{n}_gauc']:.4f} | {result[f'{n}_logloss']:.4f} |")
-    lines.append(f"\n{int(result['tasks'])} held-out tasks, {int(result['query_rows'])} query rows, "
-                 f"{int(result['inner_steps'])} inner steps")
+def _bucket_label(lo: int, hi: int | None) -> str:
+    return f"{lo}+" if hi is None else f"{lo}-{hi - 1}"
+
+
+def build_report(pred: Predictions, cfg: Config, *, inner_steps: int | None = None,
+                 algorithm: str = "maml") -> dict:
+    """Metrics of gathered predictions. Flat keys ``<scorer>_<metric>`` (scorer: maml,
+    no_adapt, erm, oracle; metric: auc, gauc, logloss, pred_rate, obs_rate, calibration),
+    plus ``buckets``, ``auc_vs_k`` and ``reliability``."""
+    steps = _eval_steps(cfg, inner_steps)
+    y = np.concatenate(pred.labels)
+    g = np.concatenate(pred.task_ids)
+    sup = np.concatenate(pred.support_size)
+    curve = {k: np.concatenate(v) for k, v in pred.scores.items()}
+    # the model's own scorer(s): an ERM checkpoint without adaptation is the ERM column
+    named: dict[str, np.ndarray] = {}
+    if algorithm == "maml":
+        named["maml"], named["no_adapt"] = curve[f"k={steps}"], curve["k=0"]
+    else:
+        named["erm"] = curve["k=0"]
+    for extra in ("erm", "oracle"):
+        if extra in curve:
+            named[extra] = curve[extra]
+    report: dict = {"tasks": float(len(np.unique(g))), "query_rows": float(len(y)), "inner_steps": float(steps),
+                    "algorithm": algorithm}
+    for name, p in named.items():
+        for k, v in metrics.summarize(y, p, g).items():
+            report[f"{name}_{k}"] = v
+    edges = list(cfg.eval.support_buckets)
+    buckets = []
+    for i, lo in enumerate(edges):
+        hi = edges[i + 1] if i + 1 < len(edges) else None
+        sel = (sup >= lo) & (sup < hi if hi is not None else True)
+        if not sel.any():
+            continue
+        b = {"support": _bucket_label(lo, hi), "tasks": float(len(np.unique(g[sel]))), "query_rows": float(sel.sum())}
+        for name, p in named.items():
+            b[f"{name}_auc"] = metrics.auc(y[sel], p[sel])
+            b[f"{name}_gauc"] = metrics.gauc(y[sel], p[sel], g[sel])
+            b[f"{name}_logloss"] = metrics.logloss(y[sel], p[sel])
+        buckets.append(b)
+    report["buckets"] = buckets
+    ks = sorted(int(k[2:]) for k in curve if k.startswith("k="))
+    report["auc_vs_k"] = {"k": ks,
+                          "auc": [metrics.auc(y, curve[f"k={k}"]) for k in ks],
+                          "gauc": [metrics.gauc(y, curve[f"k={k}"], g) for k in ks],
+                          "logloss": [metrics.logloss(y, curve[f"k={k}"]) for k in ks]}
+    report["reliability"] = {name: metrics.reliability(y, p, cfg.eval.calibration_bins) for name, p in named.items()}
+    return report
+
+
+def evaluate(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | None = None,
+             baseline: tuple[MetaDLRM, Config] | None = None) -> dict:
+    """Evaluate in this process (or, under an initialised process group, on every rank
+    together: the report is complete on rank 0, None elsewhere)."""
+    t0 = time.perf_counter()
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    pred = collect(model, cfg, shards_dir, inner_steps=inner_steps, baseline=baseline, rank=rank, world_size=world)
+    if distributed:
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(pred, parts, dst=0)
+        if rank != 0:
+            return None
+        pred = Predictions().merge(parts)
+    report = build_report(pred, cfg, inner_steps=inner_steps, algorithm=cfg.meta.algorithm)
+    report["processes"] = float(world)
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def flat_metrics(report: dict) -> dict[str, float]:
+    """The report as MLflow metrics (without the K curve, logged with step = K)."""
+    out = {k: float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for b in report.get("buckets", []):
+        tag = "support_" + b["support"].replace("+", "_plus")
+        out.update({f"{tag}/{k}": float(v) for k, v in b.items() if k != "support"})
+    return out
+
+
+def _rows(report: dict) -> list[str]:
+    return [n for n in SCORERS if f"{n}_auc" in report]
+
+
+def format_table(report: dict) -> str:
+    """Markdown: overall table, per support-size bucket, and AUC vs. K."""
+    lines = ["| model | AUC | GAUC | logloss | pred. rate | obs. rate | calibration |",
+             "|---|---|---|---|---|---|---|"]
+    for n in _rows(report):
+        lines.append(f"| {n} | {report[f'{n}_auc']:.4f} | {report[f'{n}_gauc']:.4f} | {report[f'{n}_logloss']:.4f} | "
+                     f"{report[f'{n}_pred_rate']:.4f} | {report[f'{n}_obs_rate']:.4f} | "
+                     f"{report[f'{n}_calibration']:.3f} |")
+    lines.append(f"\n{int(report['tasks'])} held-out tasks, {int(report['query_rows'])} query rows, "
+                 f"{int(report['inner_steps'])} inner steps")
+    if report.get("buckets"):
+        names = _rows(report)
+        lines += ["", "AUC by support-set size (cold-start bucket):", "",
+                  "| support rows | tasks | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for b in report["buckets"]:
+            lines.append(f"| {b['support']} | {int(b['tasks'])} | "
+                         + " | ".join(f"{b[f'{n}_auc']:.4f}" for n in names) + " |")
+    if report.get("auc_vs_k"):
+        c = report["auc_vs_k"]
+        lines += ["", "AUC vs. inner steps K:", "", "| K | " + " | ".join(str(k) for k in c["k"]) + " |",
+                  "|---|" + "---|" * len(c["k"]),
+                  "| AUC | " + " | ".join(f"{v:.4f}" for v in c["auc"]) + " |",
+                  "| GAUC | " + " | ".join(f"{v:.4f}" for v in c["gauc"]) + " |"]
     return "\n".join(lines)
 
 
-def run_evaluate(checkpoint: str | Path, *, cfg_override: Config | None = None, baseline: str | Path | None = None,
-                 shards_dir: str | None = None, tracking: bool = True, tracking_uri: str = "") -> dict[str, float]:
-    """``gmeta evaluate``: load checkpoint(s), evaluate, write report, log to the training run."""
+def format_html(report: dict, plots: list[str]) -> str:
+    """A standalone HTML page: the Markdown tables as HTML tables and the plots inline."""
+    body, table = [], []
+
+    def flush():
+        if table:
+            head, *rows = [[c.strip() for c in r.strip("|").split("|")] for r in table if not r.startswith("|---")]
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+                        + "</table>")
+            table.clear()
+
+    for line in format_table(report).splitlines():
+        if line.startswith("|"):
+            table.append(line)
+        else:
+            flush()
+            if line.strip():
+                body.append(f"<p>{html.escape(line.strip())}</p>")
+    flush()
+    body += [f'<p><img src="{html.escape(p)}" alt="{html.escape(p)}"></p>' for p in plots]
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>gmeta evaluation</title>"
+            f"<style>{style}</style></head><body><h1>Cold-start evaluation</h1>{''.join(body)}</body></html>\n")
+
+
+def write_report(report: dict, out_dir: str | Path) -> list[Path]:
+    """eval_report.{json,md,html} and the PNG plots into ``out_dir``; returns the files."""
+    from gmeta import plots
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [plots.auc_vs_steps(report, out / "auc_vs_k.png"),
+             plots.auc_by_bucket(report, out / "auc_by_support_size.png"),
+             plots.calibration(report, out / "calibration.png")]
+    (out / "eval_report.json").write_text(json.dumps(report, indent=2))
+    (out / "eval_report.md").write_text(format_table(report) + "\n")
+    (out / "eval_report.html").write_text(format_html(report, [p.name for p in files]))
+    return [out / "eval_report.json", out / "eval_report.md", out / "eval_report.html", *files]
+
+
+def log_report(tracker, report: dict, files: list[Path], step: int) -> None:
+    """Metrics (eval/...), the AUC-vs-K curve (metric history with step = K) and the files."""
+    tracker.log_metrics({f"eval/{k}": v for k, v in flat_metrics(report).items()}, step=step)
+    c = report["auc_vs_k"]
+    for i, k in enumerate(c["k"]):
+        tracker.log_metrics({"eval/auc_vs_k": c["auc"][i], "eval/gauc_vs_k": c["gauc"][i]}, step=k)
+    for f in files:
+        tracker.log_artifact(f, "eval")
+
+
+def resolve_checkpoint(checkpoint: str | Path | None, run_id: str, tracking_uri: str) -> Path:
+    """The checkpoint to evaluate: given, or the one a training run references (tag
+    ``gmeta.checkpoint``)."""
+    from gmeta.checkpoint import CheckpointError
+
+    if checkpoint:
+        return Path(checkpoint)
+    if not run_id:
+        raise CheckpointError("give --checkpoint or --run-id")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from gmeta.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri("", tracking_uri)
+    try:
+        run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException as e:
+        raise CheckpointError(f"run {run_id} not found at {uri}: {e.message}") from None
+    path = run.data.tags.get("gmeta.checkpoint")
+    if not path:
+        raise CheckpointError(f"run {run_id} at {uri} references no checkpoint (tag gmeta.checkpoint)")
+    return Path(path)
+
+
+def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_override: Config | None = None,
+                 baseline: str | Path | None = None, shards_dir: str | None = None, tracking: bool = True,
+                 tracking_uri: str = "", out_dir: str | Path | None = None,
+                 inner_steps: int | None = None) -> dict | None:
+    """``gmeta evaluate``: load the checkpoint (sharded under torchrun, else unsharded),
+    evaluate, write the report files and log them to the checkpoint's MLflow run.
+    Returns the report on rank 0, None on other ranks."""
+    from gmeta.checkpoint import load_sharded, load_unsharded
+    from gmeta.parallel.dist import init_distributed, under_torchrun
     from gmeta.tracking import make_tracker
 
-    model, cfg, meta = load_unsharded(checkpoint)
-    if cfg_override is not None:  # evaluation settings and data location come from --config
-        cfg.eval = cfg_override.eval
-        cfg.data.shards_dir = cfg_override.data.shards_dir
-    base = None
-    if baseline:
-        bmodel, bcfg, _ = load_unsharded(baseline)
-        base = (bmodel, bcfg)
-    result = evaluate(model, cfg, shards_dir or cfg.data.shards_dir, inner_steps=cfg.eval.inner_steps, baseline=base)
-    report = Path(checkpoint).parent / "eval_report.json"
-    report.write_text(json.dumps(result, indent=2))
-    table = format_table(result)
-    log.info("evaluation of %s:\n%s", checkpoint, table)
-    run_id = meta.get("mlflow_run_id", "")
-    if tracking and run_id:
+    path = resolve_checkpoint(checkpoint, run_id, tracking_uri)
+    env = init_distributed() if under_torchrun() else None
+    try:
+        if env is not None:
+            model, cfg, meta = load_sharded(path, env.device)
+        else:
+            model, cfg, meta = load_unsharded(path)
+        if cfg_override is not None:  # evaluation settings and data location come from --config
+            cfg.eval = cfg_override.eval
+            cfg.data.shards_dir = cfg_override.data.shards_dir
+        if inner_steps is not None:
+            cfg.eval.inner_steps = inner_steps
+        base = None
+        if baseline:
+            bmodel, bcfg, _ = load_unsharded(baseline)
+            base = (bmodel, bcfg)
+        report = evaluate(model, cfg, shards_dir or cfg.data.shards_dir, inner_steps=cfg.eval.inner_steps,
+                          baseline=base)
+    finally:
+        if env is not None:
+            dist.destroy_process_group()
+    if report is None:
+        return None
+    report["checkpoint"] = str(path)
+    files = write_report(report, out_dir or path.parent / "eval")
+    log.info("evaluation of %s:\n%s\nreport: %s", path, format_table(report), files[0].parent)
+    run = meta.get("mlflow_run_id", "")
+    if tracking and run:
         uri = tracking_uri or meta.get("tracking_uri", "")
-        tracker = make_tracker(True, uri, cfg.tracking.experiment, run_id=run_id)
-        tracker.log_metrics({f"eval/{k}": v for k, v in result.items()}, step=int(meta.get("step", 0)))
-        tracker.log_text(table, "eval_report.md")
-        tracker.log_artifact(report)
+        tracker = make_tracker(True, uri, cfg.tracking.experiment, run_id=run)
+        log_report(tracker, report, files, step=int(meta.get("step", 0)))
         tracker.finish()
-    return result
+    return report

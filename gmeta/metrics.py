@@ -31,5 +31,24 @@ def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1]))
 
 
+def calibration(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Mean predicted vs. observed rate, and their ratio (1 = calibrated on average)."""
+    pred, obs = float(np.mean(probs)), float(np.mean(labels))
+    return {"pred_rate": pred, "obs_rate": obs, "calibration": pred / obs if obs > 0 else float("nan")}
+
+
+def reliability(labels: np.ndarray, probs: np.ndarray, bins: int) -> list[dict[str, float]]:
+    """Predicted vs. observed rate in ``bins`` bins of equal row count by predicted value
+    (CTR/CVR predictions crowd near 0, where equal-width bins would hold nearly every row)."""
+    order = np.argsort(probs, kind="stable")
+    out = []
+    for part in np.array_split(order, bins):
+        if len(part):
+            out.append({"rows": float(len(part)), "pred": float(probs[part].mean()), "obs": float(labels[part].mean())})
+    return out
+
+
 def summarize(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray) -> dict[str, float]:
-    return {"auc": auc(labels, probs), "gauc": gauc(labels, probs, groups), "logloss": logloss(labels, probs)}
+    """AUC, GAUC, logloss and calibration of one scorer."""
+    return {"auc": auc(labels, probs), "gauc": gauc(labels, probs, groups), "logloss": logloss(labels, probs),
+            **calibration(labels, probs)}

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
-from gmeta import __version__, checkpoint
+from gmeta import checkpoint
 from gmeta.config import Config, dump_yaml, flatten, to_dict
 from gmeta.io.prepare import check_manifest_matches, load_manifest
 from gmeta.io.reader import TaskReader
@@ -28,7 +28,7 @@ from gmeta.parallel.dist import DenseGradSync, broadcast_params, init_distribute
 from gmeta.parallel.maml import MetaOutput, erm_loss, maml_loss
 from gmeta.parallel.pipeline import SparseDistPipeline
 from gmeta.parallel.sharding import shard_model
-from gmeta.tracking import NullTracker, make_tracker, resolve_tracking_uri, ui_command
+from gmeta.tracking import NullTracker, environment_tags, make_tracker, resolve_tracking_uri, ui_command
 from gmeta.types import TaskBatch
 
 log = logging.getLogger(__name__)
@@ -176,11 +176,13 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     tracker = NullTracker()
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        tracker = make_tracker(cfg.tracking.enabled, uri, cfg.tracking.experiment, cfg.tracking.run_name)
+        tracker = make_tracker(cfg.tracking.enabled, uri, cfg.tracking.experiment, cfg.tracking.run_name,
+                               system_metrics_s=cfg.tracking.system_metrics_s)
         tracker_box.append(tracker)
         tracker.log_params(flatten(to_dict(cfg)))
-        tracker.set_tags({"gmeta.version": __version__, "torch.version": torch.__version__,
-                          "gmeta.world_size": str(env.world_size), "gmeta.algorithm": cfg.meta.algorithm})
+        tracker.set_tags({**environment_tags(), "gmeta.world_size": str(env.world_size),
+                          "gmeta.algorithm": cfg.meta.algorithm, "gmeta.device": env.device.type,
+                          "gmeta.checkpoint": str((out_dir / "checkpoint").resolve())})
         tracker.log_text(dump_yaml(cfg), "config.yaml")
         tracker.log_artifact(Path(cfg.data.shards_dir) / "manifest.json")
         log.info("training %s: %d steps (%d per epoch), %d tasks per step on each of %d ranks",
@@ -257,17 +259,39 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     # ---------------------------------------------------------------- evaluate (rank 0)
     result: dict = {"checkpoint": str(ckpt), "steps": step, **last}
     if env.is_main:
-        if cfg.train.eval_at_end:
-            from gmeta.evaluate import evaluate, format_table
-
-            emodel, ecfg, _ = checkpoint.load_unsharded(ckpt)
-            ev = evaluate(emodel, ecfg, cfg.data.shards_dir, inner_steps=cfg.eval.inner_steps)
-            tracker.log_metrics({f"eval/{k}": v for k, v in ev.items()}, step=step)
-            log.info("cold-start evaluation:\n%s", format_table(ev))
-            result.update({f"eval/{k}": v for k, v in ev.items()})
+        _finish_run(tracker, ckpt, cfg, out_dir, step, result)
         tracker.finish()
         tracker_box.clear()
         log.info("checkpoint: %s", ckpt)
         if tracker.run_id:
             log.info("mlflow run %s; to browse: %s", tracker.run_id, ui_command(uri))
     return result
+
+
+def _finish_run(tracker, ckpt: Path, cfg: Config, out_dir: Path, step: int, result: dict) -> None:
+    """Rank 0 after training: learning curves, cold-start evaluation report, pyfunc model."""
+    from gmeta import plots
+
+    history = getattr(tracker, "history", {})
+    curves = {k: v for k, v in history.items() if k in ("train/query_loss", "train/support_loss")}
+    if curves:
+        tracker.log_artifact(plots.learning_curves(curves, out_dir / "learning_curves.png"), "plots")
+    emodel = None
+    if cfg.train.eval_at_end or (cfg.tracking.enabled and cfg.tracking.log_model):
+        emodel, ecfg, _ = checkpoint.load_unsharded(ckpt)
+    if cfg.train.eval_at_end:
+        from gmeta.evaluate import evaluate, flat_metrics, format_table, log_report, write_report
+
+        report = evaluate(emodel, ecfg, cfg.data.shards_dir, inner_steps=cfg.eval.inner_steps)
+        report["checkpoint"] = str(ckpt)
+        files = write_report(report, out_dir / "eval")
+        log_report(tracker, report, files, step)
+        log.info("cold-start evaluation:\n%s", format_table(report))
+        result.update({f"eval/{k}": v for k, v in flat_metrics(report).items()})
+    if cfg.tracking.enabled and cfg.tracking.log_model and tracker.run_id:
+        from gmeta.serving import log_model
+
+        t = time.perf_counter()
+        uri = log_model(ckpt, ecfg, emodel)
+        log.info("model logged as %s (mlflow.pyfunc.load_model) in %.1fs", uri, time.perf_counter() - t)
+        result["model_uri"] = uri

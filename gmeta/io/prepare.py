@@ -145,7 +145,7 @@ class _Cardinality:
         return out
 
 
-def _hash_batch(table: pa.Table, cfg: Config, card: _Cardinality, where: str) -> pa.Table:
+def _hash_batch(table: pa.Table, cfg: Config, card: _Cardinality | None, where: str) -> pa.Table:
     """Raw batch -> the columns prepare keeps, sparse ids hashed into their tables."""
     f = cfg.features
     cols: dict[str, pa.Array] = {
@@ -177,7 +177,8 @@ def _hash_batch(table: pa.Table, cfg: Config, card: _Cardinality, where: str) ->
             raw = col.to_numpy(zero_copy_only=False)
             hashed = hash_ids(raw, s.name, s.num_embeddings)
             cols[s.name] = pa.array(hashed)
-        card.add(s.name, raw, hashed)
+        if card is not None:
+            card.add(s.name, raw, hashed)
     dense = np.stack([table.column(c).to_numpy().astype(np.float32) for c in f.dense], axis=1)
     cols["dense"] = pa.FixedSizeListArray.from_arrays(pa.array(dense.reshape(-1)), len(f.dense))
     if f.true_prob and f.true_prob in table.column_names:

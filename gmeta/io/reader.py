@@ -51,6 +51,29 @@ def load_unit(root: Path, unit: Unit, schema: dict, fmt: str, on_bad_task: str) 
     return check_block(block, schema, on_bad_task)
 
 
+def task_keys(shards_dir: str | Path, split: str) -> dict[int, object]:
+    """task_id -> task_key of every task of a split (batches carry only the ids)."""
+    root = Path(shards_dir)
+    manifest = load_manifest(root)
+    if split not in manifest["splits"]:
+        raise ShardError(f"{root / 'manifest.json'}: no split {split!r}")
+    out: dict[int, object] = {}
+    for f in manifest["splits"][split]["files"]:
+        path = root / f["path"]
+        if manifest.get("format", "parquet") == "webdataset":
+            from gmeta.io.wds import read_task_keys
+
+            pairs = read_task_keys(path)
+        else:
+            try:
+                t = pq.read_table(path, columns=["task_key", "task_id"])
+            except (OSError, pa.ArrowException) as e:
+                raise ShardError(f"{path}: cannot read task keys: {e}") from None
+            pairs = zip(t.column("task_key").to_pylist(), t.column("task_id").to_pylist())
+        out.update((int(i), k) for k, i in pairs)
+    return out
+
+
 _LOOKAHEAD_BATCHES = 32
 
 

@@ -121,3 +121,16 @@ def read_tar(path: Path, schema: dict) -> TaskBlock:
     return TaskBlock(source=str(path), task_id=np.array(task_ids, dtype=np.int64),
                      support=_side(samples, "support", schema, str(path)),
                      query=_side(samples, "query", schema, str(path)))
+
+
+def read_task_keys(path: Path) -> list[tuple[object, int]]:
+    """(task_key, task_id) of every sample of a tar shard, reading only the .json members."""
+    out = []
+    try:
+        for sample in wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                     empty_check=False).select(lambda s: "json" in s):
+            info = json.loads(sample["json"])
+            out.append((info["task_key"], int(info["task_id"])))
+    except Exception as e:
+        raise ShardError(f"{path}: cannot read task keys: {e}") from None
+    return out

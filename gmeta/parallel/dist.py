@@ -40,6 +40,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def under_torchrun() -> bool:
+    """True in a process started by torchrun (torch.distributed.run)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
 def pick_device(local_rank: int) -> tuple[torch.device, str]:
     """CUDA + NCCL when a GPU is present, CPU + gloo otherwise."""
     if torch.cuda.is_available():

@@ -1,0 +1,132 @@
+"""``gmeta predict``: batch inference over many tasks, resumable.
+
+Streams the task shards of a split in manifest order, adapts each task on its support rows
+and scores its query rows, and writes Parquet parts ``part-00000.parquet``, ... with
+columns task_key, task_id, row (position in the task's query set, in time order), label
+and score. Each part is written to a temporary name and renamed; then ``_progress.json``
+records the parts and the reader's position (written the same way). After an interruption,
+``--resume`` deletes any part the progress file does not list and goes on from the
+recorded position: every query row is written exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gmeta.checkpoint import load_unsharded
+from gmeta.evaluate import predict_query
+from gmeta.io.reader import TaskReader, task_keys
+
+log = logging.getLogger(__name__)
+
+PROGRESS = "_progress.json"
+
+
+class PredictError(ValueError):
+    """Bad arguments or an output directory that cannot be (re)used. Names the path."""
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def _part(i: int) -> str:
+    return f"part-{i:05d}.parquet"
+
+
+def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str | None = None, split: str = "eval",
+                inner_steps: int | None = None, tasks_per_batch: int | None = None, rows_per_part: int = 200_000,
+                resume: bool = False, max_tasks: int = 0, progress: bool = True) -> dict:
+    """Predict every query row of ``split``; returns a summary (rows, tasks, parts, rows/s)."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    model, cfg, meta = load_unsharded(checkpoint)
+    shards = Path(shards_dir or cfg.data.shards_dir)
+    steps = inner_steps if inner_steps is not None and inner_steps >= 0 else (
+        cfg.eval.inner_steps if cfg.eval.inner_steps >= 0 else cfg.meta.inner_steps)
+    tpb = tasks_per_batch or cfg.eval.tasks_per_batch
+    out = Path(out_dir)
+    job = {"checkpoint": str(Path(checkpoint).resolve()), "shards": str(shards.resolve()), "split": split,
+           "inner_steps": steps, "tasks_per_batch": tpb, "max_tasks": max_tasks}
+    reader = TaskReader(shards, split, tpb, shuffle=False, drop_last=False, num_workers=1,
+                        on_bad_task=cfg.data.on_bad_task, max_tasks=max_tasks)
+    state = {"job": job, "parts": 0, "rows": 0, "tasks": 0, "reader": None, "complete": False}
+    progress_file = out / PROGRESS
+    if progress_file.is_file():
+        if not resume:
+            raise PredictError(f"{out}: holds predictions already ({PROGRESS}); pass --resume to continue "
+                               "them or choose another --out")
+        try:
+            state = json.loads(progress_file.read_text())
+        except json.JSONDecodeError as e:
+            raise PredictError(f"{progress_file}: unreadable: {e}") from None
+        if state.get("job") != job:
+            raise PredictError(f"{progress_file}: written for {state.get('job')}, this run is {job}: "
+                               "resume with the same checkpoint, shards, split and settings")
+        if state["reader"] is not None:
+            reader.load_state_dict(state["reader"])
+    elif out.is_dir() and any(out.glob("part-*.parquet")):
+        raise PredictError(f"{out}: holds part files but no {PROGRESS}; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("part-*.parquet*"):  # written after the last recorded progress
+        if stale.name.endswith(".tmp") or int(stale.name[5:10]) >= state["parts"]:
+            stale.unlink()
+    if state["complete"]:
+        log.info("predict: %s is complete (%d rows of %d tasks)", out, state["rows"], state["tasks"])
+        return {**state, "out": str(out), "rows_per_s": 0.0, "new_rows": 0}
+
+    keys = task_keys(shards, split)
+    buf: dict[str, list] = {"task_key": [], "task_id": [], "row": [], "label": [], "score": []}
+    new_rows = new_tasks = 0
+
+    def flush(final: bool) -> None:
+        if buf["score"]:
+            table = pa.table({"task_key": pa.array([k for part in buf["task_key"] for k in part]),
+                              "task_id": pa.array(np.concatenate(buf["task_id"])),
+                              "row": pa.array(np.concatenate(buf["row"]).astype(np.int32)),
+                              "label": pa.array(np.concatenate(buf["label"]).astype(np.float32)),
+                              "score": pa.array(np.concatenate(buf["score"]).astype(np.float32))})
+            _write_atomic(out / _part(state["parts"]), lambda p: pq.write_table(table, p))
+            state["parts"] += 1
+            for v in buf.values():
+                v.clear()
+        state["reader"] = reader.state_dict()
+        state["complete"] = final
+        _write_atomic(progress_file, lambda p: p.write_text(json.dumps(state, indent=2)))
+
+    pending = 0
+    with tqdm(total=reader.num_tasks, initial=state["tasks"], unit="tasks", desc="predict",
+              disable=not progress) as bar:
+        for batch in reader:
+            probs = predict_query(model, cfg, batch, steps)
+            q_counts = (batch.query_offsets[1:] - batch.query_offsets[:-1]).numpy()
+            ids = batch.task_ids.numpy()
+            buf["task_key"].append(np.repeat(np.array([keys[int(i)] for i in ids], dtype=object), q_counts))
+            buf["task_id"].append(np.repeat(ids, q_counts))
+            buf["row"].append(np.arange(len(probs)) - np.repeat(batch.query_offsets[:-1].numpy(), q_counts))
+            buf["label"].append(batch.labels[batch.num_support:].numpy())
+            buf["score"].append(probs)
+            state["rows"] += len(probs)
+            state["tasks"] += batch.num_tasks
+            new_rows += len(probs)
+            new_tasks += batch.num_tasks
+            pending += len(probs)
+            bar.update(batch.num_tasks)
+            if pending >= rows_per_part:
+                flush(final=False)
+                pending = 0
+    flush(final=True)
+    dt = time.perf_counter() - t0
+    log.info("predict: %d query rows of %d tasks in %d part(s) -> %s (%.0f rows/s, %.0f tasks/s this run)",
+             state["rows"], state["tasks"], state["parts"], out, new_rows / dt, new_tasks / dt)
+    return {**state, "out": str(out), "rows_per_s": new_rows / dt, "new_rows": new_rows, "seconds": dt}

@@ -1,0 +1,209 @@
+"""Adapt-then-predict on raw rows, and the MLflow pyfunc model built on it.
+
+``score_rows`` takes a pandas DataFrame of raw rows (the columns of the training logs) with
+a ``role`` column: for each task (``features.task_key``), the "support" rows (labelled) are
+what the model adapts on, the "query" rows are scored. Ids are hashed and values checked
+exactly as ``gmeta prepare`` does, each task's rows are ordered by timestamp as in the
+shards, and tasks are adapted and scored together in meta-batches as ``gmeta predict``
+does, so the scores equal those of ``gmeta predict`` on the same tasks.
+
+The trained model is logged to MLflow as a pyfunc (``mlflow.pyfunc.load_model(uri)
+.predict(df)``) with the checkpoint as its artifact and gmeta's code inside.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from gmeta.config import Config
+from gmeta.io.blocks import SplitArrays, TaskBlock, collate_packed
+from gmeta.io.prepare import PrepareError, _check_values, _hash_batch, _split_tasks, stable_hash
+
+ROLE = "role"
+SUPPORT, QUERY = "support", "query"
+
+
+def _schema(cfg: Config, has_true_prob: bool = False) -> dict:
+    from dataclasses import asdict
+
+    return {"sparse": [asdict(s) for s in cfg.features.sparse], "dense": list(cfg.features.dense),
+            "has_true_prob": has_true_prob}
+
+
+def _input_columns(cfg: Config) -> list[str]:
+    f = cfg.features
+    return [f.task_key, f.timestamp, f.label] + [s.name for s in f.sparse] + list(f.dense)
+
+
+def assign_roles(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """``df`` with a ``role`` column set by ``gmeta prepare``'s split rule (data.split):
+    "support", "query", or "" for rows the rule leaves out (beyond max_support/max_query,
+    or tasks it drops as too small). For scoring logged tasks as training/evaluation saw them."""
+    f = cfg.features
+    missing = [c for c in (f.task_key, f.timestamp) if c not in df.columns]
+    if missing:
+        raise PrepareError(f"input rows: missing column(s) {missing}")
+    order = np.lexsort((df[f.timestamp].to_numpy(), stable_hash(df[f.task_key].to_numpy(), "order")))
+    keys = df[f.task_key].to_numpy()[order]
+    ts = df[f.timestamp].to_numpy().astype(np.int64)[order]
+    start = np.concatenate([[0], np.flatnonzero(keys[1:] != keys[:-1]) + 1]).astype(np.int64)
+    counts = np.diff(np.concatenate([start, [len(keys)]]))
+    s_idx, q_idx, _ = _split_tasks(cfg, start, counts, ts, stable_hash(keys[start], "task"))
+    role = np.full(len(df), "", dtype=object)
+    for s, q in zip(s_idx, q_idx):
+        if s is not None:
+            role[order[s]] = SUPPORT
+            role[order[q]] = QUERY
+    return df.assign(**{ROLE: role})
+
+
+def _side(t: pa.Table, sel: np.ndarray, task_of_row: np.ndarray, num_tasks: int, cfg: Config) -> SplitArrays:
+    rows = np.zeros(num_tasks + 1, dtype=np.int64)
+    np.add.at(rows, task_of_row + 1, 1)
+    ids, id_offsets = {}, {}
+    idx = pa.array(sel)
+    for s in cfg.features.sparse:
+        col = t.column(s.name).combine_chunks().take(idx)
+        if s.multi_hot:
+            off = col.offsets.to_numpy().astype(np.int64)
+            id_offsets[s.name] = off - off[0]
+            ids[s.name] = col.flatten().to_numpy().astype(np.int64)
+        else:
+            ids[s.name] = col.to_numpy().astype(np.int64)
+    dense = np.asarray(t.column("dense").combine_chunks().take(idx).flatten().to_numpy(), dtype=np.float32)
+    label = t.column("__label").to_numpy()[sel].astype(np.float32)
+    return SplitArrays(np.cumsum(rows), ids, id_offsets, dense.reshape(len(sel), -1), label)
+
+
+def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int) -> list[tuple[TaskBlock, np.ndarray]]:
+    """Raw rows with roles -> TaskBlocks of at most ``tasks_per_batch`` tasks, each with
+    the input positions of its query rows in query-block order."""
+    f = cfg.features
+    cols = _input_columns(cfg)
+    missing = [c for c in cols + [ROLE] if c not in df.columns]
+    if missing:
+        raise PrepareError(f"input rows: missing column(s) {missing}; expected {cols + [ROLE]}")
+    role = df[ROLE].astype(str).to_numpy()
+    bad = ~np.isin(role, [SUPPORT, QUERY, ""])
+    if bad.any():
+        raise PrepareError(f"input rows: column {ROLE!r} must be 'support' or 'query' (or '' to ignore a row), "
+                           f"got {role[bad][0]!r} at row {int(np.argmax(bad))}")
+    frame = df[cols].copy()
+    is_query = role == QUERY
+    # query labels are unknown at serving time: NaN there is allowed (they are not used)
+    frame.loc[is_query, f.label] = frame.loc[is_query, f.label].fillna(0)
+    keep = np.flatnonzero(role != "")
+    table = pa.Table.from_pandas(frame.iloc[keep], preserve_index=False)
+    _check_values(table, cfg, "input rows")
+    hashed = _hash_batch(table, cfg, None, "input rows")
+    keys = df[f.task_key].to_numpy()[keep]
+    ts = df[f.timestamp].to_numpy().astype(np.int64)[keep]
+    uniq, first, task = np.unique(keys, return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first, kind="stable"), kind="stable")  # tasks in order of appearance
+    task = rank[task]
+    q = is_query[keep]
+    out = []
+    num_tasks = len(uniq)
+    for lo in range(0, num_tasks, tasks_per_batch):
+        hi = min(lo + tasks_per_batch, num_tasks)
+        in_batch = (task >= lo) & (task < hi)
+        sides = {}
+        positions = None
+        for name, mask in ((SUPPORT, ~q), (QUERY, q)):
+            sel = np.flatnonzero(in_batch & mask)
+            sel = sel[np.lexsort((ts[sel], task[sel]))]  # task-major, by time inside a task
+            counts = np.bincount(task[sel] - lo, minlength=hi - lo)
+            if (counts == 0).any():
+                t0 = int(np.argmax(counts == 0)) + lo
+                key = keys[np.flatnonzero(task == t0)[0]]
+                raise PrepareError(f"input rows: task {key!r} ({f.task_key}) has no {name} rows")
+            sides[name] = _side(hashed, sel, task[sel] - lo, hi - lo, cfg)
+            if name == QUERY:
+                positions = keep[sel]
+        task_ids = stable_hash(keys[[np.flatnonzero(task == t)[0] for t in range(lo, hi)]], "task").astype(np.int64)
+        out.append((TaskBlock("input rows", task_ids, sides[SUPPORT], sides[QUERY]), positions))
+    return out
+
+
+def score_rows(model, cfg: Config, df: pd.DataFrame, inner_steps: int = -1) -> pd.DataFrame:
+    """Scores of the query rows of ``df`` after adapting each task on its support rows
+    (``inner_steps``; -1: the evaluation default). One row per input row, same index;
+    ``score`` is NaN on support rows and ignored rows."""
+    from gmeta.evaluate import predict_query
+
+    steps = cfg.meta.inner_steps if cfg.eval.inner_steps < 0 else cfg.eval.inner_steps
+    steps = steps if inner_steps is None or inner_steps < 0 else int(inner_steps)
+    scores = np.full(len(df), np.nan)
+    schema = _schema(cfg)
+    for block, positions in rows_to_blocks(df, cfg, cfg.eval.tasks_per_batch):
+        batch = collate_packed([(block, np.arange(block.num_tasks))], schema).unpack()
+        scores[positions] = predict_query(model, cfg, batch, steps)
+    return pd.DataFrame({"score": scores}, index=df.index)
+
+
+try:
+    import mlflow.pyfunc
+
+    class GMetaModel(mlflow.pyfunc.PythonModel):
+        """pyfunc: ``predict(df, params={"inner_steps": K})`` -> DataFrame with ``score``."""
+
+        def load_context(self, context) -> None:
+            from gmeta.checkpoint import load_unsharded
+
+            self.model, self.cfg, _ = load_unsharded(context.artifacts["checkpoint"])
+
+        def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+            return score_rows(self.model, self.cfg, model_input, int((params or {}).get("inner_steps", -1)))
+except ImportError:  # mlflow is a dependency; the guard keeps this module importable without it
+    GMetaModel = None
+
+
+def example_rows(cfg: Config, n: int = 4) -> pd.DataFrame:
+    """A few input rows (one task: support and query) for the model's signature."""
+    f = cfg.features
+    data: dict = {f.task_key: ["task-a"] * n, f.timestamp: np.arange(n, dtype=np.int64),
+                  f.label: np.array([0.0, 1.0] + [np.nan] * (n - 2))}
+    for s in f.sparse:
+        data[s.name] = [[1, 2]] * n if s.multi_hot else np.arange(n, dtype=np.int64)
+    for d in f.dense:
+        data[d] = np.zeros(n)
+    data[ROLE] = [SUPPORT, SUPPORT] + [QUERY] * (n - 2)
+    return pd.DataFrame(data)
+
+
+def log_model(checkpoint: str | Path, cfg: Config, model=None) -> str:
+    """Log the checkpoint as a pyfunc model ("model") of the active MLflow run; returns its URI."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    import gmeta
+
+    example = example_rows(cfg)
+    signature = None
+    if model is not None:
+        out = score_rows(model, cfg, example)
+        signature = infer_signature(example, out, params={"inner_steps": -1})
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=GMetaModel(), artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(Path(gmeta.__file__).parent)], signature=signature,
+        pip_requirements=_requirements())
+    return info.model_uri
+
+
+def _requirements() -> list[str]:
+    """Pinned requirements of the model's environment (named explicitly: inferring them
+    would load the model once more in a subprocess)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("torch", "fbgemm-gpu-cpu", "torchrec", "pyarrow", "pandas", "numpy", "scikit-learn", "mlflow",
+                "pyyaml", "webdataset"):
+        try:
+            out.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return out
