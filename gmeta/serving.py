@@ -162,13 +162,32 @@ except ImportError:  # mlflow is a dependency; the guard keeps this module impor
     GMetaModel = None
 
 
-def example_rows(cfg: Config, n: int = 4) -> pd.DataFrame:
-    """A few input rows (one task: support and query) for the model's signature."""
+def _example_column(arrow_type: str, n: int):
+    """n example values of a raw column of the given Arrow type (as the manifest records it)."""
+    t = arrow_type.strip()
+    if t.startswith(("list<", "large_list<")):
+        item = t[t.index("<") + 1: -1].split(":")[-1].strip()
+        return [list(_example_column(item, 2)) for _ in range(n)]
+    if t in ("string", "large_string", "utf8"):
+        return [f"v{i}" for i in range(n)]
+    if t.startswith("timestamp"):
+        return pd.date_range("2024-01-01", periods=n, freq="h")
+    if t.startswith(("double", "float", "halffloat")):
+        return np.linspace(0.0, 1.0, n)
+    return np.arange(n, dtype=np.int64)
+
+
+def example_rows(cfg: Config, input_columns: dict[str, str] | None = None, n: int = 4) -> pd.DataFrame:
+    """Input rows of one task (2 support, the rest query) with the raw column types of the
+    training data (``input_columns`` of the manifest), for the model's signature."""
     f = cfg.features
-    data: dict = {f.task_key: ["task-a"] * n, f.timestamp: np.arange(n, dtype=np.int64),
-                  f.label: np.array([0.0, 1.0] + [np.nan] * (n - 2))}
-    for s in f.sparse:
-        data[s.name] = [[1, 2]] * n if s.multi_hot else np.arange(n, dtype=np.int64)
+    types = input_columns or {}
+    data: dict = {}
+    for col in _input_columns(cfg):
+        multi = any(s.name == col and s.multi_hot for s in f.sparse)
+        data[col] = _example_column(types.get(col, "list<int64>" if multi else "int64"), n)
+    data[f.task_key] = [data[f.task_key][0]] * n
+    data[f.label] = np.array([0.0, 1.0] + [np.nan] * (n - 2))
     for d in f.dense:
         data[d] = np.zeros(n)
     data[ROLE] = [SUPPORT, SUPPORT] + [QUERY] * (n - 2)
@@ -182,7 +201,13 @@ def log_model(checkpoint: str | Path, cfg: Config, model=None) -> str:
 
     import gmeta
 
-    example = example_rows(cfg)
+    from gmeta.io.prepare import load_manifest
+
+    try:
+        input_columns = load_manifest(cfg.data.shards_dir).get("input_columns")
+    except PrepareError:
+        input_columns = None
+    example = example_rows(cfg, input_columns)
     signature = None
     if model is not None:
         out = score_rows(model, cfg, example)

@@ -26,3 +26,19 @@ def debug_data(tmp_path_factory) -> dict[str, Path]:
     generate(cfg, base / "raw")
     prepare(cfg, base / "raw", base / "shards")
     return {"raw": base / "raw", "shards": base / "shards"}
+
+
+@pytest.fixture(scope="session")
+def debug_checkpoint(debug_data, tmp_path_factory) -> Path:
+    """A MAML checkpoint trained briefly (one process) on the debug data."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("debug_run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "gmeta.cli", "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1",
+         f"data.shards_dir={debug_data['shards']}", f"train.output_dir={out}", "train.max_steps=40",
+         "train.eval_at_end=false", "tracking.enabled=false"],
+        capture_output=True, text=True, timeout=600, cwd=out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out / "checkpoint"

@@ -530,6 +530,7 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
         "input_tasks": int(task_keys_seen + sum(dropped.values())),
         "dropped_tasks": dropped,
         "task_key": f.task_key,
+        "input_columns": {c: str(dataset.schema.field(c).type) for c in columns},  # raw types, for serving
         "schema": schema,
         "cardinality": card.summary(),
         "split_rule": asdict(cfg.data.split),
