@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
     try:
-        cfg = load_config(args.config, args.overrides) if args.config else None
+        cfg = load_config(args.config, args.overrides) if getattr(args, "config", None) else None
     except ConfigError as e:
         print(f"gmeta {args.command}: config error: {e}", file=sys.stderr)
         return 2

@@ -200,7 +200,6 @@ def log_model(checkpoint: str | Path, cfg: Config, model=None) -> str:
     from mlflow.models import infer_signature
 
     import gmeta
-
     from gmeta.io.prepare import load_manifest
 
     try:

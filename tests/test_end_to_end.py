@@ -1,5 +1,6 @@
 """`gmeta` CLI end to end on the debug config: synth, prepare, 2-process MAML and ERM
-training, evaluation, and what MLflow holds afterwards."""
+training into a real ``mlflow server`` on localhost, evaluation by run id, batch prediction,
+and what the server holds afterwards."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from gmeta.parallel.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "ads_cvr_debug.yaml"
@@ -22,49 +25,98 @@ def gmeta(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Complete
     return proc
 
 
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server (SQLite store, served artifacts) on a free local port."""
+    import time
+    import urllib.request
+
+    port = free_port()
+    log = open(tmp_path / "mlflow-server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+            assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
+        else:
+            raise AssertionError("mlflow server did not start: " + (tmp_path / "mlflow-server.log").read_text()[-3000:])
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
 @pytest.mark.slow
-def test_train_evaluate_and_mlflow_end_to_end(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_train_evaluate_predict_into_mlflow_server(tmp_path, mlflow_server):
+    uri = mlflow_server
     gmeta("synth", "--config", str(CONFIG), cwd=tmp_path)
     gmeta("prepare", "--config", str(CONFIG), cwd=tmp_path)
-    assert (tmp_path / "data/ads_cvr_debug/shards/manifest.json").is_file()
+    manifest = json.loads((tmp_path / "data/ads_cvr_debug/shards/manifest.json").read_text())
 
     gmeta("train", "--config", str(CONFIG), "--nproc-per-node", "2", "--tracking-uri", uri,
-          "train.output_dir=runs/maml", cwd=tmp_path)
+          "train.output_dir=runs/maml", "tracking.system_metrics_s=1", cwd=tmp_path)
     gmeta("train", "--config", str(CONFIG), "--nproc-per-node", "2", "--tracking-uri", uri,
-          "meta.algorithm=erm", "train.output_dir=runs/erm", "train.eval_at_end=false", cwd=tmp_path)
+          "meta.algorithm=erm", "train.output_dir=runs/erm", "train.eval_at_end=false", "tracking.log_model=false",
+          cwd=tmp_path)
     maml_ckpt, erm_ckpt = tmp_path / "runs/maml/checkpoint", tmp_path / "runs/erm/checkpoint"
     meta = json.loads((maml_ckpt / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["algorithm"] == "maml" and meta["step"] > 0
 
-    out = gmeta("evaluate", "--config", str(CONFIG), "--checkpoint", str(maml_ckpt), "--baseline", str(erm_ckpt),
-                cwd=tmp_path).stdout
+    # evaluation by run id: the checkpoint is found through the run's tag
+    out = gmeta("evaluate", "--config", str(CONFIG), "--run-id", meta["mlflow_run_id"], "--tracking-uri", uri,
+                "--baseline", str(erm_ckpt), "--out", "runs/maml/eval_with_erm", cwd=tmp_path).stdout
     assert "| maml |" in out and "| erm |" in out and "| oracle |" in out
-    report = json.loads((tmp_path / "runs/maml/eval_report.json").read_text())
+    report = json.loads((tmp_path / "runs/maml/eval_with_erm/eval_report.json").read_text())
     # cold start: adapting on the support set must beat the plain ERM model and no adaptation
     assert report["maml_auc"] > report["erm_auc"] + 0.02, report
     assert report["maml_auc"] > report["no_adapt_auc"] + 0.02, report
     assert report["oracle_auc"] > report["maml_auc"], report
-    assert report["tasks"] == json.loads(
-        (tmp_path / "data/ads_cvr_debug/shards/manifest.json").read_text())["splits"]["eval"]["tasks"]
+    assert report["tasks"] == manifest["splits"]["eval"]["tasks"]
+
+    pred = gmeta("predict", "--checkpoint", str(maml_ckpt), "--out", "preds", cwd=tmp_path).stdout
+    assert f"{manifest['splits']['eval']['query_rows']} query rows" in pred
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("gmeta-ads-cvr-debug")
     runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 2  # one run per `gmeta train`, rank 0 only
+    assert len(runs) == 2  # one run per `gmeta train`, rank 0 only; evaluation adds to the run
     run = client.get_run(meta["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["meta.algorithm"] == "maml" and run.data.params["meta.inner_steps"] == "2"
-    assert run.data.tags["gmeta.world_size"] == "2"
+    tags = run.data.tags
+    assert tags["gmeta.world_size"] == "2" and tags["gmeta.checkpoint"] == str(maml_ckpt.resolve())
+    assert tags["version.torch"].startswith("2.") and "version.torchrec" in tags and "version.mlflow" in tags
     for key in ("train/query_loss", "train/support_loss", "train/tasks_per_s", "train/rows_per_s",
-                "train/data_stall_share", "train/skipped_bad_tasks",
-                "eval/maml_auc", "eval/maml_gauc", "eval/maml_logloss", "eval/no_adapt_auc", "eval/erm_auc",
-                "eval/oracle_auc"):
+                "train/data_stall_share", "train/comm_wait_share", "train/skipped_bad_tasks",
+                "eval/maml_auc", "eval/maml_gauc", "eval/maml_logloss", "eval/maml_calibration", "eval/no_adapt_auc",
+                "eval/erm_auc", "eval/oracle_auc", "eval/support_8-15/maml_auc", "eval/auc_vs_k"):
         assert key in run.data.metrics, key
-    history = client.get_metric_history(run.info.run_id, "train/query_loss")
-    assert len(history) >= 3
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "train/query_loss")) >= 3
+    curve = client.get_metric_history(run.info.run_id, "eval/auc_vs_k")
+    assert sorted({m.step for m in curve}) == [0, 1, 2, 3, 5]
     assert run.data.metrics["eval/maml_auc"] == pytest.approx(report["maml_auc"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "manifest.json", "eval_report.json", "eval_report.md"} <= artifacts
+    assert {"config.yaml", "manifest.json", "eval", "plots"} <= artifacts, artifacts
+    evals = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/eval_report.json", "eval/eval_report.html", "eval/auc_vs_k.png",
+            "eval/auc_by_support_size.png", "eval/calibration.png"} <= evals, evals
+    # the model: logged through the server, loadable as a pyfunc
+    import mlflow
+
+    models = client.search_logged_models([exp.experiment_id])
+    assert len(models) == 1 and models[0].source_run_id == run.info.run_id
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pyfunc.load_model(models[0].model_uri)
+    assert "role" in loaded.metadata.get_input_schema().input_names()
