@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end on the embedded defaults: synthetic ads-CVR data -> task shards
-# -> MAML and ERM training with 2 processes -> cold-start evaluation -> MLflow (SQLite).
+# -> MAML and ERM training with 2 processes -> cold-start evaluation -> batch prediction
+# -> MLflow (SQLite).
 # Usage: bash scripts/main.sh [CONFIG]   (default configs/ads_cvr.yaml)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,12 +22,15 @@ gmeta train --config "$CONFIG" --tracking-uri "$URI" train.output_dir="$OUT/maml
 gmeta train --config "$CONFIG" --tracking-uri "$URI" train.output_dir="$OUT/erm" tracking.run_name="$NAME-erm" \
   train.eval_at_end=false meta.algorithm=erm
 gmeta evaluate --config "$CONFIG" --checkpoint "$OUT/maml/checkpoint" --baseline "$OUT/erm/checkpoint" \
-  --tracking-uri "$URI" | tee "$OUT/eval_table.md"
+  --tracking-uri "$URI" --out "$OUT/maml/eval"
+rm -rf "$OUT/predictions"
+gmeta predict --checkpoint "$OUT/maml/checkpoint" --out "$OUT/predictions"
 
 cat <<MSG
 
 done in $(( $(date +%s) - start ))s
-  cold-start table:   $OUT/eval_table.md  (JSON: $OUT/maml/eval_report.json)
+  cold-start report:  $OUT/maml/eval/eval_report.{md,html,json} and plots (*.png)
+  predictions:        $OUT/predictions/part-*.parquet (held-out tasks' query rows)
   checkpoints:        $OUT/maml/checkpoint  $OUT/erm/checkpoint
   MLflow runs:        $URI  (experiment of $CONFIG)
   browse them with:   .venv/bin/mlflow ui --backend-store-uri $URI
