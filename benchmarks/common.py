@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,7 @@ def prepared_workdir(workdir: Path) -> str:
 def train_run(cfg: str, workdir: Path, name: str, nproc: int, overrides: list[str]) -> dict[str, float]:
     """``gmeta train`` in ``workdir`` as MLflow run ``name``; returns the run's last metrics."""
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    shutil.rmtree(workdir / ("run-" + name), ignore_errors=True)  # a benchmark run starts fresh
     cmd = [sys.executable, "-m", "gmeta.cli", "train", "--config", cfg, "--nproc-per-node", str(nproc),
            "--tracking-uri", uri, "train.eval_at_end=false", f"train.output_dir={workdir / ('run-' + name)}",
            f"tracking.run_name={name}", *overrides]

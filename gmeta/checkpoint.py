@@ -1,15 +1,33 @@
-"""Model checkpoints with torch.distributed.checkpoint.
+"""Checkpoints with torch.distributed.checkpoint (DCP).
 
-A checkpoint is a directory: the DCP files of the model state dict (sharded embedding
-tables as ShardedTensors, dense parameters) plus ``meta.json`` (resolved config, step,
-world size, MLflow run). It is written to a temporary directory and renamed into place,
-so a crash mid-write never leaves a half checkpoint under the final name. DCP reshards on
-load: a checkpoint written by N processes loads into one process with unsharded tables.
+A checkpoint is a directory::
+
+    *.distcp, .metadata  DCP: the model state dict (sharded embedding tables as ShardedTensors,
+                         dense parameters) and, for training checkpoints, the tensors of the
+                         fused embedding optimizer's state (sharded like the tables) and of the
+                         dense Adam state, under "optim.fused" / "optim.dense"
+    rank-<r>.json        rank r's own state: reader position, RNG states (each rank writes its own)
+    meta.json            resolved config, step, epoch, world size, MLflow run; written last by
+                         rank 0, so a directory without it is incomplete and never loaded
+
+It is written under ``<name>.tmp`` and renamed into place after every rank has finished,
+so a crash mid-write leaves the previous checkpoints untouched. DCP reshards on load: a
+checkpoint written by N processes loads into M processes, or into one process with whole
+tables, or into a different sharding plan.
+
+Loading never executes code from the files: DCP reads tensors with ``weights_only=True``;
+its ``.metadata`` file is a pickle, read here by an unpickler that admits only DCP's own
+metadata classes; the checkpoint must hold tensors only (DCP would unpickle non-tensor
+entries without restriction, so none are written and a file declaring any is refused);
+everything else is JSON.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -17,29 +35,166 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
 
 from gmeta import __version__
 from gmeta.config import Config, ConfigError, config_from_dict, to_dict
 from gmeta.models.dlrm import MetaDLRM, build_model
 
 META = "meta.json"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or unreadable. The message names the path."""
+    """A checkpoint is missing, incomplete, damaged or unsafe. The message names the path."""
 
 
-def save(model: torch.nn.Module, cfg: Config, path: str | Path, meta: dict) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+# ------------------------------------------------------------------ safe reading
+
+_SAFE_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits DCP's metadata dataclasses, torch dtypes and torch.Size: nothing callable
+    beyond them can be reached from a crafted ``.metadata`` file."""
+
+    def find_class(self, module: str, name: str):
+        import torch.distributed.checkpoint.metadata as md
+
+        allowed = (module, name) in _SAFE_GLOBALS
+        allowed |= module == md.__name__ and isinstance(getattr(md, name, None), type)
+        allowed |= module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if not allowed:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+        return super().find_class(module, name)
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's FileSystemReader with a restricted unpickler for ``.metadata``, which it reads
+    with plain ``pickle.load``, and a check that every entry is a tensor (DCP loads
+    non-tensor entries with ``torch.load(weights_only=False)``)."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except Exception as e:  # truncated, corrupt or hostile
+                raise CheckpointError(f"{path}: unreadable checkpoint metadata: {e}") from None
+        entries = getattr(metadata, "state_dict_metadata", None)
+        if not isinstance(entries, dict):
+            raise CheckpointError(f"{path}: not DCP checkpoint metadata")
+        for key, value in entries.items():
+            if not isinstance(value, TensorStorageMetadata):
+                raise CheckpointError(f"{path}: entry {key!r} is not a tensor; gmeta checkpoints hold tensors only")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _dcp_load(state: dict, path: Path, no_dist: bool = False) -> None:
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), no_dist=no_dist)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # damaged files (DCP's own exception is a BaseException)
+        raise CheckpointError(f"{path}: cannot load checkpoint state: {type(e).__name__}: {e}") from None
+
+
+# ------------------------------------------------------------------ state
+
+def _tensors_only(d):
+    """The tensor leaves of a nested dict (same objects, so loading into them is in place)."""
+    if isinstance(d, dict):
+        out = {k: _tensors_only(v) for k, v in d.items()}
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) or (isinstance(v, dict) and v)}
+    return d if isinstance(d, torch.Tensor) else None
+
+
+def init_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Give a fresh optimizer its state tensors (one step with zero gradients and lr 0), so
+    that a checkpoint can be loaded into them. torch's own helper for this
+    (``torch.distributed.checkpoint.state_dict._init_optim_state``) is private."""
+    if opt.state:
+        return
+    params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    opt.step()
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+
+
+def _fused_optimizer(model):
+    return getattr(model, "fused_optimizer", None)
+
+
+def _training_state(model, dense_opt: torch.optim.Optimizer | None) -> tuple[dict, dict | None, dict | None]:
+    state = dict(model.state_dict())
+    fused_sd = dense_sd = None
+    if dense_opt is not None:
+        init_optimizer_state(dense_opt)
+        dense_sd = dense_opt.state_dict()
+        optim = {"dense": _tensors_only(dense_sd["state"])}
+        fused = _fused_optimizer(model)
+        if fused is not None:
+            fused_sd = fused.state_dict()
+            optim["fused"] = _tensors_only(fused_sd["state"])
+        state["optim"] = optim
+    return state, fused_sd, dense_sd
+
+
+def rng_state() -> dict:
+    """This process's torch RNG states, JSON-able."""
+    out = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        out["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    def tensor(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["cpu"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(state["cuda"]))
+
+
+# ------------------------------------------------------------------ save / find / prune
+
+def save(model: torch.nn.Module, cfg: Config, path: str | Path, meta: dict, *,
+         dense_opt: torch.optim.Optimizer | None = None, rank_state: dict | None = None) -> Path:
+    """Collective: every rank calls it. With ``dense_opt`` it is a training checkpoint
+    (optimizer states too); ``rank_state`` is this rank's own JSON-able state. Returns the
+    final checkpoint directory."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     rank = dist.get_rank()
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     dist.barrier()
-    dcp.save(model.state_dict(), checkpoint_id=str(tmp))
+    state, _, _ = _training_state(model, dense_opt)
+    dcp.save(state, checkpoint_id=str(tmp))
+    if rank_state is not None:
+        (tmp / f"rank-{rank}.json").write_text(json.dumps(rank_state))
+    dist.barrier()  # every rank's files are in tmp
     if rank == 0:
-        info = {"gmeta_version": __version__, "config": to_dict(cfg), "world_size": dist.get_world_size(), **meta}
+        info = {"gmeta_version": __version__, "config": to_dict(cfg), "world_size": dist.get_world_size(),
+                "training_state": dense_opt is not None, **meta}
         (tmp / META).write_text(json.dumps(info, indent=2))
         old = path.with_name(path.name + ".old")
         if path.exists():
@@ -51,6 +206,41 @@ def save(model: torch.nn.Module, cfg: Config, path: str | Path, meta: dict) -> P
     return path
 
 
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints under ``root`` (``step-NNNNNNNN`` with a
+    readable meta.json), oldest first; temporary and incomplete ones are ignored."""
+    root = Path(root)
+    out = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = STEP_DIR.match(p.name)
+            if m and p.is_dir() and (p / META).is_file():
+                try:
+                    step = int(json.loads((p / META).read_text())["step"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                out.append((step, p))
+    return sorted(out)
+
+
+def prune(root: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints, and leftovers of crashed
+    writes (rank 0 only)."""
+    ckpts = complete_checkpoints(root)
+    for _, p in ckpts[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    newest = ckpts[-1][1] if ckpts else None
+    for p in Path(root).glob("step-*"):
+        if p.name.endswith((".tmp", ".old")) and newest is not None:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ load
+
 def read_meta(path: str | Path) -> dict:
     path = Path(path)
     meta_path = path / META
@@ -59,20 +249,47 @@ def read_meta(path: str | Path) -> dict:
     if not meta_path.is_file():
         raise CheckpointError(f"{path}: not a complete gmeta checkpoint ({META} missing)")
     try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_path}: not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step", 0), int):
+        raise CheckpointError(f"{meta_path}: not gmeta checkpoint metadata")
+    return meta
 
 
 def _config(path: str | Path, meta: dict) -> Config:
     try:
         return config_from_dict(meta["config"])
-    except (ConfigError, KeyError) as e:
+    except (ConfigError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{Path(path) / META}: invalid config: {e}") from None
 
 
+def load_training_state(path: str | Path, model, dense_opt: torch.optim.Optimizer) -> tuple[dict, dict | None]:
+    """Collective: restore a training checkpoint into this process group's (sharded) model
+    and both optimizers, whatever world size or sharding plan wrote it. Returns (meta, this
+    rank's own state, or None when the checkpoint was written by a different world size)."""
+    path = Path(path)
+    meta = read_meta(path)
+    if not meta.get("training_state"):
+        raise CheckpointError(f"{path}: holds model weights only, not optimizer and reader state")
+    state, fused_sd, dense_sd = _training_state(model, dense_opt)
+    _dcp_load(state, path)
+    model.load_state_dict({k: v for k, v in state.items() if k != "optim"})
+    dense_opt.load_state_dict(dense_sd)  # its tensors were loaded in place
+    if fused_sd is not None:
+        _fused_optimizer(model).load_state_dict(fused_sd)
+    rank_state = None
+    own = path / f"rank-{dist.get_rank()}.json"
+    if meta.get("world_size") == dist.get_world_size() and own.is_file():
+        try:
+            rank_state = json.loads(own.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{own}: not valid JSON: {e}") from None
+    return meta, rank_state
+
+
 def load_sharded(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config, dict]:
-    """Collective: load a checkpoint into this process group's sharded model (tables
+    """Collective: load a checkpoint's model into this process group's sharded model (tables
     sharded by the config's plan for the current world size; DCP reshards)."""
     from gmeta.parallel.sharding import shard_model
 
@@ -80,10 +297,7 @@ def load_sharded(path: str | Path, device: torch.device) -> tuple[torch.nn.Modul
     cfg = _config(path, meta)
     model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, device)
     state = model.state_dict()
-    try:
-        dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # DCP raises a variety of errors for damaged files
-        raise CheckpointError(f"{path}: cannot load model state: {e}") from None
+    _dcp_load(state, Path(path))
     model.load_state_dict(state)
     return model, cfg, meta
 
@@ -94,12 +308,7 @@ def load_unsharded(path: str | Path, device: torch.device | None = None) -> tupl
     cfg = _config(path, meta)
     model = build_model(cfg, device=device or torch.device("cpu"))
     state = model.state_dict()
-    try:
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    except Exception as e:  # DCP raises a variety of errors for damaged files
-        raise CheckpointError(f"{path}: cannot load model state: {e}") from None
+    _dcp_load(state, Path(path), no_dist=True)
     model.load_state_dict(state)
     model.eval()
     return model, cfg, meta

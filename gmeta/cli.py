@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, default=None, help="processes (default: train.nproc_per_node)")
     p.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: tracking.uri, "
                    "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--resume", default=None, help="auto (newest checkpoint in train.output_dir, if any), none, "
+                   "or a checkpoint path (default: train.resume)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="with N > 1 processes: restarts of the whole job after a process fails (torchrun); "
+                        "use with --resume auto to continue from the last checkpoint")
 
     p = sub.add_parser("evaluate", help="cold-start evaluation of a checkpoint on held-out tasks",
                        description="Adapt on each held-out task's support set, score its query set; write "
@@ -83,12 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _launch(nproc: int, argv: list[str]) -> int:
+def _launch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     """Re-run this command in ``nproc`` processes through torch.distributed.run."""
     from torch.distributed.run import get_args_parser, run
 
+    # The rendezvous TCP store shared with the workers is not restart-safe: after a
+    # restart, gloo/NCCL can read the previous attempt's addresses (pytorch#135712).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "--module", "gmeta.cli", *argv])
+        ["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", "--module", "gmeta.cli",
+         *argv])
     try:
         run(args)
     except Exception as e:  # torchrun raises ChildFailedError with the failing rank's log
@@ -134,14 +143,21 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from gmeta.parallel.dist import under_torchrun
 
+        if args.max_restarts < 0:
+            print("gmeta train: --max-restarts must be >= 0", file=sys.stderr)
+            return 2
+        if args.resume is not None:
+            cfg.train.resume = args.resume
         if nproc > 1 and not under_torchrun():
-            return _launch(nproc, argv)
+            return _launch(nproc, argv, args.max_restarts)
+        from gmeta.checkpoint import CheckpointError
         from gmeta.io.prepare import PrepareError
+        from gmeta.train import NonFiniteLossError
         from gmeta.train import main as train_main
 
         try:
             train_main(cfg, tracking_uri=args.tracking_uri)
-        except (PrepareError, ConfigError) as e:
+        except (PrepareError, ConfigError, CheckpointError, NonFiniteLossError) as e:
             print(f"gmeta train: {e}", file=sys.stderr)
             return 2
         return 0

@@ -193,6 +193,17 @@ class TrainConfig:
     eval_at_end: bool = True
     # Start the id all-to-all of the next meta-batch before this one computes.
     pipeline: bool = True
+    # Training checkpoints under <output_dir>/checkpoints every N steps and/or M minutes
+    # (0: off; the minutes trigger is checked at log steps), keeping the newest K.
+    checkpoint_every_steps: int = 0
+    checkpoint_every_minutes: float = 0.0
+    keep_checkpoints: int = 3
+    # "none": start fresh (refused if output_dir holds checkpoints), "auto": continue from
+    # the newest complete checkpoint in output_dir if any, or the path of a checkpoint.
+    resume: str = "none"
+    # A non-finite meta-loss: "error" stops (the last checkpoint stays as it was), "skip"
+    # drops the meta-batch without an update and counts it (train/skipped_nonfinite_steps).
+    on_nonfinite_loss: Literal["error", "skip"] = "error"
 
 
 @dataclass
@@ -316,6 +327,10 @@ def validate(cfg: Config) -> None:
     _check(t.log_every >= 1, "train.log_every", "must be >= 1")
     _check(t.nproc_per_node >= 1, "train.nproc_per_node", "must be >= 1")
     _check(bool(t.output_dir), "train.output_dir", "must not be empty")
+    _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0: off)")
+    _check(t.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes", "must be >= 0 (0: off)")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _check(bool(t.resume), "train.resume", "must be 'none', 'auto' or a checkpoint path")
 
     names = {s.name for s in f.sparse}
     for i, t in enumerate(cfg.sharding.tables):

@@ -1,6 +1,14 @@
-"""Meta-training, top to bottom: setup -> loop over meta-batches -> log -> checkpoint ->
-evaluate -> cleanup. Run by ``gmeta train`` in every process torchrun starts (or directly
-in one process).
+"""Meta-training, top to bottom: setup (or resume) -> loop over meta-batches -> log ->
+checkpoint -> evaluate -> cleanup. Run by ``gmeta train`` in every process torchrun starts
+(or directly in one process).
+
+Fault tolerance: training checkpoints (``train.checkpoint_every_steps`` / ``_minutes``)
+hold the sharded tables and their fused optimizer state, the dense parameters and Adam
+state, every rank's reader position as of its last *trained* meta-batch (with the
+pipeline, the prefetched one is not counted) and RNG state, the step and the MLflow run.
+``train.resume=auto`` continues from the newest complete one, so under
+``torchrun --max-restarts`` a killed job restarts where its last checkpoint ends: every
+task of an epoch contributes to exactly one optimizer step that survives.
 
 One meta-batch (see DESIGN.md)::
 
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -51,16 +60,23 @@ def meta_step(model, batch, cfg: Config, lookup: Lookup | None = None) -> MetaOu
 
 
 class _Fetcher:
-    """Takes batches from the reader, timing how long the loop waits for them."""
+    """Takes batches from the reader, timing how long the loop waits for them, and keeps
+    the reader's position after each batch taken until that batch is trained."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.since = 0.0  # waited since the last log step
         self.total = 0.0  # waited in all
         self.first_total = 0.0  # waited for each epoch's first batch (reader workers starting)
+        self.positions: deque[dict] = deque()
 
-    def new_epoch(self, batches) -> None:
-        self.batches, self.first = batches, True
+    def new_epoch(self, reader: TaskReader) -> None:
+        self.reader, self.batches, self.first = reader, iter(reader), True
+        self.positions.clear()
+
+    def trained(self) -> dict:
+        """Reader position just after the batch that was trained last (fetch order)."""
+        return self.positions.popleft()
 
     def __call__(self) -> TaskBatch | None:
         t = time.perf_counter()
@@ -72,14 +88,35 @@ class _Fetcher:
         if self.first:
             self.first_total += waited
             self.first = False
-        return None if batch is None else batch.to(self.device, non_blocking=True)
+        if batch is None:
+            return None
+        self.positions.append(self.reader.state_dict())
+        return batch.to(self.device, non_blocking=True)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The meta-loss became NaN or infinite (train.on_nonfinite_loss=error)."""
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank (one tiny all-reduce: all ranks must take the
+    same branch, or the backward's all-to-alls would not match)."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
 
 
 def train_step(model, batch, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.optim.Optimizer,
                lookup: Lookup | None = None, times: StepTimes | None = None) -> MetaOutput:
     """One optimizer step on one meta-batch: forward, ONE backward (dense all-reduces start
-    from its gradient hooks), wait for them, step."""
+    from its gradient hooks), wait for them, step. A loss that is not finite on some rank
+    is not backpropagated on any (the fused embedding update happens inside backward):
+    the output comes back with ``skipped`` set."""
     out = meta_step(model, batch, cfg, lookup)
+    if not _all_finite(out.loss):
+        out.skipped = True
+        return out
     with record_function("## backward ##"):
         out.loss.backward()  # the only backward of the step; fires the fused embedding optimizer
     t = time.perf_counter()
@@ -149,13 +186,37 @@ def main(cfg: Config, *, tracking_uri: str = "") -> dict:
         raise
 
 
+def _resume_path(cfg: Config, out_dir: Path) -> Path | None:
+    """The checkpoint to continue from, per train.resume."""
+    root = out_dir / "checkpoints"
+    found = checkpoint.complete_checkpoints(root)
+    final = out_dir / "checkpoint"
+    if (final / checkpoint.META).is_file():
+        meta = checkpoint.read_meta(final)
+        if meta.get("training_state"):
+            found.append((int(meta["step"]), final))
+    resume = cfg.train.resume
+    if resume == "none":
+        if found:
+            raise checkpoint.CheckpointError(
+                f"{out_dir}: holds checkpoints of an earlier run (newest: step {max(found)[0]}); pass "
+                "--resume auto (train.resume=auto) to continue it, or set another train.output_dir")
+        return None
+    if resume == "auto":
+        return max(found)[1] if found else None
+    checkpoint.read_meta(resume)  # exists and is complete, or a CheckpointError naming it
+    return Path(resume)
+
+
 def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     # ---------------------------------------------------------------- setup
     env = init_distributed()
     torch.manual_seed(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
+    ckpt_root = out_dir / "checkpoints"
     manifest = load_manifest(cfg.data.shards_dir)
     check_manifest_matches(manifest, cfg, str(Path(cfg.data.shards_dir) / "manifest.json"))
+    resume_from = _resume_path(cfg, out_dir)
 
     model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, env.device)
     dense_params = model.module.dense_parameters()
@@ -172,54 +233,104 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
 
+    step, start_epoch, tasks_total, skipped_nonfinite = 0, 0, 0, 0
+    run_id = ""
+    if resume_from is not None:
+        meta, own = checkpoint.load_training_state(resume_from, model, dense_opt)
+        step, tasks_total = int(meta["step"]), int(meta.get("tasks_total", 0))
+        skipped_nonfinite = int(meta.get("skipped_nonfinite_steps", 0))
+        run_id = meta.get("mlflow_run_id", "")
+        if own is not None:
+            reader.load_state_dict(own["reader"])
+            checkpoint.set_rng_state(own["rng"])
+            start_epoch = reader.epoch
+        else:  # reader positions are per rank: they do not carry over to another world size
+            start_epoch = int(meta["epoch"]) + (0 if meta.get("epoch_done") else 1)
+            log.warning("resuming a checkpoint of %s processes in %d: model and optimizer state resharded; "
+                        "the data position restarts at epoch %d", meta.get("world_size"), env.world_size,
+                        start_epoch)
+        if env.is_main:
+            log.info("resumed from %s at step %d (epoch %d)", resume_from, step, start_epoch)
+
     uri = resolve_tracking_uri(cfg.tracking.uri, tracking_uri)
     tracker = NullTracker()
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        tracker = make_tracker(cfg.tracking.enabled, uri, cfg.tracking.experiment, cfg.tracking.run_name,
-                               system_metrics_s=cfg.tracking.system_metrics_s)
+        tracker = _open_run(cfg, uri, run_id)
         tracker_box.append(tracker)
-        tracker.log_params(flatten(to_dict(cfg)))
-        tracker.set_tags({**environment_tags(), "gmeta.world_size": str(env.world_size),
-                          "gmeta.algorithm": cfg.meta.algorithm, "gmeta.device": env.device.type,
-                          "gmeta.checkpoint": str((out_dir / "checkpoint").resolve())})
-        tracker.log_text(dump_yaml(cfg), "config.yaml")
-        tracker.log_artifact(Path(cfg.data.shards_dir) / "manifest.json")
+        tags = {**environment_tags(), "gmeta.world_size": str(env.world_size), "gmeta.algorithm": cfg.meta.algorithm,
+                "gmeta.device": env.device.type, "gmeta.checkpoint": str((out_dir / "checkpoint").resolve())}
+        if resume_from is not None:
+            tags["gmeta.resumed_from"] = f"{resume_from} (step {step})"
+        if tracker.run_id != run_id:  # a new run (not a continued one): its params and inputs
+            tracker.log_params(flatten(to_dict(cfg)))
+            tracker.log_text(dump_yaml(cfg), "config.yaml")
+            tracker.log_artifact(Path(cfg.data.shards_dir) / "manifest.json")
+        tracker.set_tags(tags)
         log.info("training %s: %d steps (%d per epoch), %d tasks per step on each of %d ranks",
                  cfg.meta.algorithm, total_steps, len(reader), cfg.meta.tasks_per_batch, env.world_size)
 
     # ---------------------------------------------------------------- loop
-    step = 0
     t_log = time.perf_counter()
+    t_ckpt = time.perf_counter()
     tasks_since = rows_since = 0
     fetch = _Fetcher(env.device)
     t_loop = time.perf_counter()
     last: dict[str, float] = {}
     pipe = SparseDistPipeline(model.module) if cfg.train.pipeline else None
     times = StepTimes()
-    tasks_total = 0
-    for epoch in range(cfg.train.epochs):
+    tasks_run = 0
+    position = reader.state_dict()
+    last_ckpt: Path | None = resume_from
+    t = cfg.train
+
+    def save(path: Path) -> Path:
+        meta = {"step": step, "epoch": position["epoch"], "epoch_done": position["steps_done"] >= len(reader),
+                "tasks_total": tasks_total, "skipped_nonfinite_steps": skipped_nonfinite,
+                "algorithm": cfg.meta.algorithm, "mlflow_run_id": tracker.run_id if env.is_main else "",
+                "tracking_uri": tracker.uri if env.is_main else ""}
+        return checkpoint.save(model, cfg, path, meta, dense_opt=dense_opt,
+                               rank_state={"reader": position, "rng": checkpoint.rng_state()})
+
+    for epoch in range(start_epoch, t.epochs):
+        if step >= total_steps:
+            break
         reader.set_epoch(epoch)
-        fetch.new_epoch(iter(reader))
+        fetch.new_epoch(reader)
         for batch, out in run_steps(model, cfg, grad_sync, dense_opt, fetch, total_steps - step, pipe, times):
             step += 1
+            position = fetch.trained()
+            if out.skipped:
+                if t.on_nonfinite_loss == "error":
+                    raise NonFiniteLossError(
+                        f"step {step}: the meta-loss is {out.loss.item()} (not finite); no update was applied. "
+                        f"Last checkpoint: {last_ckpt or 'none'} (unchanged). Lower meta.inner_lr or optim.dense_lr, "
+                        "or set train.on_nonfinite_loss=skip")
+                skipped_nonfinite += 1
+            tasks_run += batch.num_tasks * env.world_size
             tasks_total += batch.num_tasks * env.world_size
             tasks_since += batch.num_tasks * env.world_size
             rows_since += batch.num_rows * env.world_size
 
-            if step % cfg.train.log_every == 0 or step == total_steps:
+            want_ckpt = bool(t.checkpoint_every_steps) and step % t.checkpoint_every_steps == 0
+            if step % t.log_every == 0 or step == total_steps:
                 # sync point: .item() and an all-reduce of the losses, on log steps only
                 dt = time.perf_counter() - t_log
+                due = env.is_main and t.checkpoint_every_minutes > 0 and \
+                    time.perf_counter() - t_ckpt >= 60 * t.checkpoint_every_minutes
                 stats = torch.stack([out.query_loss.mean().detach(), out.support_loss.mean().detach(),
                                      torch.tensor(fetch.since / dt, device=out.loss.device),
                                      torch.tensor(float(reader.skipped_tasks), device=out.loss.device),
-                                     torch.tensor(times.share(), device=out.loss.device)])
+                                     torch.tensor(times.share(), device=out.loss.device),
+                                     torch.tensor(float(due), device=out.loss.device)])
                 dist.all_reduce(stats)
                 stats /= env.world_size
+                want_ckpt |= stats[5].item() > 0  # rank 0's clock decides for all
                 last = {"train/query_loss": stats[0].item(), "train/support_loss": stats[1].item(),
                         "train/tasks_per_s": tasks_since / dt, "train/rows_per_s": rows_since / dt,
                         "train/data_stall_share": stats[2].item(),
                         "train/skipped_bad_tasks": stats[3].item() * env.world_size,
+                        "train/skipped_nonfinite_steps": float(skipped_nonfinite),
                         "train/comm_wait_share": stats[4].item(),
                         "train/epoch": float(epoch)}
                 tracker.log_metrics(last, step=step)
@@ -232,6 +343,12 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
                 tasks_since = rows_since = 0
                 fetch.since = 0.0
                 t_log = time.perf_counter()
+            if want_ckpt and step < total_steps:
+                last_ckpt = save(checkpoint.step_dir(ckpt_root, step))
+                if env.is_main:
+                    checkpoint.prune(ckpt_root, t.keep_checkpoints)
+                    log.info("checkpoint: %s", last_ckpt)
+                t_ckpt = time.perf_counter()
 
     # share of the whole loop spent waiting for data (and the same without each epoch's
     # first batch, i.e. in steady state), averaged over ranks
@@ -242,7 +359,7 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     stall /= env.world_size
     last["train/data_stall_share_total"] = stall[0].item()
     last["train/data_stall_share_steady"] = stall[1].item()
-    last["train/tasks_per_s_total"] = tasks_total / loop_s  # the whole loop, every rank's tasks
+    last["train/tasks_per_s_total"] = tasks_run / loop_s  # the whole loop (this attempt), every rank's tasks
     last["train/comm_wait_share_total"] = times.share()
     tracker.log_metrics({k: last[k] for k in ("train/data_stall_share_total", "train/data_stall_share_steady",
                                               "train/tasks_per_s_total", "train/comm_wait_share_total")}, step=step)
@@ -251,9 +368,9 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
                  100 * stall[0].item(), 100 * stall[1].item())
 
     # ---------------------------------------------------------------- checkpoint
-    ckpt = checkpoint.save(model, cfg, out_dir / "checkpoint",
-                           {"step": step, "epoch": cfg.train.epochs, "algorithm": cfg.meta.algorithm,
-                            "mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri})
+    ckpt = save(out_dir / "checkpoint")
+    if env.is_main and ckpt_root.is_dir():
+        checkpoint.prune(ckpt_root, t.keep_checkpoints)
     dist.destroy_process_group()
 
     # ---------------------------------------------------------------- evaluate (rank 0)
@@ -266,6 +383,21 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
         if tracker.run_id:
             log.info("mlflow run %s; to browse: %s", tracker.run_id, ui_command(uri))
     return result
+
+
+def _open_run(cfg: Config, uri: str, run_id: str):
+    """The MLflow run of this training: the checkpoint's run when resuming (the same run
+    continues, no duplicate), else a new one."""
+    if run_id and cfg.tracking.enabled:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return make_tracker(True, uri, cfg.tracking.experiment, run_id=run_id,
+                                system_metrics_s=cfg.tracking.system_metrics_s)
+        except MlflowException as e:
+            log.warning("cannot continue MLflow run %s at %s (%s): starting a new run", run_id, uri, e.message)
+    return make_tracker(cfg.tracking.enabled, uri, cfg.tracking.experiment, cfg.tracking.run_name,
+                        system_metrics_s=cfg.tracking.system_metrics_s)
 
 
 def _finish_run(tracker, ckpt: Path, cfg: Config, out_dir: Path, step: int, result: dict) -> None:

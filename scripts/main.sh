@@ -14,6 +14,7 @@ OUT=runs/$NAME
 URI="sqlite:///$PWD/mlflow.db"
 start=$(date +%s)
 
+rm -rf "$OUT"  # a new run of the job; a training run of its own continues with --resume auto
 gmeta synth --config "$CONFIG"
 gmeta prepare --config "$CONFIG"
 # (evaluation runs once below, for both models, and logs into the MAML run)
@@ -23,7 +24,6 @@ gmeta train --config "$CONFIG" --tracking-uri "$URI" train.output_dir="$OUT/erm"
   train.eval_at_end=false meta.algorithm=erm
 gmeta evaluate --config "$CONFIG" --checkpoint "$OUT/maml/checkpoint" --baseline "$OUT/erm/checkpoint" \
   --tracking-uri "$URI" --out "$OUT/maml/eval"
-rm -rf "$OUT/predictions"
 gmeta predict --checkpoint "$OUT/maml/checkpoint" --out "$OUT/predictions"
 
 cat <<MSG

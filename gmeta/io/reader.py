@@ -239,7 +239,7 @@ class TaskReader:
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             pin_memory=self.pin_memory and torch.cuda.is_available(),
-                            collate_fn=_identity, persistent_workers=False)
+                            collate_fn=_identity, persistent_workers=False, worker_init_fn=_die_with_parent)
         it = iter(loader)
         try:
             while self._steps_done < total:
@@ -255,4 +255,26 @@ class TaskReader:
 
 def _identity(x):
     return x
+
+
+def _die_with_parent(worker_id: int) -> None:
+    """Reader workers end when their training process dies, however it dies.
+
+    A DataLoader worker whose parent is SIGKILLed notices it, but then blocks forever at
+    exit flushing its result queue into a pipe nobody reads: an orphan per worker after
+    every killed rank. On Linux the kernel's parent-death signal ends it instead."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the signal was armed
+        os._exit(0)
 

@@ -1,0 +1,320 @@
+"""Fault tolerance: kill-and-resume under torchrun with exactly-once data, resharded
+checkpoint loading, non-finite losses, and checkpoint safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from gmeta.checkpoint import CheckpointError, complete_checkpoints, load_unsharded
+from tests.conftest import DEBUG_CONFIG
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _torchrun(out: Path, record: Path, shards: Path, kills: str, extra: list[str], max_restarts: int):
+    record.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "GMETA_TEST_RECORD": str(record), "GMETA_TEST_KILLS": kills, "OMP_NUM_THREADS": "1",
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as gmeta train sets it (see gmeta.cli._launch)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           f"--max-restarts={max_restarts}", "--module", "tests.fault_harness", "train",
+           "--config", str(DEBUG_CONFIG), "--nproc-per-node", "2", "--resume", "auto",
+           f"data.shards_dir={shards}", f"train.output_dir={out}", "tracking.enabled=false",
+           "train.eval_at_end=false", *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return proc
+
+
+def _surviving_steps(record: Path) -> dict[int, dict[int, list[int]]]:
+    """step -> rank -> task ids, over all attempts, keeping of each attempt only the steps
+    that the next attempt did not roll back (it resumed from the step in its .resume file)."""
+    attempts = sorted({int(p.name.split("-")[0][len("attempt"):]) for p in record.glob("attempt*-rank*.jsonl")})
+    resume = {}
+    for a in attempts:
+        files = list(record.glob(f"attempt{a}-rank*.resume"))
+        steps = {int(f.read_text()) for f in files}
+        assert len(steps) <= 1, steps  # every rank resumed from the same checkpoint
+        resume[a] = steps.pop() if steps else 0
+    out: dict[int, dict[int, list[int]]] = {}
+    for i, a in enumerate(attempts):
+        keep_until = resume[attempts[i + 1]] if i + 1 < len(attempts) else None
+        for f in record.glob(f"attempt{a}-rank*.jsonl"):
+            rank = int(f.stem.split("rank")[1])
+            for line in f.read_text().splitlines():
+                rec = json.loads(line)
+                step = resume[a] + rec["call"]
+                if keep_until is None or step <= keep_until:
+                    out.setdefault(step, {})[rank] = rec["task_ids"]
+    return out
+
+
+@pytest.mark.slow
+def test_killed_ranks_resume_with_exactly_once_data_and_equal_parameters(debug_data, tmp_path):
+    extra = ["train.max_steps=26", "train.checkpoint_every_steps=4", "train.keep_checkpoints=2", "train.log_every=5"]
+    _torchrun(tmp_path / "whole", tmp_path / "rec-whole", debug_data["shards"], "", extra, 0)
+    whole = _surviving_steps(tmp_path / "rec-whole")
+    assert sorted(whole) == list(range(1, 27))
+
+    # three kills at random steps of random ranks, each before the next checkpoint is written
+    rng = random.Random(1234)
+    kills = ",".join(f"{a}:{rng.randint(2, 7)}:{rng.randint(0, 1)}" for a in range(3))
+    _torchrun(tmp_path / "killed", tmp_path / "rec-killed", debug_data["shards"], kills, extra, 3)
+    killed = _surviving_steps(tmp_path / "rec-killed")
+    attempts = {p.name.split("-")[0] for p in (tmp_path / "rec-killed").glob("*.jsonl")}
+    assert len(attempts) == 4, (kills, attempts)  # three restarts happened
+
+    # every surviving optimizer step consumed what the uninterrupted run consumed at that
+    # step: each task of an epoch exactly once, none lost, none repeated
+    assert sorted(killed) == sorted(whole)
+    assert killed == whole
+    per_epoch = Counter(t for step in range(1, 21) for ids in killed[step].values() for t in ids)
+    assert max(per_epoch.values()) == 1  # steps 1-20 are the first epoch (20 steps per epoch)
+
+    a, _, meta_a = load_unsharded(tmp_path / "whole" / "checkpoint")
+    b, _, meta_b = load_unsharded(tmp_path / "killed" / "checkpoint")
+    assert meta_a["step"] == meta_b["step"] == 26
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=name)
+    # retention: the newest two periodic checkpoints, complete
+    assert [s for s, _ in complete_checkpoints(tmp_path / "killed" / "checkpoints")] == [20, 24]
+
+
+def _harness(args: list[str], env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    (tmp_path / "rec").mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "tests.fault_harness", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "GMETA_TEST_RECORD": str(tmp_path / "rec"), **env})
+
+
+def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(debug_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1", f"data.shards_dir={debug_data['shards']}",
+            f"train.output_dir={out}", "tracking.enabled=false", "train.eval_at_end=false", "train.max_steps=12",
+            "train.checkpoint_every_steps=3"]
+    proc = _harness(args, {"GMETA_TEST_NAN_AT": "8"}, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "step 8: the meta-loss is nan (not finite); no update was applied" in proc.stderr
+    assert "step-00000006" in proc.stderr  # names the last good checkpoint
+    assert [s for s, _ in complete_checkpoints(out / "checkpoints")] == [3, 6]
+    load_unsharded(out / "checkpoints" / "step-00000006")  # intact and loadable
+    assert not (out / "checkpoint").exists()
+
+
+def test_nonfinite_loss_skipped_and_counted(debug_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1", f"data.shards_dir={debug_data['shards']}",
+            f"train.output_dir={out}", "tracking.enabled=false", "train.eval_at_end=false", "train.max_steps=12",
+            "train.on_nonfinite_loss=skip", "train.log_every=4"]
+    proc = _harness(args, {"GMETA_TEST_NAN_AT": "2,7"}, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(x) for x in (tmp_path / "rec" / "attempt0-rank0.jsonl").read_text().splitlines()]
+    assert [r["call"] for r in recs if r["skipped"]] == [2, 7]
+    model, _, meta = load_unsharded(out / "checkpoint")
+    assert meta["skipped_nonfinite_steps"] == 2 and meta["step"] == 12
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+
+
+# ------------------------------------------------------------------ resharding
+
+def _small_cfg(shards, sharding_type: str, extra=()):
+    from gmeta.config import load_config
+
+    return load_config(DEBUG_CONFIG, [f"data.shards_dir={shards}", f"sharding.sharding_type={sharding_type}",
+                                      "meta.tasks_per_batch=4", *extra])
+
+
+def _state_on_rank(model, dense_opt) -> dict:
+    """This rank's local pieces: table shards, fused-optimizer state shards (by global
+    offsets), the dense parameters and the Adam state."""
+    out = {"tables": {}, "fused": {}}
+    for key, value in model.state_dict().items():
+        if hasattr(value, "local_shards"):
+            for sh in value.local_shards():
+                out["tables"][(key, *sh.metadata.shard_offsets)] = sh.tensor.clone()
+        else:
+            out.setdefault("dense", {})[key] = value.clone()
+    for st in model.fused_optimizer.state_dict()["state"].values():
+        for name, value in st.items():
+            for sh in value.local_shards():
+                out["fused"][(name, *sh.metadata.shard_offsets)] = sh.tensor.clone()
+    out["adam"] = {i: {k: v.clone() for k, v in s.items()} for i, s in dense_opt.state_dict()["state"].items()}
+    return out
+
+
+def _assemble(pieces: list[dict]) -> dict:
+    """Whole tensors from the local pieces of every rank."""
+    whole: dict = {}
+    for part in ("tables", "fused"):
+        groups: dict = {}
+        for p in pieces:
+            for (name, *off), t in p[part].items():
+                groups.setdefault(name, []).append((off, t))
+        for name, items in groups.items():
+            rows = max(o[0] + t.shape[0] for o, t in items)
+            shape = (rows,) if items[0][1].dim() == 1 else (rows, max(o[1] + t.shape[1] for o, t in items))
+            full = torch.zeros(shape)
+            for o, t in items:
+                full[tuple(slice(a, a + n) for a, n in zip(o, t.shape))] = t
+            whole[(part, name)] = full
+    whole["dense"] = pieces[0]["dense"]
+    whole["adam"] = pieces[0]["adam"]
+    return whole
+
+
+def _train_save(rank, world, shards, sharding_type, out, steps, load_from=None, dump=None):
+    """Train ``steps`` steps (after loading ``load_from`` if given) on this rank's share of
+    a fixed batch order, save a training checkpoint to ``out``, dump the local state."""
+    from gmeta import checkpoint
+    from gmeta.io.reader import TaskReader
+    from gmeta.models.dlrm import build_model
+    from gmeta.parallel.dist import DenseGradSync
+    from gmeta.parallel.sharding import shard_model
+    from gmeta.train import train_step
+
+    cfg = _small_cfg(shards, sharding_type)
+    torch.manual_seed(0)
+    model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, torch.device("cpu"))
+    params = model.module.dense_parameters()
+    opt = torch.optim.Adam(params, lr=0.01)
+    sync = DenseGradSync(params)
+    if load_from is not None:
+        checkpoint.load_training_state(load_from, model, opt)
+    reader = TaskReader(shards, "train", 4, rank=rank, world_size=world, seed=5)
+    for _, batch in zip(range(steps), reader):
+        train_step(model, batch, cfg, sync, opt)
+    checkpoint.save(model, cfg, out, {"step": steps}, dense_opt=opt, rank_state={"rank": rank})
+    if dump is not None:
+        torch.save(_state_on_rank(model, opt), f"{dump}-{rank}.pt")
+
+
+def _whole(dump: Path, world: int) -> dict:
+    return _assemble([torch.load(f"{dump}-{r}.pt", weights_only=False) for r in range(world)])
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if key in ("dense", "adam"):
+            for k in a[key]:
+                va, vb = a[key][k], b[key][k]
+                for x, y in (zip(va.values(), vb.values()) if isinstance(va, dict) else [(va, vb)]):
+                    torch.testing.assert_close(x, y, rtol=0, atol=0, msg=f"{key} {k}")
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=str(key))
+
+
+@pytest.mark.parametrize("written, read", [((2, "table_wise"), (1, "table_wise")),
+                                           ((1, "table_wise"), (2, "row_wise")),
+                                           ((2, "table_wise"), (2, "row_wise"))])
+def test_training_checkpoint_reshards_across_world_sizes_and_plans(debug_data, tmp_path, written, read):
+    from tests.multiprocess import run_ranks
+
+    shards = debug_data["shards"]
+    run_ranks(_train_save, written[0], shards, written[1], tmp_path / "a", 3, None, tmp_path / "written")
+    # loaded with another world size / plan and saved again without a step: same state
+    run_ranks(_train_save, read[0], shards, read[1], tmp_path / "b", 0, tmp_path / "a", tmp_path / "read")
+    _assert_same_state(_whole(tmp_path / "written", written[0]), _whole(tmp_path / "read", read[0]))
+
+
+def test_continuing_in_another_plan_equals_continuing_in_the_same(debug_data, tmp_path):
+    """Optimizer state carried over: one more step after loading a table-wise checkpoint
+    row-wise gives the same tables as that step table-wise."""
+    from tests.multiprocess import run_ranks
+
+    shards = debug_data["shards"]
+    run_ranks(_train_save, 2, shards, "table_wise", tmp_path / "a", 3, None, None)
+    run_ranks(_train_save, 2, shards, "table_wise", tmp_path / "tw", 2, tmp_path / "a", None)
+    run_ranks(_train_save, 2, shards, "row_wise", tmp_path / "rw", 2, tmp_path / "a", None)
+    tw, rw = load_unsharded(tmp_path / "tw")[0], load_unsharded(tmp_path / "rw")[0]
+    for (name, x), (_, y) in zip(tw.state_dict().items(), rw.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+    base = load_unsharded(tmp_path / "a")[0]
+    assert not torch.equal(base.head.over_arch.mlp.layers[0].weight, tw.head.over_arch.mlp.layers[0].weight)
+
+
+# ------------------------------------------------------------------ damaged and hostile checkpoints
+
+@pytest.fixture
+def saved_checkpoint(debug_checkpoint, tmp_path) -> Path:
+    import shutil
+
+    dst = tmp_path / "ckpt"
+    shutil.copytree(debug_checkpoint, dst)
+    return dst
+
+
+def test_truncated_checkpoint_data_is_a_checkpoint_error(saved_checkpoint):
+    data = next(saved_checkpoint.glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
+    with pytest.raises(CheckpointError, match=str(saved_checkpoint)):
+        load_unsharded(saved_checkpoint)
+
+
+def test_corrupt_or_missing_checkpoint_files(saved_checkpoint, tmp_path):
+    (saved_checkpoint / ".metadata").write_bytes(os.urandom(300))
+    with pytest.raises(CheckpointError, match="metadata"):
+        load_unsharded(saved_checkpoint)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_unsharded(tmp_path / "nowhere")
+    (saved_checkpoint / "meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="meta.json"):
+        load_unsharded(saved_checkpoint)
+    (saved_checkpoint / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete|not a complete"):
+        load_unsharded(saved_checkpoint)
+
+
+def test_checkpoint_metadata_cannot_run_code(saved_checkpoint, tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (saved_checkpoint / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_unsharded(saved_checkpoint)
+    assert not marker.exists()
+
+
+def test_checkpoint_declaring_non_tensor_entries_is_refused(saved_checkpoint):
+    """DCP would unpickle a bytes entry without restriction: such a file is refused."""
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from gmeta.checkpoint import _MetadataUnpickler
+
+    meta_file = saved_checkpoint / ".metadata"
+    md = _MetadataUnpickler(open(meta_file, "rb")).load()
+    key = next(iter(md.state_dict_metadata))
+    md.state_dict_metadata[key] = BytesStorageMetadata()
+    meta_file.write_bytes(pickle.dumps(md))
+    with pytest.raises(CheckpointError, match="not a tensor"):
+        load_unsharded(saved_checkpoint)
+
+
+def test_cli_errors_for_missing_inputs(debug_data, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "gmeta.cli", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+
+    p = run("train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1", "data.shards_dir=no/such/dir")
+    assert p.returncode == 2 and "no/such/dir" in p.stderr
+    p = run("evaluate", "--checkpoint", "no/such/ckpt")
+    assert p.returncode == 2 and "checkpoint not found: no/such/ckpt" in p.stderr
+    p = run("predict", "--checkpoint", "no/such/ckpt", "--out", "o")
+    assert p.returncode == 2 and "no/such/ckpt" in p.stderr
+    p = run("train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1", "--resume", "no/such/ckpt",
+            f"data.shards_dir={debug_data['shards']}")
+    assert p.returncode == 2 and "no/such/ckpt" in p.stderr
