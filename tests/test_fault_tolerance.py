@@ -318,3 +318,24 @@ def test_cli_errors_for_missing_inputs(debug_data, tmp_path):
     p = run("train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1", "--resume", "no/such/ckpt",
             f"data.shards_dir={debug_data['shards']}")
     assert p.returncode == 2 and "no/such/ckpt" in p.stderr
+
+
+def test_resumed_training_continues_its_mlflow_run(debug_data, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = ["train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1", "--tracking-uri", uri,
+            f"data.shards_dir={debug_data['shards']}", f"train.output_dir={tmp_path / 'run'}",
+            "train.eval_at_end=false", "tracking.log_model=false", "train.log_every=3",
+            "train.checkpoint_every_steps=3", "tracking.system_metrics_s=0"]
+    for extra in (["train.max_steps=6"], ["train.max_steps=12", "--resume", "auto"]):
+        p = subprocess.run([sys.executable, "-m", "gmeta.cli", *base, *extra], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("gmeta-ads-cvr-debug").experiment_id])
+    assert len(runs) == 1  # the restart continued the run instead of opening another
+    run = runs[0]
+    assert run.info.status == "FINISHED" and "gmeta.resumed_from" in run.data.tags
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/query_loss")]
+    assert steps == [3, 6, 9, 12]

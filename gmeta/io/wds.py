@@ -68,7 +68,7 @@ def _side(samples: list[dict], side_name: str, schema: dict, where: str) -> Spli
             raise ShardError(f"{where}: sample {sample['__key__']} has no member {member!r}")
         try:
             return _npy(data)
-        except (ValueError, OSError, EOFError) as e:
+        except Exception as e:  # numpy's header parser raises SyntaxError, TokenError, ValueError, ...
             raise ShardError(f"{where}: sample {sample['__key__']} member {member!r} is not a valid .npy: "
                              f"{e}") from None
 
@@ -118,9 +118,14 @@ def read_tar(path: Path, schema: dict) -> TaskBlock:
             task_ids.append(int(json.loads(s["json"])["task_id"]))
         except (KeyError, ValueError, TypeError) as e:
             raise ShardError(f"{path}: sample {s.get('__key__')} has no valid .json task_id: {e}") from None
-    return TaskBlock(source=str(path), task_id=np.array(task_ids, dtype=np.int64),
-                     support=_side(samples, "support", schema, str(path)),
-                     query=_side(samples, "query", schema, str(path)))
+    try:
+        return TaskBlock(source=str(path), task_id=np.array(task_ids, dtype=np.int64),
+                         support=_side(samples, "support", schema, str(path)),
+                         query=_side(samples, "query", schema, str(path)))
+    except ShardError:
+        raise
+    except (ValueError, TypeError, IndexError) as e:  # arrays of the wrong dtype or shape
+        raise ShardError(f"{path}: sample arrays do not match the manifest schema: {e}") from None
 
 
 def read_task_keys(path: Path) -> list[tuple[object, int]]:
