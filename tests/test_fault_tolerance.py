@@ -86,6 +86,12 @@ def test_killed_ranks_resume_with_exactly_once_data_and_equal_parameters(debug_d
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=name)
     # retention: the newest two periodic checkpoints, complete
     assert [s for s, _ in complete_checkpoints(tmp_path / "killed" / "checkpoints")] == [20, 24]
+    # no process of the killed attempts (ranks or their reader workers) outlived the job
+    import psutil
+
+    marker = str(tmp_path / "killed")
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    assert not left, left
 
 
 def _harness(args: list[str], env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -112,7 +118,8 @@ def test_nonfinite_loss_skipped_and_counted(debug_data, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1", f"data.shards_dir={debug_data['shards']}",
             f"train.output_dir={out}", "tracking.enabled=false", "train.eval_at_end=false", "train.max_steps=12",
-            "train.on_nonfinite_loss=skip", "train.log_every=4"]
+            "train.on_nonfinite_loss=skip", "train.log_every=4", "train.checkpoint_every_minutes=0.000001",
+            "train.keep_checkpoints=5"]
     proc = _harness(args, {"GMETA_TEST_NAN_AT": "2,7"}, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = [json.loads(x) for x in (tmp_path / "rec" / "attempt0-rank0.jsonl").read_text().splitlines()]
@@ -120,6 +127,8 @@ def test_nonfinite_loss_skipped_and_counted(debug_data, tmp_path):
     model, _, meta = load_unsharded(out / "checkpoint")
     assert meta["skipped_nonfinite_steps"] == 2 and meta["step"] == 12
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+    # the minutes trigger (checked at log steps) is due at every log step here
+    assert [s for s, _ in complete_checkpoints(out / "checkpoints")] == [4, 8]
 
 
 # ------------------------------------------------------------------ resharding
