@@ -216,6 +216,19 @@ def test_bad_task_is_an_error_naming_file_row_group_and_task(debug_data, tmp_pat
     assert "2 bad task(s)" in msg
 
 
+@pytest.mark.parametrize("edit, reason", [
+    (lambda r: r[2]["query"].update({k: [] for k in r[2]["query"]}), "task 2 (task_id .*): empty query set"),
+    (lambda r: r[2]["support"].update({k: [] for k in r[2]["support"]}), "task 2 (task_id .*): empty support set"),
+    (lambda r: r[2]["query"]["label"].__setitem__(0, float("inf")), "task 2 .*query.label: not 0/1"),
+    (lambda r: r[2]["support"]["ad_id"].__setitem__(0, -1), r"task 2 .*support.ad_id: id outside \[0, "),
+    (lambda r: r[2]["support"]["dense"][0].__setitem__(0, float("-inf")), "task 2 .*support.dense: NaN or inf"),
+])
+def test_each_kind_of_bad_task_is_named(debug_data, tmp_path, edit, reason):
+    shards = _tamper(debug_data["shards"], tmp_path, edit)
+    with pytest.raises(ShardError, match=reason):
+        list(TaskReader(shards, "train", 4, shuffle=False))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_tasks_skipped_and_counted(debug_data, tmp_path, workers):
     shards = _tamper(debug_data["shards"], tmp_path, _break_two_tasks)
