@@ -348,3 +348,25 @@ def test_resumed_training_continues_its_mlflow_run(debug_data, tmp_path):
     assert run.info.status == "FINISHED" and "gmeta.resumed_from" in run.data.tags
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/query_loss")]
     assert steps == [3, 6, 9, 12]
+
+
+def test_interrupted_checkpoint_writes_are_ignored_and_resume_picks_the_newest_complete(debug_checkpoint, tmp_path):
+    import shutil
+
+    from gmeta.config import load_config
+    from gmeta.train import _resume_path
+
+    root = tmp_path / "run" / "checkpoints"
+    root.mkdir(parents=True)
+    shutil.copytree(debug_checkpoint, root / "step-00000004")
+    # a write that died before the rename, and one renamed without its meta.json (never
+    # produced by gmeta, which writes meta.json before renaming, but a damaged copy)
+    shutil.copytree(debug_checkpoint, root / "step-00000008.tmp")
+    shutil.copytree(debug_checkpoint, root / "step-00000012")
+    (root / "step-00000012" / "meta.json").unlink()
+    assert complete_checkpoints(root) == [(40, root / "step-00000004")]  # step as its meta.json says
+    cfg = load_config(DEBUG_CONFIG, [f"train.output_dir={tmp_path / 'run'}", "train.resume=auto"])
+    assert _resume_path(cfg, tmp_path / "run") == root / "step-00000004"
+    cfg.train.resume = "none"
+    with pytest.raises(CheckpointError, match="--resume auto"):
+        _resume_path(cfg, tmp_path / "run")
