@@ -217,8 +217,8 @@ def test_bad_task_is_an_error_naming_file_row_group_and_task(debug_data, tmp_pat
 
 
 @pytest.mark.parametrize("edit, reason", [
-    (lambda r: r[2]["query"].update({k: [] for k in r[2]["query"]}), "task 2 (task_id .*): empty query set"),
-    (lambda r: r[2]["support"].update({k: [] for k in r[2]["support"]}), "task 2 (task_id .*): empty support set"),
+    (lambda r: r[2]["query"].update({k: [] for k in r[2]["query"]}), r"task 2 \(task_id .*\): empty query set"),
+    (lambda r: r[2]["support"].update({k: [] for k in r[2]["support"]}), r"task 2 \(task_id .*\): empty support set"),
     (lambda r: r[2]["query"]["label"].__setitem__(0, float("inf")), "task 2 .*query.label: not 0/1"),
     (lambda r: r[2]["support"]["ad_id"].__setitem__(0, -1), r"task 2 .*support.ad_id: id outside \[0, "),
     (lambda r: r[2]["support"]["dense"][0].__setitem__(0, float("-inf")), "task 2 .*support.dense: NaN or inf"),
