@@ -43,10 +43,11 @@ def _inner(model) -> MetaDLRM:
     return model.module if hasattr(model, "module") else model
 
 
-def predict_query(model, cfg: Config, batch: TaskBatch, steps: int) -> np.ndarray:
-    """Probabilities of the batch's query rows (query-block order) after ``steps`` inner
-    steps on each task's support rows (0: no adaptation). ``model``: a MetaDLRM, or one
-    sharded by torchrec (then every rank must call this for the same number of batches)."""
+def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int]) -> dict[int, np.ndarray]:
+    """Probabilities of the batch's query rows (query-block order) after K inner steps on
+    each task's support rows, for every K in ``steps`` (0: no adaptation). One lookup and
+    one layout serve every K. ``model``: a MetaDLRM, or one sharded by torchrec (then every
+    rank must call this for the same number of batches)."""
     inner = _inner(model)
     with torch.no_grad():
         lk = inner.lookup(batch.sparse)
@@ -55,12 +56,20 @@ def predict_query(model, cfg: Config, batch: TaskBatch, steps: int) -> np.ndarra
     layout = task_layout(batch, cfg.meta.size_buckets)
     m = cfg.meta
     lr, emb_lr = inner.inner_lrs(m.inner_lr, m.embedding_inner_lr)
+    out = {}
     with torch.enable_grad():
-        logits_q, _, _ = adapt_and_query(
-            inner.head, lk, batch, num_features=inner.num_features, steps=steps, lr=lr,
-            emb_lr=emb_lr, adapt_dense=m.adapt_dense,
-            adapt_embeddings=m.adapt_embeddings, first_order=True, layout=layout)
-    return torch.sigmoid(logits_q.detach()).cpu().numpy()
+        for k in steps:
+            logits_q, _, _ = adapt_and_query(
+                inner.head, lk, batch, num_features=inner.num_features, steps=k, lr=lr,
+                emb_lr=emb_lr, adapt_dense=m.adapt_dense,
+                adapt_embeddings=m.adapt_embeddings, first_order=True, layout=layout)
+            out[k] = torch.sigmoid(logits_q.detach()).cpu().numpy()
+    return out
+
+
+def predict_query(model, cfg: Config, batch: TaskBatch, steps: int) -> np.ndarray:
+    """``predict_queries`` for one K."""
+    return predict_queries(model, cfg, batch, [steps])[steps]
 
 
 @dataclass
@@ -115,7 +124,7 @@ def collect(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | No
             raise ValueError(f"{shards_dir}: rank {rank} has no held-out tasks to evaluate")
         last = batch
         batch = batch.to(device)
-        scored = {f"k={k}": predict_query(model, cfg, batch, k) for k in ks}
+        scored = {f"k={k}": p for k, p in predict_queries(model, cfg, batch, ks).items()}
         base = predict_query(baseline[0], baseline[1], batch, 0) if baseline is not None else None
         if not own:
             continue

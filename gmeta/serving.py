@@ -21,17 +21,10 @@ import pyarrow as pa
 
 from gmeta.config import Config
 from gmeta.io.blocks import SplitArrays, TaskBlock, collate_packed
-from gmeta.io.prepare import PrepareError, _check_values, _hash_batch, _split_tasks, stable_hash
+from gmeta.io.prepare import PrepareError, _check_values, _hash_batch, _split_tasks, shard_schema, stable_hash
 
 ROLE = "role"
 SUPPORT, QUERY = "support", "query"
-
-
-def _schema(cfg: Config, has_true_prob: bool = False) -> dict:
-    from dataclasses import asdict
-
-    return {"sparse": [asdict(s) for s in cfg.features.sparse], "dense": list(cfg.features.dense),
-            "has_true_prob": has_true_prob}
 
 
 def _input_columns(cfg: Config) -> list[str]:
@@ -103,8 +96,10 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int) -> list[
     keys = df[f.task_key].to_numpy()[keep]
     ts = df[f.timestamp].to_numpy().astype(np.int64)[keep]
     uniq, first, task = np.unique(keys, return_index=True, return_inverse=True)
-    rank = np.argsort(np.argsort(first, kind="stable"), kind="stable")  # tasks in order of appearance
-    task = rank[task]
+    appearance = np.argsort(first, kind="stable")
+    task = np.argsort(appearance)[task]  # tasks numbered in order of appearance
+    task_keys = uniq[appearance]
+    task_ids = stable_hash(task_keys, "task").astype(np.int64)
     q = is_query[keep]
     out = []
     num_tasks = len(uniq)
@@ -118,14 +113,12 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int) -> list[
             sel = sel[np.lexsort((ts[sel], task[sel]))]  # task-major, by time inside a task
             counts = np.bincount(task[sel] - lo, minlength=hi - lo)
             if (counts == 0).any():
-                t0 = int(np.argmax(counts == 0)) + lo
-                key = keys[np.flatnonzero(task == t0)[0]]
+                key = task_keys[int(np.argmax(counts == 0)) + lo]
                 raise PrepareError(f"input rows: task {key!r} ({f.task_key}) has no {name} rows")
             sides[name] = _side(hashed, sel, task[sel] - lo, hi - lo, cfg)
             if name == QUERY:
                 positions = keep[sel]
-        task_ids = stable_hash(keys[[np.flatnonzero(task == t)[0] for t in range(lo, hi)]], "task").astype(np.int64)
-        out.append((TaskBlock("input rows", task_ids, sides[SUPPORT], sides[QUERY]), positions))
+        out.append((TaskBlock("input rows", task_ids[lo:hi], sides[SUPPORT], sides[QUERY]), positions))
     return out
 
 
@@ -138,7 +131,7 @@ def score_rows(model, cfg: Config, df: pd.DataFrame, inner_steps: int = -1) -> p
     steps = cfg.meta.inner_steps if cfg.eval.inner_steps < 0 else cfg.eval.inner_steps
     steps = steps if inner_steps is None or inner_steps < 0 else int(inner_steps)
     scores = np.full(len(df), np.nan)
-    schema = _schema(cfg)
+    schema = shard_schema(cfg, has_true_prob=False)
     for block, positions in rows_to_blocks(df, cfg, cfg.eval.tasks_per_batch):
         batch = collate_packed([(block, np.arange(block.num_tasks))], schema).unpack()
         scores[positions] = predict_query(model, cfg, batch, steps)

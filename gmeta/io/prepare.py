@@ -64,6 +64,12 @@ def hash_ids(values: np.ndarray, feature: str, num_embeddings: int) -> np.ndarra
     return (stable_hash(values, feature) % np.uint64(num_embeddings)).astype(np.int64)
 
 
+def shard_schema(cfg: Config, has_true_prob: bool) -> dict:
+    """The schema of task records (in the manifest; what the reader and collation expect)."""
+    return {"sparse": [asdict(s) for s in cfg.features.sparse], "dense": list(cfg.features.dense),
+            "has_true_prob": has_true_prob}
+
+
 def _input_files(input_path: Path) -> list[Path]:
     if not input_path.exists():
         raise PrepareError(f"input not found: {input_path}")
@@ -491,7 +497,7 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
         columns.append(f.true_prob)
     input_bytes, input_rows = _estimate_bytes(files, columns)
     parts_n = num_partitions(input_bytes, cfg.data.prepare_memory_mb)
-    schema = {"sparse": [asdict(s) for s in f.sparse], "dense": list(f.dense), "has_true_prob": has_true_prob}
+    schema = shard_schema(cfg, has_true_prob)
     out.mkdir(parents=True, exist_ok=True)
     card = _Cardinality(cfg)
     dropped = {"support_too_small": 0, "query_too_small": 0}

@@ -50,14 +50,12 @@ class SizeBucket:
 class TaskLayout:
     """Where the rows of each task of a TaskBatch go.
 
-    every     all tasks in order, each padded to the largest task of the batch
     buckets   the tasks in groups of similar size, each padded to its own largest task:
               padding everything to the largest wastes most of the work when task sizes
-              follow a power law
+              follow a power law. With one bucket: all tasks in order.
     row_task  [S+Q] task of every row
     """
 
-    every: SizeBucket
     buckets: list[SizeBucket]
     row_task: torch.Tensor
     num_support: int
@@ -128,11 +126,13 @@ def task_layout(batch: TaskBatch, num_buckets: int = 1) -> TaskLayout:
     so, qo = batch.support_offsets.cpu().numpy(), batch.query_offsets.cpu().numpy()
     dev, dt = batch.labels.device, batch.labels.dtype
     n = len(so) - 1
-    s, q = _padded(so), _padded(qo)
-    every = _bucket(np.arange(n), s, q, dev, dt)
-    row_task = np.concatenate([np.repeat(np.arange(n), s[2]), np.repeat(np.arange(n), q[2])])
-    buckets = size_buckets(batch, num_buckets) if num_buckets > 1 else [every]
-    return TaskLayout(every, buckets, torch.from_numpy(row_task).to(dev), int(s[2].sum()), int(q[2].sum()))
+    s_count, q_count = np.diff(so), np.diff(qo)
+    if num_buckets > 1:
+        buckets = size_buckets(batch, num_buckets)
+    else:
+        buckets = [_bucket(np.arange(n), _padded(so), _padded(qo), dev, dt)]
+    row_task = np.concatenate([np.repeat(np.arange(n), s_count), np.repeat(np.arange(n), q_count)])
+    return TaskLayout(buckets, torch.from_numpy(row_task).to(dev), int(s_count.sum()), int(q_count.sum()))
 
 
 def task_losses(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -304,7 +304,7 @@ def erm_loss(head: DLRMHead, lookup: Lookup, batch: TaskBatch, *, num_features: 
     loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
     layout = task_layout(batch)
     with torch.no_grad():
-        e = layout.every
+        e = layout.buckets[0]  # one bucket: every task, in order
         q = logits[layout.num_support:][e.q_index]
         ql = task_losses(q, batch.labels[layout.num_support:][e.q_index], e.q_mask, e.q_count)
         s = logits[: layout.num_support][e.s_index]
