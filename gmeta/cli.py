@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="raw row-level logs -> task shards + manifest.json",
                        description="Group rows by task, split support/query, hash ids, write task shards.")
     _add_config(p)
-    p.add_argument("--input", help="raw Parquet/CSV file or directory (default: data.raw_dir)")
+    p.add_argument("--input", help="raw input file or directory, read as data.source.format says "
+                                   "(default: data.raw_dir)")
     p.add_argument("--out", help="shard directory (default: data.shards_dir)")
 
     p = sub.add_parser("train", help="meta-train (MAML) or train the ERM baseline",
@@ -132,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         except PrepareError as e:
             print(f"gmeta prepare: {e}", file=sys.stderr)
             return 2
-        print(f"train: {m['splits']['train']['tasks']} tasks, eval: {m['splits']['eval']['tasks']} tasks, "
-              f"dropped: {m['dropped_tasks']} -> {args.out or cfg.data.shards_dir}")
+        print(", ".join(f"{k}: {v['tasks']} tasks" for k, v in m["splits"].items())
+              + f", dropped: {m['dropped_tasks']} -> {args.out or cfg.data.shards_dir}")
         return 0
 
     if args.command == "train":

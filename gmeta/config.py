@@ -49,7 +49,10 @@ class FeaturesConfig:
     """Column names of the raw row-level data and the table size of each sparse feature."""
 
     task_key: str = "campaign_id"
+    # Orders each task's rows (support before query under the time rule). Empty string: the
+    # input has none, and the row order of the input is its time order.
     timestamp: str = "ts"
+    # 0/1 for model.objective "binary"; any finite number for "regression".
     label: str = "label"
     # Column with the true probability of a positive label (synthetic data only), used for
     # the oracle AUC. Empty string: not available.
@@ -66,6 +69,9 @@ class FeaturesConfig:
         ]
     )
     dense: list[str] = field(default_factory=lambda: ["bid_price", "user_activity", "ad_position"])
+    # Applied to every dense value by prepare and serving: "log1p" is sign(x) * log(1 + |x|)
+    # (for heavy-tailed counts such as Criteo's integer features).
+    dense_transform: Literal["none", "log1p"] = "none"
 
 
 @dataclass
@@ -100,14 +106,55 @@ class SplitConfig:
     max_support: int = 64
     min_query: int = 4
     max_query: int = 64
-    # Share of tasks (chosen by a hash of the task key) held out for cold-start evaluation.
+    # Share of tasks (chosen by a hash of the task key) held out for cold-start evaluation
+    # (split "eval"), and a further share held out for validation (split "val").
     eval_fraction: float = 0.1
+    val_fraction: float = 0.0
     seed: int = 0
+    # A fixed number of query rows per task (the last ones by time under the time rule, a
+    # seeded random choice under the ratio rule), the rest support; 0: by support_ratio.
+    query_size: int = 0
+    # Keep only tasks with this many rows or more / at most this many (0: no limit), counted
+    # before the split: e.g. 13 and 100 for the MovieLens user-cold-start protocol.
+    min_task_rows: int = 0
+    max_task_rows: int = 0
+
+
+@dataclass
+class SourceConfig:
+    """How ``gmeta prepare`` reads data.raw_dir.
+
+    - ``auto``: Parquet or CSV files by their suffix (``.parquet``, ``.csv``, ``.tsv``).
+    - ``parquet`` / ``csv`` / ``tsv``: row-level logs (e.g. Criteo- or Avazu-style CTR logs)
+      whose columns the features section declares.
+    - ``movielens``: the MovieLens files as distributed (ML-100K ``u.data``/``u.user``/
+      ``u.item``, ML-1M ``ratings.dat``/``users.dat``/``movies.dat``) or as RecBole atomic
+      files (``*.inter``/``*.user``/``*.item``), joined into the columns listed in
+      gmeta/io/sources.py.
+    - ``recbole``: any data set in RecBole's atomic-file format; columns are named by the
+      header (``user_id:token`` -> ``user_id``), user and item features joined in.
+    """
+
+    format: Literal["auto", "parquet", "csv", "tsv", "movielens", "recbole"] = "auto"
+    # csv/tsv: field separator (one character; empty: "," for csv, tab for tsv), whether
+    # the first line is a header, and the column names when it is not.
+    delimiter: str = ""
+    header: bool = True
+    column_names: list[str] = field(default_factory=list)
+    # csv/tsv: separator of the ids of a multi-hot column held in one text field.
+    multi_hot_separator: str = "|"
+    # Missing values (nulls, empty numeric fields): false is an error naming file and
+    # column; true maps a missing sparse id to its own "missing" id and a missing dense
+    # value to 0. Task key, timestamp and label must never be missing.
+    fill_missing: bool = False
+    # movielens: the "click" column is rating >= this.
+    click_threshold: float = 4.0
 
 
 @dataclass
 class DataConfig:
     raw_dir: str = "data/ads_cvr/raw"
+    source: SourceConfig = field(default_factory=SourceConfig)
     shards_dir: str = "data/ads_cvr/shards"
     # prepare: shard format, tasks per shard file and per Parquet row group
     format: Literal["parquet", "webdataset"] = "parquet"
@@ -126,6 +173,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # "binary": logits, binary cross-entropy, AUC/GAUC/logloss; "regression": the output
+    # is the prediction itself (e.g. a rating), squared error, RMSE/MAE.
+    objective: Literal["binary", "regression"] = "binary"
     embedding_dim: int = 16
     # Hidden sizes of the bottom MLP on dense features; its output has embedding_dim units.
     dense_arch: list[int] = field(default_factory=lambda: [64])
@@ -211,6 +261,8 @@ class EvalConfig:
     # Inner steps at evaluation; -1 means meta.inner_steps.
     inner_steps: int = -1
     tasks_per_batch: int = 64
+    # Which held-out tasks to evaluate: "eval" (test) or "val" (data.split.val_fraction).
+    split: Literal["eval", "val"] = "eval"
     # Evaluate on at most this many held-out tasks (0: all).
     max_tasks: int = 0
     # Inner steps of the AUC-vs-K curve (K = 0 is no adaptation).
@@ -264,6 +316,7 @@ def validate(cfg: Config) -> None:
     """Check values that are well typed but impossible. Raises ConfigError naming the key."""
     f = cfg.features
     _check(bool(f.task_key), "features.task_key", "must not be empty")
+    _check(bool(f.label), "features.label", "must not be empty")
     _check(len(f.sparse) > 0, "features.sparse", "at least one sparse feature is required")
     _check(len(f.dense) > 0, "features.dense", "at least one dense feature is required")
     names = [s.name for s in f.sparse] + list(f.dense)
@@ -272,7 +325,7 @@ def validate(cfg: Config) -> None:
         _check(s.num_embeddings >= 1, f"features.sparse[{i}].num_embeddings", "must be >= 1")
     dup = {n for n in names if names.count(n) > 1}
     _check(not dup, "features", f"duplicate feature names {sorted(dup)}")
-    reserved = {f.task_key, f.timestamp, f.label, f.true_prob}
+    reserved = {f.task_key, f.timestamp, f.label, f.true_prob} - {""}
     clash = reserved & set(names)
     _check(not clash, "features", f"feature names {sorted(clash)} clash with task key/label/timestamp")
 
@@ -291,6 +344,19 @@ def validate(cfg: Config) -> None:
     _check(sp.max_support >= sp.min_support, "data.split.max_support", "must be >= data.split.min_support")
     _check(sp.max_query >= sp.min_query, "data.split.max_query", "must be >= data.split.min_query")
     _check(0.0 <= sp.eval_fraction < 1.0, "data.split.eval_fraction", "must be in [0, 1)")
+    _check(0.0 <= sp.val_fraction < 1.0 - sp.eval_fraction, "data.split.val_fraction",
+           "must be >= 0, and below 1 - data.split.eval_fraction (some tasks must remain for training)")
+    _check(sp.query_size >= 0, "data.split.query_size", "must be >= 0 (0: by support_ratio)")
+    _check(sp.query_size <= sp.max_query, "data.split.query_size", "must be <= data.split.max_query")
+    _check(sp.min_task_rows >= 0, "data.split.min_task_rows", "must be >= 0 (0: no limit)")
+    _check(sp.max_task_rows >= 0, "data.split.max_task_rows", "must be >= 0 (0: no limit)")
+    _check(sp.max_task_rows == 0 or sp.max_task_rows >= sp.min_task_rows, "data.split.max_task_rows",
+           "must be >= data.split.min_task_rows (or 0: no limit)")
+    src = cfg.data.source
+    _check(len(src.delimiter) <= 1, "data.source.delimiter", "must be one character (or empty for the default)")
+    _check(src.header or bool(src.column_names), "data.source.column_names",
+           "must name the columns when data.source.header is false")
+    _check(len(src.multi_hot_separator) >= 1, "data.source.multi_hot_separator", "must not be empty")
     _check(cfg.data.tasks_per_shard >= 1, "data.tasks_per_shard", "must be >= 1")
     _check(cfg.data.tasks_per_row_group >= 1, "data.tasks_per_row_group", "must be >= 1")
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")

@@ -21,15 +21,24 @@ import pyarrow as pa
 
 from gmeta.config import Config
 from gmeta.io.blocks import SplitArrays, TaskBlock, collate_packed
-from gmeta.io.prepare import PrepareError, _check_values, _hash_batch, _split_tasks, shard_schema, stable_hash
+from gmeta.io.prepare import (
+    PrepareError,
+    _check_values,
+    _hash_batch,
+    _split_tasks,
+    input_columns,
+    shard_schema,
+    stable_hash,
+)
 
 ROLE = "role"
 SUPPORT, QUERY = "support", "query"
 
 
-def _input_columns(cfg: Config) -> list[str]:
+def _times(df: pd.DataFrame, cfg: Config) -> np.ndarray:
+    """Time of each row: features.timestamp, or the row order without one (as in prepare)."""
     f = cfg.features
-    return [f.task_key, f.timestamp, f.label] + [s.name for s in f.sparse] + list(f.dense)
+    return df[f.timestamp].to_numpy().astype(np.int64) if f.timestamp else np.arange(len(df), dtype=np.int64)
 
 
 def assign_roles(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
@@ -37,12 +46,13 @@ def assign_roles(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     "support", "query", or "" for rows the rule leaves out (beyond max_support/max_query,
     or tasks it drops as too small). For scoring logged tasks as training/evaluation saw them."""
     f = cfg.features
-    missing = [c for c in (f.task_key, f.timestamp) if c not in df.columns]
+    missing = [c for c in (f.task_key, f.timestamp) if c and c not in df.columns]
     if missing:
         raise PrepareError(f"input rows: missing column(s) {missing}")
-    order = np.lexsort((df[f.timestamp].to_numpy(), stable_hash(df[f.task_key].to_numpy(), "order")))
+    times = _times(df, cfg)
+    order = np.lexsort((times, stable_hash(df[f.task_key].to_numpy(), "order")))
     keys = df[f.task_key].to_numpy()[order]
-    ts = df[f.timestamp].to_numpy().astype(np.int64)[order]
+    ts = times[order]
     start = np.concatenate([[0], np.flatnonzero(keys[1:] != keys[:-1]) + 1]).astype(np.int64)
     counts = np.diff(np.concatenate([start, [len(keys)]]))
     s_idx, q_idx, _ = _split_tasks(cfg, start, counts, ts, stable_hash(keys[start], "task"))
@@ -76,7 +86,7 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int) -> list[
     """Raw rows with roles -> TaskBlocks of at most ``tasks_per_batch`` tasks, each with
     the input positions of its query rows in query-block order."""
     f = cfg.features
-    cols = _input_columns(cfg)
+    cols = input_columns(cfg)
     missing = [c for c in cols + [ROLE] if c not in df.columns]
     if missing:
         raise PrepareError(f"input rows: missing column(s) {missing}; expected {cols + [ROLE]}")
@@ -94,7 +104,7 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int) -> list[
     _check_values(table, cfg, "input rows")
     hashed = _hash_batch(table, cfg, None, "input rows")
     keys = df[f.task_key].to_numpy()[keep]
-    ts = df[f.timestamp].to_numpy().astype(np.int64)[keep]
+    ts = _times(df, cfg)[keep]
     uniq, first, task = np.unique(keys, return_index=True, return_inverse=True)
     appearance = np.argsort(first, kind="stable")
     task = np.argsort(appearance)[task]  # tasks numbered in order of appearance
@@ -176,7 +186,7 @@ def example_rows(cfg: Config, input_columns: dict[str, str] | None = None, n: in
     f = cfg.features
     types = input_columns or {}
     data: dict = {}
-    for col in _input_columns(cfg):
+    for col in input_columns(cfg):
         multi = any(s.name == col and s.multi_hot for s in f.sparse)
         data[col] = _example_column(types.get(col, "list<int64>" if multi else "int64"), n)
     data[f.task_key] = [data[f.task_key][0]] * n

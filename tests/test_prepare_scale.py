@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from gmeta.config import load_config
-from gmeta.io.prepare import _estimate_bytes, load_manifest, prepare
+from gmeta.io.prepare import load_manifest, prepare
+from gmeta.io.sources import estimate_bytes
 from gmeta.synth import generate
 
 PROBE = textwrap.dedent("""
@@ -53,7 +54,7 @@ def test_input_larger_than_cap_is_prepared_within_cap(debug_config_path, tmp_pat
     del table
     cap_mb = 20
     files = sorted(raw.glob("*.parquet"))
-    decoded, rows = _estimate_bytes(files, pq.read_schema(files[0]).names)
+    decoded, rows = estimate_bytes(files, pq.read_schema(files[0]).names)
     assert decoded > 3 * (cap_mb << 20), decoded  # the input is several times the cap
 
     proc = subprocess.run([sys.executable, "-c", PROBE, str(cfg_path), str(cap_mb), str(raw), str(tmp_path / "ooc")],

@@ -36,11 +36,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from gmeta.config import Config
+from gmeta.io.sources import SourceError, open_source, split_field
 
 log = logging.getLogger(__name__)
 
@@ -70,51 +69,50 @@ def shard_schema(cfg: Config, has_true_prob: bool) -> dict:
             "has_true_prob": has_true_prob}
 
 
-def _input_files(input_path: Path) -> list[Path]:
-    if not input_path.exists():
-        raise PrepareError(f"input not found: {input_path}")
-    if input_path.is_dir():
-        files = sorted(p for p in input_path.rglob("*")
-                       if p.suffix in (".parquet", ".csv") and not p.name.startswith(("_", ".")))
-        if not files:
-            raise PrepareError(f"{input_path}: no .parquet or .csv files inside")
-    else:
-        files = [input_path]
-    kinds = {p.suffix for p in files}
-    if len(kinds) > 1 or not kinds <= {".parquet", ".csv"}:
-        raise PrepareError(f"{input_path}: expected .parquet or .csv files of one kind, got {sorted(kinds)}")
-    return files
-
-
-def _required_columns(cfg: Config) -> list[str]:
+def input_columns(cfg: Config) -> list[str]:
+    """The raw columns the config reads (task key, timestamp if any, label, features)."""
     f = cfg.features
-    return [f.task_key, f.timestamp, f.label] + [s.name for s in f.sparse] + list(f.dense)
+    return [f.task_key] + ([f.timestamp] if f.timestamp else []) + [f.label] + [s.name for s in f.sparse] \
+        + list(f.dense)
 
 
 def _check_values(table: pa.Table, cfg: Config, where: str) -> None:
-    """Nulls, non-numeric or non-finite values, labels other than 0/1: an error naming the
-    file and column (and the first bad row of the file's batch)."""
+    """Nulls, non-numeric or non-finite values, labels other than 0/1 (binary objective):
+    an error naming the file and column (and the first bad row of the file's batch)."""
     f = cfg.features
-    for name in [f.task_key, f.timestamp, f.label] + [s.name for s in f.sparse]:
+    fill = cfg.data.source.fill_missing
+    must = [f.task_key, f.label] + ([f.timestamp] if f.timestamp else [])
+    for name in must + ([] if fill else [s.name for s in f.sparse]):
         nulls = table.column(name).null_count
         if nulls:
-            raise PrepareError(f"{where}: column {name!r} has {nulls} null value(s)")
+            hint = "" if name in must else " (data.source.fill_missing: true maps them to a 'missing' id)"
+            raise PrepareError(f"{where}: column {name!r} has {nulls} null value(s){hint}")
     for name in [f.label] + list(f.dense) + ([f.true_prob] if f.true_prob in table.column_names else []):
         col = table.column(name)
-        if not pa.types.is_integer(col.type) and not pa.types.is_floating(col.type):
+        if not pa.types.is_integer(col.type) and not pa.types.is_floating(col.type) and not pa.types.is_null(col.type):
             raise PrepareError(f"{where}: column {name!r} must be numeric, got {col.type}")
-        arr = col.to_numpy().astype(np.float64)
+        if fill and name in f.dense:
+            col = pc.fill_null(col, 0) if not pa.types.is_null(col.type) else pa.array(np.zeros(len(col)))
+        elif col.null_count:
+            hint = " (data.source.fill_missing: true reads them as 0)" if name in f.dense else ""
+            raise PrepareError(f"{where}: column {name!r} has {col.null_count} null value(s){hint}")
+        arr = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
         bad = ~np.isfinite(arr)
         if bad.any():
             raise PrepareError(f"{where}: column {name!r} has {int(bad.sum())} NaN/inf value(s)"
                                f" (first at row {int(np.argmax(bad))} of the batch)")
-    lab = table.column(f.label).to_numpy().astype(np.float64)
-    if not np.isin(lab, (0.0, 1.0)).all():
-        raise PrepareError(f"{where}: column {f.label!r} (features.label) must be 0 or 1")
-    ts_type = table.column(f.timestamp).type
-    if not (pa.types.is_integer(ts_type) or pa.types.is_timestamp(ts_type)):
-        raise PrepareError(f"{where}: column {f.timestamp!r} (features.timestamp) must be an integer or "
-                           f"timestamp, got {ts_type}")
+    if cfg.model.objective == "binary":
+        lab = table.column(f.label).to_numpy().astype(np.float64)
+        if not np.isin(lab, (0.0, 1.0)).all():
+            bad = np.flatnonzero(~np.isin(lab, (0.0, 1.0)))[0]
+            raise PrepareError(f"{where}: column {f.label!r} (features.label) must be 0 or 1 for "
+                               f"model.objective binary, got {lab[bad]:g} at row {bad} of the batch "
+                               "(set model.objective: regression to predict the value itself)")
+    if f.timestamp:
+        ts_type = table.column(f.timestamp).type
+        if not (pa.types.is_integer(ts_type) or pa.types.is_timestamp(ts_type)):
+            raise PrepareError(f"{where}: column {f.timestamp!r} (features.timestamp) must be an integer or "
+                               f"timestamp, got {ts_type}")
 
 
 class _Cardinality:
@@ -151,18 +149,58 @@ class _Cardinality:
         return out
 
 
-def _hash_batch(table: pa.Table, cfg: Config, card: _Cardinality | None, where: str) -> pa.Table:
-    """Raw batch -> the columns prepare keeps, sparse ids hashed into their tables."""
+_MISSING = "\x00missing"  # the raw value a missing id hashes as (data.source.fill_missing)
+
+
+def row_times(table: pa.Table, cfg: Config, first_row: int = 0) -> pa.Array:
+    """Time of each row as int64: features.timestamp, or (no timestamp column) the row's
+    position in the input, ``first_row`` being the position of the table's first row."""
+    if cfg.features.timestamp:
+        return table.column(cfg.features.timestamp).combine_chunks().cast(pa.int64())
+    return pa.array(np.arange(first_row, first_row + table.num_rows, dtype=np.int64))
+
+
+def _dense_matrix(table: pa.Table, cfg: Config) -> np.ndarray:
+    cols = []
+    for c in cfg.features.dense:
+        col = table.column(c)
+        if col.null_count:  # only with data.source.fill_missing (_check_values refuses them otherwise)
+            col = pc.fill_null(col, 0) if not pa.types.is_null(col.type) else pa.array(np.zeros(len(col)))
+        cols.append(np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float32))
+    dense = np.stack(cols, axis=1)
+    if cfg.features.dense_transform == "log1p":
+        dense = np.sign(dense) * np.log1p(np.abs(dense))
+    return dense
+
+
+def _hash_ids(col: pa.Array, name: str, num_embeddings: int) -> tuple[np.ndarray, np.ndarray]:
+    """(raw ids, hashed ids) of a flat id column; a null (data.source.fill_missing) gets
+    the id of the 'missing' value."""
+    raw = col.to_numpy(zero_copy_only=False)
+    if not col.null_count:
+        return raw, hash_ids(raw, name, num_embeddings)
+    valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    hashed = np.full(len(col), hash_ids(np.array([_MISSING], dtype=object), name, num_embeddings)[0])
+    good = col.filter(pa.array(valid)).to_numpy(zero_copy_only=False)
+    hashed[valid] = hash_ids(good, name, num_embeddings)
+    return good, hashed
+
+
+def _hash_batch(table: pa.Table, cfg: Config, card: _Cardinality | None, where: str,
+                first_row: int = 0) -> pa.Table:
+    """Raw batch -> the columns prepare keeps, sparse ids hashed into their tables
+    (``first_row``: the batch's position in the input, the time of rows without a timestamp)."""
     f = cfg.features
     cols: dict[str, pa.Array] = {
         "__key": table.column(f.task_key).combine_chunks(),
-        "__ts": table.column(f.timestamp).combine_chunks().cast(pa.int64()),
+        "__ts": row_times(table, cfg, first_row),
         "__label": pa.array(table.column(f.label).to_numpy().astype(np.float32)),
     }
+    sep = cfg.data.source.multi_hot_separator
     for s in f.sparse:
         col = table.column(s.name).combine_chunks()
-        if s.multi_hot and pa.types.is_string(col.type):  # CSV: ids joined by "|"
-            col = pc.split_pattern(col, "|")
+        if s.multi_hot and pa.types.is_string(col.type):  # CSV: ids joined by a separator
+            col = split_field(col, sep)
             try:  # numeric ids hash as numbers, as they do from Parquet
                 col = col.cast(pa.list_(pa.int64()))
             except pa.ArrowInvalid:
@@ -173,19 +211,23 @@ def _hash_batch(table: pa.Table, cfg: Config, card: _Cardinality | None, where: 
             raise PrepareError(f"{where}: column {s.name!r} must be {kind} "
                                f"(features.sparse multi_hot={s.multi_hot}), got {col.type}")
         if s.multi_hot:
-            if col.null_count or col.flatten().null_count:
-                raise PrepareError(f"{where}: column {s.name!r} has null ids")
-            raw = col.flatten().to_numpy(zero_copy_only=False)
-            hashed = hash_ids(raw, s.name, s.num_embeddings)
+            if col.null_count:  # a missing list: no ids (pooled to zeros)
+                if not cfg.data.source.fill_missing:
+                    raise PrepareError(f"{where}: column {s.name!r} has {col.null_count} null value(s) "
+                                       "(data.source.fill_missing: true reads them as empty lists)")
+                col = pc.fill_null(col, pa.scalar([], col.type))
+            items = col.flatten()
+            if items.null_count and not cfg.data.source.fill_missing:
+                raise PrepareError(f"{where}: column {s.name!r} has null ids inside its lists")
+            raw, hashed = _hash_ids(items, s.name, s.num_embeddings)
             off = col.offsets.to_numpy().astype(np.int64)
             cols[s.name] = pa.ListArray.from_arrays(pa.array((off - off[0]).astype(np.int32)), pa.array(hashed))
         else:
-            raw = col.to_numpy(zero_copy_only=False)
-            hashed = hash_ids(raw, s.name, s.num_embeddings)
+            raw, hashed = _hash_ids(col, s.name, s.num_embeddings)
             cols[s.name] = pa.array(hashed)
         if card is not None:
             card.add(s.name, raw, hashed)
-    dense = np.stack([table.column(c).to_numpy().astype(np.float32) for c in f.dense], axis=1)
+    dense = _dense_matrix(table, cfg)
     cols["dense"] = pa.FixedSizeListArray.from_arrays(pa.array(dense.reshape(-1)), len(f.dense))
     if f.true_prob and f.true_prob in table.column_names:
         cols["true_prob"] = pa.array(table.column(f.true_prob).to_numpy().astype(np.float32))
@@ -245,39 +287,6 @@ class _Partitions:
             pa.default_memory_pool().release_unused()
 
 
-def _read_batches(path: Path, columns: list[str]):
-    """Stream one input file in batches, one Parquet row group (or CSV block) decoded at a
-    time: no pre-buffering or read-ahead, so memory stays near one batch."""
-    if path.suffix == ".csv":
-        with pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=8 << 20),
-                            convert_options=pacsv.ConvertOptions(include_columns=columns)) as reader:
-            yield from reader
-    else:
-        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-        yield from pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns, use_threads=False)
-
-
-def _estimate_bytes(files: list[Path], columns: list[str]) -> tuple[int, int]:
-    """(bytes the input takes decoded in Arrow, rows). Parquet: rows from the footers times
-    the decoded size per row of the first row group; CSV: 1.5 x the file size, rows unknown."""
-    rows = 0
-    per_row = 0.0
-    total_csv = 0
-    for p in files:
-        if p.suffix != ".parquet":
-            total_csv += p.stat().st_size
-            continue
-        try:
-            pf = pq.ParquetFile(p)
-            rows += pf.metadata.num_rows
-            if not per_row and pf.metadata.num_row_groups and pf.metadata.row_group(0).num_rows:
-                sample = pf.read_row_group(0, columns=[c for c in columns if c in pf.schema_arrow.names])
-                per_row = sample.nbytes / sample.num_rows
-        except (OSError, pa.ArrowException) as e:
-            raise PrepareError(f"{p}: cannot read Parquet file: {e}") from None
-    return int(rows * per_row + 1.5 * total_csv), rows
-
-
 def _split_tasks(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np.ndarray,
                  task_hash: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, int]]:
     """Per task, support and query row indices (into the task-sorted table); None for a
@@ -285,14 +294,21 @@ def _split_tasks(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np
     does not depend on which other tasks were prepared together."""
     sp = cfg.data.split
     support_idx, query_idx = [], []
-    dropped = {"support_too_small": 0, "query_too_small": 0}
+    dropped = dict.fromkeys(DROP_REASONS, 0)
     for start, n, th in zip(task_start.tolist(), counts.tolist(), task_hash.tolist()):
+        too = "too_few_rows" if n < sp.min_task_rows else "too_many_rows" if 0 < sp.max_task_rows < n else ""
+        if too:
+            dropped[too] += 1
+            support_idx.append(None)
+            query_idx.append(None)
+            continue
         rows = np.arange(start, start + n)
-        n_s = int(round(n * sp.support_ratio))
+        n_s = n - sp.query_size if sp.query_size else int(round(n * sp.support_ratio))
         n_s = min(max(n_s, 0), n)
         if sp.rule == "time":
-            # Support strictly earlier than query: move the boundary before any tie.
-            while 0 < n_s < n and ts[start + n_s - 1] == ts[start + n_s]:
+            # Support strictly earlier than query: move the boundary before any tie. (With a
+            # fixed query size, ties keep the input order: the query must have query_size rows.)
+            while not sp.query_size and 0 < n_s < n and ts[start + n_s - 1] == ts[start + n_s]:
                 n_s -= 1
             s_rows, q_rows = rows[:n_s], rows[n_s:]
             s_rows = s_rows[-sp.max_support:]  # the most recent rows before the boundary
@@ -313,6 +329,14 @@ def _split_tasks(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np
         support_idx.append(s_rows)
         query_idx.append(q_rows)
     return support_idx, query_idx, dropped
+
+
+DROP_REASONS = ("too_few_rows", "too_many_rows", "support_too_small", "query_too_small")
+
+
+def splits_of(cfg: Config) -> tuple[str, ...]:
+    """Shard splits prepare writes: train, eval (test), and val if data.split.val_fraction."""
+    return SPLITS + (("val",) if cfg.data.split.val_fraction > 0 else ())
 
 
 def _nested(rows: np.ndarray, lengths: np.ndarray, columns: dict[str, pa.Array]) -> pa.StructArray:
@@ -344,12 +368,13 @@ class _ShardWriter:
         self.out, self.cfg, self.schema = out, cfg, schema
         self.unit = cfg.data.tasks_per_row_group
         self.units_per_shard = max(1, cfg.data.tasks_per_shard // self.unit)
-        self.pending: dict[str, list[pa.Table]] = {s: [] for s in SPLITS}
-        self.count = dict.fromkeys(SPLITS, 0)
-        self.written = dict.fromkeys(SPLITS, 0)  # tasks written per split
-        self.files: dict[str, list[dict]] = {s: [] for s in SPLITS}
-        self.open: dict[str, tuple | None] = dict.fromkeys(SPLITS)
-        for split in SPLITS:
+        self.splits = splits_of(cfg)
+        self.pending: dict[str, list[pa.Table]] = {s: [] for s in self.splits}
+        self.count = dict.fromkeys(self.splits, 0)
+        self.written = dict.fromkeys(self.splits, 0)  # tasks written per split
+        self.files: dict[str, list[dict]] = {s: [] for s in self.splits}
+        self.open: dict[str, tuple | None] = dict.fromkeys(self.splits)
+        for split in self.splits:
             d = out / split
             d.mkdir(parents=True, exist_ok=True)
             for old in [*d.glob("*.parquet"), *d.glob("*.tar"), *d.glob("*.tmp")]:
@@ -409,7 +434,7 @@ class _ShardWriter:
         self.open[split] = None
 
     def close(self) -> dict:
-        for split in SPLITS:
+        for split in self.splits:
             if self.count[split]:
                 self._emit(split, self.count[split])
             self._close_file(split)
@@ -432,9 +457,10 @@ def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, int]) -> dict[s
     support_idx, query_idx, d = _split_tasks(cfg, task_start, counts, ts, task_hash)
     for k, v in d.items():
         dropped[k] += v
-    # eval tasks: a hash of the key, uniform in [0, 1), below eval_fraction
+    # held-out tasks: a hash of the key, uniform in [0, 1): eval below eval_fraction, val
+    # in the next val_fraction
     u = (stable_hash(task_keys, f"split{sp.seed}") >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    is_eval = u < sp.eval_fraction
+    split_of = np.where(u < sp.eval_fraction, "eval", np.where(u < sp.eval_fraction + sp.val_fraction, "val", "train"))
     # order of tasks in the shards: a seeded hash of the key, so it does not depend on how
     # the input was partitioned
     rank = stable_hash(task_keys, f"order{sp.seed}")
@@ -445,9 +471,9 @@ def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, int]) -> dict[s
         columns["true_prob"] = t.column("true_prob").combine_chunks()
     columns["timestamp"] = pa.array(ts)
     out = {}
-    for split in SPLITS:
+    for split in splits_of(cfg):
         sel = [i for i in np.argsort(rank, kind="stable").tolist()
-               if support_idx[i] is not None and bool(is_eval[i]) == (split == "eval")]
+               if support_idx[i] is not None and split_of[i] == split]
         if not sel:
             out[split] = pa.table({})
             continue
@@ -484,40 +510,44 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
     t0 = time.perf_counter()
     f = cfg.features
     input_path, out = Path(input_path), Path(out_dir)
-    files = _input_files(input_path)
-    fmt = "csv" if files[0].suffix == ".csv" else "parquet"
-    dataset = ds.dataset([str(p) for p in files], format=fmt)
-    columns = _required_columns(cfg)
-    missing = [c for c in columns if c not in dataset.schema.names]
+    try:
+        source = open_source(cfg, input_path)
+    except SourceError as e:
+        raise PrepareError(str(e)) from None
+    columns = input_columns(cfg)
+    missing = [c for c in columns if c not in source.names]
     if missing:
         raise PrepareError(f"{input_path}: missing column(s) {missing} required by the config "
-                           f"(features.*); columns present: {dataset.schema.names}")
-    has_true_prob = bool(f.true_prob) and f.true_prob in dataset.schema.names
+                           f"(features.*); columns present: {source.names}")
+    has_true_prob = bool(f.true_prob) and f.true_prob in source.names
     if has_true_prob:
         columns.append(f.true_prob)
-    input_bytes, input_rows = _estimate_bytes(files, columns)
+    try:
+        input_bytes, input_rows = source.estimate(columns)
+    except SourceError as e:
+        raise PrepareError(str(e)) from None
     parts_n = num_partitions(input_bytes, cfg.data.prepare_memory_mb)
     schema = shard_schema(cfg, has_true_prob)
     out.mkdir(parents=True, exist_ok=True)
     card = _Cardinality(cfg)
-    dropped = {"support_too_small": 0, "query_too_small": 0}
+    dropped = dict.fromkeys(DROP_REASONS, 0)
     n_rows = 0
     task_keys_seen = 0
     show = sys.stderr.isatty()
     with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as tmp:
         parts = _Partitions(parts_n, Path(tmp), (cfg.data.prepare_memory_mb << 20) // 4)
         with tqdm(total=input_rows or None, unit="rows", desc="prepare: read", disable=not show) as bar:
-            for path in files:
-                where = str(path)
-                try:
-                    for batch in _read_batches(path, columns):
-                        table = pa.Table.from_batches([batch])
-                        _check_values(table, cfg, where)
-                        parts.add(_hash_batch(table, cfg, card, where))
-                        n_rows += table.num_rows
-                        bar.update(table.num_rows)
-                except pa.ArrowException as e:
-                    raise PrepareError(f"{where}: cannot read: {e}") from None
+            where = str(input_path)
+            try:
+                for where, table in source.batches(columns):
+                    _check_values(table, cfg, where)
+                    parts.add(_hash_batch(table, cfg, card, where, first_row=n_rows))
+                    n_rows += table.num_rows
+                    bar.update(table.num_rows)
+            except SourceError as e:
+                raise PrepareError(str(e)) from None
+            except pa.ArrowException as e:
+                raise PrepareError(f"{where}: cannot read: {e}") from None
         if n_rows == 0:
             raise PrepareError(f"{input_path}: no rows")
         writer = _ShardWriter(out, cfg, schema)
@@ -525,7 +555,7 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
             records = _bucket_records(bucket, cfg, dropped)
             task_keys_seen += sum(r.num_rows for r in records.values())
             del bucket
-            for split in SPLITS:
+            for split in records:
                 writer.add(split, records[split])
         splits = writer.close()
     manifest = {
@@ -536,7 +566,8 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
         "input_tasks": int(task_keys_seen + sum(dropped.values())),
         "dropped_tasks": dropped,
         "task_key": f.task_key,
-        "input_columns": {c: str(dataset.schema.field(c).type) for c in columns},  # raw types, for serving
+        "source": cfg.data.source.format,
+        "input_columns": {c: str(source.schema.field(c).type) for c in columns},  # raw types, for serving
         "schema": schema,
         "cardinality": card.summary(),
         "split_rule": asdict(cfg.data.split),
@@ -547,10 +578,11 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
     tmp_manifest = out / (MANIFEST + ".tmp")
     tmp_manifest.write_text(json.dumps(manifest, indent=2))
     tmp_manifest.replace(out / MANIFEST)
-    log.info("prepare: %d rows, %d tasks -> train %d, eval %d tasks (dropped %s, %d partition(s)) in %.1fs",
-             n_rows, manifest["input_tasks"], splits["train"]["tasks"], splits["eval"]["tasks"], dropped,
-             parts_n, manifest["seconds"])
+    log.info("prepare: %d rows, %d tasks -> %s (dropped %s, %d partition(s)) in %.1fs", n_rows,
+             manifest["input_tasks"], ", ".join(f"{k} {v['tasks']}" for k, v in splits.items()), dropped, parts_n,
+             manifest["seconds"])
     return manifest
+
 
 def load_manifest(shards_dir: str | Path) -> dict:
     path = Path(shards_dir) / MANIFEST

@@ -1,0 +1,493 @@
+"""Raw inputs of ``gmeta prepare`` (``data.source``): row-level logs as Arrow batches.
+
+- Row-level files (``parquet``, ``csv``, ``tsv``; ``auto`` picks by suffix): CTR logs in the
+  style of Criteo or Avazu, whose columns the config's ``features`` section declares. CSV/TSV
+  may have no header (``data.source.column_names``) and hold multi-hot ids in one field.
+  Streamed in batches: memory stays near one batch whatever the input's size.
+- ``movielens``: the MovieLens files as distributed, read into one table per data set:
+
+  ====================  ============  ===================================================
+  column                type          from
+  ====================  ============  ===================================================
+  user_id, item_id      int64         ratings (the task key is user_id)
+  rating                float32       ratings, 1 to 5 (the label for regression)
+  click                 int64         rating >= data.source.click_threshold (binary label)
+  timestamp             int64         ratings, seconds since 1970
+  gender                string        users ("M"/"F")
+  age                   string        users: years (ML-100K) or the age-bracket code (ML-1M)
+  occupation            string        users: name (ML-100K) or code (ML-1M)
+  zip3                  string        users: first 3 characters of the zip code
+  genres                list<string>  items: the movie's genres
+  year                  string        items: release year ("unknown" if none)
+  age_norm              float32       age / 100 (ML-1M: the bracket's lower bound / 100)
+  year_norm             float32       (release year - 1900) / 100, the mean if unknown
+  ====================  ============  ===================================================
+
+  Three layouts are recognised in ``data.raw_dir``: ML-100K (``u.data``, ``u.user``,
+  ``u.item``: tab- and ``|``-separated, Latin-1), ML-1M (``ratings.dat``, ``users.dat``,
+  ``movies.dat``: ``::``-separated, Latin-1) and RecBole atomic files of a MovieLens set
+  (``<name>.inter``, ``.user``, ``.item``).
+- ``recbole``: any data set in RecBole's atomic-file format: tab-separated files with a
+  typed header (``user_id:token  item_id:token  rating:float  ...``). Columns keep the
+  header's names; ``token`` is read as a string, ``float`` as float64, ``token_seq`` as a
+  list of strings (space-separated), ``float_seq`` as a list of float64. The ``.user`` and
+  ``.item`` files are joined in on their first column.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from gmeta.config import Config
+
+BATCH_ROWS = 8192
+_ROW_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
+
+
+class SourceError(ValueError):
+    """Raw input that cannot be read. The message names the file (and line or column).
+    (gmeta.io.prepare re-raises it as a PrepareError.)"""
+
+
+class Source:
+    """Row-level input: its column names and Arrow types, and its rows in batches."""
+
+    def __init__(self, where: str, schema: pa.Schema) -> None:
+        self.where, self.schema = where, schema
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.schema.names)
+
+    def batches(self, columns: list[str]) -> Iterator[tuple[str, pa.Table]]:
+        """(file the batch comes from, batch with ``columns``) in input order."""
+        raise NotImplementedError
+
+    def estimate(self, columns: list[str]) -> tuple[int, int]:
+        """(bytes the input takes decoded in Arrow, rows; 0 if unknown)."""
+        raise NotImplementedError
+
+
+class TableSource(Source):
+    """A table built in memory (the MovieLens and RecBole readers)."""
+
+    def __init__(self, where: str, table: pa.Table) -> None:
+        super().__init__(where, table.schema)
+        self.table = table
+
+    def batches(self, columns: list[str]) -> Iterator[tuple[str, pa.Table]]:
+        t = self.table.select(columns)
+        for lo in range(0, t.num_rows, BATCH_ROWS):
+            yield self.where, t.slice(lo, BATCH_ROWS)
+
+    def estimate(self, columns: list[str]) -> tuple[int, int]:
+        return self.table.select(columns).nbytes, self.table.num_rows
+
+
+class FileSource(Source):
+    """Parquet, CSV or TSV files, streamed one row group (or CSV block) at a time: no
+    pre-buffering or read-ahead, so memory stays near one batch."""
+
+    def __init__(self, where: str, files: list[Path], kind: str, cfg: Config) -> None:
+        self.files, self.kind, self.src = files, kind, cfg.data.source
+        if kind == "parquet":
+            schema = _read(files[0], lambda p: pq.read_schema(p))
+        else:
+            with _read(files[0], lambda p: pacsv.open_csv(p, read_options=self._read_options(),
+                                                          parse_options=self._parse_options())) as r:
+                schema = r.schema
+        super().__init__(where, schema)
+
+    def _read_options(self) -> pacsv.ReadOptions:
+        names = self.src.column_names or None
+        return pacsv.ReadOptions(block_size=8 << 20, column_names=names,
+                                 skip_rows=1 if names and self.src.header else 0)
+
+    def _parse_options(self) -> pacsv.ParseOptions:
+        return pacsv.ParseOptions(delimiter=self.src.delimiter or ("\t" if self.kind == "tsv" else ","))
+
+    def batches(self, columns: list[str]) -> Iterator[tuple[str, pa.Table]]:
+        # every file (and every CSV block) is parsed with the column types of the first
+        # file's first block, so a type that changes midway is an error naming the file
+        types = {c: self.schema.field(c).type for c in columns}
+        for path in self.files:
+            where = str(path)
+            try:
+                if self.kind == "parquet":
+                    pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+                    missing = [c for c in columns if c not in pf.schema_arrow.names]
+                    if missing:
+                        raise SourceError(f"{where}: missing column(s) {missing} (the first file has them)")
+                    for b in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False):
+                        yield where, pa.Table.from_batches([b])
+                else:
+                    convert = pacsv.ConvertOptions(include_columns=columns, column_types=types)
+                    with pacsv.open_csv(path, read_options=self._read_options(), parse_options=self._parse_options(),
+                                        convert_options=convert) as reader:
+                        for b in reader:
+                            yield where, pa.Table.from_batches([b])
+            except pa.ArrowException as e:
+                raise SourceError(f"{where}: cannot read: {e}") from None
+
+    def estimate(self, columns: list[str]) -> tuple[int, int]:
+        """Parquet: rows from the footers times the decoded size per row of the first row
+        group; CSV/TSV: 1.5 x the file size, rows unknown."""
+        return estimate_bytes(self.files, columns)
+
+
+def estimate_bytes(files: list[Path], columns: list[str]) -> tuple[int, int]:
+    rows = 0
+    per_row = 0.0
+    total_text = 0
+    for p in files:
+        if p.suffix != ".parquet":
+            total_text += p.stat().st_size
+            continue
+        try:
+            pf = pq.ParquetFile(p)
+            rows += pf.metadata.num_rows
+            if not per_row and pf.metadata.num_row_groups and pf.metadata.row_group(0).num_rows:
+                sample = pf.read_row_group(0, columns=[c for c in columns if c in pf.schema_arrow.names])
+                per_row = sample.nbytes / sample.num_rows
+        except (OSError, pa.ArrowException) as e:
+            raise SourceError(f"{p}: cannot read Parquet file: {e}") from None
+    return int(rows * per_row + 1.5 * total_text), rows
+
+
+def split_field(text: pa.Array, sep: str) -> pa.Array:
+    """Values held in one text field -> a list per row; an empty field is an empty list
+    (not [""]), a null stays null."""
+    return pc.if_else(pc.equal(text, ""), pa.scalar([], pa.list_(pa.string())), pc.split_pattern(text, sep))
+
+
+def _read(path: Path, fn):
+    try:
+        return fn(path)
+    except (OSError, pa.ArrowException) as e:
+        raise SourceError(f"{path}: cannot read: {e}") from None
+
+
+def _row_files(path: Path, fmt: str) -> tuple[list[Path], str]:
+    """The files of a row-level input and their kind (parquet, csv or tsv)."""
+    if not path.exists():
+        raise SourceError(f"input not found: {path} (data.raw_dir)")
+    wanted = {s for s, k in _ROW_SUFFIXES.items() if fmt in ("auto", k)}
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in wanted
+                       and not p.name.startswith(("_", ".")))
+        if not files:
+            raise SourceError(f"{path}: no {' or '.join(sorted(wanted))} files inside (data.source.format: {fmt})")
+    else:
+        files = [path]
+    kinds = {_ROW_SUFFIXES.get(p.suffix, fmt) for p in files}
+    if fmt != "auto":
+        return files, fmt
+    if len(kinds) > 1 or not kinds <= set(_ROW_SUFFIXES.values()):
+        raise SourceError(f"{path}: expected .parquet, .csv or .tsv files of one kind, got "
+                          f"{sorted(p.suffix for p in files)[:5]}; set data.source.format")
+    return files, kinds.pop()
+
+
+def open_source(cfg: Config, input_path: str | Path) -> Source:
+    """The reader data.source.format names, over ``input_path`` (data.raw_dir)."""
+    path = Path(input_path)
+    fmt = cfg.data.source.format
+    if fmt == "movielens":
+        return TableSource(str(path), read_movielens(path, cfg.data.source.click_threshold))
+    if fmt == "recbole":
+        return TableSource(str(path), read_recbole(path))
+    files, kind = _row_files(path, fmt)
+    return FileSource(str(path), files, kind, cfg)
+
+
+# --------------------------------------------------------------------------------------
+# RecBole atomic files
+# --------------------------------------------------------------------------------------
+
+_RECBOLE_TYPES = {"token": pa.string(), "float": pa.float64(), "token_seq": pa.string(), "float_seq": pa.string()}
+
+
+def read_atomic(path: Path) -> pa.Table:
+    """One RecBole atomic file -> a table with the header's names and types."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            header = fh.readline().rstrip("\r\n").split("\t")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path}: cannot read: {e}") from None
+    names, kinds = [], []
+    for i, field in enumerate(header):
+        name, sep, kind = field.rpartition(":")
+        if not sep or not name or kind not in _RECBOLE_TYPES:
+            raise SourceError(f"{path}: header field {i + 1} {field!r} is not name:type with type one of "
+                              f"{sorted(_RECBOLE_TYPES)} (RecBole atomic-file header)")
+        names.append(name)
+        kinds.append(kind)
+    if len(set(names)) != len(names):
+        raise SourceError(f"{path}: header repeats a column name: {names}")
+    table = _read(path, lambda p: pacsv.read_csv(
+        p, read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
+        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+        convert_options=pacsv.ConvertOptions(column_types=dict(zip(names, [_RECBOLE_TYPES[k] for k in kinds])),
+                                             strings_can_be_null=False)))
+    for name, kind in zip(names, kinds):
+        if kind.endswith("_seq"):
+            col = split_field(pc.utf8_trim_whitespace(table.column(name)), " ")
+            if kind == "float_seq":
+                try:
+                    col = col.cast(pa.list_(pa.float64()))
+                except pa.ArrowInvalid as e:
+                    raise SourceError(f"{path}: column {name!r} (float_seq) holds a non-number: {e}") from None
+            table = table.set_column(names.index(name), name, col)
+    return table
+
+
+def _join(left: pa.Table, right: pa.Table, key: str, where: str) -> pa.Table:
+    """Left join of ``right``'s columns on ``key`` (a missing match gives nulls).
+
+    Arrow's own hash join does not carry list columns (genres, titles), so the join is a
+    take() through a pandas index of the right side's keys."""
+    keys = right.column(key).to_numpy(zero_copy_only=False)
+    index = pd.Index(keys)
+    if not index.is_unique:
+        dup = index[index.duplicated()][0]
+        raise SourceError(f"{where}: {key} {dup!r} appears more than once")
+    pos = index.get_indexer(left.column(key).to_numpy(zero_copy_only=False))
+    take = pa.array(pos, mask=pos < 0)
+    for name in right.column_names:
+        if name != key and name not in left.column_names:
+            left = left.append_column(name, right.column(name).take(take))
+    return left
+
+
+def _atomic_files(path: Path) -> dict[str, Path]:
+    if not path.is_dir():
+        raise SourceError(f"{path}: expected a directory of RecBole atomic files (data.raw_dir)")
+    inter = sorted(path.glob("*.inter"))
+    if len(inter) != 1:
+        raise SourceError(f"{path}: expected one <name>.inter file, found {[p.name for p in inter]}")
+    stem = inter[0].with_suffix("")
+    found = {"inter": inter[0]}
+    for kind in ("user", "item"):
+        p = stem.with_suffix(f".{kind}")
+        if p.is_file():
+            found[kind] = p
+    return found
+
+
+def read_recbole(path: Path) -> pa.Table:
+    """Interactions with the user and item features joined in (on each side file's first column)."""
+    files = _atomic_files(path)
+    table = read_atomic(files["inter"])
+    for kind in ("user", "item"):
+        if kind in files:
+            side = read_atomic(files[kind])
+            key = side.column_names[0]
+            if key not in table.column_names:
+                raise SourceError(f"{files[kind]}: its first column {key!r} is not a column of {files['inter'].name}")
+            table = _join(table, side, key, str(files[kind]))
+    return table
+
+
+# --------------------------------------------------------------------------------------
+# MovieLens
+# --------------------------------------------------------------------------------------
+
+# ML-100K's u.item genre flags, in file order (u.genre lists the same)
+ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+                 "War", "Western"]
+
+
+def _lines(path: Path, sep: str, fields: int) -> list[list[str]]:
+    """Records of a small Latin-1 file with a multi-character or quote-free separator
+    (``::``, ``|``); each must have ``fields`` fields. (Arrow's CSV reader takes one-character
+    separators only and treats quotes in titles as quoting.)"""
+    try:
+        text = path.read_text(encoding="latin-1")
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read: {e}") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(sep)
+        if len(parts) < fields:
+            raise SourceError(f"{path}: line {n} has {len(parts)} fields separated by {sep!r}, expected {fields}")
+        out.append(parts)
+    return out
+
+
+def _int(value: str, path: Path, what: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise SourceError(f"{path}: {what} {value!r} is not an integer") from None
+
+
+def _ratings(path: Path, sep: str) -> pa.Table:
+    """user_id, item_id, rating, timestamp of u.data (tab) or ratings.dat (``::``, read as
+    ``:`` with the empty fields between dropped: Arrow parses a million rows in C++)."""
+    n_cols = 4 if sep == "\t" else 7
+    names = [f"c{i}" for i in range(n_cols)]
+    table = _read(path, lambda p: pacsv.read_csv(
+        p, read_options=pacsv.ReadOptions(column_names=names),
+        parse_options=pacsv.ParseOptions(delimiter="\t" if sep == "\t" else ":", quote_char=False),
+        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in names})))
+    cols = names if sep == "\t" else names[::2]
+    out = {}
+    for name, col, tp in zip(("user_id", "item_id", "rating", "timestamp"), cols,
+                             (pa.int64(), pa.int64(), pa.float32(), pa.int64())):
+        arr = table.column(col)
+        if arr.null_count:
+            raise SourceError(f"{path}: field {name} is empty on some line")
+        try:
+            out[name] = arr.cast(tp)
+        except pa.ArrowInvalid as e:
+            raise SourceError(f"{path}: field {name}: {e}") from None
+    return pa.table(out)
+
+
+def _users_100k(path: Path) -> pa.Table:
+    rows = _lines(path, "|", 5)
+    return pa.table({"user_id": [_int(r[0], path, "user id") for r in rows],
+                     "age": [r[1].strip() for r in rows], "gender": [r[2].strip() for r in rows],
+                     "occupation": [r[3].strip() for r in rows], "zip": [r[4].strip() for r in rows]})
+
+
+def _items_100k(path: Path) -> pa.Table:
+    names = ML100K_GENRES
+    genre_file = path.with_name("u.genre")
+    if genre_file.is_file():  # the names as the data set lists them, in flag order
+        pairs = [r for r in _lines(genre_file, "|", 2)]
+        names = [name for name, _ in sorted(((r[0], _int(r[1], genre_file, "genre index")) for r in pairs),
+                                            key=lambda x: x[1])]
+    rows = _lines(path, "|", 5 + len(names))
+    genres = []
+    for r in rows:
+        flags = r[5: 5 + len(names)]
+        genres.append([g for g, f in zip(names, flags) if f.strip() == "1"])
+    return pa.table({"item_id": [_int(r[0], path, "movie id") for r in rows],
+                     "year": [r[2].strip()[-4:] if r[2].strip() else "" for r in rows],
+                     "genres": pa.array(genres, type=pa.list_(pa.string()))})
+
+
+def _users_1m(path: Path) -> pa.Table:
+    rows = _lines(path, "::", 5)
+    return pa.table({"user_id": [_int(r[0], path, "UserID") for r in rows],
+                     "gender": [r[1].strip() for r in rows], "age": [r[2].strip() for r in rows],
+                     "occupation": [r[3].strip() for r in rows], "zip": [r[4].strip() for r in rows]})
+
+
+_TITLE_YEAR = re.compile(r"\((\d{4})\)\s*$")
+
+
+def _items_1m(path: Path) -> pa.Table:
+    rows = _lines(path, "::", 3)
+    years, genres = [], []
+    for r in rows:
+        title = "::".join(r[1:-1])  # a title may itself hold "::"
+        m = _TITLE_YEAR.search(title)
+        years.append(m.group(1) if m else "")
+        genres.append([g for g in r[-1].strip().split("|") if g])
+    return pa.table({"item_id": [_int(r[0], path, "MovieID") for r in rows], "year": years,
+                     "genres": pa.array(genres, type=pa.list_(pa.string()))})
+
+
+def _recbole_movielens(path: Path) -> pa.Table:
+    """RecBole's MovieLens atomic files -> the raw MovieLens columns (RecBole's names:
+    zip_code, release_year, class for the genres)."""
+    t = read_recbole(path)
+    rename = {"zip_code": "zip", "release_year": "year", "class": "genres"}
+    t = t.rename_columns([rename.get(n, n) for n in t.column_names])
+    need = ["user_id", "item_id", "rating", "timestamp"]
+    missing = [c for c in need if c not in t.column_names]
+    if missing:
+        raise SourceError(f"{path}: the .inter file lacks {missing}: not a MovieLens data set "
+                          "(data.source.format: recbole reads any atomic files)")
+    out = {}
+    for name, tp in (("user_id", pa.int64()), ("item_id", pa.int64()), ("rating", pa.float32()),
+                     ("timestamp", pa.int64())):
+        try:
+            out[name] = t.column(name).cast(tp) if name != "timestamp" else \
+                pc.floor(t.column(name).cast(pa.float64())).cast(pa.int64())
+        except pa.ArrowInvalid as e:
+            raise SourceError(f"{path}: column {name}: {e}") from None
+    for name in ("age", "gender", "occupation", "zip", "year"):
+        out[name] = t.column(name) if name in t.column_names else pa.nulls(t.num_rows, pa.string())
+    out["genres"] = t.column("genres") if "genres" in t.column_names else pa.nulls(t.num_rows, pa.list_(pa.string()))
+    return pa.table(out)
+
+
+def _movielens_layout(path: Path) -> str:
+    if not path.is_dir():
+        raise SourceError(f"{path}: not a directory (data.raw_dir must hold the MovieLens files)")
+    if (path / "u.data").is_file():
+        return "ml-100k"
+    if (path / "ratings.dat").is_file():
+        return "ml-1m"
+    if list(path.glob("*.inter")):
+        return "recbole"
+    raise SourceError(f"{path}: no MovieLens files found: expected u.data, u.user, u.item (ML-100K), "
+                      "ratings.dat, users.dat, movies.dat (ML-1M) or <name>.inter, .user, .item (RecBole "
+                      "atomic files). The data sets are not shipped with gmeta: download them from GroupLens.")
+
+
+def read_movielens(path: Path, click_threshold: float = 4.0) -> pa.Table:
+    """Ratings joined with user and item features, in the columns of the module docstring."""
+    path = Path(path)
+    layout = _movielens_layout(path)
+    if layout == "recbole":
+        t = _recbole_movielens(path)
+    else:
+        names = {"ml-100k": ("u.data", "u.user", "u.item"), "ml-1m": ("ratings.dat", "users.dat", "movies.dat")}[layout]
+        for n in names:
+            if not (path / n).is_file():
+                raise SourceError(f"{path / n}: not found ({layout} needs {', '.join(names)})")
+        if layout == "ml-100k":
+            t = _ratings(path / "u.data", "\t")
+            users, items = _users_100k(path / "u.user"), _items_100k(path / "u.item")
+        else:
+            t = _ratings(path / "ratings.dat", "::")
+            users, items = _users_1m(path / "users.dat"), _items_1m(path / "movies.dat")
+        t = _join(_join(t, users, "user_id", str(path / names[1])), items, "item_id", str(path / names[2]))
+    return _canonical(t, click_threshold)
+
+
+def _canonical(t: pa.Table, click_threshold: float) -> pa.Table:
+    """Fill unknown side features, derive click, zip3 and the scaled dense columns."""
+    def text(name: str, unknown: str = "") -> np.ndarray:
+        return np.asarray(pc.fill_null(t.column(name), unknown).to_pylist(), dtype=object)
+
+    rating = t.column("rating").to_numpy().astype(np.float32)
+    age = text("age")
+    year = text("year")
+    age_num = pd.to_numeric(pd.Series(age), errors="coerce").to_numpy(dtype=np.float64)
+    year_num = pd.to_numeric(pd.Series(year), errors="coerce").to_numpy(dtype=np.float64)
+    mean_age = np.nanmean(age_num) if np.isfinite(age_num).any() else 0.0
+    mean_year = np.nanmean(year_num) if np.isfinite(year_num).any() else 1900.0
+    genres = pc.fill_null(t.column("genres").combine_chunks(), pa.scalar([], pa.list_(pa.string())))
+    return pa.table({
+        "user_id": t.column("user_id"),
+        "item_id": t.column("item_id"),
+        "rating": pa.array(rating),
+        "click": pa.array((rating >= click_threshold).astype(np.int64)),
+        "timestamp": t.column("timestamp"),
+        "gender": pa.array(text("gender").tolist(), pa.string()),
+        "age": pa.array(age.tolist(), pa.string()),
+        "occupation": pa.array(text("occupation").tolist(), pa.string()),
+        "zip3": pa.array([z[:3] for z in text("zip").tolist()], pa.string()),
+        "genres": genres,
+        "year": pa.array([y if y else "unknown" for y in year.tolist()], pa.string()),
+        "age_norm": pa.array((np.where(np.isfinite(age_num), age_num, mean_age) / 100.0).astype(np.float32)),
+        "year_norm": pa.array(((np.where(np.isfinite(year_num), year_num, mean_year) - 1900.0) / 100.0)
+                              .astype(np.float32)),
+    })
