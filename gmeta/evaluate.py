@@ -5,13 +5,17 @@ checkpoint written by any number of training processes loads), or N processes un
 torchrun with the tables sharded as in training: each rank scores its share of the tasks
 and rank 0 gathers the predictions and computes the report.
 
-The report (JSON, Markdown, HTML and PNG plots, all logged to MLflow):
+The report (JSON, Markdown, HTML and PNG plots, all logged to MLflow), for model.objective
+"binary":
 - AUC, GAUC (task-weighted), logloss and calibration (mean predicted vs. observed rate) of
   the adapted model (K inner steps), the same model without adaptation, an ERM baseline
   and the oracle (true probabilities, synthetic data) where available;
-- the same per cold-start bucket (support-set size);
-- AUC, GAUC and logloss against the number of inner steps K (``eval.curve_steps``);
+- AUC, GAUC and logloss per cold-start bucket (support-set size);
+- the same against the number of inner steps K (``eval.curve_steps``);
 - reliability bins (predicted vs. observed rate) per scorer.
+
+For "regression": RMSE, MAE and mean predicted vs. observed value of each scorer, and RMSE
+and MAE per bucket and against K; no reliability bins.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import html
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +34,7 @@ import torch.distributed as dist
 
 from gmeta import metrics
 from gmeta.config import Config
+from gmeta.io.prepare import load_manifest
 from gmeta.io.reader import TaskReader
 from gmeta.models.dlrm import Lookup, MetaDLRM
 from gmeta.parallel.maml import adapt_and_query, task_layout
@@ -39,15 +45,53 @@ log = logging.getLogger(__name__)
 SCORERS = ("maml", "no_adapt", "erm", "oracle")
 
 
+def _binary_partial(y: np.ndarray, p: np.ndarray, g: np.ndarray) -> dict[str, float]:
+    return {"auc": metrics.auc(y, p), "gauc": metrics.gauc(y, p, g), "logloss": metrics.logloss(y, p)}
+
+
+def _regression_partial(y: np.ndarray, p: np.ndarray, g: np.ndarray) -> dict[str, float]:
+    return {"rmse": metrics.rmse(y, p), "mae": metrics.mae(y, p)}
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """What the report of one model.objective holds and shows."""
+
+    summarize: Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, float]]  # (y, p, task) of a scorer
+    partial: Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, float]]  # per bucket and per K
+    columns: tuple[tuple[str, str, str], ...]  # overall table: (header, metric, format)
+    main: str  # metric of the bucket table and plots; the K curve is report[f"{main}_vs_k"]
+    curve: tuple[str, ...]  # metrics of the K table, K plot and logged curves
+
+
+_OBJECTIVES = {
+    "binary": _Objective(
+        metrics.summarize, _binary_partial,
+        (("AUC", "auc", ".4f"), ("GAUC", "gauc", ".4f"), ("logloss", "logloss", ".4f"),
+         ("pred. rate", "pred_rate", ".4f"), ("obs. rate", "obs_rate", ".4f"), ("calibration", "calibration", ".3f")),
+        "auc", ("auc", "gauc")),
+    "regression": _Objective(
+        lambda y, p, g: metrics.summarize_regression(y, p), _regression_partial,
+        (("RMSE", "rmse", ".4f"), ("MAE", "mae", ".4f"), ("mean pred.", "pred_mean", ".4f"),
+         ("mean obs.", "obs_mean", ".4f")),
+        "rmse", ("rmse", "mae")),
+}
+
+
+def _objective(report: dict) -> _Objective:
+    return _OBJECTIVES[report.get("objective", "binary")]  # reports older than the key are binary
+
+
 def _inner(model) -> MetaDLRM:
     return model.module if hasattr(model, "module") else model
 
 
 def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int]) -> dict[int, np.ndarray]:
-    """Probabilities of the batch's query rows (query-block order) after K inner steps on
-    each task's support rows, for every K in ``steps`` (0: no adaptation). One lookup and
-    one layout serve every K. ``model``: a MetaDLRM, or one sharded by torchrec (then every
-    rank must call this for the same number of batches)."""
+    """Predictions (``DLRMHead.predict``: probabilities, or values for regression) of the
+    batch's query rows (query-block order) after K inner steps on each task's support rows,
+    for every K in ``steps`` (0: no adaptation). One lookup and one layout serve every K.
+    ``model``: a MetaDLRM, or one sharded by torchrec (then every rank must call this for
+    the same number of batches)."""
     inner = _inner(model)
     with torch.no_grad():
         lk = inner.lookup(batch.sparse)
@@ -63,7 +107,7 @@ def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int]) -> d
                 inner.head, lk, batch, num_features=inner.num_features, steps=k, lr=lr,
                 emb_lr=emb_lr, adapt_dense=m.adapt_dense,
                 adapt_embeddings=m.adapt_embeddings, first_order=True, layout=layout)
-            out[k] = torch.sigmoid(logits_q.detach()).cpu().numpy()
+            out[k] = inner.head.predict(logits_q.detach()).cpu().numpy()
     return out
 
 
@@ -74,15 +118,15 @@ def predict_query(model, cfg: Config, batch: TaskBatch, steps: int) -> np.ndarra
 
 @dataclass
 class Predictions:
-    """Query rows of the evaluated tasks, and each scorer's probabilities for them."""
+    """Query rows of the evaluated tasks, and each scorer's predictions for them."""
 
     labels: list[np.ndarray] = field(default_factory=list)
     task_ids: list[np.ndarray] = field(default_factory=list)  # task of each row
     support_size: list[np.ndarray] = field(default_factory=list)  # support rows of its task, per row
     scores: dict[str, list[np.ndarray]] = field(default_factory=dict)  # scorer or "k=<K>" -> per batch
 
-    def add(self, name: str, probs: np.ndarray) -> None:
-        self.scores.setdefault(name, []).append(probs)
+    def add(self, name: str, preds: np.ndarray) -> None:
+        self.scores.setdefault(name, []).append(preds)
 
     def merge(self, others: list[Predictions]) -> Predictions:
         out = Predictions()
@@ -101,9 +145,14 @@ def _eval_steps(cfg: Config, inner_steps: int | None) -> int:
 
 def collect(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | None = None,
             baseline: tuple[MetaDLRM, Config] | None = None, rank: int = 0, world_size: int = 1) -> Predictions:
-    """Score this rank's share of the held-out tasks with every scorer and every K of the curve."""
+    """Score this rank's share of the held-out tasks (split ``eval.split``) with every scorer
+    and every K of the curve."""
     steps = _eval_steps(cfg, inner_steps)
-    reader = TaskReader(shards_dir, "eval", cfg.eval.tasks_per_batch, rank=rank, world_size=world_size,
+    split = cfg.eval.split
+    if not load_manifest(shards_dir)["splits"].get(split, {}).get("tasks"):
+        raise ValueError(f"{shards_dir}: split {split!r} (eval.split) has no tasks to evaluate"
+                         + (" (prepared with data.split.val_fraction > 0?)" if split == "val" else ""))
+    reader = TaskReader(shards_dir, split, cfg.eval.tasks_per_batch, rank=rank, world_size=world_size,
                         shuffle=False, drop_last=False, num_workers=min(cfg.data.num_workers, 1),
                         on_bad_task=cfg.data.on_bad_task, max_tasks=cfg.eval.max_tasks)
     ks = sorted(set(cfg.eval.curve_steps) | {steps, 0})
@@ -121,15 +170,15 @@ def collect(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | No
         own = batch is not None
         batch = batch if own else last  # ran out: repeat the last batch for the collectives, drop it
         if batch is None:
-            raise ValueError(f"{shards_dir}: rank {rank} has no held-out tasks to evaluate")
+            raise ValueError(f"{shards_dir}: rank {rank} has no tasks of split {split!r} to evaluate")
         last = batch
         batch = batch.to(device)
         scored = {f"k={k}": p for k, p in predict_queries(model, cfg, batch, ks).items()}
         base = predict_query(baseline[0], baseline[1], batch, 0) if baseline is not None else None
         if not own:
             continue
-        for name, probs in scored.items():
-            out.add(name, probs)
+        for name, preds in scored.items():
+            out.add(name, preds)
         if base is not None:
             out.add("erm", base)
         s = batch.num_support
@@ -150,9 +199,12 @@ def _bucket_label(lo: int, hi: int | None) -> str:
 def build_report(pred: Predictions, cfg: Config, *, inner_steps: int | None = None,
                  algorithm: str = "maml") -> dict:
     """Metrics of gathered predictions. Flat keys ``<scorer>_<metric>`` (scorer: maml,
-    no_adapt, erm, oracle; metric: auc, gauc, logloss, pred_rate, obs_rate, calibration),
-    plus ``buckets``, ``auc_vs_k`` and ``reliability``."""
+    no_adapt, erm, oracle; metric for model.objective "binary": auc, gauc, logloss,
+    pred_rate, obs_rate, calibration; for "regression": rmse, mae, pred_mean, obs_mean),
+    plus ``buckets``, the K curve (``auc_vs_k`` / ``rmse_vs_k``) and, binary only,
+    ``reliability``."""
     steps = _eval_steps(cfg, inner_steps)
+    obj = _OBJECTIVES[cfg.model.objective]
     y = np.concatenate(pred.labels)
     g = np.concatenate(pred.task_ids)
     sup = np.concatenate(pred.support_size)
@@ -167,9 +219,9 @@ def build_report(pred: Predictions, cfg: Config, *, inner_steps: int | None = No
         if extra in curve:
             named[extra] = curve[extra]
     report: dict = {"tasks": float(len(np.unique(g))), "query_rows": float(len(y)), "inner_steps": float(steps),
-                    "algorithm": algorithm}
+                    "algorithm": algorithm, "objective": cfg.model.objective, "split": cfg.eval.split}
     for name, p in named.items():
-        for k, v in metrics.summarize(y, p, g).items():
+        for k, v in obj.summarize(y, p, g).items():
             report[f"{name}_{k}"] = v
     edges = list(cfg.eval.support_buckets)
     buckets = []
@@ -180,17 +232,15 @@ def build_report(pred: Predictions, cfg: Config, *, inner_steps: int | None = No
             continue
         b = {"support": _bucket_label(lo, hi), "tasks": float(len(np.unique(g[sel]))), "query_rows": float(sel.sum())}
         for name, p in named.items():
-            b[f"{name}_auc"] = metrics.auc(y[sel], p[sel])
-            b[f"{name}_gauc"] = metrics.gauc(y[sel], p[sel], g[sel])
-            b[f"{name}_logloss"] = metrics.logloss(y[sel], p[sel])
+            b.update({f"{name}_{k}": v for k, v in obj.partial(y[sel], p[sel], g[sel]).items()})
         buckets.append(b)
     report["buckets"] = buckets
     ks = sorted(int(k[2:]) for k in curve if k.startswith("k="))
-    report["auc_vs_k"] = {"k": ks,
-                          "auc": [metrics.auc(y, curve[f"k={k}"]) for k in ks],
-                          "gauc": [metrics.gauc(y, curve[f"k={k}"], g) for k in ks],
-                          "logloss": [metrics.logloss(y, curve[f"k={k}"]) for k in ks]}
-    report["reliability"] = {name: metrics.reliability(y, p, cfg.eval.calibration_bins) for name, p in named.items()}
+    per_k = [obj.partial(y, curve[f"k={k}"], g) for k in ks]
+    report[f"{obj.main}_vs_k"] = {"k": ks, **{m: [c[m] for c in per_k] for m in per_k[0]}}
+    if cfg.model.objective == "binary":
+        report["reliability"] = {name: metrics.reliability(y, p, cfg.eval.calibration_bins)
+                                 for name, p in named.items()}
     return report
 
 
@@ -223,33 +273,28 @@ def flat_metrics(report: dict) -> dict[str, float]:
     return out
 
 
-def _rows(report: dict) -> list[str]:
-    return [n for n in SCORERS if f"{n}_auc" in report]
-
-
 def format_table(report: dict) -> str:
-    """Markdown: overall table, per support-size bucket, and AUC vs. K."""
-    lines = ["| model | AUC | GAUC | logloss | pred. rate | obs. rate | calibration |",
-             "|---|---|---|---|---|---|---|"]
-    for n in _rows(report):
-        lines.append(f"| {n} | {report[f'{n}_auc']:.4f} | {report[f'{n}_gauc']:.4f} | {report[f'{n}_logloss']:.4f} | "
-                     f"{report[f'{n}_pred_rate']:.4f} | {report[f'{n}_obs_rate']:.4f} | "
-                     f"{report[f'{n}_calibration']:.3f} |")
+    """Markdown: overall table, the main metric (AUC, or RMSE for regression) per
+    support-size bucket, and the curve metrics vs. K."""
+    obj = _objective(report)
+    names = [n for n in SCORERS if f"{n}_{obj.main}" in report]
+    lines = ["| model | " + " | ".join(h for h, _, _ in obj.columns) + " |", "|---|" + "---|" * len(obj.columns)]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(format(report[f"{n}_{m}"], fmt) for _, m, fmt in obj.columns) + " |")
     lines.append(f"\n{int(report['tasks'])} held-out tasks, {int(report['query_rows'])} query rows, "
                  f"{int(report['inner_steps'])} inner steps")
+    main = obj.main.upper()
     if report.get("buckets"):
-        names = _rows(report)
-        lines += ["", "AUC by support-set size (cold-start bucket):", "",
+        lines += ["", f"{main} by support-set size (cold-start bucket):", "",
                   "| support rows | tasks | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
         for b in report["buckets"]:
             lines.append(f"| {b['support']} | {int(b['tasks'])} | "
-                         + " | ".join(f"{b[f'{n}_auc']:.4f}" for n in names) + " |")
-    if report.get("auc_vs_k"):
-        c = report["auc_vs_k"]
-        lines += ["", "AUC vs. inner steps K:", "", "| K | " + " | ".join(str(k) for k in c["k"]) + " |",
-                  "|---|" + "---|" * len(c["k"]),
-                  "| AUC | " + " | ".join(f"{v:.4f}" for v in c["auc"]) + " |",
-                  "| GAUC | " + " | ".join(f"{v:.4f}" for v in c["gauc"]) + " |"]
+                         + " | ".join(f"{b[f'{n}_{obj.main}']:.4f}" for n in names) + " |")
+    c = report.get(f"{obj.main}_vs_k")
+    if c:
+        lines += ["", f"{main} vs. inner steps K:", "", "| K | " + " | ".join(str(k) for k in c["k"]) + " |",
+                  "|---|" + "---|" * len(c["k"])]
+        lines += [f"| {m.upper()} | " + " | ".join(f"{v:.4f}" for v in c[m]) + " |" for m in obj.curve]
     return "\n".join(lines)
 
 
@@ -284,11 +329,13 @@ def write_report(report: dict, out_dir: str | Path) -> list[Path]:
     """eval_report.{json,md,html} and the PNG plots into ``out_dir``; returns the files."""
     from gmeta import plots
 
+    obj = _objective(report)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = [plots.auc_vs_steps(report, out / "auc_vs_k.png"),
-             plots.auc_by_bucket(report, out / "auc_by_support_size.png"),
-             plots.calibration(report, out / "calibration.png")]
+    files = [plots.metric_vs_steps(report, out / f"{obj.main}_vs_k.png", obj.curve),
+             plots.metric_by_bucket(report, out / f"{obj.main}_by_support_size.png", obj.main)]
+    if "reliability" in report:
+        files.append(plots.calibration(report, out / "calibration.png"))
     (out / "eval_report.json").write_text(json.dumps(report, indent=2))
     (out / "eval_report.md").write_text(format_table(report) + "\n")
     (out / "eval_report.html").write_text(format_html(report, [p.name for p in files]))
@@ -296,11 +343,13 @@ def write_report(report: dict, out_dir: str | Path) -> list[Path]:
 
 
 def log_report(tracker, report: dict, files: list[Path], step: int) -> None:
-    """Metrics (eval/...), the AUC-vs-K curve (metric history with step = K) and the files."""
+    """Metrics (eval/...), the K curves (``eval/<metric>_vs_k``, metric history with step = K)
+    and the files."""
     tracker.log_metrics({f"eval/{k}": v for k, v in flat_metrics(report).items()}, step=step)
-    c = report["auc_vs_k"]
+    obj = _objective(report)
+    c = report[f"{obj.main}_vs_k"]
     for i, k in enumerate(c["k"]):
-        tracker.log_metrics({"eval/auc_vs_k": c["auc"][i], "eval/gauc_vs_k": c["gauc"][i]}, step=k)
+        tracker.log_metrics({f"eval/{m}_vs_k": c[m][i] for m in obj.curve}, step=k)
     for f in files:
         tracker.log_artifact(f, "eval")
 

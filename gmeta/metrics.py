@@ -1,4 +1,4 @@
-"""Offline ranking metrics for CTR/CVR models."""
+"""Offline metrics: ranking and calibration for CTR/CVR models, errors for regression."""
 
 from __future__ import annotations
 
@@ -52,3 +52,17 @@ def summarize(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray) -> dict
     """AUC, GAUC, logloss and calibration of one scorer."""
     return {"auc": auc(labels, probs), "gauc": gauc(labels, probs, groups), "logloss": logloss(labels, probs),
             **calibration(labels, probs)}
+
+
+def rmse(labels: np.ndarray, preds: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((preds - labels) ** 2)))
+
+
+def mae(labels: np.ndarray, preds: np.ndarray) -> float:
+    return float(np.mean(np.abs(preds - labels)))
+
+
+def summarize_regression(labels: np.ndarray, preds: np.ndarray) -> dict[str, float]:
+    """RMSE, MAE, and mean predicted vs. observed value of one scorer."""
+    return {"rmse": rmse(labels, preds), "mae": mae(labels, preds), "pred_mean": float(np.mean(preds)),
+            "obs_mean": float(np.mean(labels))}

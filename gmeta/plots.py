@@ -19,55 +19,66 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def learning_curves(history: dict[str, list[tuple[int, float]]], path: str | Path) -> Path:
-    """Losses against training step; ``history``: metric name -> [(step, value)]."""
+_LOSS = {"binary": "binary cross-entropy", "regression": "squared error"}
+
+
+def learning_curves(history: dict[str, list[tuple[int, float]]], path: str | Path,
+                    objective: str = "binary") -> Path:
+    """Losses against training step; ``history``: metric name -> [(step, value)];
+    ``objective``: model.objective, which names the loss."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, points in sorted(history.items()):
         if points:
             steps, values = zip(*points)
             ax.plot(steps, values, label=name.split("/")[-1])
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (binary cross-entropy)")
+    ax.set_ylabel(f"loss ({_LOSS[objective]})")
     ax.set_title("training")
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, Path(path))
 
 
-def auc_vs_steps(report: dict, path: str | Path) -> Path:
-    """AUC and GAUC of the adapted model against the number of inner steps K, with the
-    fixed scorers (ERM, oracle) as horizontal lines."""
-    curve = report["auc_vs_k"]
+def metric_vs_steps(report: dict, path: str | Path, metrics: tuple[str, ...]) -> Path:
+    """``metrics`` of the adapted model against the number of inner steps K (the curve
+    ``report["<first metric>_vs_k"]``), the first also for the fixed scorers (ERM, oracle)
+    as horizontal lines."""
+    metric = metrics[0]
+    label = metric.upper()
+    curve = report[f"{metric}_vs_k"]
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(curve["k"], curve["auc"], "o-", color=_COLORS["maml"], label="AUC")
-    ax.plot(curve["k"], curve["gauc"], "s--", color=_COLORS["maml"], alpha=0.6, label="GAUC")
+    ax.plot(curve["k"], curve[metric], "o-", color=_COLORS["maml"], label=label)
+    for other in metrics[1:]:
+        ax.plot(curve["k"], curve[other], "s--", color=_COLORS["maml"], alpha=0.6, label=other.upper())
     for name in ("erm", "oracle"):
-        if f"{name}_auc" in report:
-            ax.axhline(report[f"{name}_auc"], color=_COLORS[name], ls=":", label=f"{name} AUC")
+        if f"{name}_{metric}" in report:
+            ax.axhline(report[f"{name}_{metric}"], color=_COLORS[name], ls=":", label=f"{name} {label}")
     ax.set_xlabel("inner steps K on the support set")
-    ax.set_ylabel("query AUC")
-    ax.set_title("cold start: AUC vs. adaptation steps")
+    ax.set_ylabel(f"query {label}")
+    ax.set_title(f"cold start: {label} vs. adaptation steps")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, Path(path))
 
 
-def auc_by_bucket(report: dict, path: str | Path) -> Path:
-    """Query AUC of each scorer per support-set size bucket (grouped bars)."""
+def metric_by_bucket(report: dict, path: str | Path, metric: str) -> Path:
+    """Query ``metric`` of each scorer per support-set size bucket (grouped bars)."""
     buckets = report["buckets"]
-    names = [n for n in ("maml", "no_adapt", "erm", "oracle") if buckets and f"{n}_auc" in buckets[0]]
+    label = metric.upper()
+    names = [n for n in ("maml", "no_adapt", "erm", "oracle") if buckets and f"{n}_{metric}" in buckets[0]]
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
         xs = [j + i * width for j in range(len(buckets))]
-        ax.bar(xs, [b[f"{name}_auc"] for b in buckets], width, label=name, color=_COLORS[name])
+        ax.bar(xs, [b[f"{name}_{metric}"] for b in buckets], width, label=name, color=_COLORS[name])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(buckets))],
                   [f"{b['support']}\n({int(b['tasks'])} tasks)" for b in buckets], fontsize=8)
     ax.set_xlabel("support rows per task")
-    ax.set_ylabel("query AUC")
-    values = [b[f"{n}_auc"] for b in buckets for n in names if b[f"{n}_auc"] == b[f"{n}_auc"]]
-    ax.set_ylim(min([0.5] + [v - 0.05 for v in values]), 1.0)
-    ax.set_title("cold start: AUC by support-set size")
+    ax.set_ylabel(f"query {label}")
+    if metric == "auc":  # AUCs live in [0.5, 1]: zoom in (bars of an error metric keep their zero)
+        values = [b[f"{n}_auc"] for b in buckets for n in names if b[f"{n}_auc"] == b[f"{n}_auc"]]
+        ax.set_ylim(min([0.5] + [v - 0.05 for v in values]), 1.0)
+    ax.set_title(f"cold start: {label} by support-set size")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, Path(path))

@@ -180,11 +180,11 @@ def _example_column(arrow_type: str, n: int):
     return np.arange(n, dtype=np.int64)
 
 
-def example_rows(cfg: Config, input_columns: dict[str, str] | None = None, n: int = 4) -> pd.DataFrame:
+def example_rows(cfg: Config, column_types: dict[str, str] | None = None, n: int = 4) -> pd.DataFrame:
     """Input rows of one task (2 support, the rest query) with the raw column types of the
-    training data (``input_columns`` of the manifest), for the model's signature."""
+    training data (``column_types``: ``input_columns`` of the manifest), for the model's signature."""
     f = cfg.features
-    types = input_columns or {}
+    types = column_types or {}
     data: dict = {}
     for col in input_columns(cfg):
         multi = any(s.name == col and s.multi_hot for s in f.sparse)
@@ -206,10 +206,10 @@ def log_model(checkpoint: str | Path, cfg: Config, model=None) -> str:
     from gmeta.io.prepare import load_manifest
 
     try:
-        input_columns = load_manifest(cfg.data.shards_dir).get("input_columns")
+        column_types = load_manifest(cfg.data.shards_dir).get("input_columns")
     except PrepareError:
-        input_columns = None
-    example = example_rows(cfg, input_columns)
+        column_types = None
+    example = example_rows(cfg, column_types)
     signature = None
     if model is not None:
         out = score_rows(model, cfg, example)

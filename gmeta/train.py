@@ -407,7 +407,8 @@ def _finish_run(tracker, ckpt: Path, cfg: Config, out_dir: Path, step: int, resu
     history = getattr(tracker, "history", {})
     curves = {k: v for k, v in history.items() if k in ("train/query_loss", "train/support_loss")}
     if curves:
-        tracker.log_artifact(plots.learning_curves(curves, out_dir / "learning_curves.png"), "plots")
+        tracker.log_artifact(plots.learning_curves(curves, out_dir / "learning_curves.png",
+                                                    cfg.model.objective), "plots")
     emodel = None
     if cfg.train.eval_at_end or (cfg.tracking.enabled and cfg.tracking.log_model):
         emodel, ecfg, _ = checkpoint.load_unsharded(ckpt)

@@ -159,9 +159,10 @@ def find_bad_tasks(block: TaskBlock, schema: dict) -> list[tuple[int, str]]:
         nonfinite = ~np.isfinite(side.dense).all(axis=1)
         for t in np.unique(row_task[nonfinite]):
             bad.setdefault(int(t), f"{side_name}.dense: NaN or inf")
-        badlab = ~np.isin(side.label, (0.0, 1.0))
+        binary = schema.get("objective", "binary") == "binary"  # shards older than the key: binary
+        badlab = ~np.isin(side.label, (0.0, 1.0)) if binary else ~np.isfinite(side.label)
         for t in np.unique(row_task[badlab]):
-            bad.setdefault(int(t), f"{side_name}.label: not 0/1")
+            bad.setdefault(int(t), f"{side_name}.label: {'not 0/1' if binary else 'NaN or inf'}")
     return sorted(bad.items())
 
 

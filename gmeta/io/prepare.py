@@ -66,7 +66,7 @@ def hash_ids(values: np.ndarray, feature: str, num_embeddings: int) -> np.ndarra
 def shard_schema(cfg: Config, has_true_prob: bool) -> dict:
     """The schema of task records (in the manifest; what the reader and collation expect)."""
     return {"sparse": [asdict(s) for s in cfg.features.sparse], "dense": list(cfg.features.dense),
-            "has_true_prob": has_true_prob}
+            "has_true_prob": has_true_prob, "objective": cfg.model.objective}
 
 
 def input_columns(cfg: Config) -> list[str]:
@@ -608,3 +608,7 @@ def check_manifest_matches(manifest: dict, cfg: Config, path: str) -> None:
     if manifest["schema"]["dense"] != list(cfg.features.dense):
         raise PrepareError(f"{path}: dense features {manifest['schema']['dense']} differ from the config's "
                            f"features.dense {list(cfg.features.dense)}")
+    objective = manifest["schema"].get("objective", "binary")
+    if objective != cfg.model.objective:
+        raise PrepareError(f"{path}: shards prepared for model.objective {objective!r} (labels checked for it), "
+                           f"the config has {cfg.model.objective!r}; prepare the shards again with this config")

@@ -9,7 +9,7 @@
                                                   ▼
                              InteractionArch (pairwise dots of the F+1 vectors)
                                                   ▼
-                                   OverArch (MLP) ──► logit [R]
+                                   OverArch (MLP) ──► output [R]
 
 The sparse arch returns *unpooled* per-id embeddings (an EmbeddingCollection, not an
 EmbeddingBagCollection) so the inner loop can differentiate with respect to each looked-up
@@ -128,15 +128,18 @@ class OverArch(nn.Module):
 
 
 class DLRMHead(nn.Module):
-    """The dense, data-parallel part: (dense features, pooled embeddings) -> logits.
+    """The dense, data-parallel part: (dense features, pooled embeddings) -> outputs.
 
-    Shapes: dense ``[..., R, nd]``, pooled ``[..., R, F, D]`` -> logits ``[..., R]``; the
+    Shapes: dense ``[..., R, nd]``, pooled ``[..., R, F, D]`` -> outputs ``[..., R]``; the
     leading dim is the task dim N when per-task weights ``[N, ...]`` are passed in ``params``.
+    ``objective`` (model.objective) says what an output is: a logit ("binary") or the
+    prediction itself ("regression"); ``pointwise_loss`` and ``predict`` follow it.
     """
 
     def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
-                 over_sizes: list[int]) -> None:
+                 over_sizes: list[int], objective: str = "binary") -> None:
         super().__init__()
+        self.objective = objective
         self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
         self.interaction = InteractionArch(num_sparse)
         self.over_arch = OverArch(InteractionArch.out_features(num_sparse, embedding_dim), over_sizes)
@@ -145,6 +148,16 @@ class DLRMHead(nn.Module):
         """``params``: weights to use instead of the module's own, by parameter name."""
         x = self.interaction(self.dense_arch(dense, params, "dense_arch."), pooled)
         return self.over_arch(x, params, "over_arch.")
+
+    def pointwise_loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Loss of every row (no reduction): binary cross-entropy on logits, or squared error."""
+        if self.objective == "regression":
+            return (out - labels) ** 2
+        return F.binary_cross_entropy_with_logits(out, labels, reduction="none")
+
+    def predict(self, out: torch.Tensor) -> torch.Tensor:
+        """Outputs -> predictions: probabilities (sigmoid of the logits), or the outputs as they are."""
+        return out if self.objective == "regression" else torch.sigmoid(out)
 
 
 @dataclass
@@ -202,11 +215,11 @@ class MetaDLRM(nn.Module):
     """DLRM for meta learning: ``sparse_arch`` (sharded by torchrec) + ``head`` (dense)."""
 
     def __init__(self, features: list[dict], num_dense: int, embedding_dim: int, dense_sizes: list[int],
-                 over_sizes: list[int], device: torch.device | None = None) -> None:
+                 over_sizes: list[int], device: torch.device | None = None, objective: str = "binary") -> None:
         super().__init__()
         self.features = [dict(f) for f in features]
         self.sparse_arch = SparseArch(self.features, embedding_dim, device=device)
-        self.head = DLRMHead(num_dense, len(features), embedding_dim, dense_sizes, over_sizes)
+        self.head = DLRMHead(num_dense, len(features), embedding_dim, dense_sizes, over_sizes, objective)
         if device is not None and device.type != "meta":
             self.head.to(device)
 
@@ -240,7 +253,7 @@ class MetaDLRM(nn.Module):
         return make_lookup(self.sparse_arch(kjt), kjt, self.features)
 
     def forward(self, kjt: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        """Plain prediction without adaptation: logits ``[R]``."""
+        """Plain forward without adaptation: outputs ``[R]`` (see ``DLRMHead.predict``)."""
         lk = self.lookup(kjt)
         pooled = pool(lk.values, lk.slot, lk.scale, lk.num_rows, self.num_features)
         return self.head(dense, pooled)
@@ -256,6 +269,7 @@ def build_model(cfg: Config, device: torch.device | None = None) -> MetaDLRM:
         dense_sizes=cfg.model.dense_arch,
         over_sizes=cfg.model.over_arch,
         device=device,
+        objective=cfg.model.objective,
     )
     if cfg.meta.meta_sgd:
         model.enable_meta_sgd(cfg.meta.adapt_dense, cfg.meta.inner_lr, cfg.meta.embedding_inner_lr)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.autograd.profiler import record_function
 
 from gmeta.models.dlrm import DLRMHead, Lookup, pool
@@ -135,10 +134,10 @@ def task_layout(batch: TaskBatch, num_buckets: int = 1) -> TaskLayout:
     return TaskLayout(buckets, torch.from_numpy(row_task).to(dev), int(s_count.sum()), int(q_count.sum()))
 
 
-def task_losses(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Masked mean binary cross-entropy per task: [N, R] -> [N]."""
-    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-    return (bce * mask).sum(dim=1) / count.clamp(min=1)
+def task_losses(head: DLRMHead, out: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                count: torch.Tensor) -> torch.Tensor:
+    """Masked mean per task of the head's pointwise loss: [N, R] -> [N]."""
+    return (head.pointwise_loss(out, labels) * mask).sum(dim=1) / count.clamp(min=1)
 
 
 @dataclass
@@ -213,7 +212,8 @@ def adapt_and_query(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Adapt every task on its support rows (``steps`` SGD steps), score its query rows.
 
-    Returns (query logits [Q] in query-block order, or None unless ``with_logits``;
+    Returns (query outputs [Q] of the head (logits for a binary objective) in query-block
+    order, or None unless ``with_logits``;
     per-task query loss [N]; per-task support loss before adaptation [N], NaN if steps == 0).
 
     Tasks run in ``size_buckets`` groups of similar size (each padded to its own largest
@@ -252,7 +252,7 @@ def adapt_and_query(
             parts = []
             for i, b in enumerate(buckets):
                 logits_s = head(xs[i], gather_rows(pooled_s, b.s_index), fast[i])
-                parts.append(task_losses(logits_s, ys[i], b.s_mask, b.s_count))
+                parts.append(task_losses(head, logits_s, ys[i], b.s_mask, b.s_count))
             losses = torch.cat(parts)
             if k == 0:
                 support_loss0 = losses.detach()[inverse]
@@ -273,7 +273,7 @@ def adapt_and_query(
         parts, flat, where = [], [], []
         for i, b in enumerate(buckets):
             logits_q = head(gather_rows(dense_q, b.q_index), gather_rows(pooled_q, b.q_index), fast[i])
-            parts.append(task_losses(logits_q, gather_rows(labels_q, b.q_index), b.q_mask, b.q_count))
+            parts.append(task_losses(head, logits_q, gather_rows(labels_q, b.q_index), b.q_mask, b.q_count))
             if with_logits:
                 flat.append(logits_q[b.q_mask])
                 where.append(b.q_index[b.q_mask])
@@ -301,12 +301,12 @@ def erm_loss(head: DLRMHead, lookup: Lookup, batch: TaskBatch, *, num_features: 
     """Plain training of the same model on every row (support and query) of the batch."""
     pooled = pool(lookup.values, lookup.slot, lookup.scale, lookup.num_rows, num_features)
     logits = head(batch.dense, pooled)
-    loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+    loss = head.pointwise_loss(logits, batch.labels).mean()
     layout = task_layout(batch)
     with torch.no_grad():
         e = layout.buckets[0]  # one bucket: every task, in order
         q = logits[layout.num_support:][e.q_index]
-        ql = task_losses(q, batch.labels[layout.num_support:][e.q_index], e.q_mask, e.q_count)
+        ql = task_losses(head, q, batch.labels[layout.num_support:][e.q_index], e.q_mask, e.q_count)
         s = logits[: layout.num_support][e.s_index]
-        sl = task_losses(s, batch.labels[: layout.num_support][e.s_index], e.s_mask, e.s_count)
+        sl = task_losses(head, s, batch.labels[: layout.num_support][e.s_index], e.s_mask, e.s_count)
     return MetaOutput(loss=loss, query_loss=ql, support_loss=sl)
