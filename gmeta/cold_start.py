@@ -55,7 +55,7 @@ VARIANTS = [
             ["meta.adapt_embeddings=true", "meta.first_order=false"]),
 ]
 # fine-tuning grid: (dense lr, embedding-row lr); the steps are read off one curve per lr
-FINE_TUNE_LRS = [(0.01, 0.05), (0.03, 0.15), (0.1, 0.5), (0.3, 1.5)]
+FINE_TUNE_LRS = [(0.01, 0.05), (0.03, 0.15), (0.1, 0.5), (0.3, 1.5), (1.0, 5.0)]
 FINE_TUNE_STEPS = [1, 2, 3, 5]
 METRICS = ("auc", "gauc", "logloss")
 
@@ -141,7 +141,7 @@ def run(datasets: list[Dataset], seeds: list[int], out: Path, variants: list[Var
     """Train and score every variant on every data set for every seed; returns the results."""
     results: dict = {"seeds": seeds, "datasets": {}}
     for ds in datasets:
-        base = out / ds.name
+        base = out / ds.name.lower().replace(" ", "_")
         shards = _prepare(ds, base)
         runs: dict[str, list[dict]] = {v.name: [] for v in variants}
         oracle = None
