@@ -220,6 +220,12 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
 
     model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, env.device)
     dense_params = model.module.dense_parameters()
+    mean = manifest["splits"]["train"].get("label_mean")
+    if cfg.model.objective == "regression" and resume_from is None and mean is not None:
+        # start the output at the mean label (e.g. a rating of 3.5, not 0): the first steps
+        # then learn the features rather than the scale
+        with torch.no_grad():
+            model.module.head.over_arch.mlp.layers[-1].bias.fill_(float(mean))
     broadcast_params(dense_params)  # every rank starts from rank 0's dense weights
     dense_opt = torch.optim.Adam(dense_params, lr=cfg.optim.dense_lr, weight_decay=cfg.optim.dense_weight_decay)
     grad_sync = DenseGradSync(dense_params)

@@ -168,9 +168,13 @@ def test_movielens_rating_label_needs_regression(tmp_path):
     with pytest.raises(PrepareError, match=r"'rating'.*0 or 1.*model.objective"):
         prepare(_ml_config(tmp_path, raw, "features.label=rating"), raw, tmp_path / "shards")
     cfg = _ml_config(tmp_path, raw, "features.label=rating", "model.objective=regression")
-    prepare(cfg, raw, tmp_path / "shards")
+    m = prepare(cfg, raw, tmp_path / "shards")
     labels = [lab for _, _, q in _tasks(tmp_path / "shards", "train").values() for lab in q]
     assert set(labels) <= {1.0, 2.0, 3.0, 4.0, 5.0} and len(set(labels)) > 2
+    # the mean label of the training tasks (where a regression model's output starts)
+    t = pq.read_table(tmp_path / "shards" / "train").to_pylist()
+    every = [lab for task in t for side in ("support", "query") for lab in task[side]["label"]]
+    assert m["splits"]["train"]["label_mean"] == pytest.approx(np.mean(every))
 
 
 def test_movielens_missing_or_bad_files(tmp_path):

@@ -372,6 +372,7 @@ class _ShardWriter:
         self.pending: dict[str, list[pa.Table]] = {s: [] for s in self.splits}
         self.count = dict.fromkeys(self.splits, 0)
         self.written = dict.fromkeys(self.splits, 0)  # tasks written per split
+        self.label_sum = dict.fromkeys(self.splits, 0.0)
         self.files: dict[str, list[dict]] = {s: [] for s in self.splits}
         self.open: dict[str, tuple | None] = dict.fromkeys(self.splits)
         for split in self.splits:
@@ -397,6 +398,8 @@ class _ShardWriter:
         shard, within = divmod(u, self.units_per_shard)
         rows = {side: int(pc.sum(pc.list_value_length(unit.column(side).combine_chunks().field("label"))).as_py())
                 for side in ("support", "query")}
+        self.label_sum[split] += sum(float(pc.sum(pc.list_flatten(unit.column(side).combine_chunks().field("label")))
+                                           .as_py() or 0.0) for side in ("support", "query"))
         if self.cfg.data.format == "webdataset":
             from gmeta.io.blocks import block_from_arrow
             from gmeta.io.wds import write_tar
@@ -438,10 +441,14 @@ class _ShardWriter:
             if self.count[split]:
                 self._emit(split, self.count[split])
             self._close_file(split)
-        return {split: {"tasks": sum(f["tasks"] for f in files),
-                        "support_rows": sum(f["support_rows"] for f in files),
-                        "query_rows": sum(f["query_rows"] for f in files), "files": files}
-                for split, files in self.files.items()}
+        out = {}
+        for split, files in self.files.items():
+            rows = sum(f["support_rows"] + f["query_rows"] for f in files)
+            out[split] = {"tasks": sum(f["tasks"] for f in files),
+                          "support_rows": sum(f["support_rows"] for f in files),
+                          "query_rows": sum(f["query_rows"] for f in files),
+                          "label_mean": self.label_sum[split] / rows if rows else None, "files": files}
+        return out
 
 
 def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, int]) -> dict[str, pa.Table]:
