@@ -9,11 +9,12 @@ model is trained in this process (one rank) and scored on the test tasks:
 
 - ERM: plain training on all rows of the training tasks, no adaptation at test time;
 - ERM + fine-tuning: the same ERM model, fine-tuned on each test task's support rows with
-  the inner loop's SGD (dense layers and embedding rows); learning rate and number of steps
+  the inner loop's SGD (dense layers and embedding rows); learning rates and number of steps
   chosen on the validation tasks, per seed;
 - MAML adapting the dense layers only (MeLU-style: embeddings fixed in the inner loop);
 - MAML adapting the dense layers and the embedding rows the task looks up;
-  both first and second order.
+  both first and second order; the number of inner steps at test time chosen on the
+  validation tasks (among FINE_TUNE_STEPS), the learning rates those of meta-training.
 
 Every figure of the table comes from one run of this module with fixed seeds; the table
 gives the mean and the standard deviation over the seeds, and results.json every run.
@@ -82,22 +83,24 @@ def _train(config: Path, overrides: list[str]) -> Path:
     return Path(cfg.train.output_dir) / "checkpoint"
 
 
-def _evaluate(ckpt: Path, shards: Path, *, split: str = "eval", fine_tune: tuple | None = None,
+def _evaluate(ckpt: Path, shards: Path, *, split: str = "eval", lrs: tuple | None = None,
               steps: list[int] | None = None) -> dict:
-    """Evaluation report of a checkpoint on a split; ``fine_tune``: (lr, embedding lr) to
-    adapt an ERM model with (its K curve over ``steps``)."""
+    """Evaluation report of a checkpoint on a split, adapted with K of ``steps`` (the largest
+    is the report's own K, the rest its K curve). ``lrs``: (dense lr, embedding lr) to adapt
+    an ERM model with, dense layers and embedding rows (per-task fine-tuning)."""
     from gmeta.checkpoint import load_unsharded
     from gmeta.evaluate import evaluate
 
     model, cfg, _ = load_unsharded(ckpt)
     cfg.eval.split = split
     cfg.eval.curve_steps = list(steps or [0])
-    if fine_tune is not None:  # score the ERM model as an adapted one
+    if lrs is not None:  # score the ERM model as an adapted one
         cfg.meta.algorithm = "maml"
-        cfg.meta.inner_lr, cfg.meta.embedding_inner_lr = fine_tune
+        cfg.meta.inner_lr, cfg.meta.embedding_inner_lr = lrs
         cfg.meta.adapt_dense = ["dense_arch", "over_arch"]
         cfg.meta.adapt_embeddings = True
-        cfg.meta.inner_steps = max(steps or [1])
+    if steps:
+        cfg.meta.inner_steps = max(steps)
     return evaluate(model, cfg, shards)
 
 
@@ -105,18 +108,21 @@ def _scores(report: dict, name: str) -> dict[str, float]:
     return {m: float(report[f"{name}_{m}"]) for m in METRICS}
 
 
-def _fine_tuned(ckpt: Path, shards: Path) -> dict:
-    """ERM + fine-tuning: (lr, steps) with the best validation AUC, then scored on test."""
+def _adapted(ckpt: Path, shards: Path, lr_grid: list) -> dict:
+    """Inner steps K (and, fine-tuning an ERM model, the learning rates) with the best AUC
+    on the validation tasks, then scored on the test tasks. ``lr_grid``: [None] keeps the
+    learning rates the model was meta-trained with."""
     best = None
-    for lrs in FINE_TUNE_LRS:
-        curve = _evaluate(ckpt, shards, split="val", fine_tune=lrs, steps=FINE_TUNE_STEPS)["auc_vs_k"]
+    for lrs in lr_grid:
+        curve = _evaluate(ckpt, shards, split="val", lrs=lrs, steps=FINE_TUNE_STEPS)["auc_vs_k"]
         for k, auc in zip(curve["k"], curve["auc"]):
             if k > 0 and (best is None or auc > best[0]):
                 best = (auc, lrs, k)
     _, lrs, k = best
-    report = _evaluate(ckpt, shards, fine_tune=lrs, steps=[k])
-    out = _scores(report, "maml")
-    out.update(inner_lr=lrs[0], embedding_inner_lr=lrs[1], inner_steps=k)
+    out = _scores(_evaluate(ckpt, shards, lrs=lrs, steps=[k]), "maml")
+    out["inner_steps"] = k
+    if lrs is not None:
+        out.update(inner_lr=lrs[0], embedding_inner_lr=lrs[1])
     return out
 
 
@@ -155,12 +161,14 @@ def run(datasets: list[Dataset], seeds: list[int], out: Path, variants: list[Var
                         f"train.output_dir={base}/{v.slug}/seed{seed}", "tracking.enabled=false",
                         "train.nproc_per_node=1"])
                 if v.fine_tune:
-                    scores = _fine_tuned(trained[v.slug], shards)
-                else:
+                    scores = _adapted(trained[v.slug], shards, FINE_TUNE_LRS)
+                elif "meta.algorithm=erm" in v.overrides:
                     report = _evaluate(trained[v.slug], shards)
-                    scores = _scores(report, "erm" if "meta.algorithm=erm" in v.overrides else "maml")
+                    scores = _scores(report, "erm")
                     if "oracle_auc" in report:  # true probabilities of the same test tasks: one value
                         oracle = float(report["oracle_auc"])
+                else:
+                    scores = _adapted(trained[v.slug], shards, [None])
                 scores["seconds"] = round(time.perf_counter() - t0, 1)
                 runs[v.name].append(scores)
                 log.info("%s seed %d %s: %s", ds.name, seed, v.name, scores)

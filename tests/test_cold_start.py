@@ -27,12 +27,13 @@ def test_table_runs_every_model_and_seed(tmp_path):
             assert 0.0 <= x["auc"] <= 1.0 and 0.0 <= x["gauc"] <= 1.0 and x["logloss"] > 0
     for x in runs["ERM + fine-tuning"]:  # chosen on the validation users, from the grid
         assert (x["inner_lr"], x["embedding_inner_lr"]) in FINE_TUNE_LRS and x["inner_steps"] in FINE_TUNE_STEPS
+    assert all(x["inner_steps"] in FINE_TUNE_STEPS and "inner_lr" not in x for x in runs[variants[2].name])
     # the recorded figures are those of the saved checkpoints, scored again
     again = cold_start._evaluate(tmp_path / "out" / "tiny" / "erm" / "seed1" / "checkpoint",
                                  tmp_path / "out" / "tiny" / "shards")
     assert again["erm_auc"] == pytest.approx(runs["ERM"][1]["auc"], abs=1e-9)
     again = cold_start._evaluate(tmp_path / "out" / "tiny" / "maml_full_so" / "seed0" / "checkpoint",
-                                 tmp_path / "out" / "tiny" / "shards")
+                                 tmp_path / "out" / "tiny" / "shards", steps=[runs[variants[2].name][0]["inner_steps"]])
     assert again["maml_logloss"] == pytest.approx(runs[variants[2].name][0]["logloss"], abs=1e-9)
     table = format_table(results)
     for v in variants:
