@@ -305,3 +305,27 @@ def test_serving_reads_movielens_rows(tmp_path):
     assert (df[ROLE] == "query").sum() == 20
     scores = score_rows(build_model(cfg), cfg, df, inner_steps=1)["score"]
     assert scores[df[ROLE] == "query"].between(0, 1).all() and scores[df[ROLE] != "query"].isna().all()
+
+
+def test_avazu_config_reads_avazu_csv(tmp_path):
+    """configs/avazu.yaml on a few rows in the layout of Avazu's train.csv."""
+    header = ("id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,app_category,"
+              "device_id,device_ip,device_model,device_type,device_conn_type,C14,C15,C16,C17,C18,C19,C20,C21")
+    rng = np.random.default_rng(1)
+    lines = [header]
+    for n in range(200):
+        site = ["1fbe01fe", "85f751fd", "d6137915", "e151e245"][n % 4]
+        lines.append(f"{10000949271186029916 - n},{int(rng.random() < 0.2)},{14102100 + n // 20},1005,0,{site},"
+                     f"f3845767,28905ebd,ecad2386,7801e8d9,07d7df22,a99f214a,{rng.integers(1 << 30):08x},"
+                     f"{rng.integers(1 << 30):08x},1,0,15706,320,50,1722,0,35,{[-1, 100084][n % 2]},79")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "train.csv").write_text("\n".join(lines) + "\n")
+    cfg = load_config(ROOT / "configs" / "avazu.yaml", ["data.split.min_support=2", "data.split.min_query=2",
+                                                        "data.split.eval_fraction=0.0", "data.split.val_fraction=0.0"])
+    m = prepare(cfg, raw, tmp_path / "shards")
+    assert m["input_rows"] == 200 and m["splits"]["train"]["tasks"] == 4
+    t = pq.read_table(tmp_path / "shards" / "train").to_pylist()
+    for task in t:
+        assert task["support"]["dense"][0] == pytest.approx([np.log1p(320), np.log1p(50)])
+        assert max(task["support"]["timestamp"]) < min(task["query"]["timestamp"])  # by hour, ties kept apart
