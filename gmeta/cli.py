@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, help="checkpoint of an ERM model to compare against")
     p.add_argument("--shards", default=None, help="task shard directory (default: data.shards_dir)")
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps K (default: eval.inner_steps)")
+    p.add_argument("--split", default=None, choices=["eval", "val"],
+                   help="test tasks (eval) or validation tasks (val) (default: eval.split)")
     p.add_argument("--out", default=None, help="report directory (default: <checkpoint>/../eval)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes, tables sharded (default: 1, unsharded)")
     p.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: the training run's)")
@@ -79,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "--resume continues an interrupted run without duplicate or missing rows.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory written by gmeta train")
     p.add_argument("--shards", default=None, help="task shard directory (default: the checkpoint's data.shards_dir)")
-    p.add_argument("--split", default="eval", choices=["eval", "train"], help="which tasks (default: eval)")
+    p.add_argument("--split", default="eval", choices=["eval", "val", "train"], help="which tasks (default: eval)")
     p.add_argument("--out", required=True, help="output directory of Parquet parts")
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps K (default: eval.inner_steps)")
     p.add_argument("--tasks-per-batch", type=int, default=None, help="default: eval.tasks_per_batch")
@@ -177,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = run_evaluate(args.checkpoint, run_id=args.run_id or "", cfg_override=cfg,
                                   baseline=args.baseline, shards_dir=args.shards, tracking=not args.no_tracking,
-                                  tracking_uri=args.tracking_uri, out_dir=args.out, inner_steps=args.inner_steps)
+                                  tracking_uri=args.tracking_uri, out_dir=args.out, inner_steps=args.inner_steps,
+                                  split=args.split)
         except (CheckpointError, PrepareError, ValueError) as e:
             print(f"gmeta evaluate: {e}", file=sys.stderr)
             return 2

@@ -382,7 +382,7 @@ def resolve_checkpoint(checkpoint: str | Path | None, run_id: str, tracking_uri:
 def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_override: Config | None = None,
                  baseline: str | Path | None = None, shards_dir: str | None = None, tracking: bool = True,
                  tracking_uri: str = "", out_dir: str | Path | None = None,
-                 inner_steps: int | None = None) -> dict | None:
+                 inner_steps: int | None = None, split: str | None = None) -> dict | None:
     """``gmeta evaluate``: load the checkpoint (sharded under torchrun, else unsharded),
     evaluate, write the report files and log them to the checkpoint's MLflow run.
     Returns the report on rank 0, None on other ranks."""
@@ -402,6 +402,8 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
             cfg.data.shards_dir = cfg_override.data.shards_dir
         if inner_steps is not None:
             cfg.eval.inner_steps = inner_steps
+        if split is not None:
+            cfg.eval.split = split
         base = None
         if baseline:
             bmodel, bcfg, _ = load_unsharded(baseline)
