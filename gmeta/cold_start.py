@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -73,13 +72,9 @@ def _train(config: Path, overrides: list[str]) -> Path:
     """Train in this process as a one-rank job; returns the checkpoint."""
     from gmeta import train
     from gmeta.config import load_config
-    from gmeta.parallel.dist import free_port
 
     cfg = load_config(config, overrides)
-    # a fresh one-process group per run (train.main makes it from these and destroys it)
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
-    train.main(cfg)
+    train.main(cfg)  # a one-process group of its own, destroyed at the end
     return Path(cfg.train.output_dir) / "checkpoint"
 
 

@@ -3,6 +3,7 @@ chosen on validation tasks, figures reproducible from the saved checkpoints."""
 
 from __future__ import annotations
 
+import os
 import statistics
 
 import pytest
@@ -21,6 +22,9 @@ def test_table_runs_every_model_and_seed(tmp_path):
     variants = [VARIANTS[0], VARIANTS[1], VARIANTS[5]]  # ERM, ERM + fine-tuning, MAML 2nd order
     results = cold_start.run([Dataset("tiny", ML_CONFIG, FAST, raw=raw)], [0, 1], tmp_path / "out", variants)
     runs = results["datasets"]["tiny"]["runs"]
+    # trained in this process, leaving nothing behind that would make a later
+    # `gmeta train --nproc-per-node N` started from it take itself for a torchrun worker
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK"} & set(os.environ)
     assert list(runs) == [v.name for v in variants] and all(len(r) == 2 for r in runs.values())
     for r in runs.values():
         for x in r:

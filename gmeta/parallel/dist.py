@@ -54,15 +54,22 @@ def pick_device(local_rank: int) -> tuple[torch.device, str]:
 
 
 def init_distributed() -> DistEnv:
-    """Join the process group torchrun set up, or make a one-process group."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    """Join the process group torchrun set up, or make a one-process group.
+
+    The one-process group is made over a TCP address of its own, without setting RANK,
+    WORLD_SIZE or LOCAL_RANK in the environment: a process that trains in-process (tests,
+    ``gmeta.cold_start``) and later starts ``gmeta train --nproc-per-node N`` must not pass
+    them on, or the child would take itself for a torchrun worker of a one-process job."""
+    if "RANK" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        init = "env://"
+    else:
+        rank, world, local_rank = 0, 1, 0
+        init = f"tcp://127.0.0.1:{free_port()}"
     device, backend = pick_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        dist.init_process_group(backend=backend, init_method=init, rank=rank, world_size=world)
     return DistEnv(rank, world, local_rank, device, backend)
 
 
