@@ -126,6 +126,9 @@ def _prepare(ds: Dataset, out: Path) -> Path:
     from gmeta.io.prepare import prepare
 
     cfg = load_config(ds.config, ds.overrides)
+    if cfg.model.objective != "binary":
+        raise ValueError(f"{ds.name}: the table reports AUC, GAUC and logloss; model.objective must be binary, "
+                         f"got {cfg.model.objective!r}")
     raw = ds.raw
     if raw is None:
         from gmeta.synth import generate

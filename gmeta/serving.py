@@ -82,9 +82,36 @@ def _side(t: pa.Table, sel: np.ndarray, task_of_row: np.ndarray, num_tasks: int,
     return SplitArrays(np.cumsum(rows), ids, id_offsets, dense.reshape(len(sel), -1), label)
 
 
-def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int) -> list[tuple[TaskBlock, np.ndarray]]:
+def _arrow_type(name: str) -> pa.DataType | None:
+    try:
+        return pa.type_for_alias(name)
+    except ValueError:  # nested types (lists) have no alias: taken as pandas gives them
+        return None
+
+
+def _typed_table(frame: pd.DataFrame, column_types: dict[str, str] | None) -> pa.Table:
+    """Rows as Arrow, each column cast to its type in the training input (the manifest's
+    ``input_columns``). Ids hash by value and type, so an integer id column that pandas
+    turned into floats (a gap in it) must hash as the integers prepare saw."""
+    arrays = []
+    for c in frame.columns:
+        arr = pa.array(frame[c], from_pandas=True)  # NaN -> null (a missing value)
+        want = _arrow_type((column_types or {}).get(c, ""))
+        if want is not None and arr.type != want:
+            try:
+                arr = arr.cast(want)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise PrepareError(f"input rows: column {c!r} cannot be read as {want} (its type in the "
+                                   f"training data): {e}") from None
+        arrays.append(arr)
+    return pa.table(arrays, names=list(frame.columns))
+
+
+def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
+                   column_types: dict[str, str] | None = None) -> list[tuple[TaskBlock, np.ndarray]]:
     """Raw rows with roles -> TaskBlocks of at most ``tasks_per_batch`` tasks, each with
-    the input positions of its query rows in query-block order."""
+    the input positions of its query rows in query-block order. ``column_types``: the raw
+    column types of the training data (``input_columns`` of the manifest)."""
     f = cfg.features
     cols = input_columns(cfg)
     missing = [c for c in cols + [ROLE] if c not in df.columns]
@@ -100,7 +127,7 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int) -> list[
     # query labels are unknown at serving time: NaN there is allowed (they are not used)
     frame.loc[is_query, f.label] = frame.loc[is_query, f.label].fillna(0)
     keep = np.flatnonzero(role != "")
-    table = pa.Table.from_pandas(frame.iloc[keep], preserve_index=False)
+    table = _typed_table(frame.iloc[keep], column_types)
     _check_values(table, cfg, "input rows")
     hashed = _hash_batch(table, cfg, None, "input rows")
     keys = df[f.task_key].to_numpy()[keep]
@@ -132,17 +159,19 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int) -> list[
     return out
 
 
-def score_rows(model, cfg: Config, df: pd.DataFrame, inner_steps: int = -1) -> pd.DataFrame:
+def score_rows(model, cfg: Config, df: pd.DataFrame, inner_steps: int = -1,
+               column_types: dict[str, str] | None = None) -> pd.DataFrame:
     """Scores of the query rows of ``df`` after adapting each task on its support rows
     (``inner_steps``; -1: the evaluation default). One row per input row, same index;
-    ``score`` is NaN on support rows and ignored rows."""
+    ``score`` is NaN on support rows and ignored rows. ``column_types``: as in
+    ``rows_to_blocks`` (the checkpoint's meta.json records them)."""
     from gmeta.evaluate import predict_query
 
     steps = cfg.meta.inner_steps if cfg.eval.inner_steps < 0 else cfg.eval.inner_steps
     steps = steps if inner_steps is None or inner_steps < 0 else int(inner_steps)
     scores = np.full(len(df), np.nan)
     schema = shard_schema(cfg, has_true_prob=False)
-    for block, positions in rows_to_blocks(df, cfg, cfg.eval.tasks_per_batch):
+    for block, positions in rows_to_blocks(df, cfg, cfg.eval.tasks_per_batch, column_types):
         batch = collate_packed([(block, np.arange(block.num_tasks))], schema).unpack()
         scores[positions] = predict_query(model, cfg, batch, steps)
     return pd.DataFrame({"score": scores}, index=df.index)
@@ -157,10 +186,12 @@ try:
         def load_context(self, context) -> None:
             from gmeta.checkpoint import load_unsharded
 
-            self.model, self.cfg, _ = load_unsharded(context.artifacts["checkpoint"])
+            self.model, self.cfg, meta = load_unsharded(context.artifacts["checkpoint"])
+            self.column_types = meta.get("input_columns")
 
         def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-            return score_rows(self.model, self.cfg, model_input, int((params or {}).get("inner_steps", -1)))
+            return score_rows(self.model, self.cfg, model_input, int((params or {}).get("inner_steps", -1)),
+                              self.column_types)
 except ImportError:  # mlflow is a dependency; the guard keeps this module importable without it
     GMetaModel = None
 
@@ -212,7 +243,7 @@ def log_model(checkpoint: str | Path, cfg: Config, model=None) -> str:
     example = example_rows(cfg, column_types)
     signature = None
     if model is not None:
-        out = score_rows(model, cfg, example)
+        out = score_rows(model, cfg, example, column_types=column_types)
         signature = infer_signature(example, out, params={"inner_steps": -1})
     info = mlflow.pyfunc.log_model(
         name="model", python_model=GMetaModel(), artifacts={"checkpoint": str(checkpoint)},

@@ -294,7 +294,8 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
         meta = {"step": step, "epoch": position["epoch"], "epoch_done": position["steps_done"] >= len(reader),
                 "tasks_total": tasks_total, "skipped_nonfinite_steps": skipped_nonfinite,
                 "algorithm": cfg.meta.algorithm, "mlflow_run_id": tracker.run_id if env.is_main else "",
-                "tracking_uri": tracker.uri if env.is_main else ""}
+                "tracking_uri": tracker.uri if env.is_main else "",
+                "input_columns": manifest.get("input_columns")}  # raw types, for serving
         return checkpoint.save(model, cfg, path, meta, dense_opt=dense_opt,
                                rank_state={"reader": position, "rng": checkpoint.rng_state()})
 

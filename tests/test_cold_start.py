@@ -53,3 +53,8 @@ def test_table_format_with_oracle():
     assert "| ads | ERM | 0.6100 ± 0.0100 | 0.6100 ± 0.0000 | 0.5100 ± 0.0100 |" in table
     assert "| ads | oracle (true probabilities) | 0.8664 | | |" in table
     assert "over 3 seed(s) (0, 1, 2)" in table
+
+
+def test_table_refuses_a_regression_objective(tmp_path):
+    with pytest.raises(ValueError, match="model.objective must be binary"):
+        cold_start.run([Dataset("x", ML_CONFIG, ["model.objective=regression"], raw=tmp_path)], [0], tmp_path)

@@ -275,6 +275,29 @@ def test_ctr_log_tsv_without_header(tmp_path):
     assert "" in c1 and all(len(ids) == 1 for ids in c1.values())
 
 
+def test_csv_ids_hash_alike_whatever_the_first_block_holds(tmp_path):
+    """Multi-hot tokens hash token by token (a numeric token as its integer, in any company),
+    ids guessed as floats are read as text (no precision lost), empty columns are no error."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.csv").write_text("k,ts,y,m,big,d\n1,1,0,1|2,18446744073709551615,\n1,2,1,3,18446744073709551614,\n")
+    (raw / "b.csv").write_text("k,ts,y,m,big,d\n1,3,0,1|x,18446744073709551613,2.5\n1,4,1,2,18446744073709551615,1\n")
+    cfg = load_config(None, ["features.task_key=k", "features.timestamp=ts", "features.label=y",
+                             "features.true_prob=''",
+                             "features.sparse=[{name: m, num_embeddings: 1000, multi_hot: true}, "
+                             "{name: big, num_embeddings: 100000}]", "features.dense=[d]",
+                             "data.source.fill_missing=true", "data.split.min_support=1", "data.split.min_query=1",
+                             "data.split.eval_fraction=0.0"])
+    m = prepare(cfg, raw, tmp_path / "shards")
+    assert m["input_columns"]["big"] == "string" and m["input_columns"]["m"] == "string"
+    assert m["cardinality"]["m"]["distinct_raw"] == 4 and m["cardinality"]["big"]["distinct_raw"] == 3
+    task = pq.read_table(tmp_path / "shards" / "train").to_pylist()[0]
+    m_ids = task["support"]["m"] + task["query"]["m"]
+    assert m_ids[0][0] == m_ids[2][0] and m_ids[0][1] == m_ids[3][0]  # "1" and "2" alike in both files
+    big = task["support"]["big"] + task["query"]["big"]
+    assert big[0] == big[3] and len({big[0], big[1], big[2]}) == 3
+
+
 def test_ctr_log_errors_name_file_and_key(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -303,8 +326,19 @@ def test_serving_reads_movielens_rows(tmp_path):
     df = read_movielens(_write_ml100k(tmp_path / "ml-100k", data)).to_pandas()
     df = assign_roles(df[df["user_id"].isin([3, 4])], cfg)
     assert (df[ROLE] == "query").sum() == 20
-    scores = score_rows(build_model(cfg), cfg, df, inner_steps=1)["score"]
+    model = build_model(cfg)
+    scores = score_rows(model, cfg, df, inner_steps=1)["score"]
     assert scores[df[ROLE] == "query"].between(0, 1).all() and scores[df[ROLE] != "query"].isna().all()
+    # an integer id column that arrives as floats (as pandas makes it when a value is
+    # missing) is read with its training type, so its ids hash to the same rows
+    types = {"item_id": "int64", "user_id": "int64", "timestamp": "int64"}
+    as_float = df.assign(item_id=df["item_id"].astype("float64"))
+    again = score_rows(model, cfg, as_float, inner_steps=1, column_types=types)["score"]
+    np.testing.assert_allclose(again.to_numpy(), scores.to_numpy(), rtol=1e-6)
+    untyped = score_rows(model, cfg, as_float, inner_steps=1)["score"]
+    assert not np.allclose(untyped[df[ROLE] == "query"], scores[df[ROLE] == "query"])
+    with pytest.raises(PrepareError, match=r"column 'gender' cannot be read as int64"):
+        score_rows(model, cfg, df, inner_steps=1, column_types={"gender": "int64"})
 
 
 def test_avazu_config_reads_avazu_csv(tmp_path):

@@ -173,17 +173,34 @@ def _dense_matrix(table: pa.Table, cfg: Config) -> np.ndarray:
     return dense
 
 
-def _hash_ids(col: pa.Array, name: str, num_embeddings: int) -> tuple[np.ndarray, np.ndarray]:
-    """(raw ids, hashed ids) of a flat id column; a null (data.source.fill_missing) gets
-    the id of the 'missing' value."""
-    raw = col.to_numpy(zero_copy_only=False)
-    if not col.null_count:
-        return raw, hash_ids(raw, name, num_embeddings)
-    valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+_INTEGER = r"^-?[0-9]{1,18}$"  # a text token that is an int64
+
+
+def _hash_ids(col: pa.Array, name: str, num_embeddings: int, tokens: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(raw ids, hashed ids) of a flat id column. A null (data.source.fill_missing) and an
+    empty string get the id of the 'missing' value. ``tokens``: ids split out of a text
+    field, where a token that is an integer hashes as that integer (as the same id does
+    from a list<int64> column), decided token by token so that it does not depend on which
+    other rows were read together."""
+    if pa.types.is_large_string(col.type):
+        col = col.cast(pa.string())
+    valid = col.is_valid()
+    if pa.types.is_string(col.type):
+        valid = pc.fill_null(pc.and_kleene(valid, pc.not_equal(col, "")), False)
+    valid = np.asarray(valid.to_numpy(zero_copy_only=False), dtype=bool)
+    good = col.filter(pa.array(valid)) if not valid.all() else col
+    raw = good.to_numpy(zero_copy_only=False)
+    hashed_good = np.empty(len(good), dtype=np.int64)
+    numeric = (np.asarray(pc.match_substring_regex(good, _INTEGER).to_numpy(zero_copy_only=False), dtype=bool)
+               if tokens and pa.types.is_string(good.type) else np.zeros(len(good), dtype=bool))
+    if numeric.any():
+        hashed_good[numeric] = hash_ids(raw[numeric].astype(np.int64), name, num_embeddings)
+    hashed_good[~numeric] = hash_ids(raw[~numeric], name, num_embeddings)
+    if valid.all():
+        return raw, hashed_good
     hashed = np.full(len(col), hash_ids(np.array([_MISSING], dtype=object), name, num_embeddings)[0])
-    good = col.filter(pa.array(valid)).to_numpy(zero_copy_only=False)
-    hashed[valid] = hash_ids(good, name, num_embeddings)
-    return good, hashed
+    hashed[valid] = hashed_good
+    return raw, hashed
 
 
 def _hash_batch(table: pa.Table, cfg: Config, card: _Cardinality | None, where: str,
@@ -199,12 +216,9 @@ def _hash_batch(table: pa.Table, cfg: Config, card: _Cardinality | None, where: 
     sep = cfg.data.source.multi_hot_separator
     for s in f.sparse:
         col = table.column(s.name).combine_chunks()
-        if s.multi_hot and pa.types.is_string(col.type):  # CSV: ids joined by a separator
-            col = split_field(col, sep)
-            try:  # numeric ids hash as numbers, as they do from Parquet
-                col = col.cast(pa.list_(pa.int64()))
-            except pa.ArrowInvalid:
-                pass
+        text = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+        if s.multi_hot and text:  # CSV: ids joined by a separator
+            col = split_field(col.cast(pa.string()), sep)
         is_list = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
         if s.multi_hot != is_list:
             kind = "a list column (or '|'-separated ids in CSV)" if s.multi_hot else "a scalar column"
@@ -219,7 +233,7 @@ def _hash_batch(table: pa.Table, cfg: Config, card: _Cardinality | None, where: 
             items = col.flatten()
             if items.null_count and not cfg.data.source.fill_missing:
                 raise PrepareError(f"{where}: column {s.name!r} has null ids inside its lists")
-            raw, hashed = _hash_ids(items, s.name, s.num_embeddings)
+            raw, hashed = _hash_ids(items, s.name, s.num_embeddings, tokens=text)
             off = col.offsets.to_numpy().astype(np.int64)
             cols[s.name] = pa.ListArray.from_arrays(pa.array((off - off[0]).astype(np.int32)), pa.array(hashed))
         else:

@@ -104,7 +104,7 @@ class FileSource(Source):
         else:
             with _read(files[0], lambda p: pacsv.open_csv(p, read_options=self._read_options(),
                                                           parse_options=self._parse_options())) as r:
-                schema = r.schema
+                schema = _text_types(r.schema, cfg)
         super().__init__(where, schema)
 
     def _read_options(self) -> pacsv.ReadOptions:
@@ -144,6 +144,25 @@ class FileSource(Source):
         return estimate_bytes(self.files, columns)
 
 
+def _text_types(guessed: pa.Schema, cfg: Config) -> pa.Schema:
+    """Column types of a CSV/TSV input: Arrow's guess from the first block, made safe for
+    the rest of the input. Ids (task key, sparse features) guessed as floats or left empty
+    there are read as text (no precision lost above 2^53, no null-typed column), multi-hot
+    fields always as text, other empty columns as float64."""
+    f = cfg.features
+    multi = {s.name for s in f.sparse if s.multi_hot}
+    ids = {f.task_key} | {s.name for s in f.sparse if not s.multi_hot}
+    fields = []
+    for fld in guessed:
+        t = fld.type
+        if fld.name in multi or (fld.name in ids and (pa.types.is_floating(t) or pa.types.is_null(t))):
+            t = pa.string()
+        elif pa.types.is_null(t):
+            t = pa.float64()
+        fields.append(pa.field(fld.name, t))
+    return pa.schema(fields)
+
+
 def estimate_bytes(files: list[Path], columns: list[str]) -> tuple[int, int]:
     rows = 0
     per_row = 0.0
@@ -181,9 +200,9 @@ def _row_files(path: Path, fmt: str) -> tuple[list[Path], str]:
     if not path.exists():
         raise SourceError(f"input not found: {path} (data.raw_dir)")
     wanted = {s for s, k in _ROW_SUFFIXES.items() if fmt in ("auto", k)}
-    if path.is_dir():
+    if path.is_dir():  # skipping hidden and "_" entries at every level (_SUCCESS, _temporary/, .cache/)
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in wanted
-                       and not p.name.startswith(("_", ".")))
+                       and not any(part.startswith(("_", ".")) for part in p.relative_to(path).parts))
         if not files:
             raise SourceError(f"{path}: no {' or '.join(sorted(wanted))} files inside (data.source.format: {fmt})")
     else:
@@ -316,7 +335,10 @@ def _lines(path: Path, sep: str, fields: int) -> list[list[str]]:
     except OSError as e:
         raise SourceError(f"{path}: cannot read: {e}") from None
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # split on newlines only: str.splitlines() would also split on \x85, \x0b, \x1c-\x1e,
+    # which are characters of Latin-1 titles
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         parts = line.split(sep)
@@ -347,8 +369,10 @@ def _ratings(path: Path, sep: str) -> pa.Table:
     for name, col, tp in zip(("user_id", "item_id", "rating", "timestamp"), cols,
                              (pa.int64(), pa.int64(), pa.float32(), pa.int64())):
         arr = table.column(col)
-        if arr.null_count:
-            raise SourceError(f"{path}: field {name} is empty on some line")
+        empty = pc.equal(arr, "")
+        if pc.any(empty).as_py():
+            line = int(np.argmax(empty.to_numpy(zero_copy_only=False))) + 1
+            raise SourceError(f"{path}: line {line}: field {name} is empty")
         try:
             out[name] = arr.cast(tp)
         except pa.ArrowInvalid as e:
