@@ -145,7 +145,8 @@ class SourceConfig:
     multi_hot_separator: str = "|"
     # Missing values (nulls, empty numeric fields): false is an error naming file and
     # column; true maps a missing sparse id to its own "missing" id and a missing dense
-    # value to 0. Task key, timestamp and label must never be missing.
+    # value to 0. (An empty text id is that "missing" id either way.) Task key, timestamp
+    # and label must never be missing.
     fill_missing: bool = False
     # movielens: the "click" column is rating >= this.
     click_threshold: float = 4.0
