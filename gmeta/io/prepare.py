@@ -92,7 +92,7 @@ def _check_values(table: pa.Table, cfg: Config, where: str) -> None:
         if not pa.types.is_integer(col.type) and not pa.types.is_floating(col.type) and not pa.types.is_null(col.type):
             raise PrepareError(f"{where}: column {name!r} must be numeric, got {col.type}")
         if fill and name in f.dense:
-            col = pc.fill_null(col, 0) if not pa.types.is_null(col.type) else pa.array(np.zeros(len(col)))
+            col = _zero_filled(col)
         elif col.null_count:
             hint = " (data.source.fill_missing: true reads them as 0)" if name in f.dense else ""
             raise PrepareError(f"{where}: column {name!r} has {col.null_count} null value(s){hint}")
@@ -160,13 +160,17 @@ def row_times(table: pa.Table, cfg: Config, first_row: int = 0) -> pa.Array:
     return pa.array(np.arange(first_row, first_row + table.num_rows, dtype=np.int64))
 
 
+def _zero_filled(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """A dense column with its missing values as 0 (data.source.fill_missing)."""
+    if not col.null_count:
+        return col
+    return pa.array(np.zeros(len(col))) if pa.types.is_null(col.type) else pc.fill_null(col, 0)
+
+
 def _dense_matrix(table: pa.Table, cfg: Config) -> np.ndarray:
-    cols = []
-    for c in cfg.features.dense:
-        col = table.column(c)
-        if col.null_count:  # only with data.source.fill_missing (_check_values refuses them otherwise)
-            col = pc.fill_null(col, 0) if not pa.types.is_null(col.type) else pa.array(np.zeros(len(col)))
-        cols.append(np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float32))
+    # nulls only with data.source.fill_missing: _check_values refuses them otherwise
+    cols = [np.asarray(_zero_filled(table.column(c)).to_numpy(zero_copy_only=False), dtype=np.float32)
+            for c in cfg.features.dense]
     dense = np.stack(cols, axis=1)
     if cfg.features.dense_transform == "log1p":
         dense = np.sign(dense) * np.log1p(np.abs(dense))
@@ -184,23 +188,29 @@ def _hash_ids(col: pa.Array, name: str, num_embeddings: int, tokens: bool = Fals
     other rows were read together."""
     if pa.types.is_large_string(col.type):
         col = col.cast(pa.string())
-    valid = col.is_valid()
-    if pa.types.is_string(col.type):
-        valid = pc.fill_null(pc.and_kleene(valid, pc.not_equal(col, "")), False)
-    valid = np.asarray(valid.to_numpy(zero_copy_only=False), dtype=bool)
-    good = col.filter(pa.array(valid)) if not valid.all() else col
-    raw = good.to_numpy(zero_copy_only=False)
-    hashed_good = np.empty(len(good), dtype=np.int64)
-    numeric = (np.asarray(pc.match_substring_regex(good, _INTEGER).to_numpy(zero_copy_only=False), dtype=bool)
-               if tokens and pa.types.is_string(good.type) else np.zeros(len(good), dtype=bool))
-    if numeric.any():
-        hashed_good[numeric] = hash_ids(raw[numeric].astype(np.int64), name, num_embeddings)
-    hashed_good[~numeric] = hash_ids(raw[~numeric], name, num_embeddings)
-    if valid.all():
-        return raw, hashed_good
-    hashed = np.full(len(col), hash_ids(np.array([_MISSING], dtype=object), name, num_embeddings)[0])
-    hashed[valid] = hashed_good
-    return raw, hashed
+    text = pa.types.is_string(col.type)
+    valid = None  # None: every id present (the common case, no mask built)
+    if col.null_count or (text and pc.any(pc.equal(col, "")).as_py()):
+        valid = col.is_valid()
+        if text:
+            valid = pc.fill_null(pc.and_kleene(valid, pc.not_equal(col, "")), False)
+        valid = np.asarray(valid.to_numpy(zero_copy_only=False), dtype=bool)
+        col = col.filter(pa.array(valid))
+    raw = col.to_numpy(zero_copy_only=False)
+    numeric = None
+    if tokens and text:
+        numeric = np.asarray(pc.match_substring_regex(col, _INTEGER).to_numpy(zero_copy_only=False), dtype=bool)
+    if numeric is None or not numeric.any():
+        hashed = hash_ids(raw, name, num_embeddings)
+    else:
+        hashed = np.empty(len(raw), dtype=np.int64)
+        hashed[numeric] = hash_ids(raw[numeric].astype(np.int64), name, num_embeddings)
+        hashed[~numeric] = hash_ids(raw[~numeric], name, num_embeddings)
+    if valid is None:
+        return raw, hashed
+    out = np.full(len(valid), hash_ids(np.array([_MISSING], dtype=object), name, num_embeddings)[0])
+    out[valid] = hashed
+    return raw, out
 
 
 def _hash_batch(table: pa.Table, cfg: Config, card: _Cardinality | None, where: str,
