@@ -25,6 +25,12 @@ class ConfigError(ValueError):
     """A config file or override is invalid. The message names the key (and file)."""
 
 
+class LabelText(str):
+    """A label value as text: YAML may give it as a string, a number or a boolean
+    (``[-1, "no", false]``); numbers keep their YAML spelling, booleans read as
+    ``true`` / ``false``."""
+
+
 # --------------------------------------------------------------------------------------
 # schema
 # --------------------------------------------------------------------------------------
@@ -54,6 +60,12 @@ class FeaturesConfig:
     timestamp: str = "ts"
     # 0/1 for model.objective "binary"; any finite number for "regression".
     label: str = "label"
+    # Binary labels in another encoding than 0/1 (e.g. -1/+1, true/false, "click"/"none"):
+    # the values read as 1 and those read as 0, compared as numbers when both sides are
+    # numbers, else as text. Both empty: labels must be 0/1 (booleans read as 1/0). Set: a
+    # label in neither list is an error naming the file and line.
+    positive_labels: list[LabelText] = field(default_factory=list)
+    negative_labels: list[LabelText] = field(default_factory=list)
     # Column with the true probability of a positive label (synthetic data only), used for
     # the oracle AUC. Empty string: not available.
     true_prob: str = "p_true"
@@ -68,6 +80,8 @@ class FeaturesConfig:
             SparseFeature("interests", 200, multi_hot=True, pooling="mean"),
         ]
     )
+    # Numeric columns; may be empty (an all-categorical data set: the model's dense input
+    # is then a learned vector).
     dense: list[str] = field(default_factory=lambda: ["bid_price", "user_activity", "ad_position"])
     # Applied to every dense value by prepare and serving: "log1p" is sign(x) * log(1 + |x|)
     # (for heavy-tailed counts such as Criteo's integer features).
@@ -101,6 +115,11 @@ class SplitConfig:
     """How each task's rows become support and query, and which tasks are held out."""
 
     rule: Literal["time", "ratio"] = "time"
+    # Time rule, rows of a task with equal times (e.g. Avazu's hour): "input_order" orders
+    # them as they come in the input, "shuffle" in a seeded order (from seed and the task),
+    # so that tied rows can be support; "strict" keeps every support row strictly earlier
+    # than every query row (a tie at the boundary goes to the query).
+    tie_break: Literal["input_order", "shuffle", "strict"] = "input_order"
     support_ratio: float = 0.5
     min_support: int = 4
     max_support: int = 64
@@ -121,6 +140,23 @@ class SplitConfig:
 
 
 @dataclass
+class LibsvmField:
+    """A range of feature indices of a libSVM/libFM line (``label idx:val ...``) read as one
+    column ``name`` (a sparse feature, the task key, or a dense feature).
+
+    ``kind: id``: the index is the id (the value is ignored, as in one-hot encodings); a
+    single-valued feature has at most one index of its range per line, a multi-hot feature
+    any number. ``kind: dense``: the value at index ``first`` (``last`` must equal it); an
+    absent index is 0, as the format defines.
+    """
+
+    name: str = ""
+    first: int = 0
+    last: int = 0
+    kind: Literal["id", "dense"] = "id"
+
+
+@dataclass
 class SourceConfig:
     """How ``gmeta prepare`` reads data.raw_dir.
 
@@ -133,14 +169,25 @@ class SourceConfig:
       gmeta/io/sources.py.
     - ``recbole``: any data set in RecBole's atomic-file format; columns are named by the
       header (``user_id:token`` -> ``user_id``), user and item features joined in.
+    - ``libsvm`` / ``libfm`` (the same text format): ``label idx:val idx:val ...`` per line,
+      index ranges mapped to columns by ``fields``; an optional ``qid:N`` token is the
+      column ``qid`` (usable as the task key).
+
+    With a format other than ``auto``, every file of a directory is read whatever its
+    extension (``.txt``, ``.libfm``, ``.data``), hidden and ``_`` entries excepted.
     """
 
-    format: Literal["auto", "parquet", "csv", "tsv", "movielens", "recbole"] = "auto"
-    # csv/tsv: field separator (one character; empty: "," for csv, tab for tsv), whether
-    # the first line is a header, and the column names when it is not.
+    format: Literal["auto", "parquet", "csv", "tsv", "movielens", "recbole", "libsvm", "libfm"] = "auto"
+    # csv/tsv: field separator (one character; empty: "," for csv, tab for tsv).
     delimiter: str = ""
-    header: bool = True
+    # csv/tsv: whether the first line of each file is a header. "auto": a header unless
+    # column_names is set and the first line differs from it. true: a header (replaced by
+    # column_names if set); false: data (column_names required). A first line that looks
+    # like data where a header is expected, or like a header where data is, is an error.
+    header: Literal["auto", True, False] = "auto"
     column_names: list[str] = field(default_factory=list)
+    # libsvm/libfm: which index ranges are which column.
+    fields: list[LibsvmField] = field(default_factory=list)
     # csv/tsv: separator of the ids of a multi-hot column held in one text field.
     multi_hot_separator: str = "|"
     # Missing values (nulls, empty numeric fields): false is an error naming file and
@@ -170,6 +217,9 @@ class DataConfig:
     prefetch_factor: int = 4
     shuffle_buffer: int = 1024
     on_bad_task: Literal["error", "skip"] = "error"
+    # prepare warns when more than this share of a sparse feature's rows have an id that
+    # shares its table row with another raw id (raise that feature's num_embeddings).
+    collision_warn_share: float = 0.01
 
 
 @dataclass
@@ -239,6 +289,9 @@ class TrainConfig:
     log_every: int = 20
     seed: int = 0
     nproc_per_node: int = 2
+    # Intra-op threads of each process (0: the usable cores divided by the processes on
+    # this node, at least 1).
+    threads: int = 0
     output_dir: str = "runs/ads_cvr"
     # Evaluate on the held-out tasks when training ends (rank 0, unsharded checkpoint).
     eval_at_end: bool = True
@@ -319,7 +372,12 @@ def validate(cfg: Config) -> None:
     _check(bool(f.task_key), "features.task_key", "must not be empty")
     _check(bool(f.label), "features.label", "must not be empty")
     _check(len(f.sparse) > 0, "features.sparse", "at least one sparse feature is required")
-    _check(len(f.dense) > 0, "features.dense", "at least one dense feature is required")
+    pos, neg = set(f.positive_labels), set(f.negative_labels)
+    _check(bool(pos) == bool(neg), "features.positive_labels" if not pos else "features.negative_labels",
+           "set both features.positive_labels and features.negative_labels, or neither")
+    _check(not (pos & neg), "features.negative_labels", f"values {sorted(pos & neg)} are also positive_labels")
+    _check(not pos or cfg.model.objective == "binary", "features.positive_labels",
+           "label mappings are for model.objective binary")
     names = [s.name for s in f.sparse] + list(f.dense)
     for i, s in enumerate(f.sparse):
         _check(bool(s.name), f"features.sparse[{i}].name", "must not be empty")
@@ -355,8 +413,25 @@ def validate(cfg: Config) -> None:
            "must be >= data.split.min_task_rows (or 0: no limit)")
     src = cfg.data.source
     _check(len(src.delimiter) <= 1, "data.source.delimiter", "must be one character (or empty for the default)")
-    _check(src.header or bool(src.column_names), "data.source.column_names",
+    _check(src.header is not False or bool(src.column_names), "data.source.column_names",
            "must name the columns when data.source.header is false")
+    _check(len(set(src.column_names)) == len(src.column_names), "data.source.column_names", "names repeat")
+    if src.format in ("libsvm", "libfm"):
+        _check(bool(src.fields), "data.source.fields", f"required for data.source.format {src.format}: "
+               "which index ranges are which column ({name, first, last, kind})")
+    spans = []
+    for i, fl in enumerate(src.fields):
+        key = f"data.source.fields[{i}]"
+        _check(bool(fl.name), f"{key}.name", "must not be empty")
+        _check(0 <= fl.first <= fl.last, f"{key}.last", "must be >= first >= 0")
+        _check(fl.kind == "id" or fl.first == fl.last, f"{key}.last",
+               "a dense field is one index: last must equal first")
+        for j, (lo, hi, name) in enumerate(spans):
+            _check(fl.last < lo or fl.first > hi, f"{key}.first",
+                   f"indices {fl.first}..{fl.last} overlap data.source.fields[{j}] ({name}: {lo}..{hi})")
+        spans.append((fl.first, fl.last, fl.name))
+    _check(len({fl.name for fl in src.fields}) == len(src.fields), "data.source.fields", "names repeat")
+    _check(0.0 <= cfg.data.collision_warn_share <= 1.0, "data.collision_warn_share", "must be in [0, 1]")
     _check(len(src.multi_hot_separator) >= 1, "data.source.multi_hot_separator", "must not be empty")
     _check(cfg.data.tasks_per_shard >= 1, "data.tasks_per_shard", "must be >= 1")
     _check(cfg.data.tasks_per_row_group >= 1, "data.tasks_per_row_group", "must be >= 1")
@@ -393,6 +468,7 @@ def validate(cfg: Config) -> None:
     _check(t.max_steps >= 0, "train.max_steps", "must be >= 0")
     _check(t.log_every >= 1, "train.log_every", "must be >= 1")
     _check(t.nproc_per_node >= 1, "train.nproc_per_node", "must be >= 1")
+    _check(t.threads >= 0, "train.threads", "must be >= 0 (0: cores / processes on the node)")
     _check(bool(t.output_dir), "train.output_dir", "must not be empty")
     _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0: off)")
     _check(t.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes", "must be >= 0 (0: off)")
@@ -433,7 +509,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
+        # "is" for booleans: 1 == True, but header: 1 is not header: true
+        if not any(value is c if isinstance(c, bool) or isinstance(value, bool) else value == c for c in choices):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         return value
     if origin is list:
@@ -459,6 +536,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected float, got {value!r}")
         return float(value)
+    if tp is LabelText:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a label value (text, number or boolean), got {value!r}")
+        return str(value)  # plain str: the config is dumped to YAML and JSON
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected str, got {value!r}")
