@@ -219,7 +219,7 @@ class DataConfig:
     on_bad_task: Literal["error", "skip"] = "error"
     # prepare warns when more than this share of a sparse feature's rows have an id that
     # shares its table row with another raw id (raise that feature's num_embeddings).
-    collision_warn_share: float = 0.01
+    collision_warn_share: float = 0.05
 
 
 @dataclass

@@ -125,7 +125,15 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
     frame = df[cols].copy()
     is_query = role == QUERY
     # query labels are unknown at serving time: NaN there is allowed (they are not used)
-    frame.loc[is_query, f.label] = frame.loc[is_query, f.label].fillna(0)
+    if is_query.any():
+        neg = f.negative_labels[0] if f.negative_labels else 0  # a value the label check accepts
+        col = frame[f.label]
+        if pd.api.types.is_numeric_dtype(col) and isinstance(neg, str):
+            try:
+                neg = float(neg)
+            except ValueError:
+                frame[f.label] = col = col.astype(object)
+        frame.loc[is_query, f.label] = col[is_query].fillna(neg)
     keep = np.flatnonzero(role != "")
     table = _typed_table(frame.iloc[keep], column_types)
     _check_values(table, cfg, "input rows")

@@ -156,7 +156,7 @@ def test_bad_inputs_name_the_file(debug_data, debug_config_path, tmp_path):
     bid[5] = np.nan
     pq.write_table(raw.set_column(raw.schema.get_field_index("bid_price"), "bid_price", pa.array(bid)),
                    p2 / "x.parquet")
-    with pytest.raises(PrepareError, match="'bid_price' has 1 NaN"):
+    with pytest.raises(PrepareError, match=r"x.parquet: row 5: column 'bid_price' has a NaN"):
         prepare(cfg, p2, tmp_path / "o2")
     with pytest.raises(PrepareError, match="input not found"):
         prepare(cfg, tmp_path / "nothing", tmp_path / "o3")

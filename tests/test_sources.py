@@ -246,7 +246,8 @@ def test_ctr_log_tsv_without_header(tmp_path):
     raw.mkdir()
     lines = _criteo_like(raw / "day_0.tsv", 120)
     cfg = load_config(None, _CRITEO)
-    with pytest.raises(PrepareError, match=r"day_0\.tsv: column 'i2' has \d+ null.*fill_missing"):
+    first_null = next(n for n, r in enumerate(lines) if r[2] == "") + 1  # no header: row n is line n + 1
+    with pytest.raises(PrepareError, match=rf"day_0\.tsv: line {first_null}: column 'i2' has a null.*fill_missing"):
         prepare(cfg, raw, tmp_path / "shards")
     cfg = load_config(None, _CRITEO + ["data.source.fill_missing=true"])
     m = prepare(cfg, raw, tmp_path / "shards")
@@ -311,8 +312,11 @@ def test_ctr_log_errors_name_file_and_key(tmp_path):
     with pytest.raises(PrepareError, match=r"day_0\.tsv: cannot read"):
         prepare(load_config(None, _CRITEO + ["data.source.fill_missing=true"]), raw, tmp_path / "shards")
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "day_0.csv").write_text("a,b\n")
-    with pytest.raises(PrepareError, match=r"other: no \.tsv files inside \(data.source.format: tsv\)"):
+    (tmp_path / "other" / "_SUCCESS").write_text("")
+    with pytest.raises(PrepareError, match=r"other: no files inside \(data.source.format: tsv\)"):
+        prepare(load_config(None, _CRITEO), tmp_path / "other", tmp_path / "out")
+    (tmp_path / "other" / "day_0.csv").write_text("1,2\n")  # any extension is read as the format says
+    with pytest.raises(PrepareError, match=r"day_0\.csv: line 1 has 1 fields, data.source.column_names names 9"):
         prepare(load_config(None, _CRITEO), tmp_path / "other", tmp_path / "out")
 
 

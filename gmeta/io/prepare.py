@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gmeta.config import Config
-from gmeta.io.sources import SourceError, open_source, split_field
+from gmeta.io.sources import Batch, SourceError, open_source, split_field
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,34 @@ def stable_hash(values: np.ndarray, salt: str) -> np.ndarray:
     return pd.util.hash_array(np.asarray(values), hash_key=key, categorize=False)
 
 
+def _salt64(salt: str) -> np.uint64:
+    return stable_hash(np.array([salt], dtype=object), "salt")[0]
+
+
+def salted_hash(values: np.ndarray, salt: str) -> np.ndarray:
+    """Like ``stable_hash``, but the salt changes the hash of numbers too: pandas'
+    ``hash_array`` applies its key to strings only, so integer task keys hashed alike under
+    every salt (the held-out split ignored ``data.split.seed``, and split, shard order and
+    partitions were one hash). Numbers are mixed twice with the salt in between (the
+    finaliser of ``hash_array`` is a bijection of uint64 with full avalanche). Strings hash
+    as ``stable_hash``. Used for task-level choices; ids keep ``stable_hash`` so that
+    checkpoints and shards written before stay valid."""
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "iub":
+        return stable_hash(arr, salt)
+    x = arr.astype(np.int64).view(np.uint64) if arr.dtype.kind != "u" else arr.astype(np.uint64)
+    s = _salt64(salt)
+    with np.errstate(over="ignore"):
+        y = pd.util.hash_array(x ^ s, categorize=False)
+        return pd.util.hash_array(y + s, categorize=False)
+
+
+def task_uniform(task_keys: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per task key, a pure function of (key, seed): the
+    held-out split compares it with eval_fraction and val_fraction."""
+    return (salted_hash(task_keys, f"split{seed}") >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
 def hash_ids(values: np.ndarray, feature: str, num_embeddings: int) -> np.ndarray:
     return (stable_hash(values, feature) % np.uint64(num_embeddings)).astype(np.int64)
 
@@ -76,63 +104,166 @@ def input_columns(cfg: Config) -> list[str]:
         + list(f.dense)
 
 
-def _check_values(table: pa.Table, cfg: Config, where: str) -> None:
-    """Nulls, non-numeric or non-finite values, labels other than 0/1 (binary objective):
-    an error naming the file and column (and the first bad row of the file's batch)."""
+def _locator(where) -> callable:
+    """``where`` as a function of a batch row: a Batch's own, or ``"<where>: row i"``."""
+    if isinstance(where, Batch):
+        return where.locate
+    return lambda i: f"{where}: row {i}"
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.argmax(mask))
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def binary_labels(col: pa.ChunkedArray | pa.Array, cfg: Config, where) -> np.ndarray:
+    """The label column as float32 0/1 (``model.objective: binary``): 0/1 numbers or
+    booleans as they are, other encodings through ``features.positive_labels`` /
+    ``negative_labels``. A value that is neither is an error naming the file and line."""
     f = cfg.features
+    at = _locator(where)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if pa.types.is_boolean(col.type) and not f.positive_labels:
+        return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float32)
+    if f.positive_labels:
+        out = np.full(len(col), np.nan, dtype=np.float32)
+        if pa.types.is_boolean(col.type):
+            col = col.cast(pa.string())  # "true" / "false", as the config's booleans read
+        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+            arr = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
+            for values, y in ((f.positive_labels, 1.0), (f.negative_labels, 0.0)):
+                nums = [x for x in (_number(v) for v in values) if x is not None]
+                out[np.isin(arr, nums)] = y
+            shown = arr
+        else:
+            text = np.asarray(pc.utf8_trim_whitespace(col.cast(pa.string())).to_numpy(zero_copy_only=False),
+                              dtype=object)
+            num = pd.to_numeric(pd.Series(text), errors="coerce").to_numpy(dtype=np.float64)
+            for values, y in ((f.positive_labels, 1.0), (f.negative_labels, 0.0)):
+                out[np.isin(text, [v.strip() for v in values])] = y
+                nums = [x for x in (_number(v) for v in values) if x is not None]
+                out[np.isin(num, nums) & ~np.isnan(num)] = y  # "+1" is 1
+            shown = text
+        bad = np.isnan(out)
+        if bad.any():
+            i = _first(bad)
+            raise PrepareError(f"{at(i)}: label {shown[i]!r} (column {f.label!r}) is in neither "
+                               f"features.positive_labels {list(f.positive_labels)} nor features.negative_labels "
+                               f"{list(f.negative_labels)}")
+        return out
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        i = 0
+        raise PrepareError(f"{at(i)}: column {f.label!r} (features.label) holds {col.type} values such as "
+                           f"{col[i].as_py()!r}; binary labels must be 0/1 or booleans, or be mapped with "
+                           "features.positive_labels and features.negative_labels")
+    lab = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
+    bad = ~np.isin(lab, (0.0, 1.0))
+    if bad.any():
+        i = _first(bad)
+        hint = (" (for -1/+1 labels set features.positive_labels: [1] and features.negative_labels: [-1])"
+                if lab[i] == -1 else "")
+        raise PrepareError(f"{at(i)}: column {f.label!r} (features.label) must be 0 or 1 for model.objective "
+                           f"binary, got {lab[i]:g}{hint}; set model.objective: regression to predict the value "
+                           "itself")
+    return lab.astype(np.float32)
+
+
+def _check_values(table: pa.Table, cfg: Config, where) -> np.ndarray:
+    """Nulls, non-numeric or non-finite values, labels the objective cannot take: an error
+    naming the file and line (``where``: a Batch, or a name for rows without lines).
+    Returns the labels as float32 (binary ones mapped to 0/1)."""
+    f = cfg.features
+    at = _locator(where)
     fill = cfg.data.source.fill_missing
     must = [f.task_key, f.label] + ([f.timestamp] if f.timestamp else [])
     for name in must + ([] if fill else [s.name for s in f.sparse]):
-        nulls = table.column(name).null_count
-        if nulls:
+        col = table.column(name)
+        if col.null_count:
             hint = "" if name in must else " (data.source.fill_missing: true maps them to a 'missing' id)"
-            raise PrepareError(f"{where}: column {name!r} has {nulls} null value(s){hint}")
-    for name in [f.label] + list(f.dense) + ([f.true_prob] if f.true_prob in table.column_names else []):
+            i = _first(~np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool))
+            raise PrepareError(f"{at(i)}: column {name!r} has a null value ({col.null_count} in this batch){hint}")
+    numeric = list(f.dense) + ([f.true_prob] if f.true_prob in table.column_names else [])
+    if cfg.model.objective == "regression":
+        numeric.insert(0, f.label)
+    for name in numeric:
         col = table.column(name)
         if not pa.types.is_integer(col.type) and not pa.types.is_floating(col.type) and not pa.types.is_null(col.type):
-            raise PrepareError(f"{where}: column {name!r} must be numeric, got {col.type}")
+            raise PrepareError(f"{at(0)}: column {name!r} must be numeric, got {col.type} such as "
+                               f"{col[0].as_py()!r}")
         if fill and name in f.dense:
             col = _zero_filled(col)
         elif col.null_count:
             hint = " (data.source.fill_missing: true reads them as 0)" if name in f.dense else ""
-            raise PrepareError(f"{where}: column {name!r} has {col.null_count} null value(s){hint}")
+            i = _first(~np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool))
+            raise PrepareError(f"{at(i)}: column {name!r} has a null value ({col.null_count} in this batch){hint}")
         arr = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
         bad = ~np.isfinite(arr)
         if bad.any():
-            raise PrepareError(f"{where}: column {name!r} has {int(bad.sum())} NaN/inf value(s)"
-                               f" (first at row {int(np.argmax(bad))} of the batch)")
-    if cfg.model.objective == "binary":
-        lab = table.column(f.label).to_numpy().astype(np.float64)
-        if not np.isin(lab, (0.0, 1.0)).all():
-            bad = np.flatnonzero(~np.isin(lab, (0.0, 1.0)))[0]
-            raise PrepareError(f"{where}: column {f.label!r} (features.label) must be 0 or 1 for "
-                               f"model.objective binary, got {lab[bad]:g} at row {bad} of the batch "
-                               "(set model.objective: regression to predict the value itself)")
+            raise PrepareError(f"{at(_first(bad))}: column {name!r} has a NaN/inf value "
+                               f"({int(bad.sum())} in this batch)")
     if f.timestamp:
         ts_type = table.column(f.timestamp).type
         if not (pa.types.is_integer(ts_type) or pa.types.is_timestamp(ts_type)):
-            raise PrepareError(f"{where}: column {f.timestamp!r} (features.timestamp) must be an integer or "
+            raise PrepareError(f"{at(0)}: column {f.timestamp!r} (features.timestamp) must be an integer or "
                                f"timestamp, got {ts_type}")
+    if cfg.model.objective == "binary":
+        return binary_labels(table.column(f.label), cfg, where)
+    return np.asarray(table.column(f.label).to_numpy(zero_copy_only=False), dtype=np.float32)
 
 
 class _Cardinality:
-    """Distinct ids per feature: exact after hashing (a bitmap of the table), and before
-    hashing exact up to 4096 distinct values, a k-minimum-values estimate beyond (so memory
-    stays bounded however many distinct raw ids the input has)."""
+    """Distinct ids per feature and their hash collisions.
+
+    Before hashing, distinct raw ids are exact up to 4096, a k-minimum-values estimate
+    beyond (memory stays bounded however many raw ids the input has). After hashing, each
+    table row records the first raw id that hashed to it (as a 64-bit hash of the id) and
+    how many rows it received; a row reached by a second raw id is *collided*, and the
+    share of the feature's id occurrences that land in collided rows is exact. That needs
+    17 bytes per table row, so it is kept for the smallest tables within an eighth of
+    data.prepare_memory_mb; larger tables get the expected share for uniformly hashed ids."""
 
     K = 4096
+    BYTES_PER_ROW = 17
 
     def __init__(self, cfg: Config) -> None:
         self.features = cfg.features.sparse
-        self.seen = {s.name: np.zeros(s.num_embeddings, dtype=bool) if s.num_embeddings <= (1 << 28) else None
-                     for s in self.features}
         self.kmv = {s.name: np.zeros(0, dtype=np.uint64) for s in self.features}
+        self.owner: dict[str, np.ndarray] = {}
+        self.rows: dict[str, np.ndarray] = {}
+        self.collided: dict[str, np.ndarray] = {}
+        budget = (cfg.data.prepare_memory_mb << 20) // 8 // self.BYTES_PER_ROW
+        for s in sorted(self.features, key=lambda s: s.num_embeddings):
+            if s.num_embeddings <= budget:
+                budget -= s.num_embeddings
+                self.owner[s.name] = np.zeros(s.num_embeddings, dtype=np.uint64)
+                self.rows[s.name] = np.zeros(s.num_embeddings, dtype=np.int64)
+                self.collided[s.name] = np.zeros(s.num_embeddings, dtype=bool)
+        # what the exact tracking holds: taken from the memory the partitioning may use
+        self.nbytes = sum(a.nbytes for d in (self.owner, self.rows, self.collided) for a in d.values())
+        self.occurrences = dict.fromkeys((s.name for s in self.features), 0)
 
     def add(self, name: str, raw: np.ndarray, hashed: np.ndarray) -> None:
-        if self.seen[name] is not None:
-            self.seen[name][hashed] = True
-        h = np.unique(np.concatenate([self.kmv[name], stable_hash(raw, "kmv")]))
-        self.kmv[name] = h[: self.K]
+        h = stable_hash(raw, "kmv")
+        self.occurrences[name] += len(hashed)
+        self.kmv[name] = np.unique(np.concatenate([self.kmv[name], h]))[: self.K]
+        if name not in self.owner or not len(hashed):
+            return
+        owner, collided = self.owner[name], self.collided[name]
+        slots, counts = np.unique(hashed, return_counts=True)
+        self.rows[name][slots] += counts
+        h = h | np.uint64(1)  # 0 marks an empty table row
+        order = np.lexsort((h, hashed))
+        hs, hh = hashed[order], h[order]
+        new = owner[hs] == 0
+        owner[hs[new]] = hh[new]  # the last of several new raw ids wins; the others collide below
+        collided[hs[owner[hs] != hh]] = True
 
     def summary(self) -> dict[str, dict]:
         out = {}
@@ -142,9 +273,19 @@ class _Cardinality:
                 raw, exact = len(h), True
             else:  # (k - 1) / (k-th smallest hash as a fraction of the hash space)
                 raw, exact = int(round((self.K - 1) / (float(h[-1]) / 2.0**64))), False
-            seen = self.seen[s.name]
-            out[s.name] = {"num_embeddings": s.num_embeddings, "distinct_raw": raw, "distinct_raw_exact": exact,
-                           "distinct_hashed": int(seen.sum()) if seen is not None else None,
+            m = s.num_embeddings
+            if s.name in self.owner:
+                rows = self.rows[s.name]
+                hashed = int((rows > 0).sum())
+                share = float(rows[self.collided[s.name]].sum() / rows.sum()) if rows.sum() else 0.0
+                share_exact = True
+            else:  # a raw id collides unless the other raw - 1 ids all miss its row
+                hashed = None
+                share = float(1.0 - (1.0 - 1.0 / m) ** max(raw - 1, 0))
+                share_exact = False
+            out[s.name] = {"num_embeddings": m, "distinct_raw": raw, "distinct_raw_exact": exact,
+                           "distinct_hashed": hashed, "colliding_share": round(share, 6),
+                           "colliding_share_exact": share_exact, "id_occurrences": self.occurrences[s.name],
                            "multi_hot": s.multi_hot, "pooling": s.pooling}
         return out
 
@@ -171,7 +312,7 @@ def _dense_matrix(table: pa.Table, cfg: Config) -> np.ndarray:
     # nulls only with data.source.fill_missing: _check_values refuses them otherwise
     cols = [np.asarray(_zero_filled(table.column(c)).to_numpy(zero_copy_only=False), dtype=np.float32)
             for c in cfg.features.dense]
-    dense = np.stack(cols, axis=1)
+    dense = np.stack(cols, axis=1) if cols else np.zeros((table.num_rows, 0), dtype=np.float32)
     if cfg.features.dense_transform == "log1p":
         dense = np.sign(dense) * np.log1p(np.abs(dense))
     return dense
@@ -208,20 +349,28 @@ def _hash_ids(col: pa.Array, name: str, num_embeddings: int, tokens: bool = Fals
         hashed[~numeric] = hash_ids(raw[~numeric], name, num_embeddings)
     if valid is None:
         return raw, hashed
-    out = np.full(len(valid), hash_ids(np.array([_MISSING], dtype=object), name, num_embeddings)[0])
+    missing = np.array([_MISSING], dtype=object)
+    out = np.full(len(valid), hash_ids(missing, name, num_embeddings)[0])
     out[valid] = hashed
-    return raw, out
+    # the raw values for _Cardinality, aligned with the ids: the missing value is one more
+    raw_all = np.full(len(valid), _MISSING, dtype=object)
+    raw_all[valid] = raw
+    return raw_all, out
 
 
 def _hash_batch(table: pa.Table, cfg: Config, card: _Cardinality | None, where: str,
-                first_row: int = 0) -> pa.Table:
+                first_row: int = 0, labels: np.ndarray | None = None) -> pa.Table:
     """Raw batch -> the columns prepare keeps, sparse ids hashed into their tables
-    (``first_row``: the batch's position in the input, the time of rows without a timestamp)."""
+    (``first_row``: the batch's position in the input: the time of rows without a timestamp,
+    and the input order that breaks ties of time; ``labels``: from ``_check_values``)."""
     f = cfg.features
+    if labels is None:
+        labels = _check_values(table, cfg, where)
     cols: dict[str, pa.Array] = {
         "__key": table.column(f.task_key).combine_chunks(),
         "__ts": row_times(table, cfg, first_row),
-        "__label": pa.array(table.column(f.label).to_numpy().astype(np.float32)),
+        "__row": pa.array(np.arange(first_row, first_row + table.num_rows, dtype=np.int64)),
+        "__label": pa.array(labels.astype(np.float32)),
     }
     sep = cfg.data.source.multi_hot_separator
     for s in f.sparse:
@@ -252,7 +401,8 @@ def _hash_batch(table: pa.Table, cfg: Config, card: _Cardinality | None, where: 
         if card is not None:
             card.add(s.name, raw, hashed)
     dense = _dense_matrix(table, cfg)
-    cols["dense"] = pa.FixedSizeListArray.from_arrays(pa.array(dense.reshape(-1)), len(f.dense))
+    cols["dense"] = pa.FixedSizeListArray.from_arrays(pa.array(dense.reshape(-1)), len(f.dense)) if f.dense \
+        else pa.array([[]] * table.num_rows, pa.list_(pa.float32(), 0))
     if f.true_prob and f.true_prob in table.column_names:
         cols["true_prob"] = pa.array(table.column(f.true_prob).to_numpy().astype(np.float32))
     return pa.table(cols)
@@ -273,7 +423,7 @@ class _Partitions:
         if self.count == 1:
             self.mem.append(table)
             return
-        bucket = (stable_hash(table.column("__key").to_numpy(zero_copy_only=False), "bucket")
+        bucket = (salted_hash(table.column("__key").to_numpy(zero_copy_only=False), "bucket")
                   % np.uint64(self.count)).astype(np.int64)
         order = np.argsort(bucket, kind="stable")
         bounds = np.searchsorted(bucket[order], np.arange(self.count + 1))
@@ -311,51 +461,83 @@ class _Partitions:
             pa.default_memory_pool().release_unused()
 
 
+def _tie_order(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np.ndarray,
+               task_hash: np.ndarray) -> np.ndarray | None:
+    """data.split.tie_break "shuffle": a permutation of the task-sorted rows that orders the
+    rows of equal time within a task in a seeded order, a function of (seed, task, time,
+    position among the tied rows), so that it does not depend on which other rows were
+    read together. None for the other rules (the rows stay in input order within a tie)."""
+    if cfg.data.split.tie_break != "shuffle" or not len(ts):
+        return None
+    task = np.repeat(np.arange(len(counts)), counts)
+    new_run = np.ones(len(ts), dtype=bool)
+    new_run[1:] = (task[1:] != task[:-1]) | (ts[1:] != ts[:-1])
+    run_start = np.flatnonzero(new_run)
+    pos = np.arange(len(ts)) - run_start[np.cumsum(new_run) - 1]
+    with np.errstate(over="ignore"):
+        mix = task_hash[task].astype(np.uint64) ^ (ts.astype(np.int64).view(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        key = salted_hash(salted_hash(mix, f"tie{cfg.data.split.seed}") ^ pos.astype(np.uint64), "tie")
+    return np.lexsort((key, ts, task))
+
+
 def _split_tasks(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np.ndarray,
-                 task_hash: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, int]]:
+                 task_hash: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, dict[str, int]]]:
     """Per task, support and query row indices (into the task-sorted table); None for a
-    dropped task. The ratio rule draws each task's split from (seed, task), so the result
-    does not depend on which other tasks were prepared together."""
+    dropped task. Also {"tasks": dropped tasks by reason, "rows": rows left out by reason}.
+
+    The ratio rule draws each task's split from (seed, task), so the result does not depend
+    on which other tasks were prepared together. The time rule puts the earliest rows in
+    the support, rows of equal time ordered by data.split.tie_break."""
     sp = cfg.data.split
     support_idx, query_idx = [], []
     dropped = dict.fromkeys(DROP_REASONS, 0)
+    rows_out = dict.fromkeys(ROW_DROP_REASONS, 0)
+    perm = _tie_order(cfg, task_start, counts, ts, task_hash)
+
+    def drop(reason: str, n: int) -> None:
+        dropped[reason] += 1
+        rows_out[reason] += n
+        support_idx.append(None)
+        query_idx.append(None)
+
     for start, n, th in zip(task_start.tolist(), counts.tolist(), task_hash.tolist()):
         too = "too_few_rows" if n < sp.min_task_rows else "too_many_rows" if 0 < sp.max_task_rows < n else ""
         if too:
-            dropped[too] += 1
-            support_idx.append(None)
-            query_idx.append(None)
+            drop(too, n)
             continue
-        rows = np.arange(start, start + n)
+        rows = np.arange(start, start + n) if perm is None else perm[start: start + n]
         n_s = n - sp.query_size if sp.query_size else int(round(n * sp.support_ratio))
         n_s = min(max(n_s, 0), n)
         if sp.rule == "time":
-            # Support strictly earlier than query: move the boundary before any tie. (With a
-            # fixed query size, ties keep the input order: the query must have query_size rows.)
-            while not sp.query_size and 0 < n_s < n and ts[start + n_s - 1] == ts[start + n_s]:
+            # "strict": support strictly earlier than query, the boundary moved before any tie
+            # (with a fixed query size ties keep the input order: the query must have
+            # query_size rows). Otherwise ties are ordered by tie_break and cut anywhere.
+            while sp.tie_break == "strict" and not sp.query_size and 0 < n_s < n \
+                    and ts[start + n_s - 1] == ts[start + n_s]:
                 n_s -= 1
             s_rows, q_rows = rows[:n_s], rows[n_s:]
             s_rows = s_rows[-sp.max_support:]  # the most recent rows before the boundary
         else:
-            perm = np.random.default_rng([sp.seed, th]).permutation(rows)
-            s_rows, q_rows = np.sort(perm[:n_s])[: sp.max_support], np.sort(perm[n_s:])
+            shuffled = np.random.default_rng([sp.seed, th]).permutation(rows)
+            s_rows, q_rows = np.sort(shuffled[:n_s])[: sp.max_support], np.sort(shuffled[n_s:])
         q_rows = q_rows[: sp.max_query]
         if len(s_rows) < sp.min_support:
-            dropped["support_too_small"] += 1
-            support_idx.append(None)
-            query_idx.append(None)
+            drop("support_too_small", n)
             continue
         if len(q_rows) < sp.min_query:
-            dropped["query_too_small"] += 1
-            support_idx.append(None)
-            query_idx.append(None)
+            drop("query_too_small", n)
             continue
         support_idx.append(s_rows)
         query_idx.append(q_rows)
-    return support_idx, query_idx, dropped
+        rows_out["support_over_max"] += n_s - len(s_rows)
+        rows_out["query_over_max"] += (n - n_s) - len(q_rows)
+    return support_idx, query_idx, {"tasks": dropped, "rows": rows_out}
 
 
 DROP_REASONS = ("too_few_rows", "too_many_rows", "support_too_small", "query_too_small")
+# rows not written: all rows of a dropped task (by the task's reason), and rows of a kept
+# task beyond data.split.max_support (the earliest support rows) or max_query (the latest)
+ROW_DROP_REASONS = DROP_REASONS + ("support_over_max", "query_over_max")
 
 
 def splits_of(cfg: Config) -> tuple[str, ...]:
@@ -475,10 +657,11 @@ class _ShardWriter:
         return out
 
 
-def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, int]) -> dict[str, pa.Table]:
+def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, dict[str, int]]) -> dict[str, pa.Table]:
     """All rows of some tasks -> their task records, per split, in a seeded order."""
     sp = cfg.data.split
-    t = t.take(pc.sort_indices(t, sort_keys=[("__key", "ascending"), ("__ts", "ascending")]))
+    # rows of equal time in input order (__row): the order tie_break "input_order" keeps
+    t = t.take(pc.sort_indices(t, sort_keys=[("__key", "ascending"), ("__ts", "ascending"), ("__row", "ascending")]))
     keys = t.column("__key").to_numpy(zero_copy_only=False)
     ts = t.column("__ts").to_numpy().astype(np.int64)
     task_start = np.concatenate([[0], np.flatnonzero(keys[1:] != keys[:-1]) + 1]).astype(np.int64)
@@ -486,15 +669,17 @@ def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, int]) -> dict[s
     task_keys = keys[task_start]
     task_hash = stable_hash(task_keys, "task")
     support_idx, query_idx, d = _split_tasks(cfg, task_start, counts, ts, task_hash)
-    for k, v in d.items():
-        dropped[k] += v
+    for kind in ("tasks", "rows"):
+        for k, v in d[kind].items():
+            dropped[kind][k] += v
     # held-out tasks: a hash of the key, uniform in [0, 1): eval below eval_fraction, val
     # in the next val_fraction
-    u = (stable_hash(task_keys, f"split{sp.seed}") >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    u = task_uniform(task_keys, sp.seed)
     split_of = np.where(u < sp.eval_fraction, "eval", np.where(u < sp.eval_fraction + sp.val_fraction, "val", "train"))
-    # order of tasks in the shards: a seeded hash of the key, so it does not depend on how
-    # the input was partitioned
-    rank = stable_hash(task_keys, f"order{sp.seed}")
+    # order of tasks in the shards: a seeded hash of the key (another salt than the split's,
+    # or the shards would be sorted by split), so it does not depend on how the input was
+    # partitioned
+    rank = salted_hash(task_keys, f"order{sp.seed}")
     columns: dict[str, pa.Array] = {s.name: t.column(s.name).combine_chunks() for s in cfg.features.sparse}
     columns["dense"] = t.column("dense").combine_chunks()
     columns["label"] = t.column("__label").combine_chunks()
@@ -548,8 +733,11 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
     columns = input_columns(cfg)
     missing = [c for c in columns if c not in source.names]
     if missing:
+        hint = ""
+        if any(_number(str(n)) is not None for n in source.names):
+            hint = " (names that are numbers: the file seems to have no header; set data.source.column_names)"
         raise PrepareError(f"{input_path}: missing column(s) {missing} required by the config "
-                           f"(features.*); columns present: {source.names}")
+                           f"(features.*); columns present: {source.names[:40]}{hint}")
     has_true_prob = bool(f.true_prob) and f.true_prob in source.names
     if has_true_prob:
         columns.append(f.true_prob)
@@ -557,31 +745,36 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
         input_bytes, input_rows = source.estimate(columns)
     except SourceError as e:
         raise PrepareError(str(e)) from None
-    parts_n = num_partitions(input_bytes, cfg.data.prepare_memory_mb)
+    card = _Cardinality(cfg)
+    memory = (cfg.data.prepare_memory_mb << 20) - 2 * card.nbytes  # (and its temporaries)
+    parts_n = num_partitions(input_bytes, max(1, memory >> 20))
     schema = shard_schema(cfg, has_true_prob)
     out.mkdir(parents=True, exist_ok=True)
-    card = _Cardinality(cfg)
-    dropped = dict.fromkeys(DROP_REASONS, 0)
+    dropped = {"tasks": dict.fromkeys(DROP_REASONS, 0), "rows": dict.fromkeys(ROW_DROP_REASONS, 0)}
     n_rows = 0
     task_keys_seen = 0
     show = sys.stderr.isatty()
     with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as tmp:
-        parts = _Partitions(parts_n, Path(tmp), (cfg.data.prepare_memory_mb << 20) // 4)
+        parts = _Partitions(parts_n, Path(tmp), max(1, memory) // 4)
         with tqdm(total=input_rows or None, unit="rows", desc="prepare: read", disable=not show) as bar:
             where = str(input_path)
             try:
-                for where, table in source.batches(columns):
-                    _check_values(table, cfg, where)
-                    parts.add(_hash_batch(table, cfg, card, where, first_row=n_rows))
-                    n_rows += table.num_rows
-                    bar.update(table.num_rows)
+                for batch in source.batches(columns):
+                    where = batch.where
+                    labels = _check_values(batch.table, cfg, batch)
+                    parts.add(_hash_batch(batch.table, cfg, card, where, first_row=n_rows, labels=labels))
+                    n_rows += batch.table.num_rows
+                    bar.update(batch.table.num_rows)
             except SourceError as e:
                 raise PrepareError(str(e)) from None
             except pa.ArrowException as e:
                 raise PrepareError(f"{where}: cannot read: {e}") from None
         if n_rows == 0:
             raise PrepareError(f"{input_path}: no rows")
-        writer = _ShardWriter(out, cfg, schema)
+        # shards are written beside the output and moved into place only when complete, so
+        # a failed prepare leaves the shards and manifest of the last one as they were
+        staging = Path(tmp) / "shards"
+        writer = _ShardWriter(staging, cfg, schema)
         for bucket in tqdm(parts.buckets(), total=parts_n, unit="bucket", desc="prepare: group", disable=not show):
             records = _bucket_records(bucket, cfg, dropped)
             task_keys_seen += sum(r.num_rows for r in records.values())
@@ -589,30 +782,102 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
             for split in records:
                 writer.add(split, records[split])
         splits = writer.close()
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "format": cfg.data.format,
-        "input": str(input_path),
-        "input_rows": int(n_rows),
-        "input_tasks": int(task_keys_seen + sum(dropped.values())),
-        "dropped_tasks": dropped,
-        "task_key": f.task_key,
-        "source": cfg.data.source.format,
-        "input_columns": {c: str(source.schema.field(c).type) for c in columns},  # raw types, for serving
-        "schema": schema,
-        "cardinality": card.summary(),
-        "split_rule": asdict(cfg.data.split),
-        "partitions": parts_n,
-        "splits": splits,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+        input_tasks = int(task_keys_seen + sum(dropped["tasks"].values()))
+        _check_splits(cfg, splits, dropped, input_tasks, input_path)
+        cardinality = card.summary()
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "format": cfg.data.format,
+            "input": str(input_path),
+            "input_rows": int(n_rows),
+            "input_tasks": input_tasks,
+            "dropped_tasks": dropped["tasks"],
+            "rows": {"read": int(n_rows),
+                     "written": {k: v["support_rows"] + v["query_rows"] for k, v in splits.items()},
+                     "dropped": dropped["rows"]},
+            "task_key": f.task_key,
+            "source": cfg.data.source.format,
+            "input_columns": {c: str(source.schema.field(c).type) for c in columns},  # raw types, for serving
+            "schema": schema,
+            "cardinality": cardinality,
+            "split_rule": asdict(cfg.data.split),
+            "partitions": parts_n,
+            "splits": splits,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        written = sum(manifest["rows"]["written"].values()) + sum(dropped["rows"].values())
+        if written != n_rows:  # every input row is written once or dropped for a reason
+            raise AssertionError(f"prepare lost track of rows: read {n_rows}, written + dropped {written}")
+        _install(staging, out, manifest)
+    for name, c in cardinality.items():
+        if c["colliding_share"] > cfg.data.collision_warn_share:
+            i = [s.name for s in f.sparse].index(name)
+            log.warning("prepare: %.1f%% of the ids of %s share their table row with another id (%s distinct "
+                        "raw ids in %d rows%s); raise features.sparse[%d].num_embeddings (%s), or "
+                        "data.collision_warn_share to accept it", 100 * c["colliding_share"], name,
+                        f"{c['distinct_raw']:,}" + ("" if c["distinct_raw_exact"] else " (estimated)"),
+                        c["num_embeddings"], "" if c["colliding_share_exact"] else ", expected share", i, name)
+    return manifest
+
+
+def _check_splits(cfg: Config, splits: dict, dropped: dict, input_tasks: int, input_path: Path) -> None:
+    """No training task is an error, an empty held-out split a warning; both say what
+    emptied them (the split rule and the drop counts)."""
+    sp = cfg.data.split
+    rule = (f"data.split.rule {sp.rule}" + (f", tie_break {sp.tie_break}" if sp.rule == "time" else "")
+            + f", min_support {sp.min_support}, min_query {sp.min_query}"
+            + (f", query_size {sp.query_size}" if sp.query_size else f", support_ratio {sp.support_ratio}")
+            + (f", min_task_rows {sp.min_task_rows}" if sp.min_task_rows else "")
+            + (f", max_task_rows {sp.max_task_rows}" if sp.max_task_rows else ""))
+    drops = ", ".join(f"{k} {v}" for k, v in dropped["tasks"].items() if v) or "none"
+    if not splits["train"]["tasks"]:
+        raise PrepareError(f"{input_path}: split 'train' has 0 tasks: of {input_tasks} task(s) "
+                           f"({cfg.features.task_key}), dropped {drops}; held out: "
+                           + ", ".join(f"{k} {v['tasks']}" for k, v in splits.items() if k != "train")
+                           + f" ({rule}). Nothing was written.")
+    for name, frac in (("eval", sp.eval_fraction), ("val", sp.val_fraction)):
+        if name in splits and frac > 0 and not splits[name]["tasks"]:
+            log.warning("prepare: split %r has 0 tasks (data.split.%s_fraction %g of %d kept task(s); dropped %s; "
+                        "%s)", name, name, frac, sum(v["tasks"] for v in splits.values()), drops, rule)
+
+
+def _install(staging: Path, out: Path, manifest: dict) -> None:
+    """Move the staged split directories into ``out`` and write the manifest last. The old
+    manifest goes first, so a crash in between leaves no manifest that names missing shards."""
+    old_manifest = out / MANIFEST
+    if old_manifest.exists():
+        old_manifest.unlink()
+    for split in ("train", "eval", "val"):
+        target = out / split
+        if target.exists():
+            trash = staging.parent / f"old-{split}"
+            target.replace(trash)
+        if (staging / split).exists():
+            (staging / split).replace(target)
     tmp_manifest = out / (MANIFEST + ".tmp")
     tmp_manifest.write_text(json.dumps(manifest, indent=2))
     tmp_manifest.replace(out / MANIFEST)
-    log.info("prepare: %d rows, %d tasks -> %s (dropped %s, %d partition(s)) in %.1fs", n_rows,
-             manifest["input_tasks"], ", ".join(f"{k} {v['tasks']}" for k, v in splits.items()), dropped, parts_n,
-             manifest["seconds"])
-    return manifest
+
+
+def format_report(m: dict) -> str:
+    """What prepare read, wrote and dropped, as printed by ``gmeta prepare``."""
+    rows, splits = m["rows"], m["splits"]
+    lines = [f"prepare: read {rows['read']:,} rows of {m['input_tasks']:,} tasks from {m['input']} "
+             f"({m['source']}) in {m['seconds']:.1f}s"]
+    lines.append("  written: " + "; ".join(f"{k} {v['tasks']:,} tasks, {rows['written'][k]:,} rows "
+                                            f"({v['support_rows']:,} support + {v['query_rows']:,} query)"
+                                            for k, v in splits.items()))
+    dropped = [f"{k} {rows['dropped'][k]:,} rows" + (f" / {m['dropped_tasks'][k]:,} tasks" if k in m["dropped_tasks"]
+                                                        else "")
+               for k in rows["dropped"] if rows["dropped"][k]]
+    lines.append("  dropped: " + ("; ".join(dropped) if dropped else "none"))
+    lines.append("  ids (distinct raw -> table rows used / table size, rows whose id collides):")
+    for name, c in m["cardinality"].items():
+        raw = f"{c['distinct_raw']:,}" + ("" if c["distinct_raw_exact"] else "~")
+        used = f"{c['distinct_hashed']:,}" if c["distinct_hashed"] is not None else "?"
+        share = f"{100 * c['colliding_share']:.2f}%" + ("" if c["colliding_share_exact"] else " (expected)")
+        lines.append(f"    {name}: {raw} -> {used} / {c['num_embeddings']:,}, {share}")
+    return "\n".join(lines)
 
 
 def load_manifest(shards_dir: str | Path) -> dict:

@@ -36,8 +36,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +61,27 @@ class SourceError(ValueError):
     (gmeta.io.prepare re-raises it as a PrepareError.)"""
 
 
+@dataclass
+class Batch:
+    """Rows of one input file: ``table`` holds ``columns``; its row i is line
+    ``first_line + i`` of ``where`` (text formats; 1-based, blank lines not counted) or row
+    ``first_row + i`` of the file (Parquet: ``first_line`` is None)."""
+
+    where: str
+    table: pa.Table
+    first_row: int = 0
+    first_line: int | None = None
+    lines: np.ndarray | None = None  # the line of every row, where blank lines come between rows
+
+    def locate(self, i: int) -> str:
+        """``file: line N`` (or ``row N``) of the batch's row ``i``."""
+        if self.lines is not None:
+            return f"{self.where}: line {int(self.lines[i])}"
+        if self.first_line is not None:
+            return f"{self.where}: line {self.first_line + i}"
+        return f"{self.where}: row {self.first_row + i}"
+
+
 class Source:
     """Row-level input: its column names and Arrow types, and its rows in batches."""
 
@@ -68,8 +92,8 @@ class Source:
     def names(self) -> list[str]:
         return list(self.schema.names)
 
-    def batches(self, columns: list[str]) -> Iterator[tuple[str, pa.Table]]:
-        """(file the batch comes from, batch with ``columns``) in input order."""
+    def batches(self, columns: list[str]) -> Iterator[Batch]:
+        """Batches of ``columns`` in input order, each from one file."""
         raise NotImplementedError
 
     def estimate(self, columns: list[str]) -> tuple[int, int]:
@@ -78,16 +102,17 @@ class Source:
 
 
 class TableSource(Source):
-    """A table built in memory (the MovieLens and RecBole readers)."""
+    """A table built in memory (the MovieLens and RecBole readers), row i being line
+    ``first_line + i`` of the file ``where`` (its ratings / interactions file)."""
 
-    def __init__(self, where: str, table: pa.Table) -> None:
+    def __init__(self, where: str, table: pa.Table, first_line: int = 1) -> None:
         super().__init__(where, table.schema)
-        self.table = table
+        self.table, self.first_line = table, first_line
 
-    def batches(self, columns: list[str]) -> Iterator[tuple[str, pa.Table]]:
+    def batches(self, columns: list[str]) -> Iterator[Batch]:
         t = self.table.select(columns)
         for lo in range(0, t.num_rows, BATCH_ROWS):
-            yield self.where, t.slice(lo, BATCH_ROWS)
+            yield Batch(self.where, t.slice(lo, BATCH_ROWS), lo, self.first_line + lo)
 
     def estimate(self, columns: list[str]) -> tuple[int, int]:
         return self.table.select(columns).nbytes, self.table.num_rows
@@ -95,32 +120,50 @@ class TableSource(Source):
 
 class FileSource(Source):
     """Parquet, CSV or TSV files, streamed one row group (or CSV block) at a time: no
-    pre-buffering or read-ahead, so memory stays near one batch."""
+    pre-buffering or read-ahead, so memory stays near one batch.
+
+    CSV/TSV headers are decided per file (``data.source.header``, :func:`header_lines`):
+    a first line that looks like data where a header is expected, or like a header where
+    data is, is an error naming the file, never a silently lost or misnamed row."""
 
     def __init__(self, where: str, files: list[Path], kind: str, cfg: Config) -> None:
         self.files, self.kind, self.src = files, kind, cfg.data.source
+        self.skip: dict[Path, int] = {}  # CSV/TSV: header lines of each file (0 or 1)
         if kind == "parquet":
             schema = _read(files[0], lambda p: pq.read_schema(p))
         else:
-            with _read(files[0], lambda p: pacsv.open_csv(p, read_options=self._read_options(),
+            names = None
+            for path in files:
+                self.skip[path], header = header_lines(path, self.src, self._delimiter())
+                if not self.src.column_names:
+                    if names is None:
+                        names = header
+                    elif header != names:
+                        raise SourceError(f"{path}: header {header[:8]} differs from that of {files[0]} "
+                                          f"{names[:8]}")
+            self.names_ = list(self.src.column_names) or names
+            with _read(files[0], lambda p: pacsv.open_csv(p, read_options=self._read_options(files[0]),
                                                           parse_options=self._parse_options())) as r:
                 schema = _text_types(r.schema, cfg)
         super().__init__(where, schema)
 
-    def _read_options(self) -> pacsv.ReadOptions:
-        names = self.src.column_names or None
-        return pacsv.ReadOptions(block_size=8 << 20, column_names=names,
-                                 skip_rows=1 if names and self.src.header else 0)
+    def _delimiter(self) -> str:
+        return self.src.delimiter or ("\t" if self.kind == "tsv" else ",")
+
+    def _read_options(self, path: Path) -> pacsv.ReadOptions:
+        # the names given explicitly, so a file's header (or its absence) never shifts a row
+        return pacsv.ReadOptions(block_size=8 << 20, column_names=self.names_, skip_rows=self.skip[path])
 
     def _parse_options(self) -> pacsv.ParseOptions:
-        return pacsv.ParseOptions(delimiter=self.src.delimiter or ("\t" if self.kind == "tsv" else ","))
+        return pacsv.ParseOptions(delimiter=self._delimiter())
 
-    def batches(self, columns: list[str]) -> Iterator[tuple[str, pa.Table]]:
+    def batches(self, columns: list[str]) -> Iterator[Batch]:
         # every file (and every CSV block) is parsed with the column types of the first
         # file's first block, so a type that changes midway is an error naming the file
         types = {c: self.schema.field(c).type for c in columns}
         for path in self.files:
             where = str(path)
+            row = 0
             try:
                 if self.kind == "parquet":
                     pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
@@ -128,13 +171,15 @@ class FileSource(Source):
                     if missing:
                         raise SourceError(f"{where}: missing column(s) {missing} (the first file has them)")
                     for b in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False):
-                        yield where, pa.Table.from_batches([b])
+                        yield Batch(where, pa.Table.from_batches([b]), row)
+                        row += b.num_rows
                 else:
                     convert = pacsv.ConvertOptions(include_columns=columns, column_types=types)
-                    with pacsv.open_csv(path, read_options=self._read_options(), parse_options=self._parse_options(),
-                                        convert_options=convert) as reader:
+                    with pacsv.open_csv(path, read_options=self._read_options(path),
+                                        parse_options=self._parse_options(), convert_options=convert) as reader:
                         for b in reader:
-                            yield where, pa.Table.from_batches([b])
+                            yield Batch(where, pa.Table.from_batches([b]), row, self.skip[path] + row + 1)
+                            row += b.num_rows
             except pa.ArrowException as e:
                 raise SourceError(f"{where}: cannot read: {e}") from None
 
@@ -142,6 +187,83 @@ class FileSource(Source):
         """Parquet: rows from the footers times the decoded size per row of the first row
         group; CSV/TSV: 1.5 x the file size, rows unknown."""
         return estimate_bytes(self.files, columns)
+
+
+_SNIFF_BYTES = 1 << 20  # of a text file read to decide on its header
+_SNIFF_LINES = 200
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _head_lines(path: Path) -> list[str]:
+    """The first non-blank lines of a text file (decompressed as pyarrow would)."""
+    try:
+        with pa.input_stream(str(path)) as f:  # detects .gz/.bz2/... from the extension
+            head = f.read(_SNIFF_BYTES)
+    except (OSError, pa.ArrowException) as e:
+        raise SourceError(f"{path}: cannot read: {e}") from None
+    text = head.decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    if len(head) == _SNIFF_BYTES:
+        lines = lines[:-1]  # the last one may be cut
+    return [ln.rstrip("\r") for ln in lines if ln.strip()][:_SNIFF_LINES]
+
+
+def _first_lines(path: Path, delimiter: str) -> list[list[str]]:
+    """The first lines of a CSV/TSV file, split into fields."""
+    return list(csv.reader(io.StringIO("\n".join(_head_lines(path))), delimiter=delimiter))
+
+
+def header_lines(path: Path, src, delimiter: str) -> tuple[int, list[str]]:
+    """(lines to skip, the header's names) of one CSV/TSV file under ``data.source.header``.
+
+    A first line *looks like data* when one of its fields is a number (a column name never
+    is), and *like a header* when it equals ``column_names`` or holds text in a column
+    whose other lines are all numbers."""
+    rows = _first_lines(path, delimiter)
+    if not rows:
+        return 0, []
+    first, rest = rows[0], rows[1:]
+    names = list(src.column_names)
+    show = ", ".join(repr(v) for v in first[:6]) + (", ..." if len(first) > 6 else "")
+    data_like = any(_is_number(v.strip()) for v in first)
+    numeric_cols = [j for j in range(len(first))
+                    if rest and all(j < len(r) for r in rest)
+                    and any(r[j].strip() for r in rest)
+                    and all(_is_number(r[j].strip()) for r in rest if r[j].strip())]
+    header_like = [v.strip() for v in first] == names or (
+        not data_like and any(first[j].strip() for j in numeric_cols))
+    if names and len(first) != len(names) and not (src.header is True or header_like):
+        raise SourceError(f"{path}: line 1 has {len(first)} fields, data.source.column_names names {len(names)}")
+    if src.header is False:
+        if header_like:
+            raise SourceError(f"{path}: data.source.header is false but the first line looks like a header "
+                              f"({show}); set data.source.header: true to skip it")
+        return 0, names
+    if src.header is True or not names:
+        if data_like:
+            if src.header is True:
+                raise SourceError(f"{path}: data.source.header is true but the first line looks like data "
+                                  f"({show}); set data.source.header: false and name the columns in "
+                                  "data.source.column_names")
+            raise SourceError(f"{path}: the first line looks like data, not a header ({show}): the file seems "
+                              "to have no header; name its columns in data.source.column_names "
+                              "(data.source.header: auto or false)")
+        return 1, [v.strip() for v in first]
+    # header auto with column_names: a header only if it is exactly those names
+    if [v.strip() for v in first] == names:
+        return 1, names
+    if header_like:
+        raise SourceError(f"{path}: the first line looks like a header ({show}) but is not "
+                          f"data.source.column_names {names[:6]}; set data.source.header: true to skip it "
+                          "and name the columns by column_names")
+    return 0, names
 
 
 def _text_types(guessed: pa.Schema, cfg: Config) -> pa.Schema:
@@ -199,12 +321,13 @@ def _row_files(path: Path, fmt: str) -> tuple[list[Path], str]:
     """The files of a row-level input and their kind (parquet, csv or tsv)."""
     if not path.exists():
         raise SourceError(f"input not found: {path} (data.raw_dir)")
-    wanted = {s for s, k in _ROW_SUFFIXES.items() if fmt in ("auto", k)}
     if path.is_dir():  # skipping hidden and "_" entries at every level (_SUCCESS, _temporary/, .cache/)
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in wanted
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and (fmt != "auto" or p.suffix in _ROW_SUFFIXES)  # a named format: any extension
                        and not any(part.startswith(("_", ".")) for part in p.relative_to(path).parts))
         if not files:
-            raise SourceError(f"{path}: no {' or '.join(sorted(wanted))} files inside (data.source.format: {fmt})")
+            what = "files" if fmt != "auto" else " or ".join(sorted(_ROW_SUFFIXES)) + " files"
+            raise SourceError(f"{path}: no {what} inside (data.source.format: {fmt})")
     else:
         files = [path]
     kinds = {_ROW_SUFFIXES.get(p.suffix, fmt) for p in files}
@@ -221,11 +344,176 @@ def open_source(cfg: Config, input_path: str | Path) -> Source:
     path = Path(input_path)
     fmt = cfg.data.source.format
     if fmt == "movielens":
-        return TableSource(str(path), read_movielens(path, cfg.data.source.click_threshold))
+        return TableSource(str(ratings_file(path)), read_movielens(path, cfg.data.source.click_threshold))
     if fmt == "recbole":
-        return TableSource(str(path), read_recbole(path))
+        return TableSource(str(_atomic_files(path)["inter"]), read_recbole(path), first_line=2)
     files, kind = _row_files(path, fmt)
+    if kind in ("libsvm", "libfm"):
+        return LibsvmSource(str(path), files, cfg)
     return FileSource(str(path), files, kind, cfg)
+
+
+# --------------------------------------------------------------------------------------
+# libSVM / libFM
+# --------------------------------------------------------------------------------------
+
+
+class LibsvmSource(Source):
+    """libSVM / libFM text files: ``label idx:val idx:val ...`` per line (whitespace
+    separated; an optional ``qid:N`` token gives the column ``qid``). ``data.source.fields``
+    maps ranges of indices to columns (see ``LibsvmField``); an index in no range is an
+    error naming the file and line, so no feature is dropped unnoticed.
+
+    Parsed block by block with Arrow compute kernels (split, cast, list offsets) and numpy:
+    a Python loop per token would take minutes on Criteo-sized files. Arrow's CSV reader
+    supplies the blocks of lines (one column, a delimiter that never occurs in the format)
+    and decompression; the format itself has no reader in pyarrow."""
+
+    _LINE_SEP = "\x1f"  # the "column" delimiter: never in a libSVM line
+
+    def __init__(self, where: str, files: list[Path], cfg: Config) -> None:
+        self.files, self.cfg = files, cfg
+        self.fields = list(cfg.data.source.fields)
+        multi = {s.name for s in cfg.features.sparse if s.multi_hot}
+        self.multi = {fl.name for fl in self.fields if fl.name in multi}
+        label = cfg.features.label
+        clash = [fl.name for fl in self.fields if fl.name in (label, "qid")]
+        if clash:
+            raise SourceError(f"data.source.fields: {clash} is the label or qid column of the format")
+        cols = [pa.field(label, pa.float64())]
+        if self._has_qid(files[0]):
+            cols.append(pa.field("qid", pa.int64()))
+        for fl in self.fields:
+            t = pa.float64() if fl.kind == "dense" else pa.list_(pa.int64()) if fl.name in self.multi else pa.int64()
+            cols.append(pa.field(fl.name, t))
+        super().__init__(where, pa.schema(cols))
+
+    def _has_qid(self, path: Path) -> bool:
+        lines = _head_lines(path)
+        toks = lines[0].split() if lines else []
+        return len(toks) > 1 and toks[1].startswith("qid:")
+
+    def estimate(self, columns: list[str]) -> tuple[int, int]:
+        return estimate_bytes(self.files, columns)
+
+    def _lines(self, path: Path) -> Iterator[tuple[int, pa.Array]]:
+        """(line number of the block's first line, the block's lines), blank lines included."""
+        opts = dict(read_options=pacsv.ReadOptions(column_names=["line"], block_size=8 << 20),
+                    parse_options=pacsv.ParseOptions(delimiter=self._LINE_SEP, quote_char=False,
+                                                     ignore_empty_lines=False),
+                    convert_options=pacsv.ConvertOptions(column_types={"line": pa.string()},
+                                                         strings_can_be_null=False))
+        line = 1
+        try:
+            with pacsv.open_csv(path, **opts) as reader:
+                for b in reader:
+                    yield line, b.column(0)
+                    line += b.num_rows
+        except pa.ArrowException as e:
+            raise SourceError(f"{path}: cannot read: {e}") from None
+
+    def batches(self, columns: list[str]) -> Iterator[Batch]:
+        for path in self.files:
+            row = 0
+            for first_line, lines in self._lines(path):
+                table, line_no = self._parse(path, first_line, lines, columns)
+                for lo in range(0, table.num_rows, BATCH_ROWS):
+                    part = table.slice(lo, BATCH_ROWS)
+                    yield Batch(str(path), part, row, lines=line_no[lo: lo + part.num_rows])
+                    row += part.num_rows
+
+    def _parse(self, path: Path, first_line: int, lines: pa.Array, columns: list[str]):
+        texts = pc.utf8_trim_whitespace(lines)
+        keep = np.flatnonzero(np.asarray(pc.not_equal(texts, "").to_numpy(zero_copy_only=False), dtype=bool))
+        line_no = keep + first_line  # file line of each row
+        texts = texts.take(pa.array(keep))
+        n = len(texts)
+
+        def at(i: int) -> str:
+            return f"{path}: line {int(line_no[i])}"
+
+        tokens = pc.utf8_split_whitespace(texts)
+        ntok = pc.list_value_length(tokens).to_numpy().astype(np.int64)
+        label_text = pc.list_element(tokens, 0) if n else pa.array([], pa.string())
+        out: dict[str, pa.Array] = {}
+        try:
+            out[self.cfg.features.label] = label_text.cast(pa.float64())
+        except pa.ArrowInvalid:
+            bad = next(i for i, v in enumerate(label_text.to_pylist()) if not _is_number(v))
+            raise SourceError(f"{at(bad)}: label {label_text[bad].as_py()!r} is not a number (libSVM lines "
+                              "start with the label)") from None
+        rest = pc.list_flatten(pc.list_slice(tokens, 1)) if n else pa.array([], pa.string())
+        line_of = np.repeat(np.arange(n), np.maximum(ntok - 1, 0))
+        parts = pc.split_pattern(rest, ":", max_splits=1)
+        two = pc.list_value_length(parts).to_numpy() == 2
+        if not two.all():
+            i = int(np.argmax(~two))
+            raise SourceError(f"{at(line_of[i])}: token {rest[i].as_py()!r} is not index:value")
+        keys = pc.list_element(parts, 0)
+        vals = pc.list_element(parts, 1)
+        is_qid = np.asarray(pc.equal(keys, "qid").to_numpy(zero_copy_only=False), dtype=bool)
+        if "qid" in self.schema.names:
+            q_line = line_of[is_qid]
+            counts = np.bincount(q_line, minlength=n)
+            if n and (counts != 1).any():
+                i = int(np.argmax(counts != 1))
+                raise SourceError(f"{at(i)}: {counts[i]} qid tokens (the first line of the file has one, so "
+                                  "every line must)")
+            try:
+                qid = np.empty(n, dtype=np.int64)
+                qid[q_line] = vals.filter(pa.array(is_qid)).cast(pa.int64()).to_numpy()
+            except pa.ArrowInvalid:
+                raise SourceError(f"{path}: a qid is not an integer (first lines from {at(0)})") from None
+            out["qid"] = pa.array(qid)
+        elif is_qid.any():
+            i = int(line_of[np.argmax(is_qid)])
+            raise SourceError(f"{at(i)}: a qid token, but the file's first line has none")
+        feat = ~is_qid
+        line_f = line_of[feat]
+        try:
+            idx = keys.filter(pa.array(feat)).cast(pa.int64()).to_numpy()
+            val = vals.filter(pa.array(feat)).cast(pa.float64()).to_numpy()
+        except pa.ArrowInvalid:
+            k = keys.filter(pa.array(feat)).to_pylist()
+            v = vals.filter(pa.array(feat)).to_pylist()
+            i = next(i for i in range(len(k)) if not (k[i].lstrip("-").isdigit() and _is_number(v[i])))
+            raise SourceError(f"{at(line_f[i])}: token '{k[i]}:{v[i]}' is not index:value (an integer index "
+                              "and a number)") from None
+        mapped = np.zeros(len(idx), dtype=bool)
+        for fl in self.fields:
+            m = (idx >= fl.first) & (idx <= fl.last)
+            mapped |= m
+            if fl.name not in columns:
+                continue
+            rows = line_f[m]
+            counts = np.bincount(rows, minlength=n)
+            if fl.kind == "dense" or fl.name not in self.multi:
+                if n and counts.max(initial=0) > 1:
+                    i = int(np.argmax(counts > 1))
+                    raise SourceError(f"{at(i)}: {counts[i]} indices in {fl.first}..{fl.last} "
+                                      f"(data.source.fields {fl.name!r}); a single-valued field has at most one "
+                                      "(declare a multi-hot feature for several)")
+            if fl.kind == "dense":
+                dense = np.zeros(n)
+                dense[rows] = val[m]  # an absent index is 0 in libSVM
+                out[fl.name] = pa.array(dense)
+            elif fl.name in self.multi:
+                offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+                out[fl.name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(idx[m]))
+            else:
+                ids = np.zeros(n, dtype=np.int64)
+                ids[rows] = idx[m]
+                out[fl.name] = pa.array(ids, mask=counts == 0)  # absent: a missing id (fill_missing)
+        if not mapped.all():
+            i = int(np.argmax(~mapped))
+            raise SourceError(f"{at(line_f[i])}: index {idx[i]} is in no data.source.fields range")
+        table = pa.table({c: out[c] for c in columns if c in out})
+        missing = [c for c in columns if c not in out]
+        if missing:
+            raise SourceError(f"{path}: no column(s) {missing} in libSVM input: its columns are the label "
+                              f"({self.cfg.features.label!r}), qid if present, and data.source.fields "
+                              f"{[fl.name for fl in self.fields]}")
+        return table, line_no
 
 
 # --------------------------------------------------------------------------------------
@@ -463,6 +751,14 @@ def _movielens_layout(path: Path) -> str:
     raise SourceError(f"{path}: no MovieLens files found: expected u.data, u.user, u.item (ML-100K), "
                       "ratings.dat, users.dat, movies.dat (ML-1M) or <name>.inter, .user, .item (RecBole "
                       "atomic files). The data sets are not shipped with gmeta: download them from GroupLens.")
+
+
+def ratings_file(path: Path) -> Path:
+    """The file of the ratings of a MovieLens directory (the lines rows are counted in)."""
+    layout = _movielens_layout(Path(path))
+    if layout == "recbole":
+        return _atomic_files(Path(path))["inter"]
+    return Path(path) / ("u.data" if layout == "ml-100k" else "ratings.dat")
 
 
 def read_movielens(path: Path, click_threshold: float = 4.0) -> pa.Table:

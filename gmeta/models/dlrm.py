@@ -88,9 +88,19 @@ class SparseArch(nn.Module):
 
 
 class DenseArch(nn.Module):
+    """MLP of the dense features -> ``[R, D]``. With no dense feature (an all-categorical
+    data set) it is one layer of 0 inputs whose bias is a learned vector, the same for
+    every row (its dots with the embeddings are then learned first-order terms); no ReLU,
+    which would leave its negative units dead forever, and the bias drawn like an
+    embedding row (nn.Linear gives a layer of no inputs a zero bias)."""
+
     def __init__(self, num_dense: int, sizes: list[int], embedding_dim: int) -> None:
         super().__init__()
-        self.mlp = MLP(num_dense, list(sizes) + [embedding_dim], last_activation=True)
+        if num_dense == 0:
+            self.mlp = MLP(0, [embedding_dim], last_activation=False)
+            nn.init.normal_(self.mlp.layers[0].bias, std=embedding_dim ** -0.5)
+        else:
+            self.mlp = MLP(num_dense, list(sizes) + [embedding_dim], last_activation=True)
 
     def forward(self, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
         return self.mlp(x, params, prefix + "mlp.")
