@@ -402,7 +402,7 @@ def _hash_batch(table: pa.Table, cfg: Config, card: _Cardinality | None, where: 
             card.add(s.name, raw, hashed)
     dense = _dense_matrix(table, cfg)
     cols["dense"] = pa.FixedSizeListArray.from_arrays(pa.array(dense.reshape(-1)), len(f.dense)) if f.dense \
-        else pa.array([[]] * table.num_rows, pa.list_(pa.float32(), 0))
+        else pa.array([[]] * table.num_rows, pa.list_(pa.float32()))  # (Parquet misreads fixed lists of size 0)
     if f.true_prob and f.true_prob in table.column_names:
         cols["true_prob"] = pa.array(table.column(f.true_prob).to_numpy().astype(np.float32))
     return pa.table(cols)
