@@ -17,13 +17,12 @@ from gmeta.config import ConfigError, load_config
 log = logging.getLogger("gmeta")
 
 
-def _setup_logging() -> None:
-    rank = os.environ.get("RANK")
-    prefix = f"[rank{rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    # torchrec and fbgemm log plenty at INFO on the root logger: keep the root at WARNING.
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {prefix}%(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
-    logging.getLogger("gmeta").setLevel(logging.INFO)
+def _setup_logging(verbose: bool = False) -> None:
+    # torchrec, fbgemm and torch print ~100 lines per training: quiet unless --verbose (or
+    # GMETA_VERBOSE=1, which torchrun's workers inherit); see gmeta.logs
+    from gmeta.logs import setup_logging
+
+    setup_logging(verbose or None)
 
 
 def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -31,8 +30,13 @@ def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. meta.inner_lr=0.05")
 
 
+_VERBOSE_HELP = ("show the output of torchrec's planner, fbgemm, torch and torchrun, quiet by default "
+                 "(also GMETA_VERBOSE=1)")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gmeta", description="Meta-learning for DLRM recommendation models.")
+    ap.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write synthetic ads-CVR logs (row-level Parquet)",
@@ -67,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="checkpoint directory written by gmeta train")
     src.add_argument("--run-id", help="MLflow run of a gmeta train (its tag gmeta.checkpoint)")
     p.add_argument("--baseline", default=None, help="checkpoint of an ERM model to compare against")
-    p.add_argument("--shards", default=None, help="task shard directory (default: data.shards_dir)")
+    p.add_argument("--shards", default=None, help="task shard directory (default: a data.shards_dir=... override, "
+                   "else the shards the checkpoint was trained on; not --config's data.shards_dir)")
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps K (default: eval.inner_steps)")
     p.add_argument("--split", default=None, choices=["eval", "val"],
                    help="test tasks (eval) or validation tasks (val) (default: eval.split)")
@@ -88,7 +93,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-part", type=int, default=200_000, help="query rows per Parquet part")
     p.add_argument("--max-tasks", type=int, default=0, help="predict only the first N tasks (0: all)")
     p.add_argument("--resume", action="store_true", help="continue the predictions already in --out")
+    for p in sub.choices.values():  # also after the subcommand; SUPPRESS keeps a --verbose given before it
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
     return ap
+
+
+def _explicit_shards(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The shards evaluate/predict were told to use, and by what: --shards, else a
+    ``data.shards_dir=...`` override on the command line; (None, "") for the checkpoint's own.
+    The data.shards_dir of a --config file does not count: it names the data the config is
+    for, not necessarily the data this checkpoint was trained on."""
+    if getattr(args, "shards", None):
+        return args.shards, "--shards"
+    from gmeta.config import parse_override
+
+    found = None
+    for item in getattr(args, "overrides", None) or []:
+        parts, value = parse_override(item)
+        if parts == ["data", "shards_dir"]:
+            found = str(value)  # the last one wins, as in load_config
+    return (found, "override data.shards_dir") if found else (None, "")
 
 
 def _launch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
@@ -98,6 +122,11 @@ def _launch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     # The rendezvous TCP store shared with the workers is not restart-safe: after a
     # restart, gloo/NCCL can read the previous attempt's addresses (pytorch#135712).
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # Each worker sets its own thread count (configure_threads); this only spares torchrun's
+    # warning banner about OMP_NUM_THREADS.
+    from gmeta.parallel.dist import threads_per_process
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(0, nproc)[0]))
     args = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", "--module", "gmeta.cli",
          *argv])
@@ -112,7 +141,7 @@ def _launch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    _setup_logging()
+    _setup_logging(args.verbose)
     try:
         cfg = load_config(args.config, args.overrides) if getattr(args, "config", None) else None
     except ConfigError as e:
@@ -128,15 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "prepare":
-        from gmeta.io.prepare import PrepareError, prepare
+        from gmeta.io.prepare import PrepareError, format_report, prepare
 
         try:
             m = prepare(cfg, args.input or cfg.data.raw_dir, args.out or cfg.data.shards_dir)
         except PrepareError as e:
             print(f"gmeta prepare: {e}", file=sys.stderr)
             return 2
-        print(", ".join(f"{k}: {v['tasks']} tasks" for k, v in m["splits"].items())
-              + f", dropped: {m['dropped_tasks']} -> {args.out or cfg.data.shards_dir}")
+        print(format_report(m) + f"\n  -> {args.out or cfg.data.shards_dir}")
         return 0
 
     if args.command == "train":
@@ -177,10 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.nproc_per_node > 1 and not under_torchrun():
             return _launch(args.nproc_per_node, argv)
         try:
+            shards, why = _explicit_shards(args)
             result = run_evaluate(args.checkpoint, run_id=args.run_id or "", cfg_override=cfg,
-                                  baseline=args.baseline, shards_dir=args.shards, tracking=not args.no_tracking,
-                                  tracking_uri=args.tracking_uri, out_dir=args.out, inner_steps=args.inner_steps,
-                                  split=args.split)
+                                  baseline=args.baseline, shards_dir=shards, shards_why=why,
+                                  tracking=not args.no_tracking, tracking_uri=args.tracking_uri, out_dir=args.out,
+                                  inner_steps=args.inner_steps, split=args.split)
         except (CheckpointError, PrepareError, ValueError) as e:
             print(f"gmeta evaluate: {e}", file=sys.stderr)
             return 2
@@ -198,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         try:
-            summary = run_predict(args.checkpoint, args.out, shards_dir=args.shards, split=args.split,
+            shards, why = _explicit_shards(args)
+            summary = run_predict(args.checkpoint, args.out, shards_dir=shards, shards_why=why, split=args.split,
                                   inner_steps=args.inner_steps, tasks_per_batch=args.tasks_per_batch,
                                   rows_per_part=args.rows_per_part, resume=args.resume, max_tasks=args.max_tasks,
                                   progress=sys.stderr.isatty())

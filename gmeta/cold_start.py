@@ -218,8 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "cold_start"))
     p.add_argument("--movielens-override", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--ads-override", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("-v", "--verbose", action="store_true", help="show torchrec's planner, fbgemm and torch output")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from gmeta.logs import setup_logging
+
+    # the root logger at INFO printed torchrec's planner table and fbgemm's lines for every model trained
+    setup_logging(args.verbose or None)
+    from gmeta.parallel.dist import configure_threads
+
+    # once, for the whole table: every model is trained and scored in this one process
+    # (train.main sets it again, to the same value unless a config sets train.threads)
+    configure_threads(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

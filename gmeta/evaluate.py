@@ -23,6 +23,8 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -273,14 +275,38 @@ def flat_metrics(report: dict) -> dict[str, float]:
     return out
 
 
+def _cell(value, metric: str, fmt: str = ".4f") -> str:
+    """A metric as the report shows it; one that could not be computed (NaN: e.g. the AUC of
+    rows of one class) as "n/a (<reason>)", not a bare nan."""
+    if isinstance(value, str):  # already "n/a (...)": a report read back from eval_report.json
+        return value
+    if value is None or math.isnan(value):
+        return metrics.not_available(metric)
+    return format(value, fmt)
+
+
+def _json_ready(value, key: str = ""):
+    """The report for eval_report.json: NaN metrics as "n/a (<reason>)" (a bare NaN is not
+    even valid JSON), the rest as is."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_ready(v, key) for v in value]  # the K curve: {"auc": [...], ...}
+    if isinstance(value, float) and math.isnan(value):
+        return metrics.not_available(key)
+    return value
+
+
 def format_table(report: dict) -> str:
     """Markdown: overall table, the main metric (AUC, or RMSE for regression) per
-    support-size bucket, and the curve metrics vs. K."""
+    support-size bucket, and the curve metrics vs. K. Metrics that could not be computed
+    show as "n/a (<reason>)"."""
     obj = _objective(report)
     names = [n for n in SCORERS if f"{n}_{obj.main}" in report]
     lines = ["| model | " + " | ".join(h for h, _, _ in obj.columns) + " |", "|---|" + "---|" * len(obj.columns)]
     for n in names:
-        lines.append(f"| {n} | " + " | ".join(format(report[f"{n}_{m}"], fmt) for _, m, fmt in obj.columns) + " |")
+        lines.append(f"| {n} | " + " | ".join(_cell(report[f"{n}_{m}"], m, fmt) for _, m, fmt in obj.columns)
+                     + " |")
     lines.append(f"\n{int(report['tasks'])} held-out tasks, {int(report['query_rows'])} query rows, "
                  f"{int(report['inner_steps'])} inner steps")
     main = obj.main.upper()
@@ -289,12 +315,12 @@ def format_table(report: dict) -> str:
                   "| support rows | tasks | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
         for b in report["buckets"]:
             lines.append(f"| {b['support']} | {int(b['tasks'])} | "
-                         + " | ".join(f"{b[f'{n}_{obj.main}']:.4f}" for n in names) + " |")
+                         + " | ".join(_cell(b[f"{n}_{obj.main}"], obj.main) for n in names) + " |")
     c = report.get(f"{obj.main}_vs_k")
     if c:
         lines += ["", f"{main} vs. inner steps K:", "", "| K | " + " | ".join(str(k) for k in c["k"]) + " |",
                   "|---|" + "---|" * len(c["k"])]
-        lines += [f"| {m.upper()} | " + " | ".join(f"{v:.4f}" for v in c[m]) + " |" for m in obj.curve]
+        lines += [f"| {m.upper()} | " + " | ".join(_cell(v, m) for v in c[m]) + " |" for m in obj.curve]
     return "\n".join(lines)
 
 
@@ -336,7 +362,7 @@ def write_report(report: dict, out_dir: str | Path) -> list[Path]:
              plots.metric_by_bucket(report, out / f"{obj.main}_by_support_size.png", obj.main)]
     if "reliability" in report:
         files.append(plots.calibration(report, out / "calibration.png"))
-    (out / "eval_report.json").write_text(json.dumps(report, indent=2))
+    (out / "eval_report.json").write_text(json.dumps(_json_ready(report), indent=2))
     (out / "eval_report.md").write_text(format_table(report) + "\n")
     (out / "eval_report.html").write_text(format_html(report, [p.name for p in files]))
     return [out / "eval_report.json", out / "eval_report.md", out / "eval_report.html", *files]
@@ -379,27 +405,53 @@ def resolve_checkpoint(checkpoint: str | Path | None, run_id: str, tracking_uri:
     return Path(path)
 
 
+def choose_shards(shards_dir: str | Path | None, why: str, cfg: Config, checkpoint: str | Path,
+                  command: str = "evaluate") -> Path:
+    """The task shards to score: ``shards_dir`` when given (``why`` says by what: --shards, an
+    override), else those the checkpoint was trained on (data.shards_dir of its saved config),
+    not the data.shards_dir of a --config file, which may name other data. Logs the choice."""
+    from gmeta.io.prepare import MANIFEST, PrepareError
+
+    if shards_dir:
+        shards = Path(shards_dir)
+    else:
+        shards, why = Path(cfg.data.shards_dir), "the checkpoint's data.shards_dir: the shards it was trained on"
+        if not (shards / MANIFEST).is_file():
+            raise PrepareError(f"{shards / MANIFEST}: not found; {checkpoint} was trained on {shards} (its saved "
+                               "data.shards_dir, relative to the directory training ran in); pass --shards DIR "
+                               "or data.shards_dir=DIR to score other shards")
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per rank
+        log.info("%s: shards %s (%s)", command, shards, why)
+    return shards
+
+
 def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_override: Config | None = None,
-                 baseline: str | Path | None = None, shards_dir: str | None = None, tracking: bool = True,
-                 tracking_uri: str = "", out_dir: str | Path | None = None,
+                 baseline: str | Path | None = None, shards_dir: str | None = None, shards_why: str = "--shards",
+                 tracking: bool = True, tracking_uri: str = "", out_dir: str | Path | None = None,
                  inner_steps: int | None = None, split: str | None = None) -> dict | None:
     """``gmeta evaluate``: load the checkpoint (sharded under torchrun, else unsharded),
     evaluate, write the report files and log them to the checkpoint's MLflow run.
-    Returns the report on rank 0, None on other ranks."""
+    ``shards_dir``: the shards to evaluate on (``shards_why``: who chose them, for the log);
+    None: the checkpoint's own (``choose_shards``). Returns the report on rank 0, None on
+    other ranks."""
     from gmeta.checkpoint import load_sharded, load_unsharded
-    from gmeta.parallel.dist import init_distributed, under_torchrun
+    from gmeta.parallel.dist import configure_threads, init_distributed, under_torchrun
     from gmeta.tracking import make_tracker
 
     path = resolve_checkpoint(checkpoint, run_id, tracking_uri)
+    if cfg_override is not None:  # before loading: loading is compute too
+        configure_threads(cfg_override.train.threads)
     env = init_distributed() if under_torchrun() else None
     try:
         if env is not None:
             model, cfg, meta = load_sharded(path, env.device)
         else:
             model, cfg, meta = load_unsharded(path)
-        if cfg_override is not None:  # evaluation settings and data location come from --config
+        if cfg_override is None:
+            configure_threads(cfg.train.threads)
+        else:  # evaluation settings come from --config; the data from the checkpoint (choose_shards)
             cfg.eval = cfg_override.eval
-            cfg.data.shards_dir = cfg_override.data.shards_dir
+        cfg.data.shards_dir = str(choose_shards(shards_dir, shards_why, cfg, path))
         if inner_steps is not None:
             cfg.eval.inner_steps = inner_steps
         if split is not None:
@@ -408,8 +460,7 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
         if baseline:
             bmodel, bcfg, _ = load_unsharded(baseline)
             base = (bmodel, bcfg)
-        report = evaluate(model, cfg, shards_dir or cfg.data.shards_dir, inner_steps=cfg.eval.inner_steps,
-                          baseline=base)
+        report = evaluate(model, cfg, cfg.data.shards_dir, inner_steps=cfg.eval.inner_steps, baseline=base)
     finally:
         if env is not None:
             dist.destroy_process_group()
@@ -417,7 +468,9 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
         return None
     report["checkpoint"] = str(path)
     files = write_report(report, out_dir or path.parent / "eval")
-    log.info("evaluation of %s:\n%s\nreport: %s", path, format_table(report), files[0].parent)
+    # the table itself is the caller's to show (gmeta evaluate prints it on stdout): logging it
+    # too printed it twice
+    log.info("evaluation of %s: report in %s", path, files[0].parent)
     run = meta.get("mlflow_run_id", "")
     if tracking and run:
         uri = tracking_uri or meta.get("tracking_uri", "")

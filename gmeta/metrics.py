@@ -5,6 +5,23 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import log_loss, roc_auc_score
 
+# Why a metric comes out NaN: it cannot be computed on these rows. Reports show
+# "n/a (<reason>)" instead of a bare nan (see ``not_available``).
+NAN_REASONS = {
+    "auc": "one class",  # AUC needs positive and negative rows
+    "gauc": "no task with both classes",
+    "calibration": "no positive labels",  # predicted / observed rate with an observed rate of 0
+}
+
+
+def not_available(metric: str) -> str:
+    """How a report shows ``metric`` (``auc``, or a report key such as ``maml_auc``) when it
+    is NaN."""
+    for name, reason in NAN_REASONS.items():
+        if metric == name or metric.endswith("_" + name):
+            return f"n/a ({reason})"
+    return "n/a"
+
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC; NaN when only one class is present."""

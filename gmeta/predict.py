@@ -21,8 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gmeta.checkpoint import load_unsharded
-from gmeta.evaluate import predict_query
+from gmeta.evaluate import choose_shards, predict_query
 from gmeta.io.reader import TaskReader, task_keys
+from gmeta.parallel.dist import configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,16 @@ def _part(i: int) -> str:
 
 def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str | None = None, split: str = "eval",
                 inner_steps: int | None = None, tasks_per_batch: int | None = None, rows_per_part: int = 200_000,
-                resume: bool = False, max_tasks: int = 0, progress: bool = True) -> dict:
-    """Predict every query row of ``split``; returns a summary (rows, tasks, parts, rows/s)."""
+                resume: bool = False, max_tasks: int = 0, progress: bool = True, shards_why: str = "--shards") -> dict:
+    """Predict every query row of ``split``; returns a summary (rows, tasks, parts, rows/s).
+    ``shards_dir`` (chosen by ``shards_why``, for the log): None for the shards the checkpoint
+    was trained on. Threads: the checkpoint's train.threads (see ``configure_threads``)."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     model, cfg, meta = load_unsharded(checkpoint)
-    shards = Path(shards_dir or cfg.data.shards_dir)
+    configure_threads(cfg.train.threads)
+    shards = choose_shards(shards_dir, shards_why, cfg, checkpoint, command="predict")
     steps = inner_steps if inner_steps is not None and inner_steps >= 0 else (
         cfg.eval.inner_steps if cfg.eval.inner_steps >= 0 else cfg.meta.inner_steps)
     tpb = tasks_per_batch or cfg.eval.tasks_per_batch

@@ -33,7 +33,7 @@ from gmeta.config import Config, dump_yaml, flatten, to_dict
 from gmeta.io.prepare import check_manifest_matches, load_manifest
 from gmeta.io.reader import TaskReader
 from gmeta.models.dlrm import Lookup, build_model
-from gmeta.parallel.dist import DenseGradSync, broadcast_params, init_distributed
+from gmeta.parallel.dist import DenseGradSync, broadcast_params, configure_threads, init_distributed
 from gmeta.parallel.maml import MetaOutput, erm_loss, maml_loss
 from gmeta.parallel.pipeline import SparseDistPipeline
 from gmeta.parallel.sharding import shard_model
@@ -210,6 +210,7 @@ def _resume_path(cfg: Config, out_dir: Path) -> Path | None:
 
 def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     # ---------------------------------------------------------------- setup
+    configure_threads(cfg.train.threads)  # before any compute: torch's default oversubscribes shared cores
     env = init_distributed()
     torch.manual_seed(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)

@@ -736,6 +736,8 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
         hint = ""
         if any(_number(str(n)) is not None for n in source.names):
             hint = " (names that are numbers: the file seems to have no header; set data.source.column_names)"
+        elif f.timestamp in missing and cfg.data.source.format in ("libsvm", "libfm"):
+            hint = " (libSVM lines have no time: set features.timestamp: '' to take the line order as time order)"
         raise PrepareError(f"{input_path}: missing column(s) {missing} required by the config "
                            f"(features.*); columns present: {source.names[:40]}{hint}")
     has_true_prob = bool(f.true_prob) and f.true_prob in source.names

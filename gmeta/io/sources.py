@@ -141,7 +141,7 @@ class FileSource(Source):
                     elif header != names:
                         raise SourceError(f"{path}: header {header[:8]} differs from that of {files[0]} "
                                           f"{names[:8]}")
-            self.names_ = list(self.src.column_names) or names
+            self.column_names = list(self.src.column_names) or names
             with _read(files[0], lambda p: pacsv.open_csv(p, read_options=self._read_options(files[0]),
                                                           parse_options=self._parse_options())) as r:
                 schema = _text_types(r.schema, cfg)
@@ -152,7 +152,7 @@ class FileSource(Source):
 
     def _read_options(self, path: Path) -> pacsv.ReadOptions:
         # the names given explicitly, so a file's header (or its absence) never shifts a row
-        return pacsv.ReadOptions(block_size=8 << 20, column_names=self.names_, skip_rows=self.skip[path])
+        return pacsv.ReadOptions(block_size=8 << 20, column_names=self.column_names, skip_rows=self.skip[path])
 
     def _parse_options(self) -> pacsv.ParseOptions:
         return pacsv.ParseOptions(delimiter=self._delimiter())

@@ -45,6 +45,51 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a container or taskset may allow
+    fewer than the machine has)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
+def local_processes() -> int:
+    """Processes of this job on this node: LOCAL_WORLD_SIZE (torchrun sets it), else 1."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def threads_per_process(requested: int, processes: int | None = None) -> tuple[int, str]:
+    """Intra-op threads for each process and why: ``requested`` (train.threads) if > 0,
+    else the usable cores divided by the processes on this node, at least 1."""
+    if requested > 0:
+        return requested, "train.threads"
+    cores = usable_cores()
+    procs = local_processes() if processes is None else max(1, processes)
+    return max(1, cores // procs), f"{cores} cores / {procs} local process{'es' if procs != 1 else ''}"
+
+
+_threads_logged: int | None = None
+
+
+def configure_threads(requested: int) -> int:
+    """Set torch's intra-op thread count (see ``threads_per_process``) and return it.
+
+    torch's default is one thread per core in *every* process: two processes on a shared
+    2-core machine then fight over the cores and an epoch runs 10-20x slower. The line is
+    logged once per process and value: ``gmeta.cold_start`` trains in-process many times."""
+    global _threads_logged
+    n, why = threads_per_process(requested)
+    torch.set_num_threads(n)
+    if n != _threads_logged and os.environ.get("RANK", "0") == "0":
+        log.info("threads: %d per process (%s)", n, why)
+    _threads_logged = n
+    return n
+
+
 def pick_device(local_rank: int) -> tuple[torch.device, str]:
     """CUDA + NCCL when a GPU is present, CPU + gloo otherwise."""
     if torch.cuda.is_available():
