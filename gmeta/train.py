@@ -218,6 +218,12 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     manifest = load_manifest(cfg.data.shards_dir)
     check_manifest_matches(manifest, cfg, str(Path(cfg.data.shards_dir) / "manifest.json"))
     resume_from = _resume_path(cfg, out_dir)
+    # the reader first: a split too small for this many ranks is an error before the model is built
+    d = cfg.data
+    reader = TaskReader(d.shards_dir, "train", cfg.meta.tasks_per_batch, rank=env.rank, world_size=env.world_size,
+                        num_workers=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
+                        prefetch_factor=d.prefetch_factor, pin_memory=env.device.type == "cuda",
+                        on_bad_task=d.on_bad_task)
 
     model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, env.device)
     dense_params = model.module.dense_parameters()
@@ -231,11 +237,6 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     dense_opt = torch.optim.Adam(dense_params, lr=cfg.optim.dense_lr, weight_decay=cfg.optim.dense_weight_decay)
     grad_sync = DenseGradSync(dense_params)
 
-    d = cfg.data
-    reader = TaskReader(d.shards_dir, "train", cfg.meta.tasks_per_batch, rank=env.rank, world_size=env.world_size,
-                        num_workers=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
-                        prefetch_factor=d.prefetch_factor, pin_memory=env.device.type == "cuda",
-                        on_bad_task=d.on_bad_task)
     total_steps = len(reader) * cfg.train.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
