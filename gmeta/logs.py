@@ -20,6 +20,10 @@ of other libraries' output on stderr. Where each kind comes from and how it is s
   through the environment, in torchrun's workers.
 - torchrun's "Setting OMP_NUM_THREADS ..." banner: gmeta sets OMP_NUM_THREADS itself before
   launching (see ``gmeta.cli._launch``).
+- MLflow: its INFO lines (system metrics monitor start/stop) and its warnings on logging a
+  pyfunc model (the CloudPickle notice, signature hints as UserWarnings): MLflow sets up its
+  own logger from MLFLOW_LOGGING_LEVEL when imported, so that is set to ERROR (if the user
+  has not set it), and its warnings are ignored.
 
 ``--verbose`` sets ``GMETA_VERBOSE=1`` (inherited by torchrun's workers) and puts the root
 logger at INFO, which brings all of it back.
@@ -34,7 +38,7 @@ import warnings
 
 VERBOSE_ENV = "GMETA_VERBOSE"
 # Python loggers of other libraries that are silenced (below ERROR) by default.
-NOISY_LOGGERS = ("torchrec", "fbgemm_gpu", "torch.fx._symbolic_trace")
+NOISY_LOGGERS = ("torchrec", "fbgemm_gpu", "torch.fx._symbolic_trace", "mlflow")
 
 
 def verbose_from_env() -> bool:
@@ -50,6 +54,7 @@ def setup_logging(verbose: bool | None = None) -> bool:
         os.environ[VERBOSE_ENV] = "1"  # torchrun's workers inherit it
     else:
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
     rank = os.environ.get("RANK")
     prefix = f"[rank{rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
     root = logging.getLogger()
@@ -62,7 +67,7 @@ def setup_logging(verbose: bool | None = None) -> bool:
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
     if not verbose:
-        warnings.filterwarnings("ignore", module=r"(torchrec|fbgemm_gpu)(\.|$)")
+        warnings.filterwarnings("ignore", module=r"(torchrec|fbgemm_gpu|mlflow)(\.|$)")
         # torch.distributed.checkpoint, once per sharded table, on loading torchrec's tables
         warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
     return verbose

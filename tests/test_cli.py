@@ -132,29 +132,35 @@ def test_usable_cores_falls_back_to_cpu_count(monkeypatch):
 # ------------------------------------------------------------------ 3. quiet by default
 
 
-def _train(debug_data, tmp_path, *extra: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("GMETA_VERBOSE", "TORCH_CPP_LOG_LEVEL")}
+def _train(debug_data, tmp_path, *extra: str, tracking: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GMETA_VERBOSE", "TORCH_CPP_LOG_LEVEL", "MLFLOW_LOGGING_LEVEL", "MLFLOW_TRACKING_URI")}
     tmp_path.mkdir(parents=True)
+    track = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.system_metrics_s=1"] if tracking \
+        else ["tracking.enabled=false"]
     proc = subprocess.run(
         [sys.executable, "-m", "gmeta.cli", *extra, "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1",
          f"data.shards_dir={debug_data['shards']}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2",
-         "train.eval_at_end=false", "tracking.enabled=false", "train.threads=1"],
+         "train.eval_at_end=false", "train.threads=1", *track],
         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
 def test_training_is_quiet_by_default_and_verbose_on_request(debug_data, tmp_path):
-    quiet = _train(debug_data, tmp_path / "quiet").stderr
+    quiet = _train(debug_data, tmp_path / "quiet", tracking=True).stderr
     lines = quiet.splitlines()
     # torchrec's planner (table and warnings), fbgemm's loader/TBE lines, torchrec's
-    # FutureWarning and torch's is_fx_tracing warning: none of them
-    for marker in ("Planner Statistics", "torchrec", "fbgemm", "FutureWarning", "is_fx_tracing"):
+    # FutureWarning, torch's is_fx_tracing warning, MLflow's monitor lines and model-logging
+    # warnings: none of them
+    for marker in ("Planner Statistics", "torchrec", "fbgemm", "FutureWarning", "is_fx_tracing", "Warning",
+                   "system_metrics_monitor", "CloudPickle"):
         assert marker not in quiet, (marker, quiet)
+    assert "gmeta.train: model logged as" in quiet
     # gmeta's own lines stay: threads, start, one log step, stall, checkpoint
     assert "threads: 1 per process (train.threads)" in quiet
     assert "gmeta.train: training maml" in quiet and "gmeta.train: checkpoint:" in quiet
-    assert len(lines) <= 8, quiet
+    assert len(lines) <= 12, quiet
     assert all(" gmeta." in line for line in lines), quiet
 
     verbose = _train(debug_data, tmp_path / "verbose", "--verbose").stderr
