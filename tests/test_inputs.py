@@ -407,6 +407,13 @@ def test_all_categorical_data_trains(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoint").exists()
+    # the checkpoint (with its dense layer of no inputs) loads and scores held-out tasks
+    from gmeta.cli import main
+
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run" / "checkpoint"), "--no-tracking",
+                 "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
+    assert report["tasks"] == m["splits"]["eval"]["tasks"] > 0
 
 
 # --------------------------------------------------------------------------------------

@@ -189,7 +189,7 @@ class FileSource(Source):
         return estimate_bytes(self.files, columns)
 
 
-_SNIFF_BYTES = 1 << 20  # of a text file read to decide on its header
+_SNIFF_BYTES = 1 << 18  # of a text file read to decide on its header
 _SNIFF_LINES = 200
 
 
