@@ -136,8 +136,8 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
         frame.loc[is_query, f.label] = col[is_query].fillna(neg)
     keep = np.flatnonzero(role != "")
     table = _typed_table(frame.iloc[keep], column_types)
-    _check_values(table, cfg, "input rows")
-    hashed = _hash_batch(table, cfg, None, "input rows")
+    labels = _check_values(table, cfg, "input rows")
+    hashed = _hash_batch(table, cfg, None, "input rows", labels=labels)
     keys = df[f.task_key].to_numpy()[keep]
     ts = _times(df, cfg)[keep]
     uniq, first, task = np.unique(keys, return_index=True, return_inverse=True)

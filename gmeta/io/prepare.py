@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gmeta.config import Config
-from gmeta.io.sources import Batch, SourceError, open_source, split_field
+from gmeta.io.sources import Batch, SourceError, open_source, parse_number, split_field
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +115,8 @@ def _first(mask: np.ndarray) -> int:
     return int(np.argmax(mask))
 
 
-def _number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
+def _first_null(col: pa.ChunkedArray | pa.Array) -> int:
+    return _first(~np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool))
 
 
 def binary_labels(col: pa.ChunkedArray | pa.Array, cfg: Config, where) -> np.ndarray:
@@ -136,21 +133,18 @@ def binary_labels(col: pa.ChunkedArray | pa.Array, cfg: Config, where) -> np.nda
         out = np.full(len(col), np.nan, dtype=np.float32)
         if pa.types.is_boolean(col.type):
             col = col.cast(pa.string())  # "true" / "false", as the config's booleans read
-        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-            arr = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
-            for values, y in ((f.positive_labels, 1.0), (f.negative_labels, 0.0)):
-                nums = [x for x in (_number(v) for v in values) if x is not None]
-                out[np.isin(arr, nums)] = y
-            shown = arr
+        numeric = pa.types.is_integer(col.type) or pa.types.is_floating(col.type)
+        if numeric:
+            shown = num = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
         else:
-            text = np.asarray(pc.utf8_trim_whitespace(col.cast(pa.string())).to_numpy(zero_copy_only=False),
-                              dtype=object)
-            num = pd.to_numeric(pd.Series(text), errors="coerce").to_numpy(dtype=np.float64)
-            for values, y in ((f.positive_labels, 1.0), (f.negative_labels, 0.0)):
-                out[np.isin(text, [v.strip() for v in values])] = y
-                nums = [x for x in (_number(v) for v in values) if x is not None]
-                out[np.isin(num, nums) & ~np.isnan(num)] = y  # "+1" is 1
-            shown = text
+            shown = np.asarray(pc.utf8_trim_whitespace(col.cast(pa.string())).to_numpy(zero_copy_only=False),
+                               dtype=object)
+            num = pd.to_numeric(pd.Series(shown), errors="coerce").to_numpy(dtype=np.float64)
+        for values, y in ((f.positive_labels, 1.0), (f.negative_labels, 0.0)):
+            nums = [x for x in map(parse_number, values) if x is not None]
+            out[np.isin(num, nums)] = y  # numbers as numbers: "+1" and 1.0 are 1 (NaN matches nothing)
+            if not numeric:
+                out[np.isin(shown, [v.strip() for v in values])] = y
         bad = np.isnan(out)
         if bad.any():
             i = _first(bad)
@@ -187,7 +181,7 @@ def _check_values(table: pa.Table, cfg: Config, where) -> np.ndarray:
         col = table.column(name)
         if col.null_count:
             hint = "" if name in must else " (data.source.fill_missing: true maps them to a 'missing' id)"
-            i = _first(~np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool))
+            i = _first_null(col)
             raise PrepareError(f"{at(i)}: column {name!r} has a null value ({col.null_count} in this batch){hint}")
     numeric = list(f.dense) + ([f.true_prob] if f.true_prob in table.column_names else [])
     if cfg.model.objective == "regression":
@@ -201,7 +195,7 @@ def _check_values(table: pa.Table, cfg: Config, where) -> np.ndarray:
             col = _zero_filled(col)
         elif col.null_count:
             hint = " (data.source.fill_missing: true reads them as 0)" if name in f.dense else ""
-            i = _first(~np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool))
+            i = _first_null(col)
             raise PrepareError(f"{at(i)}: column {name!r} has a null value ({col.null_count} in this batch){hint}")
         arr = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
         bad = ~np.isfinite(arr)
@@ -734,7 +728,7 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
     missing = [c for c in columns if c not in source.names]
     if missing:
         hint = ""
-        if any(_number(str(n)) is not None for n in source.names):
+        if any(parse_number(str(n)) is not None for n in source.names):
             hint = " (names that are numbers: the file seems to have no header; set data.source.column_names)"
         elif f.timestamp in missing and cfg.data.source.format in ("libsvm", "libfm"):
             hint = " (libSVM lines have no time: set features.timestamp: '' to take the line order as time order)"

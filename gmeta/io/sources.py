@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from gmeta.config import Config
+from gmeta.config import Config, SourceConfig
 
 BATCH_ROWS = 8192
 _ROW_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
@@ -193,12 +193,16 @@ _SNIFF_BYTES = 1 << 18  # of a text file read to decide on its header
 _SNIFF_LINES = 200
 
 
-def _is_number(text: str) -> bool:
+def parse_number(text: str) -> float | None:
+    """``text`` as a number, or None if it is not one (headers, labels, libSVM tokens)."""
     try:
-        float(text)
+        return float(text)
     except ValueError:
-        return False
-    return True
+        return None
+
+
+def _is_number(text: str) -> bool:
+    return parse_number(text) is not None
 
 
 def _head_lines(path: Path) -> list[str]:
@@ -220,7 +224,7 @@ def _first_lines(path: Path, delimiter: str) -> list[list[str]]:
     return list(csv.reader(io.StringIO("\n".join(_head_lines(path))), delimiter=delimiter))
 
 
-def header_lines(path: Path, src, delimiter: str) -> tuple[int, list[str]]:
+def header_lines(path: Path, src: SourceConfig, delimiter: str) -> tuple[int, list[str]]:
     """(lines to skip, the header's names) of one CSV/TSV file under ``data.source.header``.
 
     A first line *looks like data* when one of its fields is a number (a column name never
