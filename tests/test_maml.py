@@ -39,26 +39,63 @@ def _lookup(model, batch, tables):
     return make_lookup(emb, batch.sparse, model.features)
 
 
+def _check_against_reference(model, head, batch, tables, buckets, fast_weights, **kw):
+    ref = torch.stack(task_query_losses(head, tables, model.features, batch, **kw))
+    ref_grads = torch.autograd.grad(ref.mean(), list(head.parameters()) + list(tables.values()))
+
+    out = maml_loss(head, _lookup(model, batch, tables), batch, num_features=len(model.features),
+                    size_buckets=buckets, fast_weights=fast_weights, **kw)
+    grads = torch.autograd.grad(out.loss, list(head.parameters()) + list(tables.values()))
+    torch.testing.assert_close(out.query_loss, ref, rtol=0, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+    # the table gradients are not trivially zero
+    assert sum(float(g.abs().sum()) for g in grads[-len(tables):]) > 0
+
+
+@pytest.mark.parametrize("fast_weights", ["implicit", "materialized"])
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("adapt_embeddings", [True, False])
 @pytest.mark.parametrize("adapt_dense, buckets", [(["dense_arch", "over_arch"], 1), (["over_arch"], 1),
                                                   (["dense_arch", "over_arch"], 3)])
 def test_vectorized_step_equals_per_task_reference(debug_config_path, debug_data, first_order, adapt_embeddings,
-                                                   adapt_dense, buckets):
+                                                   adapt_dense, buckets, fast_weights):
     model, head, batch, tables = _setup(debug_config_path, debug_data)
-    kw = dict(steps=2, lr=0.3, emb_lr=0.7, adapt_dense=adapt_dense, adapt_embeddings=adapt_embeddings,
-              first_order=first_order)
-    ref = torch.stack(task_query_losses(head, tables, model.features, batch, **kw))
-    ref_grads = torch.autograd.grad(ref.mean(), list(head.parameters()) + list(tables.values()))
+    _check_against_reference(model, head, batch, tables, buckets, fast_weights, steps=2, lr=0.3, emb_lr=0.7,
+                             adapt_dense=adapt_dense, adapt_embeddings=adapt_embeddings, first_order=first_order)
 
-    out = maml_loss(head, _lookup(model, batch, tables), batch, num_features=len(model.features),
-                    size_buckets=buckets, **kw)
-    grads = torch.autograd.grad(out.loss, list(head.parameters()) + list(tables.values()))
-    torch.testing.assert_close(out.query_loss, ref, rtol=0, atol=1e-12)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
-    # the table gradients are not trivially zero, and second order differs from first
-    assert sum(float(g.abs().sum()) for g in grads[-len(tables):]) > 0
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("steps", [1, 3, 4, 5])
+def test_implicit_fast_weights_equal_reference_for_k_steps(debug_config_path, debug_data, first_order, steps):
+    model, head, batch, tables = _setup(debug_config_path, debug_data, n_tasks=7)
+    _check_against_reference(model, head, batch, tables, 3, "implicit", steps=steps, lr=0.2, emb_lr=0.4,
+                             adapt_dense=["dense_arch", "over_arch"], adapt_embeddings=True,
+                             first_order=first_order)
+
+
+def test_implicit_path_forms_no_per_task_weights(debug_config_path, debug_data):
+    """No tensor of shape [N_b, out, in] is saved for backward on the implicit path (the
+    materialised path saves one per adapted weight and step)."""
+    model, head, batch, tables = _setup(debug_config_path, debug_data, n_tasks=6)
+    weight_shapes = {tuple(p.shape) for n, p in head.named_parameters() if p.dim() == 2}
+
+    def per_task_weights(fast_weights: str) -> int:
+        found = []
+
+        def pack(t):
+            if t.dim() == 3 and tuple(t.shape[1:]) in weight_shapes and t.shape[0] > 1:
+                found.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            maml_loss(head, _lookup(model, batch, tables), batch, num_features=len(model.features), steps=2,
+                      lr=0.3, emb_lr=0.5, adapt_dense=["dense_arch", "over_arch"], adapt_embeddings=True,
+                      first_order=False, fast_weights=fast_weights)
+        return len(found)
+
+    assert per_task_weights("materialized") > 0  # the probe does see them where they exist
+    assert per_task_weights("implicit") == 0
 
 
 @pytest.mark.parametrize("first_order", [False, True])

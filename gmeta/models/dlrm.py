@@ -38,14 +38,29 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from gmeta.config import Config
 
-Params = dict[str, torch.Tensor] | None  # replacement weights by parameter name
+
+class LinearHook:
+    """Computes ``MetaLinear`` layers in place of their plain forward when passed as the
+    head's ``params``: ``linear(prefix, x, weight, bias)`` is called with the layer's
+    parameter-name prefix and its own shared weights (see gmeta.parallel.maml's implicit
+    fast weights, which add a per-task correction to the shared product)."""
+
+    def linear(self, prefix: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+
+# replacement weights by parameter name, or a hook computing the linear layers
+Params = dict[str, torch.Tensor] | LinearHook | None
 
 
 class MetaLinear(nn.Linear):
-    """Linear layer accepting shared ``[out, in]`` or per-task ``[N, out, in]`` weights."""
+    """Linear layer accepting shared ``[out, in]`` or per-task ``[N, out, in]`` weights,
+    or a ``LinearHook`` that computes it."""
 
     def forward(self, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
         w, b = self.weight, self.bias
+        if isinstance(params, LinearHook):
+            return params.linear(prefix, x, w, b)
         if params is not None:
             w, b = params.get(prefix + "weight", w), params.get(prefix + "bias", b)
         if w.dim() == 3:  # per-task fast weights: x [N, R, in] -> [N, R, out]

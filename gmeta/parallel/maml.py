@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.autograd.profiler import record_function
 
-from gmeta.models.dlrm import DLRMHead, Lookup, pool
+from gmeta.models.dlrm import DLRMHead, LinearHook, Lookup, MetaLinear, pool
 from gmeta.types import TaskBatch
 
 
@@ -179,6 +180,70 @@ def split_lookup(lk: Lookup, layout: TaskLayout, num_features: int, group: bool)
     )
 
 
+class ImplicitFastWeights(LinearHook):
+    """Per-task fast weights of the adapted linear layers of one size bucket, never formed.
+
+    The gradient of task t's support loss with respect to a layer's ``W`` is ``D^T X``: the
+    loss's gradients at the layer's outputs ``D [S_t, out]`` times the layer's inputs
+    ``X [S_t, in]`` on the task's support rows. After K SGD steps the task's layer applied
+    to rows ``x`` is therefore exactly
+
+        W_t x + b_t = W x + b - sum_k lr * (D_k^T (X_k x) + sum_s D_k[s])
+
+    The heavy product ``W x`` is the shared-weight GEMM over every row of every task (as in
+    ERM); the per-task part is two small batched products ``[R, S] = x X^T`` and
+    ``[R, S] @ D``, of size R x S x (in + out) per task per step: attention of the rows
+    over the task's support rows. Nothing of size N x out x in exists, in the forward, the
+    inner gradients (taken with respect to the layer outputs, not the weights) or the
+    backward. Second order is autograd through these same products; first order treats
+    ``X`` and ``D`` as constants, as FOMAML treats the inner gradient.
+
+    Padded support slots carry ``D = 0`` (their loss is masked out), so they add nothing.
+    Only a scalar learning rate factors this way; Meta-SGD's rate per weight element does
+    not, and keeps materialised weights (``adapt_and_query``'s ``fast_weights``).
+    """
+
+    def __init__(self, prefixes: list[str], first_order: bool) -> None:
+        self.prefixes = set(prefixes)
+        self.first_order = first_order
+        self.past: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prefix -> (X [N,M,in], lr*D [N,M,out])
+        self.seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prefix -> (input, output) of the last call
+
+    def linear(self, prefix: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, weight, bias)
+        past = self.past.get(prefix)
+        if past is not None:
+            xs, ds = past
+            y = y - torch.baddbmm(ds.sum(1, keepdim=True), torch.bmm(x, xs.transpose(1, 2)), ds)
+        if prefix in self.prefixes:
+            self.seen[prefix] = (x, y)
+        return y
+
+    def outputs(self) -> list[torch.Tensor]:
+        """Outputs of the adapted layers in the last forward, in a fixed order: what the
+        inner gradient is taken with respect to."""
+        return [self.seen[p][1] for p in sorted(self.seen)]
+
+    def step(self, grads: list[torch.Tensor], lr: float | torch.Tensor) -> None:
+        """One SGD step: ``grads`` are the loss's gradients at ``outputs()``."""
+        for p, d in zip(sorted(self.seen), grads):
+            x = self.seen[p][0]
+            if self.first_order:
+                x = x.detach()
+            d = d * lr
+            if p in self.past:
+                xs, ds = self.past[p]
+                x, d = torch.cat([xs, x], dim=1), torch.cat([ds, d], dim=1)
+            self.past[p] = (x, d)
+        self.seen = {}
+
+
+def _adapted_layers(head: DLRMHead, adapt_dense: list[str]) -> list[str]:
+    """Parameter-name prefixes of the MetaLinear layers under the adapted parts."""
+    return [name + "." for name, mod in head.named_modules()
+            if isinstance(mod, MetaLinear) and name.split(".")[0] in adapt_dense]
+
+
 def _sgd(w: torch.Tensor, g: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
     """w - lr * g as one op (one node fewer per parameter in the graph, per step)."""
     return torch.addcmul(w, lr, g, value=-1) if torch.is_tensor(lr) else torch.add(w, g, alpha=-lr)
@@ -209,6 +274,7 @@ def adapt_and_query(
     layout: TaskLayout | None = None,
     size_buckets: int = 1,
     with_logits: bool = True,
+    fast_weights: str = "auto",
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Adapt every task on its support rows (``steps`` SGD steps), score its query rows.
 
@@ -223,7 +289,21 @@ def adapt_and_query(
     of the inner steps is kept for the meta-gradient (second order).
     ``lr`` / ``emb_lr``: constants, or (Meta-SGD) a learned tensor per adapted parameter
     (parameter shape) and one [F, D] tensor for the embedding rows.
+    ``fast_weights``: how the adapted dense layers hold each task's weights.
+    "implicit" (``ImplicitFastWeights``): never formed, exact for a scalar ``lr``, and
+    several times faster and smaller once layers have a few hundred units. "materialized":
+    the shared weights expanded to ``[N_b, out, in]`` per bucket and updated per task, the
+    only way a learned rate per weight element (Meta-SGD) applies. "auto": implicit unless
+    ``lr`` is per element.
     """
+    if fast_weights == "auto":
+        fast_weights = "materialized" if isinstance(lr, dict) else "implicit"
+    if fast_weights not in ("implicit", "materialized"):
+        raise ValueError(f"fast_weights must be auto, implicit or materialized, got {fast_weights!r}")
+    if fast_weights == "implicit" and isinstance(lr, dict):
+        raise ValueError("implicit fast weights need one scalar inner learning rate; Meta-SGD's rate per "
+                         "weight element needs fast_weights='materialized'")
+    implicit = fast_weights == "implicit"
     layout = layout or task_layout(batch, size_buckets)
     n = batch.num_tasks
     sl = split_lookup(lookup, layout, num_features, group=adapt_embeddings and steps > 0)
@@ -240,8 +320,11 @@ def adapt_and_query(
     adapted = [name for name in params if name.split(".")[0] in adapt_dense]
     # fast weights per bucket: every task starts from the shared weights, so each bucket's
     # are the parameters expanded to [N_b, ...] (a view, no copy and no gather)
-    fast = [{name: params[name].unsqueeze(0).expand(len(b.tasks), *params[name].shape) for name in adapted}
-            for b in buckets]
+    if implicit:
+        fast = [ImplicitFastWeights(_adapted_layers(head, adapt_dense), first_order) for _ in buckets]
+    else:
+        fast = [{name: params[name].unsqueeze(0).expand(len(b.tasks), *params[name].shape) for name in adapted}
+                for b in buckets]
     delta = None  # accumulated per-group embedding update [G, D]
     support_loss0 = torch.full((n,), float("nan"), device=batch.labels.device)
 
@@ -256,11 +339,16 @@ def adapt_and_query(
             losses = torch.cat(parts)
             if k == 0:
                 support_loss0 = losses.detach()[inverse]
-            inputs = [t for f in fast for t in f.values()] + ([emb_s] if adapt_embeddings else [])
+            wrt = [f.outputs() for f in fast] if implicit else [list(f.values()) for f in fast]
+            inputs = [t for part in wrt for t in part] + ([emb_s] if adapt_embeddings else [])
             grads = torch.autograd.grad(losses.sum(), inputs, create_graph=not first_order)
             it = iter(grads)
-            fast = [{name: _sgd(w, next(it), lr[name] if isinstance(lr, dict) else lr) for name, w in f.items()}
-                    for f in fast]
+            if implicit:
+                for f, part in zip(fast, wrt):
+                    f.step([next(it) for _ in part], lr)
+            else:
+                fast = [{name: _sgd(w, next(it), lr[name] if isinstance(lr, dict) else lr) for name, w in f.items()}
+                        for f in fast]
             if adapt_embeddings:
                 g_emb = grads[-1]
                 step = g_emb.new_zeros(sl.num_groups, g_emb.shape[-1]).index_add(0, sl.group_s, g_emb)
@@ -288,11 +376,12 @@ def adapt_and_query(
 
 def maml_loss(head: DLRMHead, lookup: Lookup, batch: TaskBatch, *, num_features: int, steps: int,
               lr: float | dict[str, torch.Tensor], emb_lr: float | torch.Tensor, adapt_dense: list[str],
-              adapt_embeddings: bool, first_order: bool, size_buckets: int = 1) -> MetaOutput:
+              adapt_embeddings: bool, first_order: bool, size_buckets: int = 1,
+              fast_weights: str = "auto") -> MetaOutput:
     """Meta-loss of a meta-batch: mean over its tasks of the query loss after adaptation."""
     _, query_loss, support_loss = adapt_and_query(
         head, lookup, batch, num_features=num_features, steps=steps, lr=lr, emb_lr=emb_lr,
-        size_buckets=size_buckets, with_logits=False,
+        size_buckets=size_buckets, with_logits=False, fast_weights=fast_weights,
         adapt_dense=adapt_dense, adapt_embeddings=adapt_embeddings, first_order=first_order)
     return MetaOutput(loss=query_loss.mean(), query_loss=query_loss, support_loss=support_loss)
 
