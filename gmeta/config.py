@@ -251,6 +251,10 @@ class MetaConfig:
     meta_sgd: bool = False
     # Pad tasks in this many groups of similar size (1: all to the largest task's size).
     size_buckets: int = 2
+    # How adapted dense layers hold each task's fast weights: "implicit" (never formed; exact
+    # for one scalar inner_lr, the fast path), "materialized" (one [N, out, in] copy per task,
+    # needed by meta_sgd's rate per weight element), "auto" (implicit unless meta_sgd).
+    fast_weights: Literal["auto", "implicit", "materialized"] = "auto"
 
 
 @dataclass
@@ -457,6 +461,9 @@ def validate(cfg: Config) -> None:
         _check(me.inner_steps >= 1, "meta.inner_steps", "must be >= 1 for maml")
         _check(bool(me.adapt_dense) or me.adapt_embeddings, "meta.adapt_dense",
                "maml must adapt something: list a dense part or set meta.adapt_embeddings")
+    _check(not (me.meta_sgd and me.fast_weights == "implicit"), "meta.fast_weights",
+           "implicit fast weights need one scalar inner_lr; meta.meta_sgd learns one per weight element: use "
+           "fast_weights auto or materialized")
 
     o = cfg.optim
     _check(o.dense_lr > 0, "optim.dense_lr", "must be > 0")

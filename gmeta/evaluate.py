@@ -38,8 +38,9 @@ from gmeta import metrics
 from gmeta.config import Config
 from gmeta.io.prepare import load_manifest
 from gmeta.io.reader import TaskReader
-from gmeta.models.dlrm import Lookup, MetaDLRM
-from gmeta.parallel.maml import adapt_and_query, task_layout
+from gmeta.models.dlrm import MetaDLRM
+from gmeta.parallel.layout import layout_of
+from gmeta.parallel.maml import adapt_and_query
 from gmeta.types import TaskBatch
 
 log = logging.getLogger(__name__)
@@ -95,20 +96,19 @@ def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int]) -> d
     ``model``: a MetaDLRM, or one sharded by torchrec (then every rank must call this for
     the same number of batches)."""
     inner = _inner(model)
-    with torch.no_grad():
-        lk = inner.lookup(batch.sparse)
-    # Inner gradients are taken with respect to the looked-up rows: make them a leaf.
-    lk = Lookup(lk.values.detach().requires_grad_(True), lk.slot, lk.feature, lk.ids, lk.scale, lk.num_rows)
-    layout = task_layout(batch, cfg.meta.size_buckets)
     m = cfg.meta
+    layout = layout_of(batch, inner.pooling, m.size_buckets)
+    with torch.no_grad():
+        rows = inner.lookup(layout)
+    # Inner gradients are taken with respect to the looked-up rows: make them a leaf.
+    rows = rows.detach().requires_grad_(True)
     lr, emb_lr = inner.inner_lrs(m.inner_lr, m.embedding_inner_lr)
     out = {}
     with torch.enable_grad():
         for k in steps:
             logits_q, _, _ = adapt_and_query(
-                inner.head, lk, batch, num_features=inner.num_features, steps=k, lr=lr,
-                emb_lr=emb_lr, adapt_dense=m.adapt_dense,
-                adapt_embeddings=m.adapt_embeddings, first_order=True, layout=layout)
+                inner.head, rows, batch, layout, steps=k, lr=lr, emb_lr=emb_lr, adapt_dense=m.adapt_dense,
+                adapt_embeddings=m.adapt_embeddings, first_order=True, fast_weights=m.fast_weights)
             out[k] = inner.head.predict(logits_q.detach()).cpu().numpy()
     return out
 
@@ -156,7 +156,8 @@ def collect(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | No
                          + (" (prepared with data.split.val_fraction > 0?)" if split == "val" else ""))
     reader = TaskReader(shards_dir, split, cfg.eval.tasks_per_batch, rank=rank, world_size=world_size,
                         shuffle=False, drop_last=False, num_workers=min(cfg.data.num_workers, 1),
-                        on_bad_task=cfg.data.on_bad_task, max_tasks=cfg.eval.max_tasks)
+                        on_bad_task=cfg.data.on_bad_task, max_tasks=cfg.eval.max_tasks,
+                        size_buckets=cfg.meta.size_buckets)
     ks = sorted(set(cfg.eval.curve_steps) | {steps, 0})
     n_batches = len(reader)
     if world_size > 1:  # sharded lookups are collective: every rank runs as many batches

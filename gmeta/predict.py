@@ -63,7 +63,7 @@ def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str 
     job = {"checkpoint": str(Path(checkpoint).resolve()), "shards": str(shards.resolve()), "split": split,
            "inner_steps": steps, "tasks_per_batch": tpb, "max_tasks": max_tasks}
     reader = TaskReader(shards, split, tpb, shuffle=False, drop_last=False, num_workers=1,
-                        on_bad_task=cfg.data.on_bad_task, max_tasks=max_tasks)
+                        on_bad_task=cfg.data.on_bad_task, max_tasks=max_tasks, size_buckets=cfg.meta.size_buckets)
     state = {"job": job, "parts": 0, "rows": 0, "tasks": 0, "reader": None, "complete": False}
     progress_file = out / PROGRESS
     if progress_file.is_file():

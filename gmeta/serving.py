@@ -180,7 +180,7 @@ def score_rows(model, cfg: Config, df: pd.DataFrame, inner_steps: int = -1,
     scores = np.full(len(df), np.nan)
     schema = shard_schema(cfg, has_true_prob=False)
     for block, positions in rows_to_blocks(df, cfg, cfg.eval.tasks_per_batch, column_types):
-        batch = collate_packed([(block, np.arange(block.num_tasks))], schema).unpack()
+        batch = collate_packed([(block, np.arange(block.num_tasks))], schema, cfg.meta.size_buckets).unpack()
         scores[positions] = predict_query(model, cfg, batch, steps)
     return pd.DataFrame({"score": scores}, index=df.index)
 

@@ -32,8 +32,9 @@ from gmeta import checkpoint
 from gmeta.config import Config, dump_yaml, flatten, to_dict
 from gmeta.io.prepare import check_manifest_matches, load_manifest
 from gmeta.io.reader import TaskReader
-from gmeta.models.dlrm import Lookup, build_model
+from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import DenseGradSync, broadcast_params, configure_threads, init_distributed
+from gmeta.parallel.layout import layout_of
 from gmeta.parallel.maml import MetaOutput, erm_loss, maml_loss
 from gmeta.parallel.pipeline import SparseDistPipeline
 from gmeta.parallel.sharding import shard_model
@@ -43,20 +44,21 @@ from gmeta.types import TaskBatch
 log = logging.getLogger(__name__)
 
 
-def meta_step(model, batch, cfg: Config, lookup: Lookup | None = None) -> MetaOutput:
+def meta_step(model, batch, cfg: Config, rows: torch.Tensor | None = None) -> MetaOutput:
     """Forward of one meta-batch on the (sharded) model; returns the loss to backward.
-    ``lookup``: the batch's embeddings when a pipeline already looked them up."""
+    ``rows``: the batch's looked-up embeddings when a pipeline already looked them up."""
     inner = model.module if hasattr(model, "module") else model
-    if lookup is None:
-        with record_function("## lookup ##"):
-            lookup = inner.lookup(batch.sparse)
     m = cfg.meta
+    layout = layout_of(batch, inner.pooling, m.size_buckets)
+    if rows is None:
+        with record_function("## lookup ##"):
+            rows = inner.lookup(layout)
     if m.algorithm == "erm":
-        return erm_loss(inner.head, lookup, batch, num_features=inner.num_features)
+        return erm_loss(inner.head, rows, batch, layout)
     lr, emb_lr = inner.inner_lrs(m.inner_lr, m.embedding_inner_lr)
-    return maml_loss(inner.head, lookup, batch, num_features=inner.num_features, steps=m.inner_steps,
-                     lr=lr, emb_lr=emb_lr, adapt_dense=m.adapt_dense,
-                     adapt_embeddings=m.adapt_embeddings, first_order=m.first_order, size_buckets=m.size_buckets)
+    return maml_loss(inner.head, rows, batch, layout, steps=m.inner_steps, lr=lr, emb_lr=emb_lr,
+                     adapt_dense=m.adapt_dense, adapt_embeddings=m.adapt_embeddings, first_order=m.first_order,
+                     fast_weights=m.fast_weights)
 
 
 class _Fetcher:
@@ -108,12 +110,12 @@ def _all_finite(loss: torch.Tensor) -> bool:
 
 
 def train_step(model, batch, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.optim.Optimizer,
-               lookup: Lookup | None = None, times: StepTimes | None = None) -> MetaOutput:
+               rows: torch.Tensor | None = None, times: StepTimes | None = None) -> MetaOutput:
     """One optimizer step on one meta-batch: forward, ONE backward (dense all-reduces start
     from its gradient hooks), wait for them, step. A loss that is not finite on some rank
     is not backpropagated on any (the fused embedding update happens inside backward):
     the output comes back with ``skipped`` set."""
-    out = meta_step(model, batch, cfg, lookup)
+    out = meta_step(model, batch, cfg, rows)
     if not _all_finite(out.loss):
         out.skipped = True
         return out
@@ -165,11 +167,12 @@ def run_steps(model, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.opt
         t0 = time.perf_counter()
         with record_function("## lookup ##"):
             if pipe:
-                batch, lookup = current.batch, pipe.lookup(current)
+                batch, rows = current.batch, pipe.lookup(current)
             else:
-                batch, lookup = current, inner.lookup(current.sparse)
+                batch = current
+                rows = inner.lookup(layout_of(batch, inner.pooling, cfg.meta.size_buckets))
         times.comm += time.perf_counter() - t0
-        out = train_step(model, batch, cfg, grad_sync, dense_opt, lookup=lookup, times=times)
+        out = train_step(model, batch, cfg, grad_sync, dense_opt, rows=rows, times=times)
         times.step += time.perf_counter() - t0
         done += 1
         yield batch, out
@@ -223,7 +226,7 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     reader = TaskReader(d.shards_dir, "train", cfg.meta.tasks_per_batch, rank=env.rank, world_size=env.world_size,
                         num_workers=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
                         prefetch_factor=d.prefetch_factor, pin_memory=env.device.type == "cuda",
-                        on_bad_task=d.on_bad_task)
+                        on_bad_task=d.on_bad_task, size_buckets=cfg.meta.size_buckets)
 
     model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, env.device)
     dense_params = model.module.dense_parameters()
@@ -285,7 +288,7 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     fetch = _Fetcher(env.device)
     t_loop = time.perf_counter()
     last: dict[str, float] = {}
-    pipe = SparseDistPipeline(model.module) if cfg.train.pipeline else None
+    pipe = SparseDistPipeline(model.module, cfg.meta.size_buckets) if cfg.train.pipeline else None
     times = StepTimes()
     tasks_run = 0
     position = reader.state_dict()

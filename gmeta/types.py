@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from gmeta.parallel.layout import BatchLayout
+
 
 @dataclass
 class TaskBatch:
@@ -28,6 +30,9 @@ class TaskBatch:
         query_offsets    int64 [N+1]; task t's query rows: S + query_offsets[t]:S + query_offsets[t+1]
         task_ids  int64 [N], stable hash of each task's key
         true_prob float [S+Q] or None, true label probability (synthetic data, oracle AUC)
+        layout    BatchLayout or None: the index arithmetic of a meta step (deduplicated ids,
+                  size buckets), built by the reader's workers; ``layout_of`` builds one
+                  for a batch made elsewhere
 
     The support/query split is made in ``gmeta.io``; the training loop only reads it.
     """
@@ -39,6 +44,7 @@ class TaskBatch:
     query_offsets: torch.Tensor
     task_ids: torch.Tensor
     true_prob: torch.Tensor | None = None
+    layout: BatchLayout | None = None
 
     @property
     def num_tasks(self) -> int:

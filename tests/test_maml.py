@@ -11,7 +11,8 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from gmeta.config import load_config
 from gmeta.io.reader import TaskReader
-from gmeta.models.dlrm import DLRMHead, build_model, make_lookup
+from gmeta.models.dlrm import DLRMHead, build_model, lookup_rows
+from gmeta.parallel.layout import layout_of
 from gmeta.parallel.maml import maml_loss
 from tests.reference import task_query_losses
 
@@ -31,20 +32,21 @@ def _setup(debug_config_path, debug_data, n_tasks=5, dim=4):
     return model, head, batch, tables
 
 
-def _lookup(model, batch, tables):
-    """What the sharded lookup returns, built from plain tables (differentiable)."""
-    per = batch.sparse.to_dict()
+def _lookup(model, batch, tables, buckets=1):
+    """(rows, layout): what the sharded lookup returns, built from plain tables (differentiable)."""
+    layout = layout_of(batch, model.pooling, buckets)
+    per = layout.kjt([f["name"] for f in model.features]).to_dict()
     emb = {name: JaggedTensor(values=tables[name][per[name].values()], lengths=per[name].lengths())
            for name in tables}
-    return make_lookup(emb, batch.sparse, model.features)
+    return lookup_rows(emb, model.features), layout
 
 
 def _check_against_reference(model, head, batch, tables, buckets, fast_weights, **kw):
     ref = torch.stack(task_query_losses(head, tables, model.features, batch, **kw))
     ref_grads = torch.autograd.grad(ref.mean(), list(head.parameters()) + list(tables.values()))
 
-    out = maml_loss(head, _lookup(model, batch, tables), batch, num_features=len(model.features),
-                    size_buckets=buckets, fast_weights=fast_weights, **kw)
+    rows, layout = _lookup(model, batch, tables, buckets)
+    out = maml_loss(head, rows, batch, layout, fast_weights=fast_weights, **kw)
     grads = torch.autograd.grad(out.loss, list(head.parameters()) + list(tables.values()))
     torch.testing.assert_close(out.query_loss, ref, rtol=0, atol=1e-12)
     for g, r in zip(grads, ref_grads):
@@ -89,7 +91,8 @@ def test_implicit_path_forms_no_per_task_weights(debug_config_path, debug_data):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            maml_loss(head, _lookup(model, batch, tables), batch, num_features=len(model.features), steps=2,
+            rows, layout = _lookup(model, batch, tables)
+            maml_loss(head, rows, batch, layout, steps=2,
                       lr=0.3, emb_lr=0.5, adapt_dense=["dense_arch", "over_arch"], adapt_embeddings=True,
                       first_order=False, fast_weights=fast_weights)
         return len(found)
@@ -110,7 +113,8 @@ def test_meta_sgd_step_equals_per_task_reference(debug_config_path, debug_data, 
     wrt = list(head.parameters()) + list(tables.values()) + list(lrs.values()) + [emb_lr]
     ref = torch.stack(task_query_losses(head, tables, model.features, batch, **kw))
     ref_grads = torch.autograd.grad(ref.mean(), wrt)
-    out = maml_loss(head, _lookup(model, batch, tables), batch, num_features=len(model.features), **kw)
+    rows, layout = _lookup(model, batch, tables)
+    out = maml_loss(head, rows, batch, layout, **kw)
     grads = torch.autograd.grad(out.loss, wrt)
     torch.testing.assert_close(out.query_loss, ref, rtol=0, atol=1e-12)
     for g, r in zip(grads, ref_grads):
@@ -120,11 +124,12 @@ def test_meta_sgd_step_equals_per_task_reference(debug_config_path, debug_data, 
 
 def test_second_order_meta_gradient_matches_finite_differences(debug_config_path, debug_data):
     model, head, batch, tables = _setup(debug_config_path, debug_data, n_tasks=3)
-    kw = dict(num_features=len(model.features), steps=2, lr=0.5, emb_lr=0.5,
+    kw = dict(steps=2, lr=0.5, emb_lr=0.5,
               adapt_dense=["dense_arch", "over_arch"], adapt_embeddings=True, first_order=False)
 
     def loss_fn():
-        return maml_loss(head, _lookup(model, batch, tables), batch, **kw).loss
+        rows, layout = _lookup(model, batch, tables)
+        return maml_loss(head, rows, batch, layout, **kw).loss
 
     params = list(head.parameters()) + [tables["user_id"], tables["interests"]]
     grads = torch.autograd.grad(loss_fn(), params)
@@ -177,10 +182,13 @@ def test_size_buckets_keep_query_logits_in_row_order(debug_config_path, debug_da
     from gmeta.parallel.maml import adapt_and_query
 
     model, head, batch, tables = _setup(debug_config_path, debug_data, n_tasks=9)
-    kw = dict(num_features=len(model.features), steps=1, lr=0.3, emb_lr=0.5, adapt_dense=["over_arch"],
+    kw = dict(steps=1, lr=0.3, emb_lr=0.5, adapt_dense=["over_arch"],
               adapt_embeddings=True, first_order=True)
-    one = adapt_and_query(head, _lookup(model, batch, tables), batch, size_buckets=1, **kw)
-    four = adapt_and_query(head, _lookup(model, batch, tables), batch, size_buckets=4, **kw)
+    rows1, layout1 = _lookup(model, batch, tables, 1)
+    rows4, layout4 = _lookup(model, batch, tables, 4)
+    assert len(layout4.buckets) > 1
+    one = adapt_and_query(head, rows1, batch, layout1, **kw)
+    four = adapt_and_query(head, rows4, batch, layout4, **kw)
     assert one[0].shape == (batch.num_query,)
     for a, b in zip(one, four):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -67,7 +67,7 @@ def test_task_losses_are_masked_means_per_task(objective):
 def test_erm_loss_is_the_mean_loss_of_the_objective(debug_config_path, debug_data, objective):
     model = build_model(load_config(debug_config_path, [f"model.objective={objective}"]))
     batch = next(iter(TaskReader(debug_data["shards"], "train", 4, shuffle=False)))
-    out = erm_loss(model.head, model.lookup(batch.sparse), batch, num_features=model.num_features)
+    out = erm_loss(model.head, model.lookup(batch.layout), batch, batch.layout)
     logits = model(batch.sparse, batch.dense)
     loss = F.binary_cross_entropy_with_logits if objective == "binary" else F.mse_loss
     torch.testing.assert_close(out.loss, loss(logits, batch.labels))

@@ -100,20 +100,20 @@ def _collective_counts(rank, world, cfg_path, shards):
     inner = model.module
 
     # reference: one plain lookup forward, then one backward, of the sparse arch alone
-    lk = inner.lookup(batches[0].sparse)
+    lk = inner.lookup(batches[0].layout)
     fwd = dict(calls)
     calls.clear()
-    lk.values.sum().backward()
+    lk.sum().backward()
     bwd = dict(calls)
     calls.clear()
     assert fwd.get("all_to_all_single", 0) > 0 and bwd.get("all_to_all_single", 0) > 0
 
     # one meta-batch, piece by piece
     m = cfg.meta
-    lk = inner.lookup(batches[1].sparse)
+    lk = inner.lookup(batches[1].layout)
     assert dict(calls) == fwd, ("lookup", dict(calls), fwd)
     calls.clear()
-    out = maml_loss(inner.head, lk, batches[1], num_features=inner.num_features, steps=m.inner_steps,
+    out = maml_loss(inner.head, lk, batches[1], batches[1].layout, steps=m.inner_steps,
                     lr=m.inner_lr, emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
                     adapt_embeddings=m.adapt_embeddings, first_order=m.first_order)
     assert sum(calls.values()) == 0, ("inner loop + query forward must not communicate", dict(calls))

@@ -17,6 +17,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from gmeta.io.prepare import PrepareError
+from gmeta.parallel.layout import BatchLayout, build_arrays
 from gmeta.types import TaskBatch
 
 
@@ -185,7 +186,9 @@ def _ranges(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.repeat(starts - out_starts, lens) + np.arange(int(lens.sum())), lens
 
 
-_TORCH_DTYPES = {"int64": torch.int64, "float32": torch.float32}
+_TORCH_DTYPES = {"int64": torch.int64, "float32": torch.float32, "bool": torch.bool}
+_ITEMSIZE = {"int64": 8, "float32": 4, "bool": 1}
+_LAYOUT = "layout."  # prefix of the BatchLayout's arrays in the packed buffer
 
 
 @dataclass
@@ -208,12 +211,14 @@ class PackedBatch:
         buf = torch.as_tensor(self.buf)
         f = {}
         for name, dtype, shape, off in self.layout:
-            n = int(np.prod(shape)) * (8 if dtype == "int64" else 4)
+            n = int(np.prod(shape)) * _ITEMSIZE[dtype]
             f[name] = buf[off: off + n].view(_TORCH_DTYPES[dtype]).reshape(shape)
+        lay = {k[len(_LAYOUT):]: v for k, v in f.items() if k.startswith(_LAYOUT)}
         return TaskBatch(
             sparse=KeyedJaggedTensor(keys=self.keys, values=f["values"], lengths=f["lengths"]),
             dense=f["dense"], labels=f["labels"], support_offsets=f["support_offsets"],
-            query_offsets=f["query_offsets"], task_ids=f["task_ids"], true_prob=f.get("true_prob"))
+            query_offsets=f["query_offsets"], task_ids=f["task_ids"], true_prob=f.get("true_prob"),
+            layout=BatchLayout.from_arrays(lay) if lay else None)
 
 
 def _pack(arrays: dict[str, np.ndarray], keys: list[str]) -> PackedBatch:
@@ -227,9 +232,11 @@ def _pack(arrays: dict[str, np.ndarray], keys: list[str]) -> PackedBatch:
     return PackedBatch(buf, layout, keys)
 
 
-def collate_packed(picks: list[tuple[TaskBlock, np.ndarray]], schema: dict) -> PackedBatch:
+def collate_packed(picks: list[tuple[TaskBlock, np.ndarray]], schema: dict, size_buckets: int | None = None
+                   ) -> PackedBatch:
     """Tasks ``idx`` of each block, in that order, -> one meta-batch packed in one buffer
-    (``.unpack()`` gives the TaskBatch; layout in its docstring)."""
+    (``.unpack()`` gives the TaskBatch; layout in its docstring). With ``size_buckets``,
+    the batch's ``BatchLayout`` for that many buckets is computed here too."""
     sides = {}
     for side_name in ("support", "query"):
         parts = {"ids": {}, "len": {}, "dense": [], "label": [], "true_prob": [], "counts": []}
@@ -272,4 +279,8 @@ def collate_packed(picks: list[tuple[TaskBlock, np.ndarray]], schema: dict) -> P
     }
     if schema["has_true_prob"]:
         arrays["true_prob"] = np.concatenate(s["true_prob"] + q["true_prob"]).astype(np.float32, copy=False)
+    if size_buckets is not None:
+        lay = build_arrays(arrays["values"], arrays["lengths"], arrays["support_offsets"], arrays["query_offsets"],
+                           [f.get("pooling", "sum") for f in schema["sparse"]], size_buckets)
+        arrays.update({_LAYOUT + k: v for k, v in lay.items()})
     return _pack(arrays, [f["name"] for f in schema["sparse"]])

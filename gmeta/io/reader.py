@@ -84,8 +84,9 @@ class _EpochStream(IterableDataset):
     """
 
     def __init__(self, root: Path, units: list[Unit], schema: dict, fmt: str, plan: EpochPlan, rank: int,
-                 tasks_per_batch: int, start: list[int], on_bad_task: str, rotate: int) -> None:
+                 tasks_per_batch: int, start: list[int], on_bad_task: str, rotate: int, size_buckets: int) -> None:
         self.root, self.units, self.schema, self.fmt = root, units, schema, fmt
+        self.size_buckets = size_buckets
         self.plan, self.rank, self.n = plan, rank, tasks_per_batch
         self.start, self.on_bad_task, self.rotate = start, on_bad_task, rotate
 
@@ -135,7 +136,7 @@ class _EpochStream(IterableDataset):
                 idx = idx[keep]
             if not len(idx):
                 raise ShardError(f"{self.root}: every task of a meta-batch was bad (data.on_bad_task=skip)")
-            yield w, b, skipped, collate_packed([(window, idx)], self.schema)
+            yield w, b, skipped, collate_packed([(window, idx)], self.schema, self.size_buckets)
 
 
 class TaskReader:
@@ -156,12 +157,15 @@ class TaskReader:
         pin_memory: pin batches (when training on GPU).
         on_bad_task: "error" (default) or "skip" (skipped tasks are counted).
         max_tasks: read only the first max_tasks tasks of each epoch's order (0: all).
+        size_buckets: the size buckets of each batch's ``BatchLayout`` (meta.size_buckets),
+            computed in the workers with the rest of the batch.
     """
 
     def __init__(self, shards_dir: str | Path, split: str, tasks_per_batch: int, *, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
                  shuffle_buffer: int = 1024, drop_last: bool = True, prefetch_factor: int = 4,
-                 pin_memory: bool = False, on_bad_task: str = "error", max_tasks: int = 0) -> None:
+                 pin_memory: bool = False, on_bad_task: str = "error", max_tasks: int = 0,
+                 size_buckets: int = 1) -> None:
         self.root = Path(shards_dir)
         self.manifest = load_manifest(self.root)
         if split not in self.manifest["splits"]:
@@ -177,6 +181,7 @@ class TaskReader:
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.drop_last, self.prefetch_factor, self.pin_memory = drop_last, prefetch_factor, pin_memory
         self.on_bad_task = on_bad_task
+        self.size_buckets = size_buckets
         total = sum(u.tasks for u in self.units)
         self.num_tasks = min(total, max_tasks) if max_tasks else total
         self.epoch = 0
@@ -235,7 +240,7 @@ class TaskReader:
         c = self._consumed
         rotate = next((w for w in range(len(c)) if c[w] < c[0]), 0)  # next slot in round-robin turn
         stream = _EpochStream(self.root, self.units, self.schema, self.format, self._plan, self.rank,
-                              self.tasks_per_batch, list(c), self.on_bad_task, rotate)
+                              self.tasks_per_batch, list(c), self.on_bad_task, rotate, self.size_buckets)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             pin_memory=self.pin_memory and torch.cuda.is_available(),

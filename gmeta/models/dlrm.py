@@ -28,8 +28,6 @@ inner loop calls the head once per step and size bucket.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +35,7 @@ from torchrec import EmbeddingCollection, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from gmeta.config import Config
+from gmeta.parallel.layout import BatchLayout
 
 
 class LinearHook:
@@ -185,55 +184,17 @@ class DLRMHead(nn.Module):
         return out if self.objective == "regression" else torch.sigmoid(out)
 
 
-@dataclass
-class Lookup:
-    """Looked-up embeddings of one batch as a flat list of id occurrences.
-
-    values  [nnz, D]  embedding of every id occurrence, features in key order
-    slot    [nnz]     row * F + feature: the pooled cell each occurrence adds into
-    feature [nnz]     feature index of each occurrence
-    ids     [nnz]     the (hashed) id, i.e. the table row
-    scale   [R * F]   pooling factor per cell (1 for sum, 1/len for mean)
-    num_rows          R
-    """
-
-    values: torch.Tensor
-    slot: torch.Tensor
-    feature: torch.Tensor
-    ids: torch.Tensor
-    scale: torch.Tensor
-    num_rows: int
+def lookup_rows(emb: dict[str, JaggedTensor], features: list[dict]) -> torch.Tensor:
+    """The sparse arch's output for a KJT of distinct ids (``BatchLayout.kjt``) as one
+    ``[U, D]`` tensor, features in order: the rows the layout's indices point into."""
+    return torch.cat([emb[f["name"]].values() for f in features])
 
 
-def make_lookup(emb: dict[str, JaggedTensor], kjt: KeyedJaggedTensor, features: list[dict]) -> Lookup:
-    """Flatten the per-feature outputs of the sparse arch into a ``Lookup``."""
-    num_rows = kjt.stride()
-    nf = len(features)
-    values, slots, feats, ids, scales = [], [], [], [], []
-    per_key = kjt.to_dict()
-    for fi, feat in enumerate(features):
-        name = feat["name"]
-        jt = emb[name]
-        lengths = jt.lengths()
-        rows = torch.repeat_interleave(torch.arange(num_rows, device=lengths.device), lengths)
-        values.append(jt.values())
-        slots.append(rows * nf + fi)
-        feats.append(torch.full_like(rows, fi))
-        ids.append(per_key[name].values())
-        if feat["pooling"] == "mean":
-            scales.append(1.0 / lengths.clamp(min=1).to(jt.values().dtype))
-        else:
-            scales.append(torch.ones(num_rows, dtype=jt.values().dtype, device=lengths.device))
-    # scale is per (row, feature) cell, laid out row-major to match slot
-    scale = torch.stack(scales, dim=1).reshape(-1)
-    return Lookup(torch.cat(values), torch.cat(slots), torch.cat(feats), torch.cat(ids), scale, num_rows)
-
-
-def pool(values: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor, num_rows: int,
+def pool(values: torch.Tensor, slot: torch.Tensor, divisor: torch.Tensor, num_rows: int,
          num_features: int) -> torch.Tensor:
-    """Sum (or mean, through ``scale``) occurrences into cells: -> ``[num_rows, F, D]``."""
+    """Sum (or mean, through ``divisor``) occurrences into cells: -> ``[num_rows, F, D]``."""
     out = values.new_zeros(num_rows * num_features, values.shape[-1]).index_add(0, slot, values)
-    return (out * scale.unsqueeze(-1)).view(num_rows, num_features, -1)
+    return (out / divisor.unsqueeze(-1)).view(num_rows, num_features, -1)
 
 
 class MetaDLRM(nn.Module):
@@ -273,15 +234,29 @@ class MetaDLRM(nn.Module):
         extra = list(self.inner_lr_dense.parameters()) + [self.inner_lr_emb] if hasattr(self, "inner_lr_dense") else []
         return list(self.head.parameters()) + extra
 
-    def lookup(self, kjt: KeyedJaggedTensor) -> Lookup:
-        """One embedding lookup (one all-to-all when sharded) for all rows of a batch."""
-        return make_lookup(self.sparse_arch(kjt), kjt, self.features)
+    @property
+    def pooling(self) -> list[str]:
+        return [f["pooling"] for f in self.features]
+
+    def lookup(self, layout: BatchLayout) -> torch.Tensor:
+        """One embedding lookup (one all-to-all when sharded) of the distinct ids of a
+        batch: ``[U, D]`` rows, expanded to every occurrence by the layout's indices."""
+        return lookup_rows(self.sparse_arch(layout.kjt([f["name"] for f in self.features])), self.features)
 
     def forward(self, kjt: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """Plain forward without adaptation: outputs ``[R]`` (see ``DLRMHead.predict``)."""
-        lk = self.lookup(kjt)
-        pooled = pool(lk.values, lk.slot, lk.scale, lk.num_rows, self.num_features)
-        return self.head(dense, pooled)
+        emb = self.sparse_arch(kjt)
+        num_rows = kjt.stride()
+        cells = []
+        for f in self.features:
+            jt = emb[f["name"]]
+            lengths = jt.lengths()
+            rows = torch.repeat_interleave(torch.arange(num_rows, device=lengths.device), lengths)
+            cell = jt.values().new_zeros(num_rows, jt.values().shape[-1]).index_add(0, rows, jt.values())
+            if f["pooling"] == "mean":
+                cell = cell / lengths.clamp(min=1).unsqueeze(1).to(cell.dtype)
+            cells.append(cell)
+        return self.head(dense, torch.stack(cells, dim=1))
 
 
 def build_model(cfg: Config, device: torch.device | None = None) -> MetaDLRM:

@@ -18,9 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch.autograd.profiler import record_function
 
-from gmeta.models.dlrm import Lookup, MetaDLRM, make_lookup
+from gmeta.models.dlrm import MetaDLRM, lookup_rows
+from gmeta.parallel.layout import layout_of
 from gmeta.types import TaskBatch
 
 
@@ -32,23 +34,25 @@ class Pending:
 
 
 class SparseDistPipeline:
-    def __init__(self, model: MetaDLRM) -> None:
+    def __init__(self, model: MetaDLRM, size_buckets: int = 1) -> None:
         self.model = model
+        self.size_buckets = size_buckets
         self.ec = model.sparse_arch.ec  # a ShardedEmbeddingCollection after DMP
 
     def start(self, batch: TaskBatch) -> Pending:
         """Issue the id all-to-all of ``batch`` (both stages) and return without waiting."""
         with record_function("## input_dist ##"):
             ctx = self.ec.create_context()
-            splits = self.ec.input_dist(ctx, batch.sparse)
+            layout = layout_of(batch, self.model.pooling, self.size_buckets)
+            batch.layout = layout
+            splits = self.ec.input_dist(ctx, layout.kjt([f["name"] for f in self.model.features]))
             values = splits.wait()  # the splits are small; this issues the values all-to-all
         return Pending(batch, ctx, values)
 
-    def lookup(self, pending: Pending) -> Lookup:
+    def lookup(self, pending: Pending) -> torch.Tensor:
         """Wait for the ids, look them up and bring the embeddings back (one a2a each way)."""
         with record_function("## input_dist_wait ##"):
             dist_input = pending.dist_input.wait()
         with record_function("## lookup ##"):
             emb = self.ec.compute_and_output_dist(pending.ctx, dist_input)
-            return make_lookup(emb.wait() if hasattr(emb, "wait") else emb, pending.batch.sparse,
-                               self.model.features)
+            return lookup_rows(emb.wait() if hasattr(emb, "wait") else emb, self.model.features)
