@@ -1,13 +1,31 @@
-"""The meta step at speed, on one process (the inner loop never communicates):
+"""The meta step at speed, on one process (the inner loop never communicates).
 
-1. gmeta's vectorized MAML step vs. a per-task loop (learn2learn/higher style: per task,
-   clone the dense weights and the task's looked-up embedding rows, adapt, accumulate the
-   query loss; one backward), same model, data and hyperparameters: tasks/s at
-   N = 8, 32, 128 tasks per meta-batch, first and second order.
-2. Meta overhead: rows/s of a MAML training step (first order, K = 1; and second order)
-   over rows/s of an ERM training step on the same model and rows.
+Two models, each with its own data:
 
-    python benchmarks/meta_step.py [--repeats 5]
+- ``ads_cvr``: configs/ads_cvr.yaml (7 sparse features, one multi-hot, dim 16, small MLPs),
+  meta-batches of real synthetic campaigns from the reader (power-law task sizes).
+- ``criteo``: a Criteo-shaped DLRM: 13 dense and 26 sparse features, dim 32, dense arch
+  13 -> 256 -> 32, over arch 383 -> 512 -> 256 -> 1; N = 128 tasks of 20 support + 20
+  query rows, ids drawn from a skewed distribution over tables of 50,000 rows.
+
+Contenders on the same model, weights, rows and hyperparameters (K inner steps adapting
+the dense arch, the over arch and the task's embedding rows), first and second order,
+alternated call by call so that drift of a shared machine hits all alike:
+
+  gmeta        the meta step as training runs it (implicit fast weights)
+  gmeta-mat    gmeta with materialised per-task weights ``[N, out, in]`` (the previous path)
+  loop         per-task ``torch.func.functional_call`` + ``autograd.grad`` (benchmarks/contenders.py)
+  vmap         ``torch.func.vmap`` over a per-task ``torch.func.grad`` inner loop
+  erm          a plain training step of the same model on the same rows
+
+Each times the step from the looked-up rows ``[U, D]`` to all gradients (loss, inner loop,
+query loss, one backward). Reported: tasks/s, rows/s over ERM's, and peak step memory
+(the CPU allocator's peak above the step's start, from torch.profiler's memory events).
+Then the full training step (torchrec lookup with its fused update, dense Adam) of gmeta
+MAML vs ERM, and the rows sent to the embedding tables per meta-batch: every id
+occurrence (before deduplication) vs the distinct (feature, id) pairs sent now.
+
+    python benchmarks/meta_step.py [--repeats 7] [--threads 1 2] [--models ads_cvr criteo]
 """
 
 from __future__ import annotations
@@ -19,146 +37,185 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import emit, ensure_data
+from benchmarks.contenders import loop_loss, task_views, vmap_loss
+from gmeta.batch import task_batch
+from gmeta.config import Config, load_config
 from gmeta.io.reader import TaskReader
-from gmeta.models.dlrm import Lookup, build_model
+from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import DenseGradSync, free_port
-from gmeta.parallel.maml import adapt_and_query
+from gmeta.parallel.layout import layout_of
+from gmeta.parallel.maml import erm_loss, maml_loss
 from gmeta.parallel.sharding import shard_model
 from gmeta.train import train_step
-from gmeta.types import TaskBatch
+
+CRITEO_TABLE = 50_000
 
 
-def per_task_views(batch: TaskBatch, lookup: Lookup, num_features: int):
-    """Index plans to cut a batch and its lookup into one-task pieces (data preparation,
-    not timed); the gathers themselves happen inside the timed loop."""
-    s_total = batch.num_support
-    so, qo = batch.support_offsets.tolist(), batch.query_offsets.tolist()
-    row_of_occ = lookup.slot // num_features
-    views = []
-    for t in range(batch.num_tasks):
-        rows = torch.cat([torch.arange(so[t], so[t + 1]), s_total + torch.arange(qo[t], qo[t + 1])])
-        new_row = torch.full((lookup.num_rows,), -1, dtype=torch.long)
-        new_row[rows] = torch.arange(len(rows))
-        occ = (new_row[row_of_occ] >= 0).nonzero().squeeze(1)
-        cells = (rows.unsqueeze(1) * num_features + torch.arange(num_features)).reshape(-1)
-        sub = TaskBatch(sparse=batch.sparse, dense=batch.dense[rows], labels=batch.labels[rows],
-                        support_offsets=torch.tensor([0, so[t + 1] - so[t]]),
-                        query_offsets=torch.tensor([0, qo[t + 1] - qo[t]]), task_ids=batch.task_ids[t: t + 1])
-        slot = new_row[row_of_occ[occ]] * num_features + lookup.feature[occ]
-        views.append((sub, occ, slot, cells, len(rows)))
-    return views
+def criteo_config() -> Config:
+    sparse = ", ".join(f"{{name: C{i}, num_embeddings: {CRITEO_TABLE}}}" for i in range(1, 27))
+    dense = ", ".join(f"I{i}" for i in range(1, 14))
+    return load_config(None, [f"features.sparse=[{sparse}]", f"features.dense=[{dense}]", "model.embedding_dim=32",
+                              "model.dense_arch=[256]", "model.over_arch=[512, 256]", "meta.inner_steps=2",
+                              "meta.inner_lr=0.05", "meta.embedding_inner_lr=0.1", "meta.size_buckets=1",
+                              "meta.tasks_per_batch=128"])
 
 
-def loop_loss(head, lookup: Lookup, views, nf: int, kw: dict) -> torch.Tensor:
-    """Per-task loop: each task adapts its own clone of the weights, one after another."""
-    losses = []
-    for sub, occ, slot, cells, n in views:
-        lk = Lookup(lookup.values[occ], slot, lookup.feature[occ], lookup.ids[occ], lookup.scale[cells], n)
-        _, ql, _ = adapt_and_query(head, lk, sub, num_features=nf, **kw)
-        losses.append(ql)
-    return torch.cat(losses).mean()
+def criteo_batch(cfg: Config, n: int, support: int, query: int, seed: int):
+    """N tasks of support + query rows shaped like Criteo's (skewed ids, log-scaled counts)."""
+    rng = np.random.default_rng(seed)
+    rows = n * (support + query)
+    data = {"task": np.repeat(np.arange(n), support + query),
+            "is_query": np.tile(np.r_[np.zeros(support, bool), np.ones(query, bool)], n),
+            "label": (rng.random(rows) < 0.25).astype(np.float32)}
+    for name in cfg.features.dense:
+        data[name] = np.log1p(rng.lognormal(1.0, 1.5, rows)).astype(np.float32)
+    user_bias = rng.integers(0, CRITEO_TABLE, n)  # a task's rows share some ids, as a user's do
+    for i, f in enumerate(cfg.features.sparse):
+        ids = (CRITEO_TABLE * rng.random(rows) ** 3).astype(np.int64)
+        if i < 4:
+            ids = np.where(rng.random(rows) < 0.7, np.repeat(user_bias, support + query) * (i + 1) % CRITEO_TABLE, ids)
+        data[f.name] = ids
+    feats = [{"name": f.name, "num_embeddings": f.num_embeddings, "pooling": f.pooling} for f in cfg.features.sparse]
+    return task_batch(data, task="task", query="is_query", label="label", sparse=[f.name for f in cfg.features.sparse],
+                      dense=list(cfg.features.dense), features=feats, size_buckets=cfg.meta.size_buckets)
 
 
-def vec_loss(head, lookup: Lookup, batch: TaskBatch, nf: int, kw: dict, buckets: int) -> torch.Tensor:
-    _, ql, _ = adapt_and_query(head, lookup, batch, num_features=nf, size_buckets=buckets, **kw)
-    return ql.mean()
-
-
-def meta_step(inner, batch: TaskBatch, views, kw: dict, buckets: int = 2) -> None:
-    """Lookup, meta-loss (vectorized when ``views`` is None, else the per-task loop), backward."""
-    nf = inner.num_features
-    lookup = inner.lookup(batch.sparse)
-    if views is None:
-        loss = vec_loss(inner.head, lookup, batch, nf, kw, buckets)
-    else:
-        loss = loop_loss(inner.head, lookup, views, nf, kw)
-    loss.backward()
-    for p in inner.head.parameters():
-        p.grad = None
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeats):
+def peak_mib(fn) -> float:
+    """Peak bytes the CPU allocator holds above the start while ``fn()`` runs."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    return (time.perf_counter() - t0) / repeats
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return peak / 2**20
 
 
-def timed_pair(fn_a, fn_b, repeats: int) -> tuple[float, float]:
-    """Median seconds per call of two functions, calls alternated so that drift of a shared,
-    noisy machine hits both sides alike."""
-    fn_a(), fn_b()  # warm-up
-    ta, tb = [], []
+def alternated(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        for fn, out in ((fn_a, ta), (fn_b, tb)):
+        for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            out.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gmeta-bench"))
-    args = ap.parse_args()
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    cfg, _, shards = ensure_data(work, 20_000)
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+def step_fns(head, rows, batch, layout, nf: int, kw: dict) -> dict:
+    views = task_views(batch, layout)
+    params = list(head.parameters())
+
+    def run(loss_fn):
+        def go():
+            loss = loss_fn()
+            loss.backward()
+            for p in params + [rows]:
+                p.grad = None
+        return go
+
+    return {
+        "gmeta": run(lambda: maml_loss(head, rows, batch, layout, fast_weights="implicit", **kw).loss),
+        "gmeta-mat": run(lambda: maml_loss(head, rows, batch, layout, fast_weights="materialized", **kw).loss),
+        "loop": run(lambda: loop_loss(head, rows, views, nf, kw)),
+        "vmap": run(lambda: vmap_loss(head, rows, views, nf, kw)),
+        "erm": run(lambda: erm_loss(head, rows, batch, layout).loss),
+    }
+
+
+def bench_model(name: str, cfg: Config, batch, repeats: int, threads: int, results: dict) -> None:
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    layout = layout_of(batch, model.pooling, cfg.meta.size_buckets)
+    with torch.no_grad():
+        rows = model.lookup(layout)
+    rows = rows.detach().requires_grad_(True)
+    m = cfg.meta
+    n, r = batch.num_tasks, batch.num_rows
+    print(f"[{name}, {threads} thread(s)] N={n} tasks, {r} rows, K={m.inner_steps}, adapting {m.adapt_dense} + "
+          f"embedding rows; lookup: {layout.slot.numel()} id occurrences, {layout.num_unique} distinct (feature, id) "
+          f"sent ({layout.slot.numel() / max(layout.num_unique, 1):.1f}x fewer), {layout.num_groups} task groups")
+    for first_order in (False, True):
+        order = "first" if first_order else "second"
+        kw = dict(steps=m.inner_steps, lr=m.inner_lr, emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
+                  adapt_embeddings=m.adapt_embeddings, first_order=first_order)
+        fns = step_fns(model.head, rows, batch, layout, model.num_features, kw)
+        t = alternated(fns, repeats)
+        mem = {k: peak_mib(fn) for k, fn in fns.items()}
+        res = {f"{k}_tasks_per_s": n / v for k, v in t.items() if k != "erm"}
+        res.update({f"{k}_peak_mib": v for k, v in mem.items()})
+        res["erm_rows_per_s"] = r / t["erm"]
+        res.update({f"gmeta_over_{k}": t[k] / t["gmeta"] for k in ("loop", "vmap", "gmeta-mat")})
+        res["maml_over_erm_rows"] = t["erm"] / t["gmeta"]
+        res["memory_over_vmap"] = mem["gmeta"] / mem["vmap"]
+        results[f"{name}_t{threads}_{order}"] = res
+        print(f"  {order:6s} order  tasks/s: " + ", ".join(f"{k} {n / v:,.0f}" for k, v in t.items() if k != "erm")
+              + f" | gmeta over loop {res['gmeta_over_loop']:.2f}x, over vmap {res['gmeta_over_vmap']:.2f}x, "
+              f"over gmeta-mat {res['gmeta_over_gmeta-mat']:.2f}x")
+        print(f"  {order:6s} order  rows/s: erm {r / t['erm']:,.0f}, gmeta {r / t['gmeta']:,.0f} "
+              f"(MAML/ERM {res['maml_over_erm_rows']:.2f}) | peak step MiB: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in mem.items()) + f" (gmeta/vmap {res['memory_over_vmap']:.2f})")
+
+
+def bench_train_step(name: str, cfg: Config, batch, repeats: int, threads: int, results: dict) -> None:
+    """Full training steps: sharded lookup with the fused table update, backward, Adam."""
     torch.manual_seed(0)
     model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, torch.device("cpu"))
-    inner = model.module
-    nf = inner.num_features
-    m = cfg.meta
-    results = {}
-    print(f"model: ads_cvr.yaml (embedding dim {cfg.model.embedding_dim}, dense {cfg.model.dense_arch}, over "
-          f"{cfg.model.over_arch}), K={m.inner_steps}, adapting {m.adapt_dense} + embedding rows")
-    for n in (8, 32, 128):
-        batch = next(iter(TaskReader(shards, "train", n, seed=0)))
-        for first_order in (False, True):
-            kw = dict(steps=m.inner_steps, lr=m.inner_lr, emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
-                      adapt_embeddings=m.adapt_embeddings, first_order=first_order)
-
-            with torch.no_grad():  # per-task index plans: data preparation, not timed
-                views = per_task_views(batch, inner.lookup(batch.sparse), nf)
-            t_vec, t_loop = timed_pair(lambda b=batch, k=kw: meta_step(inner, b, None, k, m.size_buckets),
-                                       lambda b=batch, k=kw, v=views: meta_step(inner, b, v, k), args.repeats)
-            order = "first" if first_order else "second"
-            results[f"N{n}_{order}"] = {"gmeta_tasks_per_s": n / t_vec, "loop_tasks_per_s": n / t_loop,
-                                        "ratio": t_loop / t_vec}
-            print(f"N={n:4d} {order:6s} order: gmeta {n / t_vec:8.0f} tasks/s, per-task loop {n / t_loop:7.0f} "
-                  f"tasks/s, ratio {t_loop / t_vec:5.1f}x")
-
-    # meta overhead: full training steps (lookup, loss, backward, fused table update, Adam)
-    batch = next(iter(TaskReader(shards, "train", 32, seed=1)))
-    params = inner.dense_parameters()
+    params = model.module.dense_parameters()
     opt = torch.optim.Adam(params, lr=1e-4)
     sync = DenseGradSync(params)
 
-    def step_fn(overrides: dict):
+    def with_meta(**overrides):
         c = type(cfg)(**{**cfg.__dict__})
         c.meta = type(cfg.meta)(**{**cfg.meta.__dict__, **overrides})
         return lambda: train_step(model, batch, c, sync, opt)
 
-    erm_step = step_fn({"algorithm": "erm"})
-    t_erm, t_fo = timed_pair(erm_step, step_fn({"algorithm": "maml", "first_order": True, "inner_steps": 1}),
-                             args.repeats)
-    t_erm2, t_so = timed_pair(erm_step, step_fn({"algorithm": "maml", "first_order": False, "inner_steps": 1}),
-                              args.repeats)
+    t = alternated({"erm": with_meta(algorithm="erm"), "first": with_meta(first_order=True),
+                    "second": with_meta(first_order=False)}, repeats)
     r = batch.num_rows
-    print(f"training step rows/s (N=32), each paired with ERM: ERM {r / t_erm:8.0f} vs MAML first-order K=1 "
-          f"{r / t_fo:8.0f} (ratio {t_erm / t_fo:.2f}, target >= 0.5); ERM {r / t_erm2:8.0f} vs second-order K=1 "
-          f"{r / t_so:8.0f} (ratio {t_erm2 / t_so:.2f}, target >= 0.33)")
-    results["overhead"] = {"erm_rows_per_s": r / t_erm, "fomaml_k1_rows_per_s": r / t_fo,
-                           "maml2_k1_rows_per_s": r / t_so, "ratio_first_order": t_erm / t_fo,
-                           "ratio_second_order": t_erm2 / t_so}
+    res = {"erm_rows_per_s": r / t["erm"], "first_rows_per_s": r / t["first"], "second_rows_per_s": r / t["second"],
+           "first_over_erm": t["erm"] / t["first"], "second_over_erm": t["erm"] / t["second"]}
+    results[f"{name}_t{threads}_train_step"] = res
+    print(f"  full training step rows/s (K={cfg.meta.inner_steps}): ERM {r / t['erm']:,.0f}, MAML first order "
+          f"{r / t['first']:,.0f} ({res['first_over_erm']:.2f} of ERM), second order {r / t['second']:,.0f} "
+          f"({res['second_over_erm']:.2f} of ERM)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--models", nargs="+", default=["ads_cvr", "criteo"], choices=["ads_cvr", "criteo"])
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gmeta-bench"))
+    args = ap.parse_args()
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    setups = []
+    if "ads_cvr" in args.models:
+        cfg, _, shards = ensure_data(Path(args.workdir), 20_000)
+        for n in (32, 128):
+            batch = next(iter(TaskReader(shards, "train", n, seed=0, size_buckets=cfg.meta.size_buckets)))
+            setups.append((f"ads_cvr_N{n}", cfg, batch))
+    if "criteo" in args.models:
+        cfg = criteo_config()
+        setups.append(("criteo_N128", cfg, criteo_batch(cfg, 128, 20, 20, seed=0)))
+    results = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for name, cfg, batch in setups:
+            bench_model(name, cfg, batch, args.repeats, threads, results)
+            if name != "ads_cvr_N128":
+                bench_train_step(name, cfg, batch, args.repeats, threads, results)
     emit("meta_step", results)
     dist.destroy_process_group()
 

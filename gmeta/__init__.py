@@ -1,3 +1,17 @@
 """gmeta: meta-learning (MAML family) for DLRM recommendation models at scale."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``gmeta.MetaLearner`` and ``gmeta.task_batch``, imported on first use (they pull in
+    torchrec; the CLI's light commands need not)."""
+    if name == "MetaLearner":
+        from gmeta.learner import MetaLearner
+
+        return MetaLearner
+    if name in ("task_batch", "BatchError"):
+        from gmeta import batch
+
+        return getattr(batch, name)
+    raise AttributeError(f"module 'gmeta' has no attribute {name!r}")

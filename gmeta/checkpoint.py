@@ -257,7 +257,8 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def _config(path: str | Path, meta: dict) -> Config:
+def config_of(path: str | Path, meta: dict) -> Config:
+    """The config a checkpoint was trained with (its metadata's copy)."""
     try:
         return config_from_dict(meta["config"])
     except (ConfigError, KeyError, TypeError, AttributeError) as e:
@@ -288,13 +289,18 @@ def load_training_state(path: str | Path, model, dense_opt: torch.optim.Optimize
     return meta, rank_state
 
 
+def load_weights(state: dict, path: str | Path) -> None:
+    """Collective: fill a (sharded) model's ``state_dict()`` from a checkpoint's weights."""
+    _dcp_load(state, Path(path))
+
+
 def load_sharded(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config, dict]:
     """Collective: load a checkpoint's model into this process group's sharded model (tables
     sharded by the config's plan for the current world size; DCP reshards)."""
     from gmeta.parallel.sharding import shard_model
 
     meta = read_meta(path)
-    cfg = _config(path, meta)
+    cfg = config_of(path, meta)
     model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, device)
     state = model.state_dict()
     _dcp_load(state, Path(path))
@@ -305,7 +311,7 @@ def load_sharded(path: str | Path, device: torch.device) -> tuple[torch.nn.Modul
 def load_unsharded(path: str | Path, device: torch.device | None = None) -> tuple[MetaDLRM, Config, dict]:
     """Load a checkpoint into one process: the model with whole (unsharded) tables."""
     meta = read_meta(path)
-    cfg = _config(path, meta)
+    cfg = config_of(path, meta)
     model = build_model(cfg, device=device or torch.device("cpu"))
     state = model.state_dict()
     _dcp_load(state, Path(path), no_dist=True)

@@ -309,8 +309,9 @@ class TrainConfig:
     # "none": start fresh (refused if output_dir holds checkpoints), "auto": continue from
     # the newest complete checkpoint in output_dir if any, or the path of a checkpoint.
     resume: str = "none"
-    # A non-finite meta-loss: "error" stops (the last checkpoint stays as it was), "skip"
-    # drops the meta-batch without an update and counts it (train/skipped_nonfinite_steps).
+    # A non-finite meta-loss never updates anything (checked on the device every step). "error"
+    # stops at the next log or checkpoint step, naming the first such step (the last
+    # checkpoint stays as it was); "skip" counts them (train/skipped_nonfinite_steps).
     on_nonfinite_loss: Literal["error", "skip"] = "error"
 
 

@@ -100,25 +100,44 @@ class NonFiniteLossError(RuntimeError):
     """The meta-loss became NaN or infinite (train.on_nonfinite_loss=error)."""
 
 
-def _all_finite(loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every rank (one tiny all-reduce: all ranks must take the
-    same branch, or the backward's all-to-alls would not match)."""
-    bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+def finite_everywhere(loss: torch.Tensor) -> torch.Tensor:
+    """Whether the loss is finite on every rank, as a bool tensor on the loss's device (one
+    tiny all-reduce, never read back here: a host read would stall the GPU every step)."""
+    ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bool(bad.item())
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return ok[0] > 0
+
+
+def _supports_skip(opt: torch.optim.Optimizer) -> bool:
+    """A fused optimizer skips its step on the device when its ``found_inf`` is set."""
+    return bool(opt.defaults.get("fused"))
 
 
 def train_step(model, batch, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.optim.Optimizer,
                rows: torch.Tensor | None = None, times: StepTimes | None = None) -> MetaOutput:
     """One optimizer step on one meta-batch: forward, ONE backward (dense all-reduces start
-    from its gradient hooks), wait for them, step. A loss that is not finite on some rank
-    is not backpropagated on any (the fused embedding update happens inside backward):
-    the output comes back with ``skipped`` set."""
+    from its gradient hooks), wait for them, step.
+
+    No value is read back from the device. A meta-loss that is not finite on some rank
+    changes nothing on any: the gradient reaching the embedding lookup is zeroed on the
+    device (the fused table update, inside backward, then leaves SGD and (row-wise)
+    Adagrad tables and their state exactly as they were), and the fused dense optimizer is
+    told to skip (``found_inf``). ``out.skipped`` is that flag, a device tensor the
+    training loop reads on log steps. With a dense optimizer that is not fused the flag is
+    read at once instead and backward is not run."""
+    inner = model.module if hasattr(model, "module") else model
+    if rows is None:
+        with record_function("## lookup ##"):
+            rows = inner.lookup(layout_of(batch, inner.pooling, cfg.meta.size_buckets))
     out = meta_step(model, batch, cfg, rows)
-    if not _all_finite(out.loss):
-        out.skipped = True
-        return out
+    finite = finite_everywhere(out.loss)
+    out.skipped = ~finite
+    if not _supports_skip(dense_opt):
+        if not bool(finite):
+            return out
+    elif rows.requires_grad:
+        rows.register_hook(lambda g: torch.where(finite, g, torch.zeros_like(g)))
     with record_function("## backward ##"):
         out.loss.backward()  # the only backward of the step; fires the fused embedding optimizer
     t = time.perf_counter()
@@ -126,6 +145,8 @@ def train_step(model, batch, cfg: Config, grad_sync: DenseGradSync, dense_opt: t
         grad_sync.wait()
     if times is not None:
         times.comm += time.perf_counter() - t
+    if _supports_skip(dense_opt):
+        dense_opt.found_inf = out.skipped.to(torch.float32)
     dense_opt.step()
     dense_opt.zero_grad(set_to_none=True)
     return out
@@ -237,7 +258,9 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
         with torch.no_grad():
             model.module.head.over_arch.mlp.layers[-1].bias.fill_(float(mean))
     broadcast_params(dense_params)  # every rank starts from rank 0's dense weights
-    dense_opt = torch.optim.Adam(dense_params, lr=cfg.optim.dense_lr, weight_decay=cfg.optim.dense_weight_decay)
+    # fused: one kernel, and it skips a non-finite step on the device (see train_step)
+    dense_opt = torch.optim.Adam(dense_params, lr=cfg.optim.dense_lr, weight_decay=cfg.optim.dense_weight_decay,
+                                 fused=True)
     grad_sync = DenseGradSync(dense_params)
 
     total_steps = len(reader) * cfg.train.epochs
@@ -304,6 +327,22 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
         return checkpoint.save(model, cfg, path, meta, dense_opt=dense_opt,
                                rank_state={"reader": position, "rng": checkpoint.rng_state()})
 
+    bad = torch.zeros((), device=env.device)  # non-finite steps since the last check
+    first_bad = torch.full((), -1, dtype=torch.int64, device=env.device)
+
+    def check_nonfinite(skipped: int) -> int:
+        """Read the device-side count of non-finite steps (a sync point: log and checkpoint
+        steps only); raise under on_nonfinite_loss=error."""
+        n, first = int(bad.item()), int(first_bad.item())
+        if n and t.on_nonfinite_loss == "error":
+            raise NonFiniteLossError(
+                f"step {first}: the meta-loss was not finite ({n} such step(s) up to step {step}); no update was "
+                f"applied for them. Last checkpoint: {last_ckpt or 'none'} (unchanged). Lower meta.inner_lr or "
+                "optim.dense_lr, or set train.on_nonfinite_loss=skip")
+        bad.zero_()
+        first_bad.fill_(-1)
+        return skipped + n
+
     for epoch in range(start_epoch, t.epochs):
         if step >= total_steps:
             break
@@ -312,19 +351,17 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
         for batch, out in run_steps(model, cfg, grad_sync, dense_opt, fetch, total_steps - step, pipe, times):
             step += 1
             position = fetch.trained()
-            if out.skipped:
-                if t.on_nonfinite_loss == "error":
-                    raise NonFiniteLossError(
-                        f"step {step}: the meta-loss is {out.loss.item()} (not finite); no update was applied. "
-                        f"Last checkpoint: {last_ckpt or 'none'} (unchanged). Lower meta.inner_lr or optim.dense_lr, "
-                        "or set train.on_nonfinite_loss=skip")
-                skipped_nonfinite += 1
+            # non-finite steps are counted on the device and read on log and checkpoint steps
+            bad.add_(out.skipped.to(bad.dtype))
+            first_bad = torch.where(out.skipped & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
             tasks_run += batch.num_tasks * env.world_size
             tasks_total += batch.num_tasks * env.world_size
             tasks_since += batch.num_tasks * env.world_size
             rows_since += batch.num_rows * env.world_size
 
             want_ckpt = bool(t.checkpoint_every_steps) and step % t.checkpoint_every_steps == 0
+            if want_ckpt or step % t.log_every == 0 or step == total_steps:
+                skipped_nonfinite = check_nonfinite(skipped_nonfinite)
             if step % t.log_every == 0 or step == total_steps:
                 # sync point: .item() and an all-reduce of the losses, on log steps only
                 dt = time.perf_counter() - t_log

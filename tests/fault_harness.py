@@ -55,7 +55,7 @@ def recorded_train_step(model, batch, *args, **kwargs):
     out = _train_step(model, batch, *args, **kwargs)
     _calls += 1
     with open(PREFIX + ".jsonl", "a") as f:
-        f.write(json.dumps({"call": _calls, "task_ids": batch.task_ids.tolist(), "skipped": out.skipped}) + "\n")
+        f.write(json.dumps({"call": _calls, "task_ids": batch.task_ids.tolist(), "skipped": bool(out.skipped)}) + "\n")
     if (ATTEMPT, _calls, RANK) in KILLS:
         os.kill(os.getpid(), signal.SIGKILL)
     return out

@@ -49,10 +49,17 @@ class SparseDistPipeline:
             values = splits.wait()  # the splits are small; this issues the values all-to-all
         return Pending(batch, ctx, values)
 
+    @staticmethod
+    def wait_ids(pending: Pending):
+        """The ids this rank's shards look up, once their all-to-all has arrived. torchrec
+        reads the received lengths on the host here (as it reads the split sizes in
+        ``start``): the price of a variable-size all-to-all, paid one batch ahead."""
+        with record_function("## input_dist_wait ##"):
+            return pending.dist_input.wait()
+
     def lookup(self, pending: Pending) -> torch.Tensor:
         """Wait for the ids, look them up and bring the embeddings back (one a2a each way)."""
-        with record_function("## input_dist_wait ##"):
-            dist_input = pending.dist_input.wait()
+        dist_input = self.wait_ids(pending)
         with record_function("## lookup ##"):
             emb = self.ec.compute_and_output_dist(pending.ctx, dist_input)
             return lookup_rows(emb.wait() if hasattr(emb, "wait") else emb, self.model.features)

@@ -1,0 +1,156 @@
+"""MAML the way it is usually written with ``torch.func``, for the benchmarks to race gmeta.
+
+Both contenders compute exactly what gmeta's step computes (same model, weights, rows and
+hyperparameters: K SGD steps on each task's support rows adapting the listed dense parts
+and the task's own copy of its looked-up embedding rows, mean query loss, one backward),
+starting from the same looked-up rows ``[U, D]``:
+
+- ``loop_loss``: a Python loop over tasks; each task adapts with
+  ``torch.func.functional_call`` + ``torch.autograd.grad`` (learn2learn / higher style).
+- ``vmap_loss``: the tasks padded to one size and the whole per-task inner loop batched
+  with ``torch.func.vmap`` over ``torch.func.grad`` (the functorch MAML recipe).
+
+Padding slots of the vmap version carry zero weight in the losses and pool into a spare
+cell that is dropped, so both are exact (tested against gmeta in tests/test_benchmarks.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, vmap
+
+from gmeta.parallel.layout import BatchLayout
+from gmeta.types import TaskBatch
+
+
+@dataclass
+class TaskViews:
+    """Per-task index plans (data preparation, not timed)."""
+
+    loop: list[dict]  # per task: its rows and occurrences, unpadded
+    padded: dict  # [N, ...] tensors for vmap
+
+
+def task_views(batch: TaskBatch, layout: BatchLayout) -> TaskViews:
+    L = {k: v.cpu().numpy() if torch.is_tensor(v) else v for k, v in vars(layout).items()}
+    nf, n_s = layout.num_features, layout.num_support
+    so, qo = batch.support_offsets.numpy(), batch.query_offsets.numpy()
+    n = len(so) - 1
+    row_task = L["row_task"]
+    gu = L["group_unique"]
+    # groups are sorted by (task, id): each task's groups are one contiguous range
+    g_task = np.empty(len(gu), np.int64)
+    occ_group, slot, nnz_s = L["occ_group"], L["slot"], layout.num_support_occurrences
+    occ_row = slot // nf
+    g_task[occ_group] = row_task[occ_row]
+    g_start = np.searchsorted(g_task, np.arange(n + 1))
+    dense, labels = batch.dense, batch.labels
+    loop = []
+    for t in range(n):
+        s_rows = np.arange(so[t], so[t + 1])
+        q_rows = n_s + np.arange(qo[t], qo[t + 1])
+        sel_s = np.flatnonzero((occ_row[:nnz_s] >= so[t]) & (occ_row[:nnz_s] < so[t + 1]))
+        sel_q = nnz_s + np.flatnonzero((occ_row[nnz_s:] >= q_rows[0]) & (occ_row[nnz_s:] <= q_rows[-1]))
+        loop.append({
+            "groups": torch.from_numpy(gu[g_start[t]:g_start[t + 1]]),
+            "dense_s": dense[s_rows], "y_s": labels[s_rows], "dense_q": dense[q_rows], "y_q": labels[q_rows],
+            "occ_s": torch.from_numpy(occ_group[sel_s] - g_start[t]),
+            "slot_s": torch.from_numpy(slot[sel_s] - so[t] * nf),
+            "occ_q": torch.from_numpy(occ_group[sel_q] - g_start[t]),
+            "slot_q": torch.from_numpy(slot[sel_q] - q_rows[0] * nf),
+            "div_s": torch.from_numpy(L["divisor"][so[t] * nf: so[t + 1] * nf]).to(dense.dtype),
+            "div_q": torch.from_numpy(L["divisor"][q_rows[0] * nf: (q_rows[-1] + 1) * nf]).to(dense.dtype),
+        })
+    s_max = max(len(v["y_s"]) for v in loop)
+    q_max = max(len(v["y_q"]) for v in loop)
+    g_max = max(len(v["groups"]) for v in loop)
+    os_max = max(len(v["occ_s"]) for v in loop)
+    oq_max = max(len(v["occ_q"]) for v in loop)
+
+    def pad(x: torch.Tensor, size: int, value=0) -> torch.Tensor:
+        out = x.new_full((size, *x.shape[1:]), value)
+        out[: len(x)] = x
+        return out
+
+    padded = {
+        "groups": torch.stack([pad(v["groups"], g_max) for v in loop]),
+        "dense_s": torch.stack([pad(v["dense_s"], s_max) for v in loop]),
+        "y_s": torch.stack([pad(v["y_s"], s_max) for v in loop]),
+        "m_s": torch.stack([pad(torch.ones(len(v["y_s"]), dtype=dense.dtype), s_max) for v in loop]),
+        "dense_q": torch.stack([pad(v["dense_q"], q_max) for v in loop]),
+        "y_q": torch.stack([pad(v["y_q"], q_max) for v in loop]),
+        "m_q": torch.stack([pad(torch.ones(len(v["y_q"]), dtype=dense.dtype), q_max) for v in loop]),
+        "occ_s": torch.stack([pad(v["occ_s"], os_max) for v in loop]),
+        "slot_s": torch.stack([pad(v["slot_s"], os_max, s_max * nf) for v in loop]),  # spare cell
+        "occ_q": torch.stack([pad(v["occ_q"], oq_max) for v in loop]),
+        "slot_q": torch.stack([pad(v["slot_q"], oq_max, q_max * nf) for v in loop]),
+        "div_s": torch.stack([pad(v["div_s"], s_max * nf, 1) for v in loop]),
+        "div_q": torch.stack([pad(v["div_q"], q_max * nf, 1) for v in loop]),
+    }
+    return TaskViews(loop, padded)
+
+
+def _pool(rows: torch.Tensor, occ: torch.Tensor, slot: torch.Tensor, div: torch.Tensor, num_rows: int,
+          nf: int) -> torch.Tensor:
+    cells = rows.new_zeros(div.shape[0] + 1, rows.shape[-1]).index_add(0, slot, rows[occ])
+    return (cells[:-1] / div.unsqueeze(-1)).view(num_rows, nf, -1)
+
+
+def _loss(head, params, rows, dense, y, m, occ, slot, div, nf):
+    pooled = _pool(rows, occ, slot, div, dense.shape[0], nf)
+    out = functional_call(head, params, (dense, pooled))
+    return (head.pointwise_loss(out, y) * m).sum() / m.sum()
+
+
+def loop_loss(head, rows: torch.Tensor, views: TaskViews, nf: int, kw: dict) -> torch.Tensor:
+    """Per task: clone-free fast weights through functional_call, autograd.grad per step."""
+    params = dict(head.named_parameters())
+    adapted = [n for n in params if n.split(".")[0] in kw["adapt_dense"]]
+    losses = []
+    for v in views.loop:
+        fast = dict(params)
+        fast_rows = rows[v["groups"]]
+        ones_s, ones_q = torch.ones_like(v["y_s"]), torch.ones_like(v["y_q"])
+        for _ in range(kw["steps"]):
+            loss = _loss(head, fast, fast_rows, v["dense_s"], v["y_s"], ones_s, v["occ_s"], v["slot_s"], v["div_s"],
+                         nf)
+            wrt = [fast[n] for n in adapted] + ([fast_rows] if kw["adapt_embeddings"] else [])
+            g = torch.autograd.grad(loss, wrt, create_graph=not kw["first_order"])
+            for i, n in enumerate(adapted):
+                fast[n] = fast[n] - kw["lr"] * g[i]
+            if kw["adapt_embeddings"]:
+                fast_rows = fast_rows - kw["emb_lr"] * g[-1]
+        losses.append(_loss(head, fast, fast_rows, v["dense_q"], v["y_q"], ones_q, v["occ_q"], v["slot_q"],
+                            v["div_q"], nf))
+    return torch.stack(losses).mean()
+
+
+def vmap_loss(head, rows: torch.Tensor, views: TaskViews, nf: int, kw: dict) -> torch.Tensor:
+    """All tasks at once: vmap over a per-task inner loop written with torch.func.grad."""
+    params = {n: p for n, p in head.named_parameters()}
+    adapted = {n: p for n, p in params.items() if n.split(".")[0] in kw["adapt_dense"]}
+    frozen = {n: p for n, p in params.items() if n not in adapted}
+    p = views.padded
+
+    def support(fast, fast_rows, d):
+        return _loss(head, {**frozen, **fast}, fast_rows, d["dense_s"], d["y_s"], d["m_s"], d["occ_s"], d["slot_s"],
+                     d["div_s"], nf)
+
+    def task(fast, groups, d):
+        fast_rows = rows[groups]
+        for _ in range(kw["steps"]):
+            g_fast, g_rows = grad(support, argnums=(0, 1))(fast, fast_rows, d)
+            if kw["first_order"]:
+                g_fast = {n: g.detach() for n, g in g_fast.items()}
+                g_rows = g_rows.detach()
+            fast = {n: w - kw["lr"] * g_fast[n] for n, w in fast.items()}
+            if kw["adapt_embeddings"]:
+                fast_rows = fast_rows - kw["emb_lr"] * g_rows
+        return _loss(head, {**frozen, **fast}, fast_rows, d["dense_q"], d["y_q"], d["m_q"], d["occ_q"], d["slot_q"],
+                     d["div_q"], nf)
+
+    data = {k: v for k, v in p.items() if k != "groups"}
+    return vmap(task, in_dims=(None, 0, 0))(adapted, p["groups"], data).mean()
