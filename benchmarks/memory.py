@@ -56,15 +56,14 @@ def main() -> None:
     m = cfg.meta
     results = {}
     for n in (8, 32, 128):
-        batch = next(iter(TaskReader(shards, "train", n, seed=0)))
+        batch = next(iter(TaskReader(shards, "train", n, seed=0, size_buckets=m.size_buckets)))
         for k in (1, 2, 4):
             row = {}
             for order in ("first", "second"):
                 def step(k=k, order=order, batch=batch):
-                    return maml_loss(model.head, model.lookup(batch.sparse), batch, num_features=model.num_features,
-                                     steps=k, lr=m.inner_lr, emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
-                                     adapt_embeddings=m.adapt_embeddings, first_order=order == "first",
-                                     size_buckets=m.size_buckets).loss
+                    return maml_loss(model.head, model.lookup(batch.layout), batch, batch.layout, steps=k,
+                                     lr=m.inner_lr, emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
+                                     adapt_embeddings=m.adapt_embeddings, first_order=order == "first").loss
                 row[order] = saved_bytes(step) / 2**20
             results[f"N{n}_K{k}"] = row
             print(f"N={n:4d} K={k}: {row['first']:7.1f} MiB saved for backward first order, {row['second']:7.1f} MiB "
