@@ -12,8 +12,10 @@ Contenders on the same model, weights, rows and hyperparameters (K inner steps a
 the dense arch, the over arch and the task's embedding rows), first and second order,
 alternated call by call so that drift of a shared machine hits all alike:
 
-  gmeta        the meta step as training runs it (implicit fast weights)
-  gmeta-mat    gmeta with materialised per-task weights ``[N, out, in]`` (the previous path)
+  gmeta        the meta step as training runs it (meta.fast_weights=auto: per layer and
+               size bucket the cheaper of implicit and materialised fast weights)
+  gmeta-imp    gmeta with implicit fast weights in every layer
+  gmeta-mat    gmeta with materialised per-task weights ``[N, out, in]`` in every layer
   loop         per-task ``torch.func.functional_call`` + ``autograd.grad`` (benchmarks/contenders.py)
   vmap         ``torch.func.vmap`` over a per-task ``torch.func.grad`` inner loop
   erm          a plain training step of the same model on the same rows
@@ -50,7 +52,7 @@ from gmeta.io.reader import TaskReader
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import DenseGradSync, free_port
 from gmeta.parallel.layout import layout_of
-from gmeta.parallel.maml import erm_loss, maml_loss
+from gmeta.parallel.maml import choose_fast_weights, erm_loss, maml_loss
 from gmeta.parallel.sharding import shard_model
 from gmeta.train import train_step
 
@@ -125,7 +127,8 @@ def step_fns(head, rows, batch, layout, nf: int, kw: dict) -> dict:
         return go
 
     return {
-        "gmeta": run(lambda: maml_loss(head, rows, batch, layout, fast_weights="implicit", **kw).loss),
+        "gmeta": run(lambda: maml_loss(head, rows, batch, layout, fast_weights="auto", **kw).loss),
+        "gmeta-imp": run(lambda: maml_loss(head, rows, batch, layout, fast_weights="implicit", **kw).loss),
         "gmeta-mat": run(lambda: maml_loss(head, rows, batch, layout, fast_weights="materialized", **kw).loss),
         "loop": run(lambda: loop_loss(head, rows, views, nf, kw)),
         "vmap": run(lambda: vmap_loss(head, rows, views, nf, kw)),
@@ -145,6 +148,11 @@ def bench_model(name: str, cfg: Config, batch, repeats: int, threads: int, resul
     print(f"[{name}, {threads} thread(s)] N={n} tasks, {r} rows, K={m.inner_steps}, adapting {m.adapt_dense} + "
           f"embedding rows; lookup: {layout.slot.numel()} id occurrences, {layout.num_unique} distinct (feature, id) "
           f"sent ({layout.slot.numel() / max(layout.num_unique, 1):.1f}x fewer), {layout.num_groups} task groups")
+    for i, b in enumerate(layout.buckets):
+        modes = choose_fast_weights(model.head, m.adapt_dense, "auto", m.inner_lr, m.inner_steps, b.s_index.shape[1],
+                                    b.q_index.shape[1])
+        print(f"  bucket {i}: {b.tasks.shape[0]} tasks padded to {b.s_index.shape[1]} + {b.q_index.shape[1]} rows; "
+              f"auto fast weights: " + ", ".join(f"{p[:-1]} {v}" for p, v in modes.items()))
     for first_order in (False, True):
         order = "first" if first_order else "second"
         kw = dict(steps=m.inner_steps, lr=m.inner_lr, emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
@@ -155,13 +163,13 @@ def bench_model(name: str, cfg: Config, batch, repeats: int, threads: int, resul
         res = {f"{k}_tasks_per_s": n / v for k, v in t.items() if k != "erm"}
         res.update({f"{k}_peak_mib": v for k, v in mem.items()})
         res["erm_rows_per_s"] = r / t["erm"]
-        res.update({f"gmeta_over_{k}": t[k] / t["gmeta"] for k in ("loop", "vmap", "gmeta-mat")})
+        res.update({f"gmeta_over_{k}": t[k] / t["gmeta"] for k in ("loop", "vmap", "gmeta-imp", "gmeta-mat")})
         res["maml_over_erm_rows"] = t["erm"] / t["gmeta"]
         res["memory_over_vmap"] = mem["gmeta"] / mem["vmap"]
         results[f"{name}_t{threads}_{order}"] = res
         print(f"  {order:6s} order  tasks/s: " + ", ".join(f"{k} {n / v:,.0f}" for k, v in t.items() if k != "erm")
               + f" | gmeta over loop {res['gmeta_over_loop']:.2f}x, over vmap {res['gmeta_over_vmap']:.2f}x, "
-              f"over gmeta-mat {res['gmeta_over_gmeta-mat']:.2f}x")
+              f"over gmeta-imp {res['gmeta_over_gmeta-imp']:.2f}x, over gmeta-mat {res['gmeta_over_gmeta-mat']:.2f}x")
         print(f"  {order:6s} order  rows/s: erm {r / t['erm']:,.0f}, gmeta {r / t['gmeta']:,.0f} "
               f"(MAML/ERM {res['maml_over_erm_rows']:.2f}) | peak step MiB: "
               + ", ".join(f"{k} {v:.0f}" for k, v in mem.items()) + f" (gmeta/vmap {res['memory_over_vmap']:.2f})")

@@ -251,9 +251,9 @@ class MetaConfig:
     meta_sgd: bool = False
     # Pad tasks in this many groups of similar size (1: all to the largest task's size).
     size_buckets: int = 2
-    # How adapted dense layers hold each task's fast weights: "implicit" (never formed; exact
-    # for one scalar inner_lr, the fast path), "materialized" (one [N, out, in] copy per task,
-    # needed by meta_sgd's rate per weight element), "auto" (implicit unless meta_sgd).
+    # How adapted dense layers hold each task's fast weights: "implicit" (never formed, the
+    # fast path for layers of a few hundred units), "materialized" (one [N, out, in] copy per
+    # task; needed by meta_sgd), "auto" (per layer and size bucket, whichever is cheaper).
     fast_weights: Literal["auto", "implicit", "materialized"] = "auto"
 
 

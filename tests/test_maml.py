@@ -13,7 +13,8 @@ from gmeta.config import load_config
 from gmeta.io.reader import TaskReader
 from gmeta.models.dlrm import DLRMHead, build_model, lookup_rows
 from gmeta.parallel.layout import layout_of
-from gmeta.parallel.maml import maml_loss
+from gmeta.parallel import maml
+from gmeta.parallel.maml import choose_fast_weights, maml_loss
 from tests.reference import task_query_losses
 
 
@@ -55,13 +56,19 @@ def _check_against_reference(model, head, batch, tables, buckets, fast_weights, 
     assert sum(float(g.abs().sum()) for g in grads[-len(tables):]) > 0
 
 
-@pytest.mark.parametrize("fast_weights", ["implicit", "materialized"])
+@pytest.mark.parametrize("fast_weights", ["implicit", "materialized", "mixed"])
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("adapt_embeddings", [True, False])
 @pytest.mark.parametrize("adapt_dense, buckets", [(["dense_arch", "over_arch"], 1), (["over_arch"], 1),
                                                   (["dense_arch", "over_arch"], 3)])
 def test_vectorized_step_equals_per_task_reference(debug_config_path, debug_data, first_order, adapt_embeddings,
-                                                   adapt_dense, buckets, fast_weights):
+                                                   adapt_dense, buckets, fast_weights, monkeypatch):
+    if fast_weights == "mixed":  # layers alternate between the two forms, as "auto" may choose
+        def alternate(head, adapt_dense, mode, *args):
+            return {p: ("implicit", "materialized")[i % 2]
+                    for i, p in enumerate(choose_fast_weights(head, adapt_dense, "implicit", *args))}
+        monkeypatch.setattr(maml, "choose_fast_weights", alternate)
+        fast_weights = "auto"
     model, head, batch, tables = _setup(debug_config_path, debug_data)
     _check_against_reference(model, head, batch, tables, buckets, fast_weights, steps=2, lr=0.3, emb_lr=0.7,
                              adapt_dense=adapt_dense, adapt_embeddings=adapt_embeddings, first_order=first_order)
@@ -192,3 +199,16 @@ def test_size_buckets_keep_query_logits_in_row_order(debug_config_path, debug_da
     assert one[0].shape == (batch.num_query,)
     for a, b in zip(one, four):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_auto_fast_weights_are_implicit_for_wide_layers_and_materialised_for_small_ones():
+    torch.manual_seed(0)
+    head = DLRMHead(num_dense=13, num_sparse=26, embedding_dim=32, dense_sizes=[256], over_sizes=[512, 256])
+    modes = choose_fast_weights(head, ["dense_arch", "over_arch"], "auto", 0.1, 2, 20, 20)
+    assert modes["over_arch.mlp.layers.0."] == "implicit"  # 383 -> 512, 20 + 20 rows
+    assert modes["dense_arch.mlp.layers.0."] == "materialized"  # 13 -> 256
+    # large tasks make the implicit products the costlier form
+    assert set(choose_fast_weights(head, ["over_arch"], "auto", 0.1, 2, 2000, 2000).values()) == {"materialized"}
+    assert set(choose_fast_weights(head, ["over_arch"], "auto", {"x": torch.ones(1)}, 2, 20, 20).values()) == \
+        {"materialized"}  # Meta-SGD
+    assert set(choose_fast_weights(head, ["over_arch"], "implicit", 0.1, 2, 2000, 2000).values()) == {"implicit"}

@@ -4,10 +4,12 @@ The inner loop is a pure function of (dense params, looked-up embeddings): it ne
 ``.backward()`` (that would fire torchrec's fused embedding optimizer and any gradient
 hooks), only ``torch.autograd.grad``, and it never communicates.
 
-Fast dense weights are implicit (``ImplicitFastWeights``: each task's SGD updates kept as
-the products they are made of) or, for Meta-SGD, materialised: the shared weights expanded
-to ``[N, ...]``, where the gradient of the sum of the N per-task support losses with
-respect to that expanded tensor is exactly each task's own gradient.
+Fast dense weights (``FastWeights``) are implicit, each task's SGD updates kept as the
+products they are made of, never a per-task weight tensor; or materialised, the shared
+weights expanded to ``[N, ...]``, where the gradient of the sum of the N per-task support
+losses with respect to that expanded tensor is exactly each task's own gradient. Which
+one, per layer and size bucket, is a matter of cost (``choose_fast_weights``), except for
+Meta-SGD, which needs the materialised form.
 
 Fast embedding rows: the gradient of a task's support loss with respect to table row r is
 the sum of its gradients at every occurrence of r in that task. Each distinct (task,
@@ -45,13 +47,14 @@ def task_losses(head: DLRMHead, out: torch.Tensor, labels: torch.Tensor, mask: t
     return (head.pointwise_loss(out, labels) * mask).sum(dim=1) / count.clamp(min=1)
 
 
-class ImplicitFastWeights(LinearHook):
-    """Per-task fast weights of the adapted linear layers of one size bucket, never formed.
+class FastWeights(LinearHook):
+    """Per-task fast weights of the adapted linear layers of one size bucket (N_b tasks),
+    each layer held one of two ways.
 
-    The gradient of task t's support loss with respect to a layer's ``W`` is ``D^T X``: the
-    loss's gradients at the layer's outputs ``D [S_t, out]`` times the layer's inputs
-    ``X [S_t, in]`` on the task's support rows. After K SGD steps the task's layer applied
-    to rows ``x`` is therefore exactly
+    Implicit (``"implicit"``): never formed. The gradient of task t's support loss with
+    respect to a layer's ``W`` is ``D^T X``: the loss's gradients at the layer's outputs
+    ``D [S_t, out]`` times the layer's inputs ``X [S_t, in]`` on the task's support rows.
+    After K SGD steps the task's layer applied to rows ``x`` is therefore exactly
 
         W_t x + b_t = W x + b - sum_k lr * (D_k^T (X_k x) + sum_s D_k[s])
 
@@ -61,38 +64,50 @@ class ImplicitFastWeights(LinearHook):
     over the task's support rows. Nothing of size N x out x in exists, in the forward, the
     inner gradients (taken with respect to the layer outputs, not the weights) or the
     backward. Second order is autograd through these same products; first order treats
-    ``X`` and ``D`` as constants, as FOMAML treats the inner gradient.
+    ``X`` and ``D`` as constants, as FOMAML treats the inner gradient. Padded support
+    slots carry ``D = 0`` (their loss is masked out), so they add nothing.
 
-    Padded support slots carry ``D = 0`` (their loss is masked out), so they add nothing.
-    Only a scalar learning rate factors this way; Meta-SGD's rate per weight element does
-    not, and keeps materialised weights (``adapt_and_query``'s ``fast_weights``).
+    Materialised (``"materialized"``): the shared weights expanded to ``[N_b, out, in]``
+    (a view until the first step), updated per task with the gradient of the summed
+    support losses with respect to them (exactly each task's own gradient). It is the
+    cheaper form for small layers and large tasks, whose implicit products grow with
+    S x (K S + Q) x (in + out), and the only one for Meta-SGD's learned rate per weight
+    element, which does not factor through ``D^T X``.
     """
 
-    def __init__(self, prefixes: list[str], first_order: bool) -> None:
-        self.prefixes = set(prefixes)
+    def __init__(self, layers: dict[str, str], params: dict[str, torch.Tensor], num_tasks: int,
+                 first_order: bool) -> None:
+        self.implicit = sorted(p for p, mode in layers.items() if mode == "implicit")
         self.first_order = first_order
+        self.weights = {p + n: params[p + n].unsqueeze(0).expand(num_tasks, *params[p + n].shape)
+                        for p, mode in sorted(layers.items()) if mode == "materialized" for n in ("weight", "bias")}
         self.past: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prefix -> (X [N,M,in], lr*D [N,M,out])
         self.seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prefix -> (input, output) of the last call
 
     def linear(self, prefix: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        w = self.weights.get(prefix + "weight")
+        if w is not None:  # materialised: x [N, R, in] -> [N, R, out]
+            return torch.baddbmm(self.weights[prefix + "bias"].unsqueeze(1), x, w.transpose(1, 2))
         y = F.linear(x, weight, bias)
         past = self.past.get(prefix)
         if past is not None:
             xs, ds = past
             y = y - torch.baddbmm(ds.sum(1, keepdim=True), torch.bmm(x, xs.transpose(1, 2)), ds)
-        if prefix in self.prefixes:
+        if prefix in self.implicit:
             self.seen[prefix] = (x, y)
         return y
 
-    def outputs(self) -> list[torch.Tensor]:
-        """Outputs of the adapted layers in the last forward, in a fixed order: what the
-        inner gradient is taken with respect to."""
-        return [self.seen[p][1] for p in sorted(self.seen)]
+    def wrt(self) -> list[torch.Tensor]:
+        """What the inner gradient is taken with respect to, after a forward: the outputs of
+        the implicit layers, then the materialised weights, in a fixed order."""
+        return [self.seen[p][1] for p in self.implicit] + list(self.weights.values())
 
-    def step(self, grads: list[torch.Tensor], lr: float | torch.Tensor) -> None:
-        """One SGD step: ``grads`` are the loss's gradients at ``outputs()``."""
-        for p, d in zip(sorted(self.seen), grads):
-            x = self.seen[p][0]
+    def step(self, grads: list[torch.Tensor], lr: float | dict[str, torch.Tensor]) -> None:
+        """One SGD step; ``grads`` match ``wrt()``. ``lr``: a scalar, or (Meta-SGD,
+        materialised layers only) one tensor per parameter name."""
+        it = iter(grads)
+        for p in self.implicit:
+            x, d = self.seen[p][0], next(it)
             if self.first_order:
                 x = x.detach()
             d = d * lr
@@ -100,13 +115,31 @@ class ImplicitFastWeights(LinearHook):
                 xs, ds = self.past[p]
                 x, d = torch.cat([xs, x], dim=1), torch.cat([ds, d], dim=1)
             self.past[p] = (x, d)
+        self.weights = {n: _sgd(w, next(it), lr[n] if isinstance(lr, dict) else lr) for n, w in self.weights.items()}
         self.seen = {}
 
 
-def _adapted_layers(head: DLRMHead, adapt_dense: list[str]) -> list[str]:
-    """Parameter-name prefixes of the MetaLinear layers under the adapted parts."""
-    return [name + "." for name, mod in head.named_modules()
-            if isinstance(mod, MetaLinear) and name.split(".")[0] in adapt_dense]
+def choose_fast_weights(head: DLRMHead, adapt_dense: list[str], mode: str, lr, steps: int, support_width: int,
+                        query_width: int) -> dict[str, str]:
+    """How each adapted layer of a bucket holds its fast weights (``FastWeights``):
+    ``mode`` "implicit" or "materialized" for all, or "auto": materialised under Meta-SGD
+    (a rate per weight element), else per layer whichever costs fewer multiply-adds per
+    task beyond the shared forward: implicit S (in + out) (S K (K - 1) / 2 + Q K) for the
+    products over the support rows, materialised K (S + 1) in out for the weight gradients
+    and updates (S, Q: the bucket's padded support and query widths)."""
+    layers = {name + ".": mod for name, mod in head.named_modules()
+              if isinstance(mod, MetaLinear) and name.split(".")[0] in adapt_dense}
+    if mode == "auto" and isinstance(lr, dict):
+        mode = "materialized"
+    if mode != "auto":
+        return {p: mode for p in layers}
+    s, q, k = support_width, query_width, steps
+    out = {}
+    for p, mod in layers.items():
+        implicit = s * (mod.in_features + mod.out_features) * (s * k * (k - 1) / 2 + q * k)
+        materialized = k * (s + 1) * mod.in_features * mod.out_features
+        out[p] = "implicit" if implicit < materialized else "materialized"
+    return out
 
 
 def _sgd(w: torch.Tensor, g: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
@@ -155,21 +188,17 @@ def adapt_and_query(
     of the inner steps is kept for the meta-gradient (second order).
     ``lr`` / ``emb_lr``: constants, or (Meta-SGD) a learned tensor per adapted parameter
     (parameter shape) and one [F, D] tensor for the embedding rows.
-    ``fast_weights``: how the adapted dense layers hold each task's weights.
-    "implicit" (``ImplicitFastWeights``): never formed, exact for a scalar ``lr``, and
-    several times faster and smaller once layers have a few hundred units. "materialized":
-    the shared weights expanded to ``[N_b, out, in]`` per bucket and updated per task, the
-    only way a learned rate per weight element (Meta-SGD) applies. "auto": implicit unless
-    ``lr`` is per element.
+    ``fast_weights``: how the adapted dense layers hold each task's weights (``FastWeights``):
+    "implicit" (never formed; several times faster and smaller once layers have a few
+    hundred units), "materialized" (``[N_b, out, in]`` per bucket; the only form for a
+    learned rate per weight element), or "auto": chosen per layer and bucket by
+    ``choose_fast_weights``. Every choice gives the same result.
     """
-    if fast_weights == "auto":
-        fast_weights = "materialized" if isinstance(lr, dict) else "implicit"
-    if fast_weights not in ("implicit", "materialized"):
+    if fast_weights not in ("auto", "implicit", "materialized"):
         raise ValueError(f"fast_weights must be auto, implicit or materialized, got {fast_weights!r}")
     if fast_weights == "implicit" and isinstance(lr, dict):
         raise ValueError("implicit fast weights need one scalar inner learning rate; Meta-SGD's rate per "
-                         "weight element needs fast_weights='materialized'")
-    implicit = fast_weights == "implicit"
+                         "weight element needs fast_weights='materialized' (or 'auto')")
     L = layout
     nf, n_s, n_q, nnz_s = L.num_features, L.num_support, L.num_query, L.num_support_occurrences
     n = L.s_count.shape[0]
@@ -188,14 +217,9 @@ def adapt_and_query(
     ys = [gather_rows(labels_s, b.s_index) for b in buckets]
     xs = [gather_rows(dense_s, b.s_index) for b in buckets]
     params = dict(head.named_parameters())
-    if implicit:
-        fast = [ImplicitFastWeights(_adapted_layers(head, adapt_dense), first_order) for _ in buckets]
-    else:
-        adapted = [name for name in params if name.split(".")[0] in adapt_dense]
-        # every task starts from the shared weights: each bucket's are the parameters
-        # expanded to [N_b, ...] (a view, no copy and no gather)
-        fast = [{name: params[name].unsqueeze(0).expand(b.tasks.shape[0], *params[name].shape) for name in adapted}
-                for b in buckets]
+    fast = [FastWeights(choose_fast_weights(head, adapt_dense, fast_weights, lr, steps, b.s_index.shape[1],
+                                            b.q_index.shape[1]), params, b.tasks.shape[0], first_order)
+            for b in buckets]
     support_loss0 = torch.full((n,), float("nan"), dtype=batch.labels.dtype, device=batch.labels.device)
 
     with record_function("## inner_adapt ##"):
@@ -209,16 +233,12 @@ def adapt_and_query(
             losses = torch.cat(parts)
             if k == 0:
                 support_loss0 = losses.detach()[L.task_order]
-            wrt = [f.outputs() for f in fast] if implicit else [list(f.values()) for f in fast]
+            wrt = [f.wrt() for f in fast]
             inputs = [t for part in wrt for t in part] + ([source] if adapt_rows else [])
             grads = torch.autograd.grad(losses.sum(), inputs, create_graph=not first_order)
             it = iter(grads)
-            if implicit:
-                for f, part in zip(fast, wrt):
-                    f.step([next(it) for _ in part], lr)
-            else:
-                fast = [{name: _sgd(w, next(it), lr[name] if isinstance(lr, dict) else lr) for name, w in f.items()}
-                        for f in fast]
+            for f, part in zip(fast, wrt):
+                f.step([next(it) for _ in part], lr)
             if adapt_rows:
                 g = grads[-1]
                 source = source - g * (emb_lr[L.group_feature] if torch.is_tensor(emb_lr) else emb_lr)
