@@ -12,8 +12,8 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from gmeta.config import load_config
 from gmeta.io.reader import TaskReader
 from gmeta.models.dlrm import DLRMHead, build_model, lookup_rows
-from gmeta.parallel.layout import layout_of
 from gmeta.parallel import maml
+from gmeta.parallel.layout import layout_of
 from gmeta.parallel.maml import choose_fast_weights, maml_loss
 from tests.reference import task_query_losses
 
@@ -212,3 +212,32 @@ def test_auto_fast_weights_are_implicit_for_wide_layers_and_materialised_for_sma
     assert set(choose_fast_weights(head, ["over_arch"], "auto", {"x": torch.ones(1)}, 2, 20, 20).values()) == \
         {"materialized"}  # Meta-SGD
     assert set(choose_fast_weights(head, ["over_arch"], "implicit", 0.1, 2, 2000, 2000).values()) == {"implicit"}
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_single_valued_features_pool_by_reshape_and_equal_reference(debug_config_path, debug_data, first_order):
+    """With one id in every (row, feature) cell the layout orders occurrences by cell and
+    pools by a reshape (no scatter); still equal to the reference."""
+    from gmeta.batch import task_batch
+    from tests.test_library import _frame_of
+
+    cfg = load_config(debug_config_path, ["model.embedding_dim=4", "model.dense_arch=[6]", "model.over_arch=[5]"])
+    full = build_model(cfg)
+    single = [f for f in full.features if not f["multi_hot"]]
+    reader_batch = next(iter(TaskReader(debug_data["shards"], "train", 6, shuffle=False)))
+    df = _frame_of(reader_batch, full.features, cfg.features.dense).sort_values("task", kind="stable")
+    batch = task_batch(df, task="task", query="is_query", label="label", sparse=[f["name"] for f in single],
+                       dense=cfg.features.dense, features=single, size_buckets=2)
+    assert batch.layout.one_per_cell == 1
+    batch.dense, batch.labels = batch.dense.double(), batch.labels.double()
+    cfg = load_config(debug_config_path, ["model.embedding_dim=4", "model.dense_arch=[6]", "model.over_arch=[5]",
+                                          "features.sparse=[" + ", ".join(
+                                              f"{{name: {f['name']}, num_embeddings: {f['num_embeddings']}}}"
+                                              for f in single) + "]"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    head = copy.deepcopy(model.head).double()
+    tables = {f["name"]: (torch.randn(f["num_embeddings"], 4, dtype=torch.float64) * 0.3).requires_grad_()
+              for f in model.features}
+    _check_against_reference(model, head, batch, tables, 2, "auto", steps=2, lr=0.3, emb_lr=0.7,
+                             adapt_dense=["dense_arch", "over_arch"], adapt_embeddings=True, first_order=first_order)

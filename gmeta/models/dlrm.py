@@ -190,13 +190,6 @@ def lookup_rows(emb: dict[str, JaggedTensor], features: list[dict]) -> torch.Ten
     return torch.cat([emb[f["name"]].values() for f in features])
 
 
-def pool(values: torch.Tensor, slot: torch.Tensor, divisor: torch.Tensor, num_rows: int,
-         num_features: int) -> torch.Tensor:
-    """Sum (or mean, through ``divisor``) occurrences into cells: -> ``[num_rows, F, D]``."""
-    out = values.new_zeros(num_rows * num_features, values.shape[-1]).index_add(0, slot, values)
-    return (out / divisor.unsqueeze(-1)).view(num_rows, num_features, -1)
-
-
 class MetaDLRM(nn.Module):
     """DLRM for meta learning: ``sparse_arch`` (sharded by torchrec) + ``head`` (dense)."""
 

@@ -29,6 +29,13 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
+def pool(values: torch.Tensor, slot: torch.Tensor, divisor: torch.Tensor, num_rows: int,
+         num_features: int) -> torch.Tensor:
+    """Sum (or mean, through ``divisor``) occurrences into cells: -> ``[num_rows, F, D]``."""
+    out = values.new_zeros(num_rows * num_features, values.shape[-1]).index_add(0, slot, values)
+    return (out / divisor.unsqueeze(-1)).view(num_rows, num_features, -1)
+
+
 def _padded(offsets: np.ndarray, tasks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     starts, counts = offsets[:-1][tasks], (offsets[1:] - offsets[:-1])[tasks]
     width = int(counts.max()) if counts.size else 0
@@ -119,12 +126,15 @@ def build_arrays(values: np.ndarray, lengths: np.ndarray, support_offsets: np.nd
     out["unique_lengths"] = unique_lengths
     out["group_unique"] = group_unique
     out["group_feature"] = np.repeat(np.arange(nf), unique_lengths)[group_unique]
-    # support occurrences first (stable: feature-major within each block)
     is_q = occ_row >= num_s
-    perm = np.concatenate([np.flatnonzero(~is_q), np.flatnonzero(is_q)])
+    slot = occ_row * nf + occ_feature
+    # one id in every (row, feature) cell (all features single-valued): occurrences in cell
+    # order pool by a reshape, with no scatter; else support occurrences first, feature-major
+    one_per_cell = bool(len(values) == r_total * nf and (lengths == 1).all())
+    perm = np.argsort(slot, kind="stable") if one_per_cell else \
+        np.concatenate([np.flatnonzero(~is_q), np.flatnonzero(is_q)])
     out["occ_unique"] = occ_unique[perm]
     out["occ_group"] = occ_group.reshape(-1)[perm]
-    slot = occ_row * nf + occ_feature
     out["slot"] = slot[perm]  # cell of the whole batch, row * F + feature
     out["slot_q"] = slot[perm][int((~is_q).sum()):] - num_s * nf  # cell of the query block
     # pooling factor per (row, feature) cell, row-major like slot
@@ -137,7 +147,7 @@ def build_arrays(values: np.ndarray, lengths: np.ndarray, support_offsets: np.nd
     out["divisor"] = divisor.reshape(-1)
     out["unique_offsets"] = np.concatenate([[0], np.cumsum(unique_lengths)]).astype(np.int64)
     out["sizes"] = np.array([num_s, num_q, int((~is_q).sum()), num_unique, len(group_unique), nf,
-                             max(1, num_buckets)], np.int64)
+                             max(1, num_buckets), int(one_per_cell)], np.int64)
     return out
 
 
@@ -162,7 +172,7 @@ class SizeBucket:
 
 
 _INT_FIELDS = ("num_support", "num_query", "num_support_occurrences", "num_unique", "num_groups", "num_features",
-               "requested_buckets")
+               "requested_buckets", "one_per_cell")
 
 
 @dataclass
@@ -209,6 +219,14 @@ class BatchLayout:
     num_groups: int
     num_features: int
     requested_buckets: int  # the num_buckets asked for (a batch may need fewer)
+    one_per_cell: int  # 1: exactly one id per (row, feature) cell, occurrences in cell order
+
+    def pool(self, values: torch.Tensor, slot: torch.Tensor, divisor: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """Occurrence embeddings (in this layout's order) -> pooled cells ``[num_rows, F, D]``:
+        a reshape when every cell holds one id, else a sum (or mean) by scatter."""
+        if self.one_per_cell:
+            return values.view(num_rows, self.num_features, -1)
+        return pool(values, slot, divisor, num_rows, self.num_features)
     unique_per_key: list[int]
 
     @staticmethod

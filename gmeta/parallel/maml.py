@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.profiler import record_function
 
-from gmeta.models.dlrm import DLRMHead, LinearHook, MetaLinear, pool
+from gmeta.models.dlrm import DLRMHead, LinearHook, MetaLinear
 from gmeta.parallel.layout import BatchLayout
 from gmeta.types import TaskBatch
 
@@ -225,7 +225,7 @@ def adapt_and_query(
     with record_function("## inner_adapt ##"):
         for k in range(steps):
             emb_s = gather_rows(source, occ_s)
-            pooled_s = pool(emb_s, slot_s, div_s, n_s, nf)
+            pooled_s = L.pool(emb_s, slot_s, div_s, n_s)
             parts = []
             for i, b in enumerate(buckets):
                 logits_s = head(xs[i], gather_rows(pooled_s, b.s_index), fast[i])
@@ -245,7 +245,7 @@ def adapt_and_query(
 
     with record_function("## query_fwd ##"):
         emb_q = gather_rows(source, occ_q)
-        pooled_q = pool(emb_q, slot_q, div_q, n_q, nf)
+        pooled_q = L.pool(emb_q, slot_q, div_q, n_q)
         parts, flat = [], []
         for i, b in enumerate(buckets):
             logits_q = head(gather_rows(dense_q, b.q_index), gather_rows(pooled_q, b.q_index), fast[i])
@@ -272,7 +272,7 @@ def maml_loss(head: DLRMHead, rows: torch.Tensor, batch: TaskBatch, layout: Batc
 def erm_loss(head: DLRMHead, rows: torch.Tensor, batch: TaskBatch, layout: BatchLayout) -> MetaOutput:
     """Plain training of the same model on every row (support and query) of the batch."""
     L = layout
-    pooled = pool(gather_rows(rows, L.occ_unique), L.slot, L.divisor, L.num_rows, L.num_features)
+    pooled = L.pool(gather_rows(rows, L.occ_unique), L.slot, L.divisor, L.num_rows)
     logits = head(batch.dense, pooled)
     point = head.pointwise_loss(logits, batch.labels)
     loss = point.mean()
