@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
                    "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--resume", default=None, help="auto (newest checkpoint in train.output_dir, if any), none, "
                    "or a checkpoint path (default: train.resume)")
+    p.add_argument("--nnodes", type=int, default=1, help="machines in the job (each runs this command with its "
+                   "--node-rank; shards and train.output_dir on a filesystem all of them share)")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0 .. nnodes-1")
+    p.add_argument("--rdzv-endpoint", default="", help="host:port of the rendezvous (torchrun's c10d), reachable "
+                   "from every node; required with --nnodes > 1")
+    p.add_argument("--rdzv-id", default="gmeta", help="job id, the same on every node")
     p.add_argument("--max-restarts", type=int, default=0,
                    help="with N > 1 processes: restarts of the whole job after a process fails (torchrun); "
                         "use with --resume auto to continue from the last checkpoint")
@@ -115,8 +121,10 @@ def _explicit_shards(args: argparse.Namespace) -> tuple[str | None, str]:
     return (found, "override data.shards_dir") if found else (None, "")
 
 
-def _launch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
-    """Re-run this command in ``nproc`` processes through torch.distributed.run."""
+def _launch(nproc: int, argv: list[str], max_restarts: int = 0, nodes: tuple | None = None) -> int:
+    """Re-run this command in ``nproc`` processes through torch.distributed.run; on one
+    machine (standalone), or as one of ``nodes = (nnodes, node_rank, endpoint, job_id)``
+    meeting at a c10d rendezvous."""
     from torch.distributed.run import get_args_parser, run
 
     # The rendezvous TCP store shared with the workers is not restart-safe: after a
@@ -127,9 +135,14 @@ def _launch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     from gmeta.parallel.dist import threads_per_process
 
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(0, nproc)[0]))
+    if nodes is None:
+        where = ["--standalone"]
+    else:
+        nnodes, node_rank, endpoint, job = nodes
+        where = [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint={endpoint}", f"--rdzv-id={job}"]
     args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", "--module", "gmeta.cli",
-         *argv])
+        [*where, f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", "--module", "gmeta.cli", *argv])
     try:
         run(args)
     except Exception as e:  # torchrun raises ChildFailedError with the failing rank's log
@@ -179,6 +192,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.resume is not None:
             cfg.train.resume = args.resume
+        if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+            print(f"gmeta train: --node-rank must be in 0..{args.nnodes - 1} and --nnodes >= 1", file=sys.stderr)
+            return 2
+        if args.nnodes > 1 and not under_torchrun():
+            if ":" not in args.rdzv_endpoint:
+                print("gmeta train: --nnodes > 1 needs --rdzv-endpoint host:port (a machine every node reaches; "
+                      "node 0's address, say)", file=sys.stderr)
+                return 2
+            return _launch(nproc, argv, args.max_restarts,
+                           (args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id))
         if nproc > 1 and not under_torchrun():
             return _launch(nproc, argv, args.max_restarts)
         from gmeta.checkpoint import CheckpointError

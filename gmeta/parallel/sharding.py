@@ -8,6 +8,7 @@ left unwrapped (see gmeta.parallel.dist).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.distributed as dist
@@ -66,7 +67,9 @@ def shard_model(model: MetaDLRM, cfg: Config, device: torch.device) -> Distribut
     for f, kind in table_sharding_types(model, cfg).items():
         if kind != "auto":
             constraints[f"t_{f}"] = ParameterConstraints(sharding_types=[kind])
-    topology = Topology(world_size=world, compute_device=device.type, local_world_size=world)
+    # processes per machine as torchrun started them (intra-node links are faster)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    topology = Topology(world_size=world, compute_device=device.type, local_world_size=local)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints or None)
     sharders = [EmbeddingCollectionSharder()]
     pg = dist.GroupMember.WORLD
