@@ -19,9 +19,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from gmeta.io.blocks import _LAYOUT, _pack
+from gmeta.io.blocks import _ranges, pack_batch
 from gmeta.io.prepare import stable_hash
-from gmeta.parallel.layout import build_arrays
 from gmeta.types import TaskBatch
 
 
@@ -122,9 +121,7 @@ def task_batch(data: Mapping, *, task: str, query: str, label: str, sparse: Sequ
             values.append(v[order])
             lengths.append(np.ones(num_rows, np.int64))
         else:
-            starts = np.concatenate([[0], np.cumsum(ln)])[:-1]
-            ln = ln[order]
-            pos = np.repeat(starts[order] - (np.cumsum(ln) - ln), ln) + np.arange(int(ln.sum()))
+            pos, ln = _ranges(np.concatenate([[0], np.cumsum(ln)]), order)
             values.append(v[pos])
             lengths.append(ln)
     key_arr = np.empty(len(first), dtype=object)
@@ -139,7 +136,4 @@ def task_batch(data: Mapping, *, task: str, query: str, label: str, sparse: Sequ
         "task_ids": key_hash,
     }
     pooling = [f.get("pooling", "sum") for f in features] if features is not None else ["sum"] * len(sparse)
-    lay = build_arrays(arrays["values"], arrays["lengths"], arrays["support_offsets"], arrays["query_offsets"],
-                       pooling, size_buckets)
-    arrays.update({_LAYOUT + k: v for k, v in lay.items()})
-    return _pack(arrays, list(sparse)).unpack()
+    return pack_batch(arrays, list(sparse), pooling, size_buckets).unpack()

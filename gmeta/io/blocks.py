@@ -279,8 +279,14 @@ def collate_packed(picks: list[tuple[TaskBlock, np.ndarray]], schema: dict, size
     }
     if schema["has_true_prob"]:
         arrays["true_prob"] = np.concatenate(s["true_prob"] + q["true_prob"]).astype(np.float32, copy=False)
-    if size_buckets is not None:
-        lay = build_arrays(arrays["values"], arrays["lengths"], arrays["support_offsets"], arrays["query_offsets"],
-                           [f.get("pooling", "sum") for f in schema["sparse"]], size_buckets)
-        arrays.update({_LAYOUT + k: v for k, v in lay.items()})
-    return _pack(arrays, [f["name"] for f in schema["sparse"]])
+    keys = [f["name"] for f in schema["sparse"]]
+    if size_buckets is None:
+        return _pack(arrays, keys)
+    return pack_batch(arrays, keys, [f.get("pooling", "sum") for f in schema["sparse"]], size_buckets)
+
+
+def pack_batch(arrays: dict[str, np.ndarray], keys: list[str], pooling: list[str], size_buckets: int) -> PackedBatch:
+    """A collated batch's arrays plus its ``BatchLayout`` for ``size_buckets``, in one buffer."""
+    lay = build_arrays(arrays["values"], arrays["lengths"], arrays["support_offsets"], arrays["query_offsets"],
+                       pooling, size_buckets)
+    return _pack({**arrays, **{_LAYOUT + k: v for k, v in lay.items()}}, keys)

@@ -81,7 +81,8 @@ class FastWeights(LinearHook):
         self.first_order = first_order
         self.weights = {p + n: params[p + n].unsqueeze(0).expand(num_tasks, *params[p + n].shape)
                         for p, mode in sorted(layers.items()) if mode == "materialized" for n in ("weight", "bias")}
-        self.past: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prefix -> (X [N,M,in], lr*D [N,M,out])
+        # prefix -> (X [N,M,in], lr*D [N,M,out], its sum over the M rows [N,1,out]: the bias update)
+        self.past: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prefix -> (input, output) of the last call
 
     def linear(self, prefix: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -91,8 +92,8 @@ class FastWeights(LinearHook):
         y = F.linear(x, weight, bias)
         past = self.past.get(prefix)
         if past is not None:
-            xs, ds = past
-            y = y - torch.baddbmm(ds.sum(1, keepdim=True), torch.bmm(x, xs.transpose(1, 2)), ds)
+            xs, ds, dsum = past
+            y = y - torch.baddbmm(dsum, torch.bmm(x, xs.transpose(1, 2)), ds)
         if prefix in self.implicit:
             self.seen[prefix] = (x, y)
         return y
@@ -111,10 +112,11 @@ class FastWeights(LinearHook):
             if self.first_order:
                 x = x.detach()
             d = d * lr
+            dsum = d.sum(1, keepdim=True)
             if p in self.past:
-                xs, ds = self.past[p]
-                x, d = torch.cat([xs, x], dim=1), torch.cat([ds, d], dim=1)
-            self.past[p] = (x, d)
+                xs, ds, prev = self.past[p]
+                x, d, dsum = torch.cat([xs, x], dim=1), torch.cat([ds, d], dim=1), prev + dsum
+            self.past[p] = (x, d, dsum)
         self.weights = {n: _sgd(w, next(it), lr[n] if isinstance(lr, dict) else lr) for n, w in self.weights.items()}
         self.seen = {}
 
