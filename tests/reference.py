@@ -61,3 +61,11 @@ def task_query_losses(head: torch.nn.Module, tables: dict[str, torch.Tensor], fe
         logits = functional_call(head, fast, (dense[q_rows], pooled))
         out.append(F.binary_cross_entropy_with_logits(logits, labels[q_rows]))
     return out
+
+
+def erm_row_losses(head: torch.nn.Module, tables: dict[str, torch.Tensor], features: list[dict],
+                   batch: TaskBatch) -> torch.Tensor:
+    """Unadapted loss of every row (support and query) of ``batch``: [S+Q]."""
+    dense = batch.dense.to(next(head.parameters()).dtype)
+    logits = head(dense, embed(tables, features, batch))
+    return F.binary_cross_entropy_with_logits(logits, batch.labels.to(dense.dtype), reduction="none")

@@ -15,7 +15,7 @@ from gmeta.parallel.dist import DenseGradSync, broadcast_params
 from gmeta.parallel.sharding import shard_model
 from gmeta.train import train_step
 from tests.multiprocess import run_ranks
-from tests.reference import task_query_losses
+from tests.reference import erm_row_losses, task_query_losses
 
 WORLD = 2
 
@@ -42,11 +42,12 @@ def _plan_types(model) -> dict[str, str]:
 
 
 def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, sharding_type, extra=(),
-                                expect_plan=None):
+                                expect_plan=None, algorithm="maml"):
     cfg = load_config(cfg_path, [*extra,
         "model.embedding_dim=4", "model.dense_arch=[6]", "model.over_arch=[5]", "meta.tasks_per_batch=3",
         "meta.inner_steps=2", "meta.inner_lr=0.3", "meta.embedding_inner_lr=0.6", f"meta.first_order={first_order}",
-        "optim.embedding_optimizer=sgd", "optim.embedding_lr=0.5", f"sharding.sharding_type={sharding_type}"])
+        "optim.embedding_optimizer=sgd", "optim.embedding_lr=0.5", f"sharding.sharding_type={sharding_type}",
+        f"meta.algorithm={algorithm}"])
     torch.manual_seed(0)
     model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, torch.device("cpu"))
     if expect_plan:
@@ -73,14 +74,17 @@ def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, shar
     for _ in range(2):
         batches = [next(it) for it in iters]
         train_step(model, batches[rank], cfg, sync, opt)
-        # reference: one process, every task of every rank, real per-task fast weights
-        losses = []
-        for b in batches:
-            losses += task_query_losses(ref_head, ref_tables, features, b, **kw)
         ref_opt.zero_grad()
         for t in ref_tables.values():
             t.grad = None
-        torch.stack(losses).mean().backward()
+        if algorithm == "erm":  # reference: the mean over every row of the global batch
+            assert batches[0].num_rows != batches[1].num_rows  # else a per-rank mean would pass too
+            torch.cat([erm_row_losses(ref_head, ref_tables, features, b) for b in batches]).mean().backward()
+        else:  # reference: one process, every task of every rank, real per-task fast weights
+            losses = []
+            for b in batches:
+                losses += task_query_losses(ref_head, ref_tables, features, b, **kw)
+            torch.stack(losses).mean().backward()
         ref_opt.step()
         with torch.no_grad():
             for t in ref_tables.values():
@@ -101,6 +105,12 @@ def test_maml_step_on_two_ranks_equals_single_process_reference(debug_config_pat
                                                                 sharding_type):
     run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]),
               first_order, sharding_type)
+
+
+def test_erm_step_on_two_ranks_equals_one_process_on_the_global_batch(debug_config_path, debug_data):
+    # ranks hold different numbers of rows: each rank's loss is weighted by its share of the global rows
+    run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]), False,
+              "table_wise", (), None, "erm")
 
 
 def test_per_table_sharding_and_memory_budget_equal_reference(debug_config_path, debug_data):
