@@ -2,7 +2,9 @@
 
 The planner chooses placements under the sharding type the config allows; tables get a
 fused optimizer from fbgemm (applied inside the backward of the lookup). Dense parts are
-left unwrapped (see gmeta.parallel.dist).
+left unwrapped (see gmeta.parallel.dist). ``plan_report`` runs the same planner for a
+cluster that is not there (``gmeta plan``): placements and the planner's per-rank memory
+and cost estimates, without a process group.
 """
 
 from __future__ import annotations
@@ -54,23 +56,38 @@ def table_sharding_types(model: MetaDLRM, cfg: Config) -> dict[str, str]:
     return out
 
 
-def shard_model(model: MetaDLRM, cfg: Config, device: torch.device) -> DistributedModelParallel:
-    """Attach the fused embedding optimizer, plan, and shard ``model`` over the default group."""
-    if device.type == "cpu" and cfg.optim.embedding_optimizer in CUDA_ONLY_OPTIMIZERS:
+# What ``auto`` lets the planner choose from: the model-parallel kinds, whose gradients
+# reach the owning shard through torchrec's all-to-all / reduce-scatter. Never
+# data_parallel: a replicated table's gradients would need an all-reduce that nothing
+# runs (gmeta does not wrap the model in DDP, see gmeta.parallel.dist).
+AUTO_SHARDING_TYPES = ["table_wise", "row_wise", "column_wise"]
+
+
+def make_planner(model: MetaDLRM, cfg: Config, device_type: str, world: int, local_world: int,
+                 batch_rows: int | None = None) -> EmbeddingShardingPlanner:
+    """Attach the fused embedding optimizer to ``model``'s tables and return torchrec's planner
+    for ``world`` processes, ``local_world`` per machine, constrained by the config's sharding."""
+    if device_type == "cpu" and cfg.optim.embedding_optimizer in CUDA_ONLY_OPTIMIZERS:
         raise ConfigError(f"optim.embedding_optimizer: {cfg.optim.embedding_optimizer!r} has a fused kernel in "
                           "fbgemm on GPU only; on CPU use one of "
                           f"{sorted(set(EMBEDDING_OPTIMIZERS) - CUDA_ONLY_OPTIMIZERS)}")
+    if world % local_world:
+        raise ConfigError(f"world size {world} is not a multiple of the processes per node ({local_world})")
     opt_cls = EMBEDDING_OPTIMIZERS[cfg.optim.embedding_optimizer]
     apply_optimizer_in_backward(opt_cls, model.sparse_arch.parameters(), {"lr": cfg.optim.embedding_lr})
+    constraints = {f"t_{f}": ParameterConstraints(sharding_types=AUTO_SHARDING_TYPES if kind == "auto" else [kind])
+                   for f, kind in table_sharding_types(model, cfg).items()}
+    topology = Topology(world_size=world, compute_device=device_type, local_world_size=local_world)
+    extra = {"batch_size": batch_rows} if batch_rows else {}
+    return EmbeddingShardingPlanner(topology=topology, constraints=constraints, **extra)
+
+
+def shard_model(model: MetaDLRM, cfg: Config, device: torch.device) -> DistributedModelParallel:
+    """Attach the fused embedding optimizer, plan, and shard ``model`` over the default group."""
     world = dist.get_world_size()
-    constraints = {}
-    for f, kind in table_sharding_types(model, cfg).items():
-        if kind != "auto":
-            constraints[f"t_{f}"] = ParameterConstraints(sharding_types=[kind])
     # processes per machine as torchrun started them (intra-node links are faster)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    topology = Topology(world_size=world, compute_device=device.type, local_world_size=local)
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints or None)
+    planner = make_planner(model, cfg, device.type, world, local)
     sharders = [EmbeddingCollectionSharder()]
     pg = dist.GroupMember.WORLD
     plan = planner.collective_plan(model, sharders, pg)
@@ -82,3 +99,59 @@ def shard_model(model: MetaDLRM, cfg: Config, device: torch.device) -> Distribut
         sharders=sharders,
         init_data_parallel=False,  # dense gradients are all-reduced explicitly
     )
+
+
+def plan_report(cfg: Config, world: int, local_world: int, device_type: str, batch_rows: int | None = None) -> dict:
+    """The sharding plan for ``world`` processes (``local_world`` per node) on ``device_type``,
+    without running: per table its sharding type, kernel and shards; per rank the planner's
+    storage (device memory for tables and optimizer state, host memory) and its estimated
+    step time split into compute and communication, in seconds for ``batch_rows`` rows per
+    rank and step (the planner's default when None)."""
+    from gmeta.models.dlrm import build_model
+
+    model = build_model(cfg, device=torch.device("meta"))
+    planner = make_planner(model, cfg, device_type, world, local_world, batch_rows)
+    planner.plan(model, [EmbeddingCollectionSharder()])
+    ranks = [{"rank": r, "node": r // local_world, "hbm_mib": 0.0, "ddr_mib": 0.0, "compute_s": 0.0,
+              "comms_s": 0.0} for r in range(world)]
+    tables = []
+    for so in planner._best_plan:  # torchrec keeps the chosen ShardingOptions here (no public accessor)
+        tables.append({"table": so.name[len("t_"):], "rows": so.tensor.shape[0], "dim": so.tensor.shape[1],
+                       "sharding_type": so.sharding_type, "compute_kernel": so.compute_kernel,
+                       "ranks": sorted({s.rank for s in so.shards})})
+        for sh in so.shards:
+            r = ranks[sh.rank]
+            r["hbm_mib"] += sh.storage.hbm / 2**20
+            r["ddr_mib"] += sh.storage.ddr / 2**20
+            p = sh.perf
+            r["compute_s"] += p.fwd_compute + p.bwd_compute + p.prefetch_compute
+            r["comms_s"] += p.fwd_comms + p.bwd_comms + p.input_dist_comms
+    t = planner._topology
+    return {"world_size": world, "local_world_size": local_world, "nodes": world // local_world,
+            "device": device_type, "batch_rows": planner._batch_size,
+            "hbm_cap_mib": t.devices[0].storage.hbm / 2**20, "ddr_cap_mib": t.devices[0].storage.ddr / 2**20,
+            "tables": tables, "ranks": ranks}
+
+
+def format_plan(report: dict) -> str:
+    """``plan_report`` as two plain-text tables (tables, then ranks)."""
+    r = report
+    lines = [f"sharding plan: {r['world_size']} processes = {r['nodes']} node(s) x {r['local_world_size']}, "
+             f"{r['device']}, {r['batch_rows']} rows per rank and step",
+             "", f"{'table':<16} {'rows':>12} {'dim':>4}  {'sharding':<12} {'kernel':<10} ranks"]
+    for t in r["tables"]:
+        rk = t["ranks"]
+        where = f"{rk[0]}" if len(rk) == 1 else f"{len(rk)} ranks ({rk[0]}..{rk[-1]})"
+        lines.append(f"{t['table']:<16} {t['rows']:>12,} {t['dim']:>4}  {t['sharding_type']:<12} "
+                     f"{t['compute_kernel']:<10} {where}")
+    mem = "hbm_mib" if r["device"] == "cuda" else "ddr_mib"
+    cap = r["hbm_cap_mib"] if r["device"] == "cuda" else r["ddr_cap_mib"]
+    lines += ["", f"{'rank':>4} {'node':>4}  {'table memory MiB':>16} {'of cap':>7}  {'compute ms':>10} "
+              f"{'comms ms':>9}  (planner's estimates per step)"]
+    for k in r["ranks"]:
+        lines.append(f"{k['rank']:>4} {k['node']:>4}  {k[mem]:>16,.1f} {100 * k[mem] / cap:>6.2f}%  "
+                     f"{1e3 * k['compute_s']:>10.3f} {1e3 * k['comms_s']:>9.3f}")
+    worst = max(r["ranks"], key=lambda k: k["compute_s"] + k["comms_s"])
+    lines.append(f"slowest rank: {worst['rank']} ({1e3 * (worst['compute_s'] + worst['comms_s']):.3f} ms of "
+                 "embedding compute and communication per step)")
+    return "\n".join(lines)
