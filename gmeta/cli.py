@@ -1,4 +1,4 @@
-"""``gmeta`` command line: synth, prepare, train, evaluate, predict.
+"""``gmeta`` command line: synth, prepare, train, plan, evaluate, predict.
 
 Thin by design: each subcommand loads the config and calls one function. ``train`` with
 ``--nproc-per-node N > 1`` hands off to ``torch.distributed.run`` (torchrun), which starts N
@@ -68,6 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=int, default=0,
                    help="with N > 1 processes: restarts of the whole job after a process fails (torchrun); "
                         "use with --resume auto to continue from the last checkpoint")
+
+    p = sub.add_parser("plan", help="the sharding plan for a cluster, with the planner's memory and cost estimates",
+                       description="Run torchrec's planner for --world-size processes (--local-world-size per "
+                                   "node) on --device, without a process group or a GPU: per table its sharding, "
+                                   "per rank its table memory and estimated embedding compute and communication.")
+    _add_config(p)
+    p.add_argument("--world-size", type=int, required=True, help="processes in the job (nodes x processes per node)")
+    p.add_argument("--local-world-size", type=int, default=None, help="processes per node (default: --world-size)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="device of each process (default: cuda)")
+    p.add_argument("--rows-per-step", type=int, default=None, help="rows each rank looks up per step (default: "
+                   "meta.tasks_per_batch x the mean rows per task of the shards' manifest, when there is one)")
+    p.add_argument("--json", default=None, help="also write the plan as JSON to this file")
 
     p = sub.add_parser("evaluate", help="cold-start evaluation of a checkpoint on held-out tasks",
                        description="Adapt on each held-out task's support set, score its query set; write "
@@ -151,6 +163,35 @@ def _launch(nproc: int, argv: list[str], max_restarts: int = 0, nodes: tuple | N
     return 0
 
 
+def _plan(args: argparse.Namespace, cfg) -> int:
+    import json
+    from pathlib import Path
+
+    from gmeta.parallel.sharding import format_plan, plan_report
+
+    world, local = args.world_size, args.local_world_size or args.world_size
+    if world < 1 or local < 1 or world % local:
+        print(f"gmeta plan: --world-size ({world}) must be a positive multiple of --local-world-size ({local})",
+              file=sys.stderr)
+        return 2
+    rows = args.rows_per_step
+    manifest = Path(cfg.data.shards_dir) / "manifest.json"
+    if rows is None and manifest.is_file():
+        train = json.loads(manifest.read_text())["splits"]["train"]
+        if train["tasks"]:
+            per_task = (train["support_rows"] + train["query_rows"]) / train["tasks"]
+            rows = max(1, round(cfg.meta.tasks_per_batch * per_task))
+    try:
+        report = plan_report(cfg, world, local, args.device, rows)
+    except ConfigError as e:
+        print(f"gmeta plan: config error: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -215,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gmeta train: {e}", file=sys.stderr)
             return 2
         return 0
+
+    if args.command == "plan":
+        return _plan(args, cfg)
 
     if args.command == "evaluate":
         from gmeta.checkpoint import CheckpointError

@@ -38,7 +38,7 @@ from gmeta import metrics
 from gmeta.config import Config
 from gmeta.io.prepare import load_manifest
 from gmeta.io.reader import TaskReader
-from gmeta.models.dlrm import MetaDLRM
+from gmeta.models.dlrm import MetaDLRM, model_device
 from gmeta.parallel.layout import layout_of
 from gmeta.parallel.maml import adapt_and_query
 from gmeta.types import TaskBatch
@@ -97,6 +97,7 @@ def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int]) -> d
     the same number of batches)."""
     inner = _inner(model)
     m = cfg.meta
+    batch = batch.to(model_device(model), non_blocking=True)  # (nothing to do when it is there already)
     layout = layout_of(batch, inner.pooling, m.size_buckets)
     with torch.no_grad():
         rows = inner.lookup(layout)
@@ -160,11 +161,11 @@ def collect(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | No
                         size_buckets=cfg.meta.size_buckets)
     ks = sorted(set(cfg.eval.curve_steps) | {steps, 0})
     n_batches = len(reader)
+    device = model_device(model)
     if world_size > 1:  # sharded lookups are collective: every rank runs as many batches
-        t = torch.tensor([n_batches])
+        t = torch.tensor([n_batches], device=device)  # NCCL reduces device tensors only
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         n_batches = int(t)
-    device = next(_inner(model).head.parameters()).device
     out = Predictions()
     last = None
     it = iter(reader)

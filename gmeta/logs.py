@@ -41,6 +41,17 @@ VERBOSE_ENV = "GMETA_VERBOSE"
 NOISY_LOGGERS = ("torchrec", "fbgemm_gpu", "torch.fx._symbolic_trace", "mlflow")
 
 
+class _QuietLibraries(logging.Filter):
+    """Drops records below ERROR that libraries log on the *root* logger from their own
+    files (fbgemm_gpu's load messages and its version-table notice), which a logger level
+    cannot reach."""
+
+    verbose = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.verbose or record.levelno >= logging.ERROR or "fbgemm_gpu" not in record.pathname
+
+
 def verbose_from_env() -> bool:
     return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
@@ -61,7 +72,12 @@ def setup_logging(verbose: bool | None = None) -> bool:
     if not root.handlers:  # else someone (pytest, an application) handles the output already
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(name)s: %(message)s", datefmt="%H:%M:%S"))
+        handler.addFilter(_QuietLibraries())
         root.addHandler(handler)
+    for h in root.handlers:  # ours (an application's own handlers are left as they are)
+        for f in h.filters:
+            if isinstance(f, _QuietLibraries):
+                f.verbose = verbose
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("gmeta").setLevel(logging.INFO)
     for name in NOISY_LOGGERS:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from gmeta.checkpoint import load_unsharded
 from gmeta.evaluate import choose_shards, predict_query
 from gmeta.io.reader import TaskReader, task_keys
-from gmeta.parallel.dist import configure_threads
+from gmeta.parallel.dist import configure_threads, default_device
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str 
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    model, cfg, meta = load_unsharded(checkpoint)
+    device = default_device()
+    model, cfg, meta = load_unsharded(checkpoint, device)
     configure_threads(cfg.train.threads)
     shards = choose_shards(shards_dir, shards_why, cfg, checkpoint, command="predict")
     steps = inner_steps if inner_steps is not None and inner_steps >= 0 else (
@@ -63,7 +64,8 @@ def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str 
     job = {"checkpoint": str(Path(checkpoint).resolve()), "shards": str(shards.resolve()), "split": split,
            "inner_steps": steps, "tasks_per_batch": tpb, "max_tasks": max_tasks}
     reader = TaskReader(shards, split, tpb, shuffle=False, drop_last=False, num_workers=1,
-                        on_bad_task=cfg.data.on_bad_task, max_tasks=max_tasks, size_buckets=cfg.meta.size_buckets)
+                        pin_memory=device.type == "cuda", on_bad_task=cfg.data.on_bad_task, max_tasks=max_tasks,
+                        size_buckets=cfg.meta.size_buckets)
     state = {"job": job, "parts": 0, "rows": 0, "tasks": 0, "reader": None, "complete": False}
     progress_file = out / PROGRESS
     if progress_file.is_file():

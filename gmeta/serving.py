@@ -193,8 +193,9 @@ try:
 
         def load_context(self, context) -> None:
             from gmeta.checkpoint import load_unsharded
+            from gmeta.parallel.dist import default_device
 
-            self.model, self.cfg, meta = load_unsharded(context.artifacts["checkpoint"])
+            self.model, self.cfg, meta = load_unsharded(context.artifacts["checkpoint"], default_device())
             self.column_types = meta.get("input_columns")
 
         def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:

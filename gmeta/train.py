@@ -65,8 +65,8 @@ class _Fetcher:
     """Takes batches from the reader, timing how long the loop waits for them, and keeps
     the reader's position after each batch taken until that batch is trained."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device | None) -> None:
+        self.device = device  # None: batches stay on the host (the pipeline copies them)
         self.since = 0.0  # waited since the last log step
         self.total = 0.0  # waited in all
         self.first_total = 0.0  # waited for each epoch's first batch (reader workers starting)
@@ -93,7 +93,7 @@ class _Fetcher:
         if batch is None:
             return None
         self.positions.append(self.reader.state_dict())
-        return batch.to(self.device, non_blocking=True)
+        return batch if self.device is None else batch.to(self.device, non_blocking=True)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -205,6 +205,8 @@ def run_steps(model, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.opt
                 rows = inner.lookup(layout_of(batch, inner.pooling, cfg.meta.size_buckets))
         times.comm += time.perf_counter() - t0
         out = train_step(model, batch, cfg, grad_sync, dense_opt, rows=rows, times=times)
+        if pipe and pending is not None:  # this step is queued: collect the next batch's ids meanwhile
+            pipe.wait_ids(pending)
         times.step += time.perf_counter() - t0
         done += 1
         yield batch, out
@@ -319,10 +321,10 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     t_log = time.perf_counter()
     t_ckpt = time.perf_counter()
     tasks_since = rows_since = 0
-    fetch = _Fetcher(env.device)
+    fetch = _Fetcher(None if cfg.train.pipeline else env.device)  # the pipeline copies on its own stream
     t_loop = time.perf_counter()
     last: dict[str, float] = {}
-    pipe = SparseDistPipeline(model.module, cfg.meta.size_buckets) if cfg.train.pipeline else None
+    pipe = SparseDistPipeline(model.module, cfg.meta.size_buckets, env.device) if cfg.train.pipeline else None
     times = StepTimes()
     tasks_run = 0
     position = reader.state_dict()
@@ -414,7 +416,7 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     # first batch, i.e. in steady state), averaged over ranks
     loop_s = max(time.perf_counter() - t_loop, 1e-9)
     steady = (fetch.total - fetch.first_total) / max(loop_s - fetch.first_total, 1e-9)
-    stall = torch.tensor([fetch.total / loop_s, steady])
+    stall = torch.tensor([fetch.total / loop_s, steady], device=env.device)
     dist.all_reduce(stall)
     stall /= env.world_size
     last["train/data_stall_share_total"] = stall[0].item()

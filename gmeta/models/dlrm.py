@@ -213,7 +213,18 @@ class MetaDLRM(nn.Module):
             name.replace(".", "__"): nn.Parameter(torch.full_like(p, inner_lr))
             for name, p in self.head.named_parameters() if name.split(".")[0] in adapt_dense})
         dim = self.head.dense_arch.mlp.layers[-1].out_features
-        self.inner_lr_emb = nn.Parameter(torch.full((self.num_features, dim), embedding_inner_lr))
+        device = next(self.head.parameters()).device
+        self.inner_lr_emb = nn.Parameter(torch.full((self.num_features, dim), embedding_inner_lr, device=device))
+
+    def dense_to(self, device: torch.device) -> None:
+        """Move the data-parallel part (head, Meta-SGD rates) to ``device``, leaving the tables
+        where they are: torchrec places those when it shards them, and
+        ``DistributedModelParallel(init_data_parallel=False)`` moves nothing else. Call it
+        before making optimizers: a parameter held directly may be replaced."""
+        self.head.to(device)
+        if hasattr(self, "inner_lr_dense"):
+            self.inner_lr_dense.to(device)
+            self.inner_lr_emb = nn.Parameter(self.inner_lr_emb.detach().to(device))
 
     def inner_lrs(self, inner_lr: float, embedding_inner_lr: float) -> tuple:
         """(dense lr, embedding lr) for the inner loop: the learned tensors under Meta-SGD,
@@ -250,6 +261,13 @@ class MetaDLRM(nn.Module):
                 cell = cell / lengths.clamp(min=1).unsqueeze(1).to(cell.dtype)
             cells.append(cell)
         return self.head(dense, torch.stack(cells, dim=1))
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's dense part (a MetaDLRM, or one sharded by torchrec): where its
+    batches go."""
+    inner = model.module if hasattr(model, "module") else model
+    return next(inner.head.parameters()).device
 
 
 def build_model(cfg: Config, device: torch.device | None = None) -> MetaDLRM:

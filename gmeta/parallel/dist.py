@@ -90,6 +90,11 @@ def configure_threads(requested: int) -> int:
     return n
 
 
+def default_device() -> torch.device:
+    """Where a one-process job (predict, serving) runs: the current GPU if there is one."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def pick_device(local_rank: int) -> tuple[torch.device, str]:
     """CUDA + NCCL when a GPU is present, CPU + gloo otherwise."""
     if torch.cuda.is_available():

@@ -88,6 +88,7 @@ def shard_model(model: MetaDLRM, cfg: Config, device: torch.device) -> Distribut
     # processes per machine as torchrun started them (intra-node links are faster)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     planner = make_planner(model, cfg, device.type, world, local)
+    model.dense_to(device)  # every dense parameter on this process's device before DMP
     sharders = [EmbeddingCollectionSharder()]
     pg = dist.GroupMember.WORLD
     plan = planner.collective_plan(model, sharders, pg)
@@ -105,15 +106,16 @@ def plan_report(cfg: Config, world: int, local_world: int, device_type: str, bat
     """The sharding plan for ``world`` processes (``local_world`` per node) on ``device_type``,
     without running: per table its sharding type, kernel and shards; per rank the planner's
     storage (device memory for tables and optimizer state, host memory) and its estimated
-    step time split into compute and communication, in seconds for ``batch_rows`` rows per
-    rank and step (the planner's default when None)."""
+    time of the embedding part of a step split into compute and communication, in
+    milliseconds (torchrec's unit) for ``batch_rows`` rows per rank and step (the planner's
+    default when None)."""
     from gmeta.models.dlrm import build_model
 
     model = build_model(cfg, device=torch.device("meta"))
     planner = make_planner(model, cfg, device_type, world, local_world, batch_rows)
     planner.plan(model, [EmbeddingCollectionSharder()])
-    ranks = [{"rank": r, "node": r // local_world, "hbm_mib": 0.0, "ddr_mib": 0.0, "compute_s": 0.0,
-              "comms_s": 0.0} for r in range(world)]
+    ranks = [{"rank": r, "node": r // local_world, "hbm_mib": 0.0, "ddr_mib": 0.0, "compute_ms": 0.0,
+              "comms_ms": 0.0} for r in range(world)]
     tables = []
     for so in planner._best_plan:  # torchrec keeps the chosen ShardingOptions here (no public accessor)
         tables.append({"table": so.name[len("t_"):], "rows": so.tensor.shape[0], "dim": so.tensor.shape[1],
@@ -124,8 +126,8 @@ def plan_report(cfg: Config, world: int, local_world: int, device_type: str, bat
             r["hbm_mib"] += sh.storage.hbm / 2**20
             r["ddr_mib"] += sh.storage.ddr / 2**20
             p = sh.perf
-            r["compute_s"] += p.fwd_compute + p.bwd_compute + p.prefetch_compute
-            r["comms_s"] += p.fwd_comms + p.bwd_comms + p.input_dist_comms
+            r["compute_ms"] += p.fwd_compute + p.bwd_compute + p.prefetch_compute
+            r["comms_ms"] += p.fwd_comms + p.bwd_comms + p.input_dist_comms
     t = planner._topology
     return {"world_size": world, "local_world_size": local_world, "nodes": world // local_world,
             "device": device_type, "batch_rows": planner._batch_size,
@@ -150,8 +152,8 @@ def format_plan(report: dict) -> str:
               f"{'comms ms':>9}  (planner's estimates per step)"]
     for k in r["ranks"]:
         lines.append(f"{k['rank']:>4} {k['node']:>4}  {k[mem]:>16,.1f} {100 * k[mem] / cap:>6.2f}%  "
-                     f"{1e3 * k['compute_s']:>10.3f} {1e3 * k['comms_s']:>9.3f}")
-    worst = max(r["ranks"], key=lambda k: k["compute_s"] + k["comms_s"])
-    lines.append(f"slowest rank: {worst['rank']} ({1e3 * (worst['compute_s'] + worst['comms_s']):.3f} ms of "
+                     f"{k['compute_ms']:>10.3f} {k['comms_ms']:>9.3f}")
+    worst = max(r["ranks"], key=lambda k: k["compute_ms"] + k["comms_ms"])
+    lines.append(f"slowest rank: {worst['rank']} ({worst['compute_ms'] + worst['comms_ms']:.3f} ms of "
                  "embedding compute and communication per step)")
     return "\n".join(lines)
