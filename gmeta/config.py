@@ -232,6 +232,12 @@ class ModelConfig:
     dense_arch: list[int] = field(default_factory=lambda: [64])
     # Hidden sizes of the top MLP; a final layer with one logit is appended.
     over_arch: list[int] = field(default_factory=lambda: [64, 32])
+    # Storage of the embedding tables: "fp16" halves their memory and all-to-all bytes;
+    # looked-up rows are computed with in fp32.
+    embedding_dtype: Literal["fp32", "fp16"] = "fp32"
+    # Mixed precision of the dense head's matrix products (training, evaluation, prediction):
+    # "bf16" runs them under torch.autocast in bfloat16 (losses stay fp32).
+    dense_autocast: Literal["none", "bf16"] = "none"
 
 
 @dataclass

@@ -38,7 +38,7 @@ from gmeta import metrics
 from gmeta.config import Config
 from gmeta.io.prepare import load_manifest
 from gmeta.io.reader import TaskReader
-from gmeta.models.dlrm import MetaDLRM, model_device
+from gmeta.models.dlrm import MetaDLRM, dense_autocast, model_device
 from gmeta.parallel.layout import layout_of
 from gmeta.parallel.maml import adapt_and_query
 from gmeta.types import TaskBatch
@@ -105,12 +105,12 @@ def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int]) -> d
     rows = rows.detach().requires_grad_(True)
     lr, emb_lr = inner.inner_lrs(m.inner_lr, m.embedding_inner_lr)
     out = {}
-    with torch.enable_grad():
+    with torch.enable_grad(), dense_autocast(cfg, rows.device):
         for k in steps:
             logits_q, _, _ = adapt_and_query(
                 inner.head, rows, batch, layout, steps=k, lr=lr, emb_lr=emb_lr, adapt_dense=m.adapt_dense,
                 adapt_embeddings=m.adapt_embeddings, first_order=True, fast_weights=m.fast_weights)
-            out[k] = inner.head.predict(logits_q.detach()).cpu().numpy()
+            out[k] = inner.head.predict(logits_q.detach().float()).cpu().numpy()
     return out
 
 

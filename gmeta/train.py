@@ -32,7 +32,7 @@ from gmeta import checkpoint
 from gmeta.config import Config, dump_yaml, flatten, to_dict
 from gmeta.io.prepare import check_manifest_matches, load_manifest
 from gmeta.io.reader import TaskReader
-from gmeta.models.dlrm import build_model
+from gmeta.models.dlrm import build_model, dense_autocast
 from gmeta.parallel.dist import DenseGradSync, broadcast_params, configure_threads, init_distributed
 from gmeta.parallel.layout import layout_of
 from gmeta.parallel.maml import MetaOutput, erm_loss, maml_loss
@@ -53,12 +53,16 @@ def meta_step(model, batch, cfg: Config, rows: torch.Tensor | None = None) -> Me
     if rows is None:
         with record_function("## lookup ##"):
             rows = inner.lookup(layout)
-    if m.algorithm == "erm":
-        return erm_loss(inner.head, rows, batch, layout)
-    lr, emb_lr = inner.inner_lrs(m.inner_lr, m.embedding_inner_lr)
-    return maml_loss(inner.head, rows, batch, layout, steps=m.inner_steps, lr=lr, emb_lr=emb_lr,
-                     adapt_dense=m.adapt_dense, adapt_embeddings=m.adapt_embeddings, first_order=m.first_order,
-                     fast_weights=m.fast_weights)
+    with dense_autocast(cfg, rows.device):
+        if m.algorithm == "erm":
+            out = erm_loss(inner.head, rows, batch, layout)
+        else:
+            lr, emb_lr = inner.inner_lrs(m.inner_lr, m.embedding_inner_lr)
+            out = maml_loss(inner.head, rows, batch, layout, steps=m.inner_steps, lr=lr, emb_lr=emb_lr,
+                            adapt_dense=m.adapt_dense, adapt_embeddings=m.adapt_embeddings,
+                            first_order=m.first_order, fast_weights=m.fast_weights)
+    out.loss = out.loss.float()
+    return out
 
 
 class _Fetcher:

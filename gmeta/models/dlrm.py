@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig
+from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from gmeta.config import Config
@@ -85,12 +86,14 @@ class MLP(nn.Module):
 class SparseArch(nn.Module):
     """One embedding table per sparse feature; returns per-id embeddings per feature."""
 
-    def __init__(self, features: list[dict], embedding_dim: int, device: torch.device | None = None) -> None:
+    def __init__(self, features: list[dict], embedding_dim: int, device: torch.device | None = None,
+                 dtype: str = "fp32") -> None:
         super().__init__()
         self.feature_names = [f["name"] for f in features]
+        data_type = {"fp32": DataType.FP32, "fp16": DataType.FP16}[dtype]
         self.ec = EmbeddingCollection(
             tables=[
-                EmbeddingConfig(name=f"t_{f['name']}", embedding_dim=embedding_dim,
+                EmbeddingConfig(name=f"t_{f['name']}", embedding_dim=embedding_dim, data_type=data_type,
                                 num_embeddings=f["num_embeddings"], feature_names=[f["name"]])
                 for f in features
             ],
@@ -186,18 +189,20 @@ class DLRMHead(nn.Module):
 
 def lookup_rows(emb: dict[str, JaggedTensor], features: list[dict]) -> torch.Tensor:
     """The sparse arch's output for a KJT of distinct ids (``BatchLayout.kjt``) as one
-    ``[U, D]`` tensor, features in order: the rows the layout's indices point into."""
-    return torch.cat([emb[f["name"]].values() for f in features])
+    ``[U, D]`` tensor, features in order: the rows the layout's indices point into. fp32
+    whatever the tables store (model.embedding_dtype)."""
+    return torch.cat([emb[f["name"]].values() for f in features]).float()
 
 
 class MetaDLRM(nn.Module):
     """DLRM for meta learning: ``sparse_arch`` (sharded by torchrec) + ``head`` (dense)."""
 
     def __init__(self, features: list[dict], num_dense: int, embedding_dim: int, dense_sizes: list[int],
-                 over_sizes: list[int], device: torch.device | None = None, objective: str = "binary") -> None:
+                 over_sizes: list[int], device: torch.device | None = None, objective: str = "binary",
+                 embedding_dtype: str = "fp32") -> None:
         super().__init__()
         self.features = [dict(f) for f in features]
-        self.sparse_arch = SparseArch(self.features, embedding_dim, device=device)
+        self.sparse_arch = SparseArch(self.features, embedding_dim, device=device, dtype=embedding_dtype)
         self.head = DLRMHead(num_dense, len(features), embedding_dim, dense_sizes, over_sizes, objective)
         if device is not None and device.type != "meta":
             self.head.to(device)
@@ -254,9 +259,9 @@ class MetaDLRM(nn.Module):
         cells = []
         for f in self.features:
             jt = emb[f["name"]]
-            lengths = jt.lengths()
+            lengths, values = jt.lengths(), jt.values().float()
             rows = torch.repeat_interleave(torch.arange(num_rows, device=lengths.device), lengths)
-            cell = jt.values().new_zeros(num_rows, jt.values().shape[-1]).index_add(0, rows, jt.values())
+            cell = values.new_zeros(num_rows, values.shape[-1]).index_add(0, rows, values)
             if f["pooling"] == "mean":
                 cell = cell / lengths.clamp(min=1).unsqueeze(1).to(cell.dtype)
             cells.append(cell)
@@ -270,6 +275,11 @@ def model_device(model) -> torch.device:
     return next(inner.head.parameters()).device
 
 
+def dense_autocast(cfg: Config, device: torch.device):
+    """The mixed-precision context of the dense head (model.dense_autocast) on ``device``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dense_autocast == "bf16")
+
+
 def build_model(cfg: Config, device: torch.device | None = None) -> MetaDLRM:
     from dataclasses import asdict
 
@@ -281,6 +291,7 @@ def build_model(cfg: Config, device: torch.device | None = None) -> MetaDLRM:
         over_sizes=cfg.model.over_arch,
         device=device,
         objective=cfg.model.objective,
+        embedding_dtype=cfg.model.embedding_dtype,
     )
     if cfg.meta.meta_sgd:
         model.enable_meta_sgd(cfg.meta.adapt_dense, cfg.meta.inner_lr, cfg.meta.embedding_inner_lr)
