@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from gmeta.checkpoint import load_unsharded
 from gmeta.evaluate import choose_shards, predict_query
@@ -46,14 +47,16 @@ def _part(i: int) -> str:
 
 def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str | None = None, split: str = "eval",
                 inner_steps: int | None = None, tasks_per_batch: int | None = None, rows_per_part: int = 200_000,
-                resume: bool = False, max_tasks: int = 0, progress: bool = True, shards_why: str = "--shards") -> dict:
+                resume: bool = False, max_tasks: int = 0, progress: bool = True, shards_why: str = "--shards",
+                device: torch.device | None = None) -> dict:
     """Predict every query row of ``split``; returns a summary (rows, tasks, parts, rows/s).
     ``shards_dir`` (chosen by ``shards_why``, for the log): None for the shards the checkpoint
-    was trained on. Threads: the checkpoint's train.threads (see ``configure_threads``)."""
+    was trained on. Threads: the checkpoint's train.threads (see ``configure_threads``).
+    ``device``: where to adapt and score (default: the GPU if there is one)."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    device = default_device()
+    device = device or default_device()
     model, cfg, meta = load_unsharded(checkpoint, device)
     configure_threads(cfg.train.threads)
     shards = choose_shards(shards_dir, shards_why, cfg, checkpoint, command="predict")

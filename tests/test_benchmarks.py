@@ -23,6 +23,6 @@ def test_torch_func_contenders_equal_gmeta(debug_config_path, debug_data, first_
     views = task_views(batch, layout)
     for fn in (loop_loss, vmap_loss):
         loss = fn(head, rows, views, model.num_features, kw)
-        torch.testing.assert_close(loss, ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(loss, ref, rtol=0, atol=1e-10)  # float64; reduction order differs by torch version
         for g, r in zip(torch.autograd.grad(loss, wrt), ref_grads):
-            torch.testing.assert_close(g, r, rtol=0, atol=1e-11)
+            torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
