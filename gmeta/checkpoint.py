@@ -103,7 +103,11 @@ def _dcp_load(state: dict, path: Path, no_dist: bool = False) -> None:
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), no_dist=no_dist)
+            reader = SafeFileSystemReader(str(path))
+            # checked here first: some torch releases (2.11) catch the reader's errors inside
+            # dcp.load and go on without metadata, which would hide why a file is refused
+            reader.read_metadata()
+            dcp.load(state, storage_reader=reader, no_dist=no_dist)
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # damaged files (DCP's own exception is a BaseException)

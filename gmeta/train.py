@@ -468,11 +468,11 @@ def _open_run(cfg: Config, uri: str, run_id: str):
 
 def _finish_run(tracker, ckpt: Path, cfg: Config, out_dir: Path, step: int, result: dict) -> None:
     """Rank 0 after training: learning curves, cold-start evaluation report, pyfunc model."""
-    from gmeta import plots
-
     history = getattr(tracker, "history", {})
     curves = {k: v for k, v in history.items() if k in ("train/query_loss", "train/support_loss")}
-    if curves:
+    if curves:  # (matplotlib imported only to draw them)
+        from gmeta import plots
+
         tracker.log_artifact(plots.learning_curves(curves, out_dir / "learning_curves.png",
                                                     cfg.model.objective), "plots")
     emodel = None

@@ -16,7 +16,7 @@ mkdir -p .whl/py312 .whl/big .whl/parts
 # torchrec's and tensordict's own needs, and gmeta's that a bare torch machine lacks
 get -d .whl/py312 "$torchrec" tensordict==0.15.3 "pyvers>=0.2,<0.3" cloudpickle pyre-extensions typing-inspect \
   mypy-extensions torchmetrics==1.0.3 lightning-utilities iopath portalocker pyyaml tqdm psutil scikit-learn scipy \
-  joblib threadpoolctl
+  joblib threadpoolctl narwhals
 get -d .whl/big "$fbgemm"
 rm -f .whl/parts/*
 for w in .whl/big/*.whl; do split -b 55M "$w" ".whl/parts/$(basename "$w").part-"; done

@@ -26,3 +26,19 @@ def test_torch_func_contenders_equal_gmeta(debug_config_path, debug_data, first_
         torch.testing.assert_close(loss, ref, rtol=0, atol=1e-10)  # float64; reduction order differs by torch version
         for g, r in zip(torch.autograd.grad(loss, wrt), ref_grads):
             torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
+
+
+def test_gpu_check_script_runs_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py, as scripts/gpu_check.sh runs it on a GPU, here with the CPU
+    standing in for the GPU: its comparisons pass and its table is printed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--quick", "--parts", "equal",
+                        "sync", "serve", "--workdir", str(tmp_path)], cwd=root, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    table = p.stdout[p.stdout.index("| part | what |"):]
+    assert table.count("| PASS |") == 8 and "ERROR" not in table  # 4 equal, 2 sync, 2 serve

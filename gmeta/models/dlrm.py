@@ -191,7 +191,8 @@ def lookup_rows(emb: dict[str, JaggedTensor], features: list[dict]) -> torch.Ten
     """The sparse arch's output for a KJT of distinct ids (``BatchLayout.kjt``) as one
     ``[U, D]`` tensor, features in order: the rows the layout's indices point into. fp32
     whatever the tables store (model.embedding_dtype)."""
-    return torch.cat([emb[f["name"]].values() for f in features]).float()
+    rows = torch.cat([emb[f["name"]].values() for f in features])
+    return rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
 
 
 class MetaDLRM(nn.Module):
@@ -259,7 +260,8 @@ class MetaDLRM(nn.Module):
         cells = []
         for f in self.features:
             jt = emb[f["name"]]
-            lengths, values = jt.lengths(), jt.values().float()
+            lengths, values = jt.lengths(), jt.values()
+            values = values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
             rows = torch.repeat_interleave(torch.arange(num_rows, device=lengths.device), lengths)
             cell = values.new_zeros(num_rows, values.shape[-1]).index_add(0, rows, values)
             if f["pooling"] == "mean":
