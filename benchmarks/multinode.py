@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,7 @@ import torch
 from benchmarks.common import emit, prepared_workdir
 from gmeta.checkpoint import load_unsharded
 from gmeta.config import load_config
+from gmeta.logs import setup_logging
 from gmeta.parallel.dist import free_port
 from gmeta.parallel.sharding import plan_report
 
@@ -32,6 +34,9 @@ from gmeta.parallel.sharding import plan_report
 def _train(cfg: str, work: Path, out: Path, steps: int, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "gmeta.cli", "train", "--config", cfg, "tracking.enabled=false",
             "train.eval_at_end=false", f"train.max_steps={steps}", f"train.log_every={steps}",
+            # one thread per process in both layouts: two "nodes" on one machine each count
+            # only their own process and would take every core each
+            "train.threads=1",
             f"train.output_dir={out}", *extra]
 
 
@@ -46,6 +51,8 @@ def _tasks_per_s(stderr: str) -> float:
 
 def compare_launches(cfg: str, work: Path, steps: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    for d in ("one", "two"):  # each run starts fresh
+        shutil.rmtree(work / d, ignore_errors=True)
     t = time.perf_counter()
     one = subprocess.run(_train(cfg, work, work / "one", steps, ["--nproc-per-node", "2"]), cwd=work,
                          capture_output=True, text=True, env=env)
@@ -99,6 +106,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4096, help="rows per rank and step for the plans")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gmeta-bench-multinode"))
     args = ap.parse_args()
+    setup_logging(False)  # torchrec's planner quiet, as under gmeta's commands
     work = Path(args.workdir)
     cfg = prepared_workdir(work)
     torch.set_num_threads(1)

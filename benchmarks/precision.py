@@ -17,6 +17,7 @@ from pathlib import Path
 from benchmarks.common import emit, prepared_workdir, train_run
 from gmeta.checkpoint import load_unsharded
 from gmeta.evaluate import evaluate
+from gmeta.logs import setup_logging
 
 SETTINGS = {
     "fp32": [],
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="training steps (0: one epoch)")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gmeta-bench-precision"))
     args = ap.parse_args()
+    setup_logging(False)  # torchrec's planner quiet, as under gmeta's commands
     work = Path(args.workdir)
     cfg = prepared_workdir(work)
     res = {}
