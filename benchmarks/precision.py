@@ -2,7 +2,8 @@
 one process, one epoch) trained and evaluated on the held-out test tasks with fp32
 throughout, fp16 embedding tables (model.embedding_dtype), bf16 autocast of the dense head
 (model.dense_autocast), and both. Prints AUC / GAUC of each and the difference to fp32,
-table memory, and training tasks/s (on this machine's device: on a CPU without bf16
+a second fp32 seed (the spread that the differences are to be read against), table memory,
+and training tasks/s (on this machine's device: on a CPU without bf16
 instructions autocast is slower, on a GPU it is the point).
 
     python -m benchmarks.precision [--steps 0]
@@ -21,6 +22,7 @@ from gmeta.logs import setup_logging
 
 SETTINGS = {
     "fp32": [],
+    "fp32 seed 1": ["train.seed=1"],  # the seed-to-seed spread, to read the differences against
     "fp16 tables": ["model.embedding_dtype=fp16"],
     "bf16 head": ["model.dense_autocast=bf16"],
     "fp16 + bf16": ["model.embedding_dtype=fp16", "model.dense_autocast=bf16"],

@@ -28,6 +28,8 @@ inner loop calls the head once per step and size bucket.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -279,7 +281,9 @@ def model_device(model) -> torch.device:
 
 def dense_autocast(cfg: Config, device: torch.device):
     """The mixed-precision context of the dense head (model.dense_autocast) on ``device``."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.dense_autocast == "bf16")
+    if cfg.model.dense_autocast == "none":  # (autocast refuses some device types even when disabled)
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def build_model(cfg: Config, device: torch.device | None = None) -> MetaDLRM:
