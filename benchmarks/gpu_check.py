@@ -11,8 +11,8 @@ Parts:
            step of a pipelined loop; the host syncs of torchrec's input_dist, counted apart
   serve    evaluation (AUC/GAUC) and ``gmeta predict`` scores on the GPU equal the CPU's
   bench    rows/s of full training steps (ERM, MAML first and second order) at N = 32 and
-           256 on the ads_cvr model and N = 128 and 256 on the Criteo-shaped model; the meta
-           step against the per-task torch.func loop and torch.func.vmap at N = 128; the
+           256 on the ads_cvr model and on the Criteo-shaped model; the meta step against the
+           per-task torch.func loop and torch.func.vmap at N = 128 on both; the
            share of step time in host syncs and copies (profiler); the embedding all-to-all
            bytes per step, with the planner's estimate for 1, 2 and 4 nodes of 8 GPUs
 
@@ -350,19 +350,20 @@ def part_bench(work: Path, device: torch.device, quick: bool) -> dict:
     n128 = 32 if quick else 128
     batch = next(iter(TaskReader(shards, "train", n128, seed=0, size_buckets=cfg.meta.size_buckets)))
     out[f"ads_cvr_N{n128}_contenders"] = _contenders(f"ads_cvr N={n128}", _variant(cfg, tasks_per_batch=n128), batch,
-                                                     device, repeats)
+                                                     device, max(3, repeats // 2))
     reader = TaskReader(shards, "train", n128, seed=2, size_buckets=cfg.meta.size_buckets,
                         pin_memory=device.type == "cuda")
     few = [b for _, b in zip(range(3 if quick else 8), reader)]
     out["ads_cvr_sync_share"] = _sync_share(f"ads_cvr N={n128}", _variant(cfg, tasks_per_batch=n128), few, device)
     out["ads_cvr_a2a"] = _a2a_estimate(f"ads_cvr N={n128}", cfg, batch, batch.num_rows)
     ccfg = criteo_config()
-    for n in ((16,) if quick else (128, 256)):
+    for n in ((16,) if quick else (32, 256)):
         cb = criteo_batch(ccfg, n, 20, 20, seed=0)
-        c = _variant(ccfg, tasks_per_batch=n)
-        out[f"criteo_N{n}_train"] = _train_rows_per_s(f"Criteo-shaped N={n}", c, cb, device, repeats)
-        if n in (16, 128):
-            out[f"criteo_N{n}_contenders"] = _contenders(f"Criteo-shaped N={n}", c, cb, device, repeats)
+        out[f"criteo_N{n}_train"] = _train_rows_per_s(f"Criteo-shaped N={n}", _variant(ccfg, tasks_per_batch=n), cb,
+                                                      device, repeats)
+    n = 16 if quick else 128
+    out[f"criteo_N{n}_contenders"] = _contenders(f"Criteo-shaped N={n}", _variant(ccfg, tasks_per_batch=n),
+                                                 criteo_batch(ccfg, n, 20, 20, seed=0), device, max(3, repeats // 2))
     return out
 
 
