@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 from gmeta.config import Config, load_config
-from gmeta.io.prepare import PrepareError, load_manifest, prepare
+from gmeta.io.errors import PrepareError
+from gmeta.io.manifest import load_manifest
+from gmeta.io.prepare import prepare
 from gmeta.synth import generate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from gmeta.parallel.layout import BatchLayout
+from gmeta.meta.layout import BatchLayout
 from gmeta.types import TaskBatch
 
 

@@ -44,10 +44,11 @@ from benchmarks.meta_step import criteo_batch, criteo_config
 from gmeta.config import Config, load_config
 from gmeta.io.prepare import prepare
 from gmeta.io.reader import TaskReader
+from gmeta.meta.erm import erm_loss
+from gmeta.meta.layout import layout_of
+from gmeta.meta.maml import maml_loss
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import DenseGradSync, free_port
-from gmeta.parallel.layout import layout_of
-from gmeta.parallel.maml import erm_loss, maml_loss
 from gmeta.parallel.pipeline import SparseDistPipeline
 from gmeta.parallel.sharding import plan_report, shard_model
 from gmeta.synth import generate

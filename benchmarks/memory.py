@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 from benchmarks.common import emit, ensure_data
 from gmeta.io.reader import TaskReader
+from gmeta.meta.maml import maml_loss
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import free_port
-from gmeta.parallel.maml import maml_loss
 from gmeta.parallel.sharding import shard_model
 
 

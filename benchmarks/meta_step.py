@@ -49,10 +49,12 @@ from benchmarks.contenders import loop_loss, task_views, vmap_loss
 from gmeta.batch import task_batch
 from gmeta.config import Config, load_config
 from gmeta.io.reader import TaskReader
+from gmeta.meta.erm import erm_loss
+from gmeta.meta.fast_weights import choose_fast_weights
+from gmeta.meta.layout import layout_of
+from gmeta.meta.maml import maml_loss
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import DenseGradSync, free_port
-from gmeta.parallel.layout import layout_of
-from gmeta.parallel.maml import choose_fast_weights, erm_loss, maml_loss
 from gmeta.parallel.sharding import shard_model
 from gmeta.train import train_step
 

@@ -26,12 +26,12 @@ import torch.distributed as dist
 
 from benchmarks.common import emit, ensure_data
 from gmeta import checkpoint
-from gmeta.evaluate import predict_query
 from gmeta.io.reader import TaskReader, task_keys
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import free_port
 from gmeta.parallel.sharding import shard_model
 from gmeta.predict import run_predict
+from gmeta.scoring import predict_query
 
 
 def naive(ckpt: Path, shards: Path, out: Path, tasks: int, steps: int) -> int:

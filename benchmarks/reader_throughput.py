@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import emit, ensure_data
-from gmeta.io.prepare import load_manifest
+from gmeta.io.manifest import load_manifest
 from gmeta.io.reader import TaskReader
 
 

@@ -1,6 +1,8 @@
 """gmeta: meta-learning (MAML family) for DLRM recommendation models at scale."""
 
-__version__ = "0.1.0"
+from gmeta.version import __version__
+
+__all__ = ["__version__", "MetaLearner", "task_batch", "BatchError"]
 
 
 def __getattr__(name: str):

@@ -3,7 +3,7 @@
 ``task_batch`` lays rows out as the reader does (support rows of every task first, then
 query rows, task by task; ``gmeta.types.TaskBatch``) and computes the batch's
 ``BatchLayout``, so the result goes straight into ``gmeta.MetaLearner`` or the functions of
-``gmeta.parallel.maml``::
+``gmeta.meta.maml``::
 
     batch = task_batch(df, task="user", query="is_query", label="click",
                        sparse=["user", "item", "tags"], dense=["price"])
@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from gmeta.io.blocks import _ranges, pack_batch
-from gmeta.io.prepare import stable_hash
+from gmeta.io.blocks import gather_ranges, pack_batch
+from gmeta.io.features import stable_hash
 from gmeta.types import TaskBatch
 
 
@@ -121,7 +121,7 @@ def task_batch(data: Mapping, *, task: str, query: str, label: str, sparse: Sequ
             values.append(v[order])
             lengths.append(np.ones(num_rows, np.int64))
         else:
-            pos, ln = _ranges(np.concatenate([[0], np.cumsum(ln)]), order)
+            pos, ln = gather_ranges(np.concatenate([[0], np.cumsum(ln)]), order)
             values.append(v[pos])
             lengths.append(ln)
     key_arr = np.empty(len(first), dtype=object)

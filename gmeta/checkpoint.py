@@ -39,9 +39,9 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
 
-from gmeta import __version__
 from gmeta.config import Config, ConfigError, config_from_dict, to_dict
 from gmeta.models.dlrm import MetaDLRM, build_model
+from gmeta.version import __version__
 
 META = "meta.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")

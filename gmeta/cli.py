@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "prepare":
-        from gmeta.io.prepare import PrepareError, format_report, prepare
+        from gmeta.io.errors import PrepareError
+        from gmeta.io.prepare import format_report, prepare
 
         try:
             m = prepare(cfg, args.input or cfg.data.raw_dir, args.out or cfg.data.shards_dir)
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if nproc > 1 and not under_torchrun():
             return _launch(nproc, argv, args.max_restarts)
         from gmeta.checkpoint import CheckpointError
-        from gmeta.io.prepare import PrepareError
+        from gmeta.io.errors import PrepareError
         from gmeta.train import NonFiniteLossError
         from gmeta.train import main as train_main
 
@@ -262,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "evaluate":
         from gmeta.checkpoint import CheckpointError
-        from gmeta.evaluate import format_table, run_evaluate
-        from gmeta.io.prepare import PrepareError
+        from gmeta.evaluate import run_evaluate
+        from gmeta.io.errors import PrepareError
         from gmeta.parallel.dist import under_torchrun
+        from gmeta.render import format_table
 
         if args.nproc_per_node < 1:
             print("gmeta evaluate: --nproc-per-node must be >= 1", file=sys.stderr)
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "predict":
         from gmeta.checkpoint import CheckpointError
-        from gmeta.io.prepare import PrepareError
+        from gmeta.io.errors import PrepareError
         from gmeta.predict import PredictError, run_predict
 
         if args.rows_per_part < 1 or args.max_tasks < 0 or (args.tasks_per_batch or 1) < 1:

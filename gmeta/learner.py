@@ -26,11 +26,11 @@ import torch
 
 from gmeta import checkpoint as ckpt
 from gmeta.config import Config, load_config
-from gmeta.evaluate import predict_query
+from gmeta.meta.base import MetaOutput
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import DenseGradSync, broadcast_params, init_distributed
-from gmeta.parallel.maml import MetaOutput
 from gmeta.parallel.sharding import shard_model
+from gmeta.scoring import inner_steps_for, predict_query
 from gmeta.train import meta_step, train_step
 from gmeta.types import TaskBatch
 
@@ -98,8 +98,9 @@ class MetaLearner:
 
     def predict(self, batch: TaskBatch, steps: int | None = None) -> np.ndarray:
         """Predictions for the query rows (query-block order: task by task) after ``steps``
-        inner steps (default meta.inner_steps; 0: no adaptation) on each task's support rows."""
-        k = self.cfg.meta.inner_steps if steps is None else steps
+        inner steps (default: ``gmeta.scoring.inner_steps_for``, eval.inner_steps if set, else
+        meta.inner_steps; 0: no adaptation) on each task's support rows."""
+        k = inner_steps_for(self.cfg, steps)
         return predict_query(self.model, self.cfg, self._on_device(batch), k)
 
     def save(self, path: str | Path) -> Path:

@@ -22,9 +22,10 @@ import pyarrow.parquet as pq
 import torch
 
 from gmeta.checkpoint import load_unsharded
-from gmeta.evaluate import choose_shards, predict_query
+from gmeta.evaluate import choose_shards
 from gmeta.io.reader import TaskReader, task_keys
 from gmeta.parallel.dist import configure_threads, default_device
+from gmeta.scoring import inner_steps_for, predict_query
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,7 @@ def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str 
     model, cfg, meta = load_unsharded(checkpoint, device)
     configure_threads(cfg.train.threads)
     shards = choose_shards(shards_dir, shards_why, cfg, checkpoint, command="predict")
-    steps = inner_steps if inner_steps is not None and inner_steps >= 0 else (
-        cfg.eval.inner_steps if cfg.eval.inner_steps >= 0 else cfg.meta.inner_steps)
+    steps = inner_steps_for(cfg, inner_steps)
     tpb = tasks_per_batch or cfg.eval.tasks_per_batch
     out = Path(out_dir)
     job = {"checkpoint": str(Path(checkpoint).resolve()), "shards": str(shards.resolve()), "split": split,

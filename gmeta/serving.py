@@ -21,15 +21,9 @@ import pyarrow as pa
 
 from gmeta.config import Config
 from gmeta.io.blocks import SplitArrays, TaskBlock, collate_packed
-from gmeta.io.prepare import (
-    PrepareError,
-    _check_values,
-    _hash_batch,
-    _split_tasks,
-    input_columns,
-    shard_schema,
-    stable_hash,
-)
+from gmeta.io.errors import PrepareError
+from gmeta.io.features import check_values, hash_batch, input_columns, shard_schema, stable_hash
+from gmeta.io.split import split_tasks
 
 ROLE = "role"
 SUPPORT, QUERY = "support", "query"
@@ -55,7 +49,7 @@ def assign_roles(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     ts = times[order]
     start = np.concatenate([[0], np.flatnonzero(keys[1:] != keys[:-1]) + 1]).astype(np.int64)
     counts = np.diff(np.concatenate([start, [len(keys)]]))
-    s_idx, q_idx, _ = _split_tasks(cfg, start, counts, ts, stable_hash(keys[start], "task"))
+    s_idx, q_idx, _ = split_tasks(cfg, start, counts, ts, stable_hash(keys[start], "task"))
     role = np.full(len(df), "", dtype=object)
     for s, q in zip(s_idx, q_idx):
         if s is not None:
@@ -136,8 +130,8 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
         frame.loc[is_query, f.label] = col[is_query].fillna(neg)
     keep = np.flatnonzero(role != "")
     table = _typed_table(frame.iloc[keep], column_types)
-    labels = _check_values(table, cfg, "input rows")
-    hashed = _hash_batch(table, cfg, None, "input rows", labels=labels)
+    labels = check_values(table, cfg, "input rows")
+    hashed = hash_batch(table, cfg, None, "input rows", labels=labels)
     keys = df[f.task_key].to_numpy()[keep]
     ts = _times(df, cfg)[keep]
     uniq, first, task = np.unique(keys, return_index=True, return_inverse=True)
@@ -173,10 +167,9 @@ def score_rows(model, cfg: Config, df: pd.DataFrame, inner_steps: int = -1,
     (``inner_steps``; -1: the evaluation default). One row per input row, same index;
     ``score`` is NaN on support rows and ignored rows. ``column_types``: as in
     ``rows_to_blocks`` (the checkpoint's meta.json records them)."""
-    from gmeta.evaluate import predict_query
+    from gmeta.scoring import inner_steps_for, predict_query
 
-    steps = cfg.meta.inner_steps if cfg.eval.inner_steps < 0 else cfg.eval.inner_steps
-    steps = steps if inner_steps is None or inner_steps < 0 else int(inner_steps)
+    steps = inner_steps_for(cfg, inner_steps)
     scores = np.full(len(df), np.nan)
     schema = shard_schema(cfg, has_true_prob=False)
     for block, positions in rows_to_blocks(df, cfg, cfg.eval.tasks_per_batch, column_types):
@@ -242,8 +235,7 @@ def log_model(checkpoint: str | Path, cfg: Config, model=None) -> str:
     import mlflow
     from mlflow.models import infer_signature
 
-    import gmeta
-    from gmeta.io.prepare import load_manifest
+    from gmeta.io.manifest import load_manifest
 
     try:
         column_types = load_manifest(cfg.data.shards_dir).get("input_columns")
@@ -256,7 +248,7 @@ def log_model(checkpoint: str | Path, cfg: Config, model=None) -> str:
         signature = infer_signature(example, out, params={"inner_steps": -1})
     info = mlflow.pyfunc.log_model(
         name="model", python_model=GMetaModel(), artifacts={"checkpoint": str(checkpoint)},
-        code_paths=[str(Path(gmeta.__file__).parent)], signature=signature,
+        code_paths=[str(Path(__file__).resolve().parent)], signature=signature,  # (the gmeta package)
         pip_requirements=_requirements())
     return info.model_uri
 

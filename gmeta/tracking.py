@@ -122,7 +122,7 @@ def environment_tags() -> dict[str, str]:
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    from gmeta import __version__
+    from gmeta.version import __version__
 
     tags = {"gmeta.version": __version__, "python.version": platform.python_version()}
     commit = _git_commit()

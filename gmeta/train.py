@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -30,12 +31,13 @@ from torch.autograd.profiler import record_function
 
 from gmeta import checkpoint
 from gmeta.config import Config, dump_yaml, flatten, to_dict
-from gmeta.io.prepare import check_manifest_matches, load_manifest
+from gmeta.io.manifest import check_manifest_matches, load_manifest
 from gmeta.io.reader import TaskReader
+from gmeta.meta.algorithms import ALGORITHMS
+from gmeta.meta.base import MetaOutput
+from gmeta.meta.layout import layout_of
 from gmeta.models.dlrm import build_model, dense_autocast
 from gmeta.parallel.dist import DenseGradSync, broadcast_params, configure_threads, init_distributed
-from gmeta.parallel.layout import layout_of
-from gmeta.parallel.maml import MetaOutput, erm_loss, maml_loss
 from gmeta.parallel.pipeline import SparseDistPipeline
 from gmeta.parallel.sharding import shard_model
 from gmeta.tracking import NullTracker, environment_tags, make_tracker, resolve_tracking_uri, ui_command
@@ -54,13 +56,7 @@ def meta_step(model, batch, cfg: Config, rows: torch.Tensor | None = None) -> Me
         with record_function("## lookup ##"):
             rows = inner.lookup(layout)
     with dense_autocast(cfg, rows.device):
-        if m.algorithm == "erm":
-            out = erm_loss(inner.head, rows, batch, layout)
-        else:
-            lr, emb_lr = inner.inner_lrs(m.inner_lr, m.embedding_inner_lr)
-            out = maml_loss(inner.head, rows, batch, layout, steps=m.inner_steps, lr=lr, emb_lr=emb_lr,
-                            adapt_dense=m.adapt_dense, adapt_embeddings=m.adapt_embeddings,
-                            first_order=m.first_order, fast_weights=m.fast_weights)
+        out = ALGORITHMS[m.algorithm](inner, rows, batch, layout, cfg)
     out.loss = out.loss.float()
     return out
 
@@ -249,206 +245,259 @@ def _resume_path(cfg: Config, out_dir: Path) -> Path | None:
     return Path(resume)
 
 
-def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
-    # ---------------------------------------------------------------- setup
-    configure_threads(cfg.train.threads)  # before any compute: torch's default oversubscribes shared cores
-    env = init_distributed()
-    torch.manual_seed(cfg.train.seed)
-    out_dir = Path(cfg.train.output_dir)
-    ckpt_root = out_dir / "checkpoints"
-    manifest = load_manifest(cfg.data.shards_dir)
-    check_manifest_matches(manifest, cfg, str(Path(cfg.data.shards_dir) / "manifest.json"))
-    resume_from = _resume_path(cfg, out_dir)
-    # the reader first: a split too small for this many ranks is an error before the model is built
-    d = cfg.data
-    reader = TaskReader(d.shards_dir, "train", cfg.meta.tasks_per_batch, rank=env.rank, world_size=env.world_size,
-                        num_workers=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
-                        prefetch_factor=d.prefetch_factor, pin_memory=env.device.type == "cuda",
-                        on_bad_task=d.on_bad_task, size_buckets=cfg.meta.size_buckets)
+@dataclass
+class LogStats:
+    """What the log steps report, averaged over ranks by one all-reduce (``gather``)."""
 
-    model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, env.device)
-    dense_params = model.module.dense_parameters()
-    mean = manifest["splits"]["train"].get("label_mean")
-    if cfg.model.objective == "regression" and resume_from is None and mean is not None:
-        # start the output at the mean label (e.g. a rating of 3.5, not 0): the first steps
-        # then learn the features rather than the scale
-        with torch.no_grad():
-            model.module.head.over_arch.mlp.layers[-1].bias.fill_(float(mean))
-    broadcast_params(dense_params)  # every rank starts from rank 0's dense weights
-    # fused: one kernel, and it skips a non-finite step on the device (see train_step)
-    dense_opt = torch.optim.Adam(dense_params, lr=cfg.optim.dense_lr, weight_decay=cfg.optim.dense_weight_decay,
-                                 fused=True)
-    grad_sync = DenseGradSync(dense_params)
+    query_loss: float
+    support_loss: float
+    data_stall_share: float  # of the time since the last log step, waiting for batches
+    skipped_bad_tasks: float  # mean per rank (times the world: the job's total)
+    comm_wait_share: float  # of step time, waiting on communication
+    checkpoint_due: float  # > 0: rank 0's clock says a timed checkpoint is due
 
-    total_steps = len(reader) * cfg.train.epochs
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    @classmethod
+    def gather(cls, device: torch.device, world: int, **values) -> LogStats:
+        names = [f.name for f in fields(cls)]
+        t = torch.stack([v.detach().float().reshape(()) if torch.is_tensor(v)
+                         else torch.tensor(float(v), device=device) for v in (values[n] for n in names)])
+        dist.all_reduce(t)
+        return cls(**dict(zip(names, (t / world).tolist())))
 
-    step, start_epoch, tasks_total, skipped_nonfinite = 0, 0, 0, 0
-    run_id = ""
-    if resume_from is not None:
-        meta, own = checkpoint.load_training_state(resume_from, model, dense_opt)
-        step, tasks_total = int(meta["step"]), int(meta.get("tasks_total", 0))
-        skipped_nonfinite = int(meta.get("skipped_nonfinite_steps", 0))
-        run_id = meta.get("mlflow_run_id", "")
+
+class TrainingRun:
+    """``gmeta train`` in one process, as named steps run top to bottom by ``_run``:
+    ``__init__`` (setup), ``resume``, ``open_tracking``, ``loop`` (with ``log`` and
+    ``checkpoint`` on their steps) and ``finish`` (final checkpoint, evaluation)."""
+
+    def __init__(self, cfg: Config, tracking_uri: str, tracker_box: list) -> None:
+        configure_threads(cfg.train.threads)  # before any compute: torch's default oversubscribes shared cores
+        self.cfg, self.t = cfg, cfg.train
+        self.env = env = init_distributed()
+        torch.manual_seed(cfg.train.seed)
+        self.out_dir = Path(cfg.train.output_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.manifest = load_manifest(cfg.data.shards_dir)
+        check_manifest_matches(self.manifest, cfg, str(Path(cfg.data.shards_dir) / "manifest.json"))
+        self.resume_from = _resume_path(cfg, self.out_dir)
+        # the reader first: a split too small for this many ranks is an error before the model is built
+        d = cfg.data
+        self.reader = TaskReader(d.shards_dir, "train", cfg.meta.tasks_per_batch, rank=env.rank,
+                                 world_size=env.world_size, num_workers=d.num_workers, seed=cfg.train.seed,
+                                 shuffle_buffer=d.shuffle_buffer, prefetch_factor=d.prefetch_factor,
+                                 pin_memory=env.device.type == "cuda", on_bad_task=d.on_bad_task,
+                                 size_buckets=cfg.meta.size_buckets)
+        self.model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, env.device)
+        dense_params = self.model.module.dense_parameters()
+        mean = self.manifest["splits"]["train"].get("label_mean")
+        if cfg.model.objective == "regression" and self.resume_from is None and mean is not None:
+            # start the output at the mean label (e.g. a rating of 3.5, not 0): the first steps
+            # then learn the features rather than the scale
+            with torch.no_grad():
+                self.model.module.head.over_arch.mlp.layers[-1].bias.fill_(float(mean))
+        broadcast_params(dense_params)  # every rank starts from rank 0's dense weights
+        # fused: one kernel, and it skips a non-finite step on the device (see train_step)
+        self.dense_opt = torch.optim.Adam(dense_params, lr=cfg.optim.dense_lr,
+                                          weight_decay=cfg.optim.dense_weight_decay, fused=True)
+        self.grad_sync = DenseGradSync(dense_params)
+        self.total_steps = len(self.reader) * cfg.train.epochs
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.step = self.start_epoch = self.tasks_total = self.skipped_nonfinite = 0
+        self.run_id = ""
+        self.tracker_uri = resolve_tracking_uri(cfg.tracking.uri, tracking_uri)
+        self.tracker = NullTracker()
+        self.tracker_box = tracker_box
+        self.position = self.reader.state_dict()
+        self.last_ckpt: Path | None = self.resume_from
+        self.last: dict[str, float] = {}
+        # non-finite steps since the last check, counted on the device (see check_nonfinite)
+        self.bad = torch.zeros((), device=env.device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=env.device)
+
+    # ---------------------------------------------------------------- resume
+    def resume(self) -> None:
+        """Model, optimizer, reader position and RNG of ``resume_from``, if any."""
+        if self.resume_from is None:
+            return
+        env = self.env
+        meta, own = checkpoint.load_training_state(self.resume_from, self.model, self.dense_opt)
+        self.step, self.tasks_total = int(meta["step"]), int(meta.get("tasks_total", 0))
+        self.skipped_nonfinite = int(meta.get("skipped_nonfinite_steps", 0))
+        self.run_id = meta.get("mlflow_run_id", "")
         if own is not None:
-            reader.load_state_dict(own["reader"])
+            self.reader.load_state_dict(own["reader"])
             checkpoint.set_rng_state(own["rng"])
-            start_epoch = reader.epoch
+            self.start_epoch = self.reader.epoch
         else:  # reader positions are per rank: they do not carry over to another world size
-            start_epoch = int(meta["epoch"]) + (0 if meta.get("epoch_done") else 1)
+            self.start_epoch = int(meta["epoch"]) + (0 if meta.get("epoch_done") else 1)
             log.warning("resuming a checkpoint of %s processes in %d: model and optimizer state resharded; "
                         "the data position restarts at epoch %d", meta.get("world_size"), env.world_size,
-                        start_epoch)
+                        self.start_epoch)
+        self.position = self.reader.state_dict()
         if env.is_main:
-            log.info("resumed from %s at step %d (epoch %d)", resume_from, step, start_epoch)
+            log.info("resumed from %s at step %d (epoch %d)", self.resume_from, self.step, self.start_epoch)
 
-    uri = resolve_tracking_uri(cfg.tracking.uri, tracking_uri)
-    tracker = NullTracker()
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tracker = _open_run(cfg, uri, run_id)
-        tracker_box.append(tracker)
+    # ---------------------------------------------------------------- tracking
+    def open_tracking(self) -> None:
+        """Rank 0: the MLflow run (continued when resuming), its params, inputs and tags."""
+        cfg, env = self.cfg, self.env
+        if not env.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.tracker = tracker = _open_run(cfg, self.tracker_uri, self.run_id)
+        self.tracker_box.append(tracker)
         tags = {**environment_tags(), "gmeta.world_size": str(env.world_size), "gmeta.algorithm": cfg.meta.algorithm,
-                "gmeta.device": env.device.type, "gmeta.checkpoint": str((out_dir / "checkpoint").resolve())}
-        if resume_from is not None:
-            tags["gmeta.resumed_from"] = f"{resume_from} (step {step})"
-        if tracker.run_id != run_id:  # a new run (not a continued one): its params and inputs
+                "gmeta.device": env.device.type, "gmeta.checkpoint": str((self.out_dir / "checkpoint").resolve())}
+        if self.resume_from is not None:
+            tags["gmeta.resumed_from"] = f"{self.resume_from} (step {self.step})"
+        if tracker.run_id != self.run_id:  # a new run (not a continued one): its params and inputs
             tracker.log_params(flatten(to_dict(cfg)))
             tracker.log_text(dump_yaml(cfg), "config.yaml")
             tracker.log_artifact(Path(cfg.data.shards_dir) / "manifest.json")
         tracker.set_tags(tags)
         log.info("training %s: %d steps (%d per epoch), %d tasks per step on each of %d ranks",
-                 cfg.meta.algorithm, total_steps, len(reader), cfg.meta.tasks_per_batch, env.world_size)
+                 cfg.meta.algorithm, self.total_steps, len(self.reader), cfg.meta.tasks_per_batch, env.world_size)
 
-    # ---------------------------------------------------------------- loop
-    t_log = time.perf_counter()
-    t_ckpt = time.perf_counter()
-    tasks_since = rows_since = 0
-    fetch = _Fetcher(None if cfg.train.pipeline else env.device)  # the pipeline copies on its own stream
-    t_loop = time.perf_counter()
-    last: dict[str, float] = {}
-    pipe = SparseDistPipeline(model.module, cfg.meta.size_buckets, env.device) if cfg.train.pipeline else None
-    times = StepTimes()
-    tasks_run = 0
-    position = reader.state_dict()
-    last_ckpt: Path | None = resume_from
-    t = cfg.train
+    # ---------------------------------------------------------------- checkpoints
+    def save(self, path: Path) -> Path:
+        env, pos = self.env, self.position
+        meta = {"step": self.step, "epoch": pos["epoch"], "epoch_done": pos["steps_done"] >= len(self.reader),
+                "tasks_total": self.tasks_total, "skipped_nonfinite_steps": self.skipped_nonfinite,
+                "algorithm": self.cfg.meta.algorithm, "mlflow_run_id": self.tracker.run_id if env.is_main else "",
+                "tracking_uri": self.tracker.uri if env.is_main else "",
+                "input_columns": self.manifest.get("input_columns")}  # raw types, for serving
+        return checkpoint.save(self.model, self.cfg, path, meta, dense_opt=self.dense_opt,
+                               rank_state={"reader": pos, "rng": checkpoint.rng_state()})
 
-    def save(path: Path) -> Path:
-        meta = {"step": step, "epoch": position["epoch"], "epoch_done": position["steps_done"] >= len(reader),
-                "tasks_total": tasks_total, "skipped_nonfinite_steps": skipped_nonfinite,
-                "algorithm": cfg.meta.algorithm, "mlflow_run_id": tracker.run_id if env.is_main else "",
-                "tracking_uri": tracker.uri if env.is_main else "",
-                "input_columns": manifest.get("input_columns")}  # raw types, for serving
-        return checkpoint.save(model, cfg, path, meta, dense_opt=dense_opt,
-                               rank_state={"reader": position, "rng": checkpoint.rng_state()})
+    def checkpoint(self) -> None:
+        """A training checkpoint of this step (the newest ``keep_checkpoints`` are kept)."""
+        self.last_ckpt = self.save(checkpoint.step_dir(self.ckpt_root, self.step))
+        if self.env.is_main:
+            checkpoint.prune(self.ckpt_root, self.t.keep_checkpoints)
+            log.info("checkpoint: %s", self.last_ckpt)
 
-    bad = torch.zeros((), device=env.device)  # non-finite steps since the last check
-    first_bad = torch.full((), -1, dtype=torch.int64, device=env.device)
-
-    def check_nonfinite(skipped: int) -> int:
+    def check_nonfinite(self) -> None:
         """Read the device-side count of non-finite steps (a sync point: log and checkpoint
         steps only); raise under on_nonfinite_loss=error."""
-        n, first = int(bad.item()), int(first_bad.item())
-        if n and t.on_nonfinite_loss == "error":
+        n, first = int(self.bad.item()), int(self.first_bad.item())
+        if n and self.t.on_nonfinite_loss == "error":
             raise NonFiniteLossError(
-                f"step {first}: the meta-loss was not finite ({n} such step(s) up to step {step}); no update was "
-                f"applied for them. Last checkpoint: {last_ckpt or 'none'} (unchanged). Lower meta.inner_lr or "
-                "optim.dense_lr, or set train.on_nonfinite_loss=skip")
-        bad.zero_()
-        first_bad.fill_(-1)
-        return skipped + n
+                f"step {first}: the meta-loss was not finite ({n} such step(s) up to step {self.step}); no update "
+                f"was applied for them. Last checkpoint: {self.last_ckpt or 'none'} (unchanged). Lower "
+                "meta.inner_lr or optim.dense_lr, or set train.on_nonfinite_loss=skip")
+        self.bad.zero_()
+        self.first_bad.fill_(-1)
+        self.skipped_nonfinite += n
 
-    for epoch in range(start_epoch, t.epochs):
-        if step >= total_steps:
-            break
-        reader.set_epoch(epoch)
-        fetch.new_epoch(reader)
-        for batch, out in run_steps(model, cfg, grad_sync, dense_opt, fetch, total_steps - step, pipe, times):
-            step += 1
-            position = fetch.trained()
-            # non-finite steps are counted on the device and read on log and checkpoint steps
-            bad.add_(out.skipped.to(bad.dtype))
-            first_bad = torch.where(out.skipped & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
-            tasks_run += batch.num_tasks * env.world_size
-            tasks_total += batch.num_tasks * env.world_size
-            tasks_since += batch.num_tasks * env.world_size
-            rows_since += batch.num_rows * env.world_size
+    # ---------------------------------------------------------------- logging
+    def log(self, out: MetaOutput, epoch: int, since: dict, ckpt_clock: float) -> bool:
+        """Log step: losses and rates averaged over ranks, to MLflow and the log. Returns
+        whether a timed checkpoint is due (rank 0's clock decides for all)."""
+        env, t, fetch = self.env, self.t, self.fetch
+        dt = time.perf_counter() - since["t"]
+        due = env.is_main and t.checkpoint_every_minutes > 0 and \
+            time.perf_counter() - ckpt_clock >= 60 * t.checkpoint_every_minutes
+        s = LogStats.gather(out.loss.device, env.world_size, query_loss=out.query_loss.mean(),
+                            support_loss=out.support_loss.mean(), data_stall_share=fetch.since / dt,
+                            skipped_bad_tasks=self.reader.skipped_tasks, comm_wait_share=self.times.share(),
+                            checkpoint_due=due)
+        self.last = {"train/query_loss": s.query_loss, "train/support_loss": s.support_loss,
+                     "train/tasks_per_s": since["tasks"] / dt, "train/rows_per_s": since["rows"] / dt,
+                     "train/data_stall_share": s.data_stall_share,
+                     "train/skipped_bad_tasks": s.skipped_bad_tasks * env.world_size,
+                     "train/skipped_nonfinite_steps": float(self.skipped_nonfinite),
+                     "train/comm_wait_share": s.comm_wait_share, "train/epoch": float(epoch)}
+        self.tracker.log_metrics(self.last, step=self.step)
+        if env.is_main:
+            m = self.last
+            log.info("step %d/%d epoch %d query_loss %.4f support_loss %.4f %.0f tasks/s %.0f rows/s "
+                     "data stall %.1f%% comm wait %.1f%%", self.step, self.total_steps, epoch,
+                     m["train/query_loss"], m["train/support_loss"], m["train/tasks_per_s"], m["train/rows_per_s"],
+                     100 * m["train/data_stall_share"], 100 * m["train/comm_wait_share"])
+        since.update(t=time.perf_counter(), tasks=0, rows=0)
+        fetch.since = 0.0
+        return s.checkpoint_due > 0
 
-            want_ckpt = bool(t.checkpoint_every_steps) and step % t.checkpoint_every_steps == 0
-            if want_ckpt or step % t.log_every == 0 or step == total_steps:
-                skipped_nonfinite = check_nonfinite(skipped_nonfinite)
-            if step % t.log_every == 0 or step == total_steps:
-                # sync point: .item() and an all-reduce of the losses, on log steps only
-                dt = time.perf_counter() - t_log
-                due = env.is_main and t.checkpoint_every_minutes > 0 and \
-                    time.perf_counter() - t_ckpt >= 60 * t.checkpoint_every_minutes
-                stats = torch.stack([out.query_loss.mean().detach(), out.support_loss.mean().detach(),
-                                     torch.tensor(fetch.since / dt, device=out.loss.device),
-                                     torch.tensor(float(reader.skipped_tasks), device=out.loss.device),
-                                     torch.tensor(times.share(), device=out.loss.device),
-                                     torch.tensor(float(due), device=out.loss.device)])
-                dist.all_reduce(stats)
-                stats /= env.world_size
-                want_ckpt |= stats[5].item() > 0  # rank 0's clock decides for all
-                last = {"train/query_loss": stats[0].item(), "train/support_loss": stats[1].item(),
-                        "train/tasks_per_s": tasks_since / dt, "train/rows_per_s": rows_since / dt,
-                        "train/data_stall_share": stats[2].item(),
-                        "train/skipped_bad_tasks": stats[3].item() * env.world_size,
-                        "train/skipped_nonfinite_steps": float(skipped_nonfinite),
-                        "train/comm_wait_share": stats[4].item(),
-                        "train/epoch": float(epoch)}
-                tracker.log_metrics(last, step=step)
-                if env.is_main:
-                    log.info("step %d/%d epoch %d query_loss %.4f support_loss %.4f %.0f tasks/s %.0f rows/s "
-                             "data stall %.1f%% comm wait %.1f%%", step, total_steps, epoch,
-                             last["train/query_loss"], last["train/support_loss"], last["train/tasks_per_s"],
-                             last["train/rows_per_s"], 100 * last["train/data_stall_share"],
-                             100 * last["train/comm_wait_share"])
-                tasks_since = rows_since = 0
-                fetch.since = 0.0
-                t_log = time.perf_counter()
-            if want_ckpt and step < total_steps:
-                last_ckpt = save(checkpoint.step_dir(ckpt_root, step))
-                if env.is_main:
-                    checkpoint.prune(ckpt_root, t.keep_checkpoints)
-                    log.info("checkpoint: %s", last_ckpt)
-                t_ckpt = time.perf_counter()
+    # ---------------------------------------------------------------- the loop
+    def loop(self) -> None:
+        env, t = self.env, self.t
+        self.fetch = fetch = _Fetcher(None if t.pipeline else env.device)  # the pipeline copies on its own stream
+        pipe = SparseDistPipeline(self.model.module, self.cfg.meta.size_buckets, env.device) if t.pipeline else None
+        self.times = StepTimes()
+        self.tasks_run = 0
+        since = {"t": time.perf_counter(), "tasks": 0, "rows": 0}
+        ckpt_clock = self.t_loop = time.perf_counter()
+        for epoch in range(self.start_epoch, t.epochs):
+            if self.step >= self.total_steps:
+                break
+            self.reader.set_epoch(epoch)
+            fetch.new_epoch(self.reader)
+            for batch, out in run_steps(self.model, self.cfg, self.grad_sync, self.dense_opt, fetch,
+                                        self.total_steps - self.step, pipe, self.times):
+                self.step += 1
+                self.position = fetch.trained()
+                self.bad.add_(out.skipped.to(self.bad.dtype))  # read on log and checkpoint steps
+                self.first_bad = torch.where(out.skipped & (self.first_bad < 0),
+                                             torch.full_like(self.first_bad, self.step), self.first_bad)
+                tasks = batch.num_tasks * env.world_size
+                self.tasks_run += tasks
+                self.tasks_total += tasks
+                since["tasks"] += tasks
+                since["rows"] += batch.num_rows * env.world_size
+                last = self.step == self.total_steps
+                want_ckpt = bool(t.checkpoint_every_steps) and self.step % t.checkpoint_every_steps == 0
+                if want_ckpt or self.step % t.log_every == 0 or last:
+                    self.check_nonfinite()
+                if self.step % t.log_every == 0 or last:
+                    want_ckpt |= self.log(out, epoch, since, ckpt_clock)
+                if want_ckpt and not last:
+                    self.checkpoint()
+                    ckpt_clock = time.perf_counter()
 
-    # share of the whole loop spent waiting for data (and the same without each epoch's
-    # first batch, i.e. in steady state), averaged over ranks
-    loop_s = max(time.perf_counter() - t_loop, 1e-9)
-    steady = (fetch.total - fetch.first_total) / max(loop_s - fetch.first_total, 1e-9)
-    stall = torch.tensor([fetch.total / loop_s, steady], device=env.device)
-    dist.all_reduce(stall)
-    stall /= env.world_size
-    last["train/data_stall_share_total"] = stall[0].item()
-    last["train/data_stall_share_steady"] = stall[1].item()
-    last["train/tasks_per_s_total"] = tasks_run / loop_s  # the whole loop (this attempt), every rank's tasks
-    last["train/comm_wait_share_total"] = times.share()
-    tracker.log_metrics({k: last[k] for k in ("train/data_stall_share_total", "train/data_stall_share_steady",
-                                              "train/tasks_per_s_total", "train/comm_wait_share_total")}, step=step)
-    if env.is_main:
-        log.info("data stall: %.2f%% of the training loop waited for data (%.2f%% after each epoch's first batch)",
-                 100 * stall[0].item(), 100 * stall[1].item())
+    # ---------------------------------------------------------------- the end
+    def finish(self) -> dict:
+        """Data-stall totals, the final checkpoint, and on rank 0 the evaluation."""
+        env, fetch, last = self.env, self.fetch, self.last
+        # share of the whole loop spent waiting for data (and the same without each epoch's
+        # first batch, i.e. in steady state), averaged over ranks
+        loop_s = max(time.perf_counter() - self.t_loop, 1e-9)
+        steady = (fetch.total - fetch.first_total) / max(loop_s - fetch.first_total, 1e-9)
+        stall = torch.tensor([fetch.total / loop_s, steady], device=env.device)
+        dist.all_reduce(stall)
+        stall /= env.world_size
+        last["train/data_stall_share_total"] = stall[0].item()
+        last["train/data_stall_share_steady"] = stall[1].item()
+        last["train/tasks_per_s_total"] = self.tasks_run / loop_s  # the whole loop (this attempt), every rank's
+        last["train/comm_wait_share_total"] = self.times.share()
+        self.tracker.log_metrics({k: last[k] for k in ("train/data_stall_share_total", "train/data_stall_share_steady",
+                                                       "train/tasks_per_s_total", "train/comm_wait_share_total")},
+                                 step=self.step)
+        if env.is_main:
+            log.info("data stall: %.2f%% of the training loop waited for data (%.2f%% after each epoch's first "
+                     "batch)", 100 * stall[0].item(), 100 * stall[1].item())
+        ckpt = self.save(self.out_dir / "checkpoint")
+        if env.is_main and self.ckpt_root.is_dir():
+            checkpoint.prune(self.ckpt_root, self.t.keep_checkpoints)
+        dist.destroy_process_group()
+        result: dict = {"checkpoint": str(ckpt), "steps": self.step, **last}
+        if env.is_main:
+            tracker = self.tracker
+            _finish_run(tracker, ckpt, self.cfg, self.out_dir, self.step, result)
+            tracker.finish()
+            self.tracker_box.clear()
+            log.info("checkpoint: %s", ckpt)
+            if tracker.run_id:
+                log.info("mlflow run %s; to browse: %s", tracker.run_id, ui_command(self.tracker_uri))
+        return result
 
-    # ---------------------------------------------------------------- checkpoint
-    ckpt = save(out_dir / "checkpoint")
-    if env.is_main and ckpt_root.is_dir():
-        checkpoint.prune(ckpt_root, t.keep_checkpoints)
-    dist.destroy_process_group()
 
-    # ---------------------------------------------------------------- evaluate (rank 0)
-    result: dict = {"checkpoint": str(ckpt), "steps": step, **last}
-    if env.is_main:
-        _finish_run(tracker, ckpt, cfg, out_dir, step, result)
-        tracker.finish()
-        tracker_box.clear()
-        log.info("checkpoint: %s", ckpt)
-        if tracker.run_id:
-            log.info("mlflow run %s; to browse: %s", tracker.run_id, ui_command(uri))
-    return result
+def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
+    run = TrainingRun(cfg, tracking_uri, tracker_box)  # setup
+    run.resume()
+    run.open_tracking()
+    run.loop()
+    return run.finish()
 
 
 def _open_run(cfg: Config, uri: str, run_id: str):
@@ -479,7 +528,9 @@ def _finish_run(tracker, ckpt: Path, cfg: Config, out_dir: Path, step: int, resu
     if cfg.train.eval_at_end or (cfg.tracking.enabled and cfg.tracking.log_model):
         emodel, ecfg, _ = checkpoint.load_unsharded(ckpt)
     if cfg.train.eval_at_end:
-        from gmeta.evaluate import evaluate, flat_metrics, format_table, log_report, write_report
+        from gmeta.evaluate import evaluate
+        from gmeta.render import format_table, log_report, write_report
+        from gmeta.report import flat_metrics
 
         report = evaluate(emodel, ecfg, cfg.data.shards_dir, inner_steps=cfg.eval.inner_steps)
         report["checkpoint"] = str(ckpt)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from gmeta.parallel.layout import BatchLayout
+from gmeta.meta.layout import BatchLayout
 
 
 @dataclass

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks.contenders import loop_loss, task_views, vmap_loss
-from gmeta.parallel.maml import maml_loss
+from gmeta.meta.maml import maml_loss
 from tests.test_maml import _lookup, _setup
 
 

@@ -9,8 +9,8 @@ import torch
 
 from gmeta.config import load_config
 from gmeta.io.reader import TaskReader
+from gmeta.meta.layout import layout_of
 from gmeta.models.dlrm import build_model
-from gmeta.parallel.layout import layout_of
 from gmeta.train import agree_across_ranks, meta_step
 from tests.device_check import DeviceCheck, WrongDevice
 

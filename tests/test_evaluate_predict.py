@@ -14,9 +14,10 @@ import torch.distributed as dist
 
 from gmeta import predict as predict_mod
 from gmeta.checkpoint import load_sharded, load_unsharded
-from gmeta.evaluate import collect, evaluate, run_evaluate
-from gmeta.io.prepare import load_manifest
+from gmeta.evaluate import evaluate, run_evaluate
+from gmeta.io.manifest import load_manifest
 from gmeta.predict import PredictError, run_predict
+from gmeta.scoring import collect
 from tests.multiprocess import run_ranks
 
 

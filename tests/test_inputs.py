@@ -15,15 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from gmeta.config import load_config
-from gmeta.io.prepare import (
-    PrepareError,
-    _Cardinality,
-    hash_ids,
-    load_manifest,
-    prepare,
-    salted_hash,
-    task_uniform,
-)
+from gmeta.io.errors import PrepareError
+from gmeta.io.features import Cardinality, hash_ids, salted_hash, task_uniform
+from gmeta.io.manifest import load_manifest
+from gmeta.io.prepare import prepare
 from gmeta.io.reader import TaskReader
 from gmeta.serving import assign_roles
 
@@ -448,7 +443,7 @@ def test_collisions_are_counted_exactly_and_warned(tmp_path, caplog):
 
 def test_collision_tracking_beyond_its_memory_is_an_expected_share():
     cfg = load_config(None, ["features.sparse=[{name: a, num_embeddings: 100000000}]", "data.prepare_memory_mb=64"])
-    card = _Cardinality(cfg)
+    card = Cardinality(cfg)
     raw = np.arange(5000)
     card.add("a", raw, hash_ids(raw, "a", 100_000_000))
     c = card.summary()["a"]

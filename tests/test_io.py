@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from gmeta.config import load_config
-from gmeta.io.prepare import PrepareError, load_manifest, prepare
+from gmeta.io.errors import PrepareError
+from gmeta.io.manifest import load_manifest
+from gmeta.io.prepare import prepare
 from gmeta.io.reader import ShardError, TaskReader
 from gmeta.synth import generate
 
@@ -301,7 +303,7 @@ def test_corrupt_tar_names_file(wds_shards, tmp_path):
 
 
 def test_shards_prepared_with_other_features_are_refused(debug_data, debug_config_path):
-    from gmeta.io.prepare import check_manifest_matches
+    from gmeta.io.manifest import check_manifest_matches
 
     m = load_manifest(debug_data["shards"])
     check_manifest_matches(m, load_config(debug_config_path), "manifest.json")  # same config: fine

@@ -11,10 +11,11 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from gmeta.config import load_config
 from gmeta.io.reader import TaskReader
+from gmeta.meta import maml
+from gmeta.meta.fast_weights import choose_fast_weights
+from gmeta.meta.layout import layout_of
+from gmeta.meta.maml import maml_loss
 from gmeta.models.dlrm import DLRMHead, build_model, lookup_rows
-from gmeta.parallel import maml
-from gmeta.parallel.layout import layout_of
-from gmeta.parallel.maml import choose_fast_weights, maml_loss
 from tests.reference import task_query_losses
 
 
@@ -186,7 +187,7 @@ def test_head_accepts_shared_and_per_task_weights():
 
 
 def test_size_buckets_keep_query_logits_in_row_order(debug_config_path, debug_data):
-    from gmeta.parallel.maml import adapt_and_query
+    from gmeta.meta.maml import adapt_and_query
 
     model, head, batch, tables = _setup(debug_config_path, debug_data, n_tasks=9)
     kw = dict(steps=1, lr=0.3, emb_lr=0.5, adapt_dense=["over_arch"],

@@ -10,9 +10,9 @@ import torch.distributed as dist
 
 from gmeta.config import load_config
 from gmeta.io.reader import TaskReader
+from gmeta.meta.maml import maml_loss
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import DenseGradSync, broadcast_params
-from gmeta.parallel.maml import maml_loss
 from gmeta.parallel.pipeline import SparseDistPipeline
 from gmeta.parallel.sharding import shard_model
 from gmeta.train import run_steps

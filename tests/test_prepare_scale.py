@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from gmeta.config import load_config
-from gmeta.io.prepare import load_manifest, prepare
+from gmeta.io.manifest import load_manifest
+from gmeta.io.prepare import prepare
 from gmeta.io.sources import estimate_bytes
 from gmeta.synth import generate
 

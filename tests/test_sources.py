@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from gmeta.config import load_config
-from gmeta.io.prepare import PrepareError, prepare
+from gmeta.io.errors import PrepareError
+from gmeta.io.prepare import prepare
 from gmeta.io.sources import ML100K_GENRES, SourceError, read_movielens, read_recbole
 
 ROOT = Path(__file__).resolve().parents[1]

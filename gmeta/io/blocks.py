@@ -16,8 +16,8 @@ import pyarrow as pa
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from gmeta.io.prepare import PrepareError
-from gmeta.parallel.layout import BatchLayout, build_arrays
+from gmeta.io.errors import PrepareError
+from gmeta.meta.layout import BatchLayout, build_arrays
 from gmeta.types import TaskBatch
 
 
@@ -178,7 +178,7 @@ def check_block(block: TaskBlock, schema: dict, on_bad_task: str) -> TaskBlock:
     return block
 
 
-def _ranges(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def gather_ranges(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the ranges offsets[i]:offsets[i+1] for i in idx, concatenated; and lengths."""
     starts = offsets[idx]
     lens = offsets[idx + 1] - starts
@@ -242,7 +242,7 @@ def collate_packed(picks: list[tuple[TaskBlock, np.ndarray]], schema: dict, size
         parts = {"ids": {}, "len": {}, "dense": [], "label": [], "true_prob": [], "counts": []}
         for block, idx in picks:
             side: SplitArrays = getattr(block, side_name)
-            rows, counts = _ranges(side.rows, idx)
+            rows, counts = gather_ranges(side.rows, idx)
             parts["counts"].append(counts)
             parts["dense"].append(side.dense[rows])
             parts["label"].append(side.label[rows])
@@ -251,7 +251,7 @@ def collate_packed(picks: list[tuple[TaskBlock, np.ndarray]], schema: dict, size
             for feat in schema["sparse"]:
                 name = feat["name"]
                 if feat["multi_hot"]:
-                    pos, lens = _ranges(side.id_offsets[name], rows)
+                    pos, lens = gather_ranges(side.id_offsets[name], rows)
                     parts["ids"].setdefault(name, []).append(side.ids[name][pos])
                     parts["len"].setdefault(name, []).append(lens)
                 else:

@@ -33,373 +33,27 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gmeta.config import Config
-from gmeta.io.sources import Batch, SourceError, open_source, parse_number, split_field
+from gmeta.io.errors import PrepareError
+from gmeta.io.features import (
+    Cardinality,
+    check_values,
+    hash_batch,
+    input_columns,
+    salted_hash,
+    shard_schema,
+    stable_hash,
+    task_uniform,
+)
+from gmeta.io.manifest import FORMAT_VERSION, MANIFEST, splits_of
+from gmeta.io.sources import SourceError, open_source, parse_number
+from gmeta.io.split import DROP_REASONS, ROW_DROP_REASONS, split_tasks
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: per-file "units" (row groups / tars) for the streaming reader
-SPLITS = ("train", "eval")
-
-
-class PrepareError(ValueError):
-    """The raw input cannot be turned into task shards. The message names file and column."""
-
-
-def stable_hash(values: np.ndarray, salt: str) -> np.ndarray:
-    """Deterministic uint64 hash of ids or strings (pandas' SipHash-based ``hash_array``;
-    Python's ``hash`` is salted per process and numpy has none)."""
-    key = (salt + "0" * 16)[:16]
-    return pd.util.hash_array(np.asarray(values), hash_key=key, categorize=False)
-
-
-def _salt64(salt: str) -> np.uint64:
-    return stable_hash(np.array([salt], dtype=object), "salt")[0]
-
-
-def salted_hash(values: np.ndarray, salt: str) -> np.ndarray:
-    """Like ``stable_hash``, but the salt changes the hash of numbers too: pandas'
-    ``hash_array`` applies its key to strings only, so integer task keys hashed alike under
-    every salt (the held-out split ignored ``data.split.seed``, and split, shard order and
-    partitions were one hash). Numbers are mixed twice with the salt in between (the
-    finaliser of ``hash_array`` is a bijection of uint64 with full avalanche). Strings hash
-    as ``stable_hash``. Used for task-level choices; ids keep ``stable_hash`` so that
-    checkpoints and shards written before stay valid."""
-    arr = np.asarray(values)
-    if arr.dtype.kind not in "iub":
-        return stable_hash(arr, salt)
-    x = arr.astype(np.int64).view(np.uint64) if arr.dtype.kind != "u" else arr.astype(np.uint64)
-    s = _salt64(salt)
-    with np.errstate(over="ignore"):
-        y = pd.util.hash_array(x ^ s, categorize=False)
-        return pd.util.hash_array(y + s, categorize=False)
-
-
-def task_uniform(task_keys: np.ndarray, seed: int) -> np.ndarray:
-    """A uniform number in [0, 1) per task key, a pure function of (key, seed): the
-    held-out split compares it with eval_fraction and val_fraction."""
-    return (salted_hash(task_keys, f"split{seed}") >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
-def hash_ids(values: np.ndarray, feature: str, num_embeddings: int) -> np.ndarray:
-    return (stable_hash(values, feature) % np.uint64(num_embeddings)).astype(np.int64)
-
-
-def shard_schema(cfg: Config, has_true_prob: bool) -> dict:
-    """The schema of task records (in the manifest; what the reader and collation expect)."""
-    return {"sparse": [asdict(s) for s in cfg.features.sparse], "dense": list(cfg.features.dense),
-            "has_true_prob": has_true_prob, "objective": cfg.model.objective}
-
-
-def input_columns(cfg: Config) -> list[str]:
-    """The raw columns the config reads (task key, timestamp if any, label, features)."""
-    f = cfg.features
-    return [f.task_key] + ([f.timestamp] if f.timestamp else []) + [f.label] + [s.name for s in f.sparse] \
-        + list(f.dense)
-
-
-def _locator(where) -> callable:
-    """``where`` as a function of a batch row: a Batch's own, or ``"<where>: row i"``."""
-    if isinstance(where, Batch):
-        return where.locate
-    return lambda i: f"{where}: row {i}"
-
-
-def _first(mask: np.ndarray) -> int:
-    return int(np.argmax(mask))
-
-
-def _first_null(col: pa.ChunkedArray | pa.Array) -> int:
-    return _first(~np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool))
-
-
-def binary_labels(col: pa.ChunkedArray | pa.Array, cfg: Config, where) -> np.ndarray:
-    """The label column as float32 0/1 (``model.objective: binary``): 0/1 numbers or
-    booleans as they are, other encodings through ``features.positive_labels`` /
-    ``negative_labels``. A value that is neither is an error naming the file and line."""
-    f = cfg.features
-    at = _locator(where)
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    if pa.types.is_boolean(col.type) and not f.positive_labels:
-        return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float32)
-    if f.positive_labels:
-        out = np.full(len(col), np.nan, dtype=np.float32)
-        if pa.types.is_boolean(col.type):
-            col = col.cast(pa.string())  # "true" / "false", as the config's booleans read
-        numeric = pa.types.is_integer(col.type) or pa.types.is_floating(col.type)
-        if numeric:
-            shown = num = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
-        else:
-            shown = np.asarray(pc.utf8_trim_whitespace(col.cast(pa.string())).to_numpy(zero_copy_only=False),
-                               dtype=object)
-            num = pd.to_numeric(pd.Series(shown), errors="coerce").to_numpy(dtype=np.float64)
-        for values, y in ((f.positive_labels, 1.0), (f.negative_labels, 0.0)):
-            nums = [x for x in map(parse_number, values) if x is not None]
-            out[np.isin(num, nums)] = y  # numbers as numbers: "+1" and 1.0 are 1 (NaN matches nothing)
-            if not numeric:
-                out[np.isin(shown, [v.strip() for v in values])] = y
-        bad = np.isnan(out)
-        if bad.any():
-            i = _first(bad)
-            raise PrepareError(f"{at(i)}: label {shown[i]!r} (column {f.label!r}) is in neither "
-                               f"features.positive_labels {list(f.positive_labels)} nor features.negative_labels "
-                               f"{list(f.negative_labels)}")
-        return out
-    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
-        i = 0
-        raise PrepareError(f"{at(i)}: column {f.label!r} (features.label) holds {col.type} values such as "
-                           f"{col[i].as_py()!r}; binary labels must be 0/1 or booleans, or be mapped with "
-                           "features.positive_labels and features.negative_labels")
-    lab = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
-    bad = ~np.isin(lab, (0.0, 1.0))
-    if bad.any():
-        i = _first(bad)
-        hint = (" (for -1/+1 labels set features.positive_labels: [1] and features.negative_labels: [-1])"
-                if lab[i] == -1 else "")
-        raise PrepareError(f"{at(i)}: column {f.label!r} (features.label) must be 0 or 1 for model.objective "
-                           f"binary, got {lab[i]:g}{hint}; set model.objective: regression to predict the value "
-                           "itself")
-    return lab.astype(np.float32)
-
-
-def _check_values(table: pa.Table, cfg: Config, where) -> np.ndarray:
-    """Nulls, non-numeric or non-finite values, labels the objective cannot take: an error
-    naming the file and line (``where``: a Batch, or a name for rows without lines).
-    Returns the labels as float32 (binary ones mapped to 0/1)."""
-    f = cfg.features
-    at = _locator(where)
-    fill = cfg.data.source.fill_missing
-    must = [f.task_key, f.label] + ([f.timestamp] if f.timestamp else [])
-    for name in must + ([] if fill else [s.name for s in f.sparse]):
-        col = table.column(name)
-        if col.null_count:
-            hint = "" if name in must else " (data.source.fill_missing: true maps them to a 'missing' id)"
-            i = _first_null(col)
-            raise PrepareError(f"{at(i)}: column {name!r} has a null value ({col.null_count} in this batch){hint}")
-    numeric = list(f.dense) + ([f.true_prob] if f.true_prob in table.column_names else [])
-    if cfg.model.objective == "regression":
-        numeric.insert(0, f.label)
-    for name in numeric:
-        col = table.column(name)
-        if not pa.types.is_integer(col.type) and not pa.types.is_floating(col.type) and not pa.types.is_null(col.type):
-            raise PrepareError(f"{at(0)}: column {name!r} must be numeric, got {col.type} such as "
-                               f"{col[0].as_py()!r}")
-        if fill and name in f.dense:
-            col = _zero_filled(col)
-        elif col.null_count:
-            hint = " (data.source.fill_missing: true reads them as 0)" if name in f.dense else ""
-            i = _first_null(col)
-            raise PrepareError(f"{at(i)}: column {name!r} has a null value ({col.null_count} in this batch){hint}")
-        arr = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
-        bad = ~np.isfinite(arr)
-        if bad.any():
-            raise PrepareError(f"{at(_first(bad))}: column {name!r} has a NaN/inf value "
-                               f"({int(bad.sum())} in this batch)")
-    if f.timestamp:
-        ts_type = table.column(f.timestamp).type
-        if not (pa.types.is_integer(ts_type) or pa.types.is_timestamp(ts_type)):
-            raise PrepareError(f"{at(0)}: column {f.timestamp!r} (features.timestamp) must be an integer or "
-                               f"timestamp, got {ts_type}")
-    if cfg.model.objective == "binary":
-        return binary_labels(table.column(f.label), cfg, where)
-    return np.asarray(table.column(f.label).to_numpy(zero_copy_only=False), dtype=np.float32)
-
-
-class _Cardinality:
-    """Distinct ids per feature and their hash collisions.
-
-    Before hashing, distinct raw ids are exact up to 4096, a k-minimum-values estimate
-    beyond (memory stays bounded however many raw ids the input has). After hashing, each
-    table row records the first raw id that hashed to it (as a 64-bit hash of the id) and
-    how many rows it received; a row reached by a second raw id is *collided*, and the
-    share of the feature's id occurrences that land in collided rows is exact. That needs
-    17 bytes per table row, so it is kept for the smallest tables within an eighth of
-    data.prepare_memory_mb; larger tables get the expected share for uniformly hashed ids."""
-
-    K = 4096
-    BYTES_PER_ROW = 17
-
-    def __init__(self, cfg: Config) -> None:
-        self.features = cfg.features.sparse
-        self.kmv = {s.name: np.zeros(0, dtype=np.uint64) for s in self.features}
-        self.owner: dict[str, np.ndarray] = {}
-        self.rows: dict[str, np.ndarray] = {}
-        self.collided: dict[str, np.ndarray] = {}
-        budget = (cfg.data.prepare_memory_mb << 20) // 8 // self.BYTES_PER_ROW
-        for s in sorted(self.features, key=lambda s: s.num_embeddings):
-            if s.num_embeddings <= budget:
-                budget -= s.num_embeddings
-                self.owner[s.name] = np.zeros(s.num_embeddings, dtype=np.uint64)
-                self.rows[s.name] = np.zeros(s.num_embeddings, dtype=np.int64)
-                self.collided[s.name] = np.zeros(s.num_embeddings, dtype=bool)
-        # what the exact tracking holds: taken from the memory the partitioning may use
-        self.nbytes = sum(a.nbytes for d in (self.owner, self.rows, self.collided) for a in d.values())
-        self.occurrences = dict.fromkeys((s.name for s in self.features), 0)
-
-    def add(self, name: str, raw: np.ndarray, hashed: np.ndarray) -> None:
-        h = stable_hash(raw, "kmv")
-        self.occurrences[name] += len(hashed)
-        self.kmv[name] = np.unique(np.concatenate([self.kmv[name], h]))[: self.K]
-        if name not in self.owner or not len(hashed):
-            return
-        owner, collided = self.owner[name], self.collided[name]
-        slots, counts = np.unique(hashed, return_counts=True)
-        self.rows[name][slots] += counts
-        h = h | np.uint64(1)  # 0 marks an empty table row
-        order = np.lexsort((h, hashed))
-        hs, hh = hashed[order], h[order]
-        new = owner[hs] == 0
-        owner[hs[new]] = hh[new]  # the last of several new raw ids wins; the others collide below
-        collided[hs[owner[hs] != hh]] = True
-
-    def summary(self) -> dict[str, dict]:
-        out = {}
-        for s in self.features:
-            h = self.kmv[s.name]
-            if len(h) < self.K:
-                raw, exact = len(h), True
-            else:  # (k - 1) / (k-th smallest hash as a fraction of the hash space)
-                raw, exact = int(round((self.K - 1) / (float(h[-1]) / 2.0**64))), False
-            m = s.num_embeddings
-            if s.name in self.owner:
-                rows = self.rows[s.name]
-                hashed = int((rows > 0).sum())
-                share = float(rows[self.collided[s.name]].sum() / rows.sum()) if rows.sum() else 0.0
-                share_exact = True
-            else:  # a raw id collides unless the other raw - 1 ids all miss its row
-                hashed = None
-                share = float(1.0 - (1.0 - 1.0 / m) ** max(raw - 1, 0))
-                share_exact = False
-            out[s.name] = {"num_embeddings": m, "distinct_raw": raw, "distinct_raw_exact": exact,
-                           "distinct_hashed": hashed, "colliding_share": round(share, 6),
-                           "colliding_share_exact": share_exact, "id_occurrences": self.occurrences[s.name],
-                           "multi_hot": s.multi_hot, "pooling": s.pooling}
-        return out
-
-
-_MISSING = "\x00missing"  # the raw value a missing id hashes as (data.source.fill_missing)
-
-
-def row_times(table: pa.Table, cfg: Config, first_row: int = 0) -> pa.Array:
-    """Time of each row as int64: features.timestamp, or (no timestamp column) the row's
-    position in the input, ``first_row`` being the position of the table's first row."""
-    if cfg.features.timestamp:
-        return table.column(cfg.features.timestamp).combine_chunks().cast(pa.int64())
-    return pa.array(np.arange(first_row, first_row + table.num_rows, dtype=np.int64))
-
-
-def _zero_filled(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
-    """A dense column with its missing values as 0 (data.source.fill_missing)."""
-    if not col.null_count:
-        return col
-    return pa.array(np.zeros(len(col))) if pa.types.is_null(col.type) else pc.fill_null(col, 0)
-
-
-def _dense_matrix(table: pa.Table, cfg: Config) -> np.ndarray:
-    # nulls only with data.source.fill_missing: _check_values refuses them otherwise
-    cols = [np.asarray(_zero_filled(table.column(c)).to_numpy(zero_copy_only=False), dtype=np.float32)
-            for c in cfg.features.dense]
-    dense = np.stack(cols, axis=1) if cols else np.zeros((table.num_rows, 0), dtype=np.float32)
-    if cfg.features.dense_transform == "log1p":
-        dense = np.sign(dense) * np.log1p(np.abs(dense))
-    return dense
-
-
-_INTEGER = r"^-?[0-9]{1,18}$"  # a text token that is an int64
-
-
-def _hash_ids(col: pa.Array, name: str, num_embeddings: int, tokens: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(raw ids, hashed ids) of a flat id column. A null (data.source.fill_missing) and an
-    empty string get the id of the 'missing' value. ``tokens``: ids split out of a text
-    field, where a token that is an integer hashes as that integer (as the same id does
-    from a list<int64> column), decided token by token so that it does not depend on which
-    other rows were read together."""
-    if pa.types.is_large_string(col.type):
-        col = col.cast(pa.string())
-    text = pa.types.is_string(col.type)
-    valid = None  # None: every id present (the common case, no mask built)
-    if col.null_count or (text and pc.any(pc.equal(col, "")).as_py()):
-        valid = col.is_valid()
-        if text:
-            valid = pc.fill_null(pc.and_kleene(valid, pc.not_equal(col, "")), False)
-        valid = np.asarray(valid.to_numpy(zero_copy_only=False), dtype=bool)
-        col = col.filter(pa.array(valid))
-    raw = col.to_numpy(zero_copy_only=False)
-    numeric = None
-    if tokens and text:
-        numeric = np.asarray(pc.match_substring_regex(col, _INTEGER).to_numpy(zero_copy_only=False), dtype=bool)
-    if numeric is None or not numeric.any():
-        hashed = hash_ids(raw, name, num_embeddings)
-    else:
-        hashed = np.empty(len(raw), dtype=np.int64)
-        hashed[numeric] = hash_ids(raw[numeric].astype(np.int64), name, num_embeddings)
-        hashed[~numeric] = hash_ids(raw[~numeric], name, num_embeddings)
-    if valid is None:
-        return raw, hashed
-    missing = np.array([_MISSING], dtype=object)
-    out = np.full(len(valid), hash_ids(missing, name, num_embeddings)[0])
-    out[valid] = hashed
-    # the raw values for _Cardinality, aligned with the ids: the missing value is one more
-    raw_all = np.full(len(valid), _MISSING, dtype=object)
-    raw_all[valid] = raw
-    return raw_all, out
-
-
-def _hash_batch(table: pa.Table, cfg: Config, card: _Cardinality | None, where: str,
-                first_row: int = 0, labels: np.ndarray | None = None) -> pa.Table:
-    """Raw batch -> the columns prepare keeps, sparse ids hashed into their tables
-    (``first_row``: the batch's position in the input: the time of rows without a timestamp,
-    and the input order that breaks ties of time; ``labels``: from ``_check_values``)."""
-    f = cfg.features
-    if labels is None:
-        labels = _check_values(table, cfg, where)
-    cols: dict[str, pa.Array] = {
-        "__key": table.column(f.task_key).combine_chunks(),
-        "__ts": row_times(table, cfg, first_row),
-        "__row": pa.array(np.arange(first_row, first_row + table.num_rows, dtype=np.int64)),
-        "__label": pa.array(labels.astype(np.float32)),
-    }
-    sep = cfg.data.source.multi_hot_separator
-    for s in f.sparse:
-        col = table.column(s.name).combine_chunks()
-        text = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
-        if s.multi_hot and text:  # CSV: ids joined by a separator
-            col = split_field(col.cast(pa.string()), sep)
-        is_list = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
-        if s.multi_hot != is_list:
-            kind = "a list column (or '|'-separated ids in CSV)" if s.multi_hot else "a scalar column"
-            raise PrepareError(f"{where}: column {s.name!r} must be {kind} "
-                               f"(features.sparse multi_hot={s.multi_hot}), got {col.type}")
-        if s.multi_hot:
-            if col.null_count:  # a missing list: no ids (pooled to zeros)
-                if not cfg.data.source.fill_missing:
-                    raise PrepareError(f"{where}: column {s.name!r} has {col.null_count} null value(s) "
-                                       "(data.source.fill_missing: true reads them as empty lists)")
-                col = pc.fill_null(col, pa.scalar([], col.type))
-            items = col.flatten()
-            if items.null_count and not cfg.data.source.fill_missing:
-                raise PrepareError(f"{where}: column {s.name!r} has null ids inside its lists")
-            raw, hashed = _hash_ids(items, s.name, s.num_embeddings, tokens=text)
-            off = col.offsets.to_numpy().astype(np.int64)
-            cols[s.name] = pa.ListArray.from_arrays(pa.array((off - off[0]).astype(np.int32)), pa.array(hashed))
-        else:
-            raw, hashed = _hash_ids(col, s.name, s.num_embeddings)
-            cols[s.name] = pa.array(hashed)
-        if card is not None:
-            card.add(s.name, raw, hashed)
-    dense = _dense_matrix(table, cfg)
-    cols["dense"] = pa.FixedSizeListArray.from_arrays(pa.array(dense.reshape(-1)), len(f.dense)) if f.dense \
-        else pa.array([[]] * table.num_rows, pa.list_(pa.float32()))  # (Parquet misreads fixed lists of size 0)
-    if f.true_prob and f.true_prob in table.column_names:
-        cols["true_prob"] = pa.array(table.column(f.true_prob).to_numpy().astype(np.float32))
-    return pa.table(cols)
 
 
 class _Partitions:
@@ -453,90 +107,6 @@ class _Partitions:
         for b in sorted(self.writers):
             yield pq.read_table(self.tmp / f"bucket-{b:05d}.parquet")
             pa.default_memory_pool().release_unused()
-
-
-def _tie_order(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np.ndarray,
-               task_hash: np.ndarray) -> np.ndarray | None:
-    """data.split.tie_break "shuffle": a permutation of the task-sorted rows that orders the
-    rows of equal time within a task in a seeded order, a function of (seed, task, time,
-    position among the tied rows), so that it does not depend on which other rows were
-    read together. None for the other rules (the rows stay in input order within a tie)."""
-    if cfg.data.split.tie_break != "shuffle" or not len(ts):
-        return None
-    task = np.repeat(np.arange(len(counts)), counts)
-    new_run = np.ones(len(ts), dtype=bool)
-    new_run[1:] = (task[1:] != task[:-1]) | (ts[1:] != ts[:-1])
-    run_start = np.flatnonzero(new_run)
-    pos = np.arange(len(ts)) - run_start[np.cumsum(new_run) - 1]
-    with np.errstate(over="ignore"):
-        mix = task_hash[task].astype(np.uint64) ^ (ts.astype(np.int64).view(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-        key = salted_hash(salted_hash(mix, f"tie{cfg.data.split.seed}") ^ pos.astype(np.uint64), "tie")
-    return np.lexsort((key, ts, task))
-
-
-def _split_tasks(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np.ndarray,
-                 task_hash: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, dict[str, int]]]:
-    """Per task, support and query row indices (into the task-sorted table); None for a
-    dropped task. Also {"tasks": dropped tasks by reason, "rows": rows left out by reason}.
-
-    The ratio rule draws each task's split from (seed, task), so the result does not depend
-    on which other tasks were prepared together. The time rule puts the earliest rows in
-    the support, rows of equal time ordered by data.split.tie_break."""
-    sp = cfg.data.split
-    support_idx, query_idx = [], []
-    dropped = dict.fromkeys(DROP_REASONS, 0)
-    rows_out = dict.fromkeys(ROW_DROP_REASONS, 0)
-    perm = _tie_order(cfg, task_start, counts, ts, task_hash)
-
-    def drop(reason: str, n: int) -> None:
-        dropped[reason] += 1
-        rows_out[reason] += n
-        support_idx.append(None)
-        query_idx.append(None)
-
-    for start, n, th in zip(task_start.tolist(), counts.tolist(), task_hash.tolist()):
-        too = "too_few_rows" if n < sp.min_task_rows else "too_many_rows" if 0 < sp.max_task_rows < n else ""
-        if too:
-            drop(too, n)
-            continue
-        rows = np.arange(start, start + n) if perm is None else perm[start: start + n]
-        n_s = n - sp.query_size if sp.query_size else int(round(n * sp.support_ratio))
-        n_s = min(max(n_s, 0), n)
-        if sp.rule == "time":
-            # "strict": support strictly earlier than query, the boundary moved before any tie
-            # (with a fixed query size ties keep the input order: the query must have
-            # query_size rows). Otherwise ties are ordered by tie_break and cut anywhere.
-            while sp.tie_break == "strict" and not sp.query_size and 0 < n_s < n \
-                    and ts[start + n_s - 1] == ts[start + n_s]:
-                n_s -= 1
-            s_rows, q_rows = rows[:n_s], rows[n_s:]
-            s_rows = s_rows[-sp.max_support:]  # the most recent rows before the boundary
-        else:
-            shuffled = np.random.default_rng([sp.seed, th]).permutation(rows)
-            s_rows, q_rows = np.sort(shuffled[:n_s])[: sp.max_support], np.sort(shuffled[n_s:])
-        q_rows = q_rows[: sp.max_query]
-        if len(s_rows) < sp.min_support:
-            drop("support_too_small", n)
-            continue
-        if len(q_rows) < sp.min_query:
-            drop("query_too_small", n)
-            continue
-        support_idx.append(s_rows)
-        query_idx.append(q_rows)
-        rows_out["support_over_max"] += n_s - len(s_rows)
-        rows_out["query_over_max"] += (n - n_s) - len(q_rows)
-    return support_idx, query_idx, {"tasks": dropped, "rows": rows_out}
-
-
-DROP_REASONS = ("too_few_rows", "too_many_rows", "support_too_small", "query_too_small")
-# rows not written: all rows of a dropped task (by the task's reason), and rows of a kept
-# task beyond data.split.max_support (the earliest support rows) or max_query (the latest)
-ROW_DROP_REASONS = DROP_REASONS + ("support_over_max", "query_over_max")
-
-
-def splits_of(cfg: Config) -> tuple[str, ...]:
-    """Shard splits prepare writes: train, eval (test), and val if data.split.val_fraction."""
-    return SPLITS + (("val",) if cfg.data.split.val_fraction > 0 else ())
 
 
 def _nested(rows: np.ndarray, lengths: np.ndarray, columns: dict[str, pa.Array]) -> pa.StructArray:
@@ -662,7 +232,7 @@ def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, dict[str, int]]
     counts = np.diff(np.concatenate([task_start, [len(keys)]]))
     task_keys = keys[task_start]
     task_hash = stable_hash(task_keys, "task")
-    support_idx, query_idx, d = _split_tasks(cfg, task_start, counts, ts, task_hash)
+    support_idx, query_idx, d = split_tasks(cfg, task_start, counts, ts, task_hash)
     for kind in ("tasks", "rows"):
         for k, v in d[kind].items():
             dropped[kind][k] += v
@@ -741,7 +311,7 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
         input_bytes, input_rows = source.estimate(columns)
     except SourceError as e:
         raise PrepareError(str(e)) from None
-    card = _Cardinality(cfg)
+    card = Cardinality(cfg)
     memory = (cfg.data.prepare_memory_mb << 20) - 2 * card.nbytes  # (and its temporaries)
     parts_n = num_partitions(input_bytes, max(1, memory >> 20))
     schema = shard_schema(cfg, has_true_prob)
@@ -757,8 +327,8 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
             try:
                 for batch in source.batches(columns):
                     where = batch.where
-                    labels = _check_values(batch.table, cfg, batch)
-                    parts.add(_hash_batch(batch.table, cfg, card, where, first_row=n_rows, labels=labels))
+                    labels = check_values(batch.table, cfg, batch)
+                    parts.add(hash_batch(batch.table, cfg, card, where, first_row=n_rows, labels=labels))
                     n_rows += batch.table.num_rows
                     bar.update(batch.table.num_rows)
             except SourceError as e:
@@ -874,33 +444,3 @@ def format_report(m: dict) -> str:
         share = f"{100 * c['colliding_share']:.2f}%" + ("" if c["colliding_share_exact"] else " (expected)")
         lines.append(f"    {name}: {raw} -> {used} / {c['num_embeddings']:,}, {share}")
     return "\n".join(lines)
-
-
-def load_manifest(shards_dir: str | Path) -> dict:
-    path = Path(shards_dir) / MANIFEST
-    if not path.is_file():
-        raise PrepareError(f"{path}: not found; run `gmeta prepare` first (data.shards_dir)")
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PrepareError(f"{path}: not valid JSON: {e}") from None
-    if m.get("format_version") != FORMAT_VERSION:
-        raise PrepareError(f"{path}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}; "
-                           "prepare the shards again with this version of gmeta")
-    return m
-
-
-def check_manifest_matches(manifest: dict, cfg: Config, path: str) -> None:
-    """The shards must have been prepared with the features the config declares."""
-    want = [asdict(s) for s in cfg.features.sparse]
-    got = manifest["schema"]["sparse"]
-    if want != got:
-        raise PrepareError(f"{path}: sparse features {got} differ from the config's features.sparse {want};"
-                           " prepare the shards again with this config")
-    if manifest["schema"]["dense"] != list(cfg.features.dense):
-        raise PrepareError(f"{path}: dense features {manifest['schema']['dense']} differ from the config's "
-                           f"features.dense {list(cfg.features.dense)}")
-    objective = manifest["schema"].get("objective", "binary")
-    if objective != cfg.model.objective:
-        raise PrepareError(f"{path}: shards prepared for model.objective {objective!r} (labels checked for it), "
-                           f"the config has {cfg.model.objective!r}; prepare the shards again with this config")

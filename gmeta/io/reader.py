@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gmeta.io.blocks import ShardError, TaskBlock, block_from_arrow, check_block, collate_packed, concat_blocks
+from gmeta.io.manifest import load_manifest
 from gmeta.io.plan import EpochPlan, Unit, plan_epoch, units_from_manifest
-from gmeta.io.prepare import load_manifest
 
 log = logging.getLogger(__name__)
 

@@ -38,13 +38,13 @@ from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from gmeta.config import Config
-from gmeta.parallel.layout import BatchLayout
+from gmeta.meta.layout import BatchLayout
 
 
 class LinearHook:
     """Computes ``MetaLinear`` layers in place of their plain forward when passed as the
     head's ``params``: ``linear(prefix, x, weight, bias)`` is called with the layer's
-    parameter-name prefix and its own shared weights (see gmeta.parallel.maml's implicit
+    parameter-name prefix and its own shared weights (see gmeta.meta.fast_weights's implicit
     fast weights, which add a per-task correction to the shared product)."""
 
     def linear(self, prefix: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch.autograd.profiler import record_function
 
+from gmeta.meta.layout import layout_of
 from gmeta.models.dlrm import MetaDLRM, lookup_rows
-from gmeta.parallel.layout import layout_of
 from gmeta.types import TaskBatch
 
 

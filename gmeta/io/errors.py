@@ -1,0 +1,8 @@
+"""Errors of gmeta's data path, in a module of their own so that every io module can raise
+them without importing another's machinery."""
+
+from __future__ import annotations
+
+
+class PrepareError(ValueError):
+    """The raw input cannot be turned into task shards. The message names file and column."""

@@ -1,0 +1,9 @@
+"""The registry of meta-learning algorithms: ``meta.algorithm`` -> objective."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gmeta.meta import erm, maml
+
+ALGORITHMS: dict[str, Callable] = {"maml": maml.objective, "erm": erm.objective}

@@ -1,0 +1,113 @@
+"""Per-task fast weights of the adapted dense layers: implicit (each task's SGD updates kept
+as the products they are made of) or materialised (the shared weights expanded to
+``[N, ...]``), chosen per layer and size bucket by cost (``choose_fast_weights``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gmeta.models.dlrm import DLRMHead, LinearHook, MetaLinear
+
+
+class FastWeights(LinearHook):
+    """Per-task fast weights of the adapted linear layers of one size bucket (N_b tasks),
+    each layer held one of two ways.
+
+    Implicit (``"implicit"``): never formed. The gradient of task t's support loss with
+    respect to a layer's ``W`` is ``D^T X``: the loss's gradients at the layer's outputs
+    ``D [S_t, out]`` times the layer's inputs ``X [S_t, in]`` on the task's support rows.
+    After K SGD steps the task's layer applied to rows ``x`` is therefore exactly
+
+        W_t x + b_t = W x + b - sum_k lr * (D_k^T (X_k x) + sum_s D_k[s])
+
+    The heavy product ``W x`` is the shared-weight GEMM over every row of every task (as in
+    ERM); the per-task part is two small batched products ``[R, S] = x X^T`` and
+    ``[R, S] @ D``, of size R x S x (in + out) per task per step: attention of the rows
+    over the task's support rows. Nothing of size N x out x in exists, in the forward, the
+    inner gradients (taken with respect to the layer outputs, not the weights) or the
+    backward. Second order is autograd through these same products; first order treats
+    ``X`` and ``D`` as constants, as FOMAML treats the inner gradient. Padded support
+    slots carry ``D = 0`` (their loss is masked out), so they add nothing.
+
+    Materialised (``"materialized"``): the shared weights expanded to ``[N_b, out, in]``
+    (a view until the first step), updated per task with the gradient of the summed
+    support losses with respect to them (exactly each task's own gradient). It is the
+    cheaper form for small layers and large tasks, whose implicit products grow with
+    S x (K S + Q) x (in + out), and the only one for Meta-SGD's learned rate per weight
+    element, which does not factor through ``D^T X``.
+    """
+
+    def __init__(self, layers: dict[str, str], params: dict[str, torch.Tensor], num_tasks: int,
+                 first_order: bool) -> None:
+        self.implicit = sorted(p for p, mode in layers.items() if mode == "implicit")
+        self.first_order = first_order
+        self.weights = {p + n: params[p + n].unsqueeze(0).expand(num_tasks, *params[p + n].shape)
+                        for p, mode in sorted(layers.items()) if mode == "materialized" for n in ("weight", "bias")}
+        # prefix -> (X [N,M,in], lr*D [N,M,out], its sum over the M rows [N,1,out]: the bias update)
+        self.past: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prefix -> (input, output) of the last call
+
+    def linear(self, prefix: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        w = self.weights.get(prefix + "weight")
+        if w is not None:  # materialised: x [N, R, in] -> [N, R, out]
+            return torch.baddbmm(self.weights[prefix + "bias"].unsqueeze(1), x, w.transpose(1, 2))
+        y = F.linear(x, weight, bias)
+        past = self.past.get(prefix)
+        if past is not None:
+            xs, ds, dsum = past
+            y = y - torch.baddbmm(dsum, torch.bmm(x, xs.transpose(1, 2)), ds)
+        if prefix in self.implicit:
+            self.seen[prefix] = (x, y)
+        return y
+
+    def wrt(self) -> list[torch.Tensor]:
+        """What the inner gradient is taken with respect to, after a forward: the outputs of
+        the implicit layers, then the materialised weights, in a fixed order."""
+        return [self.seen[p][1] for p in self.implicit] + list(self.weights.values())
+
+    def step(self, grads: list[torch.Tensor], lr: float | dict[str, torch.Tensor]) -> None:
+        """One SGD step; ``grads`` match ``wrt()``. ``lr``: a scalar, or (Meta-SGD,
+        materialised layers only) one tensor per parameter name."""
+        it = iter(grads)
+        for p in self.implicit:
+            x, d = self.seen[p][0], next(it)
+            if self.first_order:
+                x = x.detach()
+            d = d * lr
+            dsum = d.sum(1, keepdim=True)
+            if p in self.past:
+                xs, ds, prev = self.past[p]
+                x, d, dsum = torch.cat([xs, x], dim=1), torch.cat([ds, d], dim=1), prev + dsum
+            self.past[p] = (x, d, dsum)
+        self.weights = {n: sgd_step(w, next(it), lr[n] if isinstance(lr, dict) else lr)
+                        for n, w in self.weights.items()}
+        self.seen = {}
+
+
+def choose_fast_weights(head: DLRMHead, adapt_dense: list[str], mode: str, lr, steps: int, support_width: int,
+                        query_width: int) -> dict[str, str]:
+    """How each adapted layer of a bucket holds its fast weights (``FastWeights``):
+    ``mode`` "implicit" or "materialized" for all, or "auto": materialised under Meta-SGD
+    (a rate per weight element), else per layer whichever costs fewer multiply-adds per
+    task beyond the shared forward: implicit S (in + out) (S K (K - 1) / 2 + Q K) for the
+    products over the support rows, materialised K (S + 1) in out for the weight gradients
+    and updates (S, Q: the bucket's padded support and query widths)."""
+    layers = {name + ".": mod for name, mod in head.named_modules()
+              if isinstance(mod, MetaLinear) and name.split(".")[0] in adapt_dense}
+    if mode == "auto" and isinstance(lr, dict):
+        mode = "materialized"
+    if mode != "auto":
+        return {p: mode for p in layers}
+    s, q, k = support_width, query_width, steps
+    out = {}
+    for p, mod in layers.items():
+        implicit = s * (mod.in_features + mod.out_features) * (s * k * (k - 1) / 2 + q * k)
+        materialized = k * (s + 1) * mod.in_features * mod.out_features
+        out[p] = "implicit" if implicit < materialized else "materialized"
+    return out
+
+
+def sgd_step(w: torch.Tensor, g: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
+    """w - lr * g as one op (one node fewer per parameter in the graph, per step)."""
+    return torch.addcmul(w, lr, g, value=-1) if torch.is_tensor(lr) else torch.add(w, g, alpha=-lr)

@@ -1,0 +1,157 @@
+"""MAML inner and outer loop over a meta-batch, vectorized over its N tasks.
+
+The inner loop is a pure function of (dense params, looked-up embeddings): it never calls
+``.backward()`` (that would fire torchrec's fused embedding optimizer and any gradient
+hooks), only ``torch.autograd.grad``, and it never communicates.
+
+Fast dense weights (``FastWeights``) are implicit, each task's SGD updates kept as the
+products they are made of, never a per-task weight tensor; or materialised, the shared
+weights expanded to ``[N, ...]``, where the gradient of the sum of the N per-task support
+losses with respect to that expanded tensor is exactly each task's own gradient. Which
+one, per layer and size bucket, is a matter of cost (``choose_fast_weights``), except for
+Meta-SGD, which needs the materialised form.
+
+Fast embedding rows: the gradient of a task's support loss with respect to table row r is
+the sum of its gradients at every occurrence of r in that task. Each distinct (task,
+feature, id) is one group (``gmeta.meta.layout``); the inner loop differentiates with
+respect to the group rows, so each task gets its own fast rows, applied to every occurrence
+of the same id in its support and query rows. This equals real per-row fast weights
+(tested against a plain per-task reference).
+
+All index arithmetic comes precomputed with the batch (``BatchLayout``): a step launches
+no op whose output size depends on values and reads nothing back from the device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.profiler import record_function
+
+from gmeta.config import Config
+from gmeta.meta.base import MetaOutput, gather_rows, task_losses
+from gmeta.meta.fast_weights import FastWeights, choose_fast_weights
+from gmeta.meta.layout import BatchLayout
+from gmeta.models.dlrm import DLRMHead, MetaDLRM
+from gmeta.types import TaskBatch
+
+
+def adapt_and_query(
+    head: DLRMHead,
+    rows: torch.Tensor,
+    batch: TaskBatch,
+    layout: BatchLayout,
+    *,
+    steps: int,
+    lr: float | dict[str, torch.Tensor],
+    emb_lr: float | torch.Tensor,
+    adapt_dense: list[str],
+    adapt_embeddings: bool,
+    first_order: bool,
+    with_logits: bool = True,
+    fast_weights: str = "auto",
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Adapt every task on its support rows (``steps`` SGD steps), score its query rows.
+
+    ``rows`` [U, D]: the looked-up embeddings of the batch's distinct ids
+    (``layout.unique_ids``); ``layout``: the batch's ``BatchLayout``.
+
+    Returns (query outputs [Q] of the head (logits for a binary objective) in query-block
+    order, or None unless ``with_logits``;
+    per-task query loss [N]; per-task support loss before adaptation [N], NaN if steps == 0).
+
+    Tasks run in the layout's size buckets (each padded to its own largest task): a loop
+    over a few buckets, never over tasks.
+
+    ``first_order``: inner gradients are treated as constants (FOMAML); otherwise the graph
+    of the inner steps is kept for the meta-gradient (second order).
+    ``lr`` / ``emb_lr``: constants, or (Meta-SGD) a learned tensor per adapted parameter
+    (parameter shape) and one [F, D] tensor for the embedding rows.
+    ``fast_weights``: how the adapted dense layers hold each task's weights (``FastWeights``):
+    "implicit" (never formed; several times faster and smaller once layers have a few
+    hundred units), "materialized" (``[N_b, out, in]`` per bucket; the only form for a
+    learned rate per weight element), or "auto": chosen per layer and bucket by
+    ``choose_fast_weights``. Every choice gives the same result.
+    """
+    if fast_weights not in ("auto", "implicit", "materialized"):
+        raise ValueError(f"fast_weights must be auto, implicit or materialized, got {fast_weights!r}")
+    if fast_weights == "implicit" and isinstance(lr, dict):
+        raise ValueError("implicit fast weights need one scalar inner learning rate; Meta-SGD's rate per "
+                         "weight element needs fast_weights='materialized' (or 'auto')")
+    L = layout
+    nf, n_s, n_q, nnz_s = L.num_features, L.num_support, L.num_query, L.num_support_occurrences
+    n = L.s_count.shape[0]
+    adapt_rows = adapt_embeddings and steps > 0
+    if adapt_rows:  # each task's own copy of the rows it looks up: the unit it adapts
+        groups = gather_rows(rows, L.group_unique)
+        occ_s, occ_q, source = L.occ_group[:nnz_s], L.occ_group[nnz_s:], groups
+    else:
+        occ_s, occ_q, source = L.occ_unique[:nnz_s], L.occ_unique[nnz_s:], rows
+    slot_s, slot_q = L.slot[:nnz_s], L.slot_q
+    div_s, div_q = L.divisor[: n_s * nf], L.divisor[n_s * nf:]
+    labels_s, labels_q = batch.labels[:n_s], batch.labels[n_s:]
+    dense_s, dense_q = batch.dense[:n_s], batch.dense[n_s:]
+    buckets = L.buckets
+    # rows [R, ...] -> padded per task [N_b, W_b, ...], per bucket
+    ys = [gather_rows(labels_s, b.s_index) for b in buckets]
+    xs = [gather_rows(dense_s, b.s_index) for b in buckets]
+    params = dict(head.named_parameters())
+    fast = [FastWeights(choose_fast_weights(head, adapt_dense, fast_weights, lr, steps, b.s_index.shape[1],
+                                            b.q_index.shape[1]), params, b.tasks.shape[0], first_order)
+            for b in buckets]
+    support_loss0 = torch.full((n,), float("nan"), dtype=batch.labels.dtype, device=batch.labels.device)
+
+    with record_function("## inner_adapt ##"):
+        for k in range(steps):
+            emb_s = gather_rows(source, occ_s)
+            pooled_s = L.pool(emb_s, slot_s, div_s, n_s)
+            parts = []
+            for i, b in enumerate(buckets):
+                logits_s = head(xs[i], gather_rows(pooled_s, b.s_index), fast[i])
+                parts.append(task_losses(head, logits_s, ys[i], b.s_mask, b.s_count))
+            losses = torch.cat(parts)
+            if k == 0:
+                support_loss0 = losses.detach()[L.task_order]
+            wrt = [f.wrt() for f in fast]
+            inputs = [t for part in wrt for t in part] + ([source] if adapt_rows else [])
+            grads = torch.autograd.grad(losses.sum(), inputs, create_graph=not first_order)
+            it = iter(grads)
+            for f, part in zip(fast, wrt):
+                f.step([next(it) for _ in part], lr)
+            if adapt_rows:
+                g = grads[-1]
+                source = source - g * (emb_lr[L.group_feature] if torch.is_tensor(emb_lr) else emb_lr)
+
+    with record_function("## query_fwd ##"):
+        emb_q = gather_rows(source, occ_q)
+        pooled_q = L.pool(emb_q, slot_q, div_q, n_q)
+        parts, flat = [], []
+        for i, b in enumerate(buckets):
+            logits_q = head(gather_rows(dense_q, b.q_index), gather_rows(pooled_q, b.q_index), fast[i])
+            parts.append(task_losses(head, logits_q, gather_rows(labels_q, b.q_index), b.q_mask, b.q_count))
+            flat.append(logits_q.reshape(-1))
+        query_loss = torch.cat(parts)[L.task_order]
+        if not with_logits:
+            return None, query_loss, support_loss0
+        # padded slots of all buckets -> the query rows in query-block order
+        return torch.cat(flat).index_select(0, L.query_order), query_loss, support_loss0
+
+
+def maml_loss(head: DLRMHead, rows: torch.Tensor, batch: TaskBatch, layout: BatchLayout, *, steps: int,
+              lr: float | dict[str, torch.Tensor], emb_lr: float | torch.Tensor, adapt_dense: list[str],
+              adapt_embeddings: bool, first_order: bool, fast_weights: str = "auto") -> MetaOutput:
+    """Meta-loss of a meta-batch: mean over its tasks of the query loss after adaptation."""
+    _, query_loss, support_loss = adapt_and_query(
+        head, rows, batch, layout, steps=steps, lr=lr, emb_lr=emb_lr, with_logits=False,
+        fast_weights=fast_weights, adapt_dense=adapt_dense, adapt_embeddings=adapt_embeddings,
+        first_order=first_order)
+    return MetaOutput(loss=query_loss.mean(), query_loss=query_loss, support_loss=support_loss)
+
+
+def objective(model: MetaDLRM, rows: torch.Tensor, batch: TaskBatch, layout: BatchLayout, cfg: Config) -> MetaOutput:
+    """``meta.algorithm: maml`` (and Meta-SGD, first-order MAML): the query loss after K
+    inner steps on each task's support rows."""
+    m = cfg.meta
+    lr, emb_lr = model.inner_lrs(m.inner_lr, m.embedding_inner_lr)
+    return maml_loss(model.head, rows, batch, layout, steps=m.inner_steps, lr=lr, emb_lr=emb_lr,
+                     adapt_dense=m.adapt_dense, adapt_embeddings=m.adapt_embeddings, first_order=m.first_order,
+                     fast_weights=m.fast_weights)

@@ -1,0 +1,114 @@
+"""The evaluation report: metrics of each scorer (the adapted model, the same without
+adaptation, ERM, the oracle) over the held-out query rows, per cold-start bucket, against
+K, and reliability bins. Numbers only; ``gmeta.render`` shows them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from gmeta import metrics
+from gmeta.config import Config
+from gmeta.scoring import Predictions, inner_steps_for
+
+SCORERS = ("maml", "no_adapt", "erm", "oracle")
+
+
+def _binary_partial(y: np.ndarray, p: np.ndarray, g: np.ndarray) -> dict[str, float]:
+    return {"auc": metrics.auc(y, p), "gauc": metrics.gauc(y, p, g), "logloss": metrics.logloss(y, p)}
+
+
+def _regression_partial(y: np.ndarray, p: np.ndarray, g: np.ndarray) -> dict[str, float]:
+    return {"rmse": metrics.rmse(y, p), "mae": metrics.mae(y, p)}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the report of one model.objective holds and shows."""
+
+    summarize: Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, float]]  # (y, p, task) of a scorer
+    partial: Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, float]]  # per bucket and per K
+    columns: tuple[tuple[str, str, str], ...]  # overall table: (header, metric, format)
+    main: str  # metric of the bucket table and plots; the K curve is report[f"{main}_vs_k"]
+    curve: tuple[str, ...]  # metrics of the K table, K plot and logged curves
+
+
+OBJECTIVES = {
+    "binary": Objective(
+        metrics.summarize, _binary_partial,
+        (("AUC", "auc", ".4f"), ("GAUC", "gauc", ".4f"), ("logloss", "logloss", ".4f"),
+         ("pred. rate", "pred_rate", ".4f"), ("obs. rate", "obs_rate", ".4f"), ("calibration", "calibration", ".3f")),
+        "auc", ("auc", "gauc")),
+    "regression": Objective(
+        lambda y, p, g: metrics.summarize_regression(y, p), _regression_partial,
+        (("RMSE", "rmse", ".4f"), ("MAE", "mae", ".4f"), ("mean pred.", "pred_mean", ".4f"),
+         ("mean obs.", "obs_mean", ".4f")),
+        "rmse", ("rmse", "mae")),
+}
+
+
+def objective_of(report: dict) -> Objective:
+    return OBJECTIVES[report.get("objective", "binary")]  # reports older than the key are binary
+
+
+def _bucket_label(lo: int, hi: int | None) -> str:
+    return f"{lo}+" if hi is None else f"{lo}-{hi - 1}"
+
+
+def build_report(pred: Predictions, cfg: Config, *, inner_steps: int | None = None,
+                 algorithm: str = "maml") -> dict:
+    """Metrics of gathered predictions. Flat keys ``<scorer>_<metric>`` (scorer: maml,
+    no_adapt, erm, oracle; metric for model.objective "binary": auc, gauc, logloss,
+    pred_rate, obs_rate, calibration; for "regression": rmse, mae, pred_mean, obs_mean),
+    plus ``buckets``, the K curve (``auc_vs_k`` / ``rmse_vs_k``) and, binary only,
+    ``reliability``."""
+    steps = inner_steps_for(cfg, inner_steps)
+    obj = OBJECTIVES[cfg.model.objective]
+    y = np.concatenate(pred.labels)
+    g = np.concatenate(pred.task_ids)
+    sup = np.concatenate(pred.support_size)
+    curve = {k: np.concatenate(v) for k, v in pred.scores.items()}
+    # the model's own scorer(s): an ERM checkpoint without adaptation is the ERM column
+    named: dict[str, np.ndarray] = {}
+    if algorithm == "maml":
+        named["maml"], named["no_adapt"] = curve[f"k={steps}"], curve["k=0"]
+    else:
+        named["erm"] = curve["k=0"]
+    for extra in ("erm", "oracle"):
+        if extra in curve:
+            named[extra] = curve[extra]
+    report: dict = {"tasks": float(len(np.unique(g))), "query_rows": float(len(y)), "inner_steps": float(steps),
+                    "algorithm": algorithm, "objective": cfg.model.objective, "split": cfg.eval.split}
+    for name, p in named.items():
+        for k, v in obj.summarize(y, p, g).items():
+            report[f"{name}_{k}"] = v
+    edges = list(cfg.eval.support_buckets)
+    buckets = []
+    for i, lo in enumerate(edges):
+        hi = edges[i + 1] if i + 1 < len(edges) else None
+        sel = (sup >= lo) & (sup < hi if hi is not None else True)
+        if not sel.any():
+            continue
+        b = {"support": _bucket_label(lo, hi), "tasks": float(len(np.unique(g[sel]))), "query_rows": float(sel.sum())}
+        for name, p in named.items():
+            b.update({f"{name}_{k}": v for k, v in obj.partial(y[sel], p[sel], g[sel]).items()})
+        buckets.append(b)
+    report["buckets"] = buckets
+    ks = sorted(int(k[2:]) for k in curve if k.startswith("k="))
+    per_k = [obj.partial(y, curve[f"k={k}"], g) for k in ks]
+    report[f"{obj.main}_vs_k"] = {"k": ks, **{m: [c[m] for c in per_k] for m in per_k[0]}}
+    if cfg.model.objective == "binary":
+        report["reliability"] = {name: metrics.reliability(y, p, cfg.eval.calibration_bins)
+                                 for name, p in named.items()}
+    return report
+
+
+def flat_metrics(report: dict) -> dict[str, float]:
+    """The report as MLflow metrics (without the K curve, logged with step = K)."""
+    out = {k: float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for b in report.get("buckets", []):
+        tag = "support_" + b["support"].replace("+", "_plus")
+        out.update({f"{tag}/{k}": float(v) for k, v in b.items() if k != "support"})
+    return out
