@@ -280,7 +280,8 @@ def load_training_state(path: str | Path, model, dense_opt: torch.optim.Optimize
     state, fused_sd, dense_sd = _training_state(model, dense_opt)
     _dcp_load(state, path)
     model.load_state_dict({k: v for k, v in state.items() if k != "optim"})
-    dense_opt.load_state_dict(dense_sd)  # its tensors were loaded in place
+    if dense_sd is not None:
+        dense_opt.load_state_dict(dense_sd)  # its tensors were loaded in place
     if fused_sd is not None:
         _fused_optimizer(model).load_state_dict(fused_sd)
     rank_state = None

@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.command == "synth":
+        assert cfg is not None  # --config is required (argparse)
         from gmeta.synth import generate
 
         out = args.out or cfg.data.raw_dir
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "prepare":
+        assert cfg is not None
         from gmeta.io.errors import PrepareError
         from gmeta.io.prepare import format_report, prepare
 
@@ -223,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "train":
+        assert cfg is not None
         nproc = args.nproc_per_node or cfg.train.nproc_per_node
         if nproc < 1:
             print("gmeta train: --nproc-per-node must be >= 1", file=sys.stderr)

@@ -48,11 +48,11 @@ def evaluate(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | N
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     pred = collect(model, cfg, shards_dir, inner_steps=inner_steps, baseline=baseline, rank=rank, world_size=world)
     if distributed:
-        parts = [None] * world if rank == 0 else None
+        parts: list | None = [None] * world if rank == 0 else None
         dist.gather_object(pred, parts, dst=0)
         if rank != 0:
             return None
-        pred = Predictions().merge(parts)
+        pred = Predictions().merge(parts or [])
     report = build_report(pred, cfg, inner_steps=inner_steps, algorithm=cfg.meta.algorithm)
     report["processes"] = float(world)
     report["seconds"] = time.perf_counter() - t0

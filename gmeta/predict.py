@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -69,7 +70,7 @@ def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str 
     reader = TaskReader(shards, split, tpb, shuffle=False, drop_last=False, num_workers=1,
                         pin_memory=device.type == "cuda", on_bad_task=cfg.data.on_bad_task, max_tasks=max_tasks,
                         size_buckets=cfg.meta.size_buckets)
-    state = {"job": job, "parts": 0, "rows": 0, "tasks": 0, "reader": None, "complete": False}
+    state: dict[str, Any] = {"job": job, "parts": 0, "rows": 0, "tasks": 0, "reader": None, "complete": False}
     progress_file = out / PROGRESS
     if progress_file.is_file():
         if not resume:

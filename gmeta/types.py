@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -63,7 +64,7 @@ class TaskBatch:
         return int(self.labels.numel())
 
     def _map(self, fn) -> TaskBatch:
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
             kwargs[f.name] = None if v is None else fn(v)

@@ -10,6 +10,7 @@ the file and row group or sample, or is skipped and counted when ``on_bad_task``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -268,7 +269,7 @@ def collate_packed(picks: list[tuple[TaskBlock, np.ndarray]], schema: dict, size
             lengths += s["len"][name] + q["len"][name]
         else:
             lengths.append(np.ones(n_rows, dtype=np.int64))
-    arrays = {
+    arrays: dict[str, Any] = {
         "values": np.concatenate(values).astype(np.int64, copy=False),
         "lengths": np.concatenate(lengths).astype(np.int64, copy=False),
         "dense": np.concatenate(s["dense"] + q["dense"]).astype(np.float32, copy=False),

@@ -88,14 +88,14 @@ def _side(samples: list[dict], side_name: str, schema: dict, where: str) -> Spli
         elif len(ids[name]) != rows[-1]:
             raise ShardError(f"{where}: {side_name}.{name}: {len(ids[name])} ids for {rows[-1]} rows")
     nd = len(schema["dense"])
-    dense = []
+    parts: list[np.ndarray] = []
     for s, n in zip(samples, np.diff(rows)):
         d = get(s, f"{side_name}.dense.npy")
         if d.size != n * nd:
             raise ShardError(f"{where}: sample {s['__key__']} {side_name}.dense: {d.size} values for {n} rows x "
                              f"{nd} features")
-        dense.append(d.reshape(n, nd))  # not (-1, nd): with no dense feature nd is 0
-    dense = np.concatenate(dense).astype(np.float32)
+        parts.append(d.reshape(n, nd))  # not (-1, nd): with no dense feature nd is 0
+    dense = np.concatenate(parts).astype(np.float32)
     if len(dense) != rows[-1]:
         raise ShardError(f"{where}: {side_name}.dense: {len(dense)} rows, labels have {rows[-1]}")
     true_prob = None

@@ -4,6 +4,8 @@ as the products they are made of) or materialised (the shared weights expanded t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 
@@ -38,7 +40,7 @@ class FastWeights(LinearHook):
     element, which does not factor through ``D^T X``.
     """
 
-    def __init__(self, layers: dict[str, str], params: dict[str, torch.Tensor], num_tasks: int,
+    def __init__(self, layers: dict[str, str], params: Mapping[str, torch.Tensor], num_tasks: int,
                  first_order: bool) -> None:
         self.implicit = sorted(p for p, mode in layers.items() if mode == "implicit")
         self.first_order = first_order

@@ -22,7 +22,9 @@ that the worker overlaps with the previous step.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -230,13 +232,14 @@ class BatchLayout:
     unique_per_key: list[int]
 
     @staticmethod
-    def from_arrays(arrays: dict[str, np.ndarray | torch.Tensor]) -> BatchLayout:
+    def from_arrays(arrays: Mapping[str, np.ndarray | torch.Tensor]) -> BatchLayout:
         t = {k: torch.as_tensor(v) for k, v in arrays.items()}
         nb = sum(1 for k in t if k.endswith(".tasks"))
         buckets = [SizeBucket(*(t[f"b{b}.{f.name}"] for f in fields(SizeBucket))) for b in range(nb)]
         sizes = [int(x) for x in np.asarray(arrays["sizes"])]
-        plain = {f.name: t[f.name] for f in fields(BatchLayout) if f.name in t}
-        return BatchLayout(buckets=buckets, **plain, **dict(zip(_INT_FIELDS, sizes)),
+        plain: dict[str, Any] = {f.name: t[f.name] for f in fields(BatchLayout) if f.name in t}
+        ints: dict[str, Any] = dict(zip(_INT_FIELDS, sizes))
+        return BatchLayout(buckets=buckets, **plain, **ints,
                            unique_per_key=[int(x) for x in np.asarray(arrays["unique_lengths"])])
 
     @property

@@ -117,7 +117,7 @@ class DenseArch(nn.Module):
         super().__init__()
         if num_dense == 0:
             self.mlp = MLP(0, [embedding_dim], last_activation=False)
-            nn.init.normal_(self.mlp.layers[0].bias, std=embedding_dim ** -0.5)
+            nn.init.normal_(self.mlp.layers[0].bias, std=embedding_dim ** -0.5)  # type: ignore[arg-type]
         else:
             self.mlp = MLP(num_dense, list(sizes) + [embedding_dim], last_activation=True)
 
@@ -144,7 +144,8 @@ class InteractionArch(nn.Module):
         """dense [..., D], sparse [..., F, D] -> [..., D + (F+1)F/2]"""
         combined = torch.cat([dense.unsqueeze(-2), sparse], dim=-2)
         dots = combined @ combined.transpose(-1, -2)
-        return torch.cat([dense, dots.flatten(-2).index_select(-1, self.upper)], dim=-1)
+        upper: torch.Tensor = self.upper  # a buffer
+        return torch.cat([dense, dots.flatten(-2).index_select(-1, upper)], dim=-1)
 
 
 class OverArch(nn.Module):
@@ -220,7 +221,9 @@ class MetaDLRM(nn.Module):
         self.inner_lr_dense = nn.ParameterDict({
             name.replace(".", "__"): nn.Parameter(torch.full_like(p, inner_lr))
             for name, p in self.head.named_parameters() if name.split(".")[0] in adapt_dense})
-        dim = self.head.dense_arch.mlp.layers[-1].out_features
+        last = self.head.dense_arch.mlp.layers[-1]
+        assert isinstance(last, nn.Linear)
+        dim = last.out_features
         device = next(self.head.parameters()).device
         self.inner_lr_emb = nn.Parameter(torch.full((self.num_features, dim), embedding_inner_lr, device=device))
 

@@ -68,7 +68,7 @@ class SparseDistPipeline:
         without waiting for the values."""
         with record_function("## h2d ##"), self._on(self.copy_stream):
             batch = batch.to(self.device, non_blocking=True)  # from pinned memory: asynchronous
-        if self.dist_stream is not None:
+        if self.dist_stream is not None and self.copy_stream is not None:
             self.dist_stream.wait_stream(self.copy_stream)
             batch.record_stream(self.dist_stream)
         with record_function("## input_dist ##"), self._on(self.dist_stream):
