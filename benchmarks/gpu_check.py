@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,14 +38,11 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.common import ROOT, emit, ensure_data
-from benchmarks.contenders import loop_loss, task_views, vmap_loss
-from benchmarks.meta_step import criteo_batch, criteo_config
+from benchmarks.meta_step import alternated, criteo_batch, criteo_config, step_fns
 from gmeta.config import Config, load_config
 from gmeta.io.prepare import prepare
 from gmeta.io.reader import TaskReader
-from gmeta.meta.erm import erm_loss
 from gmeta.meta.layout import layout_of
-from gmeta.meta.maml import maml_loss
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import DenseGradSync, free_port
 from gmeta.parallel.pipeline import SparseDistPipeline
@@ -72,17 +68,7 @@ def sync(device: torch.device) -> None:
 
 def timed(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
     """Median seconds per call, calls interleaved, the device drained around each."""
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return alternated(fns, repeats, drain=lambda: sync(device))
 
 
 def debug_shards(work: Path) -> Path:
@@ -246,25 +232,13 @@ def _contenders(label: str, cfg: Config, batch, device: torch.device, repeats: i
     with torch.no_grad():
         rows = model.lookup(layout)
     rows = rows.detach().requires_grad_(True)
-    views = task_views(batch, layout)
-    params = list(model.head.parameters())
     m = cfg.meta
     out = {}
     for first_order in (False, True):
         kw = dict(steps=m.inner_steps, lr=m.inner_lr, emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
                   adapt_embeddings=m.adapt_embeddings, first_order=first_order)
-
-        def run(fn):
-            def go():
-                fn().backward()
-                for p in params + [rows]:
-                    p.grad = None
-            return go
-
-        t = timed({"gmeta": run(lambda kw=kw: maml_loss(model.head, rows, batch, layout, **kw).loss),
-                   "loop": run(lambda kw=kw: loop_loss(model.head, rows, views, model.num_features, kw)),
-                   "vmap": run(lambda kw=kw: vmap_loss(model.head, rows, views, model.num_features, kw)),
-                   "erm": run(lambda: erm_loss(model.head, rows, batch, layout).loss)}, repeats, device)
+        fns = step_fns(model.head, rows, batch, layout, model.num_features, kw)
+        t = timed({k: fns[k] for k in ("gmeta", "loop", "vmap", "erm")}, repeats, device)
         order = "first" if first_order else "second"
         n = batch.num_tasks
         res = {f"{k}_tasks_per_s": n / v for k, v in t.items()}

@@ -103,15 +103,18 @@ def peak_mib(fn) -> float:
     return peak / 2**20
 
 
-def alternated(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved."""
+def alternated(fns: dict, repeats: int, drain=lambda: None) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved; ``drain()`` before and
+    after each call waits for queued device work (a GPU's, see gpu_check)."""
     for fn in fns.values():
         fn()  # warm-up
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            drain()
             t0 = time.perf_counter()
             fn()
+            drain()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
