@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from gmeta.io.blocks import gather_ranges, pack_batch
+from gmeta.io.collate import gather_ranges, pack_batch
 from gmeta.io.features import stable_hash
 from gmeta.types import TaskBatch
 

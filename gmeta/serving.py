@@ -20,7 +20,8 @@ import pandas as pd
 import pyarrow as pa
 
 from gmeta.config import Config
-from gmeta.io.blocks import SplitArrays, TaskBlock, collate_packed
+from gmeta.io.block import SplitArrays, TaskBlock
+from gmeta.io.collate import collate_packed
 from gmeta.io.errors import PrepareError
 from gmeta.io.features import check_values, hash_batch, input_columns, shard_schema, stable_hash
 from gmeta.io.split import split_tasks

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gmeta.config import Config, ConfigError, load_config
-from gmeta.io.blocks import ShardError
+from gmeta.io.block import ShardError
 from gmeta.io.reader import TaskReader
 from tests.conftest import DEBUG_CONFIG
 

@@ -49,6 +49,7 @@ from gmeta.io.features import (
     stable_hash,
     task_uniform,
 )
+from gmeta.io.formats import parquet, webdataset
 from gmeta.io.manifest import FORMAT_VERSION, MANIFEST, splits_of
 from gmeta.io.sources import SourceError, open_source, parse_number
 from gmeta.io.split import DROP_REASONS, ROW_DROP_REASONS, split_tasks
@@ -171,23 +172,19 @@ class _ShardWriter:
         self.label_sum[split] += sum(float(pc.sum(pc.list_flatten(unit.column(side).combine_chunks().field("label")))
                                            .as_py() or 0.0) for side in ("support", "query"))
         if self.cfg.data.format == "webdataset":
-            from gmeta.io.blocks import block_from_arrow
-            from gmeta.io.wds import write_tar
-
             path = self.out / split / f"part-{shard:05d}-{within:04d}.tar"
-            write_tar(path, block_from_arrow(unit, str(path), self.schema), unit.column("task_key").to_pylist(),
-                      self.written[split], self.schema)
+            webdataset.write_tar(path, parquet.block_from_arrow(unit, str(path), self.schema),
+                                 unit.column("task_key").to_pylist(), self.written[split], self.schema)
             self.files[split].append({"path": f"{split}/{path.name}", "tasks": n, "units": [n],
                                       "support_rows": rows["support"], "query_rows": rows["query"],
                                       "sha256": _sha256(path)})
         else:
             if self.open[split] is None:
                 path = self.out / split / f"part-{shard:05d}.parquet"
-                tmp = path.with_name(path.name + ".tmp")
                 entry = {"path": f"{split}/{path.name}", "tasks": 0, "units": [], "support_rows": 0, "query_rows": 0}
-                self.open[split] = (pq.ParquetWriter(tmp, unit.schema), path, entry)
+                self.open[split] = (parquet.ShardWriter(path, unit.schema), path, entry)
             writer, path, entry = self.open[split]
-            writer.write_table(unit, row_group_size=n)
+            writer.write_unit(unit)
             entry["tasks"] += n
             entry["units"].append(n)
             entry["support_rows"] += rows["support"]
@@ -201,7 +198,6 @@ class _ShardWriter:
             return
         writer, path, entry = self.open[split]
         writer.close()
-        path.with_name(path.name + ".tmp").replace(path)
         entry["sha256"] = _sha256(path)
         self.files[split].append(entry)
         self.open[split] = None

@@ -15,12 +15,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gmeta.io.blocks import ShardError, TaskBlock, block_from_arrow, check_block, collate_packed, concat_blocks
+from gmeta.io import formats
+from gmeta.io.block import ShardError, TaskBlock, check_block, concat_blocks
+from gmeta.io.collate import collate_packed
 from gmeta.io.manifest import load_manifest
 from gmeta.io.plan import EpochPlan, Unit, plan_epoch, units_from_manifest
 
@@ -31,21 +31,7 @@ __all__ = ["ShardError", "TaskReader"]
 
 def load_unit(root: Path, unit: Unit, schema: dict, fmt: str, on_bad_task: str) -> TaskBlock:
     """Read one unit from disk into a checked TaskBlock. Errors name the file and unit."""
-    path = root / unit.path
-    if fmt == "webdataset":
-        from gmeta.io.wds import read_tar
-
-        block = read_tar(path, schema)
-        where = f"{path}"
-    else:
-        where = f"{path} (row group {unit.index})"
-        try:
-            table = pq.ParquetFile(path).read_row_group(unit.index)
-        except FileNotFoundError:
-            raise ShardError(f"{path}: task shard listed in the manifest is missing") from None
-        except (OSError, pa.ArrowException, IndexError) as e:
-            raise ShardError(f"{where}: cannot read task shard: {e}") from None
-        block = block_from_arrow(table, where, schema)
+    block, where = formats.read_unit(fmt, root / unit.path, unit.index, schema)
     if block.num_tasks != unit.tasks:
         raise ShardError(f"{where}: {block.num_tasks} tasks, manifest says {unit.tasks}")
     return check_block(block, schema, on_bad_task)
@@ -59,17 +45,7 @@ def task_keys(shards_dir: str | Path, split: str) -> dict[int, object]:
         raise ShardError(f"{root / 'manifest.json'}: no split {split!r}")
     out: dict[int, object] = {}
     for f in manifest["splits"][split]["files"]:
-        path = root / f["path"]
-        if manifest.get("format", "parquet") == "webdataset":
-            from gmeta.io.wds import read_task_keys
-
-            pairs = read_task_keys(path)
-        else:
-            try:
-                t = pq.read_table(path, columns=["task_key", "task_id"])
-            except (OSError, pa.ArrowException) as e:
-                raise ShardError(f"{path}: cannot read task keys: {e}") from None
-            pairs = zip(t.column("task_key").to_pylist(), t.column("task_id").to_pylist())
+        pairs = formats.read_task_keys(manifest.get("format", "parquet"), root / f["path"])
         out.update((int(i), k) for k, i in pairs)
     return out
 

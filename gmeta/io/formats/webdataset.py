@@ -24,7 +24,7 @@ import numpy as np
 import numpy.lib.format
 import webdataset as wds
 
-from gmeta.io.blocks import ShardError, SplitArrays, TaskBlock
+from gmeta.io.block import ShardError, SplitArrays, TaskBlock
 
 
 def _npy(data: bytes) -> np.ndarray:
