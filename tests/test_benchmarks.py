@@ -7,7 +7,7 @@ import torch
 
 from benchmarks.contenders import loop_loss, task_views, vmap_loss
 from gmeta.meta.maml import maml_loss
-from tests.test_maml import _lookup, _setup
+from tests.meta.test_maml import _lookup, _setup
 
 
 @pytest.mark.parametrize("first_order", [False, True])

@@ -10,15 +10,14 @@ import pytest
 
 from gmeta import cold_start
 from gmeta.cold_start import FINE_TUNE_LRS, FINE_TUNE_STEPS, VARIANTS, Dataset, format_table
-
-from .test_sources import ML_CONFIG, _data, _write_ml100k
+from tests.support.movielens import ML_CONFIG, make_data, write_ml100k
 
 FAST = ["train.epochs=1", "meta.tasks_per_batch=4", "eval.tasks_per_batch=8", "data.num_workers=0",
         "data.split.val_fraction=0.2"]
 
 
 def test_table_runs_every_model_and_seed(tmp_path):
-    raw = _write_ml100k(tmp_path / "ml-100k", _data())
+    raw = write_ml100k(tmp_path / "ml-100k", make_data())
     variants = [VARIANTS[0], VARIANTS[1], VARIANTS[5]]  # ERM, ERM + fine-tuning, MAML 2nd order
     results = cold_start.run([Dataset("tiny", ML_CONFIG, FAST, raw=raw)], [0, 1], tmp_path / "out", variants)
     runs = results["datasets"]["tiny"]["runs"]

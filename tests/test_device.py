@@ -12,7 +12,7 @@ from gmeta.io.reader import TaskReader
 from gmeta.meta.layout import layout_of
 from gmeta.models.dlrm import build_model
 from gmeta.train import agree_across_ranks, meta_step
-from tests.device_check import DeviceCheck, WrongDevice
+from tests.support.device_check import DeviceCheck, WrongDevice
 
 META = torch.device("meta")
 

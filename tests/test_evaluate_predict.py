@@ -18,7 +18,7 @@ from gmeta.evaluate import evaluate, run_evaluate
 from gmeta.io.manifest import load_manifest
 from gmeta.predict import PredictError, run_predict
 from gmeta.scoring import collect
-from tests.multiprocess import run_ranks
+from tests.support.multiprocess import run_ranks
 
 
 def _read_predictions(out) -> pd.DataFrame:

@@ -25,7 +25,7 @@ def _torchrun(out: Path, record: Path, shards: Path, kills: str, extra: list[str
     env = {**os.environ, "GMETA_TEST_RECORD": str(record), "GMETA_TEST_KILLS": kills, "OMP_NUM_THREADS": "1",
            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as gmeta train sets it (see gmeta.cli._launch)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           f"--max-restarts={max_restarts}", "--module", "tests.fault_harness", "train",
+           f"--max-restarts={max_restarts}", "--module", "tests.support.fault_harness", "train",
            "--config", str(DEBUG_CONFIG), "--nproc-per-node", "2", "--resume", "auto",
            f"data.shards_dir={shards}", f"train.output_dir={out}", "tracking.enabled=false",
            "train.eval_at_end=false", *extra]
@@ -96,7 +96,7 @@ def test_killed_ranks_resume_with_exactly_once_data_and_equal_parameters(debug_d
 
 def _harness(args: list[str], env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
     (tmp_path / "rec").mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "tests.fault_harness", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tests.support.fault_harness", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "GMETA_TEST_RECORD": str(tmp_path / "rec"), **env})
 
 
@@ -224,7 +224,7 @@ def _assert_same_state(a: dict, b: dict) -> None:
                                            ((1, "table_wise"), (2, "row_wise")),
                                            ((2, "table_wise"), (2, "row_wise"))])
 def test_training_checkpoint_reshards_across_world_sizes_and_plans(debug_data, tmp_path, written, read):
-    from tests.multiprocess import run_ranks
+    from tests.support.multiprocess import run_ranks
 
     shards = debug_data["shards"]
     run_ranks(_train_save, written[0], shards, written[1], tmp_path / "a", 3, None, tmp_path / "written")
@@ -236,7 +236,7 @@ def test_training_checkpoint_reshards_across_world_sizes_and_plans(debug_data, t
 def test_continuing_in_another_plan_equals_continuing_in_the_same(debug_data, tmp_path):
     """Optimizer state carried over: one more step after loading a table-wise checkpoint
     row-wise gives the same tables as that step table-wise."""
-    from tests.multiprocess import run_ranks
+    from tests.support.multiprocess import run_ranks
 
     shards = debug_data["shards"]
     run_ranks(_train_save, 2, shards, "table_wise", tmp_path / "a", 3, None, None)

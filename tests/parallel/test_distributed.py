@@ -14,8 +14,8 @@ from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import DenseGradSync, broadcast_params
 from gmeta.parallel.sharding import shard_model
 from gmeta.train import train_step
-from tests.multiprocess import run_ranks
-from tests.reference import erm_row_losses, task_query_losses
+from tests.support.multiprocess import run_ranks
+from tests.support.reference import erm_row_losses, task_query_losses
 
 WORLD = 2
 

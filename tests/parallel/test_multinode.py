@@ -13,7 +13,7 @@ import torch
 from gmeta.checkpoint import load_unsharded
 from gmeta.parallel.dist import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEBUG_CONFIG = ROOT / "configs" / "ads_cvr_debug.yaml"
 
 

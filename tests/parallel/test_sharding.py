@@ -14,7 +14,7 @@ from gmeta.config import load_config
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.sharding import AUTO_SHARDING_TYPES, make_planner
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_plan_for_two_nodes_of_eight_gpus(debug_config_path, tmp_path):

@@ -16,7 +16,7 @@ from gmeta.meta.fast_weights import choose_fast_weights
 from gmeta.meta.layout import layout_of
 from gmeta.meta.maml import maml_loss
 from gmeta.models.dlrm import DLRMHead, build_model, lookup_rows
-from tests.reference import task_query_losses
+from tests.support.reference import task_query_losses
 
 
 def _setup(debug_config_path, debug_data, n_tasks=5, dim=4):

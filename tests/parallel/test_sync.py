@@ -12,8 +12,8 @@ from gmeta.parallel.dist import DenseGradSync, broadcast_params
 from gmeta.parallel.pipeline import SparseDistPipeline
 from gmeta.parallel.sharding import shard_model
 from gmeta.train import run_steps
-from tests.multiprocess import run_ranks
-from tests.sync_counter import SyncCounter
+from tests.support.multiprocess import run_ranks
+from tests.support.sync_counter import SyncCounter
 
 OVERRIDES = ["model.embedding_dim=4", "model.dense_arch=[6]", "model.over_arch=[5]", "meta.tasks_per_batch=4",
              "meta.size_buckets=2"]

@@ -123,7 +123,7 @@ def test_header_that_looks_like_data_and_data_that_looks_like_a_header(tmp_path)
 def test_every_format_balances(tmp_path):
     """Parquet, TSV, MovieLens (ML-100K), RecBole, WebDataset round trip: rows read are the
     input's rows, and written + dropped equal them."""
-    from tests.test_sources import ML_CONFIG, _data, _write_ml100k, _write_recbole
+    from tests.support.movielens import ML_CONFIG, make_data, write_ml100k, write_recbole
 
     rows = _rows()
     table = pa.table({c: [r[i] for r in rows] for i, c in enumerate(COLUMNS)})
@@ -136,13 +136,13 @@ def test_every_format_balances(tmp_path):
     m = prepare(load_config(None, BASE + ["data.format=webdataset"]), tmp_path / "pq", tmp_path / "s_wds")
     _balance(m, len(rows))
     assert _shard_rows(tmp_path / "s_wds") == sum(m["rows"]["written"].values())
-    data = _data()
-    ml = _write_ml100k(tmp_path / "ml", data)
+    data = make_data()
+    ml = write_ml100k(tmp_path / "ml", data)
     n_lines = len((ml / "u.data").read_text().splitlines())
     m = prepare(load_config(ML_CONFIG), ml, tmp_path / "s_ml")
     _balance(m, n_lines)
     assert m["rows"]["dropped"]["too_few_rows"] == 10 and m["rows"]["dropped"]["too_many_rows"] == 120
-    rb = _write_recbole(tmp_path / "rb", data)
+    rb = write_recbole(tmp_path / "rb", data)
     n_lines = len((rb / "ml-tiny.inter").read_text().splitlines()) - 1  # the typed header
     _balance(prepare(load_config(ML_CONFIG), rb, tmp_path / "s_rb"), n_lines)
 
@@ -233,7 +233,7 @@ def test_avazu_config_on_a_sample_of_one_hour(tmp_path):
                          f"{int(rng.integers(1 << 30)):08x},1,0,15706,320,50,1722,0,35,-1,79")
     order = rng.permutation(len(lines) - 1) + 1
     (tmp_path / "train.csv").write_text("\n".join([header] + [lines[i] for i in order]) + "\n")
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "avazu.yaml",
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "avazu.yaml",
                       ["data.split.eval_fraction=0.0", "data.split.val_fraction=0.0"])
     m = prepare(cfg, tmp_path / "train.csv", tmp_path / "s")
     _balance(m, sum(sizes.values()))

@@ -8,7 +8,7 @@ the trainer's claim. GMETA_TEST_NAN_AT=k,l,... makes the meta-loss of the k-th, 
 meta-batch NaN (on every rank).
 
     GMETA_TEST_RECORD=DIR GMETA_TEST_KILLS=0:7:1,1:5:0 \\
-        python -m torch.distributed.run ... --module tests.fault_harness train --config ...
+        python -m torch.distributed.run ... --module tests.support.fault_harness train --config ...
 """
 
 from __future__ import annotations

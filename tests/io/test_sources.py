@@ -16,75 +16,7 @@ from gmeta.config import load_config
 from gmeta.io.errors import PrepareError
 from gmeta.io.prepare import prepare
 from gmeta.io.sources import ML100K_GENRES, SourceError, read_movielens, read_recbole
-
-ROOT = Path(__file__).resolve().parents[1]
-ML_CONFIG = ROOT / "configs" / "movielens.yaml"
-
-# users with 5 ratings (too few), 13..40 (kept) and 120 (too many) under the 13..100 rule
-_COUNTS = [5, 5] + list(range(13, 41)) + [120]
-_OCCUPATIONS = ["technician", "writer", "student", "other"]
-
-
-def _data(seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    ratings = []
-    for u, n in enumerate(_COUNTS, start=1):
-        items = rng.choice(np.arange(1, 151), size=n, replace=False)
-        ts = 880000000 + np.sort(rng.integers(0, 5000, size=n))
-        ts[n // 2] = ts[n // 2 - 1]  # a tie, as users rate several movies at once
-        for i, t in zip(items, ts):
-            ratings.append((u, int(i), int(rng.integers(1, 6)), int(t)))
-    users = [(u, int(rng.integers(15, 70)), "MF"[u % 2], _OCCUPATIONS[u % 4], f"{55100 + u:05d}")
-             for u in range(1, len(_COUNTS) + 1)]
-    items = []
-    for i in range(1, 151):
-        flags = (rng.random(len(ML100K_GENRES)) < 0.15).astype(int)
-        flags[int(rng.integers(1, len(ML100K_GENRES)))] = 1
-        year = "" if i == 7 else str(1930 + i % 68)  # one movie without a release date
-        items.append((i, f"Film {i} é" if i % 10 == 0 else f"Film {i}", year, flags))
-    return {"ratings": ratings, "users": users, "items": items}
-
-
-def _write_ml100k(d: Path, data: dict) -> Path:
-    d.mkdir(parents=True)
-    (d / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in data["ratings"]))
-    (d / "u.user").write_text("".join(f"{u}|{a}|{g}|{o}|{z}\n" for u, a, g, o, z in data["users"]))
-    lines = []
-    for i, title, year, flags in data["items"]:
-        date = f"01-Jan-{year}" if year else ""
-        url = f"http://us.imdb.com/M/title-exact?Film%20{i}"
-        lines.append(f"{i}|{title} ({year or 'n/a'})|{date}||{url}|" + "|".join(map(str, flags)) + "\n")
-    (d / "u.item").write_bytes("".join(lines).encode("latin-1"))
-    (d / "u.genre").write_text("".join(f"{g}|{k}\n" for k, g in enumerate(ML100K_GENRES)) + "\n")
-    return d
-
-
-def _write_ml1m(d: Path, data: dict) -> Path:
-    d.mkdir(parents=True)
-    (d / "ratings.dat").write_text("".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in data["ratings"]))
-    (d / "users.dat").write_text("".join(f"{u}::{g}::{a}::{k % 21}::{z}-1234\n"
-                                         for k, (u, a, g, _, z) in enumerate(data["users"])))
-    lines = []
-    for i, title, year, flags in data["items"]:
-        genres = "|".join(g for g, f in zip(ML100K_GENRES, flags) if f)
-        lines.append(f"{i}::{title}: The Sequel ({year})::{genres}\n" if year else f"{i}::{title}::{genres}\n")
-    (d / "movies.dat").write_bytes("".join(lines).encode("latin-1"))
-    return d
-
-
-def _write_recbole(d: Path, data: dict, name: str = "ml-tiny") -> Path:
-    d.mkdir(parents=True)
-    (d / f"{name}.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
-                                     + "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in data["ratings"]))
-    (d / f"{name}.user").write_text("user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
-                                    + "".join(f"{u}\t{a}\t{g}\t{o}\t{z}\n" for u, a, g, o, z in data["users"]))
-    rows = []
-    for i, title, year, flags in data["items"]:
-        genres = " ".join(g for g, f in zip(ML100K_GENRES, flags) if f)
-        rows.append(f"{i}\t{title}\t{year}\t{genres}\n")
-    (d / f"{name}.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
-                                    + "".join(rows), encoding="utf-8")
-    return d
+from tests.support.movielens import ML_CONFIG, RATING_COUNTS, ROOT, make_data, write_ml1m, write_ml100k, write_recbole
 
 
 def _ml_config(tmp_path: Path, raw: Path, *extra: str):
@@ -103,9 +35,9 @@ def _tasks(shards: Path, split: str) -> dict:
 
 
 def test_ml100k_original_and_recbole_files_read_the_same(tmp_path):
-    data = _data()
-    a = read_movielens(_write_ml100k(tmp_path / "ml-100k", data))
-    b = read_movielens(_write_recbole(tmp_path / "recbole", data))
+    data = make_data()
+    a = read_movielens(write_ml100k(tmp_path / "ml-100k", data))
+    b = read_movielens(write_recbole(tmp_path / "recbole", data))
     assert a.num_rows == b.num_rows == len(data["ratings"])
     assert a.schema == b.schema
     assert a.to_pydict() == b.to_pydict()
@@ -125,8 +57,8 @@ def test_ml100k_original_and_recbole_files_read_the_same(tmp_path):
 
 
 def test_ml1m_files(tmp_path):
-    data = _data()
-    t = read_movielens(_write_ml1m(tmp_path / "ml-1m", data), click_threshold=5.0)
+    data = make_data()
+    t = read_movielens(write_ml1m(tmp_path / "ml-1m", data), click_threshold=5.0)
     assert t.num_rows == len(data["ratings"])
     got = {(r["user_id"], r["item_id"]): r for r in t.to_pylist()}
     for u, i, r, ts in data["ratings"][:50]:
@@ -141,17 +73,17 @@ def test_ml1m_files(tmp_path):
 
 
 def test_movielens_cold_start_protocol(tmp_path):
-    data = _data()
-    raw = _write_ml100k(tmp_path / "ml-100k", data)
+    data = make_data()
+    raw = write_ml100k(tmp_path / "ml-100k", data)
     cfg = _ml_config(tmp_path, raw)
     m = prepare(cfg, raw, tmp_path / "shards")
     assert m["dropped_tasks"]["too_few_rows"] == 2 and m["dropped_tasks"]["too_many_rows"] == 1
-    assert m["input_tasks"] == len(_COUNTS) and m["input_rows"] == len(data["ratings"])
+    assert m["input_tasks"] == len(RATING_COUNTS) and m["input_rows"] == len(data["ratings"])
     splits = {s: _tasks(tmp_path / "shards", s) for s in ("train", "val", "eval")}
     assert set(m["splits"]) == {"train", "val", "eval"}
     keys = [set(v) for v in splits.values()]
     assert not (keys[0] & keys[1]) and not (keys[0] & keys[2]) and not (keys[1] & keys[2])  # user-cold
-    assert set().union(*keys) == {u for u, n in enumerate(_COUNTS, 1) if 13 <= n <= 100}
+    assert set().union(*keys) == {u for u, n in enumerate(RATING_COUNTS, 1) if 13 <= n <= 100}
     by_user: dict[int, list] = {}
     for u, _, r, t in data["ratings"]:
         by_user.setdefault(u, []).append((t, r))
@@ -164,8 +96,8 @@ def test_movielens_cold_start_protocol(tmp_path):
 
 
 def test_movielens_rating_label_needs_regression(tmp_path):
-    data = _data()
-    raw = _write_recbole(tmp_path / "recbole", data)
+    data = make_data()
+    raw = write_recbole(tmp_path / "recbole", data)
     with pytest.raises(PrepareError, match=r"'rating'.*0 or 1.*model.objective"):
         prepare(_ml_config(tmp_path, raw, "features.label=rating"), raw, tmp_path / "shards")
     cfg = _ml_config(tmp_path, raw, "features.label=rating", "model.objective=regression")
@@ -181,12 +113,12 @@ def test_movielens_rating_label_needs_regression(tmp_path):
 def test_movielens_missing_or_bad_files(tmp_path):
     with pytest.raises(SourceError, match="no MovieLens files found.*u.data.*ratings.dat.*inter"):
         read_movielens(tmp_path)
-    data = _data()
-    raw = _write_ml100k(tmp_path / "ml-100k", data)
+    data = make_data()
+    raw = write_ml100k(tmp_path / "ml-100k", data)
     (raw / "u.item").unlink()
     with pytest.raises(SourceError, match=r"u\.item: not found"):
         read_movielens(raw)
-    raw = _write_ml1m(tmp_path / "ml-1m", data)
+    raw = write_ml1m(tmp_path / "ml-1m", data)
     with open(raw / "ratings.dat", "a") as fh:
         fh.write("7::x::4::880000000\n")
     with pytest.raises(SourceError, match=r"ratings\.dat: field item_id"):
@@ -326,9 +258,9 @@ def test_serving_reads_movielens_rows(tmp_path):
     from gmeta.models.dlrm import build_model
     from gmeta.serving import ROLE, assign_roles, score_rows
 
-    data = _data()
+    data = make_data()
     cfg = _ml_config(tmp_path, tmp_path)
-    df = read_movielens(_write_ml100k(tmp_path / "ml-100k", data)).to_pandas()
+    df = read_movielens(write_ml100k(tmp_path / "ml-100k", data)).to_pandas()
     df = assign_roles(df[df["user_id"].isin([3, 4])], cfg)
     assert (df[ROLE] == "query").sum() == 20
     model = build_model(cfg)
