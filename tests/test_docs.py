@@ -1,13 +1,18 @@
 """The docs: a README of at most 150 lines that links every page, links that resolve, a
-configuration reference that is not stale, and every documented command valid (it parses
-with gmeta's own command line, its config files and overrides load, its modules and
-scripts exist)."""
+configuration reference that is not stale, every documented command valid (it parses with
+gmeta's own command line, its config files and overrides load, its modules and scripts
+exist), and every documented command run: here, in a scratch copy of the project's configs
+on data written for it (shrunk to test size by overrides appended to the command), or by the
+test or job named for it in RUN_ELSEWHERE. Output a page shows after a ``$ `` command must
+appear in what the command prints."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +21,7 @@ import pytest
 
 from gmeta.cli import _parser
 from gmeta.config import load_config
+from tests.support.movielens import make_data, write_ml100k
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -78,3 +84,98 @@ def test_documented_commands_are_valid(page):
             assert (ROOT / words[1]).is_file(), f"{page.name}: no script {words[1]}"
         else:
             pytest.fail(f"{page.name}: `{cmd}`: a command this test does not know how to check")
+
+
+# Commands that are a job or a test of their own.
+RUN_ELSEWHERE = {
+    "bash scripts/main.sh": "the main job",
+    "bash scripts/test.sh": "the test command, which CI runs through .ci/run",
+    "python -m gmeta.cold_start": "tests/test_cold_start.py::test_table_runs_every_model_and_seed, which runs "
+                                  "cold_start.run (what the command runs) on three of its models and two seeds",
+}
+
+_ADS_SMALL = ["synth.num_tasks=200", "synth.num_users=400"]
+_FAST = ["meta.tasks_per_batch=4", "eval.tasks_per_batch=8", "data.num_workers=0", "train.nproc_per_node=1"]
+# (subcommand, config) -> overrides appended to a documented command to run it at test size
+SHRINK = {
+    ("train", "configs/movielens.yaml"): ["train.epochs=1", *_FAST],
+    ("evaluate", "configs/movielens.yaml"): ["eval.tasks_per_batch=8", "data.num_workers=0"],
+    ("train", "configs/ads_cvr.yaml"): ["train.max_steps=6", "train.checkpoint_every_steps=3", *_FAST],
+}
+
+
+def _setup_movielens(work: Path) -> None:
+    write_ml100k(work / "data" / "movielens" / "raw", make_data())
+
+
+def _setup_ads(work: Path) -> None:
+    for sub in ("synth", "prepare"):
+        p = _gmeta(work, [sub, "--config", "configs/ads_cvr.yaml", *_ADS_SMALL])
+        assert p.returncode == 0, p.stdout + p.stderr
+
+
+PAGE_SETUP = {"data.md": _setup_movielens, "fault_tolerance.md": _setup_ads}
+
+
+def _gmeta(work: Path, args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "gmeta.cli", *args], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _expected_output(text: str) -> dict[str, list[str]]:
+    """``$ `` command -> the lines shown after it, up to the next command or the block's end."""
+    out: dict[str, list[str]] = {}
+    for _lang, block in re.findall(r"```(\w*)\n(.*?)```", text, re.S):
+        cmd = None
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                cmd = line[2:].strip()
+                out[cmd] = []
+            elif cmd is not None and line.strip() and line.strip() != "...":  # "..." elides lines
+                out[cmd].append(line.strip())
+    return out
+
+
+def _documented_runs() -> list[tuple[str, str]]:
+    return [(page.name, cmd) for page in PAGES for cmd in _commands(page.read_text())]
+
+
+def _run_elsewhere(cmd: str) -> bool:
+    return any(cmd.removeprefix(".venv/bin/").startswith(k) for k in RUN_ELSEWHERE)
+
+
+@pytest.mark.parametrize("page", sorted({p for p, _ in _documented_runs()}))
+def test_documented_commands_run(page, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(ROOT / "configs", work / "configs")
+    (work / "bad.yaml").write_text("meta:\n  inner_lr: fast\n")  # the config error configuration.md shows
+    if page in PAGE_SETUP:
+        PAGE_SETUP[page](work)
+    text = next(p for p in PAGES if p.name == page).read_text()
+    shown = _expected_output(text)
+    for cmd in _commands(text):
+        if _run_elsewhere(cmd):
+            continue
+        words = shlex.split(cmd)
+        assert words[0].rsplit("/", 1)[-1] == "gmeta", f"{page}: `{cmd}` is neither run here nor in RUN_ELSEWHERE"
+        args = words[1:]
+        config = args[args.index("--config") + 1] if "--config" in args else None
+        p = _gmeta(work, args + SHRINK.get((args[0], config), []))
+        printed = p.stdout + p.stderr
+        if shown.get(cmd):
+            for line in shown[cmd]:
+                assert line in printed, f"{page}: `{cmd}` does not print {line!r}:\n{printed[-3000:]}"
+        else:
+            assert p.returncode == 0, f"{page}: `{cmd}` failed:\n{printed[-3000:]}"
+        if "--resume" in args and args[0] == "train":  # run again: it continues from its checkpoint
+            p = _gmeta(work, args + SHRINK.get((args[0], config), []) + ["train.max_steps=9"])
+            assert p.returncode == 0 and "resum" in (p.stdout + p.stderr).lower(), p.stdout + p.stderr
+
+
+def test_commands_run_elsewhere_exist():
+    for cmd, where in RUN_ELSEWHERE.items():
+        assert any(c.removeprefix(".venv/bin/").startswith(cmd) for _, c in _documented_runs()), cmd
+        if where.startswith("tests/"):
+            path, name = where.split(" ")[0].rstrip(",").split("::")
+            assert f"def {name}(" in (ROOT / path).read_text(), where
