@@ -14,7 +14,7 @@ ids are used as table rows as they are (hash or map them first: ``gmeta prepare`
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -90,7 +90,8 @@ def task_batch(data: Mapping, *, task: str, query: str, label: str, sparse: Sequ
     if features is not None and [f["name"] for f in features] != list(sparse):
         raise BatchError(f"sparse columns {list(sparse)} differ from the model's features "
                          f"{[f['name'] for f in features]} (names and order)")
-    codes, first = {}, []
+    codes: dict[Hashable, int] = {}
+    first: list[Hashable] = []
     task_code = np.empty(num_rows, np.int64)
     for i, k in enumerate(np.asarray(keys).tolist()):
         c = codes.setdefault(k, len(codes))

@@ -29,6 +29,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("gmeta.cold_start")
@@ -78,7 +79,7 @@ def _train(config: Path, overrides: list[str]) -> Path:
     return Path(cfg.train.output_dir) / "checkpoint"
 
 
-def _evaluate(ckpt: Path, shards: Path, *, split: str = "eval", lrs: tuple | None = None,
+def _evaluate(ckpt: Path, shards: Path, *, split: Literal["eval", "val"] = "eval", lrs: tuple | None = None,
               steps: list[int] | None = None) -> dict:
     """Evaluation report of a checkpoint on a split, adapted with K of ``steps`` (the largest
     is the report's own K, the rest its K curve). ``lrs``: (dense lr, embedding lr) to adapt
@@ -96,7 +97,9 @@ def _evaluate(ckpt: Path, shards: Path, *, split: str = "eval", lrs: tuple | Non
         cfg.meta.adapt_embeddings = True
     if steps:
         cfg.meta.inner_steps = max(steps)
-    return evaluate(model, cfg, shards)
+    report = evaluate(model, cfg, shards)
+    assert report is not None  # one process (one rank, no process group): evaluate returns the report
+    return report
 
 
 def _scores(report: dict, name: str) -> dict[str, float]:
@@ -107,12 +110,13 @@ def _adapted(ckpt: Path, shards: Path, lr_grid: list) -> dict:
     """Inner steps K (and, fine-tuning an ERM model, the learning rates) with the best AUC
     on the validation tasks, then scored on the test tasks. ``lr_grid``: [None] keeps the
     learning rates the model was meta-trained with."""
-    best = None
+    best: tuple[float, tuple[float, float] | None, int] | None = None
     for lrs in lr_grid:
         curve = _evaluate(ckpt, shards, split="val", lrs=lrs, steps=FINE_TUNE_STEPS)["auc_vs_k"]
         for k, auc in zip(curve["k"], curve["auc"]):
             if k > 0 and (best is None or auc > best[0]):
                 best = (auc, lrs, k)
+    assert best is not None  # lr_grid is never empty and every K of FINE_TUNE_STEPS is > 0
     _, lrs, k = best
     out = _scores(_evaluate(ckpt, shards, lrs=lrs, steps=[k]), "maml")
     out["inner_steps"] = k

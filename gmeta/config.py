@@ -391,9 +391,9 @@ def validate(cfg: Config) -> None:
     _check(not pos or cfg.model.objective == "binary", "features.positive_labels",
            "label mappings are for model.objective binary")
     names = [s.name for s in f.sparse] + list(f.dense)
-    for i, s in enumerate(f.sparse):
-        _check(bool(s.name), f"features.sparse[{i}].name", "must not be empty")
-        _check(s.num_embeddings >= 1, f"features.sparse[{i}].num_embeddings", "must be >= 1")
+    for i, sf in enumerate(f.sparse):
+        _check(bool(sf.name), f"features.sparse[{i}].name", "must not be empty")
+        _check(sf.num_embeddings >= 1, f"features.sparse[{i}].num_embeddings", "must be >= 1")
     dup = {n for n in names if names.count(n) > 1}
     _check(not dup, "features", f"duplicate feature names {sorted(dup)}")
     reserved = {f.task_key, f.timestamp, f.label, f.true_prob} - {""}
@@ -431,7 +431,7 @@ def validate(cfg: Config) -> None:
     if src.format in ("libsvm", "libfm"):
         _check(bool(src.fields), "data.source.fields", f"required for data.source.format {src.format}: "
                "which index ranges are which column ({name, first, last, kind})")
-    spans = []
+    spans: list[tuple[int, int, str]] = []
     for i, fl in enumerate(src.fields):
         key = f"data.source.fields[{i}]"
         _check(bool(fl.name), f"{key}.name", "must not be empty")
@@ -490,9 +490,10 @@ def validate(cfg: Config) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(bool(t.resume), "train.resume", "must be 'none', 'auto' or a checkpoint path")
 
-    names = {s.name for s in f.sparse}
-    for i, t in enumerate(cfg.sharding.tables):
-        _check(t.name in names, f"sharding.tables[{i}].name", f"{t.name!r} is not a sparse feature ({sorted(names)})")
+    sparse_names = {s.name for s in f.sparse}
+    for i, tb in enumerate(cfg.sharding.tables):
+        _check(tb.name in sparse_names, f"sharding.tables[{i}].name",
+               f"{tb.name!r} is not a sparse feature ({sorted(sparse_names)})")
     _check(cfg.sharding.memory_budget_mb >= 0, "sharding.memory_budget_mb", "must be >= 0")
 
     e = cfg.eval
@@ -537,7 +538,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise TypeError(f"unsupported union type in schema at {key}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {typing_cast(type, tp).__name__} fields, got {value!r}")
         return _build(typing_cast(type, tp), value, key)
     if tp is bool:
         if not isinstance(value, bool):

@@ -24,6 +24,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch.distributed as dist
 
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | None = None,
-             baseline: tuple[MetaDLRM, Config] | None = None) -> dict:
+             baseline: tuple[MetaDLRM, Config] | None = None) -> dict | None:
     """Evaluate in this process (or, under an initialised process group, on every rank
     together: the report is complete on rank 0, None elsewhere)."""
     t0 = time.perf_counter()
@@ -108,7 +109,7 @@ def choose_shards(shards_dir: str | Path | None, why: str, cfg: Config, checkpoi
 def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_override: Config | None = None,
                  baseline: str | Path | None = None, shards_dir: str | None = None, shards_why: str = "--shards",
                  tracking: bool = True, tracking_uri: str = "", out_dir: str | Path | None = None,
-                 inner_steps: int | None = None, split: str | None = None) -> dict | None:
+                 inner_steps: int | None = None, split: Literal["eval", "val"] | None = None) -> dict | None:
     """``gmeta evaluate``: load the checkpoint (sharded under torchrun, else unsharded),
     evaluate, write the report files and log them to the checkpoint's MLflow run.
     ``shards_dir``: the shards to evaluate on (``shards_why``: who chose them, for the log);

@@ -62,7 +62,8 @@ def format_table(report: dict) -> str:
 
 def format_html(report: dict, plots: list[str]) -> str:
     """A standalone HTML page: the Markdown tables as HTML tables and the plots inline."""
-    body, table = [], []
+    body: list[str] = []
+    table: list[str] = []
 
     def flush():
         if table:

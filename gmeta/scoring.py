@@ -53,6 +53,7 @@ def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int]) -> d
             logits_q, _, _ = adapt_and_query(
                 inner.head, rows, batch, layout, steps=k, lr=lr, emb_lr=emb_lr, adapt_dense=m.adapt_dense,
                 adapt_embeddings=m.adapt_embeddings, first_order=True, fast_weights=m.fast_weights)
+            assert logits_q is not None  # with_logits (default True): the logits are returned
             out[k] = inner.head.predict(logits_q.detach().float()).cpu().numpy()
     return out
 

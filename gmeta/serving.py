@@ -121,7 +121,7 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
     is_query = role == QUERY
     # query labels are unknown at serving time: NaN there is allowed (they are not used)
     if is_query.any():
-        neg = f.negative_labels[0] if f.negative_labels else 0  # a value the label check accepts
+        neg: str | float = f.negative_labels[0] if f.negative_labels else 0  # a value the label check accepts
         col = frame[f.label]
         if pd.api.types.is_numeric_dtype(col) and isinstance(neg, str):
             try:
@@ -158,6 +158,7 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
             sides[name] = _side(hashed, sel, task[sel] - lo, hi - lo, cfg)
             if name == QUERY:
                 positions = keep[sel]
+        assert positions is not None  # set by the loop's query pass (or it raised)
         out.append((TaskBlock("input rows", task_ids[lo:hi], sides[SUPPORT], sides[QUERY]), positions))
     return out
 
@@ -180,9 +181,9 @@ def score_rows(model, cfg: Config, df: pd.DataFrame, inner_steps: int = -1,
 
 
 try:
-    import mlflow.pyfunc
+    from mlflow.pyfunc import PythonModel
 
-    class GMetaModel(mlflow.pyfunc.PythonModel):
+    class GMetaModel(PythonModel):
         """pyfunc: ``predict(df, params={"inner_steps": K})`` -> DataFrame with ``score``."""
 
         def load_context(self, context) -> None:
@@ -196,7 +197,7 @@ try:
             return score_rows(self.model, self.cfg, model_input, int((params or {}).get("inner_steps", -1)),
                               self.column_types)
 except ImportError:  # mlflow is a dependency; the guard keeps this module importable without it
-    GMetaModel = None
+    GMetaModel = None  # type: ignore[assignment,misc]  # mypy has no conditional class; None without mlflow
 
 
 def _example_column(arrow_type: str, n: int):

@@ -157,7 +157,7 @@ def train_step(model, batch, cfg: Config, grad_sync: DenseGradSync, dense_opt: t
     if times is not None:
         times.comm += time.perf_counter() - t
     if _supports_skip(dense_opt):
-        dense_opt.found_inf = out.skipped.to(torch.float32)
+        dense_opt.found_inf = out.skipped.to(torch.float32)  # type: ignore[attr-defined]  # read by a fused step
     dense_opt.step()
     dense_opt.zero_grad(set_to_none=True)
     return out
@@ -533,6 +533,7 @@ def _finish_run(tracker, ckpt: Path, cfg: Config, out_dir: Path, step: int, resu
         from gmeta.report import flat_metrics
 
         report = evaluate(emodel, ecfg, cfg.data.shards_dir, inner_steps=cfg.eval.inner_steps)
+        assert report is not None  # the process group is destroyed by now: one process, the report is complete
         report["checkpoint"] = str(ckpt)
         files = write_report(report, out_dir / "eval")
         log_report(tracker, report, files, step)

@@ -74,9 +74,9 @@ def collate_packed(picks: list[tuple[TaskBlock, np.ndarray]], schema: dict, size
     """Tasks ``idx`` of each block, in that order, -> one meta-batch packed in one buffer
     (``.unpack()`` gives the TaskBatch; layout in its docstring). With ``size_buckets``,
     the batch's ``BatchLayout`` for that many buckets is computed here too."""
-    sides = {}
+    sides: dict[str, dict[str, Any]] = {}
     for side_name in ("support", "query"):
-        parts = {"ids": {}, "len": {}, "dense": [], "label": [], "true_prob": [], "counts": []}
+        parts: dict[str, Any] = {"ids": {}, "len": {}, "dense": [], "label": [], "true_prob": [], "counts": []}
         for block, idx in picks:
             side: SplitArrays = getattr(block, side_name)
             rows, counts = gather_ranges(side.rows, idx)

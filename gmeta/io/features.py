@@ -6,6 +6,7 @@ alike."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
@@ -72,7 +73,7 @@ def input_columns(cfg: Config) -> list[str]:
         + list(f.dense)
 
 
-def _locator(where) -> callable:
+def _locator(where) -> Callable[[int], str]:
     """``where`` as a function of a batch row: a Batch's own, or ``"<where>: row i"``."""
     if isinstance(where, Batch):
         return where.locate

@@ -31,6 +31,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -145,7 +146,7 @@ class _ShardWriter:
         self.written = dict.fromkeys(self.splits, 0)  # tasks written per split
         self.label_sum = dict.fromkeys(self.splits, 0.0)
         self.files: dict[str, list[dict]] = {s: [] for s in self.splits}
-        self.open: dict[str, tuple | None] = dict.fromkeys(self.splits)
+        self.open: dict[str, tuple[parquet.ShardWriter, Path, dict[str, Any]] | None] = dict.fromkeys(self.splits)
         for split in self.splits:
             d = out / split
             d.mkdir(parents=True, exist_ok=True)
@@ -179,11 +180,13 @@ class _ShardWriter:
                                       "support_rows": rows["support"], "query_rows": rows["query"],
                                       "sha256": _sha256(path)})
         else:
-            if self.open[split] is None:
+            open_file = self.open[split]
+            if open_file is None:
                 path = self.out / split / f"part-{shard:05d}.parquet"
-                entry = {"path": f"{split}/{path.name}", "tasks": 0, "units": [], "support_rows": 0, "query_rows": 0}
-                self.open[split] = (parquet.ShardWriter(path, unit.schema), path, entry)
-            writer, path, entry = self.open[split]
+                entry: dict[str, Any] = {"path": f"{split}/{path.name}", "tasks": 0, "units": [], "support_rows": 0,
+                                         "query_rows": 0}
+                open_file = self.open[split] = (parquet.ShardWriter(path, unit.schema), path, entry)
+            writer, path, entry = open_file
             writer.write_unit(unit)
             entry["tasks"] += n
             entry["units"].append(n)
@@ -194,9 +197,10 @@ class _ShardWriter:
         self.written[split] += n
 
     def _close_file(self, split: str) -> None:
-        if self.open[split] is None:
+        open_file = self.open[split]
+        if open_file is None:
             return
-        writer, path, entry = self.open[split]
+        writer, path, entry = open_file
         writer.close()
         entry["sha256"] = _sha256(path)
         self.files[split].append(entry)
@@ -347,7 +351,7 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
         input_tasks = int(task_keys_seen + sum(dropped["tasks"].values()))
         _check_splits(cfg, splits, dropped, input_tasks, input_path)
         cardinality = card.summary()
-        manifest = {
+        manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "format": cfg.data.format,
             "input": str(input_path),

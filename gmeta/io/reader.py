@@ -106,6 +106,7 @@ class _EpochStream(IterableDataset):
             idx = base[refs[:, 0]] + refs[:, 1]
             np.subtract.at(remaining, refs[:, 0], 1)
             skipped = 0
+            assert window is not None  # built in the first batch, when nothing is loaded yet
             if window.bad:
                 keep = ~np.isin(idx, np.array([t for t, _ in window.bad]))
                 skipped = int((~keep).sum())

@@ -28,7 +28,8 @@ def _tie_order(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np.n
 
 
 def split_tasks(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np.ndarray,
-                 task_hash: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, dict[str, int]]]:
+                 task_hash: np.ndarray) -> tuple[list[np.ndarray | None], list[np.ndarray | None],
+                                                 dict[str, dict[str, int]]]:
     """Per task, support and query row indices (into the task-sorted table); None for a
     dropped task. Also {"tasks": dropped tasks by reason, "rows": rows left out by reason}.
 
@@ -36,7 +37,8 @@ def split_tasks(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np.
     on which other tasks were prepared together. The time rule puts the earliest rows in
     the support, rows of equal time ordered by data.split.tie_break."""
     sp = cfg.data.split
-    support_idx, query_idx = [], []
+    support_idx: list[np.ndarray | None] = []
+    query_idx: list[np.ndarray | None] = []
     dropped = dict.fromkeys(DROP_REASONS, 0)
     rows_out = dict.fromkeys(ROW_DROP_REASONS, 0)
     perm = _tie_order(cfg, task_start, counts, ts, task_hash)

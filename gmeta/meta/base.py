@@ -29,4 +29,4 @@ class MetaOutput:
     loss: torch.Tensor  # scalar, what backward() runs on
     query_loss: torch.Tensor  # [N] per-task query loss after adaptation
     support_loss: torch.Tensor  # [N] per-task support loss before adaptation
-    skipped: bool = False  # the loss was not finite: no update was applied (see gmeta.train)
+    skipped: bool | torch.Tensor = False  # the loss was not finite: no update was applied (see gmeta.train)

@@ -5,6 +5,7 @@ as the products they are made of) or materialised (the shared weights expanded t
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,7 @@ class FastWeights(LinearHook):
             x, d = self.seen[p][0], next(it)
             if self.first_order:
                 x = x.detach()
-            d = d * lr
+            d = d * cast(float, lr)  # implicit layers come with a scalar lr only (choose_fast_weights)
             dsum = d.sum(1, keepdim=True)
             if p in self.past:
                 xs, ds, prev = self.past[p]

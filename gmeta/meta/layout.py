@@ -53,7 +53,7 @@ def split_points(sizes: list[int], num_buckets: int) -> list[int]:
     costly group is split where that saves most, until no split saves anything."""
     cuts = [0, len(sizes)]
     for _ in range(num_buckets - 1):
-        best = (0, None)
+        best: tuple[int, int | None] = (0, None)
         for lo, hi in zip(cuts[:-1], cuts[1:]):
             whole = (hi - lo) * sizes[hi - 1]
             for c in range(lo + 1, hi):

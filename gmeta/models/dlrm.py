@@ -60,6 +60,8 @@ class MetaLinear(nn.Linear):
     or a ``LinearHook`` that computes it."""
 
     def forward(self, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
+        w: torch.Tensor
+        b: torch.Tensor
         w, b = self.weight, self.bias
         if isinstance(params, LinearHook):
             return params.linear(prefix, x, w, b)
@@ -127,6 +129,8 @@ class DenseArch(nn.Module):
 
 class InteractionArch(nn.Module):
     """DLRM dot interaction: dense vector plus the pairwise dots of all F+1 vectors."""
+
+    upper: torch.Tensor  # a buffer, registered in __init__
 
     def __init__(self, num_sparse: int) -> None:
         super().__init__()

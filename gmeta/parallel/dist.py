@@ -194,7 +194,9 @@ class DenseGradSync:
             return
         while self.next < len(self.buckets):
             self._launch(self.next)
-        for work, flat, grads in self.launched:
+        for launched in self.launched:
+            assert launched is not None  # the loop above launched every bucket not yet launched
+            work, flat, grads = launched
             work.wait()
             flat.div_(self.world)
             for g, v in zip(grads, _unflatten_dense_tensors(flat, grads)):

@@ -43,7 +43,7 @@ def table_sharding_types(model: MetaDLRM, cfg: Config) -> dict[str, str]:
     whatever was asked, for a table larger than one process's memory budget."""
     s = cfg.sharding
     per_table = {t.name: t.sharding_type for t in s.tables}
-    out = {}
+    out: dict[str, str] = {}
     budget = s.memory_budget_mb * 2**20
     for f in model.features:
         kind = per_table.get(f["name"], s.sharding_type)
