@@ -262,6 +262,13 @@ class MetaConfig:
     # fast path for layers of a few hundred units), "materialized" (one [N, out, in] copy per
     # task; needed by meta_sgd), "auto" (per layer and size bucket, whichever is cheaper).
     fast_weights: Literal["auto", "implicit", "materialized"] = "auto"
+    # Outer loss of maml: the query loss after adaptation, averaged over the tasks ("task")
+    # or over every query row ("row": a task weighs as many query rows as it has) ...
+    query_weighting: Literal["task", "row"] = "task"
+    # ... plus this weight times the plain (unadapted) loss over every row of the meta-batch,
+    # support and query (0: none): the shared model and the tables then learn from every
+    # row, as ERM does, and not only from the query rows after adaptation.
+    erm_weight: float = 0.0
 
 
 @dataclass
@@ -463,6 +470,7 @@ def validate(cfg: Config) -> None:
     _check(me.inner_lr > 0, "meta.inner_lr", "must be > 0")
     _check(me.embedding_inner_lr > 0, "meta.embedding_inner_lr", "must be > 0")
     _check(me.size_buckets >= 1, "meta.size_buckets", "must be >= 1")
+    _check(me.erm_weight >= 0, "meta.erm_weight", "must be >= 0 (0: no ERM term)")
     for i, part in enumerate(me.adapt_dense):
         _check(part in _DENSE_PARTS, f"meta.adapt_dense[{i}]", f"must be one of {list(_DENSE_PARTS)}, got {part!r}")
     if me.algorithm == "maml":

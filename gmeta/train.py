@@ -100,22 +100,29 @@ class NonFiniteLossError(RuntimeError):
     """The meta-loss became NaN or infinite (train.on_nonfinite_loss=error)."""
 
 
-def agree_across_ranks(loss: torch.Tensor, local_count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def agree_across_ranks(loss: torch.Tensor, terms: list[tuple[torch.Tensor, int]]
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One tiny all-reduce per step, never read back here (a host read would stall the GPU
-    every step). Returns (finite, weight): whether the loss is finite on every rank, a bool
-    tensor on the loss's device; and the factor that turns this rank's mean loss into its
-    share of the mean over the *global* batch, ``local_count * world / global_count``
-    (None in one process). Gradients are then averaged over ranks as usual, and the step
-    equals one process on the whole global batch even when ranks hold different numbers of
-    rows (ERM) or tasks (MAML's last batch of an epoch)."""
+    every step). ``terms``: what ``loss`` is the sum of, each a mean over ``count`` local
+    units (``MetaOutput.terms``: tasks, rows). Returns (finite, global loss): whether the
+    loss is finite on every rank, a bool tensor on the loss's device; and the sum of the
+    terms, each times this rank's share of its global count, ``count * world / global
+    count`` (None in one process). Gradients are then averaged over ranks as usual, and the
+    step equals one process on the whole global batch even when ranks hold different
+    numbers of rows (ERM) or tasks (MAML's last batch of an epoch)."""
     dev = loss.device
     finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return finite[0] > 0, None
     world = dist.get_world_size()
-    both = torch.cat([finite, torch.full((1,), float(local_count), device=dev)])
-    dist.all_reduce(both)  # [ranks with a finite loss, global count]
-    return both[0] > world - 0.5, both[1].reciprocal() * float(local_count * world)
+    counts = torch.tensor([float(c) for _, c in terms], device=dev)
+    both = torch.cat([finite, counts])
+    dist.all_reduce(both)  # [ranks with a finite loss, global count of each term]
+    total = None
+    for i, (t, c) in enumerate(terms):
+        part = t * (both[1 + i].reciprocal() * float(c * world))
+        total = part if total is None else total + part
+    return both[0] > world - 0.5, total
 
 
 def _supports_skip(opt: torch.optim.Optimizer) -> bool:
@@ -140,9 +147,9 @@ def train_step(model, batch, cfg: Config, grad_sync: DenseGradSync, dense_opt: t
         with record_function("## lookup ##"):
             rows = inner.lookup(layout_of(batch, inner.pooling, cfg.meta.size_buckets))
     out = meta_step(model, batch, cfg, rows)
-    finite, weight = agree_across_ranks(out.loss, batch.num_rows if cfg.meta.algorithm == "erm" else batch.num_tasks)
-    if weight is not None:
-        out.loss = out.loss * weight
+    finite, global_loss = agree_across_ranks(out.loss, out.terms or [(out.loss, batch.num_tasks)])
+    if global_loss is not None:
+        out.loss = global_loss
     out.skipped = ~finite
     if not _supports_skip(dense_opt):
         if not bool(finite):

@@ -3,7 +3,7 @@ per-task mean that its losses are made of."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,9 +24,25 @@ def task_losses(head: DLRMHead, out: torch.Tensor, labels: torch.Tensor, mask: t
 
 @dataclass
 class MetaOutput:
-    """Results of one meta-batch. Losses are tensors; ``.item()`` them only on log steps."""
+    """Results of one meta-batch. Losses are tensors; ``.item()`` them only on log steps.
+
+    ``terms``: what ``loss`` is the sum of, each a mean over ``count`` units of this
+    process's batch (its tasks, or its rows). Several processes weight each term by their
+    share of the global count (``gmeta.train.agree_across_ranks``), so that a step equals
+    one process on the whole global batch. Empty: ``loss`` is one mean over the batch's tasks.
+    """
 
     loss: torch.Tensor  # scalar, what backward() runs on
     query_loss: torch.Tensor  # [N] per-task query loss after adaptation
     support_loss: torch.Tensor  # [N] per-task support loss before adaptation
     skipped: bool | torch.Tensor = False  # the loss was not finite: no update was applied (see gmeta.train)
+    terms: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # (mean, local count)
+
+
+def sum_terms(query_loss: torch.Tensor, support_loss: torch.Tensor,
+              terms: list[tuple[torch.Tensor, int]]) -> MetaOutput:
+    """A MetaOutput whose loss is the sum of ``terms``."""
+    loss = terms[0][0]
+    for t, _ in terms[1:]:
+        loss = loss + t
+    return MetaOutput(loss=loss, query_loss=query_loss, support_loss=support_loss, terms=terms)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from gmeta.config import Config
-from gmeta.meta.base import MetaOutput, gather_rows
+from gmeta.meta.base import MetaOutput, gather_rows, sum_terms
 from gmeta.meta.layout import BatchLayout
 from gmeta.models.dlrm import DLRMHead, MetaDLRM
 from gmeta.types import TaskBatch
@@ -25,7 +25,7 @@ def erm_loss(head: DLRMHead, rows: torch.Tensor, batch: TaskBatch, layout: Batch
         per[0].index_add_(0, L.row_task[: L.num_support], point[: L.num_support])
         per[1].index_add_(0, L.row_task[L.num_support:], point[L.num_support:])
         sl, ql = per[0] / L.s_count.clamp(min=1), per[1] / L.q_count.clamp(min=1)
-    return MetaOutput(loss=loss, query_loss=ql, support_loss=sl)
+    return sum_terms(ql, sl, [(loss, L.num_rows)])
 
 
 def objective(model: MetaDLRM, rows: torch.Tensor, batch: TaskBatch, layout: BatchLayout, cfg: Config) -> MetaOutput:

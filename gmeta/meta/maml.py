@@ -28,7 +28,8 @@ import torch
 from torch.autograd.profiler import record_function
 
 from gmeta.config import Config
-from gmeta.meta.base import MetaOutput, gather_rows, task_losses
+from gmeta.meta.base import MetaOutput, gather_rows, sum_terms, task_losses
+from gmeta.meta.erm import erm_loss
 from gmeta.meta.fast_weights import FastWeights, choose_fast_weights
 from gmeta.meta.layout import BatchLayout
 from gmeta.models.dlrm import DLRMHead, MetaDLRM
@@ -138,20 +139,33 @@ def adapt_and_query(
 
 def maml_loss(head: DLRMHead, rows: torch.Tensor, batch: TaskBatch, layout: BatchLayout, *, steps: int,
               lr: float | dict[str, torch.Tensor], emb_lr: float | torch.Tensor, adapt_dense: list[str],
-              adapt_embeddings: bool, first_order: bool, fast_weights: str = "auto") -> MetaOutput:
-    """Meta-loss of a meta-batch: mean over its tasks of the query loss after adaptation."""
+              adapt_embeddings: bool, first_order: bool, fast_weights: str = "auto", erm_weight: float = 0.0,
+              query_weighting: str = "task") -> MetaOutput:
+    """Meta-loss of a meta-batch: the query loss after adaptation, a mean over the tasks
+    (``query_weighting`` "task") or over all query rows ("row": a task weighs as many query
+    rows as it has); plus, with ``erm_weight`` > 0, that weight times the plain (unadapted)
+    loss over every row of the batch, support and query: the shared model and the tables
+    then also learn from every row, as ERM does, not only from query rows after adaptation."""
     _, query_loss, support_loss = adapt_and_query(
         head, rows, batch, layout, steps=steps, lr=lr, emb_lr=emb_lr, with_logits=False,
         fast_weights=fast_weights, adapt_dense=adapt_dense, adapt_embeddings=adapt_embeddings,
         first_order=first_order)
-    return MetaOutput(loss=query_loss.mean(), query_loss=query_loss, support_loss=support_loss)
+    if query_weighting == "row":
+        terms = [((query_loss * layout.q_count).sum() / layout.num_query, layout.num_query)]
+    elif query_weighting == "task":
+        terms = [(query_loss.mean(), query_loss.shape[0])]
+    else:
+        raise ValueError(f"query_weighting must be task or row, got {query_weighting!r}")
+    if erm_weight > 0:
+        terms.append((erm_loss(head, rows, batch, layout).loss * erm_weight, layout.num_rows))
+    return sum_terms(query_loss, support_loss, terms)
 
 
 def objective(model: MetaDLRM, rows: torch.Tensor, batch: TaskBatch, layout: BatchLayout, cfg: Config) -> MetaOutput:
     """``meta.algorithm: maml`` (and Meta-SGD, first-order MAML): the query loss after K
-    inner steps on each task's support rows."""
+    inner steps on each task's support rows (and the ERM anchor, ``meta.erm_weight``)."""
     m = cfg.meta
     lr, emb_lr = model.inner_lrs(m.inner_lr, m.embedding_inner_lr)
     return maml_loss(model.head, rows, batch, layout, steps=m.inner_steps, lr=lr, emb_lr=emb_lr,
                      adapt_dense=m.adapt_dense, adapt_embeddings=m.adapt_embeddings, first_order=m.first_order,
-                     fast_weights=m.fast_weights)
+                     fast_weights=m.fast_weights, erm_weight=m.erm_weight, query_weighting=m.query_weighting)

@@ -81,10 +81,20 @@ def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, shar
             assert batches[0].num_rows != batches[1].num_rows  # else a per-rank mean would pass too
             torch.cat([erm_row_losses(ref_head, ref_tables, features, b) for b in batches]).mean().backward()
         else:  # reference: one process, every task of every rank, real per-task fast weights
-            losses = []
+            losses, q_rows = [], []
             for b in batches:
                 losses += task_query_losses(ref_head, ref_tables, features, b, **kw)
-            torch.stack(losses).mean().backward()
+                q_rows += torch.diff(b.query_offsets).tolist()
+            per_task = torch.stack(losses)
+            if m.query_weighting == "row":  # every query row of the global batch counts once
+                q = torch.tensor(q_rows, dtype=per_task.dtype)
+                loss = (per_task * q).sum() / q.sum()
+            else:
+                loss = per_task.mean()
+            if m.erm_weight:  # plus the unadapted loss over every row of the global batch
+                loss = loss + m.erm_weight * torch.cat([erm_row_losses(ref_head, ref_tables, features, b)
+                                                        for b in batches]).mean()
+            loss.backward()
         ref_opt.step()
         with torch.no_grad():
             for t in ref_tables.values():
@@ -111,6 +121,13 @@ def test_erm_step_on_two_ranks_equals_one_process_on_the_global_batch(debug_conf
     # ranks hold different numbers of rows: each rank's loss is weighted by its share of the global rows
     run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]), False,
               "table_wise", (), None, "erm")
+
+
+@pytest.mark.parametrize("outer", [["meta.erm_weight=0.7"], ["meta.query_weighting=row", "meta.erm_weight=0.3"]])
+def test_maml_with_erm_term_and_row_weighting_on_two_ranks_equals_reference(debug_config_path, debug_data, outer):
+    # the query term weighs tasks (or query rows), the ERM term rows: each by its own global count
+    run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]), False,
+              "table_wise", outer)
 
 
 def test_per_table_sharding_and_memory_budget_equal_reference(debug_config_path, debug_data):
