@@ -299,6 +299,50 @@ def load_weights(state: dict, path: str | Path) -> None:
     _dcp_load(state, Path(path))
 
 
+# what the shape of a model is made of: a checkpoint's weights fit a model when these agree
+_SHAPE_KEYS = ("model.embedding_dim", "model.dense_arch", "model.over_arch", "model.objective")
+
+
+def load_init(path: str | Path, model, cfg: Config, key: str = "train.init_from") -> list[str]:
+    """Collective: fill a (sharded) model's weights from a checkpoint of a model of the same
+    shape (its tables resharded to this model's plan by DCP); optimizer state is not read.
+    Returns the names of this model's tensors the checkpoint does not hold (they keep their
+    values: e.g. Meta-SGD's learned rates when starting from an ERM checkpoint). Raises
+    CheckpointError naming ``key`` and what differs."""
+    path = Path(path)
+    meta = read_meta(path)
+    theirs = config_of(path, meta)
+    for k in _SHAPE_KEYS:
+        a, b = _dotted(theirs, k), _dotted(cfg, k)
+        if a != b:
+            raise CheckpointError(f"{key}: {path} holds a model with {k} {a!r}, this config has {b!r}")
+    mine = [(s.name, s.num_embeddings) for s in cfg.features.sparse] + [("dense", len(cfg.features.dense))]
+    other = [(s.name, s.num_embeddings) for s in theirs.features.sparse] + [("dense", len(theirs.features.dense))]
+    if mine != other:
+        raise CheckpointError(f"{key}: {path} holds a model of other features (name, table rows; dense count) "
+                              f"{other}, this config has {mine}")
+    reader = SafeFileSystemReader(str(path))
+    try:
+        stored = set(reader.read_metadata().state_dict_metadata)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{key}: {path}: cannot read checkpoint metadata: {type(e).__name__}: {e}") from None
+    state = model.state_dict()
+    missing = sorted(k for k in state if k not in stored)
+    wanted = {k: v for k, v in state.items() if k in stored}
+    _dcp_load(wanted, path)
+    model.load_state_dict({**state, **wanted})
+    return missing
+
+
+def _dotted(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def load_sharded(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config, dict]:
     """Collective: load a checkpoint's model into this process group's sharded model (tables
     sharded by the config's plan for the current world size; DCP reshards)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -301,7 +302,16 @@ class ShardingConfig:
 
 @dataclass
 class TrainConfig:
+    # Epochs of meta.algorithm over the training tasks ...
     epochs: int = 1
+    # ... after this many epochs of plain training (ERM: every row, no adaptation) of the
+    # same model in the same run: the two-stage recipe (pretrain, then meta-train).
+    pretrain_epochs: int = 0
+    # Start from the weights of this checkpoint (any gmeta checkpoint of the same model
+    # shape, e.g. an ERM run; tables resharded to this job's plan), with fresh optimizers.
+    # Parameters it lacks (Meta-SGD's learned rates) keep their initial values. Empty: none.
+    # Ignored when resuming (the resumed checkpoint has the weights).
+    init_from: str = ""
     # Stop after this many meta-batches (0: run all epochs).
     max_steps: int = 0
     log_every: int = 20
@@ -488,6 +498,7 @@ def validate(cfg: Config) -> None:
 
     t = cfg.train
     _check(t.epochs >= 1, "train.epochs", "must be >= 1")
+    _check(t.pretrain_epochs >= 0, "train.pretrain_epochs", "must be >= 0 (0: none)")
     _check(t.max_steps >= 0, "train.max_steps", "must be >= 0")
     _check(t.log_every >= 1, "train.log_every", "must be >= 1")
     _check(t.nproc_per_node >= 1, "train.nproc_per_node", "must be >= 1")
@@ -591,6 +602,26 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, reading ``1e-3`` as a float. PyYAML follows YAML 1.1, where a
+    float needs a dot (``1.0e-3``), so ``optim.dense_lr: 1e-3`` would be the string
+    '1e-3'; YAML 1.2 and every other reader of configs take it as a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], value parsed as a YAML scalar or list)."""
     if "=" not in item:
@@ -600,7 +631,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
     return key.split("."), value
@@ -629,7 +660,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = _yaml(p.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML: {e}") from None
         if loaded is None:

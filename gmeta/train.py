@@ -19,6 +19,7 @@ One meta-batch (see DESIGN.md)::
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections import deque
@@ -297,7 +298,13 @@ class TrainingRun:
         self.model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, env.device)
         dense_params = self.model.module.dense_parameters()
         mean = self.manifest["splits"]["train"].get("label_mean")
-        if cfg.model.objective == "regression" and self.resume_from is None and mean is not None:
+        self.init_from = cfg.train.init_from if self.resume_from is None else ""
+        if self.init_from:  # warm start: another run's weights (DCP reshards its tables to this plan)
+            missing = checkpoint.load_init(self.init_from, self.model, cfg)
+            if env.is_main:
+                log.info("weights from %s%s", self.init_from,
+                         f" (not in it, left as initialised: {', '.join(missing)})" if missing else "")
+        elif cfg.model.objective == "regression" and self.resume_from is None and mean is not None:
             # start the output at the mean label (e.g. a rating of 3.5, not 0): the first steps
             # then learn the features rather than the scale
             with torch.no_grad():
@@ -307,7 +314,11 @@ class TrainingRun:
         self.dense_opt = torch.optim.Adam(dense_params, lr=cfg.optim.dense_lr,
                                           weight_decay=cfg.optim.dense_weight_decay, fused=True)
         self.grad_sync = DenseGradSync(dense_params)
-        self.total_steps = len(self.reader) * cfg.train.epochs
+        # the two-stage recipe: train.pretrain_epochs of ERM, then train.epochs of meta.algorithm
+        self.epochs = cfg.train.pretrain_epochs + cfg.train.epochs
+        self.pretrain_cfg = copy.deepcopy(cfg)
+        self.pretrain_cfg.meta.algorithm = "erm"
+        self.total_steps = len(self.reader) * self.epochs
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         self.step = self.start_epoch = self.tasks_total = self.skipped_nonfinite = 0
@@ -435,12 +446,16 @@ class TrainingRun:
         self.tasks_run = 0
         since = {"t": time.perf_counter(), "tasks": 0, "rows": 0}
         ckpt_clock = self.t_loop = time.perf_counter()
-        for epoch in range(self.start_epoch, t.epochs):
+        for epoch in range(self.start_epoch, self.epochs):
             if self.step >= self.total_steps:
                 break
             self.reader.set_epoch(epoch)
             fetch.new_epoch(self.reader)
-            for batch, out in run_steps(self.model, self.cfg, self.grad_sync, self.dense_opt, fetch,
+            stage = self.pretrain_cfg if epoch < t.pretrain_epochs else self.cfg
+            if t.pretrain_epochs and env.is_main and epoch in (self.start_epoch, t.pretrain_epochs):
+                log.info("epoch %d: %s", epoch, "pretraining (erm)" if stage is self.pretrain_cfg
+                         else f"meta-training ({self.cfg.meta.algorithm})")
+            for batch, out in run_steps(self.model, stage, self.grad_sync, self.dense_opt, fetch,
                                         self.total_steps - self.step, pipe, self.times):
                 self.step += 1
                 self.position = fetch.trained()

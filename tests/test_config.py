@@ -113,3 +113,14 @@ def test_cli_help_for_every_subcommand(capsys):
             cli_main([cmd, "--help"])
         assert e.value.code == 0
         assert "--config" in capsys.readouterr().out
+
+
+def test_exponent_floats_read_as_numbers(tmp_path):
+    # PyYAML alone (YAML 1.1) reads 1e-3 as the string '1e-3', which a float key then refused
+    p = tmp_path / "c.yaml"
+    p.write_text("optim: {dense_lr: 1e-3, embedding_lr: 5E-2}\nmeta: {inner_lr: .5}\n")
+    cfg = load_config(p, ["meta.embedding_inner_lr=2e-1"])
+    assert (cfg.optim.dense_lr, cfg.optim.embedding_lr, cfg.meta.inner_lr, cfg.meta.embedding_inner_lr) == \
+        (1e-3, 5e-2, 0.5, 0.2)
+    with pytest.raises(ConfigError, match=r"train.epochs: expected int, got 1000.0"):
+        load_config(p, ["train.epochs=1e3"])
