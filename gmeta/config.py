@@ -278,6 +278,15 @@ class OptimConfig:
     dense_weight_decay: float = 0.0
     embedding_optimizer: Literal["sgd", "rowwise_adagrad", "adagrad", "adam"] = "rowwise_adagrad"
     embedding_lr: float = 0.05
+    # Learning-rate schedule of both optimizers (dense Adam and the tables' fused one):
+    # linear warm-up from 0 over this many steps, then "none" (constant), "linear" or
+    # "cosine" decay to min_lr_factor x the rate at the last step.
+    warmup_steps: int = 0
+    lr_decay: Literal["none", "linear", "cosine"] = "none"
+    min_lr_factor: float = 0.0
+    # Clip the dense gradients (after the all-reduce) to this global L2 norm (0: off). The
+    # tables' gradients are applied inside backward by their fused optimizer, unclipped.
+    grad_clip_norm: float = 0.0
 
 
 _SHARDING = Literal["table_wise", "row_wise", "column_wise", "auto"]
@@ -333,6 +342,16 @@ class TrainConfig:
     # "none": start fresh (refused if output_dir holds checkpoints), "auto": continue from
     # the newest complete checkpoint in output_dir if any, or the path of a checkpoint.
     resume: str = "none"
+    # Validation during training, every N steps and at the end (0: off; needs
+    # data.split.val_fraction > 0): the first val_max_tasks tasks of split "val" (a fixed
+    # subset), adapted with eval.inner_steps, scored by val_metric ("auto": gauc for a binary
+    # objective, rmse for regression). The best weights so far are kept in
+    # <output_dir>/best (and are what eval_at_end evaluates and the MLflow model holds).
+    val_every_steps: int = 0
+    val_max_tasks: int = 256
+    val_metric: Literal["auto", "auc", "gauc", "logloss", "rmse", "mae"] = "auto"
+    # Stop when this many validations in a row did not improve on the best (0: never).
+    early_stopping_patience: int = 0
     # A non-finite meta-loss never updates anything (checked on the device every step). "error"
     # stops at the next log or checkpoint step, naming the first such step (the last
     # checkpoint stays as it was); "skip" counts them (train/skipped_nonfinite_steps).
@@ -495,6 +514,9 @@ def validate(cfg: Config) -> None:
     _check(o.dense_lr > 0, "optim.dense_lr", "must be > 0")
     _check(o.dense_weight_decay >= 0, "optim.dense_weight_decay", "must be >= 0")
     _check(o.embedding_lr > 0, "optim.embedding_lr", "must be > 0")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0 (0: no warm-up)")
+    _check(0.0 <= o.min_lr_factor <= 1.0, "optim.min_lr_factor", "must be in [0, 1]")
+    _check(o.grad_clip_norm >= 0, "optim.grad_clip_norm", "must be >= 0 (0: off)")
 
     t = cfg.train
     _check(t.epochs >= 1, "train.epochs", "must be >= 1")
@@ -508,6 +530,14 @@ def validate(cfg: Config) -> None:
     _check(t.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes", "must be >= 0 (0: off)")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(bool(t.resume), "train.resume", "must be 'none', 'auto' or a checkpoint path")
+    _check(t.val_every_steps >= 0, "train.val_every_steps", "must be >= 0 (0: no validation)")
+    _check(t.val_max_tasks >= 0, "train.val_max_tasks", "must be >= 0 (0: every validation task)")
+    _check(t.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0 (0: never stop early)")
+    _check(t.early_stopping_patience == 0 or t.val_every_steps > 0, "train.early_stopping_patience",
+           "needs train.val_every_steps > 0 (validation to stop on)")
+    metric = t.val_metric
+    _check(metric in ("auto", "rmse", "mae") if cfg.model.objective == "regression" else metric not in ("rmse", "mae"),
+           "train.val_metric", f"{metric!r} is not a metric of model.objective {cfg.model.objective}")
 
     sparse_names = {s.name for s in f.sparse}
     for i, tb in enumerate(cfg.sharding.tables):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, fields
@@ -31,7 +32,7 @@ import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
 from gmeta import checkpoint
-from gmeta.config import Config, dump_yaml, flatten, to_dict
+from gmeta.config import Config, OptimConfig, dump_yaml, flatten, to_dict
 from gmeta.io.manifest import check_manifest_matches, load_manifest
 from gmeta.io.reader import TaskReader
 from gmeta.meta.algorithms import ALGORITHMS
@@ -164,6 +165,9 @@ def train_step(model, batch, cfg: Config, grad_sync: DenseGradSync, dense_opt: t
         grad_sync.wait()
     if times is not None:
         times.comm += time.perf_counter() - t
+    if cfg.optim.grad_clip_norm > 0:  # the same on every rank: gradients are averaged by now
+        torch.nn.utils.clip_grad_norm_([p for g in dense_opt.param_groups for p in g["params"]],
+                                       cfg.optim.grad_clip_norm, foreach=True)
     if _supports_skip(dense_opt):
         dense_opt.found_inf = out.skipped.to(torch.float32)  # type: ignore[attr-defined]  # read by a fused step
     dense_opt.step()
@@ -253,6 +257,44 @@ def _resume_path(cfg: Config, out_dir: Path) -> Path | None:
     return Path(resume)
 
 
+def lr_factor(step: int, total: int, o: OptimConfig) -> float:
+    """The learning-rate factor of step ``step`` (0-based) of ``total``: linear warm-up over
+    ``optim.warmup_steps``, then ``optim.lr_decay`` to ``optim.min_lr_factor`` at the last step."""
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.lr_decay == "none":
+        return 1.0
+    p = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps - 1))
+    shape = 1.0 - p if o.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
+    return o.min_lr_factor + (1.0 - o.min_lr_factor) * shape
+
+
+class LrSchedule:
+    """Sets both optimizers' rates for the next step: the dense Adam's groups and the tables'
+    fused optimizer, whose ``step()`` only hands its group's rate to the fbgemm kernel (the
+    update itself runs inside backward)."""
+
+    def __init__(self, dense_opt: torch.optim.Optimizer, fused, cfg: Config, total: int) -> None:
+        self.groups = [(g, g["lr"]) for g in dense_opt.param_groups] + [(g, g["lr"]) for g in fused.param_groups]
+        self.fused, self.cfg, self.total = fused, cfg, total
+
+    def apply(self, step: int) -> float:
+        f = lr_factor(step, self.total, self.cfg.optim)
+        for g, base in self.groups:
+            g["lr"] = base * f
+        self.fused.step()
+        return f
+
+
+HIGHER_IS_BETTER = {"auc": True, "gauc": True, "logloss": False, "rmse": False, "mae": False}
+
+
+def val_metric(cfg: Config) -> str:
+    """train.val_metric, "auto" resolved: gauc for a binary objective, rmse for regression."""
+    m = cfg.train.val_metric
+    return m if m != "auto" else ("rmse" if cfg.model.objective == "regression" else "gauc")
+
+
 @dataclass
 class LogStats:
     """What the log steps report, averaged over ranks by one all-reduce (``gather``)."""
@@ -321,6 +363,20 @@ class TrainingRun:
         self.total_steps = len(self.reader) * self.epochs
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        o = cfg.optim
+        self.schedule = LrSchedule(self.dense_opt, self.model.fused_optimizer, cfg, self.total_steps) \
+            if o.warmup_steps or o.lr_decay != "none" else None
+        # validation: a fixed subset of split "val", scored with the evaluation's own path
+        self.val_cfg = copy.deepcopy(cfg)
+        self.val_cfg.eval.split, self.val_cfg.eval.max_tasks, self.val_cfg.eval.curve_steps = \
+            "val", cfg.train.val_max_tasks, [0]
+        self.metric = val_metric(cfg)
+        if cfg.train.val_every_steps and not self.manifest["splits"].get("val", {}).get("tasks"):
+            raise ValueError(f"train.val_every_steps: {cfg.data.shards_dir} has no validation tasks (split "
+                             "'val'); prepare it with data.split.val_fraction > 0, or set train.val_every_steps=0")
+        self.best: float | None = None
+        self.best_step = self.since_best = 0
+        self.stopped_early = False
         self.step = self.start_epoch = self.tasks_total = self.skipped_nonfinite = 0
         self.run_id = ""
         self.tracker_uri = resolve_tracking_uri(cfg.tracking.uri, tracking_uri)
@@ -342,6 +398,11 @@ class TrainingRun:
         meta, own = checkpoint.load_training_state(self.resume_from, self.model, self.dense_opt)
         self.step, self.tasks_total = int(meta["step"]), int(meta.get("tasks_total", 0))
         self.skipped_nonfinite = int(meta.get("skipped_nonfinite_steps", 0))
+        val = meta.get("validation") or {}
+        self.best, self.best_step, self.since_best = val.get("best"), int(val.get("best_step", 0)), \
+            int(val.get("since_best", 0))
+        if val.get("stopped_early"):  # it had ended: nothing more to train
+            self.stopped_early, self.total_steps = True, self.step
         self.run_id = meta.get("mlflow_run_id", "")
         if own is not None:
             self.reader.load_state_dict(own["reader"])
@@ -378,15 +439,46 @@ class TrainingRun:
                  cfg.meta.algorithm, self.total_steps, len(self.reader), cfg.meta.tasks_per_batch, env.world_size)
 
     # ---------------------------------------------------------------- checkpoints
-    def save(self, path: Path) -> Path:
+    def save(self, path: Path, weights_only: bool = False) -> Path:
         env, pos = self.env, self.position
         meta = {"step": self.step, "epoch": pos["epoch"], "epoch_done": pos["steps_done"] >= len(self.reader),
                 "tasks_total": self.tasks_total, "skipped_nonfinite_steps": self.skipped_nonfinite,
                 "algorithm": self.cfg.meta.algorithm, "mlflow_run_id": self.tracker.run_id if env.is_main else "",
                 "tracking_uri": self.tracker.uri if env.is_main else "",
-                "input_columns": self.manifest.get("input_columns")}  # raw types, for serving
+                "input_columns": self.manifest.get("input_columns"),  # raw types, for serving
+                "validation": {"metric": self.metric, "best": self.best, "best_step": self.best_step,
+                               "since_best": self.since_best, "stopped_early": self.stopped_early}}
+        if weights_only:
+            return checkpoint.save(self.model, self.cfg, path, meta)
         return checkpoint.save(self.model, self.cfg, path, meta, dense_opt=self.dense_opt,
                                rank_state={"reader": pos, "rng": checkpoint.rng_state()})
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> bool:
+        """Collective: score the validation subset; keep the weights in <output_dir>/best when
+        they beat the best so far. Returns whether to stop early."""
+        from gmeta.evaluate import evaluate
+
+        t0 = time.perf_counter()
+        report = evaluate(self.model, self.val_cfg, self.cfg.data.shards_dir)
+        scorer = "maml" if self.cfg.meta.algorithm == "maml" else "erm"
+        value = torch.tensor([float(report[f"{scorer}_{self.metric}"]) if report is not None else 0.0],
+                             dtype=torch.float64, device=self.env.device)
+        dist.broadcast(value, src=0)  # rank 0 holds the report: every rank decides alike
+        v = float(value.item())
+        better = self.best is None or (v > self.best if HIGHER_IS_BETTER[self.metric] else v < self.best)
+        if better:
+            self.best, self.best_step, self.since_best = v, self.step, 0
+            self.save(self.out_dir / "best", weights_only=True)
+        else:
+            self.since_best += 1
+        assert self.best is not None
+        self.tracker.log_metrics({f"val/{self.metric}": v, f"val/best_{self.metric}": self.best}, step=self.step)
+        if self.env.is_main:
+            log.info("validation at step %d: %s %.4f (best %.4f at step %d%s) in %.1fs", self.step, self.metric, v,
+                     self.best, self.best_step, ", kept in best/" if better else "", time.perf_counter() - t0)
+        patience = self.t.early_stopping_patience
+        return bool(patience) and self.since_best >= patience
 
     def checkpoint(self) -> None:
         """A training checkpoint of this step (the newest ``keep_checkpoints`` are kept)."""
@@ -455,9 +547,13 @@ class TrainingRun:
             if t.pretrain_epochs and env.is_main and epoch in (self.start_epoch, t.pretrain_epochs):
                 log.info("epoch %d: %s", epoch, "pretraining (erm)" if stage is self.pretrain_cfg
                          else f"meta-training ({self.cfg.meta.algorithm})")
+            if self.schedule is not None:
+                self.schedule.apply(self.step)
             for batch, out in run_steps(self.model, stage, self.grad_sync, self.dense_opt, fetch,
                                         self.total_steps - self.step, pipe, self.times):
                 self.step += 1
+                if self.schedule is not None:  # the rate of the next step
+                    self.schedule.apply(self.step)
                 self.position = fetch.trained()
                 self.bad.add_(out.skipped.to(self.bad.dtype))  # read on log and checkpoint steps
                 self.first_bad = torch.where(out.skipped & (self.first_bad < 0),
@@ -473,9 +569,18 @@ class TrainingRun:
                     self.check_nonfinite()
                 if self.step % t.log_every == 0 or last:
                     want_ckpt |= self.log(out, epoch, since, ckpt_clock)
+                if t.val_every_steps and (self.step % t.val_every_steps == 0 or last):
+                    self.stopped_early = self.validate()
+                if self.stopped_early:
+                    if env.is_main:
+                        log.info("early stop at step %d: %d validations without a better %s (best %.4f at step %d)",
+                                 self.step, self.since_best, self.metric, self.best, self.best_step)
+                    break
                 if want_ckpt and not last:
                     self.checkpoint()
                     ckpt_clock = time.perf_counter()
+            if self.stopped_early:
+                break
 
     # ---------------------------------------------------------------- the end
     def finish(self) -> dict:
@@ -503,9 +608,18 @@ class TrainingRun:
             checkpoint.prune(self.ckpt_root, self.t.keep_checkpoints)
         dist.destroy_process_group()
         result: dict = {"checkpoint": str(ckpt), "steps": self.step, **last}
+        chosen = ckpt  # what is evaluated and logged as the model: the best validated weights, if any
+        if self.best is not None:
+            chosen = self.out_dir / "best"
+            result.update({"best_checkpoint": str(chosen), "best_step": self.best_step,
+                           f"val/best_{self.metric}": self.best, "stopped_early": self.stopped_early})
         if env.is_main:
             tracker = self.tracker
-            _finish_run(tracker, ckpt, self.cfg, self.out_dir, self.step, result)
+            if self.best is not None:
+                tracker.set_tags({"gmeta.best_checkpoint": str(chosen.resolve()),
+                                  "gmeta.best_step": str(self.best_step)})
+                log.info("best %s %.4f at step %d: %s", self.metric, self.best, self.best_step, chosen)
+            _finish_run(tracker, chosen, self.cfg, self.out_dir, self.step, result)
             tracker.finish()
             self.tracker_box.clear()
             log.info("checkpoint: %s", ckpt)

@@ -1,0 +1,132 @@
+"""Training driven by validation: periodic scoring of a fixed validation subset, the best
+weights kept, early stopping; the learning-rate schedule and gradient clipping."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gmeta.config import ConfigError, OptimConfig, load_config
+from gmeta.train import lr_factor
+from tests.conftest import DEBUG_CONFIG
+
+
+@pytest.fixture(scope="module")
+def val_shards(debug_data, tmp_path_factory) -> Path:
+    """The debug data prepared with validation tasks."""
+    from gmeta.io.prepare import prepare
+
+    out = tmp_path_factory.mktemp("val_shards") / "shards"
+    prepare(load_config(DEBUG_CONFIG, ["data.split.val_fraction=0.15"]), debug_data["raw"], out)
+    return out
+
+
+def _train(out: Path, shards: Path, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gmeta.cli", "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", str(nproc),
+         f"data.shards_dir={shards}", f"train.output_dir={out}", "train.eval_at_end=false",
+         "tracking.enabled=false", *extra],
+        capture_output=True, text=True, timeout=900, cwd=out.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _val_score(ckpt: Path, shards: Path, max_tasks: int) -> float:
+    from gmeta.checkpoint import load_unsharded
+    from gmeta.evaluate import evaluate
+
+    model, cfg, _ = load_unsharded(ckpt)
+    cfg.eval.split, cfg.eval.max_tasks, cfg.eval.curve_steps = "val", max_tasks, [0]
+    report = evaluate(model, cfg, shards)
+    assert report is not None
+    return float(report["maml_gauc"])
+
+
+def test_lr_schedule_warms_up_then_decays():
+    o = OptimConfig(warmup_steps=4, lr_decay="linear", min_lr_factor=0.1)
+    assert [lr_factor(s, 14, o) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 14, o) == 1.0 and lr_factor(13, 14, o) == pytest.approx(0.1)
+    assert lr_factor(9, 14, o) == pytest.approx(1 - 0.9 * 5 / 9)
+    c = OptimConfig(lr_decay="cosine")
+    assert lr_factor(0, 11, c) == 1.0 and lr_factor(5, 11, c) == pytest.approx(0.5) and lr_factor(10, 11, c) == 0.0
+    assert lr_factor(7, 11, OptimConfig()) == 1.0
+    assert lr_factor(3, 11, c) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)))
+
+
+def test_early_stopping_keeps_the_best_weights(val_shards, tmp_path):
+    # a high learning rate: validation GAUC stops improving within a few validations
+    proc = _train(tmp_path / "run", val_shards, "train.val_every_steps=4", "train.val_max_tasks=64",
+                  "train.early_stopping_patience=2", "optim.dense_lr=0.05", "optim.embedding_lr=0.5",
+                  "train.epochs=3")
+    meta = json.loads((tmp_path / "run" / "checkpoint" / "meta.json").read_text())
+    val = meta["validation"]
+    assert val["metric"] == "gauc" and val["stopped_early"] and val["since_best"] == 2
+    assert meta["step"] == val["best_step"] + 2 * 4 < 3 * 40  # stopped before the 3 epochs' 120 steps
+    best = json.loads((tmp_path / "run" / "best" / "meta.json").read_text())
+    assert best["step"] == val["best_step"] and not best["training_state"]
+    # the kept weights score what was logged as the best; the last weights score worse
+    assert _val_score(tmp_path / "run" / "best", val_shards, 64) == pytest.approx(val["best"], abs=1e-9)
+    assert _val_score(tmp_path / "run" / "checkpoint", val_shards, 64) < val["best"]
+    assert "early stop at step" in proc.stderr
+
+
+def test_validation_on_two_ranks_scores_the_same_subset(val_shards, tmp_path):
+    """Validation is collective (each rank scores a share): its figure is the one a single
+    process gets from the kept weights."""
+    _train(tmp_path / "run", val_shards, "train.val_every_steps=5", "train.val_max_tasks=48", "train.max_steps=10",
+           "optim.warmup_steps=3", "optim.lr_decay=cosine", "optim.grad_clip_norm=1.0", nproc=2)
+    val = json.loads((tmp_path / "run" / "checkpoint" / "meta.json").read_text())["validation"]
+    assert val["best_step"] in (5, 10)
+    assert _val_score(tmp_path / "run" / "best", val_shards, 48) == pytest.approx(val["best"], abs=1e-9)
+
+
+def test_grad_clipping_bounds_the_dense_update(debug_data):
+    """One SGD step with clipping moves the dense weights by at most lr x the clip norm."""
+    import torch.distributed as dist
+
+    from gmeta.io.reader import TaskReader
+    from gmeta.models.dlrm import build_model
+    from gmeta.parallel.dist import DenseGradSync, init_distributed
+    from gmeta.parallel.sharding import shard_model
+    from gmeta.train import train_step
+
+    cfg = load_config(DEBUG_CONFIG, ["optim.grad_clip_norm=0.01"])
+    env = init_distributed()
+    try:
+        torch.manual_seed(0)
+        model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, env.device)
+        params = model.module.dense_parameters()
+        opt = torch.optim.SGD(params, lr=1.0)
+        before = torch.cat([p.detach().reshape(-1).clone() for p in params])
+        batch = next(iter(TaskReader(debug_data["shards"], "train", 16, seed=0)))
+        train_step(model, batch, cfg, DenseGradSync(params), opt)
+        moved = torch.cat([p.detach().reshape(-1) for p in params]) - before
+        assert 0 < moved.norm() <= 0.01 + 1e-6
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.early_stopping_patience=2"], "train.early_stopping_patience: needs train.val_every_steps > 0"),
+    (["train.val_metric=rmse"], "train.val_metric: 'rmse' is not a metric of model.objective binary"),
+    (["optim.min_lr_factor=2"], r"optim.min_lr_factor: must be in \[0, 1\]"),
+])
+def test_validation_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEBUG_CONFIG, overrides)
+
+
+def test_validation_without_validation_tasks_is_an_error(debug_data, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "gmeta.cli", "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1",
+         f"data.shards_dir={debug_data['shards']}", f"train.output_dir={tmp_path / 'run'}",
+         "tracking.enabled=false", "train.val_every_steps=5"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "train.val_every_steps:" in proc.stderr and "data.split.val_fraction > 0" in proc.stderr
