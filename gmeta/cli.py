@@ -69,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="with N > 1 processes: restarts of the whole job after a process fails (torchrun); "
                         "use with --resume auto to continue from the last checkpoint")
 
+    p = sub.add_parser("sweep", help="hyperparameter search (Optuna) over sweep.params, scored on validation tasks",
+                       description="Train one run per trial, score it on the validation tasks, prune trials that "
+                                   "fall behind, write the best configuration as YAML.")
+    _add_config(p)
+    p.add_argument("--trials", type=int, default=None, help="trials in all (default: sweep.trials); a sweep "
+                   "continued in the same --out counts the trials it already ran")
+    p.add_argument("--out", default=None, help="sweep directory: the study, every trial's run, best.yaml, trials.md "
+                   "(default: runs/sweep/<config name>)")
+    p.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: tracking.uri, "
+                   "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+
     p = sub.add_parser("plan", help="the sharding plan for a cluster, with the planner's memory and cost estimates",
                        description="Run torchrec's planner for --world-size processes (--local-world-size per "
                                    "node) on --device, without a process group or a GPU: per table its sharding, "
@@ -263,6 +274,27 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "plan":
         return _plan(args, cfg)
+
+    if args.command == "sweep":
+        from pathlib import Path
+
+        from gmeta.sweep import run_sweep
+
+        if args.trials is not None and args.trials < 1:
+            print("gmeta sweep: --trials must be >= 1", file=sys.stderr)
+            return 2
+        out = args.out or str(Path("runs") / "sweep" / Path(args.config).stem)
+        try:
+            summary = run_sweep(args.config, args.overrides, out, trials=args.trials, tracking_uri=args.tracking_uri)
+        except ConfigError as e:
+            print(f"gmeta sweep: config error: {e}", file=sys.stderr)
+            return 2
+        print((Path(out) / "trials.md").read_text(), end="")
+        if summary["best"] is None:
+            print("gmeta sweep: no trial completed", file=sys.stderr)
+            return 1
+        print(f"best configuration: {Path(out) / 'best.yaml'}")
+        return 0
 
     if args.command == "evaluate":
         from gmeta.checkpoint import CheckpointError

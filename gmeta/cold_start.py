@@ -75,8 +75,9 @@ def _train(config: Path, overrides: list[str]) -> Path:
     from gmeta.config import load_config
 
     cfg = load_config(config, overrides)
-    train.main(cfg)  # a one-process group of its own, destroyed at the end
-    return Path(cfg.train.output_dir) / "checkpoint"
+    result = train.main(cfg)  # a one-process group of its own, destroyed at the end
+    # with validation during training (train.val_every_steps), the best validated weights
+    return Path(result.get("best_checkpoint") or Path(cfg.train.output_dir) / "checkpoint")
 
 
 def _evaluate(ckpt: Path, shards: Path, *, split: Literal["eval", "val"] = "eval", lrs: tuple | None = None,

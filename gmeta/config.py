@@ -386,6 +386,36 @@ class TrackingConfig:
     system_metrics_s: float = 5.0
     # Log the trained model as an MLflow pyfunc (adapt-then-predict on raw rows).
     log_model: bool = True
+    # The run this one is nested under in MLflow (gmeta sweep sets it for its trials).
+    parent_run_id: str = ""
+
+
+@dataclass
+class SweepParam:
+    """One dimension of ``gmeta sweep``'s search: the config key ``key`` (dotted, e.g.
+    meta.inner_lr) drawn from [low, high] (``log``: on a log scale; ``integer``: whole
+    numbers), or from ``choices``, YAML values as text (["0", "1", "2"], ["[over_arch]"])."""
+
+    key: str = ""
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    integer: bool = False
+    choices: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SweepConfig:
+    """``gmeta sweep``: Optuna's TPE sampler over ``params``, each trial one training run
+    scored by its best validation metric (train.val_every_steps must be set); trials that
+    fall behind the median of earlier trials at the same validation step are pruned."""
+
+    trials: int = 20
+    seed: int = 0
+    prune: bool = True
+    # processes of each trial's training (torchrun when > 1)
+    nproc_per_trial: int = 1
+    params: list[SweepParam] = field(default_factory=list)
 
 
 @dataclass
@@ -400,6 +430,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 # --------------------------------------------------------------------------------------
@@ -554,6 +585,20 @@ def validate(cfg: Config) -> None:
            and e.support_buckets[0] >= 0, "eval.support_buckets", "must be ascending, distinct lower edges >= 0")
     _check(e.calibration_bins >= 2, "eval.calibration_bins", "must be >= 2")
     _check(cfg.tracking.system_metrics_s >= 0, "tracking.system_metrics_s", "must be >= 0 (0: off)")
+    sw = cfg.sweep
+    _check(sw.trials >= 1, "sweep.trials", "must be >= 1")
+    _check(sw.nproc_per_trial >= 1, "sweep.nproc_per_trial", "must be >= 1")
+    keys = [p.key for p in sw.params]
+    _check(len(set(keys)) == len(keys), "sweep.params", "keys repeat")
+    for i, param in enumerate(sw.params):
+        k = f"sweep.params[{i}]"
+        _check(bool(param.key) and not param.key.startswith("sweep."), f"{k}.key",
+               "must name a config key outside sweep")
+        if param.choices:
+            _check(not (param.log or param.integer), f"{k}.choices", "choices take no log or integer")
+        else:
+            _check(param.low < param.high, f"{k}.high", "must be > low (or give choices)")
+            _check(not param.log or param.low > 0, f"{k}.low", "must be > 0 on a log scale")
 
 
 # --------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ class MlflowTracker(NullTracker):
     """One MLflow run. ``run_id`` given: continue that run (e.g. evaluation of a checkpoint)."""
 
     def __init__(self, uri: str, experiment: str, run_name: str = "", run_id: str = "",
-                 system_metrics_s: float = 0) -> None:
+                 system_metrics_s: float = 0, parent_run_id: str = "") -> None:
         import mlflow
 
         # no per-file progress bars in training logs when a model is logged
@@ -63,7 +63,9 @@ class MlflowTracker(NullTracker):
             run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics_s > 0)
         else:
             mlflow.set_experiment(experiment)
-            run = mlflow.start_run(run_name=run_name or None, log_system_metrics=system_metrics_s > 0)
+            # nested under parent_run_id (another process's run: MLflow's parent tag)
+            tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+            run = mlflow.start_run(run_name=run_name or None, log_system_metrics=system_metrics_s > 0, tags=tags)
         self.run_id = run.info.run_id
         self.experiment_id = run.info.experiment_id
         log.info("mlflow: run %s at %s", self.run_id, uri)
@@ -95,10 +97,10 @@ class MlflowTracker(NullTracker):
 
 
 def make_tracker(enabled: bool, uri: str, experiment: str, run_name: str = "", run_id: str = "",
-                 system_metrics_s: float = 0):
+                 system_metrics_s: float = 0, parent_run_id: str = ""):
     if not enabled:
         return NullTracker()
-    return MlflowTracker(uri, experiment, run_name, run_id, system_metrics_s)
+    return MlflowTracker(uri, experiment, run_name, run_id, system_metrics_s, parent_run_id)
 
 
 def _git_commit() -> str:

@@ -20,6 +20,7 @@ One meta-batch (see DESIGN.md)::
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
@@ -474,6 +475,9 @@ class TrainingRun:
             self.since_best += 1
         assert self.best is not None
         self.tracker.log_metrics({f"val/{self.metric}": v, f"val/best_{self.metric}": self.best}, step=self.step)
+        if self.env.is_main:  # the history, one JSON line per validation (read by gmeta sweep to prune)
+            with open(self.out_dir / "validation.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, self.metric: v, "best": self.best}) + "\n")
         if self.env.is_main:
             log.info("validation at step %d: %s %.4f (best %.4f at step %d%s) in %.1fs", self.step, self.metric, v,
                      self.best, self.best_step, ", kept in best/" if better else "", time.perf_counter() - t0)
@@ -648,7 +652,7 @@ def _open_run(cfg: Config, uri: str, run_id: str):
         except MlflowException as e:
             log.warning("cannot continue MLflow run %s at %s (%s): starting a new run", run_id, uri, e.message)
     return make_tracker(cfg.tracking.enabled, uri, cfg.tracking.experiment, cfg.tracking.run_name,
-                        system_metrics_s=cfg.tracking.system_metrics_s)
+                        system_metrics_s=cfg.tracking.system_metrics_s, parent_run_id=cfg.tracking.parent_run_id)
 
 
 def _finish_run(tracker, ckpt: Path, cfg: Config, out_dir: Path, step: int, result: dict) -> None:

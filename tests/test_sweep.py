@@ -1,0 +1,96 @@
+"""gmeta sweep end to end on the debug config: Optuna trials as nested MLflow runs in a real
+SQLite store, scored on validation tasks, the best configuration written as YAML."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gmeta.cli import main as cli_main
+from gmeta.config import load_config
+from tests.conftest import DEBUG_CONFIG
+
+
+@pytest.fixture(scope="module")
+def val_shards(debug_data, tmp_path_factory) -> Path:
+    from gmeta.io.prepare import prepare
+
+    out = tmp_path_factory.mktemp("sweep_shards") / "shards"
+    prepare(load_config(DEBUG_CONFIG, ["data.split.val_fraction=0.15"]), debug_data["raw"], out)
+    return out
+
+
+def _sweep_config(tmp_path: Path) -> Path:
+    p = tmp_path / "sweep.yaml"
+    text = DEBUG_CONFIG.read_text() + """
+sweep:
+  trials: 3
+  seed: 1
+  params:
+    - {key: meta.inner_lr, low: 0.01, high: 0.5, log: true}
+    - {key: meta.erm_weight, choices: ["0", "1.0"]}
+"""
+    p.write_text(text)
+    return p
+
+
+def test_sweep_runs_trials_as_nested_runs_and_writes_the_best_config(val_shards, tmp_path, capsys):
+    cfg_path = _sweep_config(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "sweep"
+    common = [f"data.shards_dir={val_shards}", "train.max_steps=8", "train.val_every_steps=4",
+              "train.val_max_tasks=32", "train.eval_at_end=false", "tracking.log_model=false",
+              "tracking.system_metrics_s=0", "train.nproc_per_node=1"]
+    rc = cli_main(["sweep", "--config", str(cfg_path), "--out", str(out), "--tracking-uri", uri, *common])
+    assert rc == 0
+    summary = json.loads((out / "trials.json").read_text())
+    assert len(summary["trials"]) == 3
+    done = [t for t in summary["trials"] if t["state"] == "COMPLETE"]
+    assert len(done) >= 2 and all(t["state"] in ("COMPLETE", "PRUNED") for t in summary["trials"])
+    # each trial's figure is its own best validation GAUC, read back from its checkpoint
+    for t in done:
+        meta = json.loads((out / f"trial-{t['number']:03d}" / "checkpoint" / "meta.json").read_text())
+        assert meta["validation"]["metric"] == "gauc"
+        assert t["value"] == pytest.approx(meta["validation"]["best"])
+        assert meta["config"]["meta"]["inner_lr"] == pytest.approx(t["params"]["meta.inner_lr"])
+    best = max(done, key=lambda t: t["value"])
+    assert summary["best"]["number"] == best["number"]
+    # best.yaml is a config: the sweep's base with the best trial's values
+    best_cfg = load_config(out / "best.yaml")
+    assert best_cfg.meta.inner_lr == pytest.approx(best["params"]["meta.inner_lr"])
+    assert best_cfg.meta.erm_weight == float(best["params"]["meta.erm_weight"])
+    assert yaml.safe_load((out / "best.yaml").read_text())["train"]["val_every_steps"] == 4
+    assert "best configuration:" in capsys.readouterr().out
+    # MLflow: one parent run, the trials nested under it
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    parents = [r[0] for r in con.execute("SELECT run_uuid FROM runs WHERE name LIKE 'sweep-%'")]
+    assert len(parents) == 1
+    children = con.execute("SELECT count(*) FROM tags WHERE key = 'mlflow.parentRunId' AND value = ?",
+                           (parents[0],)).fetchone()[0]
+    assert children == 3
+    params = dict(con.execute("SELECT key, value FROM params WHERE run_uuid = ?", (parents[0],)).fetchall())
+    assert params["sweep.metric"] == "gauc"
+    # run again with more trials: the study continues (3 done, 1 more)
+    rc = cli_main(["sweep", "--config", str(cfg_path), "--out", str(out), "--tracking-uri", uri, "--trials", "4",
+                   *common])
+    assert rc == 0 and len(json.loads((out / "trials.json").read_text())["trials"]) == 4
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "train.val_every_steps: must be > 0 for a sweep"),
+    (["train.val_every_steps=4", "sweep.params=[]"], "sweep.params: nothing to search"),
+    (["train.val_every_steps=4", "sweep.params=[{key: meta.inner_lr, choices: [fast]}]"],
+     r"sweep.params \(meta.inner_lr\): meta.inner_lr: expected float, got 'fast'"),
+    (["train.val_every_steps=4", "sweep.params=[{key: meta.inner_lr, low: 0.5, high: 0.1}]"],
+     r"sweep.params\[0\].high: must be > low"),
+])
+def test_sweep_config_errors_name_the_key(tmp_path, capsys, extra, message):
+    rc = cli_main(["sweep", "--config", str(_sweep_config(tmp_path)), "--out", str(tmp_path / "s"),
+                   "tracking.enabled=false", *extra])
+    assert rc == 2
+    assert re.search(message, capsys.readouterr().err)
