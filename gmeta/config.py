@@ -249,7 +249,8 @@ class MetaConfig:
     inner_steps: int = 1
     inner_lr: float = 0.1
     first_order: bool = False
-    # Dense parts adapted in the inner loop (any of dense_arch, over_arch).
+    # Dense layers adapted in the inner loop: whole parts (dense_arch, over_arch), single
+    # layers by name (over_arch.mlp.layers.1), or "last": the output layer only (ANIL).
     adapt_dense: list[str] = field(default_factory=lambda: ["dense_arch", "over_arch"])
     # Also adapt the embedding rows the task looks up (per-task fast rows).
     adapt_embeddings: bool = True
@@ -531,8 +532,15 @@ def validate(cfg: Config) -> None:
     _check(me.embedding_inner_lr > 0, "meta.embedding_inner_lr", "must be > 0")
     _check(me.size_buckets >= 1, "meta.size_buckets", "must be >= 1")
     _check(me.erm_weight >= 0, "meta.erm_weight", "must be >= 0 (0: no ERM term)")
+    # the head's linear layers: dense_arch (one of no inputs when there is no dense feature)
+    # and over_arch (its hidden layers and the output layer)
+    n_dense = len(m.dense_arch) + 1 if f.dense else 1
+    layer_names = [f"dense_arch.mlp.layers.{i}" for i in range(n_dense)] + \
+        [f"over_arch.mlp.layers.{i}" for i in range(len(m.over_arch) + 1)]
     for i, part in enumerate(me.adapt_dense):
-        _check(part in _DENSE_PARTS, f"meta.adapt_dense[{i}]", f"must be one of {list(_DENSE_PARTS)}, got {part!r}")
+        _check(part in _DENSE_PARTS or part == "last" or part in layer_names, f"meta.adapt_dense[{i}]",
+               f"must be one of {list(_DENSE_PARTS)}, 'last' (the output layer) or a layer name "
+               f"({', '.join(layer_names)}), got {part!r}")
     if me.algorithm == "maml":
         _check(me.inner_steps >= 1, "meta.inner_steps", "must be >= 1 for maml")
         _check(bool(me.adapt_dense) or me.adapt_embeddings, "meta.adapt_dense",

@@ -10,7 +10,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
-from gmeta.models.dlrm import DLRMHead, LinearHook, MetaLinear
+from gmeta.models.dlrm import DLRMHead, LinearHook, adapted_layers
 
 
 class FastWeights(LinearHook):
@@ -96,8 +96,7 @@ def choose_fast_weights(head: DLRMHead, adapt_dense: list[str], mode: str, lr, s
     task beyond the shared forward: implicit S (in + out) (S K (K - 1) / 2 + Q K) for the
     products over the support rows, materialised K (S + 1) in out for the weight gradients
     and updates (S, Q: the bucket's padded support and query widths)."""
-    layers = {name + ".": mod for name, mod in head.named_modules()
-              if isinstance(mod, MetaLinear) and name.split(".")[0] in adapt_dense}
+    layers = {name + ".": mod for name, mod in adapted_layers(head, adapt_dense).items()}
     if mode == "auto" and isinstance(lr, dict):
         mode = "materialized"
     if mode != "auto":

@@ -194,6 +194,27 @@ class DLRMHead(nn.Module):
         return out if self.objective == "regression" else torch.sigmoid(out)
 
 
+def adapted_layers(head: nn.Module, adapt_dense: list[str]) -> dict[str, MetaLinear]:
+    """The linear layers ``meta.adapt_dense`` selects, by module name: a part
+    (``dense_arch``, ``over_arch``: all its layers), one layer (``over_arch.mlp.layers.1``),
+    or ``last``, the output layer (ANIL: adapt the head's last layer only)."""
+    layers = {name: mod for name, mod in head.named_modules() if isinstance(mod, MetaLinear)}
+    last = [n for n in layers if n.startswith("over_arch.")][-1]
+    out = {}
+    for part in adapt_dense:
+        name = last if part == "last" else part
+        chosen = {n: m for n, m in layers.items() if n == name or n.startswith(name + ".")}
+        if not chosen:
+            raise ValueError(f"meta.adapt_dense: {part!r} names no layer of the head; its layers: {sorted(layers)}")
+        out.update(chosen)
+    return out
+
+
+def adapted_parameter(layers: dict[str, MetaLinear], name: str) -> bool:
+    """Whether parameter ``name`` (e.g. ``over_arch.mlp.layers.2.bias``) belongs to ``layers``."""
+    return name.rpartition(".")[0] in layers
+
+
 def lookup_rows(emb: dict[str, JaggedTensor], features: list[dict]) -> torch.Tensor:
     """The sparse arch's output for a KJT of distinct ids (``BatchLayout.kjt``) as one
     ``[U, D]`` tensor, features in order: the rows the layout's indices point into. fp32
@@ -222,9 +243,10 @@ class MetaDLRM(nn.Module):
     def enable_meta_sgd(self, adapt_dense: list[str], inner_lr: float, embedding_inner_lr: float) -> None:
         """Meta-SGD: learn one inner learning rate per element of every adapted dense
         parameter, and one per (feature, embedding dim) for the embedding rows."""
+        layers = adapted_layers(self.head, adapt_dense)
         self.inner_lr_dense = nn.ParameterDict({
             name.replace(".", "__"): nn.Parameter(torch.full_like(p, inner_lr))
-            for name, p in self.head.named_parameters() if name.split(".")[0] in adapt_dense})
+            for name, p in self.head.named_parameters() if adapted_parameter(layers, name)})
         last = self.head.dense_arch.mlp.layers[-1]
         assert isinstance(last, nn.Linear)
         dim = last.out_features

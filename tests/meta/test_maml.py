@@ -75,6 +75,29 @@ def test_vectorized_step_equals_per_task_reference(debug_config_path, debug_data
                              adapt_dense=adapt_dense, adapt_embeddings=adapt_embeddings, first_order=first_order)
 
 
+@pytest.mark.parametrize("fast_weights", ["implicit", "materialized"])
+@pytest.mark.parametrize("adapt_dense", [["last"], ["dense_arch.mlp.layers.0", "over_arch.mlp.layers.1"]])
+def test_chosen_layers_step_equals_per_task_reference(debug_config_path, debug_data, adapt_dense, fast_weights):
+    """ANIL (the output layer only) and layers chosen by name: only those adapt per task."""
+    model, head, batch, tables = _setup(debug_config_path, debug_data)
+    _check_against_reference(model, head, batch, tables, 2, fast_weights, steps=2, lr=0.3, emb_lr=0.7,
+                             adapt_dense=adapt_dense, adapt_embeddings=True, first_order=False)
+
+
+def test_chosen_layers_select_by_name(debug_config_path):
+    from gmeta.config import ConfigError, load_config
+    from gmeta.models.dlrm import adapted_layers, build_model
+
+    cfg = load_config(debug_config_path, ["meta.meta_sgd=true", "meta.adapt_dense=[last]"])
+    model = build_model(cfg)  # over_arch [32, 16] + the output layer: layers 0, 1, 2
+    assert list(adapted_layers(model.head, ["last"])) == ["over_arch.mlp.layers.2"]
+    assert sorted(model.inner_lr_dense) == ["over_arch__mlp__layers__2__bias", "over_arch__mlp__layers__2__weight"]
+    assert len(adapted_layers(model.head, ["over_arch"])) == 3
+    wrong = r"meta.adapt_dense\[0\]: .*over_arch.mlp.layers.2.*got 'over_arch.mlp.layers.3'"
+    with pytest.raises(ConfigError, match=wrong):
+        load_config(debug_config_path, ["meta.adapt_dense=[over_arch.mlp.layers.3]"])
+
+
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("steps", [1, 3, 4, 5])
 def test_implicit_fast_weights_equal_reference_for_k_steps(debug_config_path, debug_data, first_order, steps):

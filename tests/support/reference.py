@@ -28,6 +28,15 @@ def embed(tables: dict[str, torch.Tensor], features: list[dict], batch: TaskBatc
     return torch.stack(cols, dim=1)
 
 
+def adapted_names(params: list[str], adapt_dense: list[str]) -> list[str]:
+    """Parameter names meta.adapt_dense selects, written out plainly: a part or a layer
+    prefix, or "last" (the over arch's output layer)."""
+    last = max((n.rpartition(".")[0] for n in params if n.startswith("over_arch.")),
+               key=lambda m: int(m.rsplit(".", 1)[1]))
+    prefixes = [last if a == "last" else a for a in adapt_dense]
+    return [n for n in params if any(n.startswith(p + ".") for p in prefixes)]
+
+
 def task_query_losses(head: torch.nn.Module, tables: dict[str, torch.Tensor], features: list[dict],
                       batch: TaskBatch, *, steps: int, lr, emb_lr, adapt_dense: list[str],
                       adapt_embeddings: bool, first_order: bool) -> list[torch.Tensor]:
@@ -41,7 +50,7 @@ def task_query_losses(head: torch.nn.Module, tables: dict[str, torch.Tensor], fe
         q_rows = s_total + torch.arange(qo[t], qo[t + 1])
         fast = dict(head.named_parameters())
         fast_tables = dict(tables)
-        names = [n for n in fast if n.split(".")[0] in adapt_dense]
+        names = adapted_names(list(fast), adapt_dense)
         for _ in range(steps):
             pooled = embed(fast_tables, features, batch)[s_rows]
             logits = functional_call(head, fast, (dense[s_rows], pooled))
