@@ -130,3 +130,17 @@ def test_validation_without_validation_tasks_is_an_error(debug_data, tmp_path):
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode != 0
     assert "train.val_every_steps:" in proc.stderr and "data.split.val_fraction > 0" in proc.stderr
+
+
+def test_resumed_run_keeps_its_validation_history_and_best(val_shards, tmp_path):
+    common = ["train.val_every_steps=4", "train.val_max_tasks=32", "train.checkpoint_every_steps=4"]
+    _train(tmp_path / "run", val_shards, *common, "train.max_steps=8")
+    first = json.loads((tmp_path / "run" / "checkpoint" / "meta.json").read_text())["validation"]
+    _train(tmp_path / "run", val_shards, *common, "train.max_steps=16", "train.resume=auto")
+    val = json.loads((tmp_path / "run" / "checkpoint" / "meta.json").read_text())["validation"]
+    history = [json.loads(line) for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [4, 8, 12, 16]
+    assert val["best"] == max(h["gauc"] for h in history) >= first["best"]
+    assert val["best_step"] == max(history, key=lambda h: h["gauc"])["step"]
+    best_meta = json.loads((tmp_path / "run" / "best" / "meta.json").read_text())
+    assert best_meta["step"] == val["best_step"]
