@@ -144,3 +144,41 @@ def test_resumed_run_keeps_its_validation_history_and_best(val_shards, tmp_path)
     assert val["best_step"] == max(history, key=lambda h: h["gauc"])["step"]
     best_meta = json.loads((tmp_path / "run" / "best" / "meta.json").read_text())
     assert best_meta["step"] == val["best_step"]
+
+
+def _one_step_moves(debug_data, schedule: bool) -> tuple[float, float]:
+    """(table change, dense change) of one step, with or without a 1000-step warm-up."""
+    import torch.distributed as dist
+
+    from gmeta.io.reader import TaskReader
+    from gmeta.models.dlrm import build_model
+    from gmeta.parallel.dist import DenseGradSync, init_distributed
+    from gmeta.parallel.sharding import shard_model
+    from gmeta.train import LrSchedule, train_step
+
+    cfg = load_config(DEBUG_CONFIG, ["optim.warmup_steps=1000"] if schedule else [])
+    env = init_distributed()
+    try:
+        torch.manual_seed(0)
+        model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, env.device)
+        params = model.module.dense_parameters()
+        opt = torch.optim.Adam(params, lr=cfg.optim.dense_lr)
+        if schedule:
+            LrSchedule(opt, model.fused_optimizer, cfg, 2000).apply(0)  # factor 1/1000
+        key = "sparse_arch.ec.embeddings.t_user_id.weight"
+        table0 = model.state_dict()[key].local_shards()[0].tensor.clone()
+        dense0 = torch.cat([p.detach().reshape(-1).clone() for p in params])
+        batch = next(iter(TaskReader(debug_data["shards"], "train", 16, seed=0)))
+        train_step(model, batch, cfg, DenseGradSync(params), opt)
+        table = model.state_dict()[key].local_shards()[0].tensor
+        dense = torch.cat([p.detach().reshape(-1) for p in params])
+        return float((table - table0).abs().max()), float((dense - dense0).abs().max())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_warm_up_scales_both_optimizers_steps(debug_data):
+    # Adam's and row-wise Adagrad's first steps are about lr x sign(gradient): 1/1000 of the rate, 1/1000 the step
+    t1, d1 = _one_step_moves(debug_data, False)
+    t2, d2 = _one_step_moves(debug_data, True)
+    assert t2 == pytest.approx(t1 / 1000, rel=0.05) and d2 == pytest.approx(d1 / 1000, rel=0.05)
