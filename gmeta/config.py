@@ -408,12 +408,15 @@ class SweepParam:
 @dataclass
 class SweepConfig:
     """``gmeta sweep``: Optuna's TPE sampler over ``params``, each trial one training run
-    scored by its best validation metric (train.val_every_steps must be set); trials that
-    fall behind the median of earlier trials at the same validation step are pruned."""
+    scored by its best validation metric (train.val_every_steps must be set); a trial whose
+    best so far falls behind the median of earlier trials at the same validation of
+    meta-training (pretraining epochs not counted) is pruned."""
 
     trials: int = 20
     seed: int = 0
     prune: bool = True
+    # trials that end before any is pruned (the median needs a few to be meaningful)
+    prune_startup_trials: int = 5
     # processes of each trial's training (torchrun when > 1)
     nproc_per_trial: int = 1
     params: list[SweepParam] = field(default_factory=list)
@@ -595,6 +598,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.tracking.system_metrics_s >= 0, "tracking.system_metrics_s", "must be >= 0 (0: off)")
     sw = cfg.sweep
     _check(sw.trials >= 1, "sweep.trials", "must be >= 1")
+    _check(sw.prune_startup_trials >= 0, "sweep.prune_startup_trials", "must be >= 0")
     _check(sw.nproc_per_trial >= 1, "sweep.nproc_per_trial", "must be >= 1")
     keys = [p.key for p in sw.params]
     _check(len(set(keys)) == len(keys), "sweep.params", "keys repeat")

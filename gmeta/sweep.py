@@ -4,8 +4,10 @@ Each trial is one ``gmeta train`` (``sweep.nproc_per_trial`` processes) in its o
 directory, nested in MLflow under the sweep's run, scored by its best validation metric
 (``train.val_every_steps`` / ``train.val_metric``: validation tasks only, never the test
 tasks). The sweep reads each running trial's validations (``<output_dir>/validation.jsonl``,
-written by rank 0) and reports them to the study; Optuna's median pruner stops a trial
-that falls behind the earlier trials at the same step (its processes are ended). The study
+written by rank 0) and reports its best so far at each validation of meta-training
+(pretraining epochs not counted, so that trials with and without them compare at the same
+point); Optuna's median pruner stops a trial that falls behind the earlier trials there
+(its processes are ended). The study
 lives in a SQLite file in the sweep directory, so a sweep that is stopped continues where
 it was when run again with the same ``--out``. At the end the
 best trial's configuration is written out as YAML, with the table of every trial.
@@ -79,7 +81,10 @@ def run_sweep(config_path: str | Path, overrides: list[str], out: str | Path, *,
     out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{out / 'optuna.db'}"
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if sw.prune else optuna.pruners.NopPruner()
+    # pruned: below the median of earlier trials at the same validation of meta-training,
+    # once sweep.prune_startup_trials trials have ended
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=sw.prune_startup_trials) if sw.prune \
+        else optuna.pruners.NopPruner()
     study = optuna.create_study(study_name="gmeta", storage=storage, load_if_exists=True,
                                 direction="maximize" if HIGHER_IS_BETTER[metric] else "minimize",
                                 sampler=optuna.samplers.TPESampler(seed=sw.seed), pruner=pruner)
@@ -112,6 +117,8 @@ def _run_trial(study, cfg: Config, config_path, overrides: list[str], out: Path,
                parent_run_id: str) -> None:
     import optuna
 
+    from gmeta.train import HIGHER_IS_BETTER
+
     trial = study.ask()
     params = {p.key: suggest(trial, p) for p in cfg.sweep.params}
     run_dir = out / f"trial-{trial.number:03d}"
@@ -129,7 +136,9 @@ def _run_trial(study, cfg: Config, config_path, overrides: list[str], out: Path,
            str(cfg.sweep.nproc_per_trial), "--tracking-uri", uri, *trial_overrides]
     log.info("trial %d: %s", trial.number, " ".join(_overrides(params)))
     history = run_dir / "validation.jsonl"
-    seen = 0
+    seen = reported = 0
+    running: float | None = None
+    higher = HIGHER_IS_BETTER[metric]
     pruned = False
     with open(out / f"trial-{trial.number:03d}.log", "w") as f:
         # a session of its own: a pruned trial's processes (torchrun and its workers) end together
@@ -144,8 +153,15 @@ def _run_trial(study, cfg: Config, config_path, overrides: list[str], out: Path,
                 if not line.endswith("}"):
                     break  # a line still being written
                 v = json.loads(line)
-                trial.report(float(v[metric]), int(v["step"]))
                 seen += 1
+                if v.get("stage") == "pretrain":  # not compared: an ERM model scored adapted is not yet meta-trained
+                    continue
+                # the best so far, at the trial's n-th validation of meta-training: trials with and
+                # without pretraining epochs are compared at the same point of their meta-training
+                value = float(v[metric])
+                running = value if running is None else (max(running, value) if higher else min(running, value))
+                reported += 1
+                trial.report(running, reported)
                 if rc is None and trial.should_prune():
                     pruned = True
                     os.killpg(proc.pid, signal.SIGTERM)
@@ -155,7 +171,8 @@ def _run_trial(study, cfg: Config, config_path, overrides: list[str], out: Path,
                 break
     if pruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        log.info("trial %d: pruned at step %s", trial.number, json.loads(lines[seen - 1])["step"])
+        log.info("trial %d: pruned at step %s (validation %d of meta-training)", trial.number,
+                 json.loads(lines[seen - 1])["step"], reported)
         return
     meta_path = run_dir / "checkpoint" / "meta.json"
     if rc != 0 or not meta_path.is_file():

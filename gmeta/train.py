@@ -378,6 +378,7 @@ class TrainingRun:
         self.best: float | None = None
         self.best_step = self.since_best = 0
         self.stopped_early = False
+        self.epoch = 0
         self.step = self.start_epoch = self.tasks_total = self.skipped_nonfinite = 0
         self.run_id = ""
         self.tracker_uri = resolve_tracking_uri(cfg.tracking.uri, tracking_uri)
@@ -477,7 +478,8 @@ class TrainingRun:
         self.tracker.log_metrics({f"val/{self.metric}": v, f"val/best_{self.metric}": self.best}, step=self.step)
         if self.env.is_main:  # the history, one JSON line per validation (read by gmeta sweep to prune)
             with open(self.out_dir / "validation.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, self.metric: v, "best": self.best}) + "\n")
+                stage = "pretrain" if self.epoch < self.t.pretrain_epochs else "meta"
+                f.write(json.dumps({"step": self.step, "stage": stage, self.metric: v, "best": self.best}) + "\n")
         if self.env.is_main:
             log.info("validation at step %d: %s %.4f (best %.4f at step %d%s) in %.1fs", self.step, self.metric, v,
                      self.best, self.best_step, ", kept in best/" if better else "", time.perf_counter() - t0)
@@ -547,6 +549,7 @@ class TrainingRun:
                 break
             self.reader.set_epoch(epoch)
             fetch.new_epoch(self.reader)
+            self.epoch = epoch
             stage = self.pretrain_cfg if epoch < t.pretrain_epochs else self.cfg
             if t.pretrain_epochs and env.is_main and epoch in (self.start_epoch, t.pretrain_epochs):
                 log.info("epoch %d: %s", epoch, "pretraining (erm)" if stage is self.pretrain_cfg
