@@ -124,3 +124,13 @@ def test_exponent_floats_read_as_numbers(tmp_path):
         (1e-3, 5e-2, 0.5, 0.2)
     with pytest.raises(ConfigError, match=r"train.epochs: expected int, got 1000.0"):
         load_config(p, ["train.epochs=1e3"])
+
+
+def test_dumped_config_reads_back_the_same(tmp_path):
+    # text that looks like a number ('1e-5' as a sweep choice) stays text through dump and load
+    cfg = load_config(None, ["sweep.params=[{key: optim.dense_weight_decay, choices: ['0', '1e-5']}]",
+                             "optim.dense_lr=1e-5"])
+    p = tmp_path / "c.yaml"
+    p.write_text(dump_yaml(cfg))
+    back = load_config(p)
+    assert back == cfg and back.sweep.params[0].choices == ["0", "1e-5"]
