@@ -111,13 +111,20 @@ def _adapted(ckpt: Path, shards: Path, lr_grid: list) -> dict:
     """Inner steps K (and, fine-tuning an ERM model, the learning rates) with the best AUC
     on the validation tasks, then scored on the test tasks. ``lr_grid``: [None] keeps the
     learning rates the model was meta-trained with."""
+    from gmeta.report import NonFiniteScores
+
     best: tuple[float, tuple[float, float] | None, int] | None = None
     for lrs in lr_grid:
-        curve = _evaluate(ckpt, shards, split="val", lrs=lrs, steps=FINE_TUNE_STEPS)["auc_vs_k"]
+        try:
+            curve = _evaluate(ckpt, shards, split="val", lrs=lrs, steps=FINE_TUNE_STEPS)["auc_vs_k"]
+        except NonFiniteScores as e:  # these rates diverge on the validation tasks: not a choice
+            log.info("%s: rates %s left out: %s", ckpt, lrs, e)
+            continue
         for k, auc in zip(curve["k"], curve["auc"]):
             if k > 0 and (best is None or auc > best[0]):
                 best = (auc, lrs, k)
-    assert best is not None  # lr_grid is never empty and every K of FINE_TUNE_STEPS is > 0
+    if best is None:
+        raise NonFiniteScores(f"{ckpt}: every setting of {lr_grid} diverged on the validation tasks")
     _, lrs, k = best
     out = _scores(_evaluate(ckpt, shards, lrs=lrs, steps=[k]), "maml")
     out["inner_steps"] = k

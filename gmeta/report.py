@@ -57,6 +57,10 @@ def _bucket_label(lo: int, hi: int | None) -> str:
     return f"{lo}+" if hi is None else f"{lo}-{hi - 1}"
 
 
+class NonFiniteScores(ValueError):
+    """Some predictions are NaN or infinite: the adaptation diverged (too high an inner rate)."""
+
+
 def build_report(pred: Predictions, cfg: Config, *, inner_steps: int | None = None,
                  algorithm: str = "maml") -> dict:
     """Metrics of gathered predictions. Flat keys ``<scorer>_<metric>`` (scorer: maml,
@@ -70,6 +74,10 @@ def build_report(pred: Predictions, cfg: Config, *, inner_steps: int | None = No
     g = np.concatenate(pred.task_ids)
     sup = np.concatenate(pred.support_size)
     curve = {k: np.concatenate(v) for k, v in pred.scores.items()}
+    bad = sorted(k for k, v in curve.items() if not np.isfinite(v).all())
+    if bad:
+        raise NonFiniteScores(f"predictions are not finite for {', '.join(bad)} (K inner steps): the adaptation "
+                              f"diverged; lower meta.inner_lr / meta.embedding_inner_lr or the inner steps")
     # the model's own scorer(s): an ERM checkpoint without adaptation is the ERM column
     named: dict[str, np.ndarray] = {}
     if algorithm == "maml":

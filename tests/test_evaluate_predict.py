@@ -185,3 +185,22 @@ def test_pyfunc_round_trip_scores_equal_predict(debug_checkpoint, debug_data, tm
     # bad input names the column
     with pytest.raises(Exception, match="role"):
         loaded.predict(rows.drop(columns=["role"]))
+
+
+def test_diverged_adaptation_is_a_clear_error():
+    """NaN predictions (an inner rate that diverges) name the K, not a metric library's error."""
+    import numpy as np
+
+    from gmeta.config import Config
+    from gmeta.report import NonFiniteScores, build_report
+    from gmeta.scoring import Predictions
+
+    pred = Predictions(labels=[np.array([0.0, 1.0, 1.0])], task_ids=[np.array([1, 1, 2])],
+                       support_size=[np.array([4, 4, 9])],
+                       scores={"k=0": [np.array([0.2, 0.7, 0.6])], "k=2": [np.array([0.1, np.nan, 0.5])]})
+    cfg = Config()
+    cfg.meta.inner_steps = 2
+    with pytest.raises(NonFiniteScores, match=r"not finite for k=2 .*lower meta.inner_lr"):
+        build_report(pred, cfg)
+    pred.scores["k=2"] = [np.array([0.1, 0.9, 0.5])]
+    assert build_report(pred, cfg)["maml_auc"] == 1.0
