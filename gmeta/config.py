@@ -252,8 +252,14 @@ class MetaConfig:
     # Dense layers adapted in the inner loop: whole parts (dense_arch, over_arch), single
     # layers by name (over_arch.mlp.layers.1), or "last": the output layer only (ANIL).
     adapt_dense: list[str] = field(default_factory=lambda: ["dense_arch", "over_arch"])
-    # Also adapt the embedding rows the task looks up (per-task fast rows).
+    # What the inner loop changes in those layers: their weights and biases ("weights"),
+    # their biases only ("bias"), or a per-task scale and shift of their outputs ("film",
+    # FiLM: y * (1 + s) + h, s and h starting from 0).
+    dense_adaptation: Literal["weights", "bias", "film"] = "weights"
+    # Also adapt the embedding rows the task looks up (per-task fast rows) ...
     adapt_embeddings: bool = True
+    # ... of these sparse features only (e.g. the task's own ids; empty: every feature).
+    adapt_features: list[str] = field(default_factory=list)
     embedding_inner_lr: float = 0.1
     # Meta-SGD: learn the inner learning rates (per element of each adapted parameter, per
     # feature and dim for embeddings), starting from inner_lr / embedding_inner_lr.
@@ -544,6 +550,9 @@ def validate(cfg: Config) -> None:
         _check(part in _DENSE_PARTS or part == "last" or part in layer_names, f"meta.adapt_dense[{i}]",
                f"must be one of {list(_DENSE_PARTS)}, 'last' (the output layer) or a layer name "
                f"({', '.join(layer_names)}), got {part!r}")
+    for i, name in enumerate(me.adapt_features):
+        _check(name in [s.name for s in f.sparse], f"meta.adapt_features[{i}]",
+               f"must name a sparse feature ({', '.join(s.name for s in f.sparse)}), got {name!r}")
     if me.algorithm == "maml":
         _check(me.inner_steps >= 1, "meta.inner_steps", "must be >= 1 for maml")
         _check(bool(me.adapt_dense) or me.adapt_embeddings, "meta.adapt_dense",

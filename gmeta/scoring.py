@@ -15,7 +15,7 @@ from gmeta.config import Config
 from gmeta.io.manifest import load_manifest
 from gmeta.io.reader import TaskReader
 from gmeta.meta.layout import layout_of
-from gmeta.meta.maml import adapt_and_query
+from gmeta.meta.maml import adapt_and_query, adaptation
 from gmeta.models.dlrm import MetaDLRM, dense_autocast, model_device
 from gmeta.types import TaskBatch
 
@@ -51,8 +51,8 @@ def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int]) -> d
     with torch.enable_grad(), dense_autocast(cfg, rows.device):
         for k in steps:
             logits_q, _, _ = adapt_and_query(
-                inner.head, rows, batch, layout, steps=k, lr=lr, emb_lr=emb_lr, adapt_dense=m.adapt_dense,
-                adapt_embeddings=m.adapt_embeddings, first_order=True, fast_weights=m.fast_weights)
+                inner.head, rows, batch, layout, steps=k, lr=lr, emb_lr=emb_lr, first_order=True,
+                **adaptation(inner, m))
             assert logits_q is not None  # with_logits (default True): the logits are returned
             out[k] = inner.head.predict(logits_q.detach().float()).cpu().numpy()
     return out

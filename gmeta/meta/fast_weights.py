@@ -10,7 +10,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
-from gmeta.models.dlrm import DLRMHead, LinearHook, adapted_layers
+from gmeta.models.dlrm import FILM, DLRMHead, LinearHook, adapted_layers
 
 
 class FastWeights(LinearHook):
@@ -39,22 +39,42 @@ class FastWeights(LinearHook):
     cheaper form for small layers and large tasks, whose implicit products grow with
     S x (K S + Q) x (in + out), and the only one for Meta-SGD's learned rate per weight
     element, which does not factor through ``D^T X``.
+
+    Biases only (``"bias"``): the weights stay shared, each task adapts its own bias
+    ``[N_b, out]``. FiLM (``"film"``): each task adapts a scale and shift of the layer's
+    outputs, ``y (1 + s_t) + h_t``, both ``[N_b, out]`` starting from 0 (the identity): a
+    learned starting point would add nothing the shared weights and bias cannot hold.
     """
 
     def __init__(self, layers: dict[str, str], params: Mapping[str, torch.Tensor], num_tasks: int,
                  first_order: bool) -> None:
         self.implicit = sorted(p for p, mode in layers.items() if mode == "implicit")
         self.first_order = first_order
-        self.weights = {p + n: params[p + n].unsqueeze(0).expand(num_tasks, *params[p + n].shape)
-                        for p, mode in sorted(layers.items()) if mode == "materialized" for n in ("weight", "bias")}
+        self.mode = layers
+        self.weights: dict[str, torch.Tensor] = {}
+        for p, mode in sorted(layers.items()):
+            if mode in ("materialized", "bias"):
+                for n in ("weight", "bias") if mode == "materialized" else ("bias",):
+                    self.weights[p + n] = params[p + n].unsqueeze(0).expand(num_tasks, *params[p + n].shape)
+            elif mode == "film":
+                out = params[p + "bias"].shape[0]
+                for n in FILM:
+                    self.weights[p + n] = params[p + "bias"].new_zeros(num_tasks, out).requires_grad_()
         # prefix -> (X [N,M,in], lr*D [N,M,out], its sum over the M rows [N,1,out]: the bias update)
         self.past: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prefix -> (input, output) of the last call
 
     def linear(self, prefix: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        w = self.weights.get(prefix + "weight")
-        if w is not None:  # materialised: x [N, R, in] -> [N, R, out]
+        mode = self.mode.get(prefix)
+        if mode == "materialized":  # x [N, R, in] -> [N, R, out]
+            w = self.weights[prefix + "weight"]
             return torch.baddbmm(self.weights[prefix + "bias"].unsqueeze(1), x, w.transpose(1, 2))
+        if mode == "bias":
+            return F.linear(x, weight) + self.weights[prefix + "bias"].unsqueeze(1)
+        if mode == "film":
+            scale, shift = (self.weights[prefix + n].unsqueeze(1) for n in FILM)
+            y = F.linear(x, weight, bias)
+            return torch.addcmul(y + shift, y, scale)
         y = F.linear(x, weight, bias)
         past = self.past.get(prefix)
         if past is not None:
@@ -89,14 +109,17 @@ class FastWeights(LinearHook):
 
 
 def choose_fast_weights(head: DLRMHead, adapt_dense: list[str], mode: str, lr, steps: int, support_width: int,
-                        query_width: int) -> dict[str, str]:
+                        query_width: int, dense_adaptation: str = "weights") -> dict[str, str]:
     """How each adapted layer of a bucket holds its fast weights (``FastWeights``):
     ``mode`` "implicit" or "materialized" for all, or "auto": materialised under Meta-SGD
     (a rate per weight element), else per layer whichever costs fewer multiply-adds per
     task beyond the shared forward: implicit S (in + out) (S K (K - 1) / 2 + Q K) for the
     products over the support rows, materialised K (S + 1) in out for the weight gradients
-    and updates (S, Q: the bucket's padded support and query widths)."""
+    and updates (S, Q: the bucket's padded support and query widths). ``dense_adaptation``
+    "bias" or "film" (``meta.dense_adaptation``): that form for every chosen layer."""
     layers = {name + ".": mod for name, mod in adapted_layers(head, adapt_dense).items()}
+    if dense_adaptation != "weights":  # "bias" or "film": small per-task tensors, one way to hold them
+        return dict.fromkeys(layers, dense_adaptation)
     if mode == "auto" and isinstance(lr, dict):
         mode = "materialized"
     if mode != "auto":

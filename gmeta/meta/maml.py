@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.profiler import record_function
 
-from gmeta.config import Config
+from gmeta.config import Config, MetaConfig
 from gmeta.meta.base import MetaOutput, gather_rows, sum_terms, task_losses
 from gmeta.meta.erm import erm_loss
 from gmeta.meta.fast_weights import FastWeights, choose_fast_weights
@@ -50,6 +50,8 @@ def adapt_and_query(
     first_order: bool,
     with_logits: bool = True,
     fast_weights: str = "auto",
+    dense_adaptation: str = "weights",
+    adapt_features: list[int] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Adapt every task on its support rows (``steps`` SGD steps), score its query rows.
 
@@ -72,6 +74,10 @@ def adapt_and_query(
     hundred units), "materialized" (``[N_b, out, in]`` per bucket; the only form for a
     learned rate per weight element), or "auto": chosen per layer and bucket by
     ``choose_fast_weights``. Every choice gives the same result.
+    ``dense_adaptation``: what adapts in the chosen layers: "weights" (and biases), "bias"
+    (biases only) or "film" (a per-task scale and shift of their outputs).
+    ``adapt_features``: with ``adapt_embeddings``, the indices of the features whose rows
+    adapt (None: all); the others keep their shared rows.
     """
     if fast_weights not in ("auto", "implicit", "materialized"):
         raise ValueError(f"fast_weights must be auto, implicit or materialized, got {fast_weights!r}")
@@ -81,7 +87,12 @@ def adapt_and_query(
     L = layout
     nf, n_s, n_q, nnz_s = L.num_features, L.num_support, L.num_query, L.num_support_occurrences
     n = L.s_count.shape[0]
-    adapt_rows = adapt_embeddings and steps > 0
+    adapt_rows = adapt_embeddings and steps > 0 and adapt_features != []
+    if adapt_rows and adapt_features is not None and len(set(adapt_features)) < nf:
+        # a rate of 0 for the rows of the other features: [F, D] or [F, 1], taken per group below
+        keep = torch.zeros(nf, 1, dtype=rows.dtype, device=rows.device)
+        keep[adapt_features] = 1.0
+        emb_lr = keep * emb_lr
     if adapt_rows:  # each task's own copy of the rows it looks up: the unit it adapts
         groups = gather_rows(rows, L.group_unique)
         occ_s, occ_q, source = L.occ_group[:nnz_s], L.occ_group[nnz_s:], groups
@@ -97,8 +108,8 @@ def adapt_and_query(
     xs = [gather_rows(dense_s, b.s_index) for b in buckets]
     params = dict(head.named_parameters())
     fast = [FastWeights(choose_fast_weights(head, adapt_dense, fast_weights, lr, steps, b.s_index.shape[1],
-                                            b.q_index.shape[1]), params, b.tasks.shape[0], first_order)
-            for b in buckets]
+                                            b.q_index.shape[1], dense_adaptation),
+                        params, b.tasks.shape[0], first_order) for b in buckets]
     support_loss0 = torch.full((n,), float("nan"), dtype=batch.labels.dtype, device=batch.labels.device)
 
     with record_function("## inner_adapt ##"):
@@ -138,18 +149,17 @@ def adapt_and_query(
 
 
 def maml_loss(head: DLRMHead, rows: torch.Tensor, batch: TaskBatch, layout: BatchLayout, *, steps: int,
-              lr: float | dict[str, torch.Tensor], emb_lr: float | torch.Tensor, adapt_dense: list[str],
-              adapt_embeddings: bool, first_order: bool, fast_weights: str = "auto", erm_weight: float = 0.0,
-              query_weighting: str = "task") -> MetaOutput:
+              lr: float | dict[str, torch.Tensor], emb_lr: float | torch.Tensor, first_order: bool,
+              erm_weight: float = 0.0, query_weighting: str = "task", **adapt) -> MetaOutput:
     """Meta-loss of a meta-batch: the query loss after adaptation, a mean over the tasks
     (``query_weighting`` "task") or over all query rows ("row": a task weighs as many query
     rows as it has); plus, with ``erm_weight`` > 0, that weight times the plain (unadapted)
     loss over every row of the batch, support and query: the shared model and the tables
-    then also learn from every row, as ERM does, not only from query rows after adaptation."""
+    then also learn from every row, as ERM does, not only from query rows after adaptation.
+    ``adapt``: what adapts (``adapt_and_query``'s adapt_dense, adapt_embeddings, ...)."""
     _, query_loss, support_loss = adapt_and_query(
-        head, rows, batch, layout, steps=steps, lr=lr, emb_lr=emb_lr, with_logits=False,
-        fast_weights=fast_weights, adapt_dense=adapt_dense, adapt_embeddings=adapt_embeddings,
-        first_order=first_order)
+        head, rows, batch, layout, steps=steps, lr=lr, emb_lr=emb_lr, with_logits=False, first_order=first_order,
+        **adapt)
     if query_weighting == "row":
         terms = [((query_loss * layout.q_count).sum() / layout.num_query, layout.num_query)]
     elif query_weighting == "task":
@@ -161,11 +171,19 @@ def maml_loss(head: DLRMHead, rows: torch.Tensor, batch: TaskBatch, layout: Batc
     return sum_terms(query_loss, support_loss, terms)
 
 
+def adaptation(model: MetaDLRM, m: MetaConfig) -> dict:
+    """What the inner loop adapts, from ``meta.*``, as ``adapt_and_query`` takes it."""
+    names = [f["name"] for f in model.features]
+    return {"adapt_dense": m.adapt_dense, "adapt_embeddings": m.adapt_embeddings,
+            "adapt_features": [names.index(n) for n in m.adapt_features] or None,
+            "dense_adaptation": m.dense_adaptation, "fast_weights": m.fast_weights}
+
+
 def objective(model: MetaDLRM, rows: torch.Tensor, batch: TaskBatch, layout: BatchLayout, cfg: Config) -> MetaOutput:
     """``meta.algorithm: maml`` (and Meta-SGD, first-order MAML): the query loss after K
     inner steps on each task's support rows (and the ERM anchor, ``meta.erm_weight``)."""
     m = cfg.meta
     lr, emb_lr = model.inner_lrs(m.inner_lr, m.embedding_inner_lr)
     return maml_loss(model.head, rows, batch, layout, steps=m.inner_steps, lr=lr, emb_lr=emb_lr,
-                     adapt_dense=m.adapt_dense, adapt_embeddings=m.adapt_embeddings, first_order=m.first_order,
-                     fast_weights=m.fast_weights, erm_weight=m.erm_weight, query_weighting=m.query_weighting)
+                     first_order=m.first_order, erm_weight=m.erm_weight, query_weighting=m.query_weighting,
+                     **adaptation(model, m))

@@ -210,9 +210,21 @@ def adapted_layers(head: nn.Module, adapt_dense: list[str]) -> dict[str, MetaLin
     return out
 
 
-def adapted_parameter(layers: dict[str, MetaLinear], name: str) -> bool:
-    """Whether parameter ``name`` (e.g. ``over_arch.mlp.layers.2.bias``) belongs to ``layers``."""
-    return name.rpartition(".")[0] in layers
+FILM = ("film_scale", "film_shift")  # the per-task parameters of a FiLM-adapted layer: [out] each
+
+
+def adapted_shapes(head: nn.Module, adapt_dense: list[str], dense_adaptation: str) -> dict[str, torch.Size]:
+    """Name and shape of every per-task parameter the inner loop adapts in the head (what
+    Meta-SGD learns a rate for): the chosen layers' weights and biases ("weights"), their
+    biases ("bias"), or their FiLM scale and shift ("film", ``<layer>.film_scale``)."""
+    out = {}
+    for name, mod in adapted_layers(head, adapt_dense).items():
+        if dense_adaptation == "film":
+            out.update({f"{name}.{n}": torch.Size([mod.out_features]) for n in FILM})
+        else:
+            for n in ("weight", "bias") if dense_adaptation == "weights" else ("bias",):
+                out[f"{name}.{n}"] = getattr(mod, n).shape
+    return out
 
 
 def lookup_rows(emb: dict[str, JaggedTensor], features: list[dict]) -> torch.Tensor:
@@ -240,17 +252,18 @@ class MetaDLRM(nn.Module):
     def num_features(self) -> int:
         return len(self.features)
 
-    def enable_meta_sgd(self, adapt_dense: list[str], inner_lr: float, embedding_inner_lr: float) -> None:
+    def enable_meta_sgd(self, adapt_dense: list[str], inner_lr: float, embedding_inner_lr: float,
+                        dense_adaptation: str = "weights") -> None:
         """Meta-SGD: learn one inner learning rate per element of every adapted dense
-        parameter, and one per (feature, embedding dim) for the embedding rows."""
-        layers = adapted_layers(self.head, adapt_dense)
+        parameter (``adapted_shapes``), and one per (feature, embedding dim) for the
+        embedding rows."""
+        device = next(self.head.parameters()).device
         self.inner_lr_dense = nn.ParameterDict({
-            name.replace(".", "__"): nn.Parameter(torch.full_like(p, inner_lr))
-            for name, p in self.head.named_parameters() if adapted_parameter(layers, name)})
+            name.replace(".", "__"): nn.Parameter(torch.full(shape, inner_lr, device=device))
+            for name, shape in adapted_shapes(self.head, adapt_dense, dense_adaptation).items()})
         last = self.head.dense_arch.mlp.layers[-1]
         assert isinstance(last, nn.Linear)
         dim = last.out_features
-        device = next(self.head.parameters()).device
         self.inner_lr_emb = nn.Parameter(torch.full((self.num_features, dim), embedding_inner_lr, device=device))
 
     def dense_to(self, device: torch.device) -> None:
@@ -329,5 +342,6 @@ def build_model(cfg: Config, device: torch.device | None = None) -> MetaDLRM:
         embedding_dtype=cfg.model.embedding_dtype,
     )
     if cfg.meta.meta_sgd:
-        model.enable_meta_sgd(cfg.meta.adapt_dense, cfg.meta.inner_lr, cfg.meta.embedding_inner_lr)
+        model.enable_meta_sgd(cfg.meta.adapt_dense, cfg.meta.inner_lr, cfg.meta.embedding_inner_lr,
+                              cfg.meta.dense_adaptation)
     return model

@@ -84,6 +84,67 @@ def test_chosen_layers_step_equals_per_task_reference(debug_config_path, debug_d
                              adapt_dense=adapt_dense, adapt_embeddings=True, first_order=False)
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("dense_adaptation", ["bias", "film"])
+@pytest.mark.parametrize("adapt_dense", [["dense_arch", "over_arch"], ["over_arch.mlp.layers.0", "last"]])
+def test_bias_and_film_adaptation_equal_per_task_reference(debug_config_path, debug_data, dense_adaptation,
+                                                         adapt_dense, first_order):
+    """Biases only, and FiLM (a per-task scale and shift of the chosen layers' outputs)."""
+    model, head, batch, tables = _setup(debug_config_path, debug_data)
+    _check_against_reference(model, head, batch, tables, 2, "auto", steps=3, lr=0.3, emb_lr=0.7,
+                             adapt_dense=adapt_dense, adapt_embeddings=True, first_order=first_order,
+                             dense_adaptation=dense_adaptation)
+
+
+def test_adapting_only_biases_or_film_differs_from_adapting_weights(debug_config_path, debug_data):
+    model, head, batch, tables = _setup(debug_config_path, debug_data)
+    rows, layout = _lookup(model, batch, tables)
+    kw = dict(steps=2, lr=0.3, emb_lr=0.7, adapt_dense=["over_arch"], adapt_embeddings=False, first_order=False)
+    losses = {a: maml_loss(head, rows, batch, layout, dense_adaptation=a, **kw).query_loss
+              for a in ("weights", "bias", "film")}
+    assert not torch.allclose(losses["weights"], losses["bias"])
+    assert not torch.allclose(losses["film"], losses["bias"])
+
+
+@pytest.mark.parametrize("dense_adaptation", ["weights", "film"])
+def test_meta_sgd_over_film_and_chosen_features_equals_reference(debug_config_path, debug_data, dense_adaptation):
+    """Meta-SGD's learned rates over FiLM's scale and shift (names as adapted_shapes gives
+    them), with the rows of only some features adapting."""
+    from gmeta.models.dlrm import adapted_shapes
+
+    model, head, batch, tables = _setup(debug_config_path, debug_data)
+    gen = torch.Generator().manual_seed(3)
+    adapt = ["over_arch"]
+    lrs = {n: (0.1 + 0.4 * torch.rand(shape, generator=gen, dtype=torch.float64)).requires_grad_()
+           for n, shape in adapted_shapes(head, adapt, dense_adaptation).items()}
+    if dense_adaptation == "film":
+        assert "over_arch.mlp.layers.0.film_scale" in lrs and all(v.dim() == 1 for v in lrs.values())
+    emb_lr = (0.2 + torch.rand(len(tables), 4, generator=gen, dtype=torch.float64)).requires_grad_()
+    kw = dict(steps=2, lr=lrs, emb_lr=emb_lr, adapt_dense=adapt, adapt_embeddings=True, first_order=False,
+              dense_adaptation=dense_adaptation, adapt_features=[1])
+    wrt = list(head.parameters()) + list(tables.values()) + list(lrs.values()) + [emb_lr]
+    ref = torch.stack(task_query_losses(head, tables, model.features, batch, **kw))
+    ref_grads = torch.autograd.grad(ref.mean(), wrt, allow_unused=True)
+    rows, layout = _lookup(model, batch, tables)
+    out = maml_loss(head, rows, batch, layout, **kw)
+    grads = torch.autograd.grad(out.loss, wrt, allow_unused=True)
+    torch.testing.assert_close(out.query_loss, ref, rtol=0, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g if g is not None else torch.zeros_like(r), r if r is not None else
+                                   torch.zeros_like(g), rtol=0, atol=1e-12)
+    # only feature 1's embedding rate gets a meta-gradient: the other features' rows do not adapt
+    assert float(grads[-1][1].abs().sum()) > 0
+    assert float(grads[-1][0].abs().sum()) == 0 and float(grads[-1][2:].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("adapt_features", [[0], [1, 2]])
+def test_chosen_features_adapt_alone_equal_reference(debug_config_path, debug_data, adapt_features):
+    model, head, batch, tables = _setup(debug_config_path, debug_data)
+    _check_against_reference(model, head, batch, tables, 2, "auto", steps=2, lr=0.3, emb_lr=0.7,
+                             adapt_dense=["last"], adapt_embeddings=True, first_order=False,
+                             adapt_features=adapt_features)
+
+
 def test_chosen_layers_select_by_name(debug_config_path):
     from gmeta.config import ConfigError, load_config
     from gmeta.models.dlrm import adapted_layers, build_model
@@ -96,6 +157,13 @@ def test_chosen_layers_select_by_name(debug_config_path):
     wrong = r"meta.adapt_dense\[0\]: .*over_arch.mlp.layers.2.*got 'over_arch.mlp.layers.3'"
     with pytest.raises(ConfigError, match=wrong):
         load_config(debug_config_path, ["meta.adapt_dense=[over_arch.mlp.layers.3]"])
+    with pytest.raises(ConfigError, match=r"meta.adapt_features\[1\]: must name a sparse feature .*ad_id.*got 'ad'"):
+        load_config(debug_config_path, ["meta.adapt_features=[user_id, ad]"])
+    film = build_model(load_config(debug_config_path, ["meta.meta_sgd=true", "meta.adapt_dense=[last]",
+                                                       "meta.dense_adaptation=film"]))
+    assert sorted(film.inner_lr_dense) == ["over_arch__mlp__layers__2__film_scale",
+                                           "over_arch__mlp__layers__2__film_shift"]
+    assert film.inner_lr_dense["over_arch__mlp__layers__2__film_scale"].shape == (1,)
 
 
 @pytest.mark.parametrize("first_order", [False, True])

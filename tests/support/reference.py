@@ -39,28 +39,50 @@ def adapted_names(params: list[str], adapt_dense: list[str]) -> list[str]:
 
 def task_query_losses(head: torch.nn.Module, tables: dict[str, torch.Tensor], features: list[dict],
                       batch: TaskBatch, *, steps: int, lr, emb_lr, adapt_dense: list[str],
-                      adapt_embeddings: bool, first_order: bool) -> list[torch.Tensor]:
+                      adapt_embeddings: bool, first_order: bool, dense_adaptation: str = "weights",
+                      adapt_features: list[int] | None = None) -> list[torch.Tensor]:
+    """Each task's query loss after ``steps`` SGD steps on its support rows. FiLM
+    (``dense_adaptation`` "film"): forward hooks scale and shift the chosen layers' outputs
+    by the task's own [out] vectors, which start at 0."""
     s_total = batch.num_support
     so, qo = batch.support_offsets.tolist(), batch.query_offsets.tolist()
     dense = batch.dense.to(next(head.parameters()).dtype)
     labels = batch.labels.to(dense.dtype)
+    names = adapted_names([n for n, _ in head.named_parameters()], adapt_dense)
+    layers = sorted({n.rpartition(".")[0] for n in names})
+    if dense_adaptation == "bias":
+        names = [n for n in names if n.endswith(".bias")]
+    film: dict[str, torch.Tensor] = {}
+    modules = dict(head.named_modules())
+    hooks = [modules[p].register_forward_hook(
+        lambda mod, args, out, p=p: out * (1 + film[p + ".film_scale"]) + film[p + ".film_shift"])
+        for p in layers] if dense_adaptation == "film" else []
+    chosen = [f["name"] for i, f in enumerate(features) if adapt_features is None or i in adapt_features]
     out = []
     for t in range(batch.num_tasks):
         s_rows = torch.arange(so[t], so[t + 1])
         q_rows = s_total + torch.arange(qo[t], qo[t + 1])
         fast = dict(head.named_parameters())
+        if dense_adaptation == "film":
+            for p in layers:
+                width = modules[p].out_features
+                film[p + ".film_scale"] = torch.zeros(width, dtype=dense.dtype, requires_grad=True)
+                film[p + ".film_shift"] = torch.zeros(width, dtype=dense.dtype, requires_grad=True)
+            adapted = film
+        else:
+            adapted = fast
+        keys = list(film) if dense_adaptation == "film" else names
         fast_tables = dict(tables)
-        names = adapted_names(list(fast), adapt_dense)
         for _ in range(steps):
             pooled = embed(fast_tables, features, batch)[s_rows]
             logits = functional_call(head, fast, (dense[s_rows], pooled))
             loss = F.binary_cross_entropy_with_logits(logits, labels[s_rows])
-            tnames = list(fast_tables) if adapt_embeddings else []
-            inputs = [fast[n] for n in names] + [fast_tables[n] for n in tnames]
+            tnames = chosen if adapt_embeddings else []
+            inputs = [adapted[n] for n in keys] + [fast_tables[n] for n in tnames]
             grads = torch.autograd.grad(loss, inputs, create_graph=not first_order)
-            for n, g in zip(names, grads[: len(names)]):
-                fast[n] = fast[n] - (lr[n] if isinstance(lr, dict) else lr) * g
-            for n, g in zip(tnames, grads[len(names):]):
+            for n, g in zip(keys, grads[: len(keys)]):
+                adapted[n] = adapted[n] - (lr[n] if isinstance(lr, dict) else lr) * g
+            for n, g in zip(tnames, grads[len(keys):]):
                 if torch.is_tensor(emb_lr):  # Meta-SGD: one rate per (feature, dim)
                     fi = [f["name"] for f in features].index(n)
                     fast_tables[n] = fast_tables[n] - emb_lr[fi] * g
@@ -69,6 +91,8 @@ def task_query_losses(head: torch.nn.Module, tables: dict[str, torch.Tensor], fe
         pooled = embed(fast_tables, features, batch)[q_rows]
         logits = functional_call(head, fast, (dense[q_rows], pooled))
         out.append(F.binary_cross_entropy_with_logits(logits, labels[q_rows]))
+    for h in hooks:
+        h.remove()
     return out
 
 
