@@ -244,7 +244,9 @@ class ModelConfig:
 
 @dataclass
 class MetaConfig:
-    algorithm: Literal["maml", "erm"] = "maml"
+    # maml (also first-order MAML, Meta-SGD), reptile (first order: the shared weights move
+    # toward each task's adapted ones, no query-loss gradient), or erm (plain training).
+    algorithm: Literal["maml", "reptile", "erm"] = "maml"
     tasks_per_batch: int = 16
     inner_steps: int = 1
     inner_lr: float = 0.1
@@ -553,10 +555,16 @@ def validate(cfg: Config) -> None:
     for i, name in enumerate(me.adapt_features):
         _check(name in [s.name for s in f.sparse], f"meta.adapt_features[{i}]",
                f"must name a sparse feature ({', '.join(s.name for s in f.sparse)}), got {name!r}")
-    if me.algorithm == "maml":
-        _check(me.inner_steps >= 1, "meta.inner_steps", "must be >= 1 for maml")
+    if me.algorithm in ("maml", "reptile"):
+        _check(me.inner_steps >= 1, "meta.inner_steps", f"must be >= 1 for {me.algorithm}")
         _check(bool(me.adapt_dense) or me.adapt_embeddings, "meta.adapt_dense",
-               "maml must adapt something: list a dense part or set meta.adapt_embeddings")
+               f"{me.algorithm} must adapt something: list a dense part or set meta.adapt_embeddings")
+    if me.algorithm == "reptile":
+        _check(not me.meta_sgd, "meta.meta_sgd", "reptile has no meta-gradient to learn inner rates from: "
+               "use meta.algorithm maml")
+        _check(me.dense_adaptation != "film", "meta.dense_adaptation",
+               "reptile moves shared weights toward adapted ones; FiLM's scale and shift are not shared "
+               "weights: use weights or bias")
     _check(not (me.meta_sgd and me.fast_weights == "implicit"), "meta.fast_weights",
            "implicit fast weights need one scalar inner_lr; meta.meta_sgd learns one per weight element: use "
            "fast_weights auto or materialized")

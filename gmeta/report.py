@@ -80,7 +80,7 @@ def build_report(pred: Predictions, cfg: Config, *, inner_steps: int | None = No
                               f"diverged; lower meta.inner_lr / meta.embedding_inner_lr or the inner steps")
     # the model's own scorer(s): an ERM checkpoint without adaptation is the ERM column
     named: dict[str, np.ndarray] = {}
-    if algorithm == "maml":
+    if algorithm != "erm":  # adapted (maml, reptile): the "maml" scorer is the model after K steps
         named["maml"], named["no_adapt"] = curve[f"k={steps}"], curve["k=0"]
     else:
         named["erm"] = curve["k=0"]

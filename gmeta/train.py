@@ -463,7 +463,7 @@ class TrainingRun:
 
         t0 = time.perf_counter()
         report = evaluate(self.model, self.val_cfg, self.cfg.data.shards_dir)
-        scorer = "maml" if self.cfg.meta.algorithm == "maml" else "erm"
+        scorer = "erm" if self.cfg.meta.algorithm == "erm" else "maml"
         value = torch.tensor([float(report[f"{scorer}_{self.metric}"]) if report is not None else 0.0],
                              dtype=torch.float64, device=self.env.device)
         dist.broadcast(value, src=0)  # rank 0 holds the report: every rank decides alike

@@ -33,7 +33,7 @@ def _write(tmp_path, text):
     ("meta:\n  inner_lrr: 0.1\n", "meta.inner_lrr", "did you mean 'inner_lr'"),
     ("meta:\n  inner_lr: fast\n", "meta.inner_lr", "expected float, got 'fast'"),
     ("meta:\n  inner_steps: 1.5\n", "meta.inner_steps", "expected int"),
-    ("meta:\n  algorithm: reptile\n", "meta.algorithm", "one of 'maml', 'erm'"),
+    ("meta:\n  algorithm: foml\n", "meta.algorithm", "one of 'maml', 'reptile', 'erm'"),
     ("meta:\n  inner_lr: -1\n", "meta.inner_lr", "must be > 0"),
     ("train:\n  epochs: 0\n", "train.epochs", "must be >= 1"),
     ("data:\n  split:\n    support_ratio: 1.5\n", "data.split.support_ratio", "(0, 1)"),

@@ -45,12 +45,16 @@ def _step_on(device, cfg, batch, move_batch=True):
     ["meta.algorithm=maml", "meta.fast_weights=implicit"],
     ["meta.algorithm=maml", "meta.fast_weights=materialized", "meta.meta_sgd=true"],
     ["meta.algorithm=erm"],
+    ["meta.algorithm=reptile", "meta.dense_adaptation=bias"],
+    ["meta.algorithm=maml", "meta.dense_adaptation=film", "meta.meta_sgd=true", "meta.adapt_features=[ad_id]"],
 ])
 def test_meta_step_and_backward_stay_on_the_model_device(debug_config_path, debug_data, overrides):
     cfg = load_config(debug_config_path, overrides)
     check, model = _step_on(META, cfg, _batch(cfg, debug_data["shards"]))
     assert not check.wrong  # (the check raises at the first wrong operand)
     grads = [p.grad for n, p in model.named_parameters() if not n.startswith("sparse_arch.")]
+    if "meta.algorithm=reptile" in overrides:  # only what adapts moves (here: the biases)
+        grads = [g for g in grads if g is not None]
     assert grads and all(g is not None and g.device == META for g in grads)
 
 

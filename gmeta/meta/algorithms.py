@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gmeta.meta import erm, maml
+from gmeta.meta import erm, maml, reptile
 
-ALGORITHMS: dict[str, Callable] = {"maml": maml.objective, "erm": erm.objective}
+ALGORITHMS: dict[str, Callable] = {"maml": maml.objective, "erm": erm.objective, "reptile": reptile.objective}

@@ -24,6 +24,8 @@ no op whose output size depends on values and reads nothing back from the device
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.autograd.profiler import record_function
 
@@ -52,6 +54,7 @@ def adapt_and_query(
     fast_weights: str = "auto",
     dense_adaptation: str = "weights",
     adapt_features: list[int] | None = None,
+    on_adapted: Callable[[list[FastWeights], torch.Tensor | None], None] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Adapt every task on its support rows (``steps`` SGD steps), score its query rows.
 
@@ -78,6 +81,9 @@ def adapt_and_query(
     (biases only) or "film" (a per-task scale and shift of their outputs).
     ``adapt_features``: with ``adapt_embeddings``, the indices of the features whose rows
     adapt (None: all); the others keep their shared rows.
+    ``on_adapted``: called once the inner loop is done with each size bucket's
+    ``FastWeights`` and the adapted per-task rows (``[G, D]``, one per ``layout.group_unique``;
+    None when no rows adapt), before the query forward (Reptile reads them).
     """
     if fast_weights not in ("auto", "implicit", "materialized"):
         raise ValueError(f"fast_weights must be auto, implicit or materialized, got {fast_weights!r}")
@@ -132,6 +138,8 @@ def adapt_and_query(
             if adapt_rows:
                 g = grads[-1]
                 source = source - g * (emb_lr[L.group_feature] if torch.is_tensor(emb_lr) else emb_lr)
+    if on_adapted is not None:
+        on_adapted(fast, source if adapt_rows else None)
 
     with record_function("## query_fwd ##"):
         emb_q = gather_rows(source, occ_q)

@@ -15,7 +15,7 @@ from gmeta.parallel.dist import DenseGradSync, broadcast_params
 from gmeta.parallel.sharding import shard_model
 from gmeta.train import train_step
 from tests.support.multiprocess import run_ranks
-from tests.support.reference import erm_row_losses, task_query_losses
+from tests.support.reference import erm_row_losses, reptile_directions, task_query_losses
 
 WORLD = 2
 
@@ -80,6 +80,14 @@ def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, shar
         if algorithm == "erm":  # reference: the mean over every row of the global batch
             assert batches[0].num_rows != batches[1].num_rows  # else a per-rank mean would pass too
             torch.cat([erm_row_losses(ref_head, ref_tables, features, b) for b in batches]).mean().backward()
+        elif algorithm == "reptile":  # reference: the mean over every task of the global batch of (shared - adapted)
+            dirs = [(reptile_directions(ref_head, ref_tables, features, b, steps=m.inner_steps, lr=m.inner_lr,
+                                        emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
+                                        adapt_embeddings=m.adapt_embeddings), b.num_tasks) for b in batches]
+            total = sum(n for _, n in dirs)
+            named = dict(ref_head.named_parameters()) | ref_tables
+            for name, p in named.items():
+                p.grad = sum(d[name] * n for d, n in dirs) / total
         else:  # reference: one process, every task of every rank, real per-task fast weights
             losses, q_rows = [], []
             for b in batches:
@@ -128,6 +136,11 @@ def test_maml_with_erm_term_and_row_weighting_on_two_ranks_equals_reference(debu
     # the query term weighs tasks (or query rows), the ERM term rows: each by its own global count
     run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]), False,
               "table_wise", outer)
+
+
+def test_reptile_step_on_two_ranks_equals_single_process_reference(debug_config_path, debug_data):
+    run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]), False,
+              "table_wise", ("meta.inner_steps=2",), None, "reptile")
 
 
 def test_per_table_sharding_and_memory_budget_equal_reference(debug_config_path, debug_data):

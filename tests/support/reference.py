@@ -102,3 +102,36 @@ def erm_row_losses(head: torch.nn.Module, tables: dict[str, torch.Tensor], featu
     dense = batch.dense.to(next(head.parameters()).dtype)
     logits = head(dense, embed(tables, features, batch))
     return F.binary_cross_entropy_with_logits(logits, batch.labels.to(dense.dtype), reduction="none")
+
+
+def reptile_directions(head: torch.nn.Module, tables: dict[str, torch.Tensor], features: list[dict],
+                       batch: TaskBatch, *, steps: int, lr: float, emb_lr: float, adapt_dense: list[str],
+                       adapt_embeddings: bool, dense_adaptation: str = "weights") -> dict[str, torch.Tensor]:
+    """Reptile's meta-gradient, task by task: the mean over the batch's tasks of (shared -
+    adapted) for every head parameter and every whole table (by name), each task adapted by
+    ``steps`` plain SGD steps on its support rows."""
+    so = batch.support_offsets.tolist()
+    dense = batch.dense.to(next(head.parameters()).dtype)
+    labels = batch.labels.to(dense.dtype)
+    names = adapted_names([n for n, _ in head.named_parameters()], adapt_dense)
+    if dense_adaptation == "bias":
+        names = [n for n in names if n.endswith(".bias")]
+    shared = {n: p.detach() for n, p in head.named_parameters()} | {n: t.detach() for n, t in tables.items()}
+    total = {n: torch.zeros_like(v) for n, v in shared.items()}
+    for t in range(batch.num_tasks):
+        s_rows = torch.arange(so[t], so[t + 1])
+        fast = dict(shared)
+        moving = names + (list(tables) if adapt_embeddings else [])
+        for _ in range(steps):
+            inputs = {n: fast[n].clone().requires_grad_() for n in moving}
+            now = fast | inputs
+            pooled = embed({n: now[n] for n in tables}, features, batch)[s_rows]
+            logits = functional_call(head, {n: now[n] for n, _ in head.named_parameters()},
+                                     (dense[s_rows], pooled))
+            loss = F.binary_cross_entropy_with_logits(logits, labels[s_rows])
+            grads = torch.autograd.grad(loss, list(inputs.values()))
+            for n, g in zip(moving, grads):
+                fast[n] = fast[n] - (emb_lr if n in tables else lr) * g
+        for n in total:
+            total[n] += shared[n] - fast[n]
+    return {n: v / batch.num_tasks for n, v in total.items()}
