@@ -50,6 +50,18 @@ class SparseFeature:
     num_embeddings: int = 1000
     multi_hot: bool = False
     pooling: Literal["sum", "mean"] = "sum"
+    # New ids: ids seen fewer than this many times in the train split (and ids never seen:
+    # a new ad, user, item) share one learned default row of the table, which the inner loop
+    # then adapts, instead of each an untrained random row (0: off, every id its own row).
+    min_count: int = 0
+    # ... and this hashed share of the training ids that pass min_count map to the default
+    # row as well, in training and after it, so that the default row learns from ids that
+    # are new to the model (needs min_count >= 1; 0: only rare ids train it).
+    holdout_share: float = 0.0
+
+
+# the fields of SparseFeature that shape the shards (the rest are model choices)
+SHARD_FIELDS = ("name", "num_embeddings", "multi_hot", "pooling")
 
 
 @dataclass
@@ -473,6 +485,10 @@ def validate(cfg: Config) -> None:
     for i, sf in enumerate(f.sparse):
         _check(bool(sf.name), f"features.sparse[{i}].name", "must not be empty")
         _check(sf.num_embeddings >= 1, f"features.sparse[{i}].num_embeddings", "must be >= 1")
+        _check(sf.min_count >= 0, f"features.sparse[{i}].min_count", "must be >= 0 (0: no default row)")
+        _check(0.0 <= sf.holdout_share < 1.0, f"features.sparse[{i}].holdout_share", "must be in [0, 1)")
+        _check(sf.holdout_share == 0 or sf.min_count >= 1, f"features.sparse[{i}].holdout_share",
+               "needs min_count >= 1 (the default row the held-out ids map to)")
     dup = {n for n in names if names.count(n) > 1}
     _check(not dup, "features", f"duplicate feature names {sorted(dup)}")
     reserved = {f.task_key, f.timestamp, f.label, f.true_prob} - {""}
@@ -746,14 +762,29 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def _apply_override(data: dict, parts: list[str], value: Any) -> None:
-    node = data
+    """Set ``parts`` in ``data``. An item of a list of mappings is named by its ``name`` or
+    its position, as ``flatten`` names it: ``features.sparse.item_id.min_count=3``."""
+    node: Any = data
     for i, p in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            named = [x for x in node if isinstance(x, dict) and x.get("name") == p]
+            if named:
+                node = named[0]
+                continue
+            if p.isdigit() and int(p) < len(node):
+                node = node[int(p)]
+                continue
+            names = [x.get("name") for x in node if isinstance(x, dict)]
+            raise ConfigError(f"{'.'.join(parts[:i])}: no item named {p!r} (items: {names}), cannot set "
+                              f"{'.'.join(parts)}")
         nxt = node.get(p)
         if nxt is None:
             nxt = node[p] = {}
-        if not isinstance(nxt, dict):
+        if not isinstance(nxt, (dict, list)) or (isinstance(nxt, list) and not all(isinstance(x, dict) for x in nxt)):
             raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {'.'.join(parts)}")
         node = nxt
+    if isinstance(node, list):
+        raise ConfigError(f"{'.'.join(parts)}: names an item of a list, not a key; set one of its keys")
     node[parts[-1]] = value
 
 

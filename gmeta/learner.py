@@ -26,6 +26,7 @@ import torch
 
 from gmeta import checkpoint as ckpt
 from gmeta.config import Config, load_config
+from gmeta.io.id_counts import known_ids
 from gmeta.meta.base import MetaOutput
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import DenseGradSync, broadcast_params, init_distributed
@@ -61,6 +62,7 @@ class MetaLearner:
         self.dense_opt = torch.optim.Adam(params, lr=o.dense_lr, weight_decay=o.dense_weight_decay, fused=True)
         if checkpoint is None:
             broadcast_params(params)
+            self.model.module.set_known_ids(known_ids(self.cfg))  # (none without features.sparse[].min_count)
         elif meta.get("training_state"):
             ckpt.load_training_state(checkpoint, self.model, self.dense_opt)
         else:  # weights only: the optimizers start afresh

@@ -34,6 +34,7 @@ from torch.autograd.profiler import record_function
 
 from gmeta import checkpoint
 from gmeta.config import Config, OptimConfig, dump_yaml, flatten, to_dict
+from gmeta.io.id_counts import known_ids
 from gmeta.io.manifest import check_manifest_matches, load_manifest
 from gmeta.io.reader import TaskReader
 from gmeta.meta.algorithms import ALGORITHMS
@@ -352,6 +353,8 @@ class TrainingRun:
             # then learn the features rather than the scale
             with torch.no_grad():
                 self.model.module.head.over_arch.mlp.layers[-1].bias.fill_(float(mean))
+        if self.resume_from is None:  # ids that map to their feature's default row (resumed: in the checkpoint)
+            self.model.module.set_known_ids(known_ids(cfg))
         broadcast_params(dense_params)  # every rank starts from rank 0's dense weights
         # fused: one kernel, and it skips a non-finite step on the device (see train_step)
         self.dense_opt = torch.optim.Adam(dense_params, lr=cfg.optim.dense_lr,

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gmeta.config import Config
+from gmeta.config import SHARD_FIELDS, Config, SparseFeature
 from gmeta.io.errors import PrepareError
 from gmeta.io.sources import Batch, parse_number, split_field
 
@@ -60,9 +60,14 @@ def hash_ids(values: np.ndarray, feature: str, num_embeddings: int) -> np.ndarra
     return (stable_hash(values, feature) % np.uint64(num_embeddings)).astype(np.int64)
 
 
+def shard_fields(s: SparseFeature) -> dict:
+    """What of a sparse feature's config the shards depend on (not min_count, holdout_share)."""
+    return {k: v for k, v in asdict(s).items() if k in SHARD_FIELDS}
+
+
 def shard_schema(cfg: Config, has_true_prob: bool) -> dict:
     """The schema of task records (in the manifest; what the reader and collation expect)."""
-    return {"sparse": [asdict(s) for s in cfg.features.sparse], "dense": list(cfg.features.dense),
+    return {"sparse": [shard_fields(s) for s in cfg.features.sparse], "dense": list(cfg.features.dense),
             "has_true_prob": has_true_prob, "objective": cfg.model.objective}
 
 

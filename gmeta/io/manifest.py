@@ -4,11 +4,11 @@ checked by everything that reads shards."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from gmeta.config import Config
 from gmeta.io.errors import PrepareError
+from gmeta.io.features import shard_fields
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: per-file "units" (row groups / tars) for the streaming reader
@@ -36,7 +36,7 @@ def load_manifest(shards_dir: str | Path) -> dict:
 
 def check_manifest_matches(manifest: dict, cfg: Config, path: str) -> None:
     """The shards must have been prepared with the features the config declares."""
-    want = [asdict(s) for s in cfg.features.sparse]
+    want = [shard_fields(s) for s in cfg.features.sparse]
     got = manifest["schema"]["sparse"]
     if want != got:
         raise PrepareError(f"{path}: sparse features {got} differ from the config's features.sparse {want};"

@@ -51,6 +51,8 @@ from gmeta.io.features import (
     task_uniform,
 )
 from gmeta.io.formats import parquet, webdataset
+from gmeta.io.id_counts import DIR as ID_COUNTS
+from gmeta.io.id_counts import IdCounts
 from gmeta.io.manifest import FORMAT_VERSION, MANIFEST, splits_of
 from gmeta.io.sources import SourceError, open_source, parse_number
 from gmeta.io.split import DROP_REASONS, ROW_DROP_REASONS, split_tasks
@@ -221,7 +223,8 @@ class _ShardWriter:
         return out
 
 
-def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, dict[str, int]]) -> dict[str, pa.Table]:
+def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, dict[str, int]],
+                    id_counts: IdCounts) -> dict[str, pa.Table]:
     """All rows of some tasks -> their task records, per split, in a seeded order."""
     sp = cfg.data.split
     # rows of equal time in input order (__row): the order tie_break "input_order" keeps
@@ -259,12 +262,20 @@ def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, dict[str, int]]
             continue
         s_len = np.array([len(support_idx[i]) for i in sel])
         q_len = np.array([len(query_idx[i]) for i in sel])
+
         out[split] = pa.table({
             "task_key": pa.array(task_keys[sel]),
             "task_id": pa.array(task_hash[sel].astype(np.int64)),
             "support": _nested(np.concatenate([support_idx[i] for i in sel]), s_len, columns),
             "query": _nested(np.concatenate([query_idx[i] for i in sel]), q_len, columns),
         })
+        for side in ("support", "query"):  # occurrences of each id in the rows kept (views, no copy)
+            struct = out[split].column(side).combine_chunks()
+            for sf in cfg.features.sparse:
+                ids = pc.list_flatten(struct.field(sf.name))
+                if sf.multi_hot:
+                    ids = pc.list_flatten(ids)
+                id_counts.add(split, sf.name, ids.to_numpy(zero_copy_only=False))
     return out
 
 
@@ -341,13 +352,15 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
         # a failed prepare leaves the shards and manifest of the last one as they were
         staging = Path(tmp) / "shards"
         writer = _ShardWriter(staging, cfg, schema)
+        id_counts = IdCounts([sf.name for sf in f.sparse], splits_of(cfg))
         for bucket in tqdm(parts.buckets(), total=parts_n, unit="bucket", desc="prepare: group", disable=not show):
-            records = _bucket_records(bucket, cfg, dropped)
+            records = _bucket_records(bucket, cfg, dropped, id_counts)
             task_keys_seen += sum(r.num_rows for r in records.values())
             del bucket
             for split in records:
                 writer.add(split, records[split])
         splits = writer.close()
+        id_counts.write(staging)
         input_tasks = int(task_keys_seen + sum(dropped["tasks"].values()))
         _check_splits(cfg, splits, dropped, input_tasks, input_path)
         cardinality = card.summary()
@@ -366,6 +379,7 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
             "input_columns": {c: str(source.schema.field(c).type) for c in columns},  # raw types, for serving
             "schema": schema,
             "cardinality": cardinality,
+            "unseen": id_counts.unseen(),  # per feature and held-out split: shares new to the train split
             "split_rule": asdict(cfg.data.split),
             "partitions": parts_n,
             "splits": splits,
@@ -413,7 +427,7 @@ def _install(staging: Path, out: Path, manifest: dict) -> None:
     old_manifest = out / MANIFEST
     if old_manifest.exists():
         old_manifest.unlink()
-    for split in ("train", "eval", "val"):
+    for split in ("train", "eval", "val", ID_COUNTS):
         target = out / split
         if target.exists():
             trash = staging.parent / f"old-{split}"
@@ -443,4 +457,10 @@ def format_report(m: dict) -> str:
         used = f"{c['distinct_hashed']:,}" if c["distinct_hashed"] is not None else "?"
         share = f"{100 * c['colliding_share']:.2f}%" + ("" if c["colliding_share_exact"] else " (expected)")
         lines.append(f"    {name}: {raw} -> {used} / {c['num_embeddings']:,}, {share}")
+    unseen = m.get("unseen", {})
+    if unseen:
+        lines.append("  ids new to the train split (share of distinct ids / of occurrences):")
+        for name, per in unseen.items():
+            lines.append(f"    {name}: " + "; ".join(f"{s} {100 * v['ids']:.1f}% / {100 * v['occurrences']:.1f}%"
+                                                   for s, v in per.items()))
     return "\n".join(lines)

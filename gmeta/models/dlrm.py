@@ -88,7 +88,9 @@ class MLP(nn.Module):
 
 
 class SparseArch(nn.Module):
-    """One embedding table per sparse feature; returns per-id embeddings per feature."""
+    """One embedding table per sparse feature; returns per-id embeddings per feature. A
+    feature with a default row for new ids (``min_count``) has one row more than its hash
+    range: row ``num_embeddings`` (``DefaultRows``)."""
 
     def __init__(self, features: list[dict], embedding_dim: int, device: torch.device | None = None,
                  dtype: str = "fp32") -> None:
@@ -98,7 +100,8 @@ class SparseArch(nn.Module):
         self.ec = EmbeddingCollection(
             tables=[
                 EmbeddingConfig(name=f"t_{f['name']}", embedding_dim=embedding_dim, data_type=data_type,
-                                num_embeddings=f["num_embeddings"], feature_names=[f["name"]])
+                                num_embeddings=f["num_embeddings"] + int(has_default_row(f)),
+                                feature_names=[f["name"]])
                 for f in features
             ],
             device=device,
@@ -106,6 +109,59 @@ class SparseArch(nn.Module):
 
     def forward(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         return self.ec(kjt)
+
+
+def has_default_row(feature: dict) -> bool:
+    return feature.get("min_count", 0) > 0
+
+
+class DefaultRows(nn.Module):
+    """Maps the ids a feature's ``known_<name>`` buffer marks as not known (seen fewer than
+    ``min_count`` times in training, or held out) to the feature's default row, the table's
+    row ``num_embeddings``; before any table lookup, so sharded tables see only table rows.
+
+    The masks are buffers: saved in checkpoints with the weights, so evaluation, prediction
+    and serving map exactly the ids the model was trained to map. Each distinct new id of a
+    task still adapts its own copy of the default row in the inner loop (the layout's groups
+    are made of the ids before this map), so two new ids in one task stay apart.
+    """
+
+    def __init__(self, features: list[dict]) -> None:
+        super().__init__()
+        self.default = {f["name"]: f["num_embeddings"] for f in features if has_default_row(f)}
+        for name, n in self.default.items():  # all known until set_known: nothing is mapped
+            self.register_buffer(f"known_{name}", torch.ones(n, dtype=torch.bool))
+
+    def set_known(self, name: str, known: torch.Tensor) -> None:
+        buf = getattr(self, f"known_{name}")
+        if known.shape != buf.shape:
+            raise ValueError(f"known ids of {name}: {tuple(known.shape)} rows, the table has {tuple(buf.shape)}")
+        buf.copy_(known)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        if not self.default:
+            return kjt
+        values, bounds = kjt.values(), kjt.offset_per_key()  # (host-side when the KJT was built with them)
+        parts = []
+        for i, key in enumerate(kjt.keys()):
+            seg = values[bounds[i]: bounds[i + 1]]
+            if key in self.default:
+                known: torch.Tensor = getattr(self, f"known_{key}")
+                seg = torch.where(known[seg], seg, torch.full_like(seg, self.default[key]))
+            parts.append(seg)
+        return KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(parts), lengths=kjt.lengths(),
+                                 offsets=kjt.offsets(), stride=kjt.stride(), length_per_key=kjt.length_per_key(),
+                                 offset_per_key=bounds)
+
+    def shares(self, kjt: KeyedJaggedTensor) -> dict[str, tuple[int, int]]:
+        """Per feature with a default row: (occurrences mapped to it, occurrences) in ``kjt``."""
+        out = {}
+        values, bounds = kjt.values(), kjt.offset_per_key()
+        for i, key in enumerate(kjt.keys()):
+            if key in self.default:
+                seg = values[bounds[i]: bounds[i + 1]]
+                out[key] = (int((~getattr(self, f"known_{key}")[seg]).sum()), int(seg.numel()))
+        return out
 
 
 class DenseArch(nn.Module):
@@ -245,8 +301,10 @@ class MetaDLRM(nn.Module):
         self.features = [dict(f) for f in features]
         self.sparse_arch = SparseArch(self.features, embedding_dim, device=device, dtype=embedding_dtype)
         self.head = DLRMHead(num_dense, len(features), embedding_dim, dense_sizes, over_sizes, objective)
+        self.default_rows = DefaultRows(self.features)
         if device is not None and device.type != "meta":
             self.head.to(device)
+            self.default_rows.to(device)
 
     @property
     def num_features(self) -> int:
@@ -272,6 +330,7 @@ class MetaDLRM(nn.Module):
         ``DistributedModelParallel(init_data_parallel=False)`` moves nothing else. Call it
         before making optimizers: a parameter held directly may be replaced."""
         self.head.to(device)
+        self.default_rows.to(device)
         if hasattr(self, "inner_lr_dense"):
             self.inner_lr_dense.to(device)
             self.inner_lr_emb = nn.Parameter(self.inner_lr_emb.detach().to(device))
@@ -295,11 +354,22 @@ class MetaDLRM(nn.Module):
     def lookup(self, layout: BatchLayout) -> torch.Tensor:
         """One embedding lookup (one all-to-all when sharded) of the distinct ids of a
         batch: ``[U, D]`` rows, expanded to every occurrence by the layout's indices."""
-        return lookup_rows(self.sparse_arch(layout.kjt([f["name"] for f in self.features])), self.features)
+        return lookup_rows(self.sparse_arch(self.table_ids(layout)), self.features)
+
+    def table_ids(self, layout: BatchLayout) -> KeyedJaggedTensor:
+        """The batch's distinct ids as the tables are asked for them: new ids mapped to their
+        feature's default row (``DefaultRows``)."""
+        return self.default_rows(layout.kjt([f["name"] for f in self.features]))
+
+    def set_known_ids(self, known: dict[str, torch.Tensor]) -> None:
+        """The ids that keep their own rows, per feature with a default row ([num_embeddings]
+        bool each; ``gmeta.io.id_counts.known_mask``)."""
+        for name, mask in known.items():
+            self.default_rows.set_known(name, mask)
 
     def forward(self, kjt: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """Plain forward without adaptation: outputs ``[R]`` (see ``DLRMHead.predict``)."""
-        emb = self.sparse_arch(kjt)
+        emb = self.sparse_arch(self.default_rows(kjt))
         num_rows = kjt.stride()
         cells = []
         for f in self.features:

@@ -75,7 +75,7 @@ class SparseDistPipeline:
             ctx = self.ec.create_context()
             layout = layout_of(batch, self.model.pooling, self.size_buckets)
             batch.layout = layout
-            splits = self.ec.input_dist(ctx, layout.kjt([f["name"] for f in self.model.features]))
+            splits = self.ec.input_dist(ctx, self.model.table_ids(layout))
             values = splits.wait()  # the splits are small; this issues the values all-to-all
         return Pending(batch, ctx, values)
 
