@@ -1,23 +1,26 @@
-"""The cold-start results table: ERM, ERM fine-tuned per task and four MAML variants on
-MovieLens (user cold start) and on the synthetic ads-CVR set, over several seeds.
+"""The cold-start results table: ERM, ERM fine-tuned per task and the meta-learning variants
+on MovieLens (user cold start; click and rating) and on the synthetic ads-CVR set, each
+searched with the same budget on the validation tasks, then trained over several seeds and
+scored on the test tasks.
 
-    python -m gmeta.cold_start --movielens data/movielens/raw --out runs/cold_start
+    python -m gmeta.cold_start --movielens data/movielens/raw --trials 12 --out runs/cold_start
 
 For each data set the shards are prepared once (one fixed split of the tasks into train,
-val and test); then for every seed (``train.seed``: initialisation and task order) each
-model is trained in this process (one rank) and scored on the test tasks:
+validation and test). Then for every variant:
 
-- ERM: plain training on all rows of the training tasks, no adaptation at test time;
-- ERM + fine-tuning: the same ERM model, fine-tuned on each test task's support rows with
-  the inner loop's SGD (dense layers and embedding rows); learning rates and number of steps
-  chosen on the validation tasks, per seed;
-- MAML adapting the dense layers only (MeLU-style: embeddings fixed in the inner loop);
-- MAML adapting the dense layers and the embedding rows the task looks up;
-  both first and second order; the number of inner steps at test time chosen on the
-  validation tasks (among FINE_TUNE_STEPS), the learning rates those of meta-training.
+1. search (``--trials`` N > 0): an Optuna sweep (``gmeta.sweep``) of N trials over the data
+   set config's ``sweep.params``, less the keys the variant fixes and, for ERM, the keys of
+   meta-learning; each trial scored by its best validation metric (GAUC, or RMSE for the
+   rating objective) on the validation tasks. Every variant gets the same N;
+2. for every seed (``train.seed``: initialisation and task order) the best configuration is
+   trained in this process (one rank; the weights of its best validation kept);
+3. at test time, on the validation tasks again: ERM fine-tuned per task chooses its K and
+   rates on a grid (``gmeta.finetune.FINE_TUNE_LRS`` x ``STEPS``); an adapted model its K
+   and its rates scaled by ``RATE_SCALES`` (``STEPS``); then the test tasks are scored once.
 
-Every figure of the table comes from one run of this module with fixed seeds; the table
-gives the mean and the standard deviation over the seeds, and results.json every run.
+The table gives each row's mean and standard deviation over the seeds and its search
+budget; results.json holds every run, the choices made and whether one lies at the edge
+of its grid.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("gmeta.cold_start")
@@ -40,25 +42,32 @@ class Variant:
     name: str
     slug: str  # its runs' directory
     overrides: list[str] = field(default_factory=list)
-    fine_tune: bool = False  # evaluate the ERM model of this seed with per-task fine-tuning
+    fine_tune: bool = False  # the ERM model of this seed, fine-tuned per task
+    erm: bool = False  # a plain model: no adaptation of its own, no meta-learning keys searched
 
 
+_MAML = ["meta.algorithm=maml", "meta.adapt_embeddings=true", "meta.first_order=false"]
 VARIANTS = [
-    Variant("ERM", "erm", ["meta.algorithm=erm"]),
-    Variant("ERM + fine-tuning", "erm", ["meta.algorithm=erm"], fine_tune=True),
-    Variant("MAML dense only (MeLU-style), 1st order", "maml_dense_fo",
-            ["meta.adapt_embeddings=false", "meta.first_order=true"]),
-    Variant("MAML dense only (MeLU-style), 2nd order", "maml_dense_so",
-            ["meta.adapt_embeddings=false", "meta.first_order=false"]),
-    Variant("MAML dense + embeddings, 1st order", "maml_full_fo",
-            ["meta.adapt_embeddings=true", "meta.first_order=true"]),
-    Variant("MAML dense + embeddings, 2nd order", "maml_full_so",
-            ["meta.adapt_embeddings=true", "meta.first_order=false"]),
+    Variant("ERM", "erm", ["meta.algorithm=erm"], erm=True),
+    Variant("ERM + fine-tuning", "erm", ["meta.algorithm=erm"], fine_tune=True, erm=True),
+    Variant("MAML (dense + embeddings, 2nd order)", "maml", [*_MAML, "meta.adapt_dense=[dense_arch, over_arch]",
+                                                             "meta.dense_adaptation=weights"]),
+    Variant("MAML, ANIL (last layer + embeddings)", "anil", [*_MAML, "meta.adapt_dense=[last]",
+                                                             "meta.dense_adaptation=weights"]),
+    Variant("MAML, FiLM of every layer + embeddings", "film", [*_MAML, "meta.adapt_dense=[dense_arch, over_arch]",
+                                                               "meta.dense_adaptation=film"]),
+    Variant("MAML, biases + embeddings", "bias", [*_MAML, "meta.adapt_dense=[dense_arch, over_arch]",
+                                                  "meta.dense_adaptation=bias"]),
+    Variant("Reptile (dense + embeddings)", "reptile", ["meta.algorithm=reptile", "meta.adapt_embeddings=true",
+                                                        "meta.adapt_dense=[dense_arch, over_arch]",
+                                                        "meta.dense_adaptation=weights"]),
 ]
-# fine-tuning grid: (dense lr, embedding-row lr); the steps are read off one curve per lr
-FINE_TUNE_LRS = [(0.01, 0.05), (0.03, 0.15), (0.1, 0.5), (0.3, 1.5), (1.0, 5.0)]
-FINE_TUNE_STEPS = [1, 2, 3, 5]
-METRICS = ("auc", "gauc", "logloss")
+BY_SLUG: dict[str, Variant] = {}  # erm_ft: ERM + fine-tuning
+for _v in VARIANTS:
+    BY_SLUG.setdefault(_v.slug + ("_ft" if _v.fine_tune else ""), _v)
+METRICS = {"binary": ("gauc", "auc", "logloss"), "regression": ("rmse", "mae")}
+# keys of a search space that only meta-learning uses (left out of ERM's search)
+_META_KEYS = ("meta.", "train.pretrain_epochs")
 
 
 @dataclass
@@ -67,6 +76,7 @@ class Dataset:
     config: Path
     overrides: list[str]
     raw: Path | None = None  # None: generated (gmeta synth)
+    val_every_steps: int = 6  # validations during training: what a trial is scored by, and the best weights kept
 
 
 def _train(config: Path, overrides: list[str]) -> Path:
@@ -80,56 +90,46 @@ def _train(config: Path, overrides: list[str]) -> Path:
     return Path(result.get("best_checkpoint") or Path(cfg.train.output_dir) / "checkpoint")
 
 
-def _evaluate(ckpt: Path, shards: Path, *, split: Literal["eval", "val"] = "eval", lrs: tuple | None = None,
-              steps: list[int] | None = None) -> dict:
-    """Evaluation report of a checkpoint on a split, adapted with K of ``steps`` (the largest
-    is the report's own K, the rest its K curve). ``lrs``: (dense lr, embedding lr) to adapt
-    an ERM model with, dense layers and embedding rows (per-task fine-tuning)."""
+def _evaluate(ckpt: Path, shards: Path, *, split: str = "eval", adapt: tuple[float, float, int] | None = None,
+              fine_tune: bool = False) -> dict:
+    """Evaluation report of a checkpoint on a split; ``adapt``: (inner lr, embedding lr, K)
+    to adapt it with (``fine_tune``: an ERM model, all its dense layers and rows)."""
     from gmeta.checkpoint import load_unsharded
     from gmeta.evaluate import evaluate
+    from gmeta.finetune import adapting
 
     model, cfg, _ = load_unsharded(ckpt)
-    cfg.eval.split = split
-    cfg.eval.curve_steps = list(steps or [0])
-    if lrs is not None:  # score the ERM model as an adapted one
-        cfg.meta.algorithm = "maml"
-        cfg.meta.inner_lr, cfg.meta.embedding_inner_lr = lrs
-        cfg.meta.adapt_dense = ["dense_arch", "over_arch"]
-        cfg.meta.adapt_embeddings = True
-    if steps:
-        cfg.meta.inner_steps = max(steps)
+    if adapt is not None:
+        cfg = adapting(cfg, *adapt, fine_tune=fine_tune)
+    else:
+        cfg.eval.curve_steps = [0]
+    cfg.eval.split = split  # type: ignore[assignment]
     report = evaluate(model, cfg, shards)
     assert report is not None  # one process (one rank, no process group): evaluate returns the report
     return report
 
 
-def _scores(report: dict, name: str) -> dict[str, float]:
-    return {m: float(report[f"{name}_{m}"]) for m in METRICS}
+def _scores(report: dict, name: str, objective: str) -> dict[str, float]:
+    return {m: float(report[f"{name}_{m}"]) for m in METRICS[objective]}
 
 
-def _adapted(ckpt: Path, shards: Path, lr_grid: list) -> dict:
-    """Inner steps K (and, fine-tuning an ERM model, the learning rates) with the best AUC
-    on the validation tasks, then scored on the test tasks. ``lr_grid``: [None] keeps the
-    learning rates the model was meta-trained with."""
+def _adapted(ckpt: Path, shards: Path, objective: str, *, fine_tune: bool) -> dict:
+    """K and the inner rates chosen on the validation tasks (``gmeta.finetune.choose``),
+    then the test tasks scored once with them."""
+    from gmeta.checkpoint import load_unsharded
+    from gmeta.finetune import choose
     from gmeta.report import NonFiniteScores
 
-    best: tuple[float, tuple[float, float] | None, int] | None = None
-    for lrs in lr_grid:
-        try:
-            curve = _evaluate(ckpt, shards, split="val", lrs=lrs, steps=FINE_TUNE_STEPS)["auc_vs_k"]
-        except NonFiniteScores as e:  # these rates diverge on the validation tasks: not a choice
-            log.info("%s: rates %s left out: %s", ckpt, lrs, e)
-            continue
-        for k, auc in zip(curve["k"], curve["auc"]):
-            if k > 0 and (best is None or auc > best[0]):
-                best = (auc, lrs, k)
-    if best is None:
-        raise NonFiniteScores(f"{ckpt}: every setting of {lr_grid} diverged on the validation tasks")
-    _, lrs, k = best
-    out = _scores(_evaluate(ckpt, shards, lrs=lrs, steps=[k]), "maml")
-    out["inner_steps"] = k
-    if lrs is not None:
-        out.update(inner_lr=lrs[0], embedding_inner_lr=lrs[1])
+    model, cfg, _ = load_unsharded(ckpt)
+    c = choose(model, cfg, shards, fine_tune=fine_tune)
+    try:
+        out: dict = _scores(_evaluate(ckpt, shards, adapt=(c.inner_lr, c.embedding_inner_lr, c.steps),
+                                      fine_tune=fine_tune), "maml", objective)
+    except NonFiniteScores as e:  # chosen on validation, diverged on some test task: the row's figure
+        log.warning("%s: %s diverged on the test tasks: %s", ckpt, c.describe(), e)
+        out = {**dict.fromkeys(METRICS[objective], float("nan")), "diverged": True}
+    out.update(inner_steps=c.steps, inner_lr=c.inner_lr, embedding_inner_lr=c.embedding_inner_lr,
+               val_metric=c.value, at_edge=c.at_edge)
     return out
 
 
@@ -138,9 +138,6 @@ def _prepare(ds: Dataset, out: Path) -> Path:
     from gmeta.io.prepare import prepare
 
     cfg = load_config(ds.config, ds.overrides)
-    if cfg.model.objective != "binary":
-        raise ValueError(f"{ds.name}: the table reports AUC, GAUC and logloss; model.objective must be binary, "
-                         f"got {cfg.model.objective!r}")
     raw = ds.raw
     if raw is None:
         from gmeta.synth import generate
@@ -150,74 +147,165 @@ def _prepare(ds: Dataset, out: Path) -> Path:
     shards = out / "shards"
     m = prepare(cfg, raw, shards)
     log.info("%s: %s", ds.name, {k: v["tasks"] for k, v in m["splits"].items()})
+    if not m["splits"].get("val", {}).get("tasks"):
+        raise ValueError(f"{ds.name}: no validation tasks (data.split.val_fraction): every choice of the table is "
+                         "made on them")
     return shards
 
 
-def run(datasets: list[Dataset], seeds: list[int], out: Path, variants: list[Variant] = VARIANTS) -> dict:
-    """Train and score every variant on every data set for every seed; returns the results."""
-    results: dict = {"seeds": seeds, "datasets": {}}
+def _space(ds: Dataset, v: Variant, fixed: list[str]):
+    """The variant's search space: the data set's sweep.params less the keys it fixes (and,
+    for ERM, the keys of meta-learning)."""
+    from gmeta.config import load_config
+
+    cfg = load_config(ds.config, [*ds.overrides, *fixed])
+    set_keys = {o.split("=", 1)[0] for o in v.overrides}
+    return [p for p in cfg.sweep.params
+            if p.key not in set_keys and not (v.erm and p.key.startswith(_META_KEYS))]
+
+
+def _search(ds: Dataset, v: Variant, fixed: list[str], out: Path, trials: int) -> tuple[list[str], dict]:
+    """The variant's best overrides after ``trials`` trials on the validation tasks, and
+    what was searched ({"trials": 0} when nothing was)."""
+    from gmeta.config import dump_yaml, load_config
+    from gmeta.sweep import run_sweep
+
+    space = _space(ds, v, fixed)
+    if trials <= 0 or not space:
+        return [], {"trials": 0, "keys": []}
+    cfg = load_config(ds.config, [*ds.overrides, *v.overrides, *fixed])
+    cfg.sweep.params = space
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "config.yaml"  # the variant's own config: its fixed keys and its space
+    config.write_text(dump_yaml(cfg))
+    summary = run_sweep(config, [], out, trials=trials)
+    best = summary.get("best")
+    if best is None:
+        raise RuntimeError(f"{ds.name} / {v.name}: no trial of the search completed ({out / 'trials.md'})")
+    done = sum(1 for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED"))
+    return [f"{k}={val}" for k, val in best["params"].items()], {
+        "trials": done, "keys": [p.key for p in space], "metric": summary["metric"], "best": best}
+
+
+def run(datasets: list[Dataset], seeds: list[int], out: Path, variants: list[Variant] = VARIANTS,
+        trials: int = 0) -> dict:
+    """Search, train and score every variant on every data set for every seed; returns the results."""
+    from gmeta.config import load_config
+
+    results: dict = {"seeds": seeds, "trials": trials, "datasets": {}}
     for ds in datasets:
-        base = out / ds.name.lower().replace(" ", "_")
+        base = out / ds.name.lower().replace(" ", "_").replace("(", "").replace(")", "")
+        objective = load_config(ds.config, ds.overrides).model.objective
         shards = _prepare(ds, base)
+        fixed = [f"data.shards_dir={shards}", "train.eval_at_end=false", "tracking.enabled=false",
+                 "train.nproc_per_node=1", "sweep.nproc_per_trial=1", f"train.val_every_steps={ds.val_every_steps}"]
         runs: dict[str, list[dict]] = {v.name: [] for v in variants}
+        searched: dict[str, dict] = {}
         oracle = None
+        best_overrides: dict[str, list[str]] = {}
+        for v in variants:
+            if v.slug not in best_overrides:
+                t0 = time.perf_counter()
+                best_overrides[v.slug], info = _search(ds, v, fixed, base / v.slug / "search", trials)
+                info["seconds"] = round(time.perf_counter() - t0, 1)
+                searched[v.slug] = info
+                log.info("%s %s: searched %s -> %s", ds.name, v.slug, info, best_overrides[v.slug])
         for seed in seeds:
             trained: dict[str, Path] = {}  # slug -> checkpoint of this seed
             for v in variants:
                 t0 = time.perf_counter()
                 if v.slug not in trained:
-                    trained[v.slug] = _train(ds.config, ds.overrides + v.overrides + [
-                        f"data.shards_dir={shards}", f"train.seed={seed}", "train.eval_at_end=false",
-                        f"train.output_dir={base}/{v.slug}/seed{seed}", "tracking.enabled=false",
-                        "train.nproc_per_node=1"])
-                if v.fine_tune:
-                    scores = _adapted(trained[v.slug], shards, FINE_TUNE_LRS)
-                elif "meta.algorithm=erm" in v.overrides:
+                    trained[v.slug] = _train(ds.config, ds.overrides + v.overrides + best_overrides[v.slug] + fixed
+                                             + [f"train.seed={seed}", f"train.output_dir={base}/{v.slug}/seed{seed}"])
+                if v.erm and not v.fine_tune:
                     report = _evaluate(trained[v.slug], shards)
-                    scores = _scores(report, "erm")
+                    scores: dict = _scores(report, "erm", objective)
                     if "oracle_auc" in report:  # true probabilities of the same test tasks: one value
                         oracle = float(report["oracle_auc"])
                 else:
-                    scores = _adapted(trained[v.slug], shards, [None])
+                    scores = _adapted(trained[v.slug], shards, objective, fine_tune=v.fine_tune)
                 scores["seconds"] = round(time.perf_counter() - t0, 1)
                 runs[v.name].append(scores)
                 log.info("%s seed %d %s: %s", ds.name, seed, v.name, scores)
-        results["datasets"][ds.name] = {"runs": runs, "oracle_auc": oracle}
+        results["datasets"][ds.name] = {
+            "objective": objective, "runs": runs, "oracle_auc": oracle,
+            "search": {v.name: {**searched[v.slug], "overrides": best_overrides[v.slug]} for v in variants}}
         (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
 def _mean_sd(values: list[float]) -> str:
+    if any(v != v for v in values):  # NaN: the adaptation diverged on the test tasks in some seed
+        return f"diverged ({sum(v != v for v in values)} of {len(values)} seeds)"
     if len(values) < 2:
         return f"{values[0]:.4f}"
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def _budget(v_name: str, r: dict) -> str:
+    s = r.get("search", {}).get(v_name, {})
+    n = s.get("trials", 0)
+    out = f"{n} trials" if n else "none"
+    runs = r["runs"][v_name]
+    if runs and "inner_steps" in runs[0]:
+        out += "; K, rates on val" + (" (at an edge)" if any(x.get("at_edge") for x in runs) else "")
+    return out
+
+
 def format_table(results: dict) -> str:
-    """Markdown: one row per data set and model, mean ± standard deviation over the seeds."""
+    """Markdown, one table per objective: one row per data set and model, mean ± standard
+    deviation over the seeds, and the search budget of the row."""
     n = len(results["seeds"])
-    lines = ["| data set | model | AUC | GAUC | logloss |", "|---|---|---|---|---|"]
-    for ds, r in results["datasets"].items():
-        for name, runs in r["runs"].items():
-            cells = [_mean_sd([x[m] for x in runs]) for m in METRICS]
-            lines.append(f"| {ds} | {name} | " + " | ".join(cells) + " |")
-        if r["oracle_auc"] is not None:
-            lines.append(f"| {ds} | oracle (true probabilities) | {r['oracle_auc']:.4f} | | |")
-    lines.append(f"\nMean ± standard deviation over {n} seed(s) ({', '.join(map(str, results['seeds']))}); "
-                 "test tasks only (user- or campaign-cold).")
-    return "\n".join(lines)
+    out = []
+    for objective in ("binary", "regression"):
+        sets = {k: r for k, r in results["datasets"].items() if r.get("objective", "binary") == objective}
+        if not sets:
+            continue
+        metrics = METRICS[objective]
+        heads = [m.upper() if m != "logloss" else "logloss" for m in metrics]
+        lines = ["| data set | model | search | " + " | ".join(heads) + " |", "|---|---|---|" + "---|" * len(metrics)]
+        for ds, r in sets.items():
+            for name, runs in r["runs"].items():
+                cells = [_mean_sd([x[m] for x in runs]) for m in metrics]
+                lines.append(f"| {ds} | {name} | {_budget(name, r)} | " + " | ".join(cells) + " |")
+            if r.get("oracle_auc") is not None:
+                lines.append(f"| {ds} | oracle (true probabilities) | | | {r['oracle_auc']:.4f} | |")
+        out.append("\n".join(lines))
+    out.append(f"Mean ± standard deviation over {n} seed(s) ({', '.join(map(str, results['seeds']))}); test tasks "
+               "only (user- or campaign-cold). Search: Optuna trials per row on the validation tasks (the same "
+               "number for every row), then K and the inner rates on the validation tasks.")
+    return "\n\n".join(out)
+
+
+def movielens_name(raw: Path) -> str:
+    """The MovieLens release in ``raw``, from its files: ML-100K (u.data), ML-1M (ratings.dat),
+    or a RecBole atomic set by its name (ml-100k.inter)."""
+    if (raw / "u.data").is_file():
+        return "MovieLens-100K"
+    if (raw / "ratings.dat").is_file():
+        return "MovieLens-1M"
+    inter = sorted(raw.glob("*.inter"))
+    if inter:
+        stem = inter[0].stem.lower()
+        return {"ml-100k": "MovieLens-100K", "ml-1m": "MovieLens-1M"}.get(stem, f"MovieLens ({inter[0].stem})")
+    return "MovieLens"
 
 
 def _datasets(args) -> list[Dataset]:
     out = []
     if args.movielens:
-        out.append(Dataset("MovieLens-100K" if "100k" in str(args.movielens).lower() else "MovieLens",
-                           ROOT / "configs" / "movielens.yaml", list(args.movielens_override),
-                           raw=Path(args.movielens)))
+        raw = Path(args.movielens)
+        name = movielens_name(raw)
+        ml = ROOT / "configs" / "movielens.yaml"
+        if "click" in args.objectives:
+            out.append(Dataset(f"{name} (rating >= 4)", ml, list(args.movielens_override), raw=raw))
+        if "rating" in args.objectives:
+            out.append(Dataset(f"{name} (rating)", ml, ["features.label=rating", "model.objective=regression",
+                                                         *args.movielens_override], raw=raw))
     if args.ads_tasks:
         out.append(Dataset("synthetic ads-CVR", ROOT / "configs" / "ads_cvr.yaml",
                            [f"synth.num_tasks={args.ads_tasks}", "data.split.val_fraction=0.05",
-                            *args.ads_override]))
+                            *args.ads_override], val_every_steps=100))
     return out
 
 
@@ -225,8 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gmeta.cold_start", description=__doc__.split("\n\n")[0])
     p.add_argument("--movielens", default=str(ROOT / "data" / "movielens" / "raw"),
                    help="MovieLens files (see data.source.format: movielens); '' to skip")
+    p.add_argument("--objectives", nargs="+", default=["click", "rating"], choices=["click", "rating"],
+                   help="MovieLens: the click label (rating >= 4: GAUC, AUC, logloss) and the rating (RMSE, MAE)")
     p.add_argument("--ads-tasks", type=int, default=20000, help="synthetic ads-CVR tasks (0 to skip)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--trials", type=int, default=12, help="search trials per row (the same for every row; 0: none)")
+    p.add_argument("--variants", nargs="+", default=list(BY_SLUG), choices=list(BY_SLUG),
+                   help="rows of the table (erm_ft: ERM + fine-tuning)")
     p.add_argument("--out", default=str(ROOT / "runs" / "cold_start"))
     p.add_argument("--movielens-override", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--ads-override", nargs="*", default=[], metavar="KEY=VALUE")
@@ -244,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = run(_datasets(args), args.seeds, out)
+    results = run(_datasets(args), args.seeds, out, [BY_SLUG[s] for s in args.variants], trials=args.trials)
     table = format_table(results)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))

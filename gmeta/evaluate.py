@@ -20,6 +20,7 @@ and MAE per bucket and against K; no reliability bins.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -29,6 +30,7 @@ from typing import Literal
 import torch.distributed as dist
 
 from gmeta.config import Config
+from gmeta.io.manifest import load_manifest
 from gmeta.models.dlrm import MetaDLRM
 from gmeta.render import format_table, log_report, write_report
 from gmeta.report import build_report
@@ -41,13 +43,15 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | None = None,
-             baseline: tuple[MetaDLRM, Config] | None = None) -> dict | None:
+             baseline: tuple[MetaDLRM, Config] | None = None,
+             fine_tuned: tuple[MetaDLRM, Config] | None = None) -> dict | None:
     """Evaluate in this process (or, under an initialised process group, on every rank
     together: the report is complete on rank 0, None elsewhere)."""
     t0 = time.perf_counter()
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    pred = collect(model, cfg, shards_dir, inner_steps=inner_steps, baseline=baseline, rank=rank, world_size=world)
+    pred = collect(model, cfg, shards_dir, inner_steps=inner_steps, baseline=baseline, fine_tuned=fine_tuned,
+                   rank=rank, world_size=world)
     if distributed:
         parts: list | None = [None] * world if rank == 0 else None
         dist.gather_object(pred, parts, dst=0)
@@ -55,6 +59,9 @@ def evaluate(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | N
             return None
         pred = Predictions().merge(parts or [])
     report = build_report(pred, cfg, inner_steps=inner_steps, algorithm=cfg.meta.algorithm)
+    # ids of the evaluated split that training never saw, per feature (what prepare counted)
+    unseen = load_manifest(shards_dir).get("unseen", {})
+    report["new_ids"] = {f: v[cfg.eval.split] for f, v in unseen.items() if cfg.eval.split in v}
     report["processes"] = float(world)
     report["seconds"] = time.perf_counter() - t0
     return report
@@ -106,6 +113,25 @@ def choose_shards(shards_dir: str | Path | None, why: str, cfg: Config, checkpoi
     return shards
 
 
+def _fine_tuned(bmodel: MetaDLRM, bcfg: Config, cfg: Config):
+    """The ERM baseline fine-tuned per task, its steps and rates chosen on the validation
+    tasks of the shards evaluated (``gmeta.finetune``): ((model, config), choice), or
+    (None, None) when those shards have no validation split to choose on."""
+    from gmeta import finetune
+
+    if not load_manifest(cfg.data.shards_dir)["splits"].get("val", {}).get("tasks"):
+        log.warning("%s has no validation tasks (data.split.val_fraction): ERM fine-tuned per task is left out, "
+                    "as its steps and rates would have to be chosen on the test tasks", cfg.data.shards_dir)
+        return None, None
+    bcfg = copy.deepcopy(bcfg)
+    bcfg.eval, bcfg.data.shards_dir = copy.deepcopy(cfg.eval), cfg.data.shards_dir
+    choice = finetune.choose(bmodel, bcfg, cfg.data.shards_dir, fine_tune=True)
+    log.info("ERM fine-tuned per task: %s", choice.describe())
+    ft = finetune.adapting(bcfg, choice.inner_lr, choice.embedding_inner_lr, choice.steps, fine_tune=True)
+    ft.eval.split = cfg.eval.split
+    return (bmodel, ft), choice
+
+
 def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_override: Config | None = None,
                  baseline: str | Path | None = None, shards_dir: str | None = None, shards_why: str = "--shards",
                  tracking: bool = True, tracking_uri: str = "", out_dir: str | Path | None = None,
@@ -137,17 +163,22 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
             cfg.eval.inner_steps = inner_steps
         if split is not None:
             cfg.eval.split = split
-        base = None
+        base = fine_tuned = None
+        choice = None
         if baseline:
             bmodel, bcfg, _ = load_unsharded(baseline)
             base = (bmodel, bcfg)
-        report = evaluate(model, cfg, cfg.data.shards_dir, inner_steps=cfg.eval.inner_steps, baseline=base)
+            fine_tuned, choice = _fine_tuned(bmodel, bcfg, cfg)
+        report = evaluate(model, cfg, cfg.data.shards_dir, inner_steps=cfg.eval.inner_steps, baseline=base,
+                          fine_tuned=fine_tuned)
     finally:
         if env is not None:
             dist.destroy_process_group()
     if report is None:
         return None
     report["checkpoint"] = str(path)
+    if choice is not None:
+        report["erm_ft_choice"] = choice.describe()
     files = write_report(report, out_dir or path.parent / "eval")
     # the table itself is the caller's to show (gmeta evaluate prints it on stdout): logging it
     # too printed it twice

@@ -45,6 +45,11 @@ def format_table(report: dict) -> str:
                      + " |")
     lines.append(f"\n{int(report['tasks'])} held-out tasks, {int(report['query_rows'])} query rows, "
                  f"{int(report['inner_steps'])} inner steps")
+    if report.get("erm_ft_choice"):
+        lines.append(f"erm_ft: the ERM baseline fine-tuned on each task's support rows, {report['erm_ft_choice']}")
+    if report.get("new_ids"):
+        lines.append("ids new to training (share of this split's occurrences / of its distinct ids): " + ", ".join(
+            f"{f} {100 * v['occurrences']:.1f}% / {100 * v['ids']:.1f}%" for f, v in report["new_ids"].items()))
     main = obj.main.upper()
     if report.get("buckets"):
         lines += ["", f"{main} by support-set size (cold-start bucket):", "",

@@ -13,7 +13,7 @@ from gmeta import metrics
 from gmeta.config import Config
 from gmeta.scoring import Predictions, inner_steps_for
 
-SCORERS = ("maml", "no_adapt", "erm", "oracle")
+SCORERS = ("maml", "no_adapt", "erm", "erm_ft", "oracle")  # erm_ft: ERM fine-tuned per task
 
 
 def _binary_partial(y: np.ndarray, p: np.ndarray, g: np.ndarray) -> dict[str, float]:
@@ -38,7 +38,8 @@ class Objective:
 OBJECTIVES = {
     "binary": Objective(
         metrics.summarize, _binary_partial,
-        (("AUC", "auc", ".4f"), ("GAUC", "gauc", ".4f"), ("logloss", "logloss", ".4f"),
+        # GAUC first: the ranking within a task, what adaptation is for (AUC pools every task's rows)
+        (("GAUC", "gauc", ".4f"), ("AUC", "auc", ".4f"), ("logloss", "logloss", ".4f"),
          ("pred. rate", "pred_rate", ".4f"), ("obs. rate", "obs_rate", ".4f"), ("calibration", "calibration", ".3f")),
         "auc", ("auc", "gauc")),
     "regression": Objective(
@@ -84,7 +85,7 @@ def build_report(pred: Predictions, cfg: Config, *, inner_steps: int | None = No
         named["maml"], named["no_adapt"] = curve[f"k={steps}"], curve["k=0"]
     else:
         named["erm"] = curve["k=0"]
-    for extra in ("erm", "oracle"):
+    for extra in ("erm", "erm_ft", "oracle"):
         if extra in curve:
             named[extra] = curve[extra]
     report: dict = {"tasks": float(len(np.unique(g))), "query_rows": float(len(y)), "inner_steps": float(steps),
@@ -119,4 +120,6 @@ def flat_metrics(report: dict) -> dict[str, float]:
     for b in report.get("buckets", []):
         tag = "support_" + b["support"].replace("+", "_plus")
         out.update({f"{tag}/{k}": float(v) for k, v in b.items() if k != "support"})
+    for f, v in report.get("new_ids", {}).items():
+        out[f"new_ids/{f}"] = float(v["occurrences"])
     return out

@@ -87,9 +87,11 @@ class Predictions:
 
 
 def collect(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | None = None,
-            baseline: tuple[MetaDLRM, Config] | None = None, rank: int = 0, world_size: int = 1) -> Predictions:
+            baseline: tuple[MetaDLRM, Config] | None = None, fine_tuned: tuple[MetaDLRM, Config] | None = None,
+            rank: int = 0, world_size: int = 1) -> Predictions:
     """Score this rank's share of the held-out tasks (split ``eval.split``) with every scorer
-    and every K of the curve."""
+    and every K of the curve. ``baseline``: an ERM model, scored as it is ("erm");
+    ``fine_tuned``: one adapted as its config says (``gmeta.finetune.adapting``: "erm_ft")."""
     steps = inner_steps_for(cfg, inner_steps)
     split = cfg.eval.split
     if not load_manifest(shards_dir)["splits"].get(split, {}).get("tasks"):
@@ -119,8 +121,12 @@ def collect(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | No
         batch = batch.to(device)
         scored = {f"k={k}": p for k, p in predict_queries(model, cfg, batch, ks).items()}
         base = predict_query(baseline[0], baseline[1], batch, 0) if baseline is not None else None
+        ft = predict_query(fine_tuned[0], fine_tuned[1], batch, fine_tuned[1].meta.inner_steps) \
+            if fine_tuned is not None else None
         if not own:
             continue
+        if ft is not None:
+            out.add("erm_ft", ft)
         for name, preds in scored.items():
             out.add(name, preds)
         if base is not None:

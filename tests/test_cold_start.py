@@ -1,59 +1,102 @@
-"""The cold-start results table: every model trained and scored per seed, fine-tuning
-chosen on validation tasks, figures reproducible from the saved checkpoints."""
+"""The cold-start results table: every row searched with the same budget on the validation
+tasks, trained per seed, its K and rates chosen on validation, figures reproducible from
+the saved checkpoints."""
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 
 import pytest
 
 from gmeta import cold_start
-from gmeta.cold_start import FINE_TUNE_LRS, FINE_TUNE_STEPS, VARIANTS, Dataset, format_table
+from gmeta.cold_start import BY_SLUG, Dataset, format_table, movielens_name
+from gmeta.finetune import FINE_TUNE_LRS, RATE_SCALES, REGRESSION_SCALE, STEPS
 from tests.support.movielens import ML_CONFIG, make_data, write_ml100k
 
 FAST = ["train.epochs=1", "meta.tasks_per_batch=4", "eval.tasks_per_batch=8", "data.num_workers=0",
-        "data.split.val_fraction=0.2"]
+        "data.split.val_fraction=0.2", "train.val_max_tasks=16", "sweep.prune=false",
+        # a small space, so that two trials differ in what matters
+        "sweep.params=[{key: optim.dense_lr, low: 0.001, high: 0.01, log: true}, "
+        "{key: meta.inner_lr, low: 0.05, high: 0.5, log: true}]"]
 
 
-def test_table_runs_every_model_and_seed(tmp_path):
+def test_table_searches_every_row_alike_then_trains_and_scores_every_seed(tmp_path):
     raw = write_ml100k(tmp_path / "ml-100k", make_data())
-    variants = [VARIANTS[0], VARIANTS[1], VARIANTS[5]]  # ERM, ERM + fine-tuning, MAML 2nd order
-    results = cold_start.run([Dataset("tiny", ML_CONFIG, FAST, raw=raw)], [0, 1], tmp_path / "out", variants)
-    runs = results["datasets"]["tiny"]["runs"]
+    variants = [BY_SLUG["erm"], BY_SLUG["erm_ft"], BY_SLUG["anil"]]
+    results = cold_start.run([Dataset("tiny", ML_CONFIG, FAST, raw=raw, val_every_steps=2)], [0, 1],
+                             tmp_path / "out", variants, trials=2)
+    r = results["datasets"]["tiny"]
+    runs = r["runs"]
     # trained in this process, leaving nothing behind that would make a later
     # `gmeta train --nproc-per-node N` started from it take itself for a torchrun worker
     assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK"} & set(os.environ)
-    assert list(runs) == [v.name for v in variants] and all(len(r) == 2 for r in runs.values())
-    for r in runs.values():
-        for x in r:
-            assert 0.0 <= x["auc"] <= 1.0 and 0.0 <= x["gauc"] <= 1.0 and x["logloss"] > 0
+    assert list(runs) == [v.name for v in variants] and all(len(x) == 2 for x in runs.values())
+    # the same budget for every row; ERM searches only the keys that are not meta-learning's
+    assert r["search"]["ERM"]["trials"] == r["search"][variants[2].name]["trials"] == 2
+    assert r["search"]["ERM"]["keys"] == ["optim.dense_lr"]
+    assert r["search"][variants[2].name]["keys"] == ["optim.dense_lr", "meta.inner_lr"]
+    best = r["search"][variants[2].name]["best"]["params"]
+    assert r["search"][variants[2].name]["overrides"] == [f"{k}={v}" for k, v in best.items()]
+    trials = json.loads((tmp_path / "out" / "tiny" / "anil" / "search" / "trials.json").read_text())
+    assert len(trials["trials"]) == 2 and trials["metric"] == "gauc"
     for x in runs["ERM + fine-tuning"]:  # chosen on the validation users, from the grid
-        assert (x["inner_lr"], x["embedding_inner_lr"]) in FINE_TUNE_LRS and x["inner_steps"] in FINE_TUNE_STEPS
-    assert all(x["inner_steps"] in FINE_TUNE_STEPS and "inner_lr" not in x for x in runs[variants[2].name])
+        assert (x["inner_lr"], x["embedding_inner_lr"]) in FINE_TUNE_LRS and x["inner_steps"] in STEPS
+    anil_lr = float(best["meta.inner_lr"])
+    for x in runs[variants[2].name]:  # its own rates, scaled
+        assert x["inner_steps"] in STEPS
+        assert any(abs(x["inner_lr"] - anil_lr * s) < 1e-12 for s in RATE_SCALES)
     # the recorded figures are those of the saved checkpoints, scored again
-    again = cold_start._evaluate(tmp_path / "out" / "tiny" / "erm" / "seed1" / "checkpoint",
-                                 tmp_path / "out" / "tiny" / "shards")
-    assert again["erm_auc"] == pytest.approx(runs["ERM"][1]["auc"], abs=1e-9)
-    again = cold_start._evaluate(tmp_path / "out" / "tiny" / "maml_full_so" / "seed0" / "checkpoint",
-                                 tmp_path / "out" / "tiny" / "shards", steps=[runs[variants[2].name][0]["inner_steps"]])
-    assert again["maml_logloss"] == pytest.approx(runs[variants[2].name][0]["logloss"], abs=1e-9)
+    ckpts = sorted((tmp_path / "out" / "tiny" / "erm" / "seed1").glob("best")) or \
+        [tmp_path / "out" / "tiny" / "erm" / "seed1" / "checkpoint"]
+    again = cold_start._evaluate(ckpts[0], tmp_path / "out" / "tiny" / "shards")
+    assert again["erm_gauc"] == pytest.approx(runs["ERM"][1]["gauc"], abs=1e-9)
     table = format_table(results)
     for v in variants:
-        auc = [x["auc"] for x in runs[v.name]]
-        assert f"| tiny | {v.name} | {statistics.mean(auc):.4f} ± {statistics.stdev(auc):.4f} |" in table
+        gauc = [x["gauc"] for x in runs[v.name]]
+        assert f"| {statistics.mean(gauc):.4f} ± {statistics.stdev(gauc):.4f} |" in table
+    assert "| tiny | ERM | 2 trials | " in table
+    assert f"| tiny | {variants[2].name} | 2 trials; K, rates on val" in table
+
+
+def test_rating_objective_rows_report_rmse_and_mae(tmp_path):
+    raw = write_ml100k(tmp_path / "ml-100k", make_data())
+    ds = Dataset("tiny (rating)", ML_CONFIG, ["features.label=rating", "model.objective=regression", *FAST],
+                 raw=raw, val_every_steps=2)
+    results = cold_start.run([ds], [0], tmp_path / "out", [BY_SLUG["erm"], BY_SLUG["erm_ft"]], trials=0)
+    runs = results["datasets"]["tiny (rating)"]["runs"]
+    for x in runs["ERM"] + runs["ERM + fine-tuning"]:
+        assert set(x) >= {"rmse", "mae"} and 0 < x["mae"] <= x["rmse"] < 4
+    x = runs["ERM + fine-tuning"][0]  # the grid of squared error: a tenth of the log loss's
+    assert x["inner_lr"] in [a * REGRESSION_SCALE for a, _ in FINE_TUNE_LRS]
+    table = format_table(results)
+    assert "| data set | model | search | RMSE | MAE |" in table and "| tiny (rating) | ERM | none | " in table
+
+
+def test_a_row_that_diverges_on_the_test_tasks_says_so():
+    results = {"seeds": [0, 1], "datasets": {"ads": {"oracle_auc": None, "search": {}, "runs": {"MAML": [
+        {"auc": 0.60, "gauc": 0.61, "logloss": 0.52, "inner_steps": 2},
+        {"auc": float("nan"), "gauc": float("nan"), "logloss": float("nan"), "diverged": True, "inner_steps": 8}]}}}}
+    assert "| ads | MAML | none; K, rates on val | diverged (1 of 2 seeds) |" in format_table(results)
 
 
 def test_table_format_with_oracle():
-    results = {"seeds": [0, 1, 2], "datasets": {"ads": {"oracle_auc": 0.8664, "runs": {"ERM": [
+    results = {"seeds": [0, 1, 2], "datasets": {"ads": {"oracle_auc": 0.8664, "search": {}, "runs": {"ERM": [
         {"auc": 0.60, "gauc": 0.61, "logloss": 0.52}, {"auc": 0.62, "gauc": 0.61, "logloss": 0.50},
         {"auc": 0.61, "gauc": 0.61, "logloss": 0.51}]}}}}
     table = format_table(results)
-    assert "| ads | ERM | 0.6100 ± 0.0100 | 0.6100 ± 0.0000 | 0.5100 ± 0.0100 |" in table
-    assert "| ads | oracle (true probabilities) | 0.8664 | | |" in table
+    assert "| ads | ERM | none | 0.6100 ± 0.0000 | 0.6100 ± 0.0100 | 0.5100 ± 0.0100 |" in table
+    assert "| ads | oracle (true probabilities) | | | 0.8664 | |" in table
     assert "over 3 seed(s) (0, 1, 2)" in table
 
 
-def test_table_refuses_a_regression_objective(tmp_path):
-    with pytest.raises(ValueError, match="model.objective must be binary"):
-        cold_start.run([Dataset("x", ML_CONFIG, ["model.objective=regression"], raw=tmp_path)], [0], tmp_path)
+def test_movielens_release_is_named_from_its_files(tmp_path):
+    raw = write_ml100k(tmp_path / "anything", make_data())
+    assert movielens_name(raw) == "MovieLens-100K"
+    (tmp_path / "m1").mkdir()
+    (tmp_path / "m1" / "ratings.dat").write_text("")
+    assert movielens_name(tmp_path / "m1") == "MovieLens-1M"
+    (tmp_path / "rb").mkdir()
+    (tmp_path / "rb" / "ml-100k.inter").write_text("")
+    assert movielens_name(tmp_path / "rb") == "MovieLens-100K"

@@ -204,3 +204,43 @@ def test_diverged_adaptation_is_a_clear_error():
         build_report(pred, cfg)
     pred.scores["k=2"] = [np.array([0.1, 0.9, 0.5])]
     assert build_report(pred, cfg)["maml_auc"] == 1.0
+
+
+def test_baseline_fine_tuned_per_task_is_chosen_on_validation_tasks(debug_checkpoint, tmp_path, caplog):
+    """``gmeta evaluate --baseline``: ERM as it is and ERM fine-tuned on each task's support
+    rows, its K and rates chosen on the validation split (never the test tasks)."""
+    import subprocess
+    import sys
+
+    from gmeta.config import load_config
+    from gmeta.finetune import FINE_TUNE_LRS, STEPS
+    from gmeta.io.prepare import prepare
+    from gmeta.synth import generate
+    from tests.conftest import DEBUG_CONFIG
+
+    cfg = load_config(DEBUG_CONFIG, ["data.split.val_fraction=0.15"])
+    generate(cfg, tmp_path / "raw")
+    prepare(cfg, tmp_path / "raw", tmp_path / "shards")
+    proc = subprocess.run(
+        [sys.executable, "-m", "gmeta.cli", "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1",
+         f"data.shards_dir={tmp_path / 'shards'}", f"train.output_dir={tmp_path / 'erm'}", "meta.algorithm=erm",
+         "train.max_steps=30", "train.eval_at_end=false", "tracking.enabled=false"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    erm = tmp_path / "erm" / "checkpoint"
+    report = run_evaluate(debug_checkpoint, shards_dir=str(tmp_path / "shards"), tracking=False,
+                          out_dir=tmp_path / "eval", baseline=erm)
+    for scorer in ("maml", "erm", "erm_ft"):
+        assert 0.5 < report[f"{scorer}_gauc"] < 1 and np.isfinite(report[f"{scorer}_auc"]), scorer
+    assert report["erm_ft_auc"] != report["erm_auc"]  # fine-tuning changed the predictions
+    choice = report["erm_ft_choice"]
+    assert any(f"inner_lr {a:g}, embedding_inner_lr {b:g}" in choice for a, b in FINE_TUNE_LRS), choice
+    assert any(choice.startswith(f"K={k},") for k in STEPS) and "validation gauc" in choice
+    table = (tmp_path / "eval" / "eval_report.md").read_text()
+    assert "| erm_ft |" in table and "erm_ft: the ERM baseline fine-tuned" in table
+    assert "| model | GAUC | AUC | logloss |" in table  # GAUC leads
+    # shards without a validation split: no fine-tuned baseline (its choice would need the test tasks)
+    with caplog.at_level("WARNING"):
+        no_val = run_evaluate(debug_checkpoint, tracking=False, out_dir=tmp_path / "eval2", baseline=erm)
+    assert "erm_auc" in no_val and "erm_ft_auc" not in no_val
+    assert "ERM fine-tuned per task is left out" in caplog.text

@@ -1,0 +1,120 @@
+"""Choosing how a model adapts to a new task, on the validation tasks: the number of inner
+steps K and the inner learning rates, over a grid. Used for the fair baseline, ERM
+fine-tuned per task (the ERM model adapted by the inner loop's SGD on each task's support
+rows, dense layers and embedding rows), and for MAML's own K and rates at test time.
+
+Every setting of the grid is scored on split ``val`` (never the test tasks) along one K
+curve per pair of rates; a pair whose adaptation diverges there is left out. The choice
+says whether it lies at an edge of the grid, where a wider grid might do better.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from gmeta.config import Config
+from gmeta.report import OBJECTIVES, NonFiniteScores
+
+log = logging.getLogger(__name__)
+
+# (dense lr, embedding-row lr) pairs for fine-tuning an ERM model; K read off each curve
+FINE_TUNE_LRS = [(0.003, 0.015), (0.01, 0.05), (0.03, 0.15), (0.1, 0.5), (0.3, 1.5), (1.0, 5.0)]
+# a tenth of those for squared error: its gradients scale with the labels' range (ratings 1-5),
+# where the log loss's are at most 1 per row
+REGRESSION_SCALE = 0.1
+STEPS = [1, 2, 3, 5, 8, 12]
+# a meta-trained model: its own rates times these
+RATE_SCALES = [0.25, 0.5, 1.0, 2.0, 4.0]
+
+
+@dataclass
+class Choice:
+    inner_lr: float
+    embedding_inner_lr: float
+    steps: int
+    value: float  # the validation metric there
+    metric: str
+    at_edge: list[str]  # "steps", "rates": the choice lies at that end of the grid
+
+    def describe(self) -> str:
+        edge = f", at the edge of the grid ({', '.join(self.at_edge)})" if self.at_edge else ""
+        return (f"K={self.steps}, inner_lr {self.inner_lr:g}, embedding_inner_lr {self.embedding_inner_lr:g} "
+                f"(validation {self.metric} {self.value:.4f}{edge})")
+
+
+def adapting(cfg: Config, inner_lr: float, embedding_inner_lr: float, steps: int, *,
+             fine_tune: bool) -> Config:
+    """``cfg`` scoring its model adapted by K steps at these rates. ``fine_tune``: adapt every
+    dense layer's weights and every embedding row (an ERM model has no adaptation of its own)."""
+    out = copy.deepcopy(cfg)
+    m = out.meta
+    if fine_tune:
+        m.algorithm = "maml"
+        m.adapt_dense, m.dense_adaptation = ["dense_arch", "over_arch"], "weights"
+        m.adapt_embeddings, m.adapt_features, m.meta_sgd = True, [], False
+    m.inner_lr, m.embedding_inner_lr, m.inner_steps = inner_lr, embedding_inner_lr, steps
+    out.eval.inner_steps = steps
+    out.eval.curve_steps = [steps]
+    return out
+
+
+def _validation(evaluate, model, cfg: Config, shards_dir, rates) -> dict | None:
+    """The validation report on every rank (None where these rates diverge): under a process
+    group the report is made on rank 0 and broadcast, so every rank makes the same choice."""
+    import torch.distributed as dist
+
+    try:
+        report = evaluate(model, cfg, shards_dir)
+    except NonFiniteScores as e:  # these rates diverge on the validation tasks: not a choice
+        log.info("rates (%g, %g) left out: %s", *rates, e)
+        report = {"diverged": True}
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [report]
+        dist.broadcast_object_list(box, src=0)
+        report = box[0]
+    return None if report is None or report.get("diverged") else report
+
+
+def choose(model, cfg: Config, shards_dir: str | Path, *, fine_tune: bool,
+           rates: list[tuple[float, float]] | None = None, steps: list[int] | None = None,
+           max_tasks: int | None = None) -> Choice:
+    """The (rates, K) of the grid with the best validation metric (GAUC for a binary
+    objective, RMSE for regression). ``rates``: (dense, embedding) pairs; default
+    ``FINE_TUNE_LRS`` for ``fine_tune`` (times ``REGRESSION_SCALE`` for regression), else
+    the model's own rates times ``RATE_SCALES`` (a Meta-SGD model keeps its learned rates:
+    only K is chosen)."""
+    from gmeta.evaluate import evaluate
+    from gmeta.train import HIGHER_IS_BETTER
+
+    steps = sorted(steps or STEPS)
+    if rates is None:
+        m = cfg.meta
+        scale = REGRESSION_SCALE if cfg.model.objective == "regression" else 1.0
+        rates = [(a * scale, b * scale) for a, b in FINE_TUNE_LRS] if fine_tune else (
+            [(m.inner_lr, m.embedding_inner_lr)] if m.meta_sgd else
+            [(m.inner_lr * s, m.embedding_inner_lr * s) for s in RATE_SCALES])
+    obj = OBJECTIVES[cfg.model.objective]
+    metric = "gauc" if cfg.model.objective == "binary" else "rmse"
+    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+    best: tuple[float, int, int] | None = None  # (signed value, rate index, K)
+    for i, (lr, emb_lr) in enumerate(rates):
+        vcfg = adapting(cfg, lr, emb_lr, max(steps), fine_tune=fine_tune)
+        vcfg.eval.split = "val"
+        vcfg.eval.curve_steps = steps
+        if max_tasks is not None:
+            vcfg.eval.max_tasks = max_tasks
+        report = _validation(evaluate, model, vcfg, shards_dir, (lr, emb_lr))
+        if report is None:
+            continue
+        curve = report[f"{obj.main}_vs_k"]
+        for k, v in zip(curve["k"], curve[metric]):
+            if k > 0 and (best is None or sign * v > best[0]):
+                best = (sign * v, i, k)
+    if best is None:
+        raise NonFiniteScores(f"every rate of {rates} diverged on the validation tasks")
+    value, i, k = best
+    edge = (["steps"] if k == steps[-1] else []) + (["rates"] if len(rates) > 1 and i in (0, len(rates) - 1) else [])
+    return Choice(rates[i][0], rates[i][1], k, sign * value, metric, edge)
