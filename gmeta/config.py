@@ -56,7 +56,8 @@ class SparseFeature:
     min_count: int = 0
     # ... and this hashed share of the training ids that pass min_count map to the default
     # row as well, in training and after it, so that the default row learns from ids that
-    # are new to the model (needs min_count >= 1; 0: only rare ids train it).
+    # are new to the model (0: only rare ids train it). Set alone (min_count 0), it gives
+    # the feature a default row for the ids never seen and the held-out ones.
     holdout_share: float = 0.0
 
 
@@ -487,8 +488,6 @@ def validate(cfg: Config) -> None:
         _check(sf.num_embeddings >= 1, f"features.sparse[{i}].num_embeddings", "must be >= 1")
         _check(sf.min_count >= 0, f"features.sparse[{i}].min_count", "must be >= 0 (0: no default row)")
         _check(0.0 <= sf.holdout_share < 1.0, f"features.sparse[{i}].holdout_share", "must be in [0, 1)")
-        _check(sf.holdout_share == 0 or sf.min_count >= 1, f"features.sparse[{i}].holdout_share",
-               "needs min_count >= 1 (the default row the held-out ids map to)")
     dup = {n for n in names if names.count(n) > 1}
     _check(not dup, "features", f"duplicate feature names {sorted(dup)}")
     reserved = {f.task_key, f.timestamp, f.label, f.true_prob} - {""}

@@ -77,6 +77,10 @@ def test_known_mask_keeps_ids_seen_min_count_times_less_a_hashed_holdout(tmp_pat
     share = 1 - held.sum() / mask.sum()
     assert 0.2 < share < 0.3
     np.testing.assert_array_equal(held, known_mask(tmp_path, sf))  # a pure function of the ids
+    sf.min_count = 0  # the holdout alone: every id seen in training, less the same hashed share
+    alone = known_mask(tmp_path, sf)
+    np.testing.assert_array_equal(alone & mask, held)
+    assert not alone[ids[counts == 0]].any() and alone[ids[counts > 0]].mean() > 0.7
     assert train_counts(tmp_path, sf.name)[0].min() == 1  # ids with no train occurrence are not train ids
     with pytest.raises(PrepareError, match=r"id_counts/user_id.parquet: not found.*prepare the shards again"):
         known_mask(tmp_path, cfg.features.sparse[0])

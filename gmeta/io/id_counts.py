@@ -105,7 +105,7 @@ def known_ids(cfg: Config) -> dict[str, torch.Tensor]:
     logging what share of the training occurrences the default row takes."""
     out = {}
     for i, sf in enumerate(cfg.features.sparse):
-        if sf.min_count <= 0:
+        if sf.min_count <= 0 and sf.holdout_share <= 0:
             continue
         mask = known_mask(cfg.data.shards_dir, sf)
         ids, counts = train_counts(cfg.data.shards_dir, sf.name)
@@ -128,7 +128,7 @@ def known_mask(shards_dir: str | Path, feature: SparseFeature) -> np.ndarray:
     default row, as a new id would use it). [num_embeddings] bool; the rest map to the
     feature's default row."""
     ids, counts = train_counts(shards_dir, feature.name)
-    keep = ids[counts >= feature.min_count]
+    keep = ids[counts >= max(1, feature.min_count)]
     if feature.holdout_share > 0:
         u = (salted_hash(keep, f"holdout:{feature.name}") >> np.uint64(11)).astype(np.float64) / float(1 << 53)
         keep = keep[u >= feature.holdout_share]

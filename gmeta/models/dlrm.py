@@ -89,7 +89,7 @@ class MLP(nn.Module):
 
 class SparseArch(nn.Module):
     """One embedding table per sparse feature; returns per-id embeddings per feature. A
-    feature with a default row for new ids (``min_count``) has one row more than its hash
+    feature with a default row for new ids (``min_count``, ``holdout_share``) has one row more than its hash
     range: row ``num_embeddings`` (``DefaultRows``)."""
 
     def __init__(self, features: list[dict], embedding_dim: int, device: torch.device | None = None,
@@ -112,7 +112,7 @@ class SparseArch(nn.Module):
 
 
 def has_default_row(feature: dict) -> bool:
-    return feature.get("min_count", 0) > 0
+    return feature.get("min_count", 0) > 0 or feature.get("holdout_share", 0.0) > 0
 
 
 class DefaultRows(nn.Module):
