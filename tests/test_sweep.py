@@ -94,3 +94,29 @@ def test_sweep_config_errors_name_the_key(tmp_path, capsys, extra, message):
                    "tracking.enabled=false", *extra])
     assert rc == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_sweep_trials_of_two_processes_and_searchable_list_items(val_shards, tmp_path):
+    """sweep.nproc_per_trial=2: each trial a 2-rank job (validation collective, rank 0
+    writing validation.jsonl); a key inside a list item (a feature's min_count) is searchable."""
+    cfg_path = tmp_path / "sweep.yaml"
+    cfg_path.write_text(DEBUG_CONFIG.read_text() + """
+sweep:
+  trials: 2
+  prune: false
+  nproc_per_trial: 2
+  params:
+    - {key: features.sparse.ad_id.min_count, choices: ["0", "2"]}
+""")
+    out = tmp_path / "sweep"
+    rc = cli_main(["sweep", "--config", str(cfg_path), "--out", str(out), f"data.shards_dir={val_shards}",
+                   "train.max_steps=6", "train.val_every_steps=3", "train.val_max_tasks=32", "train.eval_at_end=false",
+                   "tracking.enabled=false"])
+    assert rc == 0
+    summary = json.loads((out / "trials.json").read_text())
+    assert [t["state"] for t in summary["trials"]] == ["COMPLETE", "COMPLETE"]
+    for t in summary["trials"]:
+        meta = json.loads((out / f"trial-{t['number']:03d}" / "checkpoint" / "meta.json").read_text())
+        assert meta["world_size"] == 2
+        ad = [f for f in meta["config"]["features"]["sparse"] if f["name"] == "ad_id"][0]
+        assert ad["min_count"] == int(t["params"]["features.sparse.ad_id.min_count"])
