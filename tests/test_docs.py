@@ -90,8 +90,9 @@ def test_documented_commands_are_valid(page):
 RUN_ELSEWHERE = {
     "bash scripts/main.sh": "the main job",
     "bash scripts/test.sh": "the test command, which CI runs through .ci/run",
-    "python -m gmeta.cold_start": "tests/test_cold_start.py::test_table_runs_every_model_and_seed, which runs "
-                                  "cold_start.run (what the command runs) on three of its models and two seeds",
+    "python -m gmeta.cold_start": "tests/test_cold_start.py::"
+                                  "test_table_searches_every_row_alike_then_trains_and_scores_every_seed, which runs "
+                                  "cold_start.run (what the command runs) on three rows, two trials, two seeds",
 }
 
 _ADS_SMALL = ["synth.num_tasks=200", "synth.num_users=400"]
