@@ -44,6 +44,12 @@ class Variant:
     overrides: list[str] = field(default_factory=list)
     fine_tune: bool = False  # the ERM model of this seed, fine-tuned per task
     erm: bool = False  # a plain model: no adaptation of its own, no meta-learning keys searched
+    task_rows: bool = False  # adapt the rows of the data set's task-side features only (Dataset.task_features)
+
+    def overrides_for(self, ds: Dataset) -> list[str]:
+        if not self.task_rows:
+            return list(self.overrides)
+        return [*self.overrides, f"meta.adapt_features=[{', '.join(ds.task_features)}]"]
 
 
 _MAML = ["meta.algorithm=maml", "meta.adapt_embeddings=true", "meta.first_order=false"]
@@ -58,6 +64,8 @@ VARIANTS = [
                                                                "meta.dense_adaptation=film"]),
     Variant("MAML, biases + embeddings", "bias", [*_MAML, "meta.adapt_dense=[dense_arch, over_arch]",
                                                   "meta.dense_adaptation=bias"]),
+    Variant("MAML, ANIL + the task side's rows", "anil_task", [*_MAML, "meta.adapt_dense=[last]",
+                                                              "meta.dense_adaptation=weights"], task_rows=True),
     Variant("Reptile (dense + embeddings)", "reptile", ["meta.algorithm=reptile", "meta.adapt_embeddings=true",
                                                         "meta.adapt_dense=[dense_arch, over_arch]",
                                                         "meta.dense_adaptation=weights"]),
@@ -77,6 +85,9 @@ class Dataset:
     overrides: list[str]
     raw: Path | None = None  # None: generated (gmeta synth)
     val_every_steps: int = 6  # validations during training: what a trial is scored by, and the best weights kept
+    # features that describe the task itself (the user; the campaign's ad and advertiser):
+    # the rows a "task side" variant adapts, leaving the other side's (items, users) shared
+    task_features: list[str] = field(default_factory=list)
 
 
 def _train(config: Path, overrides: list[str]) -> Path:
@@ -159,7 +170,7 @@ def _space(ds: Dataset, v: Variant, fixed: list[str]):
     from gmeta.config import load_config
 
     cfg = load_config(ds.config, [*ds.overrides, *fixed])
-    set_keys = {o.split("=", 1)[0] for o in v.overrides}
+    set_keys = {o.split("=", 1)[0] for o in v.overrides_for(ds)}
     return [p for p in cfg.sweep.params
             if p.key not in set_keys and not (v.erm and p.key.startswith(_META_KEYS))]
 
@@ -173,7 +184,7 @@ def _search(ds: Dataset, v: Variant, fixed: list[str], out: Path, trials: int) -
     space = _space(ds, v, fixed)
     if trials <= 0 or not space:
         return [], {"trials": 0, "keys": []}
-    cfg = load_config(ds.config, [*ds.overrides, *v.overrides, *fixed])
+    cfg = load_config(ds.config, [*ds.overrides, *v.overrides_for(ds), *fixed])
     cfg.sweep.params = space
     out.mkdir(parents=True, exist_ok=True)
     config = out / "config.yaml"  # the variant's own config: its fixed keys and its space
@@ -215,8 +226,9 @@ def run(datasets: list[Dataset], seeds: list[int], out: Path, variants: list[Var
             for v in variants:
                 t0 = time.perf_counter()
                 if v.slug not in trained:
-                    trained[v.slug] = _train(ds.config, ds.overrides + v.overrides + best_overrides[v.slug] + fixed
-                                             + [f"train.seed={seed}", f"train.output_dir={base}/{v.slug}/seed{seed}"])
+                    trained[v.slug] = _train(ds.config, [
+                        *ds.overrides, *v.overrides_for(ds), *best_overrides[v.slug], *fixed, f"train.seed={seed}",
+                        f"train.output_dir={base}/{v.slug}/seed{seed}"])
                 if v.erm and not v.fine_tune:
                     report = _evaluate(trained[v.slug], shards)
                     scores: dict = _scores(report, "erm", objective)
@@ -291,6 +303,9 @@ def movielens_name(raw: Path) -> str:
     return "MovieLens"
 
 
+ML_USER_FEATURES = ["gender", "age", "occupation", "zip3"]  # the user's own (task-side) features
+
+
 def _datasets(args) -> list[Dataset]:
     out = []
     if args.movielens:
@@ -298,14 +313,16 @@ def _datasets(args) -> list[Dataset]:
         name = movielens_name(raw)
         ml = ROOT / "configs" / "movielens.yaml"
         if "click" in args.objectives:
-            out.append(Dataset(f"{name} (rating >= 4)", ml, list(args.movielens_override), raw=raw))
+            out.append(Dataset(f"{name} (rating >= 4)", ml, list(args.movielens_override), raw=raw,
+                               task_features=ML_USER_FEATURES))
         if "rating" in args.objectives:
             out.append(Dataset(f"{name} (rating)", ml, ["features.label=rating", "model.objective=regression",
-                                                         *args.movielens_override], raw=raw))
+                                                         *args.movielens_override], raw=raw,
+                               task_features=ML_USER_FEATURES))
     if args.ads_tasks:
         out.append(Dataset("synthetic ads-CVR", ROOT / "configs" / "ads_cvr.yaml",
                            [f"synth.num_tasks={args.ads_tasks}", "data.split.val_fraction=0.05",
-                            *args.ads_override], val_every_steps=100))
+                            *args.ads_override], val_every_steps=100, task_features=["ad_id", "advertiser_id"]))
     return out
 
 

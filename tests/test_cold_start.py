@@ -100,3 +100,14 @@ def test_movielens_release_is_named_from_its_files(tmp_path):
     (tmp_path / "rb").mkdir()
     (tmp_path / "rb" / "ml-100k.inter").write_text("")
     assert movielens_name(tmp_path / "rb") == "MovieLens-100K"
+
+
+def test_task_side_rows_variant_adapts_the_data_sets_own_features_and_does_not_search_them():
+    from gmeta.cold_start import _space
+
+    ds = Dataset("x", ML_CONFIG, [], task_features=["gender", "zip3"])
+    v = BY_SLUG["anil_task"]
+    assert v.overrides_for(ds)[-1] == "meta.adapt_features=[gender, zip3]"
+    keys = [p.key for p in _space(ds, v, [])]
+    assert "meta.adapt_dense" not in keys and "meta.adapt_features" not in keys and "meta.inner_lr" in keys
+    assert not any(k.startswith("meta.") for k in (p.key for p in _space(ds, BY_SLUG["erm"], [])))
