@@ -97,7 +97,9 @@ def run_sweep(config_path: str | Path, overrides: list[str], out: str | Path, *,
         for t in study.trials:  # trials of an earlier sweep of this study that never ended
             if t.state == optuna.trial.TrialState.RUNNING:
                 study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        done = len([t for t in study.trials if t.state.is_finished()])
+        # trials that ran to an end; one a stopped sweep cut short (just marked failed) runs again
+        done = len([t for t in study.trials
+                    if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)])
         for _ in range(max(0, total - done)):
             _run_trial(study, cfg, config_path, overrides, out, metric, uri, parent.run_id)
         summary = _summarise(study, cfg, config_path, overrides, out, metric)
