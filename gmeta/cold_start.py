@@ -128,11 +128,12 @@ def _adapted(ckpt: Path, shards: Path, objective: str, *, fine_tune: bool) -> di
     """K and the inner rates chosen on the validation tasks (``gmeta.finetune.choose``),
     then the test tasks scored once with them."""
     from gmeta.checkpoint import load_unsharded
+    from gmeta.evaluate import evaluate
     from gmeta.finetune import choose
     from gmeta.report import NonFiniteScores
 
     model, cfg, _ = load_unsharded(ckpt)
-    c = choose(model, cfg, shards, fine_tune=fine_tune)
+    c = choose(evaluate, model, cfg, shards, fine_tune=fine_tune)
     try:
         out: dict = _scores(_evaluate(ckpt, shards, adapt=(c.inner_lr, c.embedding_inner_lr, c.steps),
                                       fine_tune=fine_tune), "maml", objective)

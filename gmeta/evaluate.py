@@ -125,7 +125,7 @@ def _fine_tuned(bmodel: MetaDLRM, bcfg: Config, cfg: Config):
         return None, None
     bcfg = copy.deepcopy(bcfg)
     bcfg.eval, bcfg.data.shards_dir = copy.deepcopy(cfg.eval), cfg.data.shards_dir
-    choice = finetune.choose(bmodel, bcfg, cfg.data.shards_dir, fine_tune=True)
+    choice = finetune.choose(evaluate, bmodel, bcfg, cfg.data.shards_dir, fine_tune=True)
     log.info("ERM fine-tuned per task: %s", choice.describe())
     ft = finetune.adapting(bcfg, choice.inner_lr, choice.embedding_inner_lr, choice.steps, fine_tune=True)
     ft.eval.split = cfg.eval.split

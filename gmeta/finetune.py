@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from gmeta.config import Config
+from gmeta.metrics import HIGHER_IS_BETTER
 from gmeta.report import OBJECTIVES, NonFiniteScores
 
 log = logging.getLogger(__name__)
@@ -78,17 +80,15 @@ def _validation(evaluate, model, cfg: Config, shards_dir, rates) -> dict | None:
     return None if report is None or report.get("diverged") else report
 
 
-def choose(model, cfg: Config, shards_dir: str | Path, *, fine_tune: bool,
+def choose(evaluate: Callable[..., dict | None], model, cfg: Config, shards_dir: str | Path, *, fine_tune: bool,
            rates: list[tuple[float, float]] | None = None, steps: list[int] | None = None,
            max_tasks: int | None = None) -> Choice:
     """The (rates, K) of the grid with the best validation metric (GAUC for a binary
     objective, RMSE for regression). ``rates``: (dense, embedding) pairs; default
     ``FINE_TUNE_LRS`` for ``fine_tune`` (times ``REGRESSION_SCALE`` for regression), else
     the model's own rates times ``RATE_SCALES`` (a Meta-SGD model keeps its learned rates:
-    only K is chosen)."""
-    from gmeta.evaluate import evaluate
-    from gmeta.train import HIGHER_IS_BETTER
-
+    only K is chosen). ``evaluate``: ``gmeta.evaluate.evaluate`` (passed in: that module
+    uses this one for its fine-tuned baseline)."""
     steps = sorted(steps or STEPS)
     if rates is None:
         m = cfg.meta

@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import log_loss, roc_auc_score
 
+# the direction of each metric a run or a search can be judged by
+HIGHER_IS_BETTER = {"auc": True, "gauc": True, "logloss": False, "rmse": False, "mae": False}
+
 # Why a metric comes out NaN: it cannot be computed on these rows. Reports show
 # "n/a (<reason>)" instead of a bare nan (see ``not_available``).
 NAN_REASONS = {

@@ -71,7 +71,7 @@ def run_sweep(config_path: str | Path, overrides: list[str], out: str | Path, *,
     """Run the sweep (see the module docstring); returns its summary."""
     import optuna
 
-    from gmeta.train import HIGHER_IS_BETTER
+    from gmeta.metrics import HIGHER_IS_BETTER
 
     cfg = load_config(config_path, overrides)
     metric = check_sweep(cfg, config_path, overrides)
@@ -119,7 +119,7 @@ def _run_trial(study, cfg: Config, config_path, overrides: list[str], out: Path,
                parent_run_id: str) -> None:
     import optuna
 
-    from gmeta.train import HIGHER_IS_BETTER
+    from gmeta.metrics import HIGHER_IS_BETTER
 
     trial = study.ask()
     params = {p.key: suggest(trial, p) for p in cfg.sweep.params}

@@ -40,6 +40,7 @@ from gmeta.io.reader import TaskReader
 from gmeta.meta.algorithms import ALGORITHMS
 from gmeta.meta.base import MetaOutput
 from gmeta.meta.layout import layout_of
+from gmeta.metrics import HIGHER_IS_BETTER
 from gmeta.models.dlrm import build_model, dense_autocast
 from gmeta.parallel.dist import DenseGradSync, broadcast_params, configure_threads, init_distributed
 from gmeta.parallel.pipeline import SparseDistPipeline
@@ -286,9 +287,6 @@ class LrSchedule:
             g["lr"] = base * f
         self.fused.step()
         return f
-
-
-HIGHER_IS_BETTER = {"auc": True, "gauc": True, "logloss": False, "rmse": False, "mae": False}
 
 
 def val_metric(cfg: Config) -> str:

@@ -246,6 +246,7 @@ def test_report_shows_gauc_without_any_two_class_task_as_not_available(tmp_path)
     report = build_report(pred, _cfg(), inner_steps=2)
     table = format_table(report)
     row = next(line for line in table.splitlines() if line.startswith("| maml |"))
-    assert row.split(" | ")[2] == "n/a (no task with both classes)" and "nan" not in row, row
-    assert f"| maml | {report['maml_auc']:.4f} |" in table
+    # GAUC is the first column, AUC the second
+    assert row.split(" | ")[1] == "n/a (no task with both classes)" and "nan" not in row, row
+    assert f"| maml | n/a (no task with both classes) | {report['maml_auc']:.4f} |" in table
     assert "| GAUC | n/a (no task with both classes) | n/a (no task with both classes) |" in table, table

@@ -52,7 +52,7 @@ def test_report_contents(debug_checkpoint, debug_data, tmp_path):
                      "auc_by_support_size.png", "calibration.png"}
     assert json.loads((tmp_path / "eval" / "eval_report.json").read_text())["maml_auc"] == report["maml_auc"]
     md = (tmp_path / "eval" / "eval_report.md").read_text()
-    assert f"| maml | {report['maml_auc']:.4f} |" in md and "| 8-15 |" in md
+    assert f"| maml | {report['maml_gauc']:.4f} | {report['maml_auc']:.4f} |" in md and "| 8-15 |" in md
     html = (tmp_path / "eval" / "eval_report.html").read_text()
     assert "<table>" in html and 'src="auc_vs_k.png"' in html
     assert (tmp_path / "eval" / "auc_vs_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
