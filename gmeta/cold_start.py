@@ -147,17 +147,33 @@ def _adapted(ckpt: Path, shards: Path, objective: str, *, fine_tune: bool) -> di
 
 def _prepare(ds: Dataset, out: Path) -> Path:
     from gmeta.config import load_config
+    from gmeta.io.manifest import MANIFEST, load_manifest
     from gmeta.io.prepare import prepare
 
     cfg = load_config(ds.config, ds.overrides)
-    raw = ds.raw
-    if raw is None:
-        from gmeta.synth import generate
-
-        raw = out / "raw"
-        generate(cfg, raw)
     shards = out / "shards"
-    m = prepare(cfg, raw, shards)
+    # what the shards were made from: a table continued in the same --out reuses them (the
+    # runs it already has were trained on them), and makes them again if any of it changed
+    made_from = {"config": str(ds.config), "overrides": list(ds.overrides), "raw": str(ds.raw)}
+    stamp = out / "prepared.json"
+    if (shards / MANIFEST).is_file() and stamp.is_file() and json.loads(stamp.read_text()) == made_from:
+        m = load_manifest(shards)
+        log.info("%s: shards %s reused (%s)", ds.name, shards, stamp)
+    else:
+        if stamp.is_file() and any(d.is_dir() and d.name not in ("raw", "shards") for d in out.iterdir()):
+            # its searches and seeds were made on the shards of another config: refuse to mix them
+            raise ValueError(f"{out}: made from {stamp.read_text().strip()}, not from {json.dumps(made_from)}; "
+                             "its runs would be scored on other shards: pass another --out, or remove "
+                             f"{out} to start this data set again")
+        stamp.unlink(missing_ok=True)
+        raw = ds.raw
+        if raw is None:
+            from gmeta.synth import generate
+
+            raw = out / "raw"
+            generate(cfg, raw)
+        m = prepare(cfg, raw, shards)
+        stamp.write_text(json.dumps(made_from, indent=2))
     log.info("%s: %s", ds.name, {k: v["tasks"] for k, v in m["splits"].items()})
     if not m["splits"].get("val", {}).get("tasks"):
         raise ValueError(f"{ds.name}: no validation tasks (data.split.val_fraction): every choice of the table is "
@@ -199,21 +215,46 @@ def _search(ds: Dataset, v: Variant, fixed: list[str], out: Path, trials: int) -
         "trials": done, "keys": [p.key for p in space], "metric": summary["metric"], "best": best}
 
 
+def _previous(out: Path, seeds: list[int]) -> dict:
+    """results.json of an earlier run into the same ``out`` (one cut short, or one of other
+    data sets or rows), its runs of these seeds only; else a new, empty one."""
+    path = out / "results.json"
+    if not path.is_file():
+        return {"seeds": seeds, "datasets": {}}
+    old = json.loads(path.read_text())
+    for entry in old.get("datasets", {}).values():
+        for name in list(entry.get("runs", {})):
+            entry["runs"][name] = [x for x in entry["runs"][name] if x.get("seed") in seeds]
+    old["seeds"] = seeds
+    return old
+
+
 def run(datasets: list[Dataset], seeds: list[int], out: Path, variants: list[Variant] = VARIANTS,
         trials: int = 0) -> dict:
-    """Search, train and score every variant on every data set for every seed; returns the results."""
+    """Search, train and score every variant on every data set for every seed; returns the
+    results. Into an ``out`` that holds an earlier run's results.json, the table
+    grows: rows and data sets not run now are kept, and a row whose search found the same
+    overrides keeps the seeds it has (a run cut short continues: searches resume their
+    Optuna study, a seed cut mid-training resumes from its last checkpoint)."""
     from gmeta.config import load_config
 
-    results: dict = {"seeds": seeds, "trials": trials, "datasets": {}}
+    results = _previous(out, seeds)
+    results["trials"] = trials
+
+    def save() -> None:  # after every seed scored: a cut run loses at most the one in progress
+        tmp = out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(out / "results.json")
+
     for ds in datasets:
-        base = out / ds.name.lower().replace(" ", "_").replace("(", "").replace(")", "")
+        base = out / _slug(ds.name)
         objective = load_config(ds.config, ds.overrides).model.objective
         shards = _prepare(ds, base)
         fixed = [f"data.shards_dir={shards}", "train.eval_at_end=false", "tracking.enabled=false",
                  "train.nproc_per_node=1", "sweep.nproc_per_trial=1", f"train.val_every_steps={ds.val_every_steps}"]
-        runs: dict[str, list[dict]] = {v.name: [] for v in variants}
+        entry = results["datasets"].setdefault(ds.name, {"runs": {}, "search": {}, "oracle_auc": None})
+        entry["objective"] = objective
         searched: dict[str, dict] = {}
-        oracle = None
         best_overrides: dict[str, list[str]] = {}
         for v in variants:
             if v.slug not in best_overrides:
@@ -222,29 +263,53 @@ def run(datasets: list[Dataset], seeds: list[int], out: Path, variants: list[Var
                 info["seconds"] = round(time.perf_counter() - t0, 1)
                 searched[v.slug] = info
                 log.info("%s %s: searched %s -> %s", ds.name, v.slug, info, best_overrides[v.slug])
+        for v in variants:
+            old = entry["search"].get(v.name, {})
+            if old.get("overrides") != best_overrides[v.slug]:  # searched anew: its old seeds go
+                entry["runs"][v.name] = []
+            else:
+                entry["runs"].setdefault(v.name, [])
+            entry["search"][v.name] = {**searched[v.slug], "overrides": best_overrides[v.slug]}
         for seed in seeds:
             trained: dict[str, Path] = {}  # slug -> checkpoint of this seed
             for v in variants:
+                runs = entry["runs"][v.name]
+                have = next((x for x in runs if x.get("seed") == seed), None)
+                if have is not None:
+                    if have.get("checkpoint"):
+                        trained.setdefault(v.slug, Path(have["checkpoint"]))
+                    log.info("%s seed %d %s: kept from %s", ds.name, seed, v.name, out / "results.json")
+                    continue
                 t0 = time.perf_counter()
                 if v.slug not in trained:
                     trained[v.slug] = _train(ds.config, [
                         *ds.overrides, *v.overrides_for(ds), *best_overrides[v.slug], *fixed, f"train.seed={seed}",
-                        f"train.output_dir={base}/{v.slug}/seed{seed}"])
+                        f"train.output_dir={base}/{v.slug}/seed{seed}", "train.resume=auto"])
                 if v.erm and not v.fine_tune:
                     report = _evaluate(trained[v.slug], shards)
                     scores: dict = _scores(report, "erm", objective)
                     if "oracle_auc" in report:  # true probabilities of the same test tasks: one value
-                        oracle = float(report["oracle_auc"])
+                        entry["oracle_auc"] = float(report["oracle_auc"])
                 else:
                     scores = _adapted(trained[v.slug], shards, objective, fine_tune=v.fine_tune)
-                scores["seconds"] = round(time.perf_counter() - t0, 1)
-                runs[v.name].append(scores)
+                scores.update(seed=seed, checkpoint=str(trained[v.slug]), seconds=round(time.perf_counter() - t0, 1))
+                runs.append(scores)
+                runs.sort(key=lambda x: seeds.index(x["seed"]) if x.get("seed") in seeds else len(seeds))
                 log.info("%s seed %d %s: %s", ds.name, seed, v.name, scores)
-        results["datasets"][ds.name] = {
-            "objective": objective, "runs": runs, "oracle_auc": oracle,
-            "search": {v.name: {**searched[v.slug], "overrides": best_overrides[v.slug]} for v in variants}}
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+                save()
+        save()
+    for ds, entry in results["datasets"].items():  # rows kept from earlier runs that lack some of these seeds
+        for name, runs in list(entry["runs"].items()):
+            if {x.get("seed") for x in runs} != set(seeds):
+                log.warning("%s / %s: has seeds %s, not %s: left out of the table (run it again with --variants)",
+                            ds, name, sorted(x.get("seed") for x in runs), seeds)
+                del entry["runs"][name]
+    save()
     return results
+
+
+def _slug(name: str) -> str:
+    return name.lower().replace(" ", "_").replace("(", "").replace(")", "")
 
 
 def _mean_sd(values: list[float]) -> str:

@@ -74,6 +74,35 @@ def test_rating_objective_rows_report_rmse_and_mae(tmp_path):
     assert "| data set | model | search | RMSE | MAE |" in table and "| tiny (rating) | ERM | none | " in table
 
 
+def test_a_second_run_into_the_same_out_keeps_what_it_has_and_adds_rows(tmp_path, monkeypatch):
+    raw = write_ml100k(tmp_path / "ml-100k", make_data())
+    ds = Dataset("tiny", ML_CONFIG, FAST, raw=raw, val_every_steps=2)
+    out = tmp_path / "out"
+    first = cold_start.run([ds], [0], out, [BY_SLUG["erm"]], trials=0)
+    erm = json.loads(json.dumps(first["datasets"]["tiny"]["runs"]["ERM"]))
+    manifest = out / "tiny" / "shards" / "manifest.json"
+    made = manifest.stat().st_mtime_ns
+    calls = []
+    real_train = cold_start._train
+    monkeypatch.setattr(cold_start, "_train", lambda *a: calls.append(a) or real_train(*a))
+    # ERM + fine-tuning of the kept ERM checkpoint: nothing trained again, shards reused
+    second = cold_start.run([ds], [0], out, [BY_SLUG["erm"], BY_SLUG["erm_ft"]], trials=0)
+    runs = second["datasets"]["tiny"]["runs"]
+    assert calls == [] and manifest.stat().st_mtime_ns == made
+    assert runs["ERM"] == erm and runs["ERM + fine-tuning"][0]["checkpoint"] == erm[0]["checkpoint"]
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["datasets"]["tiny"]["runs"]) == ["ERM", "ERM + fine-tuning"]
+    # a run with one more seed trains that seed only, and leaves out rows it did not run
+    third = cold_start.run([ds], [0, 1], out, [BY_SLUG["erm"]], trials=0)
+    runs = third["datasets"]["tiny"]["runs"]
+    assert list(runs) == ["ERM"] and runs["ERM"][0] == erm[0] and runs["ERM"][1]["seed"] == 1 and len(calls) == 1
+    # a changed data set config would score kept runs on other shards: refused, nothing touched
+    with pytest.raises(ValueError, match="prepared.json|another --out"):
+        cold_start.run([Dataset("tiny", ML_CONFIG, [*FAST, "data.split.val_fraction=0.25"], raw=raw,
+                                val_every_steps=2)], [0, 1], out, [BY_SLUG["erm"]], trials=0)
+    assert manifest.stat().st_mtime_ns == made and (out / "tiny" / "erm" / "seed1").is_dir()
+
+
 def test_a_row_that_diverges_on_the_test_tasks_says_so():
     results = {"seeds": [0, 1], "datasets": {"ads": {"oracle_auc": None, "search": {}, "runs": {"MAML": [
         {"auc": 0.60, "gauc": 0.61, "logloss": 0.52, "inner_steps": 2},
