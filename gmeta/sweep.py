@@ -88,9 +88,13 @@ def run_sweep(config_path: str | Path, overrides: list[str], out: str | Path, *,
     study = optuna.create_study(study_name="gmeta", storage=storage, load_if_exists=True,
                                 direction="maximize" if HIGHER_IS_BETTER[metric] else "minimize",
                                 sampler=optuna.samplers.TPESampler(seed=sw.seed), pruner=pruner)
+    # a continued study: a sampler seeded as the first one would draw the first trials' points
+    # again (its random start-up draws restart from the seed); offset by the trials it holds
+    study.sampler = optuna.samplers.TPESampler(seed=sw.seed + len(study.trials))
     uri = resolve_tracking_uri(cfg.tracking.uri, tracking_uri)
     parent = make_tracker(cfg.tracking.enabled, uri, cfg.tracking.experiment,
                           cfg.tracking.run_name or f"sweep-{out.name}")
+    previous = _sigterm_raises()
     try:
         parent.log_params({"sweep.trials": total, "sweep.metric": metric, "sweep.config": str(config_path),
                            **{f"sweep.space.{p.key}": str(p.choices or f"[{p.low}, {p.high}]") for p in sw.params}})
@@ -111,15 +115,32 @@ def run_sweep(config_path: str | Path, overrides: list[str], out: str | Path, *,
     except BaseException:
         parent.finish(status="FAILED")
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     parent.finish()
     return summary
+
+
+def _sigterm_raises():
+    """SIGTERM (``kill``, a scheduler's stop) raises SystemExit in the main thread, so a
+    stopped sweep runs its cleanup: the running trial's processes, in a session of their own,
+    are stopped and the sweep's MLflow run marked failed. Returns the handler it replaced
+    (None off the main thread, where no handler can be set)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _run_trial(study, cfg: Config, config_path, overrides: list[str], out: Path, metric: str, uri: str,
                parent_run_id: str) -> None:
     import optuna
-
-    from gmeta.metrics import HIGHER_IS_BETTER
 
     trial = study.ask()
     params = {p.key: suggest(trial, p) for p in cfg.sweep.params}
@@ -138,43 +159,18 @@ def _run_trial(study, cfg: Config, config_path, overrides: list[str], out: Path,
            str(cfg.sweep.nproc_per_trial), "--tracking-uri", uri, *trial_overrides]
     log.info("trial %d: %s", trial.number, " ".join(_overrides(params)))
     history = run_dir / "validation.jsonl"
-    seen = reported = 0
-    running: float | None = None
-    higher = HIGHER_IS_BETTER[metric]
-    pruned = False
     with open(out / f"trial-{trial.number:03d}.log", "w") as f:
         # a session of its own: a pruned trial's processes (torchrun and its workers) end together
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        while True:
-            try:
-                rc = proc.wait(timeout=POLL_S)
-            except subprocess.TimeoutExpired:
-                rc = None
-            lines = history.read_text().splitlines() if history.is_file() else []
-            for line in lines[seen:]:
-                if not line.endswith("}"):
-                    break  # a line still being written
-                v = json.loads(line)
-                seen += 1
-                if v.get("stage") == "pretrain":  # not compared: an ERM model scored adapted is not yet meta-trained
-                    continue
-                # the best so far, at the trial's n-th validation of meta-training: trials with and
-                # without pretraining epochs are compared at the same point of their meta-training
-                value = float(v[metric])
-                running = value if running is None else (max(running, value) if higher else min(running, value))
-                reported += 1
-                trial.report(running, reported)
-                if rc is None and trial.should_prune():
-                    pruned = True
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait()
-                    break
-            if rc is not None or pruned:
-                break
+        try:
+            rc, pruned, step, reported = _follow(proc, trial, history, metric)
+        finally:  # the sweep stopped (Ctrl-C, SIGTERM, an error): its trial's processes stop with it
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()
     if pruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        log.info("trial %d: pruned at step %s (validation %d of meta-training)", trial.number,
-                 json.loads(lines[seen - 1])["step"], reported)
+        log.info("trial %d: pruned at step %s (validation %d of meta-training)", trial.number, step, reported)
         return
     meta_path = run_dir / "checkpoint" / "meta.json"
     if rc != 0 or not meta_path.is_file():
@@ -185,6 +181,43 @@ def _run_trial(study, cfg: Config, config_path, overrides: list[str], out: Path,
     best = json.loads(meta_path.read_text())["validation"]["best"]
     study.tell(trial, float(best))
     log.info("trial %d: best %s %.4f", trial.number, metric, best)
+
+
+def _follow(proc: subprocess.Popen, trial, history: Path, metric: str) -> tuple[int | None, bool, int, int]:
+    """Report the trial's validations to Optuna as they are written, and prune it (its whole
+    process group) when Optuna says so: (exit code, pruned, step of the last validation,
+    validations of meta-training reported)."""
+    from gmeta.metrics import HIGHER_IS_BETTER
+
+    seen = reported = step = 0
+    running: float | None = None
+    higher = HIGHER_IS_BETTER[metric]
+    while True:
+        try:
+            rc = proc.wait(timeout=POLL_S)
+        except subprocess.TimeoutExpired:
+            rc = None
+        lines = history.read_text().splitlines() if history.is_file() else []
+        for line in lines[seen:]:
+            if not line.endswith("}"):
+                break  # a line still being written
+            v = json.loads(line)
+            seen += 1
+            step = v["step"]
+            if v.get("stage") == "pretrain":  # not compared: an ERM model scored adapted is not yet meta-trained
+                continue
+            # the best so far, at the trial's n-th validation of meta-training: trials with and
+            # without pretraining epochs are compared at the same point of their meta-training
+            value = float(v[metric])
+            running = value if running is None else (max(running, value) if higher else min(running, value))
+            reported += 1
+            trial.report(running, reported)
+            if rc is None and trial.should_prune():
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()
+                return None, True, step, reported
+        if rc is not None:
+            return rc, False, step, reported
 
 
 def _summarise(study, cfg: Config, config_path, overrides: list[str], out: Path, metric: str) -> dict:

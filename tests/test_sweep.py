@@ -78,7 +78,48 @@ def test_sweep_runs_trials_as_nested_runs_and_writes_the_best_config(val_shards,
     # run again with more trials: the study continues (3 done, 1 more)
     rc = cli_main(["sweep", "--config", str(cfg_path), "--out", str(out), "--tracking-uri", uri, "--trials", "4",
                    *common])
-    assert rc == 0 and len(json.loads((out / "trials.json").read_text())["trials"]) == 4
+    trials = json.loads((out / "trials.json").read_text())["trials"]
+    assert rc == 0 and len(trials) == 4
+    # ... at new points: a sampler seeded as the first sweep's would draw trial 0's again
+    assert all(trials[3]["params"]["meta.inner_lr"] != t["params"]["meta.inner_lr"] for t in trials[:3])
+
+
+def test_a_stopped_sweep_stops_its_running_trial(val_shards, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "gmeta.cli", "sweep", "--config", str(_sweep_config(tmp_path)), "--out", str(out),
+           f"data.shards_dir={val_shards}", "train.epochs=1000", "train.val_every_steps=4", "train.val_max_tasks=8",
+           "train.eval_at_end=false", "tracking.enabled=false", "train.nproc_per_node=1", "data.num_workers=0"]
+    sweep = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+
+    def trial_processes() -> list[int]:  # processes whose command line names this sweep's trial 0
+        mine = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                line = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if f"{out}/trial-000" in line and int(pid) != sweep.pid:
+                mine.append(int(pid))
+        return mine
+
+    deadline = time.monotonic() + 240
+    while not (out / "trial-000" / "validation.jsonl").is_file():  # the trial is training
+        assert sweep.poll() is None and time.monotonic() < deadline, "the trial never started"
+        time.sleep(0.5)
+    assert trial_processes()
+    sweep.send_signal(signal.SIGTERM)
+    assert sweep.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 30
+    while trial_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert trial_processes() == []
 
 
 @pytest.mark.parametrize("extra, message", [
