@@ -5,6 +5,7 @@ the saved checkpoints."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 
@@ -12,7 +13,7 @@ import pytest
 
 from gmeta import cold_start
 from gmeta.cold_start import BY_SLUG, Dataset, format_table, movielens_name
-from gmeta.finetune import FINE_TUNE_LRS, RATE_SCALES, REGRESSION_SCALE, STEPS
+from gmeta.finetune import EXTRA_STEPS, FINE_TUNE_LRS, REGRESSION_SCALE, STEPS
 from tests.support.movielens import ML_CONFIG, make_data, write_ml100k
 
 FAST = ["train.epochs=1", "meta.tasks_per_batch=4", "eval.tasks_per_batch=8", "data.num_workers=0",
@@ -20,6 +21,13 @@ FAST = ["train.epochs=1", "meta.tasks_per_batch=4", "eval.tasks_per_batch=8", "d
         # a small space, so that two trials differ in what matters
         "sweep.params=[{key: optim.dense_lr, low: 0.001, high: 0.01, log: true}, "
         "{key: meta.inner_lr, low: 0.05, high: 0.5, log: true}]"]
+
+
+def _on_fine_tune_grid(pair: tuple[float, float], scale: float = 1.0) -> bool:
+    """A pair of FINE_TUNE_LRS (times ``scale``), or one past its ends (the grid widened)."""
+    grid = [(a * scale, b * scale) for a, b in FINE_TUNE_LRS]
+    return any(pair == pytest.approx(g) for g in grid) or (
+        not grid[0][0] <= pair[0] <= grid[-1][0] and pair[1] == pytest.approx(5 * pair[0]))
 
 
 def test_table_searches_every_row_alike_then_trains_and_scores_every_seed(tmp_path):
@@ -41,12 +49,14 @@ def test_table_searches_every_row_alike_then_trains_and_scores_every_seed(tmp_pa
     assert r["search"][variants[2].name]["overrides"] == [f"{k}={v}" for k, v in best.items()]
     trials = json.loads((tmp_path / "out" / "tiny" / "anil" / "search" / "trials.json").read_text())
     assert len(trials["trials"]) == 2 and trials["metric"] == "gauc"
-    for x in runs["ERM + fine-tuning"]:  # chosen on the validation users, from the grid
-        assert (x["inner_lr"], x["embedding_inner_lr"]) in FINE_TUNE_LRS and x["inner_steps"] in STEPS
+    for x in runs["ERM + fine-tuning"]:  # chosen on the validation users, from the grid or past its ends
+        assert _on_fine_tune_grid((x["inner_lr"], x["embedding_inner_lr"])), x
+        assert x["inner_steps"] in STEPS + EXTRA_STEPS
     anil_lr = float(best["meta.inner_lr"])
-    for x in runs[variants[2].name]:  # its own rates, scaled
-        assert x["inner_steps"] in STEPS
-        assert any(abs(x["inner_lr"] - anil_lr * s) < 1e-12 for s in RATE_SCALES)
+    for x in runs[variants[2].name]:  # its own rates, scaled by powers of two (RATE_SCALES and beyond)
+        assert x["inner_steps"] in STEPS + EXTRA_STEPS
+        scale = math.log2(x["inner_lr"] / anil_lr)
+        assert abs(scale - round(scale)) < 1e-9, x
     # the recorded figures are those of the saved checkpoints, scored again
     ckpts = sorted((tmp_path / "out" / "tiny" / "erm" / "seed1").glob("best")) or \
         [tmp_path / "out" / "tiny" / "erm" / "seed1" / "checkpoint"]
@@ -69,7 +79,7 @@ def test_rating_objective_rows_report_rmse_and_mae(tmp_path):
     for x in runs["ERM"] + runs["ERM + fine-tuning"]:
         assert set(x) >= {"rmse", "mae"} and 0 < x["mae"] <= x["rmse"] < 4
     x = runs["ERM + fine-tuning"][0]  # the grid of squared error: a tenth of the log loss's
-    assert x["inner_lr"] in [a * REGRESSION_SCALE for a, _ in FINE_TUNE_LRS]
+    assert _on_fine_tune_grid((x["inner_lr"], x["embedding_inner_lr"]), REGRESSION_SCALE), x
     table = format_table(results)
     assert "| data set | model | search | RMSE | MAE |" in table and "| tiny (rating) | ERM | none | " in table
 
