@@ -247,7 +247,7 @@ def run(datasets: list[Dataset], seeds: list[int], out: Path, variants: list[Var
         tmp.replace(out / "results.json")
 
     for ds in datasets:
-        base = out / _slug(ds.name)
+        base = out / ds.name.lower().replace(" ", "_").replace("(", "").replace(")", "")
         objective = load_config(ds.config, ds.overrides).model.objective
         shards = _prepare(ds, base)
         fixed = [f"data.shards_dir={shards}", "train.eval_at_end=false", "tracking.enabled=false",
@@ -306,10 +306,6 @@ def run(datasets: list[Dataset], seeds: list[int], out: Path, variants: list[Var
                 del entry["runs"][name]
     save()
     return results
-
-
-def _slug(name: str) -> str:
-    return name.lower().replace(" ", "_").replace("(", "").replace(")", "")
 
 
 def _mean_sd(values: list[float]) -> str:
