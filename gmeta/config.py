@@ -300,6 +300,10 @@ class OptimConfig:
     dense_weight_decay: float = 0.0
     embedding_optimizer: Literal["sgd", "rowwise_adagrad", "adagrad", "adam"] = "rowwise_adagrad"
     embedding_lr: float = 0.05
+    # L2 penalty on the rows a step touches, applied by the fused optimizer (fbgemm's
+    # weight_decay_mode L2: wd x row added to the row's gradient, lazily, only for the rows
+    # in the batch). Keeps the per-id rows of users and ads from memorising their few rows.
+    embedding_weight_decay: float = 0.0
     # Learning-rate schedule of both optimizers (dense Adam and the tables' fused one):
     # linear warm-up from 0 over this many steps, then "none" (constant), "linear" or
     # "cosine" decay to min_lr_factor x the rate at the last step.
@@ -588,6 +592,7 @@ def validate(cfg: Config) -> None:
     _check(o.dense_lr > 0, "optim.dense_lr", "must be > 0")
     _check(o.dense_weight_decay >= 0, "optim.dense_weight_decay", "must be >= 0")
     _check(o.embedding_lr > 0, "optim.embedding_lr", "must be > 0")
+    _check(o.embedding_weight_decay >= 0, "optim.embedding_weight_decay", "must be >= 0")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0 (0: no warm-up)")
     _check(0.0 <= o.min_lr_factor <= 1.0, "optim.min_lr_factor", "must be in [0, 1]")
     _check(o.grad_clip_norm >= 0, "optim.grad_clip_norm", "must be >= 0 (0: off)")

@@ -15,6 +15,7 @@ import os
 import torch
 import torch.distributed as dist
 import torchrec.optim as trec_optim
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -36,6 +37,10 @@ EMBEDDING_OPTIMIZERS = {
 }
 # fbgemm's CPU kernels implement SGD and (row-wise) Adagrad; Adam is fused on GPU only.
 CUDA_ONLY_OPTIMIZERS = {"adam"}
+# The fused optimizers with a weight decay in fbgemm, and its mode: row-wise Adagrad adds
+# wd x row to the gradient (L2, like torch's Adagrad); Adam has only the decoupled form.
+# fbgemm's sgd and (full) adagrad have none.
+WEIGHT_DECAY_MODES = {"rowwise_adagrad": WeightDecayMode.L2, "adam": WeightDecayMode.DECOUPLE}
 
 
 def table_sharding_types(model: MetaDLRM, cfg: Config) -> dict[str, str]:
@@ -74,7 +79,14 @@ def make_planner(model: MetaDLRM, cfg: Config, device_type: str, world: int, loc
     if world % local_world:
         raise ConfigError(f"world size {world} is not a multiple of the processes per node ({local_world})")
     opt_cls = EMBEDDING_OPTIMIZERS[cfg.optim.embedding_optimizer]
-    apply_optimizer_in_backward(opt_cls, model.sparse_arch.parameters(), {"lr": cfg.optim.embedding_lr})
+    kwargs: dict = {"lr": cfg.optim.embedding_lr}
+    if cfg.optim.embedding_weight_decay:
+        mode = WEIGHT_DECAY_MODES.get(cfg.optim.embedding_optimizer)
+        if mode is None:
+            raise ConfigError(f"optim.embedding_weight_decay: fbgemm's {cfg.optim.embedding_optimizer!r} has no weight "
+                              f"decay; use optim.embedding_optimizer one of {sorted(WEIGHT_DECAY_MODES)}")
+        kwargs.update(weight_decay=cfg.optim.embedding_weight_decay, weight_decay_mode=mode)
+    apply_optimizer_in_backward(opt_cls, model.sparse_arch.parameters(), kwargs)
     constraints = {f"t_{f}": ParameterConstraints(sharding_types=AUTO_SHARDING_TYPES if kind == "auto" else [kind])
                    for f, kind in table_sharding_types(model, cfg).items()}
     topology = Topology(world_size=world, compute_device=device_type, local_world_size=local_world)

@@ -43,11 +43,11 @@ def _plan_types(model) -> dict[str, str]:
 
 def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, sharding_type, extra=(),
                                 expect_plan=None, algorithm="maml"):
-    cfg = load_config(cfg_path, [*extra,
+    cfg = load_config(cfg_path, [
         "model.embedding_dim=4", "model.dense_arch=[6]", "model.over_arch=[5]", "meta.tasks_per_batch=3",
         "meta.inner_steps=2", "meta.inner_lr=0.3", "meta.embedding_inner_lr=0.6", f"meta.first_order={first_order}",
         "optim.embedding_optimizer=sgd", "optim.embedding_lr=0.5", f"sharding.sharding_type={sharding_type}",
-        f"meta.algorithm={algorithm}"])
+        f"meta.algorithm={algorithm}", *extra])
     torch.manual_seed(0)
     model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, torch.device("cpu"))
     if expect_plan:
@@ -71,6 +71,7 @@ def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, shar
     m = cfg.meta
     kw = dict(steps=m.inner_steps, lr=m.inner_lr, emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
               adapt_embeddings=m.adapt_embeddings, first_order=m.first_order)
+    adagrad_state: dict[str, torch.Tensor] = {}
     for _ in range(2):
         batches = [next(it) for it in iters]
         train_step(model, batches[rank], cfg, sync, opt)
@@ -105,8 +106,20 @@ def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, shar
             loss.backward()
         ref_opt.step()
         with torch.no_grad():
-            for t in ref_tables.values():
-                t -= cfg.optim.embedding_lr * t.grad
+            for name, t in ref_tables.items():
+                if cfg.optim.embedding_optimizer == "sgd":
+                    t -= cfg.optim.embedding_lr * t.grad
+                    continue
+                # row-wise Adagrad with an L2 penalty on the rows the global batch looks up (and
+                # only those: fbgemm's penalty is lazy), whatever their gradient
+                assert cfg.optim.embedding_optimizer == "rowwise_adagrad"
+                touched = torch.zeros(t.shape[0], dtype=torch.bool)
+                for b in batches:
+                    touched[b.sparse.to_dict()[name].values()] = True
+                g = t.grad + cfg.optim.embedding_weight_decay * t * touched[:, None]
+                state = adagrad_state.setdefault(name, torch.zeros(t.shape[0]))
+                state += (g * g).mean(1)
+                t -= cfg.optim.embedding_lr * g / (state.sqrt()[:, None] + 1e-8) * touched[:, None]
     for p, r in zip(dense_params, ref_head.parameters()):
         torch.testing.assert_close(p, r, rtol=0, atol=1e-5)
     moved = 0.0
@@ -136,6 +149,24 @@ def test_maml_with_erm_term_and_row_weighting_on_two_ranks_equals_reference(debu
     # the query term weighs tasks (or query rows), the ERM term rows: each by its own global count
     run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]), False,
               "table_wise", outer)
+
+
+@pytest.mark.parametrize("algorithm", ["erm", "maml"])
+def test_embedding_weight_decay_on_two_ranks_equals_rowwise_adagrad_with_l2_reference(debug_config_path, debug_data,
+                                                                                       algorithm):
+    # fbgemm's fused row-wise Adagrad, L2 mode: the penalty reaches only the rows a step touches
+    extra = ("optim.embedding_optimizer=rowwise_adagrad", "optim.embedding_lr=0.2", "optim.embedding_weight_decay=0.5")
+    run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]), False,
+              "table_wise", extra, None, algorithm)
+
+
+def test_embedding_weight_decay_needs_an_optimizer_that_has_one(debug_config_path):
+    from gmeta.config import ConfigError
+    from gmeta.parallel.sharding import make_planner
+
+    cfg = load_config(debug_config_path, ["optim.embedding_optimizer=sgd", "optim.embedding_weight_decay=0.1"])
+    with pytest.raises(ConfigError, match="optim.embedding_weight_decay: fbgemm's 'sgd' has no weight decay"):
+        make_planner(build_model(cfg, device=torch.device("meta")), cfg, "cpu", 1, 1)
 
 
 def test_reptile_step_on_two_ranks_equals_single_process_reference(debug_config_path, debug_data):
