@@ -152,6 +152,12 @@ class SplitConfig:
     # before the split: e.g. 13 and 100 for the MovieLens user-cold-start protocol.
     min_task_rows: int = 0
     max_task_rows: int = 0
+    # A training task with more rows than one task holds (max_task_rows, else max_support +
+    # max_query): "drop" leaves the extra rows out (and the task, when over max_task_rows);
+    # "chunk" cuts it, in time order, into the fewest consecutive tasks of at most that many
+    # rows (nearly equal sizes), each split by the rule above, so that training sees every
+    # row. Held-out tasks (eval, val) keep the protocol whatever this says.
+    long_train_tasks: Literal["drop", "chunk"] = "drop"
 
 
 @dataclass

@@ -55,7 +55,7 @@ from gmeta.io.id_counts import DIR as ID_COUNTS
 from gmeta.io.id_counts import IdCounts
 from gmeta.io.manifest import FORMAT_VERSION, MANIFEST, splits_of
 from gmeta.io.sources import SourceError, open_source, parse_number
-from gmeta.io.split import DROP_REASONS, ROW_DROP_REASONS, split_tasks
+from gmeta.io.split import DROP_REASONS, ROW_DROP_REASONS, chunk_tasks, split_tasks
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class _ShardWriter:
         return out
 
 
-def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, dict[str, int]],
+def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, Any],
                     id_counts: IdCounts) -> dict[str, pa.Table]:
     """All rows of some tasks -> their task records, per split, in a seeded order."""
     sp = cfg.data.split
@@ -235,10 +235,7 @@ def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, dict[str, int]]
     counts = np.diff(np.concatenate([task_start, [len(keys)]]))
     task_keys = keys[task_start]
     task_hash = stable_hash(task_keys, "task")
-    support_idx, query_idx, d = split_tasks(cfg, task_start, counts, ts, task_hash)
-    for kind in ("tasks", "rows"):
-        for k, v in d[kind].items():
-            dropped[kind][k] += v
+    dropped["input_tasks"] += len(task_keys)
     # held-out tasks: a hash of the key, uniform in [0, 1): eval below eval_fraction, val
     # in the next val_fraction
     u = task_uniform(task_keys, sp.seed)
@@ -247,6 +244,15 @@ def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, dict[str, int]]
     # or the shards would be sorted by split), so it does not depend on how the input was
     # partitioned
     rank = salted_hash(task_keys, f"order{sp.seed}")
+    if sp.long_train_tasks == "chunk":  # long training tasks -> several tasks; the chunks of one stay adjacent
+        task_start, counts, new_hash, source = chunk_tasks(cfg, task_start, counts, task_hash, split_of == "train")
+        dropped["chunked"]["tasks"] += int(np.count_nonzero(np.bincount(source) > 1))
+        dropped["chunked"]["into"] += int(np.count_nonzero(np.bincount(source)[source] > 1))
+        task_keys, split_of, rank, task_hash = task_keys[source], split_of[source], rank[source], new_hash
+    support_idx, query_idx, d = split_tasks(cfg, task_start, counts, ts, task_hash)
+    for kind in ("tasks", "rows"):
+        for k, v in d[kind].items():
+            dropped[kind][k] += v
     columns: dict[str, pa.Array] = {s.name: t.column(s.name).combine_chunks() for s in cfg.features.sparse}
     columns["dense"] = t.column("dense").combine_chunks()
     columns["label"] = t.column("__label").combine_chunks()
@@ -327,9 +333,10 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
     parts_n = num_partitions(input_bytes, max(1, memory >> 20))
     schema = shard_schema(cfg, has_true_prob)
     out.mkdir(parents=True, exist_ok=True)
-    dropped = {"tasks": dict.fromkeys(DROP_REASONS, 0), "rows": dict.fromkeys(ROW_DROP_REASONS, 0)}
+    # what each bucket dropped and (data.split.long_train_tasks "chunk") cut, and its tasks
+    dropped: dict[str, Any] = {"tasks": dict.fromkeys(DROP_REASONS, 0), "rows": dict.fromkeys(ROW_DROP_REASONS, 0),
+                               "chunked": {"tasks": 0, "into": 0}, "input_tasks": 0}
     n_rows = 0
-    task_keys_seen = 0
     show = sys.stderr.isatty()
     with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as tmp:
         parts = _Partitions(parts_n, Path(tmp), max(1, memory) // 4)
@@ -355,13 +362,12 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
         id_counts = IdCounts([sf.name for sf in f.sparse], splits_of(cfg))
         for bucket in tqdm(parts.buckets(), total=parts_n, unit="bucket", desc="prepare: group", disable=not show):
             records = _bucket_records(bucket, cfg, dropped, id_counts)
-            task_keys_seen += sum(r.num_rows for r in records.values())
             del bucket
             for split in records:
                 writer.add(split, records[split])
         splits = writer.close()
         id_counts.write(staging)
-        input_tasks = int(task_keys_seen + sum(dropped["tasks"].values()))
+        input_tasks = int(dropped["input_tasks"])
         _check_splits(cfg, splits, dropped, input_tasks, input_path)
         cardinality = card.summary()
         manifest: dict[str, Any] = {
@@ -371,6 +377,8 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
             "input_rows": int(n_rows),
             "input_tasks": input_tasks,
             "dropped_tasks": dropped["tasks"],
+            # training tasks cut into several (data.split.long_train_tasks "chunk"), and into how many
+            "chunked_tasks": dropped["chunked"],
             "rows": {"read": int(n_rows),
                      "written": {k: v["support_rows"] + v["query_rows"] for k, v in splits.items()},
                      "dropped": dropped["rows"]},
@@ -451,6 +459,10 @@ def format_report(m: dict) -> str:
                                                         else "")
                for k in rows["dropped"] if rows["dropped"][k]]
     lines.append("  dropped: " + ("; ".join(dropped) if dropped else "none"))
+    chunked = m.get("chunked_tasks", {})
+    if chunked.get("tasks"):
+        lines.append(f"  chunked: {chunked['tasks']:,} long training tasks cut into {chunked['into']:,} tasks "
+                     "(data.split.long_train_tasks chunk)")
     lines.append("  ids (distinct raw -> table rows used / table size, rows whose id collides):")
     for name, c in m["cardinality"].items():
         raw = f"{c['distinct_raw']:,}" + ("" if c["distinct_raw_exact"] else "~")

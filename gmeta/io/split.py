@@ -27,6 +27,32 @@ def _tie_order(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np.n
     return np.lexsort((key, ts, task))
 
 
+def chunk_length(cfg: Config) -> int:
+    """Rows one task holds under data.split (what data.split.long_train_tasks "chunk" cuts
+    a longer training task to)."""
+    sp = cfg.data.split
+    return sp.max_task_rows or sp.max_support + sp.max_query
+
+
+def chunk_tasks(cfg: Config, task_start: np.ndarray, counts: np.ndarray, task_hash: np.ndarray,
+                chunked: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cut each task marked in ``chunked`` that has more than chunk_length(cfg) rows into the
+    fewest consecutive runs of at most that many rows, of nearly equal sizes (so each has
+    more than half of it: none too short to keep). Returns the new (task_start, counts,
+    task_hash, source task index); a chunk past the first gets a hash of (task, chunk)."""
+    size = chunk_length(cfg)
+    pieces = np.where(chunked & (counts > size), -(-counts // size), 1)
+    source = np.repeat(np.arange(len(counts)), pieces)
+    part = np.arange(len(source)) - np.repeat(np.cumsum(pieces) - pieces, pieces)  # chunk index in its task
+    n, k = counts[source], pieces[source]
+    # chunk j of a task of n rows in k chunks: rows [floor(j n / k), floor((j + 1) n / k))
+    lo, hi = part * n // k, (part + 1) * n // k
+    new_hash = task_hash[source].copy()
+    later = part > 0
+    new_hash[later] = salted_hash(task_hash[source][later] ^ part[later].astype(np.uint64), "chunk")
+    return task_start[source] + lo, hi - lo, new_hash, source
+
+
 def split_tasks(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np.ndarray,
                  task_hash: np.ndarray) -> tuple[list[np.ndarray | None], list[np.ndarray | None],
                                                  dict[str, dict[str, int]]]:

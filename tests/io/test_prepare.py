@@ -105,3 +105,48 @@ def test_bad_inputs_name_the_file(debug_data, debug_config_path, tmp_path):
     # missing manifest
     with pytest.raises(PrepareError, match="manifest.json: not found"):
         TaskReader(tmp_path, "train", 4)
+
+
+def _task_rows(shards, split):
+    """{task_key: [(timestamp, label), ...] of every record of the task, sorted} for a split."""
+    out: dict = {}
+    for path in sorted((shards / split).glob("*.parquet")):
+        for rec in pq.read_table(path).to_pylist():
+            rows = [(t, float(y)) for side in ("support", "query")
+                    for t, y in zip(rec[side]["timestamp"], rec[side]["label"])]
+            out.setdefault(rec["task_key"], []).append(sorted(rows))
+    return out
+
+
+@pytest.mark.parametrize("split_args", [["data.split.max_support=16", "data.split.max_query=16"],
+                                        ["data.split.max_task_rows=40", "data.split.query_size=8",
+                                         "data.split.max_support=32", "data.split.max_query=8"]])
+def test_long_training_tasks_are_chunked_into_tasks_that_keep_every_row(debug_data, debug_config_path, tmp_path,
+                                                                       split_args):
+    drop = load_config(debug_config_path, ["data.split.val_fraction=0.1", *split_args])
+    chunk = load_config(debug_config_path, ["data.split.val_fraction=0.1", *split_args,
+                                            "data.split.long_train_tasks=chunk"])
+    md, mc = prepare(drop, debug_data["raw"], tmp_path / "drop"), prepare(chunk, debug_data["raw"], tmp_path / "chunk")
+    size = chunk.data.split.max_task_rows or 32
+    raw = pq.read_table(debug_data["raw"]).to_pandas()
+    by_task = {k: sorted(zip(g.ts.tolist(), g.label.astype(float).tolist())) for k, g in raw.groupby("campaign_id")}
+    train = _task_rows(tmp_path / "chunk", "train")
+    cut = 0
+    for key, chunks in train.items():
+        n = len(by_task[key])
+        assert len(chunks) == -(-n // size)  # the fewest chunks of at most `size` rows ...
+        assert max(map(len, chunks)) - min(map(len, chunks)) <= 1  # ... of nearly equal sizes
+        assert sorted(r for c in chunks for r in c) == by_task[key]  # every row, once
+        cut += len(chunks) > 1
+    assert cut == mc["chunked_tasks"]["tasks"] > 0
+    assert mc["chunked_tasks"]["into"] == sum(len(c) for c in train.values() if len(c) > 1)
+    assert mc["splits"]["train"]["tasks"] == sum(map(len, train.values()))
+    # held-out tasks are what the drop policy writes, the same tasks with the same rows
+    for split in ("eval", "val"):
+        assert _task_rows(tmp_path / "chunk", split) == _task_rows(tmp_path / "drop", split)
+    assert mc["input_tasks"] == md["input_tasks"] == raw.campaign_id.nunique()
+    assert not md["chunked_tasks"]["tasks"]
+    # every training row is written; what is dropped is held-out rows only
+    held_out = sum(mc["rows"]["written"][s] for s in ("eval", "val"))
+    assert mc["rows"]["written"]["train"] + held_out + sum(mc["rows"]["dropped"].values()) == len(raw)
+    assert mc["rows"]["written"]["train"] == sum(len(by_task[k]) for k in train)
