@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "--resume continues an interrupted run without duplicate or missing rows.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory written by gmeta train")
     p.add_argument("--shards", default=None, help="task shard directory (default: the checkpoint's data.shards_dir)")
+    p.add_argument("--input", default=None,
+                   help="row-level logs of new tasks instead of shards, in the config's data.source.format; each "
+                        "row's role from its 'role' column (support / query / ''), else the config's data.split")
     p.add_argument("--split", default="eval", choices=["eval", "val", "train"], help="which tasks (default: eval)")
     p.add_argument("--out", required=True, help="output directory of Parquet parts")
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps K (default: eval.inner_steps)")
@@ -332,10 +335,21 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             shards, why = _explicit_shards(args)
-            summary = run_predict(args.checkpoint, args.out, shards_dir=shards, shards_why=why, split=args.split,
-                                  inner_steps=args.inner_steps, tasks_per_batch=args.tasks_per_batch,
-                                  rows_per_part=args.rows_per_part, resume=args.resume, max_tasks=args.max_tasks,
-                                  progress=sys.stderr.isatty())
+            if args.input:
+                if shards or args.max_tasks or args.tasks_per_batch or args.split != "eval":
+                    print("gmeta predict: --input reads raw rows; --shards, --split, --max-tasks and "
+                          "--tasks-per-batch are for task shards", file=sys.stderr)
+                    return 2
+                from gmeta.predict_raw import run_predict_raw
+
+                summary = run_predict_raw(args.checkpoint, args.input, args.out, inner_steps=args.inner_steps,
+                                          resume=args.resume, progress=sys.stderr.isatty())
+            else:
+                summary = run_predict(args.checkpoint, args.out, shards_dir=shards, shards_why=why,
+                                      split=args.split, inner_steps=args.inner_steps,
+                                      tasks_per_batch=args.tasks_per_batch,
+                                      rows_per_part=args.rows_per_part, resume=args.resume,
+                                      max_tasks=args.max_tasks, progress=sys.stderr.isatty())
         except (CheckpointError, PrepareError, PredictError) as e:
             print(f"gmeta predict: {e}", file=sys.stderr)
             return 2

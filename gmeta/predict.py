@@ -37,7 +37,7 @@ class PredictError(ValueError):
     """Bad arguments or an output directory that cannot be (re)used. Names the path."""
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     tmp.replace(path)
@@ -106,13 +106,13 @@ def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str 
                               "row": pa.array(np.concatenate(buf["row"]).astype(np.int32)),
                               "label": pa.array(np.concatenate(buf["label"]).astype(np.float32)),
                               "score": pa.array(np.concatenate(buf["score"]).astype(np.float32))})
-            _write_atomic(out / _part(state["parts"]), lambda p: pq.write_table(table, p))
+            write_atomic(out / _part(state["parts"]), lambda p: pq.write_table(table, p))
             state["parts"] += 1
             for v in buf.values():
                 v.clear()
         state["reader"] = reader.state_dict()
         state["complete"] = final
-        _write_atomic(progress_file, lambda p: p.write_text(json.dumps(state, indent=2)))
+        write_atomic(progress_file, lambda p: p.write_text(json.dumps(state, indent=2)))
 
     pending = 0
     with tqdm(total=reader.num_tasks, initial=state["tasks"], unit="tasks", desc="predict",

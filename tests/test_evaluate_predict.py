@@ -115,7 +115,7 @@ def test_predict_resumes_after_interruptions_without_duplicates(debug_checkpoint
     run_predict(debug_checkpoint, tmp_path / "whole", **kw)
     whole = _read_predictions(tmp_path / "whole")
 
-    real_predict, real_write = predict_mod.predict_query, predict_mod._write_atomic
+    real_predict, real_write = predict_mod.predict_query, predict_mod.write_atomic
     calls = {"n": 0}
 
     def crash_in_batch(*a, **k):  # dies while scoring the 5th batch
@@ -138,10 +138,10 @@ def test_predict_resumes_after_interruptions_without_duplicates(debug_checkpoint
                 raise _Crash
         return real_write(path, write)
 
-    monkeypatch.setattr(predict_mod, "_write_atomic", crash_before_progress)
+    monkeypatch.setattr(predict_mod, "write_atomic", crash_before_progress)
     with pytest.raises(_Crash):
         run_predict(debug_checkpoint, tmp_path / "p", resume=True, **kw)
-    monkeypatch.setattr(predict_mod, "_write_atomic", real_write)
+    monkeypatch.setattr(predict_mod, "write_atomic", real_write)
     state = json.loads((tmp_path / "p" / predict_mod.PROGRESS).read_text())
     assert len(list((tmp_path / "p").glob("part-*.parquet"))) == state["parts"] + 1  # one orphan part
 

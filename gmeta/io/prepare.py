@@ -60,7 +60,7 @@ from gmeta.io.split import DROP_REASONS, ROW_DROP_REASONS, chunk_tasks, split_ta
 log = logging.getLogger(__name__)
 
 
-class _Partitions:
+class Partitions:
     """Rows bucketed by a hash of the task key: in memory when one bucket is enough, else
     spilled to one Parquet file per bucket (the external-partitioning pass)."""
 
@@ -100,16 +100,22 @@ class _Partitions:
         self.pending_bytes = 0
 
     def buckets(self):
+        for _, table in self.indexed_buckets():
+            yield table
+
+    def indexed_buckets(self):
+        """(bucket index, its rows) for every non-empty bucket, in index order; a row's bucket
+        is a function of its task key and the bucket count only."""
         if self.count == 1:
             if self.mem:
-                yield pa.concat_tables(self.mem)
+                yield 0, pa.concat_tables(self.mem)
             self.mem = []
             return
         self._spill()
         for w in self.writers.values():
             w.close()
         for b in sorted(self.writers):
-            yield pq.read_table(self.tmp / f"bucket-{b:05d}.parquet")
+            yield b, pq.read_table(self.tmp / f"bucket-{b:05d}.parquet")
             pa.default_memory_pool().release_unused()
 
 
@@ -339,7 +345,7 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
     n_rows = 0
     show = sys.stderr.isatty()
     with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as tmp:
-        parts = _Partitions(parts_n, Path(tmp), max(1, memory) // 4)
+        parts = Partitions(parts_n, Path(tmp), max(1, memory) // 4)
         with tqdm(total=input_rows or None, unit="rows", desc="prepare: read", disable=not show) as bar:
             where = str(input_path)
             try:

@@ -1,0 +1,158 @@
+"""``gmeta predict --input RAW``: batch prediction on row-level logs of new tasks.
+
+The input is what ``gmeta prepare`` reads (``data.source.format`` of the checkpoint's
+config): rows of tasks that training never saw. Each row's role is its ``role`` column
+("support": labelled, adapted on; "query": scored, its label may be missing; "": ignored)
+or, without that column, the config's split rule (``data.split``), as prepare applies it.
+Ids are hashed and values checked by the code the pyfunc model runs (``gmeta.serving``), so
+the scores equal the pyfunc model's on the same rows.
+
+Pass 1 streams the input into buckets by a hash of the task key (prepare's external
+partitioning, spilled to disk past ``data.prepare_memory_mb``), so that every task's rows
+are together; pass 2 scores one bucket at a time and writes it as one Parquet part
+``part-BBBBB.parquet`` (columns task_key, input_row: the row's position in the input,
+label, score), to a temporary name and renamed, then records it in ``_progress.json``.
+``--resume`` redoes pass 1 (a pure function of the input) and scores only the buckets not
+recorded: every query row is written exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from gmeta.checkpoint import load_unsharded
+from gmeta.io.errors import PrepareError
+from gmeta.io.features import input_columns
+from gmeta.io.prepare import Partitions, num_partitions
+from gmeta.io.sources import SourceError, open_source
+from gmeta.parallel.dist import configure_threads, default_device
+from gmeta.predict import PROGRESS, PredictError, write_atomic
+from gmeta.scoring import inner_steps_for
+from gmeta.serving import QUERY, ROLE, assign_roles, score_rows
+
+log = logging.getLogger(__name__)
+
+
+def _part(bucket: int) -> str:
+    return f"part-{bucket:05d}.parquet"
+
+
+def run_predict_raw(checkpoint: str | Path, input_path: str | Path, out_dir: str | Path, *,
+                    inner_steps: int | None = None, resume: bool = False, progress: bool = True,
+                    memory_mb: int | None = None, device: torch.device | None = None) -> dict:
+    """Score every query row of the raw input; returns a summary (rows, tasks, parts, rows/s).
+    ``memory_mb``: the cap that sizes the buckets (default: the checkpoint's
+    data.prepare_memory_mb)."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    device = device or default_device()
+    model, cfg, meta = load_unsharded(checkpoint, device)
+    configure_threads(cfg.train.threads)
+    column_types = meta.get("input_columns")
+    f = cfg.features
+    input_path, out = Path(input_path), Path(out_dir)
+    try:
+        source = open_source(cfg, input_path)
+    except SourceError as e:
+        raise PrepareError(str(e)) from None
+    columns = input_columns(cfg)
+    missing = [c for c in columns if c not in source.names]
+    if missing:
+        raise PrepareError(f"{input_path}: missing column(s) {missing} that the checkpoint's features need; "
+                           f"columns present: {source.names[:40]}")
+    has_role = ROLE in source.names
+    read = columns + ([ROLE] if has_role else [])
+    try:
+        input_bytes, _ = source.estimate(read)
+    except SourceError as e:
+        raise PrepareError(str(e)) from None
+    memory_mb = memory_mb or cfg.data.prepare_memory_mb
+    count = num_partitions(input_bytes, memory_mb)
+    steps = inner_steps_for(cfg, inner_steps)
+    job = {"checkpoint": str(Path(checkpoint).resolve()), "input": str(input_path.resolve()),
+           "inner_steps": steps, "buckets": count, "roles": "column" if has_role else "split rule"}
+    state: dict[str, Any] = {"job": job, "done": [], "rows": 0, "tasks": 0, "complete": False}
+    progress_file = out / PROGRESS
+    if progress_file.is_file():
+        if not resume:
+            raise PredictError(f"{out}: holds predictions already ({PROGRESS}); pass --resume to continue "
+                               "them or choose another --out")
+        try:
+            state = json.loads(progress_file.read_text())
+        except json.JSONDecodeError as e:
+            raise PredictError(f"{progress_file}: unreadable: {e}") from None
+        if state.get("job") != job:
+            raise PredictError(f"{progress_file}: written for {state.get('job')}, this run is {job}: "
+                               "resume with the same checkpoint, input and settings")
+    elif out.is_dir() and any(out.glob("part-*.parquet")):
+        raise PredictError(f"{out}: holds part files but no {PROGRESS}; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    done = set(state["done"])
+    for stale in out.glob("part-*.parquet*"):  # written after the last recorded progress
+        if stale.name.endswith(".tmp") or int(stale.name[5:10]) not in done:
+            stale.unlink()
+    if state["complete"]:
+        log.info("predict: %s is complete (%d rows of %d tasks)", out, state["rows"], state["tasks"])
+        return {**state, "out": str(out), "rows_per_s": 0.0, "new_rows": 0, "parts": len(done)}
+
+    new_rows = 0
+    with tempfile.TemporaryDirectory(dir=out, prefix=".predict-") as tmp:
+        parts = Partitions(count, Path(tmp), max(1, memory_mb << 20) // 4)
+        n = 0
+        where = str(input_path)
+        try:
+            for batch in source.batches(read):
+                where = batch.where
+                t = batch.table
+                parts.add(t.append_column("__key", t.column(f.task_key))
+                           .append_column("__row", pa.array(np.arange(n, n + t.num_rows, dtype=np.int64))))
+                n += t.num_rows
+        except SourceError as e:
+            raise PrepareError(str(e)) from None
+        except pa.ArrowException as e:
+            raise PrepareError(f"{where}: cannot read: {e}") from None
+        if n == 0:
+            raise PrepareError(f"{input_path}: no rows")
+        with tqdm(total=count, initial=len(done), unit="bucket", desc="predict", disable=not progress) as bar:
+            for b, bucket in parts.indexed_buckets():
+                if b in done:
+                    continue
+                df = bucket.drop_columns(["__key"]).to_pandas()
+                df = df.sort_values("__row", kind="stable").reset_index(drop=True)
+                if not has_role:
+                    df = assign_roles(df, cfg)
+                try:
+                    scores = score_rows(model, cfg, df, steps, column_types)["score"].to_numpy()
+                except PrepareError as e:
+                    raise PrepareError(f"{input_path}: {e}") from None
+                q = np.flatnonzero(df[ROLE].astype(str).to_numpy() == QUERY)
+                label = df[f.label].to_numpy()[q] if f.label in df.columns else np.full(len(q), np.nan)
+                table = pa.table({"task_key": pa.array(df[f.task_key].to_numpy()[q]),
+                                  "input_row": pa.array(df["__row"].to_numpy()[q]),
+                                  "label": pa.array(label, from_pandas=True),
+                                  "score": pa.array(scores[q].astype(np.float32))})
+                write_atomic(out / _part(b), lambda p, t=table: pq.write_table(t, p))
+                state["done"].append(b)
+                state["rows"] += len(q)
+                state["tasks"] += int(df[f.task_key].iloc[q].nunique())
+                new_rows += len(q)
+                write_atomic(progress_file, lambda p: p.write_text(json.dumps(state, indent=2)))
+                bar.update(1)
+    state["complete"] = True
+    write_atomic(progress_file, lambda p: p.write_text(json.dumps(state, indent=2)))
+    dt = time.perf_counter() - t0
+    log.info("predict: %d query rows of %d tasks from %s in %d part(s) -> %s (%.0f rows/s this run)",
+             state["rows"], state["tasks"], input_path, len(state["done"]), out, new_rows / dt)
+    return {**state, "out": str(out), "parts": len(state["done"]), "rows_per_s": new_rows / dt,
+            "new_rows": new_rows, "seconds": dt}
