@@ -42,3 +42,24 @@ def test_gpu_check_script_runs_on_the_cpu(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     table = p.stdout[p.stdout.index("| part | what |"):]
     assert table.count("| PASS |") == 8 and "ERROR" not in table  # 4 equal, 2 sync, 2 serve
+
+
+def test_bias_baseline_recovers_item_means_and_task_offsets():
+    """Ratings that are an item effect plus a task offset: with no shrinkage the item + task
+    offset predictor is exact on a new task; the item mean alone misses by the offset."""
+    import numpy as np
+
+    from benchmarks.bias_baseline import predict
+
+    item_effect = {1: 4.0, 2: 2.0, 3: 3.0}
+    train = {"task": np.array([0, 0, 0, 1, 1, 1]), "side": np.array([0, 0, 1, 0, 0, 1]),
+             "item": np.array([1, 2, 3, 1, 2, 3]), "label": np.array([4.0, 2.0, 3.0, 4.0, 2.0, 3.0])}
+    # a new task rating every item 0.5 above its effect; item 9 never seen in training
+    new = {"task": np.array([0, 0, 0, 0]), "side": np.array([0, 0, 1, 1]), "item": np.array([1, 2, 3, 9]),
+           "label": np.array([4.5, 2.5, 3.5, 3.5])}
+    g, item, both = predict(train, new, 0, 0)
+    np.testing.assert_allclose(g, [3.0, 3.0])
+    np.testing.assert_allclose(item, [item_effect[3], 3.0])  # unseen item -> the global mean
+    np.testing.assert_allclose(both, [3.5, 3.5])
+    # shrinkage pulls the offset toward 0: 2 support rows, k_task 2 -> half of it
+    np.testing.assert_allclose(predict(train, new, 0, 2)[2], [3.25, 3.25])
