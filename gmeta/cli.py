@@ -113,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="batch prediction: adapt on each task's support set, score its query set",
                        description="Stream task shards, adapt per task, write query-row scores to Parquet parts; "
                                    "--resume continues an interrupted run without duplicate or missing rows.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory written by gmeta train")
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="checkpoint directory written by gmeta train; with --input, repeat it to score several "
+                        "models in one pass (columns score_0, score_1, ...)")
     p.add_argument("--shards", default=None, help="task shard directory (default: the checkpoint's data.shards_dir)")
     p.add_argument("--input", default=None,
                    help="row-level logs of new tasks instead of shards, in the config's data.source.format; each "
@@ -344,8 +346,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 summary = run_predict_raw(args.checkpoint, args.input, args.out, inner_steps=args.inner_steps,
                                           resume=args.resume, progress=sys.stderr.isatty())
+            elif len(args.checkpoint) > 1:
+                print("gmeta predict: several --checkpoint are scored in one pass with --input", file=sys.stderr)
+                return 2
             else:
-                summary = run_predict(args.checkpoint, args.out, shards_dir=shards, shards_why=why,
+                summary = run_predict(args.checkpoint[0], args.out, shards_dir=shards, shards_why=why,
                                       split=args.split, inner_steps=args.inner_steps,
                                       tasks_per_batch=args.tasks_per_batch,
                                       rows_per_part=args.rows_per_part, resume=args.resume,
@@ -355,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"{summary['rows']} query rows of {summary['tasks']} tasks in {summary['parts']} part(s) -> "
               f"{summary['out']} ({summary['rows_per_s']:.0f} rows/s)")
+        for m in summary.get("models", []) if len(args.checkpoint) > 1 else []:
+            print(f"  {m['column']}: {m['checkpoint']} (K = {m['inner_steps']})")
         return 0
     return 2
 

@@ -12,6 +12,9 @@ partitioning, spilled to disk past ``data.prepare_memory_mb``), so that every ta
 are together; pass 2 scores one bucket at a time and writes it as one Parquet part
 ``part-BBBBB.parquet`` (columns task_key, input_row: the row's position in the input,
 label, score), to a temporary name and renamed, then records it in ``_progress.json``.
+Several checkpoints of the same features score in one pass: the data is read, bucketed and
+featurised once, and every model writes its own column (score_0, score_1, ... in the order
+given; the summary and ``_progress.json`` say which is which).
 ``--resume`` redoes pass 1 (a pure function of the input) and scores only the buckets not
 recorded: every query row is written exactly once.
 """
@@ -38,7 +41,7 @@ from gmeta.io.sources import SourceError, open_source
 from gmeta.parallel.dist import configure_threads, default_device
 from gmeta.predict import PROGRESS, PredictError, write_atomic
 from gmeta.scoring import inner_steps_for
-from gmeta.serving import QUERY, ROLE, assign_roles, score_rows
+from gmeta.serving import QUERY, ROLE, assign_roles, score_rows_models
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +50,36 @@ def _part(bucket: int) -> str:
     return f"part-{bucket:05d}.parquet"
 
 
-def run_predict_raw(checkpoint: str | Path, input_path: str | Path, out_dir: str | Path, *,
+def _same_features(cfgs: list, checkpoints: list, has_role: bool) -> None:
+    """Every model must read the rows as the first does: the same features (ids hash to the
+    same rows), and without a role column the same split rule."""
+    keys = ["features"] + ([] if has_role else ["data.split"])
+    for c, other in zip(checkpoints[1:], cfgs[1:]):
+        for key in keys:
+            a, b = (cfgs[0].features, other.features) if key == "features" else (cfgs[0].data.split,
+                                                                                  other.data.split)
+            if a != b:
+                raise PredictError(f"--checkpoint {c}: its {key} differ from those of --checkpoint "
+                                   f"{checkpoints[0]}; models scored in one pass must read the rows alike: "
+                                   "predict them in separate runs")
+
+
+def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_dir: str | Path, *,
                     inner_steps: int | None = None, resume: bool = False, progress: bool = True,
                     memory_mb: int | None = None, device: torch.device | None = None) -> dict:
-    """Score every query row of the raw input; returns a summary (rows, tasks, parts, rows/s).
+    """Score every query row of the raw input with ``checkpoint`` (one, or a list scored in
+    one pass); returns a summary (rows, tasks, parts, rows/s, models).
     ``memory_mb``: the cap that sizes the buckets (default: the checkpoint's
     data.prepare_memory_mb)."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     device = device or default_device()
-    model, cfg, meta = load_unsharded(checkpoint, device)
+    checkpoints = [str(c) for c in (checkpoint if isinstance(checkpoint, list) else [checkpoint])]
+    if len(set(checkpoints)) != len(checkpoints):
+        raise PredictError(f"--checkpoint: the same checkpoint given twice: {checkpoints}")
+    loaded = [load_unsharded(c, device) for c in checkpoints]
+    cfg, meta = loaded[0][1], loaded[0][2]
     configure_threads(cfg.train.threads)
     column_types = meta.get("input_columns")
     f = cfg.features
@@ -72,6 +94,7 @@ def run_predict_raw(checkpoint: str | Path, input_path: str | Path, out_dir: str
         raise PrepareError(f"{input_path}: missing column(s) {missing} that the checkpoint's features need; "
                            f"columns present: {source.names[:40]}")
     has_role = ROLE in source.names
+    _same_features([c for _, c, _ in loaded], checkpoints, has_role)
     read = columns + ([ROLE] if has_role else [])
     try:
         input_bytes, _ = source.estimate(read)
@@ -79,9 +102,11 @@ def run_predict_raw(checkpoint: str | Path, input_path: str | Path, out_dir: str
         raise PrepareError(str(e)) from None
     memory_mb = memory_mb or cfg.data.prepare_memory_mb
     count = num_partitions(input_bytes, memory_mb)
-    steps = inner_steps_for(cfg, inner_steps)
-    job = {"checkpoint": str(Path(checkpoint).resolve()), "input": str(input_path.resolve()),
-           "inner_steps": steps, "buckets": count, "roles": "column" if has_role else "split rule"}
+    models = [{"column": "score" if len(checkpoints) == 1 else f"score_{i}", "checkpoint": str(Path(c).resolve()),
+               "inner_steps": inner_steps_for(mc, inner_steps)}
+              for i, (c, (_, mc, _)) in enumerate(zip(checkpoints, loaded))]
+    job = {"models": models, "input": str(input_path.resolve()),
+           "buckets": count, "roles": "column" if has_role else "split rule"}
     state: dict[str, Any] = {"job": job, "done": [], "rows": 0, "tasks": 0, "complete": False}
     progress_file = out / PROGRESS
     if progress_file.is_file():
@@ -104,7 +129,7 @@ def run_predict_raw(checkpoint: str | Path, input_path: str | Path, out_dir: str
             stale.unlink()
     if state["complete"]:
         log.info("predict: %s is complete (%d rows of %d tasks)", out, state["rows"], state["tasks"])
-        return {**state, "out": str(out), "rows_per_s": 0.0, "new_rows": 0, "parts": len(done)}
+        return {**state, "out": str(out), "rows_per_s": 0.0, "new_rows": 0, "parts": len(done), "models": models}
 
     new_rows = 0
     with tempfile.TemporaryDirectory(dir=out, prefix=".predict-") as tmp:
@@ -133,7 +158,8 @@ def run_predict_raw(checkpoint: str | Path, input_path: str | Path, out_dir: str
                 if not has_role:
                     df = assign_roles(df, cfg)
                 try:
-                    scores = score_rows(model, cfg, df, steps, column_types)["score"].to_numpy()
+                    scores = score_rows_models([(m, c) for m, c, _ in loaded], df,
+                                               -1 if inner_steps is None else inner_steps, column_types)
                 except PrepareError as e:
                     raise PrepareError(f"{input_path}: {e}") from None
                 q = np.flatnonzero(df[ROLE].astype(str).to_numpy() == QUERY)
@@ -141,7 +167,8 @@ def run_predict_raw(checkpoint: str | Path, input_path: str | Path, out_dir: str
                 table = pa.table({"task_key": pa.array(df[f.task_key].to_numpy()[q]),
                                   "input_row": pa.array(df["__row"].to_numpy()[q]),
                                   "label": pa.array(label, from_pandas=True),
-                                  "score": pa.array(scores[q].astype(np.float32))})
+                                  **{m["column"]: pa.array(scores[i, q].astype(np.float32))
+                                     for i, m in enumerate(models)}})
                 write_atomic(out / _part(b), lambda p, t=table: pq.write_table(t, p))
                 state["done"].append(b)
                 state["rows"] += len(q)
@@ -154,5 +181,5 @@ def run_predict_raw(checkpoint: str | Path, input_path: str | Path, out_dir: str
     dt = time.perf_counter() - t0
     log.info("predict: %d query rows of %d tasks from %s in %d part(s) -> %s (%.0f rows/s this run)",
              state["rows"], state["tasks"], input_path, len(state["done"]), out, new_rows / dt)
-    return {**state, "out": str(out), "parts": len(state["done"]), "rows_per_s": new_rows / dt,
+    return {**state, "out": str(out), "parts": len(state["done"]), "rows_per_s": new_rows / dt, "models": models,
             "new_rows": new_rows, "seconds": dt}

@@ -169,15 +169,25 @@ def score_rows(model, cfg: Config, df: pd.DataFrame, inner_steps: int = -1,
     (``inner_steps``; -1: the evaluation default). One row per input row, same index;
     ``score`` is NaN on support rows and ignored rows. ``column_types``: as in
     ``rows_to_blocks`` (the checkpoint's meta.json records them)."""
+    scores = score_rows_models([(model, cfg)], df, inner_steps, column_types)[0]
+    return pd.DataFrame({"score": scores}, index=df.index)
+
+
+def score_rows_models(models: list[tuple[object, Config]], df: pd.DataFrame, inner_steps: int = -1,
+                      column_types: dict[str, str] | None = None) -> np.ndarray:
+    """``score_rows`` for several models of the same features at once: the rows are
+    checked, hashed and batched once (by the first model's config), then every model adapts
+    and scores each batch. [models, rows]; NaN where a row is not a query row."""
     from gmeta.scoring import inner_steps_for, predict_query
 
-    steps = inner_steps_for(cfg, inner_steps)
-    scores = np.full(len(df), np.nan)
+    cfg = models[0][1]
+    scores = np.full((len(models), len(df)), np.nan)
     schema = shard_schema(cfg, has_true_prob=False)
     for block, positions in rows_to_blocks(df, cfg, cfg.eval.tasks_per_batch, column_types):
         batch = collate_packed([(block, np.arange(block.num_tasks))], schema, cfg.meta.size_buckets).unpack()
-        scores[positions] = predict_query(model, cfg, batch, steps)
-    return pd.DataFrame({"score": scores}, index=df.index)
+        for i, (model, model_cfg) in enumerate(models):
+            scores[i, positions] = predict_query(model, model_cfg, batch, inner_steps_for(model_cfg, inner_steps))
+    return scores
 
 
 try:

@@ -85,7 +85,7 @@ def test_raw_predict_in_buckets_resumes_after_a_crash_with_every_row_once(debug_
     kw = dict(inner_steps=1, progress=False, memory_mb=1)  # a 1 MiB cap: several buckets
     whole = run_predict_raw(debug_checkpoint, src, tmp_path / "whole", **kw)
     assert whole["parts"] > 2
-    real = raw_mod.score_rows
+    real = raw_mod.score_rows_models
     calls = {"n": 0}
 
     def crash_on_third(*a, **k):
@@ -94,10 +94,10 @@ def test_raw_predict_in_buckets_resumes_after_a_crash_with_every_row_once(debug_
             raise _Crash
         return real(*a, **k)
 
-    monkeypatch.setattr(raw_mod, "score_rows", crash_on_third)
+    monkeypatch.setattr(raw_mod, "score_rows_models", crash_on_third)
     with pytest.raises(_Crash):
         run_predict_raw(debug_checkpoint, src, tmp_path / "p", **kw)
-    monkeypatch.setattr(raw_mod, "score_rows", real)
+    monkeypatch.setattr(raw_mod, "score_rows_models", real)
     assert len(json.loads((tmp_path / "p" / "_progress.json").read_text())["done"]) == 2
     with pytest.raises(PredictError, match="--resume"):
         run_predict_raw(debug_checkpoint, src, tmp_path / "p", **kw)
@@ -128,3 +128,39 @@ def test_raw_input_errors_name_the_file_and_column(debug_checkpoint, debug_data,
                            "--input", str(tmp_path / "badrole"), "--split", "val", "--out", str(tmp_path / "o4")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--input reads raw rows" in proc.stderr
+
+
+def test_two_models_in_one_pass_equal_two_runs(debug_checkpoint, debug_data, tmp_path):
+    from tests.conftest import DEBUG_CONFIG
+
+    proc = subprocess.run(  # a second model of the same features: ERM, briefly trained
+        [sys.executable, "-m", "gmeta.cli", "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1",
+         f"data.shards_dir={debug_data['shards']}", f"train.output_dir={tmp_path / 'erm'}", "meta.algorithm=erm",
+         "train.max_steps=20", "train.eval_at_end=false", "tracking.enabled=false"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    erm = tmp_path / "erm" / "checkpoint"
+    cfg = load_unsharded(debug_checkpoint)[1]
+    src = _write(_with_roles(_rows(debug_data, 60), cfg), tmp_path / "logs")
+    both = run_predict_raw([debug_checkpoint, erm], src, tmp_path / "both", inner_steps=2, progress=False)
+    assert [m["column"] for m in both["models"]] == ["score_0", "score_1"]
+    for i, c in enumerate([debug_checkpoint, erm]):
+        run_predict_raw(c, src, tmp_path / f"one{i}", inner_steps=2, progress=False)
+    one = [_read(tmp_path / f"one{i}") for i in range(2)]
+    got = _read(tmp_path / "both")
+    for i in range(2):
+        pd.testing.assert_series_equal(got["input_row"], one[i]["input_row"])
+        np.testing.assert_allclose(got[f"score_{i}"], one[i]["score"], atol=1e-6)
+    assert not np.allclose(got["score_0"], got["score_1"])  # two different models
+    # models that read the rows differently are refused, naming the checkpoint
+    import shutil
+
+    from gmeta.checkpoint import META
+
+    other = tmp_path / "other"
+    shutil.copytree(erm, other)
+    meta = json.loads((other / META).read_text())
+    meta["config"]["features"]["true_prob"] = ""  # (a field that leaves the model as it is)
+    (other / META).write_text(json.dumps(meta))
+    with pytest.raises(PredictError, match=r"--checkpoint .*other: its features differ"):
+        run_predict_raw([debug_checkpoint, other], src, tmp_path / "bad", progress=False)
