@@ -15,7 +15,6 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +40,30 @@ def write_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     tmp.replace(path)
+
+
+def open_progress(out: Path, fresh: dict, resume: bool, same: str) -> dict:
+    """The progress of the job ``fresh["job"]`` in ``out``: ``fresh`` for a new output, the
+    recorded state with ``resume``. Refuses to overwrite predictions without ``resume``, to
+    resume another job's (``same``: what must match, for the message), and a directory of
+    parts without a progress file. Creates ``out``."""
+    progress_file = out / PROGRESS
+    state = fresh
+    if progress_file.is_file():
+        if not resume:
+            raise PredictError(f"{out}: holds predictions already ({PROGRESS}); pass --resume to continue "
+                               "them or choose another --out")
+        try:
+            state = json.loads(progress_file.read_text())
+        except json.JSONDecodeError as e:
+            raise PredictError(f"{progress_file}: unreadable: {e}") from None
+        if state.get("job") != fresh["job"]:
+            raise PredictError(f"{progress_file}: written for {state.get('job')}, this run is {fresh['job']}: "
+                               f"resume with the same {same}")
+    elif out.is_dir() and any(out.glob("part-*.parquet")):
+        raise PredictError(f"{out}: holds part files but no {PROGRESS}; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return state
 
 
 def _part(i: int) -> str:
@@ -70,24 +93,11 @@ def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str 
     reader = TaskReader(shards, split, tpb, shuffle=False, drop_last=False, num_workers=1,
                         pin_memory=device.type == "cuda", on_bad_task=cfg.data.on_bad_task, max_tasks=max_tasks,
                         size_buckets=cfg.meta.size_buckets)
-    state: dict[str, Any] = {"job": job, "parts": 0, "rows": 0, "tasks": 0, "reader": None, "complete": False}
+    state = open_progress(out, {"job": job, "parts": 0, "rows": 0, "tasks": 0, "reader": None, "complete": False},
+                          resume, "checkpoint, shards, split and settings")
     progress_file = out / PROGRESS
-    if progress_file.is_file():
-        if not resume:
-            raise PredictError(f"{out}: holds predictions already ({PROGRESS}); pass --resume to continue "
-                               "them or choose another --out")
-        try:
-            state = json.loads(progress_file.read_text())
-        except json.JSONDecodeError as e:
-            raise PredictError(f"{progress_file}: unreadable: {e}") from None
-        if state.get("job") != job:
-            raise PredictError(f"{progress_file}: written for {state.get('job')}, this run is {job}: "
-                               "resume with the same checkpoint, shards, split and settings")
-        if state["reader"] is not None:
-            reader.load_state_dict(state["reader"])
-    elif out.is_dir() and any(out.glob("part-*.parquet")):
-        raise PredictError(f"{out}: holds part files but no {PROGRESS}; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if state["reader"] is not None:
+        reader.load_state_dict(state["reader"])
     for stale in out.glob("part-*.parquet*"):  # written after the last recorded progress
         if stale.name.endswith(".tmp") or int(stale.name[5:10]) >= state["parts"]:
             stale.unlink()

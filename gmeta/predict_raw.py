@@ -26,7 +26,6 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,10 +35,10 @@ import torch
 from gmeta.checkpoint import load_unsharded
 from gmeta.io.errors import PrepareError
 from gmeta.io.features import input_columns
-from gmeta.io.prepare import Partitions, num_partitions
-from gmeta.io.sources import SourceError, open_source
+from gmeta.io.prepare import Partitions, num_partitions, open_input
+from gmeta.io.sources import SourceError
 from gmeta.parallel.dist import configure_threads, default_device
-from gmeta.predict import PROGRESS, PredictError, write_atomic
+from gmeta.predict import PROGRESS, PredictError, open_progress, write_atomic
 from gmeta.scoring import inner_steps_for
 from gmeta.serving import QUERY, ROLE, assign_roles, score_rows_models
 
@@ -84,15 +83,8 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
     column_types = meta.get("input_columns")
     f = cfg.features
     input_path, out = Path(input_path), Path(out_dir)
-    try:
-        source = open_source(cfg, input_path)
-    except SourceError as e:
-        raise PrepareError(str(e)) from None
+    source = open_input(cfg, input_path)  # the checkpoint's features and source format
     columns = input_columns(cfg)
-    missing = [c for c in columns if c not in source.names]
-    if missing:
-        raise PrepareError(f"{input_path}: missing column(s) {missing} that the checkpoint's features need; "
-                           f"columns present: {source.names[:40]}")
     has_role = ROLE in source.names
     _same_features([c for _, c, _ in loaded], checkpoints, has_role)
     read = columns + ([ROLE] if has_role else [])
@@ -107,22 +99,9 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
               for i, (c, (_, mc, _)) in enumerate(zip(checkpoints, loaded))]
     job = {"models": models, "input": str(input_path.resolve()),
            "buckets": count, "roles": "column" if has_role else "split rule"}
-    state: dict[str, Any] = {"job": job, "done": [], "rows": 0, "tasks": 0, "complete": False}
+    state = open_progress(out, {"job": job, "done": [], "rows": 0, "tasks": 0, "complete": False}, resume,
+                          "checkpoint, input and settings")
     progress_file = out / PROGRESS
-    if progress_file.is_file():
-        if not resume:
-            raise PredictError(f"{out}: holds predictions already ({PROGRESS}); pass --resume to continue "
-                               "them or choose another --out")
-        try:
-            state = json.loads(progress_file.read_text())
-        except json.JSONDecodeError as e:
-            raise PredictError(f"{progress_file}: unreadable: {e}") from None
-        if state.get("job") != job:
-            raise PredictError(f"{progress_file}: written for {state.get('job')}, this run is {job}: "
-                               "resume with the same checkpoint, input and settings")
-    elif out.is_dir() and any(out.glob("part-*.parquet")):
-        raise PredictError(f"{out}: holds part files but no {PROGRESS}; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     done = set(state["done"])
     for stale in out.glob("part-*.parquet*"):  # written after the last recorded progress
         if stale.name.endswith(".tmp") or int(stale.name[5:10]) not in done:

@@ -54,7 +54,7 @@ from gmeta.io.formats import parquet, webdataset
 from gmeta.io.id_counts import DIR as ID_COUNTS
 from gmeta.io.id_counts import IdCounts
 from gmeta.io.manifest import FORMAT_VERSION, MANIFEST, splits_of
-from gmeta.io.sources import SourceError, open_source, parse_number
+from gmeta.io.sources import Source, SourceError, open_source, parse_number
 from gmeta.io.split import DROP_REASONS, ROW_DROP_REASONS, chunk_tasks, split_tasks
 
 log = logging.getLogger(__name__)
@@ -301,6 +301,25 @@ _EXPANSION = 20  # measured: peak Arrow + numpy bytes over decoded bucket bytes,
 _BATCH_ROWS = 8192
 
 
+def open_input(cfg: Config, input_path: Path) -> Source:
+    """The raw input's reader (data.source.format), checked to hold every column the
+    features need; errors name the input, the missing columns and the likely cause."""
+    try:
+        source = open_source(cfg, input_path)
+    except SourceError as e:
+        raise PrepareError(str(e)) from None
+    missing = [c for c in input_columns(cfg) if c not in source.names]
+    if missing:
+        hint = ""
+        if any(parse_number(str(n)) is not None for n in source.names):
+            hint = " (names that are numbers: the file seems to have no header; set data.source.column_names)"
+        elif cfg.features.timestamp in missing and cfg.data.source.format in ("libsvm", "libfm"):
+            hint = " (libSVM lines have no time: set features.timestamp: '' to take the line order as time order)"
+        raise PrepareError(f"{input_path}: missing column(s) {missing} required by the config "
+                           f"(features.*); columns present: {source.names[:40]}{hint}")
+    return source
+
+
 def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
     """Build task shards and the manifest within ``data.prepare_memory_mb``; return the manifest.
 
@@ -313,20 +332,8 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
     t0 = time.perf_counter()
     f = cfg.features
     input_path, out = Path(input_path), Path(out_dir)
-    try:
-        source = open_source(cfg, input_path)
-    except SourceError as e:
-        raise PrepareError(str(e)) from None
+    source = open_input(cfg, input_path)
     columns = input_columns(cfg)
-    missing = [c for c in columns if c not in source.names]
-    if missing:
-        hint = ""
-        if any(parse_number(str(n)) is not None for n in source.names):
-            hint = " (names that are numbers: the file seems to have no header; set data.source.column_names)"
-        elif f.timestamp in missing and cfg.data.source.format in ("libsvm", "libfm"):
-            hint = " (libSVM lines have no time: set features.timestamp: '' to take the line order as time order)"
-        raise PrepareError(f"{input_path}: missing column(s) {missing} required by the config "
-                           f"(features.*); columns present: {source.names[:40]}{hint}")
     has_true_prob = bool(f.true_prob) and f.true_prob in source.names
     if has_true_prob:
         columns.append(f.true_prob)
