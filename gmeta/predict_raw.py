@@ -25,6 +25,7 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ import torch
 
 from gmeta.checkpoint import load_unsharded
 from gmeta.io.errors import PrepareError
-from gmeta.io.features import input_columns
+from gmeta.io.features import input_columns, shard_fields
 from gmeta.io.prepare import Partitions, num_partitions, open_input
 from gmeta.io.sources import SourceError
 from gmeta.parallel.dist import configure_threads, default_device
@@ -49,18 +50,26 @@ def _part(bucket: int) -> str:
     return f"part-{bucket:05d}.parquet"
 
 
-def _same_features(cfgs: list, checkpoints: list, has_role: bool) -> None:
-    """Every model must read the rows as the first does: the same features (ids hash to the
-    same rows), and without a role column the same split rule."""
-    keys = ["features"] + ([] if has_role else ["data.split"])
+def _reading(cfg, has_role: bool) -> dict:
+    """What of a config decides how raw rows become task batches: the columns and label
+    encoding, each sparse feature's hashing (shard_fields: not min_count or holdout_share,
+    which the model applies), the source format, and without a role column the split rule."""
+    features = {**asdict(cfg.features), "sparse": [shard_fields(s) for s in cfg.features.sparse]}
+    return {"features": features, "data.source": asdict(cfg.data.source),
+            **({} if has_role else {"data.split": asdict(cfg.data.split)})}
+
+
+def _same_reading(cfgs: list, checkpoints: list, has_role: bool) -> None:
+    """Every model must read the rows as the first does (or one pass would score some of
+    them on rows featurised for another)."""
+    first = _reading(cfgs[0], has_role)
     for c, other in zip(checkpoints[1:], cfgs[1:]):
-        for key in keys:
-            a, b = (cfgs[0].features, other.features) if key == "features" else (cfgs[0].data.split,
-                                                                                  other.data.split)
-            if a != b:
+        theirs = _reading(other, has_role)
+        for key in first:
+            if first[key] != theirs[key]:
                 raise PredictError(f"--checkpoint {c}: its {key} differ from those of --checkpoint "
-                                   f"{checkpoints[0]}; models scored in one pass must read the rows alike: "
-                                   "predict them in separate runs")
+                                   f"{checkpoints[0]} in how raw rows are read; models scored in one pass "
+                                   "must read the rows alike: predict them in separate runs")
 
 
 def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_dir: str | Path, *,
@@ -86,7 +95,7 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
     source = open_input(cfg, input_path)  # the checkpoint's features and source format
     columns = input_columns(cfg)
     has_role = ROLE in source.names
-    _same_features([c for _, c, _ in loaded], checkpoints, has_role)
+    _same_reading([c for _, c, _ in loaded], checkpoints, has_role)
     read = columns + ([ROLE] if has_role else [])
     try:
         input_bytes, _ = source.estimate(read)
