@@ -1,5 +1,6 @@
 """Prediction on raw logs: ``gmeta predict --input`` against the MLflow pyfunc model applied
-to one task's DataFrame at a time (what a user does without it).
+to one task's DataFrame at a time (what a user does without it); and two models scored in
+one pass (``--checkpoint A --checkpoint B``) against two separate runs.
 
 The logs are the raw rows of held-out campaigns of the synthetic ads-CVR set (configs/
 ads_cvr.yaml's model, freshly initialised: throughput does not depend on the weights), with
@@ -49,6 +50,9 @@ def main() -> None:
     cfg.data.shards_dir = str(shards)
     model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, torch.device("cpu"))
     ckpt = checkpoint.save(model, cfg, bench / "checkpoint", {"step": 0})
+    torch.manual_seed(1)  # a second model of the same features (a challenger)
+    model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, torch.device("cpu"))
+    ckpt2 = checkpoint.save(model, cfg, bench / "checkpoint2", {"step": 0})
     dist.destroy_process_group()
     steps = cfg.meta.inner_steps
 
@@ -88,8 +92,25 @@ def main() -> None:
     g, p = float(np.median(results["gmeta"])), float(np.median(results["pyfunc"]))
     print(f"gmeta predict --input {g:.0f} rows/s vs pyfunc per task {p:.0f} rows/s: {g / p:.1f}x "
           f"(configs/ads_cvr.yaml model, K={steps}, 1 process)")
+
+    times: dict[str, list[float]] = {}
+    for name in ("one pass", "two runs", "one pass", "two runs"):
+        t0 = time.perf_counter()
+        if name == "one pass":
+            shutil.rmtree(bench / "both", ignore_errors=True)
+            run_predict_raw([ckpt, ckpt2], bench / "logs", bench / "both", inner_steps=steps, progress=False)
+        else:
+            for i, c in enumerate((ckpt, ckpt2)):
+                shutil.rmtree(bench / f"one{i}", ignore_errors=True)
+                run_predict_raw(c, bench / "logs", bench / f"one{i}", inner_steps=steps, progress=False)
+        times.setdefault(name, []).append(time.perf_counter() - t0)
+        print(f"{name}: two models over {n_query} query rows in {times[name][-1]:6.2f}s")
+    one, two = float(np.median(times["one pass"])), float(np.median(times["two runs"]))
+    print(f"two models in one pass {one:.2f}s vs two runs {two:.2f}s: {two / one:.2f}x")
     emit("predict_raw_throughput", {"gmeta_rows_per_s": g, "pyfunc_rows_per_s": p, "ratio": g / p,
-                                    "tasks": len(per_task), "query_rows": n_query, "inner_steps": steps})
+                                    "tasks": len(per_task), "query_rows": n_query, "inner_steps": steps,
+                                    "two_models_one_pass_s": one, "two_models_two_runs_s": two,
+                                    "two_models_ratio": two / one})
 
 
 if __name__ == "__main__":
