@@ -75,3 +75,27 @@ def train_run(cfg: str, workdir: Path, name: str, nproc: int, overrides: list[st
     run = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{name}'",
                              order_by=["attributes.start_time DESC"], max_results=1)[0]
     return dict(run.data.metrics)
+
+
+def fresh_checkpoints(cfg: Config, shards: Path, paths: list[Path]) -> list[Path]:
+    """A freshly initialised checkpoint of ``cfg``'s model (trained on ``shards``) at each
+    path, seeds 0, 1, ... (throughput does not depend on the weights; different seeds give
+    different models of the same features)."""
+    import torch
+    import torch.distributed as dist
+
+    from gmeta import checkpoint
+    from gmeta.models.dlrm import build_model
+    from gmeta.parallel.dist import free_port
+    from gmeta.parallel.sharding import shard_model
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    cfg.data.shards_dir = str(shards)
+    out = []
+    for seed, path in enumerate(paths):
+        torch.manual_seed(seed)
+        model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, torch.device("cpu"))
+        out.append(Path(checkpoint.save(model, cfg, path, {"step": 0})))
+    dist.destroy_process_group()
+    return out

@@ -13,7 +13,6 @@ with the same inner steps, measured alternately in one run.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 import time
@@ -21,15 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.distributed as dist
 
-from benchmarks.common import emit, ensure_data
+from benchmarks.common import emit, ensure_data, fresh_checkpoints
 from gmeta import checkpoint
 from gmeta.io.reader import task_keys
-from gmeta.models.dlrm import build_model
-from gmeta.parallel.dist import free_port
-from gmeta.parallel.sharding import shard_model
 from gmeta.predict_raw import run_predict_raw
 from gmeta.serving import assign_roles, log_model
 
@@ -44,16 +38,8 @@ def main() -> None:
     bench = work / "predict-raw-bench"
     shutil.rmtree(bench, ignore_errors=True)
     bench.mkdir(parents=True)
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    torch.manual_seed(0)
-    cfg.data.shards_dir = str(shards)
-    model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, torch.device("cpu"))
-    ckpt = checkpoint.save(model, cfg, bench / "checkpoint", {"step": 0})
-    torch.manual_seed(1)  # a second model of the same features (a challenger)
-    model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, torch.device("cpu"))
-    ckpt2 = checkpoint.save(model, cfg, bench / "checkpoint2", {"step": 0})
-    dist.destroy_process_group()
+    # two models of the same features (champion and challenger), freshly initialised
+    ckpt, ckpt2 = fresh_checkpoints(cfg, shards, [bench / "checkpoint", bench / "checkpoint2"])
     steps = cfg.meta.inner_steps
 
     keys = sorted(task_keys(shards, "eval").values())[: args.tasks]

@@ -12,7 +12,6 @@ depend on the weights), same held-out tasks, same inner steps; both measured in 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 import time
@@ -21,15 +20,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-import torch.distributed as dist
 
-from benchmarks.common import emit, ensure_data
+from benchmarks.common import emit, ensure_data, fresh_checkpoints
 from gmeta import checkpoint
 from gmeta.io.reader import TaskReader, task_keys
-from gmeta.models.dlrm import build_model
-from gmeta.parallel.dist import free_port
-from gmeta.parallel.sharding import shard_model
 from gmeta.predict import run_predict
 from gmeta.scoring import predict_query
 
@@ -55,13 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir)
     cfg, _, shards = ensure_data(work, 20_000)
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    torch.manual_seed(0)
-    cfg.data.shards_dir = str(shards)
-    model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, torch.device("cpu"))
-    ckpt = checkpoint.save(model, cfg, work / "predict-bench" / "checkpoint", {"step": 0})
-    dist.destroy_process_group()
+    (ckpt,) = fresh_checkpoints(cfg, shards, [work / "predict-bench" / "checkpoint"])
     steps = cfg.meta.inner_steps
     out = work / "predict-bench" / "out"
 

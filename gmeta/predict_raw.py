@@ -36,7 +36,7 @@ import torch
 from gmeta.checkpoint import load_unsharded
 from gmeta.io.errors import PrepareError
 from gmeta.io.features import input_columns, shard_fields
-from gmeta.io.prepare import Partitions, num_partitions, open_input
+from gmeta.io.prepare import Partitions, num_partitions, open_input, stream_input
 from gmeta.io.sources import SourceError
 from gmeta.parallel.dist import configure_threads, default_device
 from gmeta.predict import PROGRESS, PredictError, open_progress, write_atomic
@@ -122,21 +122,13 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
     new_rows = 0
     with tempfile.TemporaryDirectory(dir=out, prefix=".predict-") as tmp:
         parts = Partitions(count, Path(tmp), max(1, memory_mb << 20) // 4)
-        n = 0
-        where = str(input_path)
-        try:
-            for batch in source.batches(read):
-                where = batch.where
-                t = batch.table
-                parts.add(t.append_column("__key", t.column(f.task_key))
-                           .append_column("__row", pa.array(np.arange(n, n + t.num_rows, dtype=np.int64))))
-                n += t.num_rows
-        except SourceError as e:
-            raise PrepareError(str(e)) from None
-        except pa.ArrowException as e:
-            raise PrepareError(f"{where}: cannot read: {e}") from None
-        if n == 0:
-            raise PrepareError(f"{input_path}: no rows")
+        def add(batch, first_row: int) -> None:  # the rows as they are, with their task key and input position
+            t = batch.table
+            rows = pa.array(np.arange(first_row, first_row + t.num_rows, dtype=np.int64))
+            parts.add(t.append_column("__key", t.column(f.task_key)).append_column("__row", rows))
+
+        stream_input(source, read, input_path, add)
+        scorers = [(m, c) for m, c, _ in loaded]
         with tqdm(total=count, initial=len(done), unit="bucket", desc="predict", disable=not progress) as bar:
             for b, bucket in parts.indexed_buckets():
                 if b in done:
@@ -146,8 +138,7 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
                 if not has_role:
                     df = assign_roles(df, cfg)
                 try:
-                    scores = score_rows_models([(m, c) for m, c, _ in loaded], df,
-                                               -1 if inner_steps is None else inner_steps, column_types)
+                    scores = score_rows_models(scorers, df, inner_steps, column_types)
                 except PrepareError as e:
                     raise PrepareError(f"{input_path}: {e}") from None
                 q = np.flatnonzero(df[ROLE].astype(str).to_numpy() == QUERY)

@@ -13,6 +13,7 @@ The trained model is logged to MLflow as a pyfunc (``mlflow.pyfunc.load_model(ur
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +174,7 @@ def score_rows(model, cfg: Config, df: pd.DataFrame, inner_steps: int = -1,
     return pd.DataFrame({"score": scores}, index=df.index)
 
 
-def score_rows_models(models: list[tuple[object, Config]], df: pd.DataFrame, inner_steps: int = -1,
+def score_rows_models(models: Sequence[tuple[object, Config]], df: pd.DataFrame, inner_steps: int | None = -1,
                       column_types: dict[str, str] | None = None) -> np.ndarray:
     """``score_rows`` for several models of the same features at once: the rows are
     checked, hashed and batched once (by the first model's config), then every model adapts

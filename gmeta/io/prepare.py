@@ -29,6 +29,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ from gmeta.io.formats import parquet, webdataset
 from gmeta.io.id_counts import DIR as ID_COUNTS
 from gmeta.io.id_counts import IdCounts
 from gmeta.io.manifest import FORMAT_VERSION, MANIFEST, splits_of
-from gmeta.io.sources import Source, SourceError, open_source, parse_number
+from gmeta.io.sources import Batch, Source, SourceError, open_source, parse_number
 from gmeta.io.split import DROP_REASONS, ROW_DROP_REASONS, chunk_tasks, split_tasks
 
 log = logging.getLogger(__name__)
@@ -252,8 +253,9 @@ def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, Any],
     rank = salted_hash(task_keys, f"order{sp.seed}")
     if sp.long_train_tasks == "chunk":  # long training tasks -> several tasks; the chunks of one stay adjacent
         task_start, counts, new_hash, source = chunk_tasks(cfg, task_start, counts, task_hash, split_of == "train")
-        dropped["chunked"]["tasks"] += int(np.count_nonzero(np.bincount(source) > 1))
-        dropped["chunked"]["into"] += int(np.count_nonzero(np.bincount(source)[source] > 1))
+        pieces = np.bincount(source)
+        dropped["chunked"]["tasks"] += int(np.count_nonzero(pieces > 1))
+        dropped["chunked"]["into"] += int(pieces[pieces > 1].sum())
         task_keys, split_of, rank, task_hash = task_keys[source], split_of[source], rank[source], new_hash
     support_idx, query_idx, d = split_tasks(cfg, task_start, counts, ts, task_hash)
     for kind in ("tasks", "rows"):
@@ -320,6 +322,26 @@ def open_input(cfg: Config, input_path: Path) -> Source:
     return source
 
 
+def stream_input(source: Source, columns: list[str], input_path: Path, each: Callable[[Batch, int], None]) -> int:
+    """Call ``each(batch, first_row)`` on every batch of ``columns`` of the input, in input
+    order (``first_row``: the batch's position in the input); returns the rows read. A read
+    error, or an Arrow error in ``each``, names the file; an empty input is an error."""
+    n = 0
+    where = str(input_path)
+    try:
+        for batch in source.batches(columns):
+            where = batch.where
+            each(batch, n)
+            n += batch.table.num_rows
+    except SourceError as e:
+        raise PrepareError(str(e)) from None
+    except pa.ArrowException as e:
+        raise PrepareError(f"{where}: cannot read: {e}") from None
+    if n == 0:
+        raise PrepareError(f"{input_path}: no rows")
+    return n
+
+
 def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
     """Build task shards and the manifest within ``data.prepare_memory_mb``; return the manifest.
 
@@ -354,20 +376,12 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
     with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as tmp:
         parts = Partitions(parts_n, Path(tmp), max(1, memory) // 4)
         with tqdm(total=input_rows or None, unit="rows", desc="prepare: read", disable=not show) as bar:
-            where = str(input_path)
-            try:
-                for batch in source.batches(columns):
-                    where = batch.where
-                    labels = check_values(batch.table, cfg, batch)
-                    parts.add(hash_batch(batch.table, cfg, card, where, first_row=n_rows, labels=labels))
-                    n_rows += batch.table.num_rows
-                    bar.update(batch.table.num_rows)
-            except SourceError as e:
-                raise PrepareError(str(e)) from None
-            except pa.ArrowException as e:
-                raise PrepareError(f"{where}: cannot read: {e}") from None
-        if n_rows == 0:
-            raise PrepareError(f"{input_path}: no rows")
+            def add(batch: Batch, first_row: int) -> None:
+                labels = check_values(batch.table, cfg, batch)
+                parts.add(hash_batch(batch.table, cfg, card, batch.where, first_row=first_row, labels=labels))
+                bar.update(batch.table.num_rows)
+
+            n_rows = stream_input(source, columns, input_path, add)
         # shards are written beside the output and moved into place only when complete, so
         # a failed prepare leaves the shards and manifest of the last one as they were
         staging = Path(tmp) / "shards"
