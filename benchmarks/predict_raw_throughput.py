@@ -1,18 +1,21 @@
 """Prediction on raw logs: ``gmeta predict --input`` against the MLflow pyfunc model applied
-to one task's DataFrame at a time (what a user does without it); and two models scored in
-one pass (``--checkpoint A --checkpoint B``) against two separate runs.
+to one task's DataFrame at a time (what a user does without it); 1 against 2 worker
+processes (``--nproc-per-node``); one worker slowed (a straggler) with the shared queue
+against a static split of the same units; and two models scored in one pass
+(``--checkpoint A --checkpoint B``) against two separate runs.
 
 The logs are the raw rows of held-out campaigns of the synthetic ads-CVR set (configs/
 ads_cvr.yaml's model, freshly initialised: throughput does not depend on the weights), with
 a ``role`` column (the split rule's roles; query labels removed). Both score the same rows
 with the same inner steps, measured alternately in one run.
 
-    python -m benchmarks.predict_raw_throughput [--tasks 300]
+    python -m benchmarks.predict_raw_throughput [--tasks 300] [--sections pyfunc,processes,straggler,models]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -24,7 +27,7 @@ import pandas as pd
 from benchmarks.common import emit, ensure_data, fresh_checkpoints
 from gmeta import checkpoint
 from gmeta.io.reader import task_keys
-from gmeta.predict_raw import run_predict_raw
+from gmeta.predict_raw import FAULTS_ENV, UNITS, run_predict_raw
 from gmeta.serving import assign_roles, log_model
 
 
@@ -32,7 +35,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=300, help="new campaigns in the logs")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gmeta-bench"))
+    ap.add_argument("--sections", default="pyfunc,processes,straggler,models",
+                    help="comma-separated: pyfunc, processes, straggler, models")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     work = Path(args.workdir)
     cfg, raw, shards = ensure_data(work, 20_000)
     bench = work / "predict-raw-bench"
@@ -53,50 +59,82 @@ def main() -> None:
     per_task = [g for _, g in logs.groupby(cfg.features.task_key, sort=False)]
     n_query = int((logs["role"] == "query").sum())
 
-    import mlflow
+    figures: dict[str, float] = {"tasks": len(per_task), "query_rows": n_query, "inner_steps": steps}
 
-    mlflow.set_tracking_uri(f"sqlite:///{bench / 'mlflow.db'}")
-    exp = mlflow.create_experiment("bench", artifact_location=str(bench / "artifacts"))
-    with mlflow.start_run(experiment_id=exp):
-        loaded_model, loaded_cfg, _ = checkpoint.load_unsharded(ckpt)
-        uri = log_model(ckpt, loaded_cfg, loaded_model)
-    pyfunc = mlflow.pyfunc.load_model(uri)
-
-    results: dict[str, list[float]] = {}
-    for name in ("gmeta", "pyfunc", "gmeta", "pyfunc"):  # alternated: drift of a shared machine hits both
+    def predict(out: str, ckpts=None, **kw) -> float:
+        shutil.rmtree(bench / out, ignore_errors=True)
         t0 = time.perf_counter()
-        if name == "gmeta":
-            shutil.rmtree(bench / "out", ignore_errors=True)
-            got = run_predict_raw(ckpt, bench / "logs", bench / "out", inner_steps=steps, progress=False)["rows"]
-        else:
-            got = sum(int(pyfunc.predict(df, params={"inner_steps": steps})["score"].notna().sum())
-                      for df in per_task)
-        dt = time.perf_counter() - t0
-        assert got == n_query, (name, got, n_query)
-        results.setdefault(name, []).append(got / dt)
-        print(f"{name:6s}: {got} query rows of {len(per_task)} tasks in {dt:6.2f}s = {got / dt:8.0f} rows/s")
-    g, p = float(np.median(results["gmeta"])), float(np.median(results["pyfunc"]))
-    print(f"gmeta predict --input {g:.0f} rows/s vs pyfunc per task {p:.0f} rows/s: {g / p:.1f}x "
-          f"(configs/ads_cvr.yaml model, K={steps}, 1 process)")
+        got = run_predict_raw(ckpts or ckpt, bench / "logs", bench / out, inner_steps=steps, progress=False, **kw)
+        assert got["rows"] == n_query, (out, got["rows"], n_query)
+        return time.perf_counter() - t0
 
-    times: dict[str, list[float]] = {}
-    for name in ("one pass", "two runs", "one pass", "two runs"):
-        t0 = time.perf_counter()
-        if name == "one pass":
-            shutil.rmtree(bench / "both", ignore_errors=True)
-            run_predict_raw([ckpt, ckpt2], bench / "logs", bench / "both", inner_steps=steps, progress=False)
-        else:
-            for i, c in enumerate((ckpt, ckpt2)):
-                shutil.rmtree(bench / f"one{i}", ignore_errors=True)
-                run_predict_raw(c, bench / "logs", bench / f"one{i}", inner_steps=steps, progress=False)
-        times.setdefault(name, []).append(time.perf_counter() - t0)
-        print(f"{name}: two models over {n_query} query rows in {times[name][-1]:6.2f}s")
-    one, two = float(np.median(times["one pass"])), float(np.median(times["two runs"]))
-    print(f"two models in one pass {one:.2f}s vs two runs {two:.2f}s: {two / one:.2f}x")
-    emit("predict_raw_throughput", {"gmeta_rows_per_s": g, "pyfunc_rows_per_s": p, "ratio": g / p,
-                                    "tasks": len(per_task), "query_rows": n_query, "inner_steps": steps,
-                                    "two_models_one_pass_s": one, "two_models_two_runs_s": two,
-                                    "two_models_ratio": two / one})
+    if "pyfunc" in sections:
+        import mlflow
+
+        mlflow.set_tracking_uri(f"sqlite:///{bench / 'mlflow.db'}")
+        exp = mlflow.create_experiment("bench", artifact_location=str(bench / "artifacts"))
+        with mlflow.start_run(experiment_id=exp):
+            loaded_model, loaded_cfg, _ = checkpoint.load_unsharded(ckpt)
+            uri = log_model(ckpt, loaded_cfg, loaded_model)
+        pyfunc = mlflow.pyfunc.load_model(uri)
+
+        results: dict[str, list[float]] = {}
+        for name in ("gmeta", "pyfunc", "gmeta", "pyfunc"):  # alternated: drift of a shared machine hits both
+            if name == "gmeta":
+                dt = predict("out")
+            else:
+                t0 = time.perf_counter()
+                got = sum(int(pyfunc.predict(df, params={"inner_steps": steps})["score"].notna().sum())
+                          for df in per_task)
+                dt = time.perf_counter() - t0
+                assert got == n_query, (name, got, n_query)
+            results.setdefault(name, []).append(n_query / dt)
+            print(f"{name:6s}: {n_query} query rows of {len(per_task)} tasks in {dt:6.2f}s = "
+                  f"{n_query / dt:8.0f} rows/s")
+        g, p = float(np.median(results["gmeta"])), float(np.median(results["pyfunc"]))
+        print(f"gmeta predict --input {g:.0f} rows/s vs pyfunc per task {p:.0f} rows/s: {g / p:.1f}x "
+              f"(configs/ads_cvr.yaml model, K={steps}, 1 process)")
+        figures.update(gmeta_rows_per_s=g, pyfunc_rows_per_s=p, ratio=g / p)
+
+    if "processes" in sections:
+        walls: dict[int, list[float]] = {}
+        for n in (1, 2, 1, 2):
+            walls.setdefault(n, []).append(predict(f"nproc{n}", nproc=n))
+            print(f"{n} process(es): {n_query} query rows in {walls[n][-1]:6.2f}s = "
+                  f"{n_query / walls[n][-1]:8.0f} rows/s")
+        r1, r2 = (n_query / float(np.median(walls[n])) for n in (1, 2))
+        print(f"gmeta predict --input with 2 processes {r2:.0f} rows/s vs 1 process {r1:.0f} rows/s: "
+              f"{r2 / r1:.2f}x (configs/ads_cvr.yaml model, K={steps}, {os.cpu_count()} cores)")
+        figures.update(rows_per_s_1_process=r1, rows_per_s_2_processes=r2, process_ratio=r2 / r1)
+
+    if "straggler" in sections:
+        # worker 0 sleeps before each unit: twice a unit's time, from the 1-process time per unit
+        unit_s = predict("calib", nproc=1) / UNITS
+        slow = round(2 * unit_s, 3)
+        os.environ[FAULTS_ENV] = f"slow=0:{slow}"
+        try:
+            walls_s: dict[str, list[float]] = {}
+            for schedule in ("queue", "static", "queue", "static"):
+                walls_s.setdefault(schedule, []).append(predict(f"straggler-{schedule}", nproc=2, schedule=schedule))
+                print(f"straggler ({slow}s per unit on worker 0), {schedule:6s}: {walls_s[schedule][-1]:6.2f}s")
+        finally:
+            del os.environ[FAULTS_ENV]
+        q, st = (float(np.median(walls_s[k])) for k in ("queue", "static"))
+        print(f"straggler: shared queue {q:.2f}s vs static split {st:.2f}s: {st / q:.2f}x "
+              f"(2 processes, {UNITS} units, configs/ads_cvr.yaml model)")
+        figures.update(straggler_sleep_s=slow, straggler_queue_s=q, straggler_static_s=st, straggler_ratio=st / q)
+
+    if "models" in sections:
+        times: dict[str, list[float]] = {}
+        for name in ("one pass", "two runs", "one pass", "two runs"):
+            dt = (predict("both", [ckpt, ckpt2]) if name == "one pass"
+                  else predict("one0", [ckpt]) + predict("one1", [ckpt2]))
+            times.setdefault(name, []).append(dt)
+            print(f"{name}: two models over {n_query} query rows in {times[name][-1]:6.2f}s")
+        one, two = float(np.median(times["one pass"])), float(np.median(times["two runs"]))
+        print(f"two models in one pass {one:.2f}s vs two runs {two:.2f}s: {two / one:.2f}x")
+        figures.update(two_models_one_pass_s=one, two_models_two_runs_s=two, two_models_ratio=two / one)
+    emit("predict_raw_throughput", figures)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-part", type=int, default=200_000, help="query rows per Parquet part")
     p.add_argument("--max-tasks", type=int, default=0, help="predict only the first N tasks (0: all)")
     p.add_argument("--resume", action="store_true", help="continue the predictions already in --out")
+    p.add_argument("--nproc-per-node", type=int, default=1,
+                   help="with --input: worker processes taking units of tasks from a shared queue (default: 1, "
+                        "in this process)")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="with --input: dead workers replaced before their units go to the others (default: 3)")
     for p in sub.choices.values():  # also after the subcommand; SUPPRESS keeps a --verbose given before it
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
     return ap
@@ -331,9 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         from gmeta.io.errors import PrepareError
         from gmeta.predict import PredictError, run_predict
 
-        if args.rows_per_part < 1 or args.max_tasks < 0 or (args.tasks_per_batch or 1) < 1:
-            print("gmeta predict: --rows-per-part and --tasks-per-batch must be >= 1, --max-tasks >= 0",
-                  file=sys.stderr)
+        if (args.rows_per_part < 1 or args.max_tasks < 0 or (args.tasks_per_batch or 1) < 1
+                or args.nproc_per_node < 1 or args.max_restarts < 0):
+            print("gmeta predict: --rows-per-part, --tasks-per-batch and --nproc-per-node must be >= 1, "
+                  "--max-tasks and --max-restarts >= 0", file=sys.stderr)
             return 2
         try:
             shards, why = _explicit_shards(args)
@@ -345,7 +351,12 @@ def main(argv: list[str] | None = None) -> int:
                 from gmeta.predict_raw import run_predict_raw
 
                 summary = run_predict_raw(args.checkpoint, args.input, args.out, inner_steps=args.inner_steps,
-                                          resume=args.resume, progress=sys.stderr.isatty())
+                                          resume=args.resume, progress=sys.stderr.isatty(),
+                                          nproc=args.nproc_per_node, max_restarts=args.max_restarts)
+            elif args.nproc_per_node != 1:
+                print("gmeta predict: --nproc-per-node is for --input; task shards are predicted in one process",
+                      file=sys.stderr)
+                return 2
             elif len(args.checkpoint) > 1:
                 print("gmeta predict: several --checkpoint are scored in one pass with --input", file=sys.stderr)
                 return 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -37,7 +38,11 @@ class PredictError(ValueError):
 
 
 def write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """Write ``path`` through a temporary file renamed over it: readers see the old file or
+    the new one, never a half-written one. The temporary name holds the process id, so two
+    processes writing the same file (a unit reissued after its worker was thought dead)
+    never write into one temporary file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     write(tmp)
     tmp.replace(path)
 

@@ -174,21 +174,34 @@ def score_rows(model, cfg: Config, df: pd.DataFrame, inner_steps: int = -1,
     return pd.DataFrame({"score": scores}, index=df.index)
 
 
+def featurise_rows(df: pd.DataFrame, cfg: Config, column_types: dict[str, str] | None = None) -> list:
+    """Raw rows with roles -> [(batch, input positions of its query rows)]: checked, hashed
+    and collated into meta-batches of ``cfg.eval.tasks_per_batch`` tasks, ready for any
+    model of these features (``score_featurised``)."""
+    schema = shard_schema(cfg, has_true_prob=False)
+    return [(collate_packed([(block, np.arange(block.num_tasks))], schema, cfg.meta.size_buckets).unpack(), positions)
+            for block, positions in rows_to_blocks(df, cfg, cfg.eval.tasks_per_batch, column_types)]
+
+
+def score_featurised(models: Sequence[tuple[object, Config]], featurised: list, num_rows: int,
+                     inner_steps: int | None = -1) -> np.ndarray:
+    """Every model adapts on and scores each batch of ``featurise_rows``: [models, rows],
+    NaN where a row is not a query row."""
+    from gmeta.scoring import inner_steps_for, predict_query
+
+    scores = np.full((len(models), num_rows), np.nan)
+    for batch, positions in featurised:
+        for i, (model, model_cfg) in enumerate(models):
+            scores[i, positions] = predict_query(model, model_cfg, batch, inner_steps_for(model_cfg, inner_steps))
+    return scores
+
+
 def score_rows_models(models: Sequence[tuple[object, Config]], df: pd.DataFrame, inner_steps: int | None = -1,
                       column_types: dict[str, str] | None = None) -> np.ndarray:
     """``score_rows`` for several models of the same features at once: the rows are
     checked, hashed and batched once (by the first model's config), then every model adapts
     and scores each batch. [models, rows]; NaN where a row is not a query row."""
-    from gmeta.scoring import inner_steps_for, predict_query
-
-    cfg = models[0][1]
-    scores = np.full((len(models), len(df)), np.nan)
-    schema = shard_schema(cfg, has_true_prob=False)
-    for block, positions in rows_to_blocks(df, cfg, cfg.eval.tasks_per_batch, column_types):
-        batch = collate_packed([(block, np.arange(block.num_tasks))], schema, cfg.meta.size_buckets).unpack()
-        for i, (model, model_cfg) in enumerate(models):
-            scores[i, positions] = predict_query(model, model_cfg, batch, inner_steps_for(model_cfg, inner_steps))
-    return scores
+    return score_featurised(models, featurise_rows(df, models[0][1], column_types), len(df), inner_steps)
 
 
 try:

@@ -85,7 +85,7 @@ def test_raw_predict_in_buckets_resumes_after_a_crash_with_every_row_once(debug_
     kw = dict(inner_steps=1, progress=False, memory_mb=1)  # a 1 MiB cap: several buckets
     whole = run_predict_raw(debug_checkpoint, src, tmp_path / "whole", **kw)
     assert whole["parts"] > 2
-    real = raw_mod.score_rows_models
+    real = raw_mod.score_featurised
     calls = {"n": 0}
 
     def crash_on_third(*a, **k):
@@ -94,10 +94,10 @@ def test_raw_predict_in_buckets_resumes_after_a_crash_with_every_row_once(debug_
             raise _Crash
         return real(*a, **k)
 
-    monkeypatch.setattr(raw_mod, "score_rows_models", crash_on_third)
+    monkeypatch.setattr(raw_mod, "score_featurised", crash_on_third)
     with pytest.raises(_Crash):
         run_predict_raw(debug_checkpoint, src, tmp_path / "p", **kw)
-    monkeypatch.setattr(raw_mod, "score_rows_models", real)
+    monkeypatch.setattr(raw_mod, "score_featurised", real)
     assert len(json.loads((tmp_path / "p" / "_progress.json").read_text())["done"]) == 2
     with pytest.raises(PredictError, match="--resume"):
         run_predict_raw(debug_checkpoint, src, tmp_path / "p", **kw)
@@ -164,3 +164,56 @@ def test_two_models_in_one_pass_equal_two_runs(debug_checkpoint, debug_data, tmp
     (other / META).write_text(json.dumps(meta))
     with pytest.raises(PredictError, match=r"--checkpoint .*other: its features differ"):
         run_predict_raw([debug_checkpoint, other], src, tmp_path / "bad", progress=False)
+
+
+def _faulty(monkeypatch, faults: str) -> None:
+    monkeypatch.setenv(raw_mod.FAULTS_ENV, faults)
+
+
+def test_two_worker_processes_score_as_one_process(debug_checkpoint, debug_data, tmp_path, monkeypatch):
+    cfg = load_unsharded(debug_checkpoint)[1]
+    src = _write(_with_roles(_rows(debug_data, 120), cfg), tmp_path / "logs")
+    kw = dict(inner_steps=1, progress=False, units=8)
+    one = run_predict_raw(debug_checkpoint, src, tmp_path / "one", **kw)
+    two = run_predict_raw(debug_checkpoint, src, tmp_path / "two", nproc=2, **kw)
+    assert two["rows"] == one["rows"] and two["tasks"] == one["tasks"] == 120 and two["parts"] == one["parts"]
+    pd.testing.assert_frame_equal(_read(tmp_path / "one"), _read(tmp_path / "two"))
+    assert not list((tmp_path / "two").glob(".predict-*")) and not list((tmp_path / "two").glob("*.tmp"))
+    # SIGKILLed workers: one before scoring its 2nd unit, the other after writing its 1st part
+    # but before reporting it (so that part is written twice); replacements finish the job
+    _faulty(monkeypatch, "kill=0:2,kill_written=1:1")
+    killed = run_predict_raw(debug_checkpoint, src, tmp_path / "killed", nproc=2, **kw)
+    got = _read(tmp_path / "killed")
+    assert killed["rows"] == one["rows"] and not got["input_row"].duplicated().any()
+    pd.testing.assert_frame_equal(_read(tmp_path / "one"), got)
+    progress = json.loads((tmp_path / "killed" / "_progress.json").read_text())
+    assert sorted(progress["done"]) == sorted(set(progress["done"])) and progress["complete"]
+
+
+def test_a_job_whose_workers_all_die_resumes_with_another_process_count(debug_checkpoint, debug_data, tmp_path,
+                                                                        monkeypatch):
+    cfg = load_unsharded(debug_checkpoint)[1]
+    src = _write(_with_roles(_rows(debug_data, 120), cfg), tmp_path / "logs")
+    kw = dict(inner_steps=1, progress=False, units=8)
+    run_predict_raw(debug_checkpoint, src, tmp_path / "one", **kw)
+    _faulty(monkeypatch, "kill=0:2,kill=1:3")
+    with pytest.raises(PredictError, match="every worker died.*--resume"):
+        run_predict_raw(debug_checkpoint, src, tmp_path / "p", nproc=2, max_restarts=0, **kw)
+    done = json.loads((tmp_path / "p" / "_progress.json").read_text())["done"]
+    assert 0 < len(done) < 8
+    monkeypatch.delenv(raw_mod.FAULTS_ENV)
+    resumed = run_predict_raw(debug_checkpoint, src, tmp_path / "p", resume=True, **kw)  # 1 process now
+    assert resumed["complete"] and 0 < resumed["new_rows"] < resumed["rows"]
+    pd.testing.assert_frame_equal(_read(tmp_path / "one"), _read(tmp_path / "p"))
+
+
+def test_a_worker_input_error_stops_the_job_naming_the_file(debug_checkpoint, debug_data, tmp_path):
+    cfg = load_unsharded(debug_checkpoint)[1]
+    df = _with_roles(_rows(debug_data, 20), cfg)
+    nosupport = df[~((df["campaign_id"] == df["campaign_id"].iloc[0]) & (df["role"] == "support"))]
+    with pytest.raises(PrepareError, match=r"nosup: .*has no support rows"):
+        run_predict_raw(debug_checkpoint, _write(nosupport, tmp_path / "nosup"), tmp_path / "o", nproc=2,
+                        units=4, progress=False)
+    progress = json.loads((tmp_path / "o" / "_progress.json").read_text())
+    assert not progress["complete"]
+    assert not [p for p in (tmp_path / "o").iterdir() if p.name.startswith(".predict-")]

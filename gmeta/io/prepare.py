@@ -95,10 +95,25 @@ class Partitions:
         for b, parts in sorted(self.pending.items()):
             part = pa.concat_tables(parts)
             if b not in self.writers:
-                self.writers[b] = pq.ParquetWriter(self.tmp / f"bucket-{b:05d}.parquet", part.schema)
+                self.writers[b] = pq.ParquetWriter(self.path(b), part.schema)
             self.writers[b].write_table(part)
         self.pending.clear()
         self.pending_bytes = 0
+
+    def path(self, bucket: int) -> Path:
+        return self.tmp / f"bucket-{bucket:05d}.parquet"
+
+    def files(self) -> dict[int, Path]:
+        """Every non-empty bucket's file, complete (for other processes to read)."""
+        if self.count == 1:
+            if self.mem:
+                pq.write_table(pa.concat_tables(self.mem), self.path(0))
+            self.mem = []
+            return {0: self.path(0)} if self.path(0).exists() else {}
+        self._spill()
+        for w in self.writers.values():
+            w.close()
+        return {b: self.path(b) for b in sorted(self.writers)}
 
     def buckets(self):
         for _, table in self.indexed_buckets():
@@ -112,11 +127,8 @@ class Partitions:
                 yield 0, pa.concat_tables(self.mem)
             self.mem = []
             return
-        self._spill()
-        for w in self.writers.values():
-            w.close()
-        for b in sorted(self.writers):
-            yield b, pq.read_table(self.tmp / f"bucket-{b:05d}.parquet")
+        for b, path in self.files().items():
+            yield b, pq.read_table(path)
             pa.default_memory_pool().release_unused()
 
 
