@@ -33,7 +33,12 @@ from gmeta.serving import assign_roles, log_model
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", type=int, default=300, help="new campaigns in the logs")
+    ap.add_argument("--tasks", type=int, default=300, help="new campaigns in the logs (pyfunc, models)")
+    ap.add_argument("--scale-tasks", type=int, default=20_000,
+                    help="campaigns in the larger logs of the processes and straggler sections: a job long "
+                         "enough that starting the worker processes (seconds) is not what is measured")
+    ap.add_argument("--scale-copies", type=int, default=3,
+                    help="copies of those campaigns' rows, each under new campaign ids, in the larger logs")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gmeta-bench"))
     ap.add_argument("--sections", default="pyfunc,processes,straggler,models",
                     help="comma-separated: pyfunc, processes, straggler, models")
@@ -48,25 +53,39 @@ def main() -> None:
     ckpt, ckpt2 = fresh_checkpoints(cfg, shards, [bench / "checkpoint", bench / "checkpoint2"])
     steps = cfg.meta.inner_steps
 
-    keys = sorted(task_keys(shards, "eval").values())[: args.tasks]
-    rows = pd.read_parquet(raw, filters=[(cfg.features.task_key, "in", keys)])
-    logs = assign_roles(rows, cfg)
-    logs = logs[logs["role"] != ""].reset_index(drop=True)
-    logs["label"] = logs["label"].astype(float)
-    logs.loc[logs["role"] == "query", "label"] = np.nan
-    (bench / "logs").mkdir()
-    logs.to_parquet(bench / "logs" / "part-0.parquet")
+    def write_logs(keys: list, dest: Path) -> pd.DataFrame:
+        """The raw rows of ``keys`` with their role (the split rule's), query labels removed."""
+        logs = assign_roles(pd.read_parquet(raw, filters=[(cfg.features.task_key, "in", keys)]), cfg)
+        logs = logs[logs["role"] != ""].reset_index(drop=True)
+        logs["label"] = logs["label"].astype(float)
+        logs.loc[logs["role"] == "query", "label"] = np.nan
+        dest.mkdir()
+        logs.to_parquet(dest / "part-0.parquet")
+        return logs
+
+    logs = write_logs(sorted(task_keys(shards, "eval").values())[: args.tasks], bench / "logs")
     per_task = [g for _, g in logs.groupby(cfg.features.task_key, sort=False)]
     n_query = int((logs["role"] == "query").sum())
-
     figures: dict[str, float] = {"tasks": len(per_task), "query_rows": n_query, "inner_steps": steps}
 
-    def predict(out: str, ckpts=None, **kw) -> float:
+    def predict(out: str, ckpts=None, src: str = "logs", rows: int = n_query, **kw) -> float:
         shutil.rmtree(bench / out, ignore_errors=True)
         t0 = time.perf_counter()
-        got = run_predict_raw(ckpts or ckpt, bench / "logs", bench / out, inner_steps=steps, progress=False, **kw)
-        assert got["rows"] == n_query, (out, got["rows"], n_query)
+        got = run_predict_raw(ckpts or ckpt, bench / src, bench / out, inner_steps=steps, progress=False, **kw)
+        assert got["rows"] == rows, (out, got["rows"], rows)
         return time.perf_counter() - t0
+
+    if {"processes", "straggler"} & sections:
+        all_keys = sorted(pd.read_parquet(raw, columns=[cfg.features.task_key])[cfg.features.task_key].unique())
+        big = write_logs(all_keys[: args.scale_tasks], bench / "big")
+        key, step = cfg.features.task_key, int(big[cfg.features.task_key].max()) + 1
+        big = pd.concat([big.assign(**{key: big[key] + i * step}) for i in range(args.scale_copies)],
+                        ignore_index=True)  # each copy: new campaigns with the same rows
+        big.to_parquet(bench / "big" / "part-0.parquet")
+        big_query = int((big["role"] == "query").sum())
+        figures.update(scale_tasks=int(big[cfg.features.task_key].nunique()), scale_query_rows=big_query)
+        print(f"larger logs: {len(big)} rows of {figures['scale_tasks']} tasks, {big_query} query rows")
+        del big
 
     if "pyfunc" in sections:
         import mlflow
@@ -99,23 +118,24 @@ def main() -> None:
     if "processes" in sections:
         walls: dict[int, list[float]] = {}
         for n in (1, 2, 1, 2):
-            walls.setdefault(n, []).append(predict(f"nproc{n}", nproc=n))
-            print(f"{n} process(es): {n_query} query rows in {walls[n][-1]:6.2f}s = "
-                  f"{n_query / walls[n][-1]:8.0f} rows/s")
-        r1, r2 = (n_query / float(np.median(walls[n])) for n in (1, 2))
+            walls.setdefault(n, []).append(predict(f"nproc{n}", src="big", rows=big_query, nproc=n))
+            print(f"{n} process(es): {big_query} query rows in {walls[n][-1]:6.2f}s = "
+                  f"{big_query / walls[n][-1]:8.0f} rows/s")
+        r1, r2 = (big_query / float(np.median(walls[n])) for n in (1, 2))
         print(f"gmeta predict --input with 2 processes {r2:.0f} rows/s vs 1 process {r1:.0f} rows/s: "
               f"{r2 / r1:.2f}x (configs/ads_cvr.yaml model, K={steps}, {os.cpu_count()} cores)")
         figures.update(rows_per_s_1_process=r1, rows_per_s_2_processes=r2, process_ratio=r2 / r1)
 
     if "straggler" in sections:
         # worker 0 sleeps before each unit: twice a unit's time, from the 1-process time per unit
-        unit_s = predict("calib", nproc=1) / UNITS
+        unit_s = predict("calib", src="big", rows=big_query, nproc=1) / UNITS
         slow = round(2 * unit_s, 3)
         os.environ[FAULTS_ENV] = f"slow=0:{slow}"
         try:
             walls_s: dict[str, list[float]] = {}
             for schedule in ("queue", "static", "queue", "static"):
-                walls_s.setdefault(schedule, []).append(predict(f"straggler-{schedule}", nproc=2, schedule=schedule))
+                walls_s.setdefault(schedule, []).append(predict(f"straggler-{schedule}", src="big", rows=big_query,
+                                                                  nproc=2, schedule=schedule))
                 print(f"straggler ({slow}s per unit on worker 0), {schedule:6s}: {walls_s[schedule][-1]:6.2f}s")
         finally:
             del os.environ[FAULTS_ENV]

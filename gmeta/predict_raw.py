@@ -198,6 +198,7 @@ def _queue_name(schedule: str, slot: int) -> str:
 def _worker_main(spec_path: str, slot: int, generation: int) -> int:
     """One worker process: connect to the coordinator's store, load the models, score
     units from the queue until the coordinator closes it."""
+    started = time.perf_counter()
     spec = json.loads(Path(spec_path).read_text())
     store = torch.distributed.TCPStore(spec["host"], spec["port"], is_master=False,
                                        timeout=timedelta(seconds=spec["timeout_s"]))
@@ -235,8 +236,18 @@ def _worker_main(spec_path: str, slot: int, generation: int) -> int:
                 publish()
 
         buckets = Path(spec["buckets"])
-        _pipeline(claim, lambda b: pq.read_table(buckets / f"bucket-{b:05d}.parquet"), finished, scorer,
+        count = {"units": 0, "rows": 0}
+        t0 = time.perf_counter()
+
+        def finished_counted(b: int, rows: int, tasks: int) -> None:
+            finished(b, rows, tasks)
+            count["units"] += 1
+            count["rows"] += rows
+
+        _pipeline(claim, lambda b: pq.read_table(buckets / f"bucket-{b:05d}.parquet"), finished_counted, scorer,
                   Path(spec["out"]), _faults(slot) if generation == 0 else {})
+        log.info("predict worker %d: %d unit(s), %d query rows in %.1fs after loading its model(s) in %.1fs",
+                 slot, count["units"], count["rows"], time.perf_counter() - t0, t0 - started)
     except Exception as e:  # noqa: BLE001 - reported to the coordinator, which stops the job
         store.set(f"error/{slot}", json.dumps({"kind": type(e).__name__, "message": str(e)}))
         log.exception("predict worker %d failed", slot)
@@ -461,8 +472,9 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
             "new_rows": new_rows, "seconds": dt}
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # a worker process: ``python -m gmeta.predict_raw SPEC SLOT GENERATION``
     from gmeta.logs import setup_logging
+    from gmeta.predict_raw import _worker_main as main  # this module under its own name (and logger)
 
     setup_logging(None)
-    sys.exit(_worker_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+    sys.exit(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))

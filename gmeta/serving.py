@@ -204,24 +204,14 @@ def score_rows_models(models: Sequence[tuple[object, Config]], df: pd.DataFrame,
     return score_featurised(models, featurise_rows(df, models[0][1], column_types), len(df), inner_steps)
 
 
-try:
-    from mlflow.pyfunc import PythonModel
+def __getattr__(name: str):
+    """``GMetaModel`` lives in gmeta.pyfunc (importing mlflow takes most of a second, which
+    every predict worker process would pay); models logged before it moved name it here."""
+    if name == "GMetaModel":
+        from gmeta.pyfunc import GMetaModel
 
-    class GMetaModel(PythonModel):
-        """pyfunc: ``predict(df, params={"inner_steps": K})`` -> DataFrame with ``score``."""
-
-        def load_context(self, context) -> None:
-            from gmeta.checkpoint import load_unsharded
-            from gmeta.parallel.dist import default_device
-
-            self.model, self.cfg, meta = load_unsharded(context.artifacts["checkpoint"], default_device())
-            self.column_types = meta.get("input_columns")
-
-        def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-            return score_rows(self.model, self.cfg, model_input, int((params or {}).get("inner_steps", -1)),
-                              self.column_types)
-except ImportError:  # mlflow is a dependency; the guard keeps this module importable without it
-    GMetaModel = None  # type: ignore[assignment,misc]  # mypy has no conditional class; None without mlflow
+        return GMetaModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _example_column(arrow_type: str, n: int):
@@ -262,6 +252,7 @@ def log_model(checkpoint: str | Path, cfg: Config, model=None) -> str:
     from mlflow.models import infer_signature
 
     from gmeta.io.manifest import load_manifest
+    from gmeta.pyfunc import GMetaModel
 
     try:
         column_types = load_manifest(cfg.data.shards_dir).get("input_columns")
