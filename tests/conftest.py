@@ -42,3 +42,20 @@ def debug_checkpoint(debug_data, tmp_path_factory) -> Path:
         capture_output=True, text=True, timeout=600, cwd=out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out / "checkpoint"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto) for the session; the AWS environment points at it."""
+    from tests.support.s3 import moto_server  # moto[server]: a dev dependency
+
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket: its s3:// URL."""
+    from tests.support.s3 import new_bucket
+
+    return new_bucket()

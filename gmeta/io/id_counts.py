@@ -21,6 +21,7 @@ import torch
 from gmeta.config import Config, SparseFeature
 from gmeta.io.errors import PrepareError
 from gmeta.io.features import salted_hash
+from gmeta.storage import location, source
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +92,12 @@ class IdCounts:
 
 def train_counts(shards_dir: str | Path, feature: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids, occurrences in the train split) of one feature, from what prepare wrote."""
-    path = Path(shards_dir) / DIR / f"{feature}.parquet"
+    path = location(shards_dir) / DIR / f"{feature}.parquet"
     if not path.is_file():
         raise PrepareError(f"{path}: not found; features.sparse[].min_count needs the id counts that "
                            "`gmeta prepare` writes: prepare the shards again with this version of gmeta")
-    t = pq.read_table(path, columns=["id", "train"])
+    with source(path) as src:
+        t = pq.read_table(src, columns=["id", "train"])
     ids, counts = t.column("id").to_numpy(), t.column("train").to_numpy()
     return ids[counts > 0], counts[counts > 0]
 

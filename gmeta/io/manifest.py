@@ -9,6 +9,7 @@ from pathlib import Path
 from gmeta.config import Config
 from gmeta.io.errors import PrepareError
 from gmeta.io.features import shard_fields
+from gmeta.storage import location
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: per-file "units" (row groups / tars) for the streaming reader
@@ -21,7 +22,7 @@ def splits_of(cfg: Config) -> tuple[str, ...]:
 
 
 def load_manifest(shards_dir: str | Path) -> dict:
-    path = Path(shards_dir) / MANIFEST
+    path = location(shards_dir) / MANIFEST
     if not path.is_file():
         raise PrepareError(f"{path}: not found; run `gmeta prepare` first (data.shards_dir)")
     try:

@@ -57,6 +57,7 @@ from gmeta.io.id_counts import IdCounts
 from gmeta.io.manifest import FORMAT_VERSION, MANIFEST, splits_of
 from gmeta.io.sources import Batch, Source, SourceError, open_source, parse_number
 from gmeta.io.split import DROP_REASONS, ROW_DROP_REASONS, chunk_tasks, split_tasks
+from gmeta.storage import check_bucket, is_url, location, rmtree, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +366,8 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
 
     t0 = time.perf_counter()
     f = cfg.features
-    input_path, out = Path(input_path), Path(out_dir)
+    input_path, out = Path(input_path), location(out_dir)
+    check_bucket(out, "prepare --out (data.shards_dir)")
     source = open_input(cfg, input_path)
     columns = input_columns(cfg)
     has_true_prob = bool(f.true_prob) and f.true_prob in source.names
@@ -379,13 +381,16 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
     memory = (cfg.data.prepare_memory_mb << 20) - 2 * card.nbytes  # (and its temporaries)
     parts_n = num_partitions(input_bytes, max(1, memory >> 20))
     schema = shard_schema(cfg, has_true_prob)
-    out.mkdir(parents=True, exist_ok=True)
+    remote = is_url(out)
+    if not remote:
+        out.mkdir(parents=True, exist_ok=True)
     # what each bucket dropped and (data.split.long_train_tasks "chunk") cut, and its tasks
     dropped: dict[str, Any] = {"tasks": dict.fromkeys(DROP_REASONS, 0), "rows": dict.fromkeys(ROW_DROP_REASONS, 0),
                                "chunked": {"tasks": 0, "into": 0}, "input_tasks": 0}
     n_rows = 0
     show = sys.stderr.isatty()
-    with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as tmp:
+    # buckets and staged shards: beside the output, or for an object store on local disk
+    with tempfile.TemporaryDirectory(dir=None if remote else out, prefix=".prepare-") as tmp:
         parts = Partitions(parts_n, Path(tmp), max(1, memory) // 4)
         with tqdm(total=input_rows or None, unit="rows", desc="prepare: read", disable=not show) as bar:
             def add(batch: Batch, first_row: int) -> None:
@@ -469,11 +474,19 @@ def _check_splits(cfg: Config, splits: dict, dropped: dict, input_tasks: int, in
 
 
 def _install(staging: Path, out: Path, manifest: dict) -> None:
-    """Move the staged split directories into ``out`` and write the manifest last. The old
-    manifest goes first, so a crash in between leaves no manifest that names missing shards."""
+    """Move the staged split directories into ``out`` (upload them to an object store) and
+    write the manifest last. The old manifest goes first, so a crash in between leaves no
+    manifest that names missing shards."""
     old_manifest = out / MANIFEST
     if old_manifest.exists():
         old_manifest.unlink()
+    if is_url(out):
+        for split in ("train", "eval", "val", ID_COUNTS):
+            rmtree(out / split)
+            if (staging / split).exists():
+                out.fs.put(str(staging / split), (out / split).path, recursive=True)  # type: ignore[attr-defined]
+        write_atomic(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2)))
+        return
     for split in ("train", "eval", "val", ID_COUNTS):
         target = out / split
         if target.exists():

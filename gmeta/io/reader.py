@@ -23,6 +23,7 @@ from gmeta.io.block import ShardError, TaskBlock, check_block, concat_blocks
 from gmeta.io.collate import collate_packed
 from gmeta.io.manifest import load_manifest
 from gmeta.io.plan import EpochPlan, Unit, plan_epoch, units_from_manifest
+from gmeta.storage import location
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def load_unit(root: Path, unit: Unit, schema: dict, fmt: str, on_bad_task: str) 
 
 def task_keys(shards_dir: str | Path, split: str) -> dict[int, object]:
     """task_id -> task_key of every task of a split (batches carry only the ids)."""
-    root = Path(shards_dir)
+    root = location(shards_dir)
     manifest = load_manifest(root)
     if split not in manifest["splits"]:
         raise ShardError(f"{root / 'manifest.json'}: no split {split!r}")
@@ -143,7 +144,7 @@ class TaskReader:
                  shuffle_buffer: int = 1024, drop_last: bool = True, prefetch_factor: int = 4,
                  pin_memory: bool = False, on_bad_task: str = "error", max_tasks: int = 0,
                  size_buckets: int = 1) -> None:
-        self.root = Path(shards_dir)
+        self.root = location(shards_dir)
         self.manifest = load_manifest(self.root)
         if split not in self.manifest["splits"]:
             raise ShardError(f"{self.root / 'manifest.json'}: no split {split!r}")

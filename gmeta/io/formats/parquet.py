@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gmeta.io.block import ShardError, SplitArrays, TaskBlock
+from gmeta.storage import source
 
 
 def _np(arr: pa.Array) -> np.ndarray:
@@ -81,7 +82,8 @@ def read_unit(path: Path, index: int, schema: dict) -> TaskBlock:
     """Row group ``index`` of ``path`` as a TaskBlock (not yet checked)."""
     where = f"{path} (row group {index})"
     try:
-        table = pq.ParquetFile(path).read_row_group(index)
+        with source(path) as src:
+            table = pq.ParquetFile(src).read_row_group(index)
     except FileNotFoundError:
         raise ShardError(f"{path}: task shard listed in the manifest is missing") from None
     except (OSError, pa.ArrowException, IndexError) as e:
@@ -92,7 +94,8 @@ def read_unit(path: Path, index: int, schema: dict) -> TaskBlock:
 def read_task_keys(path: Path) -> list[tuple[object, int]]:
     """(task_key, task_id) of every task in the file, in order."""
     try:
-        t = pq.read_table(path, columns=["task_key", "task_id"])
+        with source(path) as src:
+            t = pq.read_table(src, columns=["task_key", "task_id"])
     except (OSError, pa.ArrowException) as e:
         raise ShardError(f"{path}: cannot read task keys: {e}") from None
     return list(zip(t.column("task_key").to_pylist(), t.column("task_id").to_pylist()))

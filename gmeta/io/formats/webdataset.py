@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import numpy.lib.format
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from gmeta.io.block import ShardError, SplitArrays, TaskBlock
+from gmeta.storage import location
 
 
 def _npy(data: bytes) -> np.ndarray:
@@ -104,16 +106,21 @@ def _side(samples: list[dict], side_name: str, schema: dict, where: str) -> Spli
     return SplitArrays(rows, ids, id_offsets, dense, np.concatenate(labels), true_prob)
 
 
+def _samples(path: Path):
+    """The samples of one tar shard, in file order, read by webdataset's tar iterators from
+    the file (local or remote) opened here. One whole shard per call: gmeta.io.plan already
+    decided who reads it, so webdataset must not split it again by node or worker."""
+    with location(path).open("rb") as f:
+        yield from group_by_keys(tar_file_expander([{"url": str(path), "stream": f}]))
+
+
 def read_tar(path: Path, schema: dict) -> TaskBlock:
     """Read a whole tar shard into a TaskBlock (samples in file order)."""
-    if not Path(path).is_file():
+    if not location(path).is_file():
         raise ShardError(f"{path}: task shard listed in the manifest is missing")
     samples = []
     try:
-        # One whole shard per call: gmeta.io.plan already decided who reads it, so webdataset
-        # must not split it again by node or worker.
-        for sample in wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None,
-                                     empty_check=False):
+        for sample in _samples(path):
             samples.append(sample)
     except Exception as e:  # tarfile.ReadError, truncated streams, ... from inside webdataset
         raise ShardError(f"{path}: cannot read tar shard (after {len(samples)} samples): {e}") from None
@@ -139,8 +146,9 @@ def read_task_keys(path: Path) -> list[tuple[object, int]]:
     """(task_key, task_id) of every sample of a tar shard, reading only the .json members."""
     out = []
     try:
-        for sample in wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None,
-                                     empty_check=False).select(lambda s: "json" in s):
+        for sample in _samples(path):
+            if "json" not in sample:
+                continue
             info = json.loads(sample["json"])
             out.append((info["task_key"], int(info["task_id"])))
     except Exception as e:
