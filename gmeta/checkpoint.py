@@ -11,7 +11,11 @@ A checkpoint is a directory::
                          rank 0, so a directory without it is incomplete and never loaded
 
 It is written under ``<name>.tmp`` and renamed into place after every rank has finished,
-so a crash mid-write leaves the previous checkpoints untouched. DCP reshards on load: a
+so a crash mid-write leaves the previous checkpoints untouched. In an object store
+(``train.output_dir=s3://...``: DCP's fsspec storage), which cannot rename, a new
+checkpoint is written in place and meta.json, written last, completes it; one that replaces
+an existing checkpoint (``checkpoint``, ``best``) is written under ``<name>.tmp`` and then
+copied over the old one, meta.json first deleted and last copied. DCP reshards on load: a
 checkpoint written by N processes loads into M processes, or into one process with whole
 tables, or into a different sharding plan.
 
@@ -36,11 +40,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
 
 from gmeta.config import Config, ConfigError, config_from_dict, to_dict
 from gmeta.models.dlrm import MetaDLRM, build_model
+from gmeta.storage import is_url, location, rmtree
 from gmeta.version import __version__
 
 META = "meta.json"
@@ -99,11 +105,19 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
+class SafeFsspecReader(SafeFileSystemReader, FsspecReader):
+    """DCP's reader of checkpoints in an object store (fsspec), reading metadata safely."""
+
+
+def safe_reader(path) -> FileSystemReader:
+    return SafeFsspecReader(str(path)) if is_url(path) else SafeFileSystemReader(str(path))
+
+
 def _dcp_load(state: dict, path: Path, no_dist: bool = False) -> None:
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            reader = SafeFileSystemReader(str(path))
+            reader = safe_reader(path)
             # checked here first: some torch releases (2.11) catch the reader's errors inside
             # dcp.load and go on without metadata, which would hide why a file is refused
             reader.read_metadata()
@@ -185,39 +199,63 @@ def save(model: torch.nn.Module, cfg: Config, path: str | Path, meta: dict, *,
     """Collective: every rank calls it. With ``dense_opt`` it is a training checkpoint
     (optimizer states too); ``rank_state`` is this rank's own JSON-able state. Returns the
     final checkpoint directory."""
-    path = Path(path)
+    path = location(path)
+    remote = is_url(path)
     tmp = path.with_name(path.name + ".tmp")
     rank = dist.get_rank()
-    if rank == 0 and tmp.exists():
-        shutil.rmtree(tmp)
+    # remote: in place when nothing is there yet (step-N), else beside it and copied over;
+    # every rank must decide alike, so rank 0 looks and tells the others
+    flag = [remote and path.exists()]
+    dist.broadcast_object_list(flag, src=0)
+    target = tmp if (flag[0] or not remote) else path
+    if rank == 0:
+        rmtree(tmp)
     dist.barrier()
     state, _, _ = _training_state(model, dense_opt)
-    dcp.save(state, checkpoint_id=str(tmp))
+    if remote:
+        dcp.save(state, storage_writer=FsspecWriter(str(target)))
+    else:
+        dcp.save(state, checkpoint_id=str(target))
     if rank_state is not None:
-        (tmp / f"rank-{rank}.json").write_text(json.dumps(rank_state))
-    dist.barrier()  # every rank's files are in tmp
+        (target / f"rank-{rank}.json").write_text(json.dumps(rank_state))
+    dist.barrier()  # every rank's files are in target
     if rank == 0:
         info = {"gmeta_version": __version__, "config": to_dict(cfg), "world_size": dist.get_world_size(),
                 "training_state": dense_opt is not None, **meta}
-        (tmp / META).write_text(json.dumps(info, indent=2))
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        if old.exists():
-            shutil.rmtree(old)
+        (target / META).write_text(json.dumps(info, indent=2))
+        if not remote:
+            old = path.with_name(path.name + ".old")
+            if path.exists():
+                path.rename(old)
+            tmp.rename(path)
+            if old.exists():
+                shutil.rmtree(old)
+        elif target == tmp:
+            _copy_over(tmp, path)
     dist.barrier()
     return path
 
 
+def _copy_over(src, dst) -> None:
+    """Replace the remote checkpoint ``dst`` by ``src`` (server-side copies): dst's meta.json
+    goes first and src's comes last, so ``dst`` is never a complete checkpoint of mixed files."""
+    fs = src.fs
+    (dst / META).unlink(missing_ok=True)
+    rmtree(dst)
+    files = sorted(fs.find(src.path), key=lambda f: f.endswith("/" + META))
+    for f in files:
+        fs.copy(f, dst.path + f[len(src.path):])
+    rmtree(src)
+
+
 def step_dir(root: str | Path, step: int) -> Path:
-    return Path(root) / f"step-{step:08d}"
+    return location(root) / f"step-{step:08d}"
 
 
 def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of the complete checkpoints under ``root`` (``step-NNNNNNNN`` with a
     readable meta.json), oldest first; temporary and incomplete ones are ignored."""
-    root = Path(root)
+    root = location(root)
     out = []
     if root.is_dir():
         for p in root.iterdir():
@@ -236,17 +274,21 @@ def prune(root: str | Path, keep: int) -> None:
     writes (rank 0 only)."""
     ckpts = complete_checkpoints(root)
     for _, p in ckpts[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
+        rmtree(p)
     newest = ckpts[-1][1] if ckpts else None
-    for p in Path(root).glob("step-*"):
-        if p.name.endswith((".tmp", ".old")) and newest is not None:
-            shutil.rmtree(p, ignore_errors=True)
+    complete = {p.name for _, p in ckpts}
+    for p in location(root).glob("step-*"):
+        # leftovers: a crashed local write's .tmp/.old; in an object store, a step written in
+        # place that never got its meta.json (prune runs between saves, never during one)
+        leftover = p.name.endswith((".tmp", ".old")) or (is_url(p) and p.name not in complete)
+        if leftover and newest is not None:
+            rmtree(p)
 
 
 # ------------------------------------------------------------------ load
 
 def read_meta(path: str | Path) -> dict:
-    path = Path(path)
+    path = location(path)
     meta_path = path / META
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -266,14 +308,14 @@ def config_of(path: str | Path, meta: dict) -> Config:
     try:
         return config_from_dict(meta["config"])
     except (ConfigError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{Path(path) / META}: invalid config: {e}") from None
+        raise CheckpointError(f"{location(path) / META}: invalid config: {e}") from None
 
 
 def load_training_state(path: str | Path, model, dense_opt: torch.optim.Optimizer) -> tuple[dict, dict | None]:
     """Collective: restore a training checkpoint into this process group's (sharded) model
     and both optimizers, whatever world size or sharding plan wrote it. Returns (meta, this
     rank's own state, or None when the checkpoint was written by a different world size)."""
-    path = Path(path)
+    path = location(path)
     meta = read_meta(path)
     if not meta.get("training_state"):
         raise CheckpointError(f"{path}: holds model weights only, not optimizer and reader state")
@@ -296,7 +338,7 @@ def load_training_state(path: str | Path, model, dense_opt: torch.optim.Optimize
 
 def load_weights(state: dict, path: str | Path) -> None:
     """Collective: fill a (sharded) model's ``state_dict()`` from a checkpoint's weights."""
-    _dcp_load(state, Path(path))
+    _dcp_load(state, location(path))
 
 
 # what the shape of a model is made of: a checkpoint's weights fit a model when these agree
@@ -309,7 +351,7 @@ def load_init(path: str | Path, model, cfg: Config, key: str = "train.init_from"
     Returns the names of this model's tensors the checkpoint does not hold (they keep their
     values: e.g. Meta-SGD's learned rates when starting from an ERM checkpoint). Raises
     CheckpointError naming ``key`` and what differs."""
-    path = Path(path)
+    path = location(path)
     meta = read_meta(path)
     theirs = config_of(path, meta)
     for k in _SHAPE_KEYS:
@@ -321,7 +363,7 @@ def load_init(path: str | Path, model, cfg: Config, key: str = "train.init_from"
     if mine != other:
         raise CheckpointError(f"{key}: {path} holds a model of other features (name, table rows; dense count) "
                               f"{other}, this config has {mine}")
-    reader = SafeFileSystemReader(str(path))
+    reader = safe_reader(path)
     try:
         stored = set(reader.read_metadata().state_dict_metadata)
     except CheckpointError:
@@ -352,7 +394,7 @@ def load_sharded(path: str | Path, device: torch.device) -> tuple[torch.nn.Modul
     cfg = config_of(path, meta)
     model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, device)
     state = model.state_dict()
-    _dcp_load(state, Path(path))
+    _dcp_load(state, location(path))
     model.load_state_dict(state)
     return model, cfg, meta
 
@@ -363,7 +405,7 @@ def load_unsharded(path: str | Path, device: torch.device | None = None) -> tupl
     cfg = config_of(path, meta)
     model = build_model(cfg, device=device or torch.device("cpu"))
     state = model.state_dict()
-    _dcp_load(state, Path(path), no_dist=True)
+    _dcp_load(state, location(path), no_dist=True)
     model.load_state_dict(state)
     model.eval()
     return model, cfg, meta

@@ -35,6 +35,7 @@ from gmeta.models.dlrm import MetaDLRM
 from gmeta.render import format_table, log_report, write_report
 from gmeta.report import build_report
 from gmeta.scoring import Predictions, collect
+from gmeta.storage import check_bucket, local_dir, location
 
 __all__ = ["evaluate", "run_evaluate", "choose_shards", "resolve_checkpoint", "format_table", "write_report",
            "log_report"]
@@ -73,7 +74,7 @@ def resolve_checkpoint(checkpoint: str | Path | None, run_id: str, tracking_uri:
     from gmeta.checkpoint import CheckpointError
 
     if checkpoint:
-        return Path(checkpoint)
+        return location(checkpoint)
     if not run_id:
         raise CheckpointError("give --checkpoint or --run-id")
     from mlflow.exceptions import MlflowException
@@ -89,7 +90,7 @@ def resolve_checkpoint(checkpoint: str | Path | None, run_id: str, tracking_uri:
     path = run.data.tags.get("gmeta.checkpoint")
     if not path:
         raise CheckpointError(f"run {run_id} at {uri} references no checkpoint (tag gmeta.checkpoint)")
-    return Path(path)
+    return location(path)
 
 
 def choose_shards(shards_dir: str | Path | None, why: str, cfg: Config, checkpoint: str | Path,
@@ -101,9 +102,9 @@ def choose_shards(shards_dir: str | Path | None, why: str, cfg: Config, checkpoi
     from gmeta.io.manifest import MANIFEST
 
     if shards_dir:
-        shards = Path(shards_dir)
+        shards = location(shards_dir)
     else:
-        shards, why = Path(cfg.data.shards_dir), "the checkpoint's data.shards_dir: the shards it was trained on"
+        shards, why = location(cfg.data.shards_dir), "the checkpoint's data.shards_dir: the shards it was trained on"
         if not (shards / MANIFEST).is_file():
             raise PrepareError(f"{shards / MANIFEST}: not found; {checkpoint} was trained on {shards} (its saved "
                                "data.shards_dir, relative to the directory training ran in); pass --shards DIR "
@@ -146,6 +147,8 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
     from gmeta.tracking import make_tracker
 
     path = resolve_checkpoint(checkpoint, run_id, tracking_uri)
+    dest = location(out_dir) if out_dir else path.parent / "eval"
+    check_bucket(dest, "--out")  # before the work: a mistyped bucket fails at once
     if cfg_override is not None:  # before loading: loading is compute too
         configure_threads(cfg_override.train.threads)
     env = init_distributed() if under_torchrun() else None
@@ -179,14 +182,15 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
     report["checkpoint"] = str(path)
     if choice is not None:
         report["erm_ft_choice"] = choice.describe()
-    files = write_report(report, out_dir or path.parent / "eval")
+    with local_dir(dest) as d:  # (uploaded at the end of the block when dest is remote)
+        files = write_report(report, d)
+        run = meta.get("mlflow_run_id", "")
+        if tracking and run:
+            uri = tracking_uri or meta.get("tracking_uri", "")
+            tracker = make_tracker(True, uri, cfg.tracking.experiment, run_id=run)
+            log_report(tracker, report, files, step=int(meta.get("step", 0)))
+            tracker.finish()
     # the table itself is the caller's to show (gmeta evaluate prints it on stdout): logging it
     # too printed it twice
-    log.info("evaluation of %s: report in %s", path, files[0].parent)
-    run = meta.get("mlflow_run_id", "")
-    if tracking and run:
-        uri = tracking_uri or meta.get("tracking_uri", "")
-        tracker = make_tracker(True, uri, cfg.tracking.experiment, run_id=run)
-        log_report(tracker, report, files, step=int(meta.get("step", 0)))
-        tracker.finish()
+    log.info("evaluation of %s: report in %s", path, dest)
     return report

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from gmeta.evaluate import choose_shards
 from gmeta.io.reader import TaskReader, task_keys
 from gmeta.parallel.dist import configure_threads, default_device
 from gmeta.scoring import inner_steps_for, predict_query
+from gmeta.storage import absolute, check_bucket, is_url, location, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +37,12 @@ class PredictError(ValueError):
     """Bad arguments or an output directory that cannot be (re)used. Names the path."""
 
 
-def write_atomic(path: Path, write) -> None:
-    """Write ``path`` through a temporary file renamed over it: readers see the old file or
-    the new one, never a half-written one. The temporary name holds the process id, so two
-    processes writing the same file (a unit reissued after its worker was thought dead)
-    never write into one temporary file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    tmp.replace(path)
-
-
 def open_progress(out: Path, fresh: dict, resume: bool, same: str) -> dict:
     """The progress of the job ``fresh["job"]`` in ``out``: ``fresh`` for a new output, the
     recorded state with ``resume``. Refuses to overwrite predictions without ``resume``, to
     resume another job's (``same``: what must match, for the message), and a directory of
-    parts without a progress file. Creates ``out``."""
+    parts without a progress file. Creates ``out`` (a local one; in an object store a
+    directory is only a prefix of its objects' names)."""
     progress_file = out / PROGRESS
     state = fresh
     if progress_file.is_file():
@@ -67,7 +58,8 @@ def open_progress(out: Path, fresh: dict, resume: bool, same: str) -> dict:
                                f"resume with the same {same}")
     elif out.is_dir() and any(out.glob("part-*.parquet")):
         raise PredictError(f"{out}: holds part files but no {PROGRESS}; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if not is_url(out):
+        out.mkdir(parents=True, exist_ok=True)
     return state
 
 
@@ -87,13 +79,14 @@ def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str 
 
     t0 = time.perf_counter()
     device = device or default_device()
+    out = location(out_dir)
+    check_bucket(out, "--out")
     model, cfg, meta = load_unsharded(checkpoint, device)
     configure_threads(cfg.train.threads)
     shards = choose_shards(shards_dir, shards_why, cfg, checkpoint, command="predict")
     steps = inner_steps_for(cfg, inner_steps)
     tpb = tasks_per_batch or cfg.eval.tasks_per_batch
-    out = Path(out_dir)
-    job = {"checkpoint": str(Path(checkpoint).resolve()), "shards": str(shards.resolve()), "split": split,
+    job = {"checkpoint": absolute(checkpoint), "shards": absolute(shards), "split": split,
            "inner_steps": steps, "tasks_per_batch": tpb, "max_tasks": max_tasks}
     reader = TaskReader(shards, split, tpb, shuffle=False, drop_last=False, num_workers=1,
                         pin_memory=device.type == "cuda", on_bad_task=cfg.data.on_bad_task, max_tasks=max_tasks,

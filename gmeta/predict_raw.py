@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import asdict
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,10 @@ from gmeta.io.features import input_columns, shard_fields
 from gmeta.io.prepare import Partitions, num_partitions, open_input, stream_input
 from gmeta.io.sources import SourceError
 from gmeta.parallel.dist import configure_threads, default_device
-from gmeta.predict import PROGRESS, PredictError, open_progress, write_atomic
+from gmeta.predict import PROGRESS, PredictError, open_progress
 from gmeta.scoring import inner_steps_for
 from gmeta.serving import QUERY, ROLE, assign_roles, featurise_rows, score_featurised
+from gmeta.storage import absolute, check_bucket, is_url, location, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,10 @@ class _Scorer:
         return table, int(df[f.task_key].iloc[q].nunique())
 
 
+def _write_table(table: pa.Table, path: Path) -> None:
+    pq.write_table(table, str(path))
+
+
 def _put(q: queue.Queue, item, alive) -> None:
     """``q.put`` that gives up once ``alive()`` is false (its consumer is gone)."""
     while True:
@@ -139,7 +145,7 @@ def _pipeline(claim, load, finished, scorer: _Scorer, out: Path, faults: dict | 
         try:
             while (item := written.get()) is not None:
                 b, table, tasks = item
-                write_atomic(out / _part(b), lambda p, t=table: pq.write_table(t, p))
+                write_atomic(out / _part(b), partial(_write_table, table))
                 n += 1
                 if faults.get("kill_written") == n:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -245,7 +251,7 @@ def _worker_main(spec_path: str, slot: int, generation: int) -> int:
             count["rows"] += rows
 
         _pipeline(claim, lambda b: pq.read_table(buckets / f"bucket-{b:05d}.parquet"), finished_counted, scorer,
-                  Path(spec["out"]), _faults(slot) if generation == 0 else {})
+                  location(spec["out"]), _faults(slot) if generation == 0 else {})
         log.info("predict worker %d: %d unit(s), %d query rows in %.1fs after loading its model(s) in %.1fs",
                  slot, count["units"], count["rows"], time.perf_counter() - t0, t0 - started)
     except Exception as e:  # noqa: BLE001 - reported to the coordinator, which stops the job
@@ -383,7 +389,8 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
     cfg = loaded[0][1]
     configure_threads(cfg.train.threads)
     f = cfg.features
-    input_path, out = Path(input_path), Path(out_dir)
+    input_path, out = Path(input_path), location(out_dir)
+    check_bucket(out, "--out")
     source = open_input(cfg, input_path)  # the checkpoint's features and source format
     columns = input_columns(cfg)
     has_role = ROLE in source.names
@@ -395,10 +402,10 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
         raise PrepareError(str(e)) from None
     memory_mb = memory_mb or cfg.data.prepare_memory_mb
     count = max(units, num_partitions(input_bytes, memory_mb))
-    models = [{"column": "score" if len(checkpoints) == 1 else f"score_{i}", "checkpoint": str(Path(c).resolve()),
+    models = [{"column": "score" if len(checkpoints) == 1 else f"score_{i}", "checkpoint": absolute(c),
                "inner_steps": inner_steps_for(mc, inner_steps)}
               for i, (c, (_, mc, _)) in enumerate(zip(checkpoints, loaded))]
-    job = {"models": models, "input": str(input_path.resolve()),
+    job = {"models": models, "input": absolute(input_path),
            "buckets": count, "roles": "column" if has_role else "split rule"}
     state = open_progress(out, {"job": job, "done": [], "rows": 0, "tasks": 0, "complete": False}, resume,
                           "checkpoint, input and settings")
@@ -425,7 +432,8 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
         write_atomic(progress_file, lambda p: p.write_text(json.dumps(state, indent=2)))
         bar.update(1)
 
-    with tempfile.TemporaryDirectory(dir=out, prefix=".predict-") as tmp_name, \
+    # the buckets: beside the output, or for an object store on local disk (the workers are local)
+    with tempfile.TemporaryDirectory(dir=None if is_url(out) else out, prefix=".predict-") as tmp_name, \
             tqdm(total=count, initial=len(done), unit="bucket", desc="predict", disable=not progress) as bar:
         tmp = Path(tmp_name)
         workers = None

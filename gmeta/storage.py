@@ -27,7 +27,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["StorageError", "is_url", "location", "source", "write_atomic", "rmtree", "check_bucket", "describe"]
+__all__ = ["StorageError", "is_url", "location", "source", "write_atomic", "append_text", "rmtree", "absolute",
+           "local_copy", "local_dir", "check_bucket", "describe"]
 
 
 class StorageError(OSError):
@@ -92,6 +93,58 @@ def write_atomic(path, write: Callable[[Path], object]) -> None:
             path.fs.put_file(str(tmp), path.path)  # type: ignore[attr-defined]  # UPath
         except (PermissionError, FileNotFoundError) as e:
             raise _explain(path, e) from None
+
+
+def append_text(path, text: str) -> None:
+    """Append to a text file; an object (which cannot be appended to) is rewritten whole."""
+    path = location(path)
+    if not is_url(path):
+        with open(path, "a") as f:
+            f.write(text)
+        return
+    old = path.read_text() if path.exists() else ""
+    write_atomic(path, lambda p: p.write_text(old + text))
+
+
+def absolute(path) -> str:
+    """The path as others should be told it (MLflow tags, reports): absolute, or the URL."""
+    path = location(path)
+    return str(path) if is_url(path) else str(path.resolve())
+
+
+@contextmanager
+def local_copy(path):
+    """A local path holding what ``path`` (a file or directory) holds: the path itself, or
+    a temporary download of a remote one (for what reads local files only: MLflow's
+    ``log_artifact``, a model's artifacts)."""
+    path = location(path)
+    if not is_url(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="gmeta-download-") as d:
+        local = Path(d) / path.name
+        try:
+            path.fs.get(path.path, str(local), recursive=path.is_dir())  # type: ignore[attr-defined]
+        except (PermissionError, FileNotFoundError) as e:
+            raise _explain(path, e) from None
+        yield local
+
+
+@contextmanager
+def local_dir(dest):
+    """A local directory to write files into that end up in ``dest``: ``dest`` itself
+    (created), or a temporary directory whose files are uploaded to a remote ``dest`` on
+    leaving the block (not if it raised)."""
+    dest = location(dest)
+    if not is_url(dest):
+        dest.mkdir(parents=True, exist_ok=True)
+        yield dest
+        return
+    with tempfile.TemporaryDirectory(prefix="gmeta-upload-") as d:
+        yield Path(d)
+        for f in sorted(Path(d).rglob("*")):
+            if f.is_file():
+                write_atomic(dest / f.relative_to(d).as_posix(), lambda p, f=f: shutil.copyfile(f, p))
 
 
 def rmtree(path) -> None:

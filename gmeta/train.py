@@ -45,6 +45,7 @@ from gmeta.models.dlrm import build_model, dense_autocast
 from gmeta.parallel.dist import DenseGradSync, broadcast_params, configure_threads, init_distributed
 from gmeta.parallel.pipeline import SparseDistPipeline
 from gmeta.parallel.sharding import shard_model
+from gmeta.storage import absolute, append_text, check_bucket, is_url, local_copy, local_dir, location
 from gmeta.tracking import NullTracker, environment_tags, make_tracker, resolve_tracking_uri, ui_command
 from gmeta.types import TaskBatch
 
@@ -257,7 +258,7 @@ def _resume_path(cfg: Config, out_dir: Path) -> Path | None:
     if resume == "auto":
         return max(found)[1] if found else None
     checkpoint.read_meta(resume)  # exists and is complete, or a CheckpointError naming it
-    return Path(resume)
+    return location(resume)
 
 
 def lr_factor(step: int, total: int, o: OptimConfig) -> float:
@@ -325,10 +326,11 @@ class TrainingRun:
         self.cfg, self.t = cfg, cfg.train
         self.env = env = init_distributed()
         torch.manual_seed(cfg.train.seed)
-        self.out_dir = Path(cfg.train.output_dir)
+        self.out_dir = location(cfg.train.output_dir)
+        check_bucket(self.out_dir, "train.output_dir")
         self.ckpt_root = self.out_dir / "checkpoints"
         self.manifest = load_manifest(cfg.data.shards_dir)
-        check_manifest_matches(self.manifest, cfg, str(Path(cfg.data.shards_dir) / "manifest.json"))
+        check_manifest_matches(self.manifest, cfg, str(location(cfg.data.shards_dir) / "manifest.json"))
         self.resume_from = _resume_path(cfg, self.out_dir)
         # the reader first: a split too small for this many ranks is an error before the model is built
         d = cfg.data
@@ -426,17 +428,19 @@ class TrainingRun:
         cfg, env = self.cfg, self.env
         if not env.is_main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not is_url(self.out_dir):
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         self.tracker = tracker = _open_run(cfg, self.tracker_uri, self.run_id)
         self.tracker_box.append(tracker)
         tags = {**environment_tags(), "gmeta.world_size": str(env.world_size), "gmeta.algorithm": cfg.meta.algorithm,
-                "gmeta.device": env.device.type, "gmeta.checkpoint": str((self.out_dir / "checkpoint").resolve())}
+                "gmeta.device": env.device.type, "gmeta.checkpoint": absolute(self.out_dir / "checkpoint")}
         if self.resume_from is not None:
             tags["gmeta.resumed_from"] = f"{self.resume_from} (step {self.step})"
         if tracker.run_id != self.run_id:  # a new run (not a continued one): its params and inputs
             tracker.log_params(flatten(to_dict(cfg)))
             tracker.log_text(dump_yaml(cfg), "config.yaml")
-            tracker.log_artifact(Path(cfg.data.shards_dir) / "manifest.json")
+            with local_copy(location(cfg.data.shards_dir) / "manifest.json") as manifest:
+                tracker.log_artifact(manifest)
         tracker.set_tags(tags)
         log.info("training %s: %d steps (%d per epoch), %d tasks per step on each of %d ranks",
                  cfg.meta.algorithm, self.total_steps, len(self.reader), cfg.meta.tasks_per_batch, env.world_size)
@@ -478,9 +482,9 @@ class TrainingRun:
         assert self.best is not None
         self.tracker.log_metrics({f"val/{self.metric}": v, f"val/best_{self.metric}": self.best}, step=self.step)
         if self.env.is_main:  # the history, one JSON line per validation (read by gmeta sweep to prune)
-            with open(self.out_dir / "validation.jsonl", "a") as f:
-                stage = "pretrain" if self.epoch < self.t.pretrain_epochs else "meta"
-                f.write(json.dumps({"step": self.step, "stage": stage, self.metric: v, "best": self.best}) + "\n")
+            stage = "pretrain" if self.epoch < self.t.pretrain_epochs else "meta"
+            append_text(self.out_dir / "validation.jsonl",
+                        json.dumps({"step": self.step, "stage": stage, self.metric: v, "best": self.best}) + "\n")
         if self.env.is_main:
             log.info("validation at step %d: %s %.4f (best %.4f at step %d%s) in %.1fs", self.step, self.metric, v,
                      self.best, self.best_step, ", kept in best/" if better else "", time.perf_counter() - t0)
@@ -624,7 +628,7 @@ class TrainingRun:
         if env.is_main:
             tracker = self.tracker
             if self.best is not None:
-                tracker.set_tags({"gmeta.best_checkpoint": str(chosen.resolve()),
+                tracker.set_tags({"gmeta.best_checkpoint": absolute(chosen),
                                   "gmeta.best_step": str(self.best_step)})
                 log.info("best %s %.4f at step %d: %s", self.metric, self.best, self.best_step, chosen)
             _finish_run(tracker, chosen, self.cfg, self.out_dir, self.step, result)
@@ -666,8 +670,9 @@ def _finish_run(tracker, ckpt: Path, cfg: Config, out_dir: Path, step: int, resu
     if curves:  # (matplotlib imported only to draw them)
         from gmeta import plots
 
-        tracker.log_artifact(plots.learning_curves(curves, out_dir / "learning_curves.png",
-                                                    cfg.model.objective), "plots")
+        with local_dir(out_dir) as d:
+            tracker.log_artifact(plots.learning_curves(curves, d / "learning_curves.png", cfg.model.objective),
+                                 "plots")
     emodel = None
     if cfg.train.eval_at_end or (cfg.tracking.enabled and cfg.tracking.log_model):
         emodel, ecfg, _ = checkpoint.load_unsharded(ckpt)
@@ -679,14 +684,16 @@ def _finish_run(tracker, ckpt: Path, cfg: Config, out_dir: Path, step: int, resu
         report = evaluate(emodel, ecfg, cfg.data.shards_dir, inner_steps=cfg.eval.inner_steps)
         assert report is not None  # the process group is destroyed by now: one process, the report is complete
         report["checkpoint"] = str(ckpt)
-        files = write_report(report, out_dir / "eval")
-        log_report(tracker, report, files, step)
+        with local_dir(out_dir / "eval") as d:
+            files = write_report(report, d)
+            log_report(tracker, report, files, step)
         log.info("cold-start evaluation:\n%s", format_table(report))
         result.update({f"eval/{k}": v for k, v in flat_metrics(report).items()})
     if cfg.tracking.enabled and cfg.tracking.log_model and tracker.run_id:
         from gmeta.serving import log_model
 
         t = time.perf_counter()
-        uri = log_model(ckpt, ecfg, emodel)
+        with local_copy(ckpt) as local:  # MLflow copies the model's artifacts from local files
+            uri = log_model(local, ecfg, emodel)
         log.info("model logged as %s (mlflow.pyfunc.load_model) in %.1fs", uri, time.perf_counter() - t)
         result["model_uri"] = uri
