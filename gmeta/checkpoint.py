@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMeta
 
 from gmeta.config import Config, ConfigError, config_from_dict, to_dict
 from gmeta.models.dlrm import MetaDLRM, build_model
-from gmeta.storage import is_url, location, rmtree
+from gmeta.storage import check_bucket, is_url, location, rmtree
 from gmeta.version import __version__
 
 META = "meta.json"
@@ -289,6 +289,7 @@ def prune(root: str | Path, keep: int) -> None:
 
 def read_meta(path: str | Path) -> dict:
     path = location(path)
+    check_bucket(path, "checkpoint")  # (an object store: denied access is not "not found")
     meta_path = path / META
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")

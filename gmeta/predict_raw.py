@@ -389,7 +389,7 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
     cfg = loaded[0][1]
     configure_threads(cfg.train.threads)
     f = cfg.features
-    input_path, out = Path(input_path), location(out_dir)
+    input_path, out = location(input_path), location(out_dir)
     check_bucket(out, "--out")
     source = open_input(cfg, input_path)  # the checkpoint's features and source format
     columns = input_columns(cfg)

@@ -53,7 +53,10 @@ def location(path) -> Path:
     from upath import UPath
 
     try:
-        return UPath(s)  # type: ignore[return-value]  # a Path in all but its class
+        # no listings cache: other processes write the objects this one reads (a resumed
+        # run's checkpoints, a worker's parts), and s3fs checks each read against the ETag
+        # its cached listing holds, failing on an object replaced since
+        return UPath(s, use_listings_cache=False)  # type: ignore[return-value]  # a Path in all but its class
     except (ValueError, ImportError) as e:  # an unknown protocol or its package missing
         raise StorageError(f"{s}: cannot open this URL: {e}") from None
 
@@ -167,19 +170,17 @@ def check_bucket(path, what: str) -> None:
     if not is_url(path):
         return
     bucket = path.path.split("/", 1)[0]  # type: ignore[attr-defined]
-    try:
-        ok = path.fs.exists(bucket)  # type: ignore[attr-defined]
-    except (PermissionError, OSError) as e:
-        raise StorageError(f"{what}: {path}: cannot reach bucket {bucket!r}{describe(path)}: "
-                           f"{type(e).__name__}: {e}") from None
-    if not ok:
+    try:  # a listing tells the three apart (exists() says False when access is denied)
+        path.fs.ls(bucket, detail=False, refresh=True)  # type: ignore[attr-defined]
+    except FileNotFoundError:
         raise StorageError(f"{what}: {path}: bucket {bucket!r} does not exist{describe(path)}; create it or "
-                           "correct the URL")
-    try:
-        path.fs.ls(bucket, detail=False)  # type: ignore[attr-defined]
+                           "correct the URL") from None
     except PermissionError as e:
         raise StorageError(f"{what}: {path}: access to bucket {bucket!r} denied{describe(path)}; check the "
                            f"credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE) and the bucket's policy: {e}") from None
+    except OSError as e:
+        raise StorageError(f"{what}: {path}: cannot reach bucket {bucket!r}{describe(path)}: "
+                           f"{type(e).__name__}: {e}") from None
 
 
 def _explain(path, e: Exception) -> StorageError:

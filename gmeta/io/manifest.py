@@ -9,7 +9,7 @@ from pathlib import Path
 from gmeta.config import Config
 from gmeta.io.errors import PrepareError
 from gmeta.io.features import shard_fields
-from gmeta.storage import location
+from gmeta.storage import check_bucket, location
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: per-file "units" (row groups / tars) for the streaming reader
@@ -22,6 +22,7 @@ def splits_of(cfg: Config) -> tuple[str, ...]:
 
 
 def load_manifest(shards_dir: str | Path) -> dict:
+    check_bucket(shards_dir, "task shards")  # (an object store: denied access is not "not found")
     path = location(shards_dir) / MANIFEST
     if not path.is_file():
         raise PrepareError(f"{path}: not found; run `gmeta prepare` first (data.shards_dir)")

@@ -366,7 +366,7 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
 
     t0 = time.perf_counter()
     f = cfg.features
-    input_path, out = Path(input_path), location(out_dir)
+    input_path, out = location(input_path), location(out_dir)
     check_bucket(out, "prepare --out (data.shards_dir)")
     source = open_input(cfg, input_path)
     columns = input_columns(cfg)

@@ -51,6 +51,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from gmeta.config import Config, SourceConfig
+from gmeta.storage import is_url, location, source
 
 BATCH_ROWS = 8192
 _ROW_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
@@ -130,7 +131,7 @@ class FileSource(Source):
         self.files, self.kind, self.src = files, kind, cfg.data.source
         self.skip: dict[Path, int] = {}  # CSV/TSV: header lines of each file (0 or 1)
         if kind == "parquet":
-            schema = _read(files[0], lambda p: pq.read_schema(p))
+            schema = _read(files[0], _parquet_schema)
         else:
             names = None
             for path in files:
@@ -166,13 +167,14 @@ class FileSource(Source):
             row = 0
             try:
                 if self.kind == "parquet":
-                    pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-                    missing = [c for c in columns if c not in pf.schema_arrow.names]
-                    if missing:
-                        raise SourceError(f"{where}: missing column(s) {missing} (the first file has them)")
-                    for b in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False):
-                        yield Batch(where, pa.Table.from_batches([b]), row)
-                        row += b.num_rows
+                    with source(path) as src:
+                        pf = pq.ParquetFile(src, pre_buffer=False, buffer_size=1 << 20)
+                        missing = [c for c in columns if c not in pf.schema_arrow.names]
+                        if missing:
+                            raise SourceError(f"{where}: missing column(s) {missing} (the first file has them)")
+                        for b in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False):
+                            yield Batch(where, pa.Table.from_batches([b]), row)
+                            row += b.num_rows
                 else:
                     convert = pacsv.ConvertOptions(include_columns=columns, column_types=types)
                     with pacsv.open_csv(path, read_options=self._read_options(path),
@@ -298,11 +300,12 @@ def estimate_bytes(files: list[Path], columns: list[str]) -> tuple[int, int]:
             total_text += p.stat().st_size
             continue
         try:
-            pf = pq.ParquetFile(p)
-            rows += pf.metadata.num_rows
-            if not per_row and pf.metadata.num_row_groups and pf.metadata.row_group(0).num_rows:
-                sample = pf.read_row_group(0, columns=[c for c in columns if c in pf.schema_arrow.names])
-                per_row = sample.nbytes / sample.num_rows
+            with source(p) as src:
+                pf = pq.ParquetFile(src)
+                rows += pf.metadata.num_rows
+                if not per_row and pf.metadata.num_row_groups and pf.metadata.row_group(0).num_rows:
+                    sample = pf.read_row_group(0, columns=[c for c in columns if c in pf.schema_arrow.names])
+                    per_row = sample.nbytes / sample.num_rows
         except (OSError, pa.ArrowException) as e:
             raise SourceError(f"{p}: cannot read Parquet file: {e}") from None
     return int(rows * per_row + 1.5 * total_text), rows
@@ -312,6 +315,11 @@ def split_field(text: pa.Array, sep: str) -> pa.Array:
     """Values held in one text field -> a list per row; an empty field is an empty list
     (not [""]), a null stays null."""
     return pc.if_else(pc.equal(text, ""), pa.scalar([], pa.list_(pa.string())), pc.split_pattern(text, sep))
+
+
+def _parquet_schema(path: Path) -> pa.Schema:
+    with source(path) as src:
+        return pq.read_schema(src)
 
 
 def _read(path: Path, fn):
@@ -344,14 +352,22 @@ def _row_files(path: Path, fmt: str) -> tuple[list[Path], str]:
 
 
 def open_source(cfg: Config, input_path: str | Path) -> Source:
-    """The reader data.source.format names, over ``input_path`` (data.raw_dir)."""
-    path = Path(input_path)
+    """The reader data.source.format names, over ``input_path`` (data.raw_dir): a local
+    path, or for Parquet files also an object-store URL."""
+    path = location(input_path)
     fmt = cfg.data.source.format
+    if is_url(path) and fmt not in ("auto", "parquet"):
+        raise SourceError(f"{path}: data.source.format {fmt!r} is read from local files only; from an object "
+                          "store gmeta reads Parquet files (data.source.format auto or parquet): copy the input "
+                          "to local disk, or convert it")
     if fmt == "movielens":
         return TableSource(str(ratings_file(path)), read_movielens(path, cfg.data.source.click_threshold))
     if fmt == "recbole":
         return TableSource(str(_atomic_files(path)["inter"]), read_recbole(path), first_line=2)
     files, kind = _row_files(path, fmt)
+    if is_url(path) and kind != "parquet":
+        raise SourceError(f"{path}: {kind} files are read from local disk only; from an object store gmeta "
+                          "reads Parquet files: copy the input to local disk, or convert it")
     if kind in ("libsvm", "libfm"):
         return LibsvmSource(str(path), files, cfg)
     return FileSource(str(path), files, kind, cfg)
