@@ -28,7 +28,8 @@ from benchmarks.common import emit, ensure_data, fresh_checkpoints
 from gmeta import checkpoint
 from gmeta.io.reader import task_keys
 from gmeta.predict_raw import FAULTS_ENV, UNITS, run_predict_raw
-from gmeta.serving import assign_roles, log_model
+from gmeta.pyfunc import log_model
+from gmeta.serving import assign_roles
 
 
 def main() -> None:

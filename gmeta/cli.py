@@ -13,6 +13,7 @@ import os
 import sys
 
 from gmeta.config import ConfigError, load_config
+from gmeta.storage import StorageError
 
 log = logging.getLogger("gmeta")
 
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             m = prepare(cfg, args.input or cfg.data.raw_dir, args.out or cfg.data.shards_dir)
-        except PrepareError as e:
+        except (PrepareError, StorageError) as e:
             print(f"gmeta prepare: {e}", file=sys.stderr)
             return 2
         print(format_report(m) + f"\n  -> {args.out or cfg.data.shards_dir}")
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             train_main(cfg, tracking_uri=args.tracking_uri)
-        except (PrepareError, ConfigError, CheckpointError, NonFiniteLossError) as e:
+        except (PrepareError, ConfigError, CheckpointError, NonFiniteLossError, StorageError) as e:
             print(f"gmeta train: {e}", file=sys.stderr)
             return 2
         return 0
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                                   baseline=args.baseline, shards_dir=shards, shards_why=why,
                                   tracking=not args.no_tracking, tracking_uri=args.tracking_uri, out_dir=args.out,
                                   inner_steps=args.inner_steps, split=args.split)
-        except (CheckpointError, PrepareError, ValueError) as e:
+        except (CheckpointError, PrepareError, ValueError, StorageError) as e:
             print(f"gmeta evaluate: {e}", file=sys.stderr)
             return 2
         if result is not None:
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                                       tasks_per_batch=args.tasks_per_batch,
                                       rows_per_part=args.rows_per_part, resume=args.resume,
                                       max_tasks=args.max_tasks, progress=sys.stderr.isatty())
-        except (CheckpointError, PrepareError, PredictError) as e:
+        except (CheckpointError, PrepareError, PredictError, StorageError) as e:
             print(f"gmeta predict: {e}", file=sys.stderr)
             return 2
         print(f"{summary['rows']} query rows of {summary['tasks']} tasks in {summary['parts']} part(s) -> "

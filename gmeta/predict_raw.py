@@ -201,7 +201,7 @@ def _queue_name(schedule: str, slot: int) -> str:
     return "units" if schedule == "queue" else f"units/{slot}"
 
 
-def _worker_main(spec_path: str, slot: int, generation: int) -> int:
+def worker_main(spec_path: str, slot: int, generation: int) -> int:
     """One worker process: connect to the coordinator's store, load the models, score
     units from the queue until the coordinator closes it."""
     started = time.perf_counter()
@@ -482,7 +482,7 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
 
 if __name__ == "__main__":  # a worker process: ``python -m gmeta.predict_raw SPEC SLOT GENERATION``
     from gmeta.logs import setup_logging
-    from gmeta.predict_raw import _worker_main as main  # this module under its own name (and logger)
+    from gmeta.predict_raw import worker_main as main  # this module under its own name (and logger)
 
     setup_logging(None)
     sys.exit(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))

@@ -1,12 +1,18 @@
 """The MLflow pyfunc model of a checkpoint (``mlflow.pyfunc.load_model(uri).predict(df)``):
-adapts on the DataFrame's support rows and scores its query rows with gmeta.serving."""
+adapts on the DataFrame's support rows and scores its query rows with gmeta.serving; and
+``log_model``, which logs it. Apart from gmeta.serving (no mlflow import there: importing
+mlflow takes most of a second, which every predict worker process would pay)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from gmeta.serving import score_rows
+from gmeta.config import Config
+from gmeta.io.errors import PrepareError
+from gmeta.serving import example_rows, score_rows
 
 
 class GMetaModel(PythonModel):
@@ -22,3 +28,41 @@ class GMetaModel(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         return score_rows(self.model, self.cfg, model_input, int((params or {}).get("inner_steps", -1)),
                           self.column_types)
+
+
+def log_model(checkpoint: str | Path, cfg: Config, model=None) -> str:
+    """Log the checkpoint as a pyfunc model ("model") of the active MLflow run; returns its URI."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from gmeta.io.manifest import load_manifest
+
+    try:
+        column_types = load_manifest(cfg.data.shards_dir).get("input_columns")
+    except PrepareError:
+        column_types = None
+    example = example_rows(cfg, column_types)
+    signature = None
+    if model is not None:
+        out = score_rows(model, cfg, example, column_types=column_types)
+        signature = infer_signature(example, out, params={"inner_steps": -1})
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=GMetaModel(), artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(Path(__file__).resolve().parent)], signature=signature,  # (the gmeta package)
+        pip_requirements=_requirements())
+    return info.model_uri
+
+
+def _requirements() -> list[str]:
+    """Pinned requirements of the model's environment (named explicitly: inferring them
+    would load the model once more in a subprocess)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("torch", "fbgemm-gpu-cpu", "torchrec", "pyarrow", "pandas", "numpy", "scikit-learn", "mlflow",
+                "pyyaml", "webdataset", "fsspec", "s3fs", "universal_pathlib"):
+        try:
+            out.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return out

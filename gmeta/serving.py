@@ -14,7 +14,6 @@ The trained model is logged to MLflow as a pyfunc (``mlflow.pyfunc.load_model(ur
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -204,16 +203,6 @@ def score_rows_models(models: Sequence[tuple[object, Config]], df: pd.DataFrame,
     return score_featurised(models, featurise_rows(df, models[0][1], column_types), len(df), inner_steps)
 
 
-def __getattr__(name: str):
-    """``GMetaModel`` lives in gmeta.pyfunc (importing mlflow takes most of a second, which
-    every predict worker process would pay); models logged before it moved name it here."""
-    if name == "GMetaModel":
-        from gmeta.pyfunc import GMetaModel
-
-        return GMetaModel
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _example_column(arrow_type: str, n: int):
     """n example values of a raw column of the given Arrow type (as the manifest records it)."""
     t = arrow_type.strip()
@@ -244,42 +233,3 @@ def example_rows(cfg: Config, column_types: dict[str, str] | None = None, n: int
         data[d] = np.zeros(n)
     data[ROLE] = [SUPPORT, SUPPORT] + [QUERY] * (n - 2)
     return pd.DataFrame(data)
-
-
-def log_model(checkpoint: str | Path, cfg: Config, model=None) -> str:
-    """Log the checkpoint as a pyfunc model ("model") of the active MLflow run; returns its URI."""
-    import mlflow
-    from mlflow.models import infer_signature
-
-    from gmeta.io.manifest import load_manifest
-    from gmeta.pyfunc import GMetaModel
-
-    try:
-        column_types = load_manifest(cfg.data.shards_dir).get("input_columns")
-    except PrepareError:
-        column_types = None
-    example = example_rows(cfg, column_types)
-    signature = None
-    if model is not None:
-        out = score_rows(model, cfg, example, column_types=column_types)
-        signature = infer_signature(example, out, params={"inner_steps": -1})
-    info = mlflow.pyfunc.log_model(
-        name="model", python_model=GMetaModel(), artifacts={"checkpoint": str(checkpoint)},
-        code_paths=[str(Path(__file__).resolve().parent)], signature=signature,  # (the gmeta package)
-        pip_requirements=_requirements())
-    return info.model_uri
-
-
-def _requirements() -> list[str]:
-    """Pinned requirements of the model's environment (named explicitly: inferring them
-    would load the model once more in a subprocess)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for pkg in ("torch", "fbgemm-gpu-cpu", "torchrec", "pyarrow", "pandas", "numpy", "scikit-learn", "mlflow",
-                "pyyaml", "webdataset"):
-        try:
-            out.append(f"{pkg}=={version(pkg)}")
-        except PackageNotFoundError:
-            pass
-    return out

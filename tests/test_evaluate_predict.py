@@ -156,7 +156,8 @@ def test_predict_resumes_after_interruptions_without_duplicates(debug_checkpoint
 
 
 def test_pyfunc_round_trip_scores_equal_predict(debug_checkpoint, debug_data, tmp_path):
-    from gmeta.serving import assign_roles, log_model
+    from gmeta.pyfunc import log_model
+    from gmeta.serving import assign_roles
 
     cfg = load_unsharded(debug_checkpoint)[1]
     run_predict(debug_checkpoint, tmp_path / "p", shards_dir=str(debug_data["shards"]), inner_steps=2,

@@ -62,6 +62,14 @@ def test_a_missing_bucket_or_denied_access_is_an_error_naming_the_url(debug_data
         load_manifest("s3://gmeta-no-such-bucket/x")
     with pytest.raises(PrepareError, match=rf"{s3_bucket}/x/manifest.json: not found; run `gmeta prepare`"):
         load_manifest(f"{s3_bucket}/x")
+    # the command line: the error, naming the config key, and no traceback
+    proc = subprocess.run([sys.executable, "-m", "gmeta.cli", "train", "--config", str(DEBUG_CONFIG),
+                           "--nproc-per-node", "1", f"data.shards_dir={debug_data['shards']}",
+                           "train.output_dir=s3://gmeta-no-such-bucket/r", "tracking.enabled=false"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "gmeta train: train.output_dir: s3://gmeta-no-such-bucket/r: bucket 'gmeta-no-such-bucket' does not exist" \
+        in proc.stderr
     with _auth_enforced(), pytest.raises(StorageError, match=rf"checkpoint: {s3_bucket}/ck: access to bucket "
                                                             r".* denied .*AWS_ACCESS_KEY_ID"):
         read_meta(f"{s3_bucket}/ck")
