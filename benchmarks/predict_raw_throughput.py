@@ -27,7 +27,8 @@ import pandas as pd
 from benchmarks.common import emit, ensure_data, fresh_checkpoints
 from gmeta import checkpoint
 from gmeta.io.reader import task_keys
-from gmeta.predict_raw import FAULTS_ENV, UNITS, run_predict_raw
+from gmeta.predict_raw import UNITS, run_predict_raw
+from gmeta.predict_workers import FAULTS_ENV
 from gmeta.pyfunc import log_model
 from gmeta.serving import assign_roles
 

@@ -132,7 +132,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --input: worker processes taking units of tasks from a shared queue (default: 1, "
                         "in this process)")
     p.add_argument("--max-restarts", type=int, default=3,
-                   help="with --input: dead workers replaced before their units go to the others (default: 3)")
+                   help="with --input: dead workers replaced (on each node) before their units go to the others "
+                        "(default: 3)")
+    p.add_argument("--nnodes", type=int, default=1, help="with --input: machines taking part (default: 1)")
+    p.add_argument("--node-rank", type=int, default=0,
+                   help="with --input and --nnodes > 1: this machine's rank; node 0 reads the input and holds the "
+                        "queue, the others only score (the same command on each, --out on storage all share)")
+    p.add_argument("--rdzv-endpoint", default="",
+                   help="with --nnodes > 1: host:port of node 0's queue (a c10d TCPStore), reachable by every node")
     for p in sub.choices.values():  # also after the subcommand; SUPPRESS keeps a --verbose given before it
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
     return ap
@@ -349,14 +356,23 @@ def main(argv: list[str] | None = None) -> int:
                     print("gmeta predict: --input reads raw rows; --shards, --split, --max-tasks and "
                           "--tasks-per-batch are for task shards", file=sys.stderr)
                     return 2
-                from gmeta.predict_raw import run_predict_raw
+                from gmeta.predict_raw import run_predict_node, run_predict_raw
 
+                if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes or (args.nnodes > 1
+                                                                                 and not args.rdzv_endpoint):
+                    print(f"gmeta predict: --node-rank must be in 0..{args.nnodes - 1}, --nnodes >= 1, and "
+                          "--nnodes > 1 needs --rdzv-endpoint host:port", file=sys.stderr)
+                    return 2
+                if args.node_rank > 0:
+                    return run_predict_node(args.rdzv_endpoint, args.node_rank, args.nproc_per_node, args.out,
+                                            max_restarts=args.max_restarts)
                 summary = run_predict_raw(args.checkpoint, args.input, args.out, inner_steps=args.inner_steps,
                                           resume=args.resume, progress=sys.stderr.isatty(),
-                                          nproc=args.nproc_per_node, max_restarts=args.max_restarts)
-            elif args.nproc_per_node != 1:
-                print("gmeta predict: --nproc-per-node is for --input; task shards are predicted in one process",
-                      file=sys.stderr)
+                                          nproc=args.nproc_per_node, max_restarts=args.max_restarts,
+                                          nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint)
+            elif args.nproc_per_node != 1 or args.nnodes != 1:
+                print("gmeta predict: --nproc-per-node and --nnodes are for --input; task shards are predicted in "
+                      "one process", file=sys.stderr)
                 return 2
             elif len(args.checkpoint) > 1:
                 print("gmeta predict: several --checkpoint are scored in one pass with --input", file=sys.stderr)

@@ -27,8 +27,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["StorageError", "is_url", "location", "source", "write_atomic", "append_text", "rmtree", "absolute",
-           "local_copy", "local_dir", "check_bucket", "describe"]
+__all__ = ["StorageError", "is_url", "location", "source", "write_atomic", "upload", "append_text", "rmtree",
+           "absolute", "local_copy", "local_dir", "check_bucket", "describe"]
 
 
 class StorageError(OSError):
@@ -98,6 +98,11 @@ def write_atomic(path, write: Callable[[Path], object]) -> None:
             raise _explain(path, e) from None
 
 
+def upload(local: Path, dest) -> None:
+    """Copy a local file to ``dest`` (a local path or an object), whole."""
+    write_atomic(dest, lambda p: shutil.copyfile(local, p))
+
+
 def append_text(path, text: str) -> None:
     """Append to a text file; an object (which cannot be appended to) is rewritten whole."""
     path = location(path)
@@ -147,7 +152,7 @@ def local_dir(dest):
         yield Path(d)
         for f in sorted(Path(d).rglob("*")):
             if f.is_file():
-                write_atomic(dest / f.relative_to(d).as_posix(), lambda p, f=f: shutil.copyfile(f, p))
+                upload(f, dest / f.relative_to(d).as_posix())
 
 
 def rmtree(path) -> None:

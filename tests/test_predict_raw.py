@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import gmeta.predict_raw as raw_mod
+import gmeta.predict_workers as workers_mod
 from gmeta.checkpoint import load_unsharded
 from gmeta.io.errors import PrepareError
 from gmeta.predict import PredictError
@@ -85,7 +85,7 @@ def test_raw_predict_in_buckets_resumes_after_a_crash_with_every_row_once(debug_
     kw = dict(inner_steps=1, progress=False, memory_mb=1)  # a 1 MiB cap: several buckets
     whole = run_predict_raw(debug_checkpoint, src, tmp_path / "whole", **kw)
     assert whole["parts"] > 2
-    real = raw_mod.score_featurised
+    real = workers_mod.score_featurised
     calls = {"n": 0}
 
     def crash_on_third(*a, **k):
@@ -94,10 +94,10 @@ def test_raw_predict_in_buckets_resumes_after_a_crash_with_every_row_once(debug_
             raise _Crash
         return real(*a, **k)
 
-    monkeypatch.setattr(raw_mod, "score_featurised", crash_on_third)
+    monkeypatch.setattr(workers_mod, "score_featurised", crash_on_third)
     with pytest.raises(_Crash):
         run_predict_raw(debug_checkpoint, src, tmp_path / "p", **kw)
-    monkeypatch.setattr(raw_mod, "score_featurised", real)
+    monkeypatch.setattr(workers_mod, "score_featurised", real)
     assert len(json.loads((tmp_path / "p" / "_progress.json").read_text())["done"]) == 2
     with pytest.raises(PredictError, match="--resume"):
         run_predict_raw(debug_checkpoint, src, tmp_path / "p", **kw)
@@ -167,7 +167,7 @@ def test_two_models_in_one_pass_equal_two_runs(debug_checkpoint, debug_data, tmp
 
 
 def _faulty(monkeypatch, faults: str) -> None:
-    monkeypatch.setenv(raw_mod.FAULTS_ENV, faults)
+    monkeypatch.setenv(workers_mod.FAULTS_ENV, faults)
 
 
 def test_two_worker_processes_score_as_one_process(debug_checkpoint, debug_data, tmp_path, monkeypatch):
@@ -201,7 +201,7 @@ def test_a_job_whose_workers_all_die_resumes_with_another_process_count(debug_ch
         run_predict_raw(debug_checkpoint, src, tmp_path / "p", nproc=2, max_restarts=0, **kw)
     done = json.loads((tmp_path / "p" / "_progress.json").read_text())["done"]
     assert 0 < len(done) < 8
-    monkeypatch.delenv(raw_mod.FAULTS_ENV)
+    monkeypatch.delenv(workers_mod.FAULTS_ENV)
     resumed = run_predict_raw(debug_checkpoint, src, tmp_path / "p", resume=True, **kw)  # 1 process now
     assert resumed["complete"] and 0 < resumed["new_rows"] < resumed["rows"]
     pd.testing.assert_frame_equal(_read(tmp_path / "one"), _read(tmp_path / "p"))
@@ -217,3 +217,64 @@ def test_a_worker_input_error_stops_the_job_naming_the_file(debug_checkpoint, de
     progress = json.loads((tmp_path / "o" / "_progress.json").read_text())
     assert not progress["complete"]
     assert not [p for p in (tmp_path / "o").iterdir() if p.name.startswith(".predict-")]
+
+
+def _node(debug_checkpoint, src, out, port, *extra, **popen):
+    """Node 1 of a 2-node job on this machine (the command each other node runs)."""
+    return subprocess.Popen([sys.executable, "-m", "gmeta.cli", "predict", "--checkpoint", str(debug_checkpoint),
+                             "--input", str(src), "--out", str(out), "--nproc-per-node", "1", "--nnodes", "2",
+                             "--node-rank", "1", "--rdzv-endpoint", f"127.0.0.1:{port}", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_two_nodes_share_the_queue_and_a_lost_node_has_its_units_taken_over(debug_checkpoint, debug_data, tmp_path,
+                                                                            monkeypatch):
+    import os
+    import signal
+    import threading
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from gmeta.parallel.dist import free_port
+
+    cfg = load_unsharded(debug_checkpoint)[1]
+    src = _write(_with_roles(_rows(debug_data, 120), cfg), tmp_path / "logs")
+    kw = dict(inner_steps=1, progress=False, units=8)
+    run_predict_raw(debug_checkpoint, src, tmp_path / "one", **kw)
+    want = _read(tmp_path / "one")
+    # two nodes, one worker each: both take units (node 0's is slowed, so node 1, which starts
+    # later, gets some); node 1's worker is killed before its first unit and replaced
+    _faulty(monkeypatch, "slow=0:2,kill=1:1")
+    port = free_port()
+    node1 = _node(debug_checkpoint, src, tmp_path / "two", port)
+    two = run_predict_raw(debug_checkpoint, src, tmp_path / "two", nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", **kw)
+    log1, _ = node1.communicate(timeout=120)
+    assert node1.returncode == 0, log1[-3000:]
+    assert "worker 1 died (signal 9)" in log1
+    assert two["worker_units"].get(1, 0) >= 1 and sum(two["worker_units"].values()) == 8, two["worker_units"]
+    pd.testing.assert_frame_equal(want, _read(tmp_path / "two"))
+    # node 1 lost with its worker (the machine gone) while scoring: node 0 takes its unit over
+    # (node 0 slowed too, so that units are left when node 1 joins)
+    _faulty(monkeypatch, "slow=0:2,slow=1:30")
+    port = free_port()
+    node1 = _node(debug_checkpoint, src, tmp_path / "lost", port, start_new_session=True)
+
+    def kill_node_when_it_holds_a_unit() -> None:
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
+        while store.get("claims/1") == b"[]" if store.check(["claims/1"]) else True:
+            time.sleep(0.05)
+        os.killpg(node1.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_node_when_it_holds_a_unit, daemon=True)
+    killer.start()
+    lost = run_predict_raw(debug_checkpoint, src, tmp_path / "lost", nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}",
+                           node_timeout_s=5, **kw)
+    killer.join(timeout=5)
+    node1.wait(timeout=30)
+    assert node1.returncode == -signal.SIGKILL
+    assert set(lost["worker_units"]) == {0}  # node 1 finished nothing
+    got = _read(tmp_path / "lost")
+    assert not got["input_row"].duplicated().any()
+    pd.testing.assert_frame_equal(want, got)
