@@ -123,6 +123,14 @@ def test_raw_input_errors_name_the_file_and_column(debug_checkpoint, debug_data,
     nosupport = df[~((df["campaign_id"] == df["campaign_id"].iloc[0]) & (df["role"] == "support"))]
     with pytest.raises(PrepareError, match="has no support rows"):
         run_predict_raw(debug_checkpoint, _write(nosupport, tmp_path / "nosup"), tmp_path / "o3", progress=False)
+    # raw columns whose types do not match what the checkpoint was trained on
+    wrong = df.assign(device=df["device"].astype(str) + "x")
+    with pytest.raises(PrepareError, match=r"wrongtype: .*column 'device' cannot be read as int64 \(its type in "
+                                           r"the training data\)"):
+        run_predict_raw(debug_checkpoint, _write(wrong, tmp_path / "wrongtype"), tmp_path / "o5", progress=False)
+    flat = df.assign(interests=1)
+    with pytest.raises(PrepareError, match=r"flat: .*column 'interests' must be a list column"):
+        run_predict_raw(debug_checkpoint, _write(flat, tmp_path / "flat"), tmp_path / "o6", progress=False)
     # the command line refuses shard options with --input
     proc = subprocess.run([sys.executable, "-m", "gmeta.cli", "predict", "--checkpoint", str(debug_checkpoint),
                            "--input", str(tmp_path / "badrole"), "--split", "val", "--out", str(tmp_path / "o4")],
@@ -201,6 +209,11 @@ def test_a_job_whose_workers_all_die_resumes_with_another_process_count(debug_ch
         run_predict_raw(debug_checkpoint, src, tmp_path / "p", nproc=2, max_restarts=0, **kw)
     done = json.loads((tmp_path / "p" / "_progress.json").read_text())["done"]
     assert 0 < len(done) < 8
+    # what a worker killed mid-write leaves: a half-written temporary part, and a part renamed
+    # into place but never reported; resuming drops both and writes those units again
+    missing = sorted(set(range(8)) - set(done))
+    (tmp_path / "p" / f"part-{missing[0]:05d}.parquet.999.tmp").write_bytes(b"PAR1 half")
+    (tmp_path / "p" / f"part-{missing[-1]:05d}.parquet").write_bytes(b"PAR1 not reported")
     monkeypatch.delenv(workers_mod.FAULTS_ENV)
     resumed = run_predict_raw(debug_checkpoint, src, tmp_path / "p", resume=True, **kw)  # 1 process now
     assert resumed["complete"] and 0 < resumed["new_rows"] < resumed["rows"]
