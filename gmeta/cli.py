@@ -134,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=int, default=3,
                    help="with --input: dead workers replaced (on each node) before their units go to the others "
                         "(default: 3)")
+    p.add_argument("--shard-tables", action="store_true",
+                   help="with --input and --nproc-per-node >= 2: shard the embedding tables among each node's "
+                        "workers (tables too large for one process) instead of a copy in each")
     p.add_argument("--nnodes", type=int, default=1, help="with --input: machines taking part (default: 1)")
     p.add_argument("--node-rank", type=int, default=0,
                    help="with --input and --nnodes > 1: this machine's rank; node 0 reads the input and holds the "
@@ -369,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                 summary = run_predict_raw(args.checkpoint, args.input, args.out, inner_steps=args.inner_steps,
                                           resume=args.resume, progress=sys.stderr.isatty(),
                                           nproc=args.nproc_per_node, max_restarts=args.max_restarts,
-                                          nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint)
+                                          nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
+                                          shard_tables=args.shard_tables)
             elif args.nproc_per_node != 1 or args.nnodes != 1:
                 print("gmeta predict: --nproc-per-node and --nnodes are for --input; task shards are predicted in "
                       "one process", file=sys.stderr)

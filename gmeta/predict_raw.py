@@ -55,7 +55,7 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
                     inner_steps: int | None = None, resume: bool = False, progress: bool = True,
                     memory_mb: int | None = None, device: torch.device | None = None, nproc: int = 1,
                     units: int = UNITS, max_restarts: int = 3, schedule: str = "queue", nnodes: int = 1,
-                    rdzv_endpoint: str = "", node_timeout_s: float = 60.0) -> dict:
+                    rdzv_endpoint: str = "", node_timeout_s: float = 60.0, shard_tables: bool = False) -> dict:
     """Score every query row of the raw input with ``checkpoint`` (one, or a list scored in
     one pass); returns a summary (rows, tasks, parts, rows/s, models).
     ``memory_mb``: the cap that sizes the buckets (default: the checkpoint's
@@ -65,7 +65,10 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
     of the straggler benchmark). Several nodes: this is node 0, ``nnodes`` in all, its store
     at ``rdzv_endpoint`` (host:port the others reach; they run ``run_predict_node``), a node
     whose beat stops for ``node_timeout_s`` counted as lost; the output (and the buckets,
-    written under it) must be on a filesystem or object store every node shares."""
+    written under it) must be on a filesystem or object store every node shares.
+    ``shard_tables``: the embedding tables sharded among each node's ``nproc`` workers (by
+    the checkpoint's sharding plan), for tables too large for one process; they score the
+    node's units together, and one that dies restarts them all."""
     from tqdm import tqdm
 
     if nproc < 1 or units < 1 or max_restarts < 0 or schedule not in ("queue", "static") or nnodes < 1:
@@ -74,6 +77,9 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
     host, port = _endpoint(rdzv_endpoint, nnodes)
     if nnodes > 1 and schedule != "queue":
         raise PredictError("predict: several nodes take units from the shared queue only")
+    if shard_tables and (nproc < 2 or schedule != "queue"):
+        raise PredictError(f"predict: --shard-tables shards the tables among a node's worker processes: it needs "
+                           f"--nproc-per-node >= 2 (got {nproc}) and the shared queue")
     t0 = time.perf_counter()
     device = device or default_device()
     checkpoints = [str(c) for c in (checkpoint if isinstance(checkpoint, list) else [checkpoint])]
@@ -137,7 +143,8 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
         job_nodes = None
         if nproc > 1 or nnodes > 1:  # started first: they load the models while this process reads the input
             spec = {"checkpoints": checkpoints, "input": str(input_path), "inner_steps": inner_steps,
-                    "has_role": has_role, "out": str(out), "buckets": str(shared or tmp), "schedule": schedule}
+                    "has_role": has_role, "out": str(out), "buckets": str(shared or tmp), "schedule": schedule,
+                    "gang": nproc if shard_tables else 0, "gang_timeout_s": 1800}
             job_nodes = Coordinator(spec, host, port, nnodes, nproc, max_restarts, node_timeout_s)
         try:
             parts = Partitions(count, tmp, max(1, memory_mb << 20) // 4)

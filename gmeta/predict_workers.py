@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import signal
@@ -83,8 +84,37 @@ class Scorer:
 
     def score(self, df, featurised) -> tuple[pa.Table, int]:
         """The part of one bucket (its query rows) and its number of tasks."""
+        return self.part(df, score_featurised(self.models, featurised, len(df), self.inner_steps))
+
+    def score_gang(self, df, featurised, rank: int, size: int) -> tuple[pa.Table, int] | None:
+        """``score`` by the ``size`` processes of a gang whose models' tables are sharded
+        among them (collective: every rank calls it with the same unit): rank r adapts and
+        scores batches r, r + size, ...; ranks with fewer batches repeat their last one for
+        the tables' all-to-all and drop it. Rank 0 gathers the scores and returns the part,
+        the others None."""
+        from gmeta.scoring import inner_steps_for, predict_query
+
+        mine = featurised[rank::size]
+        rounds = -(-len(featurised) // size)
+        scores = np.full((len(self.models), len(df)), np.nan)
+        for i, (model, cfg) in enumerate(self.models):
+            steps = inner_steps_for(cfg, self.inner_steps)
+            for j in range(rounds):
+                batch, positions = mine[min(j, len(mine) - 1)] if mine else featurised[0]
+                preds = predict_query(model, cfg, batch, steps)
+                if j < len(mine):
+                    scores[i, positions] = preds
+        gathered: list = [None] * size if rank == 0 else []
+        torch.distributed.gather_object(scores, gathered if rank == 0 else None, dst=0)
+        if rank:
+            return None
+        merged = gathered[0]
+        for other in gathered[1:]:
+            merged = np.where(np.isnan(merged), other, merged)
+        return self.part(df, merged)
+
+    def part(self, df, scores: np.ndarray) -> tuple[pa.Table, int]:
         f = self.cfg.features
-        scores = score_featurised(self.models, featurised, len(df), self.inner_steps)
         q = np.flatnonzero(df[ROLE].astype(str).to_numpy() == QUERY)
         label = df[f.label].to_numpy()[q] if f.label in df.columns else np.full(len(q), np.nan)
         table = pa.table({"task_key": pa.array(df[f.task_key].to_numpy()[q]),
@@ -208,7 +238,22 @@ def worker_main(host: str, port: int, slot: int, generation: int) -> int:
         device = default_device()
         if device.type == "cuda":
             device = torch.device("cuda", slot % torch.cuda.device_count())
-        scorer = Scorer(spec["checkpoints"], spec["input"], spec["inner_steps"], spec["has_role"], device)
+        gang = spec.get("gang", 0)
+        if gang:  # the tables sharded among the node's workers: one process group per node and generation
+            from gmeta.checkpoint import load_sharded
+            from gmeta.parallel.dist import pick_device
+
+            device, backend = pick_device(slot % gang)
+            torch.distributed.init_process_group(
+                backend, store=torch.distributed.PrefixStore(f"gang/{slot // gang}/{generation}", store),
+                rank=slot % gang, world_size=gang, timeout=timedelta(seconds=spec["gang_timeout_s"]))
+            loaded = [load_sharded(c, device) for c in spec["checkpoints"]]
+            here, whole = _table_bytes(loaded[0][0])
+            log.info("predict worker %d: tables sharded among %d processes: %.3f of %.3f MiB of embedding rows "
+                     "here", slot, gang, here / 2**20, whole / 2**20)
+        else:
+            loaded = None
+        scorer = Scorer(spec["checkpoints"], spec["input"], spec["inner_steps"], spec["has_role"], device, loaded)
         configure_threads(scorer.cfg.train.threads)
         claims: set[int] = set()
         lock = threading.Lock()
@@ -241,8 +286,13 @@ def worker_main(host: str, port: int, slot: int, generation: int) -> int:
             count["rows"] += rows
 
         t0 = time.perf_counter()
-        pipeline(claim, partial(_read_bucket, spec["buckets"]), finished, scorer, location(spec["out"]),
-                 _faults(slot) if generation == 0 else {})
+        if gang:
+            _gang_loop(claim, partial(_read_bucket, spec["buckets"]), finished, scorer, location(spec["out"]),
+                       slot % gang, gang, _faults(slot) if generation == 0 else {})
+            torch.distributed.destroy_process_group()
+        else:
+            pipeline(claim, partial(_read_bucket, spec["buckets"]), finished, scorer, location(spec["out"]),
+                     _faults(slot) if generation == 0 else {})
         log.info("predict worker %d: %d unit(s), %d query rows in %.1fs after loading its model(s) in %.1fs",
                  slot, count["units"], count["rows"], time.perf_counter() - t0, t0 - started)
     except Exception as e:  # noqa: BLE001 - reported to node 0, which stops the job
@@ -250,6 +300,47 @@ def worker_main(host: str, port: int, slot: int, generation: int) -> int:
         log.exception("predict worker %d failed", slot)
         return 1
     return 0
+
+
+def _table_bytes(model) -> tuple[int, int]:
+    """(bytes of embedding rows this process holds, bytes of the whole tables) of a sharded
+    model: its ShardedTensor (or DTensor) entries."""
+    here = whole = 0
+    for v in model.state_dict().values():
+        if hasattr(v, "local_shards"):
+            local = [s.tensor for s in v.local_shards()]
+        elif hasattr(v, "to_local"):
+            local = [v.to_local()]
+        else:
+            continue
+        here += sum(t.numel() * t.element_size() for t in local)
+        whole += math.prod(v.size()) * torch.empty((), dtype=v.dtype).element_size()
+    return here, whole
+
+
+def _gang_loop(claim, load, finished, scorer: Scorer, out: Path, rank: int, size: int, faults: dict) -> None:
+    """The units of a gang (tables sharded among its processes), one at a time: rank 0
+    claims the next unit and tells the others; all read and featurise it and score their
+    share of its batches; rank 0 writes the part and reports it. (No reader thread here:
+    the claim is a collective step too.)"""
+    scored = 0
+    while True:
+        unit = [claim() if rank == 0 else None]
+        torch.distributed.broadcast_object_list(unit, src=0)
+        b = unit[0]
+        if b is None:
+            return
+        df, featurised = scorer.featurise(load(b))
+        scored += 1
+        if faults.get("kill") == scored:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if faults.get("slow"):
+            time.sleep(faults["slow"])
+        result = scorer.score_gang(df, featurised, rank, size)
+        if result is not None:
+            table, tasks = result
+            write_atomic(out / part_name(b), partial(_write_table, table))
+            finished(b, table.num_rows, tasks)
 
 
 def worker_error(store: TCPStore, slot: int) -> Exception:
@@ -266,9 +357,9 @@ class Node:
     replaced when they die, their claimed units put back on the queue."""
 
     def __init__(self, store: TCPStore, host: str, port: int, node: int, nproc: int, schedule: str,
-                 max_restarts: int) -> None:
+                 max_restarts: int, gang: bool = False) -> None:
         self.store, self.host, self.port, self.node = store, host, port, node
-        self.schedule, self.restarts_left = schedule, max_restarts
+        self.schedule, self.restarts_left, self.gang = schedule, max_restarts, gang
         self.procs: dict[int, subprocess.Popen] = {}
         self.generation: dict[int, int] = {}
         self.env = {**os.environ, "LOCAL_WORLD_SIZE": str(nproc)}
@@ -302,6 +393,9 @@ class Node:
             del self.procs[slot]
             if self.store.check([f"error/{slot}"]):
                 raise worker_error(self.store, slot)
+            if self.gang:
+                self._restart_gang(slot, code)
+                return
             lost = json.loads(self.store.get(f"claims/{slot}"))
             if self.schedule == "static":  # its own queue's units too
                 name = queue_name("static", slot)
@@ -323,6 +417,28 @@ class Node:
             else:  # static, no worker left here: the queue every worker reads last
                 for b in lost:
                     self.store.queue_push("units", str(b))
+
+    def _restart_gang(self, slot: int, code: int) -> None:
+        """A gang (tables sharded among this node's workers) cannot go on without one of
+        them: stop the rest, put the gang's claimed units back on the queue, and start the
+        whole gang again (a new process group) while restarts are left."""
+        slots = sorted([slot, *self.procs])
+        self.kill()
+        self.procs.clear()
+        lost = [b for s in slots for b in json.loads(self.store.get(f"claims/{s}"))]
+        self.store.add("deaths", 1)
+        why = f"signal {-code}" if code < 0 else f"exit status {code}"
+        replace = self.restarts_left > 0
+        log.warning("predict: worker %d of the gang %s died (%s) holding unit(s) %s: %s", slot, slots, why, lost,
+                    "the gang is started again" if replace else "its units go to the other nodes")
+        if replace:
+            self.restarts_left -= 1
+            for s in slots:
+                self._spawn(s)
+        else:
+            self.store.set(f"down/{self.node}", why)
+        for b in lost:
+            self.store.queue_push("units", str(b))
 
     def close(self, timeout_s: float = 60) -> None:
         for proc in self.procs.values():
@@ -349,7 +465,7 @@ class Coordinator:
         self.store.set("spec", json.dumps(spec))
         self.schedule, self.nnodes, self.nproc, self.node_timeout_s = spec["schedule"], nnodes, nproc, node_timeout_s
         self.node = Node(self.store, host if nnodes > 1 else "127.0.0.1", self.port, 0, nproc, self.schedule,
-                         max_restarts)
+                         max_restarts, gang=bool(spec.get("gang")))
         self.beats: dict[int, tuple[int, float]] = {}  # node -> (last beat seen, when it changed)
         self.lost_nodes: set[int] = set()
         self.quiet_since = 0.0
@@ -445,7 +561,10 @@ def node_agent(host: str, port: int, node: int, nproc: int, max_restarts: int, o
         raise PredictError(f"--out {out}: node 0 writes {spec['out']}; every node must be given the same --out")
     if spec["schedule"] != "queue":
         raise PredictError("predict: several nodes take units from the shared queue only")
-    agent = Node(store, host, port, node, nproc, spec["schedule"], max_restarts)
+    if spec.get("gang") and spec["gang"] != nproc:
+        raise PredictError(f"--nproc-per-node {nproc}: the tables are sharded among {spec['gang']} processes per "
+                           "node (node 0's --nproc-per-node); give every node the same")
+    agent = Node(store, host, port, node, nproc, spec["schedule"], max_restarts, gang=bool(spec.get("gang")))
     log.info("predict node %d: %d worker(s) on %s:%d", node, nproc, host, port)
     try:
         while not store.check(["closed"]):

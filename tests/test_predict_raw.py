@@ -291,3 +291,31 @@ def test_two_nodes_share_the_queue_and_a_lost_node_has_its_units_taken_over(debu
     got = _read(tmp_path / "lost")
     assert not got["input_row"].duplicated().any()
     pd.testing.assert_frame_equal(want, got)
+
+
+def test_tables_sharded_among_the_workers_score_as_one_process(debug_checkpoint, debug_data, tmp_path, monkeypatch,
+                                                               capfd):
+    import re
+
+    cfg = load_unsharded(debug_checkpoint)[1]
+    src = _write(_with_roles(_rows(debug_data, 120), cfg), tmp_path / "logs")
+    kw = dict(inner_steps=1, progress=False, units=8)
+    run_predict_raw(debug_checkpoint, src, tmp_path / "one", **kw)
+    want = _read(tmp_path / "one")
+    sharded = run_predict_raw(debug_checkpoint, src, tmp_path / "sharded", nproc=2, shard_tables=True, **kw)
+    got = _read(tmp_path / "sharded")
+    assert sharded["rows"] == len(want) and set(sharded["worker_units"]) == {0}  # the gang's rank 0 reports
+    held = re.findall(r"predict worker (\d): tables sharded among 2 processes: ([\d.]+) of ([\d.]+) MiB",
+                      capfd.readouterr().err)
+    assert sorted(w for w, _, _ in held) == ["0", "1"]
+    assert all(0 < float(h) < float(t) for _, h, t in held), held  # each holds a share, not the whole
+    pd.testing.assert_frame_equal(want.drop(columns="score"), got.drop(columns="score"))
+    np.testing.assert_allclose(got["score"], want["score"], atol=1e-5)
+    # a member of the gang killed mid-job: the gang starts again, its unit is scored again
+    _faulty(monkeypatch, "kill=1:3")
+    again = run_predict_raw(debug_checkpoint, src, tmp_path / "killed", nproc=2, shard_tables=True, **kw)
+    got = _read(tmp_path / "killed")
+    assert again["rows"] == len(want) and not got["input_row"].duplicated().any()
+    np.testing.assert_allclose(got["score"], want["score"], atol=1e-5)
+    with pytest.raises(PredictError, match="--shard-tables .* needs --nproc-per-node >= 2"):
+        run_predict_raw(debug_checkpoint, src, tmp_path / "bad", shard_tables=True, **kw)
