@@ -121,7 +121,7 @@ def main() -> None:
     if "processes" in sections:
         walls: dict[int, list[float]] = {}
         for n in (1, 2, 1, 2):
-            walls.setdefault(n, []).append(predict(f"nproc{n}", src="big", rows=big_query, nproc=n))
+            walls.setdefault(n, []).append(predict(f"nproc{n}", src="big", rows=big_query, nproc=n, units=UNITS))
             print(f"{n} process(es): {big_query} query rows in {walls[n][-1]:6.2f}s = "
                   f"{big_query / walls[n][-1]:8.0f} rows/s")
         r1, r2 = (big_query / float(np.median(walls[n])) for n in (1, 2))
@@ -131,14 +131,14 @@ def main() -> None:
 
     if "straggler" in sections:
         # worker 0 sleeps before each unit: twice a unit's time, from the 1-process time per unit
-        unit_s = predict("calib", src="big", rows=big_query, nproc=1) / UNITS
+        unit_s = predict("calib", src="big", rows=big_query, nproc=1, units=UNITS) / UNITS
         slow = round(2 * unit_s, 3)
         os.environ[FAULTS_ENV] = f"slow=0:{slow}"
         try:
             walls_s: dict[str, list[float]] = {}
             for schedule in ("queue", "static", "queue", "static"):
                 walls_s.setdefault(schedule, []).append(predict(f"straggler-{schedule}", src="big", rows=big_query,
-                                                                  nproc=2, schedule=schedule))
+                                                                  nproc=2, schedule=schedule, units=UNITS))
                 print(f"straggler ({slow}s per unit on worker 0), {schedule:6s}: {walls_s[schedule][-1]:6.2f}s")
         finally:
             del os.environ[FAULTS_ENV]
