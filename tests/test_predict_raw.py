@@ -178,14 +178,24 @@ def _faulty(monkeypatch, faults: str) -> None:
     monkeypatch.setenv(workers_mod.FAULTS_ENV, faults)
 
 
-def test_two_worker_processes_score_as_one_process(debug_checkpoint, debug_data, tmp_path, monkeypatch):
+JOB = dict(inner_steps=1, progress=False, units=8)  # the multi-process tests' settings: 8 units
+
+
+def _job(debug_checkpoint, debug_data, tmp_path):
+    """Logs of 120 campaigns, and their predictions by one uninterrupted process (in
+    ``tmp_path / "one"``): (logs directory, the predictions, that run's summary)."""
     cfg = load_unsharded(debug_checkpoint)[1]
     src = _write(_with_roles(_rows(debug_data, 120), cfg), tmp_path / "logs")
-    kw = dict(inner_steps=1, progress=False, units=8)
-    one = run_predict_raw(debug_checkpoint, src, tmp_path / "one", **kw)
+    one = run_predict_raw(debug_checkpoint, src, tmp_path / "one", **JOB)
+    return src, _read(tmp_path / "one"), one
+
+
+def test_two_worker_processes_score_as_one_process(debug_checkpoint, debug_data, tmp_path, monkeypatch):
+    src, want, one = _job(debug_checkpoint, debug_data, tmp_path)
+    kw = JOB
     two = run_predict_raw(debug_checkpoint, src, tmp_path / "two", nproc=2, **kw)
     assert two["rows"] == one["rows"] and two["tasks"] == one["tasks"] == 120 and two["parts"] == one["parts"]
-    pd.testing.assert_frame_equal(_read(tmp_path / "one"), _read(tmp_path / "two"))
+    pd.testing.assert_frame_equal(want, _read(tmp_path / "two"))
     assert not list((tmp_path / "two").glob(".predict-*")) and not list((tmp_path / "two").glob("*.tmp"))
     # SIGKILLed workers: one before scoring its 2nd unit, the other after writing its 1st part
     # but before reporting it (so that part is written twice); replacements finish the job
@@ -193,17 +203,15 @@ def test_two_worker_processes_score_as_one_process(debug_checkpoint, debug_data,
     killed = run_predict_raw(debug_checkpoint, src, tmp_path / "killed", nproc=2, **kw)
     got = _read(tmp_path / "killed")
     assert killed["rows"] == one["rows"] and not got["input_row"].duplicated().any()
-    pd.testing.assert_frame_equal(_read(tmp_path / "one"), got)
+    pd.testing.assert_frame_equal(want, got)
     progress = json.loads((tmp_path / "killed" / "_progress.json").read_text())
     assert sorted(progress["done"]) == sorted(set(progress["done"])) and progress["complete"]
 
 
 def test_a_job_whose_workers_all_die_resumes_with_another_process_count(debug_checkpoint, debug_data, tmp_path,
                                                                         monkeypatch):
-    cfg = load_unsharded(debug_checkpoint)[1]
-    src = _write(_with_roles(_rows(debug_data, 120), cfg), tmp_path / "logs")
-    kw = dict(inner_steps=1, progress=False, units=8)
-    run_predict_raw(debug_checkpoint, src, tmp_path / "one", **kw)
+    src, want, _ = _job(debug_checkpoint, debug_data, tmp_path)
+    kw = JOB
     _faulty(monkeypatch, "kill=0:2,kill=1:3")
     with pytest.raises(PredictError, match="every worker died.*--resume"):
         run_predict_raw(debug_checkpoint, src, tmp_path / "p", nproc=2, max_restarts=0, **kw)
@@ -217,7 +225,7 @@ def test_a_job_whose_workers_all_die_resumes_with_another_process_count(debug_ch
     monkeypatch.delenv(workers_mod.FAULTS_ENV)
     resumed = run_predict_raw(debug_checkpoint, src, tmp_path / "p", resume=True, **kw)  # 1 process now
     assert resumed["complete"] and 0 < resumed["new_rows"] < resumed["rows"]
-    pd.testing.assert_frame_equal(_read(tmp_path / "one"), _read(tmp_path / "p"))
+    pd.testing.assert_frame_equal(want, _read(tmp_path / "p"))
 
 
 def test_a_worker_input_error_stops_the_job_naming_the_file(debug_checkpoint, debug_data, tmp_path):
@@ -252,11 +260,8 @@ def test_two_nodes_share_the_queue_and_a_lost_node_has_its_units_taken_over(debu
 
     from gmeta.parallel.dist import free_port
 
-    cfg = load_unsharded(debug_checkpoint)[1]
-    src = _write(_with_roles(_rows(debug_data, 120), cfg), tmp_path / "logs")
-    kw = dict(inner_steps=1, progress=False, units=8)
-    run_predict_raw(debug_checkpoint, src, tmp_path / "one", **kw)
-    want = _read(tmp_path / "one")
+    src, want, _ = _job(debug_checkpoint, debug_data, tmp_path)
+    kw = JOB
     # two nodes, one worker each: both take units (node 0's is slowed, so node 1, which starts
     # later, gets some); node 1's worker is killed before its first unit and replaced
     _faulty(monkeypatch, "slow=0:2,kill=1:1")
@@ -297,11 +302,8 @@ def test_tables_sharded_among_the_workers_score_as_one_process(debug_checkpoint,
                                                                capfd):
     import re
 
-    cfg = load_unsharded(debug_checkpoint)[1]
-    src = _write(_with_roles(_rows(debug_data, 120), cfg), tmp_path / "logs")
-    kw = dict(inner_steps=1, progress=False, units=8)
-    run_predict_raw(debug_checkpoint, src, tmp_path / "one", **kw)
-    want = _read(tmp_path / "one")
+    src, want, _ = _job(debug_checkpoint, debug_data, tmp_path)
+    kw = JOB
     sharded = run_predict_raw(debug_checkpoint, src, tmp_path / "sharded", nproc=2, shard_tables=True, **kw)
     got = _read(tmp_path / "sharded")
     assert sharded["rows"] == len(want) and set(sharded["worker_units"]) == {0}  # the gang's rank 0 reports
