@@ -289,9 +289,13 @@ def prune(root: str | Path, keep: int) -> None:
 
 def read_meta(path: str | Path) -> dict:
     path = location(path)
-    check_bucket(path, "checkpoint")  # (an object store: denied access is not "not found")
     meta_path = path / META
-    if not path.is_dir():
+    try:
+        found = path.is_dir()
+    except OSError:  # (an object store's denied access: check_bucket says which)
+        found = False
+    if not found:
+        check_bucket(path, "checkpoint")  # an object store: a denied read or no bucket, not "not found"
         raise CheckpointError(f"checkpoint not found: {path}")
     if not meta_path.is_file():
         raise CheckpointError(f"{path}: not a complete gmeta checkpoint ({META} missing)")

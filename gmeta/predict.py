@@ -63,7 +63,7 @@ def open_progress(out: Path, fresh: dict, resume: bool, same: str) -> dict:
     return state
 
 
-def _part(i: int) -> str:
+def part_name(i: int) -> str:
     return f"part-{i:05d}.parquet"
 
 
@@ -114,7 +114,7 @@ def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str 
                               "row": pa.array(np.concatenate(buf["row"]).astype(np.int32)),
                               "label": pa.array(np.concatenate(buf["label"]).astype(np.float32)),
                               "score": pa.array(np.concatenate(buf["score"]).astype(np.float32))})
-            write_atomic(out / _part(state["parts"]), lambda p: pq.write_table(table, p))
+            write_atomic(out / part_name(state["parts"]), lambda p: pq.write_table(table, p))
             state["parts"] += 1
             for v in buf.values():
                 v.clear()

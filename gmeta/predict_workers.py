@@ -38,7 +38,7 @@ from torch.distributed import TCPStore
 from gmeta.checkpoint import load_unsharded
 from gmeta.io.errors import PrepareError
 from gmeta.parallel.dist import configure_threads, default_device
-from gmeta.predict import PredictError
+from gmeta.predict import PredictError, part_name
 from gmeta.serving import QUERY, ROLE, assign_roles, featurise_rows, score_featurised
 from gmeta.storage import location, source, write_atomic
 
@@ -50,10 +50,6 @@ log = logging.getLogger(__name__)
 # They hit the first process of a slot only, not the one that replaces it.
 FAULTS_ENV = "GMETA_PREDICT_FAULTS"
 STORE_TIMEOUT_S = 300
-
-
-def part_name(bucket: int) -> str:
-    return f"part-{bucket:05d}.parquet"
 
 
 def bucket_name(bucket: int) -> str:

@@ -22,9 +22,9 @@ def splits_of(cfg: Config) -> tuple[str, ...]:
 
 
 def load_manifest(shards_dir: str | Path) -> dict:
-    check_bucket(shards_dir, "task shards")  # (an object store: denied access is not "not found")
     path = location(shards_dir) / MANIFEST
-    if not path.is_file():
+    if not _exists(path):
+        check_bucket(shards_dir, "task shards")  # an object store: a denied read or no bucket, not "not found"
         raise PrepareError(f"{path}: not found; run `gmeta prepare` first (data.shards_dir)")
     try:
         m = json.loads(path.read_text())
@@ -34,6 +34,13 @@ def load_manifest(shards_dir: str | Path) -> dict:
         raise PrepareError(f"{path}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}; "
                            "prepare the shards again with this version of gmeta")
     return m
+
+
+def _exists(path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # (an object store's denied access: check_bucket says which)
+        return False
 
 
 def check_manifest_matches(manifest: dict, cfg: Config, path: str) -> None:
