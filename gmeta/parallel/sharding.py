@@ -37,10 +37,30 @@ EMBEDDING_OPTIMIZERS = {
 }
 # fbgemm's CPU kernels implement SGD and (row-wise) Adagrad; Adam is fused on GPU only.
 CUDA_ONLY_OPTIMIZERS = {"adam"}
-# The fused optimizers with a weight decay in fbgemm, and its mode: row-wise Adagrad adds
-# wd x row to the gradient (L2, like torch's Adagrad); Adam has only the decoupled form.
+# The fused optimizers with a weight decay in fbgemm, and the mode they are given: row-wise
+# Adagrad adds wd x row to the gradient (L2, like torch's Adagrad). fbgemm's Adam kernel takes
+# no mode: its decay is always the decoupled form (row -= lr x wd x row, as AdamW), and
+# ``weight_decay_mode`` is no argument of the torch Adam it is configured through (None).
 # fbgemm's sgd and (full) adagrad have none.
-WEIGHT_DECAY_MODES = {"rowwise_adagrad": WeightDecayMode.L2, "adam": WeightDecayMode.DECOUPLE}
+WEIGHT_DECAY_MODES: dict[str, WeightDecayMode | None] = {"rowwise_adagrad": WeightDecayMode.L2, "adam": None}
+
+
+def embedding_optimizer_kwargs(cfg: Config) -> dict:
+    """The keyword arguments of the tables' fused optimizer (``optim.embedding_*``), as the
+    optimizer class of ``EMBEDDING_OPTIMIZERS`` takes them: torchrec constructs it with them
+    (``apply_optimizer_in_backward``), then hands them to fbgemm."""
+    kwargs: dict = {"lr": cfg.optim.embedding_lr}
+    wd = cfg.optim.embedding_weight_decay
+    if wd:
+        name = cfg.optim.embedding_optimizer
+        if name not in WEIGHT_DECAY_MODES:
+            raise ConfigError(f"optim.embedding_weight_decay: fbgemm's {name!r} has no weight "
+                              f"decay; use optim.embedding_optimizer one of {sorted(WEIGHT_DECAY_MODES)}")
+        kwargs["weight_decay"] = wd
+        mode = WEIGHT_DECAY_MODES[name]
+        if mode is not None:
+            kwargs["weight_decay_mode"] = mode
+    return kwargs
 
 
 def table_sharding_types(model: MetaDLRM, cfg: Config) -> dict[str, str]:
@@ -79,14 +99,7 @@ def make_planner(model: MetaDLRM, cfg: Config, device_type: str, world: int, loc
     if world % local_world:
         raise ConfigError(f"world size {world} is not a multiple of the processes per node ({local_world})")
     opt_cls = EMBEDDING_OPTIMIZERS[cfg.optim.embedding_optimizer]
-    kwargs: dict = {"lr": cfg.optim.embedding_lr}
-    if cfg.optim.embedding_weight_decay:
-        mode = WEIGHT_DECAY_MODES.get(cfg.optim.embedding_optimizer)
-        if mode is None:
-            raise ConfigError(f"optim.embedding_weight_decay: fbgemm's {cfg.optim.embedding_optimizer!r} has no weight "
-                              f"decay; use optim.embedding_optimizer one of {sorted(WEIGHT_DECAY_MODES)}")
-        kwargs.update(weight_decay=cfg.optim.embedding_weight_decay, weight_decay_mode=mode)
-    apply_optimizer_in_backward(opt_cls, model.sparse_arch.parameters(), kwargs)
+    apply_optimizer_in_backward(opt_cls, model.sparse_arch.parameters(), embedding_optimizer_kwargs(cfg))
     constraints = {f"t_{f}": ParameterConstraints(sharding_types=AUTO_SHARDING_TYPES if kind == "auto" else [kind])
                    for f, kind in table_sharding_types(model, cfg).items()}
     topology = Topology(world_size=world, compute_device=device_type, local_world_size=local_world)
