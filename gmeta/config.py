@@ -306,9 +306,11 @@ class OptimConfig:
     dense_weight_decay: float = 0.0
     embedding_optimizer: Literal["sgd", "rowwise_adagrad", "adagrad", "adam"] = "rowwise_adagrad"
     embedding_lr: float = 0.05
-    # L2 penalty on the rows a step touches, applied by the fused optimizer (fbgemm's
-    # weight_decay_mode L2: wd x row added to the row's gradient, lazily, only for the rows
-    # in the batch). Keeps the per-id rows of users and ads from memorising their few rows.
+    # L2 penalty on the rows a step touches, applied by the fused optimizer (row-wise Adagrad:
+    # fbgemm's weight_decay_mode L2, wd x row added to the row's gradient, lazily, only for
+    # the rows in the batch; Adam: fbgemm's decoupled decay, row -= lr x wd x row). Keeps the
+    # per-id rows of users and ads from memorising their few rows. With it, a step reads its
+    # finite-loss flag on the host (see docs/fault_tolerance.md).
     embedding_weight_decay: float = 0.0
     # Learning-rate schedule of both optimizers (dense Adam and the tables' fused one):
     # linear warm-up from 0 over this many steps, then "none" (constant), "linear" or

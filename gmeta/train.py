@@ -23,6 +23,8 @@ import copy
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, fields
@@ -106,29 +108,79 @@ class NonFiniteLossError(RuntimeError):
     """The meta-loss became NaN or infinite (train.on_nonfinite_loss=error)."""
 
 
-def agree_across_ranks(loss: torch.Tensor, terms: list[tuple[torch.Tensor, int]]
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+class TrainingInterrupted(Exception):
+    """Training stopped at a Ctrl-C: every rank after the same step, with a training
+    checkpoint of that step (``checkpoint``), from which ``--resume auto`` goes on."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted after step {step}; checkpoint: {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) while training: stop every rank after the same step and checkpoint there.
+
+    The signal only sets ``requested`` on the rank that got it; ``train_step`` folds it into
+    the step's all-reduce, and ``agreed`` is then whether any rank asked (a device tensor;
+    None in one process, where ``requested`` decides alone). A SIGINT that comes
+    ``REPEAT_S`` or more after the first stops at once (KeyboardInterrupt, no checkpoint);
+    one sooner is the same Ctrl-C delivered twice (to the process group, and forwarded by
+    ``gmeta train``'s launcher). Reader workers, forked after ``install``, inherit the
+    handler: a Ctrl-C does not end them under the trainer."""
+
+    REPEAT_S = 2.0
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.agreed: torch.Tensor | None = None
+        self._at = 0.0
+        self._previous: object = None
+        self._installed = False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # (signal handlers live in the main thread)
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+
+    def restore(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]  # what signal.signal returned
+            self._installed = False
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if not self.requested:
+            self.requested, self._at = True, now
+        elif now - self._at >= self.REPEAT_S:
+            raise KeyboardInterrupt
+
+
+def agree_across_ranks(loss: torch.Tensor, terms: list[tuple[torch.Tensor, int]], stop: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One tiny all-reduce per step, never read back here (a host read would stall the GPU
     every step). ``terms``: what ``loss`` is the sum of, each a mean over ``count`` local
-    units (``MetaOutput.terms``: tasks, rows). Returns (finite, global loss): whether the
-    loss is finite on every rank, a bool tensor on the loss's device; and the sum of the
-    terms, each times this rank's share of its global count, ``count * world / global
-    count`` (None in one process). Gradients are then averaged over ranks as usual, and the
-    step equals one process on the whole global batch even when ranks hold different
-    numbers of rows (ERM) or tasks (MAML's last batch of an epoch)."""
-    dev = loss.device
+    units (``MetaOutput.terms``: tasks, rows); ``stop``: whether this rank was asked to stop.
+    Returns (finite, global loss, stop): whether the loss is finite on every rank, a bool
+    tensor on the loss's device; the sum of the terms, each times this rank's share of its
+    global count, ``count * world / global count``; and whether any rank was asked to stop,
+    a bool device tensor (both None in one process). Gradients are then averaged over ranks
+    as usual, and the step equals one process on the whole global batch even when ranks hold
+    different numbers of rows (ERM) or tasks (MAML's last batch of an epoch)."""
     finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return finite[0] > 0, None
+        return finite[0] > 0, None, None
     world = dist.get_world_size()
-    counts = torch.tensor([float(c) for _, c in terms], device=dev)
-    both = torch.cat([finite, counts])
-    dist.all_reduce(both)  # [ranks with a finite loss, global count of each term]
+    # the counts and the stop flag are host numbers: filled in on the device (a scalar
+    # argument of a fill kernel), not copied from a Python list (a pageable copy, which
+    # synchronises the stream)
+    both = torch.cat([finite, finite.new_full((1,), float(stop)),
+                      *(finite.new_full((1,), float(c)) for _, c in terms)])
+    dist.all_reduce(both)  # [ranks with a finite loss, ranks asked to stop, global count of each term]
     total = None
     for i, (t, c) in enumerate(terms):
-        part = t * (both[1 + i].reciprocal() * float(c * world))
+        part = t * (both[2 + i].reciprocal() * float(c * world))
         total = part if total is None else total + part
-    return both[0] > world - 0.5, total
+    return both[0] > world - 0.5, total, both[1] > 0.5
 
 
 def _supports_skip(opt: torch.optim.Optimizer) -> bool:
@@ -136,29 +188,44 @@ def _supports_skip(opt: torch.optim.Optimizer) -> bool:
     return bool(opt.defaults.get("fused"))
 
 
+def tables_skip_on_device(cfg: Config) -> bool:
+    """Whether a zeroed lookup gradient leaves the tables and their optimizer state exactly
+    as they were: true for fbgemm's SGD and (row-wise) Adagrad without weight decay. Not
+    with ``optim.embedding_weight_decay`` (fbgemm adds wd x row to every looked-up row's
+    gradient, zero or not) nor for Adam tables (a zero gradient still decays the moments
+    and moves every looked-up row that has momentum)."""
+    return not cfg.optim.embedding_weight_decay and cfg.optim.embedding_optimizer != "adam"
+
+
 def train_step(model, batch, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.optim.Optimizer,
-               rows: torch.Tensor | None = None, times: StepTimes | None = None) -> MetaOutput:
+               rows: torch.Tensor | None = None, times: StepTimes | None = None,
+               stop: StopRequest | None = None) -> MetaOutput:
     """One optimizer step on one meta-batch: forward, ONE backward (dense all-reduces start
     from its gradient hooks), wait for them, step.
 
-    No value is read back from the device. A meta-loss that is not finite on some rank
-    changes nothing on any: the gradient reaching the embedding lookup is zeroed on the
-    device (the fused table update, inside backward, then leaves SGD and (row-wise)
-    Adagrad tables and their state exactly as they were), and the fused dense optimizer is
-    told to skip (``found_inf``). ``out.skipped`` is that flag, a device tensor the
-    training loop reads on log steps. With a dense optimizer that is not fused the flag is
-    read at once instead and backward is not run."""
+    A meta-loss that is not finite on some rank changes nothing on any. Where the tables
+    allow it (``tables_skip_on_device``) no value is read back from the device: the gradient
+    reaching the embedding lookup is zeroed on the device (the fused table update, inside
+    backward, then leaves SGD and (row-wise) Adagrad tables and their state exactly as they
+    were), and the fused dense optimizer is told to skip (``found_inf``). ``out.skipped`` is
+    that flag, a device tensor the training loop reads on log steps. With table weight decay,
+    Adam tables or a dense optimizer that is not fused the flag is read at once instead (one
+    host sync per step) and backward is not run. ``stop``: this rank's Ctrl-C, agreed with
+    the other ranks in the same all-reduce (``stop.agreed``)."""
     inner = model.module if hasattr(model, "module") else model
     if rows is None:
         with record_function("## lookup ##"):
             rows = inner.lookup(layout_of(batch, inner.pooling, cfg.meta.size_buckets))
     out = meta_step(model, batch, cfg, rows)
-    finite, global_loss = agree_across_ranks(out.loss, out.terms or [(out.loss, batch.num_tasks)])
+    finite, global_loss, agreed = agree_across_ranks(out.loss, out.terms or [(out.loss, batch.num_tasks)],
+                                                     stop is not None and stop.requested)
+    if stop is not None:
+        stop.agreed = agreed
     if global_loss is not None:
         out.loss = global_loss
     out.skipped = ~finite
-    if not _supports_skip(dense_opt):
-        if not bool(finite):
+    if not (_supports_skip(dense_opt) and tables_skip_on_device(cfg)):
+        if not bool(finite):  # sync point: every rank reads the same agreed flag, none runs backward
             return out
     elif rows.requires_grad:
         rows.register_hook(lambda g: torch.where(finite, g, torch.zeros_like(g)))
@@ -179,6 +246,34 @@ def train_step(model, batch, cfg: Config, grad_sync: DenseGradSync, dense_opt: t
     return out
 
 
+class _AgreedStop:
+    """Reads ``StopRequest.agreed`` on the host without stalling the device every step: on
+    the CPU at once; on a GPU one step late, from a pinned copy whose event has completed by
+    then (the host waits for the previous step at most, not for the one just queued). Every
+    rank reads the same agreed values at the same steps, so all stop after the same one."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.float32, pin_memory=self.cuda)
+        self.value = self.host.numpy()  # a view of the pinned copy: reading it is no device read
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.queued = False
+
+    def __call__(self, agreed: torch.Tensor) -> bool:
+        """Take this step's agreed flag; returns whether to stop after this step."""
+        if self.event is None:
+            self.host.copy_(agreed)
+            return bool(self.value > 0)
+        stop = False
+        if self.queued:
+            self.event.synchronize()
+            stop = bool(self.value > 0)
+        self.host.copy_(agreed, non_blocking=True)
+        self.event.record()
+        self.queued = True
+        return stop
+
+
 class StepTimes:
     """Wall time of training steps and of their waits on communication: the embedding
     lookup (id and embedding all-to-alls; with the pipeline only what is still in flight)
@@ -193,10 +288,11 @@ class StepTimes:
 
 
 def run_steps(model, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.optim.Optimizer, fetch,
-              max_steps: int, pipe: SparseDistPipeline | None, times: StepTimes | None = None):
+              max_steps: int, pipe: SparseDistPipeline | None, times: StepTimes | None = None,
+              stop: StopRequest | None = None):
     """Train on batches from ``fetch()`` (None: no more) for at most ``max_steps`` steps,
     yielding (batch, output) after each. With ``pipe``, batch i+1 is fetched and its id
-    all-to-all started before batch i computes."""
+    all-to-all started before batch i computes. ``stop``: see ``train_step``."""
     times = times if times is not None else StepTimes()
     inner = model.module if hasattr(model, "module") else model
     pending = None  # the next batch (with the pipeline: its id all-to-all in flight)
@@ -207,6 +303,8 @@ def run_steps(model, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.opt
             if batch is None:
                 return
             pending = pipe.start(batch) if pipe else batch
+            if pipe:  # its ids now, so that its event (see SparseDistPipeline) is not behind the next batch's
+                pipe.wait_ids(pending)
         current, pending = pending, None
         if pipe and done + 1 < max_steps:
             nxt = fetch()
@@ -220,7 +318,7 @@ def run_steps(model, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.opt
                 batch = current
                 rows = inner.lookup(layout_of(batch, inner.pooling, cfg.meta.size_buckets))
         times.comm += time.perf_counter() - t0
-        out = train_step(model, batch, cfg, grad_sync, dense_opt, rows=rows, times=times)
+        out = train_step(model, batch, cfg, grad_sync, dense_opt, rows=rows, times=times, stop=stop)
         if pipe and pending is not None:  # this step is queued: collect the next batch's ids meanwhile
             pipe.wait_ids(pending)
         times.step += time.perf_counter() - t0
@@ -380,7 +478,7 @@ class TrainingRun:
                              "'val'); prepare it with data.split.val_fraction > 0, or set train.val_every_steps=0")
         self.best: float | None = None
         self.best_step = self.since_best = 0
-        self.stopped_early = False
+        self.stopped_early = self.interrupted = False
         self.epoch = 0
         self.step = self.start_epoch = self.tasks_total = self.skipped_nonfinite = 0
         self.run_id = ""
@@ -414,10 +512,13 @@ class TrainingRun:
             checkpoint.set_rng_state(own["rng"])
             self.start_epoch = self.reader.epoch
         else:  # reader positions are per rank: they do not carry over to another world size
-            self.start_epoch = int(meta["epoch"]) + (0 if meta.get("epoch_done") else 1)
+            # a finished epoch goes on with the next; an unfinished one starts again from its
+            # beginning (its tasks already trained are trained again, none is left out)
+            self.start_epoch = int(meta["epoch"]) + (1 if meta.get("epoch_done") else 0)
             log.warning("resuming a checkpoint of %s processes in %d: model and optimizer state resharded; "
-                        "the data position restarts at epoch %d", meta.get("world_size"), env.world_size,
-                        self.start_epoch)
+                        "the data position restarts at the beginning of epoch %d (%s)", meta.get("world_size"),
+                        env.world_size, self.start_epoch,
+                        "the next one" if meta.get("epoch_done") else "the unfinished one, again from its start")
         self.position = self.reader.state_dict()
         if env.is_main:
             log.info("resumed from %s at step %d (epoch %d)", self.resume_from, self.step, self.start_epoch)
@@ -543,12 +644,22 @@ class TrainingRun:
     # ---------------------------------------------------------------- the loop
     def loop(self) -> None:
         env, t = self.env, self.t
-        self.fetch = fetch = _Fetcher(None if t.pipeline else env.device)  # the pipeline copies on its own stream
-        pipe = SparseDistPipeline(self.model.module, self.cfg.meta.size_buckets, env.device) if t.pipeline else None
+        self.fetch = _Fetcher(None if t.pipeline else env.device)  # the pipeline copies on its own stream
+        self.pipe = SparseDistPipeline(self.model.module, self.cfg.meta.size_buckets, env.device) \
+            if t.pipeline else None
         self.times = StepTimes()
         self.tasks_run = 0
         since = {"t": time.perf_counter(), "tasks": 0, "rows": 0}
         ckpt_clock = self.t_loop = time.perf_counter()
+        stop, agreed_stop = StopRequest(), _AgreedStop(env.device)
+        stop.install()  # before the reader's workers are forked: they inherit it
+        try:
+            self._loop(stop, agreed_stop, since, ckpt_clock)
+        finally:
+            stop.restore()
+
+    def _loop(self, stop: StopRequest, agreed_stop: _AgreedStop, since: dict, ckpt_clock: float) -> None:
+        env, t, fetch, pipe = self.env, self.t, self.fetch, self.pipe
         for epoch in range(self.start_epoch, self.epochs):
             if self.step >= self.total_steps:
                 break
@@ -562,7 +673,7 @@ class TrainingRun:
             if self.schedule is not None:
                 self.schedule.apply(self.step)
             for batch, out in run_steps(self.model, stage, self.grad_sync, self.dense_opt, fetch,
-                                        self.total_steps - self.step, pipe, self.times):
+                                        self.total_steps - self.step, pipe, self.times, stop):
                 self.step += 1
                 if self.schedule is not None:  # the rate of the next step
                     self.schedule.apply(self.step)
@@ -591,8 +702,27 @@ class TrainingRun:
                 if want_ckpt and not last:
                     self.checkpoint()
                     ckpt_clock = time.perf_counter()
-            if self.stopped_early:
+                # every step on every rank (the GPU's read lags a step); the last step ends anyway
+                asked = agreed_stop(stop.agreed) if stop.agreed is not None else stop.requested
+                if asked and not last:
+                    self.interrupted = True
+                    break
+            if self.stopped_early or self.interrupted:
                 break
+
+    def stop_at_interrupt(self) -> TrainingInterrupted:
+        """Collective, after a Ctrl-C ended the loop on every rank after the same step: the
+        training checkpoint of that step (unless it was just written), the MLflow run marked
+        KILLED. Returns the exception that says where the checkpoint is."""
+        self.check_nonfinite()
+        if self.last_ckpt is None or str(self.last_ckpt) != str(checkpoint.step_dir(self.ckpt_root, self.step)):
+            self.checkpoint()
+        assert self.last_ckpt is not None
+        dist.destroy_process_group()
+        if self.env.is_main:
+            self.tracker.finish(status="KILLED")
+            self.tracker_box.clear()
+        return TrainingInterrupted(self.step, self.last_ckpt)
 
     # ---------------------------------------------------------------- the end
     def finish(self) -> dict:
@@ -645,6 +775,8 @@ def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
     run.resume()
     run.open_tracking()
     run.loop()
+    if run.interrupted:
+        raise run.stop_at_interrupt()
     return run.finish()
 
 

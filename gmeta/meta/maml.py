@@ -97,7 +97,8 @@ def adapt_and_query(
     if adapt_rows and adapt_features is not None and len(set(adapt_features)) < nf:
         # a rate of 0 for the rows of the other features: [F, D] or [F, 1], taken per group below
         keep = torch.zeros(nf, 1, dtype=rows.dtype, device=rows.device)
-        keep[adapt_features] = 1.0
+        for feature in set(adapt_features):  # int indices: fills on the device, no index tensor copied from a list
+            keep[feature].fill_(1.0)
         emb_lr = keep * emb_lr
     if adapt_rows:  # each task's own copy of the rows it looks up: the unit it adapts
         groups = gather_rows(rows, L.group_unique)

@@ -17,10 +17,13 @@ Every rank issues the same collectives in the same order.
 
 On CUDA the copy runs on its own stream and input_dist on another, as in torchrec's
 pipeline: torchrec reads the all-to-all split sizes on the host inside input_dist, and on a
-side stream that read waits only for the copy, not for the queued compute of batch i. Each
-consumer stream waits for its producer (``wait_stream``), and tensors made on one stream and
-used on another are ``record_stream``-ed so the caching allocator does not reuse their memory
-early. On the CPU the streams are absent and the order is the same.
+side stream that read waits only for the copy, not for the queued compute of batch i. The
+input-dist stream waits for the copy stream (``wait_stream``); once a batch's ids are
+collected an event is recorded on the input-dist stream, and the lookup of that batch waits
+for its event only, not for the whole stream, where the next batch's copy and id all-to-all
+may already be queued. Tensors made on one stream and used on another are
+``record_stream``-ed so the caching allocator does not reuse their memory early. On the CPU
+the streams and events are absent and the order is the same.
 
 The embedding all-to-all of batch i+1 is not overlapped with batch i: batch i's backward
 updates the tables (fused optimizer), and a lookup before it would read rows one step stale
@@ -47,6 +50,7 @@ class Pending:
     ctx: Any
     dist_input: Any  # awaitable of the distributed ids
     ids: Any = None  # the ids, once ``wait_ids`` has collected them
+    ready: Any = None  # CUDA: an event on the input-dist stream after this batch's copy and ids (CPU: None)
 
 
 class SparseDistPipeline:
@@ -87,6 +91,9 @@ class SparseDistPipeline:
         if pending.ids is None:
             with record_function("## input_dist_wait ##"), self._on(self.dist_stream):
                 pending.ids = pending.dist_input.wait()
+            if self.dist_stream is not None:
+                pending.ready = torch.cuda.Event()
+                pending.ready.record(self.dist_stream)
         return pending.ids
 
     def lookup(self, pending: Pending) -> torch.Tensor:
@@ -94,7 +101,7 @@ class SparseDistPipeline:
         ids = self.wait_ids(pending)
         if self.dist_stream is not None:
             current = torch.cuda.current_stream(self.device)
-            current.wait_stream(self.dist_stream)  # the copy and the ids a2a are done before use
+            current.wait_event(pending.ready)  # this batch's copy and ids a2a, not the next batch's queued since
             for t in (pending.batch, ids, pending.ctx):
                 if hasattr(t, "record_stream"):
                     t.record_stream(current)

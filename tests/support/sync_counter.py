@@ -4,7 +4,10 @@ On a CPU machine nothing actually waits, so the calls are recognised by what the
 reading a value back (``item``, ``tolist``, ``numpy``, ``cpu``, ``bool``/``int``/``float``
 of a tensor), ops whose output size depends on the values (``nonzero``, ``unique``,
 ``masked_select``, boolean-mask indexing, ``repeat_interleave`` without ``output_size``)
-and value comparisons on the host (``equal``, ``is_nonzero``). Calls on counters that
+and value comparisons on the host (``equal``, ``is_nonzero``); and tensors made on the device
+from host data (``torch.tensor`` / ``as_tensor`` of Python numbers or lists with a
+``device``, indexing with a Python list, which becomes an index tensor): on a GPU each is a
+pageable host-to-device copy that synchronises the stream, so they count as syncs too. Calls on counters that
 fbgemm keeps on the host by design (its iteration counter; feature dims copied once) are
 not device syncs on a GPU and are listed apart by their source line; so are the reads of
 torchrec's id all-to-all, which must learn on the host how many ids each rank sends: the
@@ -25,6 +28,15 @@ _SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten._uniqu
              aten.unique_consecutive.default, aten.masked_select.default, aten.is_nonzero.default,
              aten.equal.default}
 _READ_BACK = {"tolist", "numpy", "item", "cpu", "__bool__", "__int__", "__float__", "__index__"}
+_FROM_HOST = {"tensor", "as_tensor"}  # of Python data (not of a tensor)
+_INDEXING = {"__getitem__", "__setitem__", "index_put_", "index_put"}
+
+
+def _host_index(index) -> bool:
+    """Whether an index holds a Python list (or a tuple of them): made into a tensor."""
+    if isinstance(index, list):
+        return True
+    return isinstance(index, tuple) and any(isinstance(i, list) for i in index)
 # source lines of host-side counters (not device syncs on a GPU)
 HOST_COUNTERS = ("self.iter_cpu", "self.feature_dims = self.feature_dims.cpu()")
 
@@ -68,6 +80,11 @@ class SyncCounter:
                 name = getattr(func, "__name__", "")
                 if name in _READ_BACK:
                     counter._record(name)
+                elif name in _FROM_HOST and args and isinstance(args[0], (list, tuple, int, float, bool)) \
+                        and (kwargs or {}).get("device") is not None:
+                    counter._record(f"{name} from host data")
+                elif name in _INDEXING and len(args) > 1 and _host_index(args[1]):
+                    counter._record(f"{name} with a list index")
                 return func(*args, **(kwargs or {}))
 
         self._modes = (_Function(), _Dispatch())

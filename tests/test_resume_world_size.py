@@ -1,0 +1,67 @@
+"""Resuming a training checkpoint with another number of processes: the data position
+(per rank, so not carried over) restarts at the next epoch after a finished one, and at
+the beginning of an unfinished one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from gmeta.config import load_config
+from gmeta.io.reader import TaskReader
+from tests.conftest import DEBUG_CONFIG
+
+ROOT = Path(__file__).resolve().parents[1]
+# 64 tasks per batch: 5 steps per epoch in 2 processes, 10 in one
+COMMON = ["meta.tasks_per_batch=64", "tracking.enabled=false", "train.eval_at_end=false"]
+
+
+def _train(nproc: int, args: list[str], record: Path) -> None:
+    record.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "GMETA_TEST_RECORD": str(record), "OMP_NUM_THREADS": "1",
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+              "--module"] if nproc > 1 else [sys.executable, "-m"]
+    cmd = [*launch, "tests.support.fault_harness", "train", "--config", str(DEBUG_CONFIG),
+           "--nproc-per-node", str(nproc), *COMMON, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+
+
+def _trained(record: Path) -> list[list[int]]:
+    """The task ids of each step of the (one-process) run, as the harness recorded them."""
+    lines = (record / "attempt0-rank0.jsonl").read_text().splitlines()
+    return [json.loads(x)["task_ids"] for x in lines]
+
+
+def _epoch_batches(shards: Path, epoch: int, n: int) -> list[list[int]]:
+    """The first ``n`` batches of ``epoch`` of a fresh one-process reader, as training reads them."""
+    cfg = load_config(DEBUG_CONFIG, COMMON)
+    d = cfg.data
+    reader = TaskReader(shards, "train", cfg.meta.tasks_per_batch, num_workers=d.num_workers, seed=cfg.train.seed,
+                        shuffle_buffer=d.shuffle_buffer, prefetch_factor=d.prefetch_factor,
+                        size_buckets=cfg.meta.size_buckets)
+    reader.set_epoch(epoch)
+    return [b.task_ids.tolist() for _, b in zip(range(n), reader)]
+
+
+def test_resume_in_another_world_size_goes_on_at_the_right_epoch(debug_data, tmp_path):
+    shards = debug_data["shards"]
+    two = tmp_path / "two"
+    # 2 processes, one epoch (5 steps): a mid-epoch checkpoint at step 4, the final one at the epoch's end
+    _train(2, [f"data.shards_dir={shards}", f"train.output_dir={two}", "train.max_steps=5",
+               "train.checkpoint_every_steps=4"], tmp_path / "rec-two")
+    assert json.loads((two / "checkpoint" / "meta.json").read_text())["epoch_done"] is True
+
+    # from the end of epoch 0: one process goes on with epoch 1
+    _train(1, [f"data.shards_dir={shards}", f"train.output_dir={tmp_path / 'end'}", "train.max_steps=8",
+               f"--resume={two / 'checkpoint'}"], tmp_path / "rec-end")
+    assert _trained(tmp_path / "rec-end") == _epoch_batches(shards, 1, 3)
+
+    # from step 4 of 5: epoch 0 again, from its beginning
+    _train(1, [f"data.shards_dir={shards}", f"train.output_dir={tmp_path / 'mid'}", "train.max_steps=7",
+               f"--resume={two / 'checkpoints' / 'step-00000004'}"], tmp_path / "rec-mid")
+    assert _trained(tmp_path / "rec-mid") == _epoch_batches(shards, 0, 3)
