@@ -165,10 +165,104 @@ def _explicit_shards(args: argparse.Namespace) -> tuple[str | None, str]:
     return (found, "override data.shards_dir") if found else (None, "")
 
 
-def _launch(nproc: int, argv: list[str], max_restarts: int = 0, nodes: tuple | None = None) -> int:
+# A directory gmeta's launcher gives its workers (environment) for what they have to say:
+# an expected error (``error-rank<R>.txt``) or a Ctrl-C's resume hint (``interrupted.txt``),
+# printed once by the launcher instead of once per worker plus torchrun's failure report.
+MESSAGES_ENV = "GMETA_LAUNCHER_MESSAGES"
+
+
+_NO_CHECKPOINT = (" before a checkpoint of the interrupt was written; --resume auto goes on from the newest "
+                  "checkpoint of train.output_dir, if any")
+
+
+def _say(text: str, name: str) -> bool:
+    """A worker of gmeta's launcher leaves ``text`` for it to print (True); otherwise, or
+    if the launcher's directory is gone, the caller prints it (False)."""
+    folder = os.environ.get(MESSAGES_ENV)
+    if not folder or not os.path.isdir(folder):
+        return False
+    with open(os.path.join(folder, name), "w") as f:
+        f.write(text)
+    return True
+
+
+def _report_error(command: str, error: Exception) -> None:
+    """An expected error (config, data, checkpoint): printed once, by the launcher when there
+    is one (every rank usually fails alike; the lowest rank's is shown), else here."""
+    text = f"gmeta {command}: {error}"
+    if not _say(text, f"error-rank{int(os.environ.get('RANK', '0')):06d}.txt"):
+        print(text, file=sys.stderr)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that goes on from the newest checkpoint: ``argv`` with
+    ``--resume auto`` in place of any --resume."""
+    import shlex
+
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            out.append(a)
+    return shlex.join(["gmeta", *out[:1], "--resume", "auto", *out[1:]])
+
+
+class _ForwardInterrupt:
+    """The launcher's Ctrl-C: torchrun is told to leave SIGINT alone
+    (``--signals-to-handle``), so that its workers stop after a step and checkpoint
+    rather than being killed. A SIGINT sent to the launcher alone is forwarded to them (a
+    terminal's Ctrl-C reaches them directly too: they take two within ``REPEAT_S`` as one);
+    another one ``REPEAT_S`` or more later aborts (KeyboardInterrupt: torchrun ends the
+    workers, no checkpoint)."""
+
+    def __init__(self) -> None:
+        import signal
+
+        from gmeta.train import StopRequest
+
+        self.repeat_s = StopRequest.REPEAT_S
+        self.at: float | None = None
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        import time
+
+        import psutil
+
+        now = time.monotonic()
+        if self.at is not None and now - self.at >= self.repeat_s:
+            raise KeyboardInterrupt
+        if self.at is None:
+            self.at = now
+            for child in psutil.Process().children():  # torchrun's workers
+                try:
+                    child.send_signal(signum)
+                except psutil.NoSuchProcess:
+                    pass
+
+    def restore(self) -> None:
+        import signal
+
+        signal.signal(signal.SIGINT, self.previous)
+
+
+class _DropFailureLine(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("failed (exitcode", "Sending process"))
+
+
+def _launch(nproc: int, argv: list[str], max_restarts: int = 0, nodes: tuple | None = None,
+            command: str = "train") -> int:
     """Re-run this command in ``nproc`` processes through torch.distributed.run; on one
     machine (standalone), or as one of ``nodes = (nnodes, node_rank, endpoint, job_id)``
-    meeting at a c10d rendezvous."""
+    meeting at a c10d rendezvous. What the workers have to say (an error, a Ctrl-C's resume
+    hint) is printed here, once."""
+    import shutil
+    import tempfile
+
     from torch.distributed.run import get_args_parser, run
 
     # The rendezvous TCP store shared with the workers is not restart-safe: after a
@@ -185,14 +279,54 @@ def _launch(nproc: int, argv: list[str], max_restarts: int = 0, nodes: tuple | N
         nnodes, node_rank, endpoint, job = nodes
         where = [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
                  f"--rdzv-endpoint={endpoint}", f"--rdzv-id={job}"]
+    # SIGINT is left to _ForwardInterrupt (torchrun would kill the workers)
     args = get_args_parser().parse_args(
-        [*where, f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", "--module", "gmeta.cli", *argv])
+        [*where, f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+         "--signals-to-handle=SIGTERM,SIGHUP,SIGQUIT", "--module", "gmeta.cli", *argv])
+    messages = tempfile.mkdtemp(prefix="gmeta-launch-")
+    saved = os.environ.get(MESSAGES_ENV)
+    os.environ[MESSAGES_ENV] = messages
+    interrupt = _ForwardInterrupt()
+    # torchrun's own lines per failed worker, and per worker it then ends: the worker's
+    # message (or the failure report, printed below) says it
+    failure_line = _DropFailureLine()
+    elastic = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    elastic.addFilter(failure_line)
     try:
-        run(args)
-    except Exception as e:  # torchrun raises ChildFailedError with the failing rank's log
-        log.error("%s", e)
-        return 1
-    return 0
+        try:
+            run(args)
+            failed: Exception | None = None
+        except KeyboardInterrupt:  # a second Ctrl-C: torchrun has ended the workers
+            print(f"gmeta {command}: interrupted again" + (_NO_CHECKPOINT if command == "train" else ""),
+                  file=sys.stderr)
+            return 130
+        except Exception as e:  # torchrun raises ChildFailedError with the failing rank's log
+            failed = e
+        said = sorted(os.listdir(messages))
+        if "interrupted.txt" in said:
+            with open(os.path.join(messages, "interrupted.txt")) as f:
+                print(f.read(), file=sys.stderr)
+            return 130
+        errors = [n for n in said if n.startswith("error-rank")]
+        if errors:  # expected errors, told by the workers: the lowest rank's, once
+            with open(os.path.join(messages, errors[0])) as f:
+                print(f.read(), file=sys.stderr)
+            return 2
+        if interrupt.at is not None:
+            print(f"gmeta {command}: interrupted" + (_NO_CHECKPOINT if command == "train" else ""), file=sys.stderr)
+            return 130
+        if failed is not None:
+            log.error("%s", failed)
+            return 1
+        return 0
+    finally:
+        interrupt.restore()
+        elastic.removeFilter(failure_line)
+        if saved is None:
+            os.environ.pop(MESSAGES_ENV, None)
+        else:
+            os.environ[MESSAGES_ENV] = saved
+        shutil.rmtree(messages, ignore_errors=True)
 
 
 def _plan(args: argparse.Namespace, cfg) -> int:
@@ -283,14 +417,26 @@ def main(argv: list[str] | None = None) -> int:
             return _launch(nproc, argv, args.max_restarts)
         from gmeta.checkpoint import CheckpointError
         from gmeta.io.errors import PrepareError
-        from gmeta.train import NonFiniteLossError
+        from gmeta.train import NonFiniteLossError, TrainingInterrupted
         from gmeta.train import main as train_main
 
+        launched = bool(os.environ.get(MESSAGES_ENV))  # a worker of gmeta's own launcher
+        main_rank = os.environ.get("RANK", "0") == "0"
         try:
             train_main(cfg, tracking_uri=args.tracking_uri)
         except (PrepareError, ConfigError, CheckpointError, NonFiniteLossError, StorageError) as e:
-            print(f"gmeta train: {e}", file=sys.stderr)
+            _report_error("train", e)
             return 2
+        except TrainingInterrupted as e:
+            text = (f"gmeta train: interrupted after step {e.step}; checkpoint: {e.checkpoint}\n"
+                    f"to resume: {resume_command(argv)}")
+            if main_rank and not _say(text, "interrupted.txt"):
+                print(text, file=sys.stderr)
+            return 0 if launched else 130  # (non-zero would make torchrun report a failure, or restart)
+        except KeyboardInterrupt:  # before the training loop, or a second Ctrl-C: nothing to resume from here
+            if main_rank and not launched:
+                print("gmeta train: interrupted" + _NO_CHECKPOINT, file=sys.stderr)
+            return 130
         return 0
 
     if args.command == "plan":
@@ -328,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             print("gmeta evaluate: --nproc-per-node must be >= 1", file=sys.stderr)
             return 2
         if args.nproc_per_node > 1 and not under_torchrun():
-            return _launch(args.nproc_per_node, argv)
+            return _launch(args.nproc_per_node, argv, command="evaluate")
         try:
             shards, why = _explicit_shards(args)
             result = run_evaluate(args.checkpoint, run_id=args.run_id or "", cfg_override=cfg,
@@ -336,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                                   tracking=not args.no_tracking, tracking_uri=args.tracking_uri, out_dir=args.out,
                                   inner_steps=args.inner_steps, split=args.split)
         except (CheckpointError, PrepareError, ValueError, StorageError) as e:
-            print(f"gmeta evaluate: {e}", file=sys.stderr)
+            _report_error("evaluate", e)
             return 2
         if result is not None:
             print(format_table(result))
