@@ -196,7 +196,8 @@ def _report_error(command: str, error: Exception) -> None:
 
 def resume_command(argv: list[str]) -> str:
     """The command line that goes on from the newest checkpoint: ``argv`` with
-    ``--resume auto`` in place of any --resume."""
+    ``--resume auto`` right after the subcommand (overrides may still be appended) in place
+    of any --resume."""
     import shlex
 
     out, skip = [], False
@@ -207,7 +208,8 @@ def resume_command(argv: list[str]) -> str:
             skip = True
         elif not a.startswith("--resume="):
             out.append(a)
-    return shlex.join(["gmeta", *out[:1], "--resume", "auto", *out[1:]])
+    at = out.index("train") + 1 if "train" in out else len(out)
+    return shlex.join(["gmeta", *out[:at], "--resume", "auto", *out[at:]])
 
 
 class _ForwardInterrupt:

@@ -111,5 +111,5 @@ def test_sigint_to_the_launcher_only_reaches_the_workers(debug_data, tmp_path):
 def test_resume_command_replaces_any_resume():
     assert resume_command(["train", "--config", "c.yaml", "--resume", "none", "a.b=1"]) == \
         "gmeta train --resume auto --config c.yaml a.b=1"
-    assert resume_command(["train", "--resume=/x/step-1", "--config", "c y.yaml"]) == \
-        "gmeta train --resume auto --config 'c y.yaml'"
+    assert resume_command(["-v", "train", "--resume=/x/step-1", "--config", "c y.yaml"]) == \
+        "gmeta -v train --resume auto --config 'c y.yaml'"
