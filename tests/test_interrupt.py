@@ -113,3 +113,32 @@ def test_resume_command_replaces_any_resume():
         "gmeta train --resume auto --config c.yaml a.b=1"
     assert resume_command(["-v", "train", "--resume=/x/step-1", "--config", "c y.yaml"]) == \
         "gmeta -v train --resume auto --config 'c y.yaml'"
+
+
+def test_agreed_stop_is_read_one_step_late_on_a_gpu_without_a_device_read():
+    """On a GPU the agreed flag is copied to pinned memory behind an event and read at the
+    next step (every rank alike); the CPU stands in here, with an event that records calls."""
+    import torch
+
+    from gmeta.train import _AgreedStop
+    from tests.support.sync_counter import SyncCounter
+
+    class Event:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def record(self) -> None:
+            self.calls.append("record")
+
+        def synchronize(self) -> None:
+            self.calls.append("synchronize")
+
+    now = _AgreedStop(torch.device("cpu"))
+    late = _AgreedStop(torch.device("cpu"))
+    late.event = event = Event()  # type: ignore[assignment]
+    flags = [torch.tensor(v) for v in (False, False, True, False)]
+    with SyncCounter() as c:
+        assert [now(f) for f in flags] == [False, False, True, False]
+        assert [late(f) for f in flags] == [False, False, False, True]
+    assert not c.syncs, c.syncs
+    assert event.calls == ["record"] + ["synchronize", "record"] * 3  # each read waits for the previous copy only
