@@ -45,7 +45,7 @@ def test_task_batch_from_a_dataframe_equals_the_readers_batch(debug_config_path,
     df = _frame_of(batch, model.features, cfg.features.dense)
     got = task_batch(df.sort_values("task", kind="stable"), task="task", query="is_query", label="label",
                      sparse=[f["name"] for f in model.features], dense=cfg.features.dense, features=model.features,
-                     size_buckets=2)
+                     size_buckets=2, ids="rows")
     # rows were shuffled; within a task and side they keep their order, so sort the reference alike
     for a, b in [(got.support_offsets, batch.support_offsets), (got.query_offsets, batch.query_offsets)]:
         assert torch.equal(a, b)
@@ -57,7 +57,7 @@ def test_task_batch_from_a_dataframe_equals_the_readers_batch(debug_config_path,
 
 def test_task_batch_errors_name_the_column(debug_config_path):
     df = pd.DataFrame({"t": [1, 1, 2, 2], "q": [False, True, False, False], "y": [1, 0, 1, 0], "a": [1, 2, 3, 4]})
-    kw = dict(task="t", query="q", label="y", sparse=["a"])
+    kw = dict(task="t", query="q", label="y", sparse=["a"], ids="rows")
     with pytest.raises(BatchError, match=r"task 2 \(column 't'\) has no query rows"):
         task_batch(df, **kw)
     df.loc[3, "q"] = True
