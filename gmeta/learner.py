@@ -5,9 +5,9 @@
     from gmeta import MetaLearner, task_batch
 
     learner = MetaLearner("configs/ads_cvr.yaml", ["meta.inner_steps=1"])  # or checkpoint="run/checkpoint"
+    # raw ids (integers or strings) in the sparse columns, hashed as gmeta prepare does
     batch = task_batch(df, task="campaign_id", query="is_query", label="label",
                        sparse=learner.sparse_names, dense=learner.dense_names, features=learner.features)
-                                      # raw ids (integers or strings), hashed as gmeta prepare does
     out = learner.step(batch)         # one meta-update; out.loss, out.query_loss [N] (tensors)
     p = learner.predict(batch)        # query-row predictions after adapting on each task's support rows
     learner.save("my-checkpoint")     # a gmeta checkpoint: gmeta evaluate / predict / resume read it

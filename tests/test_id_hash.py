@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -199,6 +200,7 @@ def test_learner_scores_raw_rows_as_serving_and_predict_do(debug_checkpoint, deb
 
     from gmeta.checkpoint import load_unsharded
     from gmeta.predict_raw import run_predict_raw
+    from gmeta.pyfunc import GMetaModel
     from gmeta.serving import assign_roles, score_rows
 
     old = _marked_old(debug_checkpoint, tmp_path / "old")
@@ -221,6 +223,25 @@ def test_learner_scores_raw_rows_as_serving_and_predict_do(debug_checkpoint, deb
         part = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / f"out-{name}").glob("part-*.parquet"))])
         pos = rows.index[part["input_row"].to_numpy()]
         np.testing.assert_allclose(part["score"].to_numpy(), want.loc[pos].to_numpy(), atol=1e-5)
+        # the pyfunc model: the checkpoint's hash as well
+        pyfunc = GMetaModel()
+        pyfunc.load_context(SimpleNamespace(artifacts={"checkpoint": str(ck)}))
+        np.testing.assert_allclose(pyfunc.predict(None, df, {"inner_steps": 2})["score"].loc[got["index"]],
+                                   got["p"], atol=1e-5)
         scores[name] = np.asarray(got["p"])
     # the hash matters: the same weights score the rows otherwise under the other hash
     assert np.abs(scores["new"] - scores["old"]).max() > 1e-3
+
+
+def test_models_of_other_id_hashes_are_not_scored_in_one_pass():
+    """gmeta predict --input with several checkpoints featurises the rows once: a model whose
+    tables were trained on ids of another hash is refused, naming it."""
+    from gmeta.predict import PredictError
+    from gmeta.predict_raw import _same_reading
+
+    cfg = load_config(ROOT / "configs" / "ads_cvr_debug.yaml")
+    _same_reading([(None, cfg, {"id_hash": 1}), (None, cfg, {})], ["a", "b"], True)  # both the old hash
+    with pytest.raises(PredictError, match=r"--checkpoint b: its id_hash differ from those of --checkpoint a"):
+        _same_reading([(None, cfg, {"id_hash": 2}), (None, cfg, {})], ["a", "b"], True)
+    with pytest.raises(PrepareError, match=r"b/meta\.json: id_hash 9 is not one"):
+        _same_reading([(None, cfg, {"id_hash": 2}), (None, cfg, {"id_hash": 9})], ["a", "b"], True)
