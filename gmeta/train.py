@@ -334,6 +334,14 @@ class TrainingRun:
         check_manifest_matches(self.manifest, cfg, str(location(cfg.data.shards_dir) / "manifest.json"))
         self.id_hash = id_hash_of(self.manifest, str(location(cfg.data.shards_dir) / "manifest.json"))
         self.resume_from = _resume_path(cfg, self.out_dir)
+        if self.resume_from is not None:  # its table rows stand for ids hashed one way: the shards must agree
+            at = str(location(self.resume_from) / checkpoint.META)
+            theirs = id_hash_of(checkpoint.read_meta(self.resume_from), at)
+            if theirs != self.id_hash:
+                raise checkpoint.CheckpointError(
+                    f"{at}: its tables were trained on ids of id_hash {theirs}, the shards in data.shards_dir hold "
+                    f"id_hash {self.id_hash} (manifest.json): resume on the shards it was trained on, or start a new "
+                    "run (train.resume: none)")
         # the reader first: a split too small for this many ranks is an error before the model is built
         d = cfg.data
         self.reader = TaskReader(d.shards_dir, "train", cfg.meta.tasks_per_batch, rank=env.rank,

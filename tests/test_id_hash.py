@@ -245,3 +245,17 @@ def test_models_of_other_id_hashes_are_not_scored_in_one_pass():
         _same_reading([(None, cfg, {"id_hash": 2}), (None, cfg, {})], ["a", "b"], True)
     with pytest.raises(PrepareError, match=r"b/meta\.json: id_hash 9 is not one"):
         _same_reading([(None, cfg, {"id_hash": 2}), (None, cfg, {"id_hash": 9})], ["a", "b"], True)
+
+
+def test_resume_refuses_a_checkpoint_of_another_id_hash(debug_checkpoint, debug_data, tmp_path):
+    """Training on shards of hash 2 does not continue tables trained on ids of hash 1 (and
+    then record hash 2 for them)."""
+    old = _marked_old(debug_checkpoint, tmp_path / "old")
+    proc = subprocess.run(
+        [sys.executable, "-m", "gmeta.cli", "train", "--config", str(ROOT / "configs" / "ads_cvr_debug.yaml"),
+         "--nproc-per-node", "1", "--resume", str(old), f"data.shards_dir={debug_data['shards']}",
+         f"train.output_dir={tmp_path / 'run'}", "train.max_steps=50", "train.eval_at_end=false",
+         "tracking.enabled=false"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert ("old/meta.json: its tables were trained on ids of id_hash 1, the shards in data.shards_dir hold "
+            "id_hash 2") in proc.stderr, proc.stderr[-3000:]
