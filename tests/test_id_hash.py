@@ -259,3 +259,19 @@ def test_resume_refuses_a_checkpoint_of_another_id_hash(debug_checkpoint, debug_
     assert proc.returncode != 0
     assert ("old/meta.json: its tables were trained on ids of id_hash 1, the shards in data.shards_dir hold "
             "id_hash 2") in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_new_learner_hashes_as_the_shards_beside_it(tmp_path):
+    """MetaLearner from a config: the id hash of the shards in data.shards_dir (their id
+    counts may set its default rows; gmeta evaluate reads them), else the current one."""
+    from gmeta.io.manifest import FORMAT_VERSION
+    from gmeta.learner import _shards_id_hash
+
+    cfg = load_config(ROOT / "configs" / "ads_cvr_debug.yaml", [f"data.shards_dir={tmp_path / 's'}"])
+    assert _shards_id_hash(cfg) == ID_HASH  # no shards
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION}))
+    assert _shards_id_hash(cfg) == 1  # shards from before the id hash had versions
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "id_hash": 5}))
+    with pytest.raises(PrepareError, match=r"s/manifest\.json: id_hash 5 is not one"):
+        _shards_id_hash(cfg)
