@@ -87,7 +87,7 @@ def criteo_batch(cfg: Config, n: int, support: int, query: int, seed: int):
         data[f.name] = ids
     feats = [{"name": f.name, "num_embeddings": f.num_embeddings, "pooling": f.pooling} for f in cfg.features.sparse]
     return task_batch(data, task="task", query="is_query", label="label", sparse=[f.name for f in cfg.features.sparse],
-                      dense=list(cfg.features.dense), features=feats, size_buckets=cfg.meta.size_buckets)
+                      dense=list(cfg.features.dense), features=feats, size_buckets=cfg.meta.size_buckets, ids="rows")
 
 
 def peak_mib(fn) -> float:

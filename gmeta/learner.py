@@ -5,6 +5,7 @@
     from gmeta import MetaLearner, task_batch
 
     learner = MetaLearner("configs/ads_cvr.yaml", ["meta.inner_steps=1"])  # or checkpoint="run/checkpoint"
+    # raw ids (integers or strings) in the sparse columns, hashed as gmeta prepare does
     batch = task_batch(df, task="campaign_id", query="is_query", label="label",
                        sparse=learner.sparse_names, dense=learner.dense_names, features=learner.features)
     out = learner.step(batch)         # one meta-update; out.loss, out.query_loss [N] (tensors)
@@ -15,6 +16,12 @@ It runs the same code as ``gmeta train``: tables sharded by torchrec with their 
 optimizer, the dense part with (fused) Adam, one backward per meta-batch. With no process
 group yet it makes a one-process group itself (gloo on CPU, NCCL on GPU); started under
 torchrun it joins the job's group and every rank must call ``step`` alike.
+
+Raw ids go through the model's id hash (``learner.id_hash``, carried by
+``learner.features`` into ``task_batch``): the one of its checkpoint, or for a new model
+that of the shards in ``data.shards_dir`` if there are any (their id counts may set the
+model's default rows), else the current one. ``save`` records it, so serving, ``gmeta
+predict --input`` and a reloaded learner hash raw ids alike.
 """
 
 from __future__ import annotations
@@ -26,12 +33,15 @@ import torch
 
 from gmeta import checkpoint as ckpt
 from gmeta.config import Config, load_config
+from gmeta.io.features import ID_HASH, id_hash_of
 from gmeta.io.id_counts import known_ids
+from gmeta.io.manifest import MANIFEST, load_manifest
 from gmeta.meta.base import MetaOutput
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import DenseGradSync, broadcast_params, init_distributed
 from gmeta.parallel.sharding import shard_model
 from gmeta.scoring import inner_steps_for, predict_query
+from gmeta.storage import location
 from gmeta.train import meta_step, train_step
 from gmeta.types import TaskBatch
 
@@ -52,9 +62,11 @@ class MetaLearner:
             meta = ckpt.read_meta(checkpoint)
             self.cfg = ckpt.config_of(checkpoint, meta)
             self.steps = int(meta.get("step", 0))
+            self.id_hash = id_hash_of(meta, str(location(checkpoint) / ckpt.META))
         else:
             self.cfg = config if isinstance(config, Config) else load_config(config, list(overrides))
             self.steps = 0
+            self.id_hash = _shards_id_hash(self.cfg)
         torch.manual_seed(self.cfg.train.seed)
         self.model = shard_model(build_model(self.cfg, device=torch.device("meta")), self.cfg, self.env.device)
         params = self.model.module.dense_parameters()
@@ -73,8 +85,9 @@ class MetaLearner:
 
     @property
     def features(self) -> list[dict]:
-        """The sparse features (name, num_embeddings, pooling, ...), in the model's order."""
-        return self.model.module.features
+        """The sparse features (name, num_embeddings, pooling, ..., and the model's
+        ``id_hash``), in the model's order: what ``task_batch`` needs to hash raw ids."""
+        return [{**f, "id_hash": self.id_hash} for f in self.model.module.features]
 
     @property
     def sparse_names(self) -> list[str]:
@@ -107,6 +120,18 @@ class MetaLearner:
 
     def save(self, path: str | Path) -> Path:
         """A training checkpoint (weights and optimizer states) at ``path``."""
-        meta = {"step": self.steps, "epoch": 0, "epoch_done": False, "algorithm": self.cfg.meta.algorithm}
+        meta = {"step": self.steps, "epoch": 0, "epoch_done": False, "algorithm": self.cfg.meta.algorithm,
+                "id_hash": self.id_hash}
         return ckpt.save(self.model, self.cfg, path, meta, dense_opt=self.dense_opt)
 
+
+
+def _shards_id_hash(cfg: Config) -> int:
+    """The id hash of the shards at ``data.shards_dir`` (a new model trained beside them, or
+    on their id counts, must hash as they did), or the current one where there are none."""
+    path = location(cfg.data.shards_dir) / MANIFEST
+    try:
+        found = path.is_file()
+    except OSError:  # (an object store's denied access: no shards to match)
+        found = False
+    return id_hash_of(load_manifest(cfg.data.shards_dir), str(path)) if found else ID_HASH

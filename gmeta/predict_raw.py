@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from gmeta.checkpoint import load_unsharded
+from gmeta.checkpoint import META, load_unsharded
 from gmeta.io.errors import PrepareError
-from gmeta.io.features import input_columns, shard_fields
+from gmeta.io.features import id_hash_of, input_columns, shard_fields
 from gmeta.io.prepare import Partitions, num_partitions, open_input, stream_input
 from gmeta.io.sources import SourceError
 from gmeta.parallel.dist import configure_threads, default_device
@@ -33,21 +33,23 @@ UNITS = 32
 UNIT_BYTES = 4 << 20
 
 
-def _reading(cfg, has_role: bool) -> dict:
-    """What of a config decides how raw rows become task batches: the columns and label
+def _reading(cfg, meta: dict, checkpoint: str, has_role: bool) -> dict:
+    """What of a checkpoint decides how raw rows become task batches: the columns and label
     encoding, each sparse feature's hashing (shard_fields: not min_count or holdout_share,
-    which the model applies), the source format, and without a role column the split rule."""
+    which the model applies; the id hash its tables were trained with), the source format,
+    and without a role column the split rule."""
     features = {**asdict(cfg.features), "sparse": [shard_fields(s) for s in cfg.features.sparse]}
-    return {"features": features, "data.source": asdict(cfg.data.source),
+    return {"features": features, "id_hash": id_hash_of(meta, f"{checkpoint}/{META}"),
+            "data.source": asdict(cfg.data.source),
             **({} if has_role else {"data.split": asdict(cfg.data.split)})}
 
 
-def _same_reading(cfgs: list, checkpoints: list, has_role: bool) -> None:
+def _same_reading(loaded: list, checkpoints: list, has_role: bool) -> None:
     """Every model must read the rows as the first does (or one pass would score some of
-    them on rows featurised for another)."""
-    first = _reading(cfgs[0], has_role)
-    for c, other in zip(checkpoints[1:], cfgs[1:]):
-        theirs = _reading(other, has_role)
+    them on rows featurised for another). ``loaded``: (model, config, meta) of each."""
+    first = _reading(loaded[0][1], loaded[0][2], checkpoints[0], has_role)
+    for c, (_, other, meta) in zip(checkpoints[1:], loaded[1:]):
+        theirs = _reading(other, meta, c, has_role)
         for key in first:
             if first[key] != theirs[key]:
                 raise PredictError(f"--checkpoint {c}: its {key} differ from those of --checkpoint "
@@ -100,7 +102,7 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
     source = open_input(cfg, input_path)  # the checkpoint's features and source format
     columns = input_columns(cfg)
     has_role = ROLE in source.names
-    _same_reading([c for _, c, _ in loaded], checkpoints, has_role)
+    _same_reading(loaded, checkpoints, has_role)
     read = columns + ([ROLE] if has_role else [])
     try:
         input_bytes, _ = source.estimate(read)

@@ -35,8 +35,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.distributed import TCPStore
 
-from gmeta.checkpoint import load_unsharded
+from gmeta.checkpoint import META, load_unsharded
 from gmeta.io.errors import PrepareError
+from gmeta.io.features import id_hash_of
 from gmeta.parallel.dist import configure_threads, default_device
 from gmeta.predict import PredictError, part_name
 from gmeta.serving import QUERY, ROLE, assign_roles, featurise_rows, score_featurised
@@ -65,6 +66,8 @@ class Scorer:
         loaded = loaded or [load_unsharded(c, device) for c in checkpoints]
         self.models = [(m, c) for m, c, _ in loaded]
         self.cfg, self.column_types = loaded[0][1], loaded[0][2].get("input_columns")
+        # every model reads the rows alike (run_predict_raw checks it), the first's way
+        self.id_hash = id_hash_of(loaded[0][2], f"{checkpoints[0]}/{META}")
         self.input_path, self.inner_steps, self.has_role = input_path, inner_steps, has_role
         self.columns = ["score" if len(loaded) == 1 else f"score_{i}" for i in range(len(loaded))]
 
@@ -74,7 +77,7 @@ class Scorer:
         if not self.has_role:
             df = assign_roles(df, self.cfg)
         try:
-            return df, featurise_rows(df, self.cfg, self.column_types)
+            return df, featurise_rows(df, self.cfg, self.column_types, id_hash=self.id_hash)
         except PrepareError as e:
             raise PrepareError(f"{self.input_path}: {e}") from None
 

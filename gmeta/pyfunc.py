@@ -19,15 +19,18 @@ class GMetaModel(PythonModel):
     """pyfunc: ``predict(df, params={"inner_steps": K})`` -> DataFrame with ``score``."""
 
     def load_context(self, context) -> None:
-        from gmeta.checkpoint import load_unsharded
+        from gmeta.checkpoint import META, load_unsharded
+        from gmeta.io.features import id_hash_of
         from gmeta.parallel.dist import default_device
 
-        self.model, self.cfg, meta = load_unsharded(context.artifacts["checkpoint"], default_device())
+        path = context.artifacts["checkpoint"]
+        self.model, self.cfg, meta = load_unsharded(path, default_device())
         self.column_types = meta.get("input_columns")
+        self.id_hash = id_hash_of(meta, f"{path}/{META}")  # ids hash as the tables were trained
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         return score_rows(self.model, self.cfg, model_input, int((params or {}).get("inner_steps", -1)),
-                          self.column_types)
+                          self.column_types, id_hash=self.id_hash)
 
 
 def log_model(checkpoint: str | Path, cfg: Config, model=None) -> str:
@@ -44,7 +47,11 @@ def log_model(checkpoint: str | Path, cfg: Config, model=None) -> str:
     example = example_rows(cfg, column_types)
     signature = None
     if model is not None:
-        out = score_rows(model, cfg, example, column_types=column_types)
+        from gmeta.checkpoint import META, read_meta
+        from gmeta.io.features import id_hash_of
+
+        id_hash = id_hash_of(read_meta(checkpoint), f"{checkpoint}/{META}")
+        out = score_rows(model, cfg, example, column_types=column_types, id_hash=id_hash)
         signature = infer_signature(example, out, params={"inner_steps": -1})
     info = mlflow.pyfunc.log_model(
         name="model", python_model=GMetaModel(), artifacts={"checkpoint": str(checkpoint)},

@@ -103,10 +103,12 @@ def _typed_table(frame: pd.DataFrame, column_types: dict[str, str] | None) -> pa
 
 
 def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
-                   column_types: dict[str, str] | None = None) -> list[tuple[TaskBlock, np.ndarray]]:
+                   column_types: dict[str, str] | None = None, *,
+                   id_hash: int) -> list[tuple[TaskBlock, np.ndarray]]:
     """Raw rows with roles -> TaskBlocks of at most ``tasks_per_batch`` tasks, each with
     the input positions of its query rows in query-block order. ``column_types``: the raw
-    column types of the training data (``input_columns`` of the manifest)."""
+    column types of the training data (``input_columns`` of the manifest); ``id_hash``: the
+    id hash the model's tables were trained with (``id_hash_of`` its checkpoint metadata)."""
     f = cfg.features
     cols = input_columns(cfg)
     missing = [c for c in cols + [ROLE] if c not in df.columns]
@@ -132,7 +134,7 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
     keep = np.flatnonzero(role != "")
     table = _typed_table(frame.iloc[keep], column_types)
     labels = check_values(table, cfg, "input rows")
-    hashed = hash_batch(table, cfg, None, "input rows", labels=labels)
+    hashed = hash_batch(table, cfg, None, "input rows", labels=labels, id_hash=id_hash)
     keys = df[f.task_key].to_numpy()[keep]
     ts = _times(df, cfg)[keep]
     uniq, first, task = np.unique(keys, return_index=True, return_inverse=True)
@@ -164,22 +166,24 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
 
 
 def score_rows(model, cfg: Config, df: pd.DataFrame, inner_steps: int = -1,
-               column_types: dict[str, str] | None = None) -> pd.DataFrame:
+               column_types: dict[str, str] | None = None, *, id_hash: int) -> pd.DataFrame:
     """Scores of the query rows of ``df`` after adapting each task on its support rows
     (``inner_steps``; -1: the evaluation default). One row per input row, same index;
-    ``score`` is NaN on support rows and ignored rows. ``column_types``: as in
+    ``score`` is NaN on support rows and ignored rows. ``column_types``, ``id_hash``: as in
     ``rows_to_blocks`` (the checkpoint's meta.json records them)."""
-    scores = score_rows_models([(model, cfg)], df, inner_steps, column_types)[0]
+    scores = score_rows_models([(model, cfg)], df, inner_steps, column_types, id_hash=id_hash)[0]
     return pd.DataFrame({"score": scores}, index=df.index)
 
 
-def featurise_rows(df: pd.DataFrame, cfg: Config, column_types: dict[str, str] | None = None) -> list:
+def featurise_rows(df: pd.DataFrame, cfg: Config, column_types: dict[str, str] | None = None, *,
+                   id_hash: int) -> list:
     """Raw rows with roles -> [(batch, input positions of its query rows)]: checked, hashed
-    and collated into meta-batches of ``cfg.eval.tasks_per_batch`` tasks, ready for any
-    model of these features (``score_featurised``)."""
+    (``id_hash``, as in ``rows_to_blocks``) and collated into meta-batches of
+    ``cfg.eval.tasks_per_batch`` tasks, ready for any model of these features and id hash
+    (``score_featurised``)."""
     schema = shard_schema(cfg, has_true_prob=False)
     return [(collate_packed([(block, np.arange(block.num_tasks))], schema, cfg.meta.size_buckets).unpack(), positions)
-            for block, positions in rows_to_blocks(df, cfg, cfg.eval.tasks_per_batch, column_types)]
+            for block, positions in rows_to_blocks(df, cfg, cfg.eval.tasks_per_batch, column_types, id_hash=id_hash)]
 
 
 def score_featurised(models: Sequence[tuple[object, Config]], featurised: list, num_rows: int,
@@ -198,11 +202,12 @@ def score_featurised(models: Sequence[tuple[object, Config]], featurised: list, 
 
 
 def score_rows_models(models: Sequence[tuple[object, Config]], df: pd.DataFrame, inner_steps: int | None = -1,
-                      column_types: dict[str, str] | None = None) -> np.ndarray:
-    """``score_rows`` for several models of the same features at once: the rows are
-    checked, hashed and batched once (by the first model's config), then every model adapts
-    and scores each batch. [models, rows]; NaN where a row is not a query row."""
-    return score_featurised(models, featurise_rows(df, models[0][1], column_types), len(df), inner_steps)
+                      column_types: dict[str, str] | None = None, *, id_hash: int) -> np.ndarray:
+    """``score_rows`` for several models of the same features and id hash at once: the rows
+    are checked, hashed and batched once (by the first model's config), then every model
+    adapts and scores each batch. [models, rows]; NaN where a row is not a query row."""
+    return score_featurised(models, featurise_rows(df, models[0][1], column_types, id_hash=id_hash), len(df),
+                            inner_steps)
 
 
 def _example_column(arrow_type: str, n: int):

@@ -36,6 +36,7 @@ from torch.autograd.profiler import record_function
 
 from gmeta import checkpoint
 from gmeta.config import Config, OptimConfig, dump_yaml, flatten, to_dict
+from gmeta.io.features import id_hash_of
 from gmeta.io.id_counts import known_ids
 from gmeta.io.manifest import check_manifest_matches, load_manifest
 from gmeta.io.reader import TaskReader
@@ -429,7 +430,16 @@ class TrainingRun:
         self.ckpt_root = self.out_dir / "checkpoints"
         self.manifest = load_manifest(cfg.data.shards_dir)
         check_manifest_matches(self.manifest, cfg, str(location(cfg.data.shards_dir) / "manifest.json"))
+        self.id_hash = id_hash_of(self.manifest, str(location(cfg.data.shards_dir) / "manifest.json"))
         self.resume_from = _resume_path(cfg, self.out_dir)
+        if self.resume_from is not None:  # its table rows stand for ids hashed one way: the shards must agree
+            at = str(location(self.resume_from) / checkpoint.META)
+            theirs = id_hash_of(checkpoint.read_meta(self.resume_from), at)
+            if theirs != self.id_hash:
+                raise checkpoint.CheckpointError(
+                    f"{at}: its tables were trained on ids of id_hash {theirs}, the shards in data.shards_dir hold "
+                    f"id_hash {self.id_hash} (manifest.json): resume on the shards it was trained on, or start a new "
+                    "run (train.resume: none)")
         # the reader first: a split too small for this many ranks is an error before the model is built
         d = cfg.data
         self.reader = TaskReader(d.shards_dir, "train", cfg.meta.tasks_per_batch, rank=env.rank,
@@ -554,6 +564,7 @@ class TrainingRun:
                 "algorithm": self.cfg.meta.algorithm, "mlflow_run_id": self.tracker.run_id if env.is_main else "",
                 "tracking_uri": self.tracker.uri if env.is_main else "",
                 "input_columns": self.manifest.get("input_columns"),  # raw types, for serving
+                "id_hash": self.id_hash,  # of the shards the tables learn from: serving hashes raw ids alike
                 "validation": {"metric": self.metric, "best": self.best, "best_step": self.best_step,
                                "since_best": self.since_best, "stopped_early": self.stopped_early}}
         if weights_only:

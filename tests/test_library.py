@@ -45,7 +45,7 @@ def test_task_batch_from_a_dataframe_equals_the_readers_batch(debug_config_path,
     df = _frame_of(batch, model.features, cfg.features.dense)
     got = task_batch(df.sort_values("task", kind="stable"), task="task", query="is_query", label="label",
                      sparse=[f["name"] for f in model.features], dense=cfg.features.dense, features=model.features,
-                     size_buckets=2)
+                     size_buckets=2, ids="rows")
     # rows were shuffled; within a task and side they keep their order, so sort the reference alike
     for a, b in [(got.support_offsets, batch.support_offsets), (got.query_offsets, batch.query_offsets)]:
         assert torch.equal(a, b)
@@ -57,7 +57,7 @@ def test_task_batch_from_a_dataframe_equals_the_readers_batch(debug_config_path,
 
 def test_task_batch_errors_name_the_column(debug_config_path):
     df = pd.DataFrame({"t": [1, 1, 2, 2], "q": [False, True, False, False], "y": [1, 0, 1, 0], "a": [1, 2, 3, 4]})
-    kw = dict(task="t", query="q", label="y", sparse=["a"])
+    kw = dict(task="t", query="q", label="y", sparse=["a"], ids="rows")
     with pytest.raises(BatchError, match=r"task 2 \(column 't'\) has no query rows"):
         task_batch(df, **kw)
     df.loc[3, "q"] = True
@@ -109,3 +109,75 @@ def test_meta_learner_in_a_plain_process(debug_config_path, tmp_path):
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["last"] < res["first"]  # 30 meta-updates on one batch fit it
     assert res["same"] and res["n"] == 120 and res["steps"] == 30
+
+
+def _raw_frame() -> pd.DataFrame:
+    """Raw rows of 3 tasks, support rows first: integer, string and multi-hot string ids."""
+    rng = np.random.default_rng(3)
+    n = 24
+    return pd.DataFrame({
+        "k": np.repeat(["u1", "u2", "u3"], 8), "ts": np.tile(np.arange(8), 3),
+        "q": np.tile(np.arange(8) >= 5, 3), "y": (rng.random(n) < 0.4).astype(float),
+        "item": rng.integers(0, 5, n) * 1_000_003 - 2, "city": rng.choice(["paris", "oslo", "rome"], n),
+        "tags": [list(rng.choice(["x", "y", "z", "w"], int(rng.integers(0, 3)), replace=False)) for _ in range(n)],
+        "d": rng.random(n)})
+
+
+def test_task_batch_hashes_raw_ids_as_serving_does():
+    """Raw ids, integers or strings (a string column was refused: 'ids must be integers,
+    got <U1'), hash into the same rows as through gmeta prepare's and serving's featuriser."""
+    from gmeta.io.features import ID_HASH, hash_ids
+    from gmeta.serving import rows_to_blocks
+
+    cfg = load_config(None, ["features.task_key=k", "features.timestamp=ts", "features.label=y",
+                             "features.true_prob=''", "features.dense=[d]",
+                             "features.sparse=[{name: item, num_embeddings: 1000}, {name: city, num_embeddings: 50}, "
+                             "{name: tags, num_embeddings: 64, multi_hot: true}]"])
+    df = _raw_frame()
+    feats = [{"name": s.name, "num_embeddings": s.num_embeddings, "pooling": s.pooling, "id_hash": ID_HASH}
+             for s in cfg.features.sparse]
+    kw = dict(task="k", query="q", label="y", sparse=["item", "city", "tags"], dense=["d"])
+    got = task_batch(df, **kw, features=feats).sparse.to_dict()
+    served = rows_to_blocks(df.assign(role=np.where(df["q"], "query", "support")), cfg, 8, id_hash=ID_HASH)[0][0]
+    for name in ("item", "city"):
+        want = np.concatenate([served.support.ids[name], served.query.ids[name]])
+        np.testing.assert_array_equal(got[name].values().numpy(), want)
+    want_tags = np.concatenate([served.support.ids["tags"], served.query.ids["tags"]])
+    np.testing.assert_array_equal(got["tags"].values().numpy(), want_tags)
+    order = np.lexsort((df["k"], df["q"]))
+    np.testing.assert_array_equal(got["city"].values().numpy(),
+                                  hash_ids(df["city"].to_numpy()[order].astype(object), "city", 50, ID_HASH))
+    # the id hash comes from the features or id_hash=; hash 1 puts integer ids elsewhere
+    old = task_batch(df, **kw, features=[{k: v for k, v in f.items() if k != "id_hash"} for f in feats], id_hash=1)
+    assert not np.array_equal(old.sparse.to_dict()["item"].values().numpy(), got["item"].values().numpy())
+    np.testing.assert_array_equal(old.sparse.to_dict()["city"].values().numpy(), got["city"].values().numpy())
+    # plain Python lists of ids are raw ids too
+    lists = {c: (df[c].tolist() if c != "q" else df[c].to_numpy()) for c in df.columns}
+    np.testing.assert_array_equal(task_batch(lists, **kw, features=feats).sparse.to_dict()["item"].values().numpy(),
+                                  got["item"].values().numpy())
+
+
+def test_task_batch_raw_id_errors_name_the_column_and_option():
+    from gmeta.io.features import ID_HASH
+
+    df = _raw_frame()
+    feats = [{"name": "item", "num_embeddings": 1000, "id_hash": ID_HASH}]
+    kw = dict(task="k", query="q", label="y", sparse=["item"])
+    with pytest.raises(BatchError, match=r"ids='raw': raw ids are hashed .* needs features="):
+        task_batch(df, **kw)
+    with pytest.raises(BatchError, match=r"features do not carry one id_hash .* pass id_hash="):
+        task_batch(df, **kw, features=[{"name": "item", "num_embeddings": 1000}])
+    with pytest.raises(BatchError, match=r"id_hash 7: must be one of \[1, 2\]"):
+        task_batch(df, **kw, features=feats, id_hash=7)
+    with pytest.raises(BatchError, match=r"ids='table': 'raw' .* or 'rows'"):
+        task_batch(df, **kw, features=feats, ids="table")
+    with pytest.raises(BatchError, match=r"sparse column 'item': raw ids must be integers or strings, got float64 "
+                                         r"\(pandas reads an integer column with a gap as floats"):
+        task_batch(df.assign(item=df["item"] + 0.5), **kw, features=feats)
+    mixed = df.assign(item=df["item"].astype(object))
+    mixed.loc[3, "item"] = "abc"
+    with pytest.raises(BatchError, match=r"sparse column 'item': raw ids must be all integers or all strings"):
+        task_batch(mixed, **kw, features=feats)
+    with pytest.raises(BatchError, match=r"sparse column 'item': with ids='rows' ids are table rows and must be "
+                                         r"integers"):
+        task_batch(df.assign(item=df["city"]), **kw, ids="rows")

@@ -48,7 +48,7 @@ def _read(out) -> pd.DataFrame:
 def _expected(debug_checkpoint, df: pd.DataFrame, steps: int) -> pd.DataFrame:
     """What the pyfunc model returns for the same rows (its predict is score_rows)."""
     model, cfg, meta = load_unsharded(debug_checkpoint)
-    scores = score_rows(model, cfg, df, steps, meta.get("input_columns"))["score"]
+    scores = score_rows(model, cfg, df, steps, meta.get("input_columns"), id_hash=meta["id_hash"])["score"]
     q = df["role"] == "query"
     return pd.DataFrame({"task_key": df.loc[q, "campaign_id"].to_numpy(), "input_row": np.flatnonzero(q),
                          "score": scores[q].to_numpy()})

@@ -38,8 +38,8 @@ def salted_hash(values: np.ndarray, salt: str) -> np.ndarray:
     every salt (the held-out split ignored ``data.split.seed``, and split, shard order and
     partitions were one hash). Numbers are mixed twice with the salt in between (the
     finaliser of ``hash_array`` is a bijection of uint64 with full avalanche). Strings hash
-    as ``stable_hash``. Used for task-level choices; ids keep ``stable_hash`` so that
-    checkpoints and shards written before stay valid."""
+    as ``stable_hash``. Used for task-level choices, and for ids under ``hash_ids``'s
+    version 2."""
     arr = np.asarray(values)
     if arr.dtype.kind not in "iub":
         return stable_hash(arr, salt)
@@ -56,8 +56,42 @@ def task_uniform(task_keys: np.ndarray, seed: int) -> np.ndarray:
     return (salted_hash(task_keys, f"split{seed}") >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def hash_ids(values: np.ndarray, feature: str, num_embeddings: int) -> np.ndarray:
-    return (stable_hash(values, feature) % np.uint64(num_embeddings)).astype(np.int64)
+ID_HASH = 2
+"""The id hash ``gmeta prepare`` writes new shards with, recorded as the manifest's ``id_hash``."""
+ID_HASHES = (1, 2)
+
+
+def hash_ids(values: np.ndarray, feature: str, num_embeddings: int, id_hash: int) -> np.ndarray:
+    """Raw ids of ``feature`` -> rows of its table of ``num_embeddings`` rows, [n] int64: the
+    one id hash of gmeta, used by ``gmeta prepare``, serving, ``gmeta predict --input`` and
+    ``task_batch``. Integers hash as integers, text as text.
+
+    ``id_hash`` is the version the tables were trained with (the manifest's ``id_hash``,
+    recorded in checkpoints; ``id_hash_of``):
+
+    1  ``stable_hash`` keyed by the feature name, whose key pandas applies to strings only:
+       an integer id takes the same row in every feature of the same table size, id 0 row 0,
+       and small integers collide by construction (0 and 3 share row 0 of every table of 16
+       rows). Shards whose manifest has no ``id_hash``, and the checkpoints trained on them.
+    2  ``salted_hash`` keyed by the feature name: integers too hash as a random function of
+       (feature, id), so distinct ids share a row only as often as chance has it. Strings
+       hash as under 1, so text ids keep their rows.
+    """
+    if type(id_hash) is not int or id_hash not in ID_HASHES:
+        raise ValueError(f"id_hash {id_hash!r}: must be one of {ID_HASHES}")
+    h = stable_hash(values, feature) if id_hash == 1 else salted_hash(values, feature)
+    return (h % np.uint64(num_embeddings)).astype(np.int64)
+
+
+def id_hash_of(record: dict, where: str) -> int:
+    """The id hash of a manifest or of checkpoint metadata (its ``id_hash``). Without one it
+    was written before the field existed, when ids went through hash 1. ``where`` names
+    the file in the error."""
+    v = record.get("id_hash", 1)
+    if type(v) is not int or v not in ID_HASHES:
+        raise PrepareError(f"{where}: id_hash {v!r} is not one this version of gmeta knows {list(ID_HASHES)}; "
+                           "read it with the version of gmeta that wrote it")
+    return v
 
 
 def shard_fields(s: SparseFeature) -> dict:
@@ -289,12 +323,13 @@ def _dense_matrix(table: pa.Table, cfg: Config) -> np.ndarray:
 _INTEGER = r"^-?[0-9]{1,18}$"  # a text token that is an int64
 
 
-def _hash_ids(col: pa.Array, name: str, num_embeddings: int, tokens: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def _hash_ids(col: pa.Array, name: str, num_embeddings: int, id_hash: int,
+              tokens: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(raw ids, hashed ids) of a flat id column. A null (data.source.fill_missing) and an
     empty string get the id of the 'missing' value. ``tokens``: ids split out of a text
     field, where a token that is an integer hashes as that integer (as the same id does
     from a list<int64> column), decided token by token so that it does not depend on which
-    other rows were read together."""
+    other rows were read together. ``id_hash``: see ``hash_ids``."""
     if pa.types.is_large_string(col.type):
         col = col.cast(pa.string())
     text = pa.types.is_string(col.type)
@@ -310,15 +345,15 @@ def _hash_ids(col: pa.Array, name: str, num_embeddings: int, tokens: bool = Fals
     if tokens and text:
         numeric = np.asarray(pc.match_substring_regex(col, _INTEGER).to_numpy(zero_copy_only=False), dtype=bool)
     if numeric is None or not numeric.any():
-        hashed = hash_ids(raw, name, num_embeddings)
+        hashed = hash_ids(raw, name, num_embeddings, id_hash)
     else:
         hashed = np.empty(len(raw), dtype=np.int64)
-        hashed[numeric] = hash_ids(raw[numeric].astype(np.int64), name, num_embeddings)
-        hashed[~numeric] = hash_ids(raw[~numeric], name, num_embeddings)
+        hashed[numeric] = hash_ids(raw[numeric].astype(np.int64), name, num_embeddings, id_hash)
+        hashed[~numeric] = hash_ids(raw[~numeric], name, num_embeddings, id_hash)
     if valid is None:
         return raw, hashed
     missing = np.array([_MISSING], dtype=object)
-    out = np.full(len(valid), hash_ids(missing, name, num_embeddings)[0])
+    out = np.full(len(valid), hash_ids(missing, name, num_embeddings, id_hash)[0])
     out[valid] = hashed
     # the raw values for Cardinality, aligned with the ids: the missing value is one more
     raw_all = np.full(len(valid), _MISSING, dtype=object)
@@ -327,8 +362,9 @@ def _hash_ids(col: pa.Array, name: str, num_embeddings: int, tokens: bool = Fals
 
 
 def hash_batch(table: pa.Table, cfg: Config, card: Cardinality | None, where: str,
-                first_row: int = 0, labels: np.ndarray | None = None) -> pa.Table:
-    """Raw batch -> the columns prepare keeps, sparse ids hashed into their tables
+               first_row: int = 0, labels: np.ndarray | None = None, *, id_hash: int) -> pa.Table:
+    """Raw batch -> the columns prepare keeps, sparse ids hashed into their tables by
+    ``hash_ids`` version ``id_hash`` (prepare: ``ID_HASH``; serving: the checkpoint's)
     (``first_row``: the batch's position in the input: the time of rows without a timestamp,
     and the input order that breaks ties of time; ``labels``: from ``check_values``)."""
     f = cfg.features
@@ -360,11 +396,11 @@ def hash_batch(table: pa.Table, cfg: Config, card: Cardinality | None, where: st
             items = col.flatten()
             if items.null_count and not cfg.data.source.fill_missing:
                 raise PrepareError(f"{where}: column {s.name!r} has null ids inside its lists")
-            raw, hashed = _hash_ids(items, s.name, s.num_embeddings, tokens=text)
+            raw, hashed = _hash_ids(items, s.name, s.num_embeddings, id_hash, tokens=text)
             off = col.offsets.to_numpy().astype(np.int64)
             cols[s.name] = pa.ListArray.from_arrays(pa.array((off - off[0]).astype(np.int32)), pa.array(hashed))
         else:
-            raw, hashed = _hash_ids(col, s.name, s.num_embeddings)
+            raw, hashed = _hash_ids(col, s.name, s.num_embeddings, id_hash)
             cols[s.name] = pa.array(hashed)
         if card is not None:
             card.add(s.name, raw, hashed)

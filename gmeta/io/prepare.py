@@ -18,7 +18,8 @@ and ``support`` / ``query`` hold, per row, one column per field::
 
 Shards go to ``OUT/train/`` and ``OUT/eval/`` (held-out cold-start tasks, chosen by a hash
 of the task key). ``OUT/manifest.json`` records the schema, task and row counts, per-feature
-cardinality, the split rule, dropped tasks by reason and a sha256 of every shard.
+cardinality, the split rule, dropped tasks by reason, the version of the id hash
+(``id_hash``: ``gmeta.io.features.hash_ids``) and a sha256 of every shard.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import pyarrow.parquet as pq
 from gmeta.config import Config
 from gmeta.io.errors import PrepareError
 from gmeta.io.features import (
+    ID_HASH,
     Cardinality,
     check_values,
     hash_batch,
@@ -395,7 +397,8 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
         with tqdm(total=input_rows or None, unit="rows", desc="prepare: read", disable=not show) as bar:
             def add(batch: Batch, first_row: int) -> None:
                 labels = check_values(batch.table, cfg, batch)
-                parts.add(hash_batch(batch.table, cfg, card, batch.where, first_row=first_row, labels=labels))
+                parts.add(hash_batch(batch.table, cfg, card, batch.where, first_row=first_row, labels=labels,
+                                      id_hash=ID_HASH))
                 bar.update(batch.table.num_rows)
 
             n_rows = stream_input(source, columns, input_path, add)
@@ -430,6 +433,7 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
             "source": cfg.data.source.format,
             "input_columns": {c: str(source.schema.field(c).type) for c in columns},  # raw types, for serving
             "schema": schema,
+            "id_hash": ID_HASH,  # how the ids were hashed (features.hash_ids): serving hashes alike
             "cardinality": cardinality,
             "unseen": id_counts.unseen(),  # per feature and held-out split: shares new to the train split
             "split_rule": asdict(cfg.data.split),

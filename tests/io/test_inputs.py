@@ -16,7 +16,7 @@ import pytest
 
 from gmeta.config import load_config
 from gmeta.io.errors import PrepareError
-from gmeta.io.features import Cardinality, hash_ids, salted_hash, task_uniform
+from gmeta.io.features import ID_HASH, Cardinality, hash_ids, salted_hash, task_uniform
 from gmeta.io.manifest import load_manifest
 from gmeta.io.prepare import prepare
 from gmeta.io.reader import TaskReader
@@ -253,7 +253,7 @@ def test_shuffled_ties_agree_with_serving(tmp_path):
     for task in pq.read_table(tmp_path / "s" / "train").to_pylist():
         rows = roles[roles.site_id == task["task_key"]]
         for side in ("support", "query"):
-            got = hash_ids(rows[rows.role == side].banner_pos.to_numpy(), "banner_pos", 64).tolist()
+            got = hash_ids(rows[rows.role == side].banner_pos.to_numpy(), "banner_pos", 64, ID_HASH).tolist()
             assert sorted(got) == sorted(task[side]["banner_pos"])
 
 
@@ -309,8 +309,8 @@ def test_libsvm_reads_every_line_into_its_fields(tmp_path):
         got[task["task_key"]] = [(y, it, tg, d[0]) for s in side
                                  for y, it, tg, d in zip(s["label"], s["item"], s["tags"], s["dense"])]
     for q in range(5):  # no time column: the line order is the time order
-        want = [(1.0 if y > 0 else 0.0, int(hash_ids(np.array([it]), "item", 10000)[0]),
-                 hash_ids(np.array([1000 + t for t in tg], dtype=np.int64), "tags", 1000).tolist(),
+        want = [(1.0 if y > 0 else 0.0, int(hash_ids(np.array([it]), "item", 10000, ID_HASH)[0]),
+                 hash_ids(np.array([1000 + t for t in tg], dtype=np.int64), "tags", 1000, ID_HASH).tolist(),
                  pytest.approx(p or 0.0, abs=1e-6))
                 for y, qq, it, tg, p in lines if qq == q]
         assert got[q] == want
@@ -428,7 +428,7 @@ def test_collisions_are_counted_exactly_and_warned(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="gmeta"):
         m = prepare(load_config(None, opts), tmp_path / "x.parquet", tmp_path / "s")
     raw = np.array([r[3] for r in rows])
-    slot = hash_ids(raw, "a", 16)
+    slot = hash_ids(raw, "a", 16, ID_HASH)
     owners = {}
     for v, s in zip(raw, slot):
         owners.setdefault(int(s), set()).add(int(v))
@@ -445,7 +445,7 @@ def test_collision_tracking_beyond_its_memory_is_an_expected_share():
     cfg = load_config(None, ["features.sparse=[{name: a, num_embeddings: 100000000}]", "data.prepare_memory_mb=64"])
     card = Cardinality(cfg)
     raw = np.arange(5000)
-    card.add("a", raw, hash_ids(raw, "a", 100_000_000))
+    card.add("a", raw, hash_ids(raw, "a", 100_000_000, ID_HASH))
     c = card.summary()["a"]
     assert not c["colliding_share_exact"] and c["colliding_share"] == pytest.approx(5e-5, rel=0.05)
 

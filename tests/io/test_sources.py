@@ -256,6 +256,7 @@ def test_ctr_log_errors_name_file_and_key(tmp_path):
 
 def test_serving_reads_movielens_rows(tmp_path):
     """Raw MovieLens rows (string tokens, a list of genres) go through the serving path."""
+    from gmeta.io.features import ID_HASH
     from gmeta.models.dlrm import build_model
     from gmeta.serving import ROLE, assign_roles, rows_to_blocks, score_rows
 
@@ -266,22 +267,23 @@ def test_serving_reads_movielens_rows(tmp_path):
     assert (df[ROLE] == "query").sum() == 20
     torch.manual_seed(0)
     model = build_model(cfg)
-    scores = score_rows(model, cfg, df, inner_steps=1)["score"]
+    scores = score_rows(model, cfg, df, inner_steps=1, id_hash=ID_HASH)["score"]
     assert scores[df[ROLE] == "query"].between(0, 1).all() and scores[df[ROLE] != "query"].isna().all()
     # an integer id column that arrives as floats (as pandas makes it when a value is
     # missing) is read with its training type, so its ids hash to the same rows
     types = {"item_id": "int64", "user_id": "int64", "timestamp": "int64"}
     as_float = df.assign(item_id=df["item_id"].astype("float64"))
-    again = score_rows(model, cfg, as_float, inner_steps=1, column_types=types)["score"]
+    again = score_rows(model, cfg, as_float, inner_steps=1, column_types=types, id_hash=ID_HASH)["score"]
     np.testing.assert_allclose(again.to_numpy(), scores.to_numpy(), rtol=1e-6)
     # read untyped, the float ids ("3.0") hash to other rows: checked on the hashed ids
     # themselves, since how much a fresh model's score moves with an item row is chance
     def item_ids(frame, types=None):
-        return np.concatenate([b.query.ids["item_id"] for b, _ in rows_to_blocks(frame, cfg, 4, types)])
+        blocks = rows_to_blocks(frame, cfg, 4, types, id_hash=ID_HASH)
+        return np.concatenate([b.query.ids["item_id"] for b, _ in blocks])
     np.testing.assert_array_equal(item_ids(as_float, types), item_ids(df))
     assert (item_ids(as_float) != item_ids(df)).mean() > 0.9
     with pytest.raises(PrepareError, match=r"column 'gender' cannot be read as int64"):
-        score_rows(model, cfg, df, inner_steps=1, column_types={"gender": "int64"})
+        score_rows(model, cfg, df, inner_steps=1, column_types={"gender": "int64"}, id_hash=ID_HASH)
 
 
 def test_avazu_config_reads_avazu_csv(tmp_path):

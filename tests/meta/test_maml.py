@@ -319,7 +319,7 @@ def test_single_valued_features_pool_by_reshape_and_equal_reference(debug_config
     reader_batch = next(iter(TaskReader(debug_data["shards"], "train", 6, shuffle=False)))
     df = _frame_of(reader_batch, full.features, cfg.features.dense).sort_values("task", kind="stable")
     batch = task_batch(df, task="task", query="is_query", label="label", sparse=[f["name"] for f in single],
-                       dense=cfg.features.dense, features=single, size_buckets=2)
+                       dense=cfg.features.dense, features=single, size_buckets=2, ids="rows")
     assert batch.layout.one_per_cell == 1
     batch.dense, batch.labels = batch.dense.double(), batch.labels.double()
     cfg = load_config(debug_config_path, ["model.embedding_dim=4", "model.dense_arch=[6]", "model.over_arch=[5]",
