@@ -24,6 +24,7 @@ from gmeta.io.block import SplitArrays, TaskBlock
 from gmeta.io.collate import collate_packed
 from gmeta.io.errors import PrepareError
 from gmeta.io.features import check_values, hash_batch, input_columns, shard_schema, stable_hash
+from gmeta.io.sources import parse_number
 from gmeta.io.split import split_tasks
 
 ROLE = "role"
@@ -220,6 +221,27 @@ def _example_column(arrow_type: str, n: int):
     return np.arange(n, dtype=np.int64)
 
 
+def example_labels(cfg: Config, arrow_type: str | None, n: int):
+    """Labels of ``example_rows`` as the raw data holds them: a negative then a positive
+    support label in the data's own encoding (``features.negative_labels`` /
+    ``positive_labels``: -1/+1, yes/no ...; else 0/1), of the label column's raw type
+    (``arrow_type``), then unknown (missing) query labels."""
+    f = cfg.features
+    t = (arrow_type or "").strip()
+    if not f.positive_labels:
+        if t == "bool":
+            return pd.array([False, True] + [None] * (n - 2), dtype="boolean")
+        return np.array([0.0, 1.0] + [np.nan] * (n - 2))
+    neg, pos = f.negative_labels[0], f.positive_labels[0]
+    nums = [parse_number(neg), parse_number(pos)]
+    numeric_type = t.startswith(("int", "uint", "double", "float", "halffloat"))
+    if (numeric_type or not t) and None not in nums:
+        return np.array(nums + [np.nan] * (n - 2), dtype=np.float64)
+    if t == "bool":
+        return pd.array([neg == "true", pos == "true"] + [None] * (n - 2), dtype="boolean")
+    return np.array([neg, pos] + [None] * (n - 2), dtype=object)
+
+
 def example_rows(cfg: Config, column_types: dict[str, str] | None = None, n: int = 4) -> pd.DataFrame:
     """Input rows of one task (2 support, the rest query) with the raw column types of the
     training data (``column_types``: ``input_columns`` of the manifest), for the model's signature."""
@@ -230,7 +252,7 @@ def example_rows(cfg: Config, column_types: dict[str, str] | None = None, n: int
         multi = any(s.name == col and s.multi_hot for s in f.sparse)
         data[col] = _example_column(types.get(col, "list<int64>" if multi else "int64"), n)
     data[f.task_key] = [data[f.task_key][0]] * n
-    data[f.label] = np.array([0.0, 1.0] + [np.nan] * (n - 2))
+    data[f.label] = example_labels(cfg, types.get(f.label), n)
     for d in f.dense:
         data[d] = np.zeros(n)
     data[ROLE] = [SUPPORT, SUPPORT] + [QUERY] * (n - 2)
