@@ -75,7 +75,7 @@ def _side(t: pa.Table, sel: np.ndarray, task_of_row: np.ndarray, num_tasks: int,
             ids[s.name] = col.to_numpy().astype(np.int64)
     dense = np.asarray(t.column("dense").combine_chunks().take(idx).flatten().to_numpy(), dtype=np.float32)
     label = t.column("__label").to_numpy()[sel].astype(np.float32)
-    return SplitArrays(np.cumsum(rows), ids, id_offsets, dense.reshape(len(sel), -1), label)
+    return SplitArrays(np.cumsum(rows), ids, id_offsets, dense.reshape(len(sel), len(cfg.features.dense)), label)
 
 
 def _arrow_type(name: str) -> pa.DataType | None:
@@ -107,7 +107,9 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
                    column_types: dict[str, str] | None = None) -> list[tuple[TaskBlock, np.ndarray]]:
     """Raw rows with roles -> TaskBlocks of at most ``tasks_per_batch`` tasks, each with
     the input positions of its query rows in query-block order. ``column_types``: the raw
-    column types of the training data (``input_columns`` of the manifest)."""
+    column types of the training data (``input_columns`` of the manifest). Tasks without
+    support rows (query rows only: a new task with no history) come last, in blocks of
+    their own with no support rows; ``score_featurised`` scores them unadapted."""
     f = cfg.features
     cols = input_columns(cfg)
     missing = [c for c in cols + [ROLE] if c not in df.columns]
@@ -137,29 +139,36 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
     keys = df[f.task_key].to_numpy()[keep]
     ts = _times(df, cfg)[keep]
     uniq, first, task = np.unique(keys, return_index=True, return_inverse=True)
-    appearance = np.argsort(first, kind="stable")
-    task = np.argsort(appearance)[task]  # tasks numbered in order of appearance
-    task_keys = uniq[appearance]
-    task_ids = stable_hash(task_keys, "task").astype(np.int64)
     q = is_query[keep]
-    out = []
     num_tasks = len(uniq)
-    for lo in range(0, num_tasks, tasks_per_batch):
-        hi = min(lo + tasks_per_batch, num_tasks)
+    n_support = np.bincount(task[~q], minlength=num_tasks)
+    n_query = np.bincount(task[q], minlength=num_tasks)
+    if (n_query == 0).any():
+        key = uniq[int(np.argmax(n_query == 0))]
+        raise PrepareError(f"input rows: task {key!r} ({f.task_key}) has no {QUERY} rows")
+    # tasks numbered in order of appearance, those with support rows first: a task without
+    # any (a new campaign) is scored by the shared model, in meta-batches of its own
+    appearance = np.argsort(first, kind="stable")
+    cold = n_support[appearance] == 0
+    order = np.concatenate([appearance[~cold], appearance[cold]])
+    task = np.argsort(order)[task]
+    task_keys = uniq[order]
+    task_ids = stable_hash(task_keys, "task").astype(np.int64)
+    n_warm = int((~cold).sum())
+    bounds = [(lo, min(lo + tasks_per_batch, n_warm)) for lo in range(0, n_warm, tasks_per_batch)] + \
+        [(lo, min(lo + tasks_per_batch, num_tasks)) for lo in range(n_warm, num_tasks, tasks_per_batch)]
+    out = []
+    for lo, hi in bounds:
         in_batch = (task >= lo) & (task < hi)
         sides = {}
         positions = None
         for name, mask in ((SUPPORT, ~q), (QUERY, q)):
             sel = np.flatnonzero(in_batch & mask)
             sel = sel[np.lexsort((ts[sel], task[sel]))]  # task-major, by time inside a task
-            counts = np.bincount(task[sel] - lo, minlength=hi - lo)
-            if (counts == 0).any():
-                key = task_keys[int(np.argmax(counts == 0)) + lo]
-                raise PrepareError(f"input rows: task {key!r} ({f.task_key}) has no {name} rows")
             sides[name] = _side(hashed, sel, task[sel] - lo, hi - lo, cfg)
             if name == QUERY:
                 positions = keep[sel]
-        assert positions is not None  # set by the loop's query pass (or it raised)
+        assert positions is not None  # set by the loop's query pass
         out.append((TaskBlock("input rows", task_ids[lo:hi], sides[SUPPORT], sides[QUERY]), positions))
     return out
 
@@ -186,7 +195,8 @@ def featurise_rows(df: pd.DataFrame, cfg: Config, column_types: dict[str, str] |
 def score_featurised(models: Sequence[tuple[object, Config]], featurised: list, num_rows: int,
                      inner_steps: int | None = -1) -> np.ndarray:
     """Every model adapts on and scores each batch of ``featurise_rows``: [models, rows],
-    NaN where a row is not a query row. One model over all the batches, then the next: its
+    NaN where a row is not a query row; tasks without support rows get the unadapted
+    model's scores. One model over all the batches, then the next: its
     tables and weights stay in cache (model by model within each batch was slower)."""
     from gmeta.scoring import inner_steps_for, predict_query
 
@@ -194,8 +204,15 @@ def score_featurised(models: Sequence[tuple[object, Config]], featurised: list, 
     for i, (model, model_cfg) in enumerate(models):
         steps = inner_steps_for(model_cfg, inner_steps)
         for batch, positions in featurised:
-            scores[i, positions] = predict_query(model, model_cfg, batch, steps)
+            scores[i, positions] = predict_query(model, model_cfg, batch, steps_for_batch(batch, steps))
     return scores
+
+
+def steps_for_batch(batch, steps: int) -> int:
+    """The inner steps a batch of ``featurise_rows`` is adapted with: ``steps``, or 0 for a
+    batch of tasks without support rows, which the shared model scores as it is (an inner
+    step on no rows changes nothing, and is not run)."""
+    return steps if batch.num_support else 0
 
 
 def score_rows_models(models: Sequence[tuple[object, Config]], df: pd.DataFrame, inner_steps: int | None = -1,
