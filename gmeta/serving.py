@@ -103,6 +103,33 @@ def _typed_table(frame: pd.DataFrame, column_types: dict[str, str] | None) -> pa
     return pa.table(arrays, names=list(frame.columns))
 
 
+def _fill_query_labels(col: pd.Series, is_query: np.ndarray, cfg: Config, arrow_type: str | None) -> pd.Series:
+    """``col`` with the missing labels of query rows set to a value the label check accepts,
+    of the column's own type (``arrow_type``, its type in the training data, else as pandas
+    holds it): a negative label, so that a boolean column stays boolean, a numeric one
+    numeric and a text one text."""
+    f = cfg.features
+    neg = f.negative_labels[0] if f.negative_labels else None
+    t = (arrow_type or "").strip()
+    value: object
+    if t == "bool" or (not t and pd.api.types.is_bool_dtype(col)) or \
+            (not t and col.dtype == object and col.map(lambda v: isinstance(v, (bool, np.bool_))).any()):
+        value = neg == "true" if neg is not None else False  # a mapped boolean reads as "true" / "false"
+    elif neg is None:
+        value = 0.0
+    elif (t and t not in ("string", "large_string", "utf8", "large_utf8")) or \
+            (not t and pd.api.types.is_numeric_dtype(col)):
+        number = parse_number(neg)
+        value = neg if number is None else number
+    else:
+        value = neg
+    missing = is_query & col.isna().to_numpy()
+    if not missing.any():
+        return col
+    out = col.astype(object) if isinstance(value, str) or col.dtype != object and isinstance(value, bool) else col
+    return out.where(~missing, value)
+
+
 def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
                    column_types: dict[str, str] | None = None) -> list[tuple[TaskBlock, np.ndarray]]:
     """Raw rows with roles -> TaskBlocks of at most ``tasks_per_batch`` tasks, each with
@@ -124,14 +151,7 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
     is_query = role == QUERY
     # query labels are unknown at serving time: NaN there is allowed (they are not used)
     if is_query.any():
-        neg: str | float = f.negative_labels[0] if f.negative_labels else 0  # a value the label check accepts
-        col = frame[f.label]
-        if pd.api.types.is_numeric_dtype(col) and isinstance(neg, str):
-            try:
-                neg = float(neg)
-            except ValueError:
-                frame[f.label] = col = col.astype(object)
-        frame.loc[is_query, f.label] = col[is_query].fillna(neg)
+        frame[f.label] = _fill_query_labels(frame[f.label], is_query, cfg, (column_types or {}).get(f.label))
     keep = np.flatnonzero(role != "")
     table = _typed_table(frame.iloc[keep], column_types)
     labels = check_values(table, cfg, "input rows")
@@ -238,24 +258,21 @@ def _example_column(arrow_type: str, n: int):
     return np.arange(n, dtype=np.int64)
 
 
-def example_labels(cfg: Config, arrow_type: str | None, n: int):
+def example_labels(cfg: Config, arrow_type: str | None, n: int) -> np.ndarray:
     """Labels of ``example_rows`` as the raw data holds them: a negative then a positive
     support label in the data's own encoding (``features.negative_labels`` /
-    ``positive_labels``: -1/+1, yes/no ...; else 0/1), of the label column's raw type
+    ``positive_labels``: -1/+1, yes/no ...; else 0/1) for the label column's raw type
     (``arrow_type``), then unknown (missing) query labels."""
     f = cfg.features
     t = (arrow_type or "").strip()
-    if not f.positive_labels:
-        if t == "bool":
-            return pd.array([False, True] + [None] * (n - 2), dtype="boolean")
-        return np.array([0.0, 1.0] + [np.nan] * (n - 2))
+    zero_one = np.array([0.0, 1.0] + [np.nan] * (n - 2))
+    if not f.positive_labels or t == "bool":  # (0/1 read as a boolean column: false/true)
+        return zero_one
     neg, pos = f.negative_labels[0], f.positive_labels[0]
     nums = [parse_number(neg), parse_number(pos)]
-    numeric_type = t.startswith(("int", "uint", "double", "float", "halffloat"))
-    if (numeric_type or not t) and None not in nums:
+    text_type = t in ("string", "large_string", "utf8", "large_utf8")
+    if not text_type and None not in nums:
         return np.array(nums + [np.nan] * (n - 2), dtype=np.float64)
-    if t == "bool":
-        return pd.array([neg == "true", pos == "true"] + [None] * (n - 2), dtype="boolean")
     return np.array([neg, pos] + [None] * (n - 2), dtype=object)
 
 

@@ -142,3 +142,32 @@ def test_a_sweep_over_relabelled_data_completes_its_trials(relabelled, tmp_path)
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("gmeta")
     assert len(client.search_logged_models([exp.experiment_id])) == 1  # the trial's model
+
+
+@pytest.mark.parametrize("labels, support, column_type", [
+    ([], [0, 1, 1], "int64"),
+    ([], [False, True, True], "bool"),
+    (["[1]", "[-1]"], [-1.0, 1.0, 1.0], "double"),
+    (["[yes]", "[no]"], ["no", "yes", "yes"], "string"),
+    (["[true]", "[false]"], [False, True, True], "bool"),
+])
+def test_query_labels_may_be_missing_whatever_the_label_type(labels, support, column_type):
+    """A client sends support labels in the data's encoding and no query labels (None/NaN):
+    the rows read in every label type, support labels mapped as training mapped them."""
+    from gmeta.serving import example_rows, rows_to_blocks
+
+    over = ["features.task_key=k", "features.timestamp=''", "features.label=y", "features.true_prob=''",
+            "features.sparse=[{name: a, num_embeddings: 100}]", "features.dense=[]"]
+    if labels:
+        over += [f"features.positive_labels={labels[0]}", f"features.negative_labels={labels[1]}"]
+    cfg = load_config(None, over)
+    types = {"k": "int64", "y": column_type, "a": "int64"}
+    rows = pd.DataFrame({"k": [7] * 5, "y": pd.Series(support + [None, None], dtype=object),
+                         "a": [1, 2, 3, 4, 5], "role": ["support"] * 3 + ["query"] * 2})
+    (block, positions), = rows_to_blocks(rows, cfg, 4, types)
+    np.testing.assert_array_equal(block.support.label, [0.0, 1.0, 1.0])
+    assert positions.tolist() == [3, 4]
+    # and the model's signature example, written in the same encoding and type
+    example = example_rows(cfg, types)
+    (block, _), = rows_to_blocks(example, cfg, 4, types)
+    np.testing.assert_array_equal(block.support.label, [0.0, 1.0])
