@@ -145,8 +145,9 @@ def _put(q: queue.Queue, item, alive) -> None:
 def pipeline(claim, load, finished, scorer: Scorer, out: Path, faults: dict | None = None) -> None:
     """Score units until ``claim()`` returns None: a reader thread claims, loads and
     featurises the next unit while this thread adapts and scores the current one; a writer
-    thread writes each part and then calls ``finished(unit, rows, tasks, tasks_without_support)``. An error in any
-    stage is raised here, after the parts already scored are written and reported."""
+    thread writes each part and then calls ``finished(unit, rows, tasks,
+    tasks_without_support)``. An error in any stage is raised here, after the parts already
+    scored are written and reported."""
     faults = faults or {}
     ready: queue.Queue = queue.Queue(maxsize=1)
     written: queue.Queue = queue.Queue(maxsize=2)
