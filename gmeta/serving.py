@@ -103,31 +103,35 @@ def _typed_table(frame: pd.DataFrame, column_types: dict[str, str] | None) -> pa
     return pa.table(arrays, names=list(frame.columns))
 
 
+_TEXT_TYPES = ("string", "large_string", "utf8", "large_utf8")
+
+
 def _fill_query_labels(col: pd.Series, is_query: np.ndarray, cfg: Config, arrow_type: str | None) -> pd.Series:
-    """``col`` with the missing labels of query rows set to a value the label check accepts,
-    of the column's own type (``arrow_type``, its type in the training data, else as pandas
-    holds it): a negative label, so that a boolean column stays boolean, a numeric one
-    numeric and a text one text."""
-    f = cfg.features
-    neg = f.negative_labels[0] if f.negative_labels else None
-    t = (arrow_type or "").strip()
-    value: object
-    if t == "bool" or (not t and pd.api.types.is_bool_dtype(col)) or \
-            (not t and col.dtype == object and col.map(lambda v: isinstance(v, (bool, np.bool_))).any()):
-        value = neg == "true" if neg is not None else False  # a mapped boolean reads as "true" / "false"
-    elif neg is None:
-        value = 0.0
-    elif (t and t not in ("string", "large_string", "utf8", "large_utf8")) or \
-            (not t and pd.api.types.is_numeric_dtype(col)):
-        number = parse_number(neg)
-        value = neg if number is None else number
-    else:
-        value = neg
+    """``col`` with the missing labels of query rows set to a negative label (one the label
+    check accepts) of the column's own kind: its type in the training data (``arrow_type``),
+    else what its values are. A boolean column stays boolean, a numeric one numeric, a text
+    one text (a value of another kind would not read as one Arrow column)."""
     missing = is_query & col.isna().to_numpy()
     if not missing.any():
         return col
-    out = col.astype(object) if isinstance(value, str) or col.dtype != object and isinstance(value, bool) else col
-    return out.where(~missing, value)
+    f = cfg.features
+    neg = f.negative_labels[0] if f.negative_labels else None
+    t = (arrow_type or "").strip()
+    if t:
+        kind = "bool" if t == "bool" else "text" if t in _TEXT_TYPES else "number"
+    else:
+        inferred = pd.api.types.infer_dtype(col, skipna=True)
+        kind = "bool" if inferred == "boolean" else "text" if inferred in ("string", "bytes", "mixed") else "number"
+    value: object
+    if kind == "bool":
+        value = neg == "true"  # a boolean label reads as "true" / "false"; unmapped, False is 0
+    elif kind == "number":
+        number = parse_number(neg) if neg is not None else 0.0
+        value = neg if number is None else number  # (not a number: the label check names it)
+    else:
+        value = neg if neg is not None else "0"  # (unmapped text labels: the label check refuses them)
+    numeric = kind == "number" and pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
+    return (col if numeric and not isinstance(value, str) else col.astype(object)).where(~missing, value)
 
 
 def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
