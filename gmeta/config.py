@@ -835,7 +835,7 @@ def _apply_override(data: dict, parts: list[str], value: Any) -> None:
     node: Any = data
     for i, p in enumerate(parts[:-1]):
         if isinstance(node, list):
-            named = [x for x in node if isinstance(x, dict) and str(x.get("name")) == p]
+            named = [x for x in node if isinstance(x, dict) and x.get("name") is not None and str(x["name"]) == p]
             if named:
                 node = named[0]
                 continue
