@@ -28,9 +28,10 @@ class ConfigError(ValueError):
 
 
 class LabelText(str):
-    """A label value as text: YAML may give it as a string, a number or a boolean
-    (``[-1, "no", false]``); numbers keep their YAML spelling, booleans read as
-    ``true`` / ``false``."""
+    """A label value as text, kept as written: ``[-1, yes, "no", false]`` are the texts
+    "-1", "yes", "no", "false" (YAML 1.1 would read yes/no/on/off as booleans). A number or
+    boolean that comes from elsewhere than YAML text (a config saved as JSON) reads as its
+    text, booleans as ``true`` / ``false``."""
 
 
 # --------------------------------------------------------------------------------------
@@ -77,8 +78,10 @@ class FeaturesConfig:
     label: str = "label"
     # Binary labels in another encoding than 0/1 (e.g. -1/+1, true/false, "click"/"none"):
     # the values read as 1 and those read as 0, compared as numbers when both sides are
-    # numbers, else as text. Both empty: labels must be 0/1 (booleans read as 1/0). Set: a
-    # label in neither list is an error naming the file and line.
+    # numbers, else as text. Values are text as written ([yes] is "yes", not a YAML
+    # boolean; a boolean label column reads as "true" / "false"). Both empty: labels must
+    # be 0/1 (booleans read as 1/0). Set: a label in neither list is an error naming the
+    # file and line.
     positive_labels: list[LabelText] = field(default_factory=list)
     negative_labels: list[LabelText] = field(default_factory=list)
     # Column with the true probability of a positive label (synthetic data only), used for
@@ -673,6 +676,11 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
+    text = None
+    if isinstance(value, _Plain):
+        value, text = value.value, value.text
+    if text is not None and tp in (str, LabelText):
+        return text  # a text field takes unquoted YAML as written: [yes] is "yes", 1.0 is "1.0"
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -754,12 +762,62 @@ for _cls in (_Loader, _Dumper):
     _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+@dataclass(frozen=True)
+class _Plain:
+    """An unquoted YAML scalar that YAML 1.1 reads as a boolean or a number, with the text
+    it was written as. The schema decides which it is: a bool, int or float field takes
+    ``value``, a text field (str, a label value) ``text``, since ``positive_labels: [yes]``
+    means the label "yes", not True, and ``task_key: 2024`` the column "2024"."""
+
+    value: Any
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class _TextLoader(_Loader):
+    """``_Loader`` whose unquoted booleans and numbers come as ``_Plain`` (value and text)."""
+
+
+def _keep_text(construct):
+    def build(loader: _TextLoader, node: yaml.ScalarNode) -> Any:
+        value = construct(loader, node)
+        return _Plain(value, node.value) if node.style is None else value
+    return build
+
+
+for _tag, _construct in (("bool", yaml.SafeLoader.construct_yaml_bool),
+                         ("int", yaml.SafeLoader.construct_yaml_int),
+                         ("float", yaml.SafeLoader.construct_yaml_float)):
+    _TextLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _keep_text(_construct))
+
+
+def _yaml(text: str, keep_text: bool = False) -> Any:
+    """``text`` as YAML; ``keep_text``: unquoted booleans and numbers as ``_Plain``, for
+    ``_build`` (which takes ``value`` or ``text`` by the field's type)."""
+    return yaml.load(text, Loader=_TextLoader if keep_text else _Loader)  # noqa: S506 (SafeLoader subclasses)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every ``_Plain`` replaced by its YAML value."""
+    if isinstance(value, _Plain):
+        return value.value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    return value
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], value parsed as a YAML scalar or list)."""
+    parts, value = _parse_override(item)
+    return parts, _plain(value)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """``parse_override`` with unquoted booleans and numbers as ``_Plain`` (for ``_build``)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value")
     key, raw = item.split("=", 1)
@@ -767,7 +825,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {item!r}: empty key")
     try:
-        value = _yaml(raw) if raw.strip() else ""
+        value = _yaml(raw, keep_text=True) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
     return key.split("."), value
@@ -779,14 +837,14 @@ def _apply_override(data: dict, parts: list[str], value: Any) -> None:
     node: Any = data
     for i, p in enumerate(parts[:-1]):
         if isinstance(node, list):
-            named = [x for x in node if isinstance(x, dict) and x.get("name") == p]
+            named = [x for x in node if isinstance(x, dict) and x.get("name") is not None and str(x["name"]) == p]
             if named:
                 node = named[0]
                 continue
             if p.isdigit() and int(p) < len(node):
                 node = node[int(p)]
                 continue
-            names = [x.get("name") for x in node if isinstance(x, dict)]
+            names = [_plain(x.get("name")) for x in node if isinstance(x, dict)]
             raise ConfigError(f"{'.'.join(parts[:i])}: no item named {p!r} (items: {names}), cannot set "
                               f"{'.'.join(parts)}")
         nxt = node.get(p)
@@ -811,7 +869,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = _yaml(p.read_text())
+            loaded = _yaml(p.read_text(), keep_text=True)
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML: {e}") from None
         if loaded is None:
@@ -820,7 +878,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         data = loaded
     for item in overrides or []:
-        parts, value = parse_override(item)
+        parts, value = _parse_override(item)
         _apply_override(data, parts, value)
     try:
         cfg = _build(Config, data, "")

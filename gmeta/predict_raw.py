@@ -63,7 +63,10 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
                     units: int | None = None, max_restarts: int = 3, schedule: str = "queue", nnodes: int = 1,
                     rdzv_endpoint: str = "", node_timeout_s: float = 60.0, shard_tables: bool = False) -> dict:
     """Score every query row of the raw input with ``checkpoint`` (one, or a list scored in
-    one pass); returns a summary (rows, tasks, parts, rows/s, models).
+    one pass); returns a summary (rows, tasks, tasks_without_support, parts, rows/s, models).
+    A task without support rows (query rows only) is scored by the shared model, unadapted,
+    whatever ``inner_steps``; the output's ``support_rows`` says how many rows each row's
+    task adapted on.
     ``memory_mb``: the cap that sizes the buckets (default: the checkpoint's
     data.prepare_memory_mb); ``units``: the least number of buckets (default: UNITS, fewer
     for a small input, see UNIT_BYTES); ``nproc``: worker
@@ -117,8 +120,9 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
               for i, (c, (_, mc, _)) in enumerate(zip(checkpoints, loaded))]
     job = {"models": models, "input": absolute(input_path),
            "buckets": count, "roles": "column" if has_role else "split rule"}
-    state = open_progress(out, {"job": job, "done": [], "rows": 0, "tasks": 0, "complete": False}, resume,
-                          "checkpoint, input and settings")
+    state = open_progress(out, {"job": job, "done": [], "rows": 0, "tasks": 0, "tasks_without_support": 0,
+                                "complete": False}, resume, "checkpoint, input and settings")
+    state.setdefault("tasks_without_support", 0)
     progress_file = out / PROGRESS
     done = set(state["done"])
     for stale in out.glob("part-*.parquet*"):  # written after the last recorded progress
@@ -131,7 +135,7 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
     new_rows = 0
     worker_units: dict[int, int] = {}  # slot -> units it finished (first) in this run
 
-    def record(b: int, rows: int, tasks: int, slot: int = 0) -> None:
+    def record(b: int, rows: int, tasks: int, cold: int, slot: int = 0) -> None:
         nonlocal new_rows
         if b in done:  # a dead worker's unit, written again by another: the same part
             return
@@ -140,6 +144,7 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
         state["done"].append(b)
         state["rows"] += rows
         state["tasks"] += tasks
+        state["tasks_without_support"] += cold
         new_rows += rows
         write_atomic(progress_file, lambda p: p.write_text(json.dumps(state, indent=2)))
         bar.update(1)
@@ -179,7 +184,7 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
                 job_nodes.push(pending)
                 while not done.issuperset(pending):
                     for msg in job_nodes.drain():
-                        record(msg["unit"], msg["rows"], msg["tasks"], msg["slot"])
+                        record(msg["unit"], msg["rows"], msg["tasks"], msg["cold"], msg["slot"])
                     job_nodes.check(pending, done)
                     time.sleep(0.02)
                 job_nodes.close()
@@ -196,6 +201,9 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
     dt = time.perf_counter() - t0
     log.info("predict: %d query rows of %d tasks from %s in %d part(s) -> %s (%.0f rows/s this run)",
              state["rows"], state["tasks"], input_path, len(state["done"]), out, new_rows / dt)
+    if state["tasks_without_support"]:
+        log.info("predict: %d of the %d tasks had no support rows: scored by the shared model, unadapted "
+                 "(support_rows 0 in the output)", state["tasks_without_support"], state["tasks"])
     return {**state, "out": str(out), "parts": len(state["done"]), "rows_per_s": new_rows / dt, "models": models,
             "new_rows": new_rows, "seconds": dt, "worker_units": worker_units}
 

@@ -40,7 +40,7 @@ from gmeta.io.errors import PrepareError
 from gmeta.io.features import id_hash_of
 from gmeta.parallel.dist import configure_threads, default_device
 from gmeta.predict import PredictError, part_name
-from gmeta.serving import QUERY, ROLE, assign_roles, featurise_rows, score_featurised
+from gmeta.serving import QUERY, ROLE, SUPPORT, assign_roles, featurise_rows, score_featurised, steps_for_batch
 from gmeta.storage import location, source, write_atomic
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,12 @@ class Scorer:
         except PrepareError as e:
             raise PrepareError(f"{self.input_path}: {e}") from None
 
-    def score(self, df, featurised) -> tuple[pa.Table, int]:
-        """The part of one bucket (its query rows) and its number of tasks."""
+    def score(self, df, featurised) -> tuple[pa.Table, int, int]:
+        """The part of one bucket (its query rows), its number of tasks and of those
+        without support rows."""
         return self.part(df, score_featurised(self.models, featurised, len(df), self.inner_steps))
 
-    def score_gang(self, df, featurised, rank: int, size: int) -> tuple[pa.Table, int] | None:
+    def score_gang(self, df, featurised, rank: int, size: int) -> tuple[pa.Table, int, int] | None:
         """``score`` by the ``size`` processes of a gang whose models' tables are sharded
         among them (collective: every rank calls it with the same unit): rank r adapts and
         scores batches r, r + size, ...; ranks with fewer batches repeat their last one for
@@ -100,7 +101,7 @@ class Scorer:
             steps = inner_steps_for(cfg, self.inner_steps)
             for j in range(rounds):
                 batch, positions = mine[min(j, len(mine) - 1)] if mine else featurised[0]
-                preds = predict_query(model, cfg, batch, steps)
+                preds = predict_query(model, cfg, batch, steps_for_batch(batch, steps))
                 if j < len(mine):
                     scores[i, positions] = preds
         gathered: list = [None] * size if rank == 0 else []
@@ -112,15 +113,21 @@ class Scorer:
             merged = np.where(np.isnan(merged), other, merged)
         return self.part(df, merged)
 
-    def part(self, df, scores: np.ndarray) -> tuple[pa.Table, int]:
+    def part(self, df, scores: np.ndarray) -> tuple[pa.Table, int, int]:
+        """The part's table, its tasks, and its tasks without support rows. ``support_rows``:
+        the support rows each row's task adapted on (0: the shared model's score)."""
         f = self.cfg.features
-        q = np.flatnonzero(df[ROLE].astype(str).to_numpy() == QUERY)
+        role = df[ROLE].astype(str).to_numpy()
+        q = np.flatnonzero(role == QUERY)
+        keys = df[f.task_key].iloc[q]
+        support = keys.map(df[f.task_key][role == SUPPORT].value_counts()).fillna(0).to_numpy(dtype=np.int32)
         label = df[f.label].to_numpy()[q] if f.label in df.columns else np.full(len(q), np.nan)
-        table = pa.table({"task_key": pa.array(df[f.task_key].to_numpy()[q]),
+        table = pa.table({"task_key": pa.array(keys.to_numpy()),
                           "input_row": pa.array(df["__row"].to_numpy()[q]),
                           "label": pa.array(label, from_pandas=True),
+                          "support_rows": pa.array(support, pa.int32()),
                           **{c: pa.array(scores[i, q].astype(np.float32)) for i, c in enumerate(self.columns)}})
-        return table, int(df[f.task_key].iloc[q].nunique())
+        return table, int(keys.nunique()), int(keys[support == 0].nunique())
 
 
 def _write_table(table: pa.Table, path: Path) -> None:
@@ -141,8 +148,9 @@ def _put(q: queue.Queue, item, alive) -> None:
 def pipeline(claim, load, finished, scorer: Scorer, out: Path, faults: dict | None = None) -> None:
     """Score units until ``claim()`` returns None: a reader thread claims, loads and
     featurises the next unit while this thread adapts and scores the current one; a writer
-    thread writes each part and then calls ``finished(unit, rows, tasks)``. An error in any
-    stage is raised here, after the parts already scored are written and reported."""
+    thread writes each part and then calls ``finished(unit, rows, tasks,
+    tasks_without_support)``. An error in any stage is raised here, after the parts already
+    scored are written and reported."""
     faults = faults or {}
     ready: queue.Queue = queue.Queue(maxsize=1)
     written: queue.Queue = queue.Queue(maxsize=2)
@@ -165,12 +173,12 @@ def pipeline(claim, load, finished, scorer: Scorer, out: Path, faults: dict | No
         n = 0
         try:
             while (item := written.get()) is not None:
-                b, table, tasks = item
+                b, table, tasks, cold = item
                 write_atomic(out / part_name(b), partial(_write_table, table))
                 n += 1
                 if faults.get("kill_written") == n:
                     os.kill(os.getpid(), signal.SIGKILL)
-                finished(b, table.num_rows, tasks)
+                finished(b, table.num_rows, tasks, cold)
         except BaseException as e:  # noqa: BLE001 - raised by the main thread
             errors.append(e)
 
@@ -276,8 +284,9 @@ def worker_main(host: str, port: int, slot: int, generation: int) -> int:
                     publish()
                 return b
 
-        def finished(b: int, rows: int, tasks: int) -> None:
-            store.queue_push("done", json.dumps({"unit": b, "rows": rows, "tasks": tasks, "slot": slot}))
+        def finished(b: int, rows: int, tasks: int, cold: int) -> None:
+            store.queue_push("done", json.dumps({"unit": b, "rows": rows, "tasks": tasks, "cold": cold,
+                                                 "slot": slot}))
             with lock:
                 claims.discard(b)
                 publish()
@@ -337,9 +346,9 @@ def _gang_loop(claim, load, finished, scorer: Scorer, out: Path, rank: int, size
             time.sleep(faults["slow"])
         result = scorer.score_gang(df, featurised, rank, size)
         if result is not None:
-            table, tasks = result
+            table, tasks, cold = result
             write_atomic(out / part_name(b), partial(_write_table, table))
-            finished(b, table.num_rows, tasks)
+            finished(b, table.num_rows, tasks, cold)
 
 
 def worker_error(store: TCPStore, slot: int) -> Exception:

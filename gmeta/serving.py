@@ -24,6 +24,7 @@ from gmeta.io.block import SplitArrays, TaskBlock
 from gmeta.io.collate import collate_packed
 from gmeta.io.errors import PrepareError
 from gmeta.io.features import check_values, hash_batch, input_columns, shard_schema, stable_hash
+from gmeta.io.sources import parse_number
 from gmeta.io.split import split_tasks
 
 ROLE = "role"
@@ -74,7 +75,7 @@ def _side(t: pa.Table, sel: np.ndarray, task_of_row: np.ndarray, num_tasks: int,
             ids[s.name] = col.to_numpy().astype(np.int64)
     dense = np.asarray(t.column("dense").combine_chunks().take(idx).flatten().to_numpy(), dtype=np.float32)
     label = t.column("__label").to_numpy()[sel].astype(np.float32)
-    return SplitArrays(np.cumsum(rows), ids, id_offsets, dense.reshape(len(sel), -1), label)
+    return SplitArrays(np.cumsum(rows), ids, id_offsets, dense.reshape(len(sel), len(cfg.features.dense)), label)
 
 
 def _arrow_type(name: str) -> pa.DataType | None:
@@ -102,13 +103,46 @@ def _typed_table(frame: pd.DataFrame, column_types: dict[str, str] | None) -> pa
     return pa.table(arrays, names=list(frame.columns))
 
 
+_TEXT_TYPES = ("string", "large_string", "utf8", "large_utf8")
+
+
+def _fill_query_labels(col: pd.Series, is_query: np.ndarray, cfg: Config, arrow_type: str | None) -> pd.Series:
+    """``col`` with the missing labels of query rows set to a negative label (one the label
+    check accepts) of the column's own kind: its type in the training data (``arrow_type``),
+    else what its values are. A boolean column stays boolean, a numeric one numeric, a text
+    one text (a value of another kind would not read as one Arrow column)."""
+    missing = is_query & col.isna().to_numpy()
+    if not missing.any():
+        return col
+    f = cfg.features
+    neg = f.negative_labels[0] if f.negative_labels else None
+    t = (arrow_type or "").strip()
+    if t:
+        kind = "bool" if t == "bool" else "text" if t in _TEXT_TYPES else "number"
+    else:
+        inferred = pd.api.types.infer_dtype(col, skipna=True)
+        kind = "bool" if inferred == "boolean" else "text" if inferred in ("string", "bytes", "mixed") else "number"
+    value: object
+    if kind == "bool":
+        value = neg == "true"  # a boolean label reads as "true" / "false"; unmapped, False is 0
+    elif kind == "number":
+        number = parse_number(neg) if neg is not None else 0.0
+        value = neg if number is None else number  # (not a number: the label check names it)
+    else:
+        value = neg if neg is not None else "0"  # (unmapped text labels: the label check refuses them)
+    numeric = kind == "number" and pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
+    return (col if numeric and not isinstance(value, str) else col.astype(object)).where(~missing, value)
+
+
 def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
                    column_types: dict[str, str] | None = None, *,
                    id_hash: int) -> list[tuple[TaskBlock, np.ndarray]]:
     """Raw rows with roles -> TaskBlocks of at most ``tasks_per_batch`` tasks, each with
     the input positions of its query rows in query-block order. ``column_types``: the raw
     column types of the training data (``input_columns`` of the manifest); ``id_hash``: the
-    id hash the model's tables were trained with (``id_hash_of`` its checkpoint metadata)."""
+    id hash the model's tables were trained with (``id_hash_of`` its checkpoint metadata).
+    Tasks without support rows (query rows only: a new task with no history) come last, in
+    blocks of their own with no support rows; ``score_featurised`` scores them unadapted."""
     f = cfg.features
     cols = input_columns(cfg)
     missing = [c for c in cols + [ROLE] if c not in df.columns]
@@ -123,14 +157,7 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
     is_query = role == QUERY
     # query labels are unknown at serving time: NaN there is allowed (they are not used)
     if is_query.any():
-        neg: str | float = f.negative_labels[0] if f.negative_labels else 0  # a value the label check accepts
-        col = frame[f.label]
-        if pd.api.types.is_numeric_dtype(col) and isinstance(neg, str):
-            try:
-                neg = float(neg)
-            except ValueError:
-                frame[f.label] = col = col.astype(object)
-        frame.loc[is_query, f.label] = col[is_query].fillna(neg)
+        frame[f.label] = _fill_query_labels(frame[f.label], is_query, cfg, (column_types or {}).get(f.label))
     keep = np.flatnonzero(role != "")
     table = _typed_table(frame.iloc[keep], column_types)
     labels = check_values(table, cfg, "input rows")
@@ -138,29 +165,36 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
     keys = df[f.task_key].to_numpy()[keep]
     ts = _times(df, cfg)[keep]
     uniq, first, task = np.unique(keys, return_index=True, return_inverse=True)
-    appearance = np.argsort(first, kind="stable")
-    task = np.argsort(appearance)[task]  # tasks numbered in order of appearance
-    task_keys = uniq[appearance]
-    task_ids = stable_hash(task_keys, "task").astype(np.int64)
     q = is_query[keep]
-    out = []
     num_tasks = len(uniq)
-    for lo in range(0, num_tasks, tasks_per_batch):
-        hi = min(lo + tasks_per_batch, num_tasks)
+    n_support = np.bincount(task[~q], minlength=num_tasks)
+    n_query = np.bincount(task[q], minlength=num_tasks)
+    if (n_query == 0).any():
+        key = uniq[int(np.argmax(n_query == 0))]
+        raise PrepareError(f"input rows: task {key!r} ({f.task_key}) has no {QUERY} rows")
+    # tasks numbered in order of appearance, those with support rows first: a task without
+    # any (a new campaign) is scored by the shared model, in meta-batches of its own
+    appearance = np.argsort(first, kind="stable")
+    cold = n_support[appearance] == 0
+    order = np.concatenate([appearance[~cold], appearance[cold]])
+    task = np.argsort(order)[task]
+    task_keys = uniq[order]
+    task_ids = stable_hash(task_keys, "task").astype(np.int64)
+    n_warm = int((~cold).sum())
+    bounds = [(lo, min(lo + tasks_per_batch, n_warm)) for lo in range(0, n_warm, tasks_per_batch)] + \
+        [(lo, min(lo + tasks_per_batch, num_tasks)) for lo in range(n_warm, num_tasks, tasks_per_batch)]
+    out = []
+    for lo, hi in bounds:
         in_batch = (task >= lo) & (task < hi)
         sides = {}
         positions = None
         for name, mask in ((SUPPORT, ~q), (QUERY, q)):
             sel = np.flatnonzero(in_batch & mask)
             sel = sel[np.lexsort((ts[sel], task[sel]))]  # task-major, by time inside a task
-            counts = np.bincount(task[sel] - lo, minlength=hi - lo)
-            if (counts == 0).any():
-                key = task_keys[int(np.argmax(counts == 0)) + lo]
-                raise PrepareError(f"input rows: task {key!r} ({f.task_key}) has no {name} rows")
             sides[name] = _side(hashed, sel, task[sel] - lo, hi - lo, cfg)
             if name == QUERY:
                 positions = keep[sel]
-        assert positions is not None  # set by the loop's query pass (or it raised)
+        assert positions is not None  # set by the loop's query pass
         out.append((TaskBlock("input rows", task_ids[lo:hi], sides[SUPPORT], sides[QUERY]), positions))
     return out
 
@@ -189,7 +223,8 @@ def featurise_rows(df: pd.DataFrame, cfg: Config, column_types: dict[str, str] |
 def score_featurised(models: Sequence[tuple[object, Config]], featurised: list, num_rows: int,
                      inner_steps: int | None = -1) -> np.ndarray:
     """Every model adapts on and scores each batch of ``featurise_rows``: [models, rows],
-    NaN where a row is not a query row. One model over all the batches, then the next: its
+    NaN where a row is not a query row; tasks without support rows get the unadapted
+    model's scores. One model over all the batches, then the next: its
     tables and weights stay in cache (model by model within each batch was slower)."""
     from gmeta.scoring import inner_steps_for, predict_query
 
@@ -197,8 +232,15 @@ def score_featurised(models: Sequence[tuple[object, Config]], featurised: list, 
     for i, (model, model_cfg) in enumerate(models):
         steps = inner_steps_for(model_cfg, inner_steps)
         for batch, positions in featurised:
-            scores[i, positions] = predict_query(model, model_cfg, batch, steps)
+            scores[i, positions] = predict_query(model, model_cfg, batch, steps_for_batch(batch, steps))
     return scores
+
+
+def steps_for_batch(batch, steps: int) -> int:
+    """The inner steps a batch of ``featurise_rows`` is adapted with: ``steps``, or 0 for a
+    batch of tasks without support rows, which the shared model scores as it is (an inner
+    step on no rows changes nothing, and is not run)."""
+    return steps if batch.num_support else 0
 
 
 def score_rows_models(models: Sequence[tuple[object, Config]], df: pd.DataFrame, inner_steps: int | None = -1,
@@ -225,6 +267,24 @@ def _example_column(arrow_type: str, n: int):
     return np.arange(n, dtype=np.int64)
 
 
+def example_labels(cfg: Config, arrow_type: str | None, n: int) -> np.ndarray:
+    """Labels of ``example_rows`` as the raw data holds them: a negative then a positive
+    support label in the data's own encoding (``features.negative_labels`` /
+    ``positive_labels``: -1/+1, yes/no ...; else 0/1) for the label column's raw type
+    (``arrow_type``), then unknown (missing) query labels."""
+    f = cfg.features
+    t = (arrow_type or "").strip()
+    zero_one = np.array([0.0, 1.0] + [np.nan] * (n - 2))
+    if not f.positive_labels or t == "bool":  # (0/1 read as a boolean column: false/true)
+        return zero_one
+    neg, pos = f.negative_labels[0], f.positive_labels[0]
+    nums = [parse_number(neg), parse_number(pos)]
+    text_type = t in ("string", "large_string", "utf8", "large_utf8")
+    if not text_type and None not in nums:
+        return np.array(nums + [np.nan] * (n - 2), dtype=np.float64)
+    return np.array([neg, pos] + [None] * (n - 2), dtype=object)
+
+
 def example_rows(cfg: Config, column_types: dict[str, str] | None = None, n: int = 4) -> pd.DataFrame:
     """Input rows of one task (2 support, the rest query) with the raw column types of the
     training data (``column_types``: ``input_columns`` of the manifest), for the model's signature."""
@@ -235,7 +295,7 @@ def example_rows(cfg: Config, column_types: dict[str, str] | None = None, n: int
         multi = any(s.name == col and s.multi_hot for s in f.sparse)
         data[col] = _example_column(types.get(col, "list<int64>" if multi else "int64"), n)
     data[f.task_key] = [data[f.task_key][0]] * n
-    data[f.label] = np.array([0.0, 1.0] + [np.nan] * (n - 2))
+    data[f.label] = example_labels(cfg, types.get(f.label), n)
     for d in f.dense:
         data[d] = np.zeros(n)
     data[ROLE] = [SUPPORT, SUPPORT] + [QUERY] * (n - 2)

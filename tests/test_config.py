@@ -134,3 +134,32 @@ def test_dumped_config_reads_back_the_same(tmp_path):
     p.write_text(dump_yaml(cfg))
     back = load_config(p)
     assert back == cfg and back.sweep.params[0].choices == ["0", "1e-5"]
+
+
+
+def test_label_values_keep_their_yaml_text(tmp_path):
+    # YAML 1.1 reads unquoted yes/no/on/off as booleans and 1.0 as a number: label values
+    # are what was written
+    cfg = load_config(None, ["features.positive_labels=[yes, On, 1.0, +1]",
+                             "features.negative_labels=[no, off, '0', -1]"])
+    assert cfg.features.positive_labels == ["yes", "On", "1.0", "+1"]
+    assert cfg.features.negative_labels == ["no", "off", "0", "-1"]
+    p = _write(tmp_path, "features:\n  positive_labels: [yes, 1]\n  negative_labels: [no, -1]\n")
+    from_file = load_config(p)
+    assert from_file.features.positive_labels == ["yes", "1"] and from_file.features.negative_labels == ["no", "-1"]
+    # and back through a dumped config (the run's config.yaml): still text
+    again = _write(tmp_path, dump_yaml(from_file))
+    assert load_config(again).features.positive_labels == ["yes", "1"]
+
+
+def test_text_fields_take_unquoted_yaml_as_written(tmp_path):
+    cfg = load_config(None, ["features.task_key=2024", "tracking.run_name=true"])
+    assert (cfg.features.task_key, cfg.tracking.run_name) == ("2024", "true")
+    assert load_config(_write(tmp_path, "features:\n  label: 1e3\n")).features.label == "1e3"
+    # typed fields keep YAML's reading
+    typed = load_config(None, ["train.eval_at_end=yes", "data.source.header=no", "data.source.column_names=[a]",
+                               "meta.inner_lr=1e-2"])
+    assert typed.train.eval_at_end is True and typed.data.source.header is False and typed.meta.inner_lr == 0.01
+    # a list item named by a number is found by its text
+    named = load_config(None, ["features.sparse=[{name: 7, num_embeddings: 10}]", "features.sparse.7.min_count=2"])
+    assert named.features.sparse[0].name == "7" and named.features.sparse[0].min_count == 2

@@ -74,6 +74,38 @@ def test_raw_logs_score_as_the_pyfunc_model_does(debug_checkpoint, debug_data, t
         np.testing.assert_array_equal(got["label"], rows["label"].to_numpy()[got["input_row"]])
 
 
+@pytest.mark.parametrize("nproc, steps", [(1, 2), (2, 0)])
+def test_tasks_without_support_rows_get_the_shared_models_scores(debug_checkpoint, debug_data, tmp_path, nproc,
+                                                                 steps):
+    """New tasks (query rows only) among tasks with history: scored unadapted, counted, and
+    marked in the output by support_rows 0, whatever the inner steps."""
+    model, cfg, meta = load_unsharded(debug_checkpoint)
+    full = _with_roles(_rows(debug_data, 12), cfg)
+    new = full["campaign_id"].unique()[[1, 4, 5, 9]]
+    cold = full["campaign_id"].isin(new)
+    df = full[~(cold & (full["role"] == "support"))].reset_index(drop=True)
+    summary = run_predict_raw(debug_checkpoint, _write(df, tmp_path / "logs"), tmp_path / "out", inner_steps=steps,
+                              progress=False, nproc=nproc)
+    assert summary["tasks"] == 12 and summary["tasks_without_support"] == 4
+    progress = json.loads((tmp_path / "out" / "_progress.json").read_text())
+    assert progress["tasks_without_support"] == 4
+    got = _read(tmp_path / "out")
+    # the reference: every task scored with its support rows, K = steps, and unadapted (K = 0)
+    q = (full["role"] == "query").to_numpy()
+    adapted = score_rows(model, cfg, full, steps, meta.get("input_columns"))["score"].to_numpy()[q]
+    shared = score_rows(model, cfg, full, 0, meta.get("input_columns"))["score"].to_numpy()[q]
+    is_new = cold.to_numpy()[q]
+    assert len(got) == q.sum() and (got["task_key"].isin(new).to_numpy() == is_new).all()
+    np.testing.assert_allclose(got["score"][is_new], shared[is_new], atol=1e-5)
+    np.testing.assert_allclose(got["score"][~is_new], adapted[~is_new], atol=1e-5)
+    support = full[full["role"] == "support"].groupby("campaign_id").size()
+    want_support = np.where(is_new, 0, full.loc[q, "campaign_id"].map(support).to_numpy())
+    np.testing.assert_array_equal(got["support_rows"], want_support)
+    # the pyfunc model's scoring of the same rows
+    served = score_rows(model, cfg, df, steps, meta.get("input_columns"))["score"]
+    np.testing.assert_allclose(served[df["role"] == "query"].to_numpy(), got["score"].to_numpy(), atol=1e-5)
+
+
 class _Crash(RuntimeError):
     pass
 
@@ -120,9 +152,9 @@ def test_raw_input_errors_name_the_file_and_column(debug_checkpoint, debug_data,
     bad.loc[0, "role"] = "train"
     with pytest.raises(PrepareError, match=r"badrole: .*'role' must be 'support' or 'query'.*'train'"):
         run_predict_raw(debug_checkpoint, _write(bad, tmp_path / "badrole"), tmp_path / "o2", progress=False)
-    nosupport = df[~((df["campaign_id"] == df["campaign_id"].iloc[0]) & (df["role"] == "support"))]
-    with pytest.raises(PrepareError, match="has no support rows"):
-        run_predict_raw(debug_checkpoint, _write(nosupport, tmp_path / "nosup"), tmp_path / "o3", progress=False)
+    noquery = df[~((df["campaign_id"] == df["campaign_id"].iloc[0]) & (df["role"] == "query"))]
+    with pytest.raises(PrepareError, match=r"noquery: input rows: task .* has no query rows"):
+        run_predict_raw(debug_checkpoint, _write(noquery, tmp_path / "noquery"), tmp_path / "o3", progress=False)
     # raw columns whose types do not match what the checkpoint was trained on
     wrong = df.assign(device=df["device"].astype(str) + "x")
     with pytest.raises(PrepareError, match=r"wrongtype: .*column 'device' cannot be read as int64 \(its type in "
