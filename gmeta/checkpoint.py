@@ -367,8 +367,9 @@ def damage(path: str | Path) -> str | None:
 def prune(root: str | Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints, and leftovers of crashed
     writes (rank 0 only). A damaged checkpoint (:func:`damage`) does not count among the
-    kept: it is renamed ``step-N.damaged`` (kept for inspection, never loaded), so that a
-    damaged newest one cannot make the whole ones older than it be deleted."""
+    kept: it is renamed ``step-N.damaged`` (kept for inspection, never loaded; in an object
+    store, which cannot rename, its meta.json is deleted, which makes it a leftover), so that
+    a damaged newest one cannot make the whole ones older than it be deleted."""
     ckpts = []
     for step, p in complete_checkpoints(root):
         why = damage(p)
