@@ -11,7 +11,13 @@ A checkpoint is a directory::
                          rank 0, so a directory without it is incomplete and never loaded
 
 It is written under ``<name>.tmp`` and renamed into place after every rank has finished,
-so a crash mid-write leaves the previous checkpoints untouched. In an object store
+so a crash mid-write leaves the previous checkpoints untouched. Locally every file and the
+directory are flushed to the disk (fsync) before meta.json is written, and meta.json and the
+directory again before the rename, so that after a machine crash (power loss, kernel panic)
+a checkpoint with meta.json is whole, not only after a process crash. A checkpoint that
+replaces another (``checkpoint``, ``best``) moves the old one aside to ``<name>.old`` first;
+while ``<name>`` is missing (a crash between the two renames), :func:`resolve` and so every
+loader take the aside copy. In an object store
 (``train.output_dir=s3://...``: DCP's fsspec storage), which cannot rename, a new
 checkpoint is written in place and meta.json, written last, completes it; one that replaces
 an existing checkpoint (``checkpoint``, ``best``) is written under ``<name>.tmp`` and then
@@ -30,9 +36,10 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import os
 import pickle
 import re
-import shutil
 import warnings
 from pathlib import Path
 
@@ -51,6 +58,9 @@ from gmeta.version import __version__
 
 META = "meta.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+ASIDE, TMP, DAMAGED = ".old", ".tmp", ".damaged"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -209,31 +219,75 @@ def save(model: torch.nn.Module, cfg: Config, path: str | Path, meta: dict, *,
     dist.broadcast_object_list(flag, src=0)
     target = tmp if (flag[0] or not remote) else path
     if rank == 0:
+        _finish_swap(path)
         rmtree(tmp)
     dist.barrier()
     state, _, _ = _training_state(model, dense_opt)
     if remote:
         dcp.save(state, storage_writer=FsspecWriter(str(target)))
     else:
+        # DCP's FileSystemWriter fsyncs each file it writes (sync_files, on by default), not
+        # the directory that names them: that is done below
         dcp.save(state, checkpoint_id=str(target))
     if rank_state is not None:
-        (target / f"rank-{rank}.json").write_text(json.dumps(rank_state))
-    dist.barrier()  # every rank's files are in target
+        _write_text(target / f"rank-{rank}.json", json.dumps(rank_state))
+    if not remote:
+        _fsync(target)  # this rank's new file names
+    dist.barrier()  # every rank's files are in target, on the disk
     if rank == 0:
         info = {"gmeta_version": __version__, "config": to_dict(cfg), "world_size": dist.get_world_size(),
                 "training_state": dense_opt is not None, **meta}
-        (target / META).write_text(json.dumps(info, indent=2))
+        _write_text(target / META, json.dumps(info, indent=2))
         if not remote:
-            old = path.with_name(path.name + ".old")
+            _fsync(target)  # meta.json's name: on the disk before the rename publishes the checkpoint
+            old = path.with_name(path.name + ASIDE)
             if path.exists():
-                path.rename(old)
+                rmtree(old)  # a whole previous copy left by a crash after the swap below
+                path.rename(old)  # aside first: resolve() loads it while ``path`` is missing
             tmp.rename(path)
-            if old.exists():
-                shutil.rmtree(old)
+            _fsync(path.parent)  # the renames
+            rmtree(old)
         elif target == tmp:
             _copy_over(tmp, path)
     dist.barrier()
     return path
+
+
+def _write_text(path, text: str) -> None:
+    """Write a file of a checkpoint: locally flushed to the disk; an object is stored whole
+    and durably once its upload returns (S3 and the other stores acknowledge a PUT only
+    then), which an fsync could not add to."""
+    if is_url(path):
+        path.write_text(text)
+        return
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(path: Path) -> None:
+    """Flush a local directory's entries (new files, renames) to the disk: an fsync of a file
+    does not make its name durable, and ext4/xfs may lose a rename at a machine crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _finish_swap(path: Path) -> None:
+    """Before a new ``path`` is written, complete a swap a crash interrupted (local): put the
+    complete aside or temporary copy back at ``path``, so that clearing ``<name>.tmp`` for the
+    new write never deletes the only complete copy."""
+    if is_url(path) or path.exists():
+        return
+    for suffix in (ASIDE, TMP):
+        other = path.with_name(path.name + suffix)
+        if _has_meta(other):
+            other.rename(path)
+            _fsync(path.parent)
+            return
 
 
 def _copy_over(src, dst) -> None:
@@ -254,7 +308,8 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of the complete checkpoints under ``root`` (``step-NNNNNNNN`` with a
-    readable meta.json), oldest first; temporary and incomplete ones are ignored."""
+    readable meta.json), oldest first; temporary and incomplete ones are ignored, and one
+    whose meta.json is not valid is ignored with a warning naming it."""
     root = location(root)
     out = []
     if root.is_dir():
@@ -263,16 +318,71 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
             if m and p.is_dir() and (p / META).is_file():
                 try:
                     step = int(json.loads((p / META).read_text())["step"])
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError) as e:
+                    log.warning("checkpoint %s is damaged and ignored: %s: %s", p, META, e)
                     continue
                 out.append((step, p))
     return sorted(out)
 
 
+def damage(path: str | Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be loaded, or None when it is whole as far as
+    can be told without reading its tensors: meta.json missing or not valid; DCP's
+    ``.metadata`` unreadable; a data file the metadata names missing or shorter than the
+    bytes it places in it; a training checkpoint's ``rank-<r>.json`` missing or not valid.
+    (DCP keeps no checksums: bytes changed in place inside a data file are not seen.)"""
+    path = location(path)
+    try:
+        meta = _read_meta_at(path)
+        metadata = safe_reader(path).read_metadata()
+    except CheckpointError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001  # the store failing to list or read: damaged for this purpose
+        return f"{path}: cannot read checkpoint metadata: {type(e).__name__}: {e}"
+    ends: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if isinstance(rel, str):
+            ends[rel] = max(ends.get(rel, 0), int(info.offset) + int(info.length))
+    for rel, end in sorted(ends.items()):
+        f = path / rel
+        try:
+            size = f.stat().st_size
+        except FileNotFoundError:
+            return f"{f}: missing (named in the checkpoint's metadata)"
+        if size < end:
+            return f"{f}: {size} bytes, the checkpoint's metadata places data up to byte {end} (truncated)"
+    if meta.get("training_state"):
+        for r in range(int(meta.get("world_size") or 0)):
+            own = path / f"rank-{r}.json"
+            try:
+                json.loads(own.read_text())
+            except FileNotFoundError:
+                return f"{own}: missing"
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return f"{own}: not valid JSON: {e}"
+    return None
+
+
 def prune(root: str | Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints, and leftovers of crashed
-    writes (rank 0 only)."""
-    ckpts = complete_checkpoints(root)
+    writes (rank 0 only). A damaged checkpoint (:func:`damage`) does not count among the
+    kept: it is renamed ``step-N.damaged`` (kept for inspection, never loaded; in an object
+    store, which cannot rename, its meta.json is deleted, which makes it a leftover), so that
+    a damaged newest one cannot make the whole ones older than it be deleted."""
+    ckpts = []
+    for step, p in complete_checkpoints(root):
+        why = damage(p)
+        if why is None:
+            ckpts.append((step, p))
+            continue
+        log.warning("checkpoint %s is damaged (%s): renamed %s", p, why, p.name + DAMAGED)
+        aside = p.with_name(p.name + DAMAGED)
+        rmtree(aside)
+        if is_url(p):  # an object store cannot rename: its meta.json goes, which makes it incomplete
+            (p / META).unlink(missing_ok=True)
+        else:
+            p.rename(aside)
     for _, p in ckpts[:-keep] if keep > 0 else []:
         rmtree(p)
     newest = ckpts[-1][1] if ckpts else None
@@ -287,8 +397,34 @@ def prune(root: str | Path, keep: int) -> None:
 
 # ------------------------------------------------------------------ load
 
-def read_meta(path: str | Path) -> dict:
+def _has_meta(path: Path) -> bool:
+    try:
+        return (path / META).is_file()
+    except OSError:
+        return False
+
+
+def resolve(path: str | Path) -> Path:
+    """``path``, or the copy that stands in for it while :func:`save` swaps a new version in:
+    the previous version moved aside (``<name>.old``) when ``path`` is missing, or, with no
+    aside copy (the first save of that name; in an object store, ``<name>`` being copied over),
+    the new version in ``<name>.tmp`` once its meta.json is written (it is whole then)."""
     path = location(path)
+    if _has_meta(path):
+        return path
+    for suffix in (ASIDE, TMP):
+        other = path.with_name(path.name + suffix)
+        if _has_meta(other):
+            log.warning("checkpoint %s is being replaced (a save was interrupted): loading %s", path, other)
+            return other
+    return path
+
+
+def read_meta(path: str | Path) -> dict:
+    return _read_meta_at(resolve(path))
+
+
+def _read_meta_at(path: Path) -> dict:
     meta_path = path / META
     try:
         found = path.is_dir()
@@ -320,7 +456,7 @@ def load_training_state(path: str | Path, model, dense_opt: torch.optim.Optimize
     """Collective: restore a training checkpoint into this process group's (sharded) model
     and both optimizers, whatever world size or sharding plan wrote it. Returns (meta, this
     rank's own state, or None when the checkpoint was written by a different world size)."""
-    path = location(path)
+    path = resolve(path)
     meta = read_meta(path)
     if not meta.get("training_state"):
         raise CheckpointError(f"{path}: holds model weights only, not optimizer and reader state")
@@ -343,7 +479,7 @@ def load_training_state(path: str | Path, model, dense_opt: torch.optim.Optimize
 
 def load_weights(state: dict, path: str | Path) -> None:
     """Collective: fill a (sharded) model's ``state_dict()`` from a checkpoint's weights."""
-    _dcp_load(state, location(path))
+    _dcp_load(state, resolve(path))
 
 
 # what the shape of a model is made of: a checkpoint's weights fit a model when these agree
@@ -356,7 +492,7 @@ def load_init(path: str | Path, model, cfg: Config, key: str = "train.init_from"
     Returns the names of this model's tensors the checkpoint does not hold (they keep their
     values: e.g. Meta-SGD's learned rates when starting from an ERM checkpoint). Raises
     CheckpointError naming ``key`` and what differs."""
-    path = location(path)
+    path = resolve(path)
     meta = read_meta(path)
     theirs = config_of(path, meta)
     for k in _SHAPE_KEYS:
@@ -395,6 +531,7 @@ def load_sharded(path: str | Path, device: torch.device) -> tuple[torch.nn.Modul
     sharded by the config's plan for the current world size; DCP reshards)."""
     from gmeta.parallel.sharding import shard_model
 
+    path = resolve(path)
     meta = read_meta(path)
     cfg = config_of(path, meta)
     model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, device)
@@ -406,6 +543,7 @@ def load_sharded(path: str | Path, device: torch.device) -> tuple[torch.nn.Modul
 
 def load_unsharded(path: str | Path, device: torch.device | None = None) -> tuple[MetaDLRM, Config, dict]:
     """Load a checkpoint into one process: the model with whole (unsharded) tables."""
+    path = resolve(path)
     meta = read_meta(path)
     cfg = config_of(path, meta)
     model = build_model(cfg, device=device or torch.device("cpu"))

@@ -831,18 +831,23 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _apply_override(data: dict, parts: list[str], value: Any) -> None:
+def _apply_override(data: dict, parts: list[str], value: Any) -> str:
     """Set ``parts`` in ``data``. An item of a list of mappings is named by its ``name`` or
-    its position, as ``flatten`` names it: ``features.sparse.item_id.min_count=3``."""
+    its position, as ``flatten`` names it: ``features.sparse.item_id.min_count=3``. Returns
+    the key as errors name it (``features.sparse[1].min_count``)."""
     node: Any = data
+    key = ""
     for i, p in enumerate(parts[:-1]):
         if isinstance(node, list):
-            named = [x for x in node if isinstance(x, dict) and x.get("name") is not None and str(x["name"]) == p]
+            named = [j for j, x in enumerate(node)
+                     if isinstance(x, dict) and x.get("name") is not None and str(x["name"]) == p]
             if named:
-                node = named[0]
+                node = node[named[0]]
+                key += f"[{named[0]}]"
                 continue
             if p.isdigit() and int(p) < len(node):
                 node = node[int(p)]
+                key += f"[{int(p)}]"
                 continue
             names = [_plain(x.get("name")) for x in node if isinstance(x, dict)]
             raise ConfigError(f"{'.'.join(parts[:i])}: no item named {p!r} (items: {names}), cannot set "
@@ -853,9 +858,11 @@ def _apply_override(data: dict, parts: list[str], value: Any) -> None:
         if not isinstance(nxt, (dict, list)) or (isinstance(nxt, list) and not all(isinstance(x, dict) for x in nxt)):
             raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {'.'.join(parts)}")
         node = nxt
+        key = f"{key}.{p}" if key else p
     if isinstance(node, list):
         raise ConfigError(f"{'.'.join(parts)}: names an item of a list, not a key; set one of its keys")
     node[parts[-1]] = value
+    return f"{key}.{parts[-1]}" if key else parts[-1]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -877,15 +884,46 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         data = loaded
+    from_file = _keys(data)  # the keys the YAML file sets, to tell its errors from the overrides'
+    applied: list[tuple[str, str]] = []  # (the key as errors name it, the override as typed)
     for item in overrides or []:
         parts, value = _parse_override(item)
-        _apply_override(data, parts, value)
+        try:
+            key = _apply_override(data, parts, value)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (in the command-line override {item!r})") from None
+        applied.append((key, item))
     try:
         cfg = _build(Config, data, "")
         validate(cfg)
     except ConfigError as e:
-        raise ConfigError(f"{e}{where}") from None
+        culprit = _override_of(str(e).split(":", 1)[0], applied, from_file)
+        raise ConfigError(f"{e} (in the command-line override {culprit!r})" if culprit else f"{e}{where}") from None
     return cfg
+
+
+def _keys(data: Any, prefix: str = "") -> set[str]:
+    """Every key and section of plain config data, named as errors name them
+    (``features.sparse[0].min_count``)."""
+    out = set()
+    items = enumerate(data) if isinstance(data, list) else data.items() if isinstance(data, dict) else []
+    for k, v in items:
+        key = f"{prefix}[{k}]" if isinstance(data, list) else f"{prefix}.{k}" if prefix else str(k)
+        out.add(key)
+        out |= _keys(v, key)
+    return out
+
+
+def _override_of(key: str, applied: list[tuple[str, str]], from_file: set[str]) -> str | None:
+    """The command-line override an error at ``key`` comes from, if any (the last one that
+    set it or a section around it; or that created the section ``key`` the file never named,
+    e.g. a misspelt section)."""
+    for set_key, item in reversed(applied):
+        if key == set_key or key.startswith((set_key + ".", set_key + "[")):
+            return item
+        if key not in from_file and set_key.startswith((key + ".", key + "[")):
+            return item
+    return None
 
 
 def config_from_dict(data: dict) -> Config:

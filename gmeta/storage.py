@@ -21,14 +21,17 @@ piece; readers see the old object or the new one, never part of one.
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["StorageError", "is_url", "location", "source", "write_atomic", "upload", "append_text", "rmtree",
-           "absolute", "local_copy", "local_dir", "check_bucket", "describe"]
+__all__ = ["StorageError", "is_url", "location", "source", "temp_name", "write_atomic", "upload", "append_text",
+           "rmtree", "absolute", "local_copy", "local_dir", "check_bucket", "describe"]
 
 
 class StorageError(OSError):
@@ -79,13 +82,21 @@ def describe(path) -> str:
     return f" (endpoint {endpoint})" if str(path).startswith("s3://") and endpoint else ""
 
 
+def temp_name(path: Path) -> Path:
+    """A temporary name beside ``path``, ending in ``.tmp``, that no other writer uses: it
+    holds the host name, the process id and a random token, because on a filesystem that
+    several nodes share (NFS, Lustre) process ids alone repeat from node to node."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+    return path.with_name(f"{path.name}.{host}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def write_atomic(path, write: Callable[[Path], object]) -> None:
     """Call ``write(p)`` with a local path ``p`` and put the file at ``path`` whole: locally by
-    renaming ``p`` over it (``p`` is named after this process, so two processes writing one
-    file never write into the same temporary file), remotely by one upload of ``p``."""
+    renaming ``p`` over it (``p`` is a :func:`temp_name`, so two processes, on one node or
+    on two, never write into the same temporary file), remotely by one upload of ``p``."""
     path = location(path)
     if not is_url(path):
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp = temp_name(path)
         write(tmp)
         tmp.replace(path)
         return

@@ -339,14 +339,21 @@ def main(cfg: Config, *, tracking_uri: str = "") -> dict:
 
 
 def _resume_path(cfg: Config, out_dir: Path) -> Path | None:
-    """The checkpoint to continue from, per train.resume."""
+    """The checkpoint to continue from, per train.resume. ``auto`` takes the newest whole
+    checkpoint: a damaged one (``checkpoint.damage``: a file missing or truncated, metadata
+    unreadable) is passed over with a warning naming it, so that a restart under
+    --max-restarts continues from the one before instead of failing on it again each time."""
     root = out_dir / "checkpoints"
     found = checkpoint.complete_checkpoints(root)
-    final = out_dir / "checkpoint"
+    final = checkpoint.resolve(out_dir / "checkpoint")
     if (final / checkpoint.META).is_file():
-        meta = checkpoint.read_meta(final)
-        if meta.get("training_state"):
-            found.append((int(meta["step"]), final))
+        try:
+            meta = checkpoint.read_meta(final)
+        except checkpoint.CheckpointError as e:
+            log.warning("passing over damaged checkpoint %s: %s", final, e)
+        else:
+            if meta.get("training_state"):
+                found.append((int(meta["step"]), final))
     resume = cfg.train.resume
     if resume == "none":
         if found:
@@ -355,9 +362,26 @@ def _resume_path(cfg: Config, out_dir: Path) -> Path | None:
                 "--resume auto (train.resume=auto) to continue it, or set another train.output_dir")
         return None
     if resume == "auto":
-        return max(found)[1] if found else None
-    checkpoint.read_meta(resume)  # exists and is complete, or a CheckpointError naming it
-    return location(resume)
+        damaged: list[Path] = []
+        for _, path in sorted(found, reverse=True):
+            why = checkpoint.damage(path)
+            if why is None:
+                if damaged:
+                    log.warning("resuming from %s: the newer checkpoint(s) %s are damaged", path,
+                                ", ".join(str(p) for p in damaged))
+                return path
+            log.warning("passing over damaged checkpoint %s: %s", path, why)
+            damaged.append(path)
+        if damaged:
+            raise checkpoint.CheckpointError(
+                f"{out_dir}: every checkpoint is damaged ({', '.join(str(p) for p in damaged)}); move them away "
+                "to train afresh, or pass --resume PATH")
+        return None
+    path = checkpoint.resolve(resume)
+    why = checkpoint.damage(path)
+    if why is not None:
+        raise checkpoint.CheckpointError(f"train.resume: {why}")
+    return path
 
 
 def lr_factor(step: int, total: int, o: OptimConfig) -> float:

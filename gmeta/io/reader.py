@@ -7,11 +7,20 @@ and collate meta-batches in the background, and yields exactly ``len(reader)`` b
 every rank. ``state_dict()`` records how many batches of each worker the trainer consumed;
 after ``load_state_dict()`` the next iteration yields exactly the tasks not yet consumed,
 each once.
+
+Before the first epoch, each rank checks the sha256 of its share of the split's local shard
+files (every ``world_size``-th file) against the manifest; a remote file is hashed only when
+reading it fails. A file that cannot be read is one error line naming the file, the row
+group and what to do, also from inside a DataLoader worker.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +32,87 @@ from gmeta.io.block import ShardError, TaskBlock, check_block, concat_blocks
 from gmeta.io.collate import collate_packed
 from gmeta.io.manifest import load_manifest
 from gmeta.io.plan import EpochPlan, Unit, plan_epoch, units_from_manifest
-from gmeta.storage import location
+from gmeta.storage import is_url, location
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ShardError", "TaskReader"]
 
 
-def load_unit(root: Path, unit: Unit, schema: dict, fmt: str, on_bad_task: str) -> TaskBlock:
-    """Read one unit from disk into a checked TaskBlock. Errors name the file and unit."""
-    block, where = formats.read_unit(fmt, root / unit.path, unit.index, schema)
+_PREPARE_AGAIN = "run `gmeta prepare` again to rewrite the shards (data.shards_dir)"
+
+
+def load_unit(root: Path, unit: Unit, schema: dict, fmt: str, on_bad_task: str, sha256: str | None = None) -> TaskBlock:
+    """Read one unit from disk into a checked TaskBlock. Errors name the file and unit; a file
+    that cannot be read is checked against its manifest ``sha256``, to tell a damaged or
+    replaced file from one gmeta cannot read."""
+    try:
+        block, where = formats.read_unit(fmt, root / unit.path, unit.index, schema)
+    except ShardError as e:
+        msg = " ".join(str(e).split())  # one line, whatever the library's message held
+        changed = _sha256_mismatch(root / unit.path, sha256) if sha256 else None
+        if changed:
+            raise ShardError(f"{msg}; {changed}: the file was damaged or replaced after `gmeta prepare`; "
+                             f"{_PREPARE_AGAIN}") from None
+        raise ShardError(f"{msg}; {_PREPARE_AGAIN}") from None
     if block.num_tasks != unit.tasks:
         raise ShardError(f"{where}: {block.num_tasks} tasks, manifest says {unit.tasks}")
     return check_block(block, schema, on_bad_task)
+
+
+def file_sha256(path) -> str:
+    """sha256 of a shard file (local or remote), read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with location(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# files this process has found to match the manifest, by (path, size, mtime): evaluation
+# builds a reader at every validation, and an unchanged file need not be hashed again
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def _sha256_mismatch(path, want: str) -> str | None:
+    """None when the file's sha256 is ``want``, else what differs (for an error message)."""
+    try:
+        got = file_sha256(path)
+    except FileNotFoundError:
+        return None  # the read error already says it is missing
+    except OSError as e:
+        return f"{path}: cannot be hashed ({e})"
+    if got != want:
+        return f"{path}: sha256 {got} differs from the manifest's {want}"
+    return None
+
+
+def verify_shards(root: Path, files: list[dict], rank: int = 0, world_size: int = 1) -> None:
+    """Check the sha256 of this rank's share (every ``world_size``-th) of the local shard
+    ``files`` (manifest entries) against the manifest; raise ShardError naming the first that
+    differs. Files are hashed in threads (hashlib releases the GIL): about one read of the
+    share at disk or page-cache speed. Remote files are skipped here (hashing one means
+    downloading it whole): they are checked when reading them fails."""
+    todo = []
+    for f in files[rank::world_size]:
+        path = root / f["path"]
+        if not f.get("sha256") or is_url(path):
+            continue
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise ShardError(f"{path}: task shard listed in the manifest is missing; {_PREPARE_AGAIN}") from None
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in _VERIFIED:
+            todo.append((path, f["sha256"], key))
+    if not todo:
+        return
+    with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1, 8)) as pool:
+        found = list(pool.map(lambda t: _sha256_mismatch(t[0], t[1]), todo))
+    for (_, _, key), changed in zip(todo, found):
+        if changed:
+            raise ShardError(f"{changed}: the file was damaged or replaced after `gmeta prepare`; {_PREPARE_AGAIN}")
+        _VERIFIED.add(key)
 
 
 def task_keys(shards_dir: str | Path, split: str) -> dict[int, object]:
@@ -54,6 +131,14 @@ def task_keys(shards_dir: str | Path, split: str) -> dict[int, object]:
 _LOOKAHEAD_BATCHES = 32
 
 
+@dataclass(frozen=True)
+class _Failed:
+    """A worker's ShardError, passed to the main process as an item: raised in a worker, it
+    would reach the trainer wrapped in the DataLoader's text of the worker's traceback."""
+
+    message: str
+
+
 class _EpochStream(IterableDataset):
     """One epoch of one rank; each DataLoader worker streams its own slot of the plan.
 
@@ -61,8 +146,10 @@ class _EpochStream(IterableDataset):
     """
 
     def __init__(self, root: Path, units: list[Unit], schema: dict, fmt: str, plan: EpochPlan, rank: int,
-                 tasks_per_batch: int, start: list[int], on_bad_task: str, rotate: int, size_buckets: int) -> None:
+                 tasks_per_batch: int, start: list[int], on_bad_task: str, rotate: int, size_buckets: int,
+                 sha256: dict[str, str] | None = None) -> None:
         self.root, self.units, self.schema, self.fmt = root, units, schema, fmt
+        self.sha256 = sha256 or {}
         self.size_buckets = size_buckets
         self.plan, self.rank, self.n = plan, rank, tasks_per_batch
         self.start, self.on_bad_task, self.rotate = start, on_bad_task, rotate
@@ -74,8 +161,11 @@ class _EpochStream(IterableDataset):
         # The DataLoader asks its workers in turn, starting with worker 0; after a resume the
         # slot that was next in turn is given to worker 0 so batches keep their order.
         slots = [(w + self.rotate) % workers] if info is not None else list(range(workers))
-        for slot in slots:  # without worker processes, one process reads every slot in turn
-            yield from self._slot(slot)
+        try:
+            for slot in slots:  # without worker processes, one process reads every slot in turn
+                yield from self._slot(slot)
+        except ShardError as e:
+            yield _Failed(str(e))
 
     def _slot(self, w: int):
         order = self.plan.orders[self.rank][w]
@@ -100,7 +190,9 @@ class _EpochStream(IterableDataset):
                 for u in [u for u in loaded if remaining[u] == 0]:
                     del loaded[u]
                 for u in new:
-                    loaded[u] = load_unit(self.root, self.units[u], self.schema, self.fmt, self.on_bad_task)
+                    unit = self.units[u]
+                    loaded[u] = load_unit(self.root, unit, self.schema, self.fmt, self.on_bad_task,
+                                          self.sha256.get(unit.path))
                 window = concat_blocks(list(loaded.values()))
                 base[:] = -1
                 base[list(loaded)] = np.cumsum([0] + [blk.num_tasks for blk in loaded.values()])[:-1]
@@ -137,13 +229,15 @@ class TaskReader:
         max_tasks: read only the first max_tasks tasks of each epoch's order (0: all).
         size_buckets: the size buckets of each batch's ``BatchLayout`` (meta.size_buckets),
             computed in the workers with the rest of the batch.
+        verify: check the sha256 of this rank's share of the local shard files against the
+            manifest before reading (see :func:`verify_shards`).
     """
 
     def __init__(self, shards_dir: str | Path, split: str, tasks_per_batch: int, *, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
                  shuffle_buffer: int = 1024, drop_last: bool = True, prefetch_factor: int = 4,
                  pin_memory: bool = False, on_bad_task: str = "error", max_tasks: int = 0,
-                 size_buckets: int = 1) -> None:
+                 size_buckets: int = 1, verify: bool = True) -> None:
         self.root = location(shards_dir)
         self.manifest = load_manifest(self.root)
         if split not in self.manifest["splits"]:
@@ -160,12 +254,18 @@ class TaskReader:
         self.drop_last, self.prefetch_factor, self.pin_memory = drop_last, prefetch_factor, pin_memory
         self.on_bad_task = on_bad_task
         self.size_buckets = size_buckets
+        files = self.manifest["splits"][split]["files"]
+        self._sha256 = {f["path"]: f["sha256"] for f in files if f.get("sha256")}
+        if verify:
+            verify_shards(self.root, files, rank, world_size)
         total = sum(u.tasks for u in self.units)
         self.num_tasks = min(total, max_tasks) if max_tasks else total
         self.epoch = 0
         self._consumed = [0] * max(1, num_workers)  # batches of each worker the trainer has taken
         self._steps_done = 0
         self.skipped_tasks = 0
+        self.dropped_tasks_total = 0  # over the epochs this reader has started
+        self._logged_epoch = -1
         self._plan = self._make_plan()
         if self._plan.steps == 0:
             raise ShardError(
@@ -186,6 +286,21 @@ class TaskReader:
     def dropped_tasks(self) -> int:
         """Tasks of this epoch in no batch (tails too short for a batch on every rank)."""
         return self._plan.dropped_tasks
+
+    def _log_dropped(self) -> None:
+        """Once per epoch: how many tasks fill no meta-batch. Each of the world_size x
+        num_workers slots reads an equal share and yields only full batches, and every rank
+        the same number of them, so up to world_size x workers x (N-1) tasks (and more when
+        shares differ between ranks) are left out. Logged by rank 0, for all ranks."""
+        if self._logged_epoch == self.epoch:
+            return
+        self._logged_epoch = self.epoch
+        dropped = self.dropped_tasks
+        self.dropped_tasks_total += dropped
+        if self.rank == 0 and self.drop_last:
+            log.info("epoch %d: %d of %d tasks of split %r fill no meta-batch and are left out (%d rank(s) x %d "
+                     "reader worker(s), %d tasks per batch)", self.epoch, dropped, self.num_tasks, self.split,
+                     self.world_size, max(1, self.num_workers), self.tasks_per_batch)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -215,10 +330,12 @@ class TaskReader:
         total = len(self)
         if self._steps_done >= total:
             return
+        self._log_dropped()
         c = self._consumed
         rotate = next((w for w in range(len(c)) if c[w] < c[0]), 0)  # next slot in round-robin turn
         stream = _EpochStream(self.root, self.units, self.schema, self.format, self._plan, self.rank,
-                              self.tasks_per_batch, list(c), self.on_bad_task, rotate, self.size_buckets)
+                              self.tasks_per_batch, list(c), self.on_bad_task, rotate, self.size_buckets,
+                              self._sha256)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -226,7 +343,10 @@ class TaskReader:
         it = iter(loader)
         try:
             while self._steps_done < total:
-                w, b, skipped, packed = next(it)
+                item = next(it)
+                if isinstance(item, _Failed):
+                    raise ShardError(item.message)
+                w, b, skipped, packed = item
                 batch = packed.unpack()
                 self._consumed[w] = b + 1
                 self._steps_done += 1

@@ -143,9 +143,14 @@ class FileSource(Source):
                         raise SourceError(f"{path}: header {header[:8]} differs from that of {files[0]} "
                                           f"{names[:8]}")
             self.column_names = list(self.src.column_names) or names
-            with _read(files[0], lambda p: pacsv.open_csv(p, read_options=self._read_options(files[0]),
-                                                          parse_options=self._parse_options())) as r:
-                schema = _text_types(r.schema, cfg)
+            try:
+                with pacsv.open_csv(files[0], read_options=self._read_options(files[0]),
+                                    parse_options=self._parse_options()) as r:
+                    schema = _text_types(r.schema, cfg)
+            except pa.ArrowException as e:
+                raise self._text_error(files[0], e) from None
+            except OSError as e:
+                raise SourceError(f"{files[0]}: cannot read: {e}") from None
         super().__init__(where, schema)
 
     def _delimiter(self) -> str:
@@ -183,12 +188,58 @@ class FileSource(Source):
                             yield Batch(where, pa.Table.from_batches([b]), row, self.skip[path] + row + 1)
                             row += b.num_rows
             except pa.ArrowException as e:
-                raise SourceError(f"{where}: cannot read: {e}") from None
+                if self.kind == "parquet":
+                    raise SourceError(f"{where}: cannot read: {e}") from None
+                raise self._text_error(path, e) from None
+
+    def _text_error(self, path: Path, e: Exception) -> SourceError:
+        line = _csv_error_line(path, self.skip[path], self._delimiter(), len(self.column_names or []), str(e))
+        return SourceError(f"{path}{f': line {line}' if line else ''}: cannot read: {e}")
 
     def estimate(self, columns: list[str]) -> tuple[int, int]:
         """Parquet: rows from the footers times the decoded size per row of the first row
         group; CSV/TSV: 1.5 x the file size, rows unknown."""
         return estimate_bytes(self.files, columns)
+
+
+_CONVERSION_ERROR = re.compile(r"In CSV column #(\d+): CSV conversion error to .*: invalid value '(.*)'$", re.S)
+
+
+def _csv_error_line(path: Path, skip: int, delimiter: str, columns: int, message: str) -> int | None:
+    """The line where the record Arrow's CSV reader failed on starts (1-based), or None if
+    it cannot be told. Arrow's streaming reader names the record's text or the column and
+    value, never the line; so, on this error path only, the file is read again with Python's
+    csv module (the same quoting rules: a quoted field may span lines) up to the first
+    record with another number of fields than ``columns`` (a truncated last line, say), or
+    with the value Arrow could not convert in the column it names."""
+    m = _CONVERSION_ERROR.search(message)
+
+    def bad(rec: list[str]) -> bool:
+        if m:
+            col = int(m.group(1))
+            return col < len(rec) and rec[col] == m.group(2)
+        return len(rec) != columns
+
+    try:
+        with pa.input_stream(str(path)) as raw:  # decompressed as Arrow read it
+            reader = csv.reader(io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline=""),
+                                delimiter=delimiter)
+            records = 0
+            while True:
+                start = reader.line_num + 1
+                try:
+                    rec = next(reader)
+                except StopIteration:
+                    return None
+                except csv.Error:  # e.g. a quoted field cut off by the end of the file
+                    return start
+                if not rec:  # a blank line: Arrow skips it too
+                    continue
+                records += 1
+                if records > skip and bad(rec):
+                    return start
+    except (OSError, pa.ArrowException, UnicodeError):
+        return None
 
 
 _SNIFF_BYTES = 1 << 18  # of a text file read to decide on its header

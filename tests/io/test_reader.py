@@ -86,8 +86,22 @@ def test_too_few_tasks_for_batch_is_an_error(debug_data):
         TaskReader(debug_data["shards"], "eval", 10_000, world_size=2)
 
 
+def _as_prepared(shards, path) -> None:
+    """Record a rewritten shard's sha256 in the manifest, as if prepare had written it so."""
+    import json
+
+    from gmeta.io.reader import file_sha256
+
+    m = load_manifest(shards)
+    for f in m["splits"]["train"]["files"]:
+        if shards / f["path"] == path:
+            f["sha256"] = file_sha256(path)
+    (shards / "manifest.json").write_text(json.dumps(m))
+
+
 def _tamper(shards, tmp_path, edit):
-    """Copy the shard dir; rewrite the first train shard's records through ``edit``."""
+    """Copy the shard dir; rewrite the first train shard's records through ``edit`` (bad
+    records as prepare might have written them: the manifest's sha256 follows)."""
     out = tmp_path / "tampered"
     shutil.copytree(shards, out)
     path = out / "train" / "part-00000.parquet"
@@ -97,6 +111,7 @@ def _tamper(shards, tmp_path, edit):
     edit(recs)
     pq.write_table(pa.Table.from_pylist(recs, schema=table.schema), path,
                    row_group_size=meta.row_group(0).num_rows)
+    _as_prepared(out, path)
     return out
 
 
@@ -150,6 +165,7 @@ def test_records_not_matching_manifest_schema(debug_data, tmp_path):
     recs = pq.read_table(path).to_pylist()
     drop_field(recs)
     pq.write_table(pa.Table.from_pylist(recs), path, row_group_size=64)
+    _as_prepared(out, path)
     with pytest.raises(ShardError, match="part-00000.parquet.*do not match the manifest schema.*site_id"):
         list(TaskReader(out, "train", 4, shuffle=False))
 

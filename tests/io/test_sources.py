@@ -243,7 +243,7 @@ def test_ctr_log_errors_name_file_and_key(tmp_path):
                 raw, tmp_path / "shards")
     with open(raw / "day_0.tsv", "a") as fh:
         fh.write("1\t2\n")
-    with pytest.raises(PrepareError, match=r"day_0\.tsv: cannot read"):
+    with pytest.raises(PrepareError, match=r"day_0\.tsv: line 31: cannot read"):
         prepare(load_config(None, _CRITEO + ["data.source.fill_missing=true"]), raw, tmp_path / "shards")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "_SUCCESS").write_text("")

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gmeta.io.block import ShardError, SplitArrays, TaskBlock
-from gmeta.storage import source
+from gmeta.storage import source, temp_name
 
 
 def _np(arr: pa.Array) -> np.ndarray:
@@ -67,7 +67,7 @@ class ShardWriter:
 
     def __init__(self, path: Path, schema: pa.Schema):
         self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
+        self.tmp = temp_name(path)
         self.writer = pq.ParquetWriter(self.tmp, schema)
 
     def write_unit(self, records: pa.Table) -> None:

@@ -26,7 +26,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from gmeta.io.block import ShardError, SplitArrays, TaskBlock
-from gmeta.storage import location
+from gmeta.storage import location, temp_name
 
 
 def _npy(data: bytes) -> np.ndarray:
@@ -35,7 +35,7 @@ def _npy(data: bytes) -> np.ndarray:
 
 def write_tar(path: Path, block: TaskBlock, task_keys: list, first_index: int, schema: dict) -> None:
     """Write the tasks of ``block`` to ``path`` (atomically: a temporary name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_name(path)
     with wds.TarWriter(str(tmp), mtime=0.0) as sink:
         for t in range(block.num_tasks):
             sample = {"__key__": f"{first_index + t:09d}",
