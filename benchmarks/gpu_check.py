@@ -98,9 +98,19 @@ def sharded(cfg: Config, device: torch.device, like=None):
     return model, torch.optim.Adam(params, lr=1e-3, fused=True), DenseGradSync(params)
 
 
+def batches_of(shards: Path, cfg: Config, device: torch.device, seed: int) -> TaskReader:
+    """Meta-batches as training reads them: each with the layout the reader built for the
+    config's size buckets (without one, the step would rebuild it on the host from the
+    device's tensors, and the sync part would count those copies as torchrec's), pinned
+    for a GPU."""
+    return TaskReader(shards, "train", cfg.meta.tasks_per_batch, seed=seed, size_buckets=cfg.meta.size_buckets,
+                      pin_memory=device.type == "cuda")
+
+
 def part_equal(work: Path, device: torch.device) -> None:
     shards = debug_shards(work)
-    batches = [b for _, b in zip(range(3), TaskReader(shards, "train", 8, seed=0))]
+    batches = [b for _, b in zip(range(3), batches_of(shards, load_config(DEBUG, ["meta.tasks_per_batch=8"]),
+                                                      device, seed=0))]
     for name, extra in (("MAML second order", []), ("MAML first order", ["meta.first_order=true"]),
                         ("ERM", ["meta.algorithm=erm"]), ("MAML, Meta-SGD", ["meta.meta_sgd=true"])):
         cfg = load_config(DEBUG, [*extra, "meta.tasks_per_batch=8"])
@@ -123,7 +133,7 @@ def part_sync(work: Path, device: torch.device) -> None:
         cfg = load_config(DEBUG, [*extra, "meta.tasks_per_batch=8"])
         model, opt, gsync = sharded(cfg, device)
         pipe = SparseDistPipeline(model.module, cfg.meta.size_buckets, device)
-        it = iter(TaskReader(shards, "train", 8, seed=1, pin_memory=device.type == "cuda"))
+        it = iter(batches_of(shards, cfg, device, seed=1))
         pending = pipe.start(next(it))
         counted, failure = 0, ""
         for _ in range(4):

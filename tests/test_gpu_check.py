@@ -72,3 +72,33 @@ def test_the_stand_in_catches_what_fails_on_a_gpu():
             dev.numpy()
         with pytest.raises(WrongDevice, match="read back"):
             (dev * 2).cpu()
+
+
+def _sync_part_on_cpu(rank: int, world: int, shards, work) -> None:
+    from benchmarks import gpu_check
+    from gmeta.parallel.pipeline import SparseDistPipeline
+
+    (work / "debug-shards").symlink_to(shards)
+    started = []
+    real = SparseDistPipeline.start
+
+    def start(self, batch):
+        lay = batch.layout
+        started.append((lay.requested_buckets if lay is not None else None, self.size_buckets))
+        return real(self, batch)
+
+    SparseDistPipeline.start = start  # a spawned process of its own: nothing to restore
+    gpu_check.part_sync(work, torch.device("cpu"))
+    assert len(started) == 2 * 5  # two algorithms, 5 batches each
+    assert all(built == wanted for built, wanted in started), started  # no layout rebuilt in the step
+    verdicts = [r[3] for r in gpu_check.ROWS if r[0] == "sync" and "set_sync_debug_mode" in r[1]]
+    assert verdicts == ["PASS", "PASS"]
+
+
+def test_sync_part_reads_batches_with_the_configs_layouts(debug_config_path, debug_data, tmp_path):
+    """The sync part times the pipeline on batches whose layouts the reader built for
+    meta.size_buckets, as training's are: none rebuilt from the device's tensors."""
+    from tests.support.multiprocess import run_ranks
+
+    assert load_config(debug_config_path).meta.size_buckets > 1  # else a missing size_buckets goes unseen
+    run_ranks(_sync_part_on_cpu, 1, debug_data["shards"], tmp_path)
