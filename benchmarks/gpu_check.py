@@ -8,11 +8,13 @@ Parts:
   equal    3 training steps (MAML second and first order, ERM) with tables sharded on the
            GPU equal the same steps on the CPU, within ``TOL`` (TF32 off)
   sync     ``torch.cuda.set_sync_debug_mode("error")`` around the lookup and the training
-           step of a pipelined loop; the host syncs of torchrec's input_dist, counted apart
+           step of a pipelined loop, on batches whose layouts the reader built (as in
+           training); the host syncs of torchrec's input_dist, counted apart
   serve    evaluation (AUC/GAUC) and ``gmeta predict`` scores on the GPU equal the CPU's
   bench    rows/s of full training steps (ERM, MAML first and second order) at N = 32 and
-           256 on the ads_cvr model and on the Criteo-shaped model; the meta step against the
-           per-task torch.func loop and torch.func.vmap at N = 128 on both; the
+           256 on the ads_cvr model and on the Criteo-shaped model; the meta step against
+           every contender of benchmarks/meta_step.py (the per-task torch.func loop,
+           torch.func.vmap, ...) at N = 128 on both; the
            share of step time in host syncs and copies (profiler); the embedding all-to-all
            bytes per step, with the planner's estimate for 1, 2 and 4 nodes of 8 GPUs
 

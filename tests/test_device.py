@@ -221,8 +221,8 @@ def test_a_plan_says_which_gpu_memory_it_assumed(debug_config_path, monkeypatch)
     cfg = load_config(debug_config_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     r = plan_report(cfg, 2, 2, "cuda", 256)
-    assert r["hbm_cap_mib"] == 32 * 1024 and r["hbm_cap_from"] == "torchrec's default (no GPU here)"
-    assert "32.0 GiB of GPU memory per rank (torchrec's default (no GPU here))" in format_plan(r)
+    assert r["hbm_cap_mib"] == 32 * 1024 and r["hbm_cap_from"] == "torchrec's default: no GPU here"
+    assert "32.0 GiB of GPU memory per rank (torchrec's default: no GPU here)" in format_plan(r)
     FakeCuda(monkeypatch, 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=80 * 2**30))
     r = plan_report(cfg, 2, 2, "cuda", 256)

@@ -172,7 +172,7 @@ def plan_report(cfg: Config, world: int, local_world: int, device_type: str, bat
     return {"world_size": world, "local_world_size": local_world, "nodes": world // local_world,
             "device": device_type, "batch_rows": planner._batch_size,
             "hbm_cap_mib": t.devices[0].storage.hbm / 2**20, "ddr_cap_mib": t.devices[0].storage.ddr / 2**20,
-            "hbm_cap_from": ("this machine's GPU" if here else "torchrec's default (no GPU here)")
+            "hbm_cap_from": ("this machine's GPU" if here else "torchrec's default: no GPU here")
             if device_type == "cuda" else "",
             "tables": tables, "ranks": ranks}
 
