@@ -56,7 +56,8 @@ if [ -n "$need" ]; then
       ls .whl/py312/"$name"-*.whl >/dev/null 2>&1 || absent+=("$d (.whl/py312/$name-*.whl)")
     fi
   done
-  [ ${#absent[@]} -eq 0 ] || fail "this machine lacks ${absent[*]}: no wheel for it under .whl/; $how"
+  [ ${#absent[@]} -eq 0 ] || fail "this machine lacks $(IFS=,; echo "${absent[*]}" | sed 's/,/, /g'): no wheel" \
+    "for it under .whl/; $how"
   made_for=$(cat .whl/PYTHON 2>/dev/null || echo 3.12)
   [ "$made_for" = "$pyv" ] || fail "python3 is $pyv, the wheels under .whl/ are for Python $made_for: $how"
   mkdir -p "$SITE"
