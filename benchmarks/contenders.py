@@ -35,9 +35,12 @@ class TaskViews:
 
 
 def task_views(batch: TaskBatch, layout: BatchLayout) -> TaskViews:
+    """The plans, worked out on the host from host copies of a batch on any device, and
+    placed on that device (no CPU operand left in a device op of the timed losses)."""
+    device = batch.dense.device
     L = {k: v.cpu().numpy() if torch.is_tensor(v) else v for k, v in vars(layout).items()}
     nf, n_s = layout.num_features, layout.num_support
-    so, qo = batch.support_offsets.numpy(), batch.query_offsets.numpy()
+    so, qo = batch.support_offsets.cpu().numpy(), batch.query_offsets.cpu().numpy()
     n = len(so) - 1
     row_task = L["row_task"]
     gu = L["group_unique"]
@@ -47,7 +50,7 @@ def task_views(batch: TaskBatch, layout: BatchLayout) -> TaskViews:
     occ_row = slot // nf
     g_task[occ_group] = row_task[occ_row]
     g_start = np.searchsorted(g_task, np.arange(n + 1))
-    dense, labels = batch.dense, batch.labels
+    dense, labels = batch.dense.cpu(), batch.labels.cpu()
     loop = []
     for t in range(n):
         s_rows = np.arange(so[t], so[t + 1])
@@ -90,7 +93,8 @@ def task_views(batch: TaskBatch, layout: BatchLayout) -> TaskViews:
         "div_s": torch.stack([pad(v["div_s"], s_max * nf, 1) for v in loop]),
         "div_q": torch.stack([pad(v["div_q"], q_max * nf, 1) for v in loop]),
     }
-    return TaskViews(loop, padded)
+    return TaskViews([{k: v.to(device) for k, v in t.items()} for t in loop],
+                     {k: v.to(device) for k, v in padded.items()})
 
 
 def _pool(rows: torch.Tensor, occ: torch.Tensor, slot: torch.Tensor, div: torch.Tensor, num_rows: int,

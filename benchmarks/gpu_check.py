@@ -8,11 +8,13 @@ Parts:
   equal    3 training steps (MAML second and first order, ERM) with tables sharded on the
            GPU equal the same steps on the CPU, within ``TOL`` (TF32 off)
   sync     ``torch.cuda.set_sync_debug_mode("error")`` around the lookup and the training
-           step of a pipelined loop; the host syncs of torchrec's input_dist, counted apart
+           step of a pipelined loop, on batches whose layouts the reader built (as in
+           training); the host syncs of torchrec's input_dist, counted apart
   serve    evaluation (AUC/GAUC) and ``gmeta predict`` scores on the GPU equal the CPU's
   bench    rows/s of full training steps (ERM, MAML first and second order) at N = 32 and
-           256 on the ads_cvr model and on the Criteo-shaped model; the meta step against the
-           per-task torch.func loop and torch.func.vmap at N = 128 on both; the
+           256 on the ads_cvr model and on the Criteo-shaped model; the meta step against
+           every contender of benchmarks/meta_step.py (the per-task torch.func loop,
+           torch.func.vmap, ...) at N = 128 on both; the
            share of step time in host syncs and copies (profiler); the embedding all-to-all
            bytes per step, with the planner's estimate for 1, 2 and 4 nodes of 8 GPUs
 
@@ -98,9 +100,19 @@ def sharded(cfg: Config, device: torch.device, like=None):
     return model, torch.optim.Adam(params, lr=1e-3, fused=True), DenseGradSync(params)
 
 
+def batches_of(shards: Path, cfg: Config, device: torch.device, seed: int) -> TaskReader:
+    """Meta-batches as training reads them: each with the layout the reader built for the
+    config's size buckets (without one, the step would rebuild it on the host from the
+    device's tensors, and the sync part would count those copies as torchrec's), pinned
+    for a GPU."""
+    return TaskReader(shards, "train", cfg.meta.tasks_per_batch, seed=seed, size_buckets=cfg.meta.size_buckets,
+                      pin_memory=device.type == "cuda")
+
+
 def part_equal(work: Path, device: torch.device) -> None:
     shards = debug_shards(work)
-    batches = [b for _, b in zip(range(3), TaskReader(shards, "train", 8, seed=0))]
+    batches = [b for _, b in zip(range(3), batches_of(shards, load_config(DEBUG, ["meta.tasks_per_batch=8"]),
+                                                      device, seed=0))]
     for name, extra in (("MAML second order", []), ("MAML first order", ["meta.first_order=true"]),
                         ("ERM", ["meta.algorithm=erm"]), ("MAML, Meta-SGD", ["meta.meta_sgd=true"])):
         cfg = load_config(DEBUG, [*extra, "meta.tasks_per_batch=8"])
@@ -123,7 +135,7 @@ def part_sync(work: Path, device: torch.device) -> None:
         cfg = load_config(DEBUG, [*extra, "meta.tasks_per_batch=8"])
         model, opt, gsync = sharded(cfg, device)
         pipe = SparseDistPipeline(model.module, cfg.meta.size_buckets, device)
-        it = iter(TaskReader(shards, "train", 8, seed=1, pin_memory=device.type == "cuda"))
+        it = iter(batches_of(shards, cfg, device, seed=1))
         pending = pipe.start(next(it))
         counted, failure = 0, ""
         for _ in range(4):
@@ -226,7 +238,8 @@ def _train_rows_per_s(label: str, cfg: Config, batch, device: torch.device, repe
 
 def _contenders(label: str, cfg: Config, batch, device: torch.device, repeats: int) -> dict:
     torch.manual_seed(0)
-    model = build_model(cfg, device=device)
+    model = build_model(cfg, device=device)  # places the tables only
+    model.dense_to(device)
     batch = batch.to(device)
     layout = layout_of(batch, model.pooling, cfg.meta.size_buckets)
     with torch.no_grad():
@@ -238,15 +251,15 @@ def _contenders(label: str, cfg: Config, batch, device: torch.device, repeats: i
         kw = dict(steps=m.inner_steps, lr=m.inner_lr, emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
                   adapt_embeddings=m.adapt_embeddings, first_order=first_order)
         fns = step_fns(model.head, rows, batch, layout, model.num_features, kw)
-        t = timed({k: fns[k] for k in ("gmeta", "loop", "vmap", "erm")}, repeats, device)
+        t = timed(fns, repeats, device)  # every contender the meta-step benchmark races
         order = "first" if first_order else "second"
         n = batch.num_tasks
         res = {f"{k}_tasks_per_s": n / v for k, v in t.items()}
         res.update(over_loop=t["loop"] / t["gmeta"], over_vmap=t["vmap"] / t["gmeta"])
         out[order] = res
-        report("bench", f"{label}: meta step ({order} order) tasks/s gmeta / loop / vmap",
-               f"{n / t['gmeta']:,.0f} / {n / t['loop']:,.0f} / {n / t['vmap']:,.0f} "
-               f"(gmeta {res['over_loop']:.1f}x loop, {res['over_vmap']:.2f}x vmap)",
+        report("bench", f"{label}: meta step ({order} order) tasks/s " + " / ".join(t),
+               " / ".join(f"{n / v:,.0f}" for v in t.values())
+               + f" (gmeta {res['over_loop']:.1f}x loop, {res['over_vmap']:.2f}x vmap)",
                "target: 20x loop, 3x vmap" if batch.num_tasks == 128 else "")
     return out
 

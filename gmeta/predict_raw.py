@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from gmeta.checkpoint import META, load_unsharded
+from gmeta.checkpoint import META, config_of, load_unsharded, read_meta
 from gmeta.io.errors import PrepareError
 from gmeta.io.features import id_hash_of, input_columns, shard_fields
 from gmeta.io.prepare import Partitions, num_partitions, open_input, stream_input
@@ -92,11 +92,15 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
         raise PredictError(f"predict: --shard-tables shards the tables among a node's worker processes: it needs "
                            f"--nproc-per-node >= 2 (got {nproc}) and the shared queue")
     t0 = time.perf_counter()
-    device = device or default_device()
     checkpoints = [str(c) for c in (checkpoint if isinstance(checkpoint, list) else [checkpoint])]
     if len(set(checkpoints)) != len(checkpoints):
         raise PredictError(f"--checkpoint: the same checkpoint given twice: {checkpoints}")
-    loaded = [load_unsharded(c, device) for c in checkpoints]
+    in_process = nproc == 1 and nnodes == 1
+    if in_process:
+        here = device or default_device()
+        loaded: list = [load_unsharded(c, here) for c in checkpoints]
+    else:  # the workers load the models, each on its own GPU (sharded with shard_tables): here their configs only
+        loaded = [(None, config_of(c, meta), meta) for c in checkpoints for meta in [read_meta(c)]]
     cfg = loaded[0][1]
     configure_threads(cfg.train.threads)
     f = cfg.features
@@ -156,7 +160,7 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
             tqdm(total=count, initial=len(done), unit="bucket", desc="predict", disable=not progress) as bar:
         tmp = Path(tmp_name)
         job_nodes = None
-        if nproc > 1 or nnodes > 1:  # started first: they load the models while this process reads the input
+        if not in_process:  # started first: they load the models while this process reads the input
             spec = {"checkpoints": checkpoints, "input": str(input_path), "inner_steps": inner_steps,
                     "has_role": has_role, "out": str(out), "buckets": str(shared or tmp), "schedule": schedule,
                     "gang": nproc if shard_tables else 0, "gang_timeout_s": 1800}
@@ -176,7 +180,7 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
             if job_nodes is None:
                 it = iter(pending)
                 pipeline(lambda: next(it, None), lambda b: pq.read_table(parts.path(b)), record,
-                         Scorer(checkpoints, str(input_path), inner_steps, has_role, device, loaded), out)
+                         Scorer(checkpoints, str(input_path), inner_steps, has_role, here, loaded), out)
             else:
                 if shared is not None:
                     for b in pending:

@@ -38,7 +38,7 @@ from torch.distributed import TCPStore
 from gmeta.checkpoint import META, load_unsharded
 from gmeta.io.errors import PrepareError
 from gmeta.io.features import id_hash_of
-from gmeta.parallel.dist import configure_threads, default_device
+from gmeta.parallel.dist import configure_threads, pick_device
 from gmeta.predict import PredictError, part_name
 from gmeta.serving import QUERY, ROLE, SUPPORT, assign_roles, featurise_rows, score_featurised, steps_for_batch
 from gmeta.storage import location, source, write_atomic
@@ -235,6 +235,14 @@ def _read_bucket(buckets, b: int) -> pa.Table:
         return pq.read_table(src)
 
 
+def worker_device(slot: int) -> tuple[torch.device, str]:
+    """The device and collective backend of worker ``slot``: the GPU of its place among its
+    node's workers (``LOCAL_WORLD_SIZE``, set by ``Node``), made the current device before
+    anything touches CUDA (a first CUDA call would make a context on GPU 0 in every worker
+    otherwise), or the CPU."""
+    return pick_device(slot % int(os.environ["LOCAL_WORLD_SIZE"]))
+
+
 def worker_main(host: str, port: int, slot: int, generation: int) -> int:
     """One worker process: connect to node 0's store, load the models, score units from
     the queue until the job is closed."""
@@ -242,15 +250,11 @@ def worker_main(host: str, port: int, slot: int, generation: int) -> int:
     store = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S))
     spec = json.loads(store.get("spec"))
     try:
-        device = default_device()
-        if device.type == "cuda":
-            device = torch.device("cuda", slot % torch.cuda.device_count())
+        device, backend = worker_device(slot)
         gang = spec.get("gang", 0)
         if gang:  # the tables sharded among the node's workers: one process group per node and generation
             from gmeta.checkpoint import load_sharded
-            from gmeta.parallel.dist import pick_device
 
-            device, backend = pick_device(slot % gang)
             torch.distributed.init_process_group(
                 backend, store=torch.distributed.PrefixStore(f"gang/{slot // gang}/{generation}", store),
                 rank=slot % gang, world_size=gang, timeout=timedelta(seconds=spec["gang_timeout_s"]))

@@ -88,10 +88,32 @@ def table_sharding_types(model: MetaDLRM, cfg: Config) -> dict[str, str]:
 AUTO_SHARDING_TYPES = ["table_wise", "row_wise", "column_wise"]
 
 
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory of the job's GPUs: ``device``'s, or the smallest of every rank's when
+    a process group runs (the planner places every rank's shards against one cap)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        least = torch.tensor([total], dtype=torch.int64, device=device)
+        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        total = int(least.item())  # once, before sharding
+    return total
+
+
+def host_memory_per_process(local_world: int) -> int:
+    """Bytes of this machine's memory per process of the job on it."""
+    import psutil
+
+    return psutil.virtual_memory().total // local_world
+
+
 def make_planner(model: MetaDLRM, cfg: Config, device_type: str, world: int, local_world: int,
-                 batch_rows: int | None = None) -> EmbeddingShardingPlanner:
+                 batch_rows: int | None = None, hbm_cap: int | None = None,
+                 ddr_cap: int | None = None) -> EmbeddingShardingPlanner:
     """Attach the fused embedding optimizer to ``model``'s tables and return torchrec's planner
-    for ``world`` processes, ``local_world`` per machine, constrained by the config's sharding."""
+    for ``world`` processes, ``local_world`` per machine, constrained by the config's sharding.
+    ``hbm_cap`` / ``ddr_cap``: bytes of GPU / host memory per process (None: torchrec's
+    defaults, 32 GiB and 128 GiB); torchrec ignores ``hbm_cap`` on the CPU, where the tables
+    live in host memory."""
     if device_type == "cpu" and cfg.optim.embedding_optimizer in CUDA_ONLY_OPTIMIZERS:
         raise ConfigError(f"optim.embedding_optimizer: {cfg.optim.embedding_optimizer!r} has a fused kernel in "
                           "fbgemm on GPU only; on CPU use one of "
@@ -102,7 +124,8 @@ def make_planner(model: MetaDLRM, cfg: Config, device_type: str, world: int, loc
     apply_optimizer_in_backward(opt_cls, model.sparse_arch.parameters(), embedding_optimizer_kwargs(cfg))
     constraints = {f"t_{f}": ParameterConstraints(sharding_types=AUTO_SHARDING_TYPES if kind == "auto" else [kind])
                    for f, kind in table_sharding_types(model, cfg).items()}
-    topology = Topology(world_size=world, compute_device=device_type, local_world_size=local_world)
+    topology = Topology(world_size=world, compute_device=device_type, local_world_size=local_world, hbm_cap=hbm_cap,
+                        ddr_cap=ddr_cap)
     extra = {"batch_size": batch_rows} if batch_rows else {}
     return EmbeddingShardingPlanner(topology=topology, constraints=constraints, **extra)
 
@@ -112,7 +135,9 @@ def shard_model(model: MetaDLRM, cfg: Config, device: torch.device) -> Distribut
     world = dist.get_world_size()
     # processes per machine as torchrun started them (intra-node links are faster)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    planner = make_planner(model, cfg, device.type, world, local)
+    # the memory there is, not torchrec's defaults (32 GiB of GPU memory, 128 GiB of host memory)
+    hbm = device_memory(device) if device.type == "cuda" else None
+    planner = make_planner(model, cfg, device.type, world, local, hbm_cap=hbm, ddr_cap=host_memory_per_process(local))
     model.dense_to(device)  # every dense parameter on this process's device before DMP
     sharders = [EmbeddingCollectionSharder()]
     pg = dist.GroupMember.WORLD
@@ -133,11 +158,14 @@ def plan_report(cfg: Config, world: int, local_world: int, device_type: str, bat
     storage (device memory for tables and optimizer state, host memory) and its estimated
     time of the embedding part of a step split into compute and communication, in
     milliseconds (torchrec's unit) for ``batch_rows`` rows per rank and step (the planner's
-    default when None)."""
+    default when None). The cluster's GPUs are taken to be this machine's GPU when it has
+    one; else torchrec's default of 32 GiB stands in (``hbm_cap_from`` says which)."""
     from gmeta.models.dlrm import build_model
 
     model = build_model(cfg, device=torch.device("meta"))
-    planner = make_planner(model, cfg, device_type, world, local_world, batch_rows)
+    here = device_type == "cuda" and torch.cuda.is_available()
+    hbm = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if here else None
+    planner = make_planner(model, cfg, device_type, world, local_world, batch_rows, hbm_cap=hbm)
     planner.plan(model, [EmbeddingCollectionSharder()])
     ranks = [{"rank": r, "node": r // local_world, "hbm_mib": 0.0, "ddr_mib": 0.0, "compute_ms": 0.0,
               "comms_ms": 0.0} for r in range(world)]
@@ -157,6 +185,8 @@ def plan_report(cfg: Config, world: int, local_world: int, device_type: str, bat
     return {"world_size": world, "local_world_size": local_world, "nodes": world // local_world,
             "device": device_type, "batch_rows": planner._batch_size,
             "hbm_cap_mib": t.devices[0].storage.hbm / 2**20, "ddr_cap_mib": t.devices[0].storage.ddr / 2**20,
+            "hbm_cap_from": ("this machine's GPU" if here else "torchrec's default: no GPU here")
+            if device_type == "cuda" else "",
             "tables": tables, "ranks": ranks}
 
 
@@ -164,7 +194,9 @@ def format_plan(report: dict) -> str:
     """``plan_report`` as two plain-text tables (tables, then ranks)."""
     r = report
     lines = [f"sharding plan: {r['world_size']} processes = {r['nodes']} node(s) x {r['local_world_size']}, "
-             f"{r['device']}, {r['batch_rows']} rows per rank and step",
+             f"{r['device']}, {r['batch_rows']} rows per rank and step"
+             + (f"; {r['hbm_cap_mib'] / 1024:.1f} GiB of GPU memory per rank ({r['hbm_cap_from']})"
+                if r["device"] == "cuda" else ""),
              "", f"{'table':<16} {'rows':>12} {'dim':>4}  {'sharding':<12} {'kernel':<10} ranks"]
     for t in r["tables"]:
         rk = t["ranks"]

@@ -9,6 +9,8 @@ tensors freely; this check allows only the latter, as a CUDA kernel does."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -33,3 +35,51 @@ class DeviceCheck(TorchDispatchMode):
             raise WrongDevice(f"{func}: operands on {[str(t.device) for t in tensors]}, expected {self.expected} "
                               f"(shapes {[tuple(t.shape) for t in tensors]})")
         return func(*args, **kwargs)
+
+
+class MixedDevices(TorchDispatchMode):
+    """Fails at the first operation whose tensor operands lie on two devices (0-dim CPU
+    tensors aside, which a CUDA kernel takes as scalars). Unlike ``DeviceCheck`` it lets
+    host-only work (index plans built from numpy) run beside the device's."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        devices = {str(t.device) for t in tensors if not (t.device.type == "cpu" and t.dim() == 0)}
+        if len(devices) > 1:
+            raise WrongDevice(f"{func}: operands on {[str(t.device) for t in tensors]} "
+                              f"(shapes {[tuple(t.shape) for t in tensors]})")
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def meta_stands_in_for_cuda():
+    """The ``meta`` device behaving, for reads back to the host, as a GPU does: ``.cpu()``
+    (or ``.to("cpu")``) of a tensor copied there from the host gives that host tensor back
+    (the copy a GPU would make); of any other meta tensor, a value computed on the device
+    that has no data here, it raises ``WrongDevice``; ``.numpy()`` of a meta tensor raises
+    as it does for a CUDA tensor."""
+    to, cpu = torch.Tensor.to, torch.Tensor.cpu
+    host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(meta copy) -> (meta copy, host original)
+
+    def back(t: torch.Tensor) -> torch.Tensor:
+        if id(t) in host and host[id(t)][0] is t:
+            return host[id(t)][1]
+        raise WrongDevice(f"a tensor computed on the device ({tuple(t.shape)}, {t.dtype}) read back to the host")
+
+    def to_(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        if self.device.type == "meta" and out.device.type == "cpu":
+            return back(self)
+        if self.device.type == "cpu" and out.device.type == "meta":
+            host[id(out)] = (out, self)
+        return out
+
+    def cpu_(self, *args, **kwargs):
+        return back(self) if self.device.type == "meta" else cpu(self, *args, **kwargs)
+
+    torch.Tensor.to, torch.Tensor.cpu = to_, cpu_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.to, torch.Tensor.cpu = to, cpu  # type: ignore[method-assign]
