@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.contenders import loop_loss, task_views, vmap_loss
+from benchmarks.contenders import bucket_views, loop_loss, task_views, vmap_bucketed_loss, vmap_loss
 from gmeta.meta.maml import maml_loss
 from tests.meta.test_maml import _lookup, _setup
 
@@ -20,9 +20,13 @@ def test_torch_func_contenders_equal_gmeta(debug_config_path, debug_data, first_
     wrt = list(head.parameters()) + [rows]
     ref = maml_loss(head, rows, batch, layout, **kw).loss
     ref_grads = torch.autograd.grad(ref, wrt)
-    views = task_views(batch, layout)
-    for fn in (loop_loss, vmap_loss):
-        loss = fn(head, rows, views, model.num_features, kw)
+    views, buckets = task_views(batch, layout), bucket_views(batch, layout)
+    # the buckets pad to widths of their own, narrower than the batch's largest task
+    widths = sorted(b.padded["dense_s"].shape[1] for b in buckets)
+    assert len(buckets) == 2 and widths[0] < widths[1] == views.padded["dense_s"].shape[1]
+    assert sum(len(b.loop) for b in buckets) == 6
+    for fn, arg in ((loop_loss, views), (vmap_loss, views), (vmap_bucketed_loss, buckets)):
+        loss = fn(head, rows, arg, model.num_features, kw)
         torch.testing.assert_close(loss, ref, rtol=0, atol=1e-10)  # float64; reduction order differs by torch version
         for g, r in zip(torch.autograd.grad(loss, wrt), ref_grads):
             torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
