@@ -4,9 +4,9 @@ tensors when the meta-loss is ready for its backward (unique storages, counted t
 ``torch.autograd.graph.saved_tensors_hooks``), from the looked-up rows on: the activation
 memory that grows with N and K and that second order multiplies. It is exact and
 repeatable, where the resident set size of a CPU process mostly shows the allocator. The
-sharded lookup itself stays outside the count: fbgemm's fused table kernel keeps a
-reference to the whole table (218 MiB of ads_cvr's) for its backward, which is the model's
-state, not memory the step adds. Baseline for the ratio: first order, same N, K.
+sharded lookup itself stays outside the count: fbgemm's fused table kernel keeps
+references to the whole tables and their optimizer state for its backward (about 220 MiB on
+ads_cvr), which are the model's state, not memory the step adds. Baseline for the ratio: first order, same N, K.
 
     python benchmarks/memory.py
 """
