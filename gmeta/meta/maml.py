@@ -160,9 +160,10 @@ def adapt_and_query(
 
 
 def per_task(x: torch.Tensor, index: torch.Tensor, in_order: bool) -> torch.Tensor:
-    """Rows ``[R, ...]`` -> a bucket's padded per-task layout ``[N_b, W_b, ...]``: a view when
-    the bucket holds every row in order (``BatchLayout.in_order``), else a gather."""
-    return x.view(*index.shape, *x.shape[1:]) if in_order else gather_rows(x, index)
+    """Rows ``[R, ...]`` -> a bucket's padded per-task layout ``[N_b, W_b, ...]``: a reshape
+    (a view of contiguous rows) when the bucket holds every row in order
+    (``BatchLayout.in_order``), else a gather."""
+    return x.reshape(*index.shape, *x.shape[1:]) if in_order else gather_rows(x, index)
 
 
 def maml_loss(head: DLRMHead, rows: torch.Tensor, batch: TaskBatch, layout: BatchLayout, *, steps: int,
