@@ -1,6 +1,6 @@
 """MAML the way it is usually written with ``torch.func``, for the benchmarks to race gmeta.
 
-Both contenders compute exactly what gmeta's step computes (same model, weights, rows and
+The contenders compute exactly what gmeta's step computes (same model, weights, rows and
 hyperparameters: K SGD steps on each task's support rows adapting the listed dense parts
 and the task's own copy of its looked-up embedding rows, mean query loss, one backward),
 starting from the same looked-up rows ``[U, D]``:
@@ -9,9 +9,12 @@ starting from the same looked-up rows ``[U, D]``:
   ``torch.func.functional_call`` + ``torch.autograd.grad`` (learn2learn / higher style).
 - ``vmap_loss``: the tasks padded to one size and the whole per-task inner loop batched
   with ``torch.func.vmap`` over ``torch.func.grad`` (the functorch MAML recipe).
+- ``vmap_bucketed_loss``: the same, once per size bucket of the batch's layout (the
+  buckets gmeta runs, ``meta.size_buckets``), each bucket padded to its own largest task:
+  what a user who pads no task to the batch's largest would write.
 
-Padding slots of the vmap version carry zero weight in the losses and pool into a spare
-cell that is dropped, so both are exact (tested against gmeta in tests/test_benchmarks.py).
+Padding slots of the vmap versions carry zero weight in the losses and pool into a spare
+cell that is dropped, so all are exact (tested against gmeta in tests/test_benchmarks.py).
 """
 
 from __future__ import annotations
@@ -158,3 +161,52 @@ def vmap_loss(head, rows: torch.Tensor, views: TaskViews, nf: int, kw: dict) -> 
 
     data = {k: v for k, v in p.items() if k != "groups"}
     return vmap(task, in_dims=(None, 0, 0))(adapted, p["groups"], data).mean()
+
+
+def bucket_views(batch: TaskBatch, layout: BatchLayout) -> list[TaskViews]:
+    """The tasks of each of the layout's size buckets (the buckets gmeta runs), padded to
+    their own bucket's largest task rather than to the batch's (data preparation, not timed)."""
+    views = task_views(batch, layout)
+    out = []
+    for b in layout.buckets:
+        loop = [views.loop[t] for t in b.tasks.tolist()]
+        out.append(TaskViews(loop, pad_tasks(loop, layout.num_features)))
+    return out
+
+
+def pad_tasks(loop: list[dict], nf: int) -> dict:
+    """``[N, ...]`` tensors of the given tasks' views, each padded to the largest of them:
+    ``task_views``'s padding, for any subset of the tasks."""
+    s_max = max(len(v["y_s"]) for v in loop)
+    q_max = max(len(v["y_q"]) for v in loop)
+
+    def stack(key: str, size: int, value=0) -> torch.Tensor:
+        parts = [v[key] for v in loop]
+        out = parts[0].new_full((len(parts), size, *parts[0].shape[1:]), value)
+        for i, x in enumerate(parts):
+            out[i, : len(x)] = x
+        return out
+
+    def mask(key: str, size: int) -> torch.Tensor:
+        x = loop[0]["dense_s"]
+        counts = torch.tensor([len(v[key]) for v in loop], device=x.device)
+        return (torch.arange(size, device=x.device) < counts[:, None]).to(x.dtype)
+
+    return {
+        "groups": stack("groups", max(len(v["groups"]) for v in loop)),
+        "dense_s": stack("dense_s", s_max), "y_s": stack("y_s", s_max), "m_s": mask("y_s", s_max),
+        "dense_q": stack("dense_q", q_max), "y_q": stack("y_q", q_max), "m_q": mask("y_q", q_max),
+        "occ_s": stack("occ_s", max(len(v["occ_s"]) for v in loop)),
+        "slot_s": stack("slot_s", max(len(v["slot_s"]) for v in loop), s_max * nf),  # padding: the spare cell
+        "occ_q": stack("occ_q", max(len(v["occ_q"]) for v in loop)),
+        "slot_q": stack("slot_q", max(len(v["slot_q"]) for v in loop), q_max * nf),
+        "div_s": stack("div_s", s_max * nf, 1), "div_q": stack("div_q", q_max * nf, 1),
+    }
+
+
+def vmap_bucketed_loss(head, rows: torch.Tensor, buckets: list[TaskViews], nf: int, kw: dict) -> torch.Tensor:
+    """``vmap_loss`` once per size bucket (``bucket_views``), as one would write it to pad each
+    task only to its own bucket's largest: the mean over all tasks of the buckets' task means,
+    weighted by their task counts."""
+    n = sum(len(b.loop) for b in buckets)
+    return torch.stack([vmap_loss(head, rows, b, nf, kw) * (len(b.loop) / n) for b in buckets]).sum()

@@ -1,33 +1,41 @@
 """The meta step at speed, on one process (the inner loop never communicates).
 
-Two models, each with its own data:
+Three models, each with its own data:
 
 - ``ads_cvr``: configs/ads_cvr.yaml (7 sparse features, one multi-hot, dim 16, small MLPs),
   meta-batches of real synthetic campaigns from the reader (power-law task sizes).
 - ``criteo``: a Criteo-shaped DLRM: 13 dense and 26 sparse features, dim 32, dense arch
   13 -> 256 -> 32, over arch 383 -> 512 -> 256 -> 1; N = 128 tasks of 20 support + 20
   query rows, ids drawn from a skewed distribution over tables of 50,000 rows.
+- ``criteo_narrow``: the same features, narrower and with shorter tasks: dim 16, dense
+  arch 13 -> 128 -> 16, over arch 367 -> 256 -> 128 -> 1; N = 128 tasks of 10 + 10 rows.
 
 Contenders on the same model, weights, rows and hyperparameters (K inner steps adapting
 the dense arch, the over arch and the task's embedding rows), first and second order,
 alternated call by call so that drift of a shared machine hits all alike:
 
-  gmeta        the meta step as training runs it (meta.fast_weights=auto: per layer and
-               size bucket the cheaper of implicit and materialised fast weights)
-  gmeta-imp    gmeta with implicit fast weights in every layer
-  gmeta-mat    gmeta with materialised per-task weights ``[N, out, in]`` in every layer
-  loop         per-task ``torch.func.functional_call`` + ``autograd.grad`` (benchmarks/contenders.py)
-  vmap         ``torch.func.vmap`` over a per-task ``torch.func.grad`` inner loop
-  erm          a plain training step of the same model on the same rows
+  gmeta          the meta step as training runs it (meta.fast_weights=auto: per layer and
+                 size bucket the cheaper of implicit and materialised fast weights)
+  gmeta-imp      gmeta with implicit fast weights in every layer
+  gmeta-mat      gmeta with materialised per-task weights ``[N, out, in]`` in every layer
+  loop           per-task ``torch.func.functional_call`` + ``autograd.grad`` (benchmarks/contenders.py)
+  vmap           ``torch.func.vmap`` over a per-task ``torch.func.grad`` inner loop, every
+                 task padded to the batch's largest
+  vmap-bucketed  the same, one vmap per size bucket of gmeta's layout (meta.size_buckets),
+                 each padded to its own largest task
+  erm            a plain training step of the same model on the same rows: the limit
+                 MAML's rows/s approach (no inner loop)
 
 Each times the step from the looked-up rows ``[U, D]`` to all gradients (loss, inner loop,
-query loss, one backward). Reported: tasks/s, rows/s over ERM's, and peak step memory
-(the CPU allocator's peak above the step's start, from torch.profiler's memory events).
+query loss, one backward). Reported: tasks/s, rows/s as a share of ERM's on the same model
+and rows, gmeta's speed over every other contender, and peak step memory (the CPU
+allocator's peak above the step's start, from torch.profiler's memory events) with the
+part of gmeta's that is ERM's own (the activations of every row kept for the backward).
 Then the full training step (torchrec lookup with its fused update, dense Adam) of gmeta
 MAML vs ERM, and the rows sent to the embedding tables per meta-batch: every id
 occurrence (before deduplication) vs the distinct (feature, id) pairs sent now.
 
-    python benchmarks/meta_step.py [--repeats 7] [--threads 1 2] [--models ads_cvr criteo]
+    python benchmarks/meta_step.py [--repeats 7] [--threads 1 2] [--models ads_cvr criteo criteo_narrow]
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import emit, ensure_data
-from benchmarks.contenders import loop_loss, task_views, vmap_loss
+from benchmarks.contenders import bucket_views, loop_loss, task_views, vmap_bucketed_loss, vmap_loss
+from benchmarks.memory import saved_bytes
 from gmeta.batch import task_batch
 from gmeta.config import Config, load_config
 from gmeta.io.reader import TaskReader
@@ -59,13 +68,18 @@ from gmeta.parallel.sharding import shard_model
 from gmeta.train import train_step
 
 CRITEO_TABLE = 50_000
+# Criteo-shaped model sizes: embedding dim, dense arch, over arch, support = query rows per task
+CRITEO = {"criteo": (32, [256], [512, 256], 20), "criteo_narrow": (16, [128], [256, 128], 10)}
 
 
-def criteo_config() -> Config:
+def criteo_config(size: str = "criteo") -> Config:
+    """The Criteo-shaped model of ``CRITEO[size]`` (its task length: ``CRITEO[size][3]``)."""
+    dim, dense_arch, over_arch, _ = CRITEO[size]
     sparse = ", ".join(f"{{name: C{i}, num_embeddings: {CRITEO_TABLE}}}" for i in range(1, 27))
     dense = ", ".join(f"I{i}" for i in range(1, 14))
-    return load_config(None, [f"features.sparse=[{sparse}]", f"features.dense=[{dense}]", "model.embedding_dim=32",
-                              "model.dense_arch=[256]", "model.over_arch=[512, 256]", "meta.inner_steps=2",
+    return load_config(None, [f"features.sparse=[{sparse}]", f"features.dense=[{dense}]",
+                              f"model.embedding_dim={dim}", f"model.dense_arch={dense_arch}",
+                              f"model.over_arch={over_arch}", "meta.inner_steps=2",
                               "meta.inner_lr=0.05", "meta.embedding_inner_lr=0.1", "meta.size_buckets=1",
                               "meta.tasks_per_batch=128"])
 
@@ -120,7 +134,7 @@ def alternated(fns: dict, repeats: int, drain=lambda: None) -> dict[str, float]:
 
 
 def step_fns(head, rows, batch, layout, nf: int, kw: dict) -> dict:
-    views = task_views(batch, layout)
+    views, buckets = task_views(batch, layout), bucket_views(batch, layout)
     params = list(head.parameters())
 
     def run(loss_fn):
@@ -137,6 +151,7 @@ def step_fns(head, rows, batch, layout, nf: int, kw: dict) -> dict:
         "gmeta-mat": run(lambda: maml_loss(head, rows, batch, layout, fast_weights="materialized", **kw).loss),
         "loop": run(lambda: loop_loss(head, rows, views, nf, kw)),
         "vmap": run(lambda: vmap_loss(head, rows, views, nf, kw)),
+        "vmap-bucketed": run(lambda: vmap_bucketed_loss(head, rows, buckets, nf, kw)),
         "erm": run(lambda: erm_loss(head, rows, batch, layout).loss),
     }
 
@@ -165,19 +180,36 @@ def bench_model(name: str, cfg: Config, batch, repeats: int, threads: int, resul
         fns = step_fns(model.head, rows, batch, layout, model.num_features, kw)
         t = alternated(fns, repeats)
         mem = {k: peak_mib(fn) for k, fn in fns.items()}
-        res = {f"{k}_tasks_per_s": n / v for k, v in t.items() if k != "erm"}
-        res.update({f"{k}_peak_mib": v for k, v in mem.items()})
-        res["erm_rows_per_s"] = r / t["erm"]
-        res.update({f"gmeta_over_{k}": t[k] / t["gmeta"] for k in ("loop", "vmap", "gmeta-imp", "gmeta-mat")})
-        res["maml_over_erm_rows"] = t["erm"] / t["gmeta"]
-        res["memory_over_vmap"] = mem["gmeta"] / mem["vmap"]
-        results[f"{name}_t{threads}_{order}"] = res
+        results[f"{name}_t{threads}_{order}"] = res = step_figures(t, mem, n, r)
+        # what the backward keeps: ERM's activations of every row vs gmeta's (query rows, the
+        # implicit layers' support inputs and output gradients, the task's rows)
+        res["gmeta_saved_mib"] = saved_bytes(lambda a=kw: maml_loss(model.head, rows, batch, layout, **a).loss) / 2**20
+        res["erm_saved_mib"] = saved_bytes(lambda: erm_loss(model.head, rows, batch, layout).loss) / 2**20
         print(f"  {order:6s} order  tasks/s: " + ", ".join(f"{k} {n / v:,.0f}" for k, v in t.items() if k != "erm")
-              + f" | gmeta over loop {res['gmeta_over_loop']:.2f}x, over vmap {res['gmeta_over_vmap']:.2f}x, "
-              f"over gmeta-imp {res['gmeta_over_gmeta-imp']:.2f}x, over gmeta-mat {res['gmeta_over_gmeta-mat']:.2f}x")
-        print(f"  {order:6s} order  rows/s: erm {r / t['erm']:,.0f}, gmeta {r / t['gmeta']:,.0f} "
-              f"(MAML/ERM {res['maml_over_erm_rows']:.2f}) | peak step MiB: "
-              + ", ".join(f"{k} {v:.0f}" for k, v in mem.items()) + f" (gmeta/vmap {res['memory_over_vmap']:.2f})")
+              + " | gmeta over " + ", ".join(f"{k} {res[f'gmeta_over_{k}']:.2f}x" for k in t if k not in GMETA_SELF))
+        print(f"  {order:6s} order  rows/s as a share of ERM's ({r / t['erm']:,.0f} rows/s): "
+              + ", ".join(f"{k} {res[f'{k}_share_of_erm']:.2f}" for k in t if k != "erm"))
+        print(f"  {order:6s} order  peak step MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in mem.items())
+              + f" (gmeta / vmap {res['memory_over_vmap']:.2f}, / vmap-bucketed "
+              f"{res['memory_over_vmap-bucketed']:.2f}, / erm {res['memory_over_erm']:.2f}); saved for the "
+              f"backward: gmeta {res['gmeta_saved_mib']:.1f} MiB, erm {res['erm_saved_mib']:.1f} MiB")
+
+
+GMETA_SELF = ("gmeta", "erm")  # no ratio of gmeta over these
+
+
+def step_figures(t: dict[str, float], mem: dict[str, float], num_tasks: int, num_rows: int) -> dict[str, float]:
+    """The figures of one model and order from the contenders' median seconds per step
+    ``t`` and peak step MiB ``mem``: tasks/s and rows/s of each, rows/s as a share of ERM's
+    on the same rows (the limit MAML approaches), gmeta's speed over each other contender
+    and its peak memory over vmap's (padded and bucketed) and ERM's."""
+    res = {f"{k}_tasks_per_s": num_tasks / v for k, v in t.items() if k != "erm"}
+    res.update({f"{k}_rows_per_s": num_rows / v for k, v in t.items()})
+    res.update({f"{k}_share_of_erm": t["erm"] / v for k, v in t.items() if k != "erm"})
+    res.update({f"{k}_peak_mib": v for k, v in mem.items()})
+    res.update({f"gmeta_over_{k}": v / t["gmeta"] for k, v in t.items() if k not in GMETA_SELF})
+    res.update({f"memory_over_{k}": mem["gmeta"] / mem[k] for k in ("vmap", "vmap-bucketed", "erm")})
+    return res
 
 
 def bench_train_step(name: str, cfg: Config, batch, repeats: int, threads: int, results: dict) -> None:
@@ -208,7 +240,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--models", nargs="+", default=["ads_cvr", "criteo"], choices=["ads_cvr", "criteo"])
+    ap.add_argument("--models", nargs="+", default=["ads_cvr", *CRITEO], choices=["ads_cvr", *CRITEO])
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gmeta-bench"))
     args = ap.parse_args()
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -219,9 +251,10 @@ def main() -> None:
         for n in (32, 128):
             batch = next(iter(TaskReader(shards, "train", n, seed=0, size_buckets=cfg.meta.size_buckets)))
             setups.append((f"ads_cvr_N{n}", cfg, batch))
-    if "criteo" in args.models:
-        cfg = criteo_config()
-        setups.append(("criteo_N128", cfg, criteo_batch(cfg, 128, 20, 20, seed=0)))
+    for size in CRITEO:
+        if size in args.models:
+            cfg, rows = criteo_config(size), CRITEO[size][3]
+            setups.append((f"{size}_N128", cfg, criteo_batch(cfg, 128, rows, rows, seed=0)))
     results = {}
     for threads in args.threads:
         torch.set_num_threads(threads)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.contenders import loop_loss, task_views, vmap_loss
+from benchmarks.contenders import bucket_views, loop_loss, task_views, vmap_bucketed_loss, vmap_loss
 from gmeta.meta.maml import maml_loss
 from tests.meta.test_maml import _lookup, _setup
 
@@ -20,9 +20,13 @@ def test_torch_func_contenders_equal_gmeta(debug_config_path, debug_data, first_
     wrt = list(head.parameters()) + [rows]
     ref = maml_loss(head, rows, batch, layout, **kw).loss
     ref_grads = torch.autograd.grad(ref, wrt)
-    views = task_views(batch, layout)
-    for fn in (loop_loss, vmap_loss):
-        loss = fn(head, rows, views, model.num_features, kw)
+    views, buckets = task_views(batch, layout), bucket_views(batch, layout)
+    # the buckets pad to widths of their own, narrower than the batch's largest task
+    widths = sorted(b.padded["dense_s"].shape[1] for b in buckets)
+    assert len(buckets) == 2 and widths[0] < widths[1] == views.padded["dense_s"].shape[1]
+    assert sum(len(b.loop) for b in buckets) == 6
+    for fn, arg in ((loop_loss, views), (vmap_loss, views), (vmap_bucketed_loss, buckets)):
+        loss = fn(head, rows, arg, model.num_features, kw)
         torch.testing.assert_close(loss, ref, rtol=0, atol=1e-10)  # float64; reduction order differs by torch version
         for g, r in zip(torch.autograd.grad(loss, wrt), ref_grads):
             torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
@@ -63,3 +67,59 @@ def test_bias_baseline_recovers_item_means_and_task_offsets():
     np.testing.assert_allclose(both, [3.5, 3.5])
     # shrinkage pulls the offset toward 0: 2 support rows, k_task 2 -> half of it
     np.testing.assert_allclose(predict(train, new, 0, 2)[2], [3.25, 3.25])
+
+
+def test_meta_step_reports_every_contender_as_a_share_of_erm(debug_config_path, debug_data, capsys):
+    """benchmarks/meta_step.py's model section on a small model whose tasks fill two size
+    buckets: every contender (both vmap variants included) runs, first and second order, and
+    each one's rows/s is also given as a share of ERM's on the same rows."""
+    from benchmarks.meta_step import bench_model
+    from gmeta.config import load_config
+    from gmeta.io.reader import TaskReader
+
+    cfg = load_config(debug_config_path, ["meta.size_buckets=2"])
+    batch = next(iter(TaskReader(debug_data["shards"], "train", 4, shuffle=False, size_buckets=2)))
+    results: dict = {}
+    bench_model("debug", cfg, batch, repeats=1, threads=1, results=results)
+    contenders = ("gmeta", "gmeta-imp", "gmeta-mat", "loop", "vmap", "vmap-bucketed")
+    for order in ("first", "second"):
+        res = results[f"debug_t1_{order}"]
+        for k in contenders:
+            assert res[f"{k}_share_of_erm"] == pytest.approx(res[f"{k}_rows_per_s"] / res["erm_rows_per_s"])
+            assert res[f"{k}_peak_mib"] > 0
+        assert res["erm_saved_mib"] > 0 and res["gmeta_saved_mib"] > 0
+    out = capsys.readouterr().out
+    assert "bucket 1:" in out and out.count("as a share of ERM's") == 2 and "vmap-bucketed" in out
+
+
+def test_memory_benchmark_counts_the_step_not_the_tables(debug_config_path, debug_data):
+    """benchmarks/memory.py's figure is what the step saves for its backward: the same with
+    tables 200 times larger (the fused sharded lookup keeps a reference to the whole table
+    for its backward, which is no memory the step adds)."""
+    import os
+
+    import torch.distributed as dist
+
+    from benchmarks.memory import step_saved_mib
+    from gmeta.config import load_config
+    from gmeta.io.reader import TaskReader
+    from gmeta.models.dlrm import build_model
+    from gmeta.parallel.dist import free_port
+    from gmeta.parallel.sharding import shard_model
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        figures = []
+        for scale in (1, 200):
+            cfg = load_config(debug_config_path)
+            for f in cfg.features.sparse:
+                f.num_embeddings *= scale  # the prepared ids stay in range
+            torch.manual_seed(0)
+            model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, torch.device("cpu")).module
+            batch = next(iter(TaskReader(debug_data["shards"], "train", 8, shuffle=False,
+                                         size_buckets=cfg.meta.size_buckets)))
+            figures.append(step_saved_mib(model, batch, cfg.meta, 2, first_order=False))
+        assert figures[0] > 0 and figures[0] == figures[1]
+    finally:
+        dist.destroy_process_group()

@@ -23,11 +23,13 @@ class FastWeights(LinearHook):
     After K SGD steps the task's layer applied to rows ``x`` is therefore exactly
 
         W_t x + b_t = W x + b - sum_k lr * (D_k^T (X_k x) + sum_s D_k[s])
+                    = W x + b - sum_k lr * D_k^T (X_k x + 1)
 
     The heavy product ``W x`` is the shared-weight GEMM over every row of every task (as in
-    ERM); the per-task part is two small batched products ``[R, S] = x X^T`` and
-    ``[R, S] @ D``, of size R x S x (in + out) per task per step: attention of the rows
-    over the task's support rows. Nothing of size N x out x in exists, in the forward, the
+    ERM); the per-task part is two small batched products ``[R, S] = x X^T + 1`` and
+    ``[R, S] @ D`` (the 1 adds the bias updates, the column sums of D, inside the second
+    product: no separate full-size op per layer), of size R x S x (in + out) per task per
+    step: attention of the rows over the task's support rows. Nothing of size N x out x in exists, in the forward, the
     inner gradients (taken with respect to the layer outputs, not the weights) or the
     backward. Second order is autograd through these same products; first order treats
     ``X`` and ``D`` as constants, as FOMAML treats the inner gradient. Padded support
@@ -60,8 +62,8 @@ class FastWeights(LinearHook):
                 out = params[p + "bias"].shape[0]
                 for n in FILM:
                     self.weights[p + n] = params[p + "bias"].new_zeros(num_tasks, out).requires_grad_()
-        # prefix -> (X [N,M,in], lr*D [N,M,out], its sum over the M rows [N,1,out]: the bias update)
-        self.past: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # prefix -> (X [N,M,in], lr*D [N,M,out]) of the M support rows of all steps so far
+        self.past: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prefix -> (input, output) of the last call
 
     def linear(self, prefix: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -78,8 +80,8 @@ class FastWeights(LinearHook):
         y = F.linear(x, weight, bias)
         past = self.past.get(prefix)
         if past is not None:
-            xs, ds, dsum = past
-            y = y - torch.baddbmm(dsum, torch.bmm(x, xs.transpose(1, 2)), ds)
+            xs, ds = past
+            y = torch.baddbmm(y, torch.baddbmm(x.new_ones(()), x, xs.transpose(1, 2)), ds, alpha=-1)
         if prefix in self.implicit:
             self.seen[prefix] = (x, y)
         return y
@@ -98,11 +100,10 @@ class FastWeights(LinearHook):
             if self.first_order:
                 x = x.detach()
             d = d * cast(float, lr)  # implicit layers come with a scalar lr only (choose_fast_weights)
-            dsum = d.sum(1, keepdim=True)
             if p in self.past:
-                xs, ds, prev = self.past[p]
-                x, d, dsum = torch.cat([xs, x], dim=1), torch.cat([ds, d], dim=1), prev + dsum
-            self.past[p] = (x, d, dsum)
+                xs, ds = self.past[p]
+                x, d = torch.cat([xs, x], dim=1), torch.cat([ds, d], dim=1)
+            self.past[p] = (x, d)
         self.weights = {n: sgd_step(w, next(it), lr[n] if isinstance(lr, dict) else lr)
                         for n, w in self.weights.items()}
         self.seen = {}

@@ -246,6 +246,20 @@ class BatchLayout:
     def num_rows(self) -> int:
         return self.num_support + self.num_query
 
+    def in_order(self) -> tuple[bool, bool]:
+        """Whether the one size bucket's padded support (query) index is every support
+        (query) row in order, ``arange(R).view(N, W)``: then a reshape moves rows into it,
+        and no gather (and no scatter in its backward) is needed. Known from shapes alone,
+        without reading the index: a bucket of all tasks with no padded slot (each task has
+        W rows) takes them in order when one bucket was asked for, or when every task has
+        the same size, support and query (``build_arrays``'s stable sort keeps their order)."""
+        if len(self.buckets) != 1:
+            return False, False
+        b = self.buckets[0]
+        full_s, full_q = b.s_index.numel() == self.num_support, b.q_index.numel() == self.num_query
+        ordered = self.requested_buckets == 1 or (full_s and full_q)
+        return ordered and full_s, ordered and full_q
+
     def kjt(self, keys: list[str]) -> KeyedJaggedTensor:
         """The distinct ids as a KeyedJaggedTensor of one row per feature (stride 1), with
         its per-key lengths given so that torchrec need not read them from the device."""

@@ -32,7 +32,7 @@ from torch.autograd.profiler import record_function
 from gmeta.config import Config, MetaConfig
 from gmeta.meta.base import MetaOutput, gather_rows, sum_terms, task_losses
 from gmeta.meta.erm import erm_loss
-from gmeta.meta.fast_weights import FastWeights, choose_fast_weights
+from gmeta.meta.fast_weights import FastWeights, choose_fast_weights, sgd_step
 from gmeta.meta.layout import BatchLayout
 from gmeta.models.dlrm import DLRMHead, MetaDLRM
 from gmeta.types import TaskBatch
@@ -110,9 +110,10 @@ def adapt_and_query(
     labels_s, labels_q = batch.labels[:n_s], batch.labels[n_s:]
     dense_s, dense_q = batch.dense[:n_s], batch.dense[n_s:]
     buckets = L.buckets
+    in_order_s, in_order_q = L.in_order()
     # rows [R, ...] -> padded per task [N_b, W_b, ...], per bucket
-    ys = [gather_rows(labels_s, b.s_index) for b in buckets]
-    xs = [gather_rows(dense_s, b.s_index) for b in buckets]
+    ys = [per_task(labels_s, b.s_index, in_order_s) for b in buckets]
+    xs = [per_task(dense_s, b.s_index, in_order_s) for b in buckets]
     params = dict(head.named_parameters())
     fast = [FastWeights(choose_fast_weights(head, adapt_dense, fast_weights, lr, steps, b.s_index.shape[1],
                                             b.q_index.shape[1], dense_adaptation),
@@ -125,7 +126,7 @@ def adapt_and_query(
             pooled_s = L.pool(emb_s, slot_s, div_s, n_s)
             parts = []
             for i, b in enumerate(buckets):
-                logits_s = head(xs[i], gather_rows(pooled_s, b.s_index), fast[i])
+                logits_s = head(xs[i], per_task(pooled_s, b.s_index, in_order_s), fast[i])
                 parts.append(task_losses(head, logits_s, ys[i], b.s_mask, b.s_count))
             losses = torch.cat(parts)
             if k == 0:
@@ -138,7 +139,7 @@ def adapt_and_query(
                 f.step([next(it) for _ in part], lr)
             if adapt_rows:
                 g = grads[-1]
-                source = source - g * (emb_lr[L.group_feature] if torch.is_tensor(emb_lr) else emb_lr)
+                source = sgd_step(source, g, emb_lr[L.group_feature] if torch.is_tensor(emb_lr) else emb_lr)
     if on_adapted is not None:
         on_adapted(fast, source if adapt_rows else None)
 
@@ -147,14 +148,23 @@ def adapt_and_query(
         pooled_q = L.pool(emb_q, slot_q, div_q, n_q)
         parts, flat = [], []
         for i, b in enumerate(buckets):
-            logits_q = head(gather_rows(dense_q, b.q_index), gather_rows(pooled_q, b.q_index), fast[i])
-            parts.append(task_losses(head, logits_q, gather_rows(labels_q, b.q_index), b.q_mask, b.q_count))
+            logits_q = head(per_task(dense_q, b.q_index, in_order_q), per_task(pooled_q, b.q_index, in_order_q),
+                            fast[i])
+            parts.append(task_losses(head, logits_q, per_task(labels_q, b.q_index, in_order_q), b.q_mask,
+                                     b.q_count))
             flat.append(logits_q.reshape(-1))
         query_loss = torch.cat(parts)[L.task_order]
         if not with_logits:
             return None, query_loss, support_loss0
         # padded slots of all buckets -> the query rows in query-block order
         return torch.cat(flat).index_select(0, L.query_order), query_loss, support_loss0
+
+
+def per_task(x: torch.Tensor, index: torch.Tensor, in_order: bool) -> torch.Tensor:
+    """Rows ``[R, ...]`` -> a bucket's padded per-task layout ``[N_b, W_b, ...]``: a reshape
+    (a view of contiguous rows) when the bucket holds every row in order
+    (``BatchLayout.in_order``), else a gather."""
+    return x.reshape(*index.shape, *x.shape[1:]) if in_order else gather_rows(x, index)
 
 
 def maml_loss(head: DLRMHead, rows: torch.Tensor, batch: TaskBatch, layout: BatchLayout, *, steps: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor
@@ -333,3 +334,73 @@ def test_single_valued_features_pool_by_reshape_and_equal_reference(debug_config
               for f in model.features}
     _check_against_reference(model, head, batch, tables, 2, "auto", steps=2, lr=0.3, emb_lr=0.7,
                              adapt_dense=["dense_arch", "over_arch"], adapt_embeddings=True, first_order=first_order)
+
+
+def _one_size(batch, pooling: list[str], size_buckets: int):
+    """The batch cut to tasks of one size: each task's first support and first query rows,
+    as many as the smallest task has."""
+    from gmeta.io.collate import pack_batch
+
+    so, qo = batch.support_offsets.numpy(), batch.query_offsets.numpy()
+    w_s, w_q = int(np.diff(so).min()), int(np.diff(qo).min())
+    keep = np.concatenate([(so[:-1, None] + np.arange(w_s)).ravel(), so[-1] + (qo[:-1, None] + np.arange(w_q)).ravel()])
+    nf, r = len(pooling), batch.num_rows
+    lengths = batch.sparse.lengths().numpy().reshape(nf, r)
+    starts = np.concatenate([[0], np.cumsum(lengths.ravel())])[:-1].reshape(nf, r)
+    values = batch.sparse.values().numpy()
+    n = len(so) - 1
+    # dense and labels: the reader's float32 values, which _setup doubled (exact both ways)
+    arrays = {"values": np.concatenate([values[s: s + ln] for f in range(nf)
+                                        for s, ln in zip(starts[f, keep], lengths[f, keep])]),
+              "lengths": lengths[:, keep].ravel(), "dense": batch.dense.float().numpy()[keep],
+              "labels": batch.labels.float().numpy()[keep], "support_offsets": np.arange(n + 1) * w_s,
+              "query_offsets": np.arange(n + 1) * w_q, "task_ids": batch.task_ids.numpy()}
+    out = pack_batch(arrays, batch.sparse.keys(), pooling, size_buckets).unpack()
+    out.dense, out.labels = out.dense.double(), out.labels.double()
+    return out
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("buckets", [1, 2])
+def test_tasks_of_one_size_move_by_reshape_and_equal_per_task_reference(debug_config_path, debug_data, first_order,
+                                                                          buckets):
+    """Tasks all of one size fill their one bucket in order (``BatchLayout.in_order``): the
+    step moves rows into it by a reshape, no gather, and still equals the reference."""
+    model, head, batch, tables = _setup(debug_config_path, debug_data)
+    batch = _one_size(batch, model.pooling, buckets)
+    layout = layout_of(batch, model.pooling, buckets)
+    b = layout.buckets[0]
+    assert layout.in_order() == (True, True) and len(layout.buckets) == 1
+    assert b.s_index.reshape(-1).tolist() == list(range(layout.num_support))
+    assert b.q_index.reshape(-1).tolist() == list(range(layout.num_query))
+    calls = []
+    real_gather = maml.gather_rows
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(maml, "gather_rows", lambda x, index: calls.append(index) or real_gather(x, index))
+        _check_against_reference(model, head, batch, tables, buckets, "auto", steps=2, lr=0.3, emb_lr=0.7,
+                                 adapt_dense=["dense_arch", "over_arch"], adapt_embeddings=True,
+                                 first_order=first_order)
+    assert not any(i is b.s_index or i is b.q_index for i in calls)  # rows moved by reshape
+
+
+def test_in_order_only_where_the_padded_index_is_every_row_in_order():
+    """``BatchLayout.in_order`` (known from shapes) against the index itself, over batches of
+    random task sizes, some all of one size, with 1 to 3 buckets asked for."""
+    from gmeta.meta.layout import BatchLayout, build_arrays
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for trial in range(300):
+        n = int(rng.integers(1, 6))
+        s = np.full(n, rng.integers(1, 4)) if trial % 2 else rng.integers(1, 4, n)
+        q = np.full(n, rng.integers(1, 4)) if trial % 3 else rng.integers(1, 4, n)
+        so, qo = np.concatenate([[0], np.cumsum(s)]), np.concatenate([[0], np.cumsum(q)])
+        r = int(so[-1] + qo[-1])
+        lay = BatchLayout.from_arrays(build_arrays(np.arange(r), np.ones(r, np.int64), so, qo, ["sum"],
+                                                   int(rng.integers(1, 4))))
+        got = lay.in_order()
+        for flag, index, rows in zip(got, ("s_index", "q_index"), (lay.num_support, lay.num_query)):
+            whole = len(lay.buckets) == 1 and getattr(lay.buckets[0], index).reshape(-1).tolist() == list(range(rows))
+            assert not flag or whole, (s, q, lay.requested_buckets)
+        seen.add(got)
+    assert seen == {(True, True), (True, False), (False, True), (False, False)}
