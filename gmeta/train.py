@@ -35,7 +35,7 @@ from torch.autograd.profiler import record_function
 from gmeta import checkpoint
 from gmeta.config import Config, OptimConfig, dump_yaml, flatten, to_dict
 from gmeta.io.id_counts import known_ids
-from gmeta.io.manifest import check_manifest_matches, load_manifest
+from gmeta.io.manifest import check_manifest_matches, check_same_shards, load_manifest, shards_record
 from gmeta.io.reader import TaskReader
 from gmeta.meta.algorithms import ALGORITHMS
 from gmeta.meta.base import MetaOutput
@@ -228,11 +228,13 @@ def run_steps(model, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.opt
         yield batch, out
 
 
-def main(cfg: Config, *, tracking_uri: str = "") -> dict:
-    """Train with ``cfg`` in this process (one of ``WORLD_SIZE``); returns final metrics."""
+def main(cfg: Config, *, tracking_uri: str = "", allow_other_shards: bool = False) -> dict:
+    """Train with ``cfg`` in this process (one of ``WORLD_SIZE``); returns final metrics.
+    ``allow_other_shards``: resume a checkpoint on shards other than those it was trained
+    on (a warning instead of an error)."""
     tracker_box: list = []
     try:
-        return _run(cfg, tracking_uri, tracker_box)
+        return _run(cfg, tracking_uri, tracker_box, allow_other_shards)
     except BaseException:
         if tracker_box:  # leave no MLflow run marked as running after a crash
             tracker_box[0].finish(status="FAILED")
@@ -321,7 +323,7 @@ class TrainingRun:
     ``__init__`` (setup), ``resume``, ``open_tracking``, ``loop`` (with ``log`` and
     ``checkpoint`` on their steps) and ``finish`` (final checkpoint, evaluation)."""
 
-    def __init__(self, cfg: Config, tracking_uri: str, tracker_box: list) -> None:
+    def __init__(self, cfg: Config, tracking_uri: str, tracker_box: list, allow_other_shards: bool = False) -> None:
         configure_threads(cfg.train.threads)  # before any compute: torch's default oversubscribes shared cores
         self.cfg, self.t = cfg, cfg.train
         self.env = env = init_distributed()
@@ -331,7 +333,12 @@ class TrainingRun:
         self.ckpt_root = self.out_dir / "checkpoints"
         self.manifest = load_manifest(cfg.data.shards_dir)
         check_manifest_matches(self.manifest, cfg, str(location(cfg.data.shards_dir) / "manifest.json"))
+        self.shards = shards_record(cfg.data.shards_dir, self.manifest)  # kept in every checkpoint
         self.resume_from = _resume_path(cfg, self.out_dir)
+        if self.resume_from is not None:  # before anything is built: its model, and the shards it was trained on
+            resumed = checkpoint.check_resumable(self.resume_from, cfg)
+            check_same_shards(resumed.get("shards"), self.manifest, cfg.data.shards_dir, self.resume_from,
+                              allow=allow_other_shards, doing="resuming training on")
         # the reader first: a split too small for this many ranks is an error before the model is built
         d = cfg.data
         self.reader = TaskReader(d.shards_dir, "train", cfg.meta.tasks_per_batch, rank=env.rank,
@@ -400,6 +407,7 @@ class TrainingRun:
         if self.resume_from is None:
             return
         env = self.env
+        checkpoint.check_state_fits(self.resume_from, self.model, self.dense_opt, self.cfg)
         meta, own = checkpoint.load_training_state(self.resume_from, self.model, self.dense_opt)
         self.step, self.tasks_total = int(meta["step"]), int(meta.get("tasks_total", 0))
         self.skipped_nonfinite = int(meta.get("skipped_nonfinite_steps", 0))
@@ -453,6 +461,7 @@ class TrainingRun:
                 "algorithm": self.cfg.meta.algorithm, "mlflow_run_id": self.tracker.run_id if env.is_main else "",
                 "tracking_uri": self.tracker.uri if env.is_main else "",
                 "input_columns": self.manifest.get("input_columns"),  # raw types, for serving
+                "shards": self.shards,  # which shards: evaluate, predict and resume compare them
                 "validation": {"metric": self.metric, "best": self.best, "best_step": self.best_step,
                                "since_best": self.since_best, "stopped_early": self.stopped_early}}
         if weights_only:
@@ -640,8 +649,8 @@ class TrainingRun:
         return result
 
 
-def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
-    run = TrainingRun(cfg, tracking_uri, tracker_box)  # setup
+def _run(cfg: Config, tracking_uri: str, tracker_box: list, allow_other_shards: bool = False) -> dict:
+    run = TrainingRun(cfg, tracking_uri, tracker_box, allow_other_shards)  # setup
     run.resume()
     run.open_tracking()
     run.loop()
