@@ -338,7 +338,7 @@ class TrainingRun:
         if self.resume_from is not None:  # before anything is built: its model, and the shards it was trained on
             resumed = checkpoint.check_resumable(self.resume_from, cfg)
             check_same_shards(resumed.get("shards"), self.manifest, cfg.data.shards_dir, self.resume_from,
-                              allow=allow_other_shards, doing="resuming training on")
+                              allow=allow_other_shards, doing="resuming training on", quiet=not env.is_main)
         # the reader first: a split too small for this many ranks is an error before the model is built
         d = cfg.data
         self.reader = TaskReader(d.shards_dir, "train", cfg.meta.tasks_per_batch, rank=env.rank,
