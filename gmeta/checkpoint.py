@@ -42,6 +42,7 @@ import pickle
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,7 +52,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, Fsspec
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
 
-from gmeta.config import Config, ConfigError, config_from_dict, to_dict
+from gmeta.config import Config, ConfigError, config_from_dict, flatten, to_dict
 from gmeta.models.dlrm import MetaDLRM, build_model
 from gmeta.storage import check_bucket, is_url, location, rmtree
 from gmeta.version import __version__
@@ -524,6 +525,90 @@ def _dotted(cfg: Config, key: str):
     for part in key.split("."):
         node = getattr(node, part)
     return node
+
+
+# ------------------------------------------------------------------ resuming another config's checkpoint
+
+def model_differences(theirs: Config, mine: Config) -> list[tuple[str, Any, Any]]:
+    """(config key, the checkpoint's value, this config's value) of each setting that shapes
+    the model's tensors and differs: _SHAPE_KEYS, the sparse features and their table
+    rows, the dense features."""
+    out = [(k, _dotted(theirs, k), _dotted(mine, k)) for k in _SHAPE_KEYS if _dotted(theirs, k) != _dotted(mine, k)]
+    a, b = [s.name for s in theirs.features.sparse], [s.name for s in mine.features.sparse]
+    if a != b:
+        out.append(("features.sparse (names, in order)", a, b))
+    rows = {s.name: s.num_embeddings for s in theirs.features.sparse}
+    out += [(f"features.sparse[{i}].num_embeddings ({s.name})", rows[s.name], s.num_embeddings)
+            for i, s in enumerate(mine.features.sparse) if s.name in rows and rows[s.name] != s.num_embeddings]
+    if list(theirs.features.dense) != list(mine.features.dense):
+        out.append(("features.dense", list(theirs.features.dense), list(mine.features.dense)))
+    return out
+
+
+def _listed(diffs: list[tuple[str, Any, Any]]) -> str:
+    return "\n".join(f"  {k}: {json.dumps(a)} (checkpoint) vs {json.dumps(b)} (this config)" for k, a, b in diffs)
+
+
+def check_resumable(path: str | Path, cfg: Config, key: str = "train.resume") -> dict:
+    """Before a model is built: the checkpoint at ``path`` must hold this config's model.
+    Returns its metadata; raises CheckpointError naming ``key`` and each config key that differs."""
+    path = location(path)
+    meta = read_meta(path)
+    diffs = model_differences(config_of(path, meta), cfg)
+    if diffs:
+        raise CheckpointError(f"{key}: {path} holds a model of another config:\n{_listed(diffs)}\nresume with the "
+                              "config it was trained with, or start afresh (another train.output_dir, or "
+                              "train.init_from for its weights where they fit)")
+    return meta
+
+
+# the config sections whose keys can change a training checkpoint's tensors
+_STATE_SECTIONS = ("model.", "features.", "meta.", "optim.", "sharding.")
+
+
+def _flat_tensors(state: dict, prefix: str = "") -> dict[str, Any]:
+    # the keys DCP stores a nested state dict under (its flatten_state_dict joins the path by ".")
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        name = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_flat_tensors(v, name))
+        elif isinstance(v, torch.Tensor):
+            out[name] = v
+    return out
+
+
+def check_state_fits(path: str | Path, model, dense_opt: torch.optim.Optimizer, cfg: Config,
+                     key: str = "train.resume") -> None:
+    """The training state of ``path`` must fit this model and its optimizers, tensor by
+    tensor (global shapes, so any world size): else a CheckpointError naming the tensors
+    and the config keys that differ between the checkpoint's config and ``cfg``, rather
+    than DCP's error from inside its load plan."""
+    path = location(path)
+    try:
+        stored = safe_reader(path).read_metadata().state_dict_metadata
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{key}: {path}: cannot read checkpoint metadata: {type(e).__name__}: {e}") from None
+    state, _, _ = _training_state(model, dense_opt)
+    bad = []
+    for name, t in _flat_tensors(state).items():
+        m = stored.get(name)
+        if not isinstance(m, TensorStorageMetadata):  # (the safe reader admits tensors only)
+            bad.append(f"{name} (not in the checkpoint)")
+        elif tuple(m.size) != tuple(t.size()):
+            bad.append(f"{name} ({list(m.size)} in the checkpoint, {list(t.size())} here)")
+    if not bad:
+        return
+    theirs = flatten(to_dict(config_of(path, read_meta(path))))
+    mine = flatten(to_dict(cfg))
+    diffs = [(k, theirs.get(k), mine.get(k)) for k in list(theirs) + [k for k in mine if k not in theirs]
+             if k.startswith(_STATE_SECTIONS) and theirs.get(k) != mine.get(k)]
+    more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+    raise CheckpointError(f"{key}: {path} holds a training state that does not fit this model: "
+                          f"{'; '.join(bad[:4])}{more}; config keys that differ:\n"
+                          + (_listed(diffs) or "  (none in model, features, meta, optim, sharding)"))
 
 
 def load_sharded(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config, dict]:

@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=int, default=0,
                    help="with N > 1 processes: restarts of the whole job after a process fails (torchrun); "
                         "use with --resume auto to continue from the last checkpoint")
+    p.add_argument("--allow-other-shards", action="store_true",
+                   help="resume a checkpoint on shards other than those it was trained on (their manifest's content "
+                        "hash differs): a warning instead of an error")
 
     p = sub.add_parser("sweep", help="hyperparameter search (Optuna) over sweep.params, scored on validation tasks",
                        description="Train one run per trial, score it on the validation tasks, prune trials that "
@@ -108,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="test tasks (eval) or validation tasks (val) (default: eval.split)")
     p.add_argument("--out", default=None, help="report directory (default: <checkpoint>/../eval)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes, tables sharded (default: 1, unsharded)")
+    p.add_argument("--allow-other-shards", action="store_true",
+                   help="score shards other than those the checkpoint (and --baseline) was trained on (their "
+                        "manifest's content hash differs): a warning instead of an error")
     p.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: the training run's)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
 
@@ -128,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-part", type=int, default=200_000, help="query rows per Parquet part")
     p.add_argument("--max-tasks", type=int, default=0, help="predict only the first N tasks (0: all)")
     p.add_argument("--resume", action="store_true", help="continue the predictions already in --out")
+    p.add_argument("--allow-other-shards", action="store_true",
+                   help="predict on shards other than those the checkpoint was trained on (their manifest's content "
+                        "hash differs): a warning instead of an error")
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="with --input: worker processes taking units of tasks from a shared queue (default: 1, "
                         "in this process)")
@@ -425,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         launched = bool(os.environ.get(MESSAGES_ENV))  # a worker of gmeta's own launcher
         main_rank = os.environ.get("RANK", "0") == "0"
         try:
-            train_main(cfg, tracking_uri=args.tracking_uri)
+            train_main(cfg, tracking_uri=args.tracking_uri, allow_other_shards=args.allow_other_shards)
         except (PrepareError, ConfigError, CheckpointError, NonFiniteLossError, StorageError) as e:
             _report_error("train", e)
             return 2
@@ -482,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             result = run_evaluate(args.checkpoint, run_id=args.run_id or "", cfg_override=cfg,
                                   baseline=args.baseline, shards_dir=shards, shards_why=why,
                                   tracking=not args.no_tracking, tracking_uri=args.tracking_uri, out_dir=args.out,
-                                  inner_steps=args.inner_steps, split=args.split)
+                                  inner_steps=args.inner_steps, split=args.split,
+                                  allow_other_shards=args.allow_other_shards)
         except (CheckpointError, PrepareError, ValueError, StorageError) as e:
             _report_error("evaluate", e)
             return 2
@@ -503,9 +513,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             shards, why = _explicit_shards(args)
             if args.input:
-                if shards or args.max_tasks or args.tasks_per_batch or args.split != "eval":
-                    print("gmeta predict: --input reads raw rows; --shards, --split, --max-tasks and "
-                          "--tasks-per-batch are for task shards", file=sys.stderr)
+                if (shards or args.max_tasks or args.tasks_per_batch or args.split != "eval"
+                        or args.allow_other_shards):
+                    print("gmeta predict: --input reads raw rows; --shards, --split, --max-tasks, "
+                          "--tasks-per-batch and --allow-other-shards are for task shards", file=sys.stderr)
                     return 2
                 from gmeta.predict_raw import run_predict_node, run_predict_raw
 
@@ -534,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
                                       split=args.split, inner_steps=args.inner_steps,
                                       tasks_per_batch=args.tasks_per_batch,
                                       rows_per_part=args.rows_per_part, resume=args.resume,
-                                      max_tasks=args.max_tasks, progress=sys.stderr.isatty())
+                                      max_tasks=args.max_tasks, progress=sys.stderr.isatty(),
+                                      allow_other_shards=args.allow_other_shards)
         except (CheckpointError, PrepareError, PredictError, StorageError) as e:
             print(f"gmeta predict: {e}", file=sys.stderr)
             return 2

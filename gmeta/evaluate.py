@@ -37,8 +37,8 @@ from gmeta.report import build_report
 from gmeta.scoring import Predictions, collect
 from gmeta.storage import check_bucket, local_dir, location
 
-__all__ = ["evaluate", "run_evaluate", "choose_shards", "resolve_checkpoint", "format_table", "write_report",
-           "log_report"]
+__all__ = ["evaluate", "run_evaluate", "choose_shards", "check_shards", "resolve_checkpoint", "format_table",
+           "write_report", "log_report"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,21 @@ def choose_shards(shards_dir: str | Path | None, why: str, cfg: Config, checkpoi
     return shards
 
 
+def check_shards(checkpoint: str | Path, meta: dict, cfg: Config, shards: str | Path, *,
+                 allow_other_shards: bool = False, doing: str = "evaluating") -> None:
+    """Before any model is loaded: the shards must hold records the checkpoint's model
+    (``cfg``, from ``meta``) reads, else an error naming the schema fields that differ
+    (there is no scoring such shards); and they must be the shards it was trained on, else
+    an error naming the manifest fields that differ, a warning with ``allow_other_shards``."""
+    from gmeta.io.manifest import MANIFEST, check_same_shards, check_schema
+
+    manifest = load_manifest(shards)
+    check_schema(manifest, cfg, location(shards) / MANIFEST, f"{checkpoint}'s")
+    # every rank refuses alike; the warnings come once, not once per rank
+    check_same_shards(meta.get("shards"), manifest, shards, checkpoint, allow=allow_other_shards, doing=doing,
+                      quiet=os.environ.get("RANK", "0") != "0")
+
+
 def _fine_tuned(bmodel: MetaDLRM, bcfg: Config, cfg: Config):
     """The ERM baseline fine-tuned per task, its steps and rates chosen on the validation
     tasks of the shards evaluated (``gmeta.finetune``): ((model, config), choice), or
@@ -136,13 +151,15 @@ def _fine_tuned(bmodel: MetaDLRM, bcfg: Config, cfg: Config):
 def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_override: Config | None = None,
                  baseline: str | Path | None = None, shards_dir: str | None = None, shards_why: str = "--shards",
                  tracking: bool = True, tracking_uri: str = "", out_dir: str | Path | None = None,
-                 inner_steps: int | None = None, split: Literal["eval", "val"] | None = None) -> dict | None:
+                 inner_steps: int | None = None, split: Literal["eval", "val"] | None = None,
+                 allow_other_shards: bool = False) -> dict | None:
     """``gmeta evaluate``: load the checkpoint (sharded under torchrun, else unsharded),
     evaluate, write the report files and log them to the checkpoint's MLflow run.
     ``shards_dir``: the shards to evaluate on (``shards_why``: who chose them, for the log);
-    None: the checkpoint's own (``choose_shards``). Returns the report on rank 0, None on
-    other ranks."""
-    from gmeta.checkpoint import load_sharded, load_unsharded
+    None: the checkpoint's own (``choose_shards``). Shards other than those the checkpoint
+    (and ``baseline``) was trained on are refused unless ``allow_other_shards``
+    (``check_shards``). Returns the report on rank 0, None on other ranks."""
+    from gmeta.checkpoint import config_of, load_sharded, load_unsharded, read_meta
     from gmeta.parallel.dist import configure_threads, init_distributed, under_torchrun
     from gmeta.tracking import make_tracker
 
@@ -151,6 +168,15 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
     check_bucket(dest, "--out")  # before the work: a mistyped bucket fails at once
     if cfg_override is not None:  # before loading: loading is compute too
         configure_threads(cfg_override.train.threads)
+    # the shards, checked before any model is built
+    meta = read_meta(path)
+    trained = config_of(path, meta)
+    shards = choose_shards(shards_dir, shards_why, trained, path)
+    check_shards(path, meta, trained, shards, allow_other_shards=allow_other_shards)
+    if baseline:
+        bmeta = read_meta(baseline)
+        check_shards(baseline, bmeta, config_of(baseline, bmeta), shards, allow_other_shards=allow_other_shards,
+                     doing="scoring the baseline on")
     env = init_distributed() if under_torchrun() else None
     try:
         if env is not None:
@@ -161,7 +187,7 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
             configure_threads(cfg.train.threads)
         else:  # evaluation settings come from --config; the data from the checkpoint (choose_shards)
             cfg.eval = cfg_override.eval
-        cfg.data.shards_dir = str(choose_shards(shards_dir, shards_why, cfg, path))
+        cfg.data.shards_dir = str(shards)
         if inner_steps is not None:
             cfg.eval.inner_steps = inner_steps
         if split is not None:

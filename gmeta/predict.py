@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from gmeta.checkpoint import load_unsharded
-from gmeta.evaluate import choose_shards
+from gmeta.checkpoint import config_of, load_unsharded, read_meta
+from gmeta.evaluate import check_shards, choose_shards
 from gmeta.io.reader import TaskReader, task_keys
 from gmeta.parallel.dist import configure_threads, default_device
 from gmeta.scoring import inner_steps_for, predict_query
@@ -70,20 +70,24 @@ def part_name(i: int) -> str:
 def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str | None = None, split: str = "eval",
                 inner_steps: int | None = None, tasks_per_batch: int | None = None, rows_per_part: int = 200_000,
                 resume: bool = False, max_tasks: int = 0, progress: bool = True, shards_why: str = "--shards",
-                device: torch.device | None = None) -> dict:
+                device: torch.device | None = None, allow_other_shards: bool = False) -> dict:
     """Predict every query row of ``split``; returns a summary (rows, tasks, parts, rows/s).
     ``shards_dir`` (chosen by ``shards_why``, for the log): None for the shards the checkpoint
     was trained on. Threads: the checkpoint's train.threads (see ``configure_threads``).
-    ``device``: where to adapt and score (default: the GPU if there is one)."""
+    ``device``: where to adapt and score (default: the GPU if there is one). Shards other
+    than those the checkpoint was trained on are refused unless ``allow_other_shards``."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     device = device or default_device()
     out = location(out_dir)
     check_bucket(out, "--out")
+    meta = read_meta(checkpoint)
+    trained = config_of(checkpoint, meta)
+    shards = choose_shards(shards_dir, shards_why, trained, checkpoint, command="predict")
+    check_shards(checkpoint, meta, trained, shards, allow_other_shards=allow_other_shards, doing="predicting")
     model, cfg, meta = load_unsharded(checkpoint, device)
     configure_threads(cfg.train.threads)
-    shards = choose_shards(shards_dir, shards_why, cfg, checkpoint, command="predict")
     steps = inner_steps_for(cfg, inner_steps)
     tpb = tasks_per_batch or cfg.eval.tasks_per_batch
     job = {"checkpoint": absolute(checkpoint), "shards": absolute(shards), "split": split,

@@ -38,7 +38,7 @@ from gmeta import checkpoint
 from gmeta.config import Config, OptimConfig, dump_yaml, flatten, to_dict
 from gmeta.io.features import id_hash_of
 from gmeta.io.id_counts import known_ids
-from gmeta.io.manifest import check_manifest_matches, load_manifest
+from gmeta.io.manifest import check_manifest_matches, check_same_shards, load_manifest, shards_record
 from gmeta.io.reader import TaskReader
 from gmeta.meta.algorithms import ALGORITHMS
 from gmeta.meta.base import MetaOutput
@@ -327,11 +327,13 @@ def run_steps(model, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.opt
         yield batch, out
 
 
-def main(cfg: Config, *, tracking_uri: str = "") -> dict:
-    """Train with ``cfg`` in this process (one of ``WORLD_SIZE``); returns final metrics."""
+def main(cfg: Config, *, tracking_uri: str = "", allow_other_shards: bool = False) -> dict:
+    """Train with ``cfg`` in this process (one of ``WORLD_SIZE``); returns final metrics.
+    ``allow_other_shards``: resume a checkpoint on shards other than those it was trained
+    on (a warning instead of an error)."""
     tracker_box: list = []
     try:
-        return _run(cfg, tracking_uri, tracker_box)
+        return _run(cfg, tracking_uri, tracker_box, allow_other_shards)
     except BaseException:
         if tracker_box:  # leave no MLflow run marked as running after a crash
             tracker_box[0].finish(status="FAILED")
@@ -444,7 +446,7 @@ class TrainingRun:
     ``__init__`` (setup), ``resume``, ``open_tracking``, ``loop`` (with ``log`` and
     ``checkpoint`` on their steps) and ``finish`` (final checkpoint, evaluation)."""
 
-    def __init__(self, cfg: Config, tracking_uri: str, tracker_box: list) -> None:
+    def __init__(self, cfg: Config, tracking_uri: str, tracker_box: list, allow_other_shards: bool = False) -> None:
         configure_threads(cfg.train.threads)  # before any compute: torch's default oversubscribes shared cores
         self.cfg, self.t = cfg, cfg.train
         self.env = env = init_distributed()
@@ -455,15 +457,20 @@ class TrainingRun:
         self.manifest = load_manifest(cfg.data.shards_dir)
         check_manifest_matches(self.manifest, cfg, str(location(cfg.data.shards_dir) / "manifest.json"))
         self.id_hash = id_hash_of(self.manifest, str(location(cfg.data.shards_dir) / "manifest.json"))
+        self.shards = shards_record(cfg.data.shards_dir, self.manifest)  # kept in every checkpoint
         self.resume_from = _resume_path(cfg, self.out_dir)
-        if self.resume_from is not None:  # its table rows stand for ids hashed one way: the shards must agree
+        if self.resume_from is not None:  # before anything is built: its model, and the shards it was trained on
+            resumed = checkpoint.check_resumable(self.resume_from, cfg)
+            # its table rows stand for ids hashed one way: no flag makes other hashing right
             at = str(location(self.resume_from) / checkpoint.META)
-            theirs = id_hash_of(checkpoint.read_meta(self.resume_from), at)
+            theirs = id_hash_of(resumed, at)
             if theirs != self.id_hash:
                 raise checkpoint.CheckpointError(
                     f"{at}: its tables were trained on ids of id_hash {theirs}, the shards in data.shards_dir hold "
                     f"id_hash {self.id_hash} (manifest.json): resume on the shards it was trained on, or start a new "
                     "run (train.resume: none)")
+            check_same_shards(resumed.get("shards"), self.manifest, cfg.data.shards_dir, self.resume_from,
+                              allow=allow_other_shards, doing="resuming training on", quiet=not env.is_main)
         # the reader first: a split too small for this many ranks is an error before the model is built
         d = cfg.data
         self.reader = TaskReader(d.shards_dir, "train", cfg.meta.tasks_per_batch, rank=env.rank,
@@ -532,6 +539,7 @@ class TrainingRun:
         if self.resume_from is None:
             return
         env = self.env
+        checkpoint.check_state_fits(self.resume_from, self.model, self.dense_opt, self.cfg)
         meta, own = checkpoint.load_training_state(self.resume_from, self.model, self.dense_opt)
         self.step, self.tasks_total = int(meta["step"]), int(meta.get("tasks_total", 0))
         self.skipped_nonfinite = int(meta.get("skipped_nonfinite_steps", 0))
@@ -589,6 +597,7 @@ class TrainingRun:
                 "tracking_uri": self.tracker.uri if env.is_main else "",
                 "input_columns": self.manifest.get("input_columns"),  # raw types, for serving
                 "id_hash": self.id_hash,  # of the shards the tables learn from: serving hashes raw ids alike
+                "shards": self.shards,  # which shards: evaluate, predict and resume compare them
                 "validation": {"metric": self.metric, "best": self.best, "best_step": self.best_step,
                                "since_best": self.since_best, "stopped_early": self.stopped_early}}
         if weights_only:
@@ -805,8 +814,8 @@ class TrainingRun:
         return result
 
 
-def _run(cfg: Config, tracking_uri: str, tracker_box: list) -> dict:
-    run = TrainingRun(cfg, tracking_uri, tracker_box)  # setup
+def _run(cfg: Config, tracking_uri: str, tracker_box: list, allow_other_shards: bool = False) -> dict:
+    run = TrainingRun(cfg, tracking_uri, tracker_box, allow_other_shards)  # setup
     run.resume()
     run.open_tracking()
     run.loop()

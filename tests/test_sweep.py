@@ -43,9 +43,9 @@ def test_sweep_runs_trials_as_nested_runs_and_writes_the_best_config(val_shards,
     cfg_path = _sweep_config(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "sweep"
-    common = [f"data.shards_dir={val_shards}", "train.max_steps=8", "train.val_every_steps=4",
-              "train.val_max_tasks=32", "train.eval_at_end=false", "tracking.log_model=false",
-              "tracking.system_metrics_s=0", "train.nproc_per_node=1"]
+    common = [f"data.shards_dir={val_shards}", "data.split.val_fraction=0.15", "train.max_steps=8",
+              "train.val_every_steps=4", "train.val_max_tasks=32", "train.eval_at_end=false",
+              "tracking.log_model=false", "tracking.system_metrics_s=0", "train.nproc_per_node=1"]
     rc = cli_main(["sweep", "--config", str(cfg_path), "--out", str(out), "--tracking-uri", uri, *common])
     assert rc == 0
     summary = json.loads((out / "trials.json").read_text())
@@ -93,7 +93,8 @@ def test_a_stopped_sweep_stops_its_running_trial(val_shards, tmp_path):
 
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "gmeta.cli", "sweep", "--config", str(_sweep_config(tmp_path)), "--out", str(out),
-           f"data.shards_dir={val_shards}", "train.epochs=1000", "train.val_every_steps=4", "train.val_max_tasks=8",
+           f"data.shards_dir={val_shards}", "data.split.val_fraction=0.15", "train.epochs=1000",
+           "train.val_every_steps=4", "train.val_max_tasks=8",
            "train.eval_at_end=false", "tracking.enabled=false", "train.nproc_per_node=1", "data.num_workers=0"]
     sweep = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -151,7 +152,8 @@ sweep:
 """)
     out = tmp_path / "sweep"
     rc = cli_main(["sweep", "--config", str(cfg_path), "--out", str(out), f"data.shards_dir={val_shards}",
-                   "train.max_steps=6", "train.val_every_steps=3", "train.val_max_tasks=32", "train.eval_at_end=false",
+                   "data.split.val_fraction=0.15", "train.max_steps=6", "train.val_every_steps=3",
+                   "train.val_max_tasks=32", "train.eval_at_end=false",
                    "tracking.enabled=false"])
     assert rc == 0
     summary = json.loads((out / "trials.json").read_text())

@@ -31,7 +31,7 @@ def _train(out: Path, shards: Path, *extra: str, nproc: int = 1) -> subprocess.C
     proc = subprocess.run(
         [sys.executable, "-m", "gmeta.cli", "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", str(nproc),
          f"data.shards_dir={shards}", f"train.output_dir={out}", "train.eval_at_end=false",
-         "tracking.enabled=false", *extra],
+         "tracking.enabled=false", "data.split.val_fraction=0.15", *extra],
         capture_output=True, text=True, timeout=900, cwd=out.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

@@ -1,15 +1,29 @@
 """``manifest.json``: what ``gmeta prepare`` wrote (schema, splits, files, counts), read and
-checked by everything that reads shards."""
+checked by everything that reads shards.
+
+The manifest's *content hash* identifies a set of shards: a sha256 over the canonical JSON
+(sorted keys, no spaces) of every manifest field except those in ``NOT_IDENTITY``. It thus
+covers the schema, the id hashing, the split rule and its seed, the fractions, the task and
+row counts per split, the drop counts, the per-feature id statistics and the sha256 of every
+shard file. Training records it in each checkpoint (``shards_record``); evaluate, predict
+and ``train --resume`` compare it with the manifest of the shards they are given.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from gmeta.config import Config
+from gmeta.config import Config, flatten
 from gmeta.io.errors import PrepareError
-from gmeta.io.features import shard_fields
-from gmeta.storage import check_bucket, location
+from gmeta.io.features import SHARD_FIELDS
+from gmeta.storage import absolute, check_bucket, location
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: per-file "units" (row groups / tars) for the streaming reader
@@ -43,17 +57,163 @@ def _exists(path) -> bool:
         return False
 
 
-def check_manifest_matches(manifest: dict, cfg: Config, path: str) -> None:
-    """The shards must have been prepared with the features the config declares."""
-    want = [shard_fields(s) for s in cfg.features.sparse]
-    got = manifest["schema"]["sparse"]
-    if want != got:
-        raise PrepareError(f"{path}: sparse features {got} differ from the config's features.sparse {want};"
-                           " prepare the shards again with this config")
-    if manifest["schema"]["dense"] != list(cfg.features.dense):
-        raise PrepareError(f"{path}: dense features {manifest['schema']['dense']} differ from the config's "
-                           f"features.dense {list(cfg.features.dense)}")
-    objective = manifest["schema"].get("objective", "binary")
+class OtherShardsError(PrepareError):
+    """Shards whose manifest differs from those a checkpoint was trained on."""
+
+
+# Manifest fields that do not tell one set of shards from another: how long prepare took,
+# the path it read (the same rows read from a copy make the same shards, and the files'
+# checksums tell different rows apart) and how many buckets its memory cap asked for (when
+# that reorders the tasks, the files' checksums differ too).
+NOT_IDENTITY = ("seconds", "input", "partitions")
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def content_hash(manifest: dict) -> str:
+    """sha256 (hex) of the manifest's identifying content (see the module docstring)."""
+    return hashlib.sha256(_canonical({k: v for k, v in manifest.items() if k not in NOT_IDENTITY})).hexdigest()
+
+
+def identity(manifest: dict) -> dict[str, Any]:
+    """The identifying content as flat ``{"split_rule.eval_fraction": 0.2, ...}`` (what a
+    checkpoint records, to name the fields that differ); each split's file list is one
+    ``sha256:...`` of its entries (paths, counts and checksums), to keep checkpoints small."""
+    content = {k: v for k, v in manifest.items() if k not in NOT_IDENTITY}
+    splits = content.get("splits")
+    if isinstance(splits, dict):
+        content["splits"] = {s: ({**v, "files": "sha256:" + hashlib.sha256(_canonical(v["files"])).hexdigest()}
+                                 if isinstance(v, dict) and "files" in v else v) for s, v in splits.items()}
+    return flatten(content)
+
+
+def shards_record(shards_dir: str | Path, manifest: dict) -> dict:
+    """What a checkpoint keeps of the shards it was trained on (meta.json ``shards``)."""
+    return {"dir": absolute(location(shards_dir)), "content_hash": content_hash(manifest),
+            "manifest": identity(manifest)}
+
+
+# the fields named first when manifests differ: those that say why, before the counts they change
+_FIRST = ("format_version", "id_hash", "task_key", "schema.", "split_rule.", "splits.", "input_rows", "input_tasks")
+_ABSENT = object()
+
+
+def _rank(key: str) -> int:
+    return next((i for i, p in enumerate(_FIRST) if key == p or key.startswith(p)), len(_FIRST))
+
+
+def identity_diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """(field, old value, new value) of every identifying field that differs, the telling
+    ones first; a value missing on one side is ``"(absent)"``."""
+    keys = list(old) + [k for k in new if k not in old]
+    out = [(k, old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in keys if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+    out.sort(key=lambda d: _rank(d[0]))
+    return [(k, "(absent)" if a is _ABSENT else a, "(absent)" if b is _ABSENT else b) for k, a, b in out]
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str) and value.startswith("sha256:"):
+        return value[:19]  # enough to tell two digests apart
+    return value if value == "(absent)" else json.dumps(value)
+
+
+def format_diff(diffs: list[tuple[str, Any, Any]], old: str, new: str, limit: int = 12) -> str:
+    """One line per difference, ``key: <old value> (old) vs <new value> (new)``."""
+    lines = [f"  {k}: {_show(a)} ({old}) vs {_show(b)} ({new})" for k, a, b in diffs[:limit]]
+    if len(diffs) > limit:
+        lines.append(f"  ... and {len(diffs) - limit} more field(s)")
+    return "\n".join(lines)
+
+
+def check_same_shards(recorded: dict | None, manifest: dict, shards_dir: str | Path, checkpoint: str | Path, *,
+                      allow: bool, doing: str, quiet: bool = False) -> None:
+    """The shards in ``shards_dir`` (their ``manifest``) must be those ``checkpoint`` was
+    trained on (``recorded``: its meta.json ``shards``): else an OtherShardsError naming
+    the manifest fields that differ, both paths and the ``--allow-other-shards`` escape,
+    which turns it into a warning. ``doing``: what the shards are for, e.g. "evaluating".
+    A checkpoint that records nothing (written before checkpoints did) gets a warning.
+    ``quiet``: no warnings (the other ranks of a job whose rank 0 gives them)."""
+    path = location(shards_dir) / MANIFEST
+    if not recorded or "content_hash" not in recorded:
+        if not quiet:
+            log.warning("%s records no manifest content hash (written by an older gmeta): cannot check that %s "
+                        "belongs to the shards it was trained on", checkpoint, path)
+        return
+    got = content_hash(manifest)
+    if got == recorded["content_hash"]:
+        return
+    diffs = identity_diff(recorded.get("manifest") or {}, identity(manifest))
+    head = (f"{path} (content hash {got[:12]}) is not the manifest of the shards {checkpoint} was trained on "
+            f"({recorded.get('dir', '?')}, content hash {recorded['content_hash'][:12]}); fields that differ:\n"
+            + (format_diff(diffs, "trained on", "these shards") or "  (none recorded: the content hashes differ)"))
+    if allow:
+        if not quiet:
+            log.warning("%s\n%s them anyway (--allow-other-shards)", head, doing)
+        return
+    raise OtherShardsError(f"{head}\n{doing} them would mix held-out and training tasks or read another data set: "
+                           "give the shards it was trained on (--shards, data.shards_dir), prepare them again with "
+                           "its config, or pass --allow-other-shards to go on")
+
+
+def schema_differences(manifest: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
+    """(config key, the shards' value, the config's value) of each part of the record schema
+    that differs: what a model built from ``cfg`` cannot read from these shards."""
+    schema = manifest["schema"]
+    out: list[tuple[str, Any, Any]] = []
+    got = {s["name"]: s for s in schema["sparse"]}
+    want = list(cfg.features.sparse)
+    if [s["name"] for s in schema["sparse"]] != [s.name for s in want]:
+        out.append(("features.sparse (names, in order)", [s["name"] for s in schema["sparse"]], [s.name for s in want]))
+    for i, s in enumerate(want):
+        if s.name not in got:
+            continue
+        mine = asdict(s)
+        out += [(f"features.sparse[{i}].{k} ({s.name})", got[s.name].get(k), mine[k]) for k in SHARD_FIELDS
+                if k != "name" and got[s.name].get(k) != mine[k]]
+    if schema["dense"] != list(cfg.features.dense):
+        out.append(("features.dense", schema["dense"], list(cfg.features.dense)))
+    objective = schema.get("objective", "binary")  # (labels were checked for it)
     if objective != cfg.model.objective:
-        raise PrepareError(f"{path}: shards prepared for model.objective {objective!r} (labels checked for it), "
-                           f"the config has {cfg.model.objective!r}; prepare the shards again with this config")
+        out.append(("model.objective", objective, cfg.model.objective))
+    return out
+
+
+def settings_differences(manifest: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
+    """(config key, the manifest's value, the config's value) of the settings that decide
+    which tasks and rows the shards hold, beyond the schema: the task key and every
+    ``data.split`` key the manifest records. (data.format and the tasks per file or row
+    group only lay out the same tasks: the reader yields the same batches from any.)"""
+    out = []
+    if manifest.get("task_key", cfg.features.task_key) != cfg.features.task_key:
+        out.append(("features.task_key", manifest["task_key"], cfg.features.task_key))
+    rule = manifest.get("split_rule") or {}
+    out += [(f"data.split.{k}", rule[k], v) for k, v in asdict(cfg.data.split).items() if k in rule and rule[k] != v]
+    return out
+
+
+def _differences(diffs: list[tuple[str, Any, Any]], theirs: str, mine: str) -> str:
+    return "\n".join(f"  {k}: {json.dumps(a)} ({theirs}) vs {json.dumps(b)} ({mine})" for k, a, b in diffs)
+
+
+def check_schema(manifest: dict, cfg: Config, path: str | Path, whose: str) -> None:
+    """The shards' record schema must be the one ``cfg`` (``whose`` config: "the config",
+    "the checkpoint's") reads; else a PrepareError naming each field that differs."""
+    diffs = schema_differences(manifest, cfg)
+    if diffs:
+        raise PrepareError(f"{path}: shards of another schema than {whose} config (a model built from it cannot "
+                           f"read them):\n{_differences(diffs, 'these shards', whose + ' config')}")
+
+
+def check_manifest_matches(manifest: dict, cfg: Config, path: str) -> None:
+    """The shards must be what ``gmeta prepare`` writes with this config: its schema and the
+    settings that choose the tasks and rows. A config that disagrees (another split, or a
+    prepare with it that failed and left the previous shards in place) is refused, as a
+    model trained on these shards would claim settings they were not prepared with."""
+    diffs = schema_differences(manifest, cfg) + settings_differences(manifest, cfg)
+    if diffs:
+        raise PrepareError(f"{path}: prepared with other settings than the config (data.shards_dir holds shards "
+                           f"this config did not prepare):\n{_differences(diffs, 'manifest', 'config')}\n"
+                           "prepare the shards again with this config (gmeta prepare), or set data.shards_dir to "
+                           "the shards it prepared")

@@ -56,7 +56,7 @@ from gmeta.io.features import (
 from gmeta.io.formats import parquet, webdataset
 from gmeta.io.id_counts import DIR as ID_COUNTS
 from gmeta.io.id_counts import IdCounts
-from gmeta.io.manifest import FORMAT_VERSION, MANIFEST, splits_of
+from gmeta.io.manifest import FORMAT_VERSION, MANIFEST, content_hash, splits_of
 from gmeta.io.sources import Batch, Source, SourceError, open_source, parse_number
 from gmeta.io.split import DROP_REASONS, ROW_DROP_REASONS, chunk_tasks, split_tasks
 from gmeta.storage import check_bucket, is_url, location, rmtree, write_atomic
@@ -531,4 +531,6 @@ def format_report(m: dict) -> str:
         for name, per in unseen.items():
             lines.append(f"    {name}: " + "; ".join(f"{s} {100 * v['ids']:.1f}% / {100 * v['occurrences']:.1f}%"
                                                    for s, v in per.items()))
+    lines.append(f"  manifest content hash: {content_hash(m)} (checkpoints record it; evaluate, predict and "
+                 "resume compare it)")
     return "\n".join(lines)
