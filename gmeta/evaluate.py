@@ -120,10 +120,20 @@ def check_shards(checkpoint: str | Path, meta: dict, cfg: Config, shards: str | 
     (``cfg``, from ``meta``) reads, else an error naming the schema fields that differ
     (there is no scoring such shards); and they must be the shards it was trained on, else
     an error naming the manifest fields that differ, a warning with ``allow_other_shards``."""
+    from gmeta.io.errors import PrepareError
+    from gmeta.io.features import id_hash_of
     from gmeta.io.manifest import MANIFEST, check_same_shards, check_schema
 
     manifest = load_manifest(shards)
     check_schema(manifest, cfg, location(shards) / MANIFEST, f"{checkpoint}'s")
+    # its table rows stand for ids hashed one way: shards of another id hash are never right,
+    # whatever allow_other_shards says (their ids would land on other rows)
+    ours, theirs = id_hash_of(meta, f"{checkpoint}/meta.json"), id_hash_of(manifest, str(location(shards) / MANIFEST))
+    if ours != theirs:
+        raise PrepareError(f"{location(shards) / MANIFEST}: ids hashed with id_hash {theirs}, but {checkpoint}'s "
+                           f"tables were trained on ids of id_hash {ours} (its meta.json; none recorded: 1); "
+                           "prepare the shards again with the gmeta that trained it, or score raw rows with "
+                           "gmeta predict --input, which hashes as the checkpoint's tables were trained")
     # every rank refuses alike; the warnings come once, not once per rank
     check_same_shards(meta.get("shards"), manifest, shards, checkpoint, allow=allow_other_shards, doing=doing,
                       quiet=os.environ.get("RANK", "0") != "0")

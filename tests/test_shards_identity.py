@@ -130,6 +130,19 @@ def test_checkpoint_without_content_hash_is_a_warning(trained, tmp_path, caplog)
     assert any("records no manifest content hash" in r.message for r in caplog.records)
 
 
+def test_shards_of_another_id_hash_are_refused_even_when_other_shards_are_allowed(trained):
+    from gmeta.checkpoint import config_of
+    from gmeta.evaluate import check_shards
+
+    meta = json.loads((trained["checkpoint"] / "meta.json").read_text())
+    cfg = config_of(trained["checkpoint"], meta)
+    check_shards(trained["checkpoint"], meta, cfg, trained["shards"])  # its own shards: fine
+    del meta["id_hash"]  # a checkpoint whose tables learnt ids of the first hash (none recorded: 1)
+    for allow in (False, True):
+        with pytest.raises(PrepareError, match="ids hashed with id_hash 2, but .* id_hash 1"):
+            check_shards(trained["checkpoint"], meta, cfg, trained["shards"], allow_other_shards=allow)
+
+
 def test_train_refuses_a_config_that_disagrees_with_the_manifest(trained, debug_data, tmp_path):
     m = load_manifest(trained["shards"])
     check_manifest_matches(m, load_config(DEBUG_CONFIG), "manifest.json")
