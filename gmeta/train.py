@@ -673,6 +673,7 @@ class TrainingRun:
                      "train/data_stall_share": s.data_stall_share,
                      "train/skipped_bad_tasks": s.skipped_bad_tasks * env.world_size,
                      "train/skipped_nonfinite_steps": float(self.skipped_nonfinite),
+                     "train/tasks_left_out": float(self.reader.dropped_tasks),  # this epoch's, all ranks'
                      "train/comm_wait_share": s.comm_wait_share, "train/epoch": float(epoch)}
         self.tracker.log_metrics(self.last, step=self.step)
         if env.is_main:

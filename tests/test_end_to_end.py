@@ -98,7 +98,7 @@ def test_train_evaluate_predict_into_mlflow_server(tmp_path, mlflow_server):
     assert tags["gmeta.world_size"] == "2" and tags["gmeta.checkpoint"] == str(maml_ckpt.resolve())
     assert tags["version.torch"].startswith("2.") and "version.torchrec" in tags and "version.mlflow" in tags
     for key in ("train/query_loss", "train/support_loss", "train/tasks_per_s", "train/rows_per_s",
-                "train/data_stall_share", "train/comm_wait_share", "train/skipped_bad_tasks",
+                "train/data_stall_share", "train/comm_wait_share", "train/skipped_bad_tasks", "train/tasks_left_out",
                 "eval/maml_auc", "eval/maml_gauc", "eval/maml_logloss", "eval/maml_calibration", "eval/no_adapt_auc",
                 "eval/erm_auc", "eval/oracle_auc", "eval/support_8-15/maml_auc", "eval/auc_vs_k"):
         assert key in run.data.metrics, key
