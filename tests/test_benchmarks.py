@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from benchmarks.contenders import bucket_views, loop_loss, task_views, vmap_bucketed_loss, vmap_loss
 from gmeta.meta.maml import maml_loss
 from tests.meta.test_maml import _lookup, _setup
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """The benchmarks' in-process runs set torchrun's variables (RANK, MASTER_PORT, ...):
+    a later test's subprocess that inherited them would take itself for a rank of a job
+    and listen on a port already used."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.mark.parametrize("first_order", [False, True])
@@ -96,8 +109,6 @@ def test_memory_benchmark_counts_the_step_not_the_tables(debug_config_path, debu
     """benchmarks/memory.py's figure is what the step saves for its backward: the same with
     tables 200 times larger (the fused sharded lookup keeps a reference to the whole table
     for its backward, which is no memory the step adds)."""
-    import os
-
     import torch.distributed as dist
 
     from benchmarks.memory import step_saved_mib
