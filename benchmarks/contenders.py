@@ -169,7 +169,7 @@ def bucket_views(batch: TaskBatch, layout: BatchLayout) -> list[TaskViews]:
     views = task_views(batch, layout)
     out = []
     for b in layout.buckets:
-        loop = [views.loop[t] for t in b.tasks.tolist()]
+        loop = [views.loop[t] for t in b.tasks.cpu().tolist()]  # (host indices: the batch may be on a GPU)
         out.append(TaskViews(loop, pad_tasks(loop, layout.num_features)))
     return out
 

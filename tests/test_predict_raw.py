@@ -92,8 +92,9 @@ def test_tasks_without_support_rows_get_the_shared_models_scores(debug_checkpoin
     got = _read(tmp_path / "out")
     # the reference: every task scored with its support rows, K = steps, and unadapted (K = 0)
     q = (full["role"] == "query").to_numpy()
-    adapted = score_rows(model, cfg, full, steps, meta.get("input_columns"))["score"].to_numpy()[q]
-    shared = score_rows(model, cfg, full, 0, meta.get("input_columns"))["score"].to_numpy()[q]
+    kw = dict(column_types=meta.get("input_columns"), id_hash=meta["id_hash"])
+    adapted = score_rows(model, cfg, full, steps, **kw)["score"].to_numpy()[q]
+    shared = score_rows(model, cfg, full, 0, **kw)["score"].to_numpy()[q]
     is_new = cold.to_numpy()[q]
     assert len(got) == q.sum() and (got["task_key"].isin(new).to_numpy() == is_new).all()
     np.testing.assert_allclose(got["score"][is_new], shared[is_new], atol=1e-5)
@@ -102,7 +103,7 @@ def test_tasks_without_support_rows_get_the_shared_models_scores(debug_checkpoin
     want_support = np.where(is_new, 0, full.loc[q, "campaign_id"].map(support).to_numpy())
     np.testing.assert_array_equal(got["support_rows"], want_support)
     # the pyfunc model's scoring of the same rows
-    served = score_rows(model, cfg, df, steps, meta.get("input_columns"))["score"]
+    served = score_rows(model, cfg, df, steps, meta.get("input_columns"), id_hash=meta["id_hash"])["score"]
     np.testing.assert_allclose(served[df["role"] == "query"].to_numpy(), got["score"].to_numpy(), atol=1e-5)
 
 

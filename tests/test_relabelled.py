@@ -16,6 +16,7 @@ import pytest
 
 from gmeta.cli import main as cli_main
 from gmeta.config import load_config
+from gmeta.io.features import ID_HASH
 from gmeta.io.prepare import prepare
 
 COMMON = ["features.true_prob=''", "features.dense=[price]", "model.embedding_dim=4", "model.dense_arch=[4]",
@@ -116,7 +117,7 @@ def test_relabelled_data_trains_logs_its_model_and_serves_raw_rows(relabelled, t
     m, cfg, meta = load_unsharded(tmp_path / "run" / "checkpoint")
     plain = load_config(None, relabelled["overrides"] + ["features.positive_labels=[]", "features.negative_labels=[]"])
     as01 = some.assign(**{label: np.where(q, np.nan, y01[some.index]).astype(float)})
-    want = score_rows(m, plain, as01, 2)["score"].to_numpy()
+    want = score_rows(m, plain, as01, 2, id_hash=meta["id_hash"])["score"].to_numpy()
     np.testing.assert_allclose(scores, want[q], rtol=1e-5, atol=1e-6)
     # and they are used: the same rows with every support label flipped score otherwise
     flipped = some.copy()
@@ -164,10 +165,10 @@ def test_query_labels_may_be_missing_whatever_the_label_type(labels, support, co
     types = {"k": "int64", "y": column_type, "a": "int64"}
     rows = pd.DataFrame({"k": [7] * 5, "y": pd.Series(support + [None, None], dtype=object),
                          "a": [1, 2, 3, 4, 5], "role": ["support"] * 3 + ["query"] * 2})
-    (block, positions), = rows_to_blocks(rows, cfg, 4, types)
+    (block, positions), = rows_to_blocks(rows, cfg, 4, types, id_hash=ID_HASH)
     np.testing.assert_array_equal(block.support.label, [0.0, 1.0, 1.0])
     assert positions.tolist() == [3, 4]
     # and the model's signature example, written in the same encoding and type
     example = example_rows(cfg, types)
-    (block, _), = rows_to_blocks(example, cfg, 4, types)
+    (block, _), = rows_to_blocks(example, cfg, 4, types, id_hash=ID_HASH)
     np.testing.assert_array_equal(block.support.label, [0.0, 1.0])
