@@ -4,6 +4,7 @@ model, on a briefly trained debug checkpoint."""
 from __future__ import annotations
 
 import json
+import re
 
 import mlflow
 import numpy as np
@@ -238,7 +239,9 @@ def test_baseline_fine_tuned_per_task_is_chosen_on_validation_tasks(debug_checkp
     assert report["erm_ft_auc"] != report["erm_auc"]  # fine-tuning changed the predictions
     choice = report["erm_ft_choice"]
     assert any(f"inner_lr {a:g}, embedding_inner_lr {b:g}" in choice for a, b in FINE_TUNE_LRS), choice
-    assert any(choice.startswith(f"K={k},") for k in STEPS) and "validation gauc" in choice
+    # K from the grid, or beyond it where the grid was widened (the best lay at its edge)
+    k = re.match(r"K=(\d+), ", choice)
+    assert k and (int(k.group(1)) in STEPS or int(k.group(1)) > max(STEPS)) and "validation gauc" in choice, choice
     table = (tmp_path / "eval" / "eval_report.md").read_text()
     assert "| erm_ft |" in table and "erm_ft: the ERM baseline fine-tuned" in table
     assert "| model | GAUC | AUC | logloss |" in table  # GAUC leads

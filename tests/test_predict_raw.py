@@ -264,9 +264,11 @@ def test_a_job_whose_workers_all_die_resumes_with_another_process_count(debug_ch
 def test_a_worker_input_error_stops_the_job_naming_the_file(debug_checkpoint, debug_data, tmp_path):
     cfg = load_unsharded(debug_checkpoint)[1]
     df = _with_roles(_rows(debug_data, 20), cfg)
-    nosupport = df[~((df["campaign_id"] == df["campaign_id"].iloc[0]) & (df["role"] == "support"))]
-    with pytest.raises(PrepareError, match=r"nosup: .*has no support rows"):
-        run_predict_raw(debug_checkpoint, _write(nosupport, tmp_path / "nosup"), tmp_path / "o", nproc=2,
+    # a task with support rows only is an input error (nothing to score; one with query rows
+    # only is not: the shared model scores it)
+    noquery = df[~((df["campaign_id"] == df["campaign_id"].iloc[0]) & (df["role"] == "query"))]
+    with pytest.raises(PrepareError, match=r"noquery: .*has no query rows"):
+        run_predict_raw(debug_checkpoint, _write(noquery, tmp_path / "noquery"), tmp_path / "o", nproc=2,
                         units=4, progress=False)
     progress = json.loads((tmp_path / "o" / "_progress.json").read_text())
     assert not progress["complete"]
