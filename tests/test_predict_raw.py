@@ -298,8 +298,9 @@ def test_two_nodes_share_the_queue_and_a_lost_node_has_its_units_taken_over(debu
     src, want, _ = _job(debug_checkpoint, debug_data, tmp_path)
     kw = JOB
     # two nodes, one worker each: both take units (node 0's is slowed, so node 1, which starts
-    # later, gets some); node 1's worker is killed before its first unit and replaced
-    _faulty(monkeypatch, "slow=0:2,kill=1:1")
+    # later, gets some: 4 s a unit leaves node 1 half a minute to start, lose its worker and
+    # replace it, also on a busy machine); node 1's worker is killed before its first unit
+    _faulty(monkeypatch, "slow=0:4,kill=1:1")
     port = free_port()
     node1 = _node(debug_checkpoint, src, tmp_path / "two", port)
     two = run_predict_raw(debug_checkpoint, src, tmp_path / "two", nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", **kw)
@@ -310,7 +311,7 @@ def test_two_nodes_share_the_queue_and_a_lost_node_has_its_units_taken_over(debu
     pd.testing.assert_frame_equal(want, _read(tmp_path / "two"))
     # node 1 lost with its worker (the machine gone) while scoring: node 0 takes its unit over
     # (node 0 slowed too, so that units are left when node 1 joins)
-    _faulty(monkeypatch, "slow=0:2,slow=1:30")
+    _faulty(monkeypatch, "slow=0:4,slow=1:30")
     port = free_port()
     node1 = _node(debug_checkpoint, src, tmp_path / "lost", port, start_new_session=True)
 
