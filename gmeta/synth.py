@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,51 @@ def task_sizes(rng: np.random.Generator, n: int, lo: int, hi: int, alpha: float)
     return np.clip(np.floor(lo * (1.0 + rng.pareto(alpha, size=n))), lo, hi).astype(np.int64)
 
 
-def generate(cfg: Config, out_dir: str | Path) -> dict:
-    """Write raw row-level Parquet files to ``out_dir``; return a summary dict."""
-    s = cfg.synth
+@dataclass
+class Hidden:
+    """One draw of the generator: the hidden model and every row, in the order drawn.
+
+    Rows are written in the order ``order`` (row ``order[j]`` of these arrays is row ``j``
+    of the output). The arrays named ``*_lat``, ``ad_quality`` and ``t_*`` are never
+    written: they are what a model has to learn, and what the ceilings in
+    ``gmeta.ceiling`` know.
+    """
+
+    user_lat: np.ndarray  # [num_users, k] hidden user latent u_user
+    ad_lat: np.ndarray  # [num_ads, k] hidden ad latent a_ad
+    ad_quality: np.ndarray  # [num_ads] hidden ad bias
+    ad_campaign: np.ndarray  # [num_ads] the campaign that owns each ad
+    ad_lat_attr: np.ndarray  # [num_ads, k] E[a_ad | the ad's attributes]
+    ad_quality_attr: np.ndarray  # [num_ads] E[ad quality | the ad's attributes]
+    ad_lat_scale: float  # standard deviation of each coordinate of a_ad
+    ad_quality_scale: float  # standard deviation of the ad quality
+    attribute_share: float  # share of the variance of a_ad and the ad quality its attributes explain
+    t_bias: np.ndarray  # [num_tasks]
+    t_pref: np.ndarray  # [num_tasks, k]
+    t_slope: np.ndarray  # [num_tasks]
+    camp_adv: np.ndarray  # [num_tasks] advertiser of each campaign
+    sizes: np.ndarray  # [num_tasks] rows per campaign
+    task: np.ndarray  # [rows] campaign index
+    user: np.ndarray  # [rows] user index
+    ad: np.ndarray  # [rows] ad index
+    hour: np.ndarray  # [rows]
+    device: np.ndarray  # [rows]
+    site: np.ndarray  # [rows]
+    dense: np.ndarray  # [rows, 3] bid price, user activity, ad position (standardised)
+    # [rows] the shared logit's terms the row's features show: mu + b_hour + b_device + b_site + beta . dense
+    base: np.ndarray
+    shared: np.ndarray  # [rows] the whole shared logit (base + <u_user, a_ad> + ad quality)
+    p_true: np.ndarray  # [rows]
+    label: np.ndarray  # [rows] int8
+    ts: np.ndarray  # [rows] seconds
+    user_tags_flat: np.ndarray  # the users' interest tags, concatenated
+    user_tag_off: np.ndarray  # [num_users + 1] offsets into user_tags_flat
+    n_tags: np.ndarray  # [num_users]
+    order: np.ndarray  # [rows] the written order
+
+
+def check_schema(cfg: Config) -> None:
+    """The features ``gmeta synth`` needs in the config; raises ValueError naming them."""
     f = cfg.features
     expected = {"user_id", "ad_id", "advertiser_id", "hour", "device", "site_id", "interests"}
     have = {sp.name for sp in f.sparse}
@@ -50,10 +93,11 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
             f"{sorted(expected)} and features.dense must list 3 columns; got sparse={sorted(have)}, "
             f"dense={f.dense}"
         )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("part-*.parquet"):
-        old.unlink()
+
+
+def draw(cfg: Config) -> Hidden:
+    """Draw the hidden model and every row from ``synth.seed`` (deterministic)."""
+    s = cfg.synth
     rng = np.random.default_rng(s.seed)
     k = s.latent_dim
 
@@ -102,21 +146,40 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
     pos_std = (position - 3.0) / 1.4
     dense = np.stack([bid, activity, pos_std], axis=1)
 
-    shared = (
-        mu
-        + np.einsum("ij,ij->i", user_lat[user], ad_lat[ad])
-        + ad_quality[ad]
-        + hour_b[hour]
-        + dev_b[device]
-        + site_b[site]
-        + dense @ beta
-    )
+    base = mu + hour_b[hour] + dev_b[device] + site_b[site] + dense @ beta
+    shared = base + np.einsum("ij,ij->i", user_lat[user], ad_lat[ad]) + ad_quality[ad]
     per_task = t_bias[task] + np.einsum("ij,ij->i", t_pref[task], user_lat[user]) + t_slope[task] * bid
     p_true = 1.0 / (1.0 + np.exp(-(shared + per_task)))
     label = (rng.random(n_rows) < p_true).astype(np.int8)
     # 30 days of impressions, each campaign active on a random window
     start = rng.integers(0, 20 * 86400, size=s.num_tasks)
     ts = start[task] + rng.integers(0, 10 * 86400, size=n_rows)
+    # Shuffle rows so that raw files are not grouped by task (as real logs are not).
+    order = rng.permutation(n_rows)
+    return Hidden(user_lat=user_lat, ad_lat=ad_lat, ad_quality=ad_quality,
+                  ad_campaign=np.repeat(np.arange(s.num_tasks), ads_per_camp), ad_lat_attr=np.zeros_like(ad_lat),
+                  ad_quality_attr=np.zeros_like(ad_quality), ad_lat_scale=1.5 / np.sqrt(k), ad_quality_scale=0.3,
+                  attribute_share=0.0,
+                  t_bias=t_bias, t_pref=t_pref, t_slope=t_slope, camp_adv=camp_adv, sizes=sizes, task=task,
+                  user=user, ad=ad, hour=hour, device=device, site=site, dense=dense, base=base, shared=shared,
+                  p_true=p_true, label=label, ts=ts, user_tags_flat=user_tags_flat, user_tag_off=user_tag_off,
+                  n_tags=n_tags, order=order)
+
+
+def generate(cfg: Config, out_dir: str | Path) -> dict:
+    """Write raw row-level Parquet files to ``out_dir``; return a summary dict."""
+    check_schema(cfg)
+    s = cfg.synth
+    f = cfg.features
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("part-*.parquet"):
+        old.unlink()
+    h = draw(cfg)
+    n_rows = len(h.task)
+    task, user, ad, order = h.task, h.user, h.ad, h.order
+    n_tags, user_tag_off, user_tags_flat = h.n_tags, h.user_tag_off, h.user_tags_flat
+    dense, label, p_true, sizes = h.dense, h.label, h.p_true, h.sizes
 
     # interests: the user's tags (multi-hot, variable length)
     row_ntags = n_tags[user]
@@ -125,24 +188,22 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
     gather = np.repeat(user_tag_off[user], row_ntags) + within
     interests = pa.ListArray.from_arrays(pa.array(row_off, pa.int32()), pa.array(user_tags_flat[gather], pa.int64()))
 
-    # Shuffle rows so that raw files are not grouped by task (as real logs are not).
-    order = rng.permutation(n_rows)
     table = pa.table(
         {
             f.task_key: pa.array(_ID_BASE["campaign_id"] + task[order]),
             "user_id": pa.array(_ID_BASE["user_id"] + user[order]),
             "ad_id": pa.array(_ID_BASE["ad_id"] + ad[order]),
-            "advertiser_id": pa.array(_ID_BASE["advertiser_id"] + camp_adv[task[order]]),
-            "hour": pa.array(hour[order]),
-            "device": pa.array(device[order]),
-            "site_id": pa.array(site[order]),
+            "advertiser_id": pa.array(_ID_BASE["advertiser_id"] + h.camp_adv[task[order]]),
+            "hour": pa.array(h.hour[order]),
+            "device": pa.array(h.device[order]),
+            "site_id": pa.array(h.site[order]),
             "interests": interests.take(pa.array(order)),
             f.dense[0]: pa.array(dense[order, 0].astype(np.float32)),
             f.dense[1]: pa.array(dense[order, 1].astype(np.float32)),
             f.dense[2]: pa.array(dense[order, 2].astype(np.float32)),
             f.label: pa.array(label[order]),
             f.true_prob or "p_true": pa.array(p_true[order].astype(np.float32)),
-            f.timestamp: pa.array(ts[order]),
+            f.timestamp: pa.array(h.ts[order]),
         }
     )
     files = []
