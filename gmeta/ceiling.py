@@ -157,7 +157,8 @@ def predict(cfg: Config, h: Hidden, ho: HeldOut, knowledge: str, support: bool) 
         raise ValueError(f"knowledge must be one of {KNOWLEDGE}, got {knowledge!r}")
     s = cfg.synth
     k = h.ad_lat.shape[1]
-    known_ad = knowledge == "true"
+    # attributes that explain all of the ad's variance are its true latent (no residual to infer)
+    known_ad = knowledge == "true" or (knowledge == "attributes" and h.attribute_share >= 1.0)
     out = []
     for s_rows, q_rows in zip(ho.support, ho.query, strict=True):
         rows = np.concatenate([s_rows, q_rows])

@@ -125,6 +125,17 @@ class SynthConfig:
     task_bias_scale: float = 1.0
     task_pref_scale: float = 1.5
     task_slope_scale: float = 0.8
+    # Ad attributes, constant per ad and written as the columns ad_category, creative_type
+    # and landing_page: the number of values of each.
+    num_ad_categories: int = 50
+    num_creative_types: int = 8
+    num_landing_pages: int = 300
+    # Share of the variance of an ad's hidden latent (and quality) that its attributes
+    # explain: each attribute value has a hidden latent, and the ad's is sqrt(share) times
+    # the (unit-variance) sum of its attributes' latents plus sqrt(1 - share) times a
+    # residual of its own, which only the ad's rows reveal. 0: attributes carry no signal
+    # (the hidden model of the data before attributes existed, drawn from the same seed).
+    ad_attribute_share: float = 0.5
     rows_per_file: int = 200_000
 
 
@@ -510,8 +521,10 @@ def validate(cfg: Config) -> None:
     _check(not clash, "features", f"feature names {sorted(clash)} clash with task key/label/timestamp")
 
     s = cfg.synth
-    for k in ("num_tasks", "num_users", "num_interests", "num_sites", "latent_dim", "rows_per_file"):
+    for k in ("num_tasks", "num_users", "num_interests", "num_sites", "latent_dim", "rows_per_file",
+              "num_ad_categories", "num_creative_types", "num_landing_pages"):
         _check(getattr(s, k) >= 1, f"synth.{k}", "must be >= 1")
+    _check(0.0 <= s.ad_attribute_share <= 1.0, "synth.ad_attribute_share", "must be in [0, 1]")
     _check(s.min_rows_per_task >= 2, "synth.min_rows_per_task", "must be >= 2")
     _check(s.max_rows_per_task >= s.min_rows_per_task, "synth.max_rows_per_task",
            "must be >= synth.min_rows_per_task")

@@ -4,15 +4,26 @@ Each row is one ad impression of a campaign (the task). The conversion probabili
 from a hidden model with a shared part, which features can explain, and a per-campaign part,
 which they cannot::
 
-    logit = mu + <u_user, a_ad> + b_hour + b_device + b_site + beta . dense      (shared)
+    logit = mu + <u_user, a_ad> + b_ad + b_hour + b_device + b_site + beta . dense   (shared)
           + t_bias[c] + <t_pref[c], u_user> + t_slope[c] * bid_price                (per task)
 
 ``u_user`` is a hidden user latent partly reflected in the user's interest tags, ``a_ad`` a
-hidden ad latent. ``t_bias``, ``t_pref`` and ``t_slope`` are drawn per campaign and never
-written, so a model can only learn them for a new campaign from its support rows. Campaign
-sizes follow a Pareto law. Every campaign owns its ads, so held-out campaigns are cold start
-for their ads (their advertiser may be known). The true probability of every row is written
-(``p_true``) for the oracle AUC. Output is deterministic for a given ``synth.seed``.
+hidden ad latent (with the ad's quality in ``b_ad`` of the shared part). Each ad has three
+attributes, constant over its rows and written as columns: ``ad_category``,
+``creative_type`` and ``landing_page``. Every attribute value has a hidden latent, and an
+ad's latent and quality are drawn as::
+
+    (a_ad, b_ad) = scale * (sqrt(share) * sum of its attributes' latents (unit variance)
+                            + sqrt(1 - share) * residual of the ad id)
+
+(``share`` = ``synth.ad_attribute_share``): a new ad's attributes reveal part of its latent,
+the residual only its own rows. ``t_bias``, ``t_pref`` and ``t_slope`` are drawn per
+campaign and never written, so a model can only learn them for a new campaign from its
+support rows. Campaign sizes follow a Pareto law. Every campaign owns its ads, so held-out
+campaigns are cold start for their ads (their advertiser and attribute values may be known).
+The true probability of every row is written (``p_true``) for the oracle AUC. Output is
+deterministic for a given ``synth.seed``; ``draw`` returns the hidden model itself (for
+tests and ``gmeta.ceiling``), which is never written.
 """
 
 from __future__ import annotations
@@ -34,6 +45,39 @@ log = logging.getLogger(__name__)
 _ID_BASE = {"user_id": 10_000_000, "ad_id": 50_000_000, "advertiser_id": 90_000_000, "campaign_id": 1_000_000}
 
 
+# The ad attribute columns and the synth config key of each one's number of values.
+AD_ATTRIBUTES = {"ad_category": "num_ad_categories", "creative_type": "num_creative_types",
+                 "landing_page": "num_landing_pages"}
+# The sparse columns gmeta synth writes.
+SPARSE_COLUMNS = ("user_id", "ad_id", "advertiser_id", "hour", "device", "site_id", "interests", *AD_ATTRIBUTES)
+# Standard deviations of a_ad (its norm; each coordinate has this over sqrt(latent_dim))
+# and of the ad quality.
+_AD_LAT_SCALE = 1.5
+_AD_QUALITY_SCALE = 0.3
+
+
+def _ad_attributes(cfg: Config, n_ads: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each ad's attribute values ({column: [n_ads]}) and the sum of their hidden latents,
+    [n_ads, latent_dim + 1] (the last coordinate drives the quality), scaled so that each
+    coordinate has a mean square of 1 over the ads: the configured share is then the share
+    of the ads' variance in this draw, not only in expectation over draws of the few
+    values' latents (8 creative types give a noisy variance).
+
+    Drawn from a stream of their own (seeded by ``synth.seed``), so that every other draw of
+    the generator is the same whatever the attribute settings."""
+    s = cfg.synth
+    rng = np.random.default_rng([s.seed, 1])
+    attrs: dict[str, np.ndarray] = {}
+    total = np.zeros((n_ads, s.latent_dim + 1))
+    for name, key in AD_ATTRIBUTES.items():
+        n = getattr(s, key)
+        pop = 1.0 / np.arange(1, n + 1) ** 0.7  # a few common values, a long tail
+        attrs[name] = rng.choice(n, size=n_ads, p=pop / pop.sum())
+        total += rng.normal(size=(n, s.latent_dim + 1))[attrs[name]]
+    rms = np.sqrt(np.mean(total ** 2, axis=0))
+    return attrs, total / np.where(rms > 0, rms, 1.0)
+
+
 def task_sizes(rng: np.random.Generator, n: int, lo: int, hi: int, alpha: float) -> np.ndarray:
     """Power-law (Pareto, tail index ``alpha``) task sizes clipped to [lo, hi]."""
     return np.clip(np.floor(lo * (1.0 + rng.pareto(alpha, size=n))), lo, hi).astype(np.int64)
@@ -53,6 +97,7 @@ class Hidden:
     ad_lat: np.ndarray  # [num_ads, k] hidden ad latent a_ad
     ad_quality: np.ndarray  # [num_ads] hidden ad bias
     ad_campaign: np.ndarray  # [num_ads] the campaign that owns each ad
+    ad_attrs: dict[str, np.ndarray]  # attribute column -> [num_ads] the ad's value (0-based)
     ad_lat_attr: np.ndarray  # [num_ads, k] E[a_ad | the ad's attributes]
     ad_quality_attr: np.ndarray  # [num_ads] E[ad quality | the ad's attributes]
     ad_lat_scale: float  # standard deviation of each coordinate of a_ad
@@ -93,6 +138,10 @@ def check_schema(cfg: Config) -> None:
             f"{sorted(expected)} and features.dense must list 3 columns; got sparse={sorted(have)}, "
             f"dense={f.dense}"
         )
+    unknown = sorted(have - set(SPARSE_COLUMNS))
+    if unknown:
+        raise ValueError(f"features.sparse lists {unknown}, which gmeta synth does not write "
+                         f"(it writes {list(SPARSE_COLUMNS)})")
 
 
 def draw(cfg: Config) -> Hidden:
@@ -119,8 +168,14 @@ def draw(cfg: Config) -> Hidden:
     ads_per_camp = rng.integers(1, 6, size=s.num_tasks)
     ad_off = np.concatenate([[0], np.cumsum(ads_per_camp)])
     n_ads = int(ad_off[-1])
-    ad_lat = rng.normal(size=(n_ads, k)) / np.sqrt(k) * 1.5
-    ad_quality = rng.normal(0, 0.3, size=n_ads)
+    ad_resid = np.concatenate([rng.normal(size=(n_ads, k)), rng.normal(size=(n_ads, 1))], axis=1)
+    ad_attrs, ad_attr_part = _ad_attributes(cfg, n_ads)
+    # a_ad and quality in units of their standard deviation: the attributes' part and the
+    # ad's own residual, independent, each of unit variance
+    ad_std = np.sqrt(s.ad_attribute_share) * ad_attr_part + np.sqrt(1.0 - s.ad_attribute_share) * ad_resid
+    ad_scale = np.concatenate([np.full(k, _AD_LAT_SCALE / np.sqrt(k)), [_AD_QUALITY_SCALE]])
+    ad_lat, ad_quality = (ad_std * ad_scale)[:, :k], (ad_std * ad_scale)[:, k]
+    ad_mean = np.sqrt(s.ad_attribute_share) * ad_attr_part * ad_scale  # E[a_ad, quality | attributes]
     t_bias = rng.normal(0, s.task_bias_scale, size=s.num_tasks)
     t_pref = rng.normal(0, s.task_pref_scale, size=(s.num_tasks, k))
     t_slope = rng.normal(0, s.task_slope_scale, size=s.num_tasks)
@@ -157,9 +212,10 @@ def draw(cfg: Config) -> Hidden:
     # Shuffle rows so that raw files are not grouped by task (as real logs are not).
     order = rng.permutation(n_rows)
     return Hidden(user_lat=user_lat, ad_lat=ad_lat, ad_quality=ad_quality,
-                  ad_campaign=np.repeat(np.arange(s.num_tasks), ads_per_camp), ad_lat_attr=np.zeros_like(ad_lat),
-                  ad_quality_attr=np.zeros_like(ad_quality), ad_lat_scale=1.5 / np.sqrt(k), ad_quality_scale=0.3,
-                  attribute_share=0.0,
+                  ad_campaign=np.repeat(np.arange(s.num_tasks), ads_per_camp), ad_attrs=ad_attrs,
+                  ad_lat_attr=ad_mean[:, :k], ad_quality_attr=ad_mean[:, k],
+                  ad_lat_scale=_AD_LAT_SCALE / np.sqrt(k), ad_quality_scale=_AD_QUALITY_SCALE,
+                  attribute_share=s.ad_attribute_share,
                   t_bias=t_bias, t_pref=t_pref, t_slope=t_slope, camp_adv=camp_adv, sizes=sizes, task=task,
                   user=user, ad=ad, hour=hour, device=device, site=site, dense=dense, base=base, shared=shared,
                   p_true=p_true, label=label, ts=ts, user_tags_flat=user_tags_flat, user_tag_off=user_tag_off,
@@ -198,6 +254,9 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
             "device": pa.array(h.device[order]),
             "site_id": pa.array(h.site[order]),
             "interests": interests.take(pa.array(order)),
+            # always written, as a log has every column: gmeta prepare reads only the
+            # features the config lists, so configs without them ignore them
+            **{name: pa.array(h.ad_attrs[name][ad[order]]) for name in AD_ATTRIBUTES},
             f.dense[0]: pa.array(dense[order, 0].astype(np.float32)),
             f.dense[1]: pa.array(dense[order, 1].astype(np.float32)),
             f.dense[2]: pa.array(dense[order, 2].astype(np.float32)),

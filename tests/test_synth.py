@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
-from gmeta.config import load_config
-from gmeta.synth import generate
+from gmeta.config import ConfigError, SparseFeature, load_config
+from gmeta.synth import AD_ATTRIBUTES, draw, generate
 
 
 def test_synth_is_deterministic_and_has_power_law_tasks(debug_config_path, tmp_path):
@@ -16,3 +18,67 @@ def test_synth_is_deterministic_and_has_power_law_tasks(debug_config_path, tmp_p
     assert a["task_size_max"] > 3 * a["task_size_median"] and a == {**b, "files": a["files"]}
     t = pq.read_table(tmp_path / "a").to_pandas()
     assert t.p_true.between(0, 1).all() and 0.05 < t.label.mean() < 0.6
+
+
+def test_ad_attributes_are_constant_per_ad_and_in_range(debug_config_path, tmp_path):
+    cfg = load_config(debug_config_path, ["synth.num_tasks=300"])
+    generate(cfg, tmp_path)
+    t = pq.read_table(tmp_path).to_pandas()
+    for name, key in AD_ATTRIBUTES.items():
+        assert (t.groupby("ad_id")[name].nunique() == 1).all(), name
+        assert t[name].between(0, getattr(cfg.synth, key) - 1).all(), name
+        assert t[name].nunique() > 1, name
+
+
+def _attribute_r2(cfg, h) -> np.ndarray:
+    """Share of the variance of each coordinate of (a_ad, ad quality) that a least-squares
+    fit on the ads' one-hot attribute values explains (measured, not the generator's own
+    decomposition)."""
+    x = np.concatenate([np.eye(getattr(cfg.synth, key))[h.ad_attrs[name]] for name, key in AD_ATTRIBUTES.items()],
+                       axis=1)
+    a = np.concatenate([h.ad_lat, h.ad_quality[:, None]], axis=1)
+    coef, *_ = np.linalg.lstsq(x, a, rcond=None)
+    centred = a - a.mean(axis=0)
+    return 1.0 - ((a - x @ coef) ** 2).sum(axis=0) / (centred ** 2).sum(axis=0)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.2, 0.5, 0.8])
+def test_attributes_explain_the_configured_share_of_the_ad_latent(debug_config_path, share):
+    # 4,000 campaigns: about 12,000 ads against 88 attribute values, so the fit's own
+    # overfitting (about 88 / 12,000 of the rest) stays far below the tolerance
+    cfg = load_config(debug_config_path, ["synth.num_tasks=4000", f"synth.ad_attribute_share={share}"])
+    h = draw(cfg)
+    r2 = _attribute_r2(cfg, h)
+    assert np.all(np.abs(r2 - share) < 0.05), r2
+    assert abs(r2.mean() - share) < 0.02, r2
+    # the generator's posterior mean given the attributes is what the fit finds
+    mean = np.concatenate([h.ad_lat_attr, h.ad_quality_attr[:, None]], axis=1)
+    a = np.concatenate([h.ad_lat, h.ad_quality[:, None]], axis=1)
+    explained = 1.0 - ((a - mean) ** 2).sum(axis=0) / ((a - a.mean(axis=0)) ** 2).sum(axis=0)
+    assert np.all(np.abs(explained - r2) < 0.03), (explained, r2)
+
+
+def test_hidden_draw_is_deterministic_and_the_share_moves_only_the_ads(debug_config_path):
+    cfg = load_config(debug_config_path, ["synth.num_tasks=200"])
+    a, b = draw(cfg), draw(cfg)
+    for name in ("ad_lat", "ad_quality", "user_lat", "t_pref", "p_true", "order"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    c = draw(load_config(debug_config_path, ["synth.num_tasks=200", "synth.ad_attribute_share=0.9"]))
+    for name in ("user_lat", "t_bias", "t_pref", "t_slope", "user", "ad", "dense", "ts", "order"):
+        assert np.array_equal(getattr(a, name), getattr(c, name)), name
+    assert not np.allclose(a.ad_lat, c.ad_lat)
+    for name in AD_ATTRIBUTES:
+        assert np.array_equal(a.ad_attrs[name], c.ad_attrs[name])
+
+
+def test_synth_refuses_features_it_does_not_write(debug_config_path, tmp_path):
+    cfg = load_config(debug_config_path)
+    cfg.features.sparse.append(SparseFeature(name="ad_colour", num_embeddings=16))
+    with pytest.raises(ValueError, match=r"features.sparse lists \['ad_colour'\], which gmeta synth does not write"):
+        generate(cfg, tmp_path)
+    assert not list(tmp_path.glob("*.parquet"))
+
+
+def test_attribute_share_is_checked(debug_config_path):
+    with pytest.raises(ConfigError, match=r"synth.ad_attribute_share: must be in \[0, 1\]"):
+        load_config(debug_config_path, ["synth.ad_attribute_share=1.5"])
