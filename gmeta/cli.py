@@ -384,7 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         from gmeta.synth import generate
 
         out = args.out or cfg.data.raw_dir
-        summary = generate(cfg, out)
+        try:
+            summary = generate(cfg, out)
+        except ValueError as e:  # a config whose features the generator does not write
+            print(f"gmeta synth: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {summary['rows']} rows of {summary['tasks']} tasks to {out}")
         return 0
 

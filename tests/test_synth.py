@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from gmeta.config import ConfigError, SparseFeature, load_config
+from gmeta.io.manifest import load_manifest
 from gmeta.synth import AD_ATTRIBUTES, draw, generate
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_synth_is_deterministic_and_has_power_law_tasks(debug_config_path, tmp_path):
@@ -82,3 +90,54 @@ def test_synth_refuses_features_it_does_not_write(debug_config_path, tmp_path):
 def test_attribute_share_is_checked(debug_config_path):
     with pytest.raises(ConfigError, match=r"synth.ad_attribute_share: must be in \[0, 1\]"):
         load_config(debug_config_path, ["synth.ad_attribute_share=1.5"])
+
+
+def _cli(cwd, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's gmeta, from any working directory
+    return subprocess.run([sys.executable, "-m", "gmeta.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_synth_and_prepare_commands_with_and_without_the_attribute_features(debug_config_path, tmp_path):
+    small = ["synth.num_tasks=200", "synth.num_users=400"]
+    p = _cli(tmp_path, "synth", "--config", str(debug_config_path), "--out", "raw", *small)
+    assert p.returncode == 0, p.stderr
+    p = _cli(tmp_path, "prepare", "--config", str(debug_config_path), "--input", "raw", "--out", "shards", *small)
+    assert p.returncode == 0, p.stderr
+    m = load_manifest(tmp_path / "shards")
+    names = [s["name"] for s in m["schema"]["sparse"]]
+    assert set(AD_ATTRIBUTES) <= set(names) and set(AD_ATTRIBUTES) <= set(m["input_columns"])
+    raw = pq.read_table(tmp_path / "raw").to_pandas()
+    rec = pq.read_table(tmp_path / "shards" / m["splits"]["train"]["files"][0]["path"]).slice(0, 1).to_pylist()[0]
+    for name, key in AD_ATTRIBUTES.items():
+        table_rows = rec["support"][name] + rec["query"][name]
+        assert all(0 <= r < cfg_rows(debug_config_path, name) for r in table_rows), name
+        assert m["cardinality"][name]["distinct_raw"] == raw[name].nunique() <= getattr(
+            load_config(debug_config_path).synth, key)
+
+    # a config that does not list them: synth writes the columns all the same, prepare
+    # reads only the features the config lists
+    text = debug_config_path.read_text()
+    kept = [line for line in text.splitlines() if not any(f"name: {n}," in line for n in AD_ATTRIBUTES)]
+    assert len(kept) == len(text.splitlines()) - 3
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("\n".join(kept) + "\n")
+    assert _cli(tmp_path, "synth", "--config", str(plain), "--out", "raw2", *small).returncode == 0
+    assert set(AD_ATTRIBUTES) <= set(pq.read_schema(next((tmp_path / "raw2").glob("*.parquet"))).names)
+    p = _cli(tmp_path, "prepare", "--config", str(plain), "--input", "raw2", "--out", "shards2", *small)
+    assert p.returncode == 0, p.stderr
+    m2 = load_manifest(tmp_path / "shards2")
+    assert not set(AD_ATTRIBUTES) & {s["name"] for s in m2["schema"]["sparse"]}
+    assert not set(AD_ATTRIBUTES) & set(m2["input_columns"])
+    assert m2["splits"]["train"]["tasks"] == m["splits"]["train"]["tasks"]
+
+
+def cfg_rows(config_path, name: str) -> int:
+    return next(s.num_embeddings for s in load_config(config_path).features.sparse if s.name == name)
+
+
+def test_synth_command_names_a_feature_it_does_not_write(debug_config_path, tmp_path):
+    p = _cli(tmp_path, "synth", "--config", str(debug_config_path), "--out", "raw",
+             "features.sparse=[{name: user_id}, {name: ad_id}, {name: advertiser_id}, {name: hour}, "
+             "{name: device}, {name: site_id}, {name: interests, multi_hot: true}, {name: ad_colour}]")
+    assert p.returncode == 2 and "features.sparse lists ['ad_colour']" in p.stderr, p.stderr
