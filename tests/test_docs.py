@@ -90,6 +90,8 @@ def test_documented_commands_are_valid(page):
 RUN_ELSEWHERE = {
     "bash scripts/main.sh": "the main job",
     "bash scripts/test.sh": "the test command, which CI runs through .ci/run",
+    "python -m gmeta.ceiling": "tests/test_ceiling.py::test_ceiling_command_prints_the_table, which runs its main "
+                               "on a smaller debug config",
     "python -m gmeta.cold_start": "tests/test_cold_start.py::"
                                   "test_table_searches_every_row_alike_then_trains_and_scores_every_seed, which runs "
                                   "cold_start.run (what the command runs) on three rows, two trials, two seeds",
