@@ -39,7 +39,7 @@ from gmeta.config import Config, load_config
 from gmeta.io.features import stable_hash, task_uniform
 from gmeta.io.split import split_tasks
 from gmeta.metrics import auc, gauc, logloss
-from gmeta.synth import _ID_BASE, Hidden, draw
+from gmeta.synth import ID_BASE, Hidden, draw
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def held_out(cfg: Config, h: Hidden, split: str = "eval") -> HeldOut:
         raise ValueError("--split val needs data.split.val_fraction > 0 (it is 0 in this config)")
     written_pos = np.empty_like(h.order)
     written_pos[h.order] = np.arange(len(h.order))
-    keys = _ID_BASE["campaign_id"] + h.task
+    keys = ID_BASE["campaign_id"] + h.task
     srt = np.lexsort((written_pos, h.ts, keys))
     k_sorted = keys[srt]
     task_start = np.concatenate([[0], np.flatnonzero(k_sorted[1:] != k_sorted[:-1]) + 1]).astype(np.int64)
@@ -82,10 +82,10 @@ def held_out(cfg: Config, h: Hidden, split: str = "eval") -> HeldOut:
     ts_sorted = h.ts[srt].astype(np.int64)
     s_idx, q_idx, _ = split_tasks(cfg, task_start[pick], counts[pick], ts_sorted,
                                   stable_hash(task_keys[pick], "task"))
-    keep = [i for i, s in enumerate(s_idx) if s is not None]
-    return HeldOut(tasks=(task_keys[pick] - _ID_BASE["campaign_id"])[keep],
-                   support=[srt[s_idx[i]] for i in keep],  # type: ignore[index]
-                   query=[srt[q_idx[i]] for i in keep])  # type: ignore[index]
+    keep = [i for i, s in enumerate(s_idx) if s is not None]  # a dropped task has neither side
+    return HeldOut(tasks=(task_keys[pick] - ID_BASE["campaign_id"])[keep],
+                   support=[srt[s] for s in s_idx if s is not None],
+                   query=[srt[q] for q in q_idx if q is not None])
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -42,7 +42,7 @@ from gmeta.config import Config
 log = logging.getLogger(__name__)
 
 # Raw ids are drawn from large, sparse ranges so that hashing into tables is exercised.
-_ID_BASE = {"user_id": 10_000_000, "ad_id": 50_000_000, "advertiser_id": 90_000_000, "campaign_id": 1_000_000}
+ID_BASE = {"user_id": 10_000_000, "ad_id": 50_000_000, "advertiser_id": 90_000_000, "campaign_id": 1_000_000}
 
 
 # The ad attribute columns and the synth config key of each one's number of values.
@@ -246,10 +246,10 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
 
     table = pa.table(
         {
-            f.task_key: pa.array(_ID_BASE["campaign_id"] + task[order]),
-            "user_id": pa.array(_ID_BASE["user_id"] + user[order]),
-            "ad_id": pa.array(_ID_BASE["ad_id"] + ad[order]),
-            "advertiser_id": pa.array(_ID_BASE["advertiser_id"] + h.camp_adv[task[order]]),
+            f.task_key: pa.array(ID_BASE["campaign_id"] + task[order]),
+            "user_id": pa.array(ID_BASE["user_id"] + user[order]),
+            "ad_id": pa.array(ID_BASE["ad_id"] + ad[order]),
+            "advertiser_id": pa.array(ID_BASE["advertiser_id"] + h.camp_adv[task[order]]),
             "hour": pa.array(h.hour[order]),
             "device": pa.array(h.device[order]),
             "site_id": pa.array(h.site[order]),

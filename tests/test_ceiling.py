@@ -13,7 +13,7 @@ from scipy.optimize import minimize
 from gmeta.ceiling import _posterior, ceilings, held_out, main, predict
 from gmeta.config import load_config
 from gmeta.io.manifest import load_manifest
-from gmeta.synth import draw
+from gmeta.synth import ID_BASE, draw
 
 
 def test_held_out_rows_are_those_prepare_writes(debug_data, debug_config_path):
@@ -25,7 +25,7 @@ def test_held_out_rows_are_those_prepare_writes(debug_data, debug_config_path):
     written = {r["task_key"]: r for r in shards}
     assert len(written) == len(ho.tasks) == m["splits"]["eval"]["tasks"]
     for c, s_rows, q_rows in zip(ho.tasks.tolist(), ho.support, ho.query, strict=True):
-        rec = written[1_000_000 + c]
+        rec = written[ID_BASE["campaign_id"] + c]
         for side, rows in (("support", s_rows), ("query", q_rows)):
             assert rec[side]["timestamp"] == h.ts[rows].tolist()
             assert [int(x) for x in rec[side]["label"]] == h.label[rows].tolist()
