@@ -12,13 +12,14 @@ the dense weights. What it knows of the new ad is one of
   the variance of the id's own residual);
 - ``true``: the ad's true latent and quality.
 
-Each is scored twice: on that knowledge alone (the per-campaign terms at their prior mean
-0: no support row used), and as a Bayesian predictor that infers, from the campaign's
-support rows, the campaign's hidden terms (``t_bias``, ``t_pref``, ``t_slope``) and the
-part of each of its ads that it does not know, under the generator's own Gaussian priors
-(a Laplace approximation of the logistic posterior, and its predictive probability).
-``true`` + support rows is the Bayesian ceiling of the reference figures, ``true`` alone
-the true shared part. The oracle (the true probabilities) is printed beside them.
+Each is scored twice: on that knowledge alone (the logit with every unknown term at its
+prior mean: the per-campaign terms at 0, the ad's as above; no support row used), and as a
+Bayesian predictor that infers, from the campaign's support rows, the campaign's hidden
+terms (``t_bias``, ``t_pref``, ``t_slope``) and the part of each of its ads that it does
+not know, under the generator's own Gaussian priors (a Laplace approximation of the
+logistic posterior, and its predictive probability). ``true`` with the support rows is the
+Bayesian ceiling, ``true`` alone the true shared part. The oracle (the true
+probabilities) is printed beside them.
 
 The held-out campaigns and their support and query rows are those ``gmeta prepare`` makes
 from the written data under the config's ``data.split`` (the same functions, applied to the

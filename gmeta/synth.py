@@ -277,6 +277,8 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
         "task_size_min": int(sizes.min()),
         "task_size_median": float(np.median(sizes)),
         "task_size_max": int(sizes.max()),
+        "ads": len(h.ad_lat),
+        "ad_attribute_share": s.ad_attribute_share,
         "seed": s.seed,
         "files": files,
     }
