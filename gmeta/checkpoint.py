@@ -563,7 +563,7 @@ def check_resumable(path: str | Path, cfg: Config, key: str = "train.resume") ->
 
 
 # the config sections whose keys can change a training checkpoint's tensors
-_STATE_SECTIONS = ("model.", "features.", "meta.", "optim.", "sharding.")
+_STATE_SECTIONS = ("model.", "features.", "meta.", "optim.", "sharding.", "generator.")
 
 
 def _flat_tensors(state: dict, prefix: str = "") -> dict[str, Any]:
@@ -608,7 +608,7 @@ def check_state_fits(path: str | Path, model, dense_opt: torch.optim.Optimizer, 
     more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
     raise CheckpointError(f"{key}: {path} holds a training state that does not fit this model: "
                           f"{'; '.join(bad[:4])}{more}; config keys that differ:\n"
-                          + (_listed(diffs) or "  (none in model, features, meta, optim, sharding)"))
+                          + (_listed(diffs) or "  (none in model, features, meta, optim, sharding, generator)"))
 
 
 def load_sharded(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config, dict]:

@@ -35,23 +35,30 @@ def base_checkpoint(debug_data, tmp_path_factory) -> Path:
     return out / "checkpoint"
 
 
+@pytest.fixture(scope="module")
+def fixed_run(debug_data, base_checkpoint, tmp_path_factory) -> tuple[Path, str, subprocess.CompletedProcess]:
+    """The generator trained alone (base_fixed) on ``base_checkpoint``: (output dir, MLflow URI, process)."""
+    out = tmp_path_factory.mktemp("generator_fixed") / "fixed"
+    uri = f"sqlite:///{out.parent / 'mlflow.db'}"
+    proc = _train(debug_data, out, *GENERATOR, "generator.mode=base_fixed", f"train.init_from={base_checkpoint}",
+                  "train.max_steps=8", "train.log_every=4", "train.eval_at_end=false", f"tracking.uri={uri}",
+                  "tracking.log_model=false", "tracking.system_metrics_s=0")
+    return out, uri, proc
+
+
 def _metrics(uri: str, run_id: str, key: str) -> list[float]:
     from mlflow.tracking import MlflowClient
 
     return [m.value for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)]
 
 
-def test_base_fixed_trains_the_generator_alone(debug_data, base_checkpoint, tmp_path):
+def test_base_fixed_trains_the_generator_alone(base_checkpoint, fixed_run):
     import json
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = _train(debug_data, tmp_path / "fixed", *GENERATOR, "generator.mode=base_fixed",
-                  f"train.init_from={base_checkpoint}", "train.max_steps=8", "train.log_every=4",
-                  "train.eval_at_end=false", f"tracking.uri={uri}", "tracking.log_model=false",
-                  "tracking.system_metrics_s=0")
+    out, uri, proc = fixed_run
     assert "generator_cold_loss" in proc.stderr and "generator_warm_loss" in proc.stderr
     base, _, _ = load_unsharded(base_checkpoint)
-    trained, cfg, meta = load_unsharded(tmp_path / "fixed" / "checkpoint")
+    trained, cfg, meta = load_unsharded(out / "checkpoint")
     assert cfg.generator.mode == "base_fixed" and trained.generator is not None
     mine = trained.state_dict()
     for name, value in base.state_dict().items():  # every table, the head, the new-id masks
@@ -63,7 +70,21 @@ def test_base_fixed_trains_the_generator_alone(debug_data, base_checkpoint, tmp_
     assert len(cold) == 2 and len(warm) == 2 and all(v > 0 for v in cold + warm)
     share = _metrics(uri, meta["mlflow_run_id"], "train/generator_new_share")
     assert all(0 < v < 1 for v in share)
-    assert json.loads((tmp_path / "fixed" / "checkpoint" / "meta.json").read_text())["step"] == 8
+    assert json.loads((out / "checkpoint" / "meta.json").read_text())["step"] == 8
+
+
+def test_the_cold_start_benchmark_scores_new_ids_with_and_without_the_generator(debug_data, base_checkpoint,
+                                                                                fixed_run):
+    from benchmarks.generator_cold_start import score
+
+    fixed = fixed_run[0] / "checkpoint"
+    rows = score([str(base_checkpoint), str(fixed)], str(debug_data["shards"]), "eval", [0, 1], "ad_id", max_tasks=40)
+    got = {(r["generator"], r["k"]): r for r in rows}
+    assert set(got) == {("-", 0), ("-", 1), ("ad_id", 0), ("ad_id", 1)}
+    for r in rows:
+        assert 0 < r["new_rows"] < r["rows"] and 0 < r["new_auc"] < 1 and 0 < r["gauc"] < 1
+    # one generated row per new ad, the same tables and head: the scores differ on new ads alone
+    assert got[("-", 0)]["new_auc"] != got[("ad_id", 0)]["new_auc"]
 
 
 def test_joint_training_under_two_processes_logs_and_evaluates_with_the_generator(debug_data, tmp_path):
