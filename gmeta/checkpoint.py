@@ -500,11 +500,15 @@ def load_init(path: str | Path, model, cfg: Config, key: str = "train.init_from"
         a, b = _dotted(theirs, k), _dotted(cfg, k)
         if a != b:
             raise CheckpointError(f"{key}: {path} holds a model with {k} {a!r}, this config has {b!r}")
-    mine = [(s.name, s.num_embeddings) for s in cfg.features.sparse] + [("dense", len(cfg.features.dense))]
-    other = [(s.name, s.num_embeddings) for s in theirs.features.sparse] + [("dense", len(theirs.features.dense))]
+    def rows(c: Config) -> list[tuple[str, int]]:  # a default row for new ids is one row more
+        return [(s.name, s.num_embeddings + int(s.min_count > 0 or s.holdout_share > 0)) for s in c.features.sparse] \
+            + [("dense", len(c.features.dense))]
+
+    mine, other = rows(cfg), rows(theirs)
     if mine != other:
         raise CheckpointError(f"{key}: {path} holds a model of other features (name, table rows; dense count) "
-                              f"{other}, this config has {mine}")
+                              f"{other}, this config has {mine} (a feature with min_count or holdout_share > 0 "
+                              "has a default row, one row more)")
     reader = safe_reader(path)
     try:
         stored = set(reader.read_metadata().state_dict_metadata)

@@ -133,3 +133,15 @@ def test_a_checkpoint_keeps_the_generator(debug_data, tmp_path):
     batch = next(iter(TaskReader(debug_data["shards"], "eval", 8, shuffle=False)))
     model.eval()
     assert (predict_query(model, cfg, batch, 1) == predict_query(loaded, loaded_cfg, batch, 1)).all()
+
+
+def test_init_from_a_checkpoint_without_the_default_row_names_the_difference(base_checkpoint):
+    """The generator replaces the default row: its base must have one as this config does."""
+    from gmeta.checkpoint import CheckpointError, load_init
+    from gmeta.config import load_config
+    from gmeta.models.dlrm import build_model
+
+    cfg = load_config(DEBUG_CONFIG)  # ad_id without min_count: no default row
+    want = r"train.init_from: .* \('ad_id', 2001\).* \('ad_id', 2000\).*default row"
+    with pytest.raises(CheckpointError, match=want):
+        load_init(base_checkpoint, build_model(cfg), cfg)
