@@ -10,8 +10,8 @@ where the attribute embeddings are the pooled cells of ``generator.attributes`` 
 ad's advertiser), concatenated: ``[A * D] -> MLP -> [D]``. The output layer starts at zero,
 so a fresh generator gives exactly the default row (the learned start gmeta uses without
 it: training from a trained model's ``train.init_from`` then starts from that model's own
-scores). Meta-Embedding bounds its output with a tanh and a small scale for the same reason,
-a fresh generator near a typical row; an offset from the default row needs no bound.
+scores). Meta-Embedding scales its output down so that a fresh generator is near a typical
+row; an offset from the learned default row gets there without a scale to choose.
 
 Two places apply it, both vectorised, with no loop over ids:
 
