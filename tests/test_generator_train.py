@@ -4,6 +4,7 @@ generator's terms to MLflow and evaluates with it, and checkpoints keep it."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,35 @@ def test_init_from_a_checkpoint_without_the_default_row_names_the_difference(bas
     want = r"train.init_from: .* \('ad_id', 2001\).* \('ad_id', 2000\).*default row"
     with pytest.raises(CheckpointError, match=want):
         load_init(base_checkpoint, build_model(cfg), cfg)
+
+
+def test_serving_scores_new_ads_from_the_generated_row(debug_data, fixed_run):
+    """Raw rows as the pyfunc model scores them (``score_rows``): campaigns with no support
+    rows are scored zero-shot from the generated rows, as the plain forward scores them."""
+    import numpy as np
+    import pandas as pd
+
+    from gmeta.serving import assign_roles, featurise_rows, score_rows
+
+    model, cfg, meta = load_unsharded(fixed_run[0] / "checkpoint")
+    rows = pd.read_parquet(debug_data["raw"])
+    rows = rows[rows["campaign_id"].isin(sorted(rows["campaign_id"].unique())[:30])]
+    df = assign_roles(rows, cfg).reset_index(drop=True)
+    cold = df["campaign_id"].isin(sorted(df["campaign_id"].unique())[:6])
+    df.loc[cold, "role"] = "query"  # six new campaigns: no support rows
+    kw = dict(column_types=meta.get("input_columns"), id_hash=meta["id_hash"])
+    got = score_rows(model, cfg, df, 2, **kw)["score"].to_numpy()
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        zeroed.generator.mlp[-1].weight.zero_()
+        zeroed.generator.mlp[-1].bias.zero_()
+    default = score_rows(zeroed, cfg, df, 2, **kw)["score"].to_numpy()
+    q = (df["role"] == "query").to_numpy()
+    assert np.isfinite(got[q]).all() and not np.allclose(got[q & cold.to_numpy()], default[q & cold.to_numpy()])
+    batches = featurise_rows(df, cfg, **kw)
+    zero_shot = [(b, pos) for b, pos in batches if b.num_support == 0]
+    assert zero_shot
+    for batch, positions in zero_shot:
+        with torch.no_grad():
+            want = torch.sigmoid(model(batch.sparse, batch.dense)).numpy()
+        np.testing.assert_allclose(got[positions], want, rtol=1e-5, atol=1e-6)
