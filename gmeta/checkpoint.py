@@ -500,11 +500,15 @@ def load_init(path: str | Path, model, cfg: Config, key: str = "train.init_from"
         a, b = _dotted(theirs, k), _dotted(cfg, k)
         if a != b:
             raise CheckpointError(f"{key}: {path} holds a model with {k} {a!r}, this config has {b!r}")
-    mine = [(s.name, s.num_embeddings) for s in cfg.features.sparse] + [("dense", len(cfg.features.dense))]
-    other = [(s.name, s.num_embeddings) for s in theirs.features.sparse] + [("dense", len(theirs.features.dense))]
+    def rows(c: Config) -> list[tuple[str, int]]:  # a default row for new ids is one row more
+        return [(s.name, s.num_embeddings + int(s.min_count > 0 or s.holdout_share > 0)) for s in c.features.sparse] \
+            + [("dense", len(c.features.dense))]
+
+    mine, other = rows(cfg), rows(theirs)
     if mine != other:
         raise CheckpointError(f"{key}: {path} holds a model of other features (name, table rows; dense count) "
-                              f"{other}, this config has {mine}")
+                              f"{other}, this config has {mine} (a feature with min_count or holdout_share > 0 "
+                              "has a default row, one row more)")
     reader = safe_reader(path)
     try:
         stored = set(reader.read_metadata().state_dict_metadata)
@@ -563,7 +567,7 @@ def check_resumable(path: str | Path, cfg: Config, key: str = "train.resume") ->
 
 
 # the config sections whose keys can change a training checkpoint's tensors
-_STATE_SECTIONS = ("model.", "features.", "meta.", "optim.", "sharding.")
+_STATE_SECTIONS = ("model.", "features.", "meta.", "optim.", "sharding.", "generator.")
 
 
 def _flat_tensors(state: dict, prefix: str = "") -> dict[str, Any]:
@@ -608,7 +612,7 @@ def check_state_fits(path: str | Path, model, dense_opt: torch.optim.Optimizer, 
     more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
     raise CheckpointError(f"{key}: {path} holds a training state that does not fit this model: "
                           f"{'; '.join(bad[:4])}{more}; config keys that differ:\n"
-                          + (_listed(diffs) or "  (none in model, features, meta, optim, sharding)"))
+                          + (_listed(diffs) or "  (none in model, features, meta, optim, sharding, generator)"))
 
 
 def load_sharded(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config, dict]:

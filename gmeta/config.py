@@ -439,6 +439,35 @@ class TrackingConfig:
 
 
 @dataclass
+class GeneratorConfig:
+    """A meta-learned start for new ids (Meta-Embedding): a small network maps an id's
+    attribute features (their looked-up embeddings, pooled as the model pools them, of a row
+    holding the id) to an offset from the feature's default row; ids the default row stands
+    for start from default row + offset in training, evaluation, prediction and serving."""
+
+    # The id feature whose new ids get generated rows (empty: no generator). It must be
+    # single-valued and have a default row (its min_count or holdout_share > 0).
+    feature: str = ""
+    # Sparse features that describe the id (e.g. advertiser_id, category for an ad): the
+    # generator's input, one pooled embedding each, concatenated.
+    attributes: list[str] = field(default_factory=list)
+    # Hidden layer sizes of the generator's MLP (ReLU); its output has embedding_dim units
+    # and starts at zero, so a fresh generator gives the default row itself.
+    hidden: list[int] = field(default_factory=lambda: [16])
+    # The weight w of the cold-start term (loss of the support rows with the generated row):
+    # "base_fixed" trains on w x cold + (1 - w) x warm-up (query loss after one step of the
+    # generated row on the support rows); "joint" adds w x cold to the meta-learner's loss,
+    # whose query loss after the inner loop is the warm-up term.
+    cold_weight: float = 0.1
+    # Learning rate of the warm-up step on the generated row ("base_fixed").
+    warmup_lr: float = 0.1
+    # "joint": the generator trains with the whole model under meta.algorithm; "base_fixed":
+    # only the generator trains, on the Meta-Embedding loss, tables and head left exactly as
+    # train.init_from (a trained checkpoint, required) holds them.
+    mode: Literal["joint", "base_fixed"] = "joint"
+
+
+@dataclass
 class SweepParam:
     """One dimension of ``gmeta sweep``'s search: the config key ``key`` (dotted, e.g.
     meta.inner_lr) drawn from [low, high] (``log``: on a log scale; ``integer``: whole
@@ -482,6 +511,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
 
 # --------------------------------------------------------------------------------------
@@ -648,6 +678,8 @@ def validate(cfg: Config) -> None:
                f"{tb.name!r} is not a sparse feature ({sorted(sparse_names)})")
     _check(cfg.sharding.memory_budget_mb >= 0, "sharding.memory_budget_mb", "must be >= 0")
 
+    _validate_generator(cfg)
+
     e = cfg.eval
     _check(e.inner_steps >= -1, "eval.inner_steps", "must be >= 0, or -1 for meta.inner_steps")
     _check(e.tasks_per_batch >= 1, "eval.tasks_per_batch", "must be >= 1")
@@ -672,6 +704,40 @@ def validate(cfg: Config) -> None:
         else:
             _check(param.low < param.high, f"{k}.high", "must be > low (or give choices)")
             _check(not param.log or param.low > 0, f"{k}.low", "must be > 0 on a log scale")
+
+
+def _validate_generator(cfg: Config) -> None:
+    g = cfg.generator
+    if not g.feature:
+        changed = [k for k in ("attributes", "hidden", "cold_weight", "warmup_lr", "mode")
+                   if getattr(g, k) != getattr(GeneratorConfig(), k)]
+        _check(not changed, "generator.feature", f"empty (no generator), but generator.{', generator.'.join(changed)} "
+               "set: name the id feature whose new ids it generates rows for")
+        return
+    sparse = {s.name: s for s in cfg.features.sparse}
+    names = ", ".join(sparse)
+    _check(g.feature in sparse, "generator.feature", f"must name a sparse feature ({names}), got {g.feature!r}")
+    sf = sparse[g.feature]
+    _check(not sf.multi_hot, "generator.feature", f"{g.feature} is multi_hot: the generated row replaces the one id "
+           "of a row, so the feature must be single-valued")
+    _check(sf.min_count > 0 or sf.holdout_share > 0, "generator.feature",
+           f"{g.feature} has no default row: the generated row replaces it for new ids; set "
+           f"features.sparse.{g.feature}.min_count or .holdout_share > 0")
+    _check(len(g.attributes) >= 1, "generator.attributes", "name at least one sparse feature that describes "
+           f"{g.feature} (e.g. its advertiser or category)")
+    for i, a in enumerate(g.attributes):
+        _check(a in sparse, f"generator.attributes[{i}]", f"must name a sparse feature ({names}), got {a!r}")
+        _check(a != g.feature, f"generator.attributes[{i}]", f"{a} is generator.feature itself: its row is what "
+               "is generated")
+    _check(len(set(g.attributes)) == len(g.attributes), "generator.attributes", "names repeat")
+    _check(all(h >= 1 for h in g.hidden), "generator.hidden", "layer sizes must be >= 1")
+    _check(0.0 <= g.cold_weight <= 1.0, "generator.cold_weight", "must be in [0, 1]")
+    _check(g.warmup_lr > 0, "generator.warmup_lr", "must be > 0")
+    if g.mode == "base_fixed":
+        _check(bool(cfg.train.init_from), "train.init_from", "generator.mode base_fixed trains the generator "
+               "alone on a trained model: name its checkpoint")
+        _check(cfg.train.pretrain_epochs == 0, "train.pretrain_epochs", "generator.mode base_fixed trains no base "
+               "model: must be 0")
 
 
 # --------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int]) -> d
     batch = batch.to(model_device(model), non_blocking=True)  # (nothing to do when it is there already)
     layout = layout_of(batch, inner.pooling, m.size_buckets)
     with torch.no_grad():
-        rows = inner.lookup(layout)
+        rows, _ = inner.start_rows(inner.lookup(layout), layout)  # new ids: their generated rows, if any
     # Inner gradients are taken with respect to the looked-up rows: make them a leaf.
     rows = rows.detach().requires_grad_(True)
     lr, emb_lr = inner.inner_lrs(m.inner_lr, m.embedding_inner_lr)

@@ -42,6 +42,7 @@ from gmeta.io.manifest import check_manifest_matches, check_same_shards, load_ma
 from gmeta.io.reader import TaskReader
 from gmeta.meta.algorithms import ALGORITHMS
 from gmeta.meta.base import MetaOutput
+from gmeta.meta.generator import add_cold_term, base_fixed_objective
 from gmeta.meta.layout import layout_of
 from gmeta.metrics import HIGHER_IS_BETTER
 from gmeta.models.dlrm import build_model, dense_autocast
@@ -64,8 +65,27 @@ def meta_step(model, batch, cfg: Config, rows: torch.Tensor | None = None) -> Me
     if rows is None:
         with record_function("## lookup ##"):
             rows = inner.lookup(layout)
+    if inner.generator is not None:
+        return generator_step(inner, rows, batch, layout, cfg)
     with dense_autocast(cfg, rows.device):
         out = ALGORITHMS[m.algorithm](inner, rows, batch, layout, cfg)
+    out.loss = out.loss.float()
+    return out
+
+
+def generator_step(inner, rows: torch.Tensor, batch, layout, cfg: Config) -> MetaOutput:
+    """``meta_step`` with an id generator (gmeta.meta.generator): new ids start from their
+    generated rows; under base_fixed the tables get no gradient (their rows are constants)
+    and the loss is the generator's own, else the cold-start term joins the meta-loss."""
+    if inner.generator_only:
+        rows = rows.detach()
+    rows, new = inner.start_rows(rows, layout)
+    with dense_autocast(cfg, rows.device):
+        if inner.generator_only:
+            out = base_fixed_objective(inner, rows, new, batch, layout, cfg)
+        else:
+            out = add_cold_term(ALGORITHMS[cfg.meta.algorithm](inner, rows, batch, layout, cfg), inner, rows, new,
+                                batch, layout, cfg)
     out.loss = out.loss.float()
     return out
 
@@ -675,6 +695,10 @@ class TrainingRun:
                      "train/skipped_nonfinite_steps": float(self.skipped_nonfinite),
                      "train/tasks_left_out": float(self.reader.dropped_tasks),  # this epoch's, all ranks'
                      "train/comm_wait_share": s.comm_wait_share, "train/epoch": float(epoch)}
+        if out.extra:  # the same names on every rank (they come from the config): one more all-reduce
+            extra = torch.stack([v.detach().float().reshape(()) for v in out.extra.values()])
+            dist.all_reduce(extra)
+            self.last.update({f"train/{k}": v / env.world_size for k, v in zip(out.extra, extra.tolist())})
         self.tracker.log_metrics(self.last, step=self.step)
         if env.is_main:
             m = self.last
@@ -682,6 +706,8 @@ class TrainingRun:
                      "data stall %.1f%% comm wait %.1f%%", self.step, self.total_steps, epoch,
                      m["train/query_loss"], m["train/support_loss"], m["train/tasks_per_s"], m["train/rows_per_s"],
                      100 * m["train/data_stall_share"], 100 * m["train/comm_wait_share"])
+            if out.extra:
+                log.info("step %d %s", self.step, " ".join(f"{k} {m[f'train/{k}']:.4f}" for k in out.extra))
         since.update(t=time.perf_counter(), tasks=0, rows=0)
         fetch.since = 0.0
         return s.checkpoint_due > 0

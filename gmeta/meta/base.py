@@ -37,6 +37,7 @@ class MetaOutput:
     support_loss: torch.Tensor  # [N] per-task support loss before adaptation
     skipped: bool | torch.Tensor = False  # the loss was not finite: no update was applied (see gmeta.train)
     terms: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # (mean, local count)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # more scalars for the logs, by name
 
 
 def sum_terms(query_loss: torch.Tensor, support_loss: torch.Tensor,

@@ -39,6 +39,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from gmeta.config import Config
 from gmeta.meta.layout import BatchLayout
+from gmeta.models.generator import IdGenerator
 
 
 class LinearHook:
@@ -296,15 +297,27 @@ class MetaDLRM(nn.Module):
 
     def __init__(self, features: list[dict], num_dense: int, embedding_dim: int, dense_sizes: list[int],
                  over_sizes: list[int], device: torch.device | None = None, objective: str = "binary",
-                 embedding_dtype: str = "fp32") -> None:
+                 embedding_dtype: str = "fp32", generator: dict | None = None) -> None:
+        """``generator``: the id generator of new ids' rows (``gmeta.models.generator``), as
+        {"feature", "attributes" (names), "hidden", "base_fixed"}; None: none."""
         super().__init__()
         self.features = [dict(f) for f in features]
         self.sparse_arch = SparseArch(self.features, embedding_dim, device=device, dtype=embedding_dtype)
         self.head = DLRMHead(num_dense, len(features), embedding_dim, dense_sizes, over_sizes, objective)
         self.default_rows = DefaultRows(self.features)
+        self.generator: IdGenerator | None = None
+        self.generator_only = False  # generator.mode base_fixed: the generator is the only dense part trained
+        if generator is not None:
+            names = [f["name"] for f in self.features]
+            self.generator = IdGenerator(names.index(generator["feature"]),
+                                         [names.index(a) for a in generator["attributes"]], embedding_dim,
+                                         generator["hidden"])
+            self.generator_only = bool(generator["base_fixed"])
         if device is not None and device.type != "meta":
             self.head.to(device)
             self.default_rows.to(device)
+            if self.generator is not None:
+                self.generator.to(device)
 
     @property
     def num_features(self) -> int:
@@ -331,6 +344,8 @@ class MetaDLRM(nn.Module):
         before making optimizers: a parameter held directly may be replaced."""
         self.head.to(device)
         self.default_rows.to(device)
+        if self.generator is not None:
+            self.generator.to(device)
         if hasattr(self, "inner_lr_dense"):
             self.inner_lr_dense.to(device)
             self.inner_lr_emb = nn.Parameter(self.inner_lr_emb.detach().to(device))
@@ -343,9 +358,13 @@ class MetaDLRM(nn.Module):
         return {k.replace("__", "."): v for k, v in self.inner_lr_dense.items()}, self.inner_lr_emb
 
     def dense_parameters(self) -> list[nn.Parameter]:
-        """Data-parallel parameters: the head, and the Meta-SGD learning rates if any."""
+        """Data-parallel parameters: the head, the Meta-SGD learning rates if any and the id
+        generator if any; the generator's alone under generator.mode base_fixed."""
+        gen = list(self.generator.parameters()) if self.generator is not None else []
+        if self.generator_only:
+            return gen
         extra = list(self.inner_lr_dense.parameters()) + [self.inner_lr_emb] if hasattr(self, "inner_lr_dense") else []
-        return list(self.head.parameters()) + extra
+        return list(self.head.parameters()) + extra + gen
 
     @property
     def pooling(self) -> list[str]:
@@ -360,6 +379,16 @@ class MetaDLRM(nn.Module):
         """The batch's distinct ids as the tables are asked for them: new ids mapped to their
         feature's default row (``DefaultRows``)."""
         return self.default_rows(layout.kjt([f["name"] for f in self.features]))
+
+    def start_rows(self, rows: torch.Tensor, layout: BatchLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows a batch's distinct ids start from (``lookup``'s ``[U, D]``): the generated
+        row for each new id of the generator's feature (``IdGenerator.generated_rows``; under
+        base_fixed from constant table rows). Returns (rows, which distinct ids were
+        generated [U] bool, or None without a generator)."""
+        if self.generator is None:
+            return rows, None
+        known: torch.Tensor = getattr(self.default_rows, f"known_{self.features[self.generator.feature]['name']}")
+        return self.generator.generated_rows(rows, layout, known, detach_inputs=self.generator_only)
 
     def set_known_ids(self, known: dict[str, torch.Tensor]) -> None:
         """The ids that keep their own rows, per feature with a default row ([num_embeddings]
@@ -381,7 +410,12 @@ class MetaDLRM(nn.Module):
             if f["pooling"] == "mean":
                 cell = cell / lengths.clamp(min=1).unsqueeze(1).to(cell.dtype)
             cells.append(cell)
-        return self.head(dense, torch.stack(cells, dim=1))
+        pooled = torch.stack(cells, dim=1)
+        if self.generator is not None:  # new ids of its feature start from their generated row
+            name = self.features[self.generator.feature]["name"]
+            known: torch.Tensor = getattr(self.default_rows, f"known_{name}")
+            pooled = self.generator.generate_cells(pooled, ~known[kjt[name].values()])
+        return self.head(dense, pooled)
 
 
 def model_device(model) -> torch.device:
@@ -410,6 +444,8 @@ def build_model(cfg: Config, device: torch.device | None = None) -> MetaDLRM:
         device=device,
         objective=cfg.model.objective,
         embedding_dtype=cfg.model.embedding_dtype,
+        generator={"feature": g.feature, "attributes": g.attributes, "hidden": g.hidden,
+                   "base_fixed": g.mode == "base_fixed"} if (g := cfg.generator).feature else None,
     )
     if cfg.meta.meta_sgd:
         model.enable_meta_sgd(cfg.meta.adapt_dense, cfg.meta.inner_lr, cfg.meta.embedding_inner_lr,
