@@ -540,6 +540,9 @@ def model_differences(theirs: Config, mine: Config) -> list[tuple[str, Any, Any]
     rows = {s.name: s.num_embeddings for s in theirs.features.sparse}
     out += [(f"features.sparse[{i}].num_embeddings ({s.name})", rows[s.name], s.num_embeddings)
             for i, s in enumerate(mine.features.sparse) if s.name in rows and rows[s.name] != s.num_embeddings]
+    ids = {s.name: s.ids for s in theirs.features.sparse}  # hashed rows and managed slots are not the same rows
+    out += [(f"features.sparse[{i}].ids ({s.name})", ids[s.name], s.ids)
+            for i, s in enumerate(mine.features.sparse) if s.name in ids and ids[s.name] != s.ids]
     if list(theirs.features.dense) != list(mine.features.dense):
         out.append(("features.dense", list(theirs.features.dense), list(mine.features.dense)))
     return out

@@ -45,6 +45,7 @@ from gmeta.meta.base import MetaOutput
 from gmeta.meta.layout import layout_of
 from gmeta.metrics import HIGHER_IS_BETTER
 from gmeta.models.dlrm import build_model, dense_autocast
+from gmeta.models.managed import training_metrics
 from gmeta.parallel.dist import DenseGradSync, broadcast_params, configure_threads, init_distributed
 from gmeta.parallel.pipeline import SparseDistPipeline
 from gmeta.parallel.sharding import shard_model
@@ -675,7 +676,14 @@ class TrainingRun:
                      "train/skipped_nonfinite_steps": float(self.skipped_nonfinite),
                      "train/tasks_left_out": float(self.reader.dropped_tasks),  # this epoch's, all ranks'
                      "train/comm_wait_share": s.comm_wait_share, "train/epoch": float(epoch)}
+        managed = training_metrics(self.model.module.managed)  # features.sparse[].ids: managed
+        self.last.update(managed)
         self.tracker.log_metrics(self.last, step=self.step)
+        if env.is_main and managed:
+            log.info("managed ids: %s", "; ".join(
+                f"{k.split('/')[2]} {v:.0f} live, {managed[k[:-len('live_ids')] + 'evictions']:.0f} evicted, "
+                f"{100 * managed[k[:-len('live_ids')] + 'miss_share']:.1f}% on the miss row"
+                for k, v in managed.items() if k.endswith("/live_ids")))
         if env.is_main:
             m = self.last
             log.info("step %d/%d epoch %d query_loss %.4f support_loss %.4f %.0f tasks/s %.0f rows/s "

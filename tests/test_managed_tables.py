@@ -1,0 +1,249 @@
+"""Managed-collision id tables (``features.sparse[].ids: managed``): config errors, shards
+of 63-bit ids, admission in the training step, eviction resets, inference routing."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from gmeta.batch import task_batch
+from gmeta.config import ConfigError, load_config
+from gmeta.io.features import MANAGED_HASH_SIZE, hash_ids
+from gmeta.io.reader import TaskReader
+from gmeta.meta.layout import layout_of
+from gmeta.models.dlrm import build_model
+from tests.conftest import DEBUG_CONFIG
+
+# ad_id: many ids; hour, interests: small vocabularies with one slot each and a miss row
+MANAGED = ["train.pipeline=false", "features.sparse.ad_id.ids=managed", "features.sparse.hour.ids=managed",
+           "features.sparse.hour.num_embeddings=25", "features.sparse.interests.ids=managed",
+           "features.sparse.interests.num_embeddings=51"]
+
+
+def managed_cfg(*extra: str):
+    return load_config(DEBUG_CONFIG, MANAGED + list(extra))
+
+
+@pytest.fixture(scope="session")
+def managed_data(debug_data, tmp_path_factory) -> Path:
+    """The debug data prepared with managed ad_id, hour and interests."""
+    from gmeta.io.prepare import prepare
+
+    out = tmp_path_factory.mktemp("managed") / "shards"
+    prepare(managed_cfg(), debug_data["raw"], out)
+    return out
+
+
+# ------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["features.sparse.ad_id.min_count=2"], "features.sparse[1].ids"),
+    (["features.sparse.ad_id.holdout_share=0.1"], "features.sparse[1].ids"),
+    (["train.pipeline=true"], "features.sparse[1].ids"),
+    (["features.sparse.ad_id.num_embeddings=1"], "features.sparse[1].num_embeddings"),
+    (["features.sparse.ad_id.eviction_interval=0"], "features.sparse[1].eviction_interval"),
+    (["features.sparse.user_id.eviction_policy=lru"], "features.sparse[0].eviction_policy"),
+    (["features.sparse.user_id.unknown_ids=zero"], "features.sparse[0].unknown_ids"),
+])
+def test_invalid_managed_settings_are_config_errors_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        managed_cfg(*overrides)
+
+
+def test_managed_with_min_count_names_both_keys():
+    with pytest.raises(ConfigError) as e:
+        managed_cfg("features.sparse.ad_id.min_count=2")
+    assert "min_count" in str(e.value) and "holdout_share" in str(e.value)
+
+
+def test_an_unknown_eviction_policy_is_refused():
+    with pytest.raises(ConfigError, match="eviction_policy"):
+        managed_cfg("features.sparse.ad_id.eviction_policy=fifo")
+
+
+# ------------------------------------------------------------------ shards
+
+
+def test_shards_hold_63_bit_hashes_of_managed_ids_and_the_manifest_says_so(managed_data, debug_data):
+    m = json.loads((managed_data / "manifest.json").read_text())
+    kinds = {s["name"]: s["ids"] for s in m["schema"]["sparse"]}
+    assert kinds == {"user_id": "hash", "ad_id": "managed", "advertiser_id": "hash", "hour": "managed",
+                     "device": "hash", "site_id": "hash", "interests": "managed"}
+    rec = pq.read_table(managed_data / m["splits"]["train"]["files"][0]["path"]).slice(0, 1).to_pylist()[0]
+    hours = np.array(rec["support"]["hour"], dtype=np.int64)
+    assert hours.max() >= 2 ** 40  # far beyond any table size: hashes, not rows
+    want = set(hash_ids(np.arange(24), "hour", 25, m["id_hash"], "managed").tolist())
+    assert set(hours.tolist()) <= want and max(want) < MANAGED_HASH_SIZE
+    assert rec["support"]["user_id"][0] < 2000  # hashed features are table rows as before
+    card = m["cardinality"]
+    assert card["hour"]["train_distinct"] == 24 and card["hour"]["slots"] == 24 and card["hour"]["fits"]
+    assert card["interests"]["train_distinct"] == 50 and card["interests"]["fits"]
+    ids = pq.read_table(managed_data / "id_counts" / "ad_id.parquet").to_pydict()
+    assert card["ad_id"]["train_distinct"] == sum(1 for c in ids["train"] if c)
+
+
+def test_report_of_prepare_gives_distinct_training_ids_against_slots(managed_data):
+    from gmeta.io.prepare import format_report
+
+    text = format_report(json.loads((managed_data / "manifest.json").read_text()))
+    assert "hour: managed, 24 distinct ids in the train split for 24 slots + 1 miss row: each its own row" in text
+
+
+def test_shards_of_hashed_ids_do_not_pass_for_managed_ones(debug_data):
+    from gmeta.io.errors import PrepareError
+    from gmeta.io.manifest import check_manifest_matches
+
+    m = json.loads((debug_data["shards"] / "manifest.json").read_text())
+    with pytest.raises(PrepareError, match=r"features.sparse\[1\].ids \(ad_id\)"):
+        check_manifest_matches(m, managed_cfg(), "manifest.json")
+
+
+# ------------------------------------------------------------------ the model
+
+
+def _admit_all(model, shards: Path, cfg) -> list:
+    """Every training batch's lookup in a training step's mode (admitting)."""
+    batches = list(TaskReader(shards, "train", cfg.meta.tasks_per_batch, seed=1))
+    for b in batches:
+        model.lookup(layout_of(b, model.pooling, 1))
+    return batches
+
+
+def test_small_vocabularies_are_exact_every_id_its_own_slot(managed_data):
+    cfg = managed_cfg()
+    model = build_model(cfg)
+    batches = _admit_all(model, managed_data, cfg)
+    for name, n in (("hour", 24), ("interests", 50)):
+        ids = torch.cat([b.sparse[name].values() for b in batches]).unique()
+        assert ids.numel() == n
+        slots = model.managed.module_of(name).remap({name: _jt(ids)})[name].values()
+        assert slots.unique().numel() == n  # no two ids on one row
+        assert int(slots.max()) < n  # and none on the miss row (slot n)
+    assert model.managed.live_ids()["hour"] == 24
+
+
+def _jt(values: torch.Tensor):
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    return JaggedTensor(values=values, lengths=values.new_tensor([values.numel()]))
+
+
+def _batch(cfg, ads: list[int], hour: int = 3):
+    """Two tasks (campaigns 1, 2) of two support and one query row each, with these ads."""
+    feats = [asdict(s) for s in cfg.features.sparse]
+    n = len(ads)
+    data = {"campaign_id": [1 + (i % 2) for i in range(n)], "q": [i >= n - 2 for i in range(n)],
+            "label": [float(i % 2) for i in range(n)], "user_id": list(range(n)), "ad_id": ads,
+            "advertiser_id": [7] * n, "hour": [hour] * n, "device": [1] * n, "site_id": [2] * n,
+            "interests": [[1, 2]] * n, "bid_price": [1.0] * n, "user_activity": [0.5] * n, "ad_position": [1.0] * n}
+    return task_batch(data, task="campaign_id", query="q", label="label", sparse=[s.name for s in cfg.features.sparse],
+                      dense=list(cfg.features.dense), features=feats, id_hash=2)
+
+
+def _slot(model, name: str, raw: int, id_hash: int = 2) -> int:
+    h = torch.from_numpy(hash_ids(np.array([raw]), name, 0, id_hash, "managed"))
+    return int(model.managed.module_of(name).remap({name: _jt(h)})[name].values()[0])
+
+
+def test_a_new_id_gets_its_own_row_in_the_meta_step_starting_from_the_miss_row(managed_data):
+    cfg = managed_cfg()
+    model = build_model(cfg)
+    w = model.sparse_arch.ec.embeddings["t_ad_id"].weight
+    miss = cfg.features.sparse[1].num_embeddings - 1
+    with torch.no_grad():
+        w[miss] = 0.25  # the miss row's learned value, as a new id should start from it
+    assert _slot(model, "ad_id", 900001) == miss  # not seen yet: the miss row
+    batch = _batch(cfg, [900001, 900002, 900001, 900002, 900001, 900002])
+    layout = layout_of(batch, model.pooling, 1)
+    rows = model.lookup(layout)  # a training step's lookup: admits, then remaps
+    a, b = _slot(model, "ad_id", 900001), _slot(model, "ad_id", 900002)
+    assert a != b and miss not in (a, b)
+    torch.testing.assert_close(w[a], torch.full_like(w[a], 0.25))  # reset to the miss row
+    torch.testing.assert_close(w[b], torch.full_like(w[b], 0.25))
+    # the looked-up rows of the two new ids are theirs: distinct looked-up slots, each adapting per task
+    keys = [f["name"] for f in model.features]
+    seg = layout.kjt(keys)["ad_id"].values()
+    assert seg.numel() == 2 and rows.shape[0] == layout.unique_ids.numel()
+    assert int(model.managed.evictions_ad_id) == 0  # slots filled, none taken from another id
+
+
+def test_scoring_admits_nothing(managed_data):
+    cfg = managed_cfg()
+    model = build_model(cfg)
+    batch = _batch(cfg, [5, 6, 5, 6, 5, 6])
+    with torch.no_grad():  # scoring's lookups
+        model.lookup(layout_of(batch, model.pooling, 1))
+    model.eval()
+    model.lookup(layout_of(batch, model.pooling, 1))
+    assert model.managed.live_ids()["ad_id"] == 0
+
+
+def test_a_larger_eviction_interval_admits_after_that_many_steps(managed_data):
+    cfg = managed_cfg("features.sparse.ad_id.eviction_interval=2")
+    model = build_model(cfg)
+    miss = cfg.features.sparse[1].num_embeddings - 1
+    model.lookup(layout_of(_batch(cfg, [11, 12, 11, 12, 11, 12]), model.pooling, 1))
+    assert _slot(model, "ad_id", 11) == miss  # recorded, not yet admitted
+    model.lookup(layout_of(_batch(cfg, [13, 14, 13, 14, 13, 14]), model.pooling, 1))
+    assert len({_slot(model, "ad_id", r) for r in (11, 12, 13, 14)} - {miss}) == 4
+
+
+def test_eviction_resets_the_slot_row_to_the_miss_row_and_counts_it():
+    cfg = managed_cfg("features.sparse.ad_id.num_embeddings=3", "features.sparse.ad_id.eviction_policy=lru")
+    model = build_model(cfg)
+    w = model.sparse_arch.ec.embeddings["t_ad_id"].weight
+    model.lookup(layout_of(_batch(cfg, [21, 22, 21, 22, 21, 22]), model.pooling, 1))
+    old = {r: _slot(model, "ad_id", r) for r in (21, 22)}
+    assert sorted(old.values()) == [0, 1]
+    with torch.no_grad():
+        w[0], w[1], w[2] = 1.0, 2.0, -3.0  # the evicted ids' learned rows; the miss row
+    model.lookup(layout_of(_batch(cfg, [23, 24, 23, 24, 23, 24]), model.pooling, 1))
+    new = {r: _slot(model, "ad_id", r) for r in (23, 24)}
+    assert sorted(new.values()) == [0, 1] and _slot(model, "ad_id", 21) == 2  # evicted: the miss row
+    torch.testing.assert_close(w[:2].detach(), torch.full((2, w.shape[1]), -3.0))
+    assert int(model.managed.evictions_ad_id) == 2
+
+
+def _remapped_values(model, batch, name: str) -> torch.Tensor:
+    ids, _ = model.managed(model.default_rows(batch.sparse), admit=False)
+    return ids[name].values()
+
+
+@pytest.mark.parametrize("route", ["miss_row", "zero"])
+def test_an_unknown_id_at_inference_goes_where_the_config_says(route):
+    cfg = managed_cfg(f"features.sparse.ad_id.unknown_ids={route}")
+    model = build_model(cfg)
+    model.lookup(layout_of(_batch(cfg, [31, 32, 31, 32, 31, 32]), model.pooling, 1))
+    model.eval()
+    w = model.sparse_arch.ec.embeddings["t_ad_id"].weight
+    with torch.no_grad():
+        w[-1] = 5.0
+    batch = _batch(cfg, [31, 777, 31, 777, 31, 777])  # 777: never admitted
+    slots = _remapped_values(model, batch, "ad_id")
+    miss = w.shape[0] - 1
+    assert _slot(model, "ad_id", 777) == miss and _slot(model, "ad_id", 31) != miss
+    assert int((slots == miss).sum()) == 3  # the three rows of 777
+    layout = layout_of(batch, model.pooling, 1)
+    with torch.no_grad():
+        rows = model.lookup(layout)
+    keys = [f["name"] for f in model.features]
+    at = keys.index("ad_id")
+    start = sum(layout.unique_per_key[:at])
+    ad_rows = rows[start: start + layout.unique_per_key[at]]
+    raw_order = layout.kjt(keys)["ad_id"].values()
+    unknown = ad_rows[raw_order == torch.from_numpy(hash_ids(np.array([777]), "ad_id", 0, 2, "managed"))[0]]
+    want = 0.0 if route == "zero" else 5.0
+    torch.testing.assert_close(unknown, torch.full_like(unknown, want))
+    # the plain forward routes alike: moving the miss row moves its score only with miss_row
+    before = model(batch.sparse, batch.dense).detach()
+    with torch.no_grad():
+        w[-1] = -5.0
+    after = model(batch.sparse, batch.dense).detach()
+    assert torch.equal(before, after) == (route == "zero")
