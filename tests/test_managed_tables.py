@@ -247,3 +247,87 @@ def test_an_unknown_id_at_inference_goes_where_the_config_says(route):
         w[-1] = -5.0
     after = model(batch.sparse, batch.dense).detach()
     assert torch.equal(before, after) == (route == "zero")
+
+
+# ------------------------------------------------------------------ trained: checkpoint, scoring paths
+
+
+@pytest.fixture(scope="session")
+def managed_checkpoint(managed_data, tmp_path_factory) -> dict:
+    """A MAML checkpoint trained briefly (one process) with managed features; its log."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("managed_run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "gmeta.cli", "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1",
+         *MANAGED, f"data.shards_dir={managed_data}", f"train.output_dir={out}", "train.max_steps=12",
+         "train.log_every=4", "train.eval_at_end=false", "tracking.enabled=false"],
+        capture_output=True, text=True, timeout=600, cwd=out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"path": out / "checkpoint", "log": proc.stderr}
+
+
+def test_training_logs_live_ids_evictions_and_the_miss_row_share(managed_checkpoint):
+    from gmeta.checkpoint import load_unsharded
+
+    lines = [ln for ln in managed_checkpoint["log"].splitlines() if "managed ids:" in ln]
+    assert len(lines) == 3  # every log step (4, 8, 12)
+    assert "hour 24 live, 0 evicted, 0.0% on the miss row" in lines[-1]
+    model = load_unsharded(managed_checkpoint["path"])[0]
+    live = model.managed.live_ids()
+    assert live["hour"] == 24 and live["interests"] == 50 and 0 < live["ad_id"] < 1999
+    assert f"ad_id {live['ad_id']} live" in lines[-1]  # the checkpoint holds the remapping trained
+
+
+def test_evaluate_predict_pyfunc_and_serving_score_managed_ids_alike(managed_checkpoint, managed_data, debug_data,
+                                                                      tmp_path):
+    import mlflow
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from gmeta.checkpoint import load_unsharded
+    from gmeta.evaluate import run_evaluate
+    from gmeta.predict import run_predict
+    from gmeta.predict_raw import run_predict_raw
+    from gmeta.pyfunc import log_model
+    from gmeta.serving import assign_roles, score_rows
+
+    ckpt = managed_checkpoint["path"]
+    run_predict(ckpt, tmp_path / "p", shards_dir=str(managed_data), inner_steps=2, progress=False)
+    pred = pq.read_table(tmp_path / "p").to_pandas()
+    report = run_evaluate(ckpt, shards_dir=str(managed_data), tracking=False, out_dir=tmp_path / "eval",
+                          inner_steps=2)
+    assert report["maml_auc"] == pytest.approx(roc_auc_score(pred["label"], pred["score"]), abs=1e-6)
+
+    model, cfg, meta = load_unsharded(ckpt)
+    keys = list(pred["task_key"].unique()[:6])
+    raw = pd.read_parquet(debug_data["raw"])
+    rows = assign_roles(raw[raw["campaign_id"].isin(keys)].reset_index(drop=True), cfg)
+    rows["label"] = rows["label"].astype(float)
+    rows.loc[rows["role"] == "query", "label"] = np.nan
+    served = score_rows(model, cfg, rows, 2, meta.get("input_columns"), id_hash=meta["id_hash"])["score"]
+
+    pred = pred[pred["task_key"].isin(keys)].sort_values(["task_key", "row"])
+    q = rows.assign(score=served)[rows["role"] == "query"].sort_values(["campaign_id", "ts"])
+    q["row"] = q.groupby("campaign_id").cumcount()
+    merged = q.merge(pred, left_on=["campaign_id", "row"], right_on=["task_key", "row"], suffixes=("", "_predict"))
+    assert len(merged) == len(q) == len(pred) > 0
+    np.testing.assert_allclose(merged["score"], merged["score_predict"], atol=1e-5)
+
+    src = tmp_path / "logs"
+    src.mkdir()
+    rows.to_parquet(src / "a.parquet")
+    run_predict_raw(ckpt, src, tmp_path / "raw_out", inner_steps=2, progress=False)
+    got = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "raw_out").glob("part-*.parquet"))]) \
+        .sort_values("input_row")
+    np.testing.assert_allclose(got["score"].to_numpy(), served[rows["role"] == "query"].to_numpy(), atol=1e-5)
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = mlflow.create_experiment("pyfunc", artifact_location=str(tmp_path / "artifacts"))
+    with mlflow.start_run(experiment_id=exp):
+        uri = log_model(ckpt, cfg, model)
+    out = mlflow.pyfunc.load_model(uri).predict(rows, params={"inner_steps": 2})
+    np.testing.assert_allclose(out["score"][rows["role"] == "query"].to_numpy(),
+                               served[rows["role"] == "query"].to_numpy(), atol=1e-5)
+    assert model.managed.live_ids() == load_unsharded(ckpt)[0].managed.live_ids()  # scoring admitted nothing
