@@ -133,7 +133,9 @@ class _TableViews:
 
     def __init__(self, ec, table: str) -> None:
         key = f"embeddings.{table}.weight"
-        self.weight = self._pieces(ec.state_dict()[key])
+        whole = ec.state_dict()[key]
+        self.weight = self._pieces(whole)
+        self.dim = whole.size(1)
         self.state: list[tuple[int, int, torch.Tensor]] = []
         fused = getattr(ec, "fused_optimizer", None)
         if fused is not None:
@@ -143,7 +145,6 @@ class _TableViews:
                     for v in states.values():
                         if isinstance(v, torch.Tensor) and v.dim() >= 1:
                             self.state += self._pieces(v)
-        self.dim = ec.state_dict()[key].size(1)
 
     @staticmethod
     def _pieces(t) -> list[tuple[int, int, torch.Tensor]]:
@@ -276,7 +277,7 @@ class ManagedIds(nn.Module):
             if n not in self._views:
                 self._views[n] = _TableViews(ec, f"t_{n}")
         dim = self._views[names[0]].dim
-        device = self._views[names[0]].weight[0][2].device
+        device = self.occurrences.device  # (a rank may hold no piece of a table)
         miss = torch.zeros(len(names), dim, dtype=torch.float32, device=device)
         for j, n in enumerate(names):
             row = self.slots[n] - 1
@@ -286,7 +287,7 @@ class ManagedIds(nn.Module):
         if _world() > 1:
             dist.all_reduce(miss)
         for j, n in enumerate(names):
-            s = slots[n].to(device)
+            s = slots[n]
             for r0, c0, t in self._views[n].weight:
                 local = s[(s >= r0) & (s < r0 + t.size(0))] - r0
                 if local.numel():
