@@ -70,6 +70,13 @@ POLICIES = {"distance_lfu": DistanceLFU_EvictionPolicy, "lfu": LFU_EvictionPolic
 _EMPTY = torch.iinfo(torch.int64).max  # the raw id of an empty slot in MCH's buffers
 
 
+def _live(mc: MCHManagedCollisionModule) -> torch.Tensor:
+    """Ids holding a slot: the raw ids are sorted with the empty slots (int64 max) last, so
+    a binary search counts them (O(log slots), not a pass over the buffer)."""
+    raw = mc._mch_sorted_raw_ids
+    return torch.searchsorted(raw, raw.new_tensor([_EMPTY]))[0]
+
+
 def is_managed(feature: dict) -> bool:
     return feature.get("ids", "hash") == "managed"
 
@@ -204,7 +211,7 @@ class ManagedIds(nn.Module):
 
     def live_ids(self) -> dict[str, int]:
         """Ids holding a slot, per feature (a host read)."""
-        return {n: int((self.module_of(n)._mch_sorted_raw_ids != _EMPTY).sum()) for n in self.names}
+        return {n: int(_live(self.module_of(n))) for n in self.names}
 
     # ------------------------------------------------------------------ remap
     def forward(self, kjt: KeyedJaggedTensor, ec=None, admit: bool | None = None,
@@ -251,12 +258,12 @@ class ManagedIds(nn.Module):
         evicted: dict[str, torch.Tensor] = {}
         for name, ids in zip(self.names, gathered):
             mc = self.module_of(name)
-            before = (mc._mch_sorted_raw_ids != _EMPTY).sum()
+            before = _live(mc)
             _grow_history(mc, ids.numel())
             mc.profile({name: JaggedTensor(values=ids, lengths=ids.new_tensor([ids.numel()]))})
             slots = mc.evict()
             if slots is not None and slots.numel():
-                after = (mc._mch_sorted_raw_ids != _EMPTY).sum()
+                after = _live(mc)
                 # slots given = slots filled for the first time + slots taken from another id
                 getattr(self, f"evictions_{name}").add_(slots.numel() - (after - before))
                 evicted[name] = slots
