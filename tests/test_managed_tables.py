@@ -331,3 +331,15 @@ def test_evaluate_predict_pyfunc_and_serving_score_managed_ids_alike(managed_che
     np.testing.assert_allclose(out["score"][rows["role"] == "query"].to_numpy(),
                                served[rows["role"] == "query"].to_numpy(), atol=1e-5)
     assert model.managed.live_ids() == load_unsharded(ckpt)[0].managed.live_ids()  # scoring admitted nothing
+
+
+def test_a_step_with_more_ids_than_the_first_admits_them_all():
+    # torchrec sizes its history buffer from the first step's ids; later ids beyond it were dropped
+    cfg = managed_cfg()
+    model = build_model(cfg)
+    model.lookup(layout_of(_batch(cfg, [41, 41, 41, 41, 41, 41]), model.pooling, 1))
+    ads = list(range(50, 62))
+    model.lookup(layout_of(_batch(cfg, ads), model.pooling, 1))
+    miss = cfg.features.sparse[1].num_embeddings - 1
+    slots = {_slot(model, "ad_id", r) for r in ads}
+    assert miss not in slots and len(slots) == len(ads)
