@@ -500,10 +500,11 @@ def load_init(path: str | Path, model, cfg: Config, key: str = "train.init_from"
         a, b = _dotted(theirs, k), _dotted(cfg, k)
         if a != b:
             raise CheckpointError(f"{key}: {path} holds a model with {k} {a!r}, this config has {b!r}")
-    mine = [(s.name, s.num_embeddings) for s in cfg.features.sparse] + [("dense", len(cfg.features.dense))]
-    other = [(s.name, s.num_embeddings) for s in theirs.features.sparse] + [("dense", len(theirs.features.dense))]
+    mine = [(s.name, s.num_embeddings, s.ids) for s in cfg.features.sparse] + [("dense", len(cfg.features.dense))]
+    other = [(s.name, s.num_embeddings, s.ids) for s in theirs.features.sparse] \
+        + [("dense", len(theirs.features.dense))]
     if mine != other:
-        raise CheckpointError(f"{key}: {path} holds a model of other features (name, table rows; dense count) "
+        raise CheckpointError(f"{key}: {path} holds a model of other features (name, table rows, ids; dense count) "
                               f"{other}, this config has {mine}")
     reader = safe_reader(path)
     try:

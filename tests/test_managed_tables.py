@@ -343,3 +343,13 @@ def test_a_step_with_more_ids_than_the_first_admits_them_all():
     miss = cfg.features.sparse[1].num_embeddings - 1
     slots = {_slot(model, "ad_id", r) for r in ads}
     assert miss not in slots and len(slots) == len(ads)
+
+
+def test_a_managed_checkpoint_neither_resumes_nor_warm_starts_a_hashed_model(managed_checkpoint):
+    from gmeta.checkpoint import CheckpointError, check_resumable, load_init
+
+    hashed = load_config(DEBUG_CONFIG, ["train.pipeline=false"])
+    with pytest.raises(CheckpointError, match=r"features.sparse\[1\].ids \(ad_id\)"):
+        check_resumable(managed_checkpoint["path"], hashed)
+    with pytest.raises(CheckpointError, match="managed"):  # refused before any tensor is read
+        load_init(managed_checkpoint["path"], None, hashed)
