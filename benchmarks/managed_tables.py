@@ -15,12 +15,12 @@ backward, dense Adam), alternated call by call over the same cycle of reader bat
 for the meta step (MAML, ``meta.algorithm`` of the config) and for ERM. Reported per size
 and algorithm: rows/s of each, managed's as a share of hashed's (the target is at least
 0.8), the peak memory of one step (the CPU allocator's peak above the step's start) and the
-MCH buffers per rank; then, over one pass of training batches with fresh models, the
-share of id occurrences that went to the miss row under each eviction interval (what a
-larger interval costs in learning: those occurrences train the shared row instead of
-their own).
+MCH buffers per rank; then, with fresh models, the share of id occurrences that went to
+the miss row under each eviction interval over the first ``--pass-batches`` meta-batches
+of training (what a larger interval costs in learning: those occurrences train the shared
+row instead of their own).
 
-    python benchmarks/managed_tables.py [--repeats 5] [--sizes debug ads_cvr] [--batches 8]
+    python benchmarks/managed_tables.py [--repeats 5] [--sizes debug ads_cvr] [--batches 8] [--pass-batches 40]
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def trainer(cfg: Config, batches: list, algorithm: str):
     return model, lambda: train_step(model, next(cycle), c, sync, opt)
 
 
-def bench_size(size: str, workdir: Path, repeats: int, num_batches: int, results: dict) -> None:
+def bench_size(size: str, workdir: Path, repeats: int, num_batches: int, results: dict, pass_batches: int) -> None:
     data = ensure_shards(workdir, size)
     hcfg, hshards = data["hashed"]
     mcfg, mshards = data["managed"]
@@ -130,8 +130,9 @@ def bench_size(size: str, workdir: Path, repeats: int, num_batches: int, results
                                                    if k != "hashed"))
         print(f"  {algorithm:5s} peak step MiB: " + ", ".join(f"{k} {v:.1f}" for k, v in mem.items())
               + f"; MCH buffers {res['mch_buffers_mib']:.2f} MiB per rank")
-    # learning cost of a larger interval: occurrences on the miss row over a first pass of training
-    every = list(TaskReader(mshards, "train", n, seed=0, size_buckets=hcfg.meta.size_buckets))
+    # learning cost of a larger interval: occurrences on the miss row over the first meta-batches of training
+    every = list(itertools.islice(TaskReader(mshards, "train", n, seed=0, size_buckets=hcfg.meta.size_buckets),
+                                  pass_batches))
     share = {}
     for name, cfg in (("managed", mcfg), ("managed_i10", m10)):
         model, step = trainer(cfg, every, cfg.meta.algorithm)
@@ -141,7 +142,7 @@ def bench_size(size: str, workdir: Path, repeats: int, num_batches: int, results
         miss = [v for k, v in metrics.items() if k.endswith("/miss_share")]
         share[name] = {k.split("/")[2]: round(v, 4) for k, v in metrics.items() if k.endswith("/miss_share")}
         results[f"{size}_first_pass_{name}_miss_share_mean"] = sum(miss) / len(miss)
-    print(f"  first pass ({len(every)} meta-batches), share of id occurrences on the miss row per feature:")
+    print(f"  first {len(every)} meta-batches of training, share of id occurrences on the miss row per feature:")
     for name, per in share.items():
         print(f"    {name}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in per.items()))
         results[f"{size}_first_pass_{name}_miss_share"] = per
@@ -152,6 +153,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--pass-batches", type=int, default=40, help="meta-batches of the miss-share measure")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gmeta-bench-managed"))
     args = ap.parse_args()
@@ -160,7 +162,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results: dict = {}
     for size in args.sizes:
-        bench_size(size, Path(args.workdir), args.repeats, args.batches, results)
+        bench_size(size, Path(args.workdir), args.repeats, args.batches, results, args.pass_batches)
     emit("managed_tables", results)
     dist.destroy_process_group()
 
