@@ -353,3 +353,19 @@ def test_a_managed_checkpoint_neither_resumes_nor_warm_starts_a_hashed_model(man
         check_resumable(managed_checkpoint["path"], hashed)
     with pytest.raises(CheckpointError, match="managed"):  # refused before any tensor is read
         load_init(managed_checkpoint["path"], None, hashed)
+
+
+def test_the_logged_miss_share_counts_occurrences_not_distinct_ids():
+    from gmeta.models.managed import training_metrics
+
+    cfg = managed_cfg("features.sparse.ad_id.num_embeddings=2")  # one slot and the miss row
+    model = build_model(cfg)
+    ads = [61, 61, 61, 62, 63, 61, 62, 61]
+    model.lookup(layout_of(_batch(cfg, ads), model.pooling, 1))
+    held = [r for r in (61, 62, 63) if _slot(model, "ad_id", r) == 0]
+    assert len(held) == 1
+    m = training_metrics(model.managed)
+    assert m["train/managed/ad_id/live_ids"] == 1
+    assert m["train/managed/ad_id/miss_share"] == pytest.approx(sum(a not in held for a in ads) / len(ads))
+    assert m["train/managed/hour/miss_share"] == 0.0
+    assert training_metrics(model.managed)["train/managed/ad_id/miss_share"] == 0.0  # read since the last log

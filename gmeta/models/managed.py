@@ -240,8 +240,9 @@ class ManagedIds(nn.Module):
             slots = remapped[name].values()
             miss = slots == self.slots[name] - 1
             if admit:
-                c = counts[bounds[i]: bounds[i + 1]].double() if counts is not None else miss.double().new_ones(1)
-                self.occurrences[k] += c.sum() if counts is not None else miss.numel()
+                c = counts[bounds[i]: bounds[i + 1]].double() if counts is not None \
+                    else torch.ones_like(miss, dtype=torch.float64)
+                self.occurrences[k] += c.sum()
                 self.miss_occurrences[k] += (c * miss).sum()
             if not admit and self.unknown[name] == "zero":
                 if zero is None:
