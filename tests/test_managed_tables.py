@@ -369,3 +369,35 @@ def test_the_logged_miss_share_counts_occurrences_not_distinct_ids():
     assert m["train/managed/ad_id/miss_share"] == pytest.approx(sum(a not in held for a in ads) / len(ads))
     assert m["train/managed/hour/miss_share"] == 0.0
     assert training_metrics(model.managed)["train/managed/ad_id/miss_share"] == 0.0  # read since the last log
+
+
+def test_benchmark_gives_managed_as_a_share_of_hashed(tmp_path, capsys):
+    import os
+
+    import torch.distributed as dist
+
+    from benchmarks.managed_tables import bench_size
+    from gmeta.parallel.dist import free_port
+
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        results: dict = {}
+        bench_size("debug", tmp_path, repeats=1, num_batches=2, results=results, pass_batches=2)
+    finally:
+        dist.destroy_process_group()
+        for k, v in saved.items():  # later tests' subprocesses must not inherit this group's port
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    for algorithm in ("maml", "erm"):
+        res = results[f"debug_{algorithm}"]
+        for k in ("managed", "managed_i10"):
+            assert res[f"{k}_share_of_hashed"] == pytest.approx(res[f"{k}_rows_per_s"] / res["hashed_rows_per_s"])
+            assert res[f"{k}_peak_mib"] > 0
+        assert 0.1 < res["mch_buffers_mib"] < 1  # 4,632 slots x 32 bytes, plus the history
+    assert results["debug_first_pass_managed_miss_share"]["ad_id"] == 0.0  # admitted in its first step
+    assert results["debug_first_pass_managed_i10_miss_share"]["ad_id"] == 1.0  # 2 steps: nothing admitted yet
+    assert "share of hashed" in capsys.readouterr().out
