@@ -401,3 +401,27 @@ def test_benchmark_gives_managed_as_a_share_of_hashed(tmp_path, capsys):
     assert results["debug_first_pass_managed_miss_share"]["ad_id"] == 0.0  # admitted in its first step
     assert results["debug_first_pass_managed_i10_miss_share"]["ad_id"] == 1.0  # 2 steps: nothing admitted yet
     assert "share of hashed" in capsys.readouterr().out
+
+
+def test_resumed_training_goes_on_with_the_saved_remapping(managed_data, tmp_path):
+    import subprocess
+    import sys
+
+    from gmeta.checkpoint import load_unsharded
+
+    def train(out: Path, *extra: str) -> None:
+        proc = subprocess.run(
+            [sys.executable, "-m", "gmeta.cli", "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1",
+             *MANAGED, f"data.shards_dir={managed_data}", f"train.output_dir={out}", "train.max_steps=8",
+             "train.eval_at_end=false", "tracking.enabled=false", "features.sparse.ad_id.num_embeddings=64",
+             *extra], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    train(tmp_path / "straight", "train.checkpoint_every_steps=4")
+    train(tmp_path / "resumed", f"train.resume={tmp_path / 'straight' / 'checkpoints' / 'step-00000004'}")
+    a, b = (load_unsharded(tmp_path / d / "checkpoint")[0] for d in ("straight", "resumed"))
+    assert int(a.managed.evictions_ad_id) > 0  # 64 slots: the 8 steps evicted ads
+    for name, buf in a.managed.state_dict().items():
+        assert torch.equal(buf, b.managed.state_dict()[name]), name
+    w = lambda m: m.sparse_arch.ec.embeddings["t_ad_id"].weight.detach()  # noqa: E731
+    torch.testing.assert_close(w(a), w(b), rtol=0, atol=0)
