@@ -425,3 +425,14 @@ def test_resumed_training_goes_on_with_the_saved_remapping(managed_data, tmp_pat
         assert torch.equal(buf, b.managed.state_dict()[name]), name
     w = lambda m: m.sparse_arch.ec.embeddings["t_ad_id"].weight.detach()  # noqa: E731
     torch.testing.assert_close(w(a), w(b), rtol=0, atol=0)
+
+
+def test_prepare_warns_when_the_training_ids_do_not_fit_the_slots(debug_data, tmp_path, caplog):
+    from gmeta.io.prepare import format_report, prepare
+
+    m = prepare(managed_cfg("features.sparse.ad_id.num_embeddings=100"), debug_data["raw"], tmp_path / "shards")
+    c = m["cardinality"]["ad_id"]
+    assert c["slots"] == 99 and c["train_distinct"] > 99 and not c["fits"]
+    assert any("features.sparse[1].num_embeddings (ad_id)" in r.getMessage() and "miss row" in r.getMessage()
+               for r in caplog.records)
+    assert "for 99 slots + 1 miss row: the eviction policy chooses" in format_report(m)
