@@ -680,10 +680,11 @@ class TrainingRun:
         self.last.update(managed)
         self.tracker.log_metrics(self.last, step=self.step)
         if env.is_main and managed:
+            names = [k.split("/")[2] for k in managed if k.endswith("/live_ids")]
             log.info("managed ids: %s", "; ".join(
-                f"{k.split('/')[2]} {v:.0f} live, {managed[k[:-len('live_ids')] + 'evictions']:.0f} evicted, "
-                f"{100 * managed[k[:-len('live_ids')] + 'miss_share']:.1f}% on the miss row"
-                for k, v in managed.items() if k.endswith("/live_ids")))
+                f"{n} {managed[f'train/managed/{n}/live_ids']:.0f} live, "
+                f"{managed[f'train/managed/{n}/evictions']:.0f} evicted, "
+                f"{100 * managed[f'train/managed/{n}/miss_share']:.1f}% on the miss row" for n in names))
         if env.is_main:
             m = self.last
             log.info("step %d/%d epoch %d query_loss %.4f support_loss %.4f %.0f tasks/s %.0f rows/s "
