@@ -73,10 +73,11 @@ def _raw(values: np.ndarray, name: str) -> np.ndarray:
 
 
 def _ids(col, name: str, num_rows: int, num_embeddings: int | None,
-         id_hash: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+         id_hash: int | None, mode: str = "hash") -> tuple[np.ndarray, np.ndarray | None]:
     """(table rows, lengths per row or None for single-valued) of a sparse column: raw ids
     hashed under ``id_hash`` into ``num_embeddings`` rows, or (``id_hash`` None) ids that
-    are table rows already."""
+    are table rows already. ``mode``: the feature's ``ids``; managed ids are 63-bit hashes
+    (``hash_ids``) that the model maps to its slots."""
     arr = np.asarray(col) if not isinstance(col, list) else None
     lengths = None
     if arr is not None and arr.dtype != object and arr.ndim == 1:
@@ -101,7 +102,7 @@ def _ids(col, name: str, num_rows: int, num_embeddings: int | None,
     if id_hash is not None:
         assert num_embeddings is not None  # task_batch needs the features to hash
         raw = _raw(np.asarray(values), name) if len(values) else np.zeros(0, np.int64)
-        return hash_ids(raw, name, num_embeddings, id_hash), lengths
+        return hash_ids(raw, name, num_embeddings, id_hash, mode), lengths
     if len(values) and values.dtype == object and all(_is_int(v) for v in values):
         values = values.astype(np.int64)
     if len(values) and not np.issubdtype(np.asarray(values).dtype, np.integer):
@@ -110,7 +111,7 @@ def _ids(col, name: str, num_rows: int, num_embeddings: int | None,
     values = np.asarray(values, np.int64)
     if len(values) and values.min() < 0:
         raise BatchError(f"sparse column {name!r}: id {int(values.min())} is negative")
-    if num_embeddings is not None and len(values) and values.max() >= num_embeddings:
+    if num_embeddings is not None and mode == "hash" and len(values) and values.max() >= num_embeddings:
         raise BatchError(f"sparse column {name!r}: id {int(values.max())} is outside its table of "
                          f"{num_embeddings} rows")
     return values, lengths
@@ -197,7 +198,8 @@ def task_batch(data: Mapping, *, task: str, query: str, label: str, sparse: Sequ
     values, lengths = [], []
     for i, name in enumerate(sparse):
         table = features[i]["num_embeddings"] if features is not None else None
-        v, ln = _ids(_column(data, name), name, num_rows, table, id_hash if ids == "raw" else None)
+        mode = features[i].get("ids", "hash") if features is not None else "hash"
+        v, ln = _ids(_column(data, name), name, num_rows, table, id_hash if ids == "raw" else None, mode)
         if ln is None:
             values.append(v[order])
             lengths.append(np.ones(num_rows, np.int64))

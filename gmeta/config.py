@@ -60,10 +60,29 @@ class SparseFeature:
     # are new to the model (0: only rare ids train it). Set alone (min_count 0), it gives
     # the feature a default row for the ids never seen and the held-out ones.
     holdout_share: float = 0.0
+    # How raw ids reach table rows. "hash": hashed into the num_embeddings rows at prepare
+    # time (distinct ids may share a row). "managed": every live id owns a row; the shards
+    # hold a 63-bit hash of the raw id, and the model admits ids to the num_embeddings slots
+    # as it trains (torchrec's MCHManagedCollisionModule), the last slot being the shared
+    # row of ids not admitted (the miss row). Not with min_count / holdout_share, nor with
+    # train.pipeline.
+    ids: Literal["hash", "managed"] = "hash"
+    # ids: managed only. Which ids keep the slots when more want one than there are:
+    # "distance_lfu" (occurrences divided by the steps since last seen), "lfu" (occurrences),
+    # "lru" (last seen).
+    eviction_policy: Literal["distance_lfu", "lfu", "lru"] = "distance_lfu"
+    # ids: managed only. Training steps between admissions: 1 admits an id in the step it
+    # first appears (its own row to adapt at once); larger intervals coalesce the ids of
+    # that many steps, which route to the miss row until then.
+    eviction_interval: int = 1
+    # ids: managed only. Where an id that holds no slot goes when the model scores
+    # (evaluate, predict, serving: nothing is admitted then): "miss_row", the shared miss
+    # row that not-admitted ids trained; "zero", an all-zero embedding.
+    unknown_ids: Literal["miss_row", "zero"] = "miss_row"
 
 
 # the fields of SparseFeature that shape the shards (the rest are model choices)
-SHARD_FIELDS = ("name", "num_embeddings", "multi_hot", "pooling")
+SHARD_FIELDS = ("name", "num_embeddings", "multi_hot", "pooling", "ids")
 
 
 @dataclass
@@ -544,6 +563,22 @@ def validate(cfg: Config) -> None:
         _check(sf.num_embeddings >= 1, f"features.sparse[{i}].num_embeddings", "must be >= 1")
         _check(sf.min_count >= 0, f"features.sparse[{i}].min_count", "must be >= 0 (0: no default row)")
         _check(0.0 <= sf.holdout_share < 1.0, f"features.sparse[{i}].holdout_share", "must be in [0, 1)")
+        if sf.ids == "managed":
+            _check(sf.min_count == 0 and sf.holdout_share == 0.0, f"features.sparse[{i}].ids",
+                   "managed ids have their own miss row for ids not admitted; they do not combine with "
+                   f"features.sparse[{i}].min_count / holdout_share (set both to 0, or ids: hash)")
+            _check(sf.num_embeddings >= 2, f"features.sparse[{i}].num_embeddings",
+                   "must be >= 2 with ids: managed (the slots, the last of which is the miss row)")
+            _check(sf.eviction_interval >= 1, f"features.sparse[{i}].eviction_interval", "must be >= 1")
+            _check(not cfg.train.pipeline, f"features.sparse[{i}].ids",
+                   "managed ids need train.pipeline: false (the pipeline remaps the next batch's ids before "
+                   "this batch's lookup and update, so a slot evicted for the next batch could still be read "
+                   "and updated for this one)")
+        else:
+            for k, default in (("eviction_policy", "distance_lfu"), ("eviction_interval", 1),
+                               ("unknown_ids", "miss_row")):
+                _check(getattr(sf, k) == default, f"features.sparse[{i}].{k}",
+                       f"applies to ids: managed only (this feature has ids: {sf.ids})")
     dup = {n for n in names if names.count(n) > 1}
     _check(not dup, "features", f"duplicate feature names {sorted(dup)}")
     reserved = {f.task_key, f.timestamp, f.label, f.true_prob} - {""}

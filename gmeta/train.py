@@ -46,6 +46,7 @@ from gmeta.meta.generator import add_cold_term, base_fixed_objective
 from gmeta.meta.layout import layout_of
 from gmeta.metrics import HIGHER_IS_BETTER
 from gmeta.models.dlrm import build_model, dense_autocast
+from gmeta.models.managed import training_metrics
 from gmeta.parallel.dist import DenseGradSync, broadcast_params, configure_threads, init_distributed
 from gmeta.parallel.pipeline import SparseDistPipeline
 from gmeta.parallel.sharding import shard_model
@@ -699,7 +700,15 @@ class TrainingRun:
             extra = torch.stack([v.detach().float().reshape(()) for v in out.extra.values()])
             dist.all_reduce(extra)
             self.last.update({f"train/{k}": v / env.world_size for k, v in zip(out.extra, extra.tolist())})
+        managed = training_metrics(self.model.module.managed)  # features.sparse[].ids: managed
+        self.last.update(managed)
         self.tracker.log_metrics(self.last, step=self.step)
+        if env.is_main and managed:
+            names = [k.split("/")[2] for k in managed if k.endswith("/live_ids")]
+            log.info("managed ids: %s", "; ".join(
+                f"{n} {managed[f'train/managed/{n}/live_ids']:.0f} live, "
+                f"{managed[f'train/managed/{n}/evictions']:.0f} evicted, "
+                f"{100 * managed[f'train/managed/{n}/miss_share']:.1f}% on the miss row" for n in names))
         if env.is_main:
             m = self.last
             log.info("step %d/%d epoch %d query_loss %.4f support_loss %.4f %.0f tasks/s %.0f rows/s "

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gmeta.io.errors import PrepareError
+from gmeta.io.features import id_bound
 
 
 class ShardError(PrepareError):
@@ -101,7 +102,8 @@ def find_bad_tasks(block: TaskBlock, schema: dict) -> list[tuple[int, str]]:
         for feat in schema["sparse"]:
             name = feat["name"]
             ids = side.ids[name]
-            out = (ids < 0) | (ids >= feat["num_embeddings"])
+            bound = id_bound(feat)
+            out = (ids < 0) | (ids >= bound)
             if out.any():
                 if feat["multi_hot"]:
                     row_of_id = _task_of_rows(side.id_offsets[name])
@@ -109,7 +111,7 @@ def find_bad_tasks(block: TaskBlock, schema: dict) -> list[tuple[int, str]]:
                 else:
                     tasks = row_task[out]
                 for t in np.unique(tasks):
-                    bad.setdefault(int(t), f"{side_name}.{name}: id outside [0, {feat['num_embeddings']})")
+                    bad.setdefault(int(t), f"{side_name}.{name}: id outside [0, {bound})")
         nonfinite = ~np.isfinite(side.dense).all(axis=1)
         for t in np.unique(row_task[nonfinite]):
             bad.setdefault(int(t), f"{side_name}.dense: NaN or inf")

@@ -61,7 +61,12 @@ ID_HASH = 2
 ID_HASHES = (1, 2)
 
 
-def hash_ids(values: np.ndarray, feature: str, num_embeddings: int, id_hash: int) -> np.ndarray:
+MANAGED_HASH_SIZE = (1 << 63) - 1
+"""The range of a managed feature's ids in the shards (``features.sparse[].ids: managed``):
+torchrec's MCH ``input_hash_size``; int64 max itself marks an empty slot in its buffers."""
+
+
+def hash_ids(values: np.ndarray, feature: str, num_embeddings: int, id_hash: int, ids: str = "hash") -> np.ndarray:
     """Raw ids of ``feature`` -> rows of its table of ``num_embeddings`` rows, [n] int64: the
     one id hash of gmeta, used by ``gmeta prepare``, serving, ``gmeta predict --input`` and
     ``task_batch``. Integers hash as integers, text as text.
@@ -76,11 +81,24 @@ def hash_ids(values: np.ndarray, feature: str, num_embeddings: int, id_hash: int
     2  ``salted_hash`` keyed by the feature name: integers too hash as a random function of
        (feature, id), so distinct ids share a row only as often as chance has it. Strings
        hash as under 1, so text ids keep their rows.
+
+    ``ids`` (``features.sparse[].ids``): "managed" returns the same hash taken modulo
+    ``MANAGED_HASH_SIZE`` (63 bits, ``num_embeddings`` unused): the model's managed-collision
+    module, not the hash, gives each such id its row (``gmeta.models.managed``).
     """
     if type(id_hash) is not int or id_hash not in ID_HASHES:
         raise ValueError(f"id_hash {id_hash!r}: must be one of {ID_HASHES}")
+    if ids not in ("hash", "managed"):
+        raise ValueError(f"ids {ids!r}: must be 'hash' or 'managed' (features.sparse[].ids)")
     h = stable_hash(values, feature) if id_hash == 1 else salted_hash(values, feature)
-    return (h % np.uint64(num_embeddings)).astype(np.int64)
+    size = MANAGED_HASH_SIZE if ids == "managed" else num_embeddings
+    return (h % np.uint64(size)).astype(np.int64)
+
+
+def id_bound(feature: dict) -> int:
+    """One past the largest id a feature's shards may hold (a schema entry of the manifest;
+    entries written before ``ids`` existed are hashed)."""
+    return MANAGED_HASH_SIZE if feature.get("ids", "hash") == "managed" else int(feature["num_embeddings"])
 
 
 def id_hash_of(record: dict, where: str) -> int:
@@ -241,7 +259,8 @@ class Cardinality:
         self.rows: dict[str, np.ndarray] = {}
         self.collided: dict[str, np.ndarray] = {}
         budget = (cfg.data.prepare_memory_mb << 20) // 8 // self.BYTES_PER_ROW
-        for s in sorted(self.features, key=lambda s: s.num_embeddings):
+        # (managed ids own their rows: the model, not the hash, places them; nothing collides)
+        for s in sorted((s for s in self.features if s.ids == "hash"), key=lambda s: s.num_embeddings):
             if s.num_embeddings <= budget:
                 budget -= s.num_embeddings
                 self.owner[s.name] = np.zeros(s.num_embeddings, dtype=np.uint64)
@@ -276,6 +295,12 @@ class Cardinality:
             else:  # (k - 1) / (k-th smallest hash as a fraction of the hash space)
                 raw, exact = int(round((self.K - 1) / (float(h[-1]) / 2.0**64))), False
             m = s.num_embeddings
+            if s.ids == "managed":  # every live id its own slot: no collision; id_counts counts them
+                out[s.name] = {"num_embeddings": m, "ids": "managed", "distinct_raw": raw, "distinct_raw_exact": exact,
+                               "distinct_hashed": None, "colliding_share": 0.0, "colliding_share_exact": True,
+                               "id_occurrences": self.occurrences[s.name], "multi_hot": s.multi_hot,
+                               "pooling": s.pooling}
+                continue
             if s.name in self.owner:
                 rows = self.rows[s.name]
                 hashed = int((rows > 0).sum())
@@ -324,7 +349,7 @@ _INTEGER = r"^-?[0-9]{1,18}$"  # a text token that is an int64
 
 
 def _hash_ids(col: pa.Array, name: str, num_embeddings: int, id_hash: int,
-              tokens: bool = False) -> tuple[np.ndarray, np.ndarray]:
+              tokens: bool = False, ids: str = "hash") -> tuple[np.ndarray, np.ndarray]:
     """(raw ids, hashed ids) of a flat id column. A null (data.source.fill_missing) and an
     empty string get the id of the 'missing' value. ``tokens``: ids split out of a text
     field, where a token that is an integer hashes as that integer (as the same id does
@@ -345,15 +370,15 @@ def _hash_ids(col: pa.Array, name: str, num_embeddings: int, id_hash: int,
     if tokens and text:
         numeric = np.asarray(pc.match_substring_regex(col, _INTEGER).to_numpy(zero_copy_only=False), dtype=bool)
     if numeric is None or not numeric.any():
-        hashed = hash_ids(raw, name, num_embeddings, id_hash)
+        hashed = hash_ids(raw, name, num_embeddings, id_hash, ids)
     else:
         hashed = np.empty(len(raw), dtype=np.int64)
-        hashed[numeric] = hash_ids(raw[numeric].astype(np.int64), name, num_embeddings, id_hash)
-        hashed[~numeric] = hash_ids(raw[~numeric], name, num_embeddings, id_hash)
+        hashed[numeric] = hash_ids(raw[numeric].astype(np.int64), name, num_embeddings, id_hash, ids)
+        hashed[~numeric] = hash_ids(raw[~numeric], name, num_embeddings, id_hash, ids)
     if valid is None:
         return raw, hashed
     missing = np.array([_MISSING], dtype=object)
-    out = np.full(len(valid), hash_ids(missing, name, num_embeddings, id_hash)[0])
+    out = np.full(len(valid), hash_ids(missing, name, num_embeddings, id_hash, ids)[0])
     out[valid] = hashed
     # the raw values for Cardinality, aligned with the ids: the missing value is one more
     raw_all = np.full(len(valid), _MISSING, dtype=object)
@@ -396,11 +421,11 @@ def hash_batch(table: pa.Table, cfg: Config, card: Cardinality | None, where: st
             items = col.flatten()
             if items.null_count and not cfg.data.source.fill_missing:
                 raise PrepareError(f"{where}: column {s.name!r} has null ids inside its lists")
-            raw, hashed = _hash_ids(items, s.name, s.num_embeddings, id_hash, tokens=text)
+            raw, hashed = _hash_ids(items, s.name, s.num_embeddings, id_hash, tokens=text, ids=s.ids)
             off = col.offsets.to_numpy().astype(np.int64)
             cols[s.name] = pa.ListArray.from_arrays(pa.array((off - off[0]).astype(np.int32)), pa.array(hashed))
         else:
-            raw, hashed = _hash_ids(col, s.name, s.num_embeddings, id_hash)
+            raw, hashed = _hash_ids(col, s.name, s.num_embeddings, id_hash, ids=s.ids)
             cols[s.name] = pa.array(hashed)
         if card is not None:
             card.add(s.name, raw, hashed)

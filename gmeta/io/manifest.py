@@ -170,8 +170,11 @@ def schema_differences(manifest: dict, cfg: Config) -> list[tuple[str, Any, Any]
         if s.name not in got:
             continue
         mine = asdict(s)
-        out += [(f"features.sparse[{i}].{k} ({s.name})", got[s.name].get(k), mine[k]) for k in SHARD_FIELDS
-                if k != "name" and got[s.name].get(k) != mine[k]]
+        theirs = {"ids": "hash", **got[s.name]}  # (shards older than the key hashed their ids)
+        # managed ids are hashes whatever the number of slots: it is the model's to change
+        slots_free = mine["ids"] == "managed" == theirs["ids"]
+        out += [(f"features.sparse[{i}].{k} ({s.name})", theirs.get(k), mine[k]) for k in SHARD_FIELDS
+                if k != "name" and theirs.get(k) != mine[k] and not (slots_free and k == "num_embeddings")]
     if schema["dense"] != list(cfg.features.dense):
         out.append(("features.dense", schema["dense"], list(cfg.features.dense)))
     objective = schema.get("objective", "binary")  # (labels were checked for it)

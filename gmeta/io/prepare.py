@@ -417,6 +417,11 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
         input_tasks = int(dropped["input_tasks"])
         _check_splits(cfg, splits, dropped, input_tasks, input_path)
         cardinality = card.summary()
+        for sf in f.sparse:  # managed: the training split's distinct ids against the slots, exact
+            if sf.ids == "managed":
+                train_ids = len(id_counts.counts(sf.name, "train")[0])
+                cardinality[sf.name].update(train_distinct=train_ids, slots=sf.num_embeddings - 1,
+                                            fits=train_ids <= sf.num_embeddings - 1)
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "format": cfg.data.format,
@@ -446,6 +451,14 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
             raise AssertionError(f"prepare lost track of rows: read {n_rows}, written + dropped {written}")
         _install(staging, out, manifest)
     for name, c in cardinality.items():
+        if c.get("ids") == "managed":
+            if not c["fits"]:
+                i = [s.name for s in f.sparse].index(name)
+                log.warning("prepare: %s (ids: managed) has %s distinct ids in the train split for %s slots: the "
+                            "eviction policy decides which hold a slot, the others share the miss row; raise "
+                            "features.sparse[%d].num_embeddings (%s) to give each its own", name,
+                            f"{c['train_distinct']:,}", f"{c['slots']:,}", i, name)
+            continue
         if c["colliding_share"] > cfg.data.collision_warn_share:
             i = [s.name for s in f.sparse].index(name)
             log.warning("prepare: %.1f%% of the ids of %s share their table row with another id (%s distinct "
@@ -522,6 +535,11 @@ def format_report(m: dict) -> str:
     lines.append("  ids (distinct raw -> table rows used / table size, rows whose id collides):")
     for name, c in m["cardinality"].items():
         raw = f"{c['distinct_raw']:,}" + ("" if c["distinct_raw_exact"] else "~")
+        if c.get("ids") == "managed":
+            lines.append(f"    {name}: managed, {c['train_distinct']:,} distinct ids in the train split for "
+                         f"{c['slots']:,} slots + 1 miss row: "
+                         + ("each its own row" if c["fits"] else "the eviction policy chooses"))
+            continue
         used = f"{c['distinct_hashed']:,}" if c["distinct_hashed"] is not None else "?"
         share = f"{100 * c['colliding_share']:.2f}%" + ("" if c["colliding_share_exact"] else " (expected)")
         lines.append(f"    {name}: {raw} -> {used} / {c['num_embeddings']:,}, {share}")

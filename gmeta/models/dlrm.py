@@ -40,6 +40,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from gmeta.config import Config
 from gmeta.meta.layout import BatchLayout
 from gmeta.models.generator import IdGenerator
+from gmeta.models.managed import ManagedIds
 
 
 class LinearHook:
@@ -313,6 +314,7 @@ class MetaDLRM(nn.Module):
                                          [names.index(a) for a in generator["attributes"]], embedding_dim,
                                          generator["hidden"])
             self.generator_only = bool(generator["base_fixed"])
+        self.managed = ManagedIds(self.features, device)  # features.sparse[].ids: managed
         if device is not None and device.type != "meta":
             self.head.to(device)
             self.default_rows.to(device)
@@ -346,6 +348,7 @@ class MetaDLRM(nn.Module):
         self.default_rows.to(device)
         if self.generator is not None:
             self.generator.to(device)
+        self.managed.to_device(device)
         if hasattr(self, "inner_lr_dense"):
             self.inner_lr_dense.to(device)
             self.inner_lr_emb = nn.Parameter(self.inner_lr_emb.detach().to(device))
@@ -373,12 +376,22 @@ class MetaDLRM(nn.Module):
     def lookup(self, layout: BatchLayout) -> torch.Tensor:
         """One embedding lookup (one all-to-all when sharded) of the distinct ids of a
         batch: ``[U, D]`` rows, expanded to every occurrence by the layout's indices."""
-        return lookup_rows(self.sparse_arch(self.table_ids(layout)), self.features)
+        counts = None
+        if self.managed.names and self.managed.admitting():  # occurrences per distinct id: the miss-row share
+            counts = torch.bincount(layout.occ_unique, minlength=layout.unique_ids.numel())
+        kjt, zero = self._table_ids(layout, counts)
+        rows = lookup_rows(self.sparse_arch(kjt), self.features)
+        return rows if zero is None else rows * zero.unsqueeze(1)
 
     def table_ids(self, layout: BatchLayout) -> KeyedJaggedTensor:
         """The batch's distinct ids as the tables are asked for them: new ids mapped to their
-        feature's default row (``DefaultRows``)."""
-        return self.default_rows(layout.kjt([f["name"] for f in self.features]))
+        feature's default row (``DefaultRows``), managed ids to their slots (``ManagedIds``;
+        in a training step, admitting them first)."""
+        return self._table_ids(layout)[0]
+
+    def _table_ids(self, layout: BatchLayout, counts: torch.Tensor | None = None):
+        kjt = self.default_rows(layout.kjt([f["name"] for f in self.features]))
+        return self.managed(kjt, self.sparse_arch.ec, counts=counts)
 
     def start_rows(self, rows: torch.Tensor, layout: BatchLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The rows a batch's distinct ids start from (``lookup``'s ``[U, D]``): the generated
@@ -398,13 +411,17 @@ class MetaDLRM(nn.Module):
 
     def forward(self, kjt: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """Plain forward without adaptation: outputs ``[R]`` (see ``DLRMHead.predict``)."""
-        emb = self.sparse_arch(self.default_rows(kjt))
+        ids, zero = self.managed(self.default_rows(kjt), admit=False)  # scoring: nothing is admitted
+        emb = self.sparse_arch(ids)
         num_rows = kjt.stride()
+        bounds = kjt.offset_per_key()
         cells = []
-        for f in self.features:
+        for i, f in enumerate(self.features):
             jt = emb[f["name"]]
             lengths, values = jt.lengths(), jt.values()
             values = values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+            if zero is not None:  # unknown managed ids as zeros (unknown_ids: zero)
+                values = values * zero[bounds[i]: bounds[i + 1]].unsqueeze(1)
             rows = torch.repeat_interleave(torch.arange(num_rows, device=lengths.device), lengths)
             cell = values.new_zeros(num_rows, values.shape[-1]).index_add(0, rows, values)
             if f["pooling"] == "mean":
