@@ -74,8 +74,10 @@ def test_an_unknown_eviction_policy_is_refused():
 def test_shards_hold_63_bit_hashes_of_managed_ids_and_the_manifest_says_so(managed_data, debug_data):
     m = json.loads((managed_data / "manifest.json").read_text())
     kinds = {s["name"]: s["ids"] for s in m["schema"]["sparse"]}
-    assert kinds == {"user_id": "hash", "ad_id": "managed", "advertiser_id": "hash", "hour": "managed",
-                     "device": "hash", "site_id": "hash", "interests": "managed"}
+    managed = {"ad_id", "hour", "interests"}
+    names = [s.name for s in load_config(DEBUG_CONFIG).features.sparse]
+    assert kinds == {n: "managed" if n in managed else "hash" for n in names}
+    assert managed < set(kinds) and "user_id" in kinds
     rec = pq.read_table(managed_data / m["splits"]["train"]["files"][0]["path"]).slice(0, 1).to_pylist()[0]
     hours = np.array(rec["support"]["hour"], dtype=np.int64)
     assert hours.max() >= 2 ** 40  # far beyond any table size: hashes, not rows
@@ -142,7 +144,8 @@ def _batch(cfg, ads: list[int], hour: int = 3):
     data = {"campaign_id": [1 + (i % 2) for i in range(n)], "q": [i >= n - 2 for i in range(n)],
             "label": [float(i % 2) for i in range(n)], "user_id": list(range(n)), "ad_id": ads,
             "advertiser_id": [7] * n, "hour": [hour] * n, "device": [1] * n, "site_id": [2] * n,
-            "interests": [[1, 2]] * n, "bid_price": [1.0] * n, "user_activity": [0.5] * n, "ad_position": [1.0] * n}
+            "interests": [[1, 2]] * n, "ad_category": [1] * n, "creative_type": [1] * n, "landing_page": [1] * n,
+            "bid_price": [1.0] * n, "user_activity": [0.5] * n, "ad_position": [1.0] * n}
     return task_batch(data, task="campaign_id", query="q", label="label", sparse=[s.name for s in cfg.features.sparse],
                       dense=list(cfg.features.dense), features=feats, id_hash=2)
 
