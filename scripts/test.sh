@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite: lint (ruff), type check (mypy), then pytest (unit, 2-process gloo, end-to-end CLI).
+#   bash scripts/test.sh [--all] [pytest arguments]
+# --all also runs the tests marked slow (GMETA_SLOW=1), which repeat end to end what the default run proves.
 set -euo pipefail
+if [ "${1:-}" = "--all" ]; then
+  export GMETA_SLOW=1
+  shift
+fi
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091

@@ -173,6 +173,10 @@ def test_prune_keeps_whole_checkpoints_when_the_newest_is_damaged(debug_checkpoi
     assert checkpoint.complete_checkpoints(out / "checkpoints") == [(5, resumed)]
 
 
+# slow: two `gmeta train` processes; the default run proves the parts: the damaged newest
+# checkpoint passed over (test_resume_auto_passes_over_a_damaged_newest_checkpoint, every
+# kind of damage) and `gmeta train --resume auto` under torchrun going on from a checkpoint
+# (tests/test_fault_tolerance.py::test_killed_ranks_resume_with_exactly_once_data_and_equal_parameters)
 @pytest.mark.slow
 def test_training_resumes_past_a_damaged_newest_checkpoint_instead_of_failing(debug_data, tmp_path):
     """What a restart under --max-restarts does: gmeta train --resume auto on an output

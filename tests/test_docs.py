@@ -112,9 +112,14 @@ def _setup_movielens(work: Path) -> None:
 
 
 def _setup_ads(work: Path) -> None:
-    for sub in ("synth", "prepare"):
-        p = _gmeta(work, [sub, "--config", "configs/ads_cvr.yaml", *_ADS_SMALL])
-        assert p.returncode == 0, p.stdout + p.stderr
+    # what `gmeta synth` and `gmeta prepare` write, called here: the data is the page's input,
+    # not one of its commands, and two more interpreters would cost seconds of imports
+    from gmeta.io.prepare import prepare
+    from gmeta.synth import generate
+
+    cfg = load_config(work / "configs" / "ads_cvr.yaml", _ADS_SMALL)
+    generate(cfg, work / cfg.data.raw_dir)
+    prepare(cfg, work / cfg.data.raw_dir, work / cfg.data.shards_dir)
 
 
 PAGE_SETUP = {"data.md": _setup_movielens, "fault_tolerance.md": _setup_ads}

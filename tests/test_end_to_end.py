@@ -25,6 +25,18 @@ def gmeta(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Complete
     return proc
 
 
+def gmeta_here(*args: str, capsys) -> str:
+    """A one-process command in this process (the same command line, gmeta.cli.main), without a
+    new interpreter's imports, which cost seconds each; returns what it printed."""
+    from gmeta.cli import main
+
+    capsys.readouterr()
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    assert rc == 0, f"gmeta {' '.join(args)} failed:\n{out}\n{err[-6000:]}"
+    return out
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real MLflow tracking server (SQLite store, served artifacts) on a free local port."""
@@ -39,15 +51,18 @@ def mlflow_server(tmp_path):
          "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
+        # a deadline, not a count of tries: on a busy machine the server takes over a minute to start
+        deadline = time.monotonic() + 300
+        while True:
             try:
                 if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
                     break
             except OSError:
                 time.sleep(0.5)
             assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
-        else:
-            raise AssertionError("mlflow server did not start: " + (tmp_path / "mlflow-server.log").read_text()[-3000:])
+            if time.monotonic() > deadline:
+                raise AssertionError("mlflow server did not start in 300 s: "
+                                     + (tmp_path / "mlflow-server.log").read_text()[-3000:])
         yield uri
     finally:
         proc.terminate()
@@ -55,11 +70,11 @@ def mlflow_server(tmp_path):
         log.close()
 
 
-@pytest.mark.slow
-def test_train_evaluate_predict_into_mlflow_server(tmp_path, mlflow_server):
+def test_train_evaluate_predict_into_mlflow_server(tmp_path, mlflow_server, monkeypatch, capsys):
     uri = mlflow_server
-    gmeta("synth", "--config", str(CONFIG), cwd=tmp_path)
-    gmeta("prepare", "--config", str(CONFIG), cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)  # the config's relative data and output directories
+    gmeta_here("synth", "--config", str(CONFIG), capsys=capsys)
+    gmeta_here("prepare", "--config", str(CONFIG), capsys=capsys)
     manifest = json.loads((tmp_path / "data/ads_cvr_debug/shards/manifest.json").read_text())
 
     gmeta("train", "--config", str(CONFIG), "--nproc-per-node", "2", "--tracking-uri", uri,
@@ -72,8 +87,8 @@ def test_train_evaluate_predict_into_mlflow_server(tmp_path, mlflow_server):
     assert meta["world_size"] == 2 and meta["algorithm"] == "maml" and meta["step"] > 0
 
     # evaluation by run id: the checkpoint is found through the run's tag
-    out = gmeta("evaluate", "--config", str(CONFIG), "--run-id", meta["mlflow_run_id"], "--tracking-uri", uri,
-                "--baseline", str(erm_ckpt), "--out", "runs/maml/eval_with_erm", cwd=tmp_path).stdout
+    out = gmeta_here("evaluate", "--config", str(CONFIG), "--run-id", meta["mlflow_run_id"], "--tracking-uri", uri,
+                     "--baseline", str(erm_ckpt), "--out", "runs/maml/eval_with_erm", capsys=capsys)
     assert "| maml |" in out and "| erm |" in out and "| oracle |" in out
     report = json.loads((tmp_path / "runs/maml/eval_with_erm/eval_report.json").read_text())
     # cold start: adapting on the support set must beat the plain ERM model and no adaptation
@@ -82,7 +97,7 @@ def test_train_evaluate_predict_into_mlflow_server(tmp_path, mlflow_server):
     assert report["oracle_auc"] > report["maml_auc"], report
     assert report["tasks"] == manifest["splits"]["eval"]["tasks"]
 
-    pred = gmeta("predict", "--checkpoint", str(maml_ckpt), "--out", "preds", cwd=tmp_path).stdout
+    pred = gmeta_here("predict", "--checkpoint", str(maml_ckpt), "--out", "preds", capsys=capsys)
     assert f"{manifest['splits']['eval']['query_rows']} query rows" in pred
 
     from mlflow.tracking import MlflowClient

@@ -105,11 +105,19 @@ def test_sync_part_reads_batches_with_the_configs_layouts(debug_config_path, deb
 
 
 CARRIED = ["fbgemm-gpu", "torchrec", "tensordict", "pyvers", "webdataset", "braceexpand", "iopath"]
+# What gpu_check.sh finds importable (the GPU image's packages, and the carried ones not
+# blocked): stand-ins that import at once, as the script tries each module in a python3 of
+# its own and the real ones (sklearn, torchmetrics, torchrec) cost seconds apiece. Not numpy,
+# which torch imports.
+PRESENT = ["pandas", "pyarrow", "sklearn", "scipy", "yaml", "psutil", "tqdm", "fsspec", "cloudpickle",
+           "torchmetrics", "pyre_extensions", "typing_inspect", "fbgemm_gpu", "torchrec", "tensordict", "pyvers",
+           "webdataset", "braceexpand", "iopath"]
 
 
 def _gpu_check_sh(tmp_path, blocked: list[str], whl: dict[str, bytes] | None = None):
-    """scripts/gpu_check.sh in a copy of the repository's scripts, on a machine (this one)
-    where the modules ``blocked`` do not import, with the files ``whl`` under .whl/."""
+    """scripts/gpu_check.sh in a copy of the repository's scripts, on a machine (this one,
+    its torch real) where the modules ``blocked`` do not import and the others of PRESENT
+    do, with the files ``whl`` under .whl/."""
     import os
     import shutil
     import subprocess
@@ -127,6 +135,9 @@ def _gpu_check_sh(tmp_path, blocked: list[str], whl: dict[str, bytes] | None = N
     for m in blocked:
         (block / m).mkdir(parents=True)
         (block / m / "__init__.py").write_text("raise ImportError('not on this machine')\n")
+    for m in set(PRESENT) - set(blocked):
+        (block / m).mkdir(parents=True)
+        (block / m / "__init__.py").write_text("")
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "python3").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")  # this venv's, with torch

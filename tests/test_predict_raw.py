@@ -223,8 +223,15 @@ def _job(debug_checkpoint, debug_data, tmp_path):
     return src, _read(tmp_path / "one"), one
 
 
-def test_two_worker_processes_score_as_one_process(debug_checkpoint, debug_data, tmp_path, monkeypatch):
-    src, want, one = _job(debug_checkpoint, debug_data, tmp_path)
+@pytest.fixture(scope="module")
+def job(debug_checkpoint, debug_data, tmp_path_factory):
+    """``_job``'s logs and one-process predictions, made once for the tests of this module,
+    which only read them."""
+    return _job(debug_checkpoint, debug_data, tmp_path_factory.mktemp("predict_job"))
+
+
+def test_two_worker_processes_score_as_one_process(debug_checkpoint, tmp_path, job, monkeypatch):
+    src, want, one = job
     kw = JOB
     two = run_predict_raw(debug_checkpoint, src, tmp_path / "two", nproc=2, **kw)
     assert two["rows"] == one["rows"] and two["tasks"] == one["tasks"] == 120 and two["parts"] == one["parts"]
@@ -241,9 +248,9 @@ def test_two_worker_processes_score_as_one_process(debug_checkpoint, debug_data,
     assert sorted(progress["done"]) == sorted(set(progress["done"])) and progress["complete"]
 
 
-def test_a_job_whose_workers_all_die_resumes_with_another_process_count(debug_checkpoint, debug_data, tmp_path,
+def test_a_job_whose_workers_all_die_resumes_with_another_process_count(debug_checkpoint, tmp_path, job,
                                                                         monkeypatch):
-    src, want, _ = _job(debug_checkpoint, debug_data, tmp_path)
+    src, want, _ = job
     kw = JOB
     _faulty(monkeypatch, "kill=0:2,kill=1:3")
     with pytest.raises(PredictError, match="every worker died.*--resume"):
@@ -283,7 +290,7 @@ def _node(debug_checkpoint, src, out, port, *extra, **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def test_two_nodes_share_the_queue_and_a_lost_node_has_its_units_taken_over(debug_checkpoint, debug_data, tmp_path,
+def test_two_nodes_share_the_queue_and_a_lost_node_has_its_units_taken_over(debug_checkpoint, tmp_path, job,
                                                                             monkeypatch):
     import os
     import signal
@@ -295,7 +302,7 @@ def test_two_nodes_share_the_queue_and_a_lost_node_has_its_units_taken_over(debu
 
     from gmeta.parallel.dist import free_port
 
-    src, want, _ = _job(debug_checkpoint, debug_data, tmp_path)
+    src, want, _ = job
     kw = JOB
     # two nodes, one worker each: both take units (node 0's is slowed, so node 1, which starts
     # later, gets some: 4 s a unit leaves node 1 half a minute to start, lose its worker and
@@ -334,11 +341,11 @@ def test_two_nodes_share_the_queue_and_a_lost_node_has_its_units_taken_over(debu
     pd.testing.assert_frame_equal(want, got)
 
 
-def test_tables_sharded_among_the_workers_score_as_one_process(debug_checkpoint, debug_data, tmp_path, monkeypatch,
+def test_tables_sharded_among_the_workers_score_as_one_process(debug_checkpoint, tmp_path, job, monkeypatch,
                                                                capfd):
     import re
 
-    src, want, _ = _job(debug_checkpoint, debug_data, tmp_path)
+    src, want, _ = job
     kw = JOB
     sharded = run_predict_raw(debug_checkpoint, src, tmp_path / "sharded", nproc=2, shard_tables=True, **kw)
     got = _read(tmp_path / "sharded")

@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-import pytest
 
 from gmeta.config import load_config
 from gmeta.io.manifest import load_manifest
@@ -42,7 +41,6 @@ def _records(shards):
     return out
 
 
-@pytest.mark.slow
 def test_input_larger_than_cap_is_prepared_within_cap(debug_config_path, tmp_path):
     cfg_path = debug_config_path.parent / "ads_cvr.yaml"
     cfg = load_config(cfg_path, ["synth.num_tasks=16000", "synth.rows_per_file=100000"])
