@@ -46,7 +46,7 @@ def tiny_config(tmp_path: Path, overrides: list[str] | None = None):
 
 def write_tiny(path: Path, rows: dict[int, int] = ROWS, seed: int = 0) -> Path:
     """One Parquet file, rows of all ids interleaved and out of time order; each row's
-    label 1 on even times, and ``x`` = its time (so a test can tell which rows are where)."""
+    label 1 on even times, and ``x`` = its time / 1e6 (so a test can tell which rows are where)."""
     rng = np.random.default_rng(seed)
     ad, ts = [], []
     for a, n in rows.items():
@@ -56,7 +56,7 @@ def write_tiny(path: Path, rows: dict[int, int] = ROWS, seed: int = 0) -> Path:
     ad_a, ts_a = np.array(ad)[order], np.array(ts)[order]
     path.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"ad_id": ad_a, "ts": ts_a, "label": ((ts_a // 10) % 2 == 0).astype(np.int64),
-                             "user_id": rng.integers(0, 50, len(ad_a)), "x": ts_a.astype(np.float64)}),
+                             "user_id": rng.integers(0, 50, len(ad_a)), "x": ts_a / 1e6}),
                    path / "part-0.parquet")
     return path
 
@@ -106,3 +106,173 @@ def test_warmup_split_config_errors(tmp_path):
     # the task key as a feature is for the warm-up rule only
     with pytest.raises(ConfigError, match="clash with task key"):
         tiny_config(tmp_path, ["data.split.rule=time"])
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """(config, shards, one batch of the test ids, a fresh model) of the tiny set."""
+    import torch
+
+    from gmeta.io.reader import TaskReader
+    from gmeta.models.dlrm import build_model
+
+    cfg = tiny_config(tmp_path)
+    prepare(cfg, write_tiny(tmp_path / "raw"), tmp_path / "shards")
+    torch.manual_seed(0)
+    batch = next(iter(TaskReader(tmp_path / "shards", "eval", 8, shuffle=False, drop_last=False)))
+    return cfg, tmp_path / "shards", batch, build_model(cfg)
+
+
+def _with_support_labels(batch, flip):
+    """The batch with the labels of the support rows where ``flip`` ([S] bool) is True flipped."""
+    import dataclasses
+
+    labels = batch.labels.clone()
+    labels[: batch.num_support][flip] = 1 - labels[: batch.num_support][flip]
+    return dataclasses.replace(batch, labels=labels, layout=None)
+
+
+def test_first_support_rows_keeps_the_first_k_support_rows_and_every_query_row(tiny):
+    from gmeta.warmup import first_support_rows
+
+    _, _, batch, _ = tiny
+    so = batch.support_offsets.numpy()
+    for k in (0, 2, 4, 6, 9):
+        b = first_support_rows(batch, k)
+        assert np.diff(b.support_offsets.numpy()).tolist() == np.minimum(np.diff(so), k).tolist()
+        assert b.num_query == batch.num_query and b.task_ids.tolist() == batch.task_ids.tolist()
+        want = np.concatenate([batch.dense[a: a + min(k, c)].numpy() for a, c in zip(so[:-1], np.diff(so))]
+                              + [batch.dense[batch.num_support:].numpy()])
+        assert np.array_equal(b.dense.numpy(), want)
+        # the ids of every kept row, feature by feature, as in the batch
+        for key in batch.sparse.keys():
+            ids = batch.sparse[key].to_padded_dense(1).reshape(-1).numpy()
+            keep = np.concatenate([np.arange(a, a + min(k, c)) for a, c in zip(so[:-1], np.diff(so))]
+                                  + [np.arange(batch.num_support, batch.num_rows)]).astype(int)
+            assert b.sparse[key].to_padded_dense(1).reshape(-1).numpy().tolist() == ids[keep].tolist()
+
+
+def test_stage_a_uses_exactly_the_first_k_warmup_rows(tiny):
+    from gmeta.finetune import adapting
+    from gmeta.scoring import predict_queries
+    from gmeta.warmup import first_support_rows, rows_config
+
+    cfg, _, batch, model = tiny
+    K = cfg.data.split.warmup_rows
+    acfg = adapting(rows_config(cfg), 0.0, 20.0, 3, fine_tune=False)
+    pos = np.concatenate([np.arange(c) for c in np.diff(batch.support_offsets.numpy())])  # row within its task
+
+    def stage_a(b):
+        return predict_queries(model, acfg, first_support_rows(b, K), [3])[3]
+
+    p = stage_a(batch)
+    # rows of b and c (positions K..3K-1) changed: stage a scores the same
+    assert np.array_equal(stage_a(_with_support_labels(batch, pos >= K)), p)
+    # a row of a changed: it does not (so the check above can fail)
+    assert not np.allclose(stage_a(_with_support_labels(batch, pos < K)), p)
+    # stage a+b sees b's rows
+    ab = predict_queries(model, acfg, first_support_rows(batch, 2 * K), [3])[3]
+    flipped_b = predict_queries(model, acfg, first_support_rows(_with_support_labels(batch, pos >= K), 2 * K), [3])[3]
+    assert not np.allclose(ab, flipped_b)
+
+
+def test_cold_stage_makes_no_update(tiny):
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from gmeta import metrics
+    from gmeta.finetune import adapting
+    from gmeta.warmup import METHODS, _stage_config, first_support_rows, stage_evaluate
+
+    cfg, shards, batch, model = tiny
+    assert first_support_rows(batch, 0).num_support == 0
+    m = METHODS[0]
+    # whatever rate and steps the config says, the cold stage scores the model as it is
+    cold = stage_evaluate(m, 0, 0)
+    eager = cold(model, adapting(_stage_config(m, cfg), 0.0, 20.0, 3, fine_tune=False), shards)
+    plain_cfg = cold(model, adapting(_stage_config(m, cfg), 0.0, 0.1, 0, fine_tune=False), shards)
+    s = batch.num_support  # (the test ids fit in this one batch)
+    kjt = KeyedJaggedTensor.from_jt_dict({k: _rows(batch.sparse[k], s) for k in batch.sparse.keys()})
+    with torch.no_grad():
+        plain = model.head.predict(model(kjt, batch.dense[s:])).numpy()
+    y = batch.labels[s:].numpy()
+    assert eager["query_rows"] == len(y) and eager["inner_steps"] == 0
+    assert eager["maml_logloss"] == pytest.approx(metrics.logloss(y, plain), abs=1e-6)
+    assert eager["maml_logloss"] == plain_cfg["maml_logloss"] and eager["maml_auc"] == plain_cfg["maml_auc"]
+
+
+def _rows(jt, start):
+    """A JaggedTensor's rows from ``start`` on."""
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    off = jt.offsets()
+    return JaggedTensor(values=jt.values()[int(off[start]):], lengths=jt.lengths()[start:])
+
+
+def test_random_initial_rows_replace_the_new_ids_rows_only(tiny):
+    import math
+
+    from gmeta.meta.layout import layout_of
+    from gmeta.warmup import InitRow, initial_rows
+
+    cfg, _, batch, model = tiny
+    layout = layout_of(batch, model.pooling, 1)
+    rows = model.lookup(layout).detach()
+    f = [s.name for s in cfg.features.sparse].index("ad_id")
+    lo, hi = int(layout.unique_offsets[f]), int(layout.unique_offsets[f + 1])
+    out = initial_rows(InitRow.RANDOM, f, 0, model, rows, layout)
+    assert np.array_equal(out[:lo].numpy(), rows[:lo].numpy()) and np.array_equal(out[hi:].numpy(), rows[hi:].numpy())
+    bound = math.sqrt(1 / 500)
+    assert not np.allclose(out[lo:hi].numpy(), rows[lo:hi].numpy()) and out[lo:hi].abs().max() <= bound
+    # the same id draws the same row (every stage, every batch); another seed another row
+    assert np.array_equal(initial_rows(InitRow.RANDOM, f, 0, model, rows, layout).numpy(), out.numpy())
+    assert not np.allclose(initial_rows(InitRow.RANDOM, f, 1, model, rows, layout)[lo:hi].numpy(),
+                           out[lo:hi].numpy())
+    assert initial_rows(InitRow.MODEL, f, 0, model, rows, layout) is rows
+
+
+def test_every_choice_is_made_on_validation_ids(tiny, monkeypatch):
+    """Rates and steps are chosen reading split val only; the test ids are read once per
+    stage, to be scored with the choice."""
+    from gmeta import finetune, scoring
+    from gmeta.warmup import METHODS, STAGES, warmup_report
+
+    cfg, shards, _, model = tiny
+    reads: list[tuple[str, str]] = []  # (phase, split read)
+    phase = ["score"]
+    real_reader, real_choose = scoring.TaskReader, finetune.choose
+
+    def reader(root, split, *a, **kw):
+        reads.append((phase[0], split))
+        return real_reader(root, split, *a, **kw)
+
+    def choose(*a, **kw):
+        phase[0] = "choose"
+        try:
+            return real_choose(*a, **kw)
+        finally:
+            phase[0] = "score"
+
+    monkeypatch.setattr(scoring, "TaskReader", reader)
+    monkeypatch.setattr(finetune, "choose", choose)
+    report = warmup_report(model, cfg, shards, methods=(METHODS[0],), seed=0)
+    assert {s for p, s in reads if p == "choose"} == {"val"}
+    assert [s for p, s in reads if p == "score"] == ["eval"] * len(STAGES)
+    stages = report["methods"]["init_model"]["stages"]
+    assert "steps" not in stages["cold"] and all(stages[s]["steps"] >= 1 for s in ("a", "a+b", "a+b+c"))
+    assert report["chosen_on"] == "val" and report["split"] == "eval"
+
+
+def test_warmup_protocol_refuses_shards_of_another_rule_and_no_validation_ids(tmp_path):
+    from gmeta.models.dlrm import build_model
+    from gmeta.warmup import warmup_report
+
+    cfg = tiny_config(tmp_path, ["data.split.val_fraction=0"])
+    prepare(cfg, write_tiny(tmp_path / "raw"), tmp_path / "shards")
+    with pytest.raises(ValueError, match="no validation ids"):
+        warmup_report(build_model(cfg), cfg, tmp_path / "shards")
+    time_cfg = load_config(tmp_path / "tiny.yaml", ["data.split.rule=time", "features.task_key=user_id",
+                                                    "features.sparse=[{name: ad_id, num_embeddings: 500}]"])
+    prepare(time_cfg, tmp_path / "raw", tmp_path / "time_shards")
+    with pytest.raises(ValueError, match="needs shards of data.split.rule warmup"):
+        warmup_report(build_model(cfg), cfg, tmp_path / "time_shards")
