@@ -55,6 +55,11 @@ METRICS = ("auc", "gauc", "logloss")
 # embedding-row learning rates of the row-only update (the embedding rates of
 # gmeta.finetune.FINE_TUNE_LRS; the dense rate is 0: no dense layer adapts)
 ROW_LRS = [(0.0, b) for _, b in ((0.003, 0.015), (0.01, 0.05), (0.03, 0.15), (0.1, 0.5), (0.3, 1.5), (1.0, 5.0))]
+# update steps tried at each stage, and how often the grid may widen where the best lies at
+# its edge (gmeta.finetune.choose): a smaller grid than a task's K, as every method chooses
+# anew at each of three stages
+STEPS = [1, 2, 4, 8]
+WIDEN = 2
 
 
 class InitRow(StrEnum):
@@ -221,7 +226,8 @@ def warmup_report(model, cfg: Config, shards_dir: str | Path, *,
                 choice = None
             else:
                 rates = ROW_LRS if m.update == "rows" else None
-                choice = choose(run, mod, scfg, shards_dir, fine_tune=m.update == "fine_tune", rates=rates)
+                choice = choose(run, mod, scfg, shards_dir, fine_tune=m.update == "fine_tune", rates=rates,
+                                steps=STEPS, widen=WIDEN)
                 tcfg = adapting(scfg, choice.inner_lr, choice.embedding_inner_lr, choice.steps,
                                 fine_tune=m.update == "fine_tune")
                 tcfg.meta.algorithm = "maml"

@@ -276,3 +276,98 @@ def test_warmup_protocol_refuses_shards_of_another_rule_and_no_validation_ids(tm
     prepare(time_cfg, tmp_path / "raw", tmp_path / "time_shards")
     with pytest.raises(ValueError, match="needs shards of data.split.rule warmup"):
         warmup_report(build_model(cfg), cfg, tmp_path / "time_shards")
+
+
+def test_gmeta_evaluate_protocol_warmup_end_to_end(tmp_path):
+    """synth -> prepare (rule warmup) -> train ERM and MAML -> gmeta evaluate --protocol warmup:
+    the report holds every method at every stage."""
+    import json
+    import subprocess
+    import sys
+
+    from gmeta.synth import generate
+    from tests.conftest import ROOT
+
+    config = ROOT / "configs" / "ads_cold_items.yaml"
+    small = ["synth.num_tasks=120", f"data.shards_dir={tmp_path / 'shards'}", "eval.max_tasks=8",
+             "tracking.enabled=false", "train.eval_at_end=false", "train.max_steps=4", "train.nproc_per_node=1"]
+    gen = load_config(ROOT / "configs" / "ads_cvr_debug.yaml", ["synth.num_tasks=120"])
+    generate(gen, tmp_path / "raw")
+    m = prepare(load_config(config, small), tmp_path / "raw", tmp_path / "shards")
+    assert m["splits"]["val"]["tasks"] and m["splits"]["eval"]["tasks"] and m["splits"]["train"]["tasks"]
+    for alg in ("erm", "maml"):
+        proc = subprocess.run([sys.executable, "-m", "gmeta.cli", "train", "--config", str(config),
+                               "--nproc-per-node", "1", *small, f"meta.algorithm={alg}",
+                               f"train.output_dir={tmp_path / alg}"], capture_output=True, text=True, timeout=600,
+                              cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "gmeta.cli", "evaluate", "--checkpoint",
+                           str(tmp_path / "maml" / "checkpoint"), "--baseline", str(tmp_path / "erm" / "checkpoint"),
+                           "--protocol", "warmup", "--no-tracking", "--out", str(tmp_path / "report")],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "warmup_report.json").read_text())
+    assert list(report["methods"]) == ["init_model", "init_random", "maml", "erm_ft"]
+    assert report["stages"] == ["cold", "a", "a+b", "a+b+c"] and report["support_rows"] == [0, 4, 8, 12]
+    for name, e in report["methods"].items():
+        for stage in report["stages"]:
+            c = e["stages"][stage]
+            assert 0.0 <= c["auc"] <= 1.0 and 0.0 <= c["gauc"] <= 1.0 and c["logloss"] > 0, (name, stage, c)
+            assert ("steps" in c) == (stage != "cold")
+    assert e["model"] == "baseline" and report["methods"]["maml"]["model"] == "checkpoint"
+    # the cold stage of the two base-model rows: the same model, another initial row of the new ads
+    cold = [report["methods"][n]["stages"]["cold"]["logloss"] for n in ("init_model", "init_random")]
+    assert cold[0] != cold[1]
+    md = (tmp_path / "report" / "warmup_report.md").read_text()
+    assert "| init_random: random initial row + row updates |" in md and "a+b+c (12)" in md
+    assert "chosen on the" in md and "validation ids" in md
+    assert "a+b+c (12)" in proc.stdout  # the table printed
+
+
+def test_movielens_items_config_prepares_movies_as_tasks(tmp_path):
+    """configs/movielens_items.yaml on a small MovieLens-100K set: movies are the tasks, the
+    split follows the warm-up rule (N and K shrunk to the small set's ratings per movie)."""
+    from collections import Counter
+
+    from tests.conftest import ROOT
+    from tests.support.movielens import make_data, write_ml100k
+
+    data = make_data()
+    raw = write_ml100k(tmp_path / "raw", data)
+    cfg = load_config(ROOT / "configs" / "movielens_items.yaml",
+                      ["data.split.warmup_train_rows=8", "data.split.warmup_rows=1"])
+    m = prepare(cfg, raw, tmp_path / "shards")
+    per_item = Counter(i for _, i, _, _ in data["ratings"])
+    assert m["input_tasks"] == len(per_item)
+    held = {**records(tmp_path / "shards", "val"), **records(tmp_path / "shards", "eval")}
+    assert set(held) == {i for i, n in per_item.items() if 4 <= n <= 8}
+    for i, (s, q) in held.items():
+        times = sorted(t for _, item, _, t in data["ratings"] if item == i)
+        assert len(s) == 3 and sorted(s + q) == times and max(s) <= min(q)
+    assert m["dropped_tasks"]["too_few_warmup_rows"] == sum(1 for n in per_item.values() if n < 4)
+    train = {}
+    for f in sorted((tmp_path / "shards" / "train").glob("*.parquet")):
+        for rec in pq.read_table(f).to_pylist():
+            train[rec["task_key"]] = train.get(rec["task_key"], 0) + len(rec["support"]["label"]) \
+                + len(rec["query"]["label"])
+    assert train == {i: n for i, n in per_item.items() if n > 8}  # every rating of a training movie
+
+
+def test_warmup_table_format_gives_mean_and_spread_per_method_and_stage():
+    from gmeta.warmup_table import format_table
+
+    def report(shift):
+        stages = ["cold", "a", "a+b", "a+b+c"]
+        return {"stages": stages, "support_rows": [0, 4, 8, 12], "warmup_rows": 4, "tasks": 10,
+                "methods": {"init_model": {"label": "initial row of the model + row updates", "stages": {
+                    s: {"auc": 0.6 + 0.01 * i + shift, "gauc": 0.5, "logloss": float("nan")}
+                    for i, s in enumerate(stages)}}}}
+
+    results = {"seeds": [0, 1], "datasets": {"synthetic ads": {
+        "runs": [{"seed": 0, "report": report(0.0)}, {"seed": 1, "report": report(0.02)}],
+        "search": {"ERM (base model)": {"trials": 2}}}}}
+    md = format_table(results)
+    assert "| method | cold (0) | a (4) | a+b (8) | a+b+c (12) |" in md
+    # AUC of stage a: 0.61 and 0.63 -> mean 0.62, sample sd 0.0141
+    assert "| initial row of the model + row updates | 0.6100 ± 0.0141 | 0.6200 ± 0.0141 |" in md
+    assert "n/a (2 of 2 seeds)" in md and "ERM (base model): 2 trials" in md
