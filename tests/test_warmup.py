@@ -371,3 +371,23 @@ def test_warmup_table_format_gives_mean_and_spread_per_method_and_stage():
     # AUC of stage a: 0.61 and 0.63 -> mean 0.62, sample sd 0.0141
     assert "| initial row of the model + row updates | 0.6100 ± 0.0141 | 0.6200 ± 0.0141 |" in md
     assert "n/a (2 of 2 seeds)" in md and "ERM (base model): 2 trials" in md
+
+
+def test_warmup_table_data_sets_generate_by_campaign_and_prepare_by_ad(tmp_path):
+    import argparse
+
+    from gmeta.cold_start import _prepare, _warmup_datasets
+    from gmeta.io.manifest import load_manifest
+
+    args = argparse.Namespace(movielens="", ads_tasks=60, ads_override=["data.split.val_fraction=0.5"],
+                              movielens_override=[])
+    (ds,) = _warmup_datasets(args)
+    assert ds.config.name == "ads_cold_items.yaml" and ds.synth_config.name == "ads_cvr_debug.yaml"
+    shards = _prepare(ds, tmp_path)
+    raw = pq.read_table(tmp_path / "raw").to_pandas()
+    assert {"campaign_id", "ad_id"} <= set(raw.columns) and raw.campaign_id.nunique() == 60
+    m = load_manifest(shards)
+    assert m["task_key"] == "ad_id" and m["input_tasks"] == raw.ad_id.nunique()
+    rows = raw.groupby("ad_id").size()
+    assert m["splits"]["train"]["support_rows"] + m["splits"]["train"]["query_rows"] == rows[rows > 30].sum()
+    assert m["splits"]["val"]["tasks"] + m["splits"]["eval"]["tasks"] == ((rows <= 30) & (rows >= 13)).sum()
