@@ -207,6 +207,10 @@ def warmup_report(model, cfg: Config, shards_dir: str | Path, *,
             continue
         if m.update == "fine_tune" and base_cfg.meta.algorithm != "erm":
             continue
+        if m.update == "rows" and m.model == "base" and base_cfg.meta.meta_sgd:
+            # its learned inner rates would replace the rate chosen on the validation ids
+            log.warning("warm-up %s left out: the base model is a Meta-SGD model; give an ERM --baseline", m.name)
+            continue
         have.append(m)
     report: dict = {"protocol": "warmup", "split": cfg.eval.split, "chosen_on": "val", "warmup_rows": K,
                     "warmup_train_rows": int(rule["warmup_train_rows"]), "feature": feature, "seed": seed,

@@ -278,50 +278,71 @@ def test_warmup_protocol_refuses_shards_of_another_rule_and_no_validation_ids(tm
         warmup_report(build_model(cfg), cfg, tmp_path / "time_shards")
 
 
-def test_gmeta_evaluate_protocol_warmup_end_to_end(tmp_path):
-    """synth -> prepare (rule warmup) -> train ERM and MAML -> gmeta evaluate --protocol warmup:
-    the report holds every method at every stage."""
+def test_evaluate_protocol_warmup_end_to_end(tmp_path, monkeypatch):
+    """synth -> prepare (rule warmup) -> train ERM and MAML -> run_evaluate(protocol warmup),
+    what gmeta evaluate --protocol warmup runs: the report holds every method at every stage.
+    (The choice grids are cut to two rates and two step counts: the test is of the protocol,
+    not of the grid.)"""
     import json
-    import subprocess
-    import sys
 
+    from gmeta import finetune, train, warmup
+    from gmeta.evaluate import run_evaluate
     from gmeta.synth import generate
     from tests.conftest import ROOT
 
     config = ROOT / "configs" / "ads_cold_items.yaml"
     small = ["synth.num_tasks=120", f"data.shards_dir={tmp_path / 'shards'}", "eval.max_tasks=8",
              "tracking.enabled=false", "train.eval_at_end=false", "train.max_steps=4", "train.nproc_per_node=1"]
-    gen = load_config(ROOT / "configs" / "ads_cvr_debug.yaml", ["synth.num_tasks=120"])
-    generate(gen, tmp_path / "raw")
+    generate(load_config(ROOT / "configs" / "ads_cvr_debug.yaml", ["synth.num_tasks=120"]), tmp_path / "raw")
     m = prepare(load_config(config, small), tmp_path / "raw", tmp_path / "shards")
     assert m["splits"]["val"]["tasks"] and m["splits"]["eval"]["tasks"] and m["splits"]["train"]["tasks"]
     for alg in ("erm", "maml"):
-        proc = subprocess.run([sys.executable, "-m", "gmeta.cli", "train", "--config", str(config),
-                               "--nproc-per-node", "1", *small, f"meta.algorithm={alg}",
-                               f"train.output_dir={tmp_path / alg}"], capture_output=True, text=True, timeout=600,
-                              cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = subprocess.run([sys.executable, "-m", "gmeta.cli", "evaluate", "--checkpoint",
-                           str(tmp_path / "maml" / "checkpoint"), "--baseline", str(tmp_path / "erm" / "checkpoint"),
-                           "--protocol", "warmup", "--no-tracking", "--out", str(tmp_path / "report")],
-                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        train.main(load_config(config, [*small, f"meta.algorithm={alg}", f"train.output_dir={tmp_path / alg}"]))
+    monkeypatch.setattr(warmup, "ROW_LRS", [(0.0, 0.5), (0.0, 5.0)])
+    monkeypatch.setattr(warmup, "STEPS", [1, 2])
+    monkeypatch.setattr(warmup, "WIDEN", 0)
+    monkeypatch.setattr(finetune, "FINE_TUNE_LRS", [(0.01, 0.05), (0.1, 0.5)])
+    monkeypatch.setattr(finetune, "RATE_SCALES", [0.5, 1.0])
+    result = run_evaluate(tmp_path / "maml" / "checkpoint", baseline=tmp_path / "erm" / "checkpoint",
+                          protocol="warmup", tracking=False, out_dir=tmp_path / "report")
     report = json.loads((tmp_path / "report" / "warmup_report.json").read_text())
+    assert result is not None and result["methods"].keys() == report["methods"].keys()
     assert list(report["methods"]) == ["init_model", "init_random", "maml", "erm_ft"]
     assert report["stages"] == ["cold", "a", "a+b", "a+b+c"] and report["support_rows"] == [0, 4, 8, 12]
+    assert report["tasks"] == 8 and report["chosen_on"] == "val"
     for name, e in report["methods"].items():
         for stage in report["stages"]:
             c = e["stages"][stage]
             assert 0.0 <= c["auc"] <= 1.0 and 0.0 <= c["gauc"] <= 1.0 and c["logloss"] > 0, (name, stage, c)
-            assert ("steps" in c) == (stage != "cold")
-    assert e["model"] == "baseline" and report["methods"]["maml"]["model"] == "checkpoint"
+            assert ("steps" in c) == (stage != "cold") and c.get("steps", 1) in (1, 2)
+    assert report["methods"]["erm_ft"]["model"] == "baseline" and report["methods"]["maml"]["model"] == "checkpoint"
     # the cold stage of the two base-model rows: the same model, another initial row of the new ads
     cold = [report["methods"][n]["stages"]["cold"]["logloss"] for n in ("init_model", "init_random")]
     assert cold[0] != cold[1]
     md = (tmp_path / "report" / "warmup_report.md").read_text()
     assert "| init_random: random initial row + row updates |" in md and "a+b+c (12)" in md
-    assert "chosen on the" in md and "validation ids" in md
-    assert "a+b+c (12)" in proc.stdout  # the table printed
+    assert "validation ids" in md and "never on the test ids" in md
+
+
+def test_gmeta_evaluate_protocol_flag(tmp_path, monkeypatch):
+    """--protocol reaches run_evaluate (default: None, i.e. eval.protocol); the warm-up table
+    is printed."""
+    from gmeta import cli, evaluate
+
+    seen = {}
+
+    def fake(checkpoint, **kw):
+        seen.update(kw)
+        return {"protocol": "warmup", "stages": ["cold"], "support_rows": [0], "warmup_rows": 4,
+                "warmup_train_rows": 30, "feature": "ad_id", "val_ids": 3, "methods": {}}
+
+    monkeypatch.setattr(evaluate, "run_evaluate", fake)
+    assert cli.main(["evaluate", "--checkpoint", str(tmp_path), "--protocol", "warmup", "--no-tracking"]) == 0
+    assert seen["protocol"] == "warmup"
+    assert cli.main(["evaluate", "--checkpoint", str(tmp_path), "--no-tracking"]) == 0
+    assert seen["protocol"] is None
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "--checkpoint", str(tmp_path), "--protocol", "warm"])
 
 
 def test_movielens_items_config_prepares_movies_as_tasks(tmp_path):
