@@ -98,7 +98,8 @@ def format_table(results: dict) -> str:
             out.append("\n".join(lines))
         search = "; ".join(f"{k}: {v.get('trials', 0)} trials" for k, v in entry["search"].items())
         out.append(f"Search ({ds}): {search}, on the validation ids.")
-    out.append(f"Mean ± standard deviation over {len(results['seeds'])} seed(s) "
-               f"({', '.join(map(str, results['seeds']))}); test ids only. Stage: the new id's warm-up rows updated "
+    scored = sorted({r["seed"] for e in results["datasets"].values() for r in e["runs"]})
+    out.append(f"Mean ± standard deviation over {len(scored)} seed(s) "
+               f"({', '.join(map(str, scored))}); test ids only. Stage: the new id's warm-up rows updated "
                "on (cold: none); the rate and steps of every method at every stage chosen on the validation ids.")
     return "\n\n".join(out)
