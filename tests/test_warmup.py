@@ -392,6 +392,9 @@ def test_warmup_table_format_gives_mean_and_spread_per_method_and_stage():
     # AUC of stage a: 0.61 and 0.63 -> mean 0.62, sample sd 0.0141
     assert "| initial row of the model + row updates | 0.6100 ± 0.0141 | 0.6200 ± 0.0141 |" in md
     assert "n/a (2 of 2 seeds)" in md and "ERM (base model): 2 trials" in md
+    assert "over 2 seed(s) (0, 1)" in md
+    results["datasets"]["synthetic ads"]["runs"].pop()  # a run cut short: the table says what it has
+    assert "over 1 seed(s) (0)" in format_table(results)
 
 
 def test_warmup_table_data_sets_generate_by_campaign_and_prepare_by_ad(tmp_path):
