@@ -201,6 +201,8 @@ def warmup_report(model, cfg: Config, shards_dir: str | Path, *,
         base_cfg = copy.deepcopy(base_cfg)
         base_cfg.eval, base_cfg.data.shards_dir = copy.deepcopy(cfg.eval), str(shards_dir)
     feature = cfg.features.task_key
+    n_val = manifest["splits"]["val"]["tasks"]
+    n_val = min(n_val, cfg.eval.max_tasks or n_val)  # the ids the choices read: eval.max_tasks caps them too
     have = []
     for m in methods:
         if m.name == "maml" and cfg.meta.algorithm == "erm":
@@ -215,7 +217,7 @@ def warmup_report(model, cfg: Config, shards_dir: str | Path, *,
     report: dict = {"protocol": "warmup", "split": cfg.eval.split, "chosen_on": "val", "warmup_rows": K,
                     "warmup_train_rows": int(rule["warmup_train_rows"]), "feature": feature, "seed": seed,
                     "stages": [name for name, _ in STAGES], "support_rows": [n * K for _, n in STAGES],
-                    "val_ids": manifest["splits"]["val"]["tasks"], "methods": {}}
+                    "val_ids": n_val, "methods": {}}
     for m in have:
         mod, mcfg = (model, cfg) if m.model == "checkpoint" else (base_model, base_cfg)
         scfg = _stage_config(m, mcfg)

@@ -309,7 +309,7 @@ def test_evaluate_protocol_warmup_end_to_end(tmp_path, monkeypatch):
     assert result is not None and result["methods"].keys() == report["methods"].keys()
     assert list(report["methods"]) == ["init_model", "init_random", "maml", "erm_ft"]
     assert report["stages"] == ["cold", "a", "a+b", "a+b+c"] and report["support_rows"] == [0, 4, 8, 12]
-    assert report["tasks"] == 8 and report["chosen_on"] == "val"
+    assert report["tasks"] == 8 and report["chosen_on"] == "val" and report["val_ids"] == 8
     for name, e in report["methods"].items():
         for stage in report["stages"]:
             c = e["stages"][stage]
