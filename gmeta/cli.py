@@ -109,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps K (default: eval.inner_steps)")
     p.add_argument("--split", default=None, choices=["eval", "val"],
                    help="test tasks (eval) or validation tasks (val) (default: eval.split)")
+    p.add_argument("--protocol", default=None, choices=["tasks", "warmup"],
+                   help="tasks: adapt on each task's support, score its query; warmup: the warm-up protocol of item "
+                        "cold start on shards of data.split.rule warmup (cold / a / a+b / a+b+c stages, "
+                        "warmup_report.{json,md}) (default: eval.protocol)")
     p.add_argument("--out", default=None, help="report directory (default: <checkpoint>/../eval)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes, tables sharded (default: 1, unsharded)")
     p.add_argument("--allow-other-shards", action="store_true",
@@ -496,11 +500,15 @@ def main(argv: list[str] | None = None) -> int:
                                   baseline=args.baseline, shards_dir=shards, shards_why=why,
                                   tracking=not args.no_tracking, tracking_uri=args.tracking_uri, out_dir=args.out,
                                   inner_steps=args.inner_steps, split=args.split,
-                                  allow_other_shards=args.allow_other_shards)
+                                  allow_other_shards=args.allow_other_shards, protocol=args.protocol)
         except (CheckpointError, PrepareError, ValueError, StorageError) as e:
             _report_error("evaluate", e)
             return 2
-        if result is not None:
+        if result is not None and result.get("protocol") == "warmup":
+            from gmeta.warmup import format_warmup
+
+            print(format_warmup(result))
+        elif result is not None:
             print(format_table(result))
         return 0
 

@@ -88,6 +88,9 @@ class Dataset:
     # features that describe the task itself (the user; the campaign's ad and advertiser):
     # the rows a "task side" variant adapts, leaving the other side's (items, users) shared
     task_features: list[str] = field(default_factory=list)
+    # generated data: the config gmeta synth writes it with, when not ``config`` (a warm-up
+    # config keys tasks by ad, the generator by campaign); the synth.* overrides apply to it
+    synth_config: Path | None = None
 
 
 def _train(config: Path, overrides: list[str]) -> Path:
@@ -171,7 +174,8 @@ def _prepare(ds: Dataset, out: Path) -> Path:
             from gmeta.synth import generate
 
             raw = out / "raw"
-            generate(cfg, raw)
+            generate(load_config(ds.synth_config, [o for o in ds.overrides if o.startswith("synth.")])
+                     if ds.synth_config else cfg, raw)
         m = prepare(cfg, raw, shards)
         stamp.write_text(json.dumps(made_from, indent=2))
     log.info("%s: %s", ds.name, {k: v["tasks"] for k, v in m["splits"].items()})
@@ -388,6 +392,20 @@ def _datasets(args) -> list[Dataset]:
     return out
 
 
+def _warmup_datasets(args) -> list[Dataset]:
+    """The warm-up table's data sets: MovieLens with movies as tasks, the synthetic set with ads."""
+    out = []
+    if args.movielens:
+        raw = Path(args.movielens)
+        out.append(Dataset(f"{movielens_name(raw)} (item cold start)", ROOT / "configs" / "movielens_items.yaml",
+                           list(args.movielens_override), raw=raw, task_features=["item_id"]))
+    if args.ads_tasks:
+        out.append(Dataset("synthetic ads (ad cold start)", ROOT / "configs" / "ads_cold_items.yaml",
+                           [f"synth.num_tasks={args.ads_tasks}", *args.ads_override], val_every_steps=20,
+                           task_features=["ad_id"], synth_config=ROOT / "configs" / "ads_cvr_debug.yaml"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gmeta.cold_start", description=__doc__.split("\n\n")[0])
     p.add_argument("--movielens", default=str(ROOT / "data" / "movielens" / "raw"),
@@ -402,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "cold_start"))
     p.add_argument("--movielens-override", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--ads-override", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--warmup", action="store_true",
+                   help="the warm-up table of item cold start instead (gmeta.warmup_table): movies and ads as tasks, "
+                        "configs/movielens_items.yaml and configs/ads_cold_items.yaml; --variants and --objectives "
+                        "do not apply")
     p.add_argument("-v", "--verbose", action="store_true", help="show torchrec's planner, fbgemm and torch output")
     args = p.parse_args(argv)
     from gmeta.logs import setup_logging
@@ -416,8 +438,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = run(_datasets(args), args.seeds, out, [BY_SLUG[s] for s in args.variants], trials=args.trials)
-    table = format_table(results)
+    if args.warmup:
+        from gmeta import warmup_table
+
+        results = warmup_table.run_table(_warmup_datasets(args), args.seeds, out, trials=args.trials)
+        table = warmup_table.format_table(results)
+    else:
+        results = run(_datasets(args), args.seeds, out, [BY_SLUG[s] for s in args.variants], trials=args.trials)
+        table = format_table(results)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(table + "\n")

@@ -162,7 +162,12 @@ class SynthConfig:
 class SplitConfig:
     """How each task's rows become support and query, and which tasks are held out."""
 
-    rule: Literal["time", "ratio"] = "time"
+    # "time": the earliest rows are the support; "ratio": a seeded random share; "warmup":
+    # the warm-up protocol of item cold start (the task key is the new-id feature, e.g. the
+    # item or ad id): ids with more than warmup_train_rows rows are training tasks (split by
+    # the time rule), colder ids evaluation tasks whose support is their first 3 *
+    # warmup_rows rows (warm-up sets a, b, c) and whose query is every later row.
+    rule: Literal["time", "ratio", "warmup"] = "time"
     # Time rule, rows of a task with equal times (e.g. Avazu's hour): "input_order" orders
     # them as they come in the input, "shuffle" in a seeded order (from seed and the task),
     # so that tied rows can be support; "strict" keeps every support row strictly earlier
@@ -191,6 +196,13 @@ class SplitConfig:
     # rows (nearly equal sizes), each split by the rule above, so that training sees every
     # row. Held-out tasks (eval, val) keep the protocol whatever this says.
     long_train_tasks: Literal["drop", "chunk"] = "drop"
+    # Warm-up rule: N, an id with more than this many rows trains the base model (all its
+    # rows go to split "train"); an id with at most N rows and at least 3 * warmup_rows + 1
+    # is an evaluation id (split "val" for a val_fraction share of them by a hash of the key,
+    # else "eval"; eval_fraction is not used); a colder one is left out (too_few_warmup_rows).
+    warmup_train_rows: int = 200
+    # Warm-up rule: K, the rows of each warm-up set a, b and c of an evaluation id.
+    warmup_rows: int = 20
 
 
 @dataclass
@@ -432,6 +444,10 @@ class EvalConfig:
     tasks_per_batch: int = 64
     # Which held-out tasks to evaluate: "eval" (test) or "val" (data.split.val_fraction).
     split: Literal["eval", "val"] = "eval"
+    # "tasks": adapt on each task's support, score its query; "warmup": the warm-up protocol
+    # of item cold start (shards of data.split.rule warmup): the test rows scored at the cold
+    # stage and after updates on the first K, 2K, 3K support rows (docs/evaluation.md).
+    protocol: Literal["tasks", "warmup"] = "tasks"
     # Evaluate on at most this many held-out tasks (0: all).
     max_tasks: int = 0
     # Inner steps of the AUC-vs-K curve (K = 0 is no adaptation).
@@ -581,7 +597,9 @@ def validate(cfg: Config) -> None:
                        f"applies to ids: managed only (this feature has ids: {sf.ids})")
     dup = {n for n in names if names.count(n) > 1}
     _check(not dup, "features", f"duplicate feature names {sorted(dup)}")
-    reserved = {f.task_key, f.timestamp, f.label, f.true_prob} - {""}
+    warmup = cfg.data.split.rule == "warmup"
+    # under the warm-up rule the task is one id of a sparse feature: the key is that feature too
+    reserved = {f.task_key, f.timestamp, f.label, f.true_prob} - {""} - ({f.task_key} if warmup else set())
     clash = reserved & set(names)
     _check(not clash, "features", f"feature names {sorted(clash)} clash with task key/label/timestamp")
 
@@ -610,6 +628,14 @@ def validate(cfg: Config) -> None:
     _check(sp.max_task_rows >= 0, "data.split.max_task_rows", "must be >= 0 (0: no limit)")
     _check(sp.max_task_rows == 0 or sp.max_task_rows >= sp.min_task_rows, "data.split.max_task_rows",
            "must be >= data.split.min_task_rows (or 0: no limit)")
+    if warmup:
+        _check(f.task_key in [s.name for s in f.sparse], "features.task_key",
+               f"data.split.rule warmup: the task key must be a sparse feature (the new id whose rows warm up), "
+               f"got {f.task_key!r}, not one of {[s.name for s in f.sparse]}")
+        _check(sp.warmup_rows >= 1, "data.split.warmup_rows", "must be >= 1")
+        _check(sp.warmup_train_rows >= 3 * sp.warmup_rows + 1, "data.split.warmup_train_rows",
+               f"must be >= 3 * data.split.warmup_rows + 1 = {3 * sp.warmup_rows + 1}: an evaluation id needs its "
+               "three warm-up sets and a test row, and has at most warmup_train_rows rows")
     src = cfg.data.source
     _check(len(src.delimiter) <= 1, "data.source.delimiter", "must be one character (or empty for the default)")
     _check(src.header is not False or bool(src.column_names), "data.source.column_names",

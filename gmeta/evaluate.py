@@ -45,14 +45,15 @@ log = logging.getLogger(__name__)
 
 def evaluate(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | None = None,
              baseline: tuple[MetaDLRM, Config] | None = None,
-             fine_tuned: tuple[MetaDLRM, Config] | None = None) -> dict | None:
+             fine_tuned: tuple[MetaDLRM, Config] | None = None, **scoring) -> dict | None:
     """Evaluate in this process (or, under an initialised process group, on every rank
-    together: the report is complete on rank 0, None elsewhere)."""
+    together: the report is complete on rank 0, None elsewhere). ``scoring``: passed on to
+    ``gmeta.scoring.collect`` (batch_fn, initial_rows: the warm-up protocol's stages)."""
     t0 = time.perf_counter()
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     pred = collect(model, cfg, shards_dir, inner_steps=inner_steps, baseline=baseline, fine_tuned=fine_tuned,
-                   rank=rank, world_size=world)
+                   rank=rank, world_size=world, **scoring)
     if distributed:
         parts: list | None = [None] * world if rank == 0 else None
         dist.gather_object(pred, parts, dst=0)
@@ -162,13 +163,14 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
                  baseline: str | Path | None = None, shards_dir: str | None = None, shards_why: str = "--shards",
                  tracking: bool = True, tracking_uri: str = "", out_dir: str | Path | None = None,
                  inner_steps: int | None = None, split: Literal["eval", "val"] | None = None,
-                 allow_other_shards: bool = False) -> dict | None:
+                 allow_other_shards: bool = False, protocol: Literal["tasks", "warmup"] | None = None) -> dict | None:
     """``gmeta evaluate``: load the checkpoint (sharded under torchrun, else unsharded),
     evaluate, write the report files and log them to the checkpoint's MLflow run.
     ``shards_dir``: the shards to evaluate on (``shards_why``: who chose them, for the log);
     None: the checkpoint's own (``choose_shards``). Shards other than those the checkpoint
     (and ``baseline``) was trained on are refused unless ``allow_other_shards``
-    (``check_shards``). Returns the report on rank 0, None on other ranks."""
+    (``check_shards``). ``protocol``: eval.protocol ("warmup": ``gmeta.warmup``, its report
+    warmup_report.{json,md}). Returns the report on rank 0, None on other ranks."""
     from gmeta.checkpoint import config_of, load_sharded, load_unsharded, read_meta
     from gmeta.parallel.dist import configure_threads, init_distributed, under_torchrun
     from gmeta.tracking import make_tracker
@@ -187,6 +189,10 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
         bmeta = read_meta(baseline)
         check_shards(baseline, bmeta, config_of(baseline, bmeta), shards, allow_other_shards=allow_other_shards,
                      doing="scoring the baseline on")
+    protocol = protocol or (cfg_override or trained).eval.protocol
+    if protocol == "warmup" and under_torchrun():
+        raise ValueError("eval.protocol warmup runs in one process: drop --nproc-per-node (its stages and choices "
+                         "score the unsharded model)")
     env = init_distributed() if under_torchrun() else None
     try:
         if env is not None:
@@ -202,8 +208,15 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
             cfg.eval.inner_steps = inner_steps
         if split is not None:
             cfg.eval.split = split
+        cfg.eval.protocol = protocol
         base = fine_tuned = None
         choice = None
+        if protocol == "warmup":
+            from gmeta.warmup import warmup_report
+
+            return _finish_warmup(warmup_report(model, cfg, cfg.data.shards_dir, seed=cfg.train.seed,
+                                                baseline=load_unsharded(baseline)[:2] if baseline else None),
+                                  path, dest, meta, cfg, tracking, tracking_uri)
         if baseline:
             bmodel, bcfg, _ = load_unsharded(baseline)
             base = (bmodel, bcfg)
@@ -229,4 +242,25 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
     # the table itself is the caller's to show (gmeta evaluate prints it on stdout): logging it
     # too printed it twice
     log.info("evaluation of %s: report in %s", path, dest)
+    return report
+
+
+def _finish_warmup(report: dict, path: Path, dest: Path, meta: dict, cfg: Config, tracking: bool,
+                   tracking_uri: str) -> dict:
+    """The warm-up report's files, logged to the checkpoint's MLflow run."""
+    from gmeta.tracking import make_tracker
+    from gmeta.warmup import flat_metrics, write_warmup_report
+
+    report["checkpoint"] = str(path)
+    with local_dir(dest) as d:
+        files = write_warmup_report(report, d)
+        run = meta.get("mlflow_run_id", "")
+        if tracking and run:
+            tracker = make_tracker(True, tracking_uri or meta.get("tracking_uri", ""), cfg.tracking.experiment,
+                                   run_id=run)
+            tracker.log_metrics(flat_metrics(report), step=int(meta.get("step", 0)))
+            for f in files:
+                tracker.log_artifact(f, "eval")
+            tracker.finish()
+    log.info("warm-up evaluation of %s: report in %s", path, dest)
     return report

@@ -4,6 +4,7 @@ steps K is chosen here (``inner_steps_for``) and nowhere else."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch.distributed as dist
 from gmeta.config import Config
 from gmeta.io.manifest import load_manifest
 from gmeta.io.reader import TaskReader
-from gmeta.meta.layout import layout_of
+from gmeta.meta.layout import BatchLayout, layout_of
 from gmeta.meta.maml import adapt_and_query, adaptation
 from gmeta.models.dlrm import MetaDLRM, dense_autocast, model_device
 from gmeta.types import TaskBatch
@@ -32,18 +33,25 @@ def _inner(model) -> MetaDLRM:
     return model.module if hasattr(model, "module") else model
 
 
-def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int]) -> dict[int, np.ndarray]:
+RowsFn = Callable[[MetaDLRM, torch.Tensor, BatchLayout], torch.Tensor]
+
+
+def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int],
+                    initial_rows: RowsFn | None = None) -> dict[int, np.ndarray]:
     """Predictions (``DLRMHead.predict``: probabilities, or values for regression) of the
     batch's query rows (query-block order) after K inner steps on each task's support rows,
     for every K in ``steps`` (0: no adaptation). One lookup and one layout serve every K.
     ``model``: a MetaDLRM, or one sharded by torchrec (then every rank must call this for
-    the same number of batches)."""
+    the same number of batches). ``initial_rows(model, rows, layout)``: the looked-up rows
+    ``[U, D]`` as adaptation starts from them (``gmeta.warmup.initial_rows``); None: as looked up."""
     inner = _inner(model)
     m = cfg.meta
     batch = batch.to(model_device(model), non_blocking=True)  # (nothing to do when it is there already)
     layout = layout_of(batch, inner.pooling, m.size_buckets)
     with torch.no_grad():
         rows, _ = inner.start_rows(inner.lookup(layout), layout)  # new ids: their generated rows, if any
+        if initial_rows is not None:
+            rows = initial_rows(inner, rows, layout)
     # Inner gradients are taken with respect to the looked-up rows: make them a leaf.
     rows = rows.detach().requires_grad_(True)
     lr, emb_lr = inner.inner_lrs(m.inner_lr, m.embedding_inner_lr)
@@ -88,10 +96,14 @@ class Predictions:
 
 def collect(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | None = None,
             baseline: tuple[MetaDLRM, Config] | None = None, fine_tuned: tuple[MetaDLRM, Config] | None = None,
-            rank: int = 0, world_size: int = 1) -> Predictions:
+            rank: int = 0, world_size: int = 1, batch_fn: Callable[[TaskBatch], TaskBatch] | None = None,
+            initial_rows: RowsFn | None = None) -> Predictions:
     """Score this rank's share of the held-out tasks (split ``eval.split``) with every scorer
     and every K of the curve. ``baseline``: an ERM model, scored as it is ("erm");
-    ``fine_tuned``: one adapted as its config says (``gmeta.finetune.adapting``: "erm_ft")."""
+    ``fine_tuned``: one adapted as its config says (``gmeta.finetune.adapting``: "erm_ft").
+    ``batch_fn``: applied to each batch as read (the warm-up protocol keeps the first k
+    support rows of each task); ``initial_rows``: see ``predict_queries`` (the model's
+    scorers only)."""
     steps = inner_steps_for(cfg, inner_steps)
     split = cfg.eval.split
     if not load_manifest(shards_dir)["splits"].get(split, {}).get("tasks"):
@@ -118,8 +130,10 @@ def collect(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | No
         if batch is None:
             raise ValueError(f"{shards_dir}: rank {rank} has no tasks of split {split!r} to evaluate")
         last = batch
+        if batch_fn is not None:
+            batch = batch_fn(batch)
         batch = batch.to(device)
-        scored = {f"k={k}": p for k, p in predict_queries(model, cfg, batch, ks).items()}
+        scored = {f"k={k}": p for k, p in predict_queries(model, cfg, batch, ks, initial_rows).items()}
         base = predict_query(baseline[0], baseline[1], batch, 0) if baseline is not None else None
         ft = predict_query(fine_tuned[0], fine_tuned[1], batch, fine_tuned[1].meta.inner_steps) \
             if fine_tuned is not None else None

@@ -58,7 +58,7 @@ from gmeta.io.id_counts import DIR as ID_COUNTS
 from gmeta.io.id_counts import IdCounts
 from gmeta.io.manifest import FORMAT_VERSION, MANIFEST, content_hash, splits_of
 from gmeta.io.sources import Batch, Source, SourceError, open_source, parse_number
-from gmeta.io.split import DROP_REASONS, ROW_DROP_REASONS, chunk_tasks, split_tasks
+from gmeta.io.split import DROP_REASONS, ROW_DROP_REASONS, chunk_tasks, split_tasks, warmup_splits
 from gmeta.storage import check_bucket, is_url, location, rmtree, write_atomic
 
 log = logging.getLogger(__name__)
@@ -262,6 +262,8 @@ def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, Any],
     # in the next val_fraction
     u = task_uniform(task_keys, sp.seed)
     split_of = np.where(u < sp.eval_fraction, "eval", np.where(u < sp.eval_fraction + sp.val_fraction, "val", "train"))
+    if sp.rule == "warmup":  # by the id's row count: only cold ids are held out
+        split_of = warmup_splits(cfg, counts, u)
     # order of tasks in the shards: a seeded hash of the key (another salt than the split's,
     # or the shards would be sorted by split), so it does not depend on how the input was
     # partitioned
@@ -272,7 +274,7 @@ def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, Any],
         dropped["chunked"]["tasks"] += int(np.count_nonzero(pieces > 1))
         dropped["chunked"]["into"] += int(pieces[pieces > 1].sum())
         task_keys, split_of, rank, task_hash = task_keys[source], split_of[source], rank[source], new_hash
-    support_idx, query_idx, d = split_tasks(cfg, task_start, counts, ts, task_hash)
+    support_idx, query_idx, d = split_tasks(cfg, task_start, counts, ts, task_hash, held_out=split_of != "train")
     for kind in ("tasks", "rows"):
         for k, v in d[kind].items():
             dropped[kind][k] += v
@@ -371,7 +373,8 @@ def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
     input_path, out = location(input_path), location(out_dir)
     check_bucket(out, "prepare --out (data.shards_dir)")
     source = open_input(cfg, input_path)
-    columns = input_columns(cfg)
+    # (dict.fromkeys: under data.split.rule warmup the task key is a sparse feature too)
+    columns = list(dict.fromkeys(input_columns(cfg)))
     has_true_prob = bool(f.true_prob) and f.true_prob in source.names
     if has_true_prob:
         columns.append(f.true_prob)
@@ -473,7 +476,9 @@ def _check_splits(cfg: Config, splits: dict, dropped: dict, input_tasks: int, in
     """No training task is an error, an empty held-out split a warning; both say what
     emptied them (the split rule and the drop counts)."""
     sp = cfg.data.split
-    rule = (f"data.split.rule {sp.rule}" + (f", tie_break {sp.tie_break}" if sp.rule == "time" else "")
+    rule = (f"data.split.rule {sp.rule}" + (f", tie_break {sp.tie_break}" if sp.rule in ("time", "warmup") else "")
+            + (f", warmup_train_rows {sp.warmup_train_rows}, warmup_rows {sp.warmup_rows}" if sp.rule == "warmup"
+               else "")
             + f", min_support {sp.min_support}, min_query {sp.min_query}"
             + (f", query_size {sp.query_size}" if sp.query_size else f", support_ratio {sp.support_ratio}")
             + (f", min_task_rows {sp.min_task_rows}" if sp.min_task_rows else "")

@@ -53,15 +53,27 @@ def chunk_tasks(cfg: Config, task_start: np.ndarray, counts: np.ndarray, task_ha
     return task_start[source] + lo, hi - lo, new_hash, source
 
 
+def warmup_splits(cfg: Config, counts: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+    """data.split.rule "warmup": the split of each id (task) from its row count and its
+    key's uniform draw (``task_uniform``): "train" for more than warmup_train_rows rows,
+    else "val" when the draw is below val_fraction, else "eval". Too cold an id is still
+    "val" or "eval" here: ``split_tasks`` leaves it out (too_few_warmup_rows)."""
+    sp = cfg.data.split
+    return np.where(counts > sp.warmup_train_rows, "train", np.where(uniform < sp.val_fraction, "val", "eval"))
+
+
 def split_tasks(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np.ndarray,
-                 task_hash: np.ndarray) -> tuple[list[np.ndarray | None], list[np.ndarray | None],
-                                                 dict[str, dict[str, int]]]:
+                task_hash: np.ndarray, held_out: np.ndarray | None = None
+                ) -> tuple[list[np.ndarray | None], list[np.ndarray | None], dict[str, dict[str, int]]]:
     """Per task, support and query row indices (into the task-sorted table); None for a
     dropped task. Also {"tasks": dropped tasks by reason, "rows": rows left out by reason}.
 
     The ratio rule draws each task's split from (seed, task), so the result does not depend
     on which other tasks were prepared together. The time rule puts the earliest rows in
-    the support, rows of equal time ordered by data.split.tie_break."""
+    the support, rows of equal time ordered by data.split.tie_break. The warmup rule splits
+    a training task (``held_out`` False) by the time rule, and gives an evaluation id
+    (``held_out`` True) its first 3 * warmup_rows rows as support (warm-up sets a, b, c, in
+    time order) and every later row as query, whatever max_support and max_query say."""
     sp = cfg.data.split
     support_idx: list[np.ndarray | None] = []
     query_idx: list[np.ndarray | None] = []
@@ -75,7 +87,18 @@ def split_tasks(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np.
         support_idx.append(None)
         query_idx.append(None)
 
-    for start, n, th in zip(task_start.tolist(), counts.tolist(), task_hash.tolist()):
+    if sp.rule == "warmup" and held_out is None:
+        raise ValueError("data.split.rule warmup: split_tasks needs which tasks are held out (warmup_splits)")
+    warm = 3 * sp.warmup_rows
+    for i, (start, n, th) in enumerate(zip(task_start.tolist(), counts.tolist(), task_hash.tolist())):
+        if sp.rule == "warmup" and held_out is not None and held_out[i]:
+            if n < warm + 1:
+                drop("too_few_warmup_rows", n)
+                continue
+            rows = np.arange(start, start + n) if perm is None else perm[start: start + n]
+            support_idx.append(rows[:warm])
+            query_idx.append(rows[warm:])
+            continue
         too = "too_few_rows" if n < sp.min_task_rows else "too_many_rows" if 0 < sp.max_task_rows < n else ""
         if too:
             drop(too, n)
@@ -83,7 +106,7 @@ def split_tasks(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np.
         rows = np.arange(start, start + n) if perm is None else perm[start: start + n]
         n_s = n - sp.query_size if sp.query_size else int(round(n * sp.support_ratio))
         n_s = min(max(n_s, 0), n)
-        if sp.rule == "time":
+        if sp.rule in ("time", "warmup"):
             # "strict": support strictly earlier than query, the boundary moved before any tie
             # (with a fixed query size ties keep the input order: the query must have
             # query_size rows). Otherwise ties are ordered by tie_break and cut anywhere.
@@ -109,7 +132,7 @@ def split_tasks(cfg: Config, task_start: np.ndarray, counts: np.ndarray, ts: np.
     return support_idx, query_idx, {"tasks": dropped, "rows": rows_out}
 
 
-DROP_REASONS = ("too_few_rows", "too_many_rows", "support_too_small", "query_too_small")
+DROP_REASONS = ("too_few_rows", "too_many_rows", "support_too_small", "query_too_small", "too_few_warmup_rows")
 # rows not written: all rows of a dropped task (by the task's reason), and rows of a kept
 # task beyond data.split.max_support (the earliest support rows) or max_query (the latest)
 ROW_DROP_REASONS = DROP_REASONS + ("support_over_max", "query_over_max")
