@@ -40,7 +40,8 @@ def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int],
                     initial_rows: RowsFn | None = None) -> dict[int, np.ndarray]:
     """Predictions (``DLRMHead.predict``: probabilities, or values for regression) of the
     batch's query rows (query-block order) after K inner steps on each task's support rows,
-    for every K in ``steps`` (0: no adaptation). One lookup and one layout serve every K.
+    for every K in ``steps`` (0: no adaptation; a batch without support rows is scored as K = 0
+    whatever K). One lookup and one layout serve every K.
     ``model``: a MetaDLRM, or one sharded by torchrec (then every rank must call this for
     the same number of batches). ``initial_rows(model, rows, layout)``: the looked-up rows
     ``[U, D]`` as adaptation starts from them (``gmeta.warmup.initial_rows``); None: as looked up."""
@@ -55,15 +56,19 @@ def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int],
     # Inner gradients are taken with respect to the looked-up rows: make them a leaf.
     rows = rows.detach().requires_grad_(True)
     lr, emb_lr = inner.inner_lrs(m.inner_lr, m.embedding_inner_lr)
-    out = {}
+    out: dict[int, np.ndarray] = {}
     with torch.enable_grad(), dense_autocast(cfg, rows.device):
         for k in steps:
+            if not batch.num_support and 0 in out:  # no support rows: an inner step changes nothing
+                out[k] = out[0]
+                continue
+            run = k if batch.num_support else 0  # (and its loss over no rows has no shape to pool)
             logits_q, _, _ = adapt_and_query(
-                inner.head, rows, batch, layout, steps=k, lr=lr, emb_lr=emb_lr, first_order=True,
+                inner.head, rows, batch, layout, steps=run, lr=lr, emb_lr=emb_lr, first_order=True,
                 **adaptation(inner, m))
             assert logits_q is not None  # with_logits (default True): the logits are returned
-            out[k] = inner.head.predict(logits_q.detach().float()).cpu().numpy()
-    return out
+            out[run] = out[k] = inner.head.predict(logits_q.detach().float()).cpu().numpy()
+    return {k: out[k] for k in steps}
 
 
 def predict_query(model, cfg: Config, batch: TaskBatch, steps: int) -> np.ndarray:

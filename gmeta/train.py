@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
 from gmeta import checkpoint
-from gmeta.config import Config, OptimConfig, dump_yaml, flatten, to_dict
+from gmeta.config import Config, ConfigError, OptimConfig, dump_yaml, flatten, to_dict
 from gmeta.io.features import id_hash_of
 from gmeta.io.id_counts import known_ids
 from gmeta.io.manifest import check_manifest_matches, check_same_shards, load_manifest, shards_record
@@ -536,8 +536,8 @@ class TrainingRun:
             "val", cfg.train.val_max_tasks, [0]
         self.metric = val_metric(cfg)
         if cfg.train.val_every_steps and not self.manifest["splits"].get("val", {}).get("tasks"):
-            raise ValueError(f"train.val_every_steps: {cfg.data.shards_dir} has no validation tasks (split "
-                             "'val'); prepare it with data.split.val_fraction > 0, or set train.val_every_steps=0")
+            raise ConfigError(f"train.val_every_steps: {cfg.data.shards_dir} has no validation tasks (split "
+                              "'val'); prepare it with data.split.val_fraction > 0, or set train.val_every_steps=0")
         self.best: float | None = None
         self.best_step = self.since_best = 0
         self.stopped_early = self.interrupted = False

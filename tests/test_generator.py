@@ -257,3 +257,7 @@ def test_a_task_with_no_support_rows_is_scored_zero_shot_from_the_generated_row(
     default = predict_query(_zeroed(model), cfg, cold, 0)
     new_rows = torch.tensor([not known[a[0]] for a in ids["ad_id"]])
     assert not torch.allclose(torch.from_numpy(default)[new_rows], want[new_rows])
+    # any K asked of a batch without support rows scores it as K = 0 (an inner step on no rows
+    # changes nothing; it failed with a zero-size reshape before)
+    any_k = predict_query(model, cfg, cold, 2)
+    torch.testing.assert_close(torch.from_numpy(any_k), torch.from_numpy(got), rtol=0, atol=0)

@@ -128,8 +128,9 @@ def test_validation_without_validation_tasks_is_an_error(debug_data, tmp_path):
          f"data.shards_dir={debug_data['shards']}", f"train.output_dir={tmp_path / 'run'}",
          "tracking.enabled=false", "train.val_every_steps=5"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "train.val_every_steps:" in proc.stderr and "data.split.val_fraction > 0" in proc.stderr
+    assert "Traceback" not in proc.stderr  # an error of the config, told in one line
 
 
 def test_resumed_run_keeps_its_validation_history_and_best(val_shards, tmp_path):
