@@ -244,27 +244,29 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
     gather = np.repeat(user_tag_off[user], row_ntags) + within
     interests = pa.ListArray.from_arrays(pa.array(row_off, pa.int32()), pa.array(user_tags_flat[gather], pa.int64()))
 
-    table = pa.table(
-        {
-            f.task_key: pa.array(ID_BASE["campaign_id"] + task[order]),
-            "user_id": pa.array(ID_BASE["user_id"] + user[order]),
-            "ad_id": pa.array(ID_BASE["ad_id"] + ad[order]),
-            "advertiser_id": pa.array(ID_BASE["advertiser_id"] + h.camp_adv[task[order]]),
-            "hour": pa.array(h.hour[order]),
-            "device": pa.array(h.device[order]),
-            "site_id": pa.array(h.site[order]),
-            "interests": interests.take(pa.array(order)),
-            # always written, as a log has every column: gmeta prepare reads only the
-            # features the config lists, so configs without them ignore them
-            **{name: pa.array(h.ad_attrs[name][ad[order]]) for name in AD_ATTRIBUTES},
-            f.dense[0]: pa.array(dense[order, 0].astype(np.float32)),
-            f.dense[1]: pa.array(dense[order, 1].astype(np.float32)),
-            f.dense[2]: pa.array(dense[order, 2].astype(np.float32)),
-            f.label: pa.array(label[order]),
-            f.true_prob or "p_true": pa.array(p_true[order].astype(np.float32)),
-            f.timestamp: pa.array(h.ts[order]),
-        }
-    )
+    columns = {
+        "campaign_id": pa.array(ID_BASE["campaign_id"] + task[order]),
+        "user_id": pa.array(ID_BASE["user_id"] + user[order]),
+        "ad_id": pa.array(ID_BASE["ad_id"] + ad[order]),
+        "advertiser_id": pa.array(ID_BASE["advertiser_id"] + h.camp_adv[task[order]]),
+        "hour": pa.array(h.hour[order]),
+        "device": pa.array(h.device[order]),
+        "site_id": pa.array(h.site[order]),
+        "interests": interests.take(pa.array(order)),
+        # always written, as a log has every column: gmeta prepare reads only the
+        # features the config lists, so configs without them ignore them
+        **{name: pa.array(h.ad_attrs[name][ad[order]]) for name in AD_ATTRIBUTES},
+        f.dense[0]: pa.array(dense[order, 0].astype(np.float32)),
+        f.dense[1]: pa.array(dense[order, 1].astype(np.float32)),
+        f.dense[2]: pa.array(dense[order, 2].astype(np.float32)),
+        f.label: pa.array(label[order]),
+        f.true_prob or "p_true": pa.array(p_true[order].astype(np.float32)),
+        f.timestamp: pa.array(h.ts[order]),
+    }
+    # the task key names a column of the log: the campaign's under its own name, or one of the
+    # columns above (ad_id: the ads are the tasks), never written twice
+    columns.setdefault(f.task_key, columns["campaign_id"])
+    table = pa.table(columns)
     files = []
     for i, lo in enumerate(range(0, n_rows, s.rows_per_file)):
         path = out / f"part-{i:05d}.parquet"

@@ -28,6 +28,22 @@ def test_synth_is_deterministic_and_has_power_law_tasks(debug_config_path, tmp_p
     assert t.p_true.between(0, 1).all() and 0.05 < t.label.mean() < 0.6
 
 
+def test_a_task_key_naming_a_written_column_keeps_every_column(debug_config_path, tmp_path):
+    """With the ads as tasks (task_key ad_id) the log still has its ad ids under ad_id and its
+    campaigns under campaign_id (the ad column took the campaign ids before); another name
+    gets the campaign ids."""
+    generate(load_config(debug_config_path, ["synth.num_tasks=300"]), tmp_path / "c")
+    by_campaign = pq.read_table(tmp_path / "c").to_pandas()
+    cfg = load_config(debug_config_path, ["synth.num_tasks=300", "features.task_key=ad_id", "data.split.rule=warmup"])
+    generate(cfg, tmp_path / "a")
+    by_ad = pq.read_table(tmp_path / "a").to_pandas()
+    assert list(by_ad.columns) == list(by_campaign.columns)
+    assert by_ad.equals(by_campaign)
+    generate(load_config(debug_config_path, ["synth.num_tasks=300", "features.task_key=cid"]), tmp_path / "o")
+    other = pq.read_table(tmp_path / "o").to_pandas()
+    assert (other["cid"] == other["campaign_id"]).all() and other["ad_id"].equals(by_campaign["ad_id"])
+
+
 def test_ad_attributes_are_constant_per_ad_and_in_range(debug_config_path, tmp_path):
     cfg = load_config(debug_config_path, ["synth.num_tasks=300"])
     generate(cfg, tmp_path)
