@@ -36,6 +36,20 @@ def _full_tables(features, dim, seed=3):
     return {f["name"]: torch.randn(f["num_embeddings"], dim, generator=g) * 0.3 for f in features}
 
 
+def _start_from_known_tables(model):
+    """Write known tables into this rank's shards and rank 0's dense weights into every rank;
+    return (full tables, dense parameters, a copy of the head and leaf copies of the tables
+    for a single-process reference)."""
+    tables = _full_tables(model.module.features, 4)
+    with torch.no_grad():  # known initial tables, written into this rank's shards
+        for name, r0, c0, t in _local_table_shards(model):
+            t.copy_(tables[name][r0: r0 + t.shape[0], c0: c0 + t.shape[1]])
+    dense_params = list(model.module.head.parameters())
+    broadcast_params(dense_params)
+    ref_tables = {k: v.clone().requires_grad_() for k, v in tables.items()}
+    return tables, dense_params, copy.deepcopy(model.module.head), ref_tables
+
+
 def _plan_types(model) -> dict[str, str]:
     return {name[len("t_"):]: ps.sharding_type for module in model.plan.plan.values()
             for name, ps in module.items()}
@@ -54,14 +68,7 @@ def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, shar
         plan = _plan_types(model)
         assert {k: plan[k] for k in expect_plan} == expect_plan, plan
     features = model.module.features
-    tables = _full_tables(features, 4)
-    with torch.no_grad():  # known initial tables, written into this rank's shards
-        for name, r0, c0, t in _local_table_shards(model):
-            t.copy_(tables[name][r0: r0 + t.shape[0], c0: c0 + t.shape[1]])
-    dense_params = list(model.module.head.parameters())
-    broadcast_params(dense_params)
-    ref_head = copy.deepcopy(model.module.head)
-    ref_tables = {k: v.clone().requires_grad_() for k, v in tables.items()}
+    tables, dense_params, ref_head, ref_tables = _start_from_known_tables(model)
     lr_dense = 0.5
     opt = torch.optim.SGD(dense_params, lr=lr_dense)
     sync = DenseGradSync(dense_params, bucket_bytes=256)  # several buckets

@@ -4,7 +4,6 @@ checkpoints of 2 ranks load in 1 process and back with every id on the same embe
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
@@ -17,10 +16,10 @@ from gmeta.io.reader import TaskReader
 from gmeta.meta.layout import layout_of
 from gmeta.models.dlrm import build_model
 from gmeta.models.managed import ManagedIds, _grow_history
-from gmeta.parallel.dist import DenseGradSync, broadcast_params
+from gmeta.parallel.dist import DenseGradSync
 from gmeta.parallel.sharding import shard_model
 from gmeta.train import train_step
-from tests.parallel.test_distributed import _full_tables, _local_table_shards
+from tests.parallel.test_distributed import _local_table_shards, _start_from_known_tables
 from tests.support.multiprocess import run_ranks
 from tests.support.reference import task_query_losses
 from tests.test_managed_tables import MANAGED
@@ -58,14 +57,7 @@ def _two_ranks_equal_one_process(rank, world, cfg_path, shards, sharding_type, c
     torch.manual_seed(0)
     model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, torch.device("cpu"))
     features = model.module.features
-    tables = _full_tables(features, 4)
-    with torch.no_grad():
-        for name, r0, c0, t in _local_table_shards(model):
-            t.copy_(tables[name][r0: r0 + t.shape[0], c0: c0 + t.shape[1]])
-    dense_params = list(model.module.head.parameters())
-    broadcast_params(dense_params)
-    ref_head = copy.deepcopy(model.module.head)
-    ref_tables = {k: v.clone().requires_grad_() for k, v in tables.items()}
+    tables, dense_params, ref_head, ref_tables = _start_from_known_tables(model)
     ref = ManagedIds(features)  # one process: profiles rank 0's then rank 1's distinct ids
     opt = torch.optim.SGD(dense_params, lr=0.5)
     ref_opt = torch.optim.SGD(list(ref_head.parameters()), lr=0.5)
