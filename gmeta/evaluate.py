@@ -214,9 +214,9 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
         if protocol == "warmup":
             from gmeta.warmup import warmup_report
 
-            return _finish_warmup(warmup_report(model, cfg, cfg.data.shards_dir, seed=cfg.train.seed,
-                                                baseline=load_unsharded(baseline)[:2] if baseline else None),
-                                  path, dest, meta, cfg, tracking, tracking_uri)
+            warm = warmup_report(model, cfg, cfg.data.shards_dir, evaluate=evaluate, seed=cfg.train.seed,
+                                 baseline=load_unsharded(baseline)[:2] if baseline else None)
+            return _finish_warmup(warm, path, dest, meta, cfg, tracking, tracking_uri)
         if baseline:
             bmodel, bcfg, _ = load_unsharded(baseline)
             base = (bmodel, bcfg)

@@ -32,6 +32,7 @@ import functools
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -144,10 +145,10 @@ def rows_config(cfg: Config) -> Config:
     return out
 
 
-def stage_evaluate(method: Method, k: int, seed: int):
-    """``gmeta.evaluate.evaluate`` scoring after updates on each task's first ``k`` support
-    rows, the new ids' rows starting as ``method.init`` says (for ``finetune.choose``)."""
-    from gmeta.evaluate import evaluate
+def stage_evaluate(method: Method, k: int, seed: int, evaluate: Callable[..., dict | None]):
+    """``evaluate`` (``gmeta.evaluate.evaluate``, passed in: that module's command calls this
+    one, and imports run one way only) scoring after updates on each task's first ``k``
+    support rows, the new ids' rows starting as ``method.init`` says (for ``finetune.choose``)."""
 
     def run(model, cfg: Config, shards_dir, **kw):
         if k == 0:  # the cold stage: no support row, and no step (there is nothing to step on)
@@ -174,13 +175,14 @@ def _scores(report: dict) -> dict[str, float]:
     return {m: float(report[f"maml_{m}"]) for m in METRICS}
 
 
-def warmup_report(model, cfg: Config, shards_dir: str | Path, *,
+def warmup_report(model, cfg: Config, shards_dir: str | Path, *, evaluate: Callable[..., dict | None],
                   baseline: tuple[MetaDLRM, Config] | None = None, seed: int = 0,
                   methods: tuple[Method, ...] = METHODS) -> dict:
     """Every method at every stage on the test ids (split ``eval.split``), each stage's rates
-    and steps chosen on the validation ids. ``model``/``cfg``: the checkpoint; ``baseline``:
-    the base (ERM) model and its config. Methods that do not apply are left out: "maml" for
-    an ERM checkpoint, "erm_ft" without an ERM model."""
+    and steps chosen on the validation ids; ``evaluate``: ``gmeta.evaluate.evaluate``.
+    ``model``/``cfg``: the checkpoint; ``baseline``: the base (ERM) model and its config.
+    Methods that do not apply are left out: "maml" for an ERM checkpoint, "erm_ft" without an
+    ERM model."""
     from gmeta.finetune import adapting, choose
     from gmeta.report import NonFiniteScores
 
@@ -226,7 +228,7 @@ def warmup_report(model, cfg: Config, shards_dir: str | Path, *,
                        "stages": {}}
         for stage, sets in STAGES:
             k = sets * K
-            run = stage_evaluate(m, k, seed)
+            run = stage_evaluate(m, k, seed, evaluate)
             if k == 0:  # the cold stage: no support row, no update
                 tcfg = adapting(scfg, scfg.meta.inner_lr, scfg.meta.embedding_inner_lr, 0, fine_tune=False)
                 choice = None

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gmeta.config import ConfigError, load_config
+from gmeta.evaluate import evaluate
 from gmeta.io.features import task_uniform
 from gmeta.io.prepare import prepare
 
@@ -188,7 +189,7 @@ def test_cold_stage_makes_no_update(tiny):
     assert first_support_rows(batch, 0).num_support == 0
     m = METHODS[0]
     # whatever rate and steps the config says, the cold stage scores the model as it is
-    cold = stage_evaluate(m, 0, 0)
+    cold = stage_evaluate(m, 0, 0, evaluate)
     eager = cold(model, adapting(_stage_config(m, cfg), 0.0, 20.0, 3, fine_tune=False), shards)
     plain_cfg = cold(model, adapting(_stage_config(m, cfg), 0.0, 0.1, 0, fine_tune=False), shards)
     s = batch.num_support  # (the test ids fit in this one batch)
@@ -255,7 +256,7 @@ def test_every_choice_is_made_on_validation_ids(tiny, monkeypatch):
 
     monkeypatch.setattr(scoring, "TaskReader", reader)
     monkeypatch.setattr(finetune, "choose", choose)
-    report = warmup_report(model, cfg, shards, methods=(METHODS[0],), seed=0)
+    report = warmup_report(model, cfg, shards, evaluate=evaluate, methods=(METHODS[0],), seed=0)
     assert {s for p, s in reads if p == "choose"} == {"val"}
     assert [s for p, s in reads if p == "score"] == ["eval"] * len(STAGES)
     stages = report["methods"]["init_model"]["stages"]
@@ -270,12 +271,12 @@ def test_warmup_protocol_refuses_shards_of_another_rule_and_no_validation_ids(tm
     cfg = tiny_config(tmp_path, ["data.split.val_fraction=0"])
     prepare(cfg, write_tiny(tmp_path / "raw"), tmp_path / "shards")
     with pytest.raises(ValueError, match="no validation ids"):
-        warmup_report(build_model(cfg), cfg, tmp_path / "shards")
+        warmup_report(build_model(cfg), cfg, tmp_path / "shards", evaluate=evaluate)
     time_cfg = load_config(tmp_path / "tiny.yaml", ["data.split.rule=time", "features.task_key=user_id",
                                                     "features.sparse=[{name: ad_id, num_embeddings: 500}]"])
     prepare(time_cfg, tmp_path / "raw", tmp_path / "time_shards")
     with pytest.raises(ValueError, match="needs shards of data.split.rule warmup"):
-        warmup_report(build_model(cfg), cfg, tmp_path / "time_shards")
+        warmup_report(build_model(cfg), cfg, tmp_path / "time_shards", evaluate=evaluate)
 
 
 def test_evaluate_protocol_warmup_end_to_end(tmp_path, monkeypatch):
@@ -375,7 +376,7 @@ def test_movielens_items_config_prepares_movies_as_tasks(tmp_path):
 
 
 def test_warmup_table_format_gives_mean_and_spread_per_method_and_stage():
-    from gmeta.warmup_table import format_table
+    from gmeta.cold_start import format_warmup_table as format_table
 
     def report(shift):
         stages = ["cold", "a", "a+b", "a+b+c"]
