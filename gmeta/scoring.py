@@ -57,18 +57,21 @@ def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int],
     rows = rows.detach().requires_grad_(True)
     lr, emb_lr = inner.inner_lrs(m.inner_lr, m.embedding_inner_lr)
     out: dict[int, np.ndarray] = {}
+
+    def keep(k: int, logits_q: torch.Tensor) -> None:
+        out[k] = inner.head.predict(logits_q.detach().float()).cpu().numpy()
+
+    # one trajectory of max(K) steps scores every K on its way (K steps are the same SGD steps
+    # whatever follows them); no support rows: an inner step changes nothing (and its loss over
+    # no rows has no shape to pool), so every K is K = 0
+    last = max(steps) if batch.num_support else 0
     with torch.enable_grad(), dense_autocast(cfg, rows.device):
-        for k in steps:
-            if not batch.num_support and 0 in out:  # no support rows: an inner step changes nothing
-                out[k] = out[0]
-                continue
-            run = k if batch.num_support else 0  # (and its loss over no rows has no shape to pool)
-            logits_q, _, _ = adapt_and_query(
-                inner.head, rows, batch, layout, steps=run, lr=lr, emb_lr=emb_lr, first_order=True,
-                **adaptation(inner, m))
-            assert logits_q is not None  # with_logits (default True): the logits are returned
-            out[run] = out[k] = inner.head.predict(logits_q.detach().float()).cpu().numpy()
-    return {k: out[k] for k in steps}
+        logits_q, _, _ = adapt_and_query(
+            inner.head, rows, batch, layout, steps=last, lr=lr, emb_lr=emb_lr, first_order=True,
+            on_query=({k for k in steps if k < last}, keep), **adaptation(inner, m))
+        assert logits_q is not None  # with_logits (default True): the logits are returned
+        keep(last, logits_q)
+    return {k: out[k if batch.num_support else 0] for k in steps}
 
 
 def predict_query(model, cfg: Config, batch: TaskBatch, steps: int) -> np.ndarray:

@@ -55,6 +55,7 @@ def adapt_and_query(
     dense_adaptation: str = "weights",
     adapt_features: list[int] | None = None,
     on_adapted: Callable[[list[FastWeights], torch.Tensor | None], None] | None = None,
+    on_query: tuple[set[int], Callable[[int, torch.Tensor], None]] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Adapt every task on its support rows (``steps`` SGD steps), score its query rows.
 
@@ -84,6 +85,9 @@ def adapt_and_query(
     ``on_adapted``: called once the inner loop is done with each size bucket's
     ``FastWeights`` and the adapted per-task rows (``[G, D]``, one per ``layout.group_unique``;
     None when no rows adapt), before the query forward (Reptile reads them).
+    ``on_query``: (ks, fn): ``fn(k, query outputs)`` after k < ``steps`` inner steps, for each
+    k in ks, on the way (no gradient): a curve over K from one trajectory, the outputs
+    those of ``steps=k``.
     """
     if fast_weights not in ("auto", "implicit", "materialized"):
         raise ValueError(f"fast_weights must be auto, implicit or materialized, got {fast_weights!r}")
@@ -120,8 +124,29 @@ def adapt_and_query(
                         params, b.tasks.shape[0], first_order) for b in buckets]
     support_loss0 = torch.full((n,), float("nan"), dtype=batch.labels.dtype, device=batch.labels.device)
 
+    def query(source: torch.Tensor, logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(query outputs in query-block order or None unless ``logits``, per-task query
+        loss), at the current fast weights."""
+        emb_q = gather_rows(source, occ_q)
+        pooled_q = L.pool(emb_q, slot_q, div_q, n_q)
+        parts, flat = [], []
+        for i, b in enumerate(buckets):
+            logits_q = head(per_task(dense_q, b.q_index, in_order_q), per_task(pooled_q, b.q_index, in_order_q),
+                            fast[i])
+            parts.append(task_losses(head, logits_q, per_task(labels_q, b.q_index, in_order_q), b.q_mask,
+                                     b.q_count))
+            flat.append(logits_q.reshape(-1))
+        # padded slots of all buckets -> the query rows in query-block order
+        out = torch.cat(flat).index_select(0, L.query_order) if logits else None
+        return out, torch.cat(parts)[L.task_order]
+
     with record_function("## inner_adapt ##"):
         for k in range(steps):
+            if on_query is not None and k in on_query[0]:
+                with torch.no_grad():
+                    logits, _ = query(source)
+                assert logits is not None
+                on_query[1](k, logits)
             emb_s = gather_rows(source, occ_s)
             pooled_s = L.pool(emb_s, slot_s, div_s, n_s)
             parts = []
@@ -144,20 +169,8 @@ def adapt_and_query(
         on_adapted(fast, source if adapt_rows else None)
 
     with record_function("## query_fwd ##"):
-        emb_q = gather_rows(source, occ_q)
-        pooled_q = L.pool(emb_q, slot_q, div_q, n_q)
-        parts, flat = [], []
-        for i, b in enumerate(buckets):
-            logits_q = head(per_task(dense_q, b.q_index, in_order_q), per_task(pooled_q, b.q_index, in_order_q),
-                            fast[i])
-            parts.append(task_losses(head, logits_q, per_task(labels_q, b.q_index, in_order_q), b.q_mask,
-                                     b.q_count))
-            flat.append(logits_q.reshape(-1))
-        query_loss = torch.cat(parts)[L.task_order]
-        if not with_logits:
-            return None, query_loss, support_loss0
-        # padded slots of all buckets -> the query rows in query-block order
-        return torch.cat(flat).index_select(0, L.query_order), query_loss, support_loss0
+        logits, query_loss = query(source, with_logits)
+        return logits, query_loss, support_loss0
 
 
 def per_task(x: torch.Tensor, index: torch.Tensor, in_order: bool) -> torch.Tensor:
