@@ -19,6 +19,7 @@
   zip3                  string        users: first 3 characters of the zip code
   genres                list<string>  items: the movie's genres
   year                  string        items: release year ("unknown" if none)
+  title_words           list<string>  items: the title's words, lowercased, without the year
   age_norm              float32       age / 100 (ML-1M: the bracket's lower bound / 100)
   year_norm             float32       (release year - 1900) / 100, the mean if unknown
   ====================  ============  ===================================================
@@ -760,7 +761,8 @@ def _items_100k(path: Path) -> pa.Table:
         genres.append([g for g, f in zip(names, flags) if f.strip() == "1"])
     return pa.table({"item_id": [_int(r[0], path, "movie id") for r in rows],
                      "year": [r[2].strip()[-4:] if r[2].strip() else "" for r in rows],
-                     "genres": pa.array(genres, type=pa.list_(pa.string()))})
+                     "genres": pa.array(genres, type=pa.list_(pa.string())),
+                     "title": [r[1] for r in rows]})
 
 
 def _users_1m(path: Path) -> pa.Table:
@@ -771,6 +773,13 @@ def _users_1m(path: Path) -> pa.Table:
 
 
 _TITLE_YEAR = re.compile(r"\((\d{4})\)\s*$")
+_WORD = re.compile(r"[^\W_]+")  # letters and digits, any script: "Don't" -> don, t
+
+
+def title_words(title: str) -> list[str]:
+    """A movie title's distinct words, lowercased, in order, without the trailing "(year)":
+    an item attribute (e.g. of an id generator's input)."""
+    return list(dict.fromkeys(_WORD.findall(_TITLE_YEAR.sub("", title).lower())))
 
 
 def _items_1m(path: Path) -> pa.Table:
@@ -782,14 +791,15 @@ def _items_1m(path: Path) -> pa.Table:
         years.append(m.group(1) if m else "")
         genres.append([g for g in r[-1].strip().split("|") if g])
     return pa.table({"item_id": [_int(r[0], path, "MovieID") for r in rows], "year": years,
-                     "genres": pa.array(genres, type=pa.list_(pa.string()))})
+                     "genres": pa.array(genres, type=pa.list_(pa.string())),
+                     "title": ["::".join(r[1:-1]) for r in rows]})
 
 
 def _recbole_movielens(path: Path) -> pa.Table:
     """RecBole's MovieLens atomic files -> the raw MovieLens columns (RecBole's names:
     zip_code, release_year, class for the genres)."""
     t = read_recbole(path)
-    rename = {"zip_code": "zip", "release_year": "year", "class": "genres"}
+    rename = {"zip_code": "zip", "release_year": "year", "class": "genres", "movie_title": "title"}
     t = t.rename_columns([rename.get(n, n) for n in t.column_names])
     need = ["user_id", "item_id", "rating", "timestamp"]
     missing = [c for c in need if c not in t.column_names]
@@ -807,6 +817,10 @@ def _recbole_movielens(path: Path) -> pa.Table:
     for name in ("age", "gender", "occupation", "zip", "year"):
         out[name] = t.column(name) if name in t.column_names else pa.nulls(t.num_rows, pa.string())
     out["genres"] = t.column("genres") if "genres" in t.column_names else pa.nulls(t.num_rows, pa.list_(pa.string()))
+    title = t.column("title") if "title" in t.column_names else pa.nulls(t.num_rows, pa.string())
+    if pa.types.is_list(title.type):  # token_seq: the words as RecBole split them, joined back
+        title = pc.binary_join(title, " ")
+    out["title"] = title
     return pa.table(out)
 
 
@@ -866,6 +880,8 @@ def _canonical(t: pa.Table, click_threshold: float) -> pa.Table:
     mean_age = np.nanmean(age_num) if np.isfinite(age_num).any() else 0.0
     mean_year = np.nanmean(year_num) if np.isfinite(year_num).any() else 1900.0
     genres = pc.fill_null(t.column("genres").combine_chunks(), pa.scalar([], pa.list_(pa.string())))
+    titles, at = np.unique(text("title").astype(str), return_inverse=True)  # each distinct title split once
+    words = [title_words(x) for x in titles.tolist()]
     return pa.table({
         "user_id": t.column("user_id"),
         "item_id": t.column("item_id"),
@@ -878,6 +894,7 @@ def _canonical(t: pa.Table, click_threshold: float) -> pa.Table:
         "zip3": pa.array([z[:3] for z in text("zip").tolist()], pa.string()),
         "genres": genres,
         "year": pa.array([y if y else "unknown" for y in year.tolist()], pa.string()),
+        "title_words": pa.array(words, pa.list_(pa.string())).take(pa.array(at)),
         "age_norm": pa.array((np.where(np.isfinite(age_num), age_num, mean_age) / 100.0).astype(np.float32)),
         "year_norm": pa.array(((np.where(np.isfinite(year_num), year_num, mean_year) - 1900.0) / 100.0)
                               .astype(np.float32)),
