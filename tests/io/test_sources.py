@@ -50,6 +50,8 @@ def test_ml100k_original_and_recbole_files_read_the_same(tmp_path):
     assert row["click"] == int(r >= 4)
     assert (row["age"], row["gender"], row["occupation"], row["zip3"]) == (str(user[1]), user[2], user[3], user[4][:3])
     assert row["genres"] == [g for g, f in zip(ML100K_GENRES, item[3]) if f]
+    # the title's words, lowercased, without its "(year)" (u.item) or as RecBole's movie_title splits it
+    assert row["title_words"] == ["film", str(i), *(["é"] if i % 10 == 0 else [])]
     assert row["age_norm"] == pytest.approx(user[1] / 100)
     # the movie without a release date: an "unknown" year token and the mean year as dense value
     no_year = a.filter(pa.compute.equal(a.column("item_id"), 7)).to_pylist()
@@ -69,6 +71,8 @@ def test_ml1m_files(tmp_path):
         assert (row["age"], row["gender"], row["zip3"]) == (str(age), gender, zip_code[:3])
         year = data["items"][i - 1][2]
         assert row["year"] == (year or "unknown")  # from "Title: The Sequel (1995)", Latin-1 titles
+        assert row["title_words"] == ["film", str(i), *(["é"] if i % 10 == 0 else []), *(["the", "sequel"] if year
+                                                                                     else [])]
         if year:
             assert row["year_norm"] == pytest.approx((int(year) - 1900) / 100)
 

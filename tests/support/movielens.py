@@ -45,7 +45,8 @@ def write_ml100k(d: Path, data: dict) -> Path:
     for i, title, year, flags in data["items"]:
         date = f"01-Jan-{year}" if year else ""
         url = f"http://us.imdb.com/M/title-exact?Film%20{i}"
-        lines.append(f"{i}|{title} ({year or 'n/a'})|{date}||{url}|" + "|".join(map(str, flags)) + "\n")
+        name = f"{title} ({year})" if year else title  # (u.item's "unknown" movie has neither date nor year)
+        lines.append(f"{i}|{name}|{date}||{url}|" + "|".join(map(str, flags)) + "\n")
     (d / "u.item").write_bytes("".join(lines).encode("latin-1"))
     (d / "u.genre").write_text("".join(f"{g}|{k}\n" for k, g in enumerate(ML100K_GENRES)) + "\n")
     return d
