@@ -500,6 +500,12 @@ class GeneratorConfig:
     # only the generator trains, on the Meta-Embedding loss, tables and head left exactly as
     # train.init_from (a trained checkpoint, required) holds them.
     mode: Literal["joint", "base_fixed"] = "joint"
+    # The ids a base_fixed generator learns from: "new", those the default row stands for
+    # (min_count, holdout_share); "all", every id of the feature in the training rows, each
+    # started from the default row and generated as a new id would be (Meta-Embedding trains
+    # its generator on old items this way: many more ids to learn from than the held-out few).
+    # Evaluation, prediction and serving generate new ids only, whichever is set.
+    train_ids: Literal["new", "all"] = "new"
 
 
 @dataclass
@@ -770,7 +776,7 @@ def validate(cfg: Config) -> None:
 def _validate_generator(cfg: Config) -> None:
     g = cfg.generator
     if not g.feature:
-        changed = [k for k in ("attributes", "hidden", "cold_weight", "warmup_lr", "mode")
+        changed = [k for k in ("attributes", "hidden", "cold_weight", "warmup_lr", "mode", "train_ids")
                    if getattr(g, k) != getattr(GeneratorConfig(), k)]
         _check(not changed, "generator.feature", f"empty (no generator), but generator.{', generator.'.join(changed)} "
                "set: name the id feature whose new ids it generates rows for")
@@ -799,6 +805,9 @@ def _validate_generator(cfg: Config) -> None:
                "alone on a trained model: name its checkpoint")
         _check(cfg.train.pretrain_epochs == 0, "train.pretrain_epochs", "generator.mode base_fixed trains no base "
                "model: must be 0")
+    else:
+        _check(g.train_ids == "new", "generator.train_ids", "'all' needs generator.mode base_fixed: in joint mode the "
+               f"tables learn, and {g.feature}'s ids would never train their own rows")
 
 
 # --------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def generator_step(inner, rows: torch.Tensor, batch, layout, cfg: Config) -> Met
     and the loss is the generator's own, else the cold-start term joins the meta-loss."""
     if inner.generator_only:
         rows = rows.detach()
-    rows, new = inner.start_rows(rows, layout)
+    rows, new = inner.start_rows(rows, layout, every_id=cfg.generator.train_ids == "all")
     with dense_autocast(cfg, rows.device):
         if inner.generator_only:
             out = base_fixed_objective(inner, rows, new, batch, layout, cfg)
@@ -853,6 +853,9 @@ class TrainingRun:
 def _run(cfg: Config, tracking_uri: str, tracker_box: list, allow_other_shards: bool = False) -> dict:
     run = TrainingRun(cfg, tracking_uri, tracker_box, allow_other_shards)  # setup
     run.resume()
+    inner = run.model.module
+    if cfg.generator.train_ids == "all":  # the tables are loaded (train.init_from, or the resumed checkpoint)
+        inner.generator_base = inner.default_row(inner.generator.feature)
     run.open_tracking()
     run.loop()
     if run.interrupted:

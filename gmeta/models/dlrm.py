@@ -308,6 +308,9 @@ class MetaDLRM(nn.Module):
         self.default_rows = DefaultRows(self.features)
         self.generator: IdGenerator | None = None
         self.generator_only = False  # generator.mode base_fixed: the generator is the only dense part trained
+        # generator.train_ids all: the feature's default row [D], a constant of the (fixed) tables,
+        # that every id of the feature starts from in training (``default_row``, set by training)
+        self.generator_base: torch.Tensor | None = None
         if generator is not None:
             names = [f["name"] for f in self.features]
             self.generator = IdGenerator(names.index(generator["feature"]),
@@ -393,15 +396,40 @@ class MetaDLRM(nn.Module):
         kjt = self.default_rows(layout.kjt([f["name"] for f in self.features]))
         return self.managed(kjt, self.sparse_arch.ec, counts=counts)
 
-    def start_rows(self, rows: torch.Tensor, layout: BatchLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def start_rows(self, rows: torch.Tensor, layout: BatchLayout, every_id: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The rows a batch's distinct ids start from (``lookup``'s ``[U, D]``): the generated
         row for each new id of the generator's feature (``IdGenerator.generated_rows``; under
-        base_fixed from constant table rows). Returns (rows, which distinct ids were
-        generated [U] bool, or None without a generator)."""
+        base_fixed from constant table rows). ``every_id`` (generator.train_ids all, in
+        training): every id of the feature is taken for new, starting from the default row
+        ``generator_base``. Returns (rows, which distinct ids were generated [U] bool, or
+        None without a generator)."""
         if self.generator is None:
             return rows, None
         known: torch.Tensor = getattr(self.default_rows, f"known_{self.features[self.generator.feature]['name']}")
+        if every_id:
+            if self.generator_base is None:
+                raise RuntimeError("generator.train_ids all: the default row was not looked up (default_row)")
+            f = self.generator.feature
+            lo = sum(layout.unique_per_key[:f])
+            hi = lo + layout.unique_per_key[f]
+            base = self.generator_base.to(rows.dtype).expand(hi - lo, -1)
+            rows, known = torch.cat([rows[:lo], base, rows[hi:]]), torch.zeros_like(known)
         return self.generator.generated_rows(rows, layout, known, detach_inputs=self.generator_only)
+
+    def default_row(self, feature: int) -> torch.Tensor:
+        """Feature ``feature``'s default row ``[D]`` (its table's row ``num_embeddings``),
+        looked up as a batch of one row that holds it alone: one all-to-all when sharded, so
+        every rank calls this together."""
+        f = self.features[feature]
+        device = next(self.head.parameters()).device
+        lengths = torch.zeros(len(self.features), dtype=torch.int64, device=device)
+        lengths[feature] = 1
+        kjt = KeyedJaggedTensor(keys=[g["name"] for g in self.features], lengths=lengths,
+                                values=torch.tensor([f["num_embeddings"]], dtype=torch.int64, device=device))
+        ids, _ = self.managed(kjt, admit=False)
+        with torch.no_grad():
+            return lookup_rows(self.sparse_arch(ids), [f])[0].clone()
 
     def set_known_ids(self, known: dict[str, torch.Tensor]) -> None:
         """The ids that keep their own rows, per feature with a default row ([num_embeddings]
