@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="checkpoint directory written by gmeta train")
     src.add_argument("--run-id", help="MLflow run of a gmeta train (its tag gmeta.checkpoint)")
     p.add_argument("--baseline", default=None, help="checkpoint of an ERM model to compare against")
+    p.add_argument("--generator", default=None,
+                   help="warm-up protocol: checkpoint of a model with an id generator of the task-key feature "
+                        "(generator.mode base_fixed on the base model), scored as one more row")
     p.add_argument("--shards", default=None, help="task shard directory (default: a data.shards_dir=... override, "
                    "else the shards the checkpoint was trained on; not --config's data.shards_dir)")
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps K (default: eval.inner_steps)")
@@ -500,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
                                   baseline=args.baseline, shards_dir=shards, shards_why=why,
                                   tracking=not args.no_tracking, tracking_uri=args.tracking_uri, out_dir=args.out,
                                   inner_steps=args.inner_steps, split=args.split,
-                                  allow_other_shards=args.allow_other_shards, protocol=args.protocol)
+                                  allow_other_shards=args.allow_other_shards, protocol=args.protocol,
+                                  generator=args.generator)
         except (CheckpointError, PrepareError, ValueError, StorageError) as e:
             _report_error("evaluate", e)
             return 2

@@ -91,6 +91,9 @@ class Dataset:
     # generated data: the config gmeta synth writes it with, when not ``config`` (a warm-up
     # config keys tasks by ad, the generator by campaign); the synth.* overrides apply to it
     synth_config: Path | None = None
+    # the warm-up table's id generator (``generator.*`` overrides: its feature and the id's
+    # attributes), trained per seed with generator.mode base_fixed on the ERM base model
+    generator: list[str] = field(default_factory=list)
 
 
 def _train(config: Path, overrides: list[str]) -> Path:
@@ -358,14 +361,20 @@ def format_table(results: dict) -> str:
 # ---------------------------------------------------------------- the warm-up table
 # The warm-up table of item cold start (``python -m gmeta.cold_start --warmup``): one row
 # per method of ``gmeta.warmup`` (the model's initial row, a random initial row, the
-# meta-learner's own inner loop, ERM fine-tuned), one column per stage (cold, a, a+b, a+b+c),
+# meta-learner's own inner loop, ERM fine-tuned, the generated row of an id generator trained
+# on the ERM model), one column per stage (cold, a, a+b, a+b+c),
 # mean ± standard deviation over the seeds; on the synthetic ads set (task = ad) and on
 # MovieLens (task = movie), each prepared under ``data.split.rule: warmup``.
 #
 # The machinery of the cold-start table (``gmeta.cold_start``): the shards are prepared once
 # per data set; the ERM base model and the meta-learner are each searched with the same number
-# of Optuna trials on the validation ids, then trained once per seed; the warm-up evaluation
-# chooses every rate and step count on the validation ids again and scores the test ids once.
+# of Optuna trials on the validation ids, then trained once per seed; the generator (a data set
+# with ``Dataset.generator``) is trained per seed on that seed's ERM model with the ERM's
+# training settings (generator.mode base_fixed, generator.train_ids all: every training id
+# taken for new, as Meta-Embedding trains on old items; its own settings at their defaults,
+# not searched); the warm-up evaluation chooses every rate and step count on the validation
+# ids again and scores the test ids once.
+GENERATOR_TRAINING = ["generator.mode=base_fixed", "generator.train_ids=all"]
 
 WARMUP_VARIANTS = [Variant("ERM (base model)", "erm", ["meta.algorithm=erm"], erm=True),
                    Variant("MAML (new id's rows)", "maml", ["meta.algorithm=maml"])]
@@ -374,13 +383,18 @@ WARMUP_SHOWN = ("auc", "gauc", "logloss")
 
 def run_warmup_table(datasets: list[Dataset], seeds: list[int], out: Path, trials: int = 0) -> dict:
     """Search, train and score under the warm-up protocol every data set for every seed;
-    results.json in ``out`` after each seed."""
+    results.json in ``out`` after each seed. Run again into the same ``out``, seeds already
+    scored there are kept (and models trained there continue from their checkpoints)."""
     from gmeta.checkpoint import load_unsharded
     from gmeta.evaluate import evaluate
     from gmeta.warmup import warmup_report
 
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"protocol": "warmup", "seeds": seeds, "trials": trials, "datasets": {}}
+    if (out / "results.json").is_file():
+        old = json.loads((out / "results.json").read_text())
+        if old.get("protocol") == "warmup" and old.get("trials") == trials:  # (other trials: other models)
+            results["datasets"] = old.get("datasets", {})
 
     def save() -> None:
         tmp = out / "results.json.tmp"
@@ -392,25 +406,38 @@ def run_warmup_table(datasets: list[Dataset], seeds: list[int], out: Path, trial
         shards = _prepare(ds, base)
         fixed = [f"data.shards_dir={shards}", "train.eval_at_end=false", "tracking.enabled=false",
                  "train.nproc_per_node=1", "sweep.nproc_per_trial=1", f"train.val_every_steps={ds.val_every_steps}"]
-        entry: dict = {"runs": [], "search": {}}
-        results["datasets"][ds.name] = entry
+        entry: dict = results["datasets"].setdefault(ds.name, {"runs": [], "search": {}})
+        entry["runs"] = [r for r in entry["runs"] if r["seed"] in seeds]
         best: dict[str, list[str]] = {}
         for v in WARMUP_VARIANTS:
             t0 = time.perf_counter()
             best[v.slug], info = _search(ds, v, fixed, base / v.slug / "search", trials)
             entry["search"][v.name] = {**info, "overrides": best[v.slug], "seconds": round(time.perf_counter() - t0, 1)}
         for seed in seeds:
+            if any(r["seed"] == seed for r in entry["runs"]):
+                log.info("%s seed %d: scored in an earlier run into %s, kept", ds.name, seed, out)
+                continue
             t0 = time.perf_counter()
-            ckpt = {v.slug: _train(ds.config, [*ds.overrides, *v.overrides, *best[v.slug], *fixed,
-                                               f"train.seed={seed}", f"train.output_dir={base}/{v.slug}/seed{seed}",
-                                               "train.resume=auto"]) for v in WARMUP_VARIANTS}
+            per_seed = [f"train.seed={seed}", "train.resume=auto"]
+            ckpt = {v.slug: _train(ds.config, [*ds.overrides, *v.overrides, *best[v.slug], *fixed, *per_seed,
+                                               f"train.output_dir={base}/{v.slug}/seed{seed}"])
+                    for v in WARMUP_VARIANTS}
+            if ds.generator:
+                erm = WARMUP_VARIANTS[0]
+                ckpt["generator"] = _train(ds.config, [
+                    *ds.overrides, *erm.overrides, *best[erm.slug], *fixed, *per_seed, *ds.generator,
+                    *GENERATOR_TRAINING, f"train.init_from={ckpt['erm']}",
+                    f"train.output_dir={base}/generator/seed{seed}"])
             model, cfg, _ = load_unsharded(ckpt["maml"])
             bmodel, bcfg, _ = load_unsharded(ckpt["erm"])
-            report = warmup_report(model, cfg, shards, evaluate=evaluate, baseline=(bmodel, bcfg), seed=seed)
+            gen = load_unsharded(ckpt["generator"])[:2] if "generator" in ckpt else None
+            report = warmup_report(model, cfg, shards, evaluate=evaluate, baseline=(bmodel, bcfg), seed=seed,
+                                   generator=gen)
             entry["runs"].append({"seed": seed, "report": report, "seconds": round(time.perf_counter() - t0, 1),
                                   "checkpoints": {k: str(p) for k, p in ckpt.items()}})
             log.info("%s seed %d: warm-up %s", ds.name, seed,
                      {n: {s: c.get("auc") for s, c in e["stages"].items()} for n, e in report["methods"].items()})
+            entry["runs"].sort(key=lambda r: r["seed"])
             save()
     save()
     return results
@@ -431,14 +458,17 @@ def format_warmup_table(results: dict) -> str:
             continue
         first = runs[0]["report"]
         heads = [f"{s} ({n})" for s, n in zip(first["stages"], first["support_rows"])]
+        methods: dict[str, str] = {}  # every method of any seed, in order (a seed may lack one: n/a)
+        for r in runs:
+            methods.update({n: e["label"] for n, e in r["report"]["methods"].items() if n not in methods})
         for metric in WARMUP_SHOWN:
             lines = [f"{ds}, {metric.upper() if metric != 'logloss' else 'logloss'} "
                      f"({int(first.get('tasks', 0))} test ids, K = {first['warmup_rows']}):", "",
                      "| method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
-            for name, e in first["methods"].items():
-                cells = [_warmup_mean_sd([r["report"]["methods"][name]["stages"][s].get(metric) for r in runs])
-                         for s in first["stages"]]
-                lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
+            for name, label in methods.items():
+                cells = [_warmup_mean_sd([r["report"]["methods"].get(name, {}).get("stages", {}).get(s, {}).get(metric)
+                                          for r in runs]) for s in first["stages"]]
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
             out.append("\n".join(lines))
         search = "; ".join(f"{k}: {v.get('trials', 0)} trials" for k, v in entry["search"].items())
         out.append(f"Search ({ds}): {search}, on the validation ids.")
@@ -492,11 +522,14 @@ def _warmup_datasets(args) -> list[Dataset]:
     if args.movielens:
         raw = Path(args.movielens)
         out.append(Dataset(f"{movielens_name(raw)} (item cold start)", ROOT / "configs" / "movielens_items.yaml",
-                           list(args.movielens_override), raw=raw, task_features=["item_id"]))
+                           list(args.movielens_override), raw=raw, task_features=["item_id"],
+                           generator=["generator.feature=item_id", "generator.attributes=[genres, year, title_words]"]))
     if args.ads_tasks:
         out.append(Dataset("synthetic ads (ad cold start)", ROOT / "configs" / "ads_cold_items.yaml",
                            [f"synth.num_tasks={args.ads_tasks}", *args.ads_override], val_every_steps=20,
-                           task_features=["ad_id"], synth_config=ROOT / "configs" / "ads_cvr_debug.yaml"))
+                           task_features=["ad_id"], synth_config=ROOT / "configs" / "ads_cvr_debug.yaml",
+                           generator=["generator.feature=ad_id", "generator.attributes=[advertiser_id, ad_category, "
+                                      "creative_type, landing_page]"]))
     return out
 
 

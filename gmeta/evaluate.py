@@ -163,14 +163,16 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
                  baseline: str | Path | None = None, shards_dir: str | None = None, shards_why: str = "--shards",
                  tracking: bool = True, tracking_uri: str = "", out_dir: str | Path | None = None,
                  inner_steps: int | None = None, split: Literal["eval", "val"] | None = None,
-                 allow_other_shards: bool = False, protocol: Literal["tasks", "warmup"] | None = None) -> dict | None:
+                 allow_other_shards: bool = False, protocol: Literal["tasks", "warmup"] | None = None,
+                 generator: str | Path | None = None) -> dict | None:
     """``gmeta evaluate``: load the checkpoint (sharded under torchrun, else unsharded),
     evaluate, write the report files and log them to the checkpoint's MLflow run.
     ``shards_dir``: the shards to evaluate on (``shards_why``: who chose them, for the log);
     None: the checkpoint's own (``choose_shards``). Shards other than those the checkpoint
     (and ``baseline``) was trained on are refused unless ``allow_other_shards``
     (``check_shards``). ``protocol``: eval.protocol ("warmup": ``gmeta.warmup``, its report
-    warmup_report.{json,md}). Returns the report on rank 0, None on other ranks."""
+    warmup_report.{json,md}; ``generator``: a checkpoint with an id generator, one more row
+    of it). Returns the report on rank 0, None on other ranks."""
     from gmeta.checkpoint import config_of, load_sharded, load_unsharded, read_meta
     from gmeta.parallel.dist import configure_threads, init_distributed, under_torchrun
     from gmeta.tracking import make_tracker
@@ -185,11 +187,15 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
     trained = config_of(path, meta)
     shards = choose_shards(shards_dir, shards_why, trained, path)
     check_shards(path, meta, trained, shards, allow_other_shards=allow_other_shards)
-    if baseline:
-        bmeta = read_meta(baseline)
-        check_shards(baseline, bmeta, config_of(baseline, bmeta), shards, allow_other_shards=allow_other_shards,
-                     doing="scoring the baseline on")
+    for other, doing in ((baseline, "scoring the baseline on"), (generator, "scoring the generator on")):
+        if other:
+            ometa = read_meta(other)
+            check_shards(other, ometa, config_of(other, ometa), shards, allow_other_shards=allow_other_shards,
+                         doing=doing)
     protocol = protocol or (cfg_override or trained).eval.protocol
+    if generator and protocol != "warmup":
+        raise ValueError("--generator: a row of the warm-up table (eval.protocol warmup); the tasks protocol scores "
+                         "a generator inside its own checkpoint")
     if protocol == "warmup" and under_torchrun():
         raise ValueError("eval.protocol warmup runs in one process: drop --nproc-per-node (its stages and choices "
                          "score the unsharded model)")
@@ -215,7 +221,8 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
             from gmeta.warmup import warmup_report
 
             warm = warmup_report(model, cfg, cfg.data.shards_dir, evaluate=evaluate, seed=cfg.train.seed,
-                                 baseline=load_unsharded(baseline)[:2] if baseline else None)
+                                 baseline=load_unsharded(baseline)[:2] if baseline else None,
+                                 generator=load_unsharded(generator)[:2] if generator else None)
             return _finish_warmup(warm, path, dest, meta, cfg, tracking, tracking_uri)
         if baseline:
             bmodel, bcfg, _ = load_unsharded(baseline)

@@ -88,7 +88,7 @@ def _validation(evaluate, model, cfg: Config, shards_dir, rates) -> dict | None:
 
 def choose(evaluate: Callable[..., dict | None], model, cfg: Config, shards_dir: str | Path, *, fine_tune: bool,
            rates: list[tuple[float, float]] | None = None, steps: list[int] | None = None,
-           max_tasks: int | None = None, widen: int | None = None) -> Choice:
+           max_tasks: int | None = None, widen: int | None = None, metric: str | None = None) -> Choice:
     """The (rates, K) with the best validation metric (GAUC for a binary objective, RMSE for
     regression), on a grid widened where the best lies at its edge. ``rates``: (dense,
     embedding) pairs; default ``FINE_TUNE_LRS`` for ``fine_tune`` (times ``REGRESSION_SCALE``
@@ -96,7 +96,8 @@ def choose(evaluate: Callable[..., dict | None], model, cfg: Config, shards_dir:
     its learned rates: only K is chosen). While the best pair is the lowest or the highest
     tried (and did not diverge), the next pair beyond it, at the grid's own spacing, is tried;
     while the best K is the largest tried, the best pair's curve is extended by
-    ``EXTRA_STEPS``; at most ``widen`` (``WIDEN``) such steps. ``evaluate``:
+    ``EXTRA_STEPS``; at most ``widen`` (``WIDEN``) such steps. ``metric``: another metric of
+    the report's K curve to choose by (e.g. "auc"). ``evaluate``:
     ``gmeta.evaluate.evaluate`` (passed in: that module uses this one for its fine-tuned
     baseline)."""
     steps = sorted(steps or STEPS)
@@ -108,7 +109,7 @@ def choose(evaluate: Callable[..., dict | None], model, cfg: Config, shards_dir:
             [(m.inner_lr * s, m.embedding_inner_lr * s) for s in RATE_SCALES])
     rates = sorted(rates)
     obj = OBJECTIVES[cfg.model.objective]
-    metric = "gauc" if cfg.model.objective == "binary" else "rmse"
+    metric = metric or ("gauc" if cfg.model.objective == "binary" else "rmse")
     sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
     curves: dict[tuple[float, float], dict[int, float] | None] = {}  # None: diverged
     top: dict[tuple[float, float], int] = {}  # the largest K scored at each pair

@@ -16,13 +16,19 @@ Methods (rows of the table), each scored at every stage:
     init_random   the same with a random initial row (a fresh draw at the table's init scale)
     maml          the meta-learner's own inner loop on the warm-up rows (task = the new id)
     erm_ft        the ERM model fine-tuned on the same rows (dense layers and rows)
+    generator     the base model with an id generator (``--generator``: trained with
+                  generator.mode base_fixed on the base model), the new id's row generated
+                  from its attributes, then SGD on the new id's rows only
 
 The base model is ``--baseline`` when given, else the checkpoint. The learning rate and the
 steps of every method at every stage are chosen on the validation ids (split ``val``) with
-``gmeta.finetune.choose``; the test ids are scored once with them.
+``gmeta.finetune.choose``, by validation AUC (``CHOICE_METRIC``); the test ids are scored once
+with them. AUC is the protocol's metric in the literature, and the one an update moves: a new
+id's own row shifts that id's level, which changes the overall AUC and logloss but hardly the
+ranking of rows within the id (GAUC, grouped by the id).
 
-How a new id's row starts is an ``InitRow``, resolved in ``initial_rows``: a generator of
-initial rows is one more member there and one more entry of ``METHODS``.
+How a new id's row starts is an ``InitRow``, resolved in ``initial_rows``; a model's own
+start (its default row, or its generator's row) is ``InitRow.MODEL`` of that model.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ ROW_LRS = [(0.0, b) for _, b in ((0.003, 0.015), (0.01, 0.05), (0.03, 0.15), (0.
 # anew at each of three stages
 STEPS = [1, 2, 4, 8]
 WIDEN = 2
+CHOICE_METRIC = "auc"
 
 
 class InitRow(StrEnum):
@@ -124,7 +131,7 @@ class Method:
     name: str
     label: str
     init: InitRow
-    model: str  # "base" (--baseline, else the checkpoint) or "checkpoint" (the meta-learner)
+    model: str  # "base" (--baseline, else the checkpoint), "checkpoint" (the meta-learner) or "generator"
     update: str  # "rows": the new id's rows only; "own": the model's own inner loop; "fine_tune": all of it
 
 
@@ -133,6 +140,7 @@ METHODS = (
     Method("init_random", "random initial row + row updates", InitRow.RANDOM, "base", "rows"),
     Method("maml", "meta-learner's own inner loop", InitRow.MODEL, "checkpoint", "own"),
     Method("erm_ft", "ERM fine-tuned (dense layers and rows)", InitRow.MODEL, "base", "fine_tune"),
+    Method("generator", "generated initial row + row updates", InitRow.MODEL, "generator", "rows"),
 )
 
 
@@ -177,12 +185,13 @@ def _scores(report: dict) -> dict[str, float]:
 
 def warmup_report(model, cfg: Config, shards_dir: str | Path, *, evaluate: Callable[..., dict | None],
                   baseline: tuple[MetaDLRM, Config] | None = None, seed: int = 0,
-                  methods: tuple[Method, ...] = METHODS) -> dict:
+                  methods: tuple[Method, ...] = METHODS, generator: tuple[MetaDLRM, Config] | None = None) -> dict:
     """Every method at every stage on the test ids (split ``eval.split``), each stage's rates
     and steps chosen on the validation ids; ``evaluate``: ``gmeta.evaluate.evaluate``.
-    ``model``/``cfg``: the checkpoint; ``baseline``: the base (ERM) model and its config.
+    ``model``/``cfg``: the checkpoint; ``baseline``: the base (ERM) model and its config;
+    ``generator``: a model with an id generator of the task-key feature and its config.
     Methods that do not apply are left out: "maml" for an ERM checkpoint, "erm_ft" without an
-    ERM model."""
+    ERM model, "generator" without ``generator``."""
     from gmeta.finetune import adapting, choose
     from gmeta.report import NonFiniteScores
 
@@ -198,16 +207,27 @@ def warmup_report(model, cfg: Config, shards_dir: str | Path, *, evaluate: Calla
     if not manifest["splits"].get("val", {}).get("tasks"):
         raise ValueError(f"{shards_dir}: no validation ids (data.split.val_fraction): eval.protocol warmup chooses "
                          "every learning rate and step count on them, never on the test ids")
-    base_model, base_cfg = baseline if baseline is not None else (model, cfg)
-    if baseline is not None:  # scored on these shards with the checkpoint's evaluation settings
-        base_cfg = copy.deepcopy(base_cfg)
-        base_cfg.eval, base_cfg.data.shards_dir = copy.deepcopy(cfg.eval), str(shards_dir)
+    def scored_here(pair: tuple[MetaDLRM, Config]) -> tuple[MetaDLRM, Config]:
+        """A model of its own config, scored on these shards with the checkpoint's evaluation settings."""
+        other = copy.deepcopy(pair[1])
+        other.eval, other.data.shards_dir = copy.deepcopy(cfg.eval), str(shards_dir)
+        return pair[0], other
+
+    base_model, base_cfg = scored_here(baseline) if baseline is not None else (model, cfg)
     feature = cfg.features.task_key
+    if generator is not None:
+        g = generator[1].generator
+        if g.feature != feature:
+            raise ValueError(f"the generator model generates rows of {g.feature or 'no feature'!r}; the warm-up "
+                             f"protocol's new ids are {feature!r} (features.task_key)")
+        generator = scored_here(generator)
     n_val = manifest["splits"]["val"]["tasks"]
     n_val = min(n_val, cfg.eval.max_tasks or n_val)  # the ids the choices read: eval.max_tasks caps them too
     have = []
     for m in methods:
         if m.name == "maml" and cfg.meta.algorithm == "erm":
+            continue
+        if m.model == "generator" and generator is None:
             continue
         if m.update == "fine_tune" and base_cfg.meta.algorithm != "erm":
             continue
@@ -221,10 +241,13 @@ def warmup_report(model, cfg: Config, shards_dir: str | Path, *, evaluate: Calla
                     "stages": [name for name, _ in STAGES], "support_rows": [n * K for _, n in STAGES],
                     "val_ids": n_val, "methods": {}}
     for m in have:
-        mod, mcfg = (model, cfg) if m.model == "checkpoint" else (base_model, base_cfg)
+        pairs = {"checkpoint": (model, cfg), "base": (base_model, base_cfg)}
+        if generator is not None:
+            pairs["generator"] = generator
+        mod, mcfg = pairs[m.model]
         scfg = _stage_config(m, mcfg)
         entry: dict = {"label": m.label, "init": m.init.value, "update": m.update,
-                       "model": "checkpoint" if m.model == "checkpoint" or baseline is None else "baseline",
+                       "model": m.model if m.model != "base" else "baseline" if baseline is not None else "checkpoint",
                        "stages": {}}
         for stage, sets in STAGES:
             k = sets * K
@@ -235,7 +258,7 @@ def warmup_report(model, cfg: Config, shards_dir: str | Path, *, evaluate: Calla
             else:
                 rates = ROW_LRS if m.update == "rows" else None
                 choice = choose(run, mod, scfg, shards_dir, fine_tune=m.update == "fine_tune", rates=rates,
-                                steps=STEPS, widen=WIDEN)
+                                steps=STEPS, widen=WIDEN, metric=CHOICE_METRIC)
                 tcfg = adapting(scfg, choice.inner_lr, choice.embedding_inner_lr, choice.steps,
                                 fine_tune=m.update == "fine_tune")
                 tcfg.meta.algorithm = "maml"

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from gmeta.config import ConfigError, load_config
 from gmeta.evaluate import evaluate
@@ -287,6 +288,7 @@ def test_evaluate_protocol_warmup_end_to_end(tmp_path, monkeypatch):
     import json
 
     from gmeta import finetune, train, warmup
+    from gmeta.checkpoint import load_unsharded
     from gmeta.evaluate import run_evaluate
     from gmeta.synth import generate
     from tests.conftest import ROOT
@@ -299,16 +301,22 @@ def test_evaluate_protocol_warmup_end_to_end(tmp_path, monkeypatch):
     assert m["splits"]["val"]["tasks"] and m["splits"]["eval"]["tasks"] and m["splits"]["train"]["tasks"]
     for alg in ("erm", "maml"):
         train.main(load_config(config, [*small, f"meta.algorithm={alg}", f"train.output_dir={tmp_path / alg}"]))
+    # an id generator of the new ads trained on the ERM model (as python -m gmeta.cold_start --warmup does)
+    train.main(load_config(config, [*small, "meta.algorithm=erm", "generator.feature=ad_id",
+                                    "generator.attributes=[advertiser_id, ad_category]", "generator.mode=base_fixed",
+                                    "generator.train_ids=all", f"train.init_from={tmp_path / 'erm' / 'checkpoint'}",
+                                    f"train.output_dir={tmp_path / 'gen'}"]))
     monkeypatch.setattr(warmup, "ROW_LRS", [(0.0, 0.5), (0.0, 5.0)])
     monkeypatch.setattr(warmup, "STEPS", [1, 2])
     monkeypatch.setattr(warmup, "WIDEN", 0)
     monkeypatch.setattr(finetune, "FINE_TUNE_LRS", [(0.01, 0.05), (0.1, 0.5)])
     monkeypatch.setattr(finetune, "RATE_SCALES", [0.5, 1.0])
     result = run_evaluate(tmp_path / "maml" / "checkpoint", baseline=tmp_path / "erm" / "checkpoint",
-                          protocol="warmup", tracking=False, out_dir=tmp_path / "report")
+                          protocol="warmup", tracking=False, out_dir=tmp_path / "report",
+                          generator=tmp_path / "gen" / "checkpoint")
     report = json.loads((tmp_path / "report" / "warmup_report.json").read_text())
     assert result is not None and result["methods"].keys() == report["methods"].keys()
-    assert list(report["methods"]) == ["init_model", "init_random", "maml", "erm_ft"]
+    assert list(report["methods"]) == ["init_model", "init_random", "maml", "erm_ft", "generator"]
     assert report["stages"] == ["cold", "a", "a+b", "a+b+c"] and report["support_rows"] == [0, 4, 8, 12]
     assert report["tasks"] == 8 and report["chosen_on"] == "val" and report["val_ids"] == 8
     for name, e in report["methods"].items():
@@ -317,9 +325,20 @@ def test_evaluate_protocol_warmup_end_to_end(tmp_path, monkeypatch):
             assert 0.0 <= c["auc"] <= 1.0 and 0.0 <= c["gauc"] <= 1.0 and c["logloss"] > 0, (name, stage, c)
             assert ("steps" in c) == (stage != "cold") and c.get("steps", 1) in (1, 2)
     assert report["methods"]["erm_ft"]["model"] == "baseline" and report["methods"]["maml"]["model"] == "checkpoint"
-    # the cold stage of the two base-model rows: the same model, another initial row of the new ads
-    cold = [report["methods"][n]["stages"]["cold"]["logloss"] for n in ("init_model", "init_random")]
-    assert cold[0] != cold[1]
+    assert report["methods"]["generator"]["model"] == "generator"
+    # the cold stage of the base-model rows: the same tables and head, another initial row of the new ads
+    cold = [report["methods"][n]["stages"]["cold"]["logloss"] for n in ("init_model", "init_random", "generator")]
+    assert len(set(cold)) == 3
+    # a generator whose output layer is zero generates the default row: the cold stage of init_model, exactly
+    gen, gcfg, _ = load_unsharded(tmp_path / "gen" / "checkpoint")
+    base, bcfg, _ = load_unsharded(tmp_path / "erm" / "checkpoint")
+    assert gen.generator is not None
+    torch.nn.init.zeros_(gen.generator.mlp[-1].weight)
+    torch.nn.init.zeros_(gen.generator.mlp[-1].bias)
+    run = warmup.stage_evaluate(warmup.METHODS[0], 0, 0, evaluate)
+    scores = [run(m, warmup.rows_config(c), tmp_path / "shards")["maml_logloss"]
+              for m, c in ((base, bcfg), (gen, gcfg))]
+    assert scores[0] == scores[1]
     md = (tmp_path / "report" / "warmup_report.md").read_text()
     assert "| init_random: random initial row + row updates |" in md and "a+b+c (12)" in md
     assert "validation ids" in md and "never on the test ids" in md
@@ -416,3 +435,31 @@ def test_warmup_table_data_sets_generate_by_campaign_and_prepare_by_ad(tmp_path)
     rows = raw.groupby("ad_id").size()
     assert m["splits"]["train"]["support_rows"] + m["splits"]["train"]["query_rows"] == rows[rows > 30].sum()
     assert m["splits"]["val"]["tasks"] + m["splits"]["eval"]["tasks"] == ((rows <= 30) & (rows >= 13)).sum()
+
+
+def test_warmup_table_keeps_seeds_already_scored_and_shows_a_missing_method_as_not_available(tmp_path, monkeypatch):
+    """Run again into the same --out: a seed scored there is kept, not trained again; a
+    method one seed lacks (an earlier run without the generator) reads n/a for it."""
+    import json
+
+    from gmeta import cold_start
+
+    def report(methods):
+        return {"stages": ["cold", "a"], "support_rows": [0, 4], "warmup_rows": 4, "tasks": 3,
+                "methods": {m: {"label": m, "stages": {"cold": {"auc": 0.6}, "a": {"auc": 0.7}}} for m in methods}}
+
+    runs = [{"seed": 0, "report": report(["init_model"])}, {"seed": 5, "report": report(["init_model"])}]
+    (tmp_path / "results.json").write_text(json.dumps({"protocol": "warmup", "trials": 0, "datasets": {
+        "toy": {"runs": runs, "search": {}}}}))
+    trained = []
+    monkeypatch.setattr(cold_start, "_prepare", lambda ds, base: base / "shards")
+    monkeypatch.setattr(cold_start, "_search", lambda ds, v, fixed, out, trials: ([], {"trials": 0}))
+    monkeypatch.setattr(cold_start, "_train", lambda config, overrides: trained.append(overrides))
+    ds = cold_start.Dataset("toy", tmp_path / "toy.yaml", [])
+    results = cold_start.run_warmup_table([ds], [0], tmp_path, trials=0)
+    assert trained == []  # seed 0 was scored: nothing trained
+    assert [r["seed"] for r in results["datasets"]["toy"]["runs"]] == [0]  # seed 5 is not asked for
+    both = {"datasets": {"toy": {"runs": [runs[0], {"seed": 1, "report": report(["init_model", "generator"])}],
+                                 "search": {}}}}
+    md = cold_start.format_warmup_table(both)
+    assert "| generator | n/a (1 of 2 seeds) | n/a (1 of 2 seeds) |" in md and "| init_model | 0.6000 ± 0.0000" in md
