@@ -42,6 +42,8 @@ def _base_fixed_step_equals_reference(rank, world, cfg_path, shards):
     with torch.no_grad():  # known tables, written into this rank's shards
         for name, r0, c0, t in _local_table_shards(model):
             t.copy_(full[name][r0: r0 + t.shape[0], c0: c0 + t.shape[1]])
+    # the default row, looked up by every rank together (generator.train_ids all starts every id from it)
+    torch.testing.assert_close(inner.default_row(1), full["ad_id"][2000], rtol=0, atol=0)
     tables_before = [t.clone() for *_, t in _local_table_shards(model)]
     head_before = copy.deepcopy(inner.head.state_dict())
     dense_params = inner.dense_parameters()
