@@ -42,16 +42,27 @@ def debug_data(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def debug_val_shards(debug_data, tmp_path_factory) -> Path:
+    """The debug data prepared with validation tasks (data.split.val_fraction=0.15), once per
+    session; tests read it and write elsewhere."""
+    from gmeta.io.prepare import prepare
+
+    out = tmp_path_factory.mktemp("ads_cvr_debug_val") / "shards"
+    prepare(load_config(DEBUG_CONFIG, ["data.split.val_fraction=0.15"]), debug_data["raw"], out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def debug_checkpoint(debug_data, tmp_path_factory) -> Path:
     """A MAML checkpoint trained briefly (one process) on the debug data: `gmeta train` run in
     this process, which spares an interpreter's imports (seconds)."""
-    from gmeta.cli import main
+    from tests.support.cli import run_gmeta
 
     out = tmp_path_factory.mktemp("debug_run")
-    rc = main(["train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1",
-               f"data.shards_dir={debug_data['shards']}", f"train.output_dir={out}", "train.max_steps=40",
-               "train.eval_at_end=false", "tracking.enabled=false"])
-    assert rc == 0 and (out / "checkpoint" / "meta.json").is_file()
+    p = run_gmeta(["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "1",
+                   f"data.shards_dir={debug_data['shards']}", f"train.output_dir={out}", "train.max_steps=40",
+                   "train.eval_at_end=false", "tracking.enabled=false"])
+    assert p.returncode == 0 and (out / "checkpoint" / "meta.json").is_file(), p.stderr[-4000:]
     return out / "checkpoint"
 
 

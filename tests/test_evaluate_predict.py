@@ -208,31 +208,24 @@ def test_diverged_adaptation_is_a_clear_error():
     assert build_report(pred, cfg)["maml_auc"] == 1.0
 
 
-def test_baseline_fine_tuned_per_task_is_chosen_on_validation_tasks(debug_checkpoint, tmp_path, caplog):
+def test_baseline_fine_tuned_per_task_is_chosen_on_validation_tasks(debug_checkpoint, debug_val_shards, tmp_path,
+                                                                     caplog):
     """``gmeta evaluate --baseline``: ERM as it is and ERM fine-tuned on each task's support
     rows, its K and rates chosen on the validation split (never the test tasks)."""
-    import subprocess
-    import sys
-
-    from gmeta.config import load_config
     from gmeta.finetune import FINE_TUNE_LRS, STEPS
-    from gmeta.io.prepare import prepare
-    from gmeta.synth import generate
     from tests.conftest import DEBUG_CONFIG
+    from tests.support.cli import run_gmeta
 
-    cfg = load_config(DEBUG_CONFIG, ["data.split.val_fraction=0.15"])
-    generate(cfg, tmp_path / "raw")
-    prepare(cfg, tmp_path / "raw", tmp_path / "shards")
-    proc = subprocess.run(
-        [sys.executable, "-m", "gmeta.cli", "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1",
-         f"data.shards_dir={tmp_path / 'shards'}", f"train.output_dir={tmp_path / 'erm'}", "meta.algorithm=erm",
-         "train.max_steps=30", "train.eval_at_end=false", "tracking.enabled=false", "data.split.val_fraction=0.15"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    shards = debug_val_shards
+    proc = run_gmeta(
+        ["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "1", f"data.shards_dir={shards}",
+         f"train.output_dir={tmp_path / 'erm'}", "meta.algorithm=erm", "train.max_steps=30", "train.eval_at_end=false",
+         "tracking.enabled=false", "data.split.val_fraction=0.15"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     erm = tmp_path / "erm" / "checkpoint"
     # the MAML checkpoint was trained on shards without a val split; the same eval_fraction
     # and seed hold out the same test tasks in both, so scoring it on these is sound
-    report = run_evaluate(debug_checkpoint, shards_dir=str(tmp_path / "shards"), tracking=False,
+    report = run_evaluate(debug_checkpoint, shards_dir=str(shards), tracking=False,
                           out_dir=tmp_path / "eval", baseline=erm, allow_other_shards=True)
     for scorer in ("maml", "erm", "erm_ft"):
         assert 0.5 < report[f"{scorer}_gauc"] < 1 and np.isfinite(report[f"{scorer}_auc"]), scorer

@@ -15,6 +15,7 @@ import torch
 
 from gmeta.checkpoint import CheckpointError, complete_checkpoints, load_unsharded
 from tests.conftest import DEBUG_CONFIG
+from tests.support.cli import run_gmeta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,18 +97,39 @@ def test_killed_ranks_resume_with_exactly_once_data_and_equal_parameters(debug_d
     assert not left, left
 
 
-def _harness(args: list[str], env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
-    (tmp_path / "rec").mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "tests.support.fault_harness", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "GMETA_TEST_RECORD": str(tmp_path / "rec"), **env})
+def _harness(args: list[str], nan_at: set[int], monkeypatch) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``gmeta ARGS`` in this process with what tests.support.fault_harness does to a worker:
+    the meta-loss of the ``nan_at``-th meta-batches made NaN; returns the run and the test's
+    own record of each optimizer step ({"call", "skipped"}), taken as train_step returns."""
+    import gmeta.train as gtrain
+
+    real_meta, real_step = gtrain.meta_step, gtrain.train_step
+    forwards, recs = [0], []
+
+    def nan_meta_step(*a, **k):
+        out = real_meta(*a, **k)
+        forwards[0] += 1
+        if forwards[0] in nan_at:
+            out.loss = out.loss * float("nan")
+        return out
+
+    def recorded_train_step(*a, **k):
+        out = real_step(*a, **k)
+        recs.append({"call": len(recs) + 1, "skipped": bool(out.skipped)})
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(gtrain, "meta_step", nan_meta_step)
+        m.setattr(gtrain, "train_step", recorded_train_step)
+        return run_gmeta(args, cwd=ROOT), recs
 
 
-def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(debug_data, tmp_path):
+def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(debug_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = ["train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1", f"data.shards_dir={debug_data['shards']}",
             f"train.output_dir={out}", "tracking.enabled=false", "train.eval_at_end=false", "train.max_steps=12",
             "train.checkpoint_every_steps=3"]
-    proc = _harness(args, {"GMETA_TEST_NAN_AT": "8"}, tmp_path)
+    proc, _ = _harness(args, {8}, monkeypatch)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "step 8: the meta-loss was not finite (1 such step(s) up to step 9); no update was applied" in proc.stderr
     assert "step-00000006" in proc.stderr  # names the last good checkpoint
@@ -116,15 +138,14 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(d
     assert not (out / "checkpoint").exists()
 
 
-def test_nonfinite_loss_skipped_and_counted(debug_data, tmp_path):
+def test_nonfinite_loss_skipped_and_counted(debug_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = ["train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1", f"data.shards_dir={debug_data['shards']}",
             f"train.output_dir={out}", "tracking.enabled=false", "train.eval_at_end=false", "train.max_steps=12",
             "train.on_nonfinite_loss=skip", "train.log_every=4", "train.checkpoint_every_minutes=0.000001",
             "train.keep_checkpoints=5"]
-    proc = _harness(args, {"GMETA_TEST_NAN_AT": "2,7"}, tmp_path)
+    proc, recs = _harness(args, {2, 7}, monkeypatch)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    recs = [json.loads(x) for x in (tmp_path / "rec" / "attempt0-rank0.jsonl").read_text().splitlines()]
     assert [r["call"] for r in recs if r["skipped"]] == [2, 7]
     model, _, meta = load_unsharded(out / "checkpoint")
     assert meta["skipped_nonfinite_steps"] == 2 and meta["step"] == 12
@@ -317,8 +338,7 @@ def test_checkpoint_declaring_non_tensor_entries_is_refused(saved_checkpoint):
 
 def test_cli_errors_for_missing_inputs(debug_data, tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "gmeta.cli", *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300)
+        return run_gmeta(args, cwd=tmp_path)
 
     p = run("train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1", "data.shards_dir=no/such/dir")
     assert p.returncode == 2 and "no/such/dir" in p.stderr
@@ -340,8 +360,7 @@ def test_resumed_training_continues_its_mlflow_run(debug_data, tmp_path):
             "train.eval_at_end=false", "tracking.log_model=false", "train.log_every=3",
             "train.checkpoint_every_steps=3", "tracking.system_metrics_s=0"]
     for extra in (["train.max_steps=6"], ["train.max_steps=12", "--resume", "auto"]):
-        p = subprocess.run([sys.executable, "-m", "gmeta.cli", *base, *extra], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=600)
+        p = run_gmeta([*base, *extra], cwd=tmp_path)
         assert p.returncode == 0, p.stderr[-3000:]
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("gmeta-ads-cvr-debug").experiment_id])

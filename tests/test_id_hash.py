@@ -19,6 +19,7 @@ from gmeta.config import load_config
 from gmeta.io.errors import PrepareError
 from gmeta.io.features import ID_HASH, hash_ids, id_hash_of
 from gmeta.io.prepare import prepare
+from tests.support.cli import run_gmeta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -251,11 +252,10 @@ def test_resume_refuses_a_checkpoint_of_another_id_hash(debug_checkpoint, debug_
     """Training on shards of hash 2 does not continue tables trained on ids of hash 1 (and
     then record hash 2 for them)."""
     old = _marked_old(debug_checkpoint, tmp_path / "old")
-    proc = subprocess.run(
-        [sys.executable, "-m", "gmeta.cli", "train", "--config", str(ROOT / "configs" / "ads_cvr_debug.yaml"),
-         "--nproc-per-node", "1", "--resume", str(old), f"data.shards_dir={debug_data['shards']}",
-         f"train.output_dir={tmp_path / 'run'}", "train.max_steps=50", "train.eval_at_end=false",
-         "tracking.enabled=false"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = run_gmeta(
+        ["train", "--config", ROOT / "configs" / "ads_cvr_debug.yaml", "--nproc-per-node", "1", "--resume", old,
+         f"data.shards_dir={debug_data['shards']}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=50",
+         "train.eval_at_end=false", "tracking.enabled=false"], cwd=tmp_path)
     assert proc.returncode != 0
     assert ("old/meta.json: its tables were trained on ids of id_hash 1, the shards in data.shards_dir hold "
             "id_hash 2") in proc.stderr, proc.stderr[-3000:]

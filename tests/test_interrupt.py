@@ -19,6 +19,7 @@ import pytest
 from gmeta.checkpoint import complete_checkpoints
 from gmeta.cli import resume_command
 from tests.conftest import DEBUG_CONFIG
+from tests.support.cli import run_gmeta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,11 +72,14 @@ def _check_stopped(done: subprocess.CompletedProcess, out: Path) -> int:
     return step
 
 
-def _resume(hint_args: list[str], step: int) -> subprocess.CompletedProcess:
-    """The printed resume command, told to stop two steps later."""
-    done = subprocess.run([sys.executable, "-m", "gmeta.cli", *hint_args, f"train.max_steps={step + 2}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+def _resume(hint_args: list[str], step: int, nproc: int) -> subprocess.CompletedProcess:
+    """The printed resume command, told to stop two steps later (one process: run in this one)."""
+    args = [*hint_args, f"train.max_steps={step + 2}"]
+    if nproc == 1:
+        done = run_gmeta(args, cwd=ROOT)
+    else:
+        done = subprocess.run([sys.executable, "-m", "gmeta.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -88,7 +92,7 @@ def test_ctrl_c_checkpoints_at_the_interrupt_and_says_how_to_resume(debug_data, 
     hint = re.findall(r"to resume: (.+)\n", done.stderr)[0]
     args = shlex.split(hint)
     assert args[0] == "gmeta" and "--resume" in args and args[args.index("--resume") + 1] == "auto"
-    resumed = _resume(args[1:], step)
+    resumed = _resume(args[1:], step, nproc)
     assert f"at step {step}" in resumed.stderr, resumed.stderr[-3000:]
     assert json.loads((out / "checkpoint" / "meta.json").read_text())["step"] == step + 2
     if nproc == 2:

@@ -258,15 +258,12 @@ def test_an_unknown_id_at_inference_goes_where_the_config_says(route):
 @pytest.fixture(scope="session")
 def managed_checkpoint(managed_data, tmp_path_factory) -> dict:
     """A MAML checkpoint trained briefly (one process) with managed features; its log."""
-    import subprocess
-    import sys
+    from tests.support.cli import run_gmeta
 
     out = tmp_path_factory.mktemp("managed_run")
-    proc = subprocess.run(
-        [sys.executable, "-m", "gmeta.cli", "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1",
-         *MANAGED, f"data.shards_dir={managed_data}", f"train.output_dir={out}", "train.max_steps=12",
-         "train.log_every=4", "train.eval_at_end=false", "tracking.enabled=false"],
-        capture_output=True, text=True, timeout=600, cwd=out)
+    proc = run_gmeta(["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "1", *MANAGED,
+                      f"data.shards_dir={managed_data}", f"train.output_dir={out}", "train.max_steps=12",
+                      "train.log_every=4", "train.eval_at_end=false", "tracking.enabled=false"], cwd=out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {"path": out / "checkpoint", "log": proc.stderr}
 
@@ -407,17 +404,14 @@ def test_benchmark_gives_managed_as_a_share_of_hashed(tmp_path, capsys):
 
 
 def test_resumed_training_goes_on_with_the_saved_remapping(managed_data, tmp_path):
-    import subprocess
-    import sys
-
     from gmeta.checkpoint import load_unsharded
+    from tests.support.cli import run_gmeta
 
     def train(out: Path, *extra: str) -> None:
-        proc = subprocess.run(
-            [sys.executable, "-m", "gmeta.cli", "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1",
-             *MANAGED, f"data.shards_dir={managed_data}", f"train.output_dir={out}", "train.max_steps=8",
-             "train.eval_at_end=false", "tracking.enabled=false", "features.sparse.ad_id.num_embeddings=64",
-             *extra], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        proc = run_gmeta(["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "1", *MANAGED,
+                          f"data.shards_dir={managed_data}", f"train.output_dir={out}", "train.max_steps=8",
+                          "train.eval_at_end=false", "tracking.enabled=false",
+                          "features.sparse.ad_id.num_embeddings=64", *extra], cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-4000:]
 
     train(tmp_path / "straight", "train.checkpoint_every_steps=4")

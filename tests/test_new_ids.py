@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from gmeta.meta.layout import layout_of
 from gmeta.meta.maml import maml_loss
 from gmeta.models.dlrm import build_model, lookup_rows
 from tests.conftest import DEBUG_CONFIG
+from tests.support.cli import run_gmeta
 from tests.support.reference import task_query_losses
 
 
@@ -154,12 +154,11 @@ def test_plain_forward_maps_new_ids_to_the_default_row(debug_data):
 
 
 def _train(debug_data, out: Path, steps: int) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "gmeta.cli", "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1",
-         f"data.shards_dir={debug_data['shards']}", f"train.output_dir={out}", f"train.max_steps={steps}",
-         "tracking.enabled=false", "features.sparse.ad_id.min_count=2", "features.sparse.ad_id.holdout_share=0.2",
-         "eval.max_tasks=64", f"train.eval_at_end={'true' if steps > 1 else 'false'}"],
-        capture_output=True, text=True, timeout=600, cwd=out.parent)
+    proc = run_gmeta(
+        ["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "1", f"data.shards_dir={debug_data['shards']}",
+         f"train.output_dir={out}", f"train.max_steps={steps}", "tracking.enabled=false",
+         "features.sparse.ad_id.min_count=2", "features.sparse.ad_id.holdout_share=0.2", "eval.max_tasks=64",
+         f"train.eval_at_end={'true' if steps > 1 else 'false'}"], cwd=out.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

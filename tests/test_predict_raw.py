@@ -16,6 +16,7 @@ from gmeta.io.errors import PrepareError
 from gmeta.predict import PredictError
 from gmeta.predict_raw import run_predict_raw
 from gmeta.serving import assign_roles, score_rows
+from tests.support.cli import run_gmeta
 
 
 def _rows(debug_data, n_tasks=40) -> pd.DataFrame:
@@ -165,20 +166,18 @@ def test_raw_input_errors_name_the_file_and_column(debug_checkpoint, debug_data,
     with pytest.raises(PrepareError, match=r"flat: .*column 'interests' must be a list column"):
         run_predict_raw(debug_checkpoint, _write(flat, tmp_path / "flat"), tmp_path / "o6", progress=False)
     # the command line refuses shard options with --input
-    proc = subprocess.run([sys.executable, "-m", "gmeta.cli", "predict", "--checkpoint", str(debug_checkpoint),
-                           "--input", str(tmp_path / "badrole"), "--split", "val", "--out", str(tmp_path / "o4")],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_gmeta(["predict", "--checkpoint", debug_checkpoint, "--input", tmp_path / "badrole", "--split", "val",
+                      "--out", tmp_path / "o4"])
     assert proc.returncode == 2 and "--input reads raw rows" in proc.stderr
 
 
 def test_two_models_in_one_pass_equal_two_runs(debug_checkpoint, debug_data, tmp_path):
     from tests.conftest import DEBUG_CONFIG
 
-    proc = subprocess.run(  # a second model of the same features: ERM, briefly trained
-        [sys.executable, "-m", "gmeta.cli", "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1",
-         f"data.shards_dir={debug_data['shards']}", f"train.output_dir={tmp_path / 'erm'}", "meta.algorithm=erm",
-         "train.max_steps=20", "train.eval_at_end=false", "tracking.enabled=false"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = run_gmeta(  # a second model of the same features: ERM, briefly trained
+        ["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "1", f"data.shards_dir={debug_data['shards']}",
+         f"train.output_dir={tmp_path / 'erm'}", "meta.algorithm=erm", "train.max_steps=20", "train.eval_at_end=false",
+         "tracking.enabled=false"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     erm = tmp_path / "erm" / "checkpoint"
     cfg = load_unsharded(debug_checkpoint)[1]

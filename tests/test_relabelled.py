@@ -5,8 +5,6 @@ logged model scores raw rows in the data's own label encoding; a sweep's trials 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -18,6 +16,7 @@ from gmeta.cli import main as cli_main
 from gmeta.config import load_config
 from gmeta.io.features import ID_HASH
 from gmeta.io.prepare import prepare
+from tests.support.cli import run_gmeta
 
 COMMON = ["features.true_prob=''", "features.dense=[price]", "model.embedding_dim=4", "model.dense_arch=[4]",
           "model.over_arch=[4]", "meta.tasks_per_batch=4", "eval.tasks_per_batch=8",
@@ -80,11 +79,9 @@ def relabelled(request, tmp_path_factory) -> dict:
 
 def test_relabelled_data_trains_logs_its_model_and_serves_raw_rows(relabelled, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = subprocess.run(
-        [sys.executable, "-m", "gmeta.cli", "train", "--config", str(relabelled["config"]), *relabelled["overrides"],
-         "train.max_steps=3",
-         f"train.output_dir={tmp_path / 'run'}", f"tracking.uri={uri}", "tracking.experiment=relabelled"],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    proc = run_gmeta(
+        ["train", "--config", relabelled["config"], *relabelled["overrides"], "train.max_steps=3",
+         f"train.output_dir={tmp_path / 'run'}", f"tracking.uri={uri}", "tracking.experiment=relabelled"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("relabelled")

@@ -10,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gmeta.train as gtrain
 from gmeta.config import load_config
 from gmeta.io.reader import TaskReader
 from tests.conftest import DEBUG_CONFIG
+from tests.support.cli import run_gmeta
 
 ROOT = Path(__file__).resolve().parents[1]
 # 64 tasks per batch: 5 steps per epoch in 2 processes, 10 in one
@@ -23,18 +25,29 @@ def _train(nproc: int, args: list[str], record: Path) -> None:
     record.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "GMETA_TEST_RECORD": str(record), "OMP_NUM_THREADS": "1",
            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-              "--module"] if nproc > 1 else [sys.executable, "-m"]
-    cmd = [*launch, "tests.support.fault_harness", "train", "--config", str(DEBUG_CONFIG),
-           "--nproc-per-node", str(nproc), *COMMON, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "--module",
+           "tests.support.fault_harness", "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", str(nproc),
+           *COMMON, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
 
 
-def _trained(record: Path) -> list[list[int]]:
-    """The task ids of each step of the (one-process) run, as the harness recorded them."""
-    lines = (record / "attempt0-rank0.jsonl").read_text().splitlines()
-    return [json.loads(x)["task_ids"] for x in lines]
+def _train_here(args: list[str], monkeypatch) -> list[list[int]]:
+    """One process, run in this one (no interpreter to start): the task ids of each step it
+    trained, recorded as ``train_step`` returns (as the harness records a worker's)."""
+    trained: list[list[int]] = []
+    real = gtrain.train_step
+
+    def recorded(model, batch, *a, **k):
+        out = real(model, batch, *a, **k)
+        trained.append(batch.task_ids.tolist())
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(gtrain, "train_step", recorded)
+        proc = run_gmeta(["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "1", *COMMON, *args], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return trained
 
 
 def _epoch_batches(shards: Path, epoch: int, n: int) -> list[list[int]]:
@@ -48,7 +61,7 @@ def _epoch_batches(shards: Path, epoch: int, n: int) -> list[list[int]]:
     return [b.task_ids.tolist() for _, b in zip(range(n), reader)]
 
 
-def test_resume_in_another_world_size_goes_on_at_the_right_epoch(debug_data, tmp_path):
+def test_resume_in_another_world_size_goes_on_at_the_right_epoch(debug_data, tmp_path, monkeypatch):
     shards = debug_data["shards"]
     two = tmp_path / "two"
     # 2 processes, one epoch (5 steps): a mid-epoch checkpoint at step 4, the final one at the epoch's end
@@ -57,11 +70,11 @@ def test_resume_in_another_world_size_goes_on_at_the_right_epoch(debug_data, tmp
     assert json.loads((two / "checkpoint" / "meta.json").read_text())["epoch_done"] is True
 
     # from the end of epoch 0: one process goes on with epoch 1
-    _train(1, [f"data.shards_dir={shards}", f"train.output_dir={tmp_path / 'end'}", "train.max_steps=8",
-               f"--resume={two / 'checkpoint'}"], tmp_path / "rec-end")
-    assert _trained(tmp_path / "rec-end") == _epoch_batches(shards, 1, 3)
+    trained = _train_here([f"data.shards_dir={shards}", f"train.output_dir={tmp_path / 'end'}", "train.max_steps=8",
+                           f"--resume={two / 'checkpoint'}"], monkeypatch)
+    assert trained == _epoch_batches(shards, 1, 3)
 
     # from step 4 of 5: epoch 0 again, from its beginning
-    _train(1, [f"data.shards_dir={shards}", f"train.output_dir={tmp_path / 'mid'}", "train.max_steps=7",
-               f"--resume={two / 'checkpoints' / 'step-00000004'}"], tmp_path / "rec-mid")
-    assert _trained(tmp_path / "rec-mid") == _epoch_batches(shards, 0, 3)
+    trained = _train_here([f"data.shards_dir={shards}", f"train.output_dir={tmp_path / 'mid'}", "train.max_steps=7",
+                           f"--resume={two / 'checkpoints' / 'step-00000004'}"], monkeypatch)
+    assert trained == _epoch_batches(shards, 0, 3)

@@ -8,7 +8,6 @@ import json
 import logging
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,14 +24,14 @@ from gmeta.io.manifest import (
 )
 from gmeta.io.prepare import prepare
 from tests.conftest import DEBUG_CONFIG
+from tests.support.cli import run_gmeta
 
 # a few held-out tasks and one curve point: what these tests check is which shards are scored
 FAST_EVAL = ["eval.max_tasks=8", "eval.curve_steps=[0]", "eval.inner_steps=1"]
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gmeta.cli", *args], capture_output=True, text=True, timeout=600,
-                          cwd=cwd)
+    return run_gmeta(args, cwd=cwd)
 
 
 def _train(cwd: Path, shards: Path, out: Path, *overrides: str, config: Path = DEBUG_CONFIG,

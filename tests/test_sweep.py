@@ -17,12 +17,8 @@ from tests.conftest import DEBUG_CONFIG
 
 
 @pytest.fixture(scope="module")
-def val_shards(debug_data, tmp_path_factory) -> Path:
-    from gmeta.io.prepare import prepare
-
-    out = tmp_path_factory.mktemp("sweep_shards") / "shards"
-    prepare(load_config(DEBUG_CONFIG, ["data.split.val_fraction=0.15"]), debug_data["raw"], out)
-    return out
+def val_shards(debug_val_shards) -> Path:
+    return debug_val_shards
 
 
 def _sweep_config(tmp_path: Path) -> Path:

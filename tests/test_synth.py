@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 from gmeta.config import ConfigError, SparseFeature, load_config
 from gmeta.io.manifest import load_manifest
 from gmeta.synth import AD_ATTRIBUTES, draw, generate
+from tests.support.cli import run_gmeta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,9 +108,7 @@ def test_attribute_share_is_checked(debug_config_path):
 
 
 def _cli(cwd, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's gmeta, from any working directory
-    return subprocess.run([sys.executable, "-m", "gmeta.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_gmeta(args, cwd=cwd)  # relative paths from the working directory, as a shell would run it
 
 
 def test_synth_and_prepare_commands_with_and_without_the_attribute_features(debug_config_path, tmp_path):

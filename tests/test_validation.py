@@ -15,24 +15,24 @@ import torch
 from gmeta.config import ConfigError, OptimConfig, load_config
 from gmeta.train import lr_factor
 from tests.conftest import DEBUG_CONFIG
+from tests.support.cli import run_gmeta
 
 
 @pytest.fixture(scope="module")
-def val_shards(debug_data, tmp_path_factory) -> Path:
+def val_shards(debug_val_shards) -> Path:
     """The debug data prepared with validation tasks."""
-    from gmeta.io.prepare import prepare
-
-    out = tmp_path_factory.mktemp("val_shards") / "shards"
-    prepare(load_config(DEBUG_CONFIG, ["data.split.val_fraction=0.15"]), debug_data["raw"], out)
-    return out
+    return debug_val_shards
 
 
 def _train(out: Path, shards: Path, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "gmeta.cli", "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", str(nproc),
-         f"data.shards_dir={shards}", f"train.output_dir={out}", "train.eval_at_end=false",
-         "tracking.enabled=false", "data.split.val_fraction=0.15", *extra],
-        capture_output=True, text=True, timeout=900, cwd=out.parent)
+    args = ["train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", str(nproc), f"data.shards_dir={shards}",
+            f"train.output_dir={out}", "train.eval_at_end=false", "tracking.enabled=false",
+            "data.split.val_fraction=0.15", *extra]
+    if nproc == 1:
+        proc = run_gmeta(args, cwd=out.parent)
+    else:
+        proc = subprocess.run([sys.executable, "-m", "gmeta.cli", *args], capture_output=True, text=True, timeout=900,
+                              cwd=out.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -123,11 +123,9 @@ def test_validation_settings_are_checked(overrides, message):
 
 
 def test_validation_without_validation_tasks_is_an_error(debug_data, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "gmeta.cli", "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", "1",
-         f"data.shards_dir={debug_data['shards']}", f"train.output_dir={tmp_path / 'run'}",
-         "tracking.enabled=false", "train.val_every_steps=5"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = run_gmeta(["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "1",
+                      f"data.shards_dir={debug_data['shards']}", f"train.output_dir={tmp_path / 'run'}",
+                      "tracking.enabled=false", "train.val_every_steps=5"], cwd=tmp_path)
     assert proc.returncode == 2
     assert "train.val_every_steps:" in proc.stderr and "data.split.val_fraction > 0" in proc.stderr
     assert "Traceback" not in proc.stderr  # an error of the config, told in one line

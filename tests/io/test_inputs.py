@@ -21,6 +21,7 @@ from gmeta.io.manifest import load_manifest
 from gmeta.io.prepare import prepare
 from gmeta.io.reader import TaskReader
 from gmeta.serving import assign_roles
+from tests.support.cli import run_gmeta
 
 COLUMNS = ["k", "ts", "y", "a", "b", "d"]
 BASE = ["features.task_key=k", "features.timestamp=ts", "features.label=y", "features.true_prob=''",
@@ -378,9 +379,6 @@ def test_label_encodings(tmp_path):
 
 def test_all_categorical_data_trains(tmp_path):
     """No dense feature: prepare, both shard formats, and a short training run."""
-    import subprocess
-    import sys
-
     rows = _rows(60)
     raw = tmp_path / "raw.csv"
     _write_csv(raw, rows, header=True)
@@ -394,12 +392,10 @@ def test_all_categorical_data_trains(tmp_path):
     from gmeta.config import dump_yaml
 
     (tmp_path / "c.yaml").write_text(dump_yaml(load_config(None, opts)))
-    proc = subprocess.run([sys.executable, "-m", "gmeta.cli", "train", "--nproc-per-node", "1",
-                           "--config", str(tmp_path / "c.yaml"), f"data.shards_dir={tmp_path / 's'}",
-                           f"train.output_dir={tmp_path / 'run'}",
-                           "train.max_steps=4", "meta.tasks_per_batch=4", "train.eval_at_end=false",
-                           "tracking.enabled=false", "train.log_every=1", "data.num_workers=0"],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = run_gmeta(["train", "--nproc-per-node", "1", "--config", tmp_path / "c.yaml",
+                      f"data.shards_dir={tmp_path / 's'}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=4",
+                      "meta.tasks_per_batch=4", "train.eval_at_end=false", "tracking.enabled=false",
+                      "train.log_every=1", "data.num_workers=0"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoint").exists()
     # the checkpoint (with its dense layer of no inputs) loads and scores held-out tasks

@@ -13,15 +13,15 @@ import torch
 from gmeta.config import load_config
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.sharding import AUTO_SHARDING_TYPES, make_planner
+from tests.support.cli import run_gmeta
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_plan_for_two_nodes_of_eight_gpus(debug_config_path, tmp_path):
     out = tmp_path / "plan.json"
-    p = subprocess.run([sys.executable, "-m", "gmeta.cli", "plan", "--config", str(debug_config_path), "--world-size",
-                        "16", "--local-world-size", "8", "--rows-per-step", "2048", "--json", str(out),
-                        "sharding.sharding_type=auto"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    p = run_gmeta(["plan", "--config", debug_config_path, "--world-size", "16", "--local-world-size", "8",
+                   "--rows-per-step", "2048", "--json", out, "sharding.sharding_type=auto"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     cfg = load_config(debug_config_path)
     for f in cfg.features.sparse:
