@@ -414,7 +414,8 @@ class MetaDLRM(nn.Module):
             lo = sum(layout.unique_per_key[:f])
             hi = lo + layout.unique_per_key[f]
             base = self.generator_base.to(rows.dtype).expand(hi - lo, -1)
-            rows, known = torch.cat([rows[:lo], base, rows[hi:]]), torch.zeros_like(known)
+            # no id known: a stride-0 view of one False (no [num_embeddings] mask made each step)
+            rows, known = torch.cat([rows[:lo], base, rows[hi:]]), known.new_zeros(()).expand(known.shape)
         return self.generator.generated_rows(rows, layout, known, detach_inputs=self.generator_only)
 
     def default_row(self, feature: int) -> torch.Tensor:
