@@ -26,12 +26,14 @@ of its grid.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("gmeta.cold_start")
@@ -202,21 +204,28 @@ def _space(ds: Dataset, v: Variant, fixed: list[str]):
 def _search(ds: Dataset, v: Variant, fixed: list[str], out: Path, trials: int) -> tuple[list[str], dict]:
     """The variant's best overrides after ``trials`` trials on the validation tasks, and
     what was searched ({"trials": 0} when nothing was)."""
+    return _sweep(f"{ds.name} / {v.name}", ds.config, [*ds.overrides, *v.overrides_for(ds), *fixed],
+                  _space(ds, v, fixed), out, trials)
+
+
+def _sweep(what: str, config_path: Path, overrides: list[str], space: list, out: Path,
+           trials: int) -> tuple[list[str], dict]:
+    """The best overrides of ``space`` after ``trials`` trials of the config (its overrides
+    applied) on the validation ids, and what was searched ({"trials": 0} when nothing was)."""
     from gmeta.config import dump_yaml, load_config
     from gmeta.sweep import run_sweep
 
-    space = _space(ds, v, fixed)
     if trials <= 0 or not space:
         return [], {"trials": 0, "keys": []}
-    cfg = load_config(ds.config, [*ds.overrides, *v.overrides_for(ds), *fixed])
+    cfg = load_config(config_path, overrides)
     cfg.sweep.params = space
     out.mkdir(parents=True, exist_ok=True)
-    config = out / "config.yaml"  # the variant's own config: its fixed keys and its space
+    config = out / "config.yaml"  # the searched run's own config: its fixed keys and its space
     config.write_text(dump_yaml(cfg))
     summary = run_sweep(config, [], out, trials=trials)
     best = summary.get("best")
     if best is None:
-        raise RuntimeError(f"{ds.name} / {v.name}: no trial of the search completed ({out / 'trials.md'})")
+        raise RuntimeError(f"{what}: no trial of the search completed ({out / 'trials.md'})")
     done = sum(1 for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED"))
     return [f"{k}={val}" for k, val in best["params"].items()], {
         "trials": done, "keys": [p.key for p in space], "metric": summary["metric"], "best": best}
@@ -373,12 +382,28 @@ def format_table(results: dict) -> str:
 # settings and ``GENERATOR_TRAINING`` (generator.mode base_fixed, generator.train_ids all:
 # every training id taken for new, as Meta-Embedding trains on old items; 10 epochs at dense
 # rate 0.01, the weights of the best validation kept; the generator's own settings at their
-# defaults, not searched); the warm-up evaluation chooses every rate and step count on the
-# validation ids again and scores the test ids once.
+# defaults, or searched: ``GENERATOR_SPACE``); the warm-up evaluation chooses every rate and
+# step count on the validation ids again and scores the test ids once.
 GENERATOR_TRAINING = ["generator.mode=base_fixed", "generator.train_ids=all",
                       # the generator alone trains (tables and head fixed): more epochs than the
                       # base model and a larger rate, the weights of its best validation kept
                       "train.epochs=10", "optim.dense_lr=0.01"]
+# The generator's own settings, searched with as many trials as each base model (``--trials``)
+# on an ERM base model trained at the search's seed (train.seed as configured, not a scored
+# seed); a trial is scored by the validation ids' AUC with their generated rows, no update
+# (the ERM scorer of validation during training: the cold stage).
+GENERATOR_SPACE: list[tuple[str, dict[str, Any]]] = [
+    ("optim.dense_lr", dict(low=1e-3, high=0.1, log=True)),
+    ("generator.cold_weight", dict(low=0.0, high=1.0)),  # 0: the warm-up term alone; 1: cold alone
+    ("generator.warmup_lr", dict(low=0.01, high=1.0, log=True)),
+    ("generator.hidden", dict(choices=["[16]", "[64]", "[64, 32]"])),
+]
+
+
+def _generator_space() -> list:
+    from gmeta.config import SweepParam
+
+    return [SweepParam(key=k, **kw) for k, kw in GENERATOR_SPACE]
 
 WARMUP_VARIANTS = [Variant("ERM (base model)", "erm", ["meta.algorithm=erm"], erm=True),
                    Variant("MAML (new id's rows)", "maml", ["meta.algorithm=maml"])]
@@ -417,6 +442,23 @@ def run_warmup_table(datasets: list[Dataset], seeds: list[int], out: Path, trial
             t0 = time.perf_counter()
             best[v.slug], info = _search(ds, v, fixed, base / v.slug / "search", trials)
             entry["search"][v.name] = {**info, "overrides": best[v.slug], "seconds": round(time.perf_counter() - t0, 1)}
+        erm = WARMUP_VARIANTS[0]
+        gen_base = [*ds.overrides, *erm.overrides, *best[erm.slug], *fixed, *ds.generator, *GENERATOR_TRAINING]
+        gen_best: list[str] = []
+        gen_dir = "generator"
+        if ds.generator:
+            t0 = time.perf_counter()
+            info = {"trials": 0, "keys": []}
+            if trials > 0:
+                searched_on = _train(ds.config, [*ds.overrides, *erm.overrides, *best[erm.slug], *fixed,
+                                                 "train.resume=auto", f"train.output_dir={base}/generator/search_base"])
+                gen_best, info = _sweep(f"{ds.name} / generator", ds.config,
+                                        [*gen_base, f"train.init_from={searched_on}"], _generator_space(),
+                                        base / "generator" / "search", trials)
+            entry["search"]["generator"] = {**info, "overrides": gen_best,
+                                            "seconds": round(time.perf_counter() - t0, 1)}
+            if gen_best:  # runs of other settings (another search) are not resumed as these
+                gen_dir += "-" + hashlib.sha1(" ".join(gen_best).encode()).hexdigest()[:8]
         for seed in seeds:
             if any(r["seed"] == seed for r in entry["runs"]):
                 log.info("%s seed %d: scored in an earlier run into %s, kept", ds.name, seed, out)
@@ -427,11 +469,9 @@ def run_warmup_table(datasets: list[Dataset], seeds: list[int], out: Path, trial
                                                f"train.output_dir={base}/{v.slug}/seed{seed}"])
                     for v in WARMUP_VARIANTS}
             if ds.generator:
-                erm = WARMUP_VARIANTS[0]
                 ckpt["generator"] = _train(ds.config, [
-                    *ds.overrides, *erm.overrides, *best[erm.slug], *fixed, *per_seed, *ds.generator,
-                    *GENERATOR_TRAINING, f"train.init_from={ckpt['erm']}",
-                    f"train.output_dir={base}/generator/seed{seed}"])
+                    *gen_base, *gen_best, *per_seed, f"train.init_from={ckpt['erm']}",
+                    f"train.output_dir={base}/{gen_dir}/seed{seed}"])
             model, cfg, _ = load_unsharded(ckpt["maml"])
             bmodel, bcfg, _ = load_unsharded(ckpt["erm"])
             gen = load_unsharded(ckpt["generator"])[:2] if "generator" in ckpt else None

@@ -463,3 +463,61 @@ def test_warmup_table_keeps_seeds_already_scored_and_shows_a_missing_method_as_n
                                  "search": {}}}}
     md = cold_start.format_warmup_table(both)
     assert "| generator | n/a (1 of 2 seeds) | n/a (1 of 2 seeds) |" in md and "| init_model | 0.6000 ± 0.0000" in md
+
+
+@pytest.mark.parametrize("trials", [0, 3])
+def test_warmup_table_searches_the_generator_on_a_base_model_of_its_own_and_trains_each_seed_with_its_choice(
+        tmp_path, monkeypatch, trials):
+    """--trials N searches the generator's own settings with N trials, like each base model,
+    on an ERM model trained for the search (not a scored seed's), and each seed's generator
+    trains with the choice; with no trials the defaults train (no search, no extra model)."""
+    import gmeta.checkpoint
+    import gmeta.warmup
+    from gmeta import cold_start
+
+    trained: list[list[str]] = []
+    sweeps: list[tuple] = []
+
+    def train(config, overrides):
+        trained.append(overrides)
+        return Path([o for o in overrides if o.startswith("train.output_dir=")][-1].split("=", 1)[1])
+
+    def sweep(what, config, overrides, space, out, n):
+        sweeps.append((what, overrides, [p.key for p in space], out, n))
+        return ["optim.dense_lr=0.05", "generator.cold_weight=0.7"], {"trials": n, "keys": [p.key for p in space]}
+
+    monkeypatch.setattr(cold_start, "_prepare", lambda ds, base: base / "shards")
+    monkeypatch.setattr(cold_start, "_search", lambda ds, v, fixed, out, trials: (["optim.dense_lr=0.002"], {}))
+    monkeypatch.setattr(cold_start, "_train", train)
+    monkeypatch.setattr(cold_start, "_sweep", sweep)
+    monkeypatch.setattr(gmeta.checkpoint, "load_unsharded", lambda path: (str(path), None, None))
+    monkeypatch.setattr(gmeta.warmup, "warmup_report", lambda model, cfg, shards, **kw: {
+        "stages": ["cold"], "support_rows": [0], "warmup_rows": 4, "tasks": 1,
+        "methods": {"generator": {"label": "g", "stages": {"cold": {"auc": 0.6}}}}, "generator": kw["generator"][0]})
+    ds = cold_start.Dataset("toy", tmp_path / "toy.yaml", [], generator=["generator.feature=ad_id"])
+    results = cold_start.run_warmup_table([ds], [4], tmp_path, trials=trials)
+
+    entry = results["datasets"]["toy"]
+    gen_runs = [o for o in trained if "generator.feature=ad_id" in o]
+    assert len(gen_runs) == 1  # one per seed (the search's trials run in _sweep)
+    seed_run = gen_runs[0]
+    assert "train.seed=4" in seed_run and any(o.startswith("train.init_from=") and "/erm/seed4" in o
+                                              for o in seed_run)
+    if not trials:
+        assert sweeps == [] and entry["search"]["generator"]["trials"] == 0
+        assert f"train.output_dir={tmp_path}/toy/generator/seed4" in seed_run
+        assert len(trained) == 3  # ERM, MAML, the generator: no model trained for a search
+        return
+    (what, overrides, keys, out, n), = sweeps
+    assert n == trials and keys == [k for k, _ in cold_start.GENERATOR_SPACE]
+    assert {"generator.mode=base_fixed", "generator.train_ids=all", "optim.dense_lr=0.002"} <= set(overrides)
+    # the search's base model: the ERM's chosen settings at the configured seed, not a scored seed's model
+    (base_run,) = [o for o in trained if any("generator/search_base" in x for x in o)]
+    assert "optim.dense_lr=0.002" in base_run and not any(o.startswith("train.seed=") for o in base_run)
+    assert f"train.init_from={tmp_path}/toy/generator/search_base" in overrides
+    # each seed trains with the choice, which comes after (so overrides) the defaults
+    assert seed_run.index("optim.dense_lr=0.05") > seed_run.index("optim.dense_lr=0.01")
+    assert "generator.cold_weight=0.7" in seed_run
+    out_dir = [o for o in seed_run if o.startswith("train.output_dir=")][-1]
+    assert out_dir.endswith("/seed4") and f"{tmp_path}/toy/generator/seed4" not in out_dir  # not the defaults' run
+    assert entry["search"]["generator"]["overrides"] == ["optim.dense_lr=0.05", "generator.cold_weight=0.7"]
