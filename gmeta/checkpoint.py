@@ -484,7 +484,13 @@ def load_weights(state: dict, path: str | Path) -> None:
 
 
 # what the shape of a model is made of: a checkpoint's weights fit a model when these agree
-_SHAPE_KEYS = ("model.embedding_dim", "model.dense_arch", "model.over_arch", "model.objective")
+_SHAPE_KEYS = ("model.arch", "model.embedding_dim", "model.dense_arch", "model.over_arch", "model.objective",
+               "model.cross_layers", "model.cross_rank", "model.cross_structure")
+
+
+def _shape_keys(cfg: Config) -> tuple[str, ...]:
+    """_SHAPE_KEYS that shape this config's model (the cross layers' keys, a DCN-v2's only)."""
+    return tuple(k for k in _SHAPE_KEYS if cfg.model.arch == "dcn_v2" or not k.startswith("model.cross_"))
 
 
 def load_init(path: str | Path, model, cfg: Config, key: str = "train.init_from") -> list[str]:
@@ -496,7 +502,7 @@ def load_init(path: str | Path, model, cfg: Config, key: str = "train.init_from"
     path = resolve(path)
     meta = read_meta(path)
     theirs = config_of(path, meta)
-    for k in _SHAPE_KEYS:
+    for k in _shape_keys(cfg):
         a, b = _dotted(theirs, k), _dotted(cfg, k)
         if a != b:
             raise CheckpointError(f"{key}: {path} holds a model with {k} {a!r}, this config has {b!r}")
@@ -537,7 +543,8 @@ def model_differences(theirs: Config, mine: Config) -> list[tuple[str, Any, Any]
     """(config key, the checkpoint's value, this config's value) of each setting that shapes
     the model's tensors and differs: _SHAPE_KEYS, the sparse features and their table
     rows, the dense features."""
-    out = [(k, _dotted(theirs, k), _dotted(mine, k)) for k in _SHAPE_KEYS if _dotted(theirs, k) != _dotted(mine, k)]
+    out = [(k, _dotted(theirs, k), _dotted(mine, k)) for k in _shape_keys(mine)
+           if _dotted(theirs, k) != _dotted(mine, k)]
     a, b = [s.name for s in theirs.features.sparse], [s.name for s in mine.features.sparse]
     if a != b:
         out.append(("features.sparse (names, in order)", a, b))

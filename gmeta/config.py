@@ -293,11 +293,22 @@ class ModelConfig:
     # "binary": logits, binary cross-entropy, AUC/GAUC/logloss; "regression": the output
     # is the prediction itself (e.g. a rating), squared error, RMSE/MAE.
     objective: Literal["binary", "regression"] = "binary"
+    # The dense head over the pooled rows (gmeta.models.heads): "dlrm" (dot interaction),
+    # "dcn_v2" (cross layers), "deepfm" (first order + FM + deep), "wide_deep" (wide + deep).
+    arch: Literal["dlrm", "dcn_v2", "deepfm", "wide_deep"] = "dlrm"
     embedding_dim: int = 16
     # Hidden sizes of the bottom MLP on dense features; its output has embedding_dim units.
     dense_arch: list[int] = field(default_factory=lambda: [64])
-    # Hidden sizes of the top MLP; a final layer with one logit is appended.
+    # Hidden sizes of the top MLP (the deep tower of dcn_v2, deepfm and wide_deep); a final
+    # layer with one logit is appended (dcn_v2 parallel: the ``output`` layer joins it and
+    # the cross layers).
     over_arch: list[int] = field(default_factory=lambda: [64, 32])
+    # dcn_v2: the number of cross layers, their rank (0: full rank, W [d, d]; r > 0: W = U V,
+    # U [d, r], V [r, d]; d = (sparse features + 1) x embedding_dim), and whether the deep
+    # tower follows them ("stacked") or runs beside them ("parallel").
+    cross_layers: int = 3
+    cross_rank: int = 0
+    cross_structure: Literal["stacked", "parallel"] = "stacked"
     # Storage of the embedding tables: "fp16" halves their memory and all-to-all bytes;
     # looked-up rows are computed with in fp32.
     embedding_dtype: Literal["fp32", "fp16"] = "fp32"
@@ -315,9 +326,11 @@ class MetaConfig:
     inner_steps: int = 1
     inner_lr: float = 0.1
     first_order: bool = False
-    # Dense layers adapted in the inner loop: whole parts (dense_arch, over_arch), single
-    # layers by name (over_arch.mlp.layers.1), or "last": the output layer only (ANIL).
-    adapt_dense: list[str] = field(default_factory=lambda: ["dense_arch", "over_arch"])
+    # Dense layers adapted in the inner loop: "all" (every layer of the head), whole parts
+    # (dense_arch, over_arch; dcn_v2: cross, and deep and output when parallel; deepfm:
+    # linear; wide_deep: wide), single layers by name (over_arch.mlp.layers.1), or "last":
+    # the output layer only (ANIL).
+    adapt_dense: list[str] = field(default_factory=lambda: ["all"])
     # What the inner loop changes in those layers: their weights and biases ("weights"),
     # their biases only ("bias"), or a per-task scale and shift of their outputs ("film",
     # FiLM: y * (1 + s) + h, s and h starting from 0).
@@ -559,9 +572,6 @@ class Config:
 # validation of values (types are checked while building)
 # --------------------------------------------------------------------------------------
 
-_DENSE_PARTS = ("dense_arch", "over_arch")
-
-
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
@@ -683,15 +693,23 @@ def validate(cfg: Config) -> None:
     _check(me.embedding_inner_lr > 0, "meta.embedding_inner_lr", "must be > 0")
     _check(me.size_buckets >= 1, "meta.size_buckets", "must be >= 1")
     _check(me.erm_weight >= 0, "meta.erm_weight", "must be >= 0 (0: no ERM term)")
-    # the head's linear layers: dense_arch (one of no inputs when there is no dense feature)
-    # and over_arch (its hidden layers and the output layer)
-    n_dense = len(m.dense_arch) + 1 if f.dense else 1
-    layer_names = [f"dense_arch.mlp.layers.{i}" for i in range(n_dense)] + \
-        [f"over_arch.mlp.layers.{i}" for i in range(len(m.over_arch) + 1)]
+    _check(m.cross_layers >= 1, "model.cross_layers", "must be >= 1")
+    _check(m.cross_rank >= 0, "model.cross_rank", "must be >= 0 (0: full rank)")
+    _check(not (m.arch == "dcn_v2" and m.cross_structure == "parallel" and not m.over_arch), "model.over_arch",
+           "dcn_v2 parallel runs a deep tower beside the cross layers: give it at least one layer")
+    # the head's parts and linear layers, named as the model will name them (a head is small:
+    # built here on the CPU, from torch alone)
+    from torch.nn import Linear
+
+    from gmeta.models.heads import build_head, head_parts
+
+    head = build_head(m, len(f.dense), len(f.sparse))
+    parts = head_parts(head)
+    layer_names = [n for n, mod in head.named_modules() if isinstance(mod, Linear)]
     for i, part in enumerate(me.adapt_dense):
-        _check(part in _DENSE_PARTS or part == "last" or part in layer_names, f"meta.adapt_dense[{i}]",
-               f"must be one of {list(_DENSE_PARTS)}, 'last' (the output layer) or a layer name "
-               f"({', '.join(layer_names)}), got {part!r}")
+        _check(part in parts or part in ("all", "last") or part in layer_names, f"meta.adapt_dense[{i}]",
+               f"must be 'all', one of the {m.arch} head's parts {parts}, 'last' (the output layer) or a layer "
+               f"name ({', '.join(layer_names)}), got {part!r}")
     for i, name in enumerate(me.adapt_features):
         _check(name in [s.name for s in f.sparse], f"meta.adapt_features[{i}]",
                f"must name a sparse feature ({', '.join(s.name for s in f.sparse)}), got {name!r}")

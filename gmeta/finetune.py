@@ -61,7 +61,7 @@ def adapting(cfg: Config, inner_lr: float, embedding_inner_lr: float, steps: int
     m = out.meta
     if fine_tune:
         m.algorithm = "maml"
-        m.adapt_dense, m.dense_adaptation = ["dense_arch", "over_arch"], "weights"
+        m.adapt_dense, m.dense_adaptation = ["all"], "weights"
         m.adapt_embeddings, m.adapt_features, m.meta_sgd = True, [], False
     m.inner_lr, m.embedding_inner_lr, m.inner_steps = inner_lr, embedding_inner_lr, steps
     out.eval.inner_steps = steps

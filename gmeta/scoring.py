@@ -38,7 +38,7 @@ RowsFn = Callable[[MetaDLRM, torch.Tensor, BatchLayout], torch.Tensor]
 
 def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int],
                     initial_rows: RowsFn | None = None) -> dict[int, np.ndarray]:
-    """Predictions (``DLRMHead.predict``: probabilities, or values for regression) of the
+    """Predictions (``Head.predict``: probabilities, or values for regression) of the
     batch's query rows (query-block order) after K inner steps on each task's support rows,
     for every K in ``steps`` (0: no adaptation; a batch without support rows is scored as K = 0
     whatever K). One lookup and one layout serve every K.

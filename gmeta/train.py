@@ -512,7 +512,7 @@ class TrainingRun:
             # start the output at the mean label (e.g. a rating of 3.5, not 0): the first steps
             # then learn the features rather than the scale
             with torch.no_grad():
-                self.model.module.head.over_arch.mlp.layers[-1].bias.fill_(float(mean))
+                self.model.module.head.output_layer().bias.fill_(float(mean))
         if self.resume_from is None:  # ids that map to their feature's default row (resumed: in the checkpoint)
             self.model.module.set_known_ids(known_ids(cfg))
         broadcast_params(dense_params)  # every rank starts from rank 0's dense weights

@@ -39,7 +39,7 @@ def _write(tmp_path, text):
     ("data:\n  split:\n    support_ratio: 1.5\n", "data.split.support_ratio", "(0, 1)"),
     ("features:\n  sparse:\n    - {name: a, num_embeddings: 0}\n", "features.sparse[0].num_embeddings", ">= 1"),
     ("features:\n  sparse:\n    - {name: a, bogus: 1}\n", "features.sparse[0].bogus", "unknown key"),
-    ("meta:\n  adapt_dense: [over_arch, head]\n", "meta.adapt_dense[1]", "must be one of"),
+    ("meta:\n  adapt_dense: [over_arch, head]\n", "meta.adapt_dense[1]", "dlrm head's parts"),
     ("meta: 3\n", "meta", "expected a mapping"),
     ("optim:\n  embedding_optimizer: lion\n", "optim.embedding_optimizer", "one of"),
     ("train:\n  eval_at_end: 'yes'\n", "train.eval_at_end", "expected bool"),

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gmeta.models.dlrm import DLRMHead
+from gmeta.models.heads import Head
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -16,7 +16,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])
 
 
-def task_losses(head: DLRMHead, out: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+def task_losses(head: Head, out: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                 count: torch.Tensor) -> torch.Tensor:
     """Masked mean per task of the head's pointwise loss: [N, R] -> [N]."""
     return (head.pointwise_loss(out, labels) * mask).sum(dim=1) / count.clamp(min=1)

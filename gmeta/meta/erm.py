@@ -8,11 +8,12 @@ import torch
 from gmeta.config import Config
 from gmeta.meta.base import MetaOutput, gather_rows, sum_terms
 from gmeta.meta.layout import BatchLayout
-from gmeta.models.dlrm import DLRMHead, MetaDLRM
+from gmeta.models.dlrm import MetaDLRM
+from gmeta.models.heads import Head
 from gmeta.types import TaskBatch
 
 
-def erm_loss(head: DLRMHead, rows: torch.Tensor, batch: TaskBatch, layout: BatchLayout) -> MetaOutput:
+def erm_loss(head: Head, rows: torch.Tensor, batch: TaskBatch, layout: BatchLayout) -> MetaOutput:
     """Plain training of the same model on every row (support and query) of the batch."""
     L = layout
     pooled = L.pool(gather_rows(rows, L.occ_unique), L.slot, L.divisor, L.num_rows)

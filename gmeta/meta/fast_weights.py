@@ -10,7 +10,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
-from gmeta.models.dlrm import FILM, DLRMHead, LinearHook, adapted_layers
+from gmeta.models.heads import FILM, Head, LinearHook, adapted_layers
 
 
 class FastWeights(LinearHook):
@@ -109,7 +109,7 @@ class FastWeights(LinearHook):
         self.seen = {}
 
 
-def choose_fast_weights(head: DLRMHead, adapt_dense: list[str], mode: str, lr, steps: int, support_width: int,
+def choose_fast_weights(head: Head, adapt_dense: list[str], mode: str, lr, steps: int, support_width: int,
                         query_width: int, dense_adaptation: str = "weights") -> dict[str, str]:
     """How each adapted layer of a bucket holds its fast weights (``FastWeights``):
     ``mode`` "implicit" or "materialized" for all, or "auto": materialised under Meta-SGD

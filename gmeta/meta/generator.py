@@ -28,7 +28,8 @@ import torch
 from gmeta.config import Config
 from gmeta.meta.base import MetaOutput, gather_rows
 from gmeta.meta.layout import BatchLayout
-from gmeta.models.dlrm import DLRMHead, MetaDLRM
+from gmeta.models.dlrm import MetaDLRM
+from gmeta.models.heads import Head
 from gmeta.types import TaskBatch
 
 
@@ -38,7 +39,7 @@ def _per_task(point: torch.Tensor, row_task: torch.Tensor, count: torch.Tensor) 
     return total / count.clamp(min=1)
 
 
-def generator_terms(head: DLRMHead, rows: torch.Tensor, new: torch.Tensor, batch: TaskBatch, layout: BatchLayout,
+def generator_terms(head: Head, rows: torch.Tensor, new: torch.Tensor, batch: TaskBatch, layout: BatchLayout,
                     feature: int, *, warmup_lr: float, warm: bool = True, frozen_head: bool = False
                     ) -> dict[str, torch.Tensor]:
     """The cold-start and warm-up terms of the module docstring.

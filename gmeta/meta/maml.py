@@ -34,12 +34,13 @@ from gmeta.meta.base import MetaOutput, gather_rows, sum_terms, task_losses
 from gmeta.meta.erm import erm_loss
 from gmeta.meta.fast_weights import FastWeights, choose_fast_weights, sgd_step
 from gmeta.meta.layout import BatchLayout
-from gmeta.models.dlrm import DLRMHead, MetaDLRM
+from gmeta.models.dlrm import MetaDLRM
+from gmeta.models.heads import Head
 from gmeta.types import TaskBatch
 
 
 def adapt_and_query(
-    head: DLRMHead,
+    head: Head,
     rows: torch.Tensor,
     batch: TaskBatch,
     layout: BatchLayout,
@@ -180,7 +181,7 @@ def per_task(x: torch.Tensor, index: torch.Tensor, in_order: bool) -> torch.Tens
     return x.reshape(*index.shape, *x.shape[1:]) if in_order else gather_rows(x, index)
 
 
-def maml_loss(head: DLRMHead, rows: torch.Tensor, batch: TaskBatch, layout: BatchLayout, *, steps: int,
+def maml_loss(head: Head, rows: torch.Tensor, batch: TaskBatch, layout: BatchLayout, *, steps: int,
               lr: float | dict[str, torch.Tensor], emb_lr: float | torch.Tensor, first_order: bool,
               erm_weight: float = 0.0, query_weighting: str = "task", **adapt) -> MetaOutput:
     """Meta-loss of a meta-batch: the query loss after adaptation, a mean over the tasks

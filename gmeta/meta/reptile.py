@@ -21,11 +21,12 @@ from gmeta.meta.erm import erm_loss
 from gmeta.meta.fast_weights import FastWeights
 from gmeta.meta.layout import BatchLayout
 from gmeta.meta.maml import adapt_and_query, adaptation
-from gmeta.models.dlrm import DLRMHead, MetaDLRM
+from gmeta.models.dlrm import MetaDLRM
+from gmeta.models.heads import Head
 from gmeta.types import TaskBatch
 
 
-def reptile_loss(head: DLRMHead, rows: torch.Tensor, batch: TaskBatch, layout: BatchLayout, *, steps: int,
+def reptile_loss(head: Head, rows: torch.Tensor, batch: TaskBatch, layout: BatchLayout, *, steps: int,
                  lr: float, emb_lr: float, erm_weight: float = 0.0, **adapt) -> MetaOutput:
     """The Reptile surrogate of a meta-batch: its gradient with respect to each adapted head
     parameter and looked-up row is the mean over the batch's tasks of (shared - adapted);

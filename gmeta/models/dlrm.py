@@ -1,29 +1,17 @@
-"""Meta DLRM from named parts.
+"""The meta-learning model: the sparse arch (torchrec tables, sharded) under a dense head.
 
 ::
 
     KeyedJaggedTensor ──► SparseArch (torchrec EmbeddingCollection, one table per feature)
                               │ per-id embeddings  (the unit MAML can adapt per task)
                               ▼ pool per (row, feature): sum or mean  ──► [R, F, D]
-    dense [R, nd] ──► DenseArch (MLP) ──► [R, D] ─┐
-                                                  ▼
-                             InteractionArch (pairwise dots of the F+1 vectors)
-                                                  ▼
-                                   OverArch (MLP) ──► output [R]
+    dense [R, nd] ──────────► head (model.arch: dlrm, dcn_v2, deepfm, wide_deep;
+                              gmeta.models.heads) ──► output [R]
 
 The sparse arch returns *unpooled* per-id embeddings (an EmbeddingCollection, not an
 EmbeddingBagCollection) so the inner loop can differentiate with respect to each looked-up
-row: a task's fast embedding rows are then exact per-row fast weights.
-
-Every dense layer is a ``MetaLinear``: it takes ordinary weights ``[out, in]`` or per-task
-weights ``[N, out, in]`` (with inputs ``[N, R, in]``), so one call of the head runs all N
-tasks of a meta-batch with their own fast weights, without a Python loop over tasks.
-
-The head takes its weights as an optional dict (``head(dense, pooled, params)``, names as in
-``named_parameters``; the torchmeta ``MetaModule`` convention) rather than through
-``torch.func.functional_call``: that swaps every parameter in and out of the modules on
-each call, about 0.27 ms here, as much as the head's arithmetic on a meta-batch, and the
-inner loop calls the head once per step and size bucket.
+row: a task's fast embedding rows are then exact per-row fast weights. The head's dense
+layers are ``MetaLinear`` layers taking per-task weights (see gmeta.models.heads).
 """
 
 from __future__ import annotations
@@ -31,7 +19,6 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig
 from torchrec.modules.embedding_configs import DataType
@@ -40,53 +27,18 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from gmeta.config import Config
 from gmeta.meta.layout import BatchLayout
 from gmeta.models.generator import IdGenerator
+from gmeta.models.heads import (  # noqa: F401
+    FILM,
+    DLRMHead,
+    Head,
+    LinearHook,
+    MetaLinear,
+    Params,
+    adapted_layers,
+    adapted_shapes,
+    build_head,
+)
 from gmeta.models.managed import ManagedIds
-
-
-class LinearHook:
-    """Computes ``MetaLinear`` layers in place of their plain forward when passed as the
-    head's ``params``: ``linear(prefix, x, weight, bias)`` is called with the layer's
-    parameter-name prefix and its own shared weights (see gmeta.meta.fast_weights's implicit
-    fast weights, which add a per-task correction to the shared product)."""
-
-    def linear(self, prefix: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight, bias)
-
-
-# replacement weights by parameter name, or a hook computing the linear layers
-Params = dict[str, torch.Tensor] | LinearHook | None
-
-
-class MetaLinear(nn.Linear):
-    """Linear layer accepting shared ``[out, in]`` or per-task ``[N, out, in]`` weights,
-    or a ``LinearHook`` that computes it."""
-
-    def forward(self, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
-        w: torch.Tensor
-        b: torch.Tensor
-        w, b = self.weight, self.bias
-        if isinstance(params, LinearHook):
-            return params.linear(prefix, x, w, b)
-        if params is not None:
-            w, b = params.get(prefix + "weight", w), params.get(prefix + "bias", b)
-        if w.dim() == 3:  # per-task fast weights: x [N, R, in] -> [N, R, out]
-            return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
-        return F.linear(x, w, b)
-
-
-class MLP(nn.Module):
-    def __init__(self, in_features: int, sizes: list[int], *, last_activation: bool) -> None:
-        super().__init__()
-        dims = [in_features] + list(sizes)
-        self.layers = nn.ModuleList(MetaLinear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.last_activation = last_activation
-
-    def forward(self, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x, params, f"{prefix}layers.{i}.")
-            if i < len(self.layers) - 1 or self.last_activation:
-                x = torch.relu(x)
-        return x
 
 
 class SparseArch(nn.Module):
@@ -166,125 +118,6 @@ class DefaultRows(nn.Module):
         return out
 
 
-class DenseArch(nn.Module):
-    """MLP of the dense features -> ``[R, D]``. With no dense feature (an all-categorical
-    data set) it is one layer of 0 inputs whose bias is a learned vector, the same for
-    every row (its dots with the embeddings are then learned first-order terms); no ReLU,
-    which would leave its negative units dead forever, and the bias drawn like an
-    embedding row (nn.Linear gives a layer of no inputs a zero bias)."""
-
-    def __init__(self, num_dense: int, sizes: list[int], embedding_dim: int) -> None:
-        super().__init__()
-        if num_dense == 0:
-            self.mlp = MLP(0, [embedding_dim], last_activation=False)
-            nn.init.normal_(self.mlp.layers[0].bias, std=embedding_dim ** -0.5)  # type: ignore[arg-type]
-        else:
-            self.mlp = MLP(num_dense, list(sizes) + [embedding_dim], last_activation=True)
-
-    def forward(self, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
-        return self.mlp(x, params, prefix + "mlp.")
-
-
-class InteractionArch(nn.Module):
-    """DLRM dot interaction: dense vector plus the pairwise dots of all F+1 vectors."""
-
-    upper: torch.Tensor  # a buffer, registered in __init__
-
-    def __init__(self, num_sparse: int) -> None:
-        super().__init__()
-        n = num_sparse + 1
-        rows, cols = torch.triu_indices(n, n, offset=1)
-        # flat positions of the upper triangle: index_select's backward is an index_add,
-        # 2x faster on CPU than the accumulating index_put of dots[..., rows, cols]
-        self.register_buffer("upper", rows * n + cols, persistent=False)
-
-    @staticmethod
-    def out_features(num_sparse: int, embedding_dim: int) -> int:
-        return embedding_dim + (num_sparse + 1) * num_sparse // 2
-
-    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        """dense [..., D], sparse [..., F, D] -> [..., D + (F+1)F/2]"""
-        combined = torch.cat([dense.unsqueeze(-2), sparse], dim=-2)
-        dots = combined @ combined.transpose(-1, -2)
-        upper: torch.Tensor = self.upper  # a buffer
-        return torch.cat([dense, dots.flatten(-2).index_select(-1, upper)], dim=-1)
-
-
-class OverArch(nn.Module):
-    def __init__(self, in_features: int, sizes: list[int]) -> None:
-        super().__init__()
-        self.mlp = MLP(in_features, list(sizes) + [1], last_activation=False)
-
-    def forward(self, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
-        return self.mlp(x, params, prefix + "mlp.").squeeze(-1)
-
-
-class DLRMHead(nn.Module):
-    """The dense, data-parallel part: (dense features, pooled embeddings) -> outputs.
-
-    Shapes: dense ``[..., R, nd]``, pooled ``[..., R, F, D]`` -> outputs ``[..., R]``; the
-    leading dim is the task dim N when per-task weights ``[N, ...]`` are passed in ``params``.
-    ``objective`` (model.objective) says what an output is: a logit ("binary") or the
-    prediction itself ("regression"); ``pointwise_loss`` and ``predict`` follow it.
-    """
-
-    def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
-                 over_sizes: list[int], objective: str = "binary") -> None:
-        super().__init__()
-        self.objective = objective
-        self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
-        self.interaction = InteractionArch(num_sparse)
-        self.over_arch = OverArch(InteractionArch.out_features(num_sparse, embedding_dim), over_sizes)
-
-    def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
-        """``params``: weights to use instead of the module's own, by parameter name."""
-        x = self.interaction(self.dense_arch(dense, params, "dense_arch."), pooled)
-        return self.over_arch(x, params, "over_arch.")
-
-    def pointwise_loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Loss of every row (no reduction): binary cross-entropy on logits, or squared error."""
-        if self.objective == "regression":
-            return (out - labels) ** 2
-        return F.binary_cross_entropy_with_logits(out, labels, reduction="none")
-
-    def predict(self, out: torch.Tensor) -> torch.Tensor:
-        """Outputs -> predictions: probabilities (sigmoid of the logits), or the outputs as they are."""
-        return out if self.objective == "regression" else torch.sigmoid(out)
-
-
-def adapted_layers(head: nn.Module, adapt_dense: list[str]) -> dict[str, MetaLinear]:
-    """The linear layers ``meta.adapt_dense`` selects, by module name: a part
-    (``dense_arch``, ``over_arch``: all its layers), one layer (``over_arch.mlp.layers.1``),
-    or ``last``, the output layer (ANIL: adapt the head's last layer only)."""
-    layers = {name: mod for name, mod in head.named_modules() if isinstance(mod, MetaLinear)}
-    last = [n for n in layers if n.startswith("over_arch.")][-1]
-    out = {}
-    for part in adapt_dense:
-        name = last if part == "last" else part
-        chosen = {n: m for n, m in layers.items() if n == name or n.startswith(name + ".")}
-        if not chosen:
-            raise ValueError(f"meta.adapt_dense: {part!r} names no layer of the head; its layers: {sorted(layers)}")
-        out.update(chosen)
-    return out
-
-
-FILM = ("film_scale", "film_shift")  # the per-task parameters of a FiLM-adapted layer: [out] each
-
-
-def adapted_shapes(head: nn.Module, adapt_dense: list[str], dense_adaptation: str) -> dict[str, torch.Size]:
-    """Name and shape of every per-task parameter the inner loop adapts in the head (what
-    Meta-SGD learns a rate for): the chosen layers' weights and biases ("weights"), their
-    biases ("bias"), or their FiLM scale and shift ("film", ``<layer>.film_scale``)."""
-    out = {}
-    for name, mod in adapted_layers(head, adapt_dense).items():
-        if dense_adaptation == "film":
-            out.update({f"{name}.{n}": torch.Size([mod.out_features]) for n in FILM})
-        else:
-            for n in ("weight", "bias") if dense_adaptation == "weights" else ("bias",):
-                out[f"{name}.{n}"] = getattr(mod, n).shape
-    return out
-
-
 def lookup_rows(emb: dict[str, JaggedTensor], features: list[dict]) -> torch.Tensor:
     """The sparse arch's output for a KJT of distinct ids (``BatchLayout.kjt``) as one
     ``[U, D]`` tensor, features in order: the rows the layout's indices point into. fp32
@@ -294,17 +127,20 @@ def lookup_rows(emb: dict[str, JaggedTensor], features: list[dict]) -> torch.Ten
 
 
 class MetaDLRM(nn.Module):
-    """DLRM for meta learning: ``sparse_arch`` (sharded by torchrec) + ``head`` (dense)."""
+    """The model for meta learning: ``sparse_arch`` (sharded by torchrec) + ``head`` (dense;
+    a DLRM's unless ``head`` is given: any head of gmeta.models.heads)."""
 
     def __init__(self, features: list[dict], num_dense: int, embedding_dim: int, dense_sizes: list[int],
                  over_sizes: list[int], device: torch.device | None = None, objective: str = "binary",
-                 embedding_dtype: str = "fp32", generator: dict | None = None) -> None:
+                 embedding_dtype: str = "fp32", generator: dict | None = None, head: Head | None = None) -> None:
         """``generator``: the id generator of new ids' rows (``gmeta.models.generator``), as
         {"feature", "attributes" (names), "hidden", "base_fixed"}; None: none."""
         super().__init__()
         self.features = [dict(f) for f in features]
+        self.embedding_dim = embedding_dim
         self.sparse_arch = SparseArch(self.features, embedding_dim, device=device, dtype=embedding_dtype)
-        self.head = DLRMHead(num_dense, len(features), embedding_dim, dense_sizes, over_sizes, objective)
+        self.head: Head = head if head is not None else DLRMHead(num_dense, len(features), embedding_dim,
+                                                                 dense_sizes, over_sizes, objective)
         self.default_rows = DefaultRows(self.features)
         self.generator: IdGenerator | None = None
         self.generator_only = False  # generator.mode base_fixed: the generator is the only dense part trained
@@ -337,10 +173,8 @@ class MetaDLRM(nn.Module):
         self.inner_lr_dense = nn.ParameterDict({
             name.replace(".", "__"): nn.Parameter(torch.full(shape, inner_lr, device=device))
             for name, shape in adapted_shapes(self.head, adapt_dense, dense_adaptation).items()})
-        last = self.head.dense_arch.mlp.layers[-1]
-        assert isinstance(last, nn.Linear)
-        dim = last.out_features
-        self.inner_lr_emb = nn.Parameter(torch.full((self.num_features, dim), embedding_inner_lr, device=device))
+        self.inner_lr_emb = nn.Parameter(torch.full((self.num_features, self.embedding_dim), embedding_inner_lr,
+                                                    device=device))
 
     def dense_to(self, device: torch.device) -> None:
         """Move the data-parallel part (head, Meta-SGD rates) to ``device``, leaving the tables
@@ -439,7 +273,7 @@ class MetaDLRM(nn.Module):
             self.default_rows.set_known(name, mask)
 
     def forward(self, kjt: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        """Plain forward without adaptation: outputs ``[R]`` (see ``DLRMHead.predict``)."""
+        """Plain forward without adaptation: outputs ``[R]`` (see ``Head.predict``)."""
         ids, zero = self.managed(self.default_rows(kjt), admit=False)  # scoring: nothing is admitted
         emb = self.sparse_arch(ids)
         num_rows = kjt.stride()
@@ -492,6 +326,7 @@ def build_model(cfg: Config, device: torch.device | None = None) -> MetaDLRM:
         embedding_dtype=cfg.model.embedding_dtype,
         generator={"feature": g.feature, "attributes": g.attributes, "hidden": g.hidden,
                    "base_fixed": g.mode == "base_fixed"} if (g := cfg.generator).feature else None,
+        head=build_head(cfg.model, len(cfg.features.dense), len(cfg.features.sparse)),
     )
     if cfg.meta.meta_sgd:
         model.enable_meta_sgd(cfg.meta.adapt_dense, cfg.meta.inner_lr, cfg.meta.embedding_inner_lr,

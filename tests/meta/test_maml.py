@@ -20,9 +20,9 @@ from gmeta.models.dlrm import DLRMHead, build_model, lookup_rows
 from tests.support.reference import task_query_losses
 
 
-def _setup(debug_config_path, debug_data, n_tasks=5, dim=4):
+def _setup(debug_config_path, debug_data, n_tasks=5, dim=4, extra=()):
     cfg = load_config(debug_config_path, [f"model.embedding_dim={dim}", "model.dense_arch=[6]",
-                                          "model.over_arch=[5]"])
+                                          "model.over_arch=[5]", *extra])
     torch.manual_seed(0)
     model = build_model(cfg)
     head = copy.deepcopy(model.head).double()

@@ -28,12 +28,13 @@ def embed(tables: dict[str, torch.Tensor], features: list[dict], batch: TaskBatc
     return torch.stack(cols, dim=1)
 
 
-def adapted_names(params: list[str], adapt_dense: list[str]) -> list[str]:
-    """Parameter names meta.adapt_dense selects, written out plainly: a part or a layer
-    prefix, or "last" (the over arch's output layer)."""
-    last = max((n.rpartition(".")[0] for n in params if n.startswith("over_arch.")),
-               key=lambda m: int(m.rsplit(".", 1)[1]))
-    prefixes = [last if a == "last" else a for a in adapt_dense]
+def adapted_names(head: torch.nn.Module, adapt_dense: list[str]) -> list[str]:
+    """Parameter names meta.adapt_dense selects, written out plainly: every one ("all"), a
+    part or a layer prefix, or "last" (the head's output layer)."""
+    params = [n for n, _ in head.named_parameters()]
+    if "all" in adapt_dense:
+        return params
+    prefixes = [head.last_layer if a == "last" else a for a in adapt_dense]
     return [n for n in params if any(n.startswith(p + ".") for p in prefixes)]
 
 
@@ -48,7 +49,7 @@ def task_query_losses(head: torch.nn.Module, tables: dict[str, torch.Tensor], fe
     so, qo = batch.support_offsets.tolist(), batch.query_offsets.tolist()
     dense = batch.dense.to(next(head.parameters()).dtype)
     labels = batch.labels.to(dense.dtype)
-    names = adapted_names([n for n, _ in head.named_parameters()], adapt_dense)
+    names = adapted_names(head, adapt_dense)
     layers = sorted({n.rpartition(".")[0] for n in names})
     if dense_adaptation == "bias":
         names = [n for n in names if n.endswith(".bias")]
@@ -113,7 +114,7 @@ def reptile_directions(head: torch.nn.Module, tables: dict[str, torch.Tensor], f
     so = batch.support_offsets.tolist()
     dense = batch.dense.to(next(head.parameters()).dtype)
     labels = batch.labels.to(dense.dtype)
-    names = adapted_names([n for n, _ in head.named_parameters()], adapt_dense)
+    names = adapted_names(head, adapt_dense)
     if dense_adaptation == "bias":
         names = [n for n in names if n.endswith(".bias")]
     shared = {n: p.detach() for n, p in head.named_parameters()} | {n: t.detach() for n, t in tables.items()}

@@ -1,0 +1,401 @@
+"""The dense heads of gmeta's models (``model.arch``), from named parts.
+
+Every model is the same sparse arch (one torchrec table per feature, per-id rows the inner
+loop can adapt) under one of these heads: (dense features ``[..., R, nd]``, pooled rows
+``[..., R, F, D]``, optional per-task weights) -> outputs ``[..., R]``.
+
+============  ===============================================================================
+arch          head (parts, the names ``meta.adapt_dense`` takes)
+============  ===============================================================================
+dlrm          dense_arch -> dot interaction of the F+1 vectors -> over_arch
+dcn_v2        dense_arch, then x0 = the F+1 vectors side by side; ``cross`` layers
+              x_{l+1} = x0 * (W_l x_l + b_l) + x_l (full rank, or W_l = U_l V_l of rank r),
+              stacked (cross -> over_arch) or parallel (cross || over_arch -> ``output``)
+deepfm        dense_arch; first-order ``linear`` (x0) + FM second order of the F+1 vectors +
+              deep over_arch (x0), summed
+wide_deep     ``wide`` linear (the raw dense features and the F pooled rows) + deep
+              dense_arch -> over_arch (x0), summed
+============  ===============================================================================
+
+Every dense layer is a ``MetaLinear``: it takes ordinary weights ``[out, in]`` or per-task
+weights ``[N, out, in]`` (with inputs ``[N, R, in]``), or a ``LinearHook`` computing it (the
+implicit fast weights of gmeta.meta.fast_weights), so each adaptation form (weights, biases,
+FiLM, Meta-SGD, first and second order, Reptile) applies to every head unchanged. The
+operations between the layers that are not linear (ReLU, the dot interaction, the cross
+layer's product with x0, the FM term) have no weights of their own: a task's fast weights
+are those of the linear layers, and the inner gradient reaches them through those
+operations by autograd (the implicit form takes it at each layer's output, whatever
+follows).
+
+The head takes its weights as an optional dict (``head(dense, pooled, params)``, names as in
+``named_parameters``; the torchmeta ``MetaModule`` convention) rather than through
+``torch.func.functional_call``: that swaps every parameter in and out of the modules on
+each call, about 0.27 ms here, as much as the head's arithmetic on a meta-batch, and the
+inner loop calls the head once per step and size bucket.
+
+This module needs torch alone (not torchrec): config validation builds a head to name its
+layers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from gmeta.config import ModelConfig
+
+
+class LinearHook:
+    """Computes ``MetaLinear`` layers in place of their plain forward when passed as the
+    head's ``params``: ``linear(prefix, x, weight, bias)`` is called with the layer's
+    parameter-name prefix and its own shared weights (see gmeta.meta.fast_weights's implicit
+    fast weights, which add a per-task correction to the shared product)."""
+
+    def linear(self, prefix: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+
+# replacement weights by parameter name, or a hook computing the linear layers
+Params = dict[str, torch.Tensor] | LinearHook | None
+
+
+class MetaLinear(nn.Linear):
+    """Linear layer accepting shared ``[out, in]`` or per-task ``[N, out, in]`` weights,
+    or a ``LinearHook`` that computes it. Always with a bias (the implicit fast weights
+    fold the bias updates into the weight update's product)."""
+
+    def forward(self, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
+        w: torch.Tensor
+        b: torch.Tensor
+        w, b = self.weight, self.bias
+        if isinstance(params, LinearHook):
+            return params.linear(prefix, x, w, b)
+        if params is not None:
+            w, b = params.get(prefix + "weight", w), params.get(prefix + "bias", b)
+        if w.dim() == 3:  # per-task fast weights: x [N, R, in] -> [N, R, out]
+            return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+        return F.linear(x, w, b)
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, sizes: list[int], *, last_activation: bool) -> None:
+        super().__init__()
+        dims = [in_features] + list(sizes)
+        self.layers = nn.ModuleList(MetaLinear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.last_activation = last_activation
+
+    @property
+    def out_features(self) -> int:
+        last = self.layers[-1]
+        assert isinstance(last, MetaLinear)
+        return last.out_features
+
+    def forward(self, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, params, f"{prefix}layers.{i}.")
+            if i < len(self.layers) - 1 or self.last_activation:
+                x = torch.relu(x)
+        return x
+
+
+class DenseArch(nn.Module):
+    """MLP of the dense features -> ``[R, D]``. With no dense feature (an all-categorical
+    data set) it is one layer of 0 inputs whose bias is a learned vector, the same for
+    every row (its dots with the embeddings are then learned first-order terms); no ReLU,
+    which would leave its negative units dead forever, and the bias drawn like an
+    embedding row (nn.Linear gives a layer of no inputs a zero bias)."""
+
+    def __init__(self, num_dense: int, sizes: list[int], embedding_dim: int) -> None:
+        super().__init__()
+        if num_dense == 0:
+            self.mlp = MLP(0, [embedding_dim], last_activation=False)
+            nn.init.normal_(self.mlp.layers[0].bias, std=embedding_dim ** -0.5)  # type: ignore[arg-type]
+        else:
+            self.mlp = MLP(num_dense, list(sizes) + [embedding_dim], last_activation=True)
+
+    def forward(self, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
+        return self.mlp(x, params, prefix + "mlp.")
+
+
+class InteractionArch(nn.Module):
+    """DLRM dot interaction: dense vector plus the pairwise dots of all F+1 vectors."""
+
+    upper: torch.Tensor  # a buffer, registered in __init__
+
+    def __init__(self, num_sparse: int) -> None:
+        super().__init__()
+        n = num_sparse + 1
+        rows, cols = torch.triu_indices(n, n, offset=1)
+        # flat positions of the upper triangle: index_select's backward is an index_add,
+        # 2x faster on CPU than the accumulating index_put of dots[..., rows, cols]
+        self.register_buffer("upper", rows * n + cols, persistent=False)
+
+    @staticmethod
+    def out_features(num_sparse: int, embedding_dim: int) -> int:
+        return embedding_dim + (num_sparse + 1) * num_sparse // 2
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """dense [..., D], sparse [..., F, D] -> [..., D + (F+1)F/2]"""
+        combined = torch.cat([dense.unsqueeze(-2), sparse], dim=-2)
+        dots = combined @ combined.transpose(-1, -2)
+        upper: torch.Tensor = self.upper  # a buffer
+        return torch.cat([dense, dots.flatten(-2).index_select(-1, upper)], dim=-1)
+
+
+class OverArch(nn.Module):
+    """The top MLP: hidden layers ``sizes`` (ReLU) and an output layer of one unit."""
+
+    def __init__(self, in_features: int, sizes: list[int]) -> None:
+        super().__init__()
+        self.mlp = MLP(in_features, list(sizes) + [1], last_activation=False)
+
+    def forward(self, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
+        return self.mlp(x, params, prefix + "mlp.").squeeze(-1)
+
+
+def fields(dense_vec: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """The F+1 vectors of a row: the dense arch's output first, then the pooled rows:
+    ``[..., R, D]``, ``[..., R, F, D]`` -> ``[..., R, F+1, D]``."""
+    return torch.cat([dense_vec.unsqueeze(-2), pooled], dim=-2)
+
+
+class Head(nn.Module):
+    """What every head shares: the objective and its loss and predictions, and the name of
+    its output layer (``last``: ANIL's layer; its bias starts a regression at the mean label).
+
+    Shapes: dense ``[..., R, nd]``, pooled ``[..., R, F, D]`` -> outputs ``[..., R]``; the
+    leading dim is the task dim N when per-task weights ``[N, ...]`` are passed in ``params``.
+    ``objective`` (model.objective) says what an output is: a logit ("binary") or the
+    prediction itself ("regression"); ``pointwise_loss`` and ``predict`` follow it.
+    """
+
+    arch: ClassVar[str]
+    last_layer: str  # module name of the output layer
+
+    def __init__(self, objective: str) -> None:
+        super().__init__()
+        self.objective = objective
+
+    @classmethod
+    def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int) -> Head:
+        """The head sized by ``model.*`` (every concrete head takes these arguments first)."""
+        return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch,  # type: ignore[call-arg, arg-type]
+                   m.objective)
+
+    def output_layer(self) -> MetaLinear:
+        layer = self.get_submodule(self.last_layer)
+        assert isinstance(layer, MetaLinear)
+        return layer
+
+    def pointwise_loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Loss of every row (no reduction): binary cross-entropy on logits, or squared error."""
+        if self.objective == "regression":
+            return (out - labels) ** 2
+        return F.binary_cross_entropy_with_logits(out, labels, reduction="none")
+
+    def predict(self, out: torch.Tensor) -> torch.Tensor:
+        """Outputs -> predictions: probabilities (sigmoid of the logits), or the outputs as they are."""
+        return out if self.objective == "regression" else torch.sigmoid(out)
+
+
+class DLRMHead(Head):
+    """DLRM: dense_arch -> dot interaction of the F+1 vectors -> over_arch."""
+
+    arch = "dlrm"
+
+    def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
+                 over_sizes: list[int], objective: str = "binary") -> None:
+        super().__init__(objective)
+        self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
+        self.interaction = InteractionArch(num_sparse)
+        self.over_arch = OverArch(InteractionArch.out_features(num_sparse, embedding_dim), over_sizes)
+        self.last_layer = f"over_arch.mlp.layers.{len(over_sizes)}"
+
+    def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
+        """``params``: weights to use instead of the module's own, by parameter name."""
+        x = self.interaction(self.dense_arch(dense, params, "dense_arch."), pooled)
+        return self.over_arch(x, params, "over_arch.")
+
+
+class CrossLayer(nn.Module):
+    """One DCN-v2 cross layer: ``x0 * (W x + b) + x``, W full rank ``[d, d]`` (``w``) or of
+    rank r as ``U (V x + c)`` (``v`` [r, d] then ``u`` [d, r]; V's bias c adds nothing U's
+    bias b could not hold, and is there because every MetaLinear has one). A task's fast
+    weights are W (or U and V); the product with x0 and the residual are fixed operations
+    on the linear map's output."""
+
+    def __init__(self, width: int, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+        if rank:
+            self.v = MetaLinear(width, rank)
+            self.u = MetaLinear(rank, width)
+        else:
+            self.w = MetaLinear(width, width)
+
+    def forward(self, x0: torch.Tensor, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
+        if self.rank:
+            h = self.u(self.v(x, params, prefix + "v."), params, prefix + "u.")
+        else:
+            h = self.w(x, params, prefix + "w.")
+        return torch.addcmul(x, x0, h)
+
+
+class CrossNet(nn.Module):
+    def __init__(self, width: int, num_layers: int, rank: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(CrossLayer(width, rank) for _ in range(num_layers))
+
+    def forward(self, x0: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
+        x = x0
+        for i, layer in enumerate(self.layers):
+            x = layer(x0, x, params, f"{prefix}layers.{i}.")
+        return x
+
+
+class DCNv2Head(Head):
+    """DCN-v2 (Wang et al., 2021): x0 = the F+1 vectors side by side ``[(F+1) D]``; ``cross``
+    layers over it, then the deep ``over_arch`` ("stacked"), or the cross layers and the deep
+    tower side by side, their outputs joined by the ``output`` layer ("parallel")."""
+
+    arch = "dcn_v2"
+
+    def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
+                 over_sizes: list[int], objective: str = "binary", *, cross_layers: int = 3, cross_rank: int = 0,
+                 structure: str = "stacked") -> None:
+        super().__init__(objective)
+        if structure not in ("stacked", "parallel"):
+            raise ValueError(f"DCN-v2 structure: 'stacked' or 'parallel', got {structure!r}")
+        if structure == "parallel" and not over_sizes:
+            raise ValueError("DCN-v2 parallel: the deep tower (model.over_arch) needs at least one layer")
+        width = (num_sparse + 1) * embedding_dim
+        self.structure = structure
+        self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
+        self.cross = CrossNet(width, cross_layers, cross_rank)
+        if structure == "stacked":
+            self.over_arch = OverArch(width, over_sizes)
+            self.last_layer = f"over_arch.mlp.layers.{len(over_sizes)}"
+        else:
+            self.deep = MLP(width, over_sizes, last_activation=True)
+            self.output = MetaLinear(width + over_sizes[-1], 1)
+            self.last_layer = "output"
+
+    @classmethod
+    def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int) -> Head:
+        return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch, m.objective,
+                   cross_layers=m.cross_layers, cross_rank=m.cross_rank, structure=m.cross_structure)
+
+    def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
+        x0 = fields(self.dense_arch(dense, params, "dense_arch."), pooled).flatten(-2)
+        crossed = self.cross(x0, params, "cross.")
+        if self.structure == "stacked":
+            return self.over_arch(crossed, params, "over_arch.")
+        deep = self.deep(x0, params, "deep.")
+        return self.output(torch.cat([crossed, deep], dim=-1), params, "output.").squeeze(-1)
+
+
+class DeepFMHead(Head):
+    """DeepFM (Guo et al., 2017): first-order term + FM second-order term + deep tower,
+    summed, over the F+1 vectors (the dense arch's output a field like the others).
+
+    The FM term is the sum over pairs of fields of their dot, ``((sum v)^2 - sum v^2) / 2``
+    summed over the dims, with no weights. The first-order term is the ``linear`` layer over
+    x0: an id's own weight is w_f . e_id, tied to its row rather than held in a second,
+    one-wide table per feature, so one table per feature serves all three terms (DeepFM
+    shares its embeddings between FM and the deep part too)."""
+
+    arch = "deepfm"
+
+    def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
+                 over_sizes: list[int], objective: str = "binary") -> None:
+        super().__init__(objective)
+        width = (num_sparse + 1) * embedding_dim
+        self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
+        self.linear = MetaLinear(width, 1)
+        self.over_arch = OverArch(width, over_sizes)
+        self.last_layer = f"over_arch.mlp.layers.{len(over_sizes)}"
+
+    def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
+        v = fields(self.dense_arch(dense, params, "dense_arch."), pooled)
+        x0 = v.flatten(-2)
+        fm = 0.5 * (v.sum(-2).square() - v.square().sum(-2)).sum(-1)
+        return self.linear(x0, params, "linear.").squeeze(-1) + fm + self.over_arch(x0, params, "over_arch.")
+
+
+class WideDeepHead(Head):
+    """Wide & Deep (Cheng et al., 2016): a ``wide`` linear layer over the raw dense features
+    and the F pooled rows, plus the deep tower (dense_arch, then over_arch over the F+1
+    vectors), summed. The wide part's weight of an id is w_f . e_id, tied to the id's row
+    (one table per feature; no crossed-id columns)."""
+
+    arch = "wide_deep"
+
+    def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
+                 over_sizes: list[int], objective: str = "binary") -> None:
+        super().__init__(objective)
+        self.wide = MetaLinear(num_dense + num_sparse * embedding_dim, 1)
+        self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
+        self.over_arch = OverArch((num_sparse + 1) * embedding_dim, over_sizes)
+        self.last_layer = f"over_arch.mlp.layers.{len(over_sizes)}"
+
+    def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
+        flat = pooled.flatten(-2)
+        dense_in = dense.expand(*flat.shape[:-1], dense.shape[-1])  # (shared dense rows under per-task pooled)
+        wide = self.wide(torch.cat([dense_in, flat], dim=-1), params, "wide.").squeeze(-1)
+        x0 = fields(self.dense_arch(dense, params, "dense_arch."), pooled).flatten(-2)
+        return wide + self.over_arch(x0, params, "over_arch.")
+
+
+HEADS: dict[str, type[Head]] = {h.arch: h for h in (DLRMHead, DCNv2Head, DeepFMHead, WideDeepHead)}
+
+
+def build_head(m: ModelConfig, num_dense: int, num_sparse: int) -> Head:
+    """The head ``model.arch`` names, sized by the config."""
+    return HEADS[m.arch].from_config(m, num_dense, num_sparse)
+
+
+def adapted_layers(head: Head, adapt_dense: list[str]) -> dict[str, MetaLinear]:
+    """The linear layers ``meta.adapt_dense`` selects, by module name: ``all`` (every layer
+    of the head), a part (``dense_arch``, ``over_arch``, ``cross``, ...: all its layers), one
+    layer (``over_arch.mlp.layers.1``), or ``last``, the output layer (ANIL: adapt the head's
+    last layer only)."""
+    layers = {name: mod for name, mod in head.named_modules() if isinstance(mod, MetaLinear)}
+    out = {}
+    for part in adapt_dense:
+        if part == "all":
+            out.update(layers)
+            continue
+        name = head.last_layer if part == "last" else part
+        chosen = {n: m for n, m in layers.items() if n == name or n.startswith(name + ".")}
+        if not chosen:
+            raise ValueError(f"meta.adapt_dense: {part!r} names no layer of the head; its layers: {sorted(layers)}")
+        out.update(chosen)
+    return out
+
+
+def head_parts(head: nn.Module) -> list[str]:
+    """The names of the head's parts that hold linear layers (what ``meta.adapt_dense`` may
+    name whole): its direct children with a MetaLinear in them."""
+    return [name for name, child in head.named_children()
+            if isinstance(child, MetaLinear) or any(isinstance(m, MetaLinear) for m in child.modules())]
+
+
+FILM = ("film_scale", "film_shift")  # the per-task parameters of a FiLM-adapted layer: [out] each
+
+
+def adapted_shapes(head: Head, adapt_dense: list[str], dense_adaptation: str) -> dict[str, torch.Size]:
+    """Name and shape of every per-task parameter the inner loop adapts in the head (what
+    Meta-SGD learns a rate for): the chosen layers' weights and biases ("weights"), their
+    biases ("bias"), or their FiLM scale and shift ("film", ``<layer>.film_scale``)."""
+    out = {}
+    for name, mod in adapted_layers(head, adapt_dense).items():
+        if dense_adaptation == "film":
+            out.update({f"{name}.{n}": torch.Size([mod.out_features]) for n in FILM})
+        else:
+            for n in ("weight", "bias") if dense_adaptation == "weights" else ("bias",):
+                out[f"{name}.{n}"] = getattr(mod, n).shape
+    return out
