@@ -1038,19 +1038,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict = {}
     where = ""
     if path is not None:
-        p = Path(path)
-        where = f" (in {p})"
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = _yaml(p.read_text(), keep_text=True)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
-        data = loaded
+        files: list[Path] = []
+        data = _read_file(Path(path), files)
+        where = f" (in {files[0]}" + (f", over {', '.join(map(str, files[1:]))})" if len(files) > 1 else ")")
     from_file = _keys(data)  # the keys the YAML file sets, to tell its errors from the overrides'
     applied: list[tuple[str, str]] = []  # (the key as errors name it, the override as typed)
     for item in overrides or []:
@@ -1067,6 +1057,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         culprit = _override_of(str(e).split(":", 1)[0], applied, from_file)
         raise ConfigError(f"{e} (in the command-line override {culprit!r})" if culprit else f"{e}{where}") from None
     return cfg
+
+
+def _read_file(p: Path, chain: list[Path]) -> dict:
+    """The config data of the YAML file ``p``: a file that sets ``base`` (a path, relative to
+    the file) holds the values it changes over that file's (mappings merged key by key,
+    anything else, lists too, replaced); ``chain`` gets every file read, ``p`` first.
+    (A few lines rather than Hydra or OmegaConf: one key, and errors that name the file.)"""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}" + (f" (the base of {chain[-1]})" if chain else ""))
+    if p.resolve() in [c.resolve() for c in chain]:
+        raise ConfigError(f"{chain[-1]}: base: {p} is already in the chain of bases ({' -> '.join(map(str, chain))})")
+    chain.append(p)
+    try:
+        loaded = _yaml(p.read_text(), keep_text=True)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    if "base" not in loaded:
+        return loaded
+    base = _plain(loaded.pop("base"))
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"base: must be the path of a config file (relative to {p.parent}), got {base!r} (in {p})")
+    return _merged(_read_file(p.parent / base, chain), loaded)
+
+
+def _merged(base: Any, over: Any) -> Any:
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _merged(base[k], v) if k in base else v for k, v in over.items()}}
+    return over
 
 
 def _keys(data: Any, prefix: str = "") -> set[str]:

@@ -163,3 +163,34 @@ def test_text_fields_take_unquoted_yaml_as_written(tmp_path):
     # a list item named by a number is found by its text
     named = load_config(None, ["features.sparse=[{name: 7, num_embeddings: 10}]", "features.sparse.7.min_count=2"])
     assert named.features.sparse[0].name == "7" and named.features.sparse[0].min_count == 2
+
+
+def test_a_config_with_a_base_changes_only_what_it_sets(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "base.yaml").write_text(
+        "model:\n  embedding_dim: 8\n  over_arch: [32, 16]\nmeta:\n  inner_lr: 0.2\n  adapt_dense: [over_arch]\n")
+    (tmp_path / "mid.yaml").write_text("base: shared/base.yaml\nmodel:\n  over_arch: [7]\n  arch: deepfm\n")
+    (tmp_path / "top.yaml").write_text("base: mid.yaml\nmeta:\n  inner_lr: 0.05\n")
+    cfg = load_config(tmp_path / "top.yaml", ["model.embedding_dim=4"])
+    assert cfg.model.arch == "deepfm" and cfg.model.over_arch == [7]  # a list is replaced, not merged
+    assert cfg.model.embedding_dim == 4 and cfg.meta.inner_lr == 0.05  # the override, then the nearest file
+    assert cfg.meta.adapt_dense == ["over_arch"]  # kept from the base
+    assert "base" not in dump_yaml(cfg)  # a saved config stands alone
+
+
+def test_a_bad_base_names_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file not found: .*missing.yaml \(the base of .*a.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("base: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError, match="already in the chain of bases"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "d.yaml").write_text("base: [x]\n")
+    with pytest.raises(ConfigError, match=r"^base: must be the path of a config file.*d.yaml"):
+        load_config(tmp_path / "d.yaml")
+    # an error in a value names the file and the bases under it
+    (tmp_path / "e.yaml").write_text("model:\n  embedding_dim: 0\n")
+    (tmp_path / "f.yaml").write_text("base: e.yaml\n")
+    with pytest.raises(ConfigError, match=r"model.embedding_dim: must be >= 1 \(in .*f.yaml, over .*e.yaml\)"):
+        load_config(tmp_path / "f.yaml")

@@ -277,3 +277,12 @@ def _every_embedding_optimizer_trains(rank, world, cfg_path, shards):
 
 def test_every_fused_embedding_optimizer_trains(debug_config_path, debug_data):
     run_ranks(_every_embedding_optimizer_trains, WORLD, str(debug_config_path), str(debug_data["shards"]))
+
+
+@pytest.mark.parametrize("arch", [
+    ["model.arch=dcn_v2", "model.cross_layers=2", "model.cross_rank=3", "model.cross_structure=parallel"],
+    ["model.arch=deepfm"], ["model.arch=wide_deep"]], ids=["dcn_v2", "deepfm", "wide_deep"])
+def test_each_head_on_two_ranks_equals_single_process_reference(debug_config_path, debug_data, arch):
+    # second order, every layer of the head and every row adapted, tables sharded row-wise
+    run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]), False,
+              "row_wise", arch)
