@@ -26,6 +26,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from gmeta.meta.layout import BatchLayout
+from gmeta.models.heads import adapted_parameter_names
 from gmeta.types import TaskBatch
 
 
@@ -115,7 +116,7 @@ def _loss(head, params, rows, dense, y, m, occ, slot, div, nf):
 def loop_loss(head, rows: torch.Tensor, views: TaskViews, nf: int, kw: dict) -> torch.Tensor:
     """Per task: clone-free fast weights through functional_call, autograd.grad per step."""
     params = dict(head.named_parameters())
-    adapted = [n for n in params if n.split(".")[0] in kw["adapt_dense"]]
+    adapted = adapted_parameter_names(head, kw["adapt_dense"])
     losses = []
     for v in views.loop:
         fast = dict(params)
@@ -138,7 +139,7 @@ def loop_loss(head, rows: torch.Tensor, views: TaskViews, nf: int, kw: dict) -> 
 def vmap_loss(head, rows: torch.Tensor, views: TaskViews, nf: int, kw: dict) -> torch.Tensor:
     """All tasks at once: vmap over a per-task inner loop written with torch.func.grad."""
     params = {n: p for n, p in head.named_parameters()}
-    adapted = {n: p for n, p in params.items() if n.split(".")[0] in kw["adapt_dense"]}
+    adapted = {n: params[n] for n in adapted_parameter_names(head, kw["adapt_dense"])}
     frozen = {n: p for n, p in params.items() if n not in adapted}
     p = views.padded
 

@@ -35,12 +35,18 @@ Then the full training step (torchrec lookup with its fused update, dense Adam) 
 MAML vs ERM, and the rows sent to the embedding tables per meta-batch: every id
 occurrence (before deduplication) vs the distinct (feature, id) pairs sent now.
 
+Every model with each head of ``--archs`` (model.arch: dlrm, dcn_v2, deepfm, wide_deep; the
+same features, sizes and rows, the over arch the deep tower; every layer of the head adapted,
+meta.adapt_dense all), named ``<model>_<arch>`` in the figures (the DLRM's plain ``<model>``).
+
     python benchmarks/meta_step.py [--repeats 7] [--threads 1 2] [--models ads_cvr criteo criteo_narrow]
+                                   [--archs dlrm dcn_v2 deepfm wide_deep]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -63,6 +69,7 @@ from gmeta.meta.fast_weights import choose_fast_weights
 from gmeta.meta.layout import layout_of
 from gmeta.meta.maml import maml_loss
 from gmeta.models.dlrm import build_model
+from gmeta.models.heads import HEADS
 from gmeta.parallel.dist import DenseGradSync, free_port
 from gmeta.parallel.sharding import shard_model
 from gmeta.train import train_step
@@ -236,11 +243,20 @@ def bench_train_step(name: str, cfg: Config, batch, repeats: int, threads: int, 
           f"({res['second_over_erm']:.2f} of ERM)")
 
 
+def with_arch(cfg: Config, arch: str) -> Config:
+    """``cfg`` with the head ``arch`` (model.arch), every layer of it adapted."""
+    out = copy.deepcopy(cfg)
+    out.model.arch = arch  # type: ignore[assignment]
+    out.meta.adapt_dense = ["all"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--models", nargs="+", default=["ads_cvr", *CRITEO], choices=["ads_cvr", *CRITEO])
+    ap.add_argument("--archs", nargs="+", default=["dlrm"], choices=list(HEADS))
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gmeta-bench"))
     args = ap.parse_args()
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -255,6 +271,8 @@ def main() -> None:
         if size in args.models:
             cfg, rows = criteo_config(size), CRITEO[size][3]
             setups.append((f"{size}_N128", cfg, criteo_batch(cfg, 128, rows, rows, seed=0)))
+    setups = [(name if arch == "dlrm" else name.replace("_N", f"_{arch}_N"), with_arch(cfg, arch), batch)
+              for arch in args.archs for name, cfg, batch in setups]
     results = {}
     for threads in args.threads:
         torch.set_num_threads(threads)

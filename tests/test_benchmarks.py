@@ -23,13 +23,15 @@ def _restore_environment():
     os.environ.update(saved)
 
 
-@pytest.mark.parametrize("first_order", [False, True])
-def test_torch_func_contenders_equal_gmeta(debug_config_path, debug_data, first_order):
-    model, head, batch, tables = _setup(debug_config_path, debug_data, n_tasks=6)
+@pytest.mark.parametrize("first_order, arch, adapt", [
+    (False, "dlrm", ["dense_arch", "over_arch"]), (True, "dlrm", ["dense_arch", "over_arch"]),
+    (False, "dcn_v2", ["all"]), (False, "deepfm", ["all"]), (True, "wide_deep", ["all"])])
+def test_torch_func_contenders_equal_gmeta(debug_config_path, debug_data, first_order, arch, adapt):
+    """The contenders adapt the same layers as gmeta, of every head (``all`` included)."""
+    model, head, batch, tables = _setup(debug_config_path, debug_data, n_tasks=6, extra=[f"model.arch={arch}"])
     rows, layout = _lookup(model, batch, tables, 2)
     rows = rows.detach().requires_grad_(True)
-    kw = dict(steps=2, lr=0.3, emb_lr=0.6, adapt_dense=["dense_arch", "over_arch"], adapt_embeddings=True,
-              first_order=first_order)
+    kw = dict(steps=2, lr=0.3, emb_lr=0.6, adapt_dense=adapt, adapt_embeddings=True, first_order=first_order)
     wrt = list(head.parameters()) + [rows]
     ref = maml_loss(head, rows, batch, layout, **kw).loss
     ref_grads = torch.autograd.grad(ref, wrt)
@@ -82,15 +84,18 @@ def test_bias_baseline_recovers_item_means_and_task_offsets():
     np.testing.assert_allclose(predict(train, new, 0, 2)[2], [3.25, 3.25])
 
 
-def test_meta_step_reports_every_contender_as_a_share_of_erm(debug_config_path, debug_data, capsys):
+@pytest.mark.parametrize("arch", ["dlrm", "dcn_v2"])
+def test_meta_step_reports_every_contender_as_a_share_of_erm(debug_config_path, debug_data, capsys, arch):
     """benchmarks/meta_step.py's model section on a small model whose tasks fill two size
     buckets: every contender (both vmap variants included) runs, first and second order, and
-    each one's rows/s is also given as a share of ERM's on the same rows."""
-    from benchmarks.meta_step import bench_model
+    each one's rows/s is also given as a share of ERM's on the same rows; with another head
+    (--archs), every layer of it adapted."""
+    from benchmarks.meta_step import bench_model, with_arch
     from gmeta.config import load_config
     from gmeta.io.reader import TaskReader
 
-    cfg = load_config(debug_config_path, ["meta.size_buckets=2"])
+    cfg = with_arch(load_config(debug_config_path, ["meta.size_buckets=2"]), arch)
+    assert cfg.model.arch == arch and cfg.meta.adapt_dense == ["all"]
     batch = next(iter(TaskReader(debug_data["shards"], "train", 4, shuffle=False, size_buckets=2)))
     results: dict = {}
     bench_model("debug", cfg, batch, repeats=1, threads=1, results=results)

@@ -377,6 +377,13 @@ def adapted_layers(head: Head, adapt_dense: list[str]) -> dict[str, MetaLinear]:
     return out
 
 
+def adapted_parameter_names(head: Head, adapt_dense: list[str]) -> list[str]:
+    """The names of the head's parameters ``meta.adapt_dense`` selects (weights and biases of
+    ``adapted_layers``), in ``named_parameters`` order."""
+    layers = adapted_layers(head, adapt_dense)
+    return [n for n, _ in head.named_parameters() if n.rpartition(".")[0] in layers]
+
+
 def head_parts(head: nn.Module) -> list[str]:
     """The names of the head's parts that hold linear layers (what ``meta.adapt_dense`` may
     name whole): its direct children with a MetaLinear in them."""
