@@ -39,14 +39,33 @@ layers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from gmeta.config import ModelConfig
+
+class ModelConfig(Protocol):
+    """What a head is built from: gmeta.config.ModelConfig (``model.*``), read only here
+    (named by its fields, so that this module does not import the config it helps check)."""
+
+    @property
+    def arch(self) -> str: ...
+    @property
+    def objective(self) -> str: ...
+    @property
+    def embedding_dim(self) -> int: ...
+    @property
+    def dense_arch(self) -> list[int]: ...
+    @property
+    def over_arch(self) -> list[int]: ...
+    @property
+    def cross_layers(self) -> int: ...
+    @property
+    def cross_rank(self) -> int: ...
+    @property
+    def cross_structure(self) -> str: ...
 
 
 class LinearHook:
