@@ -58,18 +58,18 @@ _MAML = ["meta.algorithm=maml", "meta.adapt_embeddings=true", "meta.first_order=
 VARIANTS = [
     Variant("ERM", "erm", ["meta.algorithm=erm"], erm=True),
     Variant("ERM + fine-tuning", "erm", ["meta.algorithm=erm"], fine_tune=True, erm=True),
-    Variant("MAML (dense + embeddings, 2nd order)", "maml", [*_MAML, "meta.adapt_dense=[dense_arch, over_arch]",
+    Variant("MAML (dense + embeddings, 2nd order)", "maml", [*_MAML, "meta.adapt_dense=[all]",
                                                              "meta.dense_adaptation=weights"]),
     Variant("MAML, ANIL (last layer + embeddings)", "anil", [*_MAML, "meta.adapt_dense=[last]",
                                                              "meta.dense_adaptation=weights"]),
-    Variant("MAML, FiLM of every layer + embeddings", "film", [*_MAML, "meta.adapt_dense=[dense_arch, over_arch]",
+    Variant("MAML, FiLM of every layer + embeddings", "film", [*_MAML, "meta.adapt_dense=[all]",
                                                                "meta.dense_adaptation=film"]),
-    Variant("MAML, biases + embeddings", "bias", [*_MAML, "meta.adapt_dense=[dense_arch, over_arch]",
+    Variant("MAML, biases + embeddings", "bias", [*_MAML, "meta.adapt_dense=[all]",
                                                   "meta.dense_adaptation=bias"]),
     Variant("MAML, ANIL + the task side's rows", "anil_task", [*_MAML, "meta.adapt_dense=[last]",
                                                               "meta.dense_adaptation=weights"], task_rows=True),
     Variant("Reptile (dense + embeddings)", "reptile", ["meta.algorithm=reptile", "meta.adapt_embeddings=true",
-                                                        "meta.adapt_dense=[dense_arch, over_arch]",
+                                                        "meta.adapt_dense=[all]",
                                                         "meta.dense_adaptation=weights"]),
 ]
 BY_SLUG: dict[str, Variant] = {}  # erm_ft: ERM + fine-tuning
