@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -95,6 +96,13 @@ class FeaturesConfig:
     timestamp: str = "ts"
     # 0/1 for model.objective "binary"; any finite number for "regression".
     label: str = "label"
+    # Several label columns per row, trained together (e.g. [click, conversion]): the head
+    # outputs one value per label and a row's loss is the sum of the labels' losses
+    # weighted by label_weights. Empty: the one column features.label. Each is checked as
+    # features.label is (positive_labels / negative_labels apply to every one).
+    labels: list[str] = field(default_factory=list)
+    # The weight of each label's loss, in the order of features.labels (empty: 1 each).
+    label_weights: list[float] = field(default_factory=list)
     # Binary labels in another encoding than 0/1 (e.g. -1/+1, true/false, "click"/"none"):
     # the values read as 1 and those read as 0, compared as numbers when both sides are
     # numbers, else as text. Values are text as written ([yes] is "yes", not a YAML
@@ -123,6 +131,14 @@ class FeaturesConfig:
     # Applied to every dense value by prepare and serving: "log1p" is sign(x) * log(1 + |x|)
     # (for heavy-tailed counts such as Criteo's integer features).
     dense_transform: Literal["none", "log1p"] = "none"
+
+    def label_names(self) -> list[str]:
+        """The label columns: ``labels``, or the one ``label``."""
+        return list(self.labels) or [self.label]
+
+    def loss_weights(self) -> list[float]:
+        """The weight of each label's loss (``label_weights``, or 1 each)."""
+        return [float(w) for w in self.label_weights] or [1.0] * len(self.label_names())
 
 
 @dataclass
@@ -582,6 +598,21 @@ def validate(cfg: Config) -> None:
     f = cfg.features
     _check(bool(f.task_key), "features.task_key", "must not be empty")
     _check(bool(f.label), "features.label", "must not be empty")
+    for i, name in enumerate(f.labels):
+        _check(bool(name), f"features.labels[{i}]", "must not be empty")
+    _check(len(set(f.labels)) == len(f.labels), "features.labels", f"names repeat: {list(f.labels)}")
+    _check(not f.labels or f.label in (FeaturesConfig.label, f.labels[0]), "features.label",
+           f"is {f.label!r} but features.labels {list(f.labels)} lists the label columns: leave features.label "
+           "unset or make it the first of features.labels")
+    _check(not f.label_weights or len(f.label_weights) == len(f.label_names()), "features.label_weights",
+           f"{len(f.label_weights)} weight(s) for {len(f.label_names())} label(s) {f.label_names()}: give one "
+           "per label, in the order of features.labels")
+    for i, w in enumerate(f.label_weights):
+        _check(math.isfinite(w) and w >= 0, f"features.label_weights[{i}]", f"must be finite and >= 0, got {w}")
+    _check(not f.label_weights or sum(f.label_weights) > 0, "features.label_weights", "must not all be 0")
+    _check(len(f.label_names()) == 1 or cfg.data.source.format not in ("libsvm", "libfm"), "features.labels",
+           f"data.source.format {cfg.data.source.format} has one label per line (its first token): several "
+           "labels need an input format with named columns (parquet, csv, tsv, movielens, recbole)")
     _check(len(f.sparse) > 0, "features.sparse", "at least one sparse feature is required")
     pos, neg = set(f.positive_labels), set(f.negative_labels)
     _check(bool(pos) == bool(neg), "features.positive_labels" if not pos else "features.negative_labels",
@@ -615,7 +646,7 @@ def validate(cfg: Config) -> None:
     _check(not dup, "features", f"duplicate feature names {sorted(dup)}")
     warmup = cfg.data.split.rule == "warmup"
     # under the warm-up rule the task is one id of a sparse feature: the key is that feature too
-    reserved = {f.task_key, f.timestamp, f.label, f.true_prob} - {""} - ({f.task_key} if warmup else set())
+    reserved = {f.task_key, f.timestamp, *f.label_names(), f.true_prob} - {""} - ({f.task_key} if warmup else set())
     clash = reserved & set(names)
     _check(not clash, "features", f"feature names {sorted(clash)} clash with task key/label/timestamp")
 
@@ -703,7 +734,7 @@ def validate(cfg: Config) -> None:
 
     from gmeta.models.heads import build_head, head_parts
 
-    head = build_head(m, len(f.dense), len(f.sparse))
+    head = build_head(m, len(f.dense), len(f.sparse), f.loss_weights())
     parts = head_parts(head)
     layer_names = [n for n, mod in head.named_modules() if isinstance(mod, Linear)]
     for i, part in enumerate(me.adapt_dense):

@@ -2,7 +2,9 @@
 
 Every model is the same sparse arch (one torchrec table per feature, per-id rows the inner
 loop can adapt) under one of these heads: (dense features ``[..., R, nd]``, pooled rows
-``[..., R, F, D]``, optional per-task weights) -> outputs ``[..., R]``.
+``[..., R, F, D]``, optional per-task weights) -> outputs ``[..., R]``, or ``[..., R, L]``
+for the L labels of ``features.labels`` (the output layer then has L units; a row's loss is
+the sum of its labels' losses weighted by ``features.label_weights``).
 
 ============  ===============================================================================
 arch          head (parts, the names ``meta.adapt_dense`` takes)
@@ -39,6 +41,7 @@ layers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar, Protocol
 
 import torch
@@ -166,14 +169,20 @@ class InteractionArch(nn.Module):
 
 
 class OverArch(nn.Module):
-    """The top MLP: hidden layers ``sizes`` (ReLU) and an output layer of one unit."""
+    """The top MLP: hidden layers ``sizes`` (ReLU) and an output layer of ``outputs`` units
+    (one per label; one unit's output is squeezed to ``[..., R]``)."""
 
-    def __init__(self, in_features: int, sizes: list[int]) -> None:
+    def __init__(self, in_features: int, sizes: list[int], outputs: int = 1) -> None:
         super().__init__()
-        self.mlp = MLP(in_features, list(sizes) + [1], last_activation=False)
+        self.mlp = MLP(in_features, list(sizes) + [outputs], last_activation=False)
 
     def forward(self, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
-        return self.mlp(x, params, prefix + "mlp.").squeeze(-1)
+        return per_label(self.mlp(x, params, prefix + "mlp."))
+
+
+def per_label(out: torch.Tensor) -> torch.Tensor:
+    """An output layer's ``[..., R, L]`` as the head's outputs: ``[..., R]`` for one label."""
+    return out.squeeze(-1) if out.shape[-1] == 1 else out
 
 
 def fields(dense_vec: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -186,24 +195,35 @@ class Head(nn.Module):
     """What every head shares: the objective and its loss and predictions, and the name of
     its output layer (``last``: ANIL's layer; its bias starts a regression at the mean label).
 
-    Shapes: dense ``[..., R, nd]``, pooled ``[..., R, F, D]`` -> outputs ``[..., R]``; the
-    leading dim is the task dim N when per-task weights ``[N, ...]`` are passed in ``params``.
+    Shapes: dense ``[..., R, nd]``, pooled ``[..., R, F, D]`` -> outputs ``[..., R]``, or
+    ``[..., R, L]`` with L > 1 labels; the leading dim is the task dim N when per-task
+    weights ``[N, ...]`` are passed in ``params``.
     ``objective`` (model.objective) says what an output is: a logit ("binary") or the
     prediction itself ("regression"); ``pointwise_loss`` and ``predict`` follow it.
+    ``label_weights`` (features.label_weights, one per label): their number is L, and a
+    row's loss is the weighted sum of its labels' losses.
     """
 
     arch: ClassVar[str]
     last_layer: str  # module name of the output layer
+    loss_weights: torch.Tensor  # [L] buffer (not saved: the config holds it), with L > 1 only
 
-    def __init__(self, objective: str) -> None:
+    def __init__(self, objective: str, label_weights: Sequence[float] = (1.0,)) -> None:
         super().__init__()
+        if not label_weights:
+            raise ValueError("label_weights: one weight per label, got none")
         self.objective = objective
+        self.num_labels = len(label_weights)
+        if self.num_labels > 1:
+            self.register_buffer("loss_weights", torch.tensor([float(w) for w in label_weights]), persistent=False)
 
     @classmethod
-    def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int) -> Head:
-        """The head sized by ``model.*`` (every concrete head takes these arguments first)."""
-        return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch,  # type: ignore[call-arg, arg-type]
-                   m.objective)
+    def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int,
+                    label_weights: Sequence[float] = (1.0,)) -> Head:
+        """The head sized by ``model.*`` (every concrete head takes these arguments first),
+        with one output per label weight."""
+        return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch,  # type: ignore[call-arg, arg-type, misc]
+                   m.objective, label_weights=label_weights)
 
     def output_layer(self) -> MetaLinear:
         layer = self.get_submodule(self.last_layer)
@@ -211,13 +231,20 @@ class Head(nn.Module):
         return layer
 
     def pointwise_loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Loss of every row (no reduction): binary cross-entropy on logits, or squared error."""
+        """Loss of every row (no reduction): binary cross-entropy on logits, or squared error;
+        with several labels (``out`` and ``labels`` ``[..., R, L]``), the sum of the labels'
+        losses weighted by ``label_weights``: ``[..., R]``."""
         if self.objective == "regression":
-            return (out - labels) ** 2
-        return F.binary_cross_entropy_with_logits(out, labels, reduction="none")
+            per = (out - labels) ** 2
+        else:
+            per = F.binary_cross_entropy_with_logits(out, labels, reduction="none")
+        if self.num_labels == 1:
+            return per
+        return per @ self.loss_weights.to(per.dtype)
 
     def predict(self, out: torch.Tensor) -> torch.Tensor:
-        """Outputs -> predictions: probabilities (sigmoid of the logits), or the outputs as they are."""
+        """Outputs -> predictions: probabilities (sigmoid of the logits), or the outputs as they
+        are; ``[..., R, L]`` with several labels, one column per label."""
         return out if self.objective == "regression" else torch.sigmoid(out)
 
 
@@ -227,11 +254,13 @@ class DLRMHead(Head):
     arch = "dlrm"
 
     def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
-                 over_sizes: list[int], objective: str = "binary") -> None:
-        super().__init__(objective)
+                 over_sizes: list[int], objective: str = "binary", *,
+                 label_weights: Sequence[float] = (1.0,)) -> None:
+        super().__init__(objective, label_weights)
         self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
         self.interaction = InteractionArch(num_sparse)
-        self.over_arch = OverArch(InteractionArch.out_features(num_sparse, embedding_dim), over_sizes)
+        self.over_arch = OverArch(InteractionArch.out_features(num_sparse, embedding_dim), over_sizes,
+                                  self.num_labels)
         self.last_layer = f"over_arch.mlp.layers.{len(over_sizes)}"
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
@@ -285,8 +314,8 @@ class DCNv2Head(Head):
 
     def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
                  over_sizes: list[int], objective: str = "binary", *, cross_layers: int = 3, cross_rank: int = 0,
-                 structure: str = "stacked") -> None:
-        super().__init__(objective)
+                 structure: str = "stacked", label_weights: Sequence[float] = (1.0,)) -> None:
+        super().__init__(objective, label_weights)
         if structure not in ("stacked", "parallel"):
             raise ValueError(f"DCN-v2 structure: 'stacked' or 'parallel', got {structure!r}")
         if structure == "parallel" and not over_sizes:
@@ -296,17 +325,19 @@ class DCNv2Head(Head):
         self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
         self.cross = CrossNet(width, cross_layers, cross_rank)
         if structure == "stacked":
-            self.over_arch = OverArch(width, over_sizes)
+            self.over_arch = OverArch(width, over_sizes, self.num_labels)
             self.last_layer = f"over_arch.mlp.layers.{len(over_sizes)}"
         else:
             self.deep = MLP(width, over_sizes, last_activation=True)
-            self.output = MetaLinear(width + over_sizes[-1], 1)
+            self.output = MetaLinear(width + over_sizes[-1], self.num_labels)
             self.last_layer = "output"
 
     @classmethod
-    def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int) -> Head:
+    def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int,
+                    label_weights: Sequence[float] = (1.0,)) -> Head:
         return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch, m.objective,
-                   cross_layers=m.cross_layers, cross_rank=m.cross_rank, structure=m.cross_structure)
+                   cross_layers=m.cross_layers, cross_rank=m.cross_rank, structure=m.cross_structure,
+                   label_weights=label_weights)
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
         x0 = fields(self.dense_arch(dense, params, "dense_arch."), pooled).flatten(-2)
@@ -314,7 +345,7 @@ class DCNv2Head(Head):
         if self.structure == "stacked":
             return self.over_arch(crossed, params, "over_arch.")
         deep = self.deep(x0, params, "deep.")
-        return self.output(torch.cat([crossed, deep], dim=-1), params, "output.").squeeze(-1)
+        return per_label(self.output(torch.cat([crossed, deep], dim=-1), params, "output."))
 
 
 class DeepFMHead(Head):
@@ -330,19 +361,22 @@ class DeepFMHead(Head):
     arch = "deepfm"
 
     def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
-                 over_sizes: list[int], objective: str = "binary") -> None:
-        super().__init__(objective)
+                 over_sizes: list[int], objective: str = "binary", *,
+                 label_weights: Sequence[float] = (1.0,)) -> None:
+        super().__init__(objective, label_weights)
         width = (num_sparse + 1) * embedding_dim
         self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
-        self.linear = MetaLinear(width, 1)
-        self.over_arch = OverArch(width, over_sizes)
+        self.linear = MetaLinear(width, self.num_labels)
+        self.over_arch = OverArch(width, over_sizes, self.num_labels)
         self.last_layer = f"over_arch.mlp.layers.{len(over_sizes)}"
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
         v = fields(self.dense_arch(dense, params, "dense_arch."), pooled)
         x0 = v.flatten(-2)
         fm = 0.5 * (v.sum(-2).square() - v.square().sum(-2)).sum(-1)
-        return self.linear(x0, params, "linear.").squeeze(-1) + fm + self.over_arch(x0, params, "over_arch.")
+        if self.num_labels > 1:  # the FM term, which has no weights, is each label's alike
+            fm = fm.unsqueeze(-1)
+        return per_label(self.linear(x0, params, "linear.")) + fm + self.over_arch(x0, params, "over_arch.")
 
 
 class WideDeepHead(Head):
@@ -354,17 +388,18 @@ class WideDeepHead(Head):
     arch = "wide_deep"
 
     def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
-                 over_sizes: list[int], objective: str = "binary") -> None:
-        super().__init__(objective)
-        self.wide = MetaLinear(num_dense + num_sparse * embedding_dim, 1)
+                 over_sizes: list[int], objective: str = "binary", *,
+                 label_weights: Sequence[float] = (1.0,)) -> None:
+        super().__init__(objective, label_weights)
+        self.wide = MetaLinear(num_dense + num_sparse * embedding_dim, self.num_labels)
         self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
-        self.over_arch = OverArch((num_sparse + 1) * embedding_dim, over_sizes)
+        self.over_arch = OverArch((num_sparse + 1) * embedding_dim, over_sizes, self.num_labels)
         self.last_layer = f"over_arch.mlp.layers.{len(over_sizes)}"
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
         flat = pooled.flatten(-2)
         dense_in = dense.expand(*flat.shape[:-1], dense.shape[-1])  # (shared dense rows under per-task pooled)
-        wide = self.wide(torch.cat([dense_in, flat], dim=-1), params, "wide.").squeeze(-1)
+        wide = per_label(self.wide(torch.cat([dense_in, flat], dim=-1), params, "wide."))
         x0 = fields(self.dense_arch(dense, params, "dense_arch."), pooled).flatten(-2)
         return wide + self.over_arch(x0, params, "over_arch.")
 
@@ -372,9 +407,10 @@ class WideDeepHead(Head):
 HEADS: dict[str, type[Head]] = {h.arch: h for h in (DLRMHead, DCNv2Head, DeepFMHead, WideDeepHead)}
 
 
-def build_head(m: ModelConfig, num_dense: int, num_sparse: int) -> Head:
-    """The head ``model.arch`` names, sized by the config."""
-    return HEADS[m.arch].from_config(m, num_dense, num_sparse)
+def build_head(m: ModelConfig, num_dense: int, num_sparse: int, label_weights: Sequence[float] = (1.0,)) -> Head:
+    """The head ``model.arch`` names, sized by the config, with an output per label
+    (``label_weights``: features.label_weights, one per label)."""
+    return HEADS[m.arch].from_config(m, num_dense, num_sparse, label_weights)
 
 
 def adapted_layers(head: Head, adapt_dense: list[str]) -> dict[str, MetaLinear]:
