@@ -310,8 +310,10 @@ class ModelConfig:
     # is the prediction itself (e.g. a rating), squared error, RMSE/MAE.
     objective: Literal["binary", "regression"] = "binary"
     # The dense head over the pooled rows (gmeta.models.heads): "dlrm" (dot interaction),
-    # "dcn_v2" (cross layers), "deepfm" (first order + FM + deep), "wide_deep" (wide + deep).
-    arch: Literal["dlrm", "dcn_v2", "deepfm", "wide_deep"] = "dlrm"
+    # "dcn_v2" (cross layers), "deepfm" (first order + FM + deep), "wide_deep" (wide + deep),
+    # "mmoe" (shared experts, a gate and a tower per label of features.labels), "esmm" (CTR
+    # and CVR towers; features.labels: [click, conversion], trained as pCTR and pCTCVR).
+    arch: Literal["dlrm", "dcn_v2", "deepfm", "wide_deep", "mmoe", "esmm"] = "dlrm"
     embedding_dim: int = 16
     # Hidden sizes of the bottom MLP on dense features; its output has embedding_dim units.
     dense_arch: list[int] = field(default_factory=lambda: [64])
@@ -325,6 +327,10 @@ class ModelConfig:
     cross_layers: int = 3
     cross_rank: int = 0
     cross_structure: Literal["stacked", "parallel"] = "stacked"
+    # mmoe: the number of experts and their hidden sizes (MLPs over the F+1 vectors side by
+    # side); each label's tower has the hidden sizes of over_arch.
+    experts: int = 4
+    expert_arch: list[int] = field(default_factory=lambda: [64])
     # Storage of the embedding tables: "fp16" halves their memory and all-to-all bytes;
     # looked-up rows are computed with in fp32.
     embedding_dtype: Literal["fp32", "fp16"] = "fp32"
@@ -344,8 +350,9 @@ class MetaConfig:
     first_order: bool = False
     # Dense layers adapted in the inner loop: "all" (every layer of the head), whole parts
     # (dense_arch, over_arch; dcn_v2: cross, and deep and output when parallel; deepfm:
-    # linear; wide_deep: wide), single layers by name (over_arch.mlp.layers.1), or "last":
-    # the output layer only (ANIL).
+    # linear; wide_deep: wide; mmoe: experts, gates, towers, no over_arch; esmm: ctr, cvr,
+    # no over_arch), single layers by name (over_arch.mlp.layers.1), or "last": the output
+    # layer only (ANIL; every tower's with mmoe and esmm).
     adapt_dense: list[str] = field(default_factory=lambda: ["all"])
     # What the inner loop changes in those layers: their weights and biases ("weights"),
     # their biases only ("bias"), or a per-task scale and shift of their outputs ("film",
@@ -724,6 +731,14 @@ def validate(cfg: Config) -> None:
     _check(me.embedding_inner_lr > 0, "meta.embedding_inner_lr", "must be > 0")
     _check(me.size_buckets >= 1, "meta.size_buckets", "must be >= 1")
     _check(me.erm_weight >= 0, "meta.erm_weight", "must be >= 0 (0: no ERM term)")
+    _check(m.experts >= 1, "model.experts", "must be >= 1")
+    _check(bool(m.expert_arch) and all(h >= 1 for h in m.expert_arch), "model.expert_arch",
+           "at least one layer, of sizes >= 1")
+    if m.arch == "esmm":
+        _check(len(f.label_names()) == 2, "features.labels",
+               f"model.arch esmm trains two labels, click then conversion (e.g. features.labels: [click, "
+               f"conversion]), got {f.label_names()}")
+        _check(m.objective == "binary", "model.objective", "model.arch esmm's labels are binary (click, conversion)")
     _check(m.cross_layers >= 1, "model.cross_layers", "must be >= 1")
     _check(m.cross_rank >= 0, "model.cross_rank", "must be >= 0 (0: full rank)")
     _check(not (m.arch == "dcn_v2" and m.cross_structure == "parallel" and not m.over_arch), "model.over_arch",

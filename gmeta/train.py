@@ -512,8 +512,7 @@ class TrainingRun:
             # start the output at the mean label (e.g. a rating of 3.5, not 0): the first steps
             # then learn the features rather than the scale
             with torch.no_grad():
-                bias = self.model.module.head.output_layer().bias
-                bias.copy_(torch.as_tensor(mean, dtype=bias.dtype))  # (one mean per label with several)
+                self.model.module.head.init_output_bias(mean)  # (one mean per label with several)
         if self.resume_from is None:  # ids that map to their feature's default row (resumed: in the checkpoint)
             self.model.module.set_known_ids(known_ids(cfg))
         broadcast_params(dense_params)  # every rank starts from rank 0's dense weights

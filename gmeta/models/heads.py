@@ -17,6 +17,10 @@ deepfm        dense_arch; first-order ``linear`` (x0) + FM second order of the F
               deep over_arch (x0), summed
 wide_deep     ``wide`` linear (the raw dense features and the F pooled rows) + deep
               dense_arch -> over_arch (x0), summed
+mmoe          dense_arch; E ``experts`` (MLPs over x0); per label a ``gates`` layer (softmax
+              over the experts, x0) mixing the experts' outputs into its ``towers`` MLP
+esmm          dense_arch; a CTR and a CVR tower over x0 (``ctr``, ``cvr``); outputs the CTR
+              logit and the logit of pCTCVR = pCTR x pCVR (labels: click, conversion)
 ============  ===============================================================================
 
 Every dense layer is a ``MetaLinear``: it takes ordinary weights ``[out, in]`` or per-task
@@ -69,6 +73,10 @@ class ModelConfig(Protocol):
     def cross_rank(self) -> int: ...
     @property
     def cross_structure(self) -> str: ...
+    @property
+    def experts(self) -> int: ...
+    @property
+    def expert_arch(self) -> list[int]: ...
 
 
 class LinearHook:
@@ -229,6 +237,18 @@ class Head(nn.Module):
         layer = self.get_submodule(self.last_layer)
         assert isinstance(layer, MetaLinear)
         return layer
+
+    def last_layers(self) -> list[str]:
+        """The output layers (``meta.adapt_dense: [last]``): ``last_layer``, or one per
+        label's tower in a head with a tower per label."""
+        return [self.last_layer]
+
+    def init_output_bias(self, mean: float | list[float]) -> None:
+        """Start the outputs at the labels' mean (one number, or one per label): a regression
+        then learns the features first rather than the scale."""
+        bias = self.output_layer().bias
+        with torch.no_grad():
+            bias.copy_(torch.as_tensor(mean, dtype=bias.dtype))
 
     def pointwise_loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss of every row (no reduction): binary cross-entropy on logits, or squared error;
@@ -404,7 +424,106 @@ class WideDeepHead(Head):
         return wide + self.over_arch(x0, params, "over_arch.")
 
 
-HEADS: dict[str, type[Head]] = {h.arch: h for h in (DLRMHead, DCNv2Head, DeepFMHead, WideDeepHead)}
+class MMoEHead(Head):
+    """MMoE (Ma et al., KDD 2018): ``experts`` E MLPs (hidden sizes ``model.expert_arch``)
+    over x0, the F+1 vectors side by side; per label a gate (``gates.<l>``, a linear layer
+    over x0, softmax over the experts) mixes the experts' outputs, and the label's tower
+    (``towers.<l>``: ``model.over_arch`` hidden sizes, one logit) scores the mixture. The
+    experts are shared by every label; gates and towers are each label's own. The softmax
+    and the mixing have no weights: a task's fast weights are the layers of the parts."""
+
+    arch = "mmoe"
+
+    def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
+                 over_sizes: list[int], objective: str = "binary", *, experts: int = 4,
+                 expert_sizes: Sequence[int] = (64,), label_weights: Sequence[float] = (1.0,)) -> None:
+        super().__init__(objective, label_weights)
+        if experts < 1 or not expert_sizes:
+            raise ValueError(f"MMoE: at least one expert of at least one layer, got {experts} expert(s) of "
+                             f"sizes {list(expert_sizes)} (model.experts, model.expert_arch)")
+        width = (num_sparse + 1) * embedding_dim
+        self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
+        self.experts = nn.ModuleList(MLP(width, list(expert_sizes), last_activation=True) for _ in range(experts))
+        self.gates = nn.ModuleList(MetaLinear(width, experts) for _ in range(self.num_labels))
+        self.towers = nn.ModuleList(OverArch(expert_sizes[-1], over_sizes) for _ in range(self.num_labels))
+        self.last_layer = f"towers.0.mlp.layers.{len(over_sizes)}"  # (the first label's; last_layers: all)
+
+    @classmethod
+    def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int,
+                    label_weights: Sequence[float] = (1.0,)) -> Head:
+        return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch, m.objective,
+                   experts=m.experts, expert_sizes=m.expert_arch, label_weights=label_weights)
+
+    def last_layers(self) -> list[str]:
+        return [self.last_layer.replace("towers.0.", f"towers.{i}.", 1) for i in range(self.num_labels)]
+
+    def init_output_bias(self, mean: float | list[float]) -> None:
+        means = mean if isinstance(mean, list) else [mean]
+        with torch.no_grad():
+            for name, m in zip(self.last_layers(), means):
+                layer = self.get_submodule(name)
+                assert isinstance(layer, MetaLinear)
+                layer.bias.fill_(float(m))
+
+    def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
+        x0 = fields(self.dense_arch(dense, params, "dense_arch."), pooled).flatten(-2)
+        experts = torch.stack([e(x0, params, f"experts.{i}.") for i, e in enumerate(self.experts)], dim=-2)
+        outs = []
+        for i, (gate, tower) in enumerate(zip(self.gates, self.towers)):
+            g = torch.softmax(gate(x0, params, f"gates.{i}."), dim=-1)  # [..., R, E]
+            mixed = (g.unsqueeze(-2) @ experts).squeeze(-2)  # [..., R, 1, E] @ [..., R, E, h] -> [..., R, h]
+            outs.append(tower(mixed, params, f"towers.{i}."))
+        return outs[0] if len(outs) == 1 else torch.stack(outs, dim=-1)
+
+
+class ESMMHead(Head):
+    """ESMM (Ma et al., SIGIR 2018): a CTR tower and a CVR tower (``ctr``, ``cvr``: each
+    ``model.over_arch`` hidden sizes and one logit) over x0, the F+1 vectors side by side.
+    The labels are (click, conversion), in that order, of every impression: pCVR is never
+    fitted on clicked rows alone but through pCTCVR = pCTR x pCVR against the conversion
+    label, over the whole impression space.
+
+    Outputs ``[..., R, 2]``: the CTR logit a, and the logit of pCTCVR, ``-logsumexp(-a, -b,
+    -a-b)`` for the CVR logit b (1 - s(a) s(b) = s(a) s(b) (e^-a + e^-b + e^-(a+b))), whose
+    log-sigmoid is log pCTCVR = logsigmoid(a) + logsigmoid(b), exact and finite for any a and
+    b: the loss of the second label is then the binary cross-entropy of pCTCVR against the
+    conversion label (``pointwise_loss`` as for any head). ``predict`` gives (pCTR, pCTCVR),
+    the probabilities the two labels are scored against on every impression; pCVR, the
+    probability of a conversion given a click, is ``pcvr(outputs)`` = pCTCVR / pCTR."""
+
+    arch = "esmm"
+
+    def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
+                 over_sizes: list[int], objective: str = "binary", *,
+                 label_weights: Sequence[float] = (1.0, 1.0)) -> None:
+        super().__init__(objective, label_weights)
+        if self.num_labels != 2 or objective != "binary":
+            raise ValueError(f"ESMM: two binary labels (click, conversion), got {self.num_labels} label(s) and "
+                             f"objective {objective!r} (features.labels, model.objective)")
+        width = (num_sparse + 1) * embedding_dim
+        self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
+        self.ctr = OverArch(width, over_sizes)
+        self.cvr = OverArch(width, over_sizes)
+        self.last_layer = f"ctr.mlp.layers.{len(over_sizes)}"  # (the CTR tower's; last_layers: both)
+
+    def last_layers(self) -> list[str]:
+        return [self.last_layer, self.last_layer.replace("ctr.", "cvr.", 1)]
+
+    def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
+        x0 = fields(self.dense_arch(dense, params, "dense_arch."), pooled).flatten(-2)
+        a, b = self.ctr(x0, params, "ctr."), self.cvr(x0, params, "cvr.")
+        ctcvr = -torch.logsumexp(torch.stack([-a, -b, -(a + b)], dim=-1), dim=-1)
+        return torch.stack([a, ctcvr], dim=-1)
+
+    @staticmethod
+    def pcvr(out: torch.Tensor) -> torch.Tensor:
+        """pCVR = pCTCVR / pCTR of outputs ``[..., R, 2]``: ``[..., R]`` (as sigmoid(b),
+        computed from the outputs alone, in log space)."""
+        return torch.exp(F.logsigmoid(out[..., 1]) - F.logsigmoid(out[..., 0]))
+
+
+HEADS: dict[str, type[Head]] = {h.arch: h for h in (DLRMHead, DCNv2Head, DeepFMHead, WideDeepHead, MMoEHead,
+                                                     ESMMHead)}
 
 
 def build_head(m: ModelConfig, num_dense: int, num_sparse: int, label_weights: Sequence[float] = (1.0,)) -> Head:
@@ -424,8 +543,8 @@ def adapted_layers(head: Head, adapt_dense: list[str]) -> dict[str, MetaLinear]:
         if part == "all":
             out.update(layers)
             continue
-        name = head.last_layer if part == "last" else part
-        chosen = {n: m for n, m in layers.items() if n == name or n.startswith(name + ".")}
+        names = head.last_layers() if part == "last" else [part]
+        chosen = {n: m for n, m in layers.items() if any(n == name or n.startswith(name + ".") for name in names)}
         if not chosen:
             raise ValueError(f"meta.adapt_dense: {part!r} names no layer of the head; its layers: {sorted(layers)}")
         out.update(chosen)

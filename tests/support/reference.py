@@ -46,7 +46,7 @@ def adapted_names(head: torch.nn.Module, adapt_dense: list[str]) -> list[str]:
     params = [n for n, _ in head.named_parameters()]
     if "all" in adapt_dense:
         return params
-    prefixes = [head.last_layer if a == "last" else a for a in adapt_dense]
+    prefixes = [p for a in adapt_dense for p in (head.last_layers() if a == "last" else [a])]
     return [n for n in params if any(n.startswith(p + ".") for p in prefixes)]
 
 
