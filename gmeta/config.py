@@ -172,6 +172,13 @@ class SynthConfig:
     # (the hidden model of the data before attributes existed, drawn from the same seed).
     ad_attribute_share: float = 0.5
     rows_per_file: int = 200_000
+    # A conversion column of this name (empty: none): 1 only on a click (the label), with
+    # the probability of a hidden model of its own given the click (an offset, the ad's
+    # quality, and per-campaign hidden terms: a base rate and an audience preference), for
+    # conversion models (features.labels: [label, conversion], model.arch esmm or mmoe).
+    conversion: str = ""
+    # The mean conversion logit given a click (before the per-campaign terms).
+    conversion_offset: float = -0.5
 
 
 @dataclass
@@ -666,6 +673,9 @@ def validate(cfg: Config) -> None:
     _check(s.max_rows_per_task >= s.min_rows_per_task, "synth.max_rows_per_task",
            "must be >= synth.min_rows_per_task")
     _check(s.size_alpha > 0, "synth.size_alpha", "must be > 0")
+    _check(s.conversion not in (set(names) | {f.task_key, f.timestamp, f.label, f.true_prob}) - {""},
+           "synth.conversion", f"{s.conversion!r} is already a column gmeta synth writes (a feature, the task "
+           "key, the label, the timestamp or the true probability)")
 
     sp = cfg.data.split
     _check(0.0 < sp.support_ratio < 1.0, "data.split.support_ratio", "must be in (0, 1)")
