@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -95,6 +96,13 @@ class FeaturesConfig:
     timestamp: str = "ts"
     # 0/1 for model.objective "binary"; any finite number for "regression".
     label: str = "label"
+    # Several label columns per row, trained together (e.g. [click, conversion]): the head
+    # outputs one value per label and a row's loss is the sum of the labels' losses
+    # weighted by label_weights. Empty: the one column features.label. Each is checked as
+    # features.label is (positive_labels / negative_labels apply to every one).
+    labels: list[str] = field(default_factory=list)
+    # The weight of each label's loss, in the order of features.labels (empty: 1 each).
+    label_weights: list[float] = field(default_factory=list)
     # Binary labels in another encoding than 0/1 (e.g. -1/+1, true/false, "click"/"none"):
     # the values read as 1 and those read as 0, compared as numbers when both sides are
     # numbers, else as text. Values are text as written ([yes] is "yes", not a YAML
@@ -123,6 +131,14 @@ class FeaturesConfig:
     # Applied to every dense value by prepare and serving: "log1p" is sign(x) * log(1 + |x|)
     # (for heavy-tailed counts such as Criteo's integer features).
     dense_transform: Literal["none", "log1p"] = "none"
+
+    def label_names(self) -> list[str]:
+        """The label columns: ``labels``, or the one ``label``."""
+        return list(self.labels) or [self.label]
+
+    def loss_weights(self) -> list[float]:
+        """The weight of each label's loss (``label_weights``, or 1 each)."""
+        return [float(w) for w in self.label_weights] or [1.0] * len(self.label_names())
 
 
 @dataclass
@@ -156,6 +172,13 @@ class SynthConfig:
     # (the hidden model of the data before attributes existed, drawn from the same seed).
     ad_attribute_share: float = 0.5
     rows_per_file: int = 200_000
+    # A conversion column of this name (empty: none): 1 only on a click (the label), with
+    # the probability of a hidden model of its own given the click (an offset, the ad's
+    # quality, and per-campaign hidden terms: a base rate and an audience preference), for
+    # conversion models (features.labels: [label, conversion], model.arch esmm or mmoe).
+    conversion: str = ""
+    # The mean conversion logit given a click (before the per-campaign terms).
+    conversion_offset: float = -0.5
 
 
 @dataclass
@@ -294,8 +317,10 @@ class ModelConfig:
     # is the prediction itself (e.g. a rating), squared error, RMSE/MAE.
     objective: Literal["binary", "regression"] = "binary"
     # The dense head over the pooled rows (gmeta.models.heads): "dlrm" (dot interaction),
-    # "dcn_v2" (cross layers), "deepfm" (first order + FM + deep), "wide_deep" (wide + deep).
-    arch: Literal["dlrm", "dcn_v2", "deepfm", "wide_deep"] = "dlrm"
+    # "dcn_v2" (cross layers), "deepfm" (first order + FM + deep), "wide_deep" (wide + deep),
+    # "mmoe" (shared experts, a gate and a tower per label of features.labels), "esmm" (CTR
+    # and CVR towers; features.labels: [click, conversion], trained as pCTR and pCTCVR).
+    arch: Literal["dlrm", "dcn_v2", "deepfm", "wide_deep", "mmoe", "esmm"] = "dlrm"
     embedding_dim: int = 16
     # Hidden sizes of the bottom MLP on dense features; its output has embedding_dim units.
     dense_arch: list[int] = field(default_factory=lambda: [64])
@@ -309,6 +334,10 @@ class ModelConfig:
     cross_layers: int = 3
     cross_rank: int = 0
     cross_structure: Literal["stacked", "parallel"] = "stacked"
+    # mmoe: the number of experts and their hidden sizes (MLPs over the F+1 vectors side by
+    # side); each label's tower has the hidden sizes of over_arch.
+    experts: int = 4
+    expert_arch: list[int] = field(default_factory=lambda: [64])
     # Storage of the embedding tables: "fp16" halves their memory and all-to-all bytes;
     # looked-up rows are computed with in fp32.
     embedding_dtype: Literal["fp32", "fp16"] = "fp32"
@@ -328,8 +357,9 @@ class MetaConfig:
     first_order: bool = False
     # Dense layers adapted in the inner loop: "all" (every layer of the head), whole parts
     # (dense_arch, over_arch; dcn_v2: cross, and deep and output when parallel; deepfm:
-    # linear; wide_deep: wide), single layers by name (over_arch.mlp.layers.1), or "last":
-    # the output layer only (ANIL).
+    # linear; wide_deep: wide; mmoe: experts, gates, towers, no over_arch; esmm: ctr, cvr,
+    # no over_arch), single layers by name (over_arch.mlp.layers.1), or "last": the output
+    # layer only (ANIL; every tower's with mmoe and esmm).
     adapt_dense: list[str] = field(default_factory=lambda: ["all"])
     # What the inner loop changes in those layers: their weights and biases ("weights"),
     # their biases only ("bias"), or a per-task scale and shift of their outputs ("film",
@@ -582,6 +612,21 @@ def validate(cfg: Config) -> None:
     f = cfg.features
     _check(bool(f.task_key), "features.task_key", "must not be empty")
     _check(bool(f.label), "features.label", "must not be empty")
+    for i, name in enumerate(f.labels):
+        _check(bool(name), f"features.labels[{i}]", "must not be empty")
+    _check(len(set(f.labels)) == len(f.labels), "features.labels", f"names repeat: {list(f.labels)}")
+    _check(not f.labels or f.label in (FeaturesConfig.label, f.labels[0]), "features.label",
+           f"is {f.label!r} but features.labels {list(f.labels)} lists the label columns: leave features.label "
+           "unset or make it the first of features.labels")
+    _check(not f.label_weights or len(f.label_weights) == len(f.label_names()), "features.label_weights",
+           f"{len(f.label_weights)} weight(s) for {len(f.label_names())} label(s) {f.label_names()}: give one "
+           "per label, in the order of features.labels")
+    for i, w in enumerate(f.label_weights):
+        _check(math.isfinite(w) and w >= 0, f"features.label_weights[{i}]", f"must be finite and >= 0, got {w}")
+    _check(not f.label_weights or sum(f.label_weights) > 0, "features.label_weights", "must not all be 0")
+    _check(len(f.label_names()) == 1 or cfg.data.source.format not in ("libsvm", "libfm"), "features.labels",
+           f"data.source.format {cfg.data.source.format} has one label per line (its first token): several "
+           "labels need an input format with named columns (parquet, csv, tsv, movielens, recbole)")
     _check(len(f.sparse) > 0, "features.sparse", "at least one sparse feature is required")
     pos, neg = set(f.positive_labels), set(f.negative_labels)
     _check(bool(pos) == bool(neg), "features.positive_labels" if not pos else "features.negative_labels",
@@ -615,7 +660,7 @@ def validate(cfg: Config) -> None:
     _check(not dup, "features", f"duplicate feature names {sorted(dup)}")
     warmup = cfg.data.split.rule == "warmup"
     # under the warm-up rule the task is one id of a sparse feature: the key is that feature too
-    reserved = {f.task_key, f.timestamp, f.label, f.true_prob} - {""} - ({f.task_key} if warmup else set())
+    reserved = {f.task_key, f.timestamp, *f.label_names(), f.true_prob} - {""} - ({f.task_key} if warmup else set())
     clash = reserved & set(names)
     _check(not clash, "features", f"feature names {sorted(clash)} clash with task key/label/timestamp")
 
@@ -628,6 +673,9 @@ def validate(cfg: Config) -> None:
     _check(s.max_rows_per_task >= s.min_rows_per_task, "synth.max_rows_per_task",
            "must be >= synth.min_rows_per_task")
     _check(s.size_alpha > 0, "synth.size_alpha", "must be > 0")
+    _check(s.conversion not in (set(names) | {f.task_key, f.timestamp, f.label, f.true_prob}) - {""},
+           "synth.conversion", f"{s.conversion!r} is already a column gmeta synth writes (a feature, the task "
+           "key, the label, the timestamp or the true probability)")
 
     sp = cfg.data.split
     _check(0.0 < sp.support_ratio < 1.0, "data.split.support_ratio", "must be in (0, 1)")
@@ -693,6 +741,14 @@ def validate(cfg: Config) -> None:
     _check(me.embedding_inner_lr > 0, "meta.embedding_inner_lr", "must be > 0")
     _check(me.size_buckets >= 1, "meta.size_buckets", "must be >= 1")
     _check(me.erm_weight >= 0, "meta.erm_weight", "must be >= 0 (0: no ERM term)")
+    _check(m.experts >= 1, "model.experts", "must be >= 1")
+    _check(bool(m.expert_arch) and all(h >= 1 for h in m.expert_arch), "model.expert_arch",
+           "at least one layer, of sizes >= 1")
+    if m.arch == "esmm":
+        _check(len(f.label_names()) == 2, "features.labels",
+               f"model.arch esmm trains two labels, click then conversion (e.g. features.labels: [click, "
+               f"conversion]), got {f.label_names()}")
+        _check(m.objective == "binary", "model.objective", "model.arch esmm's labels are binary (click, conversion)")
     _check(m.cross_layers >= 1, "model.cross_layers", "must be >= 1")
     _check(m.cross_rank >= 0, "model.cross_rank", "must be >= 0 (0: full rank)")
     _check(not (m.arch == "dcn_v2" and m.cross_structure == "parallel" and not m.over_arch), "model.over_arch",
@@ -703,7 +759,7 @@ def validate(cfg: Config) -> None:
 
     from gmeta.models.heads import build_head, head_parts
 
-    head = build_head(m, len(f.dense), len(f.sparse))
+    head = build_head(m, len(f.dense), len(f.sparse), f.loss_weights())
     parts = head_parts(head)
     layer_names = [n for n, mod in head.named_modules() if isinstance(mod, Linear)]
     for i, part in enumerate(me.adapt_dense):

@@ -3,10 +3,12 @@
 Streams the task shards of a split in manifest order, adapts each task on its support rows
 and scores its query rows, and writes Parquet parts ``part-00000.parquet``, ... with
 columns task_key, task_id, row (position in the task's query set, in time order), label
-and score. Each part is written to a temporary name and renamed; then ``_progress.json``
-records the parts and the reader's position (written the same way). After an interruption,
-``--resume`` deletes any part the progress file does not list and goes on from the
-recorded position: every query row is written exactly once.
+and score; with several labels (features.labels) ``label_<name>`` and ``score_<name>`` per
+label (model.arch esmm: ``score_<click>`` is pCTR, ``score_<conversion>`` pCTCVR). Each
+part is written to a temporary name and renamed; then ``_progress.json`` records the parts
+and the reader's position (written the same way). After an interruption, ``--resume``
+deletes any part the progress file does not list and goes on from the recorded position:
+every query row is written exactly once.
 """
 
 from __future__ import annotations
@@ -63,6 +65,16 @@ def open_progress(out: Path, fresh: dict, resume: bool, same: str) -> dict:
     return state
 
 
+def per_label(column: str, values: np.ndarray, labels: list[str]) -> dict[str, pa.Array]:
+    """``values`` ``[rows]`` as the one column ``column``, or ``[rows, L]`` as one column
+    ``<column>_<label>`` per label."""
+    if values.ndim == 1:
+        return {column: pa.array(values.astype(np.float32))}
+    if values.shape[1] != len(labels):
+        raise PredictError(f"{values.shape[1]} {column}s per row for the labels {labels} (features.labels)")
+    return {f"{column}_{name}": pa.array(values[:, i].astype(np.float32)) for i, name in enumerate(labels)}
+
+
 def part_name(i: int) -> str:
     return f"part-{i:05d}.parquet"
 
@@ -108,6 +120,7 @@ def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str 
         return {**state, "out": str(out), "rows_per_s": 0.0, "new_rows": 0}
 
     keys = task_keys(shards, split)
+    labels = cfg.features.label_names()
     buf: dict[str, list] = {"task_key": [], "task_id": [], "row": [], "label": [], "score": []}
     new_rows = new_tasks = 0
 
@@ -116,8 +129,8 @@ def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str 
             table = pa.table({"task_key": pa.array([k for part in buf["task_key"] for k in part]),
                               "task_id": pa.array(np.concatenate(buf["task_id"])),
                               "row": pa.array(np.concatenate(buf["row"]).astype(np.int32)),
-                              "label": pa.array(np.concatenate(buf["label"]).astype(np.float32)),
-                              "score": pa.array(np.concatenate(buf["score"]).astype(np.float32))})
+                              **per_label("label", np.concatenate(buf["label"]), labels),
+                              **per_label("score", np.concatenate(buf["score"]), labels)})
             write_atomic(out / part_name(state["parts"]), lambda p: pq.write_table(table, p))
             state["parts"] += 1
             for v in buf.values():

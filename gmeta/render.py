@@ -43,6 +43,20 @@ def format_table(report: dict) -> str:
     for n in names:
         lines.append(f"| {n} | " + " | ".join(_cell(report[f"{n}_{m}"], m, fmt) for _, m, fmt in obj.columns)
                      + " |")
+    labels = report.get("labels") or []
+    if labels:  # several labels: the table above is the first's; each label's own
+        heads = [(h, m, fmt) for h, m, fmt in obj.columns if f"{names[0]}_{m}_{labels[0]}" in report]
+        lines += ["", f"Per label ({', '.join(labels)}; the table above is {labels[0]}'s):", "",
+                  "| model | label | " + " | ".join(h for h, _, _ in heads) + " |", "|---|---|" + "---|" * len(heads)]
+        for n in names:
+            lines += [f"| {n} | {label} | " + " | ".join(_cell(report.get(f"{n}_{m}_{label}", float("nan")), m, fmt)
+                                                     for _, m, fmt in heads) + " |"
+                      for label in labels if f"{n}_{obj.main}_{label}" in report]
+        esmm = [n for n in names if f"{n}_ctcvr_auc" in report]
+        if esmm:
+            lines += ["", "ESMM: pCTCVR AUC (every row) / pCVR AUC (clicked rows): " + ", ".join(
+                f"{n} {_cell(report[f'{n}_ctcvr_auc'], 'auc')} / {_cell(report[f'{n}_cvr_auc'], 'auc')}"
+                for n in esmm)]
     lines.append(f"\n{int(report['tasks'])} held-out tasks, {int(report['query_rows'])} query rows, "
                  f"{int(report['inner_steps'])} inner steps")
     if report.get("erm_ft_choice"):

@@ -79,6 +79,11 @@ def build_report(pred: Predictions, cfg: Config, *, inner_steps: int | None = No
     if bad:
         raise NonFiniteScores(f"predictions are not finite for {', '.join(bad)} (K inner steps): the adaptation "
                               f"diverged; lower meta.inner_lr / meta.embedding_inner_lr or the inner steps")
+    per_label: dict[str, float] = {}
+    if y.ndim == 2:  # several labels: each label's metrics, suffixed; the rest of the report is the first's
+        per_label = label_metrics(y, curve, g, cfg, steps, algorithm)
+        y = y[:, 0]
+        curve = {k: v[:, 0] if v.ndim == 2 else v for k, v in curve.items()}
     # the model's own scorer(s): an ERM checkpoint without adaptation is the ERM column
     named: dict[str, np.ndarray] = {}
     if algorithm != "erm":  # adapted (maml, reptile): the "maml" scorer is the model after K steps
@@ -93,6 +98,9 @@ def build_report(pred: Predictions, cfg: Config, *, inner_steps: int | None = No
     for name, p in named.items():
         for k, v in obj.summarize(y, p, g).items():
             report[f"{name}_{k}"] = v
+    if per_label:
+        report["labels"] = cfg.features.label_names()
+        report.update(per_label)
     edges = list(cfg.eval.support_buckets)
     buckets = []
     for i, lo in enumerate(edges):
@@ -112,6 +120,36 @@ def build_report(pred: Predictions, cfg: Config, *, inner_steps: int | None = No
         report["reliability"] = {name: metrics.reliability(y, p, cfg.eval.calibration_bins)
                                  for name, p in named.items()}
     return report
+
+
+def _scorers(curve: dict[str, np.ndarray], steps: int, algorithm: str) -> dict[str, np.ndarray]:
+    """The report's scorers of several labels' predictions ``[rows, L]`` (a scorer of one
+    column, the oracle's true probability, scores the first label only)."""
+    named = {"maml": curve[f"k={steps}"], "no_adapt": curve["k=0"]} if algorithm != "erm" else {"erm": curve["k=0"]}
+    named.update({k: curve[k] for k in ("erm", "erm_ft") if k in curve})
+    return {k: v for k, v in named.items() if v.ndim == 2}
+
+
+def label_metrics(y: np.ndarray, curve: dict[str, np.ndarray], g: np.ndarray, cfg: Config, steps: int,
+                  algorithm: str) -> dict[str, float]:
+    """Each scorer's metrics of each label of ``y`` ``[rows, L]``, as ``<scorer>_<metric>_<label>``
+    (``maml_auc_conversion``). model.arch esmm, whose second prediction is pCTCVR: also
+    ``<scorer>_ctcvr_auc`` (pCTCVR against the conversion label, every row) and
+    ``<scorer>_cvr_auc`` (pCVR = pCTCVR / pCTR against it, on the clicked rows only, the
+    rows a CVR model is judged on)."""
+    obj = OBJECTIVES[cfg.model.objective]
+    labels = cfg.features.label_names()
+    if y.shape[1] != len(labels):
+        raise ValueError(f"{y.shape[1]} labels per row, the config names {labels} (features.labels)")
+    out: dict[str, float] = {}
+    for name, p in _scorers(curve, steps, algorithm).items():
+        for i, label in enumerate(labels):
+            out.update({f"{name}_{k}_{label}": v for k, v in obj.summarize(y[:, i], p[:, i], g).items()})
+        if cfg.model.arch == "esmm":
+            out[f"{name}_ctcvr_auc"] = metrics.auc(y[:, 1], p[:, 1])
+            clicked = y[:, 0] == 1
+            out[f"{name}_cvr_auc"] = metrics.auc(y[clicked, 1], p[clicked, 1] / np.maximum(p[clicked, 0], 1e-30))
+    return out
 
 
 def flat_metrics(report: dict) -> dict[str, float]:

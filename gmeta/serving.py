@@ -144,6 +144,9 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
     Tasks without support rows (query rows only: a new task with no history) come last, in
     blocks of their own with no support rows; ``score_featurised`` scores them unadapted."""
     f = cfg.features
+    if len(f.label_names()) > 1:
+        raise PrepareError(f"input rows: scoring raw rows takes a model of one label; this one has "
+                           f"features.labels {f.label_names()}: score its task shards with gmeta predict --shards")
     cols = input_columns(cfg)
     missing = [c for c in cols + [ROLE] if c not in df.columns]
     if missing:

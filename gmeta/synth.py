@@ -222,6 +222,22 @@ def draw(cfg: Config) -> Hidden:
                   n_tags=n_tags, order=order)
 
 
+def conversions(cfg: Config, h: Hidden) -> np.ndarray:
+    """The conversion of each row (in the order drawn), int8 0/1: 0 without a click; after a
+    click, 1 with probability sigmoid(conversion_offset + ad quality + c_bias[task] +
+    c_pref[task] . u_user), c_bias and c_pref hidden per campaign (as the click's t_bias and
+    t_pref, drawn apart from them). Its own random stream (from synth.seed), so that every
+    other column is the same with or without it."""
+    s = cfg.synth
+    rng = np.random.default_rng([s.seed, 1])
+    c_bias = rng.normal(0, s.task_bias_scale, size=s.num_tasks)
+    c_pref = rng.normal(0, s.task_pref_scale, size=(s.num_tasks, h.user_lat.shape[1]))
+    logit = (s.conversion_offset + h.ad_quality[h.ad] + c_bias[h.task]
+             + np.einsum("ij,ij->i", c_pref[h.task], h.user_lat[h.user]))
+    p = 1.0 / (1.0 + np.exp(-logit))
+    return ((h.label == 1) & (rng.random(len(h.task)) < p)).astype(np.int8)
+
+
 def generate(cfg: Config, out_dir: str | Path) -> dict:
     """Write raw row-level Parquet files to ``out_dir``; return a summary dict."""
     check_schema(cfg)
@@ -263,6 +279,9 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
         f.true_prob or "p_true": pa.array(p_true[order].astype(np.float32)),
         f.timestamp: pa.array(h.ts[order]),
     }
+    conversion = conversions(cfg, h) if s.conversion else None
+    if conversion is not None and s.conversion:
+        columns[s.conversion] = pa.array(conversion[order])
     # the task key names a column of the log: the campaign's under its own name, or one of the
     # columns above (ad_id: the ads are the tasks), never written twice
     columns.setdefault(f.task_key, columns["campaign_id"])
@@ -276,6 +295,7 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
         "rows": n_rows,
         "tasks": int(s.num_tasks),
         "positive_rate": float(label.mean()),
+        **({"conversion_rate": float(conversion.mean())} if conversion is not None else {}),
         "task_size_min": int(sizes.min()),
         "task_size_median": float(np.median(sizes)),
         "task_size_max": int(sizes.max()),

@@ -512,7 +512,7 @@ class TrainingRun:
             # start the output at the mean label (e.g. a rating of 3.5, not 0): the first steps
             # then learn the features rather than the scale
             with torch.no_grad():
-                self.model.module.head.output_layer().bias.fill_(float(mean))
+                self.model.module.head.init_output_bias(mean)  # (one mean per label with several)
         if self.resume_from is None:  # ids that map to their feature's default row (resumed: in the checkpoint)
             self.model.module.set_known_ids(known_ids(cfg))
         broadcast_params(dense_params)  # every rank starts from rank 0's dense weights
@@ -904,7 +904,11 @@ def _finish_run(tracker, ckpt: Path, cfg: Config, out_dir: Path, step: int, resu
             log_report(tracker, report, files, step)
         log.info("cold-start evaluation:\n%s", format_table(report))
         result.update({f"eval/{k}": v for k, v in flat_metrics(report).items()})
-    if cfg.tracking.enabled and cfg.tracking.log_model and tracker.run_id:
+    several_labels = len(cfg.features.label_names()) > 1
+    if cfg.tracking.enabled and cfg.tracking.log_model and tracker.run_id and several_labels:
+        log.info("model not logged as a pyfunc: it scores raw rows with one label, this model has "
+                 "features.labels %s (gmeta predict scores its shards)", cfg.features.label_names())
+    elif cfg.tracking.enabled and cfg.tracking.log_model and tracker.run_id:
         from gmeta.pyfunc import log_model
 
         t = time.perf_counter()

@@ -26,7 +26,7 @@ class TaskBatch:
         sparse    KeyedJaggedTensor, keys = sparse feature names, stride = S+Q
                   (lengths[f * (S+Q) + r] = number of ids of feature f in row r)
         dense     float [S+Q, num_dense]
-        labels    float [S+Q]
+        labels    float [S+Q], or [S+Q, L] for the L labels of features.labels
         support_offsets  int64 [N+1]; task t's support rows: support_offsets[t]:support_offsets[t+1]
         query_offsets    int64 [N+1]; task t's query rows: S + query_offsets[t]:S + query_offsets[t+1]
         task_ids  int64 [N], stable hash of each task's key
@@ -60,8 +60,13 @@ class TaskBatch:
         return int(self.query_offsets[-1])
 
     @property
+    def num_labels(self) -> int:
+        """L: the labels of each row (1 when ``labels`` is ``[S+Q]``)."""
+        return 1 if self.labels.dim() == 1 else int(self.labels.shape[1])
+
+    @property
     def num_rows(self) -> int:
-        return int(self.labels.numel())
+        return int(self.labels.shape[0])
 
     def _map(self, fn) -> TaskBatch:
         kwargs: dict[str, Any] = {}

@@ -41,6 +41,36 @@ def debug_data(tmp_path_factory) -> dict[str, Path]:
     return {"raw": base / "raw", "shards": base / "shards"}
 
 
+TWO_LABELS = ["features.labels=[label, conversion]"]
+
+
+def add_conversion(raw: Path, out: Path) -> Path:
+    """The debug data's files with a ``conversion`` column: 1 for a click whose bid_price is
+    above 0.5 (a conversion only after a click), a function of the row that tests recompute."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True)
+    for path in sorted(raw.glob("*.parquet")):
+        t = pq.read_table(path)
+        conv = pc.and_(pc.equal(t.column("label"), 1), pc.greater(t.column("bid_price"), 0.5))
+        pq.write_table(t.append_column("conversion", pc.cast(conv, pa.int64())), out / path.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def two_label_data(debug_data, tmp_path_factory) -> dict[str, Path]:
+    """The debug data with a second label (``conversion``, see ``add_conversion``), prepared
+    once per session with features.labels [label, conversion]: {"raw": dir, "shards": dir}."""
+    from gmeta.io.prepare import prepare
+
+    base = tmp_path_factory.mktemp("ads_cvr_debug_two_labels")
+    raw = add_conversion(debug_data["raw"], base / "raw")
+    prepare(load_config(DEBUG_CONFIG, TWO_LABELS), raw, base / "shards")
+    return {"raw": raw, "shards": base / "shards"}
+
+
 @pytest.fixture(scope="session")
 def debug_val_shards(debug_data, tmp_path_factory) -> Path:
     """The debug data prepared with validation tasks (data.split.val_fraction=0.15), once per

@@ -30,7 +30,7 @@ class SplitArrays:
     ids        name -> int64 [R] (single-valued) or [nnz] (multi-hot) hashed ids
     id_offsets name -> int64 [R+1], multi-hot features only: row r owns ids[off[r]:off[r+1]]
     dense      float32 [R, num_dense]
-    label      float32 [R]
+    label      float32 [R], or [R, L] for several labels (the manifest schema's ``labels``)
     true_prob  float32 [R] or None
     """
 
@@ -117,6 +117,8 @@ def find_bad_tasks(block: TaskBlock, schema: dict) -> list[tuple[int, str]]:
             bad.setdefault(int(t), f"{side_name}.dense: NaN or inf")
         binary = schema.get("objective", "binary") == "binary"  # shards older than the key: binary
         badlab = ~np.isin(side.label, (0.0, 1.0)) if binary else ~np.isfinite(side.label)
+        if badlab.ndim == 2:  # several labels: a row is bad if any of its labels is
+            badlab = badlab.any(axis=1)
         for t in np.unique(row_task[badlab]):
             bad.setdefault(int(t), f"{side_name}.label: {'not 0/1' if binary else 'NaN or inf'}")
     return sorted(bad.items())

@@ -119,14 +119,25 @@ def shard_fields(s: SparseFeature) -> dict:
 
 def shard_schema(cfg: Config, has_true_prob: bool) -> dict:
     """The schema of task records (in the manifest; what the reader and collation expect)."""
-    return {"sparse": [shard_fields(s) for s in cfg.features.sparse], "dense": list(cfg.features.dense),
-            "has_true_prob": has_true_prob, "objective": cfg.model.objective}
+    schema = {"sparse": [shard_fields(s) for s in cfg.features.sparse], "dense": list(cfg.features.dense),
+              "has_true_prob": has_true_prob, "objective": cfg.model.objective}
+    labels = cfg.features.label_names()
+    if len(labels) > 1:  # (one label: the schema as it was before several could be written)
+        schema["labels"] = labels
+    return schema
+
+
+def schema_labels(schema: dict) -> list[str] | None:
+    """The label columns of shards with several (their manifest schema's ``labels``); None
+    for shards of one label, whose schema does not name it."""
+    labels = schema.get("labels")
+    return list(labels) if labels else None
 
 
 def input_columns(cfg: Config) -> list[str]:
     """The raw columns the config reads (task key, timestamp if any, label, features)."""
     f = cfg.features
-    return [f.task_key] + ([f.timestamp] if f.timestamp else []) + [f.label] + [s.name for s in f.sparse] \
+    return [f.task_key] + ([f.timestamp] if f.timestamp else []) + f.label_names() + [s.name for s in f.sparse] \
         + list(f.dense)
 
 
@@ -145,11 +156,14 @@ def _first_null(col: pa.ChunkedArray | pa.Array) -> int:
     return _first(~np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool))
 
 
-def binary_labels(col: pa.ChunkedArray | pa.Array, cfg: Config, where) -> np.ndarray:
-    """The label column as float32 0/1 (``model.objective: binary``): 0/1 numbers or
-    booleans as they are, other encodings through ``features.positive_labels`` /
-    ``negative_labels``. A value that is neither is an error naming the file and line."""
+def binary_labels(col: pa.ChunkedArray | pa.Array, cfg: Config, where, name: str | None = None) -> np.ndarray:
+    """The label column ``name`` (default ``features.label``) as float32 0/1
+    (``model.objective: binary``): 0/1 numbers or booleans as they are, other encodings
+    through ``features.positive_labels`` / ``negative_labels``. A value that is neither is an
+    error naming the file, line and column."""
     f = cfg.features
+    key = "features.label" if not f.labels else "features.labels"
+    name = name or f.label
     at = _locator(where)
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
@@ -174,13 +188,13 @@ def binary_labels(col: pa.ChunkedArray | pa.Array, cfg: Config, where) -> np.nda
         bad = np.isnan(out)
         if bad.any():
             i = _first(bad)
-            raise PrepareError(f"{at(i)}: label {shown[i]!r} (column {f.label!r}) is in neither "
+            raise PrepareError(f"{at(i)}: label {shown[i]!r} (column {name!r}) is in neither "
                                f"features.positive_labels {list(f.positive_labels)} nor features.negative_labels "
                                f"{list(f.negative_labels)}")
         return out
     if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
         i = 0
-        raise PrepareError(f"{at(i)}: column {f.label!r} (features.label) holds {col.type} values such as "
+        raise PrepareError(f"{at(i)}: column {name!r} ({key}) holds {col.type} values such as "
                            f"{col[i].as_py()!r}; binary labels must be 0/1 or booleans, or be mapped with "
                            "features.positive_labels and features.negative_labels")
     lab = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
@@ -189,7 +203,7 @@ def binary_labels(col: pa.ChunkedArray | pa.Array, cfg: Config, where) -> np.nda
         i = _first(bad)
         hint = (" (for -1/+1 labels set features.positive_labels: [1] and features.negative_labels: [-1])"
                 if lab[i] == -1 else "")
-        raise PrepareError(f"{at(i)}: column {f.label!r} (features.label) must be 0 or 1 for model.objective "
+        raise PrepareError(f"{at(i)}: column {name!r} ({key}) must be 0 or 1 for model.objective "
                            f"binary, got {lab[i]:g}{hint}; set model.objective: regression to predict the value "
                            "itself")
     return lab.astype(np.float32)
@@ -198,11 +212,13 @@ def binary_labels(col: pa.ChunkedArray | pa.Array, cfg: Config, where) -> np.nda
 def check_values(table: pa.Table, cfg: Config, where) -> np.ndarray:
     """Nulls, non-numeric or non-finite values, labels the objective cannot take: an error
     naming the file and line (``where``: a Batch, or a name for rows without lines).
-    Returns the labels as float32 (binary ones mapped to 0/1)."""
+    Returns the labels as float32 (binary ones mapped to 0/1): ``[R]`` for one label,
+    ``[R, L]`` for the L columns of ``features.labels``."""
     f = cfg.features
     at = _locator(where)
     fill = cfg.data.source.fill_missing
-    must = [f.task_key, f.label] + ([f.timestamp] if f.timestamp else [])
+    labels = f.label_names()
+    must = [f.task_key, *labels] + ([f.timestamp] if f.timestamp else [])
     for name in must + ([] if fill else [s.name for s in f.sparse]):
         col = table.column(name)
         if col.null_count:
@@ -211,7 +227,7 @@ def check_values(table: pa.Table, cfg: Config, where) -> np.ndarray:
             raise PrepareError(f"{at(i)}: column {name!r} has a null value ({col.null_count} in this batch){hint}")
     numeric = list(f.dense) + ([f.true_prob] if f.true_prob in table.column_names else [])
     if cfg.model.objective == "regression":
-        numeric.insert(0, f.label)
+        numeric[:0] = labels
     for name in numeric:
         col = table.column(name)
         if not pa.types.is_integer(col.type) and not pa.types.is_floating(col.type) and not pa.types.is_null(col.type):
@@ -234,8 +250,19 @@ def check_values(table: pa.Table, cfg: Config, where) -> np.ndarray:
             raise PrepareError(f"{at(0)}: column {f.timestamp!r} (features.timestamp) must be an integer or "
                                f"timestamp, got {ts_type}")
     if cfg.model.objective == "binary":
-        return binary_labels(table.column(f.label), cfg, where)
-    return np.asarray(table.column(f.label).to_numpy(zero_copy_only=False), dtype=np.float32)
+        cols = [binary_labels(table.column(name), cfg, where, name) for name in labels]
+    else:
+        cols = [np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=np.float32) for name in labels]
+    return cols[0] if len(cols) == 1 else np.stack(cols, axis=1)
+
+
+def label_array(labels: np.ndarray) -> pa.Array:
+    """Labels ``[R]`` or ``[R, L]`` as an Arrow column of R rows (a fixed-size list of L
+    per row for several labels, as the dense features are kept)."""
+    labels = np.ascontiguousarray(labels, dtype=np.float32)
+    if labels.ndim == 1:
+        return pa.array(labels)
+    return pa.FixedSizeListArray.from_arrays(pa.array(labels.reshape(-1)), labels.shape[1])
 
 
 class Cardinality:
@@ -399,7 +426,7 @@ def hash_batch(table: pa.Table, cfg: Config, card: Cardinality | None, where: st
         "__key": table.column(f.task_key).combine_chunks(),
         "__ts": row_times(table, cfg, first_row),
         "__row": pa.array(np.arange(first_row, first_row + table.num_rows, dtype=np.int64)),
-        "__label": pa.array(labels.astype(np.float32)),
+        "__label": label_array(labels),
     }
     sep = cfg.data.source.multi_hot_separator
     for s in f.sparse:

@@ -20,7 +20,7 @@ from typing import Any
 
 from gmeta.config import Config, flatten
 from gmeta.io.errors import PrepareError
-from gmeta.io.features import SHARD_FIELDS
+from gmeta.io.features import SHARD_FIELDS, schema_labels
 from gmeta.storage import absolute, check_bucket, location
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,10 @@ def schema_differences(manifest: dict, cfg: Config) -> list[tuple[str, Any, Any]
                 if k != "name" and theirs.get(k) != mine[k] and not (slots_free and k == "num_embeddings")]
     if schema["dense"] != list(cfg.features.dense):
         out.append(("features.dense", schema["dense"], list(cfg.features.dense)))
+    labels = cfg.features.label_names()
+    if schema_labels(schema) != (labels if len(labels) > 1 else None):  # (one label's schema names none)
+        out.append(("features.labels", schema_labels(schema) or "(one label)", labels if len(labels) > 1
+                    else "(one label)"))
     objective = schema.get("objective", "binary")  # (labels were checked for it)
     if objective != cfg.model.objective:
         out.append(("model.objective", objective, cfg.model.objective))

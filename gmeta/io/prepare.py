@@ -12,7 +12,8 @@ and ``support`` / ``query`` hold, per row, one column per field::
 
     <sparse feature>   list<int64>            hashed id, or list<list<int64>> if multi-hot
     dense              list<list<float32>>    [rows][num_dense]
-    label              list<float32>
+    label              list<float32>, or list<fixed_size_list<float32>[L]> for the L columns
+                       of features.labels (the manifest schema's ``labels`` names them)
     true_prob          list<float32>          only when the input has it
     timestamp          list<int64>
 
@@ -168,7 +169,7 @@ class _ShardWriter:
         self.pending: dict[str, list[pa.Table]] = {s: [] for s in self.splits}
         self.count = dict.fromkeys(self.splits, 0)
         self.written = dict.fromkeys(self.splits, 0)  # tasks written per split
-        self.label_sum = dict.fromkeys(self.splits, 0.0)
+        self.label_sum: dict[str, np.ndarray] = {s: np.zeros(len(cfg.features.label_names())) for s in self.splits}
         self.files: dict[str, list[dict]] = {s: [] for s in self.splits}
         self.open: dict[str, tuple[parquet.ShardWriter, Path, dict[str, Any]] | None] = dict.fromkeys(self.splits)
         for split in self.splits:
@@ -194,8 +195,13 @@ class _ShardWriter:
         shard, within = divmod(u, self.units_per_shard)
         rows = {side: int(pc.sum(pc.list_value_length(unit.column(side).combine_chunks().field("label"))).as_py())
                 for side in ("support", "query")}
-        self.label_sum[split] += sum(float(pc.sum(pc.list_flatten(unit.column(side).combine_chunks().field("label")))
-                                           .as_py() or 0.0) for side in ("support", "query"))
+        flat = [pc.list_flatten(unit.column(side).combine_chunks().field("label")) for side in ("support", "query")]
+        if pa.types.is_fixed_size_list(flat[0].type):  # several labels: a sum per label
+            width = len(self.label_sum[split])
+            self.label_sum[split] += sum(np.asarray(f.flatten(), dtype=np.float64).reshape(-1, width).sum(axis=0)
+                                         for f in flat)
+        else:
+            self.label_sum[split] += sum(float(pc.sum(f).as_py() or 0.0) for f in flat)
         if self.cfg.data.format == "webdataset":
             path = self.out / split / f"part-{shard:05d}-{within:04d}.tar"
             webdataset.write_tar(path, parquet.block_from_arrow(unit, str(path), self.schema),
@@ -230,6 +236,13 @@ class _ShardWriter:
         self.files[split].append(entry)
         self.open[split] = None
 
+    def _label_mean(self, split: str, rows: int) -> float | list[float] | None:
+        """The mean label of a split's rows: one number, or one per label of ``features.labels``."""
+        if not rows:
+            return None
+        means = (self.label_sum[split] / rows).tolist()
+        return means[0] if len(means) == 1 else means
+
     def close(self) -> dict:
         for split in self.splits:
             if self.count[split]:
@@ -241,7 +254,7 @@ class _ShardWriter:
             out[split] = {"tasks": sum(f["tasks"] for f in files),
                           "support_rows": sum(f["support_rows"] for f in files),
                           "query_rows": sum(f["query_rows"] for f in files),
-                          "label_mean": self.label_sum[split] / rows if rows else None, "files": files}
+                          "label_mean": self._label_mean(split, rows), "files": files}
         return out
 
 

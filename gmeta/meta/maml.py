@@ -63,8 +63,8 @@ def adapt_and_query(
     ``rows`` [U, D]: the looked-up embeddings of the batch's distinct ids
     (``layout.unique_ids``); ``layout``: the batch's ``BatchLayout``.
 
-    Returns (query outputs [Q] of the head (logits for a binary objective) in query-block
-    order, or None unless ``with_logits``;
+    Returns (query outputs [Q] of the head, [Q, L] with L labels (logits for a binary
+    objective), in query-block order, or None unless ``with_logits``;
     per-task query loss [N]; per-task support loss before adaptation [N], NaN if steps == 0).
 
     Tasks run in the layout's size buckets (each padded to its own largest task): a loop
@@ -136,7 +136,7 @@ def adapt_and_query(
                             fast[i])
             parts.append(task_losses(head, logits_q, per_task(labels_q, b.q_index, in_order_q), b.q_mask,
                                      b.q_count))
-            flat.append(logits_q.reshape(-1))
+            flat.append(logits_q.flatten(0, 1))  # [N_b W_b] or, with several labels, [N_b W_b, L]
         # padded slots of all buckets -> the query rows in query-block order
         out = torch.cat(flat).index_select(0, L.query_order) if logits else None
         return out, torch.cat(parts)[L.task_order]

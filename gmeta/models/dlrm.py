@@ -326,7 +326,7 @@ def build_model(cfg: Config, device: torch.device | None = None) -> MetaDLRM:
         embedding_dtype=cfg.model.embedding_dtype,
         generator={"feature": g.feature, "attributes": g.attributes, "hidden": g.hidden,
                    "base_fixed": g.mode == "base_fixed"} if (g := cfg.generator).feature else None,
-        head=build_head(cfg.model, len(cfg.features.dense), len(cfg.features.sparse)),
+        head=build_head(cfg.model, len(cfg.features.dense), len(cfg.features.sparse), cfg.features.loss_weights()),
     )
     if cfg.meta.meta_sgd:
         model.enable_meta_sgd(cfg.meta.adapt_dense, cfg.meta.inner_lr, cfg.meta.embedding_inner_lr,

@@ -2,7 +2,9 @@
 
 Every model is the same sparse arch (one torchrec table per feature, per-id rows the inner
 loop can adapt) under one of these heads: (dense features ``[..., R, nd]``, pooled rows
-``[..., R, F, D]``, optional per-task weights) -> outputs ``[..., R]``.
+``[..., R, F, D]``, optional per-task weights) -> outputs ``[..., R]``, or ``[..., R, L]``
+for the L labels of ``features.labels`` (the output layer then has L units; a row's loss is
+the sum of its labels' losses weighted by ``features.label_weights``).
 
 ============  ===============================================================================
 arch          head (parts, the names ``meta.adapt_dense`` takes)
@@ -15,6 +17,10 @@ deepfm        dense_arch; first-order ``linear`` (x0) + FM second order of the F
               deep over_arch (x0), summed
 wide_deep     ``wide`` linear (the raw dense features and the F pooled rows) + deep
               dense_arch -> over_arch (x0), summed
+mmoe          dense_arch; E ``experts`` (MLPs over x0); per label a ``gates`` layer (softmax
+              over the experts, x0) mixing the experts' outputs into its ``towers`` MLP
+esmm          dense_arch; a CTR and a CVR tower over x0 (``ctr``, ``cvr``); outputs the CTR
+              logit and the logit of pCTCVR = pCTR x pCVR (labels: click, conversion)
 ============  ===============================================================================
 
 Every dense layer is a ``MetaLinear``: it takes ordinary weights ``[out, in]`` or per-task
@@ -39,6 +45,7 @@ layers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar, Protocol
 
 import torch
@@ -66,6 +73,10 @@ class ModelConfig(Protocol):
     def cross_rank(self) -> int: ...
     @property
     def cross_structure(self) -> str: ...
+    @property
+    def experts(self) -> int: ...
+    @property
+    def expert_arch(self) -> list[int]: ...
 
 
 class LinearHook:
@@ -166,14 +177,20 @@ class InteractionArch(nn.Module):
 
 
 class OverArch(nn.Module):
-    """The top MLP: hidden layers ``sizes`` (ReLU) and an output layer of one unit."""
+    """The top MLP: hidden layers ``sizes`` (ReLU) and an output layer of ``outputs`` units
+    (one per label; one unit's output is squeezed to ``[..., R]``)."""
 
-    def __init__(self, in_features: int, sizes: list[int]) -> None:
+    def __init__(self, in_features: int, sizes: list[int], outputs: int = 1) -> None:
         super().__init__()
-        self.mlp = MLP(in_features, list(sizes) + [1], last_activation=False)
+        self.mlp = MLP(in_features, list(sizes) + [outputs], last_activation=False)
 
     def forward(self, x: torch.Tensor, params: Params = None, prefix: str = "") -> torch.Tensor:
-        return self.mlp(x, params, prefix + "mlp.").squeeze(-1)
+        return per_label(self.mlp(x, params, prefix + "mlp."))
+
+
+def per_label(out: torch.Tensor) -> torch.Tensor:
+    """An output layer's ``[..., R, L]`` as the head's outputs: ``[..., R]`` for one label."""
+    return out.squeeze(-1) if out.shape[-1] == 1 else out
 
 
 def fields(dense_vec: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -186,38 +203,68 @@ class Head(nn.Module):
     """What every head shares: the objective and its loss and predictions, and the name of
     its output layer (``last``: ANIL's layer; its bias starts a regression at the mean label).
 
-    Shapes: dense ``[..., R, nd]``, pooled ``[..., R, F, D]`` -> outputs ``[..., R]``; the
-    leading dim is the task dim N when per-task weights ``[N, ...]`` are passed in ``params``.
+    Shapes: dense ``[..., R, nd]``, pooled ``[..., R, F, D]`` -> outputs ``[..., R]``, or
+    ``[..., R, L]`` with L > 1 labels; the leading dim is the task dim N when per-task
+    weights ``[N, ...]`` are passed in ``params``.
     ``objective`` (model.objective) says what an output is: a logit ("binary") or the
     prediction itself ("regression"); ``pointwise_loss`` and ``predict`` follow it.
+    ``label_weights`` (features.label_weights, one per label): their number is L, and a
+    row's loss is the weighted sum of its labels' losses.
     """
 
     arch: ClassVar[str]
     last_layer: str  # module name of the output layer
+    loss_weights: torch.Tensor  # [L] buffer (not saved: the config holds it), with L > 1 only
 
-    def __init__(self, objective: str) -> None:
+    def __init__(self, objective: str, label_weights: Sequence[float] = (1.0,)) -> None:
         super().__init__()
+        if not label_weights:
+            raise ValueError("label_weights: one weight per label, got none")
         self.objective = objective
+        self.num_labels = len(label_weights)
+        if self.num_labels > 1:
+            self.register_buffer("loss_weights", torch.tensor([float(w) for w in label_weights]), persistent=False)
 
     @classmethod
-    def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int) -> Head:
-        """The head sized by ``model.*`` (every concrete head takes these arguments first)."""
-        return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch,  # type: ignore[call-arg, arg-type]
-                   m.objective)
+    def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int,
+                    label_weights: Sequence[float] = (1.0,)) -> Head:
+        """The head sized by ``model.*`` (every concrete head takes these arguments first),
+        with one output per label weight."""
+        return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch,  # type: ignore[call-arg, arg-type, misc]
+                   m.objective, label_weights=label_weights)
 
     def output_layer(self) -> MetaLinear:
         layer = self.get_submodule(self.last_layer)
         assert isinstance(layer, MetaLinear)
         return layer
 
+    def last_layers(self) -> list[str]:
+        """The output layers (``meta.adapt_dense: [last]``): ``last_layer``, or one per
+        label's tower in a head with a tower per label."""
+        return [self.last_layer]
+
+    def init_output_bias(self, mean: float | list[float]) -> None:
+        """Start the outputs at the labels' mean (one number, or one per label): a regression
+        then learns the features first rather than the scale."""
+        bias = self.output_layer().bias
+        with torch.no_grad():
+            bias.copy_(torch.as_tensor(mean, dtype=bias.dtype))
+
     def pointwise_loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Loss of every row (no reduction): binary cross-entropy on logits, or squared error."""
+        """Loss of every row (no reduction): binary cross-entropy on logits, or squared error;
+        with several labels (``out`` and ``labels`` ``[..., R, L]``), the sum of the labels'
+        losses weighted by ``label_weights``: ``[..., R]``."""
         if self.objective == "regression":
-            return (out - labels) ** 2
-        return F.binary_cross_entropy_with_logits(out, labels, reduction="none")
+            per = (out - labels) ** 2
+        else:
+            per = F.binary_cross_entropy_with_logits(out, labels, reduction="none")
+        if self.num_labels == 1:
+            return per
+        return per @ self.loss_weights.to(per.dtype)
 
     def predict(self, out: torch.Tensor) -> torch.Tensor:
-        """Outputs -> predictions: probabilities (sigmoid of the logits), or the outputs as they are."""
+        """Outputs -> predictions: probabilities (sigmoid of the logits), or the outputs as they
+        are; ``[..., R, L]`` with several labels, one column per label."""
         return out if self.objective == "regression" else torch.sigmoid(out)
 
 
@@ -227,11 +274,13 @@ class DLRMHead(Head):
     arch = "dlrm"
 
     def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
-                 over_sizes: list[int], objective: str = "binary") -> None:
-        super().__init__(objective)
+                 over_sizes: list[int], objective: str = "binary", *,
+                 label_weights: Sequence[float] = (1.0,)) -> None:
+        super().__init__(objective, label_weights)
         self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
         self.interaction = InteractionArch(num_sparse)
-        self.over_arch = OverArch(InteractionArch.out_features(num_sparse, embedding_dim), over_sizes)
+        self.over_arch = OverArch(InteractionArch.out_features(num_sparse, embedding_dim), over_sizes,
+                                  self.num_labels)
         self.last_layer = f"over_arch.mlp.layers.{len(over_sizes)}"
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
@@ -285,8 +334,8 @@ class DCNv2Head(Head):
 
     def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
                  over_sizes: list[int], objective: str = "binary", *, cross_layers: int = 3, cross_rank: int = 0,
-                 structure: str = "stacked") -> None:
-        super().__init__(objective)
+                 structure: str = "stacked", label_weights: Sequence[float] = (1.0,)) -> None:
+        super().__init__(objective, label_weights)
         if structure not in ("stacked", "parallel"):
             raise ValueError(f"DCN-v2 structure: 'stacked' or 'parallel', got {structure!r}")
         if structure == "parallel" and not over_sizes:
@@ -296,17 +345,19 @@ class DCNv2Head(Head):
         self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
         self.cross = CrossNet(width, cross_layers, cross_rank)
         if structure == "stacked":
-            self.over_arch = OverArch(width, over_sizes)
+            self.over_arch = OverArch(width, over_sizes, self.num_labels)
             self.last_layer = f"over_arch.mlp.layers.{len(over_sizes)}"
         else:
             self.deep = MLP(width, over_sizes, last_activation=True)
-            self.output = MetaLinear(width + over_sizes[-1], 1)
+            self.output = MetaLinear(width + over_sizes[-1], self.num_labels)
             self.last_layer = "output"
 
     @classmethod
-    def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int) -> Head:
+    def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int,
+                    label_weights: Sequence[float] = (1.0,)) -> Head:
         return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch, m.objective,
-                   cross_layers=m.cross_layers, cross_rank=m.cross_rank, structure=m.cross_structure)
+                   cross_layers=m.cross_layers, cross_rank=m.cross_rank, structure=m.cross_structure,
+                   label_weights=label_weights)
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
         x0 = fields(self.dense_arch(dense, params, "dense_arch."), pooled).flatten(-2)
@@ -314,7 +365,7 @@ class DCNv2Head(Head):
         if self.structure == "stacked":
             return self.over_arch(crossed, params, "over_arch.")
         deep = self.deep(x0, params, "deep.")
-        return self.output(torch.cat([crossed, deep], dim=-1), params, "output.").squeeze(-1)
+        return per_label(self.output(torch.cat([crossed, deep], dim=-1), params, "output."))
 
 
 class DeepFMHead(Head):
@@ -330,19 +381,22 @@ class DeepFMHead(Head):
     arch = "deepfm"
 
     def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
-                 over_sizes: list[int], objective: str = "binary") -> None:
-        super().__init__(objective)
+                 over_sizes: list[int], objective: str = "binary", *,
+                 label_weights: Sequence[float] = (1.0,)) -> None:
+        super().__init__(objective, label_weights)
         width = (num_sparse + 1) * embedding_dim
         self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
-        self.linear = MetaLinear(width, 1)
-        self.over_arch = OverArch(width, over_sizes)
+        self.linear = MetaLinear(width, self.num_labels)
+        self.over_arch = OverArch(width, over_sizes, self.num_labels)
         self.last_layer = f"over_arch.mlp.layers.{len(over_sizes)}"
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
         v = fields(self.dense_arch(dense, params, "dense_arch."), pooled)
         x0 = v.flatten(-2)
         fm = 0.5 * (v.sum(-2).square() - v.square().sum(-2)).sum(-1)
-        return self.linear(x0, params, "linear.").squeeze(-1) + fm + self.over_arch(x0, params, "over_arch.")
+        if self.num_labels > 1:  # the FM term, which has no weights, is each label's alike
+            fm = fm.unsqueeze(-1)
+        return per_label(self.linear(x0, params, "linear.")) + fm + self.over_arch(x0, params, "over_arch.")
 
 
 class WideDeepHead(Head):
@@ -354,27 +408,128 @@ class WideDeepHead(Head):
     arch = "wide_deep"
 
     def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
-                 over_sizes: list[int], objective: str = "binary") -> None:
-        super().__init__(objective)
-        self.wide = MetaLinear(num_dense + num_sparse * embedding_dim, 1)
+                 over_sizes: list[int], objective: str = "binary", *,
+                 label_weights: Sequence[float] = (1.0,)) -> None:
+        super().__init__(objective, label_weights)
+        self.wide = MetaLinear(num_dense + num_sparse * embedding_dim, self.num_labels)
         self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
-        self.over_arch = OverArch((num_sparse + 1) * embedding_dim, over_sizes)
+        self.over_arch = OverArch((num_sparse + 1) * embedding_dim, over_sizes, self.num_labels)
         self.last_layer = f"over_arch.mlp.layers.{len(over_sizes)}"
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
         flat = pooled.flatten(-2)
         dense_in = dense.expand(*flat.shape[:-1], dense.shape[-1])  # (shared dense rows under per-task pooled)
-        wide = self.wide(torch.cat([dense_in, flat], dim=-1), params, "wide.").squeeze(-1)
+        wide = per_label(self.wide(torch.cat([dense_in, flat], dim=-1), params, "wide."))
         x0 = fields(self.dense_arch(dense, params, "dense_arch."), pooled).flatten(-2)
         return wide + self.over_arch(x0, params, "over_arch.")
 
 
-HEADS: dict[str, type[Head]] = {h.arch: h for h in (DLRMHead, DCNv2Head, DeepFMHead, WideDeepHead)}
+class MMoEHead(Head):
+    """MMoE (Ma et al., KDD 2018): ``experts`` E MLPs (hidden sizes ``model.expert_arch``)
+    over x0, the F+1 vectors side by side; per label a gate (``gates.<l>``, a linear layer
+    over x0, softmax over the experts) mixes the experts' outputs, and the label's tower
+    (``towers.<l>``: ``model.over_arch`` hidden sizes, one logit) scores the mixture. The
+    experts are shared by every label; gates and towers are each label's own. The softmax
+    and the mixing have no weights: a task's fast weights are the layers of the parts."""
+
+    arch = "mmoe"
+
+    def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
+                 over_sizes: list[int], objective: str = "binary", *, experts: int = 4,
+                 expert_sizes: Sequence[int] = (64,), label_weights: Sequence[float] = (1.0,)) -> None:
+        super().__init__(objective, label_weights)
+        if experts < 1 or not expert_sizes:
+            raise ValueError(f"MMoE: at least one expert of at least one layer, got {experts} expert(s) of "
+                             f"sizes {list(expert_sizes)} (model.experts, model.expert_arch)")
+        width = (num_sparse + 1) * embedding_dim
+        self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
+        self.experts = nn.ModuleList(MLP(width, list(expert_sizes), last_activation=True) for _ in range(experts))
+        self.gates = nn.ModuleList(MetaLinear(width, experts) for _ in range(self.num_labels))
+        self.towers = nn.ModuleList(OverArch(expert_sizes[-1], over_sizes) for _ in range(self.num_labels))
+        self.last_layer = f"towers.0.mlp.layers.{len(over_sizes)}"  # (the first label's; last_layers: all)
+
+    @classmethod
+    def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int,
+                    label_weights: Sequence[float] = (1.0,)) -> Head:
+        return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch, m.objective,
+                   experts=m.experts, expert_sizes=m.expert_arch, label_weights=label_weights)
+
+    def last_layers(self) -> list[str]:
+        return [self.last_layer.replace("towers.0.", f"towers.{i}.", 1) for i in range(self.num_labels)]
+
+    def init_output_bias(self, mean: float | list[float]) -> None:
+        means = mean if isinstance(mean, list) else [mean]
+        with torch.no_grad():
+            for name, m in zip(self.last_layers(), means):
+                layer = self.get_submodule(name)
+                assert isinstance(layer, MetaLinear)
+                layer.bias.fill_(float(m))
+
+    def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
+        x0 = fields(self.dense_arch(dense, params, "dense_arch."), pooled).flatten(-2)
+        experts = torch.stack([e(x0, params, f"experts.{i}.") for i, e in enumerate(self.experts)], dim=-2)
+        outs = []
+        for i, (gate, tower) in enumerate(zip(self.gates, self.towers)):
+            g = torch.softmax(gate(x0, params, f"gates.{i}."), dim=-1)  # [..., R, E]
+            mixed = (g.unsqueeze(-2) @ experts).squeeze(-2)  # [..., R, 1, E] @ [..., R, E, h] -> [..., R, h]
+            outs.append(tower(mixed, params, f"towers.{i}."))
+        return outs[0] if len(outs) == 1 else torch.stack(outs, dim=-1)
 
 
-def build_head(m: ModelConfig, num_dense: int, num_sparse: int) -> Head:
-    """The head ``model.arch`` names, sized by the config."""
-    return HEADS[m.arch].from_config(m, num_dense, num_sparse)
+class ESMMHead(Head):
+    """ESMM (Ma et al., SIGIR 2018): a CTR tower and a CVR tower (``ctr``, ``cvr``: each
+    ``model.over_arch`` hidden sizes and one logit) over x0, the F+1 vectors side by side.
+    The labels are (click, conversion), in that order, of every impression: pCVR is never
+    fitted on clicked rows alone but through pCTCVR = pCTR x pCVR against the conversion
+    label, over the whole impression space.
+
+    Outputs ``[..., R, 2]``: the CTR logit a, and the logit of pCTCVR, ``-logsumexp(-a, -b,
+    -a-b)`` for the CVR logit b (1 - s(a) s(b) = s(a) s(b) (e^-a + e^-b + e^-(a+b))), whose
+    log-sigmoid is log pCTCVR = logsigmoid(a) + logsigmoid(b), exact and finite for any a and
+    b: the loss of the second label is then the binary cross-entropy of pCTCVR against the
+    conversion label (``pointwise_loss`` as for any head). ``predict`` gives (pCTR, pCTCVR),
+    the probabilities the two labels are scored against on every impression; pCVR, the
+    probability of a conversion given a click, is ``pcvr(outputs)`` = pCTCVR / pCTR."""
+
+    arch = "esmm"
+
+    def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
+                 over_sizes: list[int], objective: str = "binary", *,
+                 label_weights: Sequence[float] = (1.0, 1.0)) -> None:
+        super().__init__(objective, label_weights)
+        if self.num_labels != 2 or objective != "binary":
+            raise ValueError(f"ESMM: two binary labels (click, conversion), got {self.num_labels} label(s) and "
+                             f"objective {objective!r} (features.labels, model.objective)")
+        width = (num_sparse + 1) * embedding_dim
+        self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
+        self.ctr = OverArch(width, over_sizes)
+        self.cvr = OverArch(width, over_sizes)
+        self.last_layer = f"ctr.mlp.layers.{len(over_sizes)}"  # (the CTR tower's; last_layers: both)
+
+    def last_layers(self) -> list[str]:
+        return [self.last_layer, self.last_layer.replace("ctr.", "cvr.", 1)]
+
+    def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
+        x0 = fields(self.dense_arch(dense, params, "dense_arch."), pooled).flatten(-2)
+        a, b = self.ctr(x0, params, "ctr."), self.cvr(x0, params, "cvr.")
+        ctcvr = -torch.logsumexp(torch.stack([-a, -b, -(a + b)], dim=-1), dim=-1)
+        return torch.stack([a, ctcvr], dim=-1)
+
+    @staticmethod
+    def pcvr(out: torch.Tensor) -> torch.Tensor:
+        """pCVR = pCTCVR / pCTR of outputs ``[..., R, 2]``: ``[..., R]`` (as sigmoid(b),
+        computed from the outputs alone, in log space)."""
+        return torch.exp(F.logsigmoid(out[..., 1]) - F.logsigmoid(out[..., 0]))
+
+
+HEADS: dict[str, type[Head]] = {h.arch: h for h in (DLRMHead, DCNv2Head, DeepFMHead, WideDeepHead, MMoEHead,
+                                                     ESMMHead)}
+
+
+def build_head(m: ModelConfig, num_dense: int, num_sparse: int, label_weights: Sequence[float] = (1.0,)) -> Head:
+    """The head ``model.arch`` names, sized by the config, with an output per label
+    (``label_weights``: features.label_weights, one per label)."""
+    return HEADS[m.arch].from_config(m, num_dense, num_sparse, label_weights)
 
 
 def adapted_layers(head: Head, adapt_dense: list[str]) -> dict[str, MetaLinear]:
@@ -388,8 +543,8 @@ def adapted_layers(head: Head, adapt_dense: list[str]) -> dict[str, MetaLinear]:
         if part == "all":
             out.update(layers)
             continue
-        name = head.last_layer if part == "last" else part
-        chosen = {n: m for n, m in layers.items() if n == name or n.startswith(name + ".")}
+        names = head.last_layers() if part == "last" else [part]
+        chosen = {n: m for n, m in layers.items() if any(n == name or n.startswith(name + ".") for name in names)}
         if not chosen:
             raise ValueError(f"meta.adapt_dense: {part!r} names no layer of the head; its layers: {sorted(layers)}")
         out.update(chosen)

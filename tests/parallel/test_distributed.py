@@ -286,3 +286,11 @@ def test_each_head_on_two_ranks_equals_single_process_reference(debug_config_pat
     # second order, every layer of the head and every row adapted, tables sharded row-wise
     run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]), False,
               "row_wise", arch)
+
+
+@pytest.mark.parametrize("arch", [["model.arch=mmoe", "model.experts=3", "model.expert_arch=[6]"],
+                                  ["model.arch=esmm"]], ids=["mmoe", "esmm"])
+def test_each_multitask_head_on_two_ranks_equals_single_process_reference(debug_config_path, two_label_data, arch):
+    # two labels weighted unequally, second order, every layer and row adapted, tables sharded row-wise
+    run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(two_label_data["shards"]), False,
+              "row_wise", [*arch, "features.labels=[label, conversion]", "features.label_weights=[1.0, 0.6]"])

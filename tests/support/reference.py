@@ -11,6 +11,18 @@ from torch.func import functional_call
 from gmeta.types import TaskBatch
 
 
+def row_losses(head: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The binary cross-entropy of each row, written out label by label: ``[R]`` outputs
+    and labels as they are, ``[R, L]`` ones as the sum over the labels of the head's
+    ``loss_weights`` times each label's own loss."""
+    if labels.dim() == 1:
+        return F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    weights = head.loss_weights.tolist()
+    assert logits.shape == labels.shape and labels.shape[1] == len(weights)
+    return sum(w * F.binary_cross_entropy_with_logits(logits[:, i], labels[:, i], reduction="none")
+               for i, w in enumerate(weights))
+
+
 def embed(tables: dict[str, torch.Tensor], features: list[dict], batch: TaskBatch) -> torch.Tensor:
     """Pooled embeddings of every row: [S+Q, F, D]."""
     per = batch.sparse.to_dict()
@@ -34,7 +46,7 @@ def adapted_names(head: torch.nn.Module, adapt_dense: list[str]) -> list[str]:
     params = [n for n, _ in head.named_parameters()]
     if "all" in adapt_dense:
         return params
-    prefixes = [head.last_layer if a == "last" else a for a in adapt_dense]
+    prefixes = [p for a in adapt_dense for p in (head.last_layers() if a == "last" else [a])]
     return [n for n in params if any(n.startswith(p + ".") for p in prefixes)]
 
 
@@ -77,7 +89,7 @@ def task_query_losses(head: torch.nn.Module, tables: dict[str, torch.Tensor], fe
         for _ in range(steps):
             pooled = embed(fast_tables, features, batch)[s_rows]
             logits = functional_call(head, fast, (dense[s_rows], pooled))
-            loss = F.binary_cross_entropy_with_logits(logits, labels[s_rows])
+            loss = row_losses(head, logits, labels[s_rows]).mean()
             tnames = chosen if adapt_embeddings else []
             inputs = [adapted[n] for n in keys] + [fast_tables[n] for n in tnames]
             grads = torch.autograd.grad(loss, inputs, create_graph=not first_order)
@@ -91,7 +103,7 @@ def task_query_losses(head: torch.nn.Module, tables: dict[str, torch.Tensor], fe
                     fast_tables[n] = fast_tables[n] - emb_lr * g
         pooled = embed(fast_tables, features, batch)[q_rows]
         logits = functional_call(head, fast, (dense[q_rows], pooled))
-        out.append(F.binary_cross_entropy_with_logits(logits, labels[q_rows]))
+        out.append(row_losses(head, logits, labels[q_rows]).mean())
     for h in hooks:
         h.remove()
     return out
@@ -102,7 +114,7 @@ def erm_row_losses(head: torch.nn.Module, tables: dict[str, torch.Tensor], featu
     """Unadapted loss of every row (support and query) of ``batch``: [S+Q]."""
     dense = batch.dense.to(next(head.parameters()).dtype)
     logits = head(dense, embed(tables, features, batch))
-    return F.binary_cross_entropy_with_logits(logits, batch.labels.to(dense.dtype), reduction="none")
+    return row_losses(head, logits, batch.labels.to(dense.dtype))
 
 
 def reptile_directions(head: torch.nn.Module, tables: dict[str, torch.Tensor], features: list[dict],
@@ -129,7 +141,7 @@ def reptile_directions(head: torch.nn.Module, tables: dict[str, torch.Tensor], f
             pooled = embed({n: now[n] for n in tables}, features, batch)[s_rows]
             logits = functional_call(head, {n: now[n] for n, _ in head.named_parameters()},
                                      (dense[s_rows], pooled))
-            loss = F.binary_cross_entropy_with_logits(logits, labels[s_rows])
+            loss = row_losses(head, logits, labels[s_rows]).mean()
             grads = torch.autograd.grad(loss, list(inputs.values()))
             for n, g in zip(moving, grads):
                 fast[n] = fast[n] - (emb_lr if n in tables else lr) * g

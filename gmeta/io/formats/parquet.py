@@ -2,8 +2,9 @@
 
 A record is ``task_id``, ``task_key`` and two structs, ``support`` and ``query``, each with
 one list per field (rows of the task): a list per sparse feature (a list of lists when
-multi-hot), ``dense`` (a list of fixed-length lists), ``label`` and, when the data has it,
-``true_prob``. gmeta.io.prepare writes them; this module reads them into TaskBlocks.
+multi-hot), ``dense`` (a list of fixed-length lists), ``label`` (a fixed-length list per
+row for several labels) and, when the data has it, ``true_prob``. gmeta.io.prepare writes
+them; this module reads them into TaskBlocks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gmeta.io.block import ShardError, SplitArrays, TaskBlock
+from gmeta.io.features import schema_labels
 from gmeta.storage import source, temp_name
 
 
@@ -25,6 +27,17 @@ def _np(arr: pa.Array) -> np.ndarray:
 def _list_offsets(arr: pa.ListArray) -> np.ndarray:
     off = _np(arr.offsets).astype(np.int64)
     return off - off[0]
+
+
+def _labels(col: pa.Array, schema: dict) -> np.ndarray:
+    """The label column of the rows: ``[R]``, or ``[R, L]`` for the L labels the schema names."""
+    names = schema_labels(schema)
+    if pa.types.is_fixed_size_list(col.type) != (names is not None) or (names and col.type.list_size != len(names)):
+        want = f"{len(names)} labels {names} per row" if names else "one label per row"
+        raise ValueError(f"label holds {col.type}, the manifest schema says {want}")
+    if names is None:
+        return _np(col).astype(np.float32, copy=False)
+    return _np(col.flatten()).astype(np.float32, copy=False).reshape(len(col), len(names))
 
 
 def _split_from_arrow(struct: pa.StructArray, schema: dict) -> SplitArrays:
@@ -39,7 +52,7 @@ def _split_from_arrow(struct: pa.StructArray, schema: dict) -> SplitArrays:
         ids[feat["name"]] = _np(col).astype(np.int64, copy=False)
     dense = _np(children["dense"].flatten().flatten()).astype(np.float32, copy=False)
     nd = len(schema["dense"])
-    label = _np(children["label"].flatten()).astype(np.float32, copy=False)
+    label = _labels(children["label"].flatten(), schema)
     true_prob = None
     if schema["has_true_prob"]:
         true_prob = _np(children["true_prob"].flatten()).astype(np.float32, copy=False)

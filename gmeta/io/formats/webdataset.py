@@ -6,7 +6,7 @@ Sample ``<key>`` (the task's position in the split, zero-padded) holds::
     <key>.support.<feature>.npy     int64 [R] hashed ids (multi-hot: all ids of the rows)
     <key>.support.<feature>.len.npy int64 [R] ids per row (multi-hot features only)
     <key>.support.dense.npy         float32 [R, num_dense]
-    <key>.support.label.npy         float32 [R]
+    <key>.support.label.npy         float32 [R], or [R, L] for the L labels of features.labels
     <key>.support.true_prob.npy     float32 [R] (when the data has it)
     ... and the same for query.
 
@@ -26,6 +26,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from gmeta.io.block import ShardError, SplitArrays, TaskBlock
+from gmeta.io.features import schema_labels
 from gmeta.storage import location, temp_name
 
 
@@ -75,6 +76,12 @@ def _side(samples: list[dict], side_name: str, schema: dict, where: str) -> Spli
                              f"{e}") from None
 
     labels = [get(s, f"{side_name}.label.npy").astype(np.float32, copy=False) for s in samples]
+    names = schema_labels(schema)
+    for s, lab in zip(samples, labels):
+        if lab.shape[1:] != ((len(names),) if names else ()):
+            want = f"[rows, {len(names)}] for the labels {names}" if names else "[rows] (one label)"
+            raise ShardError(f"{where}: sample {s['__key__']} {side_name}.label has shape {list(lab.shape)}, the "
+                             f"manifest schema says {want}")
     counts = np.array([len(x) for x in labels], dtype=np.int64)
     rows = np.concatenate([[0], np.cumsum(counts)])
     ids, id_offsets = {}, {}
