@@ -8,11 +8,8 @@ import pytest
 import torch
 
 from gmeta.config import ConfigError, load_config
-from gmeta.meta.maml import maml_loss
-from gmeta.meta.reptile import reptile_loss
 from gmeta.models.heads import HEADS, adapted_layers, adapted_shapes, head_parts
-from tests.meta.test_maml import _check_against_reference, _lookup, _setup
-from tests.support.reference import reptile_directions, task_query_losses
+from tests.meta.test_maml import _check_against_reference, _check_meta_sgd, _check_reptile, _setup
 
 # one config per head (DCN-v2 in both structures, full rank and low rank)
 ARCHS = {
@@ -74,34 +71,14 @@ def test_anil_and_one_part_equal_per_task_reference(debug_config_path, debug_dat
 @pytest.mark.parametrize("arch", NEW)
 def test_meta_sgd_equals_per_task_reference(debug_config_path, debug_data, arch):
     model, head, batch, tables = _setup(debug_config_path, debug_data, extra=ARCHS[arch])
-    gen = torch.Generator().manual_seed(5)
-    lrs = {n: (0.1 + 0.4 * torch.rand(shape, generator=gen, dtype=torch.float64)).requires_grad_()
-           for n, shape in adapted_shapes(head, ["all"], "weights").items()}
-    assert set(lrs) == {n for n, _ in head.named_parameters()}
-    emb_lr = (0.2 + torch.rand(len(tables), 4, generator=gen, dtype=torch.float64)).requires_grad_()
-    kw = dict(steps=2, lr=lrs, emb_lr=emb_lr, adapt_dense=["all"], adapt_embeddings=True, first_order=False)
-    wrt = list(head.parameters()) + list(tables.values()) + list(lrs.values()) + [emb_lr]
-    ref = torch.stack(task_query_losses(head, tables, model.features, batch, **kw))
-    ref_grads = torch.autograd.grad(ref.mean(), wrt)
-    rows, layout = _lookup(model, batch, tables)
-    out = maml_loss(head, rows, batch, layout, **kw)
-    grads = torch.autograd.grad(out.loss, wrt)
-    torch.testing.assert_close(out.query_loss, ref, rtol=0, atol=1e-12)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+    assert set(adapted_shapes(head, ["all"], "weights")) == {n for n, _ in head.named_parameters()}
+    _check_meta_sgd(model, head, batch, tables, ["all"])
 
 
 @pytest.mark.parametrize("arch", NEW)
 def test_reptile_gradient_equals_per_task_reference(debug_config_path, debug_data, arch):
     model, head, batch, tables = _setup(debug_config_path, debug_data, extra=ARCHS[arch])
-    kw = dict(steps=2, lr=0.3, emb_lr=0.5, adapt_dense=["all"], adapt_embeddings=True)
-    ref = reptile_directions(head, tables, model.features, batch, **kw)
-    rows, layout = _lookup(model, batch, tables)
-    out = reptile_loss(head, rows, batch, layout, **kw)
-    named = dict(head.named_parameters())
-    grads = torch.autograd.grad(out.loss, list(named.values()) + list(tables.values()))
-    for (name, _), g in zip(list(named.items()) + list(tables.items()), grads):
-        torch.testing.assert_close(g, ref[name], rtol=0, atol=1e-12)
+    _check_reptile(model, head, batch, tables)
 
 
 @pytest.mark.parametrize("arch", NEW)

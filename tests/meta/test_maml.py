@@ -58,6 +58,45 @@ def _check_against_reference(model, head, batch, tables, buckets, fast_weights, 
     assert sum(float(g.abs().sum()) for g in grads[-len(tables):]) > 0
 
 
+def _check_meta_sgd(model, head, batch, tables, adapt_dense, first_order=False) -> list[torch.Tensor]:
+    """Meta-SGD (a learned rate per adapted element and per (feature, dim)) against the
+    reference: query losses and every gradient, the rates' included; returns the gradients
+    (head, tables, dense rates, embedding rate)."""
+    from gmeta.models.heads import adapted_shapes
+
+    gen = torch.Generator().manual_seed(5)
+    lrs = {n: (0.1 + 0.4 * torch.rand(shape, generator=gen, dtype=torch.float64)).requires_grad_()
+           for n, shape in adapted_shapes(head, adapt_dense, "weights").items()}
+    emb_lr = (0.2 + torch.rand(len(tables), 4, generator=gen, dtype=torch.float64)).requires_grad_()
+    kw = dict(steps=2, lr=lrs, emb_lr=emb_lr, adapt_dense=adapt_dense, adapt_embeddings=True,
+              first_order=first_order)
+    wrt = list(head.parameters()) + list(tables.values()) + list(lrs.values()) + [emb_lr]
+    ref = torch.stack(task_query_losses(head, tables, model.features, batch, **kw))
+    ref_grads = torch.autograd.grad(ref.mean(), wrt)
+    rows, layout = _lookup(model, batch, tables)
+    out = maml_loss(head, rows, batch, layout, **kw)
+    grads = list(torch.autograd.grad(out.loss, wrt))
+    torch.testing.assert_close(out.query_loss, ref, rtol=0, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+    return grads
+
+
+def _check_reptile(model, head, batch, tables) -> None:
+    """Reptile's surrogate gradient (every layer and row adapted) against the per-task reference."""
+    from gmeta.meta.reptile import reptile_loss
+    from tests.support.reference import reptile_directions
+
+    kw = dict(steps=2, lr=0.3, emb_lr=0.5, adapt_dense=["all"], adapt_embeddings=True)
+    ref = reptile_directions(head, tables, model.features, batch, **kw)
+    rows, layout = _lookup(model, batch, tables)
+    out = reptile_loss(head, rows, batch, layout, **kw)
+    named = dict(head.named_parameters())
+    grads = torch.autograd.grad(out.loss, list(named.values()) + list(tables.values()))
+    for (name, _), g in zip(list(named.items()) + list(tables.items()), grads):
+        torch.testing.assert_close(g, ref[name], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("fast_weights", ["implicit", "materialized", "mixed"])
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("adapt_embeddings", [True, False])
@@ -204,21 +243,7 @@ def test_implicit_path_forms_no_per_task_weights(debug_config_path, debug_data):
 @pytest.mark.parametrize("first_order", [False, True])
 def test_meta_sgd_step_equals_per_task_reference(debug_config_path, debug_data, first_order):
     model, head, batch, tables = _setup(debug_config_path, debug_data)
-    gen = torch.Generator().manual_seed(5)
-    adapt = ["dense_arch", "over_arch"]
-    lrs = {n: (0.1 + 0.4 * torch.rand(p.shape, generator=gen, dtype=torch.float64)).requires_grad_()
-           for n, p in head.named_parameters() if n.split(".")[0] in adapt}
-    emb_lr = (0.2 + torch.rand(len(tables), 4, generator=gen, dtype=torch.float64)).requires_grad_()
-    kw = dict(steps=2, lr=lrs, emb_lr=emb_lr, adapt_dense=adapt, adapt_embeddings=True, first_order=first_order)
-    wrt = list(head.parameters()) + list(tables.values()) + list(lrs.values()) + [emb_lr]
-    ref = torch.stack(task_query_losses(head, tables, model.features, batch, **kw))
-    ref_grads = torch.autograd.grad(ref.mean(), wrt)
-    rows, layout = _lookup(model, batch, tables)
-    out = maml_loss(head, rows, batch, layout, **kw)
-    grads = torch.autograd.grad(out.loss, wrt)
-    torch.testing.assert_close(out.query_loss, ref, rtol=0, atol=1e-12)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+    grads = _check_meta_sgd(model, head, batch, tables, ["dense_arch", "over_arch"], first_order)
     assert float(grads[-1].abs().sum()) > 0  # the learned rates do get a meta-gradient
 
 

@@ -9,12 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from gmeta.config import ConfigError, load_config
-from gmeta.meta.maml import maml_loss
-from gmeta.meta.reptile import reptile_loss
-from gmeta.models.heads import ESMMHead, MMoEHead, adapted_layers, adapted_shapes, build_head, head_parts
+from gmeta.models.heads import ESMMHead, MMoEHead, adapted_layers, build_head, head_parts
 from tests.conftest import DEBUG_CONFIG, TWO_LABELS
-from tests.meta.test_maml import _check_against_reference, _lookup, _setup
-from tests.support.reference import reptile_directions, task_query_losses
+from tests.meta.test_maml import _check_against_reference, _check_meta_sgd, _check_reptile, _setup
 
 MULTITASK = {
     "mmoe": ["model.arch=mmoe", "model.experts=3", "model.expert_arch=[7, 6]"],
@@ -132,29 +129,10 @@ def test_multitask_anil_and_own_parts_equal_per_task_reference(debug_config_path
 @pytest.mark.parametrize("arch", list(MULTITASK))
 def test_multitask_meta_sgd_equals_per_task_reference(debug_config_path, two_label_data, arch):
     model, head, batch, tables = _two(debug_config_path, two_label_data, arch)
-    gen = torch.Generator().manual_seed(5)
-    lrs = {n: (0.1 + 0.4 * torch.rand(shape, generator=gen, dtype=torch.float64)).requires_grad_()
-           for n, shape in adapted_shapes(head, ["all"], "weights").items()}
-    emb_lr = (0.2 + torch.rand(len(tables), 4, generator=gen, dtype=torch.float64)).requires_grad_()
-    kw = dict(steps=2, lr=lrs, emb_lr=emb_lr, adapt_dense=["all"], adapt_embeddings=True, first_order=False)
-    wrt = list(head.parameters()) + list(tables.values()) + list(lrs.values()) + [emb_lr]
-    ref = torch.stack(task_query_losses(head, tables, model.features, batch, **kw))
-    ref_grads = torch.autograd.grad(ref.mean(), wrt)
-    rows, layout = _lookup(model, batch, tables)
-    out = maml_loss(head, rows, batch, layout, **kw)
-    torch.testing.assert_close(out.query_loss, ref, rtol=0, atol=1e-12)
-    for g, r in zip(torch.autograd.grad(out.loss, wrt), ref_grads):
-        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+    _check_meta_sgd(model, head, batch, tables, ["all"])
 
 
 @pytest.mark.parametrize("arch", list(MULTITASK))
 def test_multitask_reptile_gradient_equals_per_task_reference(debug_config_path, two_label_data, arch):
     model, head, batch, tables = _two(debug_config_path, two_label_data, arch)
-    kw = dict(steps=2, lr=0.3, emb_lr=0.5, adapt_dense=["all"], adapt_embeddings=True)
-    ref = reptile_directions(head, tables, model.features, batch, **kw)
-    rows, layout = _lookup(model, batch, tables)
-    out = reptile_loss(head, rows, batch, layout, **kw)
-    named = dict(head.named_parameters())
-    grads = torch.autograd.grad(out.loss, list(named.values()) + list(tables.values()))
-    for (name, _), g in zip(list(named.items()) + list(tables.items()), grads):
-        torch.testing.assert_close(g, ref[name], rtol=0, atol=1e-12)
+    _check_reptile(model, head, batch, tables)
