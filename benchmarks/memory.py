@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -31,21 +32,28 @@ from gmeta.parallel.sharding import shard_model
 
 
 def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs
-    (the output is kept alive until counted, so the graph is whole)."""
-    seen: dict[int, int] = {}
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs and
+    still holds when it returns (the output is kept alive until counted, so the graph is
+    whole). Tensors are held weakly and counted at the end: a tensor saved by a graph that
+    ``fn`` itself dropped is freed, and its address may be reused by a later one, so keying
+    by address while ``fn`` runs would let the two overwrite each other."""
+    saved: list[weakref.ref] = []
 
     def pack(t: torch.Tensor):
         if t.device.type != "meta":
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
+            saved.append(weakref.ref(t))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    total = sum(seen.values())
+    storages = {}
+    for ref in saved:
+        t = ref()
+        if t is not None:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
     del out
-    return total
+    return sum(storages.values())
 
 
 def step_saved_mib(model, batch, m: MetaConfig, steps: int, first_order: bool) -> float:
