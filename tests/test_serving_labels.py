@@ -14,21 +14,15 @@ from gmeta.checkpoint import load_unsharded
 from gmeta.io.errors import PrepareError
 from gmeta.predict_raw import run_predict_raw
 from gmeta.serving import assign_roles, score_rows
-from tests.conftest import DEBUG_CONFIG, TWO_LABELS
-from tests.support.cli import run_gmeta
 
 LABELS = ["label", "conversion"]
 
 
 @pytest.fixture(scope="module")
-def esmm_checkpoint(two_label_data, tmp_path_factory) -> Path:
-    """ESMM over the debug config's sizes, trained a few steps on the two-label debug data."""
-    out = tmp_path_factory.mktemp("esmm_run")
-    p = run_gmeta(["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "1",
-                   f"data.shards_dir={two_label_data['shards']}", f"train.output_dir={out}", "train.max_steps=6",
-                   "train.eval_at_end=false", "tracking.enabled=false", *TWO_LABELS, "model.arch=esmm"])
-    assert p.returncode == 0, p.stderr[-4000:]
-    return out / "checkpoint"
+def esmm_checkpoint(trained_head) -> Path:
+    """ESMM over the debug config's sizes, trained a few steps on the two-label debug data
+    (tests/test_serve_every_head.py's training, shared)."""
+    return trained_head("esmm").checkpoint
 
 
 def _rows(two_label_data, cfg, n_tasks: int) -> pd.DataFrame:
@@ -122,3 +116,25 @@ def test_raw_rows_of_two_labels_errors_name_the_label_column(esmm_checkpoint, tw
     # and through gmeta predict --input, naming the input too
     with pytest.raises(PrepareError, match=r"badconv: .*column 'conversion' \(features.labels\) must be 0 or 1"):
         run_predict_raw(esmm_checkpoint, _write(bad, tmp_path / "badconv"), tmp_path / "o", progress=False)
+
+
+def test_the_pyfunc_model_of_two_labels_logs_every_label_column_and_scores_each(trained_head):
+    import mlflow
+
+    from gmeta.serving import example_rows
+
+    run = trained_head("esmm")  # its model logged by gmeta train
+    model, cfg, meta = load_unsharded(run.checkpoint)
+    mlflow.set_tracking_uri(run.tracking_uri)
+    served = mlflow.pyfunc.load_model(run.model_uri())
+    assert {"label", "conversion", "role"} <= set(served.metadata.get_input_schema().input_names())
+    assert served.metadata.get_output_schema().input_names() == ["score_label", "score_conversion"]
+    # the signature's example: two support rows labelled 0 then 1 in each label column, the
+    # query rows' labels unknown
+    example = example_rows(cfg, meta.get("input_columns"))
+    for name in LABELS:
+        np.testing.assert_array_equal(example[name].to_numpy(), [0.0, 1.0, np.nan, np.nan])
+    out = served.predict(example)
+    want = score_rows(model, cfg, example, column_types=meta.get("input_columns"), id_hash=meta["id_hash"])
+    pd.testing.assert_frame_equal(out, want)
+    assert out.iloc[2:].notna().all().all() and out.iloc[:2].isna().all().all()
