@@ -96,6 +96,14 @@ def test_raw_logs_of_two_labels_predict_a_column_per_label_in_worker_processes(e
     for name in LABELS:
         np.testing.assert_allclose(got[f"score_{name}"], want[f"score_{name}"][q], atol=1e-6)
         np.testing.assert_array_equal(got[f"label_{name}"], rows[name].to_numpy()[q])
+    # the tables sharded among the 2 workers (their gang gathers the scores): the same part
+    run_predict_raw(esmm_checkpoint, tmp_path / "logs", tmp_path / "sharded", inner_steps=2, progress=False, nproc=2,
+                    units=4, shard_tables=True)
+    sharded = _read(tmp_path / "sharded")
+    pd.testing.assert_frame_equal(sharded.drop(columns=["score_label", "score_conversion"]),
+                                  got.drop(columns=["score_label", "score_conversion"]))
+    for name in LABELS:
+        np.testing.assert_allclose(sharded[f"score_{name}"], got[f"score_{name}"], atol=1e-5)
 
 
 def test_raw_rows_of_two_labels_errors_name_the_label_column(esmm_checkpoint, two_label_data, tmp_path):
