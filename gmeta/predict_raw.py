@@ -122,9 +122,9 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
     models = [{"column": "score" if len(checkpoints) == 1 else f"score_{i}", "checkpoint": absolute(c),
                "inner_steps": inner_steps_for(mc, inner_steps)}
               for i, (c, (_, mc, _)) in enumerate(zip(checkpoints, loaded))]
-    if len(cfg.features.label_names()) > 1:  # a column per label: <column>_<label> (one label: the column itself)
-        for m in models:
-            m["columns"] = score_columns(cfg, str(m["column"]))
+    for m, (_, mc, _) in zip(models, loaded):  # a column per label <column>_<label> (and esmm's <column>_pcvr)
+        if score_columns(mc, str(m["column"])) != [m["column"]]:
+            m["columns"] = score_columns(mc, str(m["column"]))
     job = {"models": models, "input": absolute(input_path),
            "buckets": count, "roles": "column" if has_role else "split rule"}
     state = open_progress(out, {"job": job, "done": [], "rows": 0, "tasks": 0, "tasks_without_support": 0,

@@ -46,6 +46,8 @@ from gmeta.serving import (
     SUPPORT,
     assign_roles,
     featurise_rows,
+    head_outputs,
+    put_scores,
     score_array,
     score_columns,
     score_featurised,
@@ -112,11 +114,12 @@ class Scorer:
         scores = score_array(self.models, len(df))
         for i, (model, cfg) in enumerate(self.models):
             steps = inner_steps_for(cfg, self.inner_steps)
+            outputs = head_outputs(cfg)
             for j in range(rounds):
                 batch, positions = mine[min(j, len(mine) - 1)] if mine else featurised[0]
-                preds = predict_query(model, cfg, batch, steps_for_batch(batch, steps))
+                preds = predict_query(model, cfg, batch, steps_for_batch(batch, steps), outputs)
                 if j < len(mine):
-                    scores[i, positions] = preds
+                    put_scores(scores, i, positions, preds)
         gathered: list = [None] * size if rank == 0 else []
         torch.distributed.gather_object(scores, gathered if rank == 0 else None, dst=0)
         if rank:

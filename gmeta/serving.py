@@ -214,7 +214,8 @@ def score_rows(model, cfg: Config, df: pd.DataFrame, inner_steps: int = -1,
     (``inner_steps``; -1: the evaluation default). One row per input row, same index, with
     the columns ``score_columns(cfg)``: ``score`` for a model of one label, ``score_<name>``
     per label of ``features.labels`` (the names ``gmeta predict`` writes; model.arch esmm:
-    ``score_<click>`` is pCTR, ``score_<conversion>`` pCTCVR, as the labels are scored).
+    ``score_<click>`` is pCTR, ``score_<conversion>`` pCTCVR, as the labels are scored, and
+    ``score_pcvr`` pCVR = pCTCVR / pCTR, the probability of a conversion given a click).
     NaN on support rows and ignored rows. ``column_types``, ``id_hash``: as in
     ``rows_to_blocks`` (the checkpoint's meta.json records them)."""
     scores = score_rows_models([(model, cfg)], df, inner_steps, column_types, id_hash=id_hash)[0]
@@ -223,14 +224,47 @@ def score_rows(model, cfg: Config, df: pd.DataFrame, inner_steps: int = -1,
 
 def score_columns(cfg: Config, prefix: str = "score") -> list[str]:
     """The columns of a model's scores: ``prefix`` for one label, ``<prefix>_<name>`` per
-    label of ``features.labels`` (in their order), as ``gmeta predict`` names them."""
+    label of ``features.labels`` (in their order), as ``gmeta predict`` names them; for
+    model.arch esmm then ``<prefix>_pcvr``, pCVR = pCTCVR / pCTR (``head_outputs``)."""
     labels = cfg.features.label_names()
-    return [prefix] if len(labels) == 1 else [f"{prefix}_{name}" for name in labels]
+    cols = [prefix] if len(labels) == 1 else [f"{prefix}_{name}" for name in labels]
+    if cfg.model.arch == "esmm":
+        if "pcvr" in labels:
+            raise ValueError(f"features.labels {labels}: a label named 'pcvr' would share its score column with "
+                             "model.arch esmm's pCVR; rename the label column")
+        cols.append(f"{prefix}_pcvr")
+    return cols
+
+
+def head_outputs(cfg: Config):
+    """What serving returns of a head's outputs ``[Q, L]`` (``gmeta.scoring.OutputsFn``),
+    one value per ``score_columns``: None (``Head.predict``, a probability or value per
+    label) but for model.arch esmm, whose (pCTR, pCTCVR) are followed by pCVR =
+    pCTCVR / pCTR, computed by ``ESMMHead.pcvr`` from the logits (in log space: exact where
+    the ratio of two rounded probabilities would not be, for a tiny pCTR)."""
+    if cfg.model.arch != "esmm":
+        return None
+    import torch
+
+    def esmm(head, out: torch.Tensor) -> torch.Tensor:
+        return torch.cat([head.predict(out), head.pcvr(out).unsqueeze(-1)], dim=-1)
+
+    return esmm
+
+
+def put_scores(scores: np.ndarray, model: int, positions: np.ndarray, preds: np.ndarray) -> None:
+    """``preds`` ``[Q]`` or ``[Q, W]`` of model ``model`` into ``scores`` (``score_array``) at
+    the rows ``positions``; a model of fewer columns than the widest leaves the rest NaN."""
+    if scores.ndim == 2:
+        scores[model, positions] = preds
+    else:
+        preds = preds.reshape(len(positions), -1)
+        scores[model, positions, :preds.shape[1]] = preds
 
 
 def scores_frame(scores: np.ndarray, columns: list[str], index) -> pd.DataFrame:
     """Scores ``[rows]`` or ``[rows, L]`` as a DataFrame of the ``columns`` (``score_columns``)."""
-    scores = scores.reshape(len(scores), -1)
+    scores = scores.reshape(len(scores), -1)[:, :len(columns)]  # (a narrower model's: NaN beyond its own)
     if scores.shape[1] != len(columns):
         raise ValueError(f"{scores.shape[1]} score(s) per row for the columns {columns}")
     return pd.DataFrame({c: scores[:, i] for i, c in enumerate(columns)}, index=index)
@@ -259,20 +293,24 @@ def score_featurised(models: Sequence[tuple[object, Config]], featurised: list, 
     scores = score_array(models, num_rows)
     for i, (model, model_cfg) in enumerate(models):
         steps = inner_steps_for(model_cfg, inner_steps)
+        outputs = head_outputs(model_cfg)
         for batch, positions in featurised:
-            scores[i, positions] = predict_query(model, model_cfg, batch, steps_for_batch(batch, steps))
+            put_scores(scores, i, positions, predict_query(model, model_cfg, batch, steps_for_batch(batch, steps),
+                                                           outputs))
     return scores
 
 
 def score_array(models: Sequence[tuple[object, Config]], num_rows: int) -> np.ndarray:
-    """NaN scores of ``models`` for ``num_rows`` rows: [models, rows], or [models, rows, L]
-    for the L labels of the first model's ``features.labels``."""
+    """NaN scores of ``models`` for ``num_rows`` rows: [models, rows] when each model has
+    one score column, else [models, rows, W], W the most ``score_columns`` of a model (the
+    labels of ``features.labels``, and esmm's pCVR)."""
     labels = models[0][1].features.label_names()
     for _, other in models[1:]:
         if other.features.label_names() != labels:
             raise ValueError(f"models scored together have features.labels {labels} and "
                              f"{other.features.label_names()}: score them in separate runs")
-    return np.full((len(models), num_rows) + ((len(labels),) if len(labels) > 1 else ()), np.nan)
+    width = max(len(score_columns(c)) for _, c in models)
+    return np.full((len(models), num_rows) + ((width,) if width > 1 else ()), np.nan)
 
 
 def steps_for_batch(batch, steps: int) -> int:

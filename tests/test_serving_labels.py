@@ -16,6 +16,7 @@ from gmeta.predict_raw import run_predict_raw
 from gmeta.serving import assign_roles, score_rows
 
 LABELS = ["label", "conversion"]
+SCORES = ["score_label", "score_conversion", "score_pcvr"]  # esmm: pCTR, pCTCVR, pCVR
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +54,13 @@ def test_raw_rows_of_two_labels_get_a_score_per_label(esmm_checkpoint, two_label
     kw = dict(column_types=meta.get("input_columns"), id_hash=meta["id_hash"])
     df = _rows(two_label_data, cfg, 12)
     got = score_rows(model, cfg, df, 2, **kw)
-    assert list(got.columns) == ["score_label", "score_conversion"] and got.index.equals(df.index)
+    assert list(got.columns) == ["score_label", "score_conversion", "score_pcvr"] and got.index.equals(df.index)
     q = (df["role"] == "query").to_numpy()
     assert got[~q].isna().all().all() and got[q].notna().all().all()
     s = got[q].to_numpy()
     assert ((s > 0) & (s < 1)).all()
     assert (s[:, 1] <= s[:, 0] + 1e-7).all()  # esmm: pCTCVR = pCTR x pCVR <= pCTR
+    np.testing.assert_allclose(s[:, 2], s[:, 1] / s[:, 0], rtol=1e-5)  # pCVR = pCTCVR / pCTR
     # the query rows' labels are not read: given, or NaN, the scores are the same
     given = assign_roles(pd.read_parquet(two_label_data["raw"]).pipe(lambda r: r[r["campaign_id"].isin(
         df["campaign_id"].unique())]).reset_index(drop=True), cfg)
@@ -86,24 +88,24 @@ def test_raw_logs_of_two_labels_predict_a_column_per_label_in_worker_processes(e
                               progress=False, nproc=2, units=4)
     got = _read(tmp_path / "out")
     assert list(got.columns) == ["task_key", "input_row", "label_label", "label_conversion", "support_rows",
-                                 "score_label", "score_conversion"]
-    assert summary["models"][0]["columns"] == ["score_label", "score_conversion"]
+                                 "score_label", "score_conversion", "score_pcvr"]
+    assert summary["models"][0]["columns"] == ["score_label", "score_conversion", "score_pcvr"]
     want_rows = assign_roles(rows, cfg)
     q = (want_rows["role"] == "query").to_numpy()
     want = score_rows(model, cfg, want_rows, 2, meta.get("input_columns"), id_hash=meta["id_hash"])
     assert len(got) == summary["rows"] == q.sum() > 0
     np.testing.assert_array_equal(got["input_row"], np.flatnonzero(q))
     for name in LABELS:
-        np.testing.assert_allclose(got[f"score_{name}"], want[f"score_{name}"][q], atol=1e-6)
         np.testing.assert_array_equal(got[f"label_{name}"], rows[name].to_numpy()[q])
+    for c in SCORES:
+        np.testing.assert_allclose(got[c], want[c][q], atol=1e-6)
     # the tables sharded among the 2 workers (their gang gathers the scores): the same part
     run_predict_raw(esmm_checkpoint, tmp_path / "logs", tmp_path / "sharded", inner_steps=2, progress=False, nproc=2,
                     units=4, shard_tables=True)
     sharded = _read(tmp_path / "sharded")
-    pd.testing.assert_frame_equal(sharded.drop(columns=["score_label", "score_conversion"]),
-                                  got.drop(columns=["score_label", "score_conversion"]))
-    for name in LABELS:
-        np.testing.assert_allclose(sharded[f"score_{name}"], got[f"score_{name}"], atol=1e-5)
+    pd.testing.assert_frame_equal(sharded.drop(columns=SCORES), got.drop(columns=SCORES))
+    for c in SCORES:
+        np.testing.assert_allclose(sharded[c], got[c], atol=1e-5)
 
 
 def test_raw_rows_of_two_labels_errors_name_the_label_column(esmm_checkpoint, two_label_data, tmp_path):
@@ -136,7 +138,7 @@ def test_the_pyfunc_model_of_two_labels_logs_every_label_column_and_scores_each(
     mlflow.set_tracking_uri(run.tracking_uri)
     served = mlflow.pyfunc.load_model(run.model_uri())
     assert {"label", "conversion", "role"} <= set(served.metadata.get_input_schema().input_names())
-    assert served.metadata.get_output_schema().input_names() == ["score_label", "score_conversion"]
+    assert served.metadata.get_output_schema().input_names() == SCORES
     # the signature's example: two support rows labelled 0 then 1 in each label column, the
     # query rows' labels unknown
     example = example_rows(cfg, meta.get("input_columns"))
