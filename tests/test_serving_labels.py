@@ -148,3 +148,28 @@ def test_the_pyfunc_model_of_two_labels_logs_every_label_column_and_scores_each(
     want = score_rows(model, cfg, example, column_types=meta.get("input_columns"), id_hash=meta["id_hash"])
     pd.testing.assert_frame_equal(out, want)
     assert out.iloc[2:].notna().all().all() and out.iloc[:2].isna().all().all()
+
+
+def test_models_of_other_score_columns_in_one_pass_keep_their_own_columns():
+    from gmeta.config import load_config
+    from gmeta.serving import put_scores, score_array, score_columns, scores_frame
+    from tests.conftest import DEBUG_CONFIG, TWO_LABELS
+
+    esmm = load_config(DEBUG_CONFIG, [*TWO_LABELS, "model.arch=esmm"])
+    mmoe = load_config(DEBUG_CONFIG, [*TWO_LABELS, "model.arch=mmoe"])
+    assert score_columns(esmm, "score_0") == ["score_0_label", "score_0_conversion", "score_0_pcvr"]
+    assert score_columns(mmoe, "score_1") == ["score_1_label", "score_1_conversion"]
+    assert score_columns(load_config(DEBUG_CONFIG)) == ["score"]  # one label: as it always was
+    scores = score_array([(None, esmm), (None, mmoe)], 4)
+    assert scores.shape == (2, 4, 3) and np.isnan(scores).all()
+    put_scores(scores, 0, np.array([1, 3]), np.array([[0.5, 0.2, 0.4], [0.6, 0.3, 0.5]]))
+    put_scores(scores, 1, np.array([1, 3]), np.array([[0.7, 0.1], [0.8, 0.2]]))
+    np.testing.assert_array_equal(scores[1, [1, 3], :2], [[0.7, 0.1], [0.8, 0.2]])
+    assert np.isnan(scores[1, :, 2]).all() and np.isnan(scores[:, [0, 2]]).all()
+    frame = scores_frame(scores[1], score_columns(mmoe), range(4))
+    assert list(frame.columns) == ["score_label", "score_conversion"]
+    np.testing.assert_array_equal(frame["score_conversion"].to_numpy()[[1, 3]], [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"features.labels \['label', 'conversion'\] and \['label'\]"):
+        score_array([(None, esmm), (None, load_config(DEBUG_CONFIG))], 4)
+    with pytest.raises(ValueError, match="a label named 'pcvr'"):
+        score_columns(load_config(DEBUG_CONFIG, ["features.labels=[label, pcvr]", "model.arch=esmm"]))
