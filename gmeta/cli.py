@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{summary['rows']} query rows of {summary['tasks']} tasks in {summary['parts']} part(s) -> "
               f"{summary['out']} ({summary['rows_per_s']:.0f} rows/s)")
         for m in summary.get("models", []) if len(args.checkpoint) > 1 else []:
-            print(f"  {m['column']}: {m['checkpoint']} (K = {m['inner_steps']})")
+            print(f"  {', '.join(m.get('columns', [m['column']]))}: {m['checkpoint']} (K = {m['inner_steps']})")
         return 0
     return 2
 

@@ -21,7 +21,7 @@ from gmeta.parallel.dist import configure_threads, default_device
 from gmeta.predict import PROGRESS, PredictError, open_progress
 from gmeta.predict_workers import Coordinator, Scorer, bucket_name, node_agent, pipeline
 from gmeta.scoring import inner_steps_for
-from gmeta.serving import ROLE
+from gmeta.serving import ROLE, score_columns
 from gmeta.storage import absolute, check_bucket, is_url, location, rmtree, upload, write_atomic
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,9 @@ def run_predict_raw(checkpoint: str | Path | list, input_path: str | Path, out_d
     models = [{"column": "score" if len(checkpoints) == 1 else f"score_{i}", "checkpoint": absolute(c),
                "inner_steps": inner_steps_for(mc, inner_steps)}
               for i, (c, (_, mc, _)) in enumerate(zip(checkpoints, loaded))]
+    for m, (_, mc, _) in zip(models, loaded):  # a column per label <column>_<label> (and esmm's <column>_pcvr)
+        if score_columns(mc, str(m["column"])) != [m["column"]]:
+            m["columns"] = score_columns(mc, str(m["column"]))
     job = {"models": models, "input": absolute(input_path),
            "buckets": count, "roles": "column" if has_role else "split rule"}
     state = open_progress(out, {"job": job, "done": [], "rows": 0, "tasks": 0, "tasks_without_support": 0,

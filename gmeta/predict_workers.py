@@ -40,7 +40,19 @@ from gmeta.io.errors import PrepareError
 from gmeta.io.features import id_hash_of
 from gmeta.parallel.dist import configure_threads, pick_device
 from gmeta.predict import PredictError, part_name
-from gmeta.serving import QUERY, ROLE, SUPPORT, assign_roles, featurise_rows, score_featurised, steps_for_batch
+from gmeta.serving import (
+    QUERY,
+    ROLE,
+    SUPPORT,
+    assign_roles,
+    featurise_rows,
+    head_outputs,
+    put_scores,
+    score_array,
+    score_columns,
+    score_featurised,
+    steps_for_batch,
+)
 from gmeta.storage import location, source, write_atomic
 
 log = logging.getLogger(__name__)
@@ -69,7 +81,10 @@ class Scorer:
         # every model reads the rows alike (run_predict_raw checks it), the first's way
         self.id_hash = id_hash_of(loaded[0][2], f"{checkpoints[0]}/{META}")
         self.input_path, self.inner_steps, self.has_role = input_path, inner_steps, has_role
-        self.columns = ["score" if len(loaded) == 1 else f"score_{i}" for i in range(len(loaded))]
+        # per model ``score`` / ``score_<i>`` (several models), per label ``<that>_<label>``
+        # (several labels): the names gmeta predict --shards writes for one model
+        self.columns = [score_columns(c, "score" if len(loaded) == 1 else f"score_{i}")
+                        for i, (_, c, _) in enumerate(loaded)]
 
     def featurise(self, bucket: pa.Table):
         df = bucket.drop_columns(["__key"]).to_pandas()
@@ -96,14 +111,15 @@ class Scorer:
 
         mine = featurised[rank::size]
         rounds = -(-len(featurised) // size)
-        scores = np.full((len(self.models), len(df)), np.nan)
+        scores = score_array(self.models, len(df))
         for i, (model, cfg) in enumerate(self.models):
             steps = inner_steps_for(cfg, self.inner_steps)
+            outputs = head_outputs(cfg)
             for j in range(rounds):
                 batch, positions = mine[min(j, len(mine) - 1)] if mine else featurised[0]
-                preds = predict_query(model, cfg, batch, steps_for_batch(batch, steps))
+                preds = predict_query(model, cfg, batch, steps_for_batch(batch, steps), outputs)
                 if j < len(mine):
-                    scores[i, positions] = preds
+                    put_scores(scores, i, positions, preds)
         gathered: list = [None] * size if rank == 0 else []
         torch.distributed.gather_object(scores, gathered if rank == 0 else None, dst=0)
         if rank:
@@ -115,18 +131,25 @@ class Scorer:
 
     def part(self, df, scores: np.ndarray) -> tuple[pa.Table, int, int]:
         """The part's table, its tasks, and its tasks without support rows. ``support_rows``:
-        the support rows each row's task adapted on (0: the shared model's score)."""
+        the support rows each row's task adapted on (0: the shared model's score). The query
+        rows' labels as the input gave them: ``label``, or ``label_<name>`` per label of
+        ``features.labels`` (as gmeta predict --shards names them)."""
         f = self.cfg.features
         role = df[ROLE].astype(str).to_numpy()
         q = np.flatnonzero(role == QUERY)
         keys = df[f.task_key].iloc[q]
         support = keys.map(df[f.task_key][role == SUPPORT].value_counts()).fillna(0).to_numpy(dtype=np.int32)
-        label = df[f.label].to_numpy()[q] if f.label in df.columns else np.full(len(q), np.nan)
+        names = f.label_names()
+        labels = {"label" if len(names) == 1 else f"label_{name}":
+                  pa.array(df[name].to_numpy()[q] if name in df.columns else np.full(len(q), np.nan), from_pandas=True)
+                  for name in names}
+        per_row = scores.reshape(len(self.columns), len(df), -1)[:, q]  # [models, query rows, labels]
         table = pa.table({"task_key": pa.array(keys.to_numpy()),
                           "input_row": pa.array(df["__row"].to_numpy()[q]),
-                          "label": pa.array(label, from_pandas=True),
+                          **labels,
                           "support_rows": pa.array(support, pa.int32()),
-                          **{c: pa.array(scores[i, q].astype(np.float32)) for i, c in enumerate(self.columns)}})
+                          **{c: pa.array(per_row[i, :, j].astype(np.float32))
+                             for i, cols in enumerate(self.columns) for j, c in enumerate(cols)}})
         return table, int(keys.nunique()), int(keys[support == 0].nunique())
 
 

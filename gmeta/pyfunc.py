@@ -16,7 +16,9 @@ from gmeta.serving import example_rows, score_rows
 
 
 class GMetaModel(PythonModel):
-    """pyfunc: ``predict(df, params={"inner_steps": K})`` -> DataFrame with ``score``."""
+    """pyfunc: ``predict(df, params={"inner_steps": K})`` -> DataFrame with ``score``, or
+    with several labels (``features.labels``) ``score_<name>`` per label (``score_rows``;
+    model.arch esmm: pCTR and pCTCVR)."""
 
     def load_context(self, context) -> None:
         from gmeta.checkpoint import META, load_unsharded
@@ -34,7 +36,9 @@ class GMetaModel(PythonModel):
 
 
 def log_model(checkpoint: str | Path, cfg: Config, model=None) -> str:
-    """Log the checkpoint as a pyfunc model ("model") of the active MLflow run; returns its URI."""
+    """Log the checkpoint as a pyfunc model ("model") of the active MLflow run; returns its URI.
+    With ``model`` (the checkpoint's, loaded) the model gets a signature inferred from an
+    example of input rows (every label column, ``example_rows``) and its scores."""
     import mlflow
     from mlflow.models import infer_signature
 

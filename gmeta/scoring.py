@@ -36,15 +36,20 @@ def _inner(model) -> MetaDLRM:
 RowsFn = Callable[[MetaDLRM, torch.Tensor, BatchLayout], torch.Tensor]
 
 
+OutputsFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+
+
 def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int],
-                    initial_rows: RowsFn | None = None) -> dict[int, np.ndarray]:
+                    initial_rows: RowsFn | None = None, outputs: OutputsFn | None = None) -> dict[int, np.ndarray]:
     """Predictions (``Head.predict``: probabilities, or values for regression) of the
     batch's query rows (query-block order) after K inner steps on each task's support rows,
     for every K in ``steps`` (0: no adaptation; a batch without support rows is scored as K = 0
     whatever K). One lookup and one layout serve every K.
     ``model``: a MetaDLRM, or one sharded by torchrec (then every rank must call this for
     the same number of batches). ``initial_rows(model, rows, layout)``: the looked-up rows
-    ``[U, D]`` as adaptation starts from them (``gmeta.warmup.initial_rows``); None: as looked up."""
+    ``[U, D]`` as adaptation starts from them (``gmeta.warmup.initial_rows``); None: as looked up.
+    ``outputs(head, out)``: what is returned of the head's outputs ``[Q, ...]`` (default
+    ``head.predict``; serving adds ESMM's pCVR, ``gmeta.serving.head_outputs``)."""
     inner = _inner(model)
     m = cfg.meta
     batch = batch.to(model_device(model), non_blocking=True)  # (nothing to do when it is there already)
@@ -59,7 +64,8 @@ def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int],
     out: dict[int, np.ndarray] = {}
 
     def keep(k: int, logits_q: torch.Tensor) -> None:
-        out[k] = inner.head.predict(logits_q.detach().float()).cpu().numpy()
+        logits = logits_q.detach().float()
+        out[k] = (inner.head.predict(logits) if outputs is None else outputs(inner.head, logits)).cpu().numpy()
 
     # one trajectory of max(K) steps scores every K on its way (K steps are the same SGD steps
     # whatever follows them); no support rows: an inner step changes nothing (and its loss over
@@ -74,9 +80,9 @@ def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int],
     return {k: out[k if batch.num_support else 0] for k in steps}
 
 
-def predict_query(model, cfg: Config, batch: TaskBatch, steps: int) -> np.ndarray:
+def predict_query(model, cfg: Config, batch: TaskBatch, steps: int, outputs: OutputsFn | None = None) -> np.ndarray:
     """``predict_queries`` for one K."""
-    return predict_queries(model, cfg, batch, [steps])[steps]
+    return predict_queries(model, cfg, batch, [steps], outputs=outputs)[steps]
 
 
 @dataclass

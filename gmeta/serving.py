@@ -5,7 +5,9 @@ a ``role`` column: for each task (``features.task_key``), the "support" rows (la
 what the model adapts on, the "query" rows are scored. Ids are hashed and values checked
 exactly as ``gmeta prepare`` does, each task's rows are ordered by timestamp as in the
 shards, and tasks are adapted and scored together in meta-batches as ``gmeta predict``
-does, so the scores equal those of ``gmeta predict`` on the same tasks.
+does, so the scores equal those of ``gmeta predict`` on the same tasks. A model of several
+labels (``features.labels``) takes every label column (support rows labelled in each, query
+rows' labels unknown) and gives a score per label, named as ``gmeta predict`` names them.
 
 The trained model is logged to MLflow as a pyfunc (``mlflow.pyfunc.load_model(uri)
 .predict(df)``) with the checkpoint as its artifact and gmeta's code inside.
@@ -74,7 +76,12 @@ def _side(t: pa.Table, sel: np.ndarray, task_of_row: np.ndarray, num_tasks: int,
         else:
             ids[s.name] = col.to_numpy().astype(np.int64)
     dense = np.asarray(t.column("dense").combine_chunks().take(idx).flatten().to_numpy(), dtype=np.float32)
-    label = t.column("__label").to_numpy()[sel].astype(np.float32)
+    num_labels = len(cfg.features.label_names())
+    if num_labels == 1:
+        label = t.column("__label").to_numpy()[sel].astype(np.float32)
+    else:  # [R, L]: a fixed-size list of L per row (label_array)
+        label = np.asarray(t.column("__label").combine_chunks().take(idx).flatten().to_numpy(), dtype=np.float32)
+        label = label.reshape(len(sel), num_labels)
     return SplitArrays(np.cumsum(rows), ids, id_offsets, dense.reshape(len(sel), len(cfg.features.dense)), label)
 
 
@@ -144,9 +151,6 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
     Tasks without support rows (query rows only: a new task with no history) come last, in
     blocks of their own with no support rows; ``score_featurised`` scores them unadapted."""
     f = cfg.features
-    if len(f.label_names()) > 1:
-        raise PrepareError(f"input rows: scoring raw rows takes a model of one label; this one has "
-                           f"features.labels {f.label_names()}: score its task shards with gmeta predict --shards")
     cols = input_columns(cfg)
     missing = [c for c in cols + [ROLE] if c not in df.columns]
     if missing:
@@ -158,9 +162,11 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
                            f"got {role[bad][0]!r} at row {int(np.argmax(bad))}")
     frame = df[cols].copy()
     is_query = role == QUERY
-    # query labels are unknown at serving time: NaN there is allowed (they are not used)
+    # query labels are unknown at serving time: NaN there is allowed (they are not used),
+    # in every label column; a support row's labels are checked as prepare checks them
     if is_query.any():
-        frame[f.label] = _fill_query_labels(frame[f.label], is_query, cfg, (column_types or {}).get(f.label))
+        for name in f.label_names():
+            frame[name] = _fill_query_labels(frame[name], is_query, cfg, (column_types or {}).get(name))
     keep = np.flatnonzero(role != "")
     table = _typed_table(frame.iloc[keep], column_types)
     labels = check_values(table, cfg, "input rows")
@@ -205,11 +211,63 @@ def rows_to_blocks(df: pd.DataFrame, cfg: Config, tasks_per_batch: int,
 def score_rows(model, cfg: Config, df: pd.DataFrame, inner_steps: int = -1,
                column_types: dict[str, str] | None = None, *, id_hash: int) -> pd.DataFrame:
     """Scores of the query rows of ``df`` after adapting each task on its support rows
-    (``inner_steps``; -1: the evaluation default). One row per input row, same index;
-    ``score`` is NaN on support rows and ignored rows. ``column_types``, ``id_hash``: as in
+    (``inner_steps``; -1: the evaluation default). One row per input row, same index, with
+    the columns ``score_columns(cfg)``: ``score`` for a model of one label, ``score_<name>``
+    per label of ``features.labels`` (the names ``gmeta predict`` writes; model.arch esmm:
+    ``score_<click>`` is pCTR, ``score_<conversion>`` pCTCVR, as the labels are scored, and
+    ``score_pcvr`` pCVR = pCTCVR / pCTR, the probability of a conversion given a click).
+    NaN on support rows and ignored rows. ``column_types``, ``id_hash``: as in
     ``rows_to_blocks`` (the checkpoint's meta.json records them)."""
     scores = score_rows_models([(model, cfg)], df, inner_steps, column_types, id_hash=id_hash)[0]
-    return pd.DataFrame({"score": scores}, index=df.index)
+    return scores_frame(scores, score_columns(cfg), df.index)
+
+
+def score_columns(cfg: Config, prefix: str = "score") -> list[str]:
+    """The columns of a model's scores: ``prefix`` for one label, ``<prefix>_<name>`` per
+    label of ``features.labels`` (in their order), as ``gmeta predict`` names them; for
+    model.arch esmm then ``<prefix>_pcvr``, pCVR = pCTCVR / pCTR (``head_outputs``)."""
+    labels = cfg.features.label_names()
+    cols = [prefix] if len(labels) == 1 else [f"{prefix}_{name}" for name in labels]
+    if cfg.model.arch == "esmm":
+        if "pcvr" in labels:
+            raise ValueError(f"features.labels {labels}: a label named 'pcvr' would share its score column with "
+                             "model.arch esmm's pCVR; rename the label column")
+        cols.append(f"{prefix}_pcvr")
+    return cols
+
+
+def head_outputs(cfg: Config):
+    """What serving returns of a head's outputs ``[Q, L]`` (``gmeta.scoring.OutputsFn``),
+    one value per ``score_columns``: None (``Head.predict``, a probability or value per
+    label) but for model.arch esmm, whose (pCTR, pCTCVR) are followed by pCVR =
+    pCTCVR / pCTR, computed by ``ESMMHead.pcvr`` from the logits (in log space: exact where
+    the ratio of two rounded probabilities would not be, for a tiny pCTR)."""
+    if cfg.model.arch != "esmm":
+        return None
+    import torch
+
+    def esmm(head, out: torch.Tensor) -> torch.Tensor:
+        return torch.cat([head.predict(out), head.pcvr(out).unsqueeze(-1)], dim=-1)
+
+    return esmm
+
+
+def put_scores(scores: np.ndarray, model: int, positions: np.ndarray, preds: np.ndarray) -> None:
+    """``preds`` ``[Q]`` or ``[Q, W]`` of model ``model`` into ``scores`` (``score_array``) at
+    the rows ``positions``; a model of fewer columns than the widest leaves the rest NaN."""
+    if scores.ndim == 2:
+        scores[model, positions] = preds
+    else:
+        preds = preds.reshape(len(positions), -1)
+        scores[model, positions, :preds.shape[1]] = preds
+
+
+def scores_frame(scores: np.ndarray, columns: list[str], index) -> pd.DataFrame:
+    """Scores ``[rows]`` or ``[rows, L]`` as a DataFrame of the ``columns`` (``score_columns``)."""
+    scores = scores.reshape(len(scores), -1)[:, :len(columns)]  # (a narrower model's: NaN beyond its own)
+    if scores.shape[1] != len(columns):
+        raise ValueError(f"{scores.shape[1]} score(s) per row for the columns {columns}")
+    return pd.DataFrame({c: scores[:, i] for i, c in enumerate(columns)}, index=index)
 
 
 def featurise_rows(df: pd.DataFrame, cfg: Config, column_types: dict[str, str] | None = None, *,
@@ -226,17 +284,33 @@ def featurise_rows(df: pd.DataFrame, cfg: Config, column_types: dict[str, str] |
 def score_featurised(models: Sequence[tuple[object, Config]], featurised: list, num_rows: int,
                      inner_steps: int | None = -1) -> np.ndarray:
     """Every model adapts on and scores each batch of ``featurise_rows``: [models, rows],
-    NaN where a row is not a query row; tasks without support rows get the unadapted
-    model's scores. One model over all the batches, then the next: its
-    tables and weights stay in cache (model by model within each batch was slower)."""
+    or [models, rows, L] for the L labels of ``features.labels`` (the models read the rows
+    alike, so have the same labels); NaN where a row is not a query row; tasks without
+    support rows get the unadapted model's scores. One model over all the batches, then
+    the next: its tables and weights stay in cache (model by model within each batch was slower)."""
     from gmeta.scoring import inner_steps_for, predict_query
 
-    scores = np.full((len(models), num_rows), np.nan)
+    scores = score_array(models, num_rows)
     for i, (model, model_cfg) in enumerate(models):
         steps = inner_steps_for(model_cfg, inner_steps)
+        outputs = head_outputs(model_cfg)
         for batch, positions in featurised:
-            scores[i, positions] = predict_query(model, model_cfg, batch, steps_for_batch(batch, steps))
+            put_scores(scores, i, positions, predict_query(model, model_cfg, batch, steps_for_batch(batch, steps),
+                                                           outputs))
     return scores
+
+
+def score_array(models: Sequence[tuple[object, Config]], num_rows: int) -> np.ndarray:
+    """NaN scores of ``models`` for ``num_rows`` rows: [models, rows] when each model has
+    one score column, else [models, rows, W], W the most ``score_columns`` of a model (the
+    labels of ``features.labels``, and esmm's pCVR)."""
+    labels = models[0][1].features.label_names()
+    for _, other in models[1:]:
+        if other.features.label_names() != labels:
+            raise ValueError(f"models scored together have features.labels {labels} and "
+                             f"{other.features.label_names()}: score them in separate runs")
+    width = max(len(score_columns(c)) for _, c in models)
+    return np.full((len(models), num_rows) + ((width,) if width > 1 else ()), np.nan)
 
 
 def steps_for_batch(batch, steps: int) -> int:
@@ -250,7 +324,8 @@ def score_rows_models(models: Sequence[tuple[object, Config]], df: pd.DataFrame,
                       column_types: dict[str, str] | None = None, *, id_hash: int) -> np.ndarray:
     """``score_rows`` for several models of the same features and id hash at once: the rows
     are checked, hashed and batched once (by the first model's config), then every model
-    adapts and scores each batch. [models, rows]; NaN where a row is not a query row."""
+    adapts and scores each batch. [models, rows] (or [models, rows, L], see
+    ``score_featurised``); NaN where a row is not a query row."""
     return score_featurised(models, featurise_rows(df, models[0][1], column_types, id_hash=id_hash), len(df),
                             inner_steps)
 
@@ -271,8 +346,8 @@ def _example_column(arrow_type: str, n: int):
 
 
 def example_labels(cfg: Config, arrow_type: str | None, n: int) -> np.ndarray:
-    """Labels of ``example_rows`` as the raw data holds them: a negative then a positive
-    support label in the data's own encoding (``features.negative_labels`` /
+    """Labels of ``example_rows`` (one label column) as the raw data holds them: a negative
+    then a positive support label in the data's own encoding (``features.negative_labels`` /
     ``positive_labels``: -1/+1, yes/no ...; else 0/1) for the label column's raw type
     (``arrow_type``), then unknown (missing) query labels."""
     f = cfg.features
@@ -298,7 +373,8 @@ def example_rows(cfg: Config, column_types: dict[str, str] | None = None, n: int
         multi = any(s.name == col and s.multi_hot for s in f.sparse)
         data[col] = _example_column(types.get(col, "list<int64>" if multi else "int64"), n)
     data[f.task_key] = [data[f.task_key][0]] * n
-    data[f.label] = example_labels(cfg, types.get(f.label), n)
+    for name in f.label_names():  # every label column, each of its own raw type
+        data[name] = example_labels(cfg, types.get(name), n)
     for d in f.dense:
         data[d] = np.zeros(n)
     data[ROLE] = [SUPPORT, SUPPORT] + [QUERY] * (n - 2)

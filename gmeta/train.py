@@ -904,11 +904,7 @@ def _finish_run(tracker, ckpt: Path, cfg: Config, out_dir: Path, step: int, resu
             log_report(tracker, report, files, step)
         log.info("cold-start evaluation:\n%s", format_table(report))
         result.update({f"eval/{k}": v for k, v in flat_metrics(report).items()})
-    several_labels = len(cfg.features.label_names()) > 1
-    if cfg.tracking.enabled and cfg.tracking.log_model and tracker.run_id and several_labels:
-        log.info("model not logged as a pyfunc: it scores raw rows with one label, this model has "
-                 "features.labels %s (gmeta predict scores its shards)", cfg.features.label_names())
-    elif cfg.tracking.enabled and cfg.tracking.log_model and tracker.run_id:
+    if cfg.tracking.enabled and cfg.tracking.log_model and tracker.run_id:
         from gmeta.pyfunc import log_model
 
         t = time.perf_counter()

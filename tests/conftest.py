@@ -72,6 +72,17 @@ def two_label_data(debug_data, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def trained_head(request, tmp_path_factory):
+    """``trained_head(arch)``: that ``model.arch`` trained a few steps on the debug data (two
+    labels for mmoe / esmm), its model logged by gmeta train; each trained once per session
+    (tests/support/heads.py)."""
+    from tests.support.heads import HeadRuns
+
+    return HeadRuns(lambda two: request.getfixturevalue("two_label_data" if two else "debug_data"),
+                    tmp_path_factory.mktemp("heads"))
+
+
+@pytest.fixture(scope="session")
 def debug_val_shards(debug_data, tmp_path_factory) -> Path:
     """The debug data prepared with validation tasks (data.split.val_fraction=0.15), once per
     session; tests read it and write elsewhere."""
