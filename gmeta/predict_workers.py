@@ -59,7 +59,10 @@ log = logging.getLogger(__name__)
 
 # Fault injection for tests and benchmarks, per worker slot W: "slow=W:SECONDS" sleeps before
 # scoring each unit, "kill=W:N" SIGKILLs the worker before scoring its N-th unit,
-# "kill_written=W:N" after writing its N-th part but before reporting it; comma-separated.
+# "kill_written=W:N" after writing its N-th part but before reporting it; "wait=W:P" claims
+# nothing until a worker of slot P has claimed a unit, "wait_done=W:P" until one has finished
+# a unit (so that a test's second node, which starts later, surely gets work however slowly
+# it starts: the counters claimed/<slot> and finished/<slot> in the store); comma-separated.
 # They hit the first process of a slot only, not the one that replaces it.
 FAULTS_ENV = "GMETA_PREDICT_FAULTS"
 STORE_TIMEOUT_S = 300
@@ -297,7 +300,18 @@ def worker_main(host: str, port: int, slot: int, generation: int) -> int:
         def publish() -> None:
             store.set(f"claims/{slot}", json.dumps(sorted(claims)))
 
+        faults = _faults(slot) if generation == 0 else {}
+        waits = [(f"{kind}/{faults.pop(fault)}", fault)
+                 for fault, kind in (("wait", "claimed"), ("wait_done", "finished")) if fault in faults]
+
         def claim() -> int | None:
+            while waits:
+                key, fault = waits.pop()
+                deadline = time.monotonic() + STORE_TIMEOUT_S
+                while store.add(key, 0) == 0:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{FAULTS_ENV}: {fault}: no {key} in {STORE_TIMEOUT_S}s")
+                    time.sleep(0.02)
             while True:
                 try:
                     b = int(store.queue_pop(name, block=False))
@@ -309,6 +323,7 @@ def worker_main(host: str, port: int, slot: int, generation: int) -> int:
                 with lock:
                     claims.add(b)
                     publish()
+                store.add(f"claimed/{slot}", 1)
                 return b
 
         def finished(b: int, rows: int, tasks: int, cold: int) -> None:
@@ -317,17 +332,17 @@ def worker_main(host: str, port: int, slot: int, generation: int) -> int:
             with lock:
                 claims.discard(b)
                 publish()
+            store.add(f"finished/{slot}", 1)
             count["units"] += 1
             count["rows"] += rows
 
         t0 = time.perf_counter()
         if gang:
             _gang_loop(claim, partial(_read_bucket, spec["buckets"]), finished, scorer, location(spec["out"]),
-                       slot % gang, gang, _faults(slot) if generation == 0 else {})
+                       slot % gang, gang, faults)
             torch.distributed.destroy_process_group()
         else:
-            pipeline(claim, partial(_read_bucket, spec["buckets"]), finished, scorer, location(spec["out"]),
-                     _faults(slot) if generation == 0 else {})
+            pipeline(claim, partial(_read_bucket, spec["buckets"]), finished, scorer, location(spec["out"]), faults)
         log.info("predict worker %d: %d unit(s), %d query rows in %.1fs after loading its model(s) in %.1fs",
                  slot, count["units"], count["rows"], time.perf_counter() - t0, t0 - started)
     except Exception as e:  # noqa: BLE001 - reported to node 0, which stops the job

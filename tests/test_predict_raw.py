@@ -303,10 +303,10 @@ def test_two_nodes_share_the_queue_and_a_lost_node_has_its_units_taken_over(debu
 
     src, want, _ = job
     kw = JOB
-    # two nodes, one worker each: both take units (node 0's is slowed, so node 1, which starts
-    # later, gets some: 4 s a unit leaves node 1 half a minute to start, lose its worker and
-    # replace it, also on a busy machine); node 1's worker is killed before its first unit
-    _faulty(monkeypatch, "slow=0:4,kill=1:1")
+    # two nodes, one worker each: both take units (node 0's claims nothing until a worker of
+    # node 1 has finished a unit, however late node 1 starts); node 1's first worker is killed
+    # before its first unit, and its replacement scores
+    _faulty(monkeypatch, "wait_done=0:1,kill=1:1")
     port = free_port()
     node1 = _node(debug_checkpoint, src, tmp_path / "two", port)
     two = run_predict_raw(debug_checkpoint, src, tmp_path / "two", nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", **kw)
@@ -316,8 +316,8 @@ def test_two_nodes_share_the_queue_and_a_lost_node_has_its_units_taken_over(debu
     assert two["worker_units"].get(1, 0) >= 1 and sum(two["worker_units"].values()) == 8, two["worker_units"]
     pd.testing.assert_frame_equal(want, _read(tmp_path / "two"))
     # node 1 lost with its worker (the machine gone) while scoring: node 0 takes its unit over
-    # (node 0 slowed too, so that units are left when node 1 joins)
-    _faulty(monkeypatch, "slow=0:4,slow=1:30")
+    # (node 0 waits for node 1's first claim, so that node 1 holds a unit when it is lost)
+    _faulty(monkeypatch, "wait=0:1,slow=1:30")
     port = free_port()
     node1 = _node(debug_checkpoint, src, tmp_path / "lost", port, start_new_session=True)
 
