@@ -80,10 +80,20 @@ class SparseFeature:
     # (evaluate, predict, serving: nothing is admitted then): "miss_row", the shared miss
     # row that not-admitted ids trained; "zero", an all-zero embedding.
     unknown_ids: Literal["miss_row", "zero"] = "miss_row"
+    # > 0: the feature is a sequence (a user's behaviour: the last ads or items clicked, most
+    # recent first), a multi_hot list column cut to its first max_length ids when prepared and
+    # scored. It takes max_length cells per row, one id each (zeros past its end): model.arch
+    # din attends over them; other heads see their sum. 0: not a sequence.
+    max_length: int = 0
+    # The name of another sparse feature whose table this one shares (one table, two
+    # features; e.g. a clicked-ads sequence and the candidate ad_id): its ids hash as that
+    # feature's do, into as many rows (num_embeddings must be equal). Hashed ids only, with no
+    # default row (min_count, holdout_share 0 on both). Empty: the feature's own table.
+    table: str = ""
 
 
 # the fields of SparseFeature that shape the shards (the rest are model choices)
-SHARD_FIELDS = ("name", "num_embeddings", "multi_hot", "pooling", "ids")
+SHARD_FIELDS = ("name", "num_embeddings", "multi_hot", "pooling", "ids", "max_length", "table")
 
 
 @dataclass
@@ -658,6 +668,7 @@ def validate(cfg: Config) -> None:
                        f"applies to ids: managed only (this feature has ids: {sf.ids})")
     dup = {n for n in names if names.count(n) > 1}
     _check(not dup, "features", f"duplicate feature names {sorted(dup)}")
+    _validate_sequences(cfg)
     warmup = cfg.data.split.rule == "warmup"
     # under the warm-up rule the task is one id of a sparse feature: the key is that feature too
     reserved = {f.task_key, f.timestamp, *f.label_names(), f.true_prob} - {""} - ({f.task_key} if warmup else set())
@@ -759,7 +770,8 @@ def validate(cfg: Config) -> None:
 
     from gmeta.models.heads import build_head, head_parts
 
-    head = build_head(m, len(f.dense), len(f.sparse), f.loss_weights())
+    head = build_head(m, len(f.dense), len(f.sparse), f.loss_weights(),
+                      features=[dataclasses.asdict(sf) for sf in f.sparse])
     parts = head_parts(head)
     layer_names = [n for n, mod in head.named_modules() if isinstance(mod, Linear)]
     for i, part in enumerate(me.adapt_dense):
@@ -845,6 +857,45 @@ def validate(cfg: Config) -> None:
         else:
             _check(param.low < param.high, f"{k}.high", "must be > low (or give choices)")
             _check(not param.log or param.low > 0, f"{k}.low", "must be > 0 on a log scale")
+
+
+def _validate_sequences(cfg: Config) -> None:
+    """Sequence features (``max_length``) and shared tables (``table``)."""
+    sparse = {s.name: s for s in cfg.features.sparse}
+    for i, sf in enumerate(cfg.features.sparse):
+        k = f"features.sparse[{i}]"
+        _check(sf.max_length >= 0, f"{k}.max_length", f"must be >= 0 (0: not a sequence), got {sf.max_length}")
+        if sf.max_length:
+            _check(sf.multi_hot, f"{k}.multi_hot", f"{sf.name} is a sequence (max_length {sf.max_length}): it is read "
+                   "from a list column, set multi_hot: true")
+            _check(sf.pooling == "sum", f"{k}.pooling", f"{sf.name} is a sequence: its cells hold one id each and "
+                   "heads other than din sum them; pooling must be sum")
+            _check(sf.ids == "hash", f"{k}.ids", f"{sf.name} is a sequence: managed ids are not supported for "
+                   "sequences (ids: hash)")
+            _check(sf.min_count == 0 and sf.holdout_share == 0.0, f"{k}.min_count",
+                   f"{sf.name} is a sequence: default rows for new ids are not supported for sequences "
+                   "(min_count and holdout_share 0)")
+        if not sf.table:
+            continue
+        _check(sf.table in sparse and sf.table != sf.name, f"{k}.table",
+               f"must name another sparse feature ({', '.join(n for n in sparse if n != sf.name)}), got {sf.table!r}")
+        owner = sparse[sf.table]
+        _check(not owner.table, f"{k}.table", f"{sf.table} shares the table of {owner.table}: name {owner.table}, "
+               "the feature that owns the table")
+        _check(owner.num_embeddings == sf.num_embeddings, f"{k}.num_embeddings",
+               f"{sf.name} shares the table of {sf.table}, which has {owner.num_embeddings} rows; got "
+               f"{sf.num_embeddings}")
+        for who, f in ((sf.name, sf), (sf.table, owner)):
+            _check(f.ids == "hash", f"{k}.table", f"{who} has ids: {f.ids}; a shared table holds hashed ids only")
+            _check(f.min_count == 0 and f.holdout_share == 0.0, f"{k}.table",
+                   f"{who} has a default row (min_count / holdout_share); a shared table has none")
+    seqs = [s.name for s in cfg.features.sparse if s.max_length]
+    _check(not (seqs and cfg.generator.feature), "generator.feature",
+           f"the id generator reads one cell per feature; it does not combine with sequence features {seqs}")
+    shared = {s.name for s in cfg.features.sparse if s.table}
+    for i, t in enumerate(cfg.sharding.tables):
+        _check(t.name not in shared, f"sharding.tables[{i}].name",
+               f"{t.name} shares the table of {sparse[t.name].table if t.name in sparse else ''}: name that feature")
 
 
 def _validate_generator(cfg: Config) -> None:

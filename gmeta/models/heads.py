@@ -213,8 +213,12 @@ class Head(nn.Module):
     """
 
     arch: ClassVar[str]
+    # False: the head takes one cell per feature, and a sequence's cells reach it summed
+    # (``__call__``); True: it reads them (din)
+    reads_cells: ClassVar[bool] = False
     last_layer: str  # module name of the output layer
     loss_weights: torch.Tensor  # [L] buffer (not saved: the config holds it), with L > 1 only
+    cell_feature: torch.Tensor | None  # [C] buffer: the feature of each cell, with sequences only
 
     def __init__(self, objective: str, label_weights: Sequence[float] = (1.0,)) -> None:
         super().__init__()
@@ -222,16 +226,38 @@ class Head(nn.Module):
             raise ValueError("label_weights: one weight per label, got none")
         self.objective = objective
         self.num_labels = len(label_weights)
+        self.register_buffer("cell_feature", None, persistent=False)
         if self.num_labels > 1:
             self.register_buffer("loss_weights", torch.tensor([float(w) for w in label_weights]), persistent=False)
 
     @classmethod
     def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int,
-                    label_weights: Sequence[float] = (1.0,)) -> Head:
+                    label_weights: Sequence[float] = (1.0,), features: Sequence[dict] | None = None) -> Head:
         """The head sized by ``model.*`` (every concrete head takes these arguments first),
-        with one output per label weight."""
+        with one output per label weight. ``features``: the sparse features' configs, read by
+        heads that need more than their number (din)."""
         return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch,  # type: ignore[call-arg, arg-type, misc]
                    m.objective, label_weights=label_weights)
+
+    def set_cells(self, widths: Sequence[int]) -> None:
+        """The cells per row of each feature (a sequence's ``max_length``, else 1). With a
+        sequence, a head that does not read cells gets each sequence's cells summed into one,
+        what a multi_hot feature pooled by sum gives, so it keeps ``[..., R, F, D]``."""
+        self.num_cells = sum(widths)
+        if self.reads_cells or all(w == 1 for w in widths):
+            return
+        feature = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(list(widths)))
+        self.register_buffer("cell_feature", feature, persistent=False)
+
+    def __call__(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
+        cells: torch.Tensor | None = self.cell_feature
+        if cells is not None:
+            if pooled.shape[-2] != cells.numel():
+                raise ValueError(f"{self.arch} head: {pooled.shape[-2]} cells per row, the features take "
+                                 f"{cells.numel()} (a layout built without the sequences' cell widths?)")
+            shape = (*pooled.shape[:-2], int(cells.max()) + 1, pooled.shape[-1])
+            pooled = pooled.new_zeros(shape).index_add(-2, cells, pooled)
+        return super().__call__(dense, pooled, params)
 
     def output_layer(self) -> MetaLinear:
         layer = self.get_submodule(self.last_layer)
@@ -354,7 +380,7 @@ class DCNv2Head(Head):
 
     @classmethod
     def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int,
-                    label_weights: Sequence[float] = (1.0,)) -> Head:
+                    label_weights: Sequence[float] = (1.0,), features: Sequence[dict] | None = None) -> Head:
         return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch, m.objective,
                    cross_layers=m.cross_layers, cross_rank=m.cross_rank, structure=m.cross_structure,
                    label_weights=label_weights)
@@ -450,7 +476,7 @@ class MMoEHead(Head):
 
     @classmethod
     def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int,
-                    label_weights: Sequence[float] = (1.0,)) -> Head:
+                    label_weights: Sequence[float] = (1.0,), features: Sequence[dict] | None = None) -> Head:
         return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch, m.objective,
                    experts=m.experts, expert_sizes=m.expert_arch, label_weights=label_weights)
 
@@ -526,10 +552,14 @@ HEADS: dict[str, type[Head]] = {h.arch: h for h in (DLRMHead, DCNv2Head, DeepFMH
                                                      ESMMHead)}
 
 
-def build_head(m: ModelConfig, num_dense: int, num_sparse: int, label_weights: Sequence[float] = (1.0,)) -> Head:
+def build_head(m: ModelConfig, num_dense: int, num_sparse: int, label_weights: Sequence[float] = (1.0,),
+               features: Sequence[dict] | None = None) -> Head:
     """The head ``model.arch`` names, sized by the config, with an output per label
-    (``label_weights``: features.label_weights, one per label)."""
-    return HEADS[m.arch].from_config(m, num_dense, num_sparse, label_weights)
+    (``label_weights``: features.label_weights, one per label). ``features``: the sparse
+    features' configs (as dicts): their sequences' cells (None: no sequence)."""
+    head = HEADS[m.arch].from_config(m, num_dense, num_sparse, label_weights, features)
+    head.set_cells([f.get("max_length", 0) or 1 for f in features] if features is not None else [1] * num_sparse)
+    return head
 
 
 def adapted_layers(head: Head, adapt_dense: list[str]) -> dict[str, MetaLinear]:
