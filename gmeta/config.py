@@ -329,8 +329,10 @@ class ModelConfig:
     # The dense head over the pooled rows (gmeta.models.heads): "dlrm" (dot interaction),
     # "dcn_v2" (cross layers), "deepfm" (first order + FM + deep), "wide_deep" (wide + deep),
     # "mmoe" (shared experts, a gate and a tower per label of features.labels), "esmm" (CTR
-    # and CVR towers; features.labels: [click, conversion], trained as pCTR and pCTCVR).
-    arch: Literal["dlrm", "dcn_v2", "deepfm", "wide_deep", "mmoe", "esmm"] = "dlrm"
+    # and CVR towers; features.labels: [click, conversion], trained as pCTR and pCTCVR),
+    # "din" (target attention of each sequence feature's candidate, the feature named by its
+    # table, over the sequence; see docs/design.md).
+    arch: Literal["dlrm", "dcn_v2", "deepfm", "wide_deep", "mmoe", "esmm", "din"] = "dlrm"
     embedding_dim: int = 16
     # Hidden sizes of the bottom MLP on dense features; its output has embedding_dim units.
     dense_arch: list[int] = field(default_factory=lambda: [64])
@@ -348,6 +350,9 @@ class ModelConfig:
     # side); each label's tower has the hidden sizes of over_arch.
     experts: int = 4
     expert_arch: list[int] = field(default_factory=lambda: [64])
+    # din: hidden sizes of the attention MLP over [behaviour, candidate, their difference,
+    # their product], which has one output, the behaviour's weight.
+    attention_arch: list[int] = field(default_factory=lambda: [32])
     # Storage of the embedding tables: "fp16" halves their memory and all-to-all bytes;
     # looked-up rows are computed with in fp32.
     embedding_dtype: Literal["fp32", "fp16"] = "fp32"
@@ -760,6 +765,18 @@ def validate(cfg: Config) -> None:
                f"model.arch esmm trains two labels, click then conversion (e.g. features.labels: [click, "
                f"conversion]), got {f.label_names()}")
         _check(m.objective == "binary", "model.objective", "model.arch esmm's labels are binary (click, conversion)")
+    _check(bool(m.attention_arch) and all(h >= 1 for h in m.attention_arch), "model.attention_arch",
+           f"at least one hidden layer, sizes >= 1, got {m.attention_arch}")
+    if m.arch == "din":
+        seqs = [(i, sf) for i, sf in enumerate(f.sparse) if sf.max_length]
+        _check(bool(seqs), "model.arch", "din attends over a sequence feature: give one features.sparse[].max_length "
+               "> 0 and name its candidate's table (features.sparse[].table, e.g. ad_id)")
+        sparse = {sf.name: sf for sf in f.sparse}
+        for i, sf in seqs:
+            _check(bool(sf.table), f"features.sparse[{i}].table", f"model.arch din compares each behaviour of "
+                   f"{sf.name} with the candidate: name the candidate feature whose table it shares")
+            _check(not sparse[sf.table].max_length, f"features.sparse[{i}].table",
+                   f"{sf.table} is a sequence itself; din's candidate holds one id per row")
     _check(m.cross_layers >= 1, "model.cross_layers", "must be >= 1")
     _check(m.cross_rank >= 0, "model.cross_rank", "must be >= 0 (0: full rank)")
     _check(not (m.arch == "dcn_v2" and m.cross_structure == "parallel" and not m.over_arch), "model.over_arch",
