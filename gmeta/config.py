@@ -189,6 +189,14 @@ class SynthConfig:
     conversion: str = ""
     # The mean conversion logit given a click (before the per-campaign terms).
     conversion_offset: float = -0.5
+    # A behaviour-sequence column of this name (empty: none): per row, the ads the user
+    # clicked before (raw ad ids, as the ad_id column's), drawn with a preference given by
+    # the user's hidden latent, so that it shows the user's taste (e.g. a sequence feature
+    # sharing ad_id's table, for model.arch din). Its own random stream: every other column
+    # is the same with or without it.
+    history: str = ""
+    # The longest history (a row's length is uniform in 0..history_length).
+    history_length: int = 10
 
 
 @dataclass
@@ -692,6 +700,10 @@ def validate(cfg: Config) -> None:
     _check(s.conversion not in (set(names) | {f.task_key, f.timestamp, f.label, f.true_prob}) - {""},
            "synth.conversion", f"{s.conversion!r} is already a column gmeta synth writes (a feature, the task "
            "key, the label, the timestamp or the true probability)")
+    _check(s.history_length >= 1, "synth.history_length", "must be >= 1")
+    _check(s.history not in {f.task_key, f.timestamp, *f.label_names(), f.true_prob, s.conversion} - {""},
+           "synth.history", f"{s.history!r} is already a column gmeta synth writes (the task key, a label, the "
+           "timestamp, the true probability or the conversion)")
 
     sp = cfg.data.split
     _check(0.0 < sp.support_ratio < 1.0, "data.split.support_ratio", "must be in (0, 1)")
