@@ -60,6 +60,10 @@ def test_one_table_serves_both_features_and_the_plain_forward_equals_the_layout(
     model = build_model(seq_data["cfg"])
     tables = {c.name: c.feature_names for c in model.sparse_arch.ec.embedding_configs()}
     assert tables["t_ad_id"] == ["ad_id", "clicked_ads"] and "t_clicked_ads" not in tables
+    from gmeta.parallel.sharding import table_sharding_types
+
+    assert "ad_id" in table_sharding_types(model, seq_data["cfg"])
+    assert "clicked_ads" not in table_sharding_types(model, seq_data["cfg"])
     keys = [f["name"] for f in model.features]
     ids = torch.tensor([7, 1999, 7, 1999])
     lengths = torch.tensor([2 if k in ("ad_id", "clicked_ads") else 0 for k in keys])
@@ -136,3 +140,8 @@ def test_the_generator_does_not_take_sequences():
     with pytest.raises(ConfigError, match="generator.feature"):
         load_config(DEBUG_CONFIG, seq_overrides() + ["features.sparse.user_id.min_count=2",
                                                      "generator.feature=user_id", "generator.attributes=[device]"])
+
+
+def test_a_sharding_override_of_a_feature_without_its_own_table_names_the_owner():
+    with pytest.raises(ConfigError, match=r"sharding.tables\[0\].name: clicked_ads shares the table of ad_id"):
+        load_config(DEBUG_CONFIG, seq_overrides() + ["sharding.tables=[{name: clicked_ads, sharding_type: row_wise}]"])
