@@ -149,7 +149,9 @@ def task_batch(data: Mapping, *, task: str, query: str, label: str, sparse: Sequ
     dense  the dense columns, in the model's order, as the model takes them
            (``features.dense_transform`` is not applied)
     features  the model's features (``MetaLearner.features``): the table sizes and the id
-           hash raw ids are hashed with, and each feature's pooling. With ``ids="rows"``
+           hash raw ids are hashed with, and each feature's pooling; a sequence
+           (``max_length``) is cut to its first max_length ids and takes that many
+           cells, a feature naming another's ``table`` hashes as that one. With ``ids="rows"``
            ``MetaDLRM.features`` will do (ids checked against the table sizes), or none
            (ids not checked, every multi-hot feature summed)
     size_buckets  the size buckets of the layout (``meta.size_buckets``)
