@@ -121,7 +121,8 @@ def loop_loss(head, rows: torch.Tensor, views: TaskViews, nf: int, kw: dict) -> 
     for v in views.loop:
         fast = dict(params)
         fast_rows = rows[v["groups"]]
-        ones_s, ones_q = torch.ones_like(v["y_s"]), torch.ones_like(v["y_q"])
+        # one weight per row, whatever the labels per row ([R] or [R, L])
+        ones_s, ones_q = v["dense_s"].new_ones(len(v["y_s"])), v["dense_q"].new_ones(len(v["y_q"]))
         for _ in range(kw["steps"]):
             loss = _loss(head, fast, fast_rows, v["dense_s"], v["y_s"], ones_s, v["occ_s"], v["slot_s"], v["div_s"],
                          nf)

@@ -35,18 +35,21 @@ Then the full training step (torchrec lookup with its fused update, dense Adam) 
 MAML vs ERM, and the rows sent to the embedding tables per meta-batch: every id
 occurrence (before deduplication) vs the distinct (feature, id) pairs sent now.
 
-Every model with each head of ``--archs`` (model.arch: dlrm, dcn_v2, deepfm, wide_deep, mmoe; the
+Every model with each head of ``--archs`` (model.arch: dlrm, dcn_v2, deepfm, wide_deep, mmoe, esmm; the
 same features, sizes and rows, the over arch the deep tower; every layer of the head adapted,
 meta.adapt_dense all), named ``<model>_<arch>`` in the figures (the DLRM's plain ``<model>``).
+The multi-task heads (mmoe, esmm) train two labels on the same rows, the click label and a
+conversion that follows a fifth of the clicks; ERM, the loop and vmap train both alike.
 
     python benchmarks/meta_step.py [--repeats 7] [--threads 1 2] [--models ads_cvr criteo criteo_narrow]
-                                   [--archs dlrm dcn_v2 deepfm wide_deep]
+                                   [--archs dlrm dcn_v2 deepfm wide_deep mmoe esmm]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -243,12 +246,27 @@ def bench_train_step(name: str, cfg: Config, batch, repeats: int, threads: int, 
           f"({res['second_over_erm']:.2f} of ERM)")
 
 
+# the multi-task heads train click and conversion together: their batches carry both
+MULTI_TASK = ("mmoe", "esmm")
+
+
 def with_arch(cfg: Config, arch: str) -> Config:
-    """``cfg`` with the head ``arch`` (model.arch), every layer of it adapted."""
+    """``cfg`` with the head ``arch`` (model.arch), every layer of it adapted; a multi-task
+    head with two labels, the config's label (click) and a conversion."""
     out = copy.deepcopy(cfg)
     out.model.arch = arch  # type: ignore[assignment]
     out.meta.adapt_dense = ["all"]
+    if arch in MULTI_TASK:
+        out.features.labels = [out.features.label, "conversion"]
     return out
+
+
+def with_conversion(batch, seed: int):
+    """``batch`` with labels ``[R, 2]``: its click label and a conversion, which follows
+    only a click (a fifth of them), as in an ads funnel."""
+    y = batch.labels
+    conversion = y * (torch.rand(y.shape, generator=torch.Generator().manual_seed(seed)) < 0.2).to(y.dtype)
+    return dataclasses.replace(batch, labels=torch.stack([y, conversion], dim=-1))
 
 
 def main() -> None:
@@ -256,9 +274,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--models", nargs="+", default=["ads_cvr", *CRITEO], choices=["ads_cvr", *CRITEO])
-    # (esmm trains exactly two labels, click and conversion: the batches here have one; din
-    # attends over a sequence feature, which these models do not have)
-    ap.add_argument("--archs", nargs="+", default=["dlrm"], choices=[a for a in HEADS if a not in ("esmm", "din")])
+    # (din attends over a sequence feature, which these models do not have)
+    ap.add_argument("--archs", nargs="+", default=["dlrm"], choices=[a for a in HEADS if a != "din"])
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gmeta-bench"))
     args = ap.parse_args()
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -273,7 +290,8 @@ def main() -> None:
         if size in args.models:
             cfg, rows = criteo_config(size), CRITEO[size][3]
             setups.append((f"{size}_N128", cfg, criteo_batch(cfg, 128, rows, rows, seed=0)))
-    setups = [(name if arch == "dlrm" else name.replace("_N", f"_{arch}_N"), with_arch(cfg, arch), batch)
+    setups = [(name if arch == "dlrm" else name.replace("_N", f"_{arch}_N"), with_arch(cfg, arch),
+               with_conversion(batch, seed=0) if arch in MULTI_TASK else batch)
               for arch in args.archs for name, cfg, batch in setups]
     results = {}
     for threads in args.threads:

@@ -9,6 +9,7 @@ import torch
 
 from benchmarks.contenders import bucket_views, loop_loss, task_views, vmap_bucketed_loss, vmap_loss
 from gmeta.meta.maml import maml_loss
+from tests.conftest import TWO_LABELS
 from tests.meta.test_maml import _lookup, _setup
 
 
@@ -25,10 +26,15 @@ def _restore_environment():
 
 @pytest.mark.parametrize("first_order, arch, adapt", [
     (False, "dlrm", ["dense_arch", "over_arch"]), (True, "dlrm", ["dense_arch", "over_arch"]),
-    (False, "dcn_v2", ["all"]), (False, "deepfm", ["all"]), (True, "wide_deep", ["all"])])
-def test_torch_func_contenders_equal_gmeta(debug_config_path, debug_data, first_order, arch, adapt):
-    """The contenders adapt the same layers as gmeta, of every head (``all`` included)."""
-    model, head, batch, tables = _setup(debug_config_path, debug_data, n_tasks=6, extra=[f"model.arch={arch}"])
+    (False, "dcn_v2", ["all"]), (False, "deepfm", ["all"]), (True, "wide_deep", ["all"]), (False, "esmm", ["all"]),
+    (True, "mmoe", ["all"])])
+def test_torch_func_contenders_equal_gmeta(debug_config_path, debug_data, two_label_data, first_order, arch, adapt):
+    """The contenders adapt the same layers as gmeta, of every head (``all`` included); the
+    multi-task heads on rows of two labels."""
+    two = arch in ("esmm", "mmoe")
+    model, head, batch, tables = _setup(debug_config_path, two_label_data if two else debug_data, n_tasks=6,
+                                        extra=[f"model.arch={arch}", *(TWO_LABELS if two else [])])
+    assert batch.labels.dim() == (2 if two else 1)
     rows, layout = _lookup(model, batch, tables, 2)
     rows = rows.detach().requires_grad_(True)
     kw = dict(steps=2, lr=0.3, emb_lr=0.6, adapt_dense=adapt, adapt_embeddings=True, first_order=first_order)
@@ -84,19 +90,24 @@ def test_bias_baseline_recovers_item_means_and_task_offsets():
     np.testing.assert_allclose(predict(train, new, 0, 2)[2], [3.25, 3.25])
 
 
-@pytest.mark.parametrize("arch", ["dlrm", "dcn_v2"])
+@pytest.mark.parametrize("arch", ["dlrm", "dcn_v2", "esmm"])
 def test_meta_step_reports_every_contender_as_a_share_of_erm(debug_config_path, debug_data, capsys, arch):
     """benchmarks/meta_step.py's model section on a small model whose tasks fill two size
     buckets: every contender (both vmap variants included) runs, first and second order, and
     each one's rows/s is also given as a share of ERM's on the same rows; with another head
     (--archs), every layer of it adapted."""
-    from benchmarks.meta_step import bench_model, with_arch
+    from benchmarks.meta_step import bench_model, with_arch, with_conversion
     from gmeta.config import load_config
     from gmeta.io.reader import TaskReader
 
     cfg = with_arch(load_config(debug_config_path, ["meta.size_buckets=2"]), arch)
     assert cfg.model.arch == arch and cfg.meta.adapt_dense == ["all"]
     batch = next(iter(TaskReader(debug_data["shards"], "train", 4, shuffle=False, size_buckets=2)))
+    if arch == "esmm":  # click and conversion: a conversion only where there is a click
+        assert cfg.features.label_names() == ["label", "conversion"]
+        batch = with_conversion(batch, seed=0)
+        y = batch.labels
+        assert y.shape == (batch.num_rows, 2) and (y[:, 1] <= y[:, 0]).all() and 0 < y[:, 1].sum() < y[:, 0].sum()
     results: dict = {}
     bench_model("debug", cfg, batch, repeats=1, threads=1, results=results)
     contenders = ("gmeta", "gmeta-imp", "gmeta-mat", "loop", "vmap", "vmap-bucketed")
