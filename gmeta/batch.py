@@ -73,11 +73,12 @@ def _raw(values: np.ndarray, name: str) -> np.ndarray:
 
 
 def _ids(col, name: str, num_rows: int, num_embeddings: int | None,
-         id_hash: int | None, mode: str = "hash") -> tuple[np.ndarray, np.ndarray | None]:
+         id_hash: int | None, mode: str = "hash", hash_as: str = "") -> tuple[np.ndarray, np.ndarray | None]:
     """(table rows, lengths per row or None for single-valued) of a sparse column: raw ids
     hashed under ``id_hash`` into ``num_embeddings`` rows, or (``id_hash`` None) ids that
     are table rows already. ``mode``: the feature's ``ids``; managed ids are 63-bit hashes
-    (``hash_ids``) that the model maps to its slots."""
+    (``hash_ids``) that the model maps to its slots. ``hash_as``: the feature whose table
+    this one shares (its ``table``), whose name keys the hash."""
     arr = np.asarray(col) if not isinstance(col, list) else None
     lengths = None
     if arr is not None and arr.dtype != object and arr.ndim == 1:
@@ -102,7 +103,7 @@ def _ids(col, name: str, num_rows: int, num_embeddings: int | None,
     if id_hash is not None:
         assert num_embeddings is not None  # task_batch needs the features to hash
         raw = _raw(np.asarray(values), name) if len(values) else np.zeros(0, np.int64)
-        return hash_ids(raw, name, num_embeddings, id_hash, mode), lengths
+        return hash_ids(raw, hash_as or name, num_embeddings, id_hash, mode), lengths
     if len(values) and values.dtype == object and all(_is_int(v) for v in values):
         values = values.astype(np.int64)
     if len(values) and not np.issubdtype(np.asarray(values).dtype, np.integer):
@@ -148,7 +149,9 @@ def task_batch(data: Mapping, *, task: str, query: str, label: str, sparse: Sequ
     dense  the dense columns, in the model's order, as the model takes them
            (``features.dense_transform`` is not applied)
     features  the model's features (``MetaLearner.features``): the table sizes and the id
-           hash raw ids are hashed with, and each feature's pooling. With ``ids="rows"``
+           hash raw ids are hashed with, and each feature's pooling; a sequence
+           (``max_length``) is cut to its first max_length ids and takes that many
+           cells, a feature naming another's ``table`` hashes as that one. With ``ids="rows"``
            ``MetaDLRM.features`` will do (ids checked against the table sizes), or none
            (ids not checked, every multi-hot feature summed)
     size_buckets  the size buckets of the layout (``meta.size_buckets``)
@@ -199,7 +202,13 @@ def task_batch(data: Mapping, *, task: str, query: str, label: str, sparse: Sequ
     for i, name in enumerate(sparse):
         table = features[i]["num_embeddings"] if features is not None else None
         mode = features[i].get("ids", "hash") if features is not None else "hash"
-        v, ln = _ids(_column(data, name), name, num_rows, table, id_hash if ids == "raw" else None, mode)
+        v, ln = _ids(_column(data, name), name, num_rows, table, id_hash if ids == "raw" else None, mode,
+                     features[i].get("table", "") if features is not None else "")
+        cut = features[i].get("max_length", 0) if features is not None else 0
+        if ln is not None and cut and ln.max(initial=0) > cut:  # a sequence: its first max_length ids
+            keep = np.minimum(ln, cut)
+            starts = np.cumsum(ln) - ln
+            v, ln = v[np.repeat(starts - (np.cumsum(keep) - keep), keep) + np.arange(int(keep.sum()))], keep
         if ln is None:
             values.append(v[order])
             lengths.append(np.ones(num_rows, np.int64))
@@ -219,4 +228,5 @@ def task_batch(data: Mapping, *, task: str, query: str, label: str, sparse: Sequ
         "task_ids": key_hash,
     }
     pooling = [f.get("pooling", "sum") for f in features] if features is not None else ["sum"] * len(sparse)
-    return pack_batch(arrays, list(sparse), pooling, size_buckets).unpack()
+    widths = [f.get("max_length", 0) or 1 for f in features] if features is not None else None
+    return pack_batch(arrays, list(sparse), pooling, size_buckets, widths).unpack()

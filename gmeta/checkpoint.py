@@ -485,12 +485,14 @@ def load_weights(state: dict, path: str | Path) -> None:
 
 # what the shape of a model is made of: a checkpoint's weights fit a model when these agree
 _SHAPE_KEYS = ("model.arch", "model.embedding_dim", "model.dense_arch", "model.over_arch", "model.objective",
-               "model.cross_layers", "model.cross_rank", "model.cross_structure")
+               "model.cross_layers", "model.cross_rank", "model.cross_structure", "model.attention_arch")
 
 
 def _shape_keys(cfg: Config) -> tuple[str, ...]:
-    """_SHAPE_KEYS that shape this config's model (the cross layers' keys, a DCN-v2's only)."""
-    return tuple(k for k in _SHAPE_KEYS if cfg.model.arch == "dcn_v2" or not k.startswith("model.cross_"))
+    """_SHAPE_KEYS that shape this config's model (the cross layers' keys, a DCN-v2's only;
+    the attention's, a DIN's only)."""
+    return tuple(k for k in _SHAPE_KEYS if (cfg.model.arch == "dcn_v2" or not k.startswith("model.cross_"))
+                 and (cfg.model.arch == "din" or k != "model.attention_arch"))
 
 
 def load_init(path: str | Path, model, cfg: Config, key: str = "train.init_from") -> list[str]:
@@ -507,12 +509,13 @@ def load_init(path: str | Path, model, cfg: Config, key: str = "train.init_from"
         if a != b:
             raise CheckpointError(f"{key}: {path} holds a model with {k} {a!r}, this config has {b!r}")
     def rows(c: Config) -> list[tuple]:  # a default row for new ids is one row more
-        return [(s.name, s.num_embeddings + int(s.min_count > 0 or s.holdout_share > 0), s.ids)
+        return [(s.name, s.num_embeddings + int(s.min_count > 0 or s.holdout_share > 0), s.ids, s.table)
                 for s in c.features.sparse] + [("dense", len(c.features.dense))]
 
     mine, other = rows(cfg), rows(theirs)
     if mine != other:
-        raise CheckpointError(f"{key}: {path} holds a model of other features (name, table rows, ids; dense count) "
+        raise CheckpointError(f"{key}: {path} holds a model of other features (name, table rows, ids, shared table; "
+                              "dense count) "
                               f"{other}, this config has {mine} (a feature with min_count or holdout_share > 0 "
                               "has a default row, one row more)")
     reader = safe_reader(path)
@@ -554,6 +557,10 @@ def model_differences(theirs: Config, mine: Config) -> list[tuple[str, Any, Any]
     ids = {s.name: s.ids for s in theirs.features.sparse}  # hashed rows and managed slots are not the same rows
     out += [(f"features.sparse[{i}].ids ({s.name})", ids[s.name], s.ids)
             for i, s in enumerate(mine.features.sparse) if s.name in ids and ids[s.name] != s.ids]
+    for key in ("table", "max_length"):  # whose table a feature reads; how many cells a sequence takes
+        had = {s.name: getattr(s, key) for s in theirs.features.sparse}
+        out += [(f"features.sparse[{i}].{key} ({s.name})", had[s.name], getattr(s, key))
+                for i, s in enumerate(mine.features.sparse) if s.name in had and had[s.name] != getattr(s, key)]
     if list(theirs.features.dense) != list(mine.features.dense):
         out.append(("features.dense", list(theirs.features.dense), list(mine.features.dense)))
     return out

@@ -80,10 +80,20 @@ class SparseFeature:
     # (evaluate, predict, serving: nothing is admitted then): "miss_row", the shared miss
     # row that not-admitted ids trained; "zero", an all-zero embedding.
     unknown_ids: Literal["miss_row", "zero"] = "miss_row"
+    # > 0: the feature is a sequence (a user's behaviour: the last ads or items clicked, most
+    # recent first), a multi_hot list column cut to its first max_length ids when prepared and
+    # scored. It takes max_length cells per row, one id each (zeros past its end): model.arch
+    # din attends over them; other heads see their sum. 0: not a sequence.
+    max_length: int = 0
+    # The name of another sparse feature whose table this one shares (one table, two
+    # features; e.g. a clicked-ads sequence and the candidate ad_id): its ids hash as that
+    # feature's do, into as many rows (num_embeddings must be equal). Hashed ids only, with no
+    # default row (min_count, holdout_share 0 on both). Empty: the feature's own table.
+    table: str = ""
 
 
 # the fields of SparseFeature that shape the shards (the rest are model choices)
-SHARD_FIELDS = ("name", "num_embeddings", "multi_hot", "pooling", "ids")
+SHARD_FIELDS = ("name", "num_embeddings", "multi_hot", "pooling", "ids", "max_length", "table")
 
 
 @dataclass
@@ -179,6 +189,14 @@ class SynthConfig:
     conversion: str = ""
     # The mean conversion logit given a click (before the per-campaign terms).
     conversion_offset: float = -0.5
+    # A behaviour-sequence column of this name (empty: none): per row, the ads the user
+    # clicked before (raw ad ids, as the ad_id column's), drawn with a preference given by
+    # the user's hidden latent, so that it shows the user's taste (e.g. a sequence feature
+    # sharing ad_id's table, for model.arch din). Its own random stream: every other column
+    # is the same with or without it.
+    history: str = ""
+    # The longest history (a row's length is uniform in 0..history_length).
+    history_length: int = 10
 
 
 @dataclass
@@ -319,8 +337,10 @@ class ModelConfig:
     # The dense head over the pooled rows (gmeta.models.heads): "dlrm" (dot interaction),
     # "dcn_v2" (cross layers), "deepfm" (first order + FM + deep), "wide_deep" (wide + deep),
     # "mmoe" (shared experts, a gate and a tower per label of features.labels), "esmm" (CTR
-    # and CVR towers; features.labels: [click, conversion], trained as pCTR and pCTCVR).
-    arch: Literal["dlrm", "dcn_v2", "deepfm", "wide_deep", "mmoe", "esmm"] = "dlrm"
+    # and CVR towers; features.labels: [click, conversion], trained as pCTR and pCTCVR),
+    # "din" (target attention of each sequence feature's candidate, the feature named by its
+    # table, over the sequence; see docs/design.md).
+    arch: Literal["dlrm", "dcn_v2", "deepfm", "wide_deep", "mmoe", "esmm", "din"] = "dlrm"
     embedding_dim: int = 16
     # Hidden sizes of the bottom MLP on dense features; its output has embedding_dim units.
     dense_arch: list[int] = field(default_factory=lambda: [64])
@@ -338,6 +358,9 @@ class ModelConfig:
     # side); each label's tower has the hidden sizes of over_arch.
     experts: int = 4
     expert_arch: list[int] = field(default_factory=lambda: [64])
+    # din: hidden sizes of the attention MLP over [behaviour, candidate, their difference,
+    # their product], which has one output, the behaviour's weight.
+    attention_arch: list[int] = field(default_factory=lambda: [32])
     # Storage of the embedding tables: "fp16" halves their memory and all-to-all bytes;
     # looked-up rows are computed with in fp32.
     embedding_dtype: Literal["fp32", "fp16"] = "fp32"
@@ -658,6 +681,7 @@ def validate(cfg: Config) -> None:
                        f"applies to ids: managed only (this feature has ids: {sf.ids})")
     dup = {n for n in names if names.count(n) > 1}
     _check(not dup, "features", f"duplicate feature names {sorted(dup)}")
+    _validate_sequences(cfg)
     warmup = cfg.data.split.rule == "warmup"
     # under the warm-up rule the task is one id of a sparse feature: the key is that feature too
     reserved = {f.task_key, f.timestamp, *f.label_names(), f.true_prob} - {""} - ({f.task_key} if warmup else set())
@@ -676,6 +700,10 @@ def validate(cfg: Config) -> None:
     _check(s.conversion not in (set(names) | {f.task_key, f.timestamp, f.label, f.true_prob}) - {""},
            "synth.conversion", f"{s.conversion!r} is already a column gmeta synth writes (a feature, the task "
            "key, the label, the timestamp or the true probability)")
+    _check(s.history_length >= 1, "synth.history_length", "must be >= 1")
+    _check(s.history not in {f.task_key, f.timestamp, *f.label_names(), f.true_prob, s.conversion} - {""},
+           "synth.history", f"{s.history!r} is already a column gmeta synth writes (the task key, a label, the "
+           "timestamp, the true probability or the conversion)")
 
     sp = cfg.data.split
     _check(0.0 < sp.support_ratio < 1.0, "data.split.support_ratio", "must be in (0, 1)")
@@ -749,6 +777,18 @@ def validate(cfg: Config) -> None:
                f"model.arch esmm trains two labels, click then conversion (e.g. features.labels: [click, "
                f"conversion]), got {f.label_names()}")
         _check(m.objective == "binary", "model.objective", "model.arch esmm's labels are binary (click, conversion)")
+    _check(bool(m.attention_arch) and all(h >= 1 for h in m.attention_arch), "model.attention_arch",
+           f"at least one hidden layer, sizes >= 1, got {m.attention_arch}")
+    if m.arch == "din":
+        seqs = [(i, sf) for i, sf in enumerate(f.sparse) if sf.max_length]
+        _check(bool(seqs), "model.arch", "din attends over a sequence feature: give one features.sparse[].max_length "
+               "> 0 and name its candidate's table (features.sparse[].table, e.g. ad_id)")
+        sparse = {sf.name: sf for sf in f.sparse}
+        for i, sf in seqs:
+            _check(bool(sf.table), f"features.sparse[{i}].table", f"model.arch din compares each behaviour of "
+                   f"{sf.name} with the candidate: name the candidate feature whose table it shares")
+            _check(not sparse[sf.table].max_length, f"features.sparse[{i}].table",
+                   f"{sf.table} is a sequence itself; din's candidate holds one id per row")
     _check(m.cross_layers >= 1, "model.cross_layers", "must be >= 1")
     _check(m.cross_rank >= 0, "model.cross_rank", "must be >= 0 (0: full rank)")
     _check(not (m.arch == "dcn_v2" and m.cross_structure == "parallel" and not m.over_arch), "model.over_arch",
@@ -759,7 +799,8 @@ def validate(cfg: Config) -> None:
 
     from gmeta.models.heads import build_head, head_parts
 
-    head = build_head(m, len(f.dense), len(f.sparse), f.loss_weights())
+    head = build_head(m, len(f.dense), len(f.sparse), f.loss_weights(),
+                      features=[dataclasses.asdict(sf) for sf in f.sparse])
     parts = head_parts(head)
     layer_names = [n for n, mod in head.named_modules() if isinstance(mod, Linear)]
     for i, part in enumerate(me.adapt_dense):
@@ -845,6 +886,45 @@ def validate(cfg: Config) -> None:
         else:
             _check(param.low < param.high, f"{k}.high", "must be > low (or give choices)")
             _check(not param.log or param.low > 0, f"{k}.low", "must be > 0 on a log scale")
+
+
+def _validate_sequences(cfg: Config) -> None:
+    """Sequence features (``max_length``) and shared tables (``table``)."""
+    sparse = {s.name: s for s in cfg.features.sparse}
+    for i, sf in enumerate(cfg.features.sparse):
+        k = f"features.sparse[{i}]"
+        _check(sf.max_length >= 0, f"{k}.max_length", f"must be >= 0 (0: not a sequence), got {sf.max_length}")
+        if sf.max_length:
+            _check(sf.multi_hot, f"{k}.multi_hot", f"{sf.name} is a sequence (max_length {sf.max_length}): it is read "
+                   "from a list column, set multi_hot: true")
+            _check(sf.pooling == "sum", f"{k}.pooling", f"{sf.name} is a sequence: its cells hold one id each and "
+                   "heads other than din sum them; pooling must be sum")
+            _check(sf.ids == "hash", f"{k}.ids", f"{sf.name} is a sequence: managed ids are not supported for "
+                   "sequences (ids: hash)")
+            _check(sf.min_count == 0 and sf.holdout_share == 0.0, f"{k}.min_count",
+                   f"{sf.name} is a sequence: default rows for new ids are not supported for sequences "
+                   "(min_count and holdout_share 0)")
+        if not sf.table:
+            continue
+        _check(sf.table in sparse and sf.table != sf.name, f"{k}.table",
+               f"must name another sparse feature ({', '.join(n for n in sparse if n != sf.name)}), got {sf.table!r}")
+        owner = sparse[sf.table]
+        _check(not owner.table, f"{k}.table", f"{sf.table} shares the table of {owner.table}: name {owner.table}, "
+               "the feature that owns the table")
+        _check(owner.num_embeddings == sf.num_embeddings, f"{k}.num_embeddings",
+               f"{sf.name} shares the table of {sf.table}, which has {owner.num_embeddings} rows; got "
+               f"{sf.num_embeddings}")
+        for who, f in ((sf.name, sf), (sf.table, owner)):
+            _check(f.ids == "hash", f"{k}.table", f"{who} has ids: {f.ids}; a shared table holds hashed ids only")
+            _check(f.min_count == 0 and f.holdout_share == 0.0, f"{k}.table",
+                   f"{who} has a default row (min_count / holdout_share); a shared table has none")
+    seqs = [s.name for s in cfg.features.sparse if s.max_length]
+    _check(not (seqs and cfg.generator.feature), "generator.feature",
+           f"the id generator reads one cell per feature; it does not combine with sequence features {seqs}")
+    shared = {s.name for s in cfg.features.sparse if s.table}
+    for i, t in enumerate(cfg.sharding.tables):
+        _check(t.name not in shared, f"sharding.tables[{i}].name",
+               f"{t.name} shares the table of {sparse[t.name].table if t.name in sparse else ''}: name that feature")
 
 
 def _validate_generator(cfg: Config) -> None:

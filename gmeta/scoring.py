@@ -53,7 +53,7 @@ def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int],
     inner = _inner(model)
     m = cfg.meta
     batch = batch.to(model_device(model), non_blocking=True)  # (nothing to do when it is there already)
-    layout = layout_of(batch, inner.pooling, m.size_buckets)
+    layout = layout_of(batch, inner.pooling, m.size_buckets, inner.cell_widths)
     with torch.no_grad():
         rows, _ = inner.start_rows(inner.lookup(layout), layout)  # new ids: their generated rows, if any
         if initial_rows is not None:

@@ -138,10 +138,14 @@ def check_schema(cfg: Config) -> None:
             f"{sorted(expected)} and features.dense must list 3 columns; got sparse={sorted(have)}, "
             f"dense={f.dense}"
         )
-    unknown = sorted(have - set(SPARSE_COLUMNS))
+    history = cfg.synth.history
+    if history in SPARSE_COLUMNS:
+        raise ValueError(f"synth.history: {history!r} is a column gmeta synth writes already; name the history "
+                         "column apart (e.g. clicked_ads)")
+    unknown = sorted(have - set(SPARSE_COLUMNS) - ({history} if history else set()))
     if unknown:
         raise ValueError(f"features.sparse lists {unknown}, which gmeta synth does not write "
-                         f"(it writes {list(SPARSE_COLUMNS)})")
+                         f"(it writes {list(SPARSE_COLUMNS)}, and synth.history's column when set)")
 
 
 def draw(cfg: Config) -> Hidden:
@@ -238,6 +242,36 @@ def conversions(cfg: Config, h: Hidden) -> np.ndarray:
     return ((h.label == 1) & (rng.random(len(h.task)) < p)).astype(np.int8)
 
 
+# How strongly a history's ads follow the user's taste: an ad is picked with odds
+# exp(_HISTORY_TASTE * <u_user, a_ad>) among _HISTORY_CANDIDATES ads drawn at random.
+_HISTORY_TASTE = 6.0
+_HISTORY_CANDIDATES = 40
+
+
+def histories(cfg: Config, h: Hidden) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's behaviour history (in the order drawn): (lengths [rows], ad indices
+    concatenated), the most recent first. A row's length is uniform in 0..history_length;
+    each ad the user clicked before is the pick, by its odds exp(taste <u_user, a_ad>)
+    (Gumbel-max), among ``_HISTORY_CANDIDATES`` ads drawn at random, so a history leans to
+    the ads whose latent matches the user's: it shows the user's taste, which drives the
+    click through <u_user, a_ad>. Its own random stream (from synth.seed), so that every
+    other column is the same with or without it."""
+    s = cfg.synth
+    rng = np.random.default_rng([s.seed, 2])
+    n_rows, n_ads = len(h.task), len(h.ad_lat)
+    lengths = rng.integers(0, s.history_length + 1, size=n_rows)
+    users = np.repeat(h.user, lengths)
+    out = np.empty(len(users), np.int64)
+    chunk = 1 << 16  # bounded memory: [chunk, candidates] at a time
+    for lo in range(0, len(users), chunk):
+        u = users[lo: lo + chunk]
+        cand = rng.integers(0, n_ads, size=(len(u), _HISTORY_CANDIDATES))
+        score = _HISTORY_TASTE * np.einsum("rk,rck->rc", h.user_lat[u], h.ad_lat[cand])
+        pick = np.argmax(score + rng.gumbel(size=score.shape), axis=1)
+        out[lo: lo + chunk] = cand[np.arange(len(u)), pick]
+    return lengths, out
+
+
 def generate(cfg: Config, out_dir: str | Path) -> dict:
     """Write raw row-level Parquet files to ``out_dir``; return a summary dict."""
     check_schema(cfg)
@@ -282,6 +316,17 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
     conversion = conversions(cfg, h) if s.conversion else None
     if conversion is not None and s.conversion:
         columns[s.conversion] = pa.array(conversion[order])
+    affinity = {}
+    if s.history:
+        lengths, hist = histories(cfg, h)
+        users = np.repeat(user, lengths)
+        # how much a history shows the user's taste: its ads' mean <u_user, a_ad>, against the
+        # impressions' ads' (drawn without regard to the user)
+        affinity = {"history_affinity": float(np.einsum("rk,rk->r", h.user_lat[users], h.ad_lat[hist]).mean()),
+                    "impression_affinity": float(np.einsum("rk,rk->r", h.user_lat[user], h.ad_lat[ad]).mean())}
+        off = np.concatenate([[0], np.cumsum(lengths)])
+        seqs = pa.ListArray.from_arrays(pa.array(off, pa.int32()), pa.array(ID_BASE["ad_id"] + hist, pa.int64()))
+        columns[s.history] = seqs.take(pa.array(order))
     # the task key names a column of the log: the campaign's under its own name, or one of the
     # columns above (ad_id: the ads are the tasks), never written twice
     columns.setdefault(f.task_key, columns["campaign_id"])
@@ -301,6 +346,7 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
         "task_size_max": int(sizes.max()),
         "ads": len(h.ad_lat),
         "ad_attribute_share": s.ad_attribute_share,
+        **affinity,
         "seed": s.seed,
         "files": files,
     }

@@ -62,7 +62,7 @@ def meta_step(model, batch, cfg: Config, rows: torch.Tensor | None = None) -> Me
     ``rows``: the batch's looked-up embeddings when a pipeline already looked them up."""
     inner = model.module if hasattr(model, "module") else model
     m = cfg.meta
-    layout = layout_of(batch, inner.pooling, m.size_buckets)
+    layout = layout_of(batch, inner.pooling, m.size_buckets, inner.cell_widths)
     if rows is None:
         with record_function("## lookup ##"):
             rows = inner.lookup(layout)
@@ -237,7 +237,7 @@ def train_step(model, batch, cfg: Config, grad_sync: DenseGradSync, dense_opt: t
     inner = model.module if hasattr(model, "module") else model
     if rows is None:
         with record_function("## lookup ##"):
-            rows = inner.lookup(layout_of(batch, inner.pooling, cfg.meta.size_buckets))
+            rows = inner.lookup(layout_of(batch, inner.pooling, cfg.meta.size_buckets, inner.cell_widths))
     out = meta_step(model, batch, cfg, rows)
     finite, global_loss, agreed = agree_across_ranks(out.loss, out.terms or [(out.loss, batch.num_tasks)],
                                                      stop is not None and stop.requested)
@@ -338,7 +338,7 @@ def run_steps(model, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.opt
                 batch, rows = current.batch, pipe.lookup(current)
             else:
                 batch = current
-                rows = inner.lookup(layout_of(batch, inner.pooling, cfg.meta.size_buckets))
+                rows = inner.lookup(layout_of(batch, inner.pooling, cfg.meta.size_buckets, inner.cell_widths))
         times.comm += time.perf_counter() - t0
         out = train_step(model, batch, cfg, grad_sync, dense_opt, rows=rows, times=times, stop=stop)
         if pipe and pending is not None:  # this step is queued: collect the next batch's ids meanwhile

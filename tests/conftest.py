@@ -83,6 +83,21 @@ def trained_head(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def seq_data(debug_data, tmp_path_factory) -> dict:
+    """The debug data with a behaviour sequence (tests.support.sequences), prepared once per
+    session as parquet and as webdataset shards: {"cfg", "raw", "pq", "wds"}."""
+    from gmeta.io.prepare import prepare
+    from tests.support.sequences import seq_overrides, with_sequences
+
+    base = tmp_path_factory.mktemp("ads_cvr_debug_seq")
+    raw = with_sequences(debug_data["raw"], base / "raw")
+    cfg = load_config(DEBUG_CONFIG, seq_overrides(DEBUG_CONFIG))
+    prepare(cfg, raw, base / "pq")
+    prepare(load_config(DEBUG_CONFIG, seq_overrides(DEBUG_CONFIG) + ["data.format=webdataset"]), raw, base / "wds")
+    return {"cfg": cfg, "raw": raw, "pq": base / "pq", "wds": base / "wds"}
+
+
+@pytest.fixture(scope="session")
 def debug_val_shards(debug_data, tmp_path_factory) -> Path:
     """The debug data prepared with validation tasks (data.split.val_fraction=0.15), once per
     session; tests read it and write elsewhere."""

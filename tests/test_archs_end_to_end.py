@@ -28,18 +28,47 @@ def _head_overrides(arch: str) -> list[str]:
     m = load_config(ROOT / "configs" / f"ads_cvr_{arch}.yaml").model
     assert m.arch == arch
     return [f"model.arch={m.arch}", f"model.cross_layers={m.cross_layers}", f"model.cross_rank={m.cross_rank}",
-            f"model.cross_structure={m.cross_structure}"]
+            f"model.cross_structure={m.cross_structure}", f"model.attention_arch={m.attention_arch}"]
 
 
-@pytest.mark.parametrize("arch", ["dcn_v2", "deepfm", "wide_deep"])
-def test_each_model_trains_evaluates_predicts_and_serves_the_same_scores(debug_data, tmp_path, arch):
+def _din_overrides() -> list[str]:
+    """configs/ads_cvr_din.yaml's history (synth) and its sequence feature, over the debug
+    config's features."""
+    from tests.support.sequences import seq_overrides
+
+    c = load_config(ROOT / "configs" / "ads_cvr_din.yaml")
+    seq = c.features.sparse[-1]
+    assert seq.max_length and seq.table == "ad_id" and c.synth.history == seq.name
+    return [*seq_overrides(DEBUG, f"{{name: {seq.name}, num_embeddings: 2000, multi_hot: true, "
+                                  f"max_length: {seq.max_length}, table: ad_id}}"),
+            f"synth.history={c.synth.history}", f"synth.history_length={c.synth.history_length}"]
+
+
+@pytest.fixture(scope="module")
+def din_data(tmp_path_factory) -> dict[str, Path]:
+    """The debug data with configs/ads_cvr_din.yaml's behaviour histories, synthesised and
+    prepared."""
+    from gmeta.io.prepare import prepare
+    from gmeta.synth import generate
+
+    base = tmp_path_factory.mktemp("ads_cvr_debug_din")
+    cfg = load_config(DEBUG, _din_overrides())
+    generate(cfg, base / "raw")
+    prepare(cfg, base / "raw", base / "shards")
+    return {"raw": base / "raw", "shards": base / "shards"}
+
+
+@pytest.mark.parametrize("arch", ["dcn_v2", "deepfm", "wide_deep", "din"])
+def test_each_model_trains_evaluates_predicts_and_serves_the_same_scores(request, tmp_path, arch):
     from gmeta.pyfunc import log_model
     from gmeta.serving import assign_roles
 
+    debug_data = request.getfixturevalue("din_data" if arch == "din" else "debug_data")
+    data = _din_overrides() if arch == "din" else []
     out = tmp_path / "run"
     p = run_gmeta(["train", "--config", DEBUG, "--nproc-per-node", "1", f"data.shards_dir={debug_data['shards']}",
                    f"train.output_dir={out}", "train.max_steps=30", "train.eval_at_end=false",
-                   "tracking.enabled=false", *_head_overrides(arch)])
+                   "tracking.enabled=false", *data, *_head_overrides(arch)])
     assert p.returncode == 0, p.stderr[-4000:]
     ckpt = out / "checkpoint"
     model, cfg, _ = load_unsharded(ckpt)

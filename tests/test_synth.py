@@ -154,3 +154,41 @@ def test_synth_command_names_a_feature_it_does_not_write(debug_config_path, tmp_
              "features.sparse=[{name: user_id}, {name: ad_id}, {name: advertiser_id}, {name: hour}, "
              "{name: device}, {name: site_id}, {name: interests, multi_hot: true}, {name: ad_colour}]")
     assert p.returncode == 2 and "features.sparse lists ['ad_colour']" in p.stderr, p.stderr
+
+
+def test_histories_show_the_users_taste_and_leave_every_other_column_as_it_was(debug_config_path, tmp_path):
+    """synth.history: per row 0..history_length ad ids of the log's own ads, leaning to the
+    ads whose latent matches the user's (the mean <u_user, a_ad> of a history's ads well above
+    the impressions'); the click depends on the match of the candidate ad with the history
+    (what DIN's attention reads); the other columns are those written without it."""
+    from sklearn.metrics import roc_auc_score
+
+    from gmeta.synth import ID_BASE, histories
+    from tests.support.sequences import seq_overrides
+
+    extra = "{name: clicked_ads, num_embeddings: 2000, multi_hot: true, max_length: 6, table: ad_id}"
+    over = ["synth.num_tasks=300", *seq_overrides(debug_config_path, extra)]
+    cfg = load_config(debug_config_path, [*over, "synth.history=clicked_ads", "synth.history_length=6"])
+    summary = generate(cfg, tmp_path / "h")
+    generate(load_config(debug_config_path, ["synth.num_tasks=300"]), tmp_path / "plain")
+    with_h, plain = pq.read_table(tmp_path / "h"), pq.read_table(tmp_path / "plain")
+    assert with_h.drop_columns(["clicked_ads"]).equals(plain)
+    lengths = np.array([len(x) for x in with_h.column("clicked_ads").to_pylist()])
+    assert lengths.min() == 0 and lengths.max() == 6
+    ads = set(with_h.column("ad_id").to_numpy().tolist())
+    assert {x for xs in with_h.column("clicked_ads").to_pylist() for x in xs} <= ads | {
+        ID_BASE["ad_id"] + a for a in range(len(draw(cfg).ad_lat))}
+    assert summary["history_affinity"] > summary["impression_affinity"] + 0.3
+    h = draw(cfg)
+    n, hist = histories(cfg, h)
+    total = np.zeros((len(n), h.ad_lat.shape[1]))
+    np.add.at(total, np.repeat(np.arange(len(n)), n), h.ad_lat[hist])
+    has = n > 0
+    match = np.einsum("rk,rk->r", h.ad_lat[h.ad][has], total[has] / n[has, None])
+    # more than half of what the true <u_user, a_ad> tells of the click (AUC 0.57 here)
+    truth = roc_auc_score(h.label, np.einsum("rk,rk->r", h.user_lat[h.user], h.ad_lat[h.ad]))
+    assert roc_auc_score(h.label[has], match) - 0.5 > 0.5 * (truth - 0.5) > 0.03
+    with pytest.raises(ValueError, match="synth.history"):
+        generate(load_config(debug_config_path, ["synth.num_tasks=300", "synth.history=ad_id"]), tmp_path / "x")
+    with pytest.raises(ConfigError, match="synth.history_length"):
+        load_config(debug_config_path, ["synth.history=h", "synth.history_length=0"])

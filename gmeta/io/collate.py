@@ -119,11 +119,14 @@ def collate_packed(picks: list[tuple[TaskBlock, np.ndarray]], schema: dict, size
     keys = [f["name"] for f in schema["sparse"]]
     if size_buckets is None:
         return _pack(arrays, keys)
-    return pack_batch(arrays, keys, [f.get("pooling", "sum") for f in schema["sparse"]], size_buckets)
+    return pack_batch(arrays, keys, [f.get("pooling", "sum") for f in schema["sparse"]], size_buckets,
+                      [f.get("max_length", 0) or 1 for f in schema["sparse"]])
 
 
-def pack_batch(arrays: dict[str, np.ndarray], keys: list[str], pooling: list[str], size_buckets: int) -> PackedBatch:
-    """A collated batch's arrays plus its ``BatchLayout`` for ``size_buckets``, in one buffer."""
+def pack_batch(arrays: dict[str, np.ndarray], keys: list[str], pooling: list[str], size_buckets: int,
+               widths: list[int] | None = None) -> PackedBatch:
+    """A collated batch's arrays plus its ``BatchLayout`` for ``size_buckets``, in one buffer
+    (``widths``: cells per row of each feature, ``build_arrays``)."""
     lay = build_arrays(arrays["values"], arrays["lengths"], arrays["support_offsets"], arrays["query_offsets"],
-                       pooling, size_buckets)
+                       pooling, size_buckets, widths)
     return _pack({**arrays, **{_LAYOUT + k: v for k, v in lay.items()}}, keys)

@@ -113,7 +113,8 @@ def id_hash_of(record: dict, where: str) -> int:
 
 
 def shard_fields(s: SparseFeature) -> dict:
-    """What of a sparse feature's config the shards depend on (not min_count, holdout_share)."""
+    """What of a sparse feature's config the shards depend on (not min_count, holdout_share).
+    A feature sharing another's table (``table``) hashes its ids as that feature's name."""
     return {k: v for k, v in asdict(s).items() if k in SHARD_FIELDS}
 
 
@@ -445,14 +446,16 @@ def hash_batch(table: pa.Table, cfg: Config, card: Cardinality | None, where: st
                     raise PrepareError(f"{where}: column {s.name!r} has {col.null_count} null value(s) "
                                        "(data.source.fill_missing: true reads them as empty lists)")
                 col = pc.fill_null(col, pa.scalar([], col.type))
+            if s.max_length:  # a sequence, most recent first: its first max_length ids
+                col = pc.list_slice(col, 0, s.max_length)
             items = col.flatten()
             if items.null_count and not cfg.data.source.fill_missing:
                 raise PrepareError(f"{where}: column {s.name!r} has null ids inside its lists")
-            raw, hashed = _hash_ids(items, s.name, s.num_embeddings, id_hash, tokens=text, ids=s.ids)
+            raw, hashed = _hash_ids(items, s.table or s.name, s.num_embeddings, id_hash, tokens=text, ids=s.ids)
             off = col.offsets.to_numpy().astype(np.int64)
             cols[s.name] = pa.ListArray.from_arrays(pa.array((off - off[0]).astype(np.int32)), pa.array(hashed))
         else:
-            raw, hashed = _hash_ids(col, s.name, s.num_embeddings, id_hash, ids=s.ids)
+            raw, hashed = _hash_ids(col, s.table or s.name, s.num_embeddings, id_hash, ids=s.ids)
             cols[s.name] = pa.array(hashed)
         if card is not None:
             card.add(s.name, raw, hashed)

@@ -170,7 +170,8 @@ def schema_differences(manifest: dict, cfg: Config) -> list[tuple[str, Any, Any]
         if s.name not in got:
             continue
         mine = asdict(s)
-        theirs = {"ids": "hash", **got[s.name]}  # (shards older than the key hashed their ids)
+        # (shards older than these keys hashed their ids, held no sequence, shared no table)
+        theirs = {"ids": "hash", "max_length": 0, "table": "", **got[s.name]}
         # managed ids are hashes whatever the number of slots: it is the model's to change
         slots_free = mine["ids"] == "managed" == theirs["ids"]
         out += [(f"features.sparse[{i}].{k} ({s.name})", theirs.get(k), mine[k]) for k in SHARD_FIELDS

@@ -53,7 +53,7 @@ def generator_terms(head: Head, rows: torch.Tensor, new: torch.Tensor, batch: Ta
     over all their rows, before and after the warm-up step (for the logs)}.
     """
     L = layout
-    nf, n_s, n_q, nnz_s = L.num_features, L.num_support, L.num_query, L.num_support_occurrences
+    nf, n_s, n_q, nnz_s = L.num_cells, L.num_support, L.num_query, L.num_support_occurrences
     params = {n: p.detach() for n, p in head.named_parameters()} if frozen_head else None
     groups = gather_rows(rows, L.group_unique)  # [G, D] the (task, feature, id) groups
     new_g = new.index_select(0, L.group_unique)  # [G]

@@ -13,7 +13,15 @@ for 10,958 occurrences). The looked-up rows ``[U, D]`` are expanded locally:
 
     rows [U, D] --group_unique--> groups [G, D]: one per distinct (task, feature, id),
                                   the unit a task adapts (its fast embedding row)
-    groups      --occ_group-----> occurrences [nnz, D] --slot--> pooled cells [R, F, D]
+    groups      --occ_group-----> occurrences [nnz, D] --slot--> pooled cells [R, C, D]
+
+Cells. A feature takes one cell per row, where its ids are pooled, except a sequence
+(``features.sparse[].max_length`` T > 0), which takes T: occurrence i of row r goes to cell
+``r * C + base_f + i`` (C cells per row, ``base_f`` the feature's first), one id per cell,
+and cells past the sequence's end stay zero. Distinct ids and groups stay per feature: an id
+that appears twice in a task's sequences is one group, one fast row. ``num_features`` counts
+features (what is per feature: Meta-SGD's rates, ``group_feature``), ``num_cells`` cells
+(C: what pooled tensors are made of); they are equal without sequences.
 
 torch.unique would find the groups on the device in one call, but its output size is data
 dependent, which is a host sync on a GPU; numpy in the worker costs a few ms per batch
@@ -32,10 +40,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 def pool(values: torch.Tensor, slot: torch.Tensor, divisor: torch.Tensor, num_rows: int,
-         num_features: int) -> torch.Tensor:
-    """Sum (or mean, through ``divisor``) occurrences into cells: -> ``[num_rows, F, D]``."""
-    out = values.new_zeros(num_rows * num_features, values.shape[-1]).index_add(0, slot, values)
-    return (out / divisor.unsqueeze(-1)).view(num_rows, num_features, -1)
+         num_cells: int) -> torch.Tensor:
+    """Sum (or mean, through ``divisor``) occurrences into cells: -> ``[num_rows, C, D]``."""
+    out = values.new_zeros(num_rows * num_cells, values.shape[-1]).index_add(0, slot, values)
+    return (out / divisor.unsqueeze(-1)).view(num_rows, num_cells, -1)
 
 
 def _padded(offsets: np.ndarray, tasks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -67,12 +75,21 @@ def split_points(sizes: list[int], num_buckets: int) -> list[int]:
 
 
 def build_arrays(values: np.ndarray, lengths: np.ndarray, support_offsets: np.ndarray,
-                 query_offsets: np.ndarray, pooling: list[str], num_buckets: int) -> dict[str, np.ndarray]:
+                 query_offsets: np.ndarray, pooling: list[str], num_buckets: int,
+                 widths: list[int] | None = None) -> dict[str, np.ndarray]:
     """The layout of one batch as flat numpy arrays (names as in ``BatchLayout``; bucket
     b's arrays are ``b{b}.<name>``). ``values``/``lengths`` are the batch's KJT, feature-
-    major (``lengths[f * R + r]`` ids of feature f in row r); ``pooling`` per feature."""
+    major (``lengths[f * R + r]`` ids of feature f in row r); ``pooling`` per feature;
+    ``widths`` the cells per row of each feature (a sequence's max_length, else 1; None:
+    1 each). A row may hold no more ids of a sequence than its width (ValueError)."""
     so, qo = np.asarray(support_offsets, np.int64), np.asarray(query_offsets, np.int64)
     n, nf = len(so) - 1, len(pooling)
+    width = np.ones(nf, np.int64) if widths is None else np.asarray(widths, np.int64)
+    if width.shape != (nf,) or (width < 1).any():
+        raise ValueError(f"cell widths {list(width)}: one per feature ({nf}), each >= 1")
+    seq = width > 1
+    cell_base = np.cumsum(width) - width
+    nc = int(width.sum())
     s_count, q_count = np.diff(so), np.diff(qo)
     num_s, num_q = int(so[-1]), int(qo[-1])
     r_total = num_s + num_q
@@ -129,27 +146,38 @@ def build_arrays(values: np.ndarray, lengths: np.ndarray, support_offsets: np.nd
     out["group_unique"] = group_unique
     out["group_feature"] = np.repeat(np.arange(nf), unique_lengths)[group_unique]
     is_q = occ_row >= num_s
-    slot = occ_row * nf + occ_feature
-    # one id in every (row, feature) cell (all features single-valued): occurrences in cell
+    if seq.any():
+        over = lengths[seq] > width[seq][:, None]
+        if over.any():
+            f, r = np.argwhere(over)[0]
+            f = int(np.flatnonzero(seq)[f])
+            raise ValueError(f"sequence feature {f} holds {int(lengths[f, r])} ids in row {r}, more than its "
+                             f"max_length {int(width[f])} (features.sparse[{f}].max_length)")
+        # each occurrence's position within its (feature, row) list: the cell it takes
+        flat = lengths.reshape(-1)
+        pos = np.arange(len(values)) - np.repeat(np.cumsum(flat) - flat, flat)
+        slot = occ_row * nc + cell_base[occ_feature] + np.where(seq[occ_feature], pos, 0)
+    else:
+        slot = occ_row * nc + occ_feature
+    # one id in every cell (single-valued features, full sequences): occurrences in cell
     # order pool by a reshape, with no scatter; else support occurrences first, feature-major
-    one_per_cell = bool(len(values) == r_total * nf and (lengths == 1).all())
+    one_per_cell = bool(len(values) == r_total * nc and (lengths == width[:, None]).all())
     perm = np.argsort(slot, kind="stable") if one_per_cell else \
         np.concatenate([np.flatnonzero(~is_q), np.flatnonzero(is_q)])
     out["occ_unique"] = occ_unique[perm]
     out["occ_group"] = occ_group.reshape(-1)[perm]
-    out["slot"] = slot[perm]  # cell of the whole batch, row * F + feature
-    out["slot_q"] = slot[perm][int((~is_q).sum()):] - num_s * nf  # cell of the query block
-    # pooling factor per (row, feature) cell, row-major like slot
-    # divisor per (row, feature) cell, row-major like slot: the length for mean pooling
-    # (an exact integer, divided in the compute dtype), 1 for sum
-    divisor = np.ones((r_total, nf), np.float32)
+    out["slot"] = slot[perm]  # cell of the whole batch, row * C + cell
+    out["slot_q"] = slot[perm][int((~is_q).sum()):] - num_s * nc  # cell of the query block
+    # divisor per cell, row-major like slot: the length for mean pooling (an exact integer,
+    # divided in the compute dtype), 1 for sum and for a sequence's cells
+    divisor = np.ones((r_total, nc), np.float32)
     for f, mode in enumerate(pooling):
-        if mode == "mean":
-            divisor[:, f] = np.maximum(lengths[f], 1)
+        if mode == "mean" and not seq[f]:
+            divisor[:, cell_base[f]] = np.maximum(lengths[f], 1)
     out["divisor"] = divisor.reshape(-1)
     out["unique_offsets"] = np.concatenate([[0], np.cumsum(unique_lengths)]).astype(np.int64)
     out["sizes"] = np.array([num_s, num_q, int((~is_q).sum()), num_unique, len(group_unique), nf,
-                             max(1, num_buckets), int(one_per_cell)], np.int64)
+                             max(1, num_buckets), int(one_per_cell), nc], np.int64)
     return out
 
 
@@ -174,7 +202,7 @@ class SizeBucket:
 
 
 _INT_FIELDS = ("num_support", "num_query", "num_support_occurrences", "num_unique", "num_groups", "num_features",
-               "requested_buckets", "one_per_cell")
+               "requested_buckets", "one_per_cell", "num_cells")
 
 
 @dataclass
@@ -193,9 +221,10 @@ class BatchLayout:
     group_feature  [G]   feature of each group
     occ_unique     [nnz] distinct-id index of each occurrence (support occurrences first)
     occ_group      [nnz] group of each occurrence
-    slot           [nnz] pooled cell (row * F + feature) of each occurrence
+    slot           [nnz] pooled cell (row * C + cell) of each occurrence
     slot_q         [nnz_q] the cell of each query occurrence within the query block
-    divisor        [R*F] pooling divisor per cell (1 for sum, the length for mean)
+    divisor        [R*C] pooling divisor per cell (1 for sum, the length for mean)
+    num_features   F, the features; num_cells C, the cells of a row (F without sequences)
     """
 
     buckets: list[SizeBucket]
@@ -221,14 +250,15 @@ class BatchLayout:
     num_groups: int
     num_features: int
     requested_buckets: int  # the num_buckets asked for (a batch may need fewer)
-    one_per_cell: int  # 1: exactly one id per (row, feature) cell, occurrences in cell order
+    one_per_cell: int  # 1: exactly one id per cell, occurrences in cell order
+    num_cells: int
 
     def pool(self, values: torch.Tensor, slot: torch.Tensor, divisor: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """Occurrence embeddings (in this layout's order) -> pooled cells ``[num_rows, F, D]``:
+        """Occurrence embeddings (in this layout's order) -> pooled cells ``[num_rows, C, D]``:
         a reshape when every cell holds one id, else a sum (or mean) by scatter."""
         if self.one_per_cell:
-            return values.view(num_rows, self.num_features, -1)
-        return pool(values, slot, divisor, num_rows, self.num_features)
+            return values.view(num_rows, self.num_cells, -1)
+        return pool(values, slot, divisor, num_rows, self.num_cells)
     unique_per_key: list[int]
 
     @staticmethod
@@ -291,14 +321,16 @@ class BatchLayout:
         self._map(lambda v: v.record_stream(stream) or v)
 
 
-def layout_of(batch, pooling: list[str], num_buckets: int) -> BatchLayout:
-    """The batch's own layout when it has one built for ``num_buckets`` buckets, else one
-    built now from its tensors (on the host: for batches made outside the reader)."""
+def layout_of(batch, pooling: list[str], num_buckets: int, widths: list[int] | None = None) -> BatchLayout:
+    """The batch's own layout when it has one built for ``num_buckets`` buckets and these
+    cell ``widths`` (``build_arrays``), else one built now from its tensors (on the host: for
+    batches made outside the reader)."""
     lay = getattr(batch, "layout", None)
-    if lay is not None and lay.requested_buckets == max(1, num_buckets):
+    cells = len(pooling) if widths is None else sum(widths)
+    if lay is not None and lay.requested_buckets == max(1, num_buckets) and lay.num_cells == cells:
         return lay
     kjt = batch.sparse
     arrays = build_arrays(kjt.values().cpu().numpy(), kjt.lengths().cpu().numpy(),
                           batch.support_offsets.cpu().numpy(), batch.query_offsets.cpu().numpy(), pooling,
-                          num_buckets)
+                          num_buckets, widths)
     return BatchLayout.from_arrays(arrays).to(batch.labels.device)

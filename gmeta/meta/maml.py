@@ -111,7 +111,7 @@ def adapt_and_query(
     else:
         occ_s, occ_q, source = L.occ_unique[:nnz_s], L.occ_unique[nnz_s:], rows
     slot_s, slot_q = L.slot[:nnz_s], L.slot_q
-    div_s, div_q = L.divisor[: n_s * nf], L.divisor[n_s * nf:]
+    div_s, div_q = L.divisor[: n_s * L.num_cells], L.divisor[n_s * L.num_cells:]
     labels_s, labels_q = batch.labels[:n_s], batch.labels[n_s:]
     dense_s, dense_q = batch.dense[:n_s], batch.dense[n_s:]
     buckets = L.buckets

@@ -44,19 +44,25 @@ from gmeta.models.managed import ManagedIds
 class SparseArch(nn.Module):
     """One embedding table per sparse feature; returns per-id embeddings per feature. A
     feature with a default row for new ids (``min_count``, ``holdout_share``) has one row more than its hash
-    range: row ``num_embeddings`` (``DefaultRows``)."""
+    range: row ``num_embeddings`` (``DefaultRows``). A feature naming another's ``table``
+    has no table of its own: torchrec's table of the named feature serves both
+    (``feature_names=[owner, sharer, ...]``), sharded and optimized as one table."""
 
     def __init__(self, features: list[dict], embedding_dim: int, device: torch.device | None = None,
                  dtype: str = "fp32") -> None:
         super().__init__()
         self.feature_names = [f["name"] for f in features]
         data_type = {"fp32": DataType.FP32, "fp16": DataType.FP16}[dtype]
+        sharers: dict[str, list[str]] = {}
+        for f in features:
+            if f.get("table"):
+                sharers.setdefault(f["table"], []).append(f["name"])
         self.ec = EmbeddingCollection(
             tables=[
                 EmbeddingConfig(name=f"t_{f['name']}", embedding_dim=embedding_dim, data_type=data_type,
                                 num_embeddings=f["num_embeddings"] + int(has_default_row(f)),
-                                feature_names=[f["name"]])
-                for f in features
+                                feature_names=[f["name"], *sharers.get(f["name"], [])])
+                for f in features if not f.get("table")
             ],
             device=device,
         )
@@ -210,6 +216,11 @@ class MetaDLRM(nn.Module):
     def pooling(self) -> list[str]:
         return [f["pooling"] for f in self.features]
 
+    @property
+    def cell_widths(self) -> list[int]:
+        """Cells per row of each feature (``BatchLayout``): a sequence's max_length, else 1."""
+        return cell_widths(self.features)
+
     def lookup(self, layout: BatchLayout) -> torch.Tensor:
         """One embedding lookup (one all-to-all when sharded) of the distinct ids of a
         batch: ``[U, D]`` rows, expanded to every occurrence by the layout's indices."""
@@ -285,17 +296,30 @@ class MetaDLRM(nn.Module):
             values = values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
             if zero is not None:  # unknown managed ids as zeros (unknown_ids: zero)
                 values = values * zero[bounds[i]: bounds[i + 1]].unsqueeze(1)
+            width = f.get("max_length", 0) or 1
             rows = torch.repeat_interleave(torch.arange(num_rows, device=lengths.device), lengths)
-            cell = values.new_zeros(num_rows, values.shape[-1]).index_add(0, rows, values)
+            if width > 1:  # a sequence: its i-th id in the row's i-th cell of the feature
+                starts = torch.cumsum(lengths, 0) - lengths
+                pos = torch.arange(values.shape[0], device=lengths.device) - torch.repeat_interleave(starts, lengths)
+                if values.shape[0] and int(pos.max()) >= width:
+                    raise ValueError(f"sequence feature {f['name']!r} holds more than its max_length {width} ids in "
+                                     "a row (features.sparse[].max_length)")
+                rows = rows * width + pos
+            cell = values.new_zeros(num_rows * width, values.shape[-1]).index_add(0, rows, values)
             if f["pooling"] == "mean":
                 cell = cell / lengths.clamp(min=1).unsqueeze(1).to(cell.dtype)
-            cells.append(cell)
-        pooled = torch.stack(cells, dim=1)
+            cells.append(cell.view(num_rows, width, -1))
+        pooled = torch.cat(cells, dim=1)
         if self.generator is not None:  # new ids of its feature start from their generated row
             name = self.features[self.generator.feature]["name"]
             known: torch.Tensor = getattr(self.default_rows, f"known_{name}")
             pooled = self.generator.generate_cells(pooled, ~known[kjt[name].values()])
         return self.head(dense, pooled)
+
+
+def cell_widths(features: list[dict]) -> list[int]:
+    """Cells per row of each feature: a sequence's ``max_length``, else 1."""
+    return [f.get("max_length", 0) or 1 for f in features]
 
 
 def model_device(model) -> torch.device:
@@ -326,7 +350,8 @@ def build_model(cfg: Config, device: torch.device | None = None) -> MetaDLRM:
         embedding_dtype=cfg.model.embedding_dtype,
         generator={"feature": g.feature, "attributes": g.attributes, "hidden": g.hidden,
                    "base_fixed": g.mode == "base_fixed"} if (g := cfg.generator).feature else None,
-        head=build_head(cfg.model, len(cfg.features.dense), len(cfg.features.sparse), cfg.features.loss_weights()),
+        head=build_head(cfg.model, len(cfg.features.dense), len(cfg.features.sparse), cfg.features.loss_weights(),
+                        features=[asdict(s) for s in cfg.features.sparse]),
     )
     if cfg.meta.meta_sgd:
         model.enable_meta_sgd(cfg.meta.adapt_dense, cfg.meta.inner_lr, cfg.meta.embedding_inner_lr,

@@ -75,7 +75,7 @@ class IdGenerator(nn.Module):
         the default row and the attribute embeddings enter as constants (the tables learn
         nothing through the generator)."""
         L, f = layout, self.feature
-        nf = L.num_features
+        nf = L.num_cells  # (= num_features: the generator does not combine with sequences)
         lo = sum(L.unique_per_key[:f])
         hi = lo + L.unique_per_key[f]
         ids = L.unique_ids[lo:hi]

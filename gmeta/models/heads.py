@@ -21,6 +21,9 @@ mmoe          dense_arch; E ``experts`` (MLPs over x0); per label a ``gates`` la
               over the experts, x0) mixing the experts' outputs into its ``towers`` MLP
 esmm          dense_arch; a CTR and a CVR tower over x0 (``ctr``, ``cvr``); outputs the CTR
               logit and the logit of pCTCVR = pCTR x pCVR (labels: click, conversion)
+din           dense_arch; per sequence feature an ``attention`` MLP weighing each behaviour
+              by its match with the candidate; the interests, the other cells and the
+              dense vector side by side -> over_arch
 ============  ===============================================================================
 
 Every dense layer is a ``MetaLinear``: it takes ordinary weights ``[out, in]`` or per-task
@@ -77,6 +80,8 @@ class ModelConfig(Protocol):
     def experts(self) -> int: ...
     @property
     def expert_arch(self) -> list[int]: ...
+    @property
+    def attention_arch(self) -> list[int]: ...
 
 
 class LinearHook:
@@ -213,8 +218,12 @@ class Head(nn.Module):
     """
 
     arch: ClassVar[str]
+    # False: the head takes one cell per feature, and a sequence's cells reach it summed
+    # (``__call__``); True: it reads them (din)
+    reads_cells: ClassVar[bool] = False
     last_layer: str  # module name of the output layer
     loss_weights: torch.Tensor  # [L] buffer (not saved: the config holds it), with L > 1 only
+    cell_feature: torch.Tensor | None  # [C] buffer: the feature of each cell, with sequences only
 
     def __init__(self, objective: str, label_weights: Sequence[float] = (1.0,)) -> None:
         super().__init__()
@@ -222,16 +231,41 @@ class Head(nn.Module):
             raise ValueError("label_weights: one weight per label, got none")
         self.objective = objective
         self.num_labels = len(label_weights)
+        self.register_buffer("cell_feature", None, persistent=False)
+        self.num_cells = 0  # the cells of a row with sequences (set_cells), else 0: not checked
         if self.num_labels > 1:
             self.register_buffer("loss_weights", torch.tensor([float(w) for w in label_weights]), persistent=False)
 
     @classmethod
     def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int,
-                    label_weights: Sequence[float] = (1.0,)) -> Head:
+                    label_weights: Sequence[float] = (1.0,), features: Sequence[dict] | None = None) -> Head:
         """The head sized by ``model.*`` (every concrete head takes these arguments first),
-        with one output per label weight."""
+        with one output per label weight. ``features``: the sparse features' configs, read by
+        heads that need more than their number (din)."""
         return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch,  # type: ignore[call-arg, arg-type, misc]
                    m.objective, label_weights=label_weights)
+
+    def set_cells(self, widths: Sequence[int]) -> None:
+        """The cells per row of each feature (a sequence's ``max_length``, else 1). With a
+        sequence, a head that does not read cells gets each sequence's cells summed into one,
+        what a multi_hot feature pooled by sum gives, so it keeps ``[..., R, F, D]``."""
+        if all(w == 1 for w in widths):
+            return
+        self.num_cells = sum(widths)
+        if self.reads_cells:
+            return
+        feature = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(list(widths)))
+        self.register_buffer("cell_feature", feature, persistent=False)
+
+    def __call__(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
+        if self.num_cells and pooled.shape[-2] != self.num_cells:
+            raise ValueError(f"{self.arch} head: {pooled.shape[-2]} cells per row, the features take "
+                             f"{self.num_cells} (a layout built without the sequences' cell widths?)")
+        cells: torch.Tensor | None = self.cell_feature
+        if cells is not None:
+            shape = (*pooled.shape[:-2], int(cells.max()) + 1, pooled.shape[-1])
+            pooled = pooled.new_zeros(shape).index_add(-2, cells, pooled)
+        return super().__call__(dense, pooled, params)
 
     def output_layer(self) -> MetaLinear:
         layer = self.get_submodule(self.last_layer)
@@ -354,7 +388,7 @@ class DCNv2Head(Head):
 
     @classmethod
     def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int,
-                    label_weights: Sequence[float] = (1.0,)) -> Head:
+                    label_weights: Sequence[float] = (1.0,), features: Sequence[dict] | None = None) -> Head:
         return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch, m.objective,
                    cross_layers=m.cross_layers, cross_rank=m.cross_rank, structure=m.cross_structure,
                    label_weights=label_weights)
@@ -450,7 +484,7 @@ class MMoEHead(Head):
 
     @classmethod
     def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int,
-                    label_weights: Sequence[float] = (1.0,)) -> Head:
+                    label_weights: Sequence[float] = (1.0,), features: Sequence[dict] | None = None) -> Head:
         return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch, m.objective,
                    experts=m.experts, expert_sizes=m.expert_arch, label_weights=label_weights)
 
@@ -522,14 +556,106 @@ class ESMMHead(Head):
         return torch.exp(F.logsigmoid(out[..., 1]) - F.logsigmoid(out[..., 0]))
 
 
+def din_pairs(features: Sequence[dict]) -> list[tuple[int, int]]:
+    """(sequence feature, candidate feature) indices: each sequence (``max_length`` > 0)
+    with the feature whose table it shares (``table``), the candidate it is compared with."""
+    names = [f["name"] for f in features]
+    return [(i, names.index(f["table"])) for i, f in enumerate(features) if f.get("max_length", 0) and f.get("table")]
+
+
+class DINHead(Head):
+    """DIN (Zhou et al., KDD 2018): target attention of the candidate (the ad being scored)
+    over the user's behaviour sequence (the ads the user last clicked).
+
+    For each sequence feature (``features.sparse[].max_length`` T) and its candidate, the
+    feature whose table it shares (``table``; e.g. ``clicked_ads`` and ``ad_id``), the
+    ``attention.<i>`` MLP (hidden sizes ``model.attention_arch``, ReLU, one linear output)
+    gives each behaviour e_t a weight w_t = a([e_t, v, e_t - v, e_t * v]) from its match with
+    the candidate's row v, and the user's interest is ``sum_t w_t e_t`` ``[..., R, D]``.
+    DIN's own form, with no softmax over the positions: a padding cell (past a sequence's
+    end) is zero, so it adds nothing whatever its weight, and no mask is needed; the sum
+    also keeps how much of the history matches. The interests, the other features' cells
+    and the dense arch's output, side by side, go through ``over_arch`` (DIN's embedding
+    & MLP). Parts: ``dense_arch``, ``attention``, ``over_arch``.
+
+    Fast weights. The attention layers are MetaLinear layers applied to the R T
+    (row, position) pairs as rows of their own (``[N, R T, 4D]``); a task's fast weights
+    are theirs as for any layer, and the inner gradient reaches them through the product
+    w_t e_t and the sum over positions by autograd. The implicit form holds for them
+    exactly as for the others: its correction is a product over the layer's own support
+    inputs, here the S T (row, position) pairs of a task's support rows (so
+    ``meta.fast_weights: auto`` counts their cost for S rows, T times too low, and may
+    pick the costlier of two exact forms). The candidate's and the behaviours' rows adapt
+    per (task, feature, id) group like any embedding row.
+    """
+
+    arch = "din"
+    reads_cells = True
+    plain: torch.Tensor  # [P] buffer: the cell of each feature that is not a sequence
+
+    def __init__(self, num_dense: int, num_sparse: int, embedding_dim: int, dense_sizes: list[int],
+                 over_sizes: list[int], objective: str = "binary", *, features: Sequence[dict],
+                 attention_sizes: Sequence[int] = (32,), label_weights: Sequence[float] = (1.0,)) -> None:
+        super().__init__(objective, label_weights)
+        pairs = din_pairs(features)
+        if not pairs or len(features) != num_sparse:
+            raise ValueError("DIN: at least one sequence feature (features.sparse[].max_length > 0) that names its "
+                             "candidate's table (features.sparse[].table)")
+        widths = [f.get("max_length", 0) or 1 for f in features]
+        first = [sum(widths[:i]) for i in range(len(widths))]
+        seqs = {i for i, f in enumerate(features) if f.get("max_length", 0)}
+        # (first cell, cells, the candidate's cell) of each sequence; Python ints: slices, no index tensors
+        self.pairs = [(first[s], widths[s], first[c]) for s, c in pairs]
+        self.register_buffer("plain", torch.tensor([first[i] for i in range(len(features)) if i not in seqs],
+                                                   dtype=torch.int64), persistent=False)
+        self.dense_arch = DenseArch(num_dense, dense_sizes, embedding_dim)
+        self.attention = nn.ModuleList(MLP(4 * embedding_dim, list(attention_sizes) + [1], last_activation=False)
+                                       for _ in self.pairs)
+        width = (1 + len(features) - len(seqs) + len(self.pairs)) * embedding_dim
+        self.over_arch = OverArch(width, over_sizes, self.num_labels)
+        self.last_layer = f"over_arch.mlp.layers.{len(over_sizes)}"
+        self.set_cells(widths)
+
+    @classmethod
+    def from_config(cls, m: ModelConfig, num_dense: int, num_sparse: int,
+                    label_weights: Sequence[float] = (1.0,), features: Sequence[dict] | None = None) -> Head:
+        if features is None:
+            raise ValueError("DIN: built from the sparse features' configs (which are sequences, and their tables)")
+        return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch, m.objective,
+                   features=features, attention_sizes=m.attention_arch, label_weights=label_weights)
+
+    def interest(self, i: int, cells: torch.Tensor, params: Params = None) -> torch.Tensor:
+        """Sequence ``i``'s user interest ``[..., R, D]`` from the cells ``[..., R, C, D]``."""
+        start, length, cand = self.pairs[i]
+        seq = cells[..., start: start + length, :]  # [..., R, T, D]
+        v = cells[..., cand: cand + 1, :].expand_as(seq)
+        x = torch.cat([seq, v, seq - v, seq * v], dim=-1)  # [..., R, T, 4D]
+        mlp = self.attention[i]
+        assert isinstance(mlp, MLP)
+        w = mlp(x.flatten(-3, -2), params, f"attention.{i}.").unflatten(-2, seq.shape[-3:-1])  # [..., R, T, 1]
+        return (w * seq).sum(-2)
+
+    def forward(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
+        """``pooled``: the cells ``[..., R, C, D]``, a sequence's T cells each."""
+        d = self.dense_arch(dense, params, "dense_arch.")
+        plain = pooled.index_select(-2, self.plain).flatten(-2)
+        interests = [self.interest(i, pooled, params) for i in range(len(self.pairs))]
+        d = d.expand(*plain.shape[:-1], d.shape[-1])  # (shared dense rows under per-task cells)
+        return self.over_arch(torch.cat([d, plain, *interests], dim=-1), params, "over_arch.")
+
+
 HEADS: dict[str, type[Head]] = {h.arch: h for h in (DLRMHead, DCNv2Head, DeepFMHead, WideDeepHead, MMoEHead,
-                                                     ESMMHead)}
+                                                     ESMMHead, DINHead)}
 
 
-def build_head(m: ModelConfig, num_dense: int, num_sparse: int, label_weights: Sequence[float] = (1.0,)) -> Head:
+def build_head(m: ModelConfig, num_dense: int, num_sparse: int, label_weights: Sequence[float] = (1.0,),
+               features: Sequence[dict] | None = None) -> Head:
     """The head ``model.arch`` names, sized by the config, with an output per label
-    (``label_weights``: features.label_weights, one per label)."""
-    return HEADS[m.arch].from_config(m, num_dense, num_sparse, label_weights)
+    (``label_weights``: features.label_weights, one per label). ``features``: the sparse
+    features' configs (as dicts): their sequences' cells (None: no sequence)."""
+    head = HEADS[m.arch].from_config(m, num_dense, num_sparse, label_weights, features)
+    head.set_cells([f.get("max_length", 0) or 1 for f in features] if features is not None else [1] * num_sparse)
+    return head
 
 
 def adapted_layers(head: Head, adapt_dense: list[str]) -> dict[str, MetaLinear]:

@@ -77,7 +77,7 @@ class SparseDistPipeline:
             batch.record_stream(self.dist_stream)
         with record_function("## input_dist ##"), self._on(self.dist_stream):
             ctx = self.ec.create_context()
-            layout = layout_of(batch, self.model.pooling, self.size_buckets)
+            layout = layout_of(batch, self.model.pooling, self.size_buckets, self.model.cell_widths)
             batch.layout = layout
             splits = self.ec.input_dist(ctx, self.model.table_ids(layout))
             values = splits.wait()  # the splits are small; this issues the values all-to-all

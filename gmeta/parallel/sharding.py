@@ -71,6 +71,8 @@ def table_sharding_types(model: MetaDLRM, cfg: Config) -> dict[str, str]:
     out: dict[str, str] = {}
     budget = s.memory_budget_mb * 2**20
     for f in model.features:
+        if f.get("table"):  # reads the table of the feature it names: no table of its own
+            continue
         kind = per_table.get(f["name"], s.sharding_type)
         table_bytes = f["num_embeddings"] * cfg.model.embedding_dim * 4
         if budget and table_bytes > budget and kind != "row_wise":

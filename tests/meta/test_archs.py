@@ -27,11 +27,12 @@ def test_every_arch_of_the_config_has_a_head_and_is_tested_here():
     from typing import get_args, get_type_hints
 
     from gmeta.config import ModelConfig
+    from tests.meta.test_din import DIN  # the head of sequence features, tested there
     from tests.meta.test_multitask import MULTITASK  # the heads of several labels, tested there
 
     arches = set(get_args(get_type_hints(ModelConfig)["arch"]))
     assert arches == set(HEADS)
-    assert arches == {o[0].split("=")[1] for o in [*ARCHS.values(), *MULTITASK.values()]}
+    assert arches == {o[0].split("=")[1] for o in [*ARCHS.values(), *MULTITASK.values(), DIN]}
 
 
 @pytest.mark.parametrize("arch", NEW)

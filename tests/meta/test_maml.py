@@ -37,7 +37,7 @@ def _setup(debug_config_path, debug_data, n_tasks=5, dim=4, extra=()):
 
 def _lookup(model, batch, tables, buckets=1):
     """(rows, layout): what the sharded lookup returns, built from plain tables (differentiable)."""
-    layout = layout_of(batch, model.pooling, buckets)
+    layout = layout_of(batch, model.pooling, buckets, model.cell_widths)
     per = layout.kjt([f["name"] for f in model.features]).to_dict()
     emb = {name: JaggedTensor(values=tables[name][per[name].values()], lengths=per[name].lengths())
            for name in tables}

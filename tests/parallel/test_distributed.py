@@ -47,6 +47,9 @@ def _start_from_known_tables(model):
     dense_params = list(model.module.head.parameters())
     broadcast_params(dense_params)
     ref_tables = {k: v.clone().requires_grad_() for k, v in tables.items()}
+    for f in model.module.features:  # a feature sharing a table reads (and trains) the owner's
+        if f.get("table"):
+            tables[f["name"]], ref_tables[f["name"]] = tables[f["table"]], ref_tables[f["table"]]
     return tables, dense_params, copy.deepcopy(model.module.head), ref_tables
 
 
@@ -113,7 +116,8 @@ def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, shar
             loss.backward()
         ref_opt.step()
         with torch.no_grad():
-            for name, t in ref_tables.items():
+            owners = {f["name"] for f in features if not f.get("table")}  # each table once
+            for name, t in ((n, t) for n, t in ref_tables.items() if n in owners):
                 if cfg.optim.embedding_optimizer == "sgd":
                     t -= cfg.optim.embedding_lr * t.grad
                     continue
@@ -286,6 +290,16 @@ def test_each_head_on_two_ranks_equals_single_process_reference(debug_config_pat
     # second order, every layer of the head and every row adapted, tables sharded row-wise
     run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]), False,
               "row_wise", arch)
+
+
+def test_din_on_two_ranks_equals_single_process_reference(debug_config_path, seq_data):
+    # a behaviour sequence sharing ad_id's table (one sharded table, two features), second
+    # order, every layer (the attention's included) and every row adapted
+    from tests.support.sequences import seq_overrides
+
+    run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(seq_data["pq"]), False,
+              "row_wise", [*seq_overrides(debug_config_path), "model.arch=din", "model.attention_arch=[3]"],
+              {"ad_id": "row_wise"})
 
 
 @pytest.mark.parametrize("arch", [["model.arch=mmoe", "model.experts=3", "model.expert_arch=[6]"],

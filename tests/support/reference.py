@@ -24,20 +24,30 @@ def row_losses(head: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor
 
 
 def embed(tables: dict[str, torch.Tensor], features: list[dict], batch: TaskBatch) -> torch.Tensor:
-    """Pooled embeddings of every row: [S+Q, F, D]."""
+    """Pooled embeddings of every row: [S+Q, C, D], a cell per feature, or T for a sequence
+    of max_length T (its i-th id in the i-th, zeros past its end), built row by row."""
     per = batch.sparse.to_dict()
     cols = []
     for f in features:
         jt = per[f["name"]]
         lengths = jt.lengths()
-        rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
         table = tables[f["name"]]
+        if f.get("max_length", 0):
+            width, ids = f["max_length"], jt.values().tolist()
+            cells, start = [], 0
+            for n in lengths.tolist():
+                row = [table[ids[start + i]] if i < n else table.new_zeros(table.shape[1]) for i in range(width)]
+                cells.append(torch.stack(row))
+                start += n
+            cols.append(torch.stack(cells))
+            continue
+        rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
         # (F.embedding_bag would be the natural call, but it has no double backward)
         pooled = table.new_zeros(len(lengths), table.shape[1]).index_add(0, rows, table[jt.values()])
         if f["pooling"] == "mean":
             pooled = pooled / lengths.clamp(min=1).unsqueeze(1).to(table.dtype)
-        cols.append(pooled)
-    return torch.stack(cols, dim=1)
+        cols.append(pooled.unsqueeze(1))
+    return torch.cat(cols, dim=1)
 
 
 def adapted_names(head: torch.nn.Module, adapt_dense: list[str]) -> list[str]:
