@@ -1,6 +1,7 @@
 """Each model of ``model.arch`` end to end on the debug data, with the head of its config in
 configs/ (ads_cvr_<arch>.yaml): train, evaluate, predict; the checkpoint reloaded scores the
-same in evaluation, batch prediction and the pyfunc model."""
+same in evaluation, batch prediction and the pyfunc model (deepfm and wide_deep with the slow
+tests)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,11 @@ def din_data(tmp_path_factory) -> dict[str, Path]:
     return {"raw": base / "raw", "shards": base / "shards"}
 
 
-@pytest.mark.parametrize("arch", ["dcn_v2", "deepfm", "wide_deep", "din"])
+# deepfm and wide_deep take dcn_v2's path through training, evaluation, prediction and
+# serving with another head, which tests/meta/test_archs.py checks against the per-task
+# reference: they run with the slow tests
+@pytest.mark.parametrize("arch", ["dcn_v2", pytest.param("deepfm", marks=pytest.mark.slow),
+                                  pytest.param("wide_deep", marks=pytest.mark.slow), "din"])
 def test_each_model_trains_evaluates_predicts_and_serves_the_same_scores(request, tmp_path, arch):
     from gmeta.pyfunc import log_model
     from gmeta.serving import assign_roles

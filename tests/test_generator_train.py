@@ -147,7 +147,7 @@ def test_init_from_a_checkpoint_without_the_default_row_names_the_difference(bas
     from gmeta.models.dlrm import build_model
 
     cfg = load_config(DEBUG_CONFIG)  # ad_id without min_count: no default row
-    want = r"train.init_from: .* \('ad_id', 2001, 'hash'\).* \('ad_id', 2000, 'hash'\).*default row"
+    want = r"train.init_from: .* \('ad_id', 2001, 'hash', ''\).* \('ad_id', 2000, 'hash', ''\).*default row"
     with pytest.raises(CheckpointError, match=want):
         load_init(base_checkpoint, build_model(cfg), cfg)
 

@@ -4,8 +4,8 @@ scores the same query rows identically through ``gmeta predict`` on its task sha
 train`` logged (``mlflow.pyfunc.load_model``): a score per label for mmoe and esmm (click
 and conversion). dlrm and esmm run by default; the other heads, which take the same path
 through serving, are marked slow (each trains its own model: 17-51 s a head with its data on
-a loaded 2-core machine; tests/test_archs_end_to_end.py compares dcn_v2's, deepfm's and
-wide_deep's pyfunc scores with gmeta predict's in the default run)."""
+a loaded 2-core machine; tests/test_archs_end_to_end.py compares dcn_v2's and din's pyfunc
+scores with gmeta predict's in the default run, deepfm's and wide_deep's with the slow tests)."""
 
 from __future__ import annotations
 

@@ -148,14 +148,3 @@ def test_labels_config_errors_name_the_key():
         load_config(DEBUG_CONFIG, ["features.labels=[label, bid_price]"])
     cfg = load_config(DEBUG_CONFIG, [*TWO_LABELS, "features.label_weights=[1, 0.25]"])
     assert cfg.features.label_names() == ["label", "conversion"] and cfg.features.loss_weights() == [1.0, 0.25]
-
-
-def test_raw_row_scoring_refuses_a_model_of_several_labels(two_label_data):
-    import pandas as pd
-
-    from gmeta.serving import assign_roles, rows_to_blocks
-
-    cfg = load_config(DEBUG_CONFIG, TWO_LABELS)
-    raw = pd.read_parquet(two_label_data["raw"]).head(50)
-    with pytest.raises(PrepareError, match=r"features.labels \['label', 'conversion'\]: score its task shards"):
-        rows_to_blocks(assign_roles(raw, cfg), cfg, 4, id_hash=2)
