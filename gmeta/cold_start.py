@@ -129,7 +129,22 @@ def _evaluate(ckpt: Path, shards: Path, *, split: str = "eval", adapt: tuple[flo
 
 
 def _scores(report: dict, name: str, objective: str) -> dict[str, float]:
-    return {m: float(report[f"{name}_{m}"]) for m in METRICS[objective]}
+    """Scorer ``name``'s metrics of ``report``; with several labels (``report["labels"]``),
+    also each label's, keyed ``<metric>_<label>``, and ESMM's pCTCVR AUC (``ctcvr_auc``)."""
+    out = {m: float(report[f"{name}_{m}"]) for m in METRICS[objective]}
+    for label in report.get("labels", []):
+        out.update({f"{m}_{label}": float(report[f"{name}_{m}_{label}"]) for m in METRICS[objective]})
+    if f"{name}_ctcvr_auc" in report:
+        out["ctcvr_auc"] = float(report[f"{name}_ctcvr_auc"])
+    return out
+
+
+def _label_columns(runs: dict[str, list[dict]], metrics: tuple[str, ...]) -> list[str]:
+    """The per-label columns of a data set's rows (``_scores``), in label then metric order:
+    none for one label."""
+    keys = {k for rs in runs.values() for x in rs for k in x}
+    labels = [k[len(metrics[0]) + 1:] for k in sorted(keys) if k.startswith(f"{metrics[0]}_")]
+    return [f"{m}_{label}" for label in labels for m in metrics] + (["ctcvr_auc"] if "ctcvr_auc" in keys else [])
 
 
 def _adapted(ckpt: Path, shards: Path, objective: str, *, fine_tune: bool) -> dict:
@@ -342,6 +357,15 @@ def _budget(v_name: str, r: dict) -> str:
     return out
 
 
+def _column_head(column: str) -> str:
+    """``gauc`` -> GAUC, ``auc_conversion`` -> AUC (conversion), ``ctcvr_auc`` -> pCTCVR AUC."""
+    if column == "ctcvr_auc":
+        return "pCTCVR AUC"
+    metric, _, label = column.partition("_")  # (metric names hold no "_"; labels may)
+    head = metric.upper() if metric != "logloss" else "logloss"
+    return f"{head} ({label})" if label else head
+
+
 def format_table(results: dict) -> str:
     """Markdown, one table per objective: one row per data set and model, mean ± standard
     deviation over the seeds, and the search budget of the row."""
@@ -352,15 +376,23 @@ def format_table(results: dict) -> str:
         if not sets:
             continue
         metrics = METRICS[objective]
-        heads = [m.upper() if m != "logloss" else "logloss" for m in metrics]
-        lines = ["| data set | model | search | " + " | ".join(heads) + " |", "|---|---|---|" + "---|" * len(metrics)]
+        # one table per set of columns: several labels add each label's metrics (and pCTCVR's AUC)
+        groups: dict[tuple[str, ...], list[str]] = {}
         for ds, r in sets.items():
-            for name, runs in r["runs"].items():
-                cells = [_mean_sd([x[m] for x in runs]) for m in metrics]
-                lines.append(f"| {ds} | {name} | {_budget(name, r)} | " + " | ".join(cells) + " |")
-            if r.get("oracle_auc") is not None:
-                lines.append(f"| {ds} | oracle (true probabilities) | | | {r['oracle_auc']:.4f} | |")
-        out.append("\n".join(lines))
+            groups.setdefault((*metrics, *_label_columns(r["runs"], metrics)), []).append(ds)
+        for columns, names in groups.items():
+            heads = [_column_head(c) for c in columns]
+            lines = ["| data set | model | search | " + " | ".join(heads) + " |",
+                     "|---|---|---|" + "---|" * len(columns)]
+            for ds in names:
+                r = sets[ds]
+                for name, runs in r["runs"].items():
+                    cells = [_mean_sd([x[c] for x in runs]) for c in columns]
+                    lines.append(f"| {ds} | {name} | {_budget(name, r)} | " + " | ".join(cells) + " |")
+                if r.get("oracle_auc") is not None:  # the true probability of the first label
+                    lines.append(f"| {ds} | oracle (true probabilities) | | | {r['oracle_auc']:.4f} |"
+                                 + " |" * (len(columns) - 2))
+            out.append("\n".join(lines))
     out.append(f"Mean ± standard deviation over {n} seed(s) ({', '.join(map(str, results['seeds']))}); test tasks "
                "only (user- or campaign-cold). Search: Optuna trials per row on the validation tasks (the same "
                "number for every row), then K and the inner rates on the validation tasks.")

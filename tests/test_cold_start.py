@@ -130,6 +130,32 @@ def test_table_format_with_oracle():
     assert "over 3 seed(s) (0, 1, 2)" in table
 
 
+def test_rows_of_two_labels_add_each_labels_metrics_and_pctcvr_auc():
+    from gmeta.cold_start import _scores
+
+    report = {"labels": ["click", "conversion"], "maml_gauc": 0.61, "maml_auc": 0.62, "maml_logloss": 0.5}
+    for label, base in (("click", 0.6), ("conversion", 0.7)):
+        report.update({f"maml_gauc_{label}": base, f"maml_auc_{label}": base + 0.01, f"maml_logloss_{label}": 0.4})
+    report["maml_ctcvr_auc"] = 0.75
+    one = _scores(report, "maml", "binary")
+    assert one["auc_conversion"] == 0.71 and one["gauc_click"] == 0.6 and one["ctcvr_auc"] == 0.75
+    plain = {"auc": 0.6, "gauc": 0.6, "logloss": 0.5}
+    results = {"seeds": [0, 1], "datasets": {
+        "ads (click, conversion)": {"oracle_auc": 0.8, "search": {},
+                                    "runs": {"MAML": [one, dict(one, auc_conversion=0.73)]}},
+        "MovieLens": {"search": {}, "runs": {"ERM": [plain, plain]}}}}
+    table = format_table(results)
+    assert ("| data set | model | search | GAUC | AUC | logloss | GAUC (click) | AUC (click) | logloss (click) | "
+            "GAUC (conversion) | AUC (conversion) | logloss (conversion) | pCTCVR AUC |") in table
+    assert ("| ads (click, conversion) | MAML | none | 0.6100 ± 0.0000 | 0.6200 ± 0.0000 | 0.5000 ± 0.0000 | "
+            "0.6000 ± 0.0000 | 0.6100 ± 0.0000 | 0.4000 ± 0.0000 | 0.7000 ± 0.0000 | 0.7200 ± 0.0141 | "
+            "0.4000 ± 0.0000 | 0.7500 ± 0.0000 |") in table
+    assert "| ads (click, conversion) | oracle (true probabilities) | | | 0.8000 |" + " |" * 8 in table
+    # a data set of one label keeps its own table of three columns
+    assert "| data set | model | search | GAUC | AUC | logloss |\n" in table
+    assert "| MovieLens | ERM | none | 0.6000 ± 0.0000 | 0.6000 ± 0.0000 | 0.5000 ± 0.0000 |" in table
+
+
 def test_movielens_release_is_named_from_its_files(tmp_path):
     raw = write_ml100k(tmp_path / "anything", make_data())
     assert movielens_name(raw) == "MovieLens-100K"
