@@ -24,6 +24,7 @@ import torch
 
 from gmeta.io.collate import gather_ranges, pack_batch
 from gmeta.io.features import ID_HASHES, hash_ids, stable_hash
+from gmeta.meta.layout import cell_widths
 from gmeta.types import TaskBatch
 
 
@@ -228,5 +229,5 @@ def task_batch(data: Mapping, *, task: str, query: str, label: str, sparse: Sequ
         "task_ids": key_hash,
     }
     pooling = [f.get("pooling", "sum") for f in features] if features is not None else ["sum"] * len(sparse)
-    widths = [f.get("max_length", 0) or 1 for f in features] if features is not None else None
+    widths = cell_widths(features) if features is not None else None
     return pack_batch(arrays, list(sparse), pooling, size_buckets, widths).unpack()

@@ -11,7 +11,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from gmeta.io.block import SplitArrays, TaskBlock
-from gmeta.meta.layout import BatchLayout, build_arrays
+from gmeta.meta.layout import BatchLayout, build_arrays, cell_widths
 from gmeta.types import TaskBatch
 
 
@@ -120,7 +120,7 @@ def collate_packed(picks: list[tuple[TaskBlock, np.ndarray]], schema: dict, size
     if size_buckets is None:
         return _pack(arrays, keys)
     return pack_batch(arrays, keys, [f.get("pooling", "sum") for f in schema["sparse"]], size_buckets,
-                      [f.get("max_length", 0) or 1 for f in schema["sparse"]])
+                      cell_widths(schema["sparse"]))
 
 
 def pack_batch(arrays: dict[str, np.ndarray], keys: list[str], pooling: list[str], size_buckets: int,

@@ -30,7 +30,7 @@ that the worker overlaps with the previous step.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -319,6 +319,12 @@ class BatchLayout:
 
     def record_stream(self, stream: torch.Stream) -> None:
         self._map(lambda v: v.record_stream(stream) or v)
+
+
+def cell_widths(features: Sequence[Mapping]) -> list[int]:
+    """Cells per row of each feature (``build_arrays``' ``widths``): a sequence's
+    ``max_length``, else 1."""
+    return [f.get("max_length", 0) or 1 for f in features]
 
 
 def layout_of(batch, pooling: list[str], num_buckets: int, widths: list[int] | None = None) -> BatchLayout:

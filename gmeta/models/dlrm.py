@@ -25,7 +25,7 @@ from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from gmeta.config import Config
-from gmeta.meta.layout import BatchLayout
+from gmeta.meta.layout import BatchLayout, cell_widths
 from gmeta.models.generator import IdGenerator
 from gmeta.models.heads import (  # noqa: F401
     FILM,
@@ -290,20 +290,19 @@ class MetaDLRM(nn.Module):
         num_rows = kjt.stride()
         bounds = kjt.offset_per_key()
         cells = []
-        for i, f in enumerate(self.features):
+        for i, (f, width) in enumerate(zip(self.features, self.cell_widths)):
             jt = emb[f["name"]]
             lengths, values = jt.lengths(), jt.values()
             values = values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
             if zero is not None:  # unknown managed ids as zeros (unknown_ids: zero)
                 values = values * zero[bounds[i]: bounds[i + 1]].unsqueeze(1)
-            width = f.get("max_length", 0) or 1
             rows = torch.repeat_interleave(torch.arange(num_rows, device=lengths.device), lengths)
             if width > 1:  # a sequence: its i-th id in the row's i-th cell of the feature
                 starts = torch.cumsum(lengths, 0) - lengths
                 pos = torch.arange(values.shape[0], device=lengths.device) - torch.repeat_interleave(starts, lengths)
-                if values.shape[0] and int(pos.max()) >= width:
-                    raise ValueError(f"sequence feature {f['name']!r} holds more than its max_length {width} ids in "
-                                     "a row (features.sparse[].max_length)")
+                if values.shape[0]:  # (an assert on the device: no host sync; prepare and scoring cut sequences)
+                    torch._assert_async(pos.max() < width, f"sequence feature {f['name']!r} holds more than its "
+                                        f"max_length {width} ids in a row (features.sparse[].max_length)")
                 rows = rows * width + pos
             cell = values.new_zeros(num_rows * width, values.shape[-1]).index_add(0, rows, values)
             if f["pooling"] == "mean":
@@ -315,11 +314,6 @@ class MetaDLRM(nn.Module):
             known: torch.Tensor = getattr(self.default_rows, f"known_{name}")
             pooled = self.generator.generate_cells(pooled, ~known[kjt[name].values()])
         return self.head(dense, pooled)
-
-
-def cell_widths(features: list[dict]) -> list[int]:
-    """Cells per row of each feature: a sequence's ``max_length``, else 1."""
-    return [f.get("max_length", 0) or 1 for f in features]
 
 
 def model_device(model) -> torch.device:

@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gmeta.meta.layout import cell_widths
+
 
 class ModelConfig(Protocol):
     """What a head is built from: gmeta.config.ModelConfig (``model.*``), read only here
@@ -256,6 +258,7 @@ class Head(nn.Module):
             return
         feature = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(list(widths)))
         self.register_buffer("cell_feature", feature, persistent=False)
+        self.num_summed = len(widths)  # a Python int: the shape below needs no host sync
 
     def __call__(self, dense: torch.Tensor, pooled: torch.Tensor, params: Params = None) -> torch.Tensor:
         if self.num_cells and pooled.shape[-2] != self.num_cells:
@@ -263,7 +266,7 @@ class Head(nn.Module):
                              f"{self.num_cells} (a layout built without the sequences' cell widths?)")
         cells: torch.Tensor | None = self.cell_feature
         if cells is not None:
-            shape = (*pooled.shape[:-2], int(cells.max()) + 1, pooled.shape[-1])
+            shape = (*pooled.shape[:-2], self.num_summed, pooled.shape[-1])
             pooled = pooled.new_zeros(shape).index_add(-2, cells, pooled)
         return super().__call__(dense, pooled, params)
 
@@ -601,7 +604,7 @@ class DINHead(Head):
         if not pairs or len(features) != num_sparse:
             raise ValueError("DIN: at least one sequence feature (features.sparse[].max_length > 0) that names its "
                              "candidate's table (features.sparse[].table)")
-        widths = [f.get("max_length", 0) or 1 for f in features]
+        widths = cell_widths(features)
         first = [sum(widths[:i]) for i in range(len(widths))]
         seqs = {i for i, f in enumerate(features) if f.get("max_length", 0)}
         # (first cell, cells, the candidate's cell) of each sequence; Python ints: slices, no index tensors
@@ -654,7 +657,7 @@ def build_head(m: ModelConfig, num_dense: int, num_sparse: int, label_weights: S
     (``label_weights``: features.label_weights, one per label). ``features``: the sparse
     features' configs (as dicts): their sequences' cells (None: no sequence)."""
     head = HEADS[m.arch].from_config(m, num_dense, num_sparse, label_weights, features)
-    head.set_cells([f.get("max_length", 0) or 1 for f in features] if features is not None else [1] * num_sparse)
+    head.set_cells(cell_widths(features) if features is not None else [1] * num_sparse)
     return head
 
 

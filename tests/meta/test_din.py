@@ -123,3 +123,31 @@ def test_other_heads_with_a_sequence_equal_per_task_reference(seq_data, arch):
     assert head.cell_feature is not None and head.cell_feature.numel() == 10 + MAX_LENGTH
     _check_against_reference(model, head, batch, tables, 2, "auto", steps=2, lr=0.3, emb_lr=0.7,
                              adapt_dense=["all"], adapt_embeddings=True, first_order=False)
+
+
+def test_plain_forward_refuses_a_sequence_longer_than_its_cells(seq_data):
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    model, _, batch, _ = _din(seq_data)
+    keys = [f["name"] for f in model.features]
+    lengths = {k: [1, 1] for k in keys}
+    dense = torch.zeros(2, batch.dense.shape[-1])
+
+    def forward(first_row: int) -> torch.Tensor:
+        lengths["clicked_ads"] = [first_row, 2]
+        counts = [n for k in keys for n in lengths[k]]
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys, torch.zeros(sum(counts), dtype=torch.int64),
+                                                  torch.tensor(counts))
+        return model(kjt, dense)
+
+    assert forward(MAX_LENGTH).shape == (2,)  # a full sequence fills its cells
+    with pytest.raises(RuntimeError, match=r"clicked_ads.*more than its max_length 5"):
+        forward(MAX_LENGTH + 1)  # one more would spill into the next row's cells
+
+
+def test_head_refuses_cells_of_a_layout_built_without_the_sequences(seq_data):
+    _, head, batch, _ = _din(seq_data)
+    plain = head.float()
+    features = plain.num_cells - MAX_LENGTH + 1  # one cell per feature: the widths forgotten
+    with pytest.raises(ValueError, match=rf"din head: {features} cells per row, the features take {plain.num_cells}"):
+        plain(torch.zeros(3, batch.dense.shape[-1]), torch.zeros(3, features, 4))
