@@ -484,15 +484,16 @@ def load_weights(state: dict, path: str | Path) -> None:
 
 
 # what the shape of a model is made of: a checkpoint's weights fit a model when these agree
-_SHAPE_KEYS = ("model.arch", "model.embedding_dim", "model.dense_arch", "model.over_arch", "model.objective",
-               "model.cross_layers", "model.cross_rank", "model.cross_structure", "model.attention_arch")
+_SHAPE_KEYS = ("model.arch", "model.embedding_dim", "model.dense_arch", "model.over_arch", "model.objective")
+# and the keys that shape one model.arch's head only
+_ARCH_SHAPE_KEYS = {"dcn_v2": ("model.cross_layers", "model.cross_rank", "model.cross_structure"),
+                    "mmoe": ("model.experts", "model.expert_arch"),
+                    "din": ("model.attention_arch",)}
 
 
 def _shape_keys(cfg: Config) -> tuple[str, ...]:
-    """_SHAPE_KEYS that shape this config's model (the cross layers' keys, a DCN-v2's only;
-    the attention's, a DIN's only)."""
-    return tuple(k for k in _SHAPE_KEYS if (cfg.model.arch == "dcn_v2" or not k.startswith("model.cross_"))
-                 and (cfg.model.arch == "din" or k != "model.attention_arch"))
+    """The keys that shape this config's model: _SHAPE_KEYS and its arch's own."""
+    return _SHAPE_KEYS + _ARCH_SHAPE_KEYS.get(cfg.model.arch, ())
 
 
 def load_init(path: str | Path, model, cfg: Config, key: str = "train.init_from") -> list[str]:

@@ -118,3 +118,22 @@ def test_init_from_starts_meta_training_at_the_erm_weights(debug_data, tmp_path)
     assert (w[key] - e[key]).abs().max() < 1e-6 < (c[key] - e[key]).abs().max()
     table = next(k for k in e if k.startswith("sparse_arch."))
     assert (w[table] - e[table]).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("arch, theirs, mine, key", [
+    ("mmoe", "model.experts=4", "model.experts=2", "model.experts"),
+    ("mmoe", "model.expert_arch=[8]", "model.expert_arch=[6]", "model.expert_arch"),
+    ("dcn_v2", "model.cross_layers=2", "model.cross_layers=3", "model.cross_layers"),
+])
+def test_a_heads_own_shape_keys_are_compared(arch, theirs, mine, key):
+    from gmeta.checkpoint import model_differences
+    from gmeta.config import load_config
+
+    labels = ["features.labels=[label,conversion]"] if arch == "mmoe" else []
+
+    def cfg(extra):
+        return load_config(DEBUG_CONFIG, [f"model.arch={arch}", *labels, extra])
+
+    assert [k for k, _, _ in model_differences(cfg(theirs), cfg(mine))] == [key]
+    # an identical config differs in nothing
+    assert model_differences(cfg(theirs), cfg(theirs)) == []
