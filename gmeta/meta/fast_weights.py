@@ -116,7 +116,8 @@ def choose_fast_weights(head: Head, adapt_dense: list[str], mode: str, lr, steps
     (a rate per weight element), else per layer whichever costs fewer multiply-adds per
     task beyond the shared forward: implicit S (in + out) (S K (K - 1) / 2 + Q K) for the
     products over the support rows, materialised K (S + 1) in out for the weight gradients
-    and updates (S, Q: the bucket's padded support and query widths). ``dense_adaptation``
+    and updates (S, Q: the bucket's padded support and query widths, times the rows the
+    layer reads per row, ``Head.rows_per_row``: T for din's attention). ``dense_adaptation``
     "bias" or "film" (``meta.dense_adaptation``): that form for every chosen layer."""
     layers = {name + ".": mod for name, mod in adapted_layers(head, adapt_dense).items()}
     if dense_adaptation != "weights":  # "bias" or "film": small per-task tensors, one way to hold them
@@ -125,9 +126,11 @@ def choose_fast_weights(head: Head, adapt_dense: list[str], mode: str, lr, steps
         mode = "materialized"
     if mode != "auto":
         return {p: mode for p in layers}
-    s, q, k = support_width, query_width, steps
+    k = steps
     out = {}
     for p, mod in layers.items():
+        r = head.rows_per_row(p[:-1])
+        s, q = support_width * r, query_width * r
         implicit = s * (mod.in_features + mod.out_features) * (s * k * (k - 1) / 2 + q * k)
         materialized = k * (s + 1) * mod.in_features * mod.out_features
         out[p] = "implicit" if implicit < materialized else "materialized"

@@ -270,6 +270,12 @@ class Head(nn.Module):
             pooled = pooled.new_zeros(shape).index_add(-2, cells, pooled)
         return super().__call__(dense, pooled, params)
 
+    def rows_per_row(self, layer: str) -> int:
+        """Rows of its own that the layer named ``layer`` (a module name) applies to per row
+        of the batch: 1, but T for din's attention, which reads each (row, position) pair of
+        a sequence; ``meta.fast_weights: auto`` counts a layer's cost with it."""
+        return 1
+
     def output_layer(self) -> MetaLinear:
         layer = self.get_submodule(self.last_layer)
         assert isinstance(layer, MetaLinear)
@@ -586,10 +592,10 @@ class DINHead(Head):
     are theirs as for any layer, and the inner gradient reaches them through the product
     w_t e_t and the sum over positions by autograd. The implicit form holds for them
     exactly as for the others: its correction is a product over the layer's own support
-    inputs, here the S T (row, position) pairs of a task's support rows (so
-    ``meta.fast_weights: auto`` counts their cost for S rows, T times too low, and may
-    pick the costlier of two exact forms). The candidate's and the behaviours' rows adapt
-    per (task, feature, id) group like any embedding row.
+    inputs, here the S T (row, position) pairs of a task's support rows, and
+    ``meta.fast_weights: auto`` counts the cost of either form for S T and Q T rows
+    (``rows_per_row``). The candidate's and the behaviours' rows adapt per (task, feature,
+    id) group like any embedding row.
     """
 
     arch = "din"
@@ -626,6 +632,10 @@ class DINHead(Head):
             raise ValueError("DIN: built from the sparse features' configs (which are sequences, and their tables)")
         return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch, m.objective,
                    features=features, attention_sizes=m.attention_arch, label_weights=label_weights)
+
+    def rows_per_row(self, layer: str) -> int:
+        part, _, rest = layer.partition(".")
+        return self.pairs[int(rest.split(".")[0])][1] if part == "attention" else 1
 
     def interest(self, i: int, cells: torch.Tensor, params: Params = None) -> torch.Tensor:
         """Sequence ``i``'s user interest ``[..., R, D]`` from the cells ``[..., R, C, D]``."""

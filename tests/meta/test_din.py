@@ -151,3 +151,17 @@ def test_head_refuses_cells_of_a_layout_built_without_the_sequences(seq_data):
     features = plain.num_cells - MAX_LENGTH + 1  # one cell per feature: the widths forgotten
     with pytest.raises(ValueError, match=rf"din head: {features} cells per row, the features take {plain.num_cells}"):
         plain(torch.zeros(3, batch.dense.shape[-1]), torch.zeros(3, features, 4))
+
+
+def test_auto_fast_weights_count_the_attentions_rows_per_position(seq_data, monkeypatch):
+    from gmeta.meta.fast_weights import choose_fast_weights
+
+    _, head, _, _ = _din(seq_data)
+    assert head.rows_per_row("attention.0.layers.0") == MAX_LENGTH and head.rows_per_row("over_arch.mlp.layers.0") == 1
+    # the attention's first layer (4 D = 16 in, 3 out) at S = Q = 1, K = 1: implicit costs
+    # S (in + out) (S K (K-1) / 2 + Q K), materialised K (S + 1) in out. Counted per row: 19
+    # against 96, implicit; per (row, position), S = Q = 5: 475 against 288, materialised
+    kw = {"steps": 1, "support_width": 1, "query_width": 1}
+    assert choose_fast_weights(head, ["attention"], "auto", 0.1, **kw)["attention.0.layers.0."] == "materialized"
+    monkeypatch.setattr(head, "rows_per_row", lambda layer: 1)
+    assert choose_fast_weights(head, ["attention"], "auto", 0.1, **kw)["attention.0.layers.0."] == "implicit"
