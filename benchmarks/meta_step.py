@@ -35,14 +35,23 @@ Then the full training step (torchrec lookup with its fused update, dense Adam) 
 MAML vs ERM, and the rows sent to the embedding tables per meta-batch: every id
 occurrence (before deduplication) vs the distinct (feature, id) pairs sent now.
 
-Every model with each head of ``--archs`` (model.arch: dlrm, dcn_v2, deepfm, wide_deep, mmoe, esmm; the
-same features, sizes and rows, the over arch the deep tower; every layer of the head adapted,
-meta.adapt_dense all), named ``<model>_<arch>`` in the figures (the DLRM's plain ``<model>``).
-The multi-task heads (mmoe, esmm) train two labels on the same rows, the click label and a
-conversion that follows a fifth of the clicks; ERM, the loop and vmap train both alike.
+Every model with each head of ``--archs`` (model.arch: dlrm, dcn_v2, deepfm, wide_deep, mmoe, esmm,
+din; the same features, sizes and rows, the over arch the deep tower; every layer of the head
+adapted, meta.adapt_dense all), named ``<model>_<arch>`` in the figures (the DLRM's plain
+``<model>``). The multi-task heads (mmoe, esmm) train two labels on the same rows, the click
+label and a conversion that follows a fifth of the clicks; ERM, the loop and vmap train both
+alike. DIN (the Criteo-shaped models only: the ads_cvr shards hold no sequence) adds a
+behaviour sequence ``hist`` of max_length T = 10 sharing the table of its candidate ``C1``
+(``features.sparse[].table``), each row's list of 0 to 10 ids (uniform, so most rows end
+early and leave padding cells) drawn as C1's are; the attention MLP is the default
+``model.attention_arch`` [32] (4D -> 32 -> 1), and the over arch reads 28 vectors side by
+side, the dense arch's output, the 26 features' cells (C1's among them) and the interest:
+896 -> 512 -> 256 -> 1 on ``criteo``, 448 -> 256 -> 128 -> 1 on ``criteo_narrow``. A row has
+C = 26 + 10 cells (``layout.num_cells``), which the contenders pool into as gmeta does; the
+other columns are the same rows as the other heads'.
 
     python benchmarks/meta_step.py [--repeats 7] [--threads 1 2] [--models ads_cvr criteo criteo_narrow]
-                                   [--archs dlrm dcn_v2 deepfm wide_deep mmoe esmm]
+                                   [--archs dlrm dcn_v2 deepfm wide_deep mmoe esmm din]
 """
 
 from __future__ import annotations
