@@ -24,6 +24,7 @@ Parts:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -44,7 +45,7 @@ from benchmarks.meta_step import alternated, criteo_batch, criteo_config, step_f
 from gmeta.config import Config, load_config
 from gmeta.io.prepare import prepare
 from gmeta.io.reader import TaskReader
-from gmeta.meta.layout import layout_of
+from gmeta.meta.layout import cell_widths, layout_of
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import DenseGradSync, free_port
 from gmeta.parallel.pipeline import SparseDistPipeline
@@ -241,7 +242,7 @@ def _contenders(label: str, cfg: Config, batch, device: torch.device, repeats: i
     model = build_model(cfg, device=device)  # places the tables only
     model.dense_to(device)
     batch = batch.to(device)
-    layout = layout_of(batch, model.pooling, cfg.meta.size_buckets)
+    layout = layout_of(batch, model.pooling, cfg.meta.size_buckets, model.cell_widths)
     with torch.no_grad():
         rows = model.lookup(layout)
     rows = rows.detach().requires_grad_(True)
@@ -250,7 +251,7 @@ def _contenders(label: str, cfg: Config, batch, device: torch.device, repeats: i
     for first_order in (False, True):
         kw = dict(steps=m.inner_steps, lr=m.inner_lr, emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
                   adapt_embeddings=m.adapt_embeddings, first_order=first_order)
-        fns = step_fns(model.head, rows, batch, layout, model.num_features, kw)
+        fns = step_fns(model.head, rows, batch, layout, layout.num_cells, kw)
         t = timed(fns, repeats, device)  # every contender the meta-step benchmark races
         order = "first" if first_order else "second"
         n = batch.num_tasks
@@ -300,7 +301,8 @@ def _sync_share(label: str, cfg: Config, batches: list, device: torch.device) ->
 
 
 def _a2a_estimate(label: str, cfg: Config, batch, rows_per_rank: int) -> dict:
-    layout = layout_of(batch, [f.pooling for f in cfg.features.sparse], cfg.meta.size_buckets)
+    feats = [dataclasses.asdict(f) for f in cfg.features.sparse]
+    layout = layout_of(batch, [f["pooling"] for f in feats], cfg.meta.size_buckets, cell_widths(feats))
     nbytes = layout.num_unique * cfg.model.embedding_dim * 4
     ids = layout.num_unique * 8
     out = {"embedding_bytes_per_step": nbytes, "id_bytes_per_step": ids}

@@ -35,14 +35,23 @@ Then the full training step (torchrec lookup with its fused update, dense Adam) 
 MAML vs ERM, and the rows sent to the embedding tables per meta-batch: every id
 occurrence (before deduplication) vs the distinct (feature, id) pairs sent now.
 
-Every model with each head of ``--archs`` (model.arch: dlrm, dcn_v2, deepfm, wide_deep, mmoe, esmm; the
-same features, sizes and rows, the over arch the deep tower; every layer of the head adapted,
-meta.adapt_dense all), named ``<model>_<arch>`` in the figures (the DLRM's plain ``<model>``).
-The multi-task heads (mmoe, esmm) train two labels on the same rows, the click label and a
-conversion that follows a fifth of the clicks; ERM, the loop and vmap train both alike.
+Every model with each head of ``--archs`` (model.arch: dlrm, dcn_v2, deepfm, wide_deep, mmoe, esmm,
+din; the same features, sizes and rows, the over arch the deep tower; every layer of the head
+adapted, meta.adapt_dense all), named ``<model>_<arch>`` in the figures (the DLRM's plain
+``<model>``). The multi-task heads (mmoe, esmm) train two labels on the same rows, the click
+label and a conversion that follows a fifth of the clicks; ERM, the loop and vmap train both
+alike. DIN (the Criteo-shaped models only: the ads_cvr shards hold no sequence) adds a
+behaviour sequence ``hist`` of max_length T = 10 sharing the table of its candidate ``C1``
+(``features.sparse[].table``), each row's list of 0 to 10 ids (uniform, so most rows end
+early and leave padding cells) drawn as C1's are; the attention MLP is the default
+``model.attention_arch`` [32] (4D -> 32 -> 1), and the over arch reads 28 vectors side by
+side, the dense arch's output, the 26 features' cells (C1's among them) and the interest:
+896 -> 512 -> 256 -> 1 on ``criteo``, 448 -> 256 -> 128 -> 1 on ``criteo_narrow``. A row has
+C = 26 + 10 cells (``layout.num_cells``), which the contenders pool into as gmeta does; the
+other columns are the same rows as the other heads'.
 
     python benchmarks/meta_step.py [--repeats 7] [--threads 1 2] [--models ads_cvr criteo criteo_narrow]
-                                   [--archs dlrm dcn_v2 deepfm wide_deep mmoe esmm]
+                                   [--archs dlrm dcn_v2 deepfm wide_deep mmoe esmm din]
 """
 
 from __future__ import annotations
@@ -50,10 +59,12 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +76,7 @@ from benchmarks.common import emit, ensure_data
 from benchmarks.contenders import bucket_views, loop_loss, task_views, vmap_bucketed_loss, vmap_loss
 from benchmarks.memory import saved_bytes
 from gmeta.batch import task_batch
-from gmeta.config import Config, load_config
+from gmeta.config import Config, SparseFeature, load_config, validate
 from gmeta.io.reader import TaskReader
 from gmeta.meta.erm import erm_loss
 from gmeta.meta.fast_weights import choose_fast_weights
@@ -76,8 +87,10 @@ from gmeta.models.heads import HEADS
 from gmeta.parallel.dist import DenseGradSync, free_port
 from gmeta.parallel.sharding import shard_model
 from gmeta.train import train_step
+from gmeta.types import TaskBatch
 
 CRITEO_TABLE = 50_000
+CRITEO_TASKS = 128  # N, the tasks of a Criteo-shaped meta-batch
 # Criteo-shaped model sizes: embedding dim, dense arch, over arch, support = query rows per task
 CRITEO = {"criteo": (32, [256], [512, 256], 20), "criteo_narrow": (16, [128], [256, 128], 10)}
 
@@ -94,23 +107,44 @@ def criteo_config(size: str = "criteo") -> Config:
                               "meta.tasks_per_batch=128"])
 
 
+def _criteo_ids(rng: np.random.Generator, i: int, task: np.ndarray, user_bias: np.ndarray) -> np.ndarray:
+    """Ids of the i-th Criteo feature at positions of the given tasks: skewed over the table;
+    the first four features take a task's own id 70% of the time, as a user's rows share ids."""
+    ids = (CRITEO_TABLE * rng.random(len(task)) ** 3).astype(np.int64)
+    if i < 4:
+        ids = np.where(rng.random(len(task)) < 0.7, user_bias[task] * (i + 1) % CRITEO_TABLE, ids)
+    return ids
+
+
 def criteo_batch(cfg: Config, n: int, support: int, query: int, seed: int):
-    """N tasks of support + query rows shaped like Criteo's (skewed ids, log-scaled counts)."""
+    """N tasks of support + query rows shaped like Criteo's (skewed ids, log-scaled counts).
+    A sequence feature of ``cfg`` (``max_length`` T, as ``with_arch(cfg, "din")`` adds) gets a
+    list per row, of length uniform in 0..T (so rows end early and leave padding cells), its
+    ids drawn as its table's feature's are; from a stream of its own, so the other columns
+    are those of the same seed without it."""
     rng = np.random.default_rng(seed)
     rows = n * (support + query)
-    data = {"task": np.repeat(np.arange(n), support + query),
-            "is_query": np.tile(np.r_[np.zeros(support, bool), np.ones(query, bool)], n),
-            "label": (rng.random(rows) < 0.25).astype(np.float32)}
+    data: dict = {"task": np.repeat(np.arange(n), support + query),
+                  "is_query": np.tile(np.r_[np.zeros(support, bool), np.ones(query, bool)], n),
+                  "label": (rng.random(rows) < 0.25).astype(np.float32)}
     for name in cfg.features.dense:
         data[name] = np.log1p(rng.lognormal(1.0, 1.5, rows)).astype(np.float32)
     user_bias = rng.integers(0, CRITEO_TABLE, n)  # a task's rows share some ids, as a user's do
-    for i, f in enumerate(cfg.features.sparse):
-        ids = (CRITEO_TABLE * rng.random(rows) ** 3).astype(np.int64)
-        if i < 4:
-            ids = np.where(rng.random(rows) < 0.7, np.repeat(user_bias, support + query) * (i + 1) % CRITEO_TABLE, ids)
-        data[f.name] = ids
-    feats = [{"name": f.name, "num_embeddings": f.num_embeddings, "pooling": f.pooling} for f in cfg.features.sparse]
-    return task_batch(data, task="task", query="is_query", label="label", sparse=[f.name for f in cfg.features.sparse],
+    sparse = cfg.features.sparse
+    for i, f in enumerate(sparse):
+        if not f.max_length:
+            data[f.name] = _criteo_ids(rng, i, data["task"], user_bias)
+    seq_rng = np.random.default_rng([seed, 1])
+    for f in sparse:
+        if f.max_length:
+            lengths = seq_rng.integers(0, f.max_length + 1, rows)
+            like = next(i for i, g in enumerate(sparse) if g.name == f.table)
+            ids = _criteo_ids(seq_rng, like, np.repeat(data["task"], lengths), user_bias)
+            data[f.name] = np.split(ids, np.cumsum(lengths)[:-1])  # a list of ids per row
+    # max_length and table: the layout gives a sequence its cells (gmeta.meta.layout.cell_widths)
+    feats = [{"name": f.name, "num_embeddings": f.num_embeddings, "pooling": f.pooling, "max_length": f.max_length,
+              "table": f.table} for f in sparse]
+    return task_batch(data, task="task", query="is_query", label="label", sparse=[f.name for f in sparse],
                       dense=list(cfg.features.dense), features=feats, size_buckets=cfg.meta.size_buckets, ids="rows")
 
 
@@ -143,7 +177,8 @@ def alternated(fns: dict, repeats: int, drain=lambda: None) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def step_fns(head, rows, batch, layout, nf: int, kw: dict) -> dict:
+def step_fns(head, rows, batch, layout, nc: int, kw: dict) -> dict:
+    """Each contender's step as a function; ``nc`` the cells per row (``layout.num_cells``)."""
     views, buckets = task_views(batch, layout), bucket_views(batch, layout)
     params = list(head.parameters())
 
@@ -159,9 +194,9 @@ def step_fns(head, rows, batch, layout, nf: int, kw: dict) -> dict:
         "gmeta": run(lambda: maml_loss(head, rows, batch, layout, fast_weights="auto", **kw).loss),
         "gmeta-imp": run(lambda: maml_loss(head, rows, batch, layout, fast_weights="implicit", **kw).loss),
         "gmeta-mat": run(lambda: maml_loss(head, rows, batch, layout, fast_weights="materialized", **kw).loss),
-        "loop": run(lambda: loop_loss(head, rows, views, nf, kw)),
-        "vmap": run(lambda: vmap_loss(head, rows, views, nf, kw)),
-        "vmap-bucketed": run(lambda: vmap_bucketed_loss(head, rows, buckets, nf, kw)),
+        "loop": run(lambda: loop_loss(head, rows, views, nc, kw)),
+        "vmap": run(lambda: vmap_loss(head, rows, views, nc, kw)),
+        "vmap-bucketed": run(lambda: vmap_bucketed_loss(head, rows, buckets, nc, kw)),
         "erm": run(lambda: erm_loss(head, rows, batch, layout).loss),
     }
 
@@ -169,7 +204,7 @@ def step_fns(head, rows, batch, layout, nf: int, kw: dict) -> dict:
 def bench_model(name: str, cfg: Config, batch, repeats: int, threads: int, results: dict) -> None:
     torch.manual_seed(0)
     model = build_model(cfg)
-    layout = layout_of(batch, model.pooling, cfg.meta.size_buckets)
+    layout = layout_of(batch, model.pooling, cfg.meta.size_buckets, model.cell_widths)
     with torch.no_grad():
         rows = model.lookup(layout)
     rows = rows.detach().requires_grad_(True)
@@ -187,7 +222,7 @@ def bench_model(name: str, cfg: Config, batch, repeats: int, threads: int, resul
         order = "first" if first_order else "second"
         kw = dict(steps=m.inner_steps, lr=m.inner_lr, emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
                   adapt_embeddings=m.adapt_embeddings, first_order=first_order)
-        fns = step_fns(model.head, rows, batch, layout, model.num_features, kw)
+        fns = step_fns(model.head, rows, batch, layout, layout.num_cells, kw)
         t = alternated(fns, repeats)
         mem = {k: peak_mib(fn) for k, fn in fns.items()}
         results[f"{name}_t{threads}_{order}"] = res = step_figures(t, mem, n, r)
@@ -248,16 +283,25 @@ def bench_train_step(name: str, cfg: Config, batch, repeats: int, threads: int, 
 
 # the multi-task heads train click and conversion together: their batches carry both
 MULTI_TASK = ("mmoe", "esmm")
+# din's behaviour sequence: its name and max_length T (its candidate: the first sparse feature)
+DIN_SEQUENCE, DIN_LENGTH = "hist", 10
 
 
 def with_arch(cfg: Config, arch: str) -> Config:
     """``cfg`` with the head ``arch`` (model.arch), every layer of it adapted; a multi-task
-    head with two labels, the config's label (click) and a conversion."""
+    head with two labels, the config's label (click) and a conversion; din with a behaviour
+    sequence ``hist`` of ``DIN_LENGTH`` ids sharing the table of the candidate, the first
+    sparse feature (``criteo_batch`` fills it). Checked as a loaded config is (ConfigError)."""
     out = copy.deepcopy(cfg)
     out.model.arch = arch  # type: ignore[assignment]
     out.meta.adapt_dense = ["all"]
     if arch in MULTI_TASK:
         out.features.labels = [out.features.label, "conversion"]
+    if arch == "din":
+        cand = out.features.sparse[0]
+        out.features.sparse.append(SparseFeature(name=DIN_SEQUENCE, num_embeddings=cand.num_embeddings,
+                                                 multi_hot=True, max_length=DIN_LENGTH, table=cand.name))
+    validate(out)
     return out
 
 
@@ -274,25 +318,36 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--models", nargs="+", default=["ads_cvr", *CRITEO], choices=["ads_cvr", *CRITEO])
-    # (din attends over a sequence feature, which these models do not have)
-    ap.add_argument("--archs", nargs="+", default=["dlrm"], choices=[a for a in HEADS if a != "din"])
+    ap.add_argument("--archs", nargs="+", default=["dlrm"], choices=list(HEADS))
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gmeta-bench"))
     args = ap.parse_args()
+    if "din" in args.archs and "ads_cvr" in args.models:
+        ap.error("--archs din: din attends over a behaviour sequence, which the ads_cvr model's shards do not hold; "
+                 f"run it on --models {' '.join(CRITEO)}, whose batches are generated with one")
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
-    setups = []
+    # (name, config, batch, the batch of a config with din's sequence or None)
+    models: list[tuple[str, Config, TaskBatch, Callable[[Config], TaskBatch] | None]] = []
     if "ads_cvr" in args.models:
         cfg, _, shards = ensure_data(Path(args.workdir), 20_000)
         for n in (32, 128):
             batch = next(iter(TaskReader(shards, "train", n, seed=0, size_buckets=cfg.meta.size_buckets)))
-            setups.append((f"ads_cvr_N{n}", cfg, batch))
+            models.append((f"ads_cvr_N{n}", cfg, batch, None))
     for size in CRITEO:
         if size in args.models:
             cfg, rows = criteo_config(size), CRITEO[size][3]
-            setups.append((f"{size}_N128", cfg, criteo_batch(cfg, 128, rows, rows, seed=0)))
-    setups = [(name if arch == "dlrm" else name.replace("_N", f"_{arch}_N"), with_arch(cfg, arch),
-               with_conversion(batch, seed=0) if arch in MULTI_TASK else batch)
-              for arch in args.archs for name, cfg, batch in setups]
+            make = functools.partial(criteo_batch, n=CRITEO_TASKS, support=rows, query=rows, seed=0)
+            models.append((f"{size}_N{CRITEO_TASKS}", cfg, make(cfg), make))
+    setups = []
+    for arch in args.archs:
+        for name, cfg, batch, make in models:
+            c = with_arch(cfg, arch)
+            if arch == "din":  # the same rows, with the sequence column besides (criteo_batch)
+                assert make is not None  # (ads_cvr with din is refused above)
+                batch = make(c)
+            elif arch in MULTI_TASK:
+                batch = with_conversion(batch, seed=0)
+            setups.append((name if arch == "dlrm" else name.replace("_N", f"_{arch}_N"), c, batch))
     results = {}
     for threads in args.threads:
         torch.set_num_threads(threads)
