@@ -4,7 +4,8 @@ Streams the task shards of a split in manifest order, adapts each task on its su
 and scores its query rows, and writes Parquet parts ``part-00000.parquet``, ... with
 columns task_key, task_id, row (position in the task's query set, in time order), label
 and score; with several labels (features.labels) ``label_<name>`` and ``score_<name>`` per
-label (model.arch esmm: ``score_<click>`` is pCTR, ``score_<conversion>`` pCTCVR). Each
+label (model.arch esmm: ``score_<click>`` is pCTR, ``score_<conversion>`` pCTCVR, then
+``score_pcvr``, pCVR: the columns of ``gmeta.serving.score_columns``, as raw rows get). Each
 part is written to a temporary name and renamed; then ``_progress.json`` records the parts
 and the reader's position (written the same way). After an interruption, ``--resume``
 deletes any part the progress file does not list and goes on from the recorded position:
@@ -28,6 +29,7 @@ from gmeta.evaluate import check_shards, choose_shards
 from gmeta.io.reader import TaskReader, task_keys
 from gmeta.parallel.dist import configure_threads, default_device
 from gmeta.scoring import inner_steps_for, predict_query
+from gmeta.serving import head_outputs, score_columns
 from gmeta.storage import absolute, check_bucket, is_url, location, write_atomic
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,14 @@ def per_label(column: str, values: np.ndarray, labels: list[str]) -> dict[str, p
     if values.shape[1] != len(labels):
         raise PredictError(f"{values.shape[1]} {column}s per row for the labels {labels} (features.labels)")
     return {f"{column}_{name}": pa.array(values[:, i].astype(np.float32)) for i, name in enumerate(labels)}
+
+
+def scores_by_column(scores: np.ndarray, columns: list[str]) -> dict[str, pa.Array]:
+    """Scores ``[rows]`` or ``[rows, W]`` as the W ``columns`` (``score_columns``)."""
+    scores = scores.reshape(len(scores), -1)
+    if scores.shape[1] != len(columns):
+        raise PredictError(f"{scores.shape[1]} score(s) per row for the columns {columns}")
+    return {c: pa.array(scores[:, i].astype(np.float32)) for i, c in enumerate(columns)}
 
 
 def part_name(i: int) -> str:
@@ -121,6 +131,7 @@ def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str 
 
     keys = task_keys(shards, split)
     labels = cfg.features.label_names()
+    columns, outputs = score_columns(cfg), head_outputs(cfg)
     buf: dict[str, list] = {"task_key": [], "task_id": [], "row": [], "label": [], "score": []}
     new_rows = new_tasks = 0
 
@@ -130,7 +141,7 @@ def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str 
                               "task_id": pa.array(np.concatenate(buf["task_id"])),
                               "row": pa.array(np.concatenate(buf["row"]).astype(np.int32)),
                               **per_label("label", np.concatenate(buf["label"]), labels),
-                              **per_label("score", np.concatenate(buf["score"]), labels)})
+                              **scores_by_column(np.concatenate(buf["score"]), columns)})
             write_atomic(out / part_name(state["parts"]), lambda p: pq.write_table(table, p))
             state["parts"] += 1
             for v in buf.values():
@@ -143,7 +154,7 @@ def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str 
     with tqdm(total=reader.num_tasks, initial=state["tasks"], unit="tasks", desc="predict",
               disable=not progress) as bar:
         for batch in reader:
-            probs = predict_query(model, cfg, batch, steps)
+            probs = predict_query(model, cfg, batch, steps, outputs)
             q_counts = (batch.query_offsets[1:] - batch.query_offsets[:-1]).numpy()
             ids = batch.task_ids.numpy()
             buf["task_key"].append(np.repeat(np.array([keys[int(i)] for i in ids], dtype=object), q_counts))

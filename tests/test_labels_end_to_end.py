@@ -111,6 +111,10 @@ def test_multitask_model_trains_evaluates_per_label_and_predicts_a_score_per_lab
     pred = pq.read_table(tmp_path / "p").to_pandas().sort_values(["task_id", "row"]).reset_index(drop=True)
     assert {"score_label", "score_conversion", "label_label", "label_conversion"} <= set(pred.columns)
     assert "score" not in pred.columns
+    if arch == "esmm":  # pCVR = pCTCVR / pCTR, as raw-row scoring and the pyfunc model give it
+        np.testing.assert_allclose(pred["score_pcvr"], pred["score_conversion"] / pred["score_label"], rtol=1e-5)
+    else:
+        assert "score_pcvr" not in pred.columns
     ev = pd.DataFrame({"task_id": g, "score_label": s[:, 0], "score_conversion": s[:, 1], "y": y[:, 1]})
     ev["row"] = ev.groupby("task_id").cumcount()
     merged = pred.merge(ev, on=["task_id", "row"], suffixes=("", "_eval"))
