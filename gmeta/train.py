@@ -511,8 +511,7 @@ class TrainingRun:
         elif cfg.model.objective == "regression" and self.resume_from is None and mean is not None:
             # start the output at the mean label (e.g. a rating of 3.5, not 0): the first steps
             # then learn the features rather than the scale
-            with torch.no_grad():
-                self.model.module.head.init_output_bias(mean)  # (one mean per label with several)
+            self.model.module.head.init_output_bias(mean)  # (one mean per label with several)
         if self.resume_from is None:  # ids that map to their feature's default row (resumed: in the checkpoint)
             self.model.module.set_known_ids(known_ids(cfg))
         broadcast_params(dense_params)  # every rank starts from rank 0's dense weights
