@@ -20,7 +20,23 @@ FAST = ["train.epochs=1", "meta.tasks_per_batch=4", "eval.tasks_per_batch=8", "d
         "data.split.val_fraction=0.2", "train.val_max_tasks=16", "sweep.prune=false",
         # a small space, so that two trials differ in what matters
         "sweep.params=[{key: optim.dense_lr, low: 0.001, high: 0.01, log: true}, "
-        "{key: meta.inner_lr, low: 0.05, high: 0.5, log: true}]"]
+        "{key: meta.inner_lr, low: 0.05, high: 0.5, log: true}]",
+        # tables for this data's 150 movies and 33 users, not ML-1M's (up to 200k rows each, which
+        # every trial and seed would allocate, optimize and checkpoint)
+        *[f"features.sparse.{n}.num_embeddings=2048" for n in ("item_id", "year", "age", "zip3")]]
+
+
+@pytest.fixture
+def small_grids(monkeypatch):
+    """The K and rate grids cut to two points each, and two widenings at most (as in
+    tests/test_warmup.py): these tests are of the table, not of the grid (tests/test_finetune.py).
+    Every pair and K chosen from them is on the full grids or past their ends."""
+    from gmeta import finetune
+
+    monkeypatch.setattr(finetune, "FINE_TUNE_LRS", [(0.01, 0.05), (0.1, 0.5)])
+    monkeypatch.setattr(finetune, "RATE_SCALES", [0.5, 1.0])
+    monkeypatch.setattr(finetune, "STEPS", [1, 2])
+    monkeypatch.setattr(finetune, "WIDEN", 2)
 
 
 def _on_fine_tune_grid(pair: tuple[float, float], scale: float = 1.0) -> bool:
@@ -30,7 +46,7 @@ def _on_fine_tune_grid(pair: tuple[float, float], scale: float = 1.0) -> bool:
         not grid[0][0] <= pair[0] <= grid[-1][0] and pair[1] == pytest.approx(5 * pair[0]))
 
 
-def test_table_searches_every_row_alike_then_trains_and_scores_every_seed(tmp_path):
+def test_table_searches_every_row_alike_then_trains_and_scores_every_seed(tmp_path, small_grids):
     raw = write_ml100k(tmp_path / "ml-100k", make_data())
     variants = [BY_SLUG["erm"], BY_SLUG["erm_ft"], BY_SLUG["anil"]]
     results = cold_start.run([Dataset("tiny", ML_CONFIG, FAST, raw=raw, val_every_steps=2)], [0, 1],
@@ -70,7 +86,7 @@ def test_table_searches_every_row_alike_then_trains_and_scores_every_seed(tmp_pa
     assert f"| tiny | {variants[2].name} | 2 trials; K, rates on val" in table
 
 
-def test_rating_objective_rows_report_rmse_and_mae(tmp_path):
+def test_rating_objective_rows_report_rmse_and_mae(tmp_path, small_grids):
     raw = write_ml100k(tmp_path / "ml-100k", make_data())
     ds = Dataset("tiny (rating)", ML_CONFIG, ["features.label=rating", "model.objective=regression", *FAST],
                  raw=raw, val_every_steps=2)
@@ -84,7 +100,7 @@ def test_rating_objective_rows_report_rmse_and_mae(tmp_path):
     assert "| data set | model | search | RMSE | MAE |" in table and "| tiny (rating) | ERM | none | " in table
 
 
-def test_a_second_run_into_the_same_out_keeps_what_it_has_and_adds_rows(tmp_path, monkeypatch):
+def test_a_second_run_into_the_same_out_keeps_what_it_has_and_adds_rows(tmp_path, monkeypatch, small_grids):
     raw = write_ml100k(tmp_path / "ml-100k", make_data())
     ds = Dataset("tiny", ML_CONFIG, FAST, raw=raw, val_every_steps=2)
     out = tmp_path / "out"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gmeta.parallel.dist import free_port
+from tests.support.cli import run_gmeta
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "ads_cvr_debug.yaml"
@@ -79,9 +80,12 @@ def test_train_evaluate_predict_into_mlflow_server(tmp_path, mlflow_server, monk
 
     gmeta("train", "--config", str(CONFIG), "--nproc-per-node", "2", "--tracking-uri", uri,
           "train.output_dir=runs/maml", "tracking.system_metrics_s=1", cwd=tmp_path)
-    gmeta("train", "--config", str(CONFIG), "--nproc-per-node", "2", "--tracking-uri", uri,
-          "meta.algorithm=erm", "train.output_dir=runs/erm", "train.eval_at_end=false", "tracking.log_model=false",
-          cwd=tmp_path)
+    # the ERM baseline in one process, in this one (tests/support/cli.py): MAML's run above is
+    # what shows two ranks logging one run; this one is the baseline MAML must beat
+    erm = run_gmeta(["train", "--config", str(CONFIG), "--nproc-per-node", "1", "--tracking-uri", uri,
+                     "meta.algorithm=erm", "train.output_dir=runs/erm", "train.eval_at_end=false",
+                     "tracking.log_model=false"], cwd=tmp_path)
+    assert erm.returncode == 0, erm.stderr[-6000:]
     maml_ckpt, erm_ckpt = tmp_path / "runs/maml/checkpoint", tmp_path / "runs/erm/checkpoint"
     meta = json.loads((maml_ckpt / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["algorithm"] == "maml" and meta["step"] > 0

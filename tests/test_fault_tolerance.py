@@ -57,9 +57,19 @@ def _surviving_steps(record: Path) -> dict[int, dict[int, list[int]]]:
     return out
 
 
-def test_killed_ranks_resume_with_exactly_once_data_and_equal_parameters(debug_data, tmp_path):
+def test_killed_ranks_resume_with_exactly_once_data_and_equal_parameters(debug_data, tmp_path, monkeypatch):
+    from tests.support.multiprocess import run_gmeta_ranks
+
     extra = ["train.max_steps=26", "train.checkpoint_every_steps=4", "train.keep_checkpoints=2", "train.log_every=5"]
-    _torchrun(tmp_path / "whole", tmp_path / "rec-whole", debug_data["shards"], "", extra, 0)
+    # the uninterrupted run: the same two workers, recorded by the same harness, forked (its
+    # launch is not what is compared; the killed run below is torchrun's, with its restarts)
+    (tmp_path / "rec-whole").mkdir()
+    with monkeypatch.context() as m:
+        m.setenv("GMETA_TEST_RECORD", str(tmp_path / "rec-whole"))
+        run_gmeta_ranks(["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "2", "--resume", "auto",
+                         f"data.shards_dir={debug_data['shards']}", f"train.output_dir={tmp_path / 'whole'}",
+                         "tracking.enabled=false", "train.eval_at_end=false", *extra], 2, cwd=ROOT,
+                        harness="tests.support.fault_harness")
     whole = _surviving_steps(tmp_path / "rec-whole")
     assert sorted(whole) == list(range(1, 27))
 
@@ -243,32 +253,46 @@ def _assert_same_state(a: dict, b: dict) -> None:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=str(key))
 
 
+@pytest.fixture(scope="module")
+def written_2_table_wise(debug_data, tmp_path_factory) -> Path:
+    """A training checkpoint of 3 steps on 2 ranks, tables table-wise (``/ "a"``), and the
+    ranks' state dumped (``/ "written"``): written once for the tests below, which only read it."""
+    from tests.support.multiprocess import run_ranks
+
+    base = tmp_path_factory.mktemp("written_2_table_wise")
+    run_ranks(_train_save, 2, debug_data["shards"], "table_wise", base / "a", 3, None, base / "written")
+    return base
+
+
 @pytest.mark.parametrize("written, read", [((2, "table_wise"), (1, "table_wise")),
                                            ((1, "table_wise"), (2, "row_wise")),
                                            ((2, "table_wise"), (2, "row_wise"))])
-def test_training_checkpoint_reshards_across_world_sizes_and_plans(debug_data, tmp_path, written, read):
+def test_training_checkpoint_reshards_across_world_sizes_and_plans(debug_data, tmp_path, written, read, request):
     from tests.support.multiprocess import run_ranks
 
     shards = debug_data["shards"]
-    run_ranks(_train_save, written[0], shards, written[1], tmp_path / "a", 3, None, tmp_path / "written")
+    if written == (2, "table_wise"):
+        src = request.getfixturevalue("written_2_table_wise")
+    else:
+        src = tmp_path
+        run_ranks(_train_save, written[0], shards, written[1], src / "a", 3, None, src / "written")
     # loaded with another world size / plan and saved again without a step: same state
-    run_ranks(_train_save, read[0], shards, read[1], tmp_path / "b", 0, tmp_path / "a", tmp_path / "read")
-    _assert_same_state(_whole(tmp_path / "written", written[0]), _whole(tmp_path / "read", read[0]))
+    run_ranks(_train_save, read[0], shards, read[1], tmp_path / "b", 0, src / "a", tmp_path / "read")
+    _assert_same_state(_whole(src / "written", written[0]), _whole(tmp_path / "read", read[0]))
 
 
-def test_continuing_in_another_plan_equals_continuing_in_the_same(debug_data, tmp_path):
+def test_continuing_in_another_plan_equals_continuing_in_the_same(debug_data, tmp_path, written_2_table_wise):
     """Optimizer state carried over: one more step after loading a table-wise checkpoint
     row-wise gives the same tables as that step table-wise."""
     from tests.support.multiprocess import run_ranks
 
-    shards = debug_data["shards"]
-    run_ranks(_train_save, 2, shards, "table_wise", tmp_path / "a", 3, None, None)
-    run_ranks(_train_save, 2, shards, "table_wise", tmp_path / "tw", 2, tmp_path / "a", None)
-    run_ranks(_train_save, 2, shards, "row_wise", tmp_path / "rw", 2, tmp_path / "a", None)
+    shards, a = debug_data["shards"], written_2_table_wise / "a"
+    run_ranks(_train_save, 2, shards, "table_wise", tmp_path / "tw", 2, a, None)
+    run_ranks(_train_save, 2, shards, "row_wise", tmp_path / "rw", 2, a, None)
     tw, rw = load_unsharded(tmp_path / "tw")[0], load_unsharded(tmp_path / "rw")[0]
     for (name, x), (_, y) in zip(tw.state_dict().items(), rw.state_dict().items()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
-    base = load_unsharded(tmp_path / "a")[0]
+    base = load_unsharded(a)[0]
     assert not torch.equal(base.head.over_arch.mlp.layers[0].weight, tw.head.over_arch.mlp.layers[0].weight)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,19 +14,19 @@ import torch
 from gmeta.checkpoint import load_unsharded
 from tests.conftest import DEBUG_CONFIG
 from tests.support.cli import run_gmeta
+from tests.support.multiprocess import run_gmeta_ranks
 
 NEW_ADS = ["features.sparse.ad_id.min_count=2", "features.sparse.ad_id.holdout_share=0.2"]
 GENERATOR = ["generator.feature=ad_id", "generator.attributes=[advertiser_id]"]
 
 
-def _train(debug_data, out: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+def _train(debug_data, out: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess | None:
     argv = ["train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", str(nproc),
             f"data.shards_dir={debug_data['shards']}", f"train.output_dir={out}", *NEW_ADS, *args]
-    if nproc == 1:
-        proc = run_gmeta(argv, cwd=out.parent)
-    else:
-        proc = subprocess.run([sys.executable, "-m", "gmeta.cli", *argv], capture_output=True, text=True, timeout=900,
-                              cwd=out.parent)
+    if nproc > 1:  # the job's workers (what is checked is what they compute, not their launch)
+        run_gmeta_ranks(argv, nproc, cwd=out.parent)
+        return None
+    proc = run_gmeta(argv, cwd=out.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

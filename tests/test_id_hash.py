@@ -163,25 +163,31 @@ import json, sys
 import numpy as np, pandas as pd
 from gmeta import MetaLearner, task_batch
 from gmeta.serving import assign_roles
-ck, raw = sys.argv[1], sys.argv[2]
-learner = MetaLearner(checkpoint=ck)
-rows = pd.read_parquet(raw)
-rows = rows[rows["campaign_id"].isin(sorted(rows["campaign_id"].unique())[:30])]
-df = assign_roles(rows, learner.cfg)
-df = df[df["role"] != ""].sort_values(["campaign_id", "ts"], kind="stable")
-df["is_query"] = df["role"] == "query"
-batch = task_batch(df, task="campaign_id", query="is_query", label="label", sparse=learner.sparse_names,
-                   dense=learner.dense_names, features=learner.features, size_buckets=learner.cfg.meta.size_buckets)
-p = learner.predict(batch, steps=2)
-print(json.dumps({"id_hash": learner.id_hash, "index": df.index[df["is_query"]].tolist(), "p": p.tolist()}))
+raw, out = sys.argv[1], {}
+for ck in sys.argv[2:]:
+    learner = MetaLearner(checkpoint=ck)
+    rows = pd.read_parquet(raw)
+    rows = rows[rows["campaign_id"].isin(sorted(rows["campaign_id"].unique())[:30])]
+    df = assign_roles(rows, learner.cfg)
+    df = df[df["role"] != ""].sort_values(["campaign_id", "ts"], kind="stable")
+    df["is_query"] = df["role"] == "query"
+    batch = task_batch(df, task="campaign_id", query="is_query", label="label", sparse=learner.sparse_names,
+                       dense=learner.dense_names, features=learner.features,
+                       size_buckets=learner.cfg.meta.size_buckets)
+    p = learner.predict(batch, steps=2)
+    out[ck] = {"id_hash": learner.id_hash, "index": df.index[df["is_query"]].tolist(), "p": p.tolist()}
+print(json.dumps(out))
 """
 
 
-def _learner_scores(checkpoint: Path, raw: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(checkpoint), str(raw)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+def _learner_scores(raw: Path, *checkpoints: Path) -> list[dict]:
+    """MetaLearner's scores of the raw rows, per checkpoint, in one plain process of its own
+    (one interpreter's imports for all of them)."""
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(raw), *map(str, checkpoints)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [out[str(ck)] for ck in checkpoints]
 
 
 def _marked_old(checkpoint: Path, out: Path) -> Path:
@@ -206,8 +212,9 @@ def test_learner_scores_raw_rows_as_serving_and_predict_do(debug_checkpoint, deb
 
     old = _marked_old(debug_checkpoint, tmp_path / "old")
     scores = {}
+    learned = dict(zip(("new", "old"), _learner_scores(debug_data["raw"], debug_checkpoint, old)))
     for name, ck in (("new", debug_checkpoint), ("old", old)):
-        got = _learner_scores(ck, debug_data["raw"])
+        got = learned[name]
         model, cfg, meta = load_unsharded(ck)
         assert got["id_hash"] == meta.get("id_hash", 1) == {"new": 2, "old": 1}[name]
         rows = pd.read_parquet(debug_data["raw"])

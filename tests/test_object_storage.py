@@ -21,6 +21,7 @@ from gmeta.io.prepare import prepare
 from gmeta.io.reader import TaskReader, task_keys
 from gmeta.storage import StorageError, location
 from tests.conftest import DEBUG_CONFIG
+from tests.support.multiprocess import run_gmeta_ranks
 
 
 def _batches(shards, split="train", workers=0):
@@ -122,7 +123,8 @@ def test_prepare_train_evaluate_predict_end_to_end_in_s3(debug_data, tmp_path, s
     train = ["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "2", f"data.shards_dir={shards}",
              f"train.output_dir={run}", "data.split.val_fraction=0.1", "train.checkpoint_every_steps=4",
              "train.val_every_steps=4", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    _gmeta(*train, "train.max_steps=8")
+    # its workers forked from the fork server; the resume below is a real launch of `gmeta train`
+    run_gmeta_ranks([*train, "train.max_steps=8"], 2)
     stored = {str(p)[len(run) + 1:] for p in location(run).rglob("*") if p.is_file()}
     assert {"checkpoint/meta.json", "checkpoint/rank-1.json", "checkpoints/step-00000004/meta.json",
             "best/meta.json", "validation.jsonl", "learning_curves.png", "eval/eval_report.json"} <= stored

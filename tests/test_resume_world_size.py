@@ -5,9 +5,6 @@ the beginning of an unfinished one."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import gmeta.train as gtrain
@@ -15,21 +12,18 @@ from gmeta.config import load_config
 from gmeta.io.reader import TaskReader
 from tests.conftest import DEBUG_CONFIG
 from tests.support.cli import run_gmeta
+from tests.support.multiprocess import run_gmeta_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 # 64 tasks per batch: 5 steps per epoch in 2 processes, 10 in one
 COMMON = ["meta.tasks_per_batch=64", "tracking.enabled=false", "train.eval_at_end=false"]
 
 
-def _train(nproc: int, args: list[str], record: Path) -> None:
-    record.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "GMETA_TEST_RECORD": str(record), "OMP_NUM_THREADS": "1",
-           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "--module",
-           "tests.support.fault_harness", "train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", str(nproc),
-           *COMMON, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+def _train(nproc: int, args: list[str]) -> None:
+    """``gmeta train --nproc-per-node NPROC``'s workers (forked ranks: what they train is what
+    is checked here, not torchrun's launch)."""
+    run_gmeta_ranks(["train", "--config", DEBUG_CONFIG, "--nproc-per-node", str(nproc), *COMMON, *args], nproc,
+                    cwd=ROOT)
 
 
 def _train_here(args: list[str], monkeypatch) -> list[list[int]]:
@@ -66,7 +60,7 @@ def test_resume_in_another_world_size_goes_on_at_the_right_epoch(debug_data, tmp
     two = tmp_path / "two"
     # 2 processes, one epoch (5 steps): a mid-epoch checkpoint at step 4, the final one at the epoch's end
     _train(2, [f"data.shards_dir={shards}", f"train.output_dir={two}", "train.max_steps=5",
-               "train.checkpoint_every_steps=4"], tmp_path / "rec-two")
+               "train.checkpoint_every_steps=4"])
     assert json.loads((two / "checkpoint" / "meta.json").read_text())["epoch_done"] is True
 
     # from the end of epoch 0: one process goes on with epoch 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from gmeta.config import ConfigError, OptimConfig, load_config
 from gmeta.train import lr_factor
 from tests.conftest import DEBUG_CONFIG
 from tests.support.cli import run_gmeta
+from tests.support.multiprocess import run_gmeta_ranks
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +24,14 @@ def val_shards(debug_val_shards) -> Path:
     return debug_val_shards
 
 
-def _train(out: Path, shards: Path, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
+def _train(out: Path, shards: Path, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess | None:
     args = ["train", "--config", str(DEBUG_CONFIG), "--nproc-per-node", str(nproc), f"data.shards_dir={shards}",
             f"train.output_dir={out}", "train.eval_at_end=false", "tracking.enabled=false",
             "data.split.val_fraction=0.15", *extra]
-    if nproc == 1:
-        proc = run_gmeta(args, cwd=out.parent)
-    else:
-        proc = subprocess.run([sys.executable, "-m", "gmeta.cli", *args], capture_output=True, text=True, timeout=900,
-                              cwd=out.parent)
+    if nproc > 1:  # the job's workers (what is checked is what they compute, not their launch)
+        run_gmeta_ranks(args, nproc, cwd=out.parent)
+        return None
+    proc = run_gmeta(args, cwd=out.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

@@ -43,7 +43,8 @@ def _records(shards):
 
 def test_input_larger_than_cap_is_prepared_within_cap(debug_config_path, tmp_path):
     cfg_path = debug_config_path.parent / "ads_cvr.yaml"
-    cfg = load_config(cfg_path, ["synth.num_tasks=16000", "synth.rows_per_file=100000"])
+    # 12k tasks: about 75 MB decoded, the smallest input that stays well past 3x the cap
+    cfg = load_config(cfg_path, ["synth.num_tasks=12000", "synth.rows_per_file=100000"])
     generate(cfg, tmp_path / "gen")
     raw = tmp_path / "raw"
     raw.mkdir()

@@ -20,10 +20,10 @@ import numpy as np, torch
 from gmeta import MetaLearner
 from gmeta.io.reader import TaskReader
 cfg, shards, out = sys.argv[1], sys.argv[2], sys.argv[3]
-over = sys.argv[4:]
+variants = json.loads(sys.argv[4])  # name -> overrides
 batch = next(iter(TaskReader(shards, "train", 8, seed=0)))
 res = {}
-for name, extra in (("fp32", []), ("mixed", over)):
+for name, extra in variants.items():
     torch.manual_seed(0)
     learner = MetaLearner(cfg, [*extra, "meta.tasks_per_batch=8"])
     tables = {k: v for k, v in learner.model.state_dict().items() if k.startswith("sparse_arch.")}
@@ -44,16 +44,21 @@ print(json.dumps(res))
 """
 
 
-def _run(cfg, shards, out, overrides) -> dict:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(cfg), str(shards), str(out), *overrides], cwd=ROOT,
+@pytest.fixture(scope="module")
+def runs(debug_config_path, debug_data, tmp_path_factory) -> dict:
+    """fp32, fp16 tables and the bf16 head, each from the same seed, trained, saved and
+    reloaded in one plain process (one interpreter's imports, fp32 trained once for both
+    comparisons): name -> what SCRIPT measured."""
+    variants = {"fp32": [], "fp16": ["model.embedding_dtype=fp16"], "bf16": ["model.dense_autocast=bf16"]}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(debug_config_path), str(debug_data["shards"]),
+                           str(tmp_path_factory.mktemp("precision")), json.dumps(variants)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_fp16_tables_train_and_reload(debug_config_path, debug_data, tmp_path):
-    res = _run(debug_config_path, debug_data["shards"], tmp_path, ["model.embedding_dtype=fp16"])
-    fp32, fp16 = res["fp32"], res["mixed"]
+def test_fp16_tables_train_and_reload(runs):
+    fp32, fp16 = runs["fp32"], runs["fp16"]
     assert fp32["dtype"] == "torch.float32" and fp16["dtype"] == "torch.float16"
     assert fp16["moved"] > 0 and fp16["last"] < fp16["first"]  # the fused update writes fp16 rows
     assert fp16["reloaded_same"]
@@ -61,9 +66,8 @@ def test_fp16_tables_train_and_reload(debug_config_path, debug_data, tmp_path):
     assert abs(fp16["loss0"] - fp32["loss0"]) < 5e-3
 
 
-def test_bf16_dense_head_trains_close_to_fp32(debug_config_path, debug_data, tmp_path):
-    res = _run(debug_config_path, debug_data["shards"], tmp_path, ["model.dense_autocast=bf16"])
-    fp32, bf16 = res["fp32"], res["mixed"]
+def test_bf16_dense_head_trains_close_to_fp32(runs):
+    fp32, bf16 = runs["fp32"], runs["bf16"]
     assert bf16["dtype"] == "torch.float32"
     assert bf16["loss0"] != fp32["loss0"]  # the products ran in bfloat16 ...
     assert abs(bf16["loss0"] - fp32["loss0"]) < 2e-2  # ... close to fp32

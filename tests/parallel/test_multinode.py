@@ -1,5 +1,5 @@
 """``gmeta train --nnodes 2``: two launches on localhost (one process each) meeting at a c10d
-rendezvous train the same parameters as one launch of two processes."""
+rendezvous train the same parameters as one job of two processes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from gmeta.checkpoint import load_unsharded
 from gmeta.parallel.dist import free_port
+from tests.support.cli import run_gmeta
 
 ROOT = Path(__file__).resolve().parents[2]
 DEBUG_CONFIG = ROOT / "configs" / "ads_cvr_debug.yaml"
@@ -23,10 +24,12 @@ def _train_args(shards, out) -> list[str]:
 
 
 def test_two_nodes_of_one_process_equal_one_node_of_two(debug_data, tmp_path):
+    from tests.support.multiprocess import run_gmeta_ranks
+
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    one = subprocess.run(_train_args(debug_data["shards"], tmp_path / "one") + ["--nproc-per-node", "2"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
+    # the job of two processes on one node: its two workers, forked from the tests' fork server
+    # (a third launch and two more interpreters would show nothing the two nodes' launches do not)
+    run_gmeta_ranks(_train_args(debug_data["shards"], tmp_path / "one")[3:] + ["--nproc-per-node", "2"], cwd=ROOT)
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [subprocess.Popen(_train_args(debug_data["shards"], tmp_path / "two")
                               + ["--nproc-per-node", "1", "--nnodes", "2", "--node-rank", str(r),
@@ -45,9 +48,9 @@ def test_two_nodes_of_one_process_equal_one_node_of_two(debug_data, tmp_path):
 
 
 def test_multi_node_flags_are_checked(tmp_path):
-    base = [sys.executable, "-m", "gmeta.cli", "train", "--config", str(DEBUG_CONFIG)]
-    p = subprocess.run(base + ["--nnodes", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # refused before anything is launched: the command line in this process (tests/support/cli.py)
+    base = ["train", "--config", str(DEBUG_CONFIG)]
+    p = run_gmeta(base + ["--nnodes", "2"], cwd=ROOT)
     assert p.returncode == 2 and "--rdzv-endpoint host:port" in p.stderr
-    p = subprocess.run(base + ["--nnodes", "2", "--node-rank", "2"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    p = run_gmeta(base + ["--nnodes", "2", "--node-rank", "2"], cwd=ROOT)
     assert p.returncode == 2 and "--node-rank must be in 0..1" in p.stderr

@@ -4,8 +4,6 @@ cluster, and ``auto`` never choosing a data-parallel table."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -38,8 +36,7 @@ def test_plan_for_two_nodes_of_eight_gpus(debug_config_path, tmp_path):
 
 
 def test_plan_rejects_a_world_that_is_not_whole_nodes(debug_config_path, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "gmeta.cli", "plan", "--config", str(debug_config_path), "--world-size",
-                        "6", "--local-world-size", "4"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    p = run_gmeta(["plan", "--config", debug_config_path, "--world-size", "6", "--local-world-size", "4"], cwd=tmp_path)
     assert p.returncode == 2 and "--world-size (6) must be a positive multiple of --local-world-size (4)" in p.stderr
 
 

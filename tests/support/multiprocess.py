@@ -47,3 +47,33 @@ def run_ranks(fn, world_size: int, *args) -> None:
     multiprocessing.set_forkserver_preload(PRELOAD)  # (read when the server starts: the first call)
     mp.start_processes(_entry, args=(world_size, free_port(), fn, args, dict(os.environ), os.getcwd()),
                        nprocs=world_size, join=True, start_method="forkserver")
+
+
+def _gmeta_worker(rank: int, world_size: int, argv: list[str], harness: str) -> None:
+    """What each of torchrun's workers runs for ``gmeta ARGV``: the command line, on a rank
+    of the process group already made (under it, gmeta.cli goes straight to the work)."""
+    import importlib
+
+    from gmeta.cli import main
+
+    os.environ["LOCAL_WORLD_SIZE"] = str(world_size)  # as torchrun sets it: the cores are shared (threads)
+    if harness:
+        importlib.import_module(harness)
+    rc = main(argv)
+    assert rc == 0, f"rank {rank}: `gmeta {' '.join(argv)}` exited with {rc} (its message is above)"
+
+
+def run_gmeta_ranks(argv: list, nproc: int = 2, cwd: str | os.PathLike | None = None, harness: str = "") -> None:
+    """``gmeta train --nproc-per-node NPROC ...``'s workers, forked from the fork server, in
+    ``cwd``: the job as torchrun runs it, without the launcher and NPROC interpreters' imports
+    (seconds each). For a test of what the job computes, not of launching it (signals,
+    restarts, the launcher's messages: a real ``gmeta`` process). ``harness``: a module each
+    rank imports first, as ``torchrun --module`` would run it (tests.support.fault_harness,
+    which records every step; its settings from the environment of this call)."""
+    saved = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        run_ranks(_gmeta_worker, nproc, [str(a) for a in argv], harness)
+    finally:
+        os.chdir(saved)
