@@ -324,6 +324,12 @@ class DataConfig:
     prefetch_factor: int = 4
     shuffle_buffer: int = 1024
     on_bad_task: Literal["error", "skip"] = "error"
+    # training: how the epoch's tasks reach the ranks. "static": an equal, fixed share per
+    # rank (reproducible; the slowest rank sets the pace, and a resume at another world
+    # size starts the epoch again). "dynamic": units handed out as work from a queue on the
+    # job's store, taken by each rank as it consumes them; no task left out, and a resume
+    # (at any world size) trains only the epoch's tasks no checkpointed step trained.
+    sharding: Literal["static", "dynamic"] = "static"
     # prepare warns when more than this share of a sparse feature's rows have an id that
     # shares its table row with another raw id (raise that feature's num_embeddings).
     collision_warn_share: float = 0.05
@@ -479,6 +485,15 @@ class TrainConfig:
     eval_at_end: bool = True
     # Start the id all-to-all of the next meta-batch before this one computes.
     pipeline: bool = True
+    # Per-rank meta-batch sizes that follow each rank's speed (needs data.sharding: dynamic;
+    # several ranks). The global batch stays meta.tasks_per_batch x ranks; every
+    # adaptive_batch_every steps the ranks share their measured meta-step time per task
+    # (one all-gather), smoothed, and each takes a share of the global batch in proportion
+    # to its speed, at least adaptive_batch_min_share of an equal share. A step is the same
+    # training whatever the shares (each rank's loss weighs by its share of the global count).
+    adaptive_batch: bool = False
+    adaptive_batch_every: int = 10
+    adaptive_batch_min_share: float = 0.25
     # Training checkpoints under <output_dir>/checkpoints every N steps and/or M minutes
     # (0: off; the minutes trigger is checked at log steps), keeping the newest K.
     checkpoint_every_steps: int = 0
@@ -756,6 +771,10 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.prepare_memory_mb >= 1, "data.prepare_memory_mb", "must be >= 1")
     _check(cfg.data.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
     _check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    _check(not cfg.train.adaptive_batch or cfg.data.sharding == "dynamic", "train.adaptive_batch",
+           "needs data.sharding: dynamic (with static shares a faster rank would run out of data first)")
+    _check(cfg.train.adaptive_batch_every >= 1, "train.adaptive_batch_every", "must be >= 1")
+    _check(0 < cfg.train.adaptive_batch_min_share <= 1, "train.adaptive_batch_min_share", "must be in (0, 1]")
 
     m = cfg.model
     _check(m.embedding_dim >= 1, "model.embedding_dim", "must be >= 1")

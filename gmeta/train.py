@@ -27,8 +27,10 @@ import signal
 import threading
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +38,7 @@ from torch.autograd.profiler import record_function
 
 from gmeta import checkpoint
 from gmeta.config import Config, ConfigError, OptimConfig, dump_yaml, flatten, to_dict
+from gmeta.io.dynamic import DynamicTaskReader, SizeSchedule, new_nonce
 from gmeta.io.features import id_hash_of
 from gmeta.io.id_counts import known_ids
 from gmeta.io.manifest import check_manifest_matches, check_same_shards, load_manifest, shards_record
@@ -47,6 +50,7 @@ from gmeta.meta.layout import layout_of
 from gmeta.metrics import HIGHER_IS_BETTER
 from gmeta.models.dlrm import build_model, dense_autocast
 from gmeta.models.managed import training_metrics
+from gmeta.parallel.adaptive import AdaptiveBatch
 from gmeta.parallel.dist import DenseGradSync, broadcast_params, configure_threads, init_distributed
 from gmeta.parallel.pipeline import SparseDistPipeline
 from gmeta.parallel.sharding import shard_model
@@ -93,22 +97,37 @@ def generator_step(inner, rows: torch.Tensor, batch, layout, cfg: Config) -> Met
 
 class _Fetcher:
     """Takes batches from the reader, timing how long the loop waits for them, and keeps
-    the reader's position after each batch taken until that batch is trained."""
+    each batch's reader token until that batch is trained (``trained`` commits it).
 
-    def __init__(self, device: torch.device | None) -> None:
+    ``pad``: under dynamic sharding with several ranks, a rank whose reader has run dry
+    gets pad batches (``pad_batch``: one task, no ids, weighed 0) while other ranks still
+    train; ``run_steps`` ends the epoch at the first step no rank had a real batch for."""
+
+    def __init__(self, device: torch.device | None, pad: bool = False) -> None:
         self.device = device  # None: batches stay on the host (the pipeline copies them)
+        self.pad = pad
         self.since = 0.0  # waited since the last log step
         self.total = 0.0  # waited in all
         self.first_total = 0.0  # waited for each epoch's first batch (reader workers starting)
-        self.positions: deque[dict] = deque()
+        self.tokens: deque[object] = deque()  # per fetched batch not yet trained; None for a pad
 
-    def new_epoch(self, reader: TaskReader) -> None:
+    def new_epoch(self, reader) -> None:
         self.reader, self.batches, self.first = reader, iter(reader), True
-        self.positions.clear()
+        self.tokens.clear()
 
-    def trained(self) -> dict:
-        """Reader position just after the batch that was trained last (fetch order)."""
-        return self.positions.popleft()
+    def oldest_is_pad(self) -> bool:
+        """Whether the oldest batch not yet trained (the one a step runs on) is a pad."""
+        return self.tokens[0] is None
+
+    def trained(self) -> None:
+        """The oldest batch fetched and not yet trained is trained: the reader records it."""
+        token = self.tokens.popleft()
+        if token is not None:
+            self.reader.commit(token)
+
+    def dropped(self) -> None:
+        """The oldest batch fetched was not trained (a pad step of no rank's data)."""
+        self.tokens.popleft()
 
     def __call__(self) -> TaskBatch | None:
         t = time.perf_counter()
@@ -121,8 +140,12 @@ class _Fetcher:
             self.first_total += waited
             self.first = False
         if batch is None:
-            return None
-        self.positions.append(self.reader.state_dict())
+            if not self.pad:
+                return None
+            batch = self.reader.pad_batch()
+            self.tokens.append(None)
+        else:
+            self.tokens.append(self.reader.take())
         return batch if self.device is None else batch.to(self.device, non_blocking=True)
 
 
@@ -177,32 +200,49 @@ class StopRequest:
             raise KeyboardInterrupt
 
 
-def agree_across_ranks(loss: torch.Tensor, terms: list[tuple[torch.Tensor, int]], stop: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+@dataclass
+class Agreed:
+    """What the step's one all-reduce decided (see ``agree_across_ranks``)."""
+
+    finite: torch.Tensor  # bool: the loss is finite on every rank, and some rank had data
+    loss: torch.Tensor | None  # the global loss (None in one process)
+    stop: torch.Tensor | None  # bool: some rank was asked to stop
+    real: torch.Tensor | None  # bool: some rank had a real (not pad) batch
+    counts: torch.Tensor | None  # the step's [tasks, rows] over all ranks
+
+
+def agree_across_ranks(loss: torch.Tensor, terms: list[tuple[torch.Tensor, int]], stop: bool = False,
+                       tasks: int = 0, rows: int = 0, pad: bool = False) -> Agreed:
     """One tiny all-reduce per step, never read back here (a host read would stall the GPU
     every step). ``terms``: what ``loss`` is the sum of, each a mean over ``count`` local
-    units (``MetaOutput.terms``: tasks, rows); ``stop``: whether this rank was asked to stop.
-    Returns (finite, global loss, stop): whether the loss is finite on every rank, a bool
+    units (``MetaOutput.terms``: tasks, rows); ``stop``: whether this rank was asked to stop;
+    ``tasks``, ``rows``: this rank's batch; ``pad``: this rank's batch is a pad (its terms count 0).
+    Agreed: whether the loss is finite on every rank and some rank had a real batch, a bool
     tensor on the loss's device; the sum of the terms, each times this rank's share of its
-    global count, ``count * world / global count``; and whether any rank was asked to stop,
-    a bool device tensor (both None in one process). Gradients are then averaged over ranks
-    as usual, and the step equals one process on the whole global batch even when ranks hold
-    different numbers of rows (ERM) or tasks (MAML's last batch of an epoch)."""
+    global count, ``count * world / global count``; whether any rank was asked to stop and
+    whether any had a real batch (bool device tensors), and the step's tasks and rows on all
+    ranks (all None in one process). Gradients are then averaged over ranks as usual, and the step
+    equals one process on the whole global batch even when ranks hold different numbers of
+    rows (ERM) or tasks (dynamic sharding, adaptive batches), or none (a pad)."""
     finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return finite[0] > 0, None, None
+        return Agreed(finite[0] > 0, None, None, None, None)
     world = dist.get_world_size()
-    # the counts and the stop flag are host numbers: filled in on the device (a scalar
-    # argument of a fill kernel), not copied from a Python list (a pageable copy, which
-    # synchronises the stream)
-    both = torch.cat([finite, finite.new_full((1,), float(stop)),
-                      *(finite.new_full((1,), float(c)) for _, c in terms)])
-    dist.all_reduce(both)  # [ranks with a finite loss, ranks asked to stop, global count of each term]
+    counts = [0 if pad else c for _, c in terms]
+    # the counts and flags are host numbers: filled in on the device (a scalar argument of a
+    # fill kernel), not copied from a Python list (a pageable copy, which synchronises the stream)
+    flags = (stop, not pad, 0 if pad else tasks, 0 if pad else rows)
+    both = torch.cat([finite, *(finite.new_full((1,), float(v)) for v in flags),
+                      *(finite.new_full((1,), float(c)) for c in counts)])
+    dist.all_reduce(both)  # [finite ranks, asked to stop, with data, tasks, rows, global count of each term]
     total = None
-    for i, (t, c) in enumerate(terms):
-        part = t * (both[2 + i].reciprocal() * float(c * world))
+    for i, ((t, _), c) in enumerate(zip(terms, counts)):
+        if pad:  # exactly 0, whatever the pad's loss
+            t = torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+        part = t * (both[5 + i].clamp_min(1).reciprocal() * float(c * world))
         total = part if total is None else total + part
-    return both[0] > world - 0.5, total, both[1] > 0.5
+    real = both[2] > 0.5
+    return Agreed((both[0] > world - 0.5) & real, total, both[1] > 0.5, real, both[3:5])
 
 
 def _supports_skip(opt: torch.optim.Optimizer) -> bool:
@@ -221,7 +261,7 @@ def tables_skip_on_device(cfg: Config) -> bool:
 
 def train_step(model, batch, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.optim.Optimizer,
                rows: torch.Tensor | None = None, times: StepTimes | None = None,
-               stop: StopRequest | None = None) -> MetaOutput:
+               stop: StopRequest | None = None, pad: bool = False, clock=None) -> MetaOutput:
     """One optimizer step on one meta-batch: forward, ONE backward (dense all-reduces start
     from its gradient hooks), wait for them, step.
 
@@ -233,19 +273,25 @@ def train_step(model, batch, cfg: Config, grad_sync: DenseGradSync, dense_opt: t
     that flag, a device tensor the training loop reads on log steps. With table weight decay,
     Adam tables or a dense optimizer that is not fused the flag is read at once instead (one
     host sync per step) and backward is not run. ``stop``: this rank's Ctrl-C, agreed with
-    the other ranks in the same all-reduce (``stop.agreed``)."""
+    the other ranks in the same all-reduce (``stop.agreed``). ``pad``: the batch is a pad
+    (dynamic sharding, a rank with no data left): it weighs 0, and a step no rank had data
+    for changes nothing (``out.real`` says so). ``clock``: a context timing the meta-step's
+    local compute (``gmeta.parallel.adaptive``)."""
     inner = model.module if hasattr(model, "module") else model
     if rows is None:
         with record_function("## lookup ##"):
             rows = inner.lookup(layout_of(batch, inner.pooling, cfg.meta.size_buckets, inner.cell_widths))
-    out = meta_step(model, batch, cfg, rows)
-    finite, global_loss, agreed = agree_across_ranks(out.loss, out.terms or [(out.loss, batch.num_tasks)],
-                                                     stop is not None and stop.requested)
+    with clock if clock is not None else nullcontext():
+        out = meta_step(model, batch, cfg, rows)
+    agreed = agree_across_ranks(out.loss, out.terms or [(out.loss, batch.num_tasks)],
+                                stop is not None and stop.requested, batch.num_tasks, batch.num_rows, pad)
+    finite = agreed.finite
     if stop is not None:
-        stop.agreed = agreed
-    if global_loss is not None:
-        out.loss = global_loss
+        stop.agreed = agreed.stop
+    if agreed.loss is not None:
+        out.loss = agreed.loss
     out.skipped = ~finite
+    out.real, out.global_counts = agreed.real, agreed.counts
     if not (_supports_skip(dense_opt) and tables_skip_on_device(cfg)):
         if not bool(finite):  # sync point: every rank reads the same agreed flag, none runs backward
             return out
@@ -311,10 +357,10 @@ class StepTimes:
 
 def run_steps(model, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.optim.Optimizer, fetch,
               max_steps: int, pipe: SparseDistPipeline | None, times: StepTimes | None = None,
-              stop: StopRequest | None = None):
+              stop: StopRequest | None = None, clock=None):
     """Train on batches from ``fetch()`` (None: no more) for at most ``max_steps`` steps,
     yielding (batch, output) after each. With ``pipe``, batch i+1 is fetched and its id
-    all-to-all started before batch i computes. ``stop``: see ``train_step``."""
+    all-to-all started before batch i computes. ``stop``, ``clock``: see ``train_step``."""
     times = times if times is not None else StepTimes()
     inner = model.module if hasattr(model, "module") else model
     pending = None  # the next batch (with the pipeline: its id all-to-all in flight)
@@ -340,10 +386,18 @@ def run_steps(model, cfg: Config, grad_sync: DenseGradSync, dense_opt: torch.opt
                 batch = current
                 rows = inner.lookup(layout_of(batch, inner.pooling, cfg.meta.size_buckets, inner.cell_widths))
         times.comm += time.perf_counter() - t0
-        out = train_step(model, batch, cfg, grad_sync, dense_opt, rows=rows, times=times, stop=stop)
+        pad = getattr(fetch, "pad", False) and fetch.oldest_is_pad()
+        out = train_step(model, batch, cfg, grad_sync, dense_opt, rows=rows, times=times, stop=stop, pad=pad,
+                         clock=None if pad else clock)
         if pipe and pending is not None:  # this step is queued: collect the next batch's ids meanwhile
             pipe.wait_ids(pending)
         times.step += time.perf_counter() - t0
+        # A rank out of data reads whether any rank still had some (a host read, at the
+        # epoch's end only); when none had, every rank is here, the step changed nothing
+        # (``train_step``) and the epoch ends on every rank alike.
+        if pad and out.real is not None and not bool(out.real):
+            fetch.dropped()
+            return
         done += 1
         yield batch, out
 
@@ -494,11 +548,20 @@ class TrainingRun:
                               allow=allow_other_shards, doing="resuming training on", quiet=not env.is_main)
         # the reader first: a split too small for this many ranks is an error before the model is built
         d = cfg.data
-        self.reader = TaskReader(d.shards_dir, "train", cfg.meta.tasks_per_batch, rank=env.rank,
-                                 world_size=env.world_size, num_workers=d.num_workers, seed=cfg.train.seed,
-                                 shuffle_buffer=d.shuffle_buffer, prefetch_factor=d.prefetch_factor,
-                                 pin_memory=env.device.type == "cuda", on_bad_task=d.on_bad_task,
-                                 size_buckets=cfg.meta.size_buckets)
+        how: dict[str, Any] = dict(
+            rank=env.rank, world_size=env.world_size, num_workers=d.num_workers, seed=cfg.train.seed,
+            shuffle_buffer=d.shuffle_buffer, prefetch_factor=d.prefetch_factor, pin_memory=env.device.type == "cuda",
+            on_bad_task=d.on_bad_task, size_buckets=cfg.meta.size_buckets)
+        self.reader = DynamicTaskReader(d.shards_dir, "train", cfg.meta.tasks_per_batch, nonce=new_nonce(), **how) \
+            if d.sharding == "dynamic" else TaskReader(d.shards_dir, "train", cfg.meta.tasks_per_batch, **how)
+        self.adaptive: AdaptiveBatch | None = None
+        if cfg.train.adaptive_batch and env.world_size > 1:
+            assert isinstance(self.reader, DynamicTaskReader)  # (config validation: data.sharding=dynamic)
+            # a new split takes effect after the batches in flight (workers' prefetch, the pipeline's one)
+            lag = max(1, d.num_workers) * d.prefetch_factor + 2
+            self.reader.sizes = SizeSchedule(cfg.meta.tasks_per_batch, lag)
+            self.adaptive = AdaptiveBatch(self.reader.sizes, cfg.meta.tasks_per_batch, cfg.train.adaptive_batch_every,
+                                          cfg.train.adaptive_batch_min_share, env.device)
         self.model = shard_model(build_model(cfg, device=torch.device("meta")), cfg, env.device)
         dense_params = self.model.module.dense_parameters()
         mean = self.manifest["splits"]["train"].get("label_mean")
@@ -546,12 +609,20 @@ class TrainingRun:
         self.tracker_uri = resolve_tracking_uri(cfg.tracking.uri, tracking_uri)
         self.tracker = NullTracker()
         self.tracker_box = tracker_box
-        self.position = self.reader.state_dict()
         self.last_ckpt: Path | None = self.resume_from
         self.last: dict[str, float] = {}
         # non-finite steps since the last check, counted on the device (see check_nonfinite)
         self.bad = torch.zeros((), device=env.device)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=env.device)
+
+    @property
+    def step_limit(self) -> int:
+        """The step training ends at: ``total_steps``, except under dynamic sharding, where
+        ranks make as many steps as the epochs' data gives (``total_steps`` is an estimate)
+        unless train.max_steps (or an early stop) ends training first."""
+        if self.reader.sharding == "static" or self.stopped_early:
+            return self.total_steps
+        return self.t.max_steps or (1 << 62)
 
     # ---------------------------------------------------------------- resume
     def resume(self) -> None:
@@ -569,19 +640,34 @@ class TrainingRun:
         if val.get("stopped_early"):  # it had ended: nothing more to train
             self.stopped_early, self.total_steps = True, self.step
         self.run_id = meta.get("mlflow_run_id", "")
+        queue = meta.get("data_queue")
+        dynamic = isinstance(self.reader, DynamicTaskReader)
         if own is not None:
-            self.reader.load_state_dict(own["reader"])
             checkpoint.set_rng_state(own["rng"])
+        if isinstance(self.reader, DynamicTaskReader) and queue is not None:
+            # at any world size: the epoch's tasks no saved step trained
+            self.reader.load_queue_state(queue)
+            done = int(queue["trained_tasks"]) >= int(queue["epoch_tasks"])
+            self.start_epoch = self.reader.epoch + (1 if done else 0)
+            if env.is_main:
+                log.info("data queue of epoch %d: %d of %d tasks trained, the %s handed out%s", self.reader.epoch,
+                         queue["trained_tasks"], queue["epoch_tasks"], "rest" if not done else "next epoch",
+                         f" (saved by {meta.get('world_size')} processes, now {env.world_size})"
+                         if meta.get("world_size") != env.world_size else "")
+        elif not dynamic and own is not None and own["reader"].get("sharding", "static") == "static":
+            self.reader.load_state_dict(own["reader"])
             self.start_epoch = self.reader.epoch
-        else:  # reader positions are per rank: they do not carry over to another world size
+        else:  # static positions are per rank: they do not carry over to another world size
             # a finished epoch goes on with the next; an unfinished one starts again from its
             # beginning (its tasks already trained are trained again, none is left out)
             self.start_epoch = int(meta["epoch"]) + (1 if meta.get("epoch_done") else 0)
-            log.warning("resuming a checkpoint of %s processes in %d: model and optimizer state resharded; "
-                        "the data position restarts at the beginning of epoch %d (%s)", meta.get("world_size"),
-                        env.world_size, self.start_epoch,
-                        "the next one" if meta.get("epoch_done") else "the unfinished one, again from its start")
-        self.position = self.reader.state_dict()
+            why = (f"{meta.get('world_size')} processes in {env.world_size}" if own is None
+                   else f"data.sharding {'dynamic' if queue is not None else 'static'} with data.sharding "
+                        f"{self.reader.sharding}")
+            log.warning("resuming a checkpoint of %s: the data position restarts at the beginning of epoch %d (%s)%s",
+                        why, self.start_epoch,
+                        "the next one" if meta.get("epoch_done") else "the unfinished one, again from its start",
+                        "" if dynamic else "; data.sharding=dynamic resumes mid-epoch at any world size")
         if env.is_main:
             log.info("resumed from %s at step %d (epoch %d)", self.resume_from, self.step, self.start_epoch)
 
@@ -610,8 +696,19 @@ class TrainingRun:
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, path: Path, weights_only: bool = False) -> Path:
-        env, pos = self.env, self.position
-        meta = {"step": self.step, "epoch": pos["epoch"], "epoch_done": pos["steps_done"] >= len(self.reader),
+        env, reader = self.env, self.reader
+        if hasattr(self, "counts"):  # (the loop has started)
+            self.take_counts(self.since)
+        queue = None
+        if isinstance(reader, DynamicTaskReader):
+            pos = reader.state_dict()
+            if not weights_only:  # collective: every rank's trained tasks
+                queue = reader.queue_state()
+            done = queue is not None and int(queue["trained_tasks"]) >= int(queue["epoch_tasks"])
+        else:
+            pos = reader.committed
+            done = pos["steps_done"] >= len(reader)
+        meta = {"step": self.step, "epoch": pos["epoch"], "epoch_done": done, "data_queue": queue,
                 "tasks_total": self.tasks_total, "skipped_nonfinite_steps": self.skipped_nonfinite,
                 "algorithm": self.cfg.meta.algorithm, "mlflow_run_id": self.tracker.run_id if env.is_main else "",
                 "tracking_uri": self.tracker.uri if env.is_main else "",
@@ -681,6 +778,7 @@ class TrainingRun:
         """Log step: losses and rates averaged over ranks, to MLflow and the log. Returns
         whether a timed checkpoint is due (rank 0's clock decides for all)."""
         env, t, fetch = self.env, self.t, self.fetch
+        self.take_counts(since)
         dt = time.perf_counter() - since["t"]
         due = env.is_main and t.checkpoint_every_minutes > 0 and \
             time.perf_counter() - ckpt_clock >= 60 * t.checkpoint_every_minutes
@@ -695,6 +793,9 @@ class TrainingRun:
                      "train/skipped_nonfinite_steps": float(self.skipped_nonfinite),
                      "train/tasks_left_out": float(self.reader.dropped_tasks),  # this epoch's, all ranks'
                      "train/comm_wait_share": s.comm_wait_share, "train/epoch": float(epoch)}
+        if self.adaptive is not None:  # this split of the global batch among ranks
+            self.last.update({"train/rank_tasks_min": float(min(self.adaptive.sizes)),
+                              "train/rank_tasks_max": float(max(self.adaptive.sizes))})
         if out.extra:  # the same names on every rank (they come from the config): one more all-reduce
             extra = torch.stack([v.detach().float().reshape(()) for v in out.extra.values()])
             dist.all_reduce(extra)
@@ -723,12 +824,17 @@ class TrainingRun:
     # ---------------------------------------------------------------- the loop
     def loop(self) -> None:
         env, t = self.env, self.t
-        self.fetch = _Fetcher(None if t.pipeline else env.device)  # the pipeline copies on its own stream
+        # the pipeline copies on its own stream; pads: see _Fetcher
+        self.fetch = _Fetcher(None if t.pipeline else env.device,
+                              pad=self.reader.sharding == "dynamic" and env.world_size > 1)
         self.pipe = SparseDistPipeline(self.model.module, self.cfg.meta.size_buckets, env.device) \
             if t.pipeline else None
         self.times = StepTimes()
         self.tasks_run = 0
-        since = {"t": time.perf_counter(), "tasks": 0, "rows": 0}
+        self.since = since = {"t": time.perf_counter(), "tasks": 0, "rows": 0}
+        self.counts = torch.zeros(2, dtype=torch.float64, device=env.device)  # [tasks, rows] not yet taken
+        self.last_out: MetaOutput | None = None
+        self.logged, self.validated = False, -1
         ckpt_clock = self.t_loop = time.perf_counter()
         stop, agreed_stop = StopRequest(), _AgreedStop(env.device)
         stop.install()  # before the reader's workers are forked: they inherit it
@@ -740,7 +846,7 @@ class TrainingRun:
     def _loop(self, stop: StopRequest, agreed_stop: _AgreedStop, since: dict, ckpt_clock: float) -> None:
         env, t, fetch, pipe = self.env, self.t, self.fetch, self.pipe
         for epoch in range(self.start_epoch, self.epochs):
-            if self.step >= self.total_steps:
+            if self.step >= self.step_limit:
                 break
             self.reader.set_epoch(epoch)
             fetch.new_epoch(self.reader)
@@ -751,21 +857,27 @@ class TrainingRun:
                          else f"meta-training ({self.cfg.meta.algorithm})")
             if self.schedule is not None:
                 self.schedule.apply(self.step)
+            adaptive = self.adaptive
+            epoch_step = 0
             for batch, out in run_steps(self.model, stage, self.grad_sync, self.dense_opt, fetch,
-                                        self.total_steps - self.step, pipe, self.times, stop):
+                                        self.step_limit - self.step, pipe, self.times, stop,
+                                        adaptive.timer if adaptive is not None else None):
                 self.step += 1
+                epoch_step += 1
                 if self.schedule is not None:  # the rate of the next step
                     self.schedule.apply(self.step)
-                self.position = fetch.trained()
+                if adaptive is not None:  # (collective every few steps)
+                    adaptive.after_step(epoch_step, 0 if fetch.oldest_is_pad() else batch.num_tasks, self.step)
+                fetch.trained()
                 self.bad.add_(out.skipped.to(self.bad.dtype))  # read on log and checkpoint steps
                 self.first_bad = torch.where(out.skipped & (self.first_bad < 0),
                                              torch.full_like(self.first_bad, self.step), self.first_bad)
-                tasks = batch.num_tasks * env.world_size
-                self.tasks_run += tasks
-                self.tasks_total += tasks
-                since["tasks"] += tasks
-                since["rows"] += batch.num_rows * env.world_size
-                last = self.step == self.total_steps
+                if out.global_counts is not None:  # several ranks: what the step's all-reduce summed
+                    self.counts += out.global_counts
+                else:
+                    self.counts += self.counts.new_tensor([batch.num_tasks, batch.num_rows])
+                last = self.step == self.step_limit
+                self.last_out, self.logged = out, last
                 want_ckpt = bool(t.checkpoint_every_steps) and self.step % t.checkpoint_every_steps == 0
                 if want_ckpt or self.step % t.log_every == 0 or last:
                     self.check_nonfinite()
@@ -773,6 +885,7 @@ class TrainingRun:
                     want_ckpt |= self.log(out, epoch, since, ckpt_clock)
                 if t.val_every_steps and (self.step % t.val_every_steps == 0 or last):
                     self.stopped_early = self.validate()
+                    self.validated = self.step
                 if self.stopped_early:
                     if env.is_main:
                         log.info("early stop at step %d: %d validations without a better %s (best %.4f at step %d)",
@@ -788,6 +901,24 @@ class TrainingRun:
                     break
             if self.stopped_early or self.interrupted:
                 break
+        if self.step and not (self.logged or self.stopped_early or self.interrupted):
+            # dynamic sharding: the last step was known only when every rank ran out of data
+            self.check_nonfinite()
+            assert self.last_out is not None  # (a step was made)
+            self.log(self.last_out, self.epoch, since, ckpt_clock)
+            if t.val_every_steps and self.validated != self.step:
+                self.stopped_early = self.validate()
+
+    def take_counts(self, since: dict) -> int:
+        """Add the steps' tasks and rows counted on the device since the last call (a read:
+        log and checkpoint steps only) to ``since`` and the totals; returns the tasks."""
+        tasks, rows = (int(round(v)) for v in self.counts.tolist())
+        self.counts.zero_()
+        self.tasks_run += tasks
+        self.tasks_total += tasks
+        since["tasks"] += tasks
+        since["rows"] += rows
+        return tasks
 
     def stop_at_interrupt(self) -> TrainingInterrupted:
         """Collective, after a Ctrl-C ended the loop on every rank after the same step: the
@@ -807,6 +938,7 @@ class TrainingRun:
     def finish(self) -> dict:
         """Data-stall totals, the final checkpoint, and on rank 0 the evaluation."""
         env, fetch, last = self.env, self.fetch, self.last
+        self.take_counts(self.since)
         # share of the whole loop spent waiting for data (and the same without each epoch's
         # first batch, i.e. in steady state), averaged over ranks
         loop_s = max(time.perf_counter() - self.t_loop, 1e-9)

@@ -34,7 +34,7 @@ def _step_on(device, cfg, batch, move_batch=True):
     check = DeviceCheck(device)
     with check:
         out = meta_step(model, b, cfg, rows)
-        finite, _, _ = agree_across_ranks(out.loss, out.terms)
+        finite = agree_across_ranks(out.loss, out.terms).finite
         out.loss.backward()
     return check, model
 

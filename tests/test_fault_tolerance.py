@@ -3,10 +3,8 @@ checkpoint loading, non-finite losses, and checkpoint safety."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,45 +14,19 @@ import torch
 from gmeta.checkpoint import CheckpointError, complete_checkpoints, load_unsharded
 from tests.conftest import DEBUG_CONFIG
 from tests.support.cli import run_gmeta
+from tests.support.steps import surviving_records, torchrun_harness
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _torchrun(out: Path, record: Path, shards: Path, kills: str, extra: list[str], max_restarts: int):
-    record.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "GMETA_TEST_RECORD": str(record), "GMETA_TEST_KILLS": kills, "OMP_NUM_THREADS": "1",
-           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as gmeta train sets it (see gmeta.cli._launch)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           f"--max-restarts={max_restarts}", "--module", "tests.support.fault_harness", "train",
-           "--config", str(DEBUG_CONFIG), "--nproc-per-node", "2", "--resume", "auto",
-           f"data.shards_dir={shards}", f"train.output_dir={out}", "tracking.enabled=false",
-           "train.eval_at_end=false", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return proc
+    return torchrun_harness(out, record, shards, kills, extra, max_restarts)
 
 
 def _surviving_steps(record: Path) -> dict[int, dict[int, list[int]]]:
-    """step -> rank -> task ids, over all attempts, keeping of each attempt only the steps
-    that the next attempt did not roll back (it resumed from the step in its .resume file)."""
-    attempts = sorted({int(p.name.split("-")[0][len("attempt"):]) for p in record.glob("attempt*-rank*.jsonl")})
-    resume = {}
-    for a in attempts:
-        files = list(record.glob(f"attempt{a}-rank*.resume"))
-        steps = {int(f.read_text()) for f in files}
-        assert len(steps) <= 1, steps  # every rank resumed from the same checkpoint
-        resume[a] = steps.pop() if steps else 0
-    out: dict[int, dict[int, list[int]]] = {}
-    for i, a in enumerate(attempts):
-        keep_until = resume[attempts[i + 1]] if i + 1 < len(attempts) else None
-        for f in record.glob(f"attempt{a}-rank*.jsonl"):
-            rank = int(f.stem.split("rank")[1])
-            for line in f.read_text().splitlines():
-                rec = json.loads(line)
-                step = resume[a] + rec["call"]
-                if keep_until is None or step <= keep_until:
-                    out.setdefault(step, {})[rank] = rec["task_ids"]
-    return out
+    """step -> rank -> task ids of the steps that survived (see ``surviving_records``)."""
+    return {step: {rank: rec["task_ids"] for rank, rec in ranks.items()}
+            for step, ranks in surviving_records(record).items()}
 
 
 def test_killed_ranks_resume_with_exactly_once_data_and_equal_parameters(debug_data, tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,7 +133,7 @@ _LOOKAHEAD_BATCHES = 32
 
 
 @dataclass(frozen=True)
-class _Failed:
+class FailedRead:
     """A worker's ShardError, passed to the main process as an item: raised in a worker, it
     would reach the trainer wrapped in the DataLoader's text of the worker's traceback."""
 
@@ -165,7 +166,7 @@ class _EpochStream(IterableDataset):
             for slot in slots:  # without worker processes, one process reads every slot in turn
                 yield from self._slot(slot)
         except ShardError as e:
-            yield _Failed(str(e))
+            yield FailedRead(str(e))
 
     def _slot(self, w: int):
         order = self.plan.orders[self.rank][w]
@@ -173,40 +174,65 @@ class _EpochStream(IterableDataset):
         first = self.start[w]
         if first >= nb:
             return
-        # Units stay loaded while tasks of theirs are still to come (bounded by the shuffle
-        # buffer). The loaded units are kept concatenated in one window block, rebuilt only
-        # when a unit is added, so a batch is one gather per field however many units its
-        # tasks come from.
-        remaining = np.bincount(order[first * self.n: nb * self.n, 0], minlength=len(self.units))
-        loaded: dict[int, TaskBlock] = {}
-        window: TaskBlock | None = None
-        base = np.full(len(self.units), -1, dtype=np.int64)  # first task of each unit in the window
+        window = Window(self.root, self.units, self.schema, self.fmt, self.on_bad_task, self.sha256)
+        window.remaining[:] = np.bincount(order[first * self.n: nb * self.n, 0], minlength=len(self.units))
         for b in range(first, nb):
             refs = order[b * self.n: (b + 1) * self.n]
-            if any(u not in loaded for u in refs[:, 0].tolist()):
+            if not window.holds(refs):
                 # also load what the next few batches need: fewer window rebuilds
-                ahead = order[b * self.n: min(b + _LOOKAHEAD_BATCHES, nb) * self.n, 0]
-                new = [u for u in dict.fromkeys(ahead.tolist()) if u not in loaded]
-                for u in [u for u in loaded if remaining[u] == 0]:
-                    del loaded[u]
-                for u in new:
-                    unit = self.units[u]
-                    loaded[u] = load_unit(self.root, unit, self.schema, self.fmt, self.on_bad_task,
-                                          self.sha256.get(unit.path))
-                window = concat_blocks(list(loaded.values()))
-                base[:] = -1
-                base[list(loaded)] = np.cumsum([0] + [blk.num_tasks for blk in loaded.values()])[:-1]
-            idx = base[refs[:, 0]] + refs[:, 1]
-            np.subtract.at(remaining, refs[:, 0], 1)
-            skipped = 0
-            assert window is not None  # built in the first batch, when nothing is loaded yet
-            if window.bad:
-                keep = ~np.isin(idx, np.array([t for t, _ in window.bad]))
-                skipped = int((~keep).sum())
-                idx = idx[keep]
-            if not len(idx):
-                raise ShardError(f"{self.root}: every task of a meta-batch was bad (data.on_bad_task=skip)")
-            yield w, b, skipped, collate_packed([(window, idx)], self.schema, self.size_buckets)
+                window.load(order[b * self.n: min(b + _LOOKAHEAD_BATCHES, nb) * self.n, 0])
+            skipped, packed = window.batch(refs, self.size_buckets)
+            yield w, b, skipped, packed
+
+
+class Window:
+    """The units one reading process holds for tasks still to come, kept concatenated in
+    one block (rebuilt only when a unit is added), so that a batch is one gather per field
+    however many units its tasks come from. ``remaining[u]``: tasks of unit ``u`` this
+    process is still to emit; a unit with none left is dropped at the next load (memory is
+    bounded by the shuffle buffer)."""
+
+    def __init__(self, root: Path, units: list[Unit], schema: dict, fmt: str, on_bad_task: str,
+                 sha256: dict[str, str]) -> None:
+        self.root, self.units, self.schema, self.fmt = root, units, schema, fmt
+        self.on_bad_task, self.sha256 = on_bad_task, sha256
+        self.remaining = np.zeros(len(units), dtype=np.int64)
+        self.loaded: dict[int, TaskBlock] = {}
+        self.block: TaskBlock | None = None
+        self.base = np.full(len(units), -1, dtype=np.int64)  # first task of each unit in the block
+
+    def holds(self, refs: np.ndarray) -> bool:
+        return all(u in self.loaded for u in refs[:, 0].tolist())
+
+    def load(self, unit_ids) -> None:
+        """Load the units of ``unit_ids`` not loaded yet (dropping those with no task left)."""
+        new = [u for u in dict.fromkeys(np.asarray(unit_ids).tolist()) if u not in self.loaded]
+        if not new:
+            return
+        for u in [u for u in self.loaded if self.remaining[u] == 0]:
+            del self.loaded[u]
+        for u in new:
+            unit = self.units[u]
+            self.loaded[u] = load_unit(self.root, unit, self.schema, self.fmt, self.on_bad_task,
+                                       self.sha256.get(unit.path))
+        self.block = concat_blocks(list(self.loaded.values()))
+        self.base[:] = -1
+        self.base[list(self.loaded)] = np.cumsum([0] + [blk.num_tasks for blk in self.loaded.values()])[:-1]
+
+    def batch(self, refs: np.ndarray, size_buckets: int):
+        """(tasks skipped as bad, PackedBatch) of the tasks ``refs`` ([n, 2] unit, task index),
+        all of loaded units."""
+        assert self.block is not None  # loaded before the first batch
+        idx = self.base[refs[:, 0]] + refs[:, 1]
+        np.subtract.at(self.remaining, refs[:, 0], 1)
+        skipped = 0
+        if self.block.bad:
+            keep = ~np.isin(idx, np.array([t for t, _ in self.block.bad]))
+            skipped = int((~keep).sum())
+            idx = idx[keep]
+        if not len(idx):
+            raise ShardError(f"{self.root}: every task of a meta-batch was bad (data.on_bad_task=skip)")
+        return skipped, collate_packed([(self.block, idx)], self.schema, size_buckets)
 
 
 class TaskReader:
@@ -267,6 +293,7 @@ class TaskReader:
         self.dropped_tasks_total = 0  # over the epochs this reader has started
         self._logged_epoch = -1
         self._plan = self._make_plan()
+        self.committed = TaskReader.state_dict(self)  # (the static position: a subclass keeps its own)
         if self._plan.steps == 0:
             raise ShardError(
                 f"{self.root}: split {split!r} has {self.num_tasks} tasks, too few for {world_size} rank(s) x "
@@ -302,12 +329,24 @@ class TaskReader:
                      "reader worker(s), %d tasks per batch)", self.epoch, dropped, self.num_tasks, self.split,
                      self.world_size, max(1, self.num_workers), self.tasks_per_batch)
 
+    sharding = "static"
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch = epoch
             self._plan = self._make_plan()
             self._consumed = [0] * max(1, self.num_workers)
             self._steps_done = 0
+            self.committed = self.state_dict()
+
+    def take(self) -> Any:
+        """The token of the batch just yielded, for ``commit``: the position after it."""
+        return self.state_dict()
+
+    def commit(self, token: Any) -> None:
+        """The batch of ``token`` is trained: ``committed`` (what a checkpoint keeps) is the
+        position after it. (With the pipeline the batch fetched ahead is not counted.)"""
+        self.committed = token
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": list(self._consumed), "steps_done": self._steps_done,
@@ -323,6 +362,7 @@ class TaskReader:
         self._consumed = [int(c) for c in state["consumed"]]
         self._steps_done = int(state["steps_done"])
         self.skipped_tasks = int(state.get("skipped_tasks", 0))
+        self.committed = self.state_dict()
 
     def __iter__(self):
         """Yield the rest of the current epoch; the next call starts the next epoch's
@@ -336,22 +376,31 @@ class TaskReader:
         stream = _EpochStream(self.root, self.units, self.schema, self.format, self._plan, self.rank,
                               self.tasks_per_batch, list(c), self.on_bad_task, rotate, self.size_buckets,
                               self._sha256)
+        items = self._read(stream)
+        try:
+            while self._steps_done < total:
+                w, b, skipped, packed = next(items)
+                batch = packed.unpack()
+                self._consumed[w] = b + 1
+                self._steps_done += 1
+                self.skipped_tasks += skipped
+                yield batch
+        finally:
+            items.close()
+
+    def _read(self, stream: IterableDataset):
+        """The items of ``stream``, read in this reader's DataLoader workers; a worker's
+        ShardError (a ``FailedRead`` item) is raised here."""
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             pin_memory=self.pin_memory and torch.cuda.is_available(),
                             collate_fn=_identity, persistent_workers=False, worker_init_fn=_die_with_parent)
         it = iter(loader)
         try:
-            while self._steps_done < total:
-                item = next(it)
-                if isinstance(item, _Failed):
+            for item in it:
+                if isinstance(item, FailedRead):
                     raise ShardError(item.message)
-                w, b, skipped, packed = item
-                batch = packed.unpack()
-                self._consumed[w] = b + 1
-                self._steps_done += 1
-                self.skipped_tasks += skipped
-                yield batch
+                yield item
         finally:
             del it  # stops the workers when the trainer leaves the epoch early
 

@@ -36,6 +36,8 @@ class MetaOutput:
     query_loss: torch.Tensor  # [N] per-task query loss after adaptation
     support_loss: torch.Tensor  # [N] per-task support loss before adaptation
     skipped: bool | torch.Tensor = False  # the loss was not finite: no update was applied (see gmeta.train)
+    real: torch.Tensor | None = None  # several ranks: some rank had a real batch (not a pad)
+    global_counts: torch.Tensor | None = None  # several ranks: the step's [tasks, rows] on all ranks
     terms: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # (mean, local count)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # more scalars for the logs, by name
 

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from gmeta.config import load_config
+from gmeta.io.dynamic import DynamicTaskReader
 from gmeta.io.reader import TaskReader
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import DenseGradSync, broadcast_params
@@ -59,7 +60,10 @@ def _plan_types(model) -> dict[str, str]:
 
 
 def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, sharding_type, extra=(),
-                                expect_plan=None, algorithm="maml"):
+                                expect_plan=None, algorithm="maml", pads=(), sizes=(3, 3)):
+    """``pads``: (step, rank) pairs where that rank has no data left and trains a pad
+    (dynamic sharding's end of an epoch); the reference steps on the other ranks' batches.
+    ``sizes``: each rank's tasks per batch (train.adaptive_batch's unequal shares)."""
     cfg = load_config(cfg_path, [
         "model.embedding_dim=4", "model.dense_arch=[6]", "model.over_arch=[5]", "meta.tasks_per_batch=3",
         "meta.inner_steps=2", "meta.inner_lr=0.3", "meta.embedding_inner_lr=0.6", f"meta.first_order={first_order}",
@@ -76,20 +80,22 @@ def _maml_step_equals_reference(rank, world, cfg_path, shards, first_order, shar
     opt = torch.optim.SGD(dense_params, lr=lr_dense)
     sync = DenseGradSync(dense_params, bucket_bytes=256)  # several buckets
     ref_opt = torch.optim.SGD(list(ref_head.parameters()), lr=lr_dense)
-    readers = [TaskReader(shards, "train", 3, rank=r, world_size=world, seed=5) for r in range(world)]
+    readers = [TaskReader(shards, "train", sizes[r], rank=r, world_size=world, seed=5) for r in range(world)]
     iters = [iter(r) for r in readers]
     m = cfg.meta
     kw = dict(steps=m.inner_steps, lr=m.inner_lr, emb_lr=m.embedding_inner_lr, adapt_dense=m.adapt_dense,
               adapt_embeddings=m.adapt_embeddings, first_order=m.first_order)
     adagrad_state: dict[str, torch.Tensor] = {}
-    for _ in range(2):
+    pad = DynamicTaskReader(shards, "train", 3, nonce="unused", rank=rank, world_size=world, seed=5).pad_batch()
+    for step in range(2):
         batches = [next(it) for it in iters]
-        train_step(model, batches[rank], cfg, sync, opt)
+        train_step(model, pad if (step, rank) in pads else batches[rank], cfg, sync, opt, pad=(step, rank) in pads)
+        batches = [b for r, b in enumerate(batches) if (step, r) not in pads]
         ref_opt.zero_grad()
         for t in ref_tables.values():
             t.grad = None
         if algorithm == "erm":  # reference: the mean over every row of the global batch
-            assert batches[0].num_rows != batches[1].num_rows  # else a per-rank mean would pass too
+            assert len(batches) < world or batches[0].num_rows != batches[1].num_rows  # else a per-rank mean passes
             torch.cat([erm_row_losses(ref_head, ref_tables, features, b) for b in batches]).mean().backward()
         elif algorithm == "reptile":  # reference: the mean over every task of the global batch of (shared - adapted)
             dirs = [(reptile_directions(ref_head, ref_tables, features, b, steps=m.inner_steps, lr=m.inner_lr,
@@ -169,6 +175,24 @@ def test_embedding_weight_decay_on_two_ranks_equals_rowwise_adagrad_with_l2_refe
     extra = ("optim.embedding_optimizer=rowwise_adagrad", "optim.embedding_lr=0.2", "optim.embedding_weight_decay=0.5")
     run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]), False,
               "table_wise", extra, None, algorithm)
+
+
+@pytest.mark.parametrize("algorithm, extra", [
+    ("maml", ()), ("erm", ()),
+    ("maml", ("optim.embedding_optimizer=rowwise_adagrad", "optim.embedding_weight_decay=0.5"))])
+def test_a_rank_out_of_data_pads_and_the_steps_equal_one_process_on_the_real_batches(debug_config_path, debug_data,
+                                                                                     algorithm, extra):
+    # dynamic sharding's end of an epoch: rank 1 has no batch at step 0, rank 0 none at step 1;
+    # a pad looks nothing up, so not even table weight decay (applied to looked-up rows) moves
+    run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]), False,
+              "row_wise", extra, None, algorithm, ((0, 1), (1, 0)))
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "reptile"])
+def test_unequal_shares_of_the_global_batch_equal_one_process_on_it(debug_config_path, debug_data, algorithm):
+    # train.adaptive_batch: a fast rank takes 5 tasks, a slow one 1; the step is one process's on all 6
+    run_ranks(_maml_step_equals_reference, WORLD, str(debug_config_path), str(debug_data["shards"]), False,
+              "row_wise", (), None, algorithm, (), (5, 1))
 
 
 def test_embedding_weight_decay_needs_an_optimizer_that_has_one(debug_config_path):

@@ -5,7 +5,8 @@ the task ids of the meta-batch it trained, and the step of any checkpoint it res
 it kills itself with SIGKILL right after step ``call`` of restart ``attempt`` on ``rank``
 for each ``attempt:call:rank`` in GMETA_TEST_KILLS. The records are the test's own, not
 the trainer's claim. GMETA_TEST_NAN_AT=k,l,... makes the meta-loss of the k-th, l-th, ...
-meta-batch NaN (on every rank).
+meta-batch NaN (on every rank). GMETA_TEST_SLOW=r:s,... slows rank r's meta step by s
+seconds per task (a straggler).
 
     GMETA_TEST_RECORD=DIR GMETA_TEST_KILLS=0:7:1,1:5:0 \\
         python -m torch.distributed.run ... --module tests.support.fault_harness train --config ...
@@ -18,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import gmeta.checkpoint as checkpoint
 import gmeta.train as train
@@ -31,6 +33,9 @@ RANK = int(os.environ.get("RANK", "0"))
 PREFIX = os.path.join(RECORD, f"attempt{ATTEMPT}-rank{RANK}")
 
 NAN_AT = {int(x) for x in os.environ.get("GMETA_TEST_NAN_AT", "").split(",") if x}
+# GMETA_TEST_SLOW=rank:seconds,...: that rank's meta step sleeps this long per task
+SLOW = {int(r): float(v) for r, _, v in (x.partition(":") for x in os.environ.get("GMETA_TEST_SLOW", "").split(","))
+        if r}
 
 _meta_step = train.meta_step
 _train_step = train.train_step
@@ -41,9 +46,11 @@ _calls = 0
 _forwards = 0
 
 
-def nan_meta_step(*args, **kwargs):
+def nan_meta_step(model, batch, *args, **kwargs):
     global _forwards
-    out = _meta_step(*args, **kwargs)
+    if SLOW.get(RANK):  # a slower machine: time per task, inside the meta step (as its compute would be)
+        time.sleep(SLOW[RANK] * batch.num_tasks)
+    out = _meta_step(model, batch, *args, **kwargs)
     _forwards += 1
     if _forwards in NAN_AT:
         out.loss = out.loss * float("nan")
@@ -55,7 +62,8 @@ def recorded_train_step(model, batch, *args, **kwargs):
     out = _train_step(model, batch, *args, **kwargs)
     _calls += 1
     with open(PREFIX + ".jsonl", "a") as f:
-        f.write(json.dumps({"call": _calls, "task_ids": batch.task_ids.tolist(), "skipped": bool(out.skipped)}) + "\n")
+        f.write(json.dumps({"call": _calls, "task_ids": batch.task_ids.tolist(), "skipped": bool(out.skipped),
+                            "pad": bool(kwargs.get("pad"))}) + "\n")
     if (ATTEMPT, _calls, RANK) in KILLS:
         os.kill(os.getpid(), signal.SIGKILL)
     return out
