@@ -60,12 +60,18 @@ def _parser() -> argparse.ArgumentParser:
                    "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--resume", default=None, help="auto (newest checkpoint in train.output_dir, if any), none, "
                    "or a checkpoint path (default: train.resume)")
-    p.add_argument("--nnodes", type=int, default=1, help="machines in the job (each runs this command with its "
-                   "--node-rank; shards and train.output_dir on a filesystem all of them share)")
-    p.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0 .. nnodes-1")
+    p.add_argument("--nnodes", default="1", help="machines in the job (each runs this command with its "
+                   "--node-rank; shards and train.output_dir on a filesystem all of them share), or MIN:MAX for an "
+                   "elastic job: it goes on with at least MIN nodes after one is lost (from the last checkpoint, "
+                   "with --max-restarts >= 1), and a node that comes back joins at the next restart")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0 .. nnodes-1 (elastic: unused, "
+                   "the rendezvous numbers the nodes)")
     p.add_argument("--rdzv-endpoint", default="", help="host:port of the rendezvous (torchrun's c10d), reachable "
-                   "from every node; required with --nnodes > 1")
+                   "from every node; required with --nnodes > 1. The node at that host holds the rendezvous: it "
+                   "must outlive the others")
     p.add_argument("--rdzv-id", default="gmeta", help="job id, the same on every node")
+    p.add_argument("--rdzv-conf", default="", help="torchrun's rendezvous settings, key=value,... (e.g. "
+                   "last_call_timeout=5: how long a rendezvous that has MIN nodes waits for more, in seconds)")
     p.add_argument("--max-restarts", type=int, default=0,
                    help="with N > 1 processes: restarts of the whole job after a process fails (torchrun); "
                         "use with --resume auto to continue from the last checkpoint")
@@ -272,11 +278,21 @@ class _DropFailureLine(logging.Filter):
         return not str(record.msg).startswith(("failed (exitcode", "Sending process"))
 
 
+def _node_range(text: str) -> tuple[int, int] | None:
+    """``--nnodes``: "N" -> (N, N), "MIN:MAX" -> (MIN, MAX); None if not well formed."""
+    low, _, high = str(text).partition(":")
+    try:
+        a, b = int(low), int(high or low)
+    except ValueError:
+        return None
+    return (a, b) if 1 <= a <= b else None
+
+
 def _launch(nproc: int, argv: list[str], max_restarts: int = 0, nodes: tuple | None = None,
             command: str = "train") -> int:
     """Re-run this command in ``nproc`` processes through torch.distributed.run; on one
-    machine (standalone), or as one of ``nodes = (nnodes, node_rank, endpoint, job_id)``
-    meeting at a c10d rendezvous. What the workers have to say (an error, a Ctrl-C's resume
+    machine (standalone), or as one of ``nodes = (nnodes, node_rank, endpoint, job_id,
+    rdzv_conf)`` meeting at a c10d rendezvous (``nnodes`` "MIN:MAX": elastic). What the workers have to say (an error, a Ctrl-C's resume
     hint) is printed here, once."""
     import shutil
     import tempfile
@@ -294,9 +310,12 @@ def _launch(nproc: int, argv: list[str], max_restarts: int = 0, nodes: tuple | N
     if nodes is None:
         where = ["--standalone"]
     else:
-        nnodes, node_rank, endpoint, job = nodes
-        where = [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
-                 f"--rdzv-endpoint={endpoint}", f"--rdzv-id={job}"]
+        nnodes, node_rank, endpoint, job, conf = nodes
+        where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={job}"]
+        if ":" not in str(nnodes):  # (an elastic job's rendezvous numbers its nodes)
+            where.append(f"--node-rank={node_rank}")
+        if conf:
+            where.append(f"--rdzv-conf={conf}")
     # SIGINT is left to _ForwardInterrupt (torchrun would kill the workers)
     args = get_args_parser().parse_args(
         [*where, f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
@@ -425,16 +444,29 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.resume is not None:
             cfg.train.resume = args.resume
-        if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
-            print(f"gmeta train: --node-rank must be in 0..{args.nnodes - 1} and --nnodes >= 1", file=sys.stderr)
+        nodes = _node_range(args.nnodes)
+        if nodes is None:
+            print(f"gmeta train: --nnodes {args.nnodes!r}: a number of machines >= 1, or MIN:MAX with "
+                  "1 <= MIN <= MAX", file=sys.stderr)
             return 2
-        if args.nnodes > 1 and not under_torchrun():
+        low, high = nodes
+        elastic = low < high
+        if not elastic and not 0 <= args.node_rank < high:
+            print(f"gmeta train: --node-rank must be in 0..{high - 1} and --nnodes >= 1", file=sys.stderr)
+            return 2
+        if high > 1 and not under_torchrun():
             if ":" not in args.rdzv_endpoint:
                 print("gmeta train: --nnodes > 1 needs --rdzv-endpoint host:port (a machine every node reaches; "
                       "node 0's address, say)", file=sys.stderr)
                 return 2
+            if elastic and args.max_restarts < 1:
+                print(f"gmeta train: --nnodes {args.nnodes} (elastic) needs --max-restarts >= 1: the job goes on "
+                      "after a lost node by restarting from its last checkpoint", file=sys.stderr)
+                return 2
+            if elastic and cfg.train.resume == "none":  # a restart must continue, not start again
+                argv = [*argv, "--resume", "auto"]
             return _launch(nproc, argv, args.max_restarts,
-                           (args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id))
+                           (args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id, args.rdzv_conf))
         if nproc > 1 and not under_torchrun():
             return _launch(nproc, argv, args.max_restarts)
         from gmeta.checkpoint import CheckpointError

@@ -54,3 +54,8 @@ def test_multi_node_flags_are_checked(tmp_path):
     assert p.returncode == 2 and "--rdzv-endpoint host:port" in p.stderr
     p = run_gmeta(base + ["--nnodes", "2", "--node-rank", "2"], cwd=ROOT)
     assert p.returncode == 2 and "--node-rank must be in 0..1" in p.stderr
+    for bad in ("2:1", "0:2", "x", "1:2:3"):
+        p = run_gmeta(base + ["--nnodes", bad], cwd=ROOT)
+        assert p.returncode == 2 and f"--nnodes {bad!r}: a number of machines >= 1, or MIN:MAX" in p.stderr, bad
+    p = run_gmeta(base + ["--nnodes", "1:2", "--rdzv-endpoint", "127.0.0.1:1"], cwd=ROOT)
+    assert p.returncode == 2 and "(elastic) needs --max-restarts >= 1" in p.stderr
