@@ -292,8 +292,8 @@ def _launch(nproc: int, argv: list[str], max_restarts: int = 0, nodes: tuple | N
             command: str = "train") -> int:
     """Re-run this command in ``nproc`` processes through torch.distributed.run; on one
     machine (standalone), or as one of ``nodes = (nnodes, node_rank, endpoint, job_id,
-    rdzv_conf)`` meeting at a c10d rendezvous (``nnodes`` "MIN:MAX": elastic). What the workers have to say (an error, a Ctrl-C's resume
-    hint) is printed here, once."""
+    rdzv_conf)`` meeting at a c10d rendezvous (``nnodes`` "MIN:MAX": elastic). What the
+    workers have to say (an error, a Ctrl-C's resume hint) is printed here, once."""
     import shutil
     import tempfile
 
