@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,9 @@ CONFIG = ROOT / "configs" / "ads_cvr.yaml"
 
 def torchrun(out: Path, shards: Path, nproc: int, extra: list[str], env: dict, max_restarts: int = 0,
              tasks_per_batch: int = 32) -> float:
-    """The job under torchrun with the benchmark harness; returns its wall seconds."""
+    """The job under torchrun with the benchmark harness, in a fresh ``out``; returns its
+    wall seconds."""
+    shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            f"--max-restarts={max_restarts}", "--module", "benchmarks.elastic_harness", "train",
            "--config", str(CONFIG), "--nproc-per-node", str(nproc), "--resume", "auto",

@@ -604,7 +604,7 @@ class TrainingRun:
         self.best_step = self.since_best = 0
         self.stopped_early = self.interrupted = False
         self.epoch = 0
-        self.step = self.start_epoch = self.tasks_total = self.skipped_nonfinite = 0
+        self.step = self.start_epoch = self.tasks_total = self.tasks_run = self.skipped_nonfinite = 0
         self.run_id = ""
         self.tracker_uri = resolve_tracking_uri(cfg.tracking.uri, tracking_uri)
         self.tracker = NullTracker()
@@ -614,6 +614,11 @@ class TrainingRun:
         # non-finite steps since the last check, counted on the device (see check_nonfinite)
         self.bad = torch.zeros((), device=env.device)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=env.device)
+        # [tasks, rows] of the steps since the last log or checkpoint (see take_counts)
+        self.counts = torch.zeros(2, dtype=torch.float64, device=env.device)
+        self.since = {"t": time.perf_counter(), "tasks": 0, "rows": 0}  # (loop() starts the clock)
+        self.last_out: MetaOutput | None = None  # of the last step, and whether it was logged, validated
+        self.logged, self.validated = False, -1
 
     @property
     def step_limit(self) -> int:
@@ -697,8 +702,7 @@ class TrainingRun:
     # ---------------------------------------------------------------- checkpoints
     def save(self, path: Path, weights_only: bool = False) -> Path:
         env, reader = self.env, self.reader
-        if hasattr(self, "counts"):  # (the loop has started)
-            self.take_counts(self.since)
+        self.take_counts(self.since)
         queue = None
         if isinstance(reader, DynamicTaskReader):
             pos = reader.state_dict()
@@ -832,9 +836,6 @@ class TrainingRun:
         self.times = StepTimes()
         self.tasks_run = 0
         self.since = since = {"t": time.perf_counter(), "tasks": 0, "rows": 0}
-        self.counts = torch.zeros(2, dtype=torch.float64, device=env.device)  # [tasks, rows] not yet taken
-        self.last_out: MetaOutput | None = None
-        self.logged, self.validated = False, -1
         ckpt_clock = self.t_loop = time.perf_counter()
         stop, agreed_stop = StopRequest(), _AgreedStop(env.device)
         stop.install()  # before the reader's workers are forked: they inherit it
@@ -901,10 +902,9 @@ class TrainingRun:
                     break
             if self.stopped_early or self.interrupted:
                 break
-        if self.step and not (self.logged or self.stopped_early or self.interrupted):
+        if self.last_out is not None and not (self.logged or self.stopped_early or self.interrupted):
             # dynamic sharding: the last step was known only when every rank ran out of data
             self.check_nonfinite()
-            assert self.last_out is not None  # (a step was made)
             self.log(self.last_out, self.epoch, since, ckpt_clock)
             if t.val_every_steps and self.validated != self.step:
                 self.stopped_early = self.validate()
