@@ -5,16 +5,17 @@ embedding_dim 16), 2 processes on this machine.
 1. A straggler: rank 1's meta step sleeps ``--slow-ms`` per task (a machine that slower;
    its time grows with its share, as compute does). Tasks/s with adaptive per-rank batch
    sizes (train.adaptive_batch) against equal shares, same slowdown, same steps, and an
-   unslowed run for scale. Then ``--check-steps`` steps of each, recorded, and their global
-   batches trained again in one process from the same initial weights: the parameters
-   are compared (the loss weighting makes a step the same whatever the split; the equal
-   shares' difference is the floor of float summation order).
+   unslowed run for scale.
 2. A rank killed mid-epoch under torchrun --max-restarts 1 (checkpoints every
    ``--ckpt-every`` steps): the tasks of the epoch trained in steps that survived, counted
    from the record (each once?), and the wall time against the same job uninterrupted.
 3. Data stall of dynamic against static sharding on the same job (``--stall-steps`` steps).
+4. The same training: ``--check-steps`` steps of the slowed job with equal and with adaptive
+   shares, recorded, and their global batches trained again in one process from the same
+   initial weights: the parameters are compared (the loss weighting makes a step the same
+   whatever the split; the equal shares' difference is the floor of float summation order).
 
-    python -m benchmarks.dynamic_sharding [--steps 120] [--slow-ms 25] [--parts 1 2 3]
+    python -m benchmarks.dynamic_sharding [--steps 120] [--slow-ms 25] [--parts 1 2 3 4]
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def _replay_difference(work: Path, shards: Path, name: str, r: dict, common: lis
     return max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)
 
 
-def straggler(work: Path, shards: Path, steps: int, slow_ms: float, check_steps: int) -> dict:
+def straggler(work: Path, shards: Path, steps: int, slow_ms: float) -> dict:
     from gmeta.config import load_config
 
     init = work / "init"
@@ -113,9 +114,20 @@ def straggler(work: Path, shards: Path, steps: int, slow_ms: float, check_steps:
     out["adaptive_over_equal"] = out["adaptive"]["tasks_per_s"] / out["equal"]["tasks_per_s"]
     print(f"adaptive / equal shares: {out['adaptive_over_equal']:.2f}x (target >= 1.5x); unslowed / equal: "
           f"{out['unslowed']['tasks_per_s'] / out['equal']['tasks_per_s']:.2f}x", flush=True)
-    # the same training: short runs (the split changes from step 9), each one's global batches
-    # trained again in one process from the same weights; equal shares give the float floor
-    common = [f"train.max_steps={check_steps}", f"train.init_from={init}", "train.adaptive_batch_every=2"]
+    return out
+
+
+def same_training(work: Path, shards: Path, slow_ms: float, check_steps: int) -> dict:
+    """Short runs, each one's global batches trained again in one process from the same
+    weights; equal shares give the floor (float summation order). Short: over tens of
+    steps float differences grow (Adam and row-wise Adagrad scale a row's first, tiny
+    gradient to a full step), so the comparison is made where they have not yet."""
+    init = work / "init"
+    slow = {"GMETA_BENCH_SLOW": f"1:{slow_ms / 1000}"}
+    out: dict = {}
+    # a split decided after step 1 applies from step 5 (lag: 1 worker x prefetch 1 + 2)
+    common = [f"train.max_steps={check_steps}", f"train.init_from={init}", "train.adaptive_batch_every=1",
+              "data.prefetch_factor=1"]
     for name, extra in [("check-equal", []), ("check-adaptive", ["train.adaptive_batch=true"])]:
         _, r = _recorded(work, shards, name, [*common, *extra], slow)
         split = sorted({(len(a["refs"] or []), len(b["refs"] or [])) for a, b in zip(r[(0, 0)], r[(0, 1)])})
@@ -173,10 +185,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--slow-ms", type=float, default=25.0)
-    ap.add_argument("--check-steps", type=int, default=20)
+    ap.add_argument("--check-steps", type=int, default=8)
     ap.add_argument("--ckpt-every", type=int, default=5)
     ap.add_argument("--stall-steps", type=int, default=200)
-    ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gmeta-bench-dynamic"))
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -184,12 +196,15 @@ def main() -> None:
     result: dict = {}
     if 1 in args.parts:
         _, _, shards = ensure_data(work, 20000)
-        result["straggler"] = straggler(work, shards, args.steps, args.slow_ms, args.check_steps)
+        result["straggler"] = straggler(work, shards, args.steps, args.slow_ms)
     if 2 in args.parts:  # a small set: one epoch is 28 steps of 64 tasks
         _, _, shards = ensure_data(work, 2000)
         result["kill"] = killed(work, shards, args.ckpt_every)
     if 3 in args.parts:
         result["stall"] = stall(work / "stall", args.stall_steps)
+    if 4 in args.parts:
+        _, _, shards = ensure_data(work, 20000)
+        result["same_training"] = same_training(work, shards, args.slow_ms, args.check_steps)
     emit("dynamic_sharding", result)
 
 
