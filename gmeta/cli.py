@@ -8,6 +8,7 @@ processes that each run ``gmeta train`` again, now under torchrun.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -51,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="raw input file or directory, read as data.source.format says "
                                    "(default: data.raw_dir)")
     p.add_argument("--out", help="shard directory (default: data.shards_dir)")
+    p.add_argument("--partition", default="", help="write the input as this partition (e.g. a day, 2026-12-01) of "
+                   "the partitioned data set --out, replacing only that partition; data.partitions selects "
+                   "which partitions training reads")
 
     p = sub.add_parser("train", help="meta-train (MAML) or train the ERM baseline",
                        description="Train on task shards; N processes via torchrun when N > 1.")
@@ -423,12 +427,22 @@ def main(argv: list[str] | None = None) -> int:
         from gmeta.io.errors import PrepareError
         from gmeta.io.prepare import format_report, prepare
 
+        out = args.out or cfg.data.shards_dir
         try:
-            m = prepare(cfg, args.input or cfg.data.raw_dir, args.out or cfg.data.shards_dir)
+            m = prepare(cfg, args.input or cfg.data.raw_dir, out, partition=args.partition)
         except (PrepareError, StorageError) as e:
             print(f"gmeta prepare: {e}", file=sys.stderr)
             return 2
-        print(format_report(m) + f"\n  -> {args.out or cfg.data.shards_dir}")
+        if not args.partition:
+            print(format_report(m) + f"\n  -> {out}")
+            return 0
+        from gmeta.io import partitions
+        from gmeta.storage import location
+
+        root = location(out)
+        index = json.loads((root / partitions.INDEX).read_text())
+        print(format_report(m) + f"\n  -> {partitions.partition_dir(root, args.partition)}\n"
+              + partitions.format_index(index))
         return 0
 
     if args.command == "train":

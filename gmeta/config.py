@@ -311,6 +311,11 @@ class DataConfig:
     raw_dir: str = "data/ads_cvr/raw"
     source: SourceConfig = field(default_factory=SourceConfig)
     shards_dir: str = "data/ads_cvr/shards"
+    # The partitions to read when shards_dir is a partitioned data set (gmeta prepare
+    # --partition, e.g. one per day): "all", "last:N" (the last N), "A..B" (A to B, both
+    # included; "..B": up to B), or names separated by commas. Empty: the data set is not
+    # partitioned.
+    partitions: str = ""
     # prepare: shard format, tasks per shard file and per Parquet row group
     format: Literal["parquet", "webdataset"] = "parquet"
     # memory prepare may use; a larger input is partitioned on disk by task key first
@@ -640,6 +645,34 @@ class Config:
 # validation of values (types are checked while building)
 # --------------------------------------------------------------------------------------
 
+# A partition's name (gmeta prepare --partition): names sort in time order (2026-12-01).
+PARTITION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
+PARTITIONS_HELP = ("'all', 'last:N' (the last N partitions), 'A..B' (A to B, both included; either end may be "
+                   "left out), or names separated by commas")
+
+
+def check_partitions(spec: str, key: str = "data.partitions") -> None:
+    """The syntax of a selection (``data.partitions``), before any data is read."""
+    if spec in ("", "all"):
+        return
+    if spec.startswith("last:"):
+        n = spec[5:]
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"{key}: {spec!r}: last:N needs a whole number N >= 1")
+        return
+    if ".." in spec:
+        lo, _, hi = spec.partition("..")
+        for end in (lo, hi):
+            if end and not PARTITION_NAME.match(end):
+                raise ValueError(f"{key}: {spec!r}: {end!r} is not a partition name; {PARTITIONS_HELP}")
+        if not lo and not hi:
+            raise ValueError(f"{key}: {spec!r}: give at least one end; {PARTITIONS_HELP}")
+        return
+    for name in spec.split(","):
+        if not PARTITION_NAME.match(name.strip()):
+            raise ValueError(f"{key}: {spec!r}: {name!r} is not a partition name; {PARTITIONS_HELP}")
+
+
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
@@ -771,6 +804,10 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.prepare_memory_mb >= 1, "data.prepare_memory_mb", "must be >= 1")
     _check(cfg.data.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
     _check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    try:
+        check_partitions(cfg.data.partitions)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _check(not cfg.train.adaptive_batch or cfg.data.sharding == "dynamic", "train.adaptive_batch",
            "needs data.sharding: dynamic (with static shares a faster rank would run out of data first)")
     _check(cfg.train.adaptive_batch_every >= 1, "train.adaptive_batch_every", "must be >= 1")

@@ -62,7 +62,7 @@ def evaluate(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | N
         pred = Predictions().merge(parts or [])
     report = build_report(pred, cfg, inner_steps=inner_steps, algorithm=cfg.meta.algorithm)
     # ids of the evaluated split that training never saw, per feature (what prepare counted)
-    unseen = load_manifest(shards_dir).get("unseen", {})
+    unseen = load_manifest(shards_dir, cfg.data.partitions).get("unseen", {})
     report["new_ids"] = {f: v[cfg.eval.split] for f, v in unseen.items() if cfg.eval.split in v}
     report["processes"] = float(world)
     report["seconds"] = time.perf_counter() - t0
@@ -101,12 +101,13 @@ def choose_shards(shards_dir: str | Path | None, why: str, cfg: Config, checkpoi
     not the data.shards_dir of a --config file, which may name other data. Logs the choice."""
     from gmeta.io.errors import PrepareError
     from gmeta.io.manifest import MANIFEST
+    from gmeta.io.partitions import is_partitioned
 
     if shards_dir:
         shards = location(shards_dir)
     else:
         shards, why = location(cfg.data.shards_dir), "the checkpoint's data.shards_dir: the shards it was trained on"
-        if not (shards / MANIFEST).is_file():
+        if not (shards / MANIFEST).is_file() and not is_partitioned(shards):
             raise PrepareError(f"{shards / MANIFEST}: not found; {checkpoint} was trained on {shards} (its saved "
                                "data.shards_dir, relative to the directory training ran in); pass --shards DIR "
                                "or data.shards_dir=DIR to score other shards")
@@ -125,7 +126,7 @@ def check_shards(checkpoint: str | Path, meta: dict, cfg: Config, shards: str | 
     from gmeta.io.features import id_hash_of
     from gmeta.io.manifest import MANIFEST, check_same_shards, check_schema
 
-    manifest = load_manifest(shards)
+    manifest = load_manifest(shards, cfg.data.partitions)
     check_schema(manifest, cfg, location(shards) / MANIFEST, f"{checkpoint}'s")
     # its table rows stand for ids hashed one way: shards of another id hash are never right,
     # whatever allow_other_shards says (their ids would land on other rows)
@@ -146,12 +147,13 @@ def _fine_tuned(bmodel: MetaDLRM, bcfg: Config, cfg: Config):
     (None, None) when those shards have no validation split to choose on."""
     from gmeta import finetune
 
-    if not load_manifest(cfg.data.shards_dir)["splits"].get("val", {}).get("tasks"):
+    if not load_manifest(cfg.data.shards_dir, cfg.data.partitions)["splits"].get("val", {}).get("tasks"):
         log.warning("%s has no validation tasks (data.split.val_fraction): ERM fine-tuned per task is left out, "
                     "as its steps and rates would have to be chosen on the test tasks", cfg.data.shards_dir)
         return None, None
     bcfg = copy.deepcopy(bcfg)
     bcfg.eval, bcfg.data.shards_dir = copy.deepcopy(cfg.eval), cfg.data.shards_dir
+    bcfg.data.partitions = cfg.data.partitions
     choice = finetune.choose(evaluate, bmodel, bcfg, cfg.data.shards_dir, fine_tune=True)
     log.info("ERM fine-tuned per task: %s", choice.describe())
     ft = finetune.adapting(bcfg, choice.inner_lr, choice.embedding_inner_lr, choice.steps, fine_tune=True)

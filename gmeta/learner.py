@@ -129,9 +129,11 @@ class MetaLearner:
 def _shards_id_hash(cfg: Config) -> int:
     """The id hash of the shards at ``data.shards_dir`` (a new model trained beside them, or
     on their id counts, must hash as they did), or the current one where there are none."""
+    from gmeta.io.partitions import is_partitioned
+
     path = location(cfg.data.shards_dir) / MANIFEST
     try:
-        found = path.is_file()
+        found = path.is_file() or is_partitioned(path.parent)
     except OSError:  # (an object store's denied access: no shards to match)
         found = False
-    return id_hash_of(load_manifest(cfg.data.shards_dir), str(path)) if found else ID_HASH
+    return id_hash_of(load_manifest(cfg.data.shards_dir, cfg.data.partitions), str(path)) if found else ID_HASH

@@ -116,7 +116,7 @@ def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str 
            "inner_steps": steps, "tasks_per_batch": tpb, "max_tasks": max_tasks}
     reader = TaskReader(shards, split, tpb, shuffle=False, drop_last=False, num_workers=1,
                         pin_memory=device.type == "cuda", on_bad_task=cfg.data.on_bad_task, max_tasks=max_tasks,
-                        size_buckets=cfg.meta.size_buckets)
+                        size_buckets=cfg.meta.size_buckets, partitions=cfg.data.partitions)
     state = open_progress(out, {"job": job, "parts": 0, "rows": 0, "tasks": 0, "reader": None, "complete": False},
                           resume, "checkpoint, shards, split and settings")
     progress_file = out / PROGRESS
@@ -129,7 +129,7 @@ def run_predict(checkpoint: str | Path, out_dir: str | Path, *, shards_dir: str 
         log.info("predict: %s is complete (%d rows of %d tasks)", out, state["rows"], state["tasks"])
         return {**state, "out": str(out), "rows_per_s": 0.0, "new_rows": 0}
 
-    keys = task_keys(shards, split)
+    keys = task_keys(shards, split, cfg.data.partitions)
     labels = cfg.features.label_names()
     columns, outputs = score_columns(cfg), head_outputs(cfg)
     buf: dict[str, list] = {"task_key": [], "task_id": [], "row": [], "label": [], "score": []}

@@ -45,7 +45,7 @@ def log_model(checkpoint: str | Path, cfg: Config, model=None) -> str:
     from gmeta.io.manifest import load_manifest
 
     try:
-        column_types = load_manifest(cfg.data.shards_dir).get("input_columns")
+        column_types = load_manifest(cfg.data.shards_dir, cfg.data.partitions).get("input_columns")
     except PrepareError:
         column_types = None
     example = example_rows(cfg, column_types)

@@ -120,13 +120,13 @@ def collect(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | No
     scorers only)."""
     steps = inner_steps_for(cfg, inner_steps)
     split = cfg.eval.split
-    if not load_manifest(shards_dir)["splits"].get(split, {}).get("tasks"):
+    if not load_manifest(shards_dir, cfg.data.partitions)["splits"].get(split, {}).get("tasks"):
         raise ValueError(f"{shards_dir}: split {split!r} (eval.split) has no tasks to evaluate"
                          + (" (prepared with data.split.val_fraction > 0?)" if split == "val" else ""))
     reader = TaskReader(shards_dir, split, cfg.eval.tasks_per_batch, rank=rank, world_size=world_size,
                         shuffle=False, drop_last=False, num_workers=min(cfg.data.num_workers, 1),
                         on_bad_task=cfg.data.on_bad_task, max_tasks=cfg.eval.max_tasks,
-                        size_buckets=cfg.meta.size_buckets)
+                        size_buckets=cfg.meta.size_buckets, partitions=cfg.data.partitions)
     ks = sorted(set(cfg.eval.curve_steps) | {steps, 0})
     n_batches = len(reader)
     device = model_device(model)

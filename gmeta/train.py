@@ -529,7 +529,7 @@ class TrainingRun:
         self.out_dir = location(cfg.train.output_dir)
         check_bucket(self.out_dir, "train.output_dir")
         self.ckpt_root = self.out_dir / "checkpoints"
-        self.manifest = load_manifest(cfg.data.shards_dir)
+        self.manifest = load_manifest(cfg.data.shards_dir, cfg.data.partitions)
         check_manifest_matches(self.manifest, cfg, str(location(cfg.data.shards_dir) / "manifest.json"))
         self.id_hash = id_hash_of(self.manifest, str(location(cfg.data.shards_dir) / "manifest.json"))
         self.shards = shards_record(cfg.data.shards_dir, self.manifest)  # kept in every checkpoint
@@ -551,7 +551,7 @@ class TrainingRun:
         how: dict[str, Any] = dict(
             rank=env.rank, world_size=env.world_size, num_workers=d.num_workers, seed=cfg.train.seed,
             shuffle_buffer=d.shuffle_buffer, prefetch_factor=d.prefetch_factor, pin_memory=env.device.type == "cuda",
-            on_bad_task=d.on_bad_task, size_buckets=cfg.meta.size_buckets)
+            on_bad_task=d.on_bad_task, size_buckets=cfg.meta.size_buckets, partitions=d.partitions)
         self.reader = DynamicTaskReader(d.shards_dir, "train", cfg.meta.tasks_per_batch, nonce=new_nonce(), **how) \
             if d.sharding == "dynamic" else TaskReader(d.shards_dir, "train", cfg.meta.tasks_per_batch, **how)
         self.adaptive: AdaptiveBatch | None = None

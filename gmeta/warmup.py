@@ -198,7 +198,7 @@ def warmup_report(model, cfg: Config, shards_dir: str | Path, *, evaluate: Calla
     if cfg.model.objective != "binary":
         raise ValueError(f"eval.protocol warmup reports AUC, GAUC and logloss: model.objective is "
                          f"{cfg.model.objective!r}, not binary")
-    manifest = load_manifest(shards_dir)
+    manifest = load_manifest(shards_dir, cfg.data.partitions)
     rule = manifest.get("split_rule", {})
     if rule.get("rule") != "warmup":
         raise ValueError(f"{shards_dir}: prepared with data.split.rule {rule.get('rule')!r}; eval.protocol warmup "

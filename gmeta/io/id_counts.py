@@ -61,18 +61,8 @@ class IdCounts:
     def unseen(self) -> dict[str, dict[str, dict[str, float]]]:
         """Per feature and held-out split: the share of its distinct ids and of its id
         occurrences that never occur in the train split."""
-        out: dict[str, dict[str, dict[str, float]]] = {}
-        for f in self.features:
-            train = self.counts(f, "train")[0]
-            out[f] = {}
-            for s in self.splits:
-                if s == "train":
-                    continue
-                ids, counts = self.counts(f, s)
-                new = ~np.isin(ids, train, assume_unique=True)
-                out[f][s] = {"ids": float(new.mean()) if len(ids) else 0.0,
-                             "occurrences": float(counts[new].sum() / counts.sum()) if len(ids) else 0.0}
-        return out
+        return unseen_shares({f: {s: self.counts(f, s) for s in self.splits} for f in self.features},
+                             [s for s in self.splits if s != "train"])
 
     def write(self, out_dir: Path) -> None:
         """One Parquet file per feature: every id that occurs in any split, with its count
@@ -90,14 +80,61 @@ class IdCounts:
             pq.write_table(pa.table(columns), d / f"{f}.parquet")
 
 
-def train_counts(shards_dir: str | Path, feature: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, occurrences in the train split) of one feature, from what prepare wrote."""
+def unseen_shares(counts: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+                  held_out: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per feature and held-out split: the share of its distinct ids and of its id
+    occurrences that never occur in the train split. ``counts``: feature -> split ->
+    (sorted distinct ids, their counts)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for f, per in counts.items():
+        train = per.get("train", (np.zeros(0, np.int64),))[0]
+        out[f] = {}
+        for s in held_out:
+            ids, c = per.get(s, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+            new = ~np.isin(ids, train, assume_unique=True)
+            out[f][s] = {"ids": float(new.mean()) if len(ids) else 0.0,
+                         "occurrences": float(c[new].sum() / c.sum()) if len(ids) else 0.0}
+    return out
+
+
+def _read(shards_dir: str | Path, feature: str, columns: list[str] | None = None) -> pa.Table:
     path = location(shards_dir) / DIR / f"{feature}.parquet"
     if not path.is_file():
-        raise PrepareError(f"{path}: not found; features.sparse[].min_count needs the id counts that "
-                           "`gmeta prepare` writes: prepare the shards again with this version of gmeta")
+        raise PrepareError(f"{path}: not found; the id counts are written by `gmeta prepare`: prepare the shards "
+                           "again with this version of gmeta")
     with source(path) as src:
-        t = pq.read_table(src, columns=["id", "train"])
+        return pq.read_table(src, columns=columns)
+
+
+def merged_counts(dirs: list[Path], feature: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Split -> (sorted distinct ids, occurrences) of one feature over several prepared
+    data sets (the partitions of a selection): the counts of each summed, exactly."""
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for d in dirs:
+        t = _read(d, feature)
+        ids = t.column("id").to_numpy()
+        for split in t.column_names[1:]:
+            c = t.column(split).to_numpy()
+            parts.setdefault(split, []).append((ids[c > 0], c[c > 0]))
+    return {s: _merge(p) for s, p in parts.items()}
+
+
+def read_all_ids(shards_dir: str | Path, feature: str) -> np.ndarray:
+    """Every (hashed) id of ``feature`` that occurs in any split, sorted."""
+    return _read(shards_dir, feature, ["id"]).column("id").to_numpy()
+
+
+def train_counts(shards_dir: str | Path, feature: str, partitions: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, occurrences in the train split) of one feature, from what prepare wrote; over
+    the partitions ``partitions`` selects of a partitioned data set (``data.partitions``)."""
+    from gmeta.io import partitions as parts
+
+    root = location(shards_dir)
+    if parts.is_partitioned(root):
+        chosen = parts.select(root, partitions)
+        return merged_counts([parts.partition_dir(root, n) for n in chosen], feature).get(
+            "train", (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+    t = _read(root, feature, ["id", "train"])
     ids, counts = t.column("id").to_numpy(), t.column("train").to_numpy()
     return ids[counts > 0], counts[counts > 0]
 
@@ -109,8 +146,8 @@ def known_ids(cfg: Config) -> dict[str, torch.Tensor]:
     for i, sf in enumerate(cfg.features.sparse):
         if sf.min_count <= 0 and sf.holdout_share <= 0:
             continue
-        mask = known_mask(cfg.data.shards_dir, sf)
-        ids, counts = train_counts(cfg.data.shards_dir, sf.name)
+        mask = known_mask(cfg.data.shards_dir, sf, cfg.data.partitions)
+        ids, counts = train_counts(cfg.data.shards_dir, sf.name, cfg.data.partitions)
         mapped = int(counts[~mask[ids]].sum())
         share = mapped / max(1, int(counts.sum()))
         if mapped == 0:
@@ -124,12 +161,12 @@ def known_ids(cfg: Config) -> dict[str, torch.Tensor]:
     return out
 
 
-def known_mask(shards_dir: str | Path, feature: SparseFeature) -> np.ndarray:
+def known_mask(shards_dir: str | Path, feature: SparseFeature, partitions: str = "") -> np.ndarray:
     """Table rows of ``feature`` that keep their own embedding: ids seen at least
     ``min_count`` times in training, less a hashed ``holdout_share`` of them (those train the
     default row, as a new id would use it). [num_embeddings] bool; the rest map to the
     feature's default row."""
-    ids, counts = train_counts(shards_dir, feature.name)
+    ids, counts = train_counts(shards_dir, feature.name, partitions)
     keep = ids[counts >= max(1, feature.min_count)]
     if feature.holdout_share > 0:
         u = (salted_hash(keep, f"holdout:{feature.name}") >> np.uint64(11)).astype(np.float64) / float(1 << 53)

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from gmeta.config import Config, flatten
+from gmeta.config import PARTITIONS_HELP, Config, flatten
 from gmeta.io.errors import PrepareError
 from gmeta.io.features import SHARD_FIELDS, schema_labels
 from gmeta.storage import absolute, check_bucket, location
@@ -35,8 +35,23 @@ def splits_of(cfg: Config) -> tuple[str, ...]:
     return SPLITS + (("val",) if cfg.data.split.val_fraction > 0 else ())
 
 
-def load_manifest(shards_dir: str | Path) -> dict:
-    path = location(shards_dir) / MANIFEST
+def load_manifest(shards_dir: str | Path, partitions: str = "") -> dict:
+    """The manifest of the shards in ``shards_dir``; of a partitioned data set
+    (``gmeta.io.partitions``), the merged manifest of the partitions ``partitions`` selects
+    (``data.partitions``)."""
+    from gmeta.io import partitions as parts
+
+    root = location(shards_dir)
+    if parts.is_partitioned(root):
+        if not partitions:
+            raise PrepareError(f"{root}: a partitioned data set ({parts.INDEX}: {', '.join(parts.names(root)[-4:])}"
+                               f"{' ...' if len(parts.names(root)) > 4 else ''}): set data.partitions to the "
+                               f"partitions to read: {PARTITIONS_HELP}")
+        return parts.merged_manifest(root, parts.select(root, partitions))
+    if partitions:
+        raise PrepareError(f"{root}: data.partitions is {partitions!r}, but the data set is not partitioned (no "
+                           f"{parts.INDEX}); clear data.partitions, or prepare it with gmeta prepare --partition")
+    path = root / MANIFEST
     if not _exists(path):
         check_bucket(shards_dir, "task shards")  # an object store: a denied read or no bucket, not "not found"
         raise PrepareError(f"{path}: not found; run `gmeta prepare` first (data.shards_dir)")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -372,18 +373,61 @@ def stream_input(source: Source, columns: list[str], input_path: Path, each: Cal
     return n
 
 
-def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path) -> dict:
+def prepare(cfg: Config, input_path: str | Path, out_dir: str | Path, partition: str = "") -> dict:
     """Build task shards and the manifest within ``data.prepare_memory_mb``; return the manifest.
+    ``partition``: write them as that partition of the partitioned data set ``out_dir``
+    (:func:`prepare_partition`).
 
     Pass 1 streams the input in batches (checking values, hashing ids) into buckets by a
     hash of the task key, spilled to disk when the input is larger than the memory cap
     allows; pass 2 groups one bucket at a time into task records and writes the shards.
     """
+    if partition:
+        return prepare_partition(cfg, input_path, out_dir, partition)
+    from gmeta.io import partitions as parts
+
+    out = location(out_dir)
+    if not is_url(out):
+        parts.check_layout(out, None)
+    return _prepare(cfg, input_path, out)
+
+
+def prepare_partition(cfg: Config, input_path: str | Path, out_dir: str | Path, name: str) -> dict:
+    """Write ``input_path`` as partition ``name`` of the partitioned data set ``out_dir``
+    (``gmeta.io.partitions``): staged beside the other partitions and swapped in whole, so
+    a failed prepare leaves the data set as it was and a re-prepared partition replaces
+    only itself; then the index is rebuilt. Returns the partition's manifest."""
+    from gmeta.io import partitions as parts
+
+    parts.check_name(name)
+    root = location(out_dir)
+    if is_url(root):
+        # (an object store has no rename: a partition could not be swapped in whole)
+        raise PrepareError(f"{root}: partitions are written to a local or mounted filesystem (--out, "
+                           "data.shards_dir); copy the data set to object storage after preparing it")
+    parts.check_layout(root, name)
+    (root / parts.DIR).mkdir(parents=True, exist_ok=True)
+    parts.recover(root, name)
+    staged = parts.staging_dir(root, name)
+    if staged.exists():  # what a prepare of this partition that stopped left
+        shutil.rmtree(staged)
+    try:
+        manifest = _prepare(cfg, input_path, staged)
+        parts.write_task_ids(staged, manifest)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    parts.install(root, name, staged)
+    parts.write_index(root)
+    return manifest
+
+
+def _prepare(cfg: Config, input_path: str | Path, out: Path) -> dict:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     f = cfg.features
-    input_path, out = location(input_path), location(out_dir)
+    input_path = location(input_path)
     check_bucket(out, "prepare --out (data.shards_dir)")
     source = open_input(cfg, input_path)
     # (dict.fromkeys: under data.split.rule warmup the task key is a sparse feature too)

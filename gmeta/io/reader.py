@@ -116,10 +116,10 @@ def verify_shards(root: Path, files: list[dict], rank: int = 0, world_size: int 
         _VERIFIED.add(key)
 
 
-def task_keys(shards_dir: str | Path, split: str) -> dict[int, object]:
+def task_keys(shards_dir: str | Path, split: str, partitions: str = "") -> dict[int, object]:
     """task_id -> task_key of every task of a split (batches carry only the ids)."""
     root = location(shards_dir)
-    manifest = load_manifest(root)
+    manifest = load_manifest(root, partitions)
     if split not in manifest["splits"]:
         raise ShardError(f"{root / 'manifest.json'}: no split {split!r}")
     out: dict[int, object] = {}
@@ -257,15 +257,16 @@ class TaskReader:
             computed in the workers with the rest of the batch.
         verify: check the sha256 of this rank's share of the local shard files against the
             manifest before reading (see :func:`verify_shards`).
+        partitions: the partitions of a partitioned data set to read (``data.partitions``).
     """
 
     def __init__(self, shards_dir: str | Path, split: str, tasks_per_batch: int, *, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
                  shuffle_buffer: int = 1024, drop_last: bool = True, prefetch_factor: int = 4,
                  pin_memory: bool = False, on_bad_task: str = "error", max_tasks: int = 0,
-                 size_buckets: int = 1, verify: bool = True) -> None:
+                 size_buckets: int = 1, verify: bool = True, partitions: str = "") -> None:
         self.root = location(shards_dir)
-        self.manifest = load_manifest(self.root)
+        self.manifest = load_manifest(self.root, partitions)
         if split not in self.manifest["splits"]:
             raise ShardError(f"{self.root / 'manifest.json'}: no split {split!r}")
         self.schema = self.manifest["schema"]

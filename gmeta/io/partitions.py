@@ -1,0 +1,310 @@
+"""Daily partitions of a task data set: ``gmeta prepare --partition NAME``.
+
+Ads logs arrive as daily partitions. A *partitioned* data set holds one complete set of
+task shards per partition, each written by ``gmeta prepare`` as it writes an unpartitioned
+one, and an index over them::
+
+    OUT/partitions.json                 the index (below), rewritten after each partition
+    OUT/partitions/<NAME>/manifest.json one partition's manifest, shards, id counts and
+    OUT/partitions/<NAME>/train/ ...    task ids (task_ids.parquet: task_id, split)
+
+Partition names sort in time order (ISO dates: ``2026-12-01``). A partition is staged beside
+the others and swapped in by two renames, so it is written whole or not at all, and
+re-preparing one replaces only its own directory: the others' files, and so their
+checksums and the content hash of any selection without it, do not change.
+
+A training config names the partitions it reads with ``data.partitions`` (see
+:func:`select`). ``load_manifest(OUT, partitions)`` then returns one manifest merging the
+selected partitions: their files (paths relative to ``OUT``), counts summed, the ids new to
+the train split recomputed from the merged id counts, and ``selected_partitions`` (each
+name with its own content hash), so the content hash a checkpoint records names exactly the
+partitions, and their contents, it was trained on.
+
+The index lists, per partition in order: its tasks and rows per split, its content hash,
+the tasks whose id no earlier partition holds (``new_tasks``) and, per sparse feature, its
+distinct ids and those no earlier partition holds (``ids``: what is new on each day).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gmeta.config import PARTITION_NAME as _NAME
+from gmeta.config import check_partitions as check_spec
+from gmeta.io.errors import PrepareError
+
+log = logging.getLogger(__name__)
+
+INDEX = "partitions.json"
+DIR = "partitions"
+TASK_IDS = "task_ids.parquet"
+# Fields every partition of a data set must share: what a model reads and how tasks were formed.
+SHARED_FIELDS = ("format_version", "format", "schema", "id_hash", "task_key", "source", "split_rule")
+
+
+def check_name(name: str, key: str = "--partition") -> str:
+    if not _NAME.match(name) or ".." in name:
+        raise PrepareError(f"{key} {name!r}: a partition name is letters, digits and . _ = - (e.g. 2026-12-01), "
+                           "and names sort in time order")
+    return name
+
+
+def is_partitioned(root: Path) -> bool:
+    """``root`` holds a partitioned data set (its index, or a partition whose index a
+    stopped prepare did not write yet)."""
+    try:
+        return (root / INDEX).is_file() or (root / DIR).is_dir()
+    except OSError:
+        return False
+
+
+def partition_dir(root: Path, name: str) -> Path:
+    return root / DIR / name
+
+
+def names(root: Path) -> list[str]:
+    """Every partition of ``root`` in order (those with a manifest: a partition being staged
+    or swapped has none under its name)."""
+    d = root / DIR
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if _NAME.match(p.name) and (p / "manifest.json").is_file())
+
+
+def select(root: Path, spec: str, key: str = "data.partitions") -> list[str]:
+    """The partitions of ``root`` that ``spec`` names, in order: ``all`` (or empty), ``last:N``,
+    ``A..B`` (both included; ``..B``: up to B, ``A..``: from A) or ``A,B,C``. A named
+    partition that does not exist, or a selection of none, is an error listing what exists."""
+    check_spec(spec, key)
+    have = names(root)
+    where = f"{root / INDEX}"
+    if not have:
+        raise PrepareError(f"{where}: the data set has no partition; prepare one with gmeta prepare --partition NAME")
+    shown = f"{have[0]} .. {have[-1]} ({len(have)})" if len(have) > 4 else ", ".join(have)
+    if spec in ("", "all"):
+        return have
+    if spec.startswith("last:"):
+        n = int(spec[5:])
+        if n > len(have):
+            raise PrepareError(f"{key}: {spec!r} asks for {n} partitions; {where} has {len(have)}: {shown}")
+        return have[-n:]
+    if ".." in spec:
+        lo, _, hi = spec.partition("..")
+        for end in (lo, hi):
+            if end and end not in have:
+                raise PrepareError(f"{key}: {spec!r}: no partition {end!r} in {where}; it has {shown}")
+        return [n for n in have if (not lo or n >= lo) and (not hi or n <= hi)]
+    chosen = [s.strip() for s in spec.split(",")]
+    missing = [n for n in chosen if n not in have]
+    if missing:
+        raise PrepareError(f"{key}: {spec!r}: no partition {missing} in {where}; it has {shown}")
+    return sorted(set(chosen))
+
+
+def previous(root: Path, name: str) -> list[str]:
+    """The partitions before ``name``, in order."""
+    return [n for n in names(root) if n < name]
+
+
+def next_after(root: Path, name: str) -> str | None:
+    """The first partition after ``name``, or None."""
+    return next((n for n in names(root) if n > name), None)
+
+
+def _load(root: Path, name: str) -> dict:
+    from gmeta.io.manifest import load_manifest
+
+    return load_manifest(partition_dir(root, name))
+
+
+def merged_manifest(root: Path, chosen: list[str]) -> dict:
+    """One manifest for the partitions ``chosen`` of ``root`` (see the module docstring)."""
+    from gmeta.io.id_counts import merged_counts, unseen_shares
+    from gmeta.io.manifest import content_hash
+
+    parts = [(n, _load(root, n)) for n in chosen]
+    first_name, first = parts[0]
+    for name, m in parts[1:]:
+        for k in SHARED_FIELDS:
+            if m.get(k) != first.get(k):
+                raise PrepareError(f"{partition_dir(root, name) / 'manifest.json'}: {k} differs from partition "
+                                   f"{first_name}'s ({json.dumps(m.get(k))[:200]} vs "
+                                   f"{json.dumps(first.get(k))[:200]}): the partitions of one data set share "
+                                   "their schema, id hashing, task key and split rule; prepare it again with "
+                                   "one config")
+    out: dict[str, Any] = {k: first[k] for k in SHARED_FIELDS if k in first}
+    out["input_columns"] = first.get("input_columns")
+    out["input"] = [m["input"] for _, m in parts]
+    out["seconds"] = round(sum(m.get("seconds", 0.0) for _, m in parts), 3)
+    for k in ("input_rows", "input_tasks"):
+        out[k] = sum(int(m[k]) for _, m in parts)
+    out["dropped_tasks"] = _sum_dicts([m["dropped_tasks"] for _, m in parts])
+    out["chunked_tasks"] = _sum_dicts([m.get("chunked_tasks", {}) for _, m in parts])
+    out["rows"] = {"read": sum(m["rows"]["read"] for _, m in parts),
+                   "written": _sum_dicts([m["rows"]["written"] for _, m in parts]),
+                   "dropped": _sum_dicts([m["rows"]["dropped"] for _, m in parts])}
+    splits: dict[str, Any] = {}
+    for name, m in parts:
+        for split, s in m["splits"].items():
+            acc = splits.setdefault(split, {"tasks": 0, "support_rows": 0, "query_rows": 0, "label_sum": None,
+                                            "files": []})
+            rows = s["support_rows"] + s["query_rows"]
+            acc["tasks"] += s["tasks"]
+            acc["support_rows"] += s["support_rows"]
+            acc["query_rows"] += s["query_rows"]
+            if s.get("label_mean") is not None:
+                acc["label_sum"] = np.asarray(s["label_mean"], dtype=np.float64) * rows + (
+                    0 if acc["label_sum"] is None else acc["label_sum"])
+            acc["files"] += [{**f, "path": f"{DIR}/{name}/{f['path']}"} for f in s["files"]]
+    for s in splits.values():
+        total, label_sum = s["support_rows"] + s["query_rows"], s.pop("label_sum")
+        mean = None if label_sum is None or not total else (label_sum / total).tolist()
+        s["label_mean"] = mean
+    out["splits"] = splits
+    out["cardinality"] = {n: m.get("cardinality", {}) for n, m in parts}
+    features = [s["name"] for s in first["schema"]["sparse"]]
+    counts = {f: merged_counts([partition_dir(root, n) for n in chosen], f) for f in features}
+    out["unseen"] = unseen_shares(counts, [s for s in splits if s != "train"])
+    out["selected_partitions"] = [{"name": n, "content_hash": content_hash(m)} for n, m in parts]
+    return out
+
+
+def _sum_dicts(ds: list[dict]) -> dict:
+    out: dict = {}
+    for d in ds:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out[k] = _sum_dicts([out.get(k, {}), v])
+            else:
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+def write_task_ids(part: Path, manifest: dict) -> None:
+    """``task_ids.parquet`` of a prepared partition: the id and split of each of its tasks
+    (read from its shards: only the task key and id columns)."""
+    from gmeta.io import formats
+
+    ids, splits = [], []
+    for split, s in manifest["splits"].items():
+        for f in s["files"]:
+            got = [int(i) for _, i in formats.read_task_keys(manifest.get("format", "parquet"), part / f["path"])]
+            ids += got
+            splits += [split] * len(got)
+    pq.write_table(pa.table({"task_id": pa.array(ids, pa.int64()), "split": pa.array(splits, pa.string())}),
+                   part / TASK_IDS)
+
+
+def task_ids(root: Path, name: str, splits: tuple[str, ...] | None = None) -> np.ndarray:
+    """The task ids of partition ``name`` (of ``splits`` only, when given), sorted."""
+    t = pq.read_table(partition_dir(root, name) / TASK_IDS)
+    ids = t.column("task_id").to_numpy()
+    if splits is not None:
+        keep = np.isin(t.column("split").to_numpy(zero_copy_only=False), list(splits))
+        ids = ids[keep]
+    return np.unique(ids)
+
+
+def new_task_ids(root: Path, name: str, splits: tuple[str, ...] | None = None) -> np.ndarray:
+    """The task ids of partition ``name`` (of ``splits``) that no earlier partition holds in
+    any split: the tasks that are new on that day."""
+    ids = task_ids(root, name, splits)
+    for prev in previous(root, name):
+        ids = ids[~np.isin(ids, task_ids(root, prev), assume_unique=True)]
+    return ids
+
+
+def build_index(root: Path) -> dict:
+    """The index of every partition of ``root`` (recomputed from the partitions: a partition
+    re-prepared changes what is new on the days after it)."""
+    from gmeta.io.id_counts import read_all_ids
+    from gmeta.io.manifest import content_hash
+
+    entries = []
+    seen_tasks = np.zeros(0, dtype=np.int64)
+    seen_ids: dict[str, np.ndarray] = {}
+    for name in names(root):
+        m = _load(root, name)
+        tasks = task_ids(root, name)
+        new_tasks = int((~np.isin(tasks, seen_tasks, assume_unique=True)).sum())
+        seen_tasks = np.union1d(seen_tasks, tasks)
+        ids = {}
+        for s in m["schema"]["sparse"]:
+            f = s["name"]
+            have = read_all_ids(partition_dir(root, name), f)
+            before = seen_ids.get(f, np.zeros(0, dtype=np.int64))
+            ids[f] = {"distinct": int(len(have)), "new": int((~np.isin(have, before, assume_unique=True)).sum())}
+            seen_ids[f] = np.union1d(before, have)
+        entries.append({"name": name, "content_hash": content_hash(m), "input": m["input"],
+                        "input_rows": m["input_rows"], "seconds": m.get("seconds"),
+                        "tasks": {k: v["tasks"] for k, v in m["splits"].items()},
+                        "rows": m["rows"]["written"], "new_tasks": new_tasks, "ids": ids})
+    return {"partitions": entries}
+
+
+def write_index(root: Path) -> dict:
+    index = build_index(root)
+    tmp = root / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=2))
+    tmp.replace(root / INDEX)
+    return index
+
+
+def staging_dir(root: Path, name: str) -> Path:
+    return root / DIR / f".staging-{name}"
+
+
+def _old_dir(root: Path, name: str) -> Path:
+    return root / DIR / f".old-{name}"
+
+
+def recover(root: Path, name: str) -> None:
+    """Undo a swap that stopped between its two renames: the partition's old directory
+    goes back in place (the new one had not replaced it)."""
+    old, target = _old_dir(root, name), partition_dir(root, name)
+    if old.is_dir() and not target.exists():
+        old.replace(target)
+        log.warning("prepare: restored partition %s of %s (a replacement stopped half way)", name, root)
+    if old.is_dir():
+        shutil.rmtree(old)
+
+
+def install(root: Path, name: str, staged: Path) -> None:
+    """Swap the fully written ``staged`` partition in place of ``name`` (two renames: the
+    old one aside, the new one in), then drop the old one."""
+    target, old = partition_dir(root, name), _old_dir(root, name)
+    if target.exists():
+        target.replace(old)
+    staged.replace(target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def check_layout(root: Path, partition: str | None) -> None:
+    """A partitioned data set takes only partitions, an unpartitioned one none."""
+    plain = (root / "manifest.json").is_file()
+    if partition and plain:
+        raise PrepareError(f"{root}: holds an unpartitioned data set (manifest.json); write partitions "
+                           "(--partition) to another directory")
+    if not partition and is_partitioned(root):
+        raise PrepareError(f"{root}: holds a partitioned data set ({INDEX}); prepare into it with --partition NAME, "
+                           "or write an unpartitioned data set to another directory")
+
+
+def format_index(index: dict) -> str:
+    """One line per partition: tasks, rows, new tasks and new ids."""
+    lines = ["partitions (tasks train/eval, rows, new tasks, new ids per feature):"]
+    for e in index["partitions"]:
+        t = e["tasks"]
+        ids = ", ".join(f"{f} {v['new']:,}/{v['distinct']:,}" for f, v in e["ids"].items())
+        lines.append(f"  {e['name']}: {t.get('train', 0):,}/{t.get('eval', 0):,} tasks, "
+                     f"{sum(e['rows'].values()):,} rows, {e['new_tasks']:,} new tasks; new ids {ids}")
+    return "\n".join(lines)
