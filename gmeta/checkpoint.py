@@ -458,6 +458,21 @@ def load_training_state(path: str | Path, model, dense_opt: torch.optim.Optimize
     and both optimizers, whatever world size or sharding plan wrote it. Returns (meta, this
     rank's own state, or None when the checkpoint was written by a different world size)."""
     path = resolve(path)
+    meta = load_model_and_optimizers(path, model, dense_opt)
+    rank_state = None
+    own = path / f"rank-{dist.get_rank()}.json"
+    if meta.get("world_size") == dist.get_world_size() and own.is_file():
+        try:
+            rank_state = json.loads(own.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{own}: not valid JSON: {e}") from None
+    return meta, rank_state
+
+
+def load_model_and_optimizers(path: str | Path, model, dense_opt: torch.optim.Optimizer) -> dict:
+    """Collective: the model and both optimizers' states of a training checkpoint (any world
+    size or plan), not its data position or random state. Returns its meta."""
+    path = resolve(path)
     meta = read_meta(path)
     if not meta.get("training_state"):
         raise CheckpointError(f"{path}: holds model weights only, not optimizer and reader state")
@@ -468,14 +483,7 @@ def load_training_state(path: str | Path, model, dense_opt: torch.optim.Optimize
         dense_opt.load_state_dict(dense_sd)  # its tensors were loaded in place
     if fused_sd is not None:
         _fused_optimizer(model).load_state_dict(fused_sd)
-    rank_state = None
-    own = path / f"rank-{dist.get_rank()}.json"
-    if meta.get("world_size") == dist.get_world_size() and own.is_file():
-        try:
-            rank_state = json.loads(own.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{own}: not valid JSON: {e}") from None
-    return meta, rank_state
+    return meta
 
 
 def load_weights(state: dict, path: str | Path) -> None:

@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, default=None, help="processes (default: train.nproc_per_node)")
     p.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: tracking.uri, "
                    "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--continue-from", default=None, metavar="CHECKPOINT",
+                   help="train the model of this checkpoint further on this config's data (e.g. the next day's "
+                   "partitions: data.partitions), its weights and optimizer states included "
+                   "(train.continue_from)")
     p.add_argument("--resume", default=None, help="auto (newest checkpoint in train.output_dir, if any), none, "
                    "or a checkpoint path (default: train.resume)")
     p.add_argument("--nnodes", default="1", help="machines in the job (each runs this command with its "
@@ -404,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        cfg = load_config(args.config, args.overrides) if getattr(args, "config", None) else None
+        overrides = list(getattr(args, "overrides", None) or [])
+        if getattr(args, "continue_from", None):
+            overrides.append(f"train.continue_from={args.continue_from}")
+        cfg = load_config(args.config, overrides) if getattr(args, "config", None) else None
     except ConfigError as e:
         print(f"gmeta {args.command}: config error: {e}", file=sys.stderr)
         return 2

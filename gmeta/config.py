@@ -11,6 +11,7 @@ sharding types) are picked from small fixed vocabularies validated here.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import math
 import re
@@ -477,6 +478,13 @@ class TrainConfig:
     # Parameters it lacks (Meta-SGD's learned rates) keep their initial values. Empty: none.
     # Ignored when resuming (the resumed checkpoint has the weights).
     init_from: str = ""
+    # Continue training the model of this training checkpoint on new data (incremental
+    # training: yesterday's model on today's partitions, data.partitions): its weights, both
+    # optimizers' states (Adam moments, the tables' fused optimizer state), managed-id
+    # remapping and known-id masks (joined with this data's), with this run's own steps,
+    # epochs, rates and schedule. The checkpoint's config must describe the same model.
+    # Ignored when resuming (this run's own checkpoint has all of it); not with init_from.
+    continue_from: str = ""
     # Stop after this many meta-batches (0: run all epochs).
     max_steps: int = 0
     log_every: int = 20
@@ -808,6 +816,9 @@ def validate(cfg: Config) -> None:
         check_partitions(cfg.data.partitions)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    _check(not (cfg.train.init_from and cfg.train.continue_from), "train.continue_from",
+           "set train.init_from (weights, fresh optimizers) or train.continue_from (the whole training state), "
+           "not both")
     _check(not cfg.train.adaptive_batch or cfg.data.sharding == "dynamic", "train.adaptive_batch",
            "needs data.sharding: dynamic (with static shares a faster rank would run out of data first)")
     _check(cfg.train.adaptive_batch_every >= 1, "train.adaptive_batch_every", "must be >= 1")
@@ -1077,6 +1088,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a label value (text, number or boolean), got {value!r}")
         return str(value)  # plain str: the config is dumped to YAML and JSON
     if tp is str:
+        if isinstance(value, datetime.date):  # YAML reads 2026-12-01 as a date (a partition's name)
+            return value.isoformat()
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected str, got {value!r}")
         return value

@@ -534,8 +534,32 @@ class TrainingRun:
         self.id_hash = id_hash_of(self.manifest, str(location(cfg.data.shards_dir) / "manifest.json"))
         self.shards = shards_record(cfg.data.shards_dir, self.manifest)  # kept in every checkpoint
         self.resume_from = _resume_path(cfg, self.out_dir)
+        # the runs this model continues (train.continue_from), oldest first: kept in every checkpoint
+        self.lineage: list[dict] = []
+        self.continue_from = cfg.train.continue_from if self.resume_from is None else ""
+        if self.continue_from:  # before anything is built: the same model, its ids hashed as these shards'
+            path = checkpoint.resolve(self.continue_from)
+            why = checkpoint.damage(path)
+            if why is not None:
+                raise checkpoint.CheckpointError(f"train.continue_from: {why}")
+            before = checkpoint.check_resumable(path, cfg, key="train.continue_from")
+            if not before.get("training_state"):
+                raise checkpoint.CheckpointError(f"train.continue_from: {path} holds model weights only, not the "
+                                                 "optimizer state to continue; give a training checkpoint, or "
+                                                 "train.init_from for its weights with fresh optimizers")
+            theirs = id_hash_of(before, str(path / checkpoint.META))
+            if theirs != self.id_hash:
+                raise checkpoint.CheckpointError(
+                    f"train.continue_from: {path} was trained on ids of id_hash {theirs}, the shards in "
+                    f"data.shards_dir hold id_hash {self.id_hash}: its table rows would stand for other ids")
+            self.continue_from = str(path)
+            self.lineage = list(before.get("lineage", [])) + [{
+                "checkpoint": absolute(path), "step": int(before["step"]),
+                "shards": (before.get("shards") or {}).get("content_hash"),
+                "partitions": before.get("partitions", [])}]
         if self.resume_from is not None:  # before anything is built: its model, and the shards it was trained on
             resumed = checkpoint.check_resumable(self.resume_from, cfg)
+            self.lineage = list(resumed.get("lineage", []))
             # its table rows stand for ids hashed one way: no flag makes other hashing right
             at = str(location(self.resume_from) / checkpoint.META)
             theirs = id_hash_of(resumed, at)
@@ -575,7 +599,8 @@ class TrainingRun:
             # start the output at the mean label (e.g. a rating of 3.5, not 0): the first steps
             # then learn the features rather than the scale
             self.model.module.head.init_output_bias(mean)  # (one mean per label with several)
-        if self.resume_from is None:  # ids that map to their feature's default row (resumed: in the checkpoint)
+        if self.resume_from is None and not self.continue_from:
+            # ids that map to their feature's default row (resumed or continued: in the checkpoint)
             self.model.module.set_known_ids(known_ids(cfg))
         broadcast_params(dense_params)  # every rank starts from rank 0's dense weights
         # fused: one kernel, and it skips a non-finite step on the device (see train_step)
@@ -631,8 +656,11 @@ class TrainingRun:
 
     # ---------------------------------------------------------------- resume
     def resume(self) -> None:
-        """Model, optimizer, reader position and RNG of ``resume_from``, if any."""
+        """Model, optimizer, reader position and RNG of ``resume_from``, if any; else the
+        model and optimizer states of ``continue_from``, if any."""
         if self.resume_from is None:
+            if self.continue_from:
+                self.continue_training()
             return
         env = self.env
         checkpoint.check_state_fits(self.resume_from, self.model, self.dense_opt, self.cfg)
@@ -675,6 +703,29 @@ class TrainingRun:
                         "" if dynamic else "; data.sharding=dynamic resumes mid-epoch at any world size")
         if env.is_main:
             log.info("resumed from %s at step %d (epoch %d)", self.resume_from, self.step, self.start_epoch)
+
+    def continue_training(self) -> None:
+        """Collective: the model and both optimizers' states of ``continue_from`` (resharded
+        to this job), this run's rates kept; the known-id masks joined with those of this
+        run's data (an id known before stays known, one seen often enough now joins)."""
+        path, cfg = self.continue_from, self.cfg
+        checkpoint.check_state_fits(path, self.model, self.dense_opt, cfg, key="train.continue_from")
+        groups = self.dense_opt.param_groups + self.model.fused_optimizer.param_groups
+        rates = [g["lr"] for g in groups]
+        meta = checkpoint.load_model_and_optimizers(path, self.model, self.dense_opt)
+        for g, lr in zip(groups, rates):  # (the loaded groups hold the rate its run ended with)
+            g["lr"] = lr
+        self.model.fused_optimizer.step()  # hands the rates to the fused kernels
+        rows = self.model.module.default_rows
+        for name, mask in known_ids(cfg).items():
+            before = getattr(rows, f"known_{name}").cpu()
+            rows.set_known(name, before | mask)
+            if self.env.is_main:
+                log.info("features %s: %d ids known before, %d now", name, int(before.sum()),
+                         int((before | mask).sum()))
+        if self.env.is_main:
+            log.info("continuing the model of %s (step %d, partitions %s): weights and optimizer states",
+                     path, int(meta["step"]), ", ".join(meta.get("partitions", [])) or "-")
 
     # ---------------------------------------------------------------- tracking
     def open_tracking(self) -> None:
@@ -719,6 +770,9 @@ class TrainingRun:
                 "input_columns": self.manifest.get("input_columns"),  # raw types, for serving
                 "id_hash": self.id_hash,  # of the shards the tables learn from: serving hashes raw ids alike
                 "shards": self.shards,  # which shards: evaluate, predict and resume compare them
+                # the partitions of a partitioned data set it trained on, and the runs it continues
+                "partitions": [p["name"] for p in self.manifest.get("selected_partitions", [])],
+                "lineage": self.lineage,
                 "validation": {"metric": self.metric, "best": self.best, "best_step": self.best_step,
                                "since_best": self.since_best, "stopped_early": self.stopped_early}}
         if weights_only:

@@ -19,33 +19,12 @@ from gmeta.io.manifest import content_hash, load_manifest
 from gmeta.io.prepare import prepare
 from gmeta.io.reader import TaskReader
 from tests.conftest import DEBUG_CONFIG
-
-DAYS = ("2026-12-01", "2026-12-02", "2026-12-03")
-DAY_S = 10 * 86400  # the debug logs span 30 days: three partitions of 10
-
-
-def split_days(raw, out):
-    """The debug logs cut by time into one raw directory per partition."""
-    t = pq.read_table(raw)
-    day = pc.divide(t.column("ts"), DAY_S).to_numpy()
-    dirs = {}
-    for i, name in enumerate(DAYS):
-        d = out / name
-        d.mkdir(parents=True)
-        pq.write_table(t.filter(day == i), d / "part-00000.parquet")
-        dirs[name] = d
-    return dirs
+from tests.support.days import DAYS, prepare_days
 
 
 @pytest.fixture(scope="module")
 def days(debug_data, tmp_path_factory):
-    base = tmp_path_factory.mktemp("days")
-    raw = split_days(debug_data["raw"], base / "raw")
-    cfg = load_config(DEBUG_CONFIG)
-    root = base / "shards"
-    for name in DAYS:
-        prepare(cfg, raw[name], root, partition=name)
-    return {"raw": raw, "root": root, "cfg": cfg}
+    return prepare_days(load_config(DEBUG_CONFIG), debug_data["raw"], tmp_path_factory.mktemp("days"))
 
 
 def _files(root, name):

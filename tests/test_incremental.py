@@ -1,0 +1,105 @@
+"""Incremental training on daily partitions: train.continue_from (gmeta train --continue-from)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gmeta.checkpoint import load_unsharded, read_meta
+from gmeta.config import load_config
+from tests.conftest import DEBUG_CONFIG
+from tests.support.cli import run_gmeta
+from tests.support.days import DAYS, prepare_days
+from tests.support.steps import surviving_records, torchrun_harness
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def days(debug_data, tmp_path_factory):
+    return prepare_days(load_config(DEBUG_CONFIG), debug_data["raw"], tmp_path_factory.mktemp("days"))
+
+
+@pytest.fixture(scope="module")
+def day1(days, tmp_path_factory) -> Path:
+    """A model trained on the first day only (one process)."""
+    out = tmp_path_factory.mktemp("day1")
+    p = run_gmeta(["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "1", f"data.shards_dir={days['root']}",
+                   f"data.partitions={DAYS[0]}", f"train.output_dir={out}", "train.max_steps=8",
+                   "train.eval_at_end=false", "tracking.enabled=false"], cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return out / "checkpoint"
+
+
+def _day2(days, day1, out: Path, *more: str) -> list[str]:
+    return [f"data.shards_dir={days['root']}", f"data.partitions={DAYS[1]}", f"train.output_dir={out}",
+            f"train.continue_from={day1}", "train.max_steps=10", "train.checkpoint_every_steps=4", *more]
+
+
+def test_continuing_a_day_with_a_kill_in_between_ends_with_the_same_parameters(days, day1, tmp_path, monkeypatch):
+    from tests.support.multiprocess import run_gmeta_ranks
+
+    (tmp_path / "rec-whole").mkdir()
+    with monkeypatch.context() as m:  # the next day, uninterrupted, on 2 processes (the first day: 1)
+        m.setenv("GMETA_TEST_RECORD", str(tmp_path / "rec-whole"))
+        run_gmeta_ranks(["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "2", "--resume", "auto",
+                         "tracking.enabled=false", "train.eval_at_end=false",
+                         *_day2(days, day1, tmp_path / "whole")], 2, cwd=ROOT, harness="tests.support.fault_harness")
+    # the same, rank 1 killed after step 6: the restart resumes its own checkpoint of step 4
+    torchrun_harness(tmp_path / "killed", tmp_path / "rec-killed", days["root"], "0:6:1",
+                     _day2(days, day1, tmp_path / "killed")[1:], max_restarts=1)
+    resumed = {p.name.split("-")[0]: int(p.read_text()) for p in (tmp_path / "rec-killed").glob("*.resume")}
+    assert resumed == {"attempt1": 4}, resumed
+    whole, killed = surviving_records(tmp_path / "rec-whole"), surviving_records(tmp_path / "rec-killed")
+    assert sorted(whole) == list(range(1, 11))
+    assert {s: {r: x["task_ids"] for r, x in v.items()} for s, v in killed.items()} == \
+        {s: {r: x["task_ids"] for r, x in v.items()} for s, v in whole.items()}
+    a, _, meta_a = load_unsharded(tmp_path / "whole" / "checkpoint")
+    b, _, meta_b = load_unsharded(tmp_path / "killed" / "checkpoint")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=name)
+    # both record what they continue and what they trained on
+    before = read_meta(day1)
+    for meta in (meta_a, meta_b):
+        assert meta["partitions"] == [DAYS[1]] and meta["step"] == 10
+        assert [x["checkpoint"] for x in meta["lineage"]] == [str(day1.resolve())]
+        assert meta["lineage"][0]["partitions"] == [DAYS[0]] == before["partitions"]
+        assert meta["lineage"][0]["step"] == 8
+
+
+def test_continuing_carries_the_optimizer_states(days, day1, tmp_path):
+    """The first step of the continued run equals the next step of day one's run on the same
+    batch: Adam's moments and the tables' Adagrad state carried, its step counter too (Adam's
+    bias correction), the rates this config's."""
+    cont = tmp_path / "cont"
+    p = run_gmeta(["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "1", "train.eval_at_end=false",
+                   "tracking.enabled=false", *_day2(days, day1, cont)[:-2], "train.max_steps=1"], cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "continuing the model of" in p.stderr
+    fresh = tmp_path / "fresh"
+    p = run_gmeta(["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "1", "train.eval_at_end=false",
+                   "tracking.enabled=false", f"data.shards_dir={days['root']}", f"data.partitions={DAYS[1]}",
+                   f"train.output_dir={fresh}", f"train.init_from={day1}", "train.max_steps=1"], cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-4000:]
+    start, _, _ = load_unsharded(day1)
+    c, _, _ = load_unsharded(cont / "checkpoint")
+    f, _, _ = load_unsharded(fresh / "checkpoint")
+    s0, sc, sf = start.state_dict(), c.state_dict(), f.state_dict()
+    moved_c = {k: float((sc[k] - s0[k]).abs().max()) for k in s0 if s0[k].is_floating_point()}
+    moved_f = {k: float((sf[k] - s0[k]).abs().max()) for k in s0 if s0[k].is_floating_point()}
+    # fresh Adam's first step moves every weight by about lr; with day one's moments it moves
+    # by another amount: the same batch, another update
+    assert any(abs(moved_c[k] - moved_f[k]) > 1e-4 for k in moved_c if "sparse" not in k), (moved_c, moved_f)
+
+
+def test_continue_from_is_checked(days, day1, tmp_path):
+    base = ["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "1", "tracking.enabled=false",
+            f"data.shards_dir={days['root']}", f"data.partitions={DAYS[1]}", f"train.output_dir={tmp_path / 'x'}"]
+    p = run_gmeta([*base, f"train.continue_from={day1}", f"train.init_from={day1}"], cwd=ROOT)
+    assert p.returncode == 2 and "train.continue_from" in p.stderr and "not both" in p.stderr
+    p = run_gmeta(["train", "--continue-from", str(day1), *base[1:], "model.embedding_dim=4"], cwd=ROOT)
+    assert p.returncode == 2 and "train.continue_from" in p.stderr and "model.embedding_dim" in p.stderr
+    p = run_gmeta(["train", "--continue-from", str(tmp_path / "nothing"), *base[1:]], cwd=ROOT)
+    assert p.returncode == 2 and "train.continue_from" in p.stderr
