@@ -99,3 +99,20 @@ def calibration(report: dict, path: str | Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, Path(path))
+
+
+def over_days(days: list[str], series: dict[str, list], path: str | Path, title: str = "") -> Path:
+    """Metrics (name -> a value per day, None where missing) against the day."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    x = list(range(len(days)))
+    for name, values in series.items():
+        pts = [(i, v) for i, v in zip(x, values) if v is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_xticks(x)
+    ax.set_xticklabels(days, rotation=30, ha="right")
+    ax.set_xlabel("day scored (new tasks)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, Path(path))
