@@ -23,7 +23,9 @@ probabilities) is printed beside them.
 
 The held-out campaigns and their support and query rows are those ``gmeta prepare`` makes
 from the written data under the config's ``data.split`` (the same functions, applied to the
-rows in memory): ``--split eval`` (default) or ``val``.
+rows in memory): ``--split eval`` (default) or ``val``. With ``synth.days``, those of every
+day (``gmeta prepare`` of the whole output directory), each row's shared part with its
+day's drift.
 """
 
 from __future__ import annotations

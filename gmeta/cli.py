@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write synthetic ads-CVR logs (row-level Parquet)",
-                       description="Write synthetic ads-CVR logs with hidden per-task effects.")
+                       description="Write synthetic ads-CVR logs with hidden per-task effects (with "
+                                   "synth.days N: N daily partitions, OUT/dt=YYYY-MM-DD/).")
     _add_config(p)
     p.add_argument("--out", help="output directory (default: data.raw_dir)")
 
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "synth":
         assert cfg is not None  # --config is required (argparse)
-        from gmeta.synth import generate
+        from gmeta.synth import day_line, generate
 
         out = args.out or cfg.data.raw_dir
         try:
@@ -426,7 +427,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:  # a config whose features the generator does not write
             print(f"gmeta synth: {e}", file=sys.stderr)
             return 2
-        print(f"wrote {summary['rows']} rows of {summary['tasks']} tasks to {out}")
+        per_day = summary.get("per_day", [])
+        days = f" in {len(per_day)} days, dt={per_day[0]['date']} to dt={per_day[-1]['date']}," if per_day else ""
+        print(f"wrote {summary['rows']} rows of {summary['tasks']} tasks{days} to {out}")
+        for entry in per_day:
+            print(day_line(entry))
         return 0
 
     if args.command == "prepare":

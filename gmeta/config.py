@@ -198,6 +198,22 @@ class SynthConfig:
     history: str = ""
     # The longest history (a row's length is uniform in 0..history_length).
     history_length: int = 10
+    # Daily partitions: 0 writes one data set (part files in the output directory); N > 0
+    # writes N days, one directory per day (dt=YYYY-MM-DD/part-*.parquet, Hive style), in
+    # which campaigns start, run and end, users come and go and the shared part of the
+    # logit drifts (random streams of their own: 0 gives the one data set as before).
+    days: int = 0
+    # The date of the first day (ISO, YYYY-MM-DD); timestamps are UTC seconds of the day.
+    start_date: str = "2026-12-01"
+    # Mean number of days a campaign runs (at least 1, at most as many days as it has rows;
+    # geometric): its rows are spread over those days, and its ads exist only then.
+    campaign_days: float = 3.0
+    # Mean number of days a user is active (at least 1; geometric): a day's rows draw their
+    # users among that day's active users, by the same popularity skew.
+    user_days: float = 4.0
+    # Standard deviation per day of the random walk of the shared logit's intercept and of
+    # its weights on the three dense columns (0 on the first day; 0: no drift).
+    daily_drift: float = 0.05
 
 
 @dataclass
@@ -681,6 +697,17 @@ def check_partitions(spec: str, key: str = "data.partitions") -> None:
             raise ValueError(f"{key}: {spec!r}: {name!r} is not a partition name; {PARTITIONS_HELP}")
 
 
+def _is_iso_date(text: str) -> bool:
+    """Whether ``text`` is a calendar date written YYYY-MM-DD."""
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        return False
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
@@ -760,6 +787,17 @@ def validate(cfg: Config) -> None:
     _check(s.history not in {f.task_key, f.timestamp, *f.label_names(), f.true_prob, s.conversion} - {""},
            "synth.history", f"{s.history!r} is already a column gmeta synth writes (the task key, a label, the "
            "timestamp, the true probability or the conversion)")
+    _check(s.days >= 0, "synth.days", "must be >= 0 (0: one data set, N: N daily partitions)")
+    _check(_is_iso_date(s.start_date), "synth.start_date", f"{s.start_date!r} is not an ISO date (YYYY-MM-DD)")
+    for k in ("campaign_days", "user_days"):
+        _check(math.isfinite(getattr(s, k)) and getattr(s, k) >= 1.0, f"synth.{k}",
+               "must be a finite number of days >= 1")
+    _check(math.isfinite(s.daily_drift) and s.daily_drift >= 0.0, "synth.daily_drift", "must be finite and >= 0")
+    if s.days > 0:  # every day has a campaign and a user active
+        _check(s.num_tasks >= s.days, "synth.num_tasks", f"must be >= synth.days ({s.days}) so that every day "
+               "has a campaign running")
+        _check(s.num_users >= s.days, "synth.num_users", f"must be >= synth.days ({s.days}) so that every day "
+               "has a user active")
 
     sp = cfg.data.split
     _check(0.0 < sp.support_ratio < 1.0, "data.split.support_ratio", "must be in (0, 1)")
@@ -1149,19 +1187,24 @@ class _Plain:
 
 
 class _TextLoader(_Loader):
-    """``_Loader`` whose unquoted booleans and numbers come as ``_Plain`` (value and text)."""
+    """``_Loader`` whose unquoted booleans, numbers and dates come as ``_Plain`` (value and text)."""
 
 
 def _keep_text(construct):
     def build(loader: _TextLoader, node: yaml.ScalarNode) -> Any:
-        value = construct(loader, node)
+        try:
+            value = construct(loader, node)
+        except ValueError:  # a date that does not exist (2026-13-01): the text, which the key's check names
+            value = node.value
         return _Plain(value, node.value) if node.style is None else value
     return build
 
 
+# (a date too: synth.start_date: 2026-12-01 is the text, which YAML 1.1 reads as a date)
 for _tag, _construct in (("bool", yaml.SafeLoader.construct_yaml_bool),
                          ("int", yaml.SafeLoader.construct_yaml_int),
-                         ("float", yaml.SafeLoader.construct_yaml_float)):
+                         ("float", yaml.SafeLoader.construct_yaml_float),
+                         ("timestamp", yaml.SafeLoader.construct_yaml_timestamp)):
     _TextLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _keep_text(_construct))
 
 

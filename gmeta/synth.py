@@ -24,10 +24,24 @@ campaigns are cold start for their ads (their advertiser and attribute values ma
 The true probability of every row is written (``p_true``) for the oracle AUC. Output is
 deterministic for a given ``synth.seed``; ``draw`` returns the hidden model itself (for
 tests and ``gmeta.ceiling``), which is never written.
+
+Daily partitions (``synth.days`` N > 0): the rows fall on N days from ``synth.start_date``,
+written one directory per day (``dt=YYYY-MM-DD/part-*.parquet``). Each campaign runs on a
+window of consecutive days (geometric length of mean ``synth.campaign_days``, at most its
+number of rows; some already running on the first day, some still running on the last) and
+its rows are spread over them, at least one a day, so that its ads appear when it starts and
+disappear when it ends. Each user is active on a window of days (mean ``synth.user_days``)
+and a day's rows draw their users among that day's active users (by the same popularity).
+The shared logit's intercept and dense weights follow a random walk, 0 on the first day, of
+step ``synth.daily_drift`` per day, in ``p_true``. Every window draw is one of a stream of
+its own and the walk of another, so that ``synth.days: 0`` writes the one data set as
+before, and a daily draw has the same campaigns (sizes, ads, hidden terms) and users
+(latents, interests) as that data set.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 from dataclasses import dataclass
@@ -124,7 +138,17 @@ class Hidden:
     user_tags_flat: np.ndarray  # the users' interest tags, concatenated
     user_tag_off: np.ndarray  # [num_users + 1] offsets into user_tags_flat
     n_tags: np.ndarray  # [num_users]
-    order: np.ndarray  # [rows] the written order
+    order: np.ndarray  # [rows] the written order (with synth.days, day after day)
+    # Daily partitions (synth.days > 0; with 0, one day: day 0, no drift, windows of 1 day
+    # from day 0). A window's first day may be < 0: running before the first day.
+    day: np.ndarray  # [rows] the row's day (0-based)
+    # [max(days, 1), 4] the walk of the shared logit per day: intercept, then the weights
+    # of the three dense columns (added to mu and beta; in base, shared and p_true)
+    drift: np.ndarray
+    camp_first: np.ndarray  # [num_tasks] the first day of the campaign's run
+    camp_days: np.ndarray  # [num_tasks] the number of days it runs
+    user_first: np.ndarray  # [num_users] the first day the user is active
+    user_days: np.ndarray  # [num_users] the number of days it is active
 
 
 def check_schema(cfg: Config) -> None:
@@ -148,8 +172,68 @@ def check_schema(cfg: Config) -> None:
                          f"(it writes {list(SPARSE_COLUMNS)}, and synth.history's column when set)")
 
 
+def _windows(rng: np.random.Generator, n: int, days: int, mean: float,
+             most: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """First day and length of ``n`` windows of consecutive days that meet days 0..days-1:
+    lengths geometric of mean ``mean`` (at least 1, at most ``most``), the first day uniform
+    among those whose window meets the days (as windows that begin at a constant rate
+    would), so that some begin before day 0 and some end after the last day; ``days`` of
+    them, at random, begin on day 0, 1, ... each, so that every day has one (``n`` >= ``days``)."""
+    length = rng.geometric(1.0 / mean, size=n)
+    if most is not None:
+        length = np.minimum(length, most)
+    first = rng.integers(1 - length, days)
+    first[rng.permutation(n)[:days]] = np.arange(days)
+    return first, length
+
+
+def _calendar(cfg: Config, sizes: np.ndarray, user_pop: np.ndarray) -> dict[str, np.ndarray]:
+    """The days of a daily draw (synth.days > 0), from a stream of its own: the campaigns'
+    and users' windows, each row's day and user, and the second within its hour."""
+    s = cfg.synth
+    rng = np.random.default_rng([s.seed, 3])
+    days = s.days
+    camp_first, camp_days = _windows(rng, s.num_tasks, days, s.campaign_days, most=sizes)
+    user_first, user_days = _windows(rng, s.num_users, days, s.user_days)
+    # the campaign's days in the data and its rows over them: one on each day, the rest at random
+    lo = np.maximum(camp_first, 0)
+    on = np.minimum(camp_first + camp_days, days) - lo
+    task = np.repeat(np.arange(s.num_tasks), sizes)
+    within = np.arange(len(task)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    day = lo[task] + np.where(within < on[task], within, (rng.random(len(task)) * on[task]).astype(np.int64))
+    user = np.empty(len(task), np.int64)
+    for d in range(days):
+        rows = np.flatnonzero(day == d)
+        active = np.flatnonzero((user_first <= d) & (d < user_first + user_days))
+        pop = user_pop[active]
+        user[rows] = active[rng.choice(len(active), size=len(rows), p=pop / pop.sum())]
+    return {"camp_first": camp_first, "camp_days": camp_days, "user_first": user_first, "user_days": user_days,
+            "day": day, "user": user, "second": rng.integers(0, 3600, size=len(task))}
+
+
+def _drift(cfg: Config) -> np.ndarray:
+    """The shared logit's walk, [days, 4] (intercept, dense weights): 0 on the first day,
+    steps N(0, daily_drift) a day. Its own stream: the same walk whatever else is drawn."""
+    s = cfg.synth
+    steps = np.random.default_rng([s.seed, 4]).normal(0.0, s.daily_drift, size=(s.days - 1, 4))
+    return np.concatenate([np.zeros((1, 4)), np.cumsum(steps, axis=0)])
+
+
+def day_start(cfg: Config, day: int = 0) -> int:
+    """UTC seconds at the start of day ``day`` of a daily draw (0: synth.start_date)."""
+    d = datetime.date.fromisoformat(cfg.synth.start_date) + datetime.timedelta(days=day)
+    return int(datetime.datetime(d.year, d.month, d.day, tzinfo=datetime.UTC).timestamp())
+
+
+def day_name(cfg: Config, day: int) -> str:
+    """The directory of day ``day``: dt=YYYY-MM-DD."""
+    return f"dt={datetime.date.fromisoformat(cfg.synth.start_date) + datetime.timedelta(days=day)}"
+
+
 def draw(cfg: Config) -> Hidden:
-    """Draw the hidden model and every row from ``synth.seed`` (deterministic)."""
+    """Draw the hidden model and every row from ``synth.seed`` (deterministic; with
+    synth.days, each row's day, user and time from the days' stream and the walk in the
+    shared part)."""
     s = cfg.synth
     rng = np.random.default_rng(s.seed)
     k = s.latent_dim
@@ -195,6 +279,9 @@ def draw(cfg: Config) -> Hidden:
     user_pop = 1.0 / np.arange(1, s.num_users + 1) ** 0.6
     user_pop /= user_pop.sum()
     user = rng.choice(s.num_users, size=n_rows, p=user_pop)
+    cal = _calendar(cfg, sizes, user_pop) if s.days else None
+    if cal is not None:
+        user = cal["user"]  # among the day's active users (the draw above kept, for the draws after it)
     ad = ad_off[task] + (rng.random(n_rows) * ads_per_camp[task]).astype(np.int64)
     hour = rng.integers(0, 24, size=n_rows)
     device = rng.choice(8, size=n_rows, p=np.array([40, 30, 10, 8, 5, 4, 2, 1]) / 100.0)
@@ -206,6 +293,11 @@ def draw(cfg: Config) -> Hidden:
     dense = np.stack([bid, activity, pos_std], axis=1)
 
     base = mu + hour_b[hour] + dev_b[device] + site_b[site] + dense @ beta
+    if cal is not None:
+        drift, day = _drift(cfg), cal["day"]
+        base = base + drift[day, 0] + np.einsum("ij,ij->i", dense, drift[day, 1:])
+    else:
+        drift, day = np.zeros((1, 4)), np.zeros(n_rows, np.int64)
     shared = base + np.einsum("ij,ij->i", user_lat[user], ad_lat[ad]) + ad_quality[ad]
     per_task = t_bias[task] + np.einsum("ij,ij->i", t_pref[task], user_lat[user]) + t_slope[task] * bid
     p_true = 1.0 / (1.0 + np.exp(-(shared + per_task)))
@@ -215,6 +307,14 @@ def draw(cfg: Config) -> Hidden:
     ts = start[task] + rng.integers(0, 10 * 86400, size=n_rows)
     # Shuffle rows so that raw files are not grouped by task (as real logs are not).
     order = rng.permutation(n_rows)
+    if cal is not None:
+        # the day's hour, a second within it; written day after day
+        ts = day_start(cfg) + day * 86400 + hour * 3600 + cal["second"]
+        order = order[np.argsort(day[order], kind="stable")]
+        windows = {k: cal[k] for k in ("camp_first", "camp_days", "user_first", "user_days")}
+    else:
+        windows = {"camp_first": np.zeros(s.num_tasks, np.int64), "camp_days": np.ones(s.num_tasks, np.int64),
+                   "user_first": np.zeros(s.num_users, np.int64), "user_days": np.ones(s.num_users, np.int64)}
     return Hidden(user_lat=user_lat, ad_lat=ad_lat, ad_quality=ad_quality,
                   ad_campaign=np.repeat(np.arange(s.num_tasks), ads_per_camp), ad_attrs=ad_attrs,
                   ad_lat_attr=ad_mean[:, :k], ad_quality_attr=ad_mean[:, k],
@@ -223,7 +323,7 @@ def draw(cfg: Config) -> Hidden:
                   t_bias=t_bias, t_pref=t_pref, t_slope=t_slope, camp_adv=camp_adv, sizes=sizes, task=task,
                   user=user, ad=ad, hour=hour, device=device, site=site, dense=dense, base=base, shared=shared,
                   p_true=p_true, label=label, ts=ts, user_tags_flat=user_tags_flat, user_tag_off=user_tag_off,
-                  n_tags=n_tags, order=order)
+                  n_tags=n_tags, order=order, day=day, drift=drift, **windows)
 
 
 def conversions(cfg: Config, h: Hidden) -> np.ndarray:
@@ -255,32 +355,81 @@ def histories(cfg: Config, h: Hidden) -> tuple[np.ndarray, np.ndarray]:
     (Gumbel-max), among ``_HISTORY_CANDIDATES`` ads drawn at random, so a history leans to
     the ads whose latent matches the user's: it shows the user's taste, which drives the
     click through <u_user, a_ad>. Its own random stream (from synth.seed), so that every
-    other column is the same with or without it."""
+    other column is the same with or without it. With synth.days, the candidates are the
+    ads that exist by the row's day (their campaign has started)."""
     s = cfg.synth
     rng = np.random.default_rng([s.seed, 2])
     n_rows, n_ads = len(h.task), len(h.ad_lat)
     lengths = rng.integers(0, s.history_length + 1, size=n_rows)
     users = np.repeat(h.user, lengths)
+    if s.days:
+        # the ads by the day their campaign starts: those of a day are a prefix of this order
+        ad_first = h.camp_first[h.ad_campaign]
+        by_first = np.argsort(ad_first, kind="stable")
+        known = np.searchsorted(ad_first[by_first], np.repeat(h.day, lengths), side="right")
     out = np.empty(len(users), np.int64)
     chunk = 1 << 16  # bounded memory: [chunk, candidates] at a time
     for lo in range(0, len(users), chunk):
         u = users[lo: lo + chunk]
-        cand = rng.integers(0, n_ads, size=(len(u), _HISTORY_CANDIDATES))
+        if s.days:
+            pick = rng.random((len(u), _HISTORY_CANDIDATES)) * known[lo: lo + chunk, None]
+            cand = by_first[pick.astype(np.int64)]
+        else:
+            cand = rng.integers(0, n_ads, size=(len(u), _HISTORY_CANDIDATES))
         score = _HISTORY_TASTE * np.einsum("rk,rck->rc", h.user_lat[u], h.ad_lat[cand])
         pick = np.argmax(score + rng.gumbel(size=score.shape), axis=1)
         out[lo: lo + chunk] = cand[np.arange(len(u)), pick]
     return lengths, out
 
 
+def _remove_stale(out: Path) -> None:
+    """The files an earlier run wrote to ``out``: part files, at the top or in day
+    directories (dt=*; a day directory goes when nothing else is left in it)."""
+    for old in out.glob("part-*.parquet"):
+        old.unlink()
+    for day_dir in out.glob("dt=*"):
+        if day_dir.is_dir():
+            for old in day_dir.glob("part-*.parquet"):
+                old.unlink()
+            if not any(day_dir.iterdir()):
+                day_dir.rmdir()
+
+
+def _day_counts(cfg: Config, h: Hidden) -> list[dict]:
+    """Per day of a daily draw: its rows, click rate and the campaigns, ads and users seen,
+    with those new that day (a campaign whose run starts that day, so not one already
+    running on the first day; an ad or user the log had not shown before)."""
+    first_ad = np.full(len(h.ad_lat), cfg.synth.days)
+    np.minimum.at(first_ad, h.ad, h.day)
+    first_user = np.full(len(h.user_lat), cfg.synth.days)
+    np.minimum.at(first_user, h.user, h.day)
+    out = []
+    for d in range(cfg.synth.days):
+        rows = np.flatnonzero(h.day == d)
+        out.append({"date": day_name(cfg, d)[3:], "rows": len(rows),
+                    "positive_rate": float(h.label[rows].mean()),
+                    "campaigns": len(np.unique(h.task[rows])), "new_campaigns": int(np.sum(h.camp_first == d)),
+                    "ads": len(np.unique(h.ad[rows])), "new_ads": int(np.sum(first_ad == d)),
+                    "users": len(np.unique(h.user[rows])), "new_users": int(np.sum(first_user == d))})
+    return out
+
+
+def day_line(entry: dict) -> str:
+    """One day of ``generate``'s summary (its ``per_day``) as a line."""
+    return (f"{entry['date']}: {entry['rows']:,} rows, {entry['campaigns']:,} campaigns "
+            f"({entry['new_campaigns']:,} new), {entry['ads']:,} ads ({entry['new_ads']:,} new), "
+            f"{entry['users']:,} users ({entry['new_users']:,} new), positive rate {entry['positive_rate']:.3f}")
+
+
 def generate(cfg: Config, out_dir: str | Path) -> dict:
-    """Write raw row-level Parquet files to ``out_dir``; return a summary dict."""
+    """Write raw row-level Parquet files to ``out_dir`` (with synth.days, one directory of
+    them per day); return a summary dict."""
     check_schema(cfg)
     s = cfg.synth
     f = cfg.features
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("part-*.parquet"):
-        old.unlink()
+    _remove_stale(out)
     h = draw(cfg)
     n_rows = len(h.task)
     task, user, ad, order = h.task, h.user, h.ad, h.order
@@ -332,10 +481,16 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
     columns.setdefault(f.task_key, columns["campaign_id"])
     table = pa.table(columns)
     files = []
-    for i, lo in enumerate(range(0, n_rows, s.rows_per_file)):
-        path = out / f"part-{i:05d}.parquet"
-        pq.write_table(table.slice(lo, s.rows_per_file), path, row_group_size=65_536)
-        files.append(path.name)
+    # the rows of each day are contiguous in the written order (all in one without days)
+    day_rows = np.bincount(h.day, minlength=max(s.days, 1))
+    for d, (lo, n) in enumerate(zip(np.cumsum(day_rows) - day_rows, day_rows, strict=True)):
+        where = out / day_name(cfg, d) if s.days else out
+        where.mkdir(exist_ok=True)
+        for i, at in enumerate(range(0, int(n), s.rows_per_file)):
+            path = where / f"part-{i:05d}.parquet"
+            pq.write_table(table.slice(int(lo) + at, min(s.rows_per_file, int(n) - at)), path,
+                           row_group_size=65_536)
+            files.append(path.relative_to(out).as_posix())
     summary = {
         "rows": n_rows,
         "tasks": int(s.num_tasks),
@@ -350,7 +505,11 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
         "seed": s.seed,
         "files": files,
     }
+    if s.days:
+        summary.update(days=s.days, start_date=s.start_date, campaign_days=s.campaign_days, user_days=s.user_days,
+                       daily_drift=s.daily_drift, per_day=_day_counts(cfg, h))
     # a leading underscore: pyarrow datasets skip it when reading the directory
     (out / "_synth.json").write_text(json.dumps(summary, indent=2))
-    log.info("synth: wrote %d rows of %d tasks to %s", n_rows, s.num_tasks, out)
+    log.info("synth: wrote %d rows of %d tasks to %s%s", n_rows, s.num_tasks, out,
+             f" ({s.days} days from {s.start_date})" if s.days else "")
     return summary
