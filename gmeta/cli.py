@@ -118,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory written by gmeta train")
     src.add_argument("--run-id", help="MLflow run of a gmeta train (its tag gmeta.checkpoint)")
+    src.add_argument("--next-day", nargs="+", metavar="CHECKPOINT",
+                     help="next-day evaluation: each checkpoint (one per day, trained on data.partitions up to it) "
+                          "scored on the tasks new on the partition after the last it trained on; writes "
+                          "next_day.{json,md,png} to --out and a parent MLflow run with a child per day")
     p.add_argument("--baseline", default=None, help="checkpoint of an ERM model to compare against")
     p.add_argument("--generator", default=None,
                    help="warm-up protocol: checkpoint of a model with an id generator of the task-key feature "
@@ -555,6 +559,24 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.nproc_per_node > 1 and not under_torchrun():
             return _launch(args.nproc_per_node, argv, command="evaluate")
+        if args.next_day:
+            from gmeta.next_day import format_series, run_next_day
+
+            if not args.out or args.nproc_per_node > 1 or args.baseline or args.generator or args.protocol \
+                    or args.split:
+                print("gmeta evaluate: --next-day needs --out, in one process, without --baseline, --generator, "
+                      "--protocol or --split", file=sys.stderr)
+                return 2
+            try:
+                shards, _ = _explicit_shards(args)
+                series = run_next_day(args.next_day, out_dir=args.out, inner_steps=args.inner_steps,
+                                      shards_dir=shards, tracking=not args.no_tracking,
+                                      tracking_uri=args.tracking_uri)
+            except (CheckpointError, PrepareError, ValueError, StorageError) as e:
+                _report_error("evaluate", e)
+                return 2
+            print(format_series(series))
+            return 0
         try:
             shards, why = _explicit_shards(args)
             result = run_evaluate(args.checkpoint, run_id=args.run_id or "", cfg_override=cfg,

@@ -169,6 +169,13 @@ def run_next_day(checkpoints: list[str | Path], *, out_dir: str | Path, inner_st
     first = resolve(checkpoints[0])
     meta0 = read_meta(first)
     cfg0 = config_of(first, meta0)
+    parent = None
+    if tracking:  # the parent run first: the series' files name it
+        from gmeta.tracking import make_tracker
+
+        uri = resolve_tracking_uri(cfg0.tracking.uri, tracking_uri or meta0.get("tracking_uri", ""))
+        parent = make_tracker(True, uri, cfg0.tracking.experiment, run_name=run_name)
+        series["mlflow_run_id"] = parent.run_id
     with local_dir(location(out_dir)) as d:
         d.mkdir(parents=True, exist_ok=True)
         (d / "next_day.json").write_text(json.dumps(series, indent=2, default=_json_default))
@@ -176,20 +183,18 @@ def run_next_day(checkpoints: list[str | Path], *, out_dir: str | Path, inner_st
         files = [d / "next_day.json", d / "next_day.md"]
         if any(r.get("auc") is not None for r in rows):
             files.append(plot_series(series, d / "next_day.png"))
-        if tracking:
-            uri = resolve_tracking_uri(cfg0.tracking.uri, tracking_uri or meta0.get("tracking_uri", ""))
-            series["mlflow_run_id"] = _track(series, files, uri, cfg0.tracking.experiment, run_name)
+        if parent is not None:
+            _track(parent, series, files, uri, cfg0.tracking.experiment, run_name)
     log.info("next-day evaluation of %d checkpoint(s): %s", len(rows), out_dir)
     return series
 
 
-def _track(series: dict, files: list[Path], uri: str, experiment: str, run_name: str) -> str:
-    """The parent run (the series' metrics at step = the day's index, and its files), then a
-    child run per day under it; returns the parent's id. (MLflow's active run is one per
-    process: the parent ends before its children start, each tagged with its id.)"""
+def _track(parent, series: dict, files: list[Path], uri: str, experiment: str, run_name: str) -> None:
+    """The parent run gets the series' metrics (step = the day's index) and files, then a
+    child run per day goes under it. (MLflow's active run is one per process: the parent
+    ends before its children start, each tagged with its id.)"""
     from gmeta.tracking import make_tracker
 
-    parent = make_tracker(True, uri, experiment, run_name=run_name)
     parent.set_tags({"gmeta.kind": "next_day_series"})
     rows = [r for r in series["days"] if r.get("day") is not None]
     metrics = [{k: r[k] for k in ("auc", "gauc", "logloss", "no_adapt_auc", "no_adapt_gauc", "new_tasks", "tasks")
@@ -205,7 +210,6 @@ def _track(series: dict, files: list[Path], uri: str, experiment: str, run_name:
         child.log_params({"day": r["day"], "trained_through": r["trained_through"], "checkpoint": r["checkpoint"]})
         child.log_metrics({f"next_day/{k}": v for k, v in m.items()})
         child.finish()
-    return parent_id
 
 
 def _json_default(v):

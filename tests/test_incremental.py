@@ -103,3 +103,56 @@ def test_continue_from_is_checked(days, day1, tmp_path):
     assert p.returncode == 2 and "train.continue_from" in p.stderr and "model.embedding_dim" in p.stderr
     p = run_gmeta(["train", "--continue-from", str(tmp_path / "nothing"), *base[1:]], cwd=ROOT)
     assert p.returncode == 2 and "train.continue_from" in p.stderr
+
+
+@pytest.fixture(scope="module")
+def day2(days, day1, tmp_path_factory) -> Path:
+    """The first day's model continued on the second day (one process)."""
+    out = tmp_path_factory.mktemp("day2")
+    p = run_gmeta(["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "1", "train.eval_at_end=false",
+                   "tracking.enabled=false", *_day2(days, day1, out)[:-1]], cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return out / "checkpoint"
+
+
+def test_next_day_evaluation_scores_the_new_tasks_of_each_next_day(days, day1, day2, tmp_path):
+    import json
+
+    import mlflow
+    import pyarrow.parquet as pq
+
+    from gmeta.io import partitions
+    from gmeta.io.reader import task_keys
+
+    root = days["root"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = run_gmeta(["evaluate", "--next-day", str(day2), str(day1), "--out", str(tmp_path / "series"),
+                   "--tracking-uri", uri], cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-4000:]
+    series = json.loads((tmp_path / "series" / "next_day.json").read_text())
+    rows = series["days"]
+    assert [(r["trained_through"], r["day"]) for r in rows] == [(DAYS[0], DAYS[1]), (DAYS[1], DAYS[2])]
+    for r, before in zip(rows, (DAYS[:1], DAYS[:2])):
+        # new: a campaign of that day with no row in any earlier day's raw logs (read apart from prepare)
+        seen = {int(k) for d in before for k in pq.read_table(days["raw"][d], columns=["campaign_id"])
+                .column("campaign_id").to_pylist()}
+        keys = {**task_keys(root, "train", r["day"]), **task_keys(root, "eval", r["day"])}
+        new = {i for i, k in keys.items() if int(k) not in seen}
+        assert 0 < len(new) < len(keys)
+        assert r["new_tasks"] == len(new)
+        assert set(partitions.new_task_ids(root, r["day"], ("train", "eval")).tolist()) == new
+        assert r["tasks"] == len(new)  # every new task scored, no other (each has query rows)
+        assert 0 < r["auc"] < 1 and 0 < r["gauc"] < 1 and r["logloss"] > 0
+    md = (tmp_path / "series" / "next_day.md").read_text()
+    assert DAYS[1] in md and DAYS[2] in md and (tmp_path / "series" / "next_day.png").is_file()
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(series["mlflow_run_id"])
+    assert [m.value for m in client.get_metric_history(parent.info.run_id, "next_day/auc")] == \
+        [r["auc"] for r in rows]
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.params["day"] for c in children) == [DAYS[1], DAYS[2]]
+    # the last day has no next day yet: its model gets a row saying so, nothing scored
+    p = run_gmeta(["evaluate", "--next-day", str(day2), "--out", str(tmp_path / "none"), "--no-tracking",
+                   f"data.shards_dir={root}"], cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-4000:]

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gmeta.config import PARTITION_NAME as _NAME
@@ -188,38 +189,42 @@ def _sum_dicts(ds: list[dict]) -> dict:
     return out
 
 
-def write_task_ids(part: Path, manifest: dict) -> None:
-    """``task_ids.parquet`` of a prepared partition: the id and split of each of its tasks
-    (read from its shards: only the task key and id columns)."""
-    from gmeta.io import formats
+def _tasks(root: Path, name: str) -> pa.Table:
+    path = partition_dir(root, name) / TASK_IDS
+    if not path.is_file():
+        raise PrepareError(f"{path}: not found; prepare partition {name} again with this version of gmeta")
+    return pq.read_table(path)
 
-    ids, splits = [], []
-    for split, s in manifest["splits"].items():
-        for f in s["files"]:
-            got = [int(i) for _, i in formats.read_task_keys(manifest.get("format", "parquet"), part / f["path"])]
-            ids += got
-            splits += [split] * len(got)
-    pq.write_table(pa.table({"task_id": pa.array(ids, pa.int64()), "split": pa.array(splits, pa.string())}),
-                   part / TASK_IDS)
+
+def _written(root: Path, name: str, splits: tuple[str, ...] | None) -> pa.Table:
+    """The rows of the written tasks (of ``splits``, when given) of ``task_ids.parquet``."""
+    t = _tasks(root, name)
+    split = t.column("split")
+    keep = pc.not_equal(split, "dropped") if splits is None else pc.is_in(split, pa.array(list(splits)))
+    return t.filter(keep)  # (no null task_id left: to_numpy keeps int64)
 
 
 def task_ids(root: Path, name: str, splits: tuple[str, ...] | None = None) -> np.ndarray:
-    """The task ids of partition ``name`` (of ``splits`` only, when given), sorted."""
-    t = pq.read_table(partition_dir(root, name) / TASK_IDS)
-    ids = t.column("task_id").to_numpy()
-    if splits is not None:
-        keep = np.isin(t.column("split").to_numpy(zero_copy_only=False), list(splits))
-        ids = ids[keep]
-    return np.unique(ids)
+    """The ids of the tasks written to partition ``name`` (of ``splits`` only, when given), sorted."""
+    return np.unique(_written(root, name, splits).column("task_id").to_numpy())
+
+
+def input_keys(root: Path, name: str) -> np.ndarray:
+    """The hash of every task key in partition ``name``'s input (tasks dropped by prepare
+    included: too few rows make no task, but the campaign was running), sorted."""
+    return np.unique(_tasks(root, name).column("key_hash").to_numpy())
 
 
 def new_task_ids(root: Path, name: str, splits: tuple[str, ...] | None = None) -> np.ndarray:
-    """The task ids of partition ``name`` (of ``splits``) that no earlier partition holds in
-    any split: the tasks that are new on that day."""
-    ids = task_ids(root, name, splits)
-    for prev in previous(root, name):
-        ids = ids[~np.isin(ids, task_ids(root, prev), assume_unique=True)]
-    return ids
+    """The ids of the tasks of partition ``name`` (of ``splits``) whose task key occurs in
+    no earlier partition's input: the tasks that are new on that day (a chunk of a long
+    task is new when its task's key is)."""
+    t = _written(root, name, splits)
+    ids, keys = t.column("task_id").to_numpy(), t.column("key_hash").to_numpy()
+    before = [input_keys(root, p) for p in previous(root, name)]
+    if before:
+        ids = ids[~np.isin(keys, np.unique(np.concatenate(before)))]
+    return np.unique(ids)
 
 
 def build_index(root: Path) -> dict:
@@ -229,13 +234,10 @@ def build_index(root: Path) -> dict:
     from gmeta.io.manifest import content_hash
 
     entries = []
-    seen_tasks = np.zeros(0, dtype=np.int64)
     seen_ids: dict[str, np.ndarray] = {}
     for name in names(root):
         m = _load(root, name)
-        tasks = task_ids(root, name)
-        new_tasks = int((~np.isin(tasks, seen_tasks, assume_unique=True)).sum())
-        seen_tasks = np.union1d(seen_tasks, tasks)
+        new_tasks = len(new_task_ids(root, name))
         ids = {}
         for s in m["schema"]["sparse"]:
             f = s["name"]

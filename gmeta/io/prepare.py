@@ -59,6 +59,7 @@ from gmeta.io.formats import parquet, webdataset
 from gmeta.io.id_counts import DIR as ID_COUNTS
 from gmeta.io.id_counts import IdCounts
 from gmeta.io.manifest import FORMAT_VERSION, MANIFEST, content_hash, splits_of
+from gmeta.io.partitions import TASK_IDS
 from gmeta.io.sources import Batch, Source, SourceError, open_source, parse_number
 from gmeta.io.split import DROP_REASONS, ROW_DROP_REASONS, chunk_tasks, split_tasks, warmup_splits
 from gmeta.storage import check_bucket, is_url, location, rmtree, write_atomic
@@ -260,7 +261,7 @@ class _ShardWriter:
 
 
 def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, Any],
-                    id_counts: IdCounts) -> dict[str, pa.Table]:
+                    id_counts: IdCounts, tasks: TaskIndex | None = None) -> dict[str, pa.Table]:
     """All rows of some tasks -> their task records, per split, in a seeded order."""
     sp = cfg.data.split
     # rows of equal time in input order (__row): the order tie_break "input_order" keeps
@@ -271,6 +272,9 @@ def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, Any],
     counts = np.diff(np.concatenate([task_start, [len(keys)]]))
     task_keys = keys[task_start]
     task_hash = stable_hash(task_keys, "task")
+    key_hash = task_hash  # of the task key: the task's id, unless it is chunked below
+    if tasks is not None:
+        tasks.add_input(key_hash)
     dropped["input_tasks"] += len(task_keys)
     # held-out tasks: a hash of the key, uniform in [0, 1): eval below eval_fraction, val
     # in the next val_fraction
@@ -288,6 +292,7 @@ def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, Any],
         dropped["chunked"]["tasks"] += int(np.count_nonzero(pieces > 1))
         dropped["chunked"]["into"] += int(pieces[pieces > 1].sum())
         task_keys, split_of, rank, task_hash = task_keys[source], split_of[source], rank[source], new_hash
+        key_hash = key_hash[source]
     support_idx, query_idx, d = split_tasks(cfg, task_start, counts, ts, task_hash, held_out=split_of != "train")
     for kind in ("tasks", "rows"):
         for k, v in d[kind].items():
@@ -314,6 +319,8 @@ def _bucket_records(t: pa.Table, cfg: Config, dropped: dict[str, Any],
             "support": _nested(np.concatenate([support_idx[i] for i in sel]), s_len, columns),
             "query": _nested(np.concatenate([query_idx[i] for i in sel]), q_len, columns),
         })
+        if tasks is not None:
+            tasks.add(split, task_hash[sel], key_hash[sel])
         for side in ("support", "query"):  # occurrences of each id in the rows kept (views, no copy)
             struct = out[split].column(side).combine_chunks()
             for sf in cfg.features.sparse:
@@ -412,8 +419,7 @@ def prepare_partition(cfg: Config, input_path: str | Path, out_dir: str | Path, 
     if staged.exists():  # what a prepare of this partition that stopped left
         shutil.rmtree(staged)
     try:
-        manifest = _prepare(cfg, input_path, staged)
-        parts.write_task_ids(staged, manifest)
+        manifest = _prepare(cfg, input_path, staged, task_index=True)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
@@ -422,7 +428,40 @@ def prepare_partition(cfg: Config, input_path: str | Path, out_dir: str | Path, 
     return manifest
 
 
-def _prepare(cfg: Config, input_path: str | Path, out: Path) -> dict:
+class TaskIndex:
+    """The tasks prepare wrote (id, split, hash of the task key) and the hash of every task
+    key in its input, dropped ones included: a partition's ``task_ids.parquet``, from which
+    the tasks new on a day are those whose key no earlier partition's input held."""
+
+    def __init__(self) -> None:
+        self.inputs: list[np.ndarray] = []
+        self.written: list[tuple[str, np.ndarray, np.ndarray]] = []
+
+    def add_input(self, key_hash: np.ndarray) -> None:
+        self.inputs.append(np.asarray(key_hash, dtype=np.uint64))
+
+    def add(self, split: str, task_id: np.ndarray, key_hash: np.ndarray) -> None:
+        self.written.append((split, np.asarray(task_id, dtype=np.uint64), np.asarray(key_hash, dtype=np.uint64)))
+
+    def write(self, path: Path) -> None:
+        """One row per written task (its split) and one per input key no task was written
+        for (split "dropped", task_id null)."""
+        ids = [w[1] for w in self.written]
+        keys = [w[2] for w in self.written]
+        splits = [np.full(len(w[1]), w[0]) for w in self.written]
+        inputs = np.unique(np.concatenate(self.inputs)) if self.inputs else np.zeros(0, np.uint64)
+        kept = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+        lost = inputs[~np.isin(inputs, kept)]
+        task_id = np.concatenate([*ids, np.zeros(len(lost), np.uint64)]).astype(np.int64)
+        mask = np.concatenate([np.zeros(sum(len(i) for i in ids), bool), np.ones(len(lost), bool)])
+        pq.write_table(pa.table({
+            "task_id": pa.array(task_id, pa.int64(), mask=mask),
+            "split": pa.array(np.concatenate([*splits, np.full(len(lost), "dropped")]).astype(str).tolist()
+                              if len(task_id) else [], pa.string()),
+            "key_hash": pa.array(np.concatenate([kept, lost]).astype(np.int64), pa.int64())}), path)
+
+
+def _prepare(cfg: Config, input_path: str | Path, out: Path, task_index: bool = False) -> dict:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -466,14 +505,17 @@ def _prepare(cfg: Config, input_path: str | Path, out: Path) -> dict:
         # a failed prepare leaves the shards and manifest of the last one as they were
         staging = Path(tmp) / "shards"
         writer = _ShardWriter(staging, cfg, schema)
+        tasks = TaskIndex() if task_index else None
         id_counts = IdCounts([sf.name for sf in f.sparse], splits_of(cfg))
         for bucket in tqdm(parts.buckets(), total=parts_n, unit="bucket", desc="prepare: group", disable=not show):
-            records = _bucket_records(bucket, cfg, dropped, id_counts)
+            records = _bucket_records(bucket, cfg, dropped, id_counts, tasks)
             del bucket
             for split in records:
                 writer.add(split, records[split])
         splits = writer.close()
         id_counts.write(staging)
+        if tasks is not None:
+            tasks.write(staging / TASK_IDS)
         input_tasks = int(dropped["input_tasks"])
         _check_splits(cfg, splits, dropped, input_tasks, input_path)
         cardinality = card.summary()
@@ -566,7 +608,7 @@ def _install(staging: Path, out: Path, manifest: dict) -> None:
                 out.fs.put(str(staging / split), (out / split).path, recursive=True)  # type: ignore[attr-defined]
         write_atomic(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2)))
         return
-    for split in ("train", "eval", "val", ID_COUNTS):
+    for split in ("train", "eval", "val", ID_COUNTS, TASK_IDS):
         target = out / split
         if target.exists():
             trash = staging.parent / f"old-{split}"
