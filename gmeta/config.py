@@ -81,6 +81,11 @@ class SparseFeature:
     # (evaluate, predict, serving: nothing is admitted then): "miss_row", the shared miss
     # row that not-admitted ids trained; "zero", an all-zero embedding.
     unknown_ids: Literal["miss_row", "zero"] = "miss_row"
+    # ids: managed only, incremental training (train.continue_from on a partitioned data
+    # set): when a run continues, the ids that occur in none of the last D partitions (days)
+    # up to the last it reads lose their slot, for new ids to take (their rows reset to the
+    # miss row when taken). 0: an id keeps its slot until the eviction policy gives it away.
+    evict_after_days: int = 0
     # > 0: the feature is a sequence (a user's behaviour: the last ads or items clicked, most
     # recent first), a multi_hot list column cut to its first max_length ids when prepared and
     # scored. It takes max_length cells per row, one id each (zeros past its end): model.arch
@@ -753,13 +758,14 @@ def validate(cfg: Config) -> None:
             _check(sf.num_embeddings >= 2, f"features.sparse[{i}].num_embeddings",
                    "must be >= 2 with ids: managed (the slots, the last of which is the miss row)")
             _check(sf.eviction_interval >= 1, f"features.sparse[{i}].eviction_interval", "must be >= 1")
+            _check(sf.evict_after_days >= 0, f"features.sparse[{i}].evict_after_days", "must be >= 0 (0: never)")
             _check(not cfg.train.pipeline, f"features.sparse[{i}].ids",
                    "managed ids need train.pipeline: false (the pipeline remaps the next batch's ids before "
                    "this batch's lookup and update, so a slot evicted for the next batch could still be read "
                    "and updated for this one)")
         else:
             for k, default in (("eviction_policy", "distance_lfu"), ("eviction_interval", 1),
-                               ("unknown_ids", "miss_row")):
+                               ("unknown_ids", "miss_row"), ("evict_after_days", 0)):
                 _check(getattr(sf, k) == default, f"features.sparse[{i}].{k}",
                        f"applies to ids: managed only (this feature has ids: {sf.ids})")
     dup = {n for n in names if names.count(n) > 1}

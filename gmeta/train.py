@@ -41,7 +41,13 @@ from gmeta.config import Config, ConfigError, OptimConfig, dump_yaml, flatten, t
 from gmeta.io.dynamic import DynamicTaskReader, SizeSchedule, new_nonce
 from gmeta.io.features import id_hash_of
 from gmeta.io.id_counts import known_ids
-from gmeta.io.manifest import check_manifest_matches, check_same_shards, load_manifest, shards_record
+from gmeta.io.manifest import (
+    check_manifest_matches,
+    check_same_shards,
+    describe_shards,
+    load_manifest,
+    shards_record,
+)
 from gmeta.io.reader import TaskReader
 from gmeta.meta.algorithms import ALGORITHMS
 from gmeta.meta.base import MetaOutput
@@ -530,8 +536,9 @@ class TrainingRun:
         check_bucket(self.out_dir, "train.output_dir")
         self.ckpt_root = self.out_dir / "checkpoints"
         self.manifest = load_manifest(cfg.data.shards_dir, cfg.data.partitions)
-        check_manifest_matches(self.manifest, cfg, str(location(cfg.data.shards_dir) / "manifest.json"))
-        self.id_hash = id_hash_of(self.manifest, str(location(cfg.data.shards_dir) / "manifest.json"))
+        where = describe_shards(cfg.data.shards_dir, cfg.data.partitions)
+        check_manifest_matches(self.manifest, cfg, where)
+        self.id_hash = id_hash_of(self.manifest, where)
         self.shards = shards_record(cfg.data.shards_dir, self.manifest)  # kept in every checkpoint
         self.resume_from = _resume_path(cfg, self.out_dir)
         # the runs this model continues (train.continue_from), oldest first: kept in every checkpoint
@@ -716,6 +723,7 @@ class TrainingRun:
         for g, lr in zip(groups, rates):  # (the loaded groups hold the rate its run ended with)
             g["lr"] = lr
         self.model.fused_optimizer.step()  # hands the rates to the fused kernels
+        self.evict_stale_ids()
         rows = self.model.module.default_rows
         for name, mask in known_ids(cfg).items():
             before = getattr(rows, f"known_{name}").cpu()
@@ -726,6 +734,34 @@ class TrainingRun:
         if self.env.is_main:
             log.info("continuing the model of %s (step %d, partitions %s): weights and optimizer states",
                      path, int(meta["step"]), ", ".join(meta.get("partitions", [])) or "-")
+
+    def evict_stale_ids(self) -> None:
+        """features.sparse[].evict_after_days: the managed ids that occur in none of the
+        last D partitions up to the last this run reads give up their slots."""
+        from gmeta.io import partitions as parts
+        from gmeta.io.id_counts import read_all_ids
+
+        cfg, env = self.cfg, self.env
+        stale = [s for s in cfg.features.sparse if s.evict_after_days > 0]
+        chosen = [p["name"] for p in self.manifest.get("selected_partitions", [])]
+        if not stale or not chosen:
+            if stale and env.is_main:
+                log.warning("features.sparse[].evict_after_days: %s is not a partitioned data set: no id is evicted "
+                            "by age", cfg.data.shards_dir)
+            return
+        root = location(cfg.data.shards_dir)
+        every = parts.names(root)
+        last = every.index(max(chosen))
+        managed = self.model.module.managed
+        for s in stale:
+            window = every[max(0, last - s.evict_after_days + 1): last + 1]
+            keep = torch.unique(torch.cat([torch.from_numpy(read_all_ids(parts.partition_dir(root, p), s.name))
+                                           for p in window]))
+            before = managed.live_ids()[s.name]
+            n = managed.drop_ids(s.name, keep)
+            if env.is_main:
+                log.info("features %s: %d of %d ids evicted, not seen in the last %d partition(s) (%s..%s)", s.name,
+                         n, before, len(window), window[0], window[-1])
 
     # ---------------------------------------------------------------- tracking
     def open_tracking(self) -> None:
@@ -741,11 +777,15 @@ class TrainingRun:
                 "gmeta.device": env.device.type, "gmeta.checkpoint": absolute(self.out_dir / "checkpoint")}
         if self.resume_from is not None:
             tags["gmeta.resumed_from"] = f"{self.resume_from} (step {self.step})"
+        if self.lineage:
+            tags["gmeta.continued_from"] = self.lineage[-1]["checkpoint"]
+        if self.manifest.get("selected_partitions"):
+            tags["gmeta.partitions"] = ",".join(p["name"] for p in self.manifest["selected_partitions"])
         if tracker.run_id != self.run_id:  # a new run (not a continued one): its params and inputs
             tracker.log_params(flatten(to_dict(cfg)))
             tracker.log_text(dump_yaml(cfg), "config.yaml")
-            with local_copy(location(cfg.data.shards_dir) / "manifest.json") as manifest:
-                tracker.log_artifact(manifest)
+            # (of a partitioned data set: the manifest merging the partitions read)
+            tracker.log_text(json.dumps(self.manifest, indent=2), "manifest.json")
         tracker.set_tags(tags)
         log.info("training %s: %d steps (%d per epoch), %d tasks per step on each of %d ranks",
                  cfg.meta.algorithm, self.total_steps, len(self.reader), cfg.meta.tasks_per_batch, env.world_size)

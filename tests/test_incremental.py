@@ -156,3 +156,53 @@ def test_next_day_evaluation_scores_the_new_tasks_of_each_next_day(days, day1, d
     p = run_gmeta(["evaluate", "--next-day", str(day2), "--out", str(tmp_path / "none"), "--no-tracking",
                    f"data.shards_dir={root}"], cwd=ROOT)
     assert p.returncode == 0, p.stderr[-4000:]
+
+
+MANAGED = ["features.sparse.ad_id.ids=managed", "train.pipeline=false"]
+
+
+@pytest.fixture(scope="module")
+def managed_days(debug_data, tmp_path_factory):
+    return prepare_days(load_config(DEBUG_CONFIG, MANAGED), debug_data["raw"], tmp_path_factory.mktemp("mdays"))
+
+
+def test_managed_ids_not_seen_for_d_days_lose_their_slots(managed_days, days, tmp_path):
+    """A continued run with evict_after_days 1 frees the slots of the ad ids of the first
+    day that the second does not show; without it, they keep them."""
+    from gmeta.io.id_counts import read_all_ids
+    from gmeta.io.partitions import partition_dir
+
+    root = managed_days["root"]
+    base = ["train", "--config", DEBUG_CONFIG, "--nproc-per-node", "1", "train.eval_at_end=false",
+            "tracking.enabled=false", f"data.shards_dir={root}", *MANAGED]
+    p = run_gmeta([*base, f"data.partitions={DAYS[0]}", f"train.output_dir={tmp_path / 'd1'}", "train.max_steps=6"],
+                  cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-4000:]
+
+    def live(ckpt):
+        model, _, _ = load_unsharded(ckpt)
+        raw = model.managed.module_of("ad_id")._mch_sorted_raw_ids
+        return set(raw[raw != torch.iinfo(torch.int64).max].tolist())
+
+    first = live(tmp_path / "d1" / "checkpoint")
+    day2 = set(read_all_ids(partition_dir(root, DAYS[1]), "ad_id").tolist())
+    gone = first - day2
+    assert gone and first & day2  # campaigns that ended, and ones that run on
+    runs = {}
+    for d in (0, 1):
+        out = tmp_path / f"d2-{d}"
+        p = run_gmeta([*base, f"data.partitions={DAYS[1]}", f"train.output_dir={out}", "train.max_steps=1",
+                       f"train.continue_from={tmp_path / 'd1' / 'checkpoint'}",
+                       f"features.sparse.ad_id.evict_after_days={d}"], cwd=ROOT)
+        assert p.returncode == 0, p.stderr[-4000:]
+        runs[d] = (live(out / "checkpoint"), p.stderr)
+    kept, _ = runs[0]
+    assert gone <= kept  # no eviction by age: the first day's ids hold their slots
+    after, log = runs[1]
+    assert not after & gone and after <= day2  # every live id is one the second day shows
+    assert f"{len(gone)} of {len(first)} ids evicted, not seen in the last 1 partition(s)" in log
+    # with hashed ids the key is refused: nothing to evict, a row is shared by whatever hashes to it
+    p = run_gmeta([*base[:-3], f"data.shards_dir={days['root']}", f"data.partitions={DAYS[1]}",
+                   f"train.output_dir={tmp_path / 'h'}",
+                   "features.sparse.ad_id.evict_after_days=1"], cwd=ROOT)
+    assert p.returncode == 2 and "evict_after_days" in p.stderr and "ids: managed only" in p.stderr

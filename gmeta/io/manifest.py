@@ -72,6 +72,13 @@ def _exists(path) -> bool:
         return False
 
 
+def describe_shards(shards_dir: str | Path, partitions: str = "") -> str:
+    """The manifest of ``shards_dir`` for messages: its manifest.json, or the partitions
+    index and the selection of a partitioned data set."""
+    root = location(shards_dir)
+    return f"{root}/partitions.json (data.partitions {partitions})" if partitions else str(root / MANIFEST)
+
+
 class OtherShardsError(PrepareError):
     """Shards whose manifest differs from those a checkpoint was trained on."""
 

@@ -305,6 +305,24 @@ class ManagedIds(nn.Module):
                 if local.numel():
                     t[local] = 0
 
+    @torch.no_grad()
+    def drop_ids(self, name: str, keep: torch.Tensor) -> int:
+        """Free the slot of every id of feature ``name`` that is not in ``keep`` (int64 id
+        hashes, as the shards hold them); returns how many. A freed slot is empty to MCH:
+        the next id admitted takes it (its row reset then, as for any slot given). The same
+        on every rank: ``keep`` comes from the data set, not from this rank's batches."""
+        mc = self.module_of(name)
+        raw = mc._mch_sorted_raw_ids
+        stale = (raw != _EMPTY) & ~torch.isin(raw, keep.to(raw.device))
+        n = int(stale.sum())
+        if n:
+            raw[stale] = _EMPTY
+            for buf in mc._mch_metadata.values():  # occurrences, last seen: those of an empty slot
+                buf[stale] = 0
+            mc._sort_mch_buffers()  # (empty slots last: what remap and open_slots search)
+            getattr(self, f"evictions_{name}").add_(n)
+        return n
+
     def read_stats(self) -> dict[str, torch.Tensor]:
         """Per feature: ``[occurrences on the miss row, occurrences]`` since the last read
         (this rank's), then reset."""
