@@ -16,7 +16,7 @@ prepared as a partition (``gmeta prepare --partition``).
    --next-day``), AUC and GAUC of the adapted model, mean and spread over ``--seeds``
    (train.seed; the data is the same).
 
-    python -m benchmarks.incremental [--days 8] [--num-tasks 8000] [--seeds 0 1 2]
+    python -m benchmarks.incremental [--days 8] [--num-tasks 20000] [--seeds 0 1 2] [--retrain-days 3 5 7]
 """
 
 from __future__ import annotations
@@ -70,10 +70,13 @@ def spread(values: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--days", type=int, default=8, help="days written; models are delivered for days 1..days-1")
-    ap.add_argument("--num-tasks", type=int, default=8000, help="campaigns over all days (synth.num_tasks)")
+    ap.add_argument("--num-tasks", type=int, default=20000, help="campaigns over all days (synth.num_tasks)")
     ap.add_argument("--campaign-days", type=float, default=2.5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=1, help="train.epochs of every model")
+    ap.add_argument("--retrain-days", type=int, nargs="*", default=None,
+                    help="the days (1-based) on which a model is also retrained from scratch (default: every day; "
+                         "day 1's model is the same either way)")
     ap.add_argument("--workdir", default="", help="keep the data and runs here (default: a temporary folder)")
     args = ap.parse_args()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gmeta-incremental-"))
@@ -116,13 +119,15 @@ def main() -> None:
             else:
                 s = train(work, inc, [f"data.partitions={d}"], seed,
                           [*epochs, f"train.continue_from={ckpts['incremental'][-1]}"])
-                ret = work / f"s{seed}" / "retrained" / d
-                r = train(work, ret, [f"data.partitions=..{d}"], seed, epochs)
-                times["retrained"].setdefault(d, []).append(r)
-                ckpts["retrained"].append(ret / "checkpoint")
+                if args.retrain_days is None or i + 1 in args.retrain_days:
+                    ret = work / f"s{seed}" / "retrained" / d
+                    r = train(work, ret, [f"data.partitions=..{d}"], seed, epochs)
+                    times["retrained"].setdefault(d, []).append(r)
+                    ckpts["retrained"].append(ret / "checkpoint")
             times["incremental"].setdefault(d, []).append(s)
             ckpts["incremental"].append(inc / "checkpoint")
-            print(f"seed {seed} day {d}: incremental {s:.1f}s, retrained {times['retrained'][d][-1]:.1f}s", flush=True)
+            again = f"{times['retrained'][d][-1]:.1f}s" if d in times["retrained"] else "-"
+            print(f"seed {seed} day {d}: incremental {s:.1f}s, retrained {again}", flush=True)
         for way in ckpts:
             for row in next_day(work, ckpts[way], work / f"s{seed}" / f"next-{way}"):
                 if row.get("day") is None or row.get("auc") is None:
@@ -139,16 +144,18 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     result = {"prepare_partition_s": part_s[days[-1]], "prepare_whole_s": whole_s, "days": []}
     for d in delivered:
-        ti, tr = statistics.mean(times["incremental"][d]), statistics.mean(times["retrained"][d])
+        ti = statistics.mean(times["incremental"][d])
+        tr = statistics.mean(times["retrained"][d]) if d in times["retrained"] else None
         qi, qr = quality["incremental"].get(d), quality["retrained"].get(d)
-        row = {"day": d, "incremental_s": ti, "retrained_s": tr, "ratio": tr / ti}
-        cells = ["-"] * 5
-        if qi and qr:
-            cells = [str(qi["new_tasks"][0]), spread(qi["auc"]), spread(qr["auc"]), spread(qi["gauc"]),
-                     spread(qr["gauc"])]
-            row.update(auc_incremental=qi["auc"], auc_retrained=qr["auc"], gauc_incremental=qi["gauc"],
-                       gauc_retrained=qr["gauc"], new_tasks=qi["new_tasks"][0])
-        print(f"| {d} | {ti:.1f} | {tr:.1f} | {tr / ti:.2f}x | " + " | ".join(cells) + " |")
+        row: dict = {"day": d, "incremental_s": ti, "retrained_s": tr, "ratio": tr / ti if tr else None}
+        cells = [str(qi["new_tasks"][0]) if qi else "-", spread(qi["auc"]) if qi else "-",
+                 spread(qr["auc"]) if qr else "-", spread(qi["gauc"]) if qi else "-", spread(qr["gauc"]) if qr else "-"]
+        if qi:
+            row.update(auc_incremental=qi["auc"], gauc_incremental=qi["gauc"], new_tasks=qi["new_tasks"][0])
+        if qr:
+            row.update(auc_retrained=qr["auc"], gauc_retrained=qr["gauc"])
+        again = f"{tr:.1f} | {tr / ti:.2f}x" if tr else "- | -"
+        print(f"| {d} | {ti:.1f} | {again} | " + " | ".join(cells) + " |")
         result["days"].append(row)
     emit("incremental", result)
     if not args.workdir:

@@ -122,6 +122,10 @@ SHRINK = {
     ("train", "configs/ads_cvr.yaml"): ["train.max_steps=6", "train.checkpoint_every_steps=3", *_FAST, *_ADS_TABLES],
     # the debug data's three epochs are what its figures need, not what running the command proves
     ("train", "configs/ads_cvr_debug.yaml"): ["train.epochs=1"],
+    # daily.md runs its own synth: 8 days of a few hundred campaigns
+    ("synth", "configs/ads_daily.yaml"): ["synth.num_tasks=600", "synth.num_users=800", "synth.max_rows_per_task=200"],
+    ("prepare", "configs/ads_daily.yaml"): _ADS_TABLES,
+    ("train", "configs/ads_daily.yaml"): ["train.max_steps=4", *_FAST, *_ADS_TABLES],
 }
 
 
