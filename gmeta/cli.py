@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", default="", help="write the input as this partition (e.g. a day, 2026-12-01) of "
                    "the partitioned data set --out, replacing only that partition; data.partitions selects "
                    "which partitions training reads")
+    p.add_argument("--partition-dirs", default="", metavar="KEY",
+                   help="prepare each KEY=VALUE directory of --input (Hive layout, e.g. dt=2026-12-01 as gmeta synth "
+                        "writes days) as partition VALUE, in order; --new-only skips those the data set holds")
+    p.add_argument("--new-only", action="store_true", help="with --partition-dirs: only the partitions not yet "
+                   "prepared")
 
     p = sub.add_parser("train", help="meta-train (MAML) or train the ERM baseline",
                        description="Train on task shards; N processes via torchrun when N > 1.")
@@ -408,6 +413,39 @@ def _plan(args: argparse.Namespace, cfg) -> int:
     return 0
 
 
+def _prepare_dirs(cfg, raw: str, out: str, key: str, new_only: bool, partition: str) -> int:
+    """gmeta prepare --partition-dirs KEY: each KEY=VALUE directory of ``raw`` as partition VALUE."""
+    from gmeta.io import partitions
+    from gmeta.io.errors import PrepareError
+    from gmeta.io.prepare import prepare
+    from gmeta.storage import location
+
+    if partition:
+        print("gmeta prepare: --partition and --partition-dirs: give one (a directory's partition is its VALUE)",
+              file=sys.stderr)
+        return 2
+    root, src = location(out), location(raw)
+    found = sorted((d.name.split("=", 1)[1], d) for d in src.iterdir() if d.is_dir() and d.name.startswith(key + "="))
+    if not found:
+        print(f"gmeta prepare: {src}: no {key}=VALUE directory (--partition-dirs {key})", file=sys.stderr)
+        return 2
+    have = set(partitions.names(root)) if new_only else set()
+    todo = [(v, d) for v, d in found if v not in have]
+    for value, d in todo:
+        try:
+            m = prepare(cfg, d, out, partition=value)
+        except (PrepareError, StorageError) as e:
+            print(f"gmeta prepare: {d}: {e}", file=sys.stderr)
+            return 2
+        print(f"prepare: {d} -> partition {value}: {m['input_rows']:,} rows, "
+              + ", ".join(f"{k} {v['tasks']:,} tasks" for k, v in m["splits"].items()))
+    if len(todo) < len(found):
+        print(f"prepare: {len(found) - len(todo)} partition(s) already in {root} left as they are (--new-only)")
+    if partitions.is_partitioned(root):
+        print(partitions.format_index(json.loads((root / partitions.INDEX).read_text())))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -444,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
         from gmeta.io.prepare import format_report, prepare
 
         out = args.out or cfg.data.shards_dir
+        if args.partition_dirs:
+            return _prepare_dirs(cfg, args.input or cfg.data.raw_dir, out, args.partition_dirs, args.new_only,
+                                 args.partition)
         try:
             m = prepare(cfg, args.input or cfg.data.raw_dir, out, partition=args.partition)
         except (PrepareError, StorageError) as e:

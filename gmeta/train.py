@@ -649,6 +649,7 @@ class TrainingRun:
         # [tasks, rows] of the steps since the last log or checkpoint (see take_counts)
         self.counts = torch.zeros(2, dtype=torch.float64, device=env.device)
         self.since = {"t": time.perf_counter(), "tasks": 0, "rows": 0}  # (loop() starts the clock)
+        self.t_loop = 0.0  # when loop() started (perf_counter)
         self.last_out: MetaOutput | None = None  # of the last step, and whether it was logged, validated
         self.logged, self.validated = False, -1
 
@@ -813,6 +814,8 @@ class TrainingRun:
                 # the partitions of a partitioned data set it trained on, and the runs it continues
                 "partitions": [p["name"] for p in self.manifest.get("selected_partitions", [])],
                 "lineage": self.lineage,
+                # wall seconds of this process's training loop so far (a resumed run: since it resumed)
+                "loop_seconds": round(time.perf_counter() - self.t_loop, 3) if self.t_loop else None,
                 "validation": {"metric": self.metric, "best": self.best, "best_step": self.best_step,
                                "since_best": self.since_best, "stopped_early": self.stopped_early}}
         if weights_only:

@@ -154,3 +154,28 @@ def test_selections_and_layouts_are_checked(days, tmp_path):
     for bad in ("last:0", "last:x", "..", "a b"):
         with pytest.raises(ConfigError, match="data.partitions"):
             load_config(DEBUG_CONFIG, [f"data.partitions={bad}"])
+
+
+def test_partition_dirs_prepares_each_day_directory_once(days, tmp_path):
+    from tests.support.cli import run_gmeta
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in DAYS[:2]:
+        os.symlink(days["raw"][name], raw / f"dt={name}", target_is_directory=True)
+    out = tmp_path / "shards"
+    args = ["prepare", "--config", str(DEBUG_CONFIG), "--input", str(raw), "--out", str(out), "--partition-dirs", "dt"]
+    p = run_gmeta(args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert parts.names(out) == list(DAYS[:2])
+    for name in DAYS[:2]:  # the same partition as prepared one by one
+        assert content_hash(load_manifest(parts.partition_dir(out, name))) == \
+            content_hash(load_manifest(parts.partition_dir(days["root"], name)))
+    before = _files(out, DAYS[0])
+    os.symlink(days["raw"][DAYS[2]], raw / f"dt={DAYS[2]}", target_is_directory=True)
+    p = run_gmeta([*args, "--new-only"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 partition(s) already in" in p.stdout and parts.names(out) == list(DAYS)
+    assert _files(out, DAYS[0]) == before  # left as it was
+    p = run_gmeta([*args[:-1], "day"])
+    assert p.returncode == 2 and "no day=VALUE directory" in p.stderr
