@@ -295,7 +295,7 @@ class SourceConfig:
     - ``movielens``: the MovieLens files as distributed (ML-100K ``u.data``/``u.user``/
       ``u.item``, ML-1M ``ratings.dat``/``users.dat``/``movies.dat``) or as RecBole atomic
       files (``*.inter``/``*.user``/``*.item``), joined into the columns listed in
-      gmeta/io/sources.py.
+      gmeta/io/sources/.
     - ``recbole``: any data set in RecBole's atomic-file format; columns are named by the
       header (``user_id:token`` -> ``user_id``), user and item features joined in.
     - ``libsvm`` / ``libfm`` (the same text format): ``label idx:val idx:val ...`` per line,

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from gmeta.config import Config, SparseFeature
+from gmeta.io import partitions as parts
 from gmeta.io.errors import PrepareError
 from gmeta.io.features import salted_hash
 from gmeta.storage import location, source
@@ -127,8 +128,6 @@ def read_all_ids(shards_dir: str | Path, feature: str) -> np.ndarray:
 def train_counts(shards_dir: str | Path, feature: str, partitions: str = "") -> tuple[np.ndarray, np.ndarray]:
     """(ids, occurrences in the train split) of one feature, from what prepare wrote; over
     the partitions ``partitions`` selects of a partitioned data set (``data.partitions``)."""
-    from gmeta.io import partitions as parts
-
     root = location(shards_dir)
     if parts.is_partitioned(root):
         chosen = parts.select(root, partitions)

@@ -18,9 +18,22 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gmeta.config import PARTITIONS_HELP, Config, flatten
 from gmeta.io.errors import PrepareError
 from gmeta.io.features import SHARD_FIELDS, schema_labels
+from gmeta.io.id_counts import merged_counts, read_all_ids, unseen_shares
+from gmeta.io.partitions import (
+    DIR,
+    INDEX,
+    SHARED_FIELDS,
+    is_partitioned,
+    names,
+    new_task_ids,
+    partition_dir,
+    select,
+)
 from gmeta.storage import absolute, check_bucket, location
 
 log = logging.getLogger(__name__)
@@ -39,18 +52,16 @@ def load_manifest(shards_dir: str | Path, partitions: str = "") -> dict:
     """The manifest of the shards in ``shards_dir``; of a partitioned data set
     (``gmeta.io.partitions``), the merged manifest of the partitions ``partitions`` selects
     (``data.partitions``)."""
-    from gmeta.io import partitions as parts
-
     root = location(shards_dir)
-    if parts.is_partitioned(root):
+    if is_partitioned(root):
         if not partitions:
-            raise PrepareError(f"{root}: a partitioned data set ({parts.INDEX}: {', '.join(parts.names(root)[-4:])}"
-                               f"{' ...' if len(parts.names(root)) > 4 else ''}): set data.partitions to the "
+            raise PrepareError(f"{root}: a partitioned data set ({INDEX}: {', '.join(names(root)[-4:])}"
+                               f"{' ...' if len(names(root)) > 4 else ''}): set data.partitions to the "
                                f"partitions to read: {PARTITIONS_HELP}")
-        return parts.merged_manifest(root, parts.select(root, partitions))
+        return merged_manifest(root, select(root, partitions))
     if partitions:
         raise PrepareError(f"{root}: data.partitions is {partitions!r}, but the data set is not partitioned (no "
-                           f"{parts.INDEX}); clear data.partitions, or prepare it with gmeta prepare --partition")
+                           f"{INDEX}); clear data.partitions, or prepare it with gmeta prepare --partition")
     path = root / MANIFEST
     if not _exists(path):
         check_bucket(shards_dir, "task shards")  # an object store: a denied read or no bucket, not "not found"
@@ -247,3 +258,102 @@ def check_manifest_matches(manifest: dict, cfg: Config, path: str) -> None:
                            f"this config did not prepare):\n{_differences(diffs, 'manifest', 'config')}\n"
                            "prepare the shards again with this config (gmeta prepare), or set data.shards_dir to "
                            "the shards it prepared")
+
+
+# --------------------------------------------------------------------------------------
+# partitioned data sets (gmeta.io.partitions): the merged manifest of a selection, the index
+# --------------------------------------------------------------------------------------
+
+
+def merged_manifest(root: Path, chosen: list[str]) -> dict:
+    """One manifest for the partitions ``chosen`` of the partitioned data set ``root``:
+    their files (paths relative to ``root``), counts summed, the ids new to the train split
+    recomputed from the merged id counts, and ``selected_partitions`` (each name with its
+    own content hash), so that its content hash names the partitions and their contents
+    (``gmeta.io.partitions``)."""
+    parts = [(n, load_manifest(partition_dir(root, n))) for n in chosen]
+    first_name, first = parts[0]
+    for name, m in parts[1:]:
+        for k in SHARED_FIELDS:
+            if m.get(k) != first.get(k):
+                raise PrepareError(f"{partition_dir(root, name) / MANIFEST}: {k} differs from partition "
+                                   f"{first_name}'s ({json.dumps(m.get(k))[:200]} vs "
+                                   f"{json.dumps(first.get(k))[:200]}): the partitions of one data set share "
+                                   "their schema, id hashing, task key and split rule; prepare it again with "
+                                   "one config")
+    out: dict[str, Any] = {k: first[k] for k in SHARED_FIELDS if k in first}
+    out["input_columns"] = first.get("input_columns")
+    out["input"] = [m["input"] for _, m in parts]
+    out["seconds"] = round(sum(m.get("seconds", 0.0) for _, m in parts), 3)
+    for k in ("input_rows", "input_tasks"):
+        out[k] = sum(int(m[k]) for _, m in parts)
+    out["dropped_tasks"] = _sum_dicts([m["dropped_tasks"] for _, m in parts])
+    out["chunked_tasks"] = _sum_dicts([m.get("chunked_tasks", {}) for _, m in parts])
+    out["rows"] = {"read": sum(m["rows"]["read"] for _, m in parts),
+                   "written": _sum_dicts([m["rows"]["written"] for _, m in parts]),
+                   "dropped": _sum_dicts([m["rows"]["dropped"] for _, m in parts])}
+    splits: dict[str, Any] = {}
+    for name, m in parts:
+        for split, s in m["splits"].items():
+            acc = splits.setdefault(split, {"tasks": 0, "support_rows": 0, "query_rows": 0, "label_sum": None,
+                                            "files": []})
+            rows = s["support_rows"] + s["query_rows"]
+            acc["tasks"] += s["tasks"]
+            acc["support_rows"] += s["support_rows"]
+            acc["query_rows"] += s["query_rows"]
+            if s.get("label_mean") is not None:
+                acc["label_sum"] = np.asarray(s["label_mean"], dtype=np.float64) * rows + (
+                    0 if acc["label_sum"] is None else acc["label_sum"])
+            acc["files"] += [{**f, "path": f"{DIR}/{name}/{f['path']}"} for f in s["files"]]
+    for s in splits.values():
+        total, label_sum = s["support_rows"] + s["query_rows"], s.pop("label_sum")
+        mean = None if label_sum is None or not total else (label_sum / total).tolist()
+        s["label_mean"] = mean
+    out["splits"] = splits
+    out["cardinality"] = {n: m.get("cardinality", {}) for n, m in parts}
+    features = [s["name"] for s in first["schema"]["sparse"]]
+    counts = {f: merged_counts([partition_dir(root, n) for n in chosen], f) for f in features}
+    out["unseen"] = unseen_shares(counts, [s for s in splits if s != "train"])
+    out["selected_partitions"] = [{"name": n, "content_hash": content_hash(m)} for n, m in parts]
+    return out
+
+
+def _sum_dicts(ds: list[dict]) -> dict:
+    out: dict = {}
+    for d in ds:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out[k] = _sum_dicts([out.get(k, {}), v])
+            else:
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+def build_index(root: Path) -> dict:
+    """The index of every partition of ``root`` (recomputed from the partitions: a partition
+    re-prepared changes what is new on the days after it)."""
+    entries = []
+    seen_ids: dict[str, np.ndarray] = {}
+    for name in names(root):
+        m = load_manifest(partition_dir(root, name))
+        new_tasks = len(new_task_ids(root, name))
+        ids = {}
+        for s in m["schema"]["sparse"]:
+            f = s["name"]
+            have = read_all_ids(partition_dir(root, name), f)
+            before = seen_ids.get(f, np.zeros(0, dtype=np.int64))
+            ids[f] = {"distinct": int(len(have)), "new": int((~np.isin(have, before, assume_unique=True)).sum())}
+            seen_ids[f] = np.union1d(before, have)
+        entries.append({"name": name, "content_hash": content_hash(m), "input": m["input"],
+                        "input_rows": m["input_rows"], "seconds": m.get("seconds"),
+                        "tasks": {k: v["tasks"] for k, v in m["splits"].items()},
+                        "rows": m["rows"]["written"], "new_tasks": new_tasks, "ids": ids})
+    return {"partitions": entries}
+
+
+def write_index(root: Path) -> dict:
+    index = build_index(root)
+    tmp = root / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=2))
+    tmp.replace(root / INDEX)
+    return index

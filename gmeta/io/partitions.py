@@ -14,24 +14,25 @@ re-preparing one replaces only its own directory: the others' files, and so thei
 checksums and the content hash of any selection without it, do not change.
 
 A training config names the partitions it reads with ``data.partitions`` (see
-:func:`select`). ``load_manifest(OUT, partitions)`` then returns one manifest merging the
-selected partitions: their files (paths relative to ``OUT``), counts summed, the ids new to
-the train split recomputed from the merged id counts, and ``selected_partitions`` (each
-name with its own content hash), so the content hash a checkpoint records names exactly the
-partitions, and their contents, it was trained on.
+:func:`select`). ``gmeta.io.manifest.load_manifest(OUT, partitions)`` then returns one
+manifest merging the selected partitions (``manifest.merged_manifest``): their files
+(paths relative to ``OUT``), counts summed, the ids new to the train split recomputed from
+the merged id counts, and ``selected_partitions`` (each name with its own content hash), so
+the content hash a checkpoint records names exactly the partitions, and their contents, it
+was trained on.
 
-The index lists, per partition in order: its tasks and rows per split, its content hash,
-the tasks whose id no earlier partition holds (``new_tasks``) and, per sparse feature, its
-distinct ids and those no earlier partition holds (``ids``: what is new on each day).
+The index (``manifest.write_index``) lists, per partition in order: its tasks and rows per
+split, its content hash, the tasks whose campaign (task key) no earlier partition's input
+holds (``new_tasks``) and, per sparse feature, its distinct ids and those no earlier
+partition holds (``ids``: what is new on each day). This module reads and writes the
+partitions' files only; it imports no other part of gmeta.io but its errors.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -120,75 +121,6 @@ def next_after(root: Path, name: str) -> str | None:
     return next((n for n in names(root) if n > name), None)
 
 
-def _load(root: Path, name: str) -> dict:
-    from gmeta.io.manifest import load_manifest
-
-    return load_manifest(partition_dir(root, name))
-
-
-def merged_manifest(root: Path, chosen: list[str]) -> dict:
-    """One manifest for the partitions ``chosen`` of ``root`` (see the module docstring)."""
-    from gmeta.io.id_counts import merged_counts, unseen_shares
-    from gmeta.io.manifest import content_hash
-
-    parts = [(n, _load(root, n)) for n in chosen]
-    first_name, first = parts[0]
-    for name, m in parts[1:]:
-        for k in SHARED_FIELDS:
-            if m.get(k) != first.get(k):
-                raise PrepareError(f"{partition_dir(root, name) / 'manifest.json'}: {k} differs from partition "
-                                   f"{first_name}'s ({json.dumps(m.get(k))[:200]} vs "
-                                   f"{json.dumps(first.get(k))[:200]}): the partitions of one data set share "
-                                   "their schema, id hashing, task key and split rule; prepare it again with "
-                                   "one config")
-    out: dict[str, Any] = {k: first[k] for k in SHARED_FIELDS if k in first}
-    out["input_columns"] = first.get("input_columns")
-    out["input"] = [m["input"] for _, m in parts]
-    out["seconds"] = round(sum(m.get("seconds", 0.0) for _, m in parts), 3)
-    for k in ("input_rows", "input_tasks"):
-        out[k] = sum(int(m[k]) for _, m in parts)
-    out["dropped_tasks"] = _sum_dicts([m["dropped_tasks"] for _, m in parts])
-    out["chunked_tasks"] = _sum_dicts([m.get("chunked_tasks", {}) for _, m in parts])
-    out["rows"] = {"read": sum(m["rows"]["read"] for _, m in parts),
-                   "written": _sum_dicts([m["rows"]["written"] for _, m in parts]),
-                   "dropped": _sum_dicts([m["rows"]["dropped"] for _, m in parts])}
-    splits: dict[str, Any] = {}
-    for name, m in parts:
-        for split, s in m["splits"].items():
-            acc = splits.setdefault(split, {"tasks": 0, "support_rows": 0, "query_rows": 0, "label_sum": None,
-                                            "files": []})
-            rows = s["support_rows"] + s["query_rows"]
-            acc["tasks"] += s["tasks"]
-            acc["support_rows"] += s["support_rows"]
-            acc["query_rows"] += s["query_rows"]
-            if s.get("label_mean") is not None:
-                acc["label_sum"] = np.asarray(s["label_mean"], dtype=np.float64) * rows + (
-                    0 if acc["label_sum"] is None else acc["label_sum"])
-            acc["files"] += [{**f, "path": f"{DIR}/{name}/{f['path']}"} for f in s["files"]]
-    for s in splits.values():
-        total, label_sum = s["support_rows"] + s["query_rows"], s.pop("label_sum")
-        mean = None if label_sum is None or not total else (label_sum / total).tolist()
-        s["label_mean"] = mean
-    out["splits"] = splits
-    out["cardinality"] = {n: m.get("cardinality", {}) for n, m in parts}
-    features = [s["name"] for s in first["schema"]["sparse"]]
-    counts = {f: merged_counts([partition_dir(root, n) for n in chosen], f) for f in features}
-    out["unseen"] = unseen_shares(counts, [s for s in splits if s != "train"])
-    out["selected_partitions"] = [{"name": n, "content_hash": content_hash(m)} for n, m in parts]
-    return out
-
-
-def _sum_dicts(ds: list[dict]) -> dict:
-    out: dict = {}
-    for d in ds:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out[k] = _sum_dicts([out.get(k, {}), v])
-            else:
-                out[k] = out.get(k, 0) + v
-    return out
-
-
 def _tasks(root: Path, name: str) -> pa.Table:
     path = partition_dir(root, name) / TASK_IDS
     if not path.is_file():
@@ -225,39 +157,6 @@ def new_task_ids(root: Path, name: str, splits: tuple[str, ...] | None = None) -
     if before:
         ids = ids[~np.isin(keys, np.unique(np.concatenate(before)))]
     return np.unique(ids)
-
-
-def build_index(root: Path) -> dict:
-    """The index of every partition of ``root`` (recomputed from the partitions: a partition
-    re-prepared changes what is new on the days after it)."""
-    from gmeta.io.id_counts import read_all_ids
-    from gmeta.io.manifest import content_hash
-
-    entries = []
-    seen_ids: dict[str, np.ndarray] = {}
-    for name in names(root):
-        m = _load(root, name)
-        new_tasks = len(new_task_ids(root, name))
-        ids = {}
-        for s in m["schema"]["sparse"]:
-            f = s["name"]
-            have = read_all_ids(partition_dir(root, name), f)
-            before = seen_ids.get(f, np.zeros(0, dtype=np.int64))
-            ids[f] = {"distinct": int(len(have)), "new": int((~np.isin(have, before, assume_unique=True)).sum())}
-            seen_ids[f] = np.union1d(before, have)
-        entries.append({"name": name, "content_hash": content_hash(m), "input": m["input"],
-                        "input_rows": m["input_rows"], "seconds": m.get("seconds"),
-                        "tasks": {k: v["tasks"] for k, v in m["splits"].items()},
-                        "rows": m["rows"]["written"], "new_tasks": new_tasks, "ids": ids})
-    return {"partitions": entries}
-
-
-def write_index(root: Path) -> dict:
-    index = build_index(root)
-    tmp = root / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2))
-    tmp.replace(root / INDEX)
-    return index
 
 
 def staging_dir(root: Path, name: str) -> Path:

@@ -58,7 +58,7 @@ from gmeta.io.features import (
 from gmeta.io.formats import parquet, webdataset
 from gmeta.io.id_counts import DIR as ID_COUNTS
 from gmeta.io.id_counts import IdCounts
-from gmeta.io.manifest import FORMAT_VERSION, MANIFEST, content_hash, splits_of
+from gmeta.io.manifest import FORMAT_VERSION, MANIFEST, content_hash, splits_of, write_index
 from gmeta.io.partitions import TASK_IDS
 from gmeta.io.sources import Batch, Source, SourceError, open_source, parse_number
 from gmeta.io.split import DROP_REASONS, ROW_DROP_REASONS, chunk_tasks, split_tasks, warmup_splits
@@ -424,7 +424,7 @@ def prepare_partition(cfg: Config, input_path: str | Path, out_dir: str | Path, 
         shutil.rmtree(staged, ignore_errors=True)
         raise
     parts.install(root, name, staged)
-    parts.write_index(root)
+    write_index(root)
     return manifest
 
 
