@@ -187,7 +187,7 @@ def _train_checkpoint(work: Path, device: torch.device) -> Path:
 def part_serve(work: Path, device: torch.device) -> None:
     from gmeta.checkpoint import load_unsharded
     from gmeta.evaluate import evaluate
-    from gmeta.predict import run_predict
+    from gmeta.inference.predict import run_predict
 
     t = time.perf_counter()
     ckpt = _train_checkpoint(work, device)

@@ -26,11 +26,11 @@ import pandas as pd
 
 from benchmarks.common import emit, ensure_data, fresh_checkpoints
 from gmeta import checkpoint
+from gmeta.inference.predict_raw import UNITS, run_predict_raw
+from gmeta.inference.pyfunc import log_model
+from gmeta.inference.serving import assign_roles
+from gmeta.inference.workers import FAULTS_ENV
 from gmeta.io.reader import task_keys
-from gmeta.predict_raw import UNITS, run_predict_raw
-from gmeta.predict_workers import FAULTS_ENV
-from gmeta.pyfunc import log_model
-from gmeta.serving import assign_roles
 
 
 def main() -> None:

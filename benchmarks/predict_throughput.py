@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 
 from benchmarks.common import emit, ensure_data, fresh_checkpoints
 from gmeta import checkpoint
+from gmeta.inference.predict import run_predict
 from gmeta.io.reader import TaskReader, task_keys
-from gmeta.predict import run_predict
 from gmeta.scoring import predict_query
 
 

@@ -639,8 +639,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "predict":
         from gmeta.checkpoint import CheckpointError
+        from gmeta.inference.predict import PredictError, run_predict
         from gmeta.io.errors import PrepareError
-        from gmeta.predict import PredictError, run_predict
 
         if (args.rows_per_part < 1 or args.max_tasks < 0 or (args.tasks_per_batch or 1) < 1
                 or args.nproc_per_node < 1 or args.max_restarts < 0):
@@ -655,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
                     print("gmeta predict: --input reads raw rows; --shards, --split, --max-tasks, "
                           "--tasks-per-batch and --allow-other-shards are for task shards", file=sys.stderr)
                     return 2
-                from gmeta.predict_raw import run_predict_node, run_predict_raw
+                from gmeta.inference.predict_raw import run_predict_node, run_predict_raw
 
                 if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes or (args.nnodes > 1
                                                                                  and not args.rdzv_endpoint):

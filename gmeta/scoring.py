@@ -49,7 +49,7 @@ def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int],
     the same number of batches). ``initial_rows(model, rows, layout)``: the looked-up rows
     ``[U, D]`` as adaptation starts from them (``gmeta.warmup.initial_rows``); None: as looked up.
     ``outputs(head, out)``: what is returned of the head's outputs ``[Q, ...]`` (default
-    ``head.predict``; serving adds ESMM's pCVR, ``gmeta.serving.head_outputs``)."""
+    ``head.predict``; serving adds ESMM's pCVR, ``gmeta.inference.serving.head_outputs``)."""
     inner = _inner(model)
     m = cfg.meta
     batch = batch.to(model_device(model), non_blocking=True)  # (nothing to do when it is there already)

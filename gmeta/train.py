@@ -1133,7 +1133,7 @@ def _finish_run(tracker, ckpt: Path, cfg: Config, out_dir: Path, step: int, resu
         log.info("cold-start evaluation:\n%s", format_table(report))
         result.update({f"eval/{k}": v for k, v in flat_metrics(report).items()})
     if cfg.tracking.enabled and cfg.tracking.log_model and tracker.run_id:
-        from gmeta.pyfunc import log_model
+        from gmeta.inference.pyfunc import log_model
 
         t = time.perf_counter()
         with local_copy(ckpt) as local:  # MLflow copies the model's artifacts from local files

@@ -16,7 +16,7 @@ import pytest
 from gmeta.checkpoint import load_unsharded
 from gmeta.config import load_config
 from gmeta.evaluate import run_evaluate
-from gmeta.predict import run_predict
+from gmeta.inference.predict import run_predict
 from gmeta.scoring import collect
 from tests.support.cli import run_gmeta
 
@@ -65,8 +65,8 @@ def din_data(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("arch", ["dcn_v2", pytest.param("deepfm", marks=pytest.mark.slow),
                                   pytest.param("wide_deep", marks=pytest.mark.slow), "din"])
 def test_each_model_trains_evaluates_predicts_and_serves_the_same_scores(request, tmp_path, arch):
-    from gmeta.pyfunc import log_model
-    from gmeta.serving import assign_roles
+    from gmeta.inference.pyfunc import log_model
+    from gmeta.inference.serving import assign_roles
 
     debug_data = request.getfixturevalue("din_data" if arch == "din" else "debug_data")
     data = _din_overrides() if arch == "din" else []

@@ -108,7 +108,7 @@ def test_a_predict_worker_touches_only_its_own_gpu(monkeypatch, gang):
     import json
 
     import gmeta.checkpoint
-    import gmeta.predict_workers as workers
+    import gmeta.inference.workers as workers
 
     cuda = FakeCuda(monkeypatch, 4)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
@@ -150,7 +150,7 @@ def test_predict_workers_load_the_models_not_the_launcher(debug_checkpoint, debu
     and makes no CUDA context; the workers are started."""
     import pandas as pd
 
-    import gmeta.predict_raw as predict_raw
+    import gmeta.inference.predict_raw as predict_raw
 
     cuda = FakeCuda(monkeypatch, 2)
     raw = pd.read_parquet(debug_data["raw"])

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from gmeta import predict as predict_mod
 from gmeta.checkpoint import load_sharded, load_unsharded
 from gmeta.evaluate import evaluate, run_evaluate
+from gmeta.inference.predict import PredictError, run_predict
 from gmeta.io.manifest import load_manifest
-from gmeta.predict import PredictError, run_predict
 from gmeta.scoring import collect
 from tests.support.multiprocess import run_ranks
 
@@ -157,8 +157,8 @@ def test_predict_resumes_after_interruptions_without_duplicates(debug_checkpoint
 
 
 def test_pyfunc_round_trip_scores_equal_predict(debug_checkpoint, debug_data, tmp_path):
-    from gmeta.pyfunc import log_model
-    from gmeta.serving import assign_roles
+    from gmeta.inference.pyfunc import log_model
+    from gmeta.inference.serving import assign_roles
 
     cfg = load_unsharded(debug_checkpoint)[1]
     run_predict(debug_checkpoint, tmp_path / "p", shards_dir=str(debug_data["shards"]), inner_steps=2,

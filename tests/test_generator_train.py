@@ -157,7 +157,7 @@ def test_serving_scores_new_ads_from_the_generated_row(debug_data, fixed_run):
     import numpy as np
     import pandas as pd
 
-    from gmeta.serving import assign_roles, featurise_rows, score_rows
+    from gmeta.inference.serving import assign_roles, featurise_rows, score_rows
 
     model, cfg, meta = load_unsharded(fixed_run[0] / "checkpoint")
     rows = pd.read_parquet(debug_data["raw"])

@@ -162,7 +162,7 @@ SCRIPT = """
 import json, sys
 import numpy as np, pandas as pd
 from gmeta import MetaLearner, task_batch
-from gmeta.serving import assign_roles
+from gmeta.inference.serving import assign_roles
 raw, out = sys.argv[1], {}
 for ck in sys.argv[2:]:
     learner = MetaLearner(checkpoint=ck)
@@ -206,9 +206,9 @@ def test_learner_scores_raw_rows_as_serving_and_predict_do(debug_checkpoint, deb
     import pandas as pd
 
     from gmeta.checkpoint import load_unsharded
-    from gmeta.predict_raw import run_predict_raw
-    from gmeta.pyfunc import GMetaModel
-    from gmeta.serving import assign_roles, score_rows
+    from gmeta.inference.predict_raw import run_predict_raw
+    from gmeta.inference.pyfunc import GMetaModel
+    from gmeta.inference.serving import assign_roles, score_rows
 
     old = _marked_old(debug_checkpoint, tmp_path / "old")
     scores = {}
@@ -244,8 +244,8 @@ def test_learner_scores_raw_rows_as_serving_and_predict_do(debug_checkpoint, deb
 def test_models_of_other_id_hashes_are_not_scored_in_one_pass():
     """gmeta predict --input with several checkpoints featurises the rows once: a model whose
     tables were trained on ids of another hash is refused, naming it."""
-    from gmeta.predict import PredictError
-    from gmeta.predict_raw import _same_reading
+    from gmeta.inference.predict import PredictError
+    from gmeta.inference.predict_raw import _same_reading
 
     cfg = load_config(ROOT / "configs" / "ads_cvr_debug.yaml")
     _same_reading([(None, cfg, {"id_hash": 1}), (None, cfg, {})], ["a", "b"], True)  # both the old hash

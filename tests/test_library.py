@@ -126,8 +126,8 @@ def _raw_frame() -> pd.DataFrame:
 def test_task_batch_hashes_raw_ids_as_serving_does():
     """Raw ids, integers or strings (a string column was refused: 'ids must be integers,
     got <U1'), hash into the same rows as through gmeta prepare's and serving's featuriser."""
+    from gmeta.inference.serving import rows_to_blocks
     from gmeta.io.features import ID_HASH, hash_ids
-    from gmeta.serving import rows_to_blocks
 
     cfg = load_config(None, ["features.task_key=k", "features.timestamp=ts", "features.label=y",
                              "features.true_prob=''", "features.dense=[d]",

@@ -288,10 +288,10 @@ def test_evaluate_predict_pyfunc_and_serving_score_managed_ids_alike(managed_che
 
     from gmeta.checkpoint import load_unsharded
     from gmeta.evaluate import run_evaluate
-    from gmeta.predict import run_predict
-    from gmeta.predict_raw import run_predict_raw
-    from gmeta.pyfunc import log_model
-    from gmeta.serving import assign_roles, score_rows
+    from gmeta.inference.predict import run_predict
+    from gmeta.inference.predict_raw import run_predict_raw
+    from gmeta.inference.pyfunc import log_model
+    from gmeta.inference.serving import assign_roles, score_rows
 
     ckpt = managed_checkpoint["path"]
     run_predict(ckpt, tmp_path / "p", shards_dir=str(managed_data), inner_steps=2, progress=False)

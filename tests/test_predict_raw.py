@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import gmeta.predict_workers as workers_mod
+import gmeta.inference.workers as workers_mod
 from gmeta.checkpoint import load_unsharded
+from gmeta.inference.predict import PredictError
+from gmeta.inference.predict_raw import run_predict_raw
+from gmeta.inference.serving import assign_roles, score_rows
 from gmeta.io.errors import PrepareError
-from gmeta.predict import PredictError
-from gmeta.predict_raw import run_predict_raw
-from gmeta.serving import assign_roles, score_rows
 from tests.support.cli import run_gmeta
 
 

@@ -109,7 +109,7 @@ def test_relabelled_data_trains_logs_its_model_and_serves_raw_rows(relabelled, t
     # the raw labels are mapped as training mapped them: the same rows with 0/1 labels score
     # the same under a config that reads 0/1
     from gmeta.checkpoint import load_unsharded
-    from gmeta.serving import score_rows
+    from gmeta.inference.serving import score_rows
 
     m, cfg, meta = load_unsharded(tmp_path / "run" / "checkpoint")
     plain = load_config(None, relabelled["overrides"] + ["features.positive_labels=[]", "features.negative_labels=[]"])
@@ -151,7 +151,7 @@ def test_a_sweep_over_relabelled_data_completes_its_trials(relabelled, tmp_path)
 def test_query_labels_may_be_missing_whatever_the_label_type(labels, support, column_type):
     """A client sends support labels in the data's encoding and no query labels (None/NaN):
     the rows read in every label type, support labels mapped as training mapped them."""
-    from gmeta.serving import example_rows, rows_to_blocks
+    from gmeta.inference.serving import example_rows, rows_to_blocks
 
     over = ["features.task_key=k", "features.timestamp=''", "features.label=y", "features.true_prob=''",
             "features.sparse=[{name: a, num_embeddings: 100}]", "features.dense=[]"]

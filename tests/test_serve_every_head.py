@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from gmeta.checkpoint import load_unsharded
-from gmeta.serving import assign_roles, score_columns
+from gmeta.inference.serving import assign_roles, score_columns
 from tests.support.cli import run_gmeta
 from tests.support.heads import ARCHS
 

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from gmeta.checkpoint import load_unsharded
+from gmeta.inference.predict_raw import run_predict_raw
+from gmeta.inference.serving import assign_roles, score_rows
 from gmeta.io.errors import PrepareError
-from gmeta.predict_raw import run_predict_raw
-from gmeta.serving import assign_roles, score_rows
 
 LABELS = ["label", "conversion"]
 SCORES = ["score_label", "score_conversion", "score_pcvr"]  # esmm: pCTR, pCTCVR, pCVR
@@ -131,7 +131,7 @@ def test_raw_rows_of_two_labels_errors_name_the_label_column(esmm_checkpoint, tw
 def test_the_pyfunc_model_of_two_labels_logs_every_label_column_and_scores_each(trained_head):
     import mlflow
 
-    from gmeta.serving import example_rows
+    from gmeta.inference.serving import example_rows
 
     run = trained_head("esmm")  # its model logged by gmeta train
     model, cfg, meta = load_unsharded(run.checkpoint)
@@ -152,7 +152,7 @@ def test_the_pyfunc_model_of_two_labels_logs_every_label_column_and_scores_each(
 
 def test_models_of_other_score_columns_in_one_pass_keep_their_own_columns():
     from gmeta.config import load_config
-    from gmeta.serving import put_scores, score_array, score_columns, scores_frame
+    from gmeta.inference.serving import put_scores, score_array, score_columns, scores_frame
     from tests.conftest import DEBUG_CONFIG, TWO_LABELS
 
     esmm = load_config(DEBUG_CONFIG, [*TWO_LABELS, "model.arch=esmm"])

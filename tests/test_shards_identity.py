@@ -106,7 +106,7 @@ def test_evaluate_refuses_shards_prepared_again_in_the_checkpoint_dir(trained, d
 
 
 def test_predict_refuses_other_shards(trained, debug_data, tmp_path):
-    from gmeta.predict import run_predict
+    from gmeta.inference.predict import run_predict
 
     prepare(load_config(DEBUG_CONFIG, ["data.split.seed=3"]), debug_data["raw"], tmp_path / "seed3")
     with pytest.raises(OtherShardsError, match=r"split_rule.seed: 0 \(trained on\) vs 3 \(these shards\)"):

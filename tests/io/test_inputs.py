@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from gmeta.config import load_config
+from gmeta.inference.serving import assign_roles
 from gmeta.io.errors import PrepareError
 from gmeta.io.features import ID_HASH, Cardinality, hash_ids, salted_hash, task_uniform
 from gmeta.io.manifest import load_manifest
 from gmeta.io.prepare import prepare
 from gmeta.io.reader import TaskReader
-from gmeta.serving import assign_roles
 from tests.support.cli import run_gmeta
 
 COLUMNS = ["k", "ts", "y", "a", "b", "d"]

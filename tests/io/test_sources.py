@@ -260,9 +260,9 @@ def test_ctr_log_errors_name_file_and_key(tmp_path):
 
 def test_serving_reads_movielens_rows(tmp_path):
     """Raw MovieLens rows (string tokens, a list of genres) go through the serving path."""
+    from gmeta.inference.serving import ROLE, assign_roles, rows_to_blocks, score_rows
     from gmeta.io.features import ID_HASH
     from gmeta.models.dlrm import build_model
-    from gmeta.serving import ROLE, assign_roles, rows_to_blocks, score_rows
 
     data = make_data()
     cfg = _ml_config(tmp_path, tmp_path)

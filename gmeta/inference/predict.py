@@ -5,7 +5,7 @@ and scores its query rows, and writes Parquet parts ``part-00000.parquet``, ... 
 columns task_key, task_id, row (position in the task's query set, in time order), label
 and score; with several labels (features.labels) ``label_<name>`` and ``score_<name>`` per
 label (model.arch esmm: ``score_<click>`` is pCTR, ``score_<conversion>`` pCTCVR, then
-``score_pcvr``, pCVR: the columns of ``gmeta.serving.score_columns``, as raw rows get). Each
+``score_pcvr``, pCVR: the columns of ``gmeta.inference.serving.score_columns``, as raw rows get). Each
 part is written to a temporary name and renamed; then ``_progress.json`` records the parts
 and the reader's position (written the same way). After an interruption, ``--resume``
 deletes any part the progress file does not list and goes on from the recorded position:
@@ -26,10 +26,10 @@ import torch
 
 from gmeta.checkpoint import config_of, load_unsharded, read_meta
 from gmeta.evaluate import check_shards, choose_shards
+from gmeta.inference.serving import head_outputs, score_columns
 from gmeta.io.reader import TaskReader, task_keys
 from gmeta.parallel.dist import configure_threads, default_device
 from gmeta.scoring import inner_steps_for, predict_query
-from gmeta.serving import head_outputs, score_columns
 from gmeta.storage import absolute, check_bucket, is_url, location, write_atomic
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The MLflow pyfunc model of a checkpoint (``mlflow.pyfunc.load_model(uri).predict(df)``):
-adapts on the DataFrame's support rows and scores its query rows with gmeta.serving; and
-``log_model``, which logs it. Apart from gmeta.serving (no mlflow import there: importing
+adapts on the DataFrame's support rows and scores its query rows with gmeta.inference.serving; and
+``log_model``, which logs it. Apart from gmeta.inference.serving (no mlflow import there: importing
 mlflow takes most of a second, which every predict worker process would pay)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from gmeta.config import Config
+from gmeta.inference.serving import example_rows, score_rows
 from gmeta.io.errors import PrepareError
-from gmeta.serving import example_rows, score_rows
 
 
 class GMetaModel(PythonModel):
@@ -59,7 +59,7 @@ def log_model(checkpoint: str | Path, cfg: Config, model=None) -> str:
         signature = infer_signature(example, out, params={"inner_steps": -1})
     info = mlflow.pyfunc.log_model(
         name="model", python_model=GMetaModel(), artifacts={"checkpoint": str(checkpoint)},
-        code_paths=[str(Path(__file__).resolve().parent)], signature=signature,  # (the gmeta package)
+        code_paths=[str(Path(__file__).resolve().parents[1])], signature=signature,  # (the gmeta package)
         pip_requirements=_requirements())
     return info.model_uri
 

@@ -1,4 +1,4 @@
-"""The worker processes of ``gmeta predict --input`` (gmeta.predict_raw), on one node or
+"""The worker processes of ``gmeta predict --input`` (gmeta.inference.predict_raw), on one node or
 several: how each scores units, how the units are handed out, and what happens when a
 worker or a node dies.
 
@@ -36,11 +36,8 @@ import torch
 from torch.distributed import TCPStore
 
 from gmeta.checkpoint import META, load_unsharded
-from gmeta.io.errors import PrepareError
-from gmeta.io.features import id_hash_of
-from gmeta.parallel.dist import configure_threads, pick_device
-from gmeta.predict import PredictError, part_name
-from gmeta.serving import (
+from gmeta.inference.predict import PredictError, part_name
+from gmeta.inference.serving import (
     QUERY,
     ROLE,
     SUPPORT,
@@ -53,6 +50,9 @@ from gmeta.serving import (
     score_featurised,
     steps_for_batch,
 )
+from gmeta.io.errors import PrepareError
+from gmeta.io.features import id_hash_of
+from gmeta.parallel.dist import configure_threads, pick_device
 from gmeta.storage import location, source, write_atomic
 
 log = logging.getLogger(__name__)
@@ -427,7 +427,7 @@ class Node:
         self.store.delete_key(f"error/{slot}")
         self.generation[slot] = self.generation.get(slot, -1) + 1
         self.procs[slot] = subprocess.Popen(
-            [sys.executable, "-m", "gmeta.predict_workers", self.host, str(self.port), str(slot),
+            [sys.executable, "-m", "gmeta.inference.workers", self.host, str(self.port), str(slot),
              str(self.generation[slot])], env=self.env)
 
     def push(self, units: list[int]) -> None:
@@ -641,9 +641,9 @@ def node_agent(host: str, port: int, node: int, nproc: int, max_restarts: int, o
     return 0
 
 
-if __name__ == "__main__":  # a worker process: ``python -m gmeta.predict_workers HOST PORT SLOT GENERATION``
+if __name__ == "__main__":  # a worker process: ``python -m gmeta.inference.workers HOST PORT SLOT GENERATION``
+    from gmeta.inference.workers import worker_main as main  # this module under its own name (and logger)
     from gmeta.logs import setup_logging
-    from gmeta.predict_workers import worker_main as main  # this module under its own name (and logger)
 
     setup_logging(None)
     sys.exit(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))

@@ -13,15 +13,15 @@ import pyarrow.parquet as pq
 import torch
 
 from gmeta.checkpoint import META, config_of, load_unsharded, read_meta
+from gmeta.inference.predict import PROGRESS, PredictError, open_progress
+from gmeta.inference.serving import ROLE, score_columns
+from gmeta.inference.workers import Coordinator, Scorer, bucket_name, node_agent, pipeline
 from gmeta.io.errors import PrepareError
 from gmeta.io.features import id_hash_of, input_columns, shard_fields
 from gmeta.io.prepare import Partitions, num_partitions, open_input, stream_input
 from gmeta.io.sources import SourceError
 from gmeta.parallel.dist import configure_threads, default_device
-from gmeta.predict import PROGRESS, PredictError, open_progress
-from gmeta.predict_workers import Coordinator, Scorer, bucket_name, node_agent, pipeline
 from gmeta.scoring import inner_steps_for
-from gmeta.serving import ROLE, score_columns
 from gmeta.storage import absolute, check_bucket, is_url, location, rmtree, upload, write_atomic
 
 log = logging.getLogger(__name__)
