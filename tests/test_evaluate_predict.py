@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch.distributed as dist
 
-from gmeta import predict as predict_mod
 from gmeta.checkpoint import load_sharded, load_unsharded
 from gmeta.evaluate import evaluate, run_evaluate
+from gmeta.inference import predict as predict_mod
 from gmeta.inference.predict import PredictError, run_predict
 from gmeta.io.manifest import load_manifest
 from gmeta.scoring import collect
