@@ -186,7 +186,7 @@ def _train_checkpoint(work: Path, device: torch.device) -> Path:
 
 def part_serve(work: Path, device: torch.device) -> None:
     from gmeta.checkpoint import load_unsharded
-    from gmeta.evaluate import evaluate
+    from gmeta.evaluation.evaluate import evaluate
     from gmeta.inference.predict import run_predict
 
     t = time.perf_counter()

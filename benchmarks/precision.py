@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.common import emit, prepared_workdir, train_run
 from gmeta.checkpoint import load_unsharded
-from gmeta.evaluate import evaluate
+from gmeta.evaluation.evaluate import evaluate
 from gmeta.logs import setup_logging
 
 SETTINGS = {

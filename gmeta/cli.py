@@ -590,10 +590,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "evaluate":
         from gmeta.checkpoint import CheckpointError
-        from gmeta.evaluate import run_evaluate
+        from gmeta.evaluation.evaluate import run_evaluate
+        from gmeta.evaluation.render import format_table
         from gmeta.io.errors import PrepareError
         from gmeta.parallel.dist import under_torchrun
-        from gmeta.render import format_table
 
         if args.nproc_per_node < 1:
             print("gmeta evaluate: --nproc-per-node must be >= 1", file=sys.stderr)
@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.nproc_per_node > 1 and not under_torchrun():
             return _launch(args.nproc_per_node, argv, command="evaluate")
         if args.next_day:
-            from gmeta.next_day import format_series, run_next_day
+            from gmeta.evaluation.next_day import format_series, run_next_day
 
             if not args.out or args.nproc_per_node > 1 or args.baseline or args.generator or args.protocol \
                     or args.split:
@@ -630,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
             _report_error("evaluate", e)
             return 2
         if result is not None and result.get("protocol") == "warmup":
-            from gmeta.warmup import format_warmup
+            from gmeta.evaluation.warmup import format_warmup
 
             print(format_warmup(result))
         elif result is not None:

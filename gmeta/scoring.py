@@ -47,7 +47,7 @@ def predict_queries(model, cfg: Config, batch: TaskBatch, steps: list[int],
     whatever K). One lookup and one layout serve every K.
     ``model``: a MetaDLRM, or one sharded by torchrec (then every rank must call this for
     the same number of batches). ``initial_rows(model, rows, layout)``: the looked-up rows
-    ``[U, D]`` as adaptation starts from them (``gmeta.warmup.initial_rows``); None: as looked up.
+    ``[U, D]`` as adaptation starts from them (``gmeta.evaluation.warmup.initial_rows``); None: as looked up.
     ``outputs(head, out)``: what is returned of the head's outputs ``[Q, ...]`` (default
     ``head.predict``; serving adds ESMM's pCVR, ``gmeta.inference.serving.head_outputs``)."""
     inner = _inner(model)
@@ -114,7 +114,7 @@ def collect(model, cfg: Config, shards_dir: str | Path, *, inner_steps: int | No
             initial_rows: RowsFn | None = None) -> Predictions:
     """Score this rank's share of the held-out tasks (split ``eval.split``) with every scorer
     and every K of the curve. ``baseline``: an ERM model, scored as it is ("erm");
-    ``fine_tuned``: one adapted as its config says (``gmeta.finetune.adapting``: "erm_ft").
+    ``fine_tuned``: one adapted as its config says (``gmeta.evaluation.finetune.adapting``: "erm_ft").
     ``batch_fn``: applied to each batch as read (the warm-up protocol keeps the first k
     support rows of each task); ``initial_rows``: see ``predict_queries`` (the model's
     scorers only)."""

@@ -23,7 +23,7 @@ support rows. Campaign sizes follow a Pareto law. Every campaign owns its ads, s
 campaigns are cold start for their ads (their advertiser and attribute values may be known).
 The true probability of every row is written (``p_true``) for the oracle AUC. Output is
 deterministic for a given ``synth.seed``; ``draw`` returns the hidden model itself (for
-tests and ``gmeta.ceiling``), which is never written.
+tests and ``gmeta.evaluation.ceiling``), which is never written.
 
 Daily partitions (``synth.days`` N > 0): the rows fall on N days from ``synth.start_date``,
 written one directory per day (``dt=YYYY-MM-DD/part-*.parquet``). Each campaign runs on a
@@ -104,7 +104,7 @@ class Hidden:
     Rows are written in the order ``order`` (row ``order[j]`` of these arrays is row ``j``
     of the output). The arrays named ``*_lat``, ``ad_quality`` and ``t_*`` are never
     written: they are what a model has to learn, and what the ceilings in
-    ``gmeta.ceiling`` know.
+    ``gmeta.evaluation.ceiling`` know.
     """
 
     user_lat: np.ndarray  # [num_users, k] hidden user latent u_user

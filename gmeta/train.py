@@ -827,7 +827,7 @@ class TrainingRun:
     def validate(self) -> bool:
         """Collective: score the validation subset; keep the weights in <output_dir>/best when
         they beat the best so far. Returns whether to stop early."""
-        from gmeta.evaluate import evaluate
+        from gmeta.evaluation.evaluate import evaluate
 
         t0 = time.perf_counter()
         report = evaluate(self.model, self.val_cfg, self.cfg.data.shards_dir)
@@ -1111,7 +1111,7 @@ def _finish_run(tracker, ckpt: Path, cfg: Config, out_dir: Path, step: int, resu
     history = getattr(tracker, "history", {})
     curves = {k: v for k, v in history.items() if k in ("train/query_loss", "train/support_loss")}
     if curves:  # (matplotlib imported only to draw them)
-        from gmeta import plots
+        from gmeta.evaluation import plots
 
         with local_dir(out_dir) as d:
             tracker.log_artifact(plots.learning_curves(curves, d / "learning_curves.png", cfg.model.objective),
@@ -1120,9 +1120,9 @@ def _finish_run(tracker, ckpt: Path, cfg: Config, out_dir: Path, step: int, resu
     if cfg.train.eval_at_end or (cfg.tracking.enabled and cfg.tracking.log_model):
         emodel, ecfg, _ = checkpoint.load_unsharded(ckpt)
     if cfg.train.eval_at_end:
-        from gmeta.evaluate import evaluate
-        from gmeta.render import format_table, log_report, write_report
-        from gmeta.report import flat_metrics
+        from gmeta.evaluation.evaluate import evaluate
+        from gmeta.evaluation.render import format_table, log_report, write_report
+        from gmeta.evaluation.report import flat_metrics
 
         report = evaluate(emodel, ecfg, cfg.data.shards_dir, inner_steps=cfg.eval.inner_steps)
         assert report is not None  # the process group is destroyed by now: one process, the report is complete

@@ -15,7 +15,7 @@ import pytest
 
 from gmeta.checkpoint import load_unsharded
 from gmeta.config import load_config
-from gmeta.evaluate import run_evaluate
+from gmeta.evaluation.evaluate import run_evaluate
 from gmeta.inference.predict import run_predict
 from gmeta.scoring import collect
 from tests.support.cli import run_gmeta

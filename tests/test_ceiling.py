@@ -1,4 +1,4 @@
-"""gmeta.ceiling: the held-out rows it scores, the Bayesian posterior, and the ceilings for
+"""gmeta.evaluation.ceiling: the held-out rows it scores, the Bayesian posterior, and the ceilings for
 new ads with and without their attributes."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.optimize import minimize
 
-from gmeta.ceiling import _posterior, ceilings, held_out, main, predict
 from gmeta.config import load_config
+from gmeta.evaluation.ceiling import _posterior, ceilings, held_out, main, predict
 from gmeta.io.manifest import load_manifest
 from gmeta.synth import ID_BASE, draw
 

@@ -19,10 +19,10 @@ import yaml
 
 from gmeta import cli
 from gmeta.config import load_config
+from gmeta.evaluation.render import format_table, write_report
+from gmeta.evaluation.report import build_report, flat_metrics
 from gmeta.io.manifest import load_manifest
 from gmeta.parallel import dist as gdist
-from gmeta.render import format_table, write_report
-from gmeta.report import build_report, flat_metrics
 from gmeta.scoring import Predictions
 from tests.conftest import DEBUG_CONFIG
 

@@ -91,14 +91,15 @@ def test_documented_commands_are_valid(page):
 RUN_ELSEWHERE = {
     "bash scripts/main.sh": "the main job",
     "bash scripts/test.sh": "the test command, which CI runs through .ci/run",
-    "python -m gmeta.ceiling": "tests/test_ceiling.py::test_ceiling_command_prints_the_table, which runs its main "
-                               "on a smaller debug config",
+    "python -m gmeta.evaluation.ceiling": "tests/test_ceiling.py::test_ceiling_command_prints_the_table, which runs "
+                                          "its main on a smaller debug config",
     "gmeta train --config configs/ads_cvr.yaml --nproc-per-node 8 --nnodes 2:4":
         "tests/parallel/test_elastic.py::test_an_elastic_job_goes_on_without_a_lost_node_and_trains_each_task_once, "
         "which runs an elastic job on two localhost nodes with dynamic sharding and loses one",
-    "python -m gmeta.cold_start": "tests/test_cold_start.py::"
-                                  "test_table_searches_every_row_alike_then_trains_and_scores_every_seed, which runs "
-                                  "cold_start.run (what the command runs) on three rows, two trials, two seeds",
+    "python -m gmeta.evaluation.cold_start": "tests/test_cold_start.py::"
+                                             "test_table_searches_every_row_alike_then_trains_and_scores_every_seed, "
+                                             "which runs cold_start.run (what the command runs) on three rows, two "
+                                             "trials, two seeds",
 }
 
 

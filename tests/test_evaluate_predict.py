@@ -14,7 +14,7 @@ import pytest
 import torch.distributed as dist
 
 from gmeta.checkpoint import load_sharded, load_unsharded
-from gmeta.evaluate import evaluate, run_evaluate
+from gmeta.evaluation.evaluate import evaluate, run_evaluate
 from gmeta.inference import predict as predict_mod
 from gmeta.inference.predict import PredictError, run_predict
 from gmeta.io.manifest import load_manifest
@@ -194,7 +194,7 @@ def test_diverged_adaptation_is_a_clear_error():
     import numpy as np
 
     from gmeta.config import Config
-    from gmeta.report import NonFiniteScores, build_report
+    from gmeta.evaluation.report import NonFiniteScores, build_report
     from gmeta.scoring import Predictions
 
     pred = Predictions(labels=[np.array([0.0, 1.0, 1.0])], task_ids=[np.array([1, 1, 2])],
@@ -212,7 +212,7 @@ def test_baseline_fine_tuned_per_task_is_chosen_on_validation_tasks(debug_checkp
                                                                      caplog):
     """``gmeta evaluate --baseline``: ERM as it is and ERM fine-tuned on each task's support
     rows, its K and rates chosen on the validation split (never the test tasks)."""
-    from gmeta.finetune import FINE_TUNE_LRS, STEPS
+    from gmeta.evaluation.finetune import FINE_TUNE_LRS, STEPS
     from tests.conftest import DEBUG_CONFIG
     from tests.support.cli import run_gmeta
 

@@ -10,8 +10,8 @@ import math
 import pytest
 
 from gmeta.config import load_config
-from gmeta.finetune import EXTRA_STEPS, FINE_TUNE_LRS, RATE_SCALES, STEPS, choose
-from gmeta.report import OBJECTIVES, NonFiniteScores
+from gmeta.evaluation.finetune import EXTRA_STEPS, FINE_TUNE_LRS, RATE_SCALES, STEPS, choose
+from gmeta.evaluation.report import OBJECTIVES, NonFiniteScores
 from tests.conftest import DEBUG_CONFIG
 
 

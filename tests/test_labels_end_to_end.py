@@ -16,9 +16,9 @@ import pytest
 from gmeta import metrics
 from gmeta.checkpoint import load_unsharded
 from gmeta.config import load_config
-from gmeta.evaluate import run_evaluate
+from gmeta.evaluation.evaluate import run_evaluate
+from gmeta.evaluation.render import format_table
 from gmeta.inference.predict import run_predict
-from gmeta.render import format_table
 from gmeta.scoring import collect
 from tests.support.cli import run_gmeta
 

@@ -287,7 +287,7 @@ def test_evaluate_predict_pyfunc_and_serving_score_managed_ids_alike(managed_che
     from sklearn.metrics import roc_auc_score
 
     from gmeta.checkpoint import load_unsharded
-    from gmeta.evaluate import run_evaluate
+    from gmeta.evaluation.evaluate import run_evaluate
     from gmeta.inference.predict import run_predict
     from gmeta.inference.predict_raw import run_predict_raw
     from gmeta.inference.pyfunc import log_model

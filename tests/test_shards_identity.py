@@ -79,7 +79,7 @@ def test_content_hash_identifies_the_data_not_the_directory(trained, debug_data,
 
 
 def test_evaluate_refuses_shards_prepared_again_in_the_checkpoint_dir(trained, debug_data, tmp_path, caplog):
-    from gmeta.evaluate import run_evaluate
+    from gmeta.evaluation.evaluate import run_evaluate
 
     shards = tmp_path / "shards"
     shutil.copytree(trained["shards"], shards)
@@ -120,7 +120,7 @@ def test_predict_refuses_other_shards(trained, debug_data, tmp_path):
 
 def test_checkpoint_without_content_hash_is_a_warning(trained, tmp_path, caplog):
     from gmeta.checkpoint import config_of
-    from gmeta.evaluate import check_shards
+    from gmeta.evaluation.evaluate import check_shards
 
     meta = json.loads((trained["checkpoint"] / "meta.json").read_text())
     del meta["shards"]  # as written before checkpoints recorded their shards
@@ -131,7 +131,7 @@ def test_checkpoint_without_content_hash_is_a_warning(trained, tmp_path, caplog)
 
 def test_shards_of_another_id_hash_are_refused_even_when_other_shards_are_allowed(trained):
     from gmeta.checkpoint import config_of
-    from gmeta.evaluate import check_shards
+    from gmeta.evaluation.evaluate import check_shards
 
     meta = json.loads((trained["checkpoint"] / "meta.json").read_text())
     cfg = config_of(trained["checkpoint"], meta)
@@ -196,7 +196,7 @@ def _other_dataset(tmp_path: Path, raw: Path) -> tuple[Path, Path]:
 
 def test_another_datasets_shards_name_the_schema(trained, debug_data, tmp_path, monkeypatch):
     from gmeta import checkpoint
-    from gmeta.evaluate import run_evaluate
+    from gmeta.evaluation.evaluate import run_evaluate
 
     _, other = _other_dataset(tmp_path, debug_data["raw"])
 

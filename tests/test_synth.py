@@ -391,7 +391,7 @@ def test_histories_of_a_day_list_only_ads_that_exist_by_then(debug_config_path):
 def test_ceilings_hold_for_a_daily_draw(debug_config_path):
     """The ceilings' shared part is the day's (the walk in base and shared): the predictor
     that knows the true ad and the support rows stays between the others and the oracle."""
-    from gmeta.ceiling import ceilings
+    from gmeta.evaluation.ceiling import ceilings
 
     res = ceilings(load_config(debug_config_path, [*DAYS, "synth.daily_drift=0.3"]))
     pr = res["predictors"]

@@ -38,7 +38,7 @@ def _train(out: Path, shards: Path, *extra: str, nproc: int = 1) -> subprocess.C
 
 def _val_score(ckpt: Path, shards: Path, max_tasks: int) -> float:
     from gmeta.checkpoint import load_unsharded
-    from gmeta.evaluate import evaluate
+    from gmeta.evaluation.evaluate import evaluate
 
     model, cfg, _ = load_unsharded(ckpt)
     cfg.eval.split, cfg.eval.max_tasks, cfg.eval.curve_steps = "val", max_tasks, [0]

@@ -1,5 +1,5 @@
 """The warm-up protocol of item cold start: the split (data.split.rule warmup) and the
-evaluate mode (eval.protocol warmup, gmeta.warmup)."""
+evaluate mode (eval.protocol warmup, gmeta.evaluation.warmup)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gmeta.config import ConfigError, load_config
-from gmeta.evaluate import evaluate
+from gmeta.evaluation.evaluate import evaluate
 from gmeta.io.features import task_uniform
 from gmeta.io.prepare import prepare
 
@@ -135,7 +135,7 @@ def _with_support_labels(batch, flip):
 
 
 def test_first_support_rows_keeps_the_first_k_support_rows_and_every_query_row(tiny):
-    from gmeta.warmup import first_support_rows
+    from gmeta.evaluation.warmup import first_support_rows
 
     _, _, batch, _ = tiny
     so = batch.support_offsets.numpy()
@@ -155,9 +155,9 @@ def test_first_support_rows_keeps_the_first_k_support_rows_and_every_query_row(t
 
 
 def test_stage_a_uses_exactly_the_first_k_warmup_rows(tiny):
-    from gmeta.finetune import adapting
+    from gmeta.evaluation.finetune import adapting
+    from gmeta.evaluation.warmup import first_support_rows, rows_config
     from gmeta.scoring import predict_queries
-    from gmeta.warmup import first_support_rows, rows_config
 
     cfg, _, batch, model = tiny
     K = cfg.data.split.warmup_rows
@@ -183,8 +183,8 @@ def test_cold_stage_makes_no_update(tiny):
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     from gmeta import metrics
-    from gmeta.finetune import adapting
-    from gmeta.warmup import METHODS, _stage_config, first_support_rows, stage_evaluate
+    from gmeta.evaluation.finetune import adapting
+    from gmeta.evaluation.warmup import METHODS, _stage_config, first_support_rows, stage_evaluate
 
     cfg, shards, batch, model = tiny
     assert first_support_rows(batch, 0).num_support == 0
@@ -214,8 +214,8 @@ def _rows(jt, start):
 def test_random_initial_rows_replace_the_new_ids_rows_only(tiny):
     import math
 
+    from gmeta.evaluation.warmup import InitRow, initial_rows
     from gmeta.meta.layout import layout_of
-    from gmeta.warmup import InitRow, initial_rows
 
     cfg, _, batch, model = tiny
     layout = layout_of(batch, model.pooling, 1)
@@ -236,8 +236,9 @@ def test_random_initial_rows_replace_the_new_ids_rows_only(tiny):
 def test_every_choice_is_made_on_validation_ids(tiny, monkeypatch):
     """Rates and steps are chosen reading split val only; the test ids are read once per
     stage, to be scored with the choice."""
-    from gmeta import finetune, scoring
-    from gmeta.warmup import METHODS, STAGES, warmup_report
+    from gmeta import scoring
+    from gmeta.evaluation import finetune
+    from gmeta.evaluation.warmup import METHODS, STAGES, warmup_report
 
     cfg, shards, _, model = tiny
     reads: list[tuple[str, str]] = []  # (phase, split read)
@@ -266,8 +267,8 @@ def test_every_choice_is_made_on_validation_ids(tiny, monkeypatch):
 
 
 def test_warmup_protocol_refuses_shards_of_another_rule_and_no_validation_ids(tmp_path):
+    from gmeta.evaluation.warmup import warmup_report
     from gmeta.models.dlrm import build_model
-    from gmeta.warmup import warmup_report
 
     cfg = tiny_config(tmp_path, ["data.split.val_fraction=0"])
     prepare(cfg, write_tiny(tmp_path / "raw"), tmp_path / "shards")
@@ -287,9 +288,10 @@ def test_evaluate_protocol_warmup_end_to_end(tmp_path, monkeypatch):
     not of the grid.)"""
     import json
 
-    from gmeta import finetune, train, warmup
+    from gmeta import train
     from gmeta.checkpoint import load_unsharded
-    from gmeta.evaluate import run_evaluate
+    from gmeta.evaluation import finetune, warmup
+    from gmeta.evaluation.evaluate import run_evaluate
     from gmeta.synth import generate
     from tests.conftest import ROOT
 
@@ -301,7 +303,7 @@ def test_evaluate_protocol_warmup_end_to_end(tmp_path, monkeypatch):
     assert m["splits"]["val"]["tasks"] and m["splits"]["eval"]["tasks"] and m["splits"]["train"]["tasks"]
     for alg in ("erm", "maml"):
         train.main(load_config(config, [*small, f"meta.algorithm={alg}", f"train.output_dir={tmp_path / alg}"]))
-    # an id generator of the new ads trained on the ERM model (as python -m gmeta.cold_start --warmup does)
+    # an id generator of the new ads trained on the ERM model (as python -m gmeta.evaluation.cold_start --warmup does)
     train.main(load_config(config, [*small, "meta.algorithm=erm", "generator.feature=ad_id",
                                     "generator.attributes=[advertiser_id, ad_category]", "generator.mode=base_fixed",
                                     "generator.train_ids=all", f"train.init_from={tmp_path / 'erm' / 'checkpoint'}",
@@ -347,7 +349,8 @@ def test_evaluate_protocol_warmup_end_to_end(tmp_path, monkeypatch):
 def test_gmeta_evaluate_protocol_flag(tmp_path, monkeypatch):
     """--protocol reaches run_evaluate (default: None, i.e. eval.protocol); the warm-up table
     is printed."""
-    from gmeta import cli, evaluate
+    from gmeta import cli
+    from gmeta.evaluation import evaluate
 
     seen = {}
 
@@ -395,7 +398,7 @@ def test_movielens_items_config_prepares_movies_as_tasks(tmp_path):
 
 
 def test_warmup_table_format_gives_mean_and_spread_per_method_and_stage():
-    from gmeta.cold_start import format_warmup_table as format_table
+    from gmeta.evaluation.cold_start import format_warmup_table as format_table
 
     def report(shift):
         stages = ["cold", "a", "a+b", "a+b+c"]
@@ -420,7 +423,7 @@ def test_warmup_table_format_gives_mean_and_spread_per_method_and_stage():
 def test_warmup_table_data_sets_generate_by_campaign_and_prepare_by_ad(tmp_path):
     import argparse
 
-    from gmeta.cold_start import _prepare, _warmup_datasets
+    from gmeta.evaluation.cold_start import _prepare, _warmup_datasets
     from gmeta.io.manifest import load_manifest
 
     args = argparse.Namespace(movielens="", ads_tasks=60, ads_override=["data.split.val_fraction=0.5"],
@@ -442,7 +445,7 @@ def test_warmup_table_keeps_seeds_already_scored_and_shows_a_missing_method_as_n
     method one seed lacks (an earlier run without the generator) reads n/a for it."""
     import json
 
-    from gmeta import cold_start
+    from gmeta.evaluation import cold_start
 
     def report(methods):
         return {"stages": ["cold", "a"], "support_rows": [0, 4], "warmup_rows": 4, "tasks": 3,
@@ -472,8 +475,8 @@ def test_warmup_table_searches_the_generator_on_a_base_model_of_its_own_and_trai
     on an ERM model trained for the search (not a scored seed's), and each seed's generator
     trains with the choice; with no trials the defaults train (no search, no extra model)."""
     import gmeta.checkpoint
-    import gmeta.warmup
-    from gmeta import cold_start
+    import gmeta.evaluation.warmup
+    from gmeta.evaluation import cold_start
 
     trained: list[list[str]] = []
     sweeps: list[tuple] = []
@@ -491,7 +494,7 @@ def test_warmup_table_searches_the_generator_on_a_base_model_of_its_own_and_trai
     monkeypatch.setattr(cold_start, "_train", train)
     monkeypatch.setattr(cold_start, "_sweep", sweep)
     monkeypatch.setattr(gmeta.checkpoint, "load_unsharded", lambda path: (str(path), None, None))
-    monkeypatch.setattr(gmeta.warmup, "warmup_report", lambda model, cfg, shards, **kw: {
+    monkeypatch.setattr(gmeta.evaluation.warmup, "warmup_report", lambda model, cfg, shards, **kw: {
         "stages": ["cold"], "support_rows": [0], "warmup_rows": 4, "tasks": 1,
         "methods": {"generator": {"label": "g", "stages": {"cold": {"auc": 0.6}}}}, "generator": kw["generator"][0]})
     ds = cold_start.Dataset("toy", tmp_path / "toy.yaml", [], generator=["generator.feature=ad_id"])

@@ -8,7 +8,7 @@
   prediction score them; ``pyfunc``: the MLflow pyfunc model.
 
 It may import the shared modules (config, checkpoint, scoring, storage, logs), gmeta.io,
-gmeta.models, gmeta.parallel, and ``gmeta.evaluate`` (the checks of which shards a
+gmeta.models, gmeta.parallel, and ``gmeta.evaluation.evaluate`` (the checks of which shards a
 checkpoint may score); nothing imports it but the command line and training (which logs
 the pyfunc model).
 """

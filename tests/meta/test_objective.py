@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from gmeta import metrics
 from gmeta.checkpoint import load_unsharded
 from gmeta.config import Config, config_from_dict, load_config, to_dict
+from gmeta.evaluation.render import log_report
+from gmeta.evaluation.report import build_report
 from gmeta.io.prepare import prepare
 from gmeta.io.reader import TaskReader
 from gmeta.meta.base import task_losses
 from gmeta.meta.erm import erm_loss
 from gmeta.models.dlrm import DLRMHead, build_model
 from gmeta.parallel.dist import free_port
-from gmeta.render import log_report
-from gmeta.report import build_report
 from gmeta.scoring import collect
 from gmeta.tracking import NullTracker
 from gmeta.train import main as train_main

@@ -16,7 +16,7 @@ from gmeta.parallel.dist import free_port
 # process that has run nothing (no threads, no OpenMP pool, no process group), so a rank
 # starts as clean as a spawned one, unlike a fork of the test process.
 PRELOAD = ["torch", "torch.distributed", "fbgemm_gpu", "torchrec", "torchrec.distributed", "gmeta.train",
-           "gmeta.evaluate", "gmeta.checkpoint", "tests.support.multiprocess"]
+           "gmeta.evaluation.evaluate", "gmeta.checkpoint", "tests.support.multiprocess"]
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args, env: dict[str, str], cwd: str) -> None:

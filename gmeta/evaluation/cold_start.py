@@ -3,7 +3,7 @@ on MovieLens (user cold start; click and rating) and on the synthetic ads-CVR se
 searched with the same budget on the validation tasks, then trained over several seeds and
 scored on the test tasks.
 
-    python -m gmeta.cold_start --movielens data/movielens/raw --trials 12 --out runs/cold_start
+    python -m gmeta.evaluation.cold_start --movielens data/movielens/raw --trials 12 --out runs/cold_start
 
 For each data set the shards are prepared once (one fixed split of the tasks into train,
 validation and test). Then for every variant:
@@ -15,7 +15,7 @@ validation and test). Then for every variant:
 2. for every seed (``train.seed``: initialisation and task order) the best configuration is
    trained in this process (one rank; the weights of its best validation kept);
 3. at test time, on the validation tasks again: ERM fine-tuned per task chooses its K and
-   rates on a grid (``gmeta.finetune.FINE_TUNE_LRS`` x ``STEPS``); an adapted model its K
+   rates on a grid (``gmeta.evaluation.finetune.FINE_TUNE_LRS`` x ``STEPS``); an adapted model its K
    and its rates scaled by ``RATE_SCALES`` (``STEPS``); then the test tasks are scored once.
 
 The table gives each row's mean and standard deviation over the seeds and its search
@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-log = logging.getLogger("gmeta.cold_start")
+ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger("gmeta.evaluation.cold_start")
 
 
 @dataclass
@@ -114,8 +114,8 @@ def _evaluate(ckpt: Path, shards: Path, *, split: str = "eval", adapt: tuple[flo
     """Evaluation report of a checkpoint on a split; ``adapt``: (inner lr, embedding lr, K)
     to adapt it with (``fine_tune``: an ERM model, all its dense layers and rows)."""
     from gmeta.checkpoint import load_unsharded
-    from gmeta.evaluate import evaluate
-    from gmeta.finetune import adapting
+    from gmeta.evaluation.evaluate import evaluate
+    from gmeta.evaluation.finetune import adapting
 
     model, cfg, _ = load_unsharded(ckpt)
     if adapt is not None:
@@ -148,12 +148,12 @@ def _label_columns(runs: dict[str, list[dict]], metrics: tuple[str, ...]) -> lis
 
 
 def _adapted(ckpt: Path, shards: Path, objective: str, *, fine_tune: bool) -> dict:
-    """K and the inner rates chosen on the validation tasks (``gmeta.finetune.choose``),
+    """K and the inner rates chosen on the validation tasks (``gmeta.evaluation.finetune.choose``),
     then the test tasks scored once with them."""
     from gmeta.checkpoint import load_unsharded
-    from gmeta.evaluate import evaluate
-    from gmeta.finetune import choose
-    from gmeta.report import NonFiniteScores
+    from gmeta.evaluation.evaluate import evaluate
+    from gmeta.evaluation.finetune import choose
+    from gmeta.evaluation.report import NonFiniteScores
 
     model, cfg, _ = load_unsharded(ckpt)
     c = choose(evaluate, model, cfg, shards, fine_tune=fine_tune)
@@ -400,14 +400,14 @@ def format_table(results: dict) -> str:
 
 
 # ---------------------------------------------------------------- the warm-up table
-# The warm-up table of item cold start (``python -m gmeta.cold_start --warmup``): one row
-# per method of ``gmeta.warmup`` (the model's initial row, a random initial row, the
+# The warm-up table of item cold start (``python -m gmeta.evaluation.cold_start --warmup``): one row
+# per method of ``gmeta.evaluation.warmup`` (the model's initial row, a random initial row, the
 # meta-learner's own inner loop, ERM fine-tuned, the generated row of an id generator trained
 # on the ERM model), one column per stage (cold, a, a+b, a+b+c),
 # mean ± standard deviation over the seeds; on the synthetic ads set (task = ad) and on
 # MovieLens (task = movie), each prepared under ``data.split.rule: warmup``.
 #
-# The machinery of the cold-start table (``gmeta.cold_start``): the shards are prepared once
+# The machinery of the cold-start table (``gmeta.evaluation.cold_start``): the shards are prepared once
 # per data set; the ERM base model and the meta-learner are each searched with the same number
 # of Optuna trials on the validation ids, then trained once per seed; the generator (a data set
 # with ``Dataset.generator``) is trained per seed on that seed's ERM model with the ERM's
@@ -447,8 +447,8 @@ def run_warmup_table(datasets: list[Dataset], seeds: list[int], out: Path, trial
     results.json in ``out`` after each seed. Run again into the same ``out``, seeds already
     scored there are kept (and models trained there continue from their checkpoints)."""
     from gmeta.checkpoint import load_unsharded
-    from gmeta.evaluate import evaluate
-    from gmeta.warmup import warmup_report
+    from gmeta.evaluation.evaluate import evaluate
+    from gmeta.evaluation.warmup import warmup_report
 
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"protocol": "warmup", "seeds": seeds, "trials": trials, "datasets": {}}
@@ -610,7 +610,7 @@ def _warmup_datasets(args) -> list[Dataset]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gmeta.cold_start", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gmeta.evaluation.cold_start", description=__doc__.split("\n\n")[0])
     p.add_argument("--movielens", default=str(ROOT / "data" / "movielens" / "raw"),
                    help="MovieLens files (see data.source.format: movielens); '' to skip")
     p.add_argument("--objectives", nargs="+", default=["click", "rating"], choices=["click", "rating"],

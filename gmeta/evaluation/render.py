@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from gmeta import metrics
-from gmeta.report import SCORERS, flat_metrics, objective_of
+from gmeta.evaluation.report import SCORERS, flat_metrics, objective_of
 
 
 def _cell(value, metric: str, fmt: str = ".4f") -> str:
@@ -109,7 +109,7 @@ def format_html(report: dict, plots: list[str]) -> str:
 
 def write_report(report: dict, out_dir: str | Path) -> list[Path]:
     """eval_report.{json,md,html} and the PNG plots into ``out_dir``; returns the files."""
-    from gmeta import plots
+    from gmeta.evaluation import plots
 
     obj = objective_of(report)
     out = Path(out_dir)

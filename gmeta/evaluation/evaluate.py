@@ -30,10 +30,10 @@ from typing import Literal
 import torch.distributed as dist
 
 from gmeta.config import Config
+from gmeta.evaluation.render import format_table, log_report, write_report
+from gmeta.evaluation.report import build_report
 from gmeta.io.manifest import load_manifest
 from gmeta.models.dlrm import MetaDLRM
-from gmeta.render import format_table, log_report, write_report
-from gmeta.report import build_report
 from gmeta.scoring import Predictions, collect
 from gmeta.storage import check_bucket, local_dir, location
 
@@ -143,9 +143,9 @@ def check_shards(checkpoint: str | Path, meta: dict, cfg: Config, shards: str | 
 
 def _fine_tuned(bmodel: MetaDLRM, bcfg: Config, cfg: Config):
     """The ERM baseline fine-tuned per task, its steps and rates chosen on the validation
-    tasks of the shards evaluated (``gmeta.finetune``): ((model, config), choice), or
+    tasks of the shards evaluated (``gmeta.evaluation.finetune``): ((model, config), choice), or
     (None, None) when those shards have no validation split to choose on."""
-    from gmeta import finetune
+    from gmeta.evaluation import finetune
 
     if not load_manifest(cfg.data.shards_dir, cfg.data.partitions)["splits"].get("val", {}).get("tasks"):
         log.warning("%s has no validation tasks (data.split.val_fraction): ERM fine-tuned per task is left out, "
@@ -172,7 +172,7 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
     ``shards_dir``: the shards to evaluate on (``shards_why``: who chose them, for the log);
     None: the checkpoint's own (``choose_shards``). Shards other than those the checkpoint
     (and ``baseline``) was trained on are refused unless ``allow_other_shards``
-    (``check_shards``). ``protocol``: eval.protocol ("warmup": ``gmeta.warmup``, its report
+    (``check_shards``). ``protocol``: eval.protocol ("warmup": ``gmeta.evaluation.warmup``, its report
     warmup_report.{json,md}; ``generator``: a checkpoint with an id generator, one more row
     of it). Returns the report on rank 0, None on other ranks."""
     from gmeta.checkpoint import config_of, load_sharded, load_unsharded, read_meta
@@ -220,7 +220,7 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
         base = fine_tuned = None
         choice = None
         if protocol == "warmup":
-            from gmeta.warmup import warmup_report
+            from gmeta.evaluation.warmup import warmup_report
 
             warm = warmup_report(model, cfg, cfg.data.shards_dir, evaluate=evaluate, seed=cfg.train.seed,
                                  baseline=load_unsharded(baseline)[:2] if baseline else None,
@@ -257,8 +257,8 @@ def run_evaluate(checkpoint: str | Path | None = None, *, run_id: str = "", cfg_
 def _finish_warmup(report: dict, path: Path, dest: Path, meta: dict, cfg: Config, tracking: bool,
                    tracking_uri: str) -> dict:
     """The warm-up report's files, logged to the checkpoint's MLflow run."""
+    from gmeta.evaluation.warmup import flat_metrics, write_warmup_report
     from gmeta.tracking import make_tracker
-    from gmeta.warmup import flat_metrics, write_warmup_report
 
     report["checkpoint"] = str(path)
     with local_dir(dest) as d:

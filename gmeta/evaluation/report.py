@@ -1,6 +1,6 @@
 """The evaluation report: metrics of each scorer (the adapted model, the same without
 adaptation, ERM, the oracle) over the held-out query rows, per cold-start bucket, against
-K, and reliability bins. Numbers only; ``gmeta.render`` shows them."""
+K, and reliability bins. Numbers only; ``gmeta.evaluation.render`` shows them."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ Methods (rows of the table), each scored at every stage:
 
 The base model is ``--baseline`` when given, else the checkpoint. The learning rate and the
 steps of every method at every stage are chosen on the validation ids (split ``val``) with
-``gmeta.finetune.choose``, by validation AUC (``CHOICE_METRIC``); the test ids are scored once
+``gmeta.evaluation.finetune.choose``, by validation AUC (``CHOICE_METRIC``); the test ids are scored once
 with them. AUC is the protocol's metric in the literature, and the one an update moves: a new
 id's own row shifts that id's level, which changes the overall AUC and logloss but hardly the
 ranking of rows within the id (GAUC, grouped by the id).
@@ -60,10 +60,10 @@ log = logging.getLogger(__name__)
 STAGES = (("cold", 0), ("a", 1), ("a+b", 2), ("a+b+c", 3))
 METRICS = ("auc", "gauc", "logloss")
 # embedding-row learning rates of the row-only update (the embedding rates of
-# gmeta.finetune.FINE_TUNE_LRS; the dense rate is 0: no dense layer adapts)
+# gmeta.evaluation.finetune.FINE_TUNE_LRS; the dense rate is 0: no dense layer adapts)
 ROW_LRS = [(0.0, b) for _, b in ((0.003, 0.015), (0.01, 0.05), (0.03, 0.15), (0.1, 0.5), (0.3, 1.5), (1.0, 5.0))]
 # update steps tried at each stage, and how often the grid may widen where the best lies at
-# its edge (gmeta.finetune.choose): a smaller grid than a task's K, as every method chooses
+# its edge (gmeta.evaluation.finetune.choose): a smaller grid than a task's K, as every method chooses
 # anew at each of three stages
 STEPS = [1, 2, 4, 8]
 WIDEN = 2
@@ -154,13 +154,13 @@ def rows_config(cfg: Config) -> Config:
 
 
 def stage_evaluate(method: Method, k: int, seed: int, evaluate: Callable[..., dict | None]):
-    """``evaluate`` (``gmeta.evaluate.evaluate``, passed in: that module's command calls this
+    """``evaluate`` (``gmeta.evaluation.evaluate.evaluate``, passed in: that module's command calls this
     one, and imports run one way only) scoring after updates on each task's first ``k``
     support rows, the new ids' rows starting as ``method.init`` says (for ``finetune.choose``)."""
 
     def run(model, cfg: Config, shards_dir, **kw):
         if k == 0:  # the cold stage: no support row, and no step (there is nothing to step on)
-            from gmeta.finetune import adapting
+            from gmeta.evaluation.finetune import adapting
 
             cfg = adapting(cfg, cfg.meta.inner_lr, cfg.meta.embedding_inner_lr, 0, fine_tune=False)
         feature = [s.name for s in cfg.features.sparse].index(cfg.features.task_key)
@@ -187,13 +187,13 @@ def warmup_report(model, cfg: Config, shards_dir: str | Path, *, evaluate: Calla
                   baseline: tuple[MetaDLRM, Config] | None = None, seed: int = 0,
                   methods: tuple[Method, ...] = METHODS, generator: tuple[MetaDLRM, Config] | None = None) -> dict:
     """Every method at every stage on the test ids (split ``eval.split``), each stage's rates
-    and steps chosen on the validation ids; ``evaluate``: ``gmeta.evaluate.evaluate``.
+    and steps chosen on the validation ids; ``evaluate``: ``gmeta.evaluation.evaluate.evaluate``.
     ``model``/``cfg``: the checkpoint; ``baseline``: the base (ERM) model and its config;
     ``generator``: a model with an id generator of the task-key feature and its config.
     Methods that do not apply are left out: "maml" for an ERM checkpoint, "erm_ft" without an
     ERM model, "generator" without ``generator``."""
-    from gmeta.finetune import adapting, choose
-    from gmeta.report import NonFiniteScores
+    from gmeta.evaluation.finetune import adapting, choose
+    from gmeta.evaluation.report import NonFiniteScores
 
     if cfg.model.objective != "binary":
         raise ValueError(f"eval.protocol warmup reports AUC, GAUC and logloss: model.objective is "

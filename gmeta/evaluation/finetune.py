@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gmeta.config import Config
+from gmeta.evaluation.report import OBJECTIVES, NonFiniteScores
 from gmeta.metrics import HIGHER_IS_BETTER
-from gmeta.report import OBJECTIVES, NonFiniteScores
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def choose(evaluate: Callable[..., dict | None], model, cfg: Config, shards_dir:
     while the best K is the largest tried, the best pair's curve is extended by
     ``EXTRA_STEPS``; at most ``widen`` (``WIDEN``) such steps. ``metric``: another metric of
     the report's K curve to choose by (e.g. "auc"). ``evaluate``:
-    ``gmeta.evaluate.evaluate`` (passed in: that module uses this one for its fine-tuned
+    ``gmeta.evaluation.evaluate.evaluate`` (passed in: that module uses this one for its fine-tuned
     baseline)."""
     steps = sorted(steps or STEPS)
     if rates is None:

@@ -60,10 +60,10 @@ def score_next_day(path: Path, *, splits: tuple[str, ...] = ("train", "eval"), i
     report of ``gmeta evaluate`` for those tasks, with ``day``, ``trained_through``,
     ``new_tasks``; ``{"day": None, ...}`` when no later partition exists yet."""
     from gmeta.checkpoint import config_of, load_unsharded, read_meta, resolve
+    from gmeta.evaluation.report import build_report
     from gmeta.io import partitions as parts
     from gmeta.io.features import id_hash_of
     from gmeta.io.manifest import MANIFEST, check_schema, load_manifest
-    from gmeta.report import build_report
     from gmeta.scoring import collect, inner_steps_for
 
     path = resolve(path)
@@ -139,7 +139,7 @@ def format_series(series: dict) -> str:
 
 def plot_series(series: dict, path: Path) -> Path:
     """AUC and GAUC of the model's scorer over the evaluated days."""
-    from gmeta import plots
+    from gmeta.evaluation import plots
 
     rows = [r for r in series["days"] if r.get("auc") is not None]
     return plots.over_days([r["day"] for r in rows], {"AUC": [r["auc"] for r in rows],

@@ -1,7 +1,7 @@
 """Ceilings of the synthetic ads-CVR set for new ads: what a predictor that knows parts of
 the hidden model (``gmeta.synth``) scores on the query rows of held-out campaigns.
 
-    python -m gmeta.ceiling --config configs/ads_cvr.yaml [key=value ...]
+    python -m gmeta.evaluation.ceiling --config configs/ads_cvr.yaml [key=value ...]
 
 Every predictor knows the generator's shared part except the new ad's own terms (its
 latent ``a_ad`` and its quality): the user latents, the hour, device and site effects and
@@ -237,7 +237,7 @@ def table(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gmeta.ceiling", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m gmeta.evaluation.ceiling", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="an ads-CVR config (its synth and data.split sections)")
     ap.add_argument("--split", choices=("eval", "val"), default="eval", help="the held-out campaigns to score")
     ap.add_argument("--json", help="also write the figures to this JSON file")
