@@ -86,7 +86,7 @@ def score_next_day(path: Path, *, splits: tuple[str, ...] = ("train", "eval"), i
     if ours != theirs:
         raise PrepareError(f"{where}: ids hashed with id_hash {theirs}, {path}'s tables with {ours}")
     chosen = [s for s in splits if manifest["splits"].get(s, {}).get("tasks")]
-    new = np.concatenate([parts.new_task_ids(root, day, (s,)) for s in chosen]) if chosen else np.zeros(0, np.int64)
+    new = parts.new_task_ids(root, day, tuple(chosen)) if chosen else np.zeros(0, np.int64)
     row.update(new_tasks=int(len(new)), tasks_of_day=int(sum(manifest["splits"][s]["tasks"] for s in chosen)))
     if not len(new):
         log.warning("next day: %s has no new task in splits %s: nothing to score for %s", day, chosen, path)

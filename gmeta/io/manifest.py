@@ -28,6 +28,7 @@ from gmeta.io.partitions import (
     DIR,
     INDEX,
     SHARED_FIELDS,
+    input_keys,
     is_partitioned,
     names,
     new_task_ids,
@@ -334,9 +335,11 @@ def build_index(root: Path) -> dict:
     re-prepared changes what is new on the days after it)."""
     entries = []
     seen_ids: dict[str, np.ndarray] = {}
+    seen_keys = np.zeros(0, dtype=np.int64)  # the input task keys of the partitions so far
     for name in names(root):
         m = load_manifest(partition_dir(root, name))
-        new_tasks = len(new_task_ids(root, name))
+        new_tasks = len(new_task_ids(root, name, before=seen_keys))
+        seen_keys = np.union1d(seen_keys, input_keys(root, name))
         ids = {}
         for s in m["schema"]["sparse"]:
             f = s["name"]

@@ -147,16 +147,18 @@ def input_keys(root: Path, name: str) -> np.ndarray:
     return np.unique(_tasks(root, name).column("key_hash").to_numpy())
 
 
-def new_task_ids(root: Path, name: str, splits: tuple[str, ...] | None = None) -> np.ndarray:
+def new_task_ids(root: Path, name: str, splits: tuple[str, ...] | None = None,
+                 before: np.ndarray | None = None) -> np.ndarray:
     """The ids of the tasks of partition ``name`` (of ``splits``) whose task key occurs in
     no earlier partition's input: the tasks that are new on that day (a chunk of a long
-    task is new when its task's key is)."""
+    task is new when its task's key is). ``before``: the earlier partitions' input keys,
+    sorted, when the caller holds them already (else read here)."""
     t = _written(root, name, splits)
     ids, keys = t.column("task_id").to_numpy(), t.column("key_hash").to_numpy()
-    before = [input_keys(root, p) for p in previous(root, name)]
-    if before:
-        ids = ids[~np.isin(keys, np.unique(np.concatenate(before)))]
-    return np.unique(ids)
+    if before is None:
+        earlier = [input_keys(root, p) for p in previous(root, name)]
+        before = np.unique(np.concatenate(earlier)) if earlier else np.zeros(0, np.int64)
+    return np.unique(ids[~np.isin(keys, before)])
 
 
 def staging_dir(root: Path, name: str) -> Path:
