@@ -14,7 +14,7 @@ from gmeta.config import Config, load_config
 from gmeta.io.errors import PrepareError
 from gmeta.io.manifest import load_manifest
 from gmeta.io.prepare import prepare
-from gmeta.synth import generate
+from gmeta.io.synth import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 

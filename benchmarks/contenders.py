@@ -17,7 +17,7 @@ Padding slots of the vmap versions carry zero weight in the losses and pool into
 cell that is dropped, so all are exact (tested against gmeta in tests/test_benchmarks.py,
 with behaviour sequences in tests/test_benchmark_din.py). Occurrences pool into the
 layout's cells, ``layout.num_cells`` C per row (slot = row * C + cell): one per feature,
-and a sequence's ``max_length`` T each, as gmeta pools them (gmeta/meta/layout.py).
+and a sequence's ``max_length`` T each, as gmeta pools them (gmeta/layout.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from gmeta.meta.layout import BatchLayout
+from gmeta.layout import BatchLayout
 from gmeta.models.heads import adapted_parameter_names
 from gmeta.types import TaskBatch
 

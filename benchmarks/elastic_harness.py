@@ -26,7 +26,7 @@ import numpy as np
 
 import gmeta.checkpoint as checkpoint
 import gmeta.io.dynamic as dynamic
-import gmeta.train as train
+import gmeta.training.step as train
 from gmeta.cli import main
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -47,7 +47,7 @@ RECORD = os.environ.get("GMETA_BENCH_RECORD", "")
 REPLAY = os.environ.get("GMETA_BENCH_REPLAY", "")
 
 _meta_step = train.meta_step
-_trained = train._Fetcher.trained
+_trained = train.Fetcher.trained
 _steps = 0
 
 
@@ -94,7 +94,7 @@ def replayed_iter(self):
 
 
 train.meta_step = slow_meta_step
-train._Fetcher.trained = recorded_trained  # type: ignore[method-assign]
+train.Fetcher.trained = recorded_trained  # type: ignore[method-assign]
 checkpoint.load_training_state = recorded_load
 if REPLAY:
     dynamic.DynamicTaskReader.__iter__ = replayed_iter  # type: ignore[method-assign]

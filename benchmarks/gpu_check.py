@@ -45,13 +45,13 @@ from benchmarks.meta_step import alternated, criteo_batch, criteo_config, step_f
 from gmeta.config import Config, load_config
 from gmeta.io.prepare import prepare
 from gmeta.io.reader import TaskReader
-from gmeta.meta.layout import cell_widths, layout_of
+from gmeta.io.synth import generate
+from gmeta.layout import cell_widths, layout_of
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import DenseGradSync, free_port
 from gmeta.parallel.pipeline import SparseDistPipeline
 from gmeta.parallel.sharding import plan_report, shard_model
-from gmeta.synth import generate
-from gmeta.train import run_steps, train_step
+from gmeta.training.step import run_steps, train_step
 
 DEBUG = ROOT / "configs" / "ads_cvr_debug.yaml"
 TOL = 1e-4  # float32, kernels that sum in another order than the CPU's

@@ -41,12 +41,12 @@ from gmeta.io.errors import PrepareError
 from gmeta.io.manifest import load_manifest
 from gmeta.io.prepare import prepare
 from gmeta.io.reader import TaskReader
+from gmeta.io.synth import generate
 from gmeta.models.dlrm import build_model
 from gmeta.models.managed import training_metrics
 from gmeta.parallel.dist import DenseGradSync, free_port
 from gmeta.parallel.sharding import shard_model
-from gmeta.synth import generate
-from gmeta.train import train_step
+from gmeta.training.step import train_step
 
 SIZES = {"debug": ROOT / "configs" / "ads_cvr_debug.yaml", "ads_cvr": ROOT / "configs" / "ads_cvr.yaml"}
 

@@ -75,18 +75,18 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.common import emit, ensure_data
 from benchmarks.contenders import bucket_views, loop_loss, task_views, vmap_bucketed_loss, vmap_loss
 from benchmarks.memory import saved_bytes
-from gmeta.batch import task_batch
 from gmeta.config import Config, SparseFeature, load_config, validate
+from gmeta.io.batch import task_batch
 from gmeta.io.reader import TaskReader
+from gmeta.layout import layout_of
 from gmeta.meta.erm import erm_loss
 from gmeta.meta.fast_weights import choose_fast_weights
-from gmeta.meta.layout import layout_of
 from gmeta.meta.maml import maml_loss
 from gmeta.models.dlrm import build_model
 from gmeta.models.heads import HEADS
 from gmeta.parallel.dist import DenseGradSync, free_port
 from gmeta.parallel.sharding import shard_model
-from gmeta.train import train_step
+from gmeta.training.step import train_step
 from gmeta.types import TaskBatch
 
 CRITEO_TABLE = 50_000
@@ -141,7 +141,7 @@ def criteo_batch(cfg: Config, n: int, support: int, query: int, seed: int):
             like = next(i for i, g in enumerate(sparse) if g.name == f.table)
             ids = _criteo_ids(seq_rng, like, np.repeat(data["task"], lengths), user_bias)
             data[f.name] = np.split(ids, np.cumsum(lengths)[:-1])  # a list of ids per row
-    # max_length and table: the layout gives a sequence its cells (gmeta.meta.layout.cell_widths)
+    # max_length and table: the layout gives a sequence its cells (gmeta.layout.cell_widths)
     feats = [{"name": f.name, "num_embeddings": f.num_embeddings, "pooling": f.pooling, "max_length": f.max_length,
               "table": f.table} for f in sparse]
     return task_batch(data, task="task", query="is_query", label="label", sparse=[f.name for f in sparse],

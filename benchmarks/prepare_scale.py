@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import ROOT, ads_config, emit
-from gmeta.synth import generate
+from gmeta.io.synth import generate
 
 CHILD = textwrap.dedent("""
     import json, sys, time

@@ -263,7 +263,7 @@ class _ForwardInterrupt:
     def __init__(self) -> None:
         import signal
 
-        from gmeta.train import StopRequest
+        from gmeta.training.step import StopRequest
 
         self.repeat_s = StopRequest.REPEAT_S
         self.at: float | None = None
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "synth":
         assert cfg is not None  # --config is required (argparse)
-        from gmeta.synth import day_line, generate
+        from gmeta.io.synth import day_line, generate
 
         out = args.out or cfg.data.raw_dir
         try:
@@ -542,8 +542,8 @@ def main(argv: list[str] | None = None) -> int:
             return _launch(nproc, argv, args.max_restarts)
         from gmeta.checkpoint import CheckpointError
         from gmeta.io.errors import PrepareError
-        from gmeta.train import NonFiniteLossError, TrainingInterrupted
-        from gmeta.train import main as train_main
+        from gmeta.training.run import main as train_main
+        from gmeta.training.step import NonFiniteLossError, TrainingInterrupted
 
         launched = bool(os.environ.get(MESSAGES_ENV))  # a worker of gmeta's own launcher
         main_rank = os.environ.get("RANK", "0") == "0"
@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         from pathlib import Path
 
-        from gmeta.sweep import run_sweep
+        from gmeta.training.sweep import run_sweep
 
         if args.trials is not None and args.trials < 1:
             print("gmeta sweep: --trials must be >= 1", file=sys.stderr)

@@ -159,7 +159,7 @@ class FeaturesConfig:
 
 @dataclass
 class SynthConfig:
-    """Synthetic ads-CVR generator (see gmeta/synth.py for the hidden model)."""
+    """Synthetic ads-CVR generator (see gmeta/io/synth.py for the hidden model)."""
 
     seed: int = 0
     num_tasks: int = 4000

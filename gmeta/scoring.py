@@ -15,7 +15,7 @@ import torch.distributed as dist
 from gmeta.config import Config
 from gmeta.io.manifest import load_manifest
 from gmeta.io.reader import TaskReader
-from gmeta.meta.layout import BatchLayout, layout_of
+from gmeta.layout import BatchLayout, layout_of
 from gmeta.meta.maml import adapt_and_query, adaptation
 from gmeta.models.dlrm import MetaDLRM, dense_autocast, model_device
 from gmeta.types import TaskBatch

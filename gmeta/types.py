@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from gmeta.meta.layout import BatchLayout
+from gmeta.layout import BatchLayout
 
 
 @dataclass

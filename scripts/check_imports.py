@@ -1,17 +1,73 @@
-"""Check gmeta's import graph: no cycle among its modules (counting imports inside
-functions too, which only defer a cycle), and no module importing another's private
-(underscore) names. Prints what it finds; exit status 1 if anything.
+"""Check gmeta's import graph: every import goes down the layers of ``LAYERS`` (counting
+imports inside functions too, which only defer a wrong one), so there is no cycle among
+its modules either; no module imports another's private (underscore) names; and each
+package's ``__init__`` docstring says what the package may import (a ``May import:``
+paragraph naming exactly the units of the layers below its own, in any order). Prints what it finds; exit status 1 if
+anything.
 
-    python scripts/check_imports.py
+    python scripts/check_imports.py           # the checks
+    python scripts/check_imports.py --tree    # the package tree of docs/design.md
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# gmeta's layers, lowest first. A unit is a top-level module or a package (a dotted name
+# under gmeta; "" is gmeta/__init__.py, the library's front door); a module belongs to the
+# unit of the longest name that prefixes it. A unit may import itself and the units of
+# lower layers, never a unit of its own layer or above.
+LAYERS: list[tuple[str, ...]] = [
+    ("version", "logs", "storage", "metrics", "layout"),  # shared leaves: nothing of gmeta
+    ("types", "tracking", "models.layers"),
+    ("models.heads",),  # torch modules from plain arguments: the config builds one to check names
+    ("config",),
+    ("io",),
+    ("models",),
+    ("meta",),
+    ("parallel",),
+    ("checkpoint", "scoring"),  # shared by what judges, serves and trains models
+    ("evaluation", "inference"),
+    ("training",),  # trains, validates (evaluation) and logs the served model (inference)
+    ("experiments",),  # trains and judges many models: the published tables
+    ("cli", ""),
+]
+RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
+
+
+def unit_of(module: str) -> str | None:
+    """The unit of a dotted module name ("gmeta.io.sources.files" -> "io"), None if none."""
+    name = module.removeprefix("gmeta").removeprefix(".")
+    parts = name.split(".") if name else []
+    if not parts:
+        return ""  # gmeta/__init__.py itself: a module of no unit below is the front door's
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in RANK:
+            return ".".join(parts[:n])
+    return None
+
+
+def may_import(unit: str) -> list[str]:
+    """The units ``unit`` may import besides itself, in layer order."""
+    return [u for layer in LAYERS[: RANK[unit]] for u in layer]
+
+
+def declared_imports(doc: str) -> list[str] | None:
+    """The units a package docstring's ``May import:`` paragraph names (``gmeta.X``, or
+    ``nothing of gmeta``), None without one."""
+    for para in doc.split("\n\n"):
+        para = " ".join(para.split())
+        if para.startswith("May import:"):
+            body = para.removeprefix("May import:").strip().rstrip(".")
+            if body.startswith("nothing of gmeta"):
+                return []
+            return [w.strip().removeprefix("gmeta.") for w in body.split(",")]
+    return None
 
 
 def modules(package: str = "gmeta") -> dict[str, Path]:
@@ -57,9 +113,30 @@ def check() -> list[str]:
     graph: dict[str, set[str]] = {m: set() for m in known}
     problems = []
     for name, path in known.items():
+        if not summary(path):
+            problems.append(f"{path.relative_to(ROOT)}: no docstring "
+                            "(its first sentence is its line in docs/design.md)")
+        unit = unit_of(name)
+        if unit is None:
+            problems.append(f"{path.relative_to(ROOT)}: {name} belongs to no unit of LAYERS (scripts/check_imports.py)")
+        if path.name == "__init__.py" and unit is not None and name != "gmeta":
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+            declared, allowed = declared_imports(doc), may_import(unit)
+            if declared is None:
+                problems.append(f"{path.relative_to(ROOT)}: its docstring has no 'May import:' paragraph "
+                                f"(the {unit} layer may import: {', '.join(allowed) or 'nothing of gmeta'})")
+            elif sorted(declared) != sorted(allowed):
+                problems.append(f"{path.relative_to(ROOT)}: its docstring says 'May import: "
+                                f"{', '.join(declared) or 'nothing of gmeta'}', the layers say "
+                                f"{', '.join(allowed) or 'nothing of gmeta'}")
         for target, names, line in imports(name, path, known):
             if target != name:
                 graph[name].add(target)
+            theirs = unit_of(target)
+            if unit is not None and theirs is not None and theirs != unit and RANK[theirs] >= RANK[unit]:
+                where = "its own" if RANK[theirs] == RANK[unit] else "a higher"
+                problems.append(f"{path.relative_to(ROOT)}:{line}: {name} ({unit or 'gmeta'}) imports {target} "
+                                f"({theirs or 'gmeta'}), a unit of {where} layer (LAYERS in scripts/check_imports.py)")
             for n in names:
                 if n.startswith("_") and not n.startswith("__"):
                     problems.append(f"{path.relative_to(ROOT)}:{line}: imports private name {n!r} from {target}")
@@ -86,7 +163,48 @@ def check() -> list[str]:
     return problems
 
 
+def _cut(text: str, seps: tuple[str, ...], shortest: int) -> str:
+    """``text`` up to the first of ``seps`` at or after ``shortest`` characters that is not
+    inside ``code`` or parentheses; all of it if none."""
+    best = None
+    for sep in seps:
+        for m in re.finditer(re.escape(sep), text):
+            i, head = m.start(), text[: m.start()]
+            if i >= shortest and head.count("``") % 2 == 0 and head.count("(") == head.count(")"):
+                best = i if best is None else min(best, i)
+                break
+    return text[:best] if best is not None else text
+
+
+def summary(path: Path) -> str:
+    """A module's role in a line: the first sentence of its docstring, shortened at a
+    colon, a semicolon, a parenthesis or a comma while longer than 90 characters."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    text = _cut(" ".join(doc.split("\n\n")[0].split()), (". ",), 0).rstrip(".")
+    for sep in (": ", "; ", " (", ", "):
+        if len(text) > 90:
+            text = _cut(text, (sep,), 32)
+    return text
+
+
+def tree() -> str:
+    """gmeta's package tree, one line per package and module with its summary: the block
+    of docs/design.md under "Where each stage lives" (tests/test_imports.py checks it)."""
+    lines = []
+    for path in sorted(modules().values(), key=lambda p: p.relative_to(ROOT).parts):
+        rel = path.relative_to(ROOT)
+        if path.name == "__init__.py":
+            depth, label = len(rel.parts) - 2, rel.parts[-2] + "/"
+        else:
+            depth, label = len(rel.parts) - 1, rel.name
+        lines.append(f"{'  ' * depth + label:<30}{summary(path)}".rstrip())
+    return "\n".join(lines)
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--tree"]:
+        print(tree())
+        return 0
     problems = check()
     for p in problems:
         print(p)

@@ -32,7 +32,7 @@ def debug_config_path() -> Path:
 def debug_data(tmp_path_factory) -> dict[str, Path]:
     """Synthetic debug data, prepared once per session: {"raw": dir, "shards": dir}."""
     from gmeta.io.prepare import prepare
-    from gmeta.synth import generate
+    from gmeta.io.synth import generate
 
     base = tmp_path_factory.mktemp("ads_cvr_debug")
     cfg = load_config(DEBUG_CONFIG)

@@ -50,7 +50,7 @@ def din_data(tmp_path_factory) -> dict[str, Path]:
     """The debug data with configs/ads_cvr_din.yaml's behaviour histories, synthesised and
     prepared."""
     from gmeta.io.prepare import prepare
-    from gmeta.synth import generate
+    from gmeta.io.synth import generate
 
     base = tmp_path_factory.mktemp("ads_cvr_debug_din")
     cfg = load_config(DEBUG, _din_overrides())

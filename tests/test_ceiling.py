@@ -13,7 +13,7 @@ from scipy.optimize import minimize
 from gmeta.config import load_config
 from gmeta.evaluation.ceiling import _posterior, ceilings, held_out, main, predict
 from gmeta.io.manifest import load_manifest
-from gmeta.synth import ID_BASE, draw
+from gmeta.io.synth import ID_BASE, draw
 
 
 def test_held_out_rows_are_those_prepare_writes(debug_data, debug_config_path):

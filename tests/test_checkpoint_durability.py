@@ -18,7 +18,7 @@ import torch.distributed as dist
 from gmeta import checkpoint
 from gmeta.checkpoint import CheckpointError, load_unsharded, read_meta
 from gmeta.config import load_config
-from gmeta.train import _resume_path
+from gmeta.training.run import _resume_path
 from tests.conftest import DEBUG_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]

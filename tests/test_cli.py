@@ -158,16 +158,16 @@ def test_training_is_quiet_by_default_and_verbose_on_request(debug_data, tmp_pat
     for marker in ("Planner Statistics", "torchrec", "fbgemm", "FutureWarning", "is_fx_tracing", "Warning",
                    "system_metrics_monitor", "CloudPickle"):
         assert marker not in quiet, (marker, quiet)
-    assert "gmeta.train: model logged as" in quiet
+    assert "gmeta.training.run: model logged as" in quiet
     # gmeta's own lines stay: threads, start, one log step, stall, checkpoint
     assert "threads: 1 per process (train.threads)" in quiet
-    assert "gmeta.train: training maml" in quiet and "gmeta.train: checkpoint:" in quiet
+    assert "gmeta.training.run: training maml" in quiet and "gmeta.training.run: checkpoint:" in quiet
     assert len(lines) <= 12, quiet
     assert all(" gmeta." in line for line in lines), quiet
 
     verbose = _train(debug_data, tmp_path / "verbose", "--verbose").stderr
     assert "Planner Statistics" in verbose and "fbgemm_gpu" in verbose and "is_fx_tracing" in verbose
-    assert "gmeta.train: training maml" in verbose
+    assert "gmeta.training.run: training maml" in verbose
     assert len(verbose.splitlines()) > 50
 
 

@@ -11,9 +11,9 @@ import statistics
 
 import pytest
 
-from gmeta.evaluation import cold_start
-from gmeta.evaluation.cold_start import BY_SLUG, Dataset, format_table, movielens_name
 from gmeta.evaluation.finetune import EXTRA_STEPS, FINE_TUNE_LRS, REGRESSION_SCALE, STEPS
+from gmeta.experiments import cold_start
+from gmeta.experiments.cold_start import BY_SLUG, Dataset, format_table, movielens_name
 from tests.support.movielens import ML_CONFIG, make_data, write_ml100k
 
 FAST = ["train.epochs=1", "meta.tasks_per_batch=4", "eval.tasks_per_batch=8", "data.num_workers=0",
@@ -147,7 +147,7 @@ def test_table_format_with_oracle():
 
 
 def test_rows_of_two_labels_add_each_labels_metrics_and_pctcvr_auc():
-    from gmeta.evaluation.cold_start import _scores
+    from gmeta.experiments.cold_start import _scores
 
     report = {"labels": ["click", "conversion"], "maml_gauc": 0.61, "maml_auc": 0.62, "maml_logloss": 0.5}
     for label, base in (("click", 0.6), ("conversion", 0.7)):
@@ -184,7 +184,7 @@ def test_movielens_release_is_named_from_its_files(tmp_path):
 
 
 def test_task_side_rows_variant_adapts_the_data_sets_own_features_and_does_not_search_them():
-    from gmeta.evaluation.cold_start import _space
+    from gmeta.experiments.cold_start import _space
 
     ds = Dataset("x", ML_CONFIG, [], task_features=["gender", "zip3"])
     v = BY_SLUG["anil_task"]

@@ -9,9 +9,9 @@ import torch
 
 from gmeta.config import load_config
 from gmeta.io.reader import TaskReader
-from gmeta.meta.layout import layout_of
+from gmeta.layout import layout_of
 from gmeta.models.dlrm import build_model
-from gmeta.train import agree_across_ranks, meta_step
+from gmeta.training.step import agree_across_ranks, meta_step
 from tests.support.device_check import DeviceCheck, WrongDevice
 
 META = torch.device("meta")

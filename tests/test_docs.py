@@ -96,7 +96,7 @@ RUN_ELSEWHERE = {
     "gmeta train --config configs/ads_cvr.yaml --nproc-per-node 8 --nnodes 2:4":
         "tests/parallel/test_elastic.py::test_an_elastic_job_goes_on_without_a_lost_node_and_trains_each_task_once, "
         "which runs an elastic job on two localhost nodes with dynamic sharding and loses one",
-    "python -m gmeta.evaluation.cold_start": "tests/test_cold_start.py::"
+    "python -m gmeta.experiments.cold_start": "tests/test_cold_start.py::"
                                              "test_table_searches_every_row_alike_then_trains_and_scores_every_seed, "
                                              "which runs cold_start.run (what the command runs) on three rows, two "
                                              "trials, two seeds",
@@ -138,7 +138,7 @@ def _setup_ads(work: Path) -> None:
     # what `gmeta synth` and `gmeta prepare` write, called here: the data is the page's input,
     # not one of its commands, and two more interpreters would cost seconds of imports
     from gmeta.io.prepare import prepare
-    from gmeta.synth import generate
+    from gmeta.io.synth import generate
 
     cfg = load_config(work / "configs" / "ads_cvr.yaml", _ADS_SMALL)
     generate(cfg, work / cfg.data.raw_dir)

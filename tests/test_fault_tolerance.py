@@ -83,7 +83,7 @@ def _harness(args: list[str], nan_at: set[int], monkeypatch) -> tuple[subprocess
     """``gmeta ARGS`` in this process with what tests.support.fault_harness does to a worker:
     the meta-loss of the ``nan_at``-th meta-batches made NaN; returns the run and the test's
     own record of each optimizer step ({"call", "skipped"}), taken as train_step returns."""
-    import gmeta.train as gtrain
+    import gmeta.training.step as gtrain
 
     real_meta, real_step = gtrain.meta_step, gtrain.train_step
     forwards, recs = [0], []
@@ -191,7 +191,7 @@ def _train_save(rank, world, shards, sharding_type, out, steps, load_from=None, 
     from gmeta.models.dlrm import build_model
     from gmeta.parallel.dist import DenseGradSync
     from gmeta.parallel.sharding import shard_model
-    from gmeta.train import train_step
+    from gmeta.training.step import train_step
 
     cfg = _small_cfg(shards, sharding_type)
     torch.manual_seed(0)
@@ -371,7 +371,7 @@ def test_interrupted_checkpoint_writes_are_ignored_and_resume_picks_the_newest_c
     import shutil
 
     from gmeta.config import load_config
-    from gmeta.train import _resume_path
+    from gmeta.training.run import _resume_path
 
     root = tmp_path / "run" / "checkpoints"
     root.mkdir(parents=True)

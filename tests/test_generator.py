@@ -14,11 +14,11 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from gmeta.config import ConfigError, load_config
 from gmeta.inference.serving import steps_for_batch
 from gmeta.io.reader import TaskReader
+from gmeta.layout import layout_of
 from gmeta.meta.generator import generator_terms
-from gmeta.meta.layout import layout_of
 from gmeta.models.dlrm import build_model, lookup_rows
 from gmeta.scoring import predict_queries, predict_query
-from gmeta.train import meta_step
+from gmeta.training.step import meta_step
 from gmeta.types import TaskBatch
 from tests.conftest import DEBUG_CONFIG
 from tests.support.reference import task_query_losses

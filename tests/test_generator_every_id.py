@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gmeta import train
 from gmeta.checkpoint import load_unsharded
 from gmeta.config import ConfigError, load_config
-from gmeta.meta.layout import layout_of
+from gmeta.layout import layout_of
+from gmeta.training import run as train
 from tests.conftest import DEBUG_CONFIG
 from tests.test_generator_train import GENERATOR, NEW_ADS
 

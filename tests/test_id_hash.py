@@ -272,7 +272,7 @@ def test_a_new_learner_hashes_as_the_shards_beside_it(tmp_path):
     """MetaLearner from a config: the id hash of the shards in data.shards_dir (their id
     counts may set its default rows; gmeta evaluate reads them), else the current one."""
     from gmeta.io.manifest import FORMAT_VERSION
-    from gmeta.learner import _shards_id_hash
+    from gmeta.training.learner import _shards_id_hash
 
     cfg = load_config(ROOT / "configs" / "ads_cvr_debug.yaml", [f"data.shards_dir={tmp_path / 's'}"])
     assert _shards_id_hash(cfg) == ID_HASH  # no shards

@@ -124,7 +124,7 @@ def test_agreed_stop_is_read_one_step_late_on_a_gpu_without_a_device_read():
     next step (every rank alike); the CPU stands in here, with an event that records calls."""
     import torch
 
-    from gmeta.train import _AgreedStop
+    from gmeta.training.step import AgreedStop
     from tests.support.sync_counter import SyncCounter
 
     class Event:
@@ -137,8 +137,8 @@ def test_agreed_stop_is_read_one_step_late_on_a_gpu_without_a_device_read():
         def synchronize(self) -> None:
             self.calls.append("synchronize")
 
-    now = _AgreedStop(torch.device("cpu"))
-    late = _AgreedStop(torch.device("cpu"))
+    now = AgreedStop(torch.device("cpu"))
+    late = AgreedStop(torch.device("cpu"))
     late.event = event = Event()  # type: ignore[assignment]
     flags = [torch.tensor(v) for v in (False, False, True, False)]
     with SyncCounter() as c:

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from gmeta.batch import BatchError, task_batch
 from gmeta.config import load_config
+from gmeta.io.batch import BatchError, task_batch
 from gmeta.io.reader import TaskReader
 from gmeta.models.dlrm import build_model
 

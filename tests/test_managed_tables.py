@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from gmeta.batch import task_batch
 from gmeta.config import ConfigError, load_config
+from gmeta.io.batch import task_batch
 from gmeta.io.features import MANAGED_HASH_SIZE, hash_ids
 from gmeta.io.reader import TaskReader
-from gmeta.meta.layout import layout_of
+from gmeta.layout import layout_of
 from gmeta.models.dlrm import build_model
 from tests.conftest import DEBUG_CONFIG
 

@@ -20,7 +20,7 @@ from gmeta.config import load_config
 from gmeta.io.errors import PrepareError
 from gmeta.io.id_counts import known_mask, train_counts
 from gmeta.io.reader import TaskReader
-from gmeta.meta.layout import layout_of
+from gmeta.layout import layout_of
 from gmeta.meta.maml import maml_loss
 from gmeta.models.dlrm import build_model, lookup_rows
 from tests.conftest import DEBUG_CONFIG

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import gmeta.train as gtrain
+import gmeta.training.step as gtrain
 from gmeta.config import load_config
 from gmeta.io.reader import TaskReader
 from tests.conftest import DEBUG_CONFIG

@@ -120,7 +120,7 @@ def test_predict_refuses_other_shards(trained, debug_data, tmp_path):
 
 def test_checkpoint_without_content_hash_is_a_warning(trained, tmp_path, caplog):
     from gmeta.checkpoint import config_of
-    from gmeta.evaluation.evaluate import check_shards
+    from gmeta.io.manifest import check_shards
 
     meta = json.loads((trained["checkpoint"] / "meta.json").read_text())
     del meta["shards"]  # as written before checkpoints recorded their shards
@@ -131,7 +131,7 @@ def test_checkpoint_without_content_hash_is_a_warning(trained, tmp_path, caplog)
 
 def test_shards_of_another_id_hash_are_refused_even_when_other_shards_are_allowed(trained):
     from gmeta.checkpoint import config_of
-    from gmeta.evaluation.evaluate import check_shards
+    from gmeta.io.manifest import check_shards
 
     meta = json.loads((trained["checkpoint"] / "meta.json").read_text())
     cfg = config_of(trained["checkpoint"], meta)

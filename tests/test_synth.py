@@ -12,7 +12,7 @@ import pytest
 
 from gmeta.config import ConfigError, SparseFeature, load_config
 from gmeta.io.manifest import load_manifest
-from gmeta.synth import AD_ATTRIBUTES, draw, generate
+from gmeta.io.synth import AD_ATTRIBUTES, draw, generate
 from tests.support.cli import run_gmeta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_histories_show_the_users_taste_and_leave_every_other_column_as_it_was(d
     (what DIN's attention reads); the other columns are those written without it."""
     from sklearn.metrics import roc_auc_score
 
-    from gmeta.synth import ID_BASE, histories
+    from gmeta.io.synth import ID_BASE, histories
     from tests.support.sequences import seq_overrides
 
     extra = "{name: clicked_ads, num_embeddings: 2000, multi_hot: true, max_length: 6, table: ad_id}"
@@ -242,7 +242,7 @@ def test_days_zero_writes_the_data_set_as_before(debug_config_path, tmp_path):
 
 
 def test_days_write_one_directory_per_day_with_timestamps_inside_it(debug_config_path, tmp_path):
-    from gmeta.synth import day_start
+    from gmeta.io.synth import day_start
 
     cfg = load_config(debug_config_path, [*DAYS, "synth.rows_per_file=800", "synth.start_date=2027-02-26"])
     summary = generate(cfg, tmp_path)
@@ -378,7 +378,7 @@ def test_days_are_deterministic_for_a_seed(debug_config_path, tmp_path):
 
 
 def test_histories_of_a_day_list_only_ads_that_exist_by_then(debug_config_path):
-    from gmeta.synth import histories
+    from gmeta.io.synth import histories
 
     cfg = load_config(debug_config_path, [*DAYS, "synth.history=clicked_ads", "synth.history_length=6"])
     h = draw(cfg)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gmeta.config import ConfigError, OptimConfig, load_config
-from gmeta.train import lr_factor
+from gmeta.training.run import lr_factor
 from tests.conftest import DEBUG_CONFIG
 from tests.support.cli import run_gmeta
 from tests.support.multiprocess import run_gmeta_ranks
@@ -93,7 +93,7 @@ def test_grad_clipping_bounds_the_dense_update(debug_data):
     from gmeta.models.dlrm import build_model
     from gmeta.parallel.dist import DenseGradSync, init_distributed
     from gmeta.parallel.sharding import shard_model
-    from gmeta.train import train_step
+    from gmeta.training.step import train_step
 
     cfg = load_config(DEBUG_CONFIG, ["optim.grad_clip_norm=0.01"])
     env = init_distributed()
@@ -152,7 +152,8 @@ def _one_step_moves(debug_data, schedule: bool) -> tuple[float, float]:
     from gmeta.models.dlrm import build_model
     from gmeta.parallel.dist import DenseGradSync, init_distributed
     from gmeta.parallel.sharding import shard_model
-    from gmeta.train import LrSchedule, train_step
+    from gmeta.training.run import LrSchedule
+    from gmeta.training.step import train_step
 
     cfg = load_config(DEBUG_CONFIG, ["optim.warmup_steps=1000"] if schedule else [])
     env = init_distributed()

@@ -215,7 +215,7 @@ def test_random_initial_rows_replace_the_new_ids_rows_only(tiny):
     import math
 
     from gmeta.evaluation.warmup import InitRow, initial_rows
-    from gmeta.meta.layout import layout_of
+    from gmeta.layout import layout_of
 
     cfg, _, batch, model = tiny
     layout = layout_of(batch, model.pooling, 1)
@@ -288,11 +288,11 @@ def test_evaluate_protocol_warmup_end_to_end(tmp_path, monkeypatch):
     not of the grid.)"""
     import json
 
-    from gmeta import train
     from gmeta.checkpoint import load_unsharded
     from gmeta.evaluation import finetune, warmup
     from gmeta.evaluation.evaluate import run_evaluate
-    from gmeta.synth import generate
+    from gmeta.io.synth import generate
+    from gmeta.training import run as train
     from tests.conftest import ROOT
 
     config = ROOT / "configs" / "ads_cold_items.yaml"
@@ -303,7 +303,7 @@ def test_evaluate_protocol_warmup_end_to_end(tmp_path, monkeypatch):
     assert m["splits"]["val"]["tasks"] and m["splits"]["eval"]["tasks"] and m["splits"]["train"]["tasks"]
     for alg in ("erm", "maml"):
         train.main(load_config(config, [*small, f"meta.algorithm={alg}", f"train.output_dir={tmp_path / alg}"]))
-    # an id generator of the new ads trained on the ERM model (as python -m gmeta.evaluation.cold_start --warmup does)
+    # an id generator of the new ads trained on the ERM model (as python -m gmeta.experiments.cold_start --warmup does)
     train.main(load_config(config, [*small, "meta.algorithm=erm", "generator.feature=ad_id",
                                     "generator.attributes=[advertiser_id, ad_category]", "generator.mode=base_fixed",
                                     "generator.train_ids=all", f"train.init_from={tmp_path / 'erm' / 'checkpoint'}",
@@ -398,7 +398,7 @@ def test_movielens_items_config_prepares_movies_as_tasks(tmp_path):
 
 
 def test_warmup_table_format_gives_mean_and_spread_per_method_and_stage():
-    from gmeta.evaluation.cold_start import format_warmup_table as format_table
+    from gmeta.experiments.cold_start import format_warmup_table as format_table
 
     def report(shift):
         stages = ["cold", "a", "a+b", "a+b+c"]
@@ -423,7 +423,7 @@ def test_warmup_table_format_gives_mean_and_spread_per_method_and_stage():
 def test_warmup_table_data_sets_generate_by_campaign_and_prepare_by_ad(tmp_path):
     import argparse
 
-    from gmeta.evaluation.cold_start import _prepare, _warmup_datasets
+    from gmeta.experiments.cold_start import _prepare, _warmup_datasets
     from gmeta.io.manifest import load_manifest
 
     args = argparse.Namespace(movielens="", ads_tasks=60, ads_override=["data.split.val_fraction=0.5"],
@@ -445,7 +445,7 @@ def test_warmup_table_keeps_seeds_already_scored_and_shows_a_missing_method_as_n
     method one seed lacks (an earlier run without the generator) reads n/a for it."""
     import json
 
-    from gmeta.evaluation import cold_start
+    from gmeta.experiments import cold_start
 
     def report(methods):
         return {"stages": ["cold", "a"], "support_rows": [0, 4], "warmup_rows": 4, "tasks": 3,
@@ -476,7 +476,7 @@ def test_warmup_table_searches_the_generator_on_a_base_model_of_its_own_and_trai
     trains with the choice; with no trials the defaults train (no search, no extra model)."""
     import gmeta.checkpoint
     import gmeta.evaluation.warmup
-    from gmeta.evaluation import cold_start
+    from gmeta.experiments import cold_start
 
     trained: list[list[str]] = []
     sweeps: list[tuple] = []

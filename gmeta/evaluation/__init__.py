@@ -7,10 +7,11 @@
   MAML at test time).
 - ``warmup``: the warm-up protocol of item cold start; ``next_day``: each daily model on
   the next day's new tasks.
-- ``cold_start``: the cold-start results table (searches, seeds, every row alike);
-  ``ceiling``: what the synthetic data's hidden model allows.
+- ``ceiling``: what the synthetic data's hidden model allows.
 
-It may import the shared modules (config, checkpoint, scoring, metrics, tracking, storage,
-logs), gmeta.io, gmeta.meta, gmeta.models, gmeta.parallel, ``gmeta.synth``, and (the
-cold-start table only: it trains its rows) ``gmeta.sweep`` and ``gmeta.train``.
+Nothing here trains a model: the table that trains its rows is ``gmeta.experiments``.
+
+May import: gmeta.version, gmeta.logs, gmeta.storage, gmeta.metrics, gmeta.layout,
+gmeta.types, gmeta.tracking, gmeta.models.layers, gmeta.models.heads, gmeta.config,
+gmeta.io, gmeta.models, gmeta.meta, gmeta.parallel, gmeta.checkpoint, gmeta.scoring.
 """

@@ -1,5 +1,5 @@
 """Ceilings of the synthetic ads-CVR set for new ads: what a predictor that knows parts of
-the hidden model (``gmeta.synth``) scores on the query rows of held-out campaigns.
+the hidden model (``gmeta.io.synth``) scores on the query rows of held-out campaigns.
 
     python -m gmeta.evaluation.ceiling --config configs/ads_cvr.yaml [key=value ...]
 
@@ -41,8 +41,8 @@ import numpy as np
 from gmeta.config import Config, load_config
 from gmeta.io.features import stable_hash, task_uniform
 from gmeta.io.split import split_tasks
+from gmeta.io.synth import ID_BASE, Hidden, draw
 from gmeta.metrics import auc, gauc, logloss
-from gmeta.synth import ID_BASE, Hidden, draw
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -32,12 +31,12 @@ import torch.distributed as dist
 from gmeta.config import Config
 from gmeta.evaluation.render import format_table, log_report, write_report
 from gmeta.evaluation.report import build_report
-from gmeta.io.manifest import load_manifest
+from gmeta.io.manifest import check_shards, choose_shards, load_manifest
 from gmeta.models.dlrm import MetaDLRM
 from gmeta.scoring import Predictions, collect
 from gmeta.storage import check_bucket, local_dir, location
 
-__all__ = ["evaluate", "run_evaluate", "choose_shards", "check_shards", "resolve_checkpoint", "format_table",
+__all__ = ["evaluate", "run_evaluate", "resolve_checkpoint", "format_table",
            "write_report", "log_report"]
 
 log = logging.getLogger(__name__)
@@ -92,53 +91,6 @@ def resolve_checkpoint(checkpoint: str | Path | None, run_id: str, tracking_uri:
     if not path:
         raise CheckpointError(f"run {run_id} at {uri} references no checkpoint (tag gmeta.checkpoint)")
     return location(path)
-
-
-def choose_shards(shards_dir: str | Path | None, why: str, cfg: Config, checkpoint: str | Path,
-                  command: str = "evaluate") -> Path:
-    """The task shards to score: ``shards_dir`` when given (``why`` says by what: --shards, an
-    override), else those the checkpoint was trained on (data.shards_dir of its saved config),
-    not the data.shards_dir of a --config file, which may name other data. Logs the choice."""
-    from gmeta.io.errors import PrepareError
-    from gmeta.io.manifest import MANIFEST
-    from gmeta.io.partitions import is_partitioned
-
-    if shards_dir:
-        shards = location(shards_dir)
-    else:
-        shards, why = location(cfg.data.shards_dir), "the checkpoint's data.shards_dir: the shards it was trained on"
-        if not (shards / MANIFEST).is_file() and not is_partitioned(shards):
-            raise PrepareError(f"{shards / MANIFEST}: not found; {checkpoint} was trained on {shards} (its saved "
-                               "data.shards_dir, relative to the directory training ran in); pass --shards DIR "
-                               "or data.shards_dir=DIR to score other shards")
-    if os.environ.get("RANK", "0") == "0":  # one line, not one per rank
-        log.info("%s: shards %s (%s)", command, shards, why)
-    return shards
-
-
-def check_shards(checkpoint: str | Path, meta: dict, cfg: Config, shards: str | Path, *,
-                 allow_other_shards: bool = False, doing: str = "evaluating") -> None:
-    """Before any model is loaded: the shards must hold records the checkpoint's model
-    (``cfg``, from ``meta``) reads, else an error naming the schema fields that differ
-    (there is no scoring such shards); and they must be the shards it was trained on, else
-    an error naming the manifest fields that differ, a warning with ``allow_other_shards``."""
-    from gmeta.io.errors import PrepareError
-    from gmeta.io.features import id_hash_of
-    from gmeta.io.manifest import MANIFEST, check_same_shards, check_schema
-
-    manifest = load_manifest(shards, cfg.data.partitions)
-    check_schema(manifest, cfg, location(shards) / MANIFEST, f"{checkpoint}'s")
-    # its table rows stand for ids hashed one way: shards of another id hash are never right,
-    # whatever allow_other_shards says (their ids would land on other rows)
-    ours, theirs = id_hash_of(meta, f"{checkpoint}/meta.json"), id_hash_of(manifest, str(location(shards) / MANIFEST))
-    if ours != theirs:
-        raise PrepareError(f"{location(shards) / MANIFEST}: ids hashed with id_hash {theirs}, but {checkpoint}'s "
-                           f"tables were trained on ids of id_hash {ours} (its meta.json; none recorded: 1); "
-                           "prepare the shards again with the gmeta that trained it, or score raw rows with "
-                           "gmeta predict --input, which hashes as the checkpoint's tables were trained")
-    # every rank refuses alike; the warnings come once, not once per rank
-    check_same_shards(meta.get("shards"), manifest, shards, checkpoint, allow=allow_other_shards, doing=doing,
-                      quiet=os.environ.get("RANK", "0") != "0")
 
 
 def _fine_tuned(bmodel: MetaDLRM, bcfg: Config, cfg: Config):

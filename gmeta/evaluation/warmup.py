@@ -50,7 +50,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from gmeta.config import Config
 from gmeta.io.collate import gather_ranges
 from gmeta.io.manifest import load_manifest
-from gmeta.meta.layout import BatchLayout
+from gmeta.layout import BatchLayout
 from gmeta.models.dlrm import MetaDLRM, has_default_row
 from gmeta.types import TaskBatch
 

@@ -7,8 +7,9 @@
 - ``serving``: raw rows -> task blocks -> scores, as the MLflow model and raw-log
   prediction score them; ``pyfunc``: the MLflow pyfunc model.
 
-It may import the shared modules (config, checkpoint, scoring, storage, logs), gmeta.io,
-gmeta.models, gmeta.parallel, and ``gmeta.evaluation.evaluate`` (the checks of which shards a
-checkpoint may score); nothing imports it but the command line and training (which logs
-the pyfunc model).
+Nothing imports it but the command line and training (which logs the pyfunc model).
+
+May import: gmeta.version, gmeta.logs, gmeta.storage, gmeta.metrics, gmeta.layout,
+gmeta.types, gmeta.tracking, gmeta.models.layers, gmeta.models.heads, gmeta.config,
+gmeta.io, gmeta.models, gmeta.meta, gmeta.parallel, gmeta.checkpoint, gmeta.scoring.
 """

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 import torch
 
 from gmeta.checkpoint import config_of, load_unsharded, read_meta
-from gmeta.evaluation.evaluate import check_shards, choose_shards
 from gmeta.inference.serving import head_outputs, score_columns
+from gmeta.io.manifest import check_shards, choose_shards
 from gmeta.io.reader import TaskReader, task_keys
 from gmeta.parallel.dist import configure_threads, default_device
 from gmeta.scoring import inner_steps_for, predict_query

@@ -1,3 +1,7 @@
+"""``gmeta predict --input``: row-level logs of new tasks scored by one or several
+checkpoints, in worker processes on one node or several (``gmeta.inference.workers``);
+resumable, its output written part by part."""
+
 from __future__ import annotations
 
 import json

@@ -11,7 +11,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from gmeta.io.block import SplitArrays, TaskBlock
-from gmeta.meta.layout import BatchLayout, build_arrays, cell_widths
+from gmeta.layout import BatchLayout, build_arrays, cell_widths
 from gmeta.types import TaskBatch
 
 

@@ -257,7 +257,7 @@ class DynamicTaskReader(TaskReader):
     interface of ``TaskReader``, same arguments (less ``drop_last``: no task is left out).
 
     A rank's iteration ends when the queue is empty and its workers' buffers are drained;
-    the trainer then pads (see ``gmeta.train``) until every rank is done. ``take()`` after
+    the trainer then pads (see ``gmeta.training.step``) until every rank is done. ``take()`` after
     each batch and ``commit(token)`` once that batch is trained keep the record of trained
     tasks that checkpoints hold (``queue_state``). ``len()`` is an estimate, the epoch's
     tasks over the global batch: how many steps a rank makes depends on how fast it takes
@@ -383,7 +383,7 @@ class DynamicTaskReader(TaskReader):
             del store  # (the queue's, when made here: it lives while the epoch is read)
 
     def pad_batch(self):
-        """A batch for a step this rank has no data for (see ``gmeta.train``): one task of
+        """A batch for a step this rank has no data for (see ``gmeta.training.step``): one task of
         the split, without its ids (it looks up no table row, so no table nor optimizer
         state is touched), which the step weighs 0."""
         if self._pad is None:

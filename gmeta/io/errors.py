@@ -1,5 +1,7 @@
-"""Errors of gmeta's data path, in a module of their own so that every io module can raise
-them without importing another's machinery."""
+"""Errors of gmeta's data path.
+
+In a module of their own so that every io module can raise them without importing
+another's machinery."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 
 from gmeta.config import PARTITIONS_HELP, Config, flatten
 from gmeta.io.errors import PrepareError
-from gmeta.io.features import SHARD_FIELDS, schema_labels
+from gmeta.io.features import SHARD_FIELDS, id_hash_of, schema_labels
 from gmeta.io.id_counts import merged_counts, read_all_ids, unseen_shares
 from gmeta.io.partitions import (
     DIR,
@@ -360,3 +361,42 @@ def write_index(root: Path) -> dict:
     tmp.write_text(json.dumps(index, indent=2))
     tmp.replace(root / INDEX)
     return index
+
+
+def choose_shards(shards_dir: str | Path | None, why: str, cfg: Config, checkpoint: str | Path,
+                  command: str = "evaluate") -> Path:
+    """The task shards to score: ``shards_dir`` when given (``why`` says by what: --shards, an
+    override), else those the checkpoint was trained on (data.shards_dir of its saved config),
+    not the data.shards_dir of a --config file, which may name other data. Logs the choice."""
+    if shards_dir:
+        shards = location(shards_dir)
+    else:
+        shards, why = location(cfg.data.shards_dir), "the checkpoint's data.shards_dir: the shards it was trained on"
+        if not (shards / MANIFEST).is_file() and not is_partitioned(shards):
+            raise PrepareError(f"{shards / MANIFEST}: not found; {checkpoint} was trained on {shards} (its saved "
+                               "data.shards_dir, relative to the directory training ran in); pass --shards DIR "
+                               "or data.shards_dir=DIR to score other shards")
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per rank
+        log.info("%s: shards %s (%s)", command, shards, why)
+    return shards
+
+
+def check_shards(checkpoint: str | Path, meta: dict, cfg: Config, shards: str | Path, *,
+                 allow_other_shards: bool = False, doing: str = "evaluating") -> None:
+    """Before any model is loaded: the shards must hold records the checkpoint's model
+    (``cfg``, from ``meta``) reads, else an error naming the schema fields that differ
+    (there is no scoring such shards); and they must be the shards it was trained on, else
+    an error naming the manifest fields that differ, a warning with ``allow_other_shards``."""
+    manifest = load_manifest(shards, cfg.data.partitions)
+    check_schema(manifest, cfg, location(shards) / MANIFEST, f"{checkpoint}'s")
+    # its table rows stand for ids hashed one way: shards of another id hash are never right,
+    # whatever allow_other_shards says (their ids would land on other rows)
+    ours, theirs = id_hash_of(meta, f"{checkpoint}/meta.json"), id_hash_of(manifest, str(location(shards) / MANIFEST))
+    if ours != theirs:
+        raise PrepareError(f"{location(shards) / MANIFEST}: ids hashed with id_hash {theirs}, but {checkpoint}'s "
+                           f"tables were trained on ids of id_hash {ours} (its meta.json; none recorded: 1); "
+                           "prepare the shards again with the gmeta that trained it, or score raw rows with "
+                           "gmeta predict --input, which hashes as the checkpoint's tables were trained")
+    # every rank refuses alike; the warnings come once, not once per rank
+    check_same_shards(meta.get("shards"), manifest, shards, checkpoint, allow=allow_other_shards, doing=doing,
+                      quiet=os.environ.get("RANK", "0") != "0")

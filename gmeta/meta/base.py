@@ -28,14 +28,14 @@ class MetaOutput:
 
     ``terms``: what ``loss`` is the sum of, each a mean over ``count`` units of this
     process's batch (its tasks, or its rows). Several processes weight each term by their
-    share of the global count (``gmeta.train.agree_across_ranks``), so that a step equals
+    share of the global count (``gmeta.training.step.agree_across_ranks``), so that a step equals
     one process on the whole global batch. Empty: ``loss`` is one mean over the batch's tasks.
     """
 
     loss: torch.Tensor  # scalar, what backward() runs on
     query_loss: torch.Tensor  # [N] per-task query loss after adaptation
     support_loss: torch.Tensor  # [N] per-task support loss before adaptation
-    skipped: bool | torch.Tensor = False  # the loss was not finite: no update was applied (see gmeta.train)
+    skipped: bool | torch.Tensor = False  # the loss was not finite: no update was applied (see gmeta.training.step)
     real: torch.Tensor | None = None  # several ranks: some rank had a real batch (not a pad)
     global_counts: torch.Tensor | None = None  # several ranks: the step's [tasks, rows] on all ranks
     terms: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # (mean, local count)

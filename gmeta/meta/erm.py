@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from gmeta.config import Config
+from gmeta.layout import BatchLayout
 from gmeta.meta.base import MetaOutput, gather_rows, sum_terms
-from gmeta.meta.layout import BatchLayout
 from gmeta.models.dlrm import MetaDLRM
 from gmeta.models.heads import Head
 from gmeta.types import TaskBatch

@@ -13,7 +13,7 @@ Meta-SGD, which needs the materialised form.
 
 Fast embedding rows: the gradient of a task's support loss with respect to table row r is
 the sum of its gradients at every occurrence of r in that task. Each distinct (task,
-feature, id) is one group (``gmeta.meta.layout``); the inner loop differentiates with
+feature, id) is one group (``gmeta.layout``); the inner loop differentiates with
 respect to the group rows, so each task gets its own fast rows, applied to every occurrence
 of the same id in its support and query rows. This equals real per-row fast weights
 (tested against a plain per-task reference).
@@ -30,10 +30,10 @@ import torch
 from torch.autograd.profiler import record_function
 
 from gmeta.config import Config, MetaConfig
+from gmeta.layout import BatchLayout
 from gmeta.meta.base import MetaOutput, gather_rows, sum_terms, task_losses
 from gmeta.meta.erm import erm_loss
 from gmeta.meta.fast_weights import FastWeights, choose_fast_weights, sgd_step
-from gmeta.meta.layout import BatchLayout
 from gmeta.models.dlrm import MetaDLRM
 from gmeta.models.heads import Head
 from gmeta.types import TaskBatch

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 
 from gmeta.config import Config
+from gmeta.layout import BatchLayout
 from gmeta.meta.base import MetaOutput, gather_rows, sum_terms
 from gmeta.meta.erm import erm_loss
 from gmeta.meta.fast_weights import FastWeights
-from gmeta.meta.layout import BatchLayout
 from gmeta.meta.maml import adapt_and_query, adaptation
 from gmeta.models.dlrm import MetaDLRM
 from gmeta.models.heads import Head

@@ -25,7 +25,7 @@ from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from gmeta.config import Config
-from gmeta.meta.layout import BatchLayout, cell_widths
+from gmeta.layout import BatchLayout, cell_widths
 from gmeta.models.generator import IdGenerator
 from gmeta.models.heads import (  # noqa: F401
     FILM,

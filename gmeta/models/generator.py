@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gmeta.meta.layout import BatchLayout
+from gmeta.layout import BatchLayout
 
 
 class IdGenerator(nn.Module):

@@ -7,7 +7,7 @@ synchronous training, each rank here takes a share of the global batch in propor
 its speed: every ``every`` steps the ranks all-gather their meta-step time per task (timed
 around the local computation only: the collectives wait for the slowest rank and would
 hide who is slow), smooth it, and split the fixed global batch ``tasks_per_batch x world``
-again. The loss weighting of ``gmeta.train.agree_across_ranks`` makes a step the same
+again. The loss weighting of ``gmeta.training.step.agree_across_ranks`` makes a step the same
 training whatever the split. The reader's workers make batches ahead, so a new split takes
 effect ``lag`` steps later (``gmeta.io.dynamic.SizeSchedule``), on every rank at the same step.
 """

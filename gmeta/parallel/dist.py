@@ -80,7 +80,7 @@ def configure_threads(requested: int) -> int:
 
     torch's default is one thread per core in *every* process: two processes on a shared
     2-core machine then fight over the cores and an epoch runs 10-20x slower. The line is
-    logged once per process and value: ``gmeta.evaluation.cold_start`` trains in-process many times."""
+    logged once per process and value: ``gmeta.experiments.cold_start`` trains in-process many times."""
     global _threads_logged
     n, why = threads_per_process(requested)
     torch.set_num_threads(n)
@@ -108,7 +108,7 @@ def init_distributed() -> DistEnv:
 
     The one-process group is made over a TCP address of its own, without setting RANK,
     WORLD_SIZE or LOCAL_RANK in the environment: a process that trains in-process (tests,
-    ``gmeta.evaluation.cold_start``) and later starts ``gmeta train --nproc-per-node N`` must not pass
+    ``gmeta.experiments.cold_start``) and later starts ``gmeta train --nproc-per-node N`` must not pass
     them on, or the child would take itself for a torchrun worker of a one-process job."""
     if "RANK" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

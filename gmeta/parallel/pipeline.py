@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch.autograd.profiler import record_function
 
-from gmeta.meta.layout import layout_of
+from gmeta.layout import layout_of
 from gmeta.models.dlrm import MetaDLRM, lookup_rows
 from gmeta.types import TaskBatch
 

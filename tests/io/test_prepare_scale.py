@@ -16,7 +16,7 @@ from gmeta.config import load_config
 from gmeta.io.manifest import load_manifest
 from gmeta.io.prepare import prepare
 from gmeta.io.sources import estimate_bytes
-from gmeta.synth import generate
+from gmeta.io.synth import generate
 
 PROBE = textwrap.dedent("""
     import json, sys, tracemalloc

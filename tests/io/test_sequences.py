@@ -71,7 +71,7 @@ def test_one_table_serves_both_features_and_the_plain_forward_equals_the_layout(
     assert torch.equal(emb["ad_id"].values(), emb["clicked_ads"].values())
     # the plain forward pools a sequence into its cells as the layout does
     batch = next(iter(TaskReader(seq_data["pq"], "train", 6, shuffle=False)))
-    from gmeta.meta.layout import layout_of
+    from gmeta.layout import layout_of
 
     lay = layout_of(batch, model.pooling, 1, model.cell_widths)
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_raw_rows_are_truncated_when_scored(seq_data):
 
 
 def test_task_batch_cuts_sequences_and_hashes_them_as_the_shared_feature(seq_data):
-    from gmeta.batch import task_batch
+    from gmeta.io.batch import task_batch
 
     model = build_model(seq_data["cfg"])
     feats = [dict(f, id_hash=ID_HASH) for f in model.features]

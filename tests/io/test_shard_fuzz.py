@@ -18,7 +18,7 @@ from tests.support.fuzz import SETTINGS, time_limit
 
 def _tiny_shards(root: Path, fmt: str) -> Path:
     from gmeta.io.prepare import prepare
-    from gmeta.synth import generate
+    from gmeta.io.synth import generate
 
     cfg = load_config(DEBUG_CONFIG, ["synth.num_tasks=40", "data.tasks_per_shard=1000", "data.tasks_per_row_group=16",
                                      "data.split.eval_fraction=0.0", f"data.format={fmt}"])

@@ -12,9 +12,9 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from gmeta.config import load_config
 from gmeta.io.reader import TaskReader
+from gmeta.layout import layout_of
 from gmeta.meta import maml
 from gmeta.meta.fast_weights import choose_fast_weights
-from gmeta.meta.layout import layout_of
 from gmeta.meta.maml import maml_loss
 from gmeta.models.dlrm import DLRMHead, build_model, lookup_rows
 from tests.support.reference import task_query_losses
@@ -336,7 +336,7 @@ def test_auto_fast_weights_are_implicit_for_wide_layers_and_materialised_for_sma
 def test_single_valued_features_pool_by_reshape_and_equal_reference(debug_config_path, debug_data, first_order):
     """With one id in every (row, feature) cell the layout orders occurrences by cell and
     pools by a reshape (no scatter); still equal to the reference."""
-    from gmeta.batch import task_batch
+    from gmeta.io.batch import task_batch
     from tests.test_library import _frame_of
 
     cfg = load_config(debug_config_path, ["model.embedding_dim=4", "model.dense_arch=[6]", "model.over_arch=[5]"])
@@ -411,7 +411,7 @@ def test_tasks_of_one_size_move_by_reshape_and_equal_per_task_reference(debug_co
 def test_in_order_only_where_the_padded_index_is_every_row_in_order():
     """``BatchLayout.in_order`` (known from shapes) against the index itself, over batches of
     random task sizes, some all of one size, with 1 to 3 buckets asked for."""
-    from gmeta.meta.layout import BatchLayout, build_arrays
+    from gmeta.layout import BatchLayout, build_arrays
 
     rng = np.random.default_rng(0)
     seen = set()

@@ -25,7 +25,7 @@ from gmeta.models.dlrm import DLRMHead, build_model
 from gmeta.parallel.dist import free_port
 from gmeta.scoring import collect
 from gmeta.tracking import NullTracker
-from gmeta.train import main as train_main
+from gmeta.training.run import main as train_main
 
 
 def _head(objective: str) -> DLRMHead:

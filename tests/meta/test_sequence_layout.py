@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gmeta.meta.layout import BatchLayout, build_arrays
+from gmeta.layout import BatchLayout, build_arrays
 from gmeta.models.heads import DLRMHead
 
 # features a (one id), s (a sequence of 3 cells), b (one id); one task: support rows 0, 1,

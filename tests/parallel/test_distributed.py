@@ -14,7 +14,7 @@ from gmeta.io.reader import TaskReader
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import DenseGradSync, broadcast_params
 from gmeta.parallel.sharding import shard_model
-from gmeta.train import train_step
+from gmeta.training.step import train_step
 from tests.support.multiprocess import run_ranks
 from tests.support.reference import erm_row_losses, reptile_directions, task_query_losses
 

@@ -10,12 +10,12 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from gmeta.config import load_config
 from gmeta.io.reader import TaskReader
+from gmeta.layout import layout_of
 from gmeta.meta.generator import generator_terms
-from gmeta.meta.layout import layout_of
 from gmeta.models.dlrm import build_model, lookup_rows
 from gmeta.parallel.dist import DenseGradSync, broadcast_params
 from gmeta.parallel.sharding import shard_model
-from gmeta.train import train_step
+from gmeta.training.step import train_step
 from tests.parallel.test_distributed import _local_table_shards
 from tests.support.multiprocess import run_ranks
 

@@ -13,12 +13,12 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from gmeta.config import load_config
 from gmeta.io.reader import TaskReader
-from gmeta.meta.layout import layout_of
+from gmeta.layout import layout_of
 from gmeta.models.dlrm import build_model
 from gmeta.models.managed import ManagedIds, _grow_history
 from gmeta.parallel.dist import DenseGradSync
 from gmeta.parallel.sharding import shard_model
-from gmeta.train import train_step
+from gmeta.training.step import train_step
 from tests.parallel.test_distributed import _local_table_shards, _start_from_known_tables
 from tests.support.multiprocess import run_ranks
 from tests.support.reference import task_query_losses

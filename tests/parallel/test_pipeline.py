@@ -15,7 +15,7 @@ from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import DenseGradSync, broadcast_params
 from gmeta.parallel.pipeline import SparseDistPipeline
 from gmeta.parallel.sharding import shard_model
-from gmeta.train import run_steps
+from gmeta.training.step import run_steps
 from tests.parallel.test_distributed import _full_tables, _local_table_shards
 from tests.support.multiprocess import run_ranks
 

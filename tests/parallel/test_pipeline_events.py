@@ -10,7 +10,7 @@ import torch
 
 from gmeta.config import load_config
 from gmeta.io.reader import TaskReader
-from gmeta.meta.layout import layout_of
+from gmeta.layout import layout_of
 from gmeta.models.dlrm import build_model
 from gmeta.parallel.pipeline import SparseDistPipeline
 from gmeta.parallel.sharding import shard_model

@@ -11,7 +11,7 @@ from gmeta.models.dlrm import build_model
 from gmeta.parallel.dist import DenseGradSync, broadcast_params
 from gmeta.parallel.pipeline import SparseDistPipeline
 from gmeta.parallel.sharding import shard_model
-from gmeta.train import run_steps, tables_skip_on_device
+from gmeta.training.step import run_steps, tables_skip_on_device
 from tests.support.multiprocess import run_ranks
 from tests.support.sync_counter import SyncCounter
 
@@ -60,7 +60,7 @@ def test_training_steps_read_nothing_back_from_the_device(debug_config_path, deb
 
 
 def _nan_step_changes_nothing(rank, world, cfg_path, shards, overrides=()):
-    import gmeta.train as train
+    import gmeta.training.step as train
 
     cfg = load_config(cfg_path, OVERRIDES + list(overrides))
     model, params, sync, opt = _setup(cfg)
@@ -123,7 +123,7 @@ def _one_step(rank, world, cfg_path, shards, overrides, step_overrides, nan, rea
     """One training step (NaN loss on every rank if ``nan``), the model built with
     ``overrides``, the step told ``step_overrides`` too: it reads the device ``reads``
     times (in train_step), and runs backward unless it reads a non-finite flag."""
-    import gmeta.train as train
+    import gmeta.training.step as train
 
     cfg = load_config(cfg_path, OVERRIDES + overrides)
     model, params, sync, opt = _setup(cfg)
@@ -154,7 +154,7 @@ def _one_step(rank, world, cfg_path, shards, overrides, step_overrides, nan, rea
     # (the lookup is not pipelined here: torchrec's id all-to-all reads its sizes in the step too)
     ours = [(call, where) for call, where, _ in c.syncs if "site-packages" not in where]
     assert [call for call, _ in ours] == ["__bool__"] * reads, c.syncs
-    assert all("gmeta/train.py" in where for _, where in ours), c.syncs
+    assert all("gmeta/training/step.py" in where for _, where in ours), c.syncs
     assert len(backwards) == (0 if nan and reads else 1)
 
 

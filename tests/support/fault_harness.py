@@ -1,6 +1,6 @@
 """``gmeta`` under torchrun with a test-side recorder, for the kill-and-resume test.
 
-Every process records, after each optimizer step (``gmeta.train.train_step`` returning),
+Every process records, after each optimizer step (``gmeta.training.step.train_step`` returning),
 the task ids of the meta-batch it trained, and the step of any checkpoint it resumed from;
 it kills itself with SIGKILL right after step ``call`` of restart ``attempt`` on ``rank``
 for each ``attempt:call:rank`` in GMETA_TEST_KILLS. The records are the test's own, not
@@ -22,7 +22,7 @@ import sys
 import time
 
 import gmeta.checkpoint as checkpoint
-import gmeta.train as train
+import gmeta.training.step as train
 from gmeta.cli import main
 
 faulthandler.register(signal.SIGUSR1)  # stack dump of a hung rank: kill -USR1 <pid>

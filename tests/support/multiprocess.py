@@ -15,7 +15,7 @@ from gmeta.parallel.dist import free_port
 # per test. The fork server imports them once a session and forks each rank from itself: a
 # process that has run nothing (no threads, no OpenMP pool, no process group), so a rank
 # starts as clean as a spawned one, unlike a fork of the test process.
-PRELOAD = ["torch", "torch.distributed", "fbgemm_gpu", "torchrec", "torchrec.distributed", "gmeta.train",
+PRELOAD = ["torch", "torch.distributed", "fbgemm_gpu", "torchrec", "torchrec.distributed", "gmeta.training.run",
            "gmeta.evaluation.evaluate", "gmeta.checkpoint", "tests.support.multiprocess"]
 
 

@@ -1,5 +1,9 @@
 """The two on-disk shard formats, read into the same TaskBlocks: ``parquet`` (one row group
-per unit) and ``webdataset`` (one tar per unit, one sample per task)."""
+per unit) and ``webdataset`` (one tar per unit, one sample per task).
+
+May import: gmeta.version, gmeta.logs, gmeta.storage, gmeta.metrics, gmeta.layout,
+gmeta.types, gmeta.tracking, gmeta.models.layers, gmeta.models.heads, gmeta.config.
+"""
 
 from __future__ import annotations
 

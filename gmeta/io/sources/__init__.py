@@ -37,6 +37,9 @@
 One module per format behind one interface (``base.Source``): ``files`` (Parquet, CSV,
 TSV), ``libsvm``, ``recbole``, ``movielens``. A new format is one new module whose reader
 ``open_source`` dispatches to by its ``data.source.format`` name.
+
+May import: gmeta.version, gmeta.logs, gmeta.storage, gmeta.metrics, gmeta.layout,
+gmeta.types, gmeta.tracking, gmeta.models.layers, gmeta.models.heads, gmeta.config.
 """
 
 from __future__ import annotations

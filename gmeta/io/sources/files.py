@@ -1,4 +1,4 @@
-"""Row-level files: Parquet, CSV and TSV (``data.source.format`` parquet, csv, tsv, or
+"""Row-level files in Parquet, CSV and TSV (``data.source.format`` parquet, csv, tsv, or
 auto by suffix), streamed one row group or CSV block at a time."""
 
 from __future__ import annotations

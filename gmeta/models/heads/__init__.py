@@ -46,13 +46,16 @@ One module per head (``dlrm``, ``dcn_v2``, ``deepfm``, ``wide_deep``, ``mmoe``, 
 ``din``) on the shared layers of gmeta.models.layers and the ``Head`` of ``base``; ``HEADS``
 registers them by ``model.arch``: a new head is one new module and one entry. The package
 needs torch alone (not torchrec): config validation builds a head to name its layers.
+
+May import: gmeta.version, gmeta.logs, gmeta.storage, gmeta.metrics, gmeta.layout,
+gmeta.types, gmeta.tracking, gmeta.models.layers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gmeta.meta.layout import cell_widths
+from gmeta.layout import cell_widths
 from gmeta.models.heads.base import (
     FILM,
     Head,

@@ -1,5 +1,5 @@
-"""What every head shares (``Head``: the objective, its loss and predictions, its output
-layer) and which of a head's layers the inner loop adapts (``meta.adapt_dense``)."""
+"""What every head shares. ``Head``: the objective, its loss and predictions, its output
+layer; and which of a head's layers the inner loop adapts (``meta.adapt_dense``)."""
 
 from __future__ import annotations
 

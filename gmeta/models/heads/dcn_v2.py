@@ -1,4 +1,4 @@
-"""DCN-v2 (``model.arch: dcn_v2``): cross layers over x0, stacked or parallel with the deep tower."""
+"""DCN-v2 (``model.arch: dcn_v2``), cross layers over x0, stacked or parallel with the deep tower."""
 
 from __future__ import annotations
 

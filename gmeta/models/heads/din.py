@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from gmeta.meta.layout import cell_widths
+from gmeta.layout import cell_widths
 from gmeta.models.heads.base import Head, ModelConfig
 from gmeta.models.layers import (
     MLP,

@@ -3,12 +3,12 @@ on MovieLens (user cold start; click and rating) and on the synthetic ads-CVR se
 searched with the same budget on the validation tasks, then trained over several seeds and
 scored on the test tasks.
 
-    python -m gmeta.evaluation.cold_start --movielens data/movielens/raw --trials 12 --out runs/cold_start
+    python -m gmeta.experiments.cold_start --movielens data/movielens/raw --trials 12 --out runs/cold_start
 
 For each data set the shards are prepared once (one fixed split of the tasks into train,
 validation and test). Then for every variant:
 
-1. search (``--trials`` N > 0): an Optuna sweep (``gmeta.sweep``) of N trials over the data
+1. search (``--trials`` N > 0): an Optuna sweep (``gmeta.training.sweep``) of N trials over the data
    set config's ``sweep.params``, less the keys the variant fixes and, for ERM, the keys of
    meta-learning; each trial scored by its best validation metric (GAUC, or RMSE for the
    rating objective) on the validation tasks. Every variant gets the same N;
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-log = logging.getLogger("gmeta.evaluation.cold_start")
+log = logging.getLogger("gmeta.experiments.cold_start")
 
 
 @dataclass
@@ -100,8 +100,8 @@ class Dataset:
 
 def _train(config: Path, overrides: list[str]) -> Path:
     """Train in this process as a one-rank job; returns the checkpoint."""
-    from gmeta import train
     from gmeta.config import load_config
+    from gmeta.training import run as train
 
     cfg = load_config(config, overrides)
     result = train.main(cfg)  # a one-process group of its own, destroyed at the end
@@ -191,7 +191,7 @@ def _prepare(ds: Dataset, out: Path) -> Path:
         stamp.unlink(missing_ok=True)
         raw = ds.raw
         if raw is None:
-            from gmeta.synth import generate
+            from gmeta.io.synth import generate
 
             raw = out / "raw"
             generate(load_config(ds.synth_config, [o for o in ds.overrides if o.startswith("synth.")])
@@ -228,7 +228,7 @@ def _sweep(what: str, config_path: Path, overrides: list[str], space: list, out:
     """The best overrides of ``space`` after ``trials`` trials of the config (its overrides
     applied) on the validation ids, and what was searched ({"trials": 0} when nothing was)."""
     from gmeta.config import dump_yaml, load_config
-    from gmeta.sweep import run_sweep
+    from gmeta.training.sweep import run_sweep
 
     if trials <= 0 or not space:
         return [], {"trials": 0, "keys": []}
@@ -400,14 +400,14 @@ def format_table(results: dict) -> str:
 
 
 # ---------------------------------------------------------------- the warm-up table
-# The warm-up table of item cold start (``python -m gmeta.evaluation.cold_start --warmup``): one row
+# The warm-up table of item cold start (``python -m gmeta.experiments.cold_start --warmup``): one row
 # per method of ``gmeta.evaluation.warmup`` (the model's initial row, a random initial row, the
 # meta-learner's own inner loop, ERM fine-tuned, the generated row of an id generator trained
 # on the ERM model), one column per stage (cold, a, a+b, a+b+c),
 # mean ± standard deviation over the seeds; on the synthetic ads set (task = ad) and on
 # MovieLens (task = movie), each prepared under ``data.split.rule: warmup``.
 #
-# The machinery of the cold-start table (``gmeta.evaluation.cold_start``): the shards are prepared once
+# The machinery of the cold-start table (``gmeta.experiments.cold_start``): the shards are prepared once
 # per data set; the ERM base model and the meta-learner are each searched with the same number
 # of Optuna trials on the validation ids, then trained once per seed; the generator (a data set
 # with ``Dataset.generator``) is trained per seed on that seed's ERM model with the ERM's
@@ -610,7 +610,7 @@ def _warmup_datasets(args) -> list[Dataset]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gmeta.evaluation.cold_start", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gmeta.experiments.cold_start", description=__doc__.split("\n\n")[0])
     p.add_argument("--movielens", default=str(ROOT / "data" / "movielens" / "raw"),
                    help="MovieLens files (see data.source.format: movielens); '' to skip")
     p.add_argument("--objectives", nargs="+", default=["click", "rating"], choices=["click", "rating"],

@@ -42,7 +42,7 @@ from gmeta.parallel.dist import DenseGradSync, broadcast_params, init_distribute
 from gmeta.parallel.sharding import shard_model
 from gmeta.scoring import inner_steps_for, predict_query
 from gmeta.storage import location
-from gmeta.train import meta_step, train_step
+from gmeta.training.step import meta_step, train_step
 from gmeta.types import TaskBatch
 
 

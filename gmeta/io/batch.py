@@ -24,7 +24,7 @@ import torch
 
 from gmeta.io.collate import gather_ranges, pack_batch
 from gmeta.io.features import ID_HASHES, hash_ids, stable_hash
-from gmeta.meta.layout import cell_widths
+from gmeta.layout import cell_widths
 from gmeta.types import TaskBatch
 
 
