@@ -2,8 +2,9 @@
 imports inside functions too, which only defer a wrong one), so there is no cycle among
 its modules either; no module imports another's private (underscore) names; and each
 package's ``__init__`` docstring says what the package may import (a ``May import:``
-paragraph naming exactly the units of the layers below its own, in any order). Prints what it finds; exit status 1 if
-anything.
+paragraph naming exactly the units of the layers below its own, in any order); and every
+``gmeta.*`` module imported, here or in tests, benchmarks and scripts, exists (an import
+inside a function fails only when it runs). Prints what it finds; exit status 1 if anything.
 
     python scripts/check_imports.py           # the checks
     python scripts/check_imports.py --tree    # the package tree of docs/design.md
@@ -88,14 +89,16 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> list[tuple[str, li
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
-                if a.name in known:
+                if a.name in known or a.name.split(".")[0] == "gmeta":  # (an unknown one: check() names it)
                     found.append((a.name, [], node.lineno))
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 up = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
                 base = ".".join(up + ([base] if base else []))
-            if base in known:
+            if base.split(".")[0] == "gmeta" and base not in known:
+                found.append((base, [a.name for a in node.names], node.lineno))
+            elif base in known:
                 names = []
                 for a in node.names:
                     sub = f"{base}.{a.name}"
@@ -130,6 +133,9 @@ def check() -> list[str]:
                                 f"{', '.join(declared) or 'nothing of gmeta'}', the layers say "
                                 f"{', '.join(allowed) or 'nothing of gmeta'}")
         for target, names, line in imports(name, path, known):
+            if target not in known:  # a module that moved or never was: found only when the line runs
+                problems.append(f"{path.relative_to(ROOT)}:{line}: imports {target}, which is no module of gmeta")
+                continue
             if target != name:
                 graph[name].add(target)
             theirs = unit_of(target)
@@ -140,6 +146,12 @@ def check() -> list[str]:
             for n in names:
                 if n.startswith("_") and not n.startswith("__"):
                     problems.append(f"{path.relative_to(ROOT)}:{line}: imports private name {n!r} from {target}")
+    # the code around the package (tests, benchmarks, scripts) may import only what exists too
+    for folder in ("tests", "benchmarks", "scripts"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for target, _, line in imports("_outside", path, known):
+                if target not in known:
+                    problems.append(f"{path.relative_to(ROOT)}:{line}: imports {target}, which is no module of gmeta")
     # a package imports its parent implicitly: edges to a parent package's __init__ count only
     # when that __init__ imports something
     state: dict[str, int] = {}

@@ -49,7 +49,7 @@ def _overrides(params: dict[str, Any]) -> list[str]:
 
 def check_sweep(cfg: Config, config_path: str | Path | None, overrides: list[str]) -> str:
     """The metric to optimise; ConfigError naming the key when the sweep cannot run."""
-    from gmeta.train import val_metric  # (train imports the model stack: only when a sweep runs)
+    from gmeta.training.run import val_metric  # (run imports the model stack: only when a sweep runs)
 
     if not cfg.sweep.params:
         raise ConfigError("sweep.params: nothing to search (list config keys with low/high or choices)")
