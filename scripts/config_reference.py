@@ -1,4 +1,4 @@
-"""Write docs/configuration.md from the config dataclasses of gmeta/config.py: every key with
+"""Write docs/configuration.md from the config dataclasses of gmeta/config/schema.py: every key with
 its type, default and the comment written above (or beside) it. tests/test_docs.py fails
 when the file is stale.
 
@@ -21,7 +21,7 @@ from gmeta import config as C  # noqa: E402
 
 HEADER = """# Configuration reference
 
-Generated from the dataclasses of `gmeta/config.py` by `python scripts/config_reference.py`
+Generated from the dataclasses of `gmeta/config/schema.py` by `python scripts/config_reference.py`
 (`tests/test_docs.py` fails when this page is stale). A YAML file in `configs/` supplies
 values; `key=value` arguments override them (`meta.inner_lr=0.05`, `model.over_arch=[64,32]`).
 Unknown keys, wrong types and impossible values are errors that name the key and the file:
@@ -63,14 +63,15 @@ def _default(f: dataclasses.Field) -> str:
 
 
 def _type(t) -> str:
-    s = str(t).replace("typing.", "").replace("gmeta.config.", "").replace("<class '", "").replace("'>", "")
+    s = str(t).replace("typing.", "").replace("gmeta.config.schema.", "").replace("gmeta.config.", "")
+    s = s.replace("<class '", "").replace("'>", "")
     return f"`{s}`".replace("|", "\\|")
 
 
 def _section(name: str, cls, out: list[str], seen: set) -> None:
     hints = typing.get_type_hints(cls)
     doc = inspect.getdoc(cls) or ""
-    own = doc if cls.__doc__ and cls.__module__ == C.__name__ else ""
+    own = doc if cls.__doc__ and cls.__module__.startswith(C.__name__) else ""
     out += ["", f"## `{name}`" if name else "## (top level)", ""]
     if own:
         out += [own, ""]
