@@ -58,7 +58,8 @@ from gmeta.storage import location, source, write_atomic
 log = logging.getLogger(__name__)
 
 # Fault injection for tests and benchmarks, per worker slot W: "slow=W:SECONDS" sleeps before
-# scoring each unit, "kill=W:N" SIGKILLs the worker before scoring its N-th unit,
+# scoring each unit, "kill=W:N" SIGKILLs the worker before scoring its N-th unit (once those
+# before it are reported),
 # "kill_written=W:N" after writing its N-th part but before reporting it; "wait=W:P" claims
 # nothing until a worker of slot P has claimed a unit, "wait_done=W:P" until one has finished
 # a unit (so that a test's second node, which starts later, surely gets work however slowly
@@ -195,6 +196,8 @@ def pipeline(claim, load, finished, scorer: Scorer, out: Path, faults: dict | No
             return
         _put(ready, None, lambda: not stop.is_set())
 
+    reported = [0]  # units written and reported (the test faults wait on it)
+
     def write() -> None:
         n = 0
         try:
@@ -205,6 +208,7 @@ def pipeline(claim, load, finished, scorer: Scorer, out: Path, faults: dict | No
                 if faults.get("kill_written") == n:
                     os.kill(os.getpid(), signal.SIGKILL)
                 finished(b, table.num_rows, tasks, cold)
+                reported[0] += 1
         except BaseException as e:  # noqa: BLE001 - raised by the main thread
             errors.append(e)
 
@@ -228,6 +232,10 @@ def pipeline(claim, load, finished, scorer: Scorer, out: Path, faults: dict | No
             b, df, featurised = item
             scored += 1
             if faults.get("kill") == scored:
+                # the units before it written and reported first, whatever the machine's load
+                # (a kill between writing and reporting is the kill_written fault)
+                while reported[0] < scored - 1 and writer.is_alive():
+                    time.sleep(0.01)
                 os.kill(os.getpid(), signal.SIGKILL)
             if faults.get("slow"):
                 time.sleep(faults["slow"])
