@@ -1,8 +1,8 @@
 """The meta-learning algorithms, pure functions that never communicate.
 
 Each is a function of (dense head, looked-up rows, batch, layout).
-``gmeta.meta.algorithms.ALGORITHMS`` maps ``meta.algorithm`` to each one's objective, ``(model, rows, batch, layout, cfg) -> MetaOutput``; a new
-algorithm is one module with an ``objective`` and one entry there (and in
+``gmeta.meta.algorithms.ALGORITHMS`` maps ``meta.algorithm`` to each one's objective,
+``(model, rows, batch, layout, cfg) -> MetaOutput``; a new algorithm is one module with an ``objective`` and one entry there (and in
 ``MetaConfig.algorithm``).
 
 - ``base``: ``MetaOutput`` and the gathers and per-task means losses are made of
