@@ -2,8 +2,8 @@
 
 Each is a function of (dense head, looked-up rows, batch, layout).
 ``gmeta.meta.algorithms.ALGORITHMS`` maps ``meta.algorithm`` to each one's objective,
-``(model, rows, batch, layout, cfg) -> MetaOutput``; a new algorithm is one module with an ``objective`` and one entry there (and in
-``MetaConfig.algorithm``).
+``(model, rows, batch, layout, cfg) -> MetaOutput``; a new algorithm is one module with an
+``objective`` and one entry there (and in ``MetaConfig.algorithm``).
 
 - ``base``: ``MetaOutput`` and the gathers and per-task means losses are made of
 - ``fast_weights``: per-task fast weights of the adapted dense layers
