@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("evaluation", "inference"),
     ("training",),  # trains, validates (evaluation) and logs the served model (inference)
     ("experiments",),  # trains and judges many models: the published tables
-    ("cli", ""),
+    ("cli", "", "pyfunc"),  # pyfunc: the MLflow model's class under the name old models use
 ]
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 
