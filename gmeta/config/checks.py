@@ -106,6 +106,7 @@ def validate(cfg: Config) -> None:
     dup = {n for n in names if names.count(n) > 1}
     _check(not dup, "features", f"duplicate feature names {sorted(dup)}")
     _validate_sequences(cfg)
+    _validate_head_features(cfg)
     warmup = cfg.data.split.rule == "warmup"
     # under the warm-up rule the task is one id of a sparse feature: the key is that feature too
     reserved = {f.task_key, f.timestamp, *f.label_names(), f.true_prob} - {""} - ({f.task_key} if warmup else set())
@@ -371,6 +372,28 @@ def _validate_sequences(cfg: Config) -> None:
     for i, t in enumerate(cfg.sharding.tables):
         _check(t.name not in shared, f"sharding.tables[{i}].name",
                f"{t.name} shares the table of {sparse[t.name].table if t.name in sparse else ''}: name that feature")
+
+
+def _validate_head_features(cfg: Config) -> None:
+    """features.sparse[].head false: a feature only the id generator reads."""
+    sparse, g = cfg.features.sparse, cfg.generator
+    for i, sf in enumerate(sparse):
+        if sf.head:
+            continue
+        key = f"features.sparse[{i}].head"
+        # (with no generator: the base model a generator is trained on later, generator.mode
+        # base_fixed, which needs the same tables)
+        _check(not g.feature or sf.name in g.attributes, key,
+               f"false: {sf.name} would be read by nothing; a feature no head reads is an input of the id "
+               "generator: list it in generator.attributes (or set head: true)")
+        _check(not sf.max_length, key, f"false: {sf.name} is a sequence; only single or multi-hot features can be "
+               "the generator's alone")
+        _check(sf.name not in cfg.meta.adapt_features, key,
+               f"false: {sf.name} is in meta.adapt_features, but no head reads its rows")
+        _check(not any(o.table == sf.name for o in sparse), key,
+               f"false: another feature shares {sf.name}'s table (features.sparse[].table)")
+    _check(any(sf.head for sf in sparse) or not sparse, "features.sparse",
+           "every feature has head: false; the head needs at least one")
 
 
 def _validate_generator(cfg: Config) -> None:

@@ -78,6 +78,12 @@ class SparseFeature:
     # feature's do, into as many rows (num_embeddings must be equal). Hashed ids only, with no
     # default row (min_count, holdout_share 0 on both). Empty: the feature's own table.
     table: str = ""
+    # false: the feature's table is looked up but its rows are not the head's input; only the
+    # id generator reads them (generator.attributes), as the description of a new id. The
+    # base model then learns nothing from the feature, and a new id's attributes reach the
+    # model only through its generated row (a model with no generator keeps the table for one
+    # trained on it later, generator.mode base_fixed). true: an input of the head.
+    head: bool = True
 
 
 # the fields of SparseFeature that shape the shards (the rest are model choices)

@@ -150,6 +150,9 @@ class MetaDLRM(nn.Module):
         self.default_rows = DefaultRows(self.features)
         self.generator: IdGenerator | None = None
         self.generator_only = False  # generator.mode base_fixed: the generator is the only dense part trained
+        # features no head reads (features.sparse[].head false): the generator's inputs only,
+        # whose tables learn with the generator even under base_fixed (nothing else trains them)
+        self.generator_tables = [i for i, f in enumerate(self.features) if not f.get("head", True)]
         # generator.train_ids all: the feature's default row [D], a constant of the (fixed) tables,
         # that every id of the feature starts from in training (``default_row``, set by training)
         self.generator_base: torch.Tensor | None = None
@@ -261,7 +264,19 @@ class MetaDLRM(nn.Module):
             base = self.generator_base.to(rows.dtype).expand(hi - lo, -1)
             # no id known: a stride-0 view of one False (no [num_embeddings] mask made each step)
             rows, known = torch.cat([rows[:lo], base, rows[hi:]]), known.new_zeros(()).expand(known.shape)
-        return self.generator.generated_rows(rows, layout, known, detach_inputs=self.generator_only)
+        return self.generator.generated_rows(rows, layout, known,
+                                             detach_inputs=self.generator_only and not self.generator_tables)
+
+    def fixed_rows(self, rows: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+        """Under generator.mode base_fixed: the looked-up rows ``[U, D]`` as constants, but
+        those of the features only the generator reads, which learn with it."""
+        if not self.generator_tables:
+            return rows.detach()
+        learn = torch.zeros(rows.shape[0], 1, dtype=torch.bool, device=rows.device)
+        for f in self.generator_tables:
+            lo = sum(layout.unique_per_key[:f])
+            learn[lo:lo + layout.unique_per_key[f]] = True
+        return torch.where(learn, rows, rows.detach())
 
     def default_row(self, feature: int) -> torch.Tensor:
         """Feature ``feature``'s default row ``[D]`` (its table's row ``num_embeddings``),

@@ -59,10 +59,11 @@ def meta_step(model, batch, cfg: Config, rows: torch.Tensor | None = None) -> Me
 
 def generator_step(inner, rows: torch.Tensor, batch, layout, cfg: Config) -> MetaOutput:
     """``meta_step`` with an id generator (gmeta.meta.generator): new ids start from their
-    generated rows; under base_fixed the tables get no gradient (their rows are constants)
-    and the loss is the generator's own, else the cold-start term joins the meta-loss."""
+    generated rows; under base_fixed the tables get no gradient (their rows are constants;
+    those of features only the generator reads learn with it) and the loss is the
+    generator's own, else the cold-start term joins the meta-loss."""
     if inner.generator_only:
-        rows = rows.detach()
+        rows = inner.fixed_rows(rows, layout)
     rows, new = inner.start_rows(rows, layout, every_id=cfg.generator.train_ids == "all")
     with dense_autocast(cfg, rows.device):
         if inner.generator_only:

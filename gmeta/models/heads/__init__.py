@@ -87,9 +87,12 @@ def build_head(m: ModelConfig, num_dense: int, num_sparse: int, label_weights: S
                features: Sequence[dict] | None = None) -> Head:
     """The head ``model.arch`` names, sized by the config, with an output per label
     (``label_weights``: features.label_weights, one per label). ``features``: the sparse
-    features' configs (as dicts): their sequences' cells (None: no sequence)."""
-    head = HEADS[m.arch].from_config(m, num_dense, num_sparse, label_weights, features)
-    head.set_cells(cell_widths(features) if features is not None else [1] * num_sparse)
+    features' configs (as dicts): their sequences' cells (None: no sequence), and which the
+    head reads (``head``; the others' cells are dropped: the id generator's inputs only)."""
+    in_head = [f.get("head", True) for f in features] if features is not None else [True] * num_sparse
+    kept = [f for f, h in zip(features, in_head) if h] if features is not None else None
+    head = HEADS[m.arch].from_config(m, num_dense, sum(in_head), label_weights, kept)
+    head.set_cells(cell_widths(features) if features is not None else [1] * num_sparse, in_head)
     return head
 
 

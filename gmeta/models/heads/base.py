@@ -64,6 +64,7 @@ class Head(nn.Module):
     last_layer: str  # module name of the output layer
     loss_weights: torch.Tensor  # [L] buffer (not saved: the config holds it), with L > 1 only
     cell_feature: torch.Tensor | None  # [C] buffer: the feature of each cell, with sequences only
+    kept_cells: torch.Tensor | None  # [C'] buffer: the cells the head reads, with features.sparse[].head false only
 
     def __init__(self, objective: str, label_weights: Sequence[float] = (1.0,)) -> None:
         super().__init__()
@@ -72,6 +73,7 @@ class Head(nn.Module):
         self.objective = objective
         self.num_labels = len(label_weights)
         self.register_buffer("cell_feature", None, persistent=False)
+        self.register_buffer("kept_cells", None, persistent=False)
         self.num_cells = 0  # the cells of a row with sequences (set_cells), else 0: not checked
         if self.num_labels > 1:
             self.register_buffer("loss_weights", torch.tensor([float(w) for w in label_weights]), persistent=False)
@@ -85,14 +87,22 @@ class Head(nn.Module):
         return cls(num_dense, num_sparse, m.embedding_dim, m.dense_arch, m.over_arch,  # type: ignore[call-arg, arg-type, misc]
                    m.objective, label_weights=label_weights)
 
-    def set_cells(self, widths: Sequence[int]) -> None:
+    def set_cells(self, widths: Sequence[int], in_head: Sequence[bool] | None = None) -> None:
         """The cells per row of each feature (a sequence's ``max_length``, else 1). With a
         sequence, a head that does not read cells gets each sequence's cells summed into one,
-        what a multi_hot feature pooled by sum gives, so it keeps ``[..., R, F, D]``."""
-        if all(w == 1 for w in widths):
+        what a multi_hot feature pooled by sum gives, so it keeps ``[..., R, F, D]``.
+        ``in_head``: per feature, whether the head reads it (features.sparse[].head); the
+        cells of the others are dropped before anything else."""
+        in_head = [True] * len(widths) if in_head is None else list(in_head)
+        if all(w == 1 for w in widths) and all(in_head):
             return
         self.num_cells = sum(widths)
-        if self.reads_cells:
+        if not all(in_head):
+            starts = [sum(widths[:f]) for f in range(len(widths))]
+            keep = [c for f, w in enumerate(widths) if in_head[f] for c in range(starts[f], starts[f] + w)]
+            self.register_buffer("kept_cells", torch.tensor(keep), persistent=False)
+            widths = [w for w, h in zip(widths, in_head) if h]
+        if self.reads_cells or all(w == 1 for w in widths):
             return
         feature = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(list(widths)))
         self.register_buffer("cell_feature", feature, persistent=False)
@@ -102,6 +112,9 @@ class Head(nn.Module):
         if self.num_cells and pooled.shape[-2] != self.num_cells:
             raise ValueError(f"{self.arch} head: {pooled.shape[-2]} cells per row, the features take "
                              f"{self.num_cells} (a layout built without the sequences' cell widths?)")
+        keep: torch.Tensor | None = self.kept_cells
+        if keep is not None:  # features only the id generator reads
+            pooled = pooled.index_select(-2, keep)
         cells: torch.Tensor | None = self.cell_feature
         if cells is not None:
             shape = (*pooled.shape[:-2], self.num_summed, pooled.shape[-1])
