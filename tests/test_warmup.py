@@ -427,8 +427,14 @@ def test_warmup_table_data_sets_generate_by_campaign_and_prepare_by_ad(tmp_path)
     from gmeta.io.manifest import load_manifest
 
     args = argparse.Namespace(movielens="", ads_tasks=60, ads_override=["data.split.val_fraction=0.5"],
-                              movielens_override=[])
+                              movielens_override=[], attributes="head")
     (ds,) = _warmup_datasets(args)
+    assert not any(".head=" in o for o in ds.overrides)
+    # --attributes generator: the same attributes, read by the generator alone, under another name
+    (alone,) = _warmup_datasets(argparse.Namespace(**{**vars(args), "attributes": "generator"}))
+    assert alone.generator == ds.generator and alone.name != ds.name
+    assert set(alone.overrides) - set(ds.overrides) == {
+        f"features.sparse.{a}.head=false" for a in ("ad_category", "creative_type", "landing_page")}
     assert ds.config.name == "ads_cold_items.yaml" and ds.synth_config.name == "ads_cvr_debug.yaml"
     shards = _prepare(ds, tmp_path)
     raw = pq.read_table(tmp_path / "raw").to_pandas()
