@@ -144,6 +144,26 @@ def test_resumed_run_keeps_its_validation_history_and_best(val_shards, tmp_path)
     assert best_meta["step"] == val["best_step"]
 
 
+def test_weights_from_another_run_are_validated_before_the_first_step(val_shards, tmp_path):
+    """train.init_from: the starting weights are scored at step 0 and compete for best/ (a
+    run that never beats them keeps them); a run from scratch starts at its first
+    validation step (test above: steps 4, 8, ...)."""
+    common = ["train.val_every_steps=4", "train.val_max_tasks=32"]
+    _train(tmp_path / "base", val_shards, *common, "train.max_steps=8")
+    # rates too small to move a float32 weight: every validation scores the start, and a tie
+    # keeps the earlier weights, here the start's
+    _train(tmp_path / "run", val_shards, *common, "train.max_steps=8", "optim.dense_lr=1e-30",
+           "optim.embedding_lr=1e-30", f"train.init_from={tmp_path / 'base' / 'checkpoint'}")
+    history = [json.loads(line) for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [0, 4, 8]
+    assert history[0]["gauc"] == pytest.approx(_val_score(tmp_path / "base" / "checkpoint", val_shards, 32), abs=1e-9)
+    val = json.loads((tmp_path / "run" / "checkpoint" / "meta.json").read_text())["validation"]
+    assert [h["gauc"] for h in history] == [history[0]["gauc"]] * 3 and val["best"] == history[0]["gauc"]
+    assert val["best_step"] == 0
+    assert json.loads((tmp_path / "run" / "best" / "meta.json").read_text())["step"] == 0
+    assert _val_score(tmp_path / "run" / "best", val_shards, 32) == pytest.approx(history[0]["gauc"], abs=1e-9)
+
+
 def _one_step_moves(debug_data, schedule: bool) -> tuple[float, float]:
     """(table change, dense change) of one step, with or without a 1000-step warm-up."""
     import torch.distributed as dist

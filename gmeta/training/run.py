@@ -602,6 +602,12 @@ class TrainingRun:
 
     def _loop(self, stop: StopRequest, agreed_stop: AgreedStop, since: dict, ckpt_clock: float) -> None:
         env, t, fetch, pipe = self.env, self.t, self.fetch, self.pipe
+        if t.val_every_steps and t.init_from and self.step == 0:
+            # weights from another run are a candidate too: the best validation kept may be
+            # the start (an id generator that never beats the default row it starts from
+            # leaves that row, not its best of worse steps)
+            self.stopped_early = self.validate()
+            self.validated = 0
         for epoch in range(self.start_epoch, self.epochs):
             if self.step >= self.step_limit:
                 break
