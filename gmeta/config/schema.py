@@ -529,6 +529,7 @@ class TrainConfig:
     # subset), adapted with eval.inner_steps, scored by val_metric ("auto": gauc for a binary
     # objective, rmse for regression). The best weights so far are kept in
     # <output_dir>/best (and are what eval_at_end evaluates and the MLflow model holds).
+    # With train.init_from the starting weights are validated at step 0 and compete too.
     val_every_steps: int = 0
     val_max_tasks: int = 256
     val_metric: Literal["auto", "auc", "gauc", "logloss", "rmse", "mae"] = "auto"
