@@ -290,6 +290,12 @@ class BatchLayout:
         ordered = self.requested_buckets == 1 or (full_s and full_q)
         return ordered and full_s, ordered and full_q
 
+    def key_span(self, feature: int) -> tuple[int, int]:
+        """Where feature ``feature``'s distinct ids lie among all of them ([U], features in
+        order): ``[lo, hi)``."""
+        lo = sum(self.unique_per_key[:feature])
+        return lo, lo + self.unique_per_key[feature]
+
     def kjt(self, keys: list[str]) -> KeyedJaggedTensor:
         """The distinct ids as a KeyedJaggedTensor of one row per feature (stride 1), with
         its per-key lengths given so that torchrec need not read them from the device."""

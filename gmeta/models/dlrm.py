@@ -258,9 +258,7 @@ class MetaDLRM(nn.Module):
         if every_id:
             if self.generator_base is None:
                 raise RuntimeError("generator.train_ids all: the default row was not looked up (default_row)")
-            f = self.generator.feature
-            lo = sum(layout.unique_per_key[:f])
-            hi = lo + layout.unique_per_key[f]
+            lo, hi = layout.key_span(self.generator.feature)
             base = self.generator_base.to(rows.dtype).expand(hi - lo, -1)
             # no id known: a stride-0 view of one False (no [num_embeddings] mask made each step)
             rows, known = torch.cat([rows[:lo], base, rows[hi:]]), known.new_zeros(()).expand(known.shape)
@@ -272,11 +270,11 @@ class MetaDLRM(nn.Module):
         those of the features only the generator reads, which learn with it."""
         if not self.generator_tables:
             return rows.detach()
-        learn = torch.zeros(rows.shape[0], 1, dtype=torch.bool, device=rows.device)
-        for f in self.generator_tables:
-            lo = sum(layout.unique_per_key[:f])
-            learn[lo:lo + layout.unique_per_key[f]] = True
-        return torch.where(learn, rows, rows.detach())
+        parts, lo = [], 0
+        for f, n in enumerate(layout.unique_per_key):  # each feature's distinct ids, in order
+            parts.append(rows[lo:lo + n] if f in self.generator_tables else rows[lo:lo + n].detach())
+            lo += n
+        return torch.cat(parts)
 
     def default_row(self, feature: int) -> torch.Tensor:
         """Feature ``feature``'s default row ``[D]`` (its table's row ``num_embeddings``),

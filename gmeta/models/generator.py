@@ -76,8 +76,7 @@ class IdGenerator(nn.Module):
         nothing through the generator)."""
         L, f = layout, self.feature
         nf = L.num_cells  # (= num_features: the generator does not combine with sequences)
-        lo = sum(L.unique_per_key[:f])
-        hi = lo + L.unique_per_key[f]
+        lo, hi = L.key_span(f)
         ids = L.unique_ids[lo:hi]
         new_f = ~known[ids]
         # one row holding each distinct id: the smallest, a deterministic choice (a plain
