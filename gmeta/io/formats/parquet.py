@@ -46,6 +46,8 @@ def _split_from_arrow(struct: pa.StructArray, schema: dict) -> SplitArrays:
     ids, id_offsets = {}, {}
     for feat in schema["sparse"]:
         col = children[feat["name"]].flatten()  # per row
+        if len(col) != rows[-1]:  # (a damaged file can decode to columns of other lengths)
+            raise ValueError(f"{feat['name']} has {len(col)} rows, the labels {rows[-1]}")
         if feat["multi_hot"]:
             id_offsets[feat["name"]] = _list_offsets(col)
             col = col.flatten()
