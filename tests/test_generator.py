@@ -50,6 +50,10 @@ SMALL = ["model.embedding_dim=4", "model.dense_arch=[6]", "model.over_arch=[5]",
       "generator.mode=base_fixed"], r"train.init_from: generator.mode base_fixed .* name its checkpoint"),
     (["features.sparse.ad_id.holdout_share=0.2", "generator.feature=ad_id", "generator.attributes=[advertiser_id]",
       "generator.mode=base_fixed", "train.init_from=x", "train.pretrain_epochs=1"], r"train.pretrain_epochs: .* 0"),
+    (["features.sparse.ad_id.holdout_share=0.2", "generator.feature=ad_id", "generator.attributes=[advertiser_id]",
+      "generator.mode=base_fixed", "train.init_from=x", "generator.offset_ids=all"],
+     r"generator.offset_ids: 'all' needs generator.mode joint"),
+    (["generator.offset_ids=all"], r"generator.feature: empty \(no generator\), but generator.offset_ids"),
     (["generator.attributes=[advertiser_id]"], r"generator.feature: empty \(no generator\), but generator.attributes"),
     (["generator.mode=fixed"], r"generator.mode: expected one of 'joint', 'base_fixed'"),
 ])
@@ -188,11 +192,37 @@ def test_forward_scoring_and_the_meta_step_start_a_new_id_from_the_same_generate
     torch.testing.assert_close(out.extra["generator_new_share"], new_rows.float().mean())
 
 
-def test_maml_adapts_new_ids_from_their_generated_rows_as_a_per_task_reference(debug_data):
+def test_offset_on_every_id_moves_known_ids_too_and_every_path_agrees(debug_data):
+    """generator.offset_ids all: a known id scores as its own row + the offset (the forward
+    differs from a zero generator on known ids' rows too), and scoring and the ERM step
+    give the plain forward's scores."""
+    cfg, model, batch, known = _setup(debug_data, extra=("meta.algorithm=erm", "generator.cold_weight=0",
+                                                         "generator.offset_ids=all"))
+    assert model.generator is not None and model.generator.every_id
+    ids = _row_ids(batch)
+    s = batch.num_support
+    with torch.no_grad():
+        plain = model(batch.sparse, batch.dense)
+        without = _zeroed(model)(batch.sparse, batch.dense)
+    new_rows = torch.tensor([not known[a[0]] for a in ids["ad_id"]])
+    assert 0 < int(new_rows.sum()) < len(new_rows)
+    assert not torch.allclose(plain[~new_rows], without[~new_rows])  # known ids' scores move as well
+    scored = predict_queries(model, cfg, batch, [0])[0]
+    torch.testing.assert_close(torch.from_numpy(scored), torch.sigmoid(plain[s:]), rtol=1e-6, atol=1e-6)
+    out = meta_step(model, batch, cfg)
+    torch.testing.assert_close(out.loss, F.binary_cross_entropy_with_logits(plain, batch.labels), rtol=1e-6,
+                               atol=1e-6)
+    torch.testing.assert_close(out.extra["generator_new_share"], new_rows.float().mean())  # new ids only
+
+
+@pytest.mark.parametrize("offset_ids", ["new", "all"])
+def test_maml_adapts_new_ids_from_their_generated_rows_as_a_per_task_reference(debug_data, offset_ids):
     """The meta step's query losses = the per-task reference on tables whose new ad rows are
-    the generated rows (each task adapts its own copy)."""
+    the generated rows (each task adapts its own copy); with offset_ids all, every ad row is
+    its own (or the default) row plus the offset."""
     cfg, model, batch, known = _setup(debug_data, extra=("meta.inner_steps=2", "meta.adapt_dense=[over_arch]",
-                                                         "generator.cold_weight=0"))
+                                                         "generator.cold_weight=0",
+                                                         f"generator.offset_ids={offset_ids}"))
     ids = _row_ids(batch)
     w = model.sparse_arch.ec.embeddings["t_ad_id"].weight.detach()
     adv_w = model.sparse_arch.ec.embeddings["t_advertiser_id"].weight.detach()
@@ -201,6 +231,8 @@ def test_maml_adapts_new_ids_from_their_generated_rows_as_a_per_task_reference(d
         for a, v in zip(ids["ad_id"], ids["advertiser_id"]):
             if not known[a[0]]:
                 ad_table[a[0]] = w[-1] + model.generator(adv_w[v[0]])
+            elif offset_ids == "all":
+                ad_table[a[0]] = w[a[0]] + model.generator(adv_w[v[0]])
     tables = {n: e.weight.detach().clone().requires_grad_()
               for n, e in ((k[2:], m) for k, m in model.sparse_arch.ec.embeddings.items())}
     tables["ad_id"] = ad_table.requires_grad_()  # (the reference differentiates with respect to its tables)

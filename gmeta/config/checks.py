@@ -399,7 +399,8 @@ def _validate_head_features(cfg: Config) -> None:
 def _validate_generator(cfg: Config) -> None:
     g = cfg.generator
     if not g.feature:
-        changed = [k for k in ("attributes", "hidden", "cold_weight", "warmup_lr", "mode", "train_ids")
+        changed = [k for k in ("attributes", "hidden", "cold_weight", "warmup_lr", "mode", "train_ids",
+                                   "offset_ids")
                    if getattr(g, k) != getattr(GeneratorConfig(), k)]
         _check(not changed, "generator.feature", f"empty (no generator), but generator.{', generator.'.join(changed)} "
                "set: name the id feature whose new ids it generates rows for")
@@ -428,6 +429,9 @@ def _validate_generator(cfg: Config) -> None:
                "alone on a trained model: name its checkpoint")
         _check(cfg.train.pretrain_epochs == 0, "train.pretrain_epochs", "generator.mode base_fixed trains no base "
                "model: must be 0")
+        _check(g.offset_ids == "new", "generator.offset_ids", "'all' needs generator.mode joint: the base model "
+               f"of a base_fixed generator learned {g.feature}'s known rows without an offset, which would move "
+               "every known id's scores")
     else:
         _check(g.train_ids == "new", "generator.train_ids", "'all' needs generator.mode base_fixed: in joint mode the "
                f"tables learn, and {g.feature}'s ids would never train their own rows")

@@ -610,6 +610,13 @@ class GeneratorConfig:
     # its generator on old items this way: many more ids to learn from than the held-out few).
     # Evaluation, prediction and serving generate new ids only, whichever is set.
     train_ids: Literal["new", "all"] = "new"
+    # Which ids of the feature the generator's offset is added to: "new", those the default
+    # row stands for (Meta-Embedding: a start for new ids alone); "all", every id, a known id
+    # as its own row + offset (its row learns what the attributes do not say) and a new id as
+    # the default row + offset, so that the attributes reach the model through the id's row on
+    # every training row, not only on the few rows of new ids. "all" needs mode joint (a
+    # base_fixed generator's base model scored its known ids without an offset).
+    offset_ids: Literal["new", "all"] = "new"
 
 
 @dataclass

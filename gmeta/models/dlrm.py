@@ -140,7 +140,7 @@ class MetaDLRM(nn.Module):
                  over_sizes: list[int], device: torch.device | None = None, objective: str = "binary",
                  embedding_dtype: str = "fp32", generator: dict | None = None, head: Head | None = None) -> None:
         """``generator``: the id generator of new ids' rows (``gmeta.models.generator``), as
-        {"feature", "attributes" (names), "hidden", "base_fixed"}; None: none."""
+        {"feature", "attributes" (names), "hidden", "base_fixed", "every_id"}; None: none."""
         super().__init__()
         self.features = [dict(f) for f in features]
         self.embedding_dim = embedding_dim
@@ -160,7 +160,7 @@ class MetaDLRM(nn.Module):
             names = [f["name"] for f in self.features]
             self.generator = IdGenerator(names.index(generator["feature"]),
                                          [names.index(a) for a in generator["attributes"]], embedding_dim,
-                                         generator["hidden"])
+                                         generator["hidden"], every_id=bool(generator.get("every_id", False)))
             self.generator_only = bool(generator["base_fixed"])
         self.managed = ManagedIds(self.features, device)  # features.sparse[].ids: managed
         if device is not None and device.type != "meta":
@@ -356,7 +356,8 @@ def build_model(cfg: Config, device: torch.device | None = None) -> MetaDLRM:
         objective=cfg.model.objective,
         embedding_dtype=cfg.model.embedding_dtype,
         generator={"feature": g.feature, "attributes": g.attributes, "hidden": g.hidden,
-                   "base_fixed": g.mode == "base_fixed"} if (g := cfg.generator).feature else None,
+                   "base_fixed": g.mode == "base_fixed", "every_id": g.offset_ids == "all"}
+        if (g := cfg.generator).feature else None,
         head=build_head(cfg.model, len(cfg.features.dense), len(cfg.features.sparse), cfg.features.loss_weights(),
                         features=[asdict(s) for s in cfg.features.sparse]),
     )

@@ -24,6 +24,11 @@ Two places apply it, both vectorised, with no loop over ids:
 
 Both give the same row when an id's attributes are the same in every row (an ad has one
 advertiser).
+
+``generator.offset_ids: all`` (``every_id``) adds the offset to every id of the feature, a
+known id's own row included (``row + IdGenerator(...)``); a new id's looked-up row is the
+default row, so it starts from the generated row as above. Trained jointly with the model,
+the attributes then reach it through the id's row on every training row.
 """
 
 from __future__ import annotations
@@ -39,11 +44,13 @@ class IdGenerator(nn.Module):
 
     ``feature`` / ``attributes``: indices into the model's sparse features. Dense,
     data-parallel parameters of the model (trained by the dense optimizer, saved with it).
+    ``every_id``: the offset is added to every id's row, not only to new ids' default row.
     """
 
-    def __init__(self, feature: int, attributes: list[int], embedding_dim: int, hidden: list[int]) -> None:
+    def __init__(self, feature: int, attributes: list[int], embedding_dim: int, hidden: list[int],
+                 every_id: bool = False) -> None:
         super().__init__()
-        self.feature, self.attributes = feature, list(attributes)
+        self.feature, self.attributes, self.every_id = feature, list(attributes), every_id
         dims = [len(attributes) * embedding_dim] + list(hidden)
         layers: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
@@ -64,14 +71,17 @@ class IdGenerator(nn.Module):
         base = cells[:, self.feature]
         if detach_inputs:
             x, base = x.detach(), base.detach()
-        generated = torch.where(new.unsqueeze(1), base + self(x), cells[:, self.feature])
+        generated = base + self(x)
+        if not self.every_id:
+            generated = torch.where(new.unsqueeze(1), generated, cells[:, self.feature])
         return torch.cat([cells[:, :self.feature], generated.unsqueeze(1), cells[:, self.feature + 1:]], dim=1)
 
     def generated_rows(self, rows: torch.Tensor, layout: BatchLayout, known: torch.Tensor,
                        detach_inputs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch's distinct looked-up rows ``[U, D]`` with each new id of ``feature``
-        (``known [num_embeddings]`` False for it) replaced by its generated row. Returns
-        (rows ``[U, D]``, new ``[U]`` bool: the distinct ids replaced). ``detach_inputs``:
+        (``known [num_embeddings]`` False for it) replaced by its generated row (with
+        ``every_id``, every id of ``feature`` offset). Returns (rows ``[U, D]``, new ``[U]``
+        bool: the distinct new ids, whose rows the cold-start term scores). ``detach_inputs``:
         the default row and the attribute embeddings enter as constants (the tables learn
         nothing through the generator)."""
         L, f = layout, self.feature
@@ -87,8 +97,9 @@ class IdGenerator(nn.Module):
         source = rows.detach() if detach_inputs else rows
         cells = L.pool(source.index_select(0, L.occ_unique), L.slot, L.divisor, L.num_rows)  # [R, F, D]
         x = cells.index_select(0, holder)[:, self.attributes].flatten(1)  # [U_f, A * D]
-        base = source[lo:hi]
-        generated = torch.where(new_f.unsqueeze(1), base + self(x), rows[lo:hi])
+        generated = source[lo:hi] + self(x)
+        if not self.every_id:
+            generated = torch.where(new_f.unsqueeze(1), generated, rows[lo:hi])
         new = torch.zeros(L.num_unique, dtype=torch.bool, device=rows.device)
         new[lo:hi] = new_f
         return torch.cat([rows[:lo], generated, rows[hi:]]), new
