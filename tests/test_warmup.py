@@ -530,3 +530,49 @@ def test_warmup_table_searches_the_generator_on_a_base_model_of_its_own_and_trai
     out_dir = [o for o in seed_run if o.startswith("train.output_dir=")][-1]
     assert out_dir.endswith("/seed4") and f"{tmp_path}/toy/generator/seed4" not in out_dir  # not the defaults' run
     assert entry["search"]["generator"]["overrides"] == ["optim.dense_lr=0.05", "generator.cold_weight=0.7"]
+
+
+def test_warmup_table_trains_a_joint_generator_from_scratch_with_a_model_of_its_own(tmp_path, monkeypatch):
+    """--generator-training joint: the generator's search and each seed's run train a model of
+    their own with the ERM's settings (no train.init_from), the offset on every id, in a
+    directory apart from the base_fixed generator's."""
+    import argparse
+
+    import gmeta.checkpoint
+    import gmeta.evaluation.warmup
+    from gmeta.experiments import cold_start
+
+    trained: list[list[str]] = []
+    sweeps: list[tuple] = []
+
+    def train(config, overrides):
+        trained.append(overrides)
+        return Path([o for o in overrides if o.startswith("train.output_dir=")][-1].split("=", 1)[1])
+
+    def sweep(what, config, overrides, space, out, n):
+        sweeps.append((overrides, [p.key for p in space], out))
+        return ["generator.hidden=[]"], {"trials": n, "keys": [p.key for p in space]}
+
+    monkeypatch.setattr(cold_start, "_prepare", lambda ds, base: base / "shards")
+    monkeypatch.setattr(cold_start, "_search", lambda ds, v, fixed, out, trials: (["optim.dense_lr=0.002"], {}))
+    monkeypatch.setattr(cold_start, "_train", train)
+    monkeypatch.setattr(cold_start, "_sweep", sweep)
+    monkeypatch.setattr(gmeta.checkpoint, "load_unsharded", lambda path: (str(path), None, None))
+    monkeypatch.setattr(gmeta.evaluation.warmup, "warmup_report", lambda model, cfg, shards, **kw: {
+        "stages": ["cold"], "support_rows": [0], "warmup_rows": 4, "tasks": 1, "methods": {}})
+    args = argparse.Namespace(movielens="", ads_tasks=60, ads_override=[], movielens_override=[],
+                              attributes="generator", generator_training="joint")
+    (ds,) = cold_start._warmup_datasets(args)
+    assert ds.generator_joint and ds.name.endswith("generator trained jointly, attributes the generator's alone")
+    ds = cold_start.Dataset("toy", tmp_path / "toy.yaml", [], generator=ds.generator, generator_joint=True)
+    cold_start.run_warmup_table([ds], [4], tmp_path, trials=2)
+    (overrides, keys, out), = sweeps
+    assert keys == [k for k, _ in cold_start.GENERATOR_JOINT_SPACE]
+    assert out == tmp_path / "toy" / "generator-joint" / "search"
+    assert {"generator.mode=joint", "generator.offset_ids=all", "optim.dense_lr=0.002"} <= set(overrides)
+    (seed_run,) = [o for o in trained if "generator.feature=ad_id" in o]
+    assert not any(o.startswith("train.init_from=") for o in [*overrides, *seed_run])
+    assert "generator.hidden=[]" in seed_run and "train.seed=4" in seed_run
+    assert [o for o in seed_run if o.startswith("train.output_dir=")][-1].startswith(
+        f"train.output_dir={tmp_path}/toy/generator-joint-")
+    assert len(trained) == 3  # ERM, MAML, the generator: no base model for the search

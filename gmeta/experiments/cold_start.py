@@ -94,8 +94,10 @@ class Dataset:
     # config keys tasks by ad, the generator by campaign); the synth.* overrides apply to it
     synth_config: Path | None = None
     # the warm-up table's id generator (``generator.*`` overrides: its feature and the id's
-    # attributes), trained per seed with generator.mode base_fixed on the ERM base model
+    # attributes), trained per seed with generator.mode base_fixed on the ERM base model, or
+    # jointly with a model of its own (``generator_joint``)
     generator: list[str] = field(default_factory=list)
+    generator_joint: bool = False
 
 
 def _train(config: Path, overrides: list[str]) -> Path:
@@ -417,7 +419,10 @@ def format_table(results: dict) -> str:
 # every training id taken for new, as Meta-Embedding trains on old items; 10 epochs at dense
 # rate 0.01, the weights of the best validation kept; the generator's own settings at their
 # defaults, or searched: ``GENERATOR_SPACE``); the warm-up evaluation chooses every rate and
-# step count on the validation ids again and scores the test ids once.
+# step count on the validation ids again and scores the test ids once. With
+# ``Dataset.generator_joint`` the generator is instead trained jointly with a model of its own
+# (``GENERATOR_JOINT``: ERM's searched settings, the offset added to every id's row), from
+# scratch per seed, its settings searched in ``GENERATOR_JOINT_SPACE``.
 GENERATOR_TRAINING = ["generator.mode=base_fixed", "generator.train_ids=all",
                       # the generator alone trains (tables and head fixed): more epochs than the
                       # base model and a larger rate, the weights of its best validation kept
@@ -433,11 +438,20 @@ GENERATOR_SPACE: list[tuple[str, dict[str, Any]]] = [
     ("generator.hidden", dict(choices=["[16]", "[64]", "[64, 32]"])),
 ]
 
+# Jointly trained: the model learns with it (ERM; the cold-start term on the held-out ids'
+# default row + offset), every id of the feature its row + offset (generator.offset_ids all).
+GENERATOR_JOINT = ["generator.mode=joint", "generator.offset_ids=all"]
+GENERATOR_JOINT_SPACE: list[tuple[str, dict[str, Any]]] = [
+    ("optim.dense_lr", dict(low=1e-3, high=0.1, log=True)),
+    ("generator.cold_weight", dict(low=0.0, high=1.0)),
+    ("generator.hidden", dict(choices=["[]", "[16]", "[64]"])),  # []: one linear layer
+]
 
-def _generator_space() -> list:
+
+def _generator_space(joint: bool = False) -> list:
     from gmeta.config import SweepParam
 
-    return [SweepParam(key=k, **kw) for k, kw in GENERATOR_SPACE]
+    return [SweepParam(key=k, **kw) for k, kw in (GENERATOR_JOINT_SPACE if joint else GENERATOR_SPACE)]
 
 WARMUP_VARIANTS = [Variant("ERM (base model)", "erm", ["meta.algorithm=erm"], erm=True),
                    Variant("MAML (new id's rows)", "maml", ["meta.algorithm=maml"])]
@@ -477,13 +491,17 @@ def run_warmup_table(datasets: list[Dataset], seeds: list[int], out: Path, trial
             best[v.slug], info = _search(ds, v, fixed, base / v.slug / "search", trials)
             entry["search"][v.name] = {**info, "overrides": best[v.slug], "seconds": round(time.perf_counter() - t0, 1)}
         erm = WARMUP_VARIANTS[0]
-        gen_base = [*ds.overrides, *erm.overrides, *best[erm.slug], *fixed, *ds.generator, *GENERATOR_TRAINING]
+        gen_base = [*ds.overrides, *erm.overrides, *best[erm.slug], *fixed, *ds.generator,
+                    *(GENERATOR_JOINT if ds.generator_joint else GENERATOR_TRAINING)]
         gen_best: list[str] = []
-        gen_dir = "generator"
+        gen_dir = "generator-joint" if ds.generator_joint else "generator"
         if ds.generator:
             t0 = time.perf_counter()
             info = {"trials": 0, "keys": []}
-            if trials > 0:
+            if trials > 0 and ds.generator_joint:
+                gen_best, info = _sweep(f"{ds.name} / generator", ds.config, gen_base, _generator_space(joint=True),
+                                        base / gen_dir / "search", trials)
+            elif trials > 0:
                 searched_on = _train(ds.config, [*ds.overrides, *erm.overrides, *best[erm.slug], *fixed,
                                                  "train.resume=auto", f"train.output_dir={base}/generator/search_base"])
                 gen_best, info = _sweep(f"{ds.name} / generator", ds.config,
@@ -503,9 +521,9 @@ def run_warmup_table(datasets: list[Dataset], seeds: list[int], out: Path, trial
                                                f"train.output_dir={base}/{v.slug}/seed{seed}"])
                     for v in WARMUP_VARIANTS}
             if ds.generator:
-                ckpt["generator"] = _train(ds.config, [
-                    *gen_base, *gen_best, *per_seed, f"train.init_from={ckpt['erm']}",
-                    f"train.output_dir={base}/{gen_dir}/seed{seed}"])
+                start = [] if ds.generator_joint else [f"train.init_from={ckpt['erm']}"]
+                ckpt["generator"] = _train(ds.config, [*gen_base, *gen_best, *per_seed, *start,
+                                                       f"train.output_dir={base}/{gen_dir}/seed{seed}"])
             model, cfg, _ = load_unsharded(ckpt["maml"])
             bmodel, bcfg, _ = load_unsharded(ckpt["erm"])
             gen = load_unsharded(ckpt["generator"])[:2] if "generator" in ckpt else None
@@ -599,8 +617,12 @@ def _warmup_datasets(args) -> list[Dataset]:
     ``args.attributes``: "head", the id's attributes are features of every model (the generator
     reads them too); "generator", the generator's alone (``features.sparse[].head: false``: the
     base models do not read them, so a new id learns what they say through its generated row)."""
+    joint = getattr(args, "generator_training", "base_fixed") == "joint"
+
     def attributes(name: str, feature: str, attrs: list[str]) -> tuple[str, list[str], list[str]]:
         gen = [f"generator.feature={feature}", f"generator.attributes=[{', '.join(attrs)}]"]
+        if joint:  # another generator: another name, so another directory
+            name += ", generator trained jointly"
         if args.attributes == "generator":  # another base model: another name, so another directory
             return f"{name}, attributes the generator's alone", [f"features.sparse.{a}.head=false" for a in attrs], gen
         return name, [], gen
@@ -611,7 +633,7 @@ def _warmup_datasets(args) -> list[Dataset]:
         name, head, gen = attributes(f"{movielens_name(raw)} (item cold start)", "item_id",
                                      ["genres", "year", "title_words"])
         out.append(Dataset(name, ROOT / "configs" / "movielens_items.yaml", [*head, *args.movielens_override],
-                           raw=raw, task_features=["item_id"], generator=gen))
+                           raw=raw, task_features=["item_id"], generator=gen, generator_joint=joint))
     if args.ads_tasks:
         # the ad's own attributes; not the advertiser (the campaign's: with it, the generator
         # learns each training ad's own row from its advertiser's, and on the validation ads of
@@ -621,7 +643,7 @@ def _warmup_datasets(args) -> list[Dataset]:
         out.append(Dataset(name, ROOT / "configs" / "ads_cold_items.yaml",
                            [f"synth.num_tasks={args.ads_tasks}", *head, *args.ads_override], val_every_steps=20,
                            task_features=["ad_id"], synth_config=ROOT / "configs" / "ads_cvr_debug.yaml",
-                           generator=gen))
+                           generator=gen, generator_joint=joint))
     return out
 
 
@@ -646,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attributes", choices=["head", "generator"], default="head",
                    help="--warmup: the new ids' attributes as features of every model (head) or the id "
                         "generator's alone (generator: features.sparse[].head false)")
+    p.add_argument("--generator-training", choices=["base_fixed", "joint"], default="base_fixed",
+                   help="--warmup: the id generator trained on the ERM model, fixed (Meta-Embedding), or jointly "
+                        "with a model of its own, its offset added to every id's row (generator.offset_ids all)")
     p.add_argument("-v", "--verbose", action="store_true", help="show torchrec's planner, fbgemm and torch output")
     args = p.parse_args(argv)
     from gmeta.logs import setup_logging
