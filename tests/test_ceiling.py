@@ -11,7 +11,7 @@ import pytest
 from scipy.optimize import minimize
 
 from gmeta.config import load_config
-from gmeta.evaluation.ceiling import _posterior, ceilings, held_out, main, predict
+from gmeta.evaluation.ceiling import _posterior, ceilings, held_out, main, predict, warmup_ceilings
 from gmeta.io.manifest import load_manifest
 from gmeta.io.synth import ID_BASE, draw
 
@@ -105,3 +105,63 @@ def test_ceiling_val_split_needs_a_val_fraction(debug_config_path):
     h = draw(cfg)
     val, ev = held_out(cfg, h, "val"), held_out(cfg, h, "eval")
     assert len(val.tasks) > 20 and not set(val.tasks.tolist()) & set(ev.tasks.tolist())
+
+
+def test_warmup_held_out_ads_are_those_prepare_writes(tmp_path):
+    """Under data.split.rule warmup (configs/ads_cold_items.yaml) the held-out tasks are the
+    new ads, their support the first 3 K rows (a stage's: its first k) and their query the
+    later rows, as gmeta prepare writes them."""
+    from gmeta.io.prepare import prepare
+    from gmeta.io.synth import generate
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "ads_cold_items.yaml", ["synth.num_tasks=120"])
+    generate(cfg, tmp_path / "raw")
+    m = prepare(cfg, tmp_path / "raw", tmp_path / "shards")
+    h = draw(cfg)
+    for split in ("eval", "val"):
+        ho = held_out(cfg, h, split)
+        shards = pq.read_table([tmp_path / "shards" / f["path"] for f in m["splits"][split]["files"]]).to_pylist()
+        written = {r["task_key"]: r for r in shards}
+        assert len(written) == len(ho.tasks) == m["splits"][split]["tasks"] > 5
+        for ad, s_rows, q_rows in zip(ho.tasks.tolist(), ho.support, ho.query, strict=True):
+            rec = written[ID_BASE["ad_id"] + ad]
+            assert len(s_rows) == 3 * cfg.data.split.warmup_rows
+            assert (h.ad[np.concatenate([s_rows, q_rows])] == ad).all()
+            for side, rows in (("support", s_rows), ("query", q_rows)):
+                assert rec[side]["timestamp"] == h.ts[rows].tolist()
+                assert [int(x) for x in rec[side]["label"]] == h.label[rows].tolist()
+    stage_a = held_out(cfg, h, "eval", support_rows=4)
+    assert all(len(s) == 4 for s in stage_a.support)
+    assert [s[:4].tolist() for s in held_out(cfg, h, "eval").support] == [s.tolist() for s in stage_a.support]
+
+
+def test_warmup_ceilings_rise_with_knowledge_and_with_warmup_rows(capsys):
+    from tests.conftest import ROOT
+
+    config = ROOT / "configs" / "ads_cold_items.yaml"
+    cfg = load_config(config)
+    res = warmup_ceilings(cfg)
+    assert list(res["stages"]) == ["cold", "a", "a+b", "a+b+c"] and res["tasks"] > 100
+    for stage, by in res["stages"].items():
+        assert by["prior"]["auc"] < by["attributes"]["auc"] < by["true"]["auc"] < res["oracle"]["auc"], stage
+    for kn in ("prior", "attributes", "true"):
+        aucs = [res["stages"][s][kn]["auc"] for s in res["stages"]]
+        assert aucs == sorted(aucs), (kn, aucs)
+    # the cold stage is the knowledge alone: ceilings() on the same split, no support row
+    alone = ceilings(cfg)["predictors"]
+    assert res["stages"]["cold"]["attributes"] == alone["attributes"]
+    assert main(["--config", str(config)]) == 0
+    assert "| its attributes (posterior mean) | " + f"{res['stages']['cold']['attributes']['auc']:.4f}" \
+        in capsys.readouterr().out
+
+
+def test_the_warmup_config_draws_the_data_its_generating_config_writes():
+    """configs/ads_cold_items.yaml's data are written by gmeta synth with ads_cvr_debug.yaml
+    (the experiments' synth_config); the ceilings read the warm-up config's synth section."""
+    from dataclasses import asdict
+
+    from tests.conftest import ROOT
+
+    assert asdict(load_config(ROOT / "configs" / "ads_cold_items.yaml").synth) == \
+        asdict(load_config(ROOT / "configs" / "ads_cvr_debug.yaml").synth)

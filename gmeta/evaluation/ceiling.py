@@ -26,6 +26,13 @@ from the written data under the config's ``data.split`` (the same functions, app
 rows in memory): ``--split eval`` (default) or ``val``. With ``synth.days``, those of every
 day (``gmeta prepare`` of the whole output directory), each row's shared part with its
 day's drift.
+
+Under the warm-up protocol (``data.split.rule: warmup``, ``features.task_key: ad_id``, as in
+``configs/ads_cold_items.yaml``) the held-out tasks are the new ads, and the ceilings come
+per stage (``warmup_ceilings``): at the cold stage on the knowledge alone, after a, a+b and
+a+b+c as the Bayesian predictor given the ad's first K, 2K, 3K warm-up rows (its campaign's
+terms and the ad's unknown part inferred from them alone: the models see no other row of a
+new ad's campaign either), every stage scored on the same test rows.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import numpy as np
 
 from gmeta.config import Config, load_config
 from gmeta.io.features import stable_hash, task_uniform
-from gmeta.io.split import split_tasks
+from gmeta.io.split import split_tasks, warmup_splits
 from gmeta.io.synth import ID_BASE, Hidden, draw
 from gmeta.metrics import auc, gauc, logloss
 
@@ -63,31 +70,41 @@ class HeldOut:
     query: list[np.ndarray]  # T arrays of row indices
 
 
-def held_out(cfg: Config, h: Hidden, split: str = "eval") -> HeldOut:
-    """The campaigns of ``split`` and their rows, as ``gmeta prepare`` splits the written
-    rows: sorted by (task key, time, written position), split by ``gmeta.io.split``."""
+def held_out(cfg: Config, h: Hidden, split: str = "eval", support_rows: int | None = None) -> HeldOut:
+    """The tasks of ``split`` (campaigns, or ads with features.task_key ad_id) and their
+    rows, as ``gmeta prepare`` splits the written rows: sorted by (task key, time, written
+    position), split by ``gmeta.io.split``. ``support_rows``: each task's first support rows
+    only (a warm-up stage)."""
     sp = cfg.data.split
     if split not in ("eval", "val"):
         raise ValueError(f"split must be 'eval' or 'val', got {split!r}")
     if split == "val" and sp.val_fraction <= 0:
         raise ValueError("--split val needs data.split.val_fraction > 0 (it is 0 in this config)")
+    key = cfg.features.task_key
+    if key not in ("campaign_id", "ad_id"):
+        raise ValueError(f"features.task_key {key!r}: the ceilings know gmeta synth's campaigns (campaign_id) and "
+                         "ads (ad_id)")
     written_pos = np.empty_like(h.order)
     written_pos[h.order] = np.arange(len(h.order))
-    keys = ID_BASE["campaign_id"] + h.task
+    keys = ID_BASE[key] + (h.task if key == "campaign_id" else h.ad)
     srt = np.lexsort((written_pos, h.ts, keys))
     k_sorted = keys[srt]
     task_start = np.concatenate([[0], np.flatnonzero(k_sorted[1:] != k_sorted[:-1]) + 1]).astype(np.int64)
     counts = np.diff(np.concatenate([task_start, [len(k_sorted)]]))
     task_keys = k_sorted[task_start]
     u = task_uniform(task_keys, sp.seed)
-    lo, hi = (0.0, sp.eval_fraction) if split == "eval" else (sp.eval_fraction, sp.eval_fraction + sp.val_fraction)
-    pick = np.flatnonzero((u >= lo) & (u < hi))
+    if sp.rule == "warmup":  # held out by the id's row count, as prepare does
+        pick = np.flatnonzero(warmup_splits(cfg, counts, u) == split)
+    else:
+        lo, hi = (0.0, sp.eval_fraction) if split == "eval" else (sp.eval_fraction, sp.eval_fraction + sp.val_fraction)
+        pick = np.flatnonzero((u >= lo) & (u < hi))
     ts_sorted = h.ts[srt].astype(np.int64)
     s_idx, q_idx, _ = split_tasks(cfg, task_start[pick], counts[pick], ts_sorted,
-                                  stable_hash(task_keys[pick], "task"))
+                                  stable_hash(task_keys[pick], "task"),
+                                  held_out=np.ones(len(pick), bool) if sp.rule == "warmup" else None)
     keep = [i for i, s in enumerate(s_idx) if s is not None]  # a dropped task has neither side
-    return HeldOut(tasks=(task_keys[pick] - ID_BASE["campaign_id"])[keep],
-                   support=[srt[s] for s in s_idx if s is not None],
+    return HeldOut(tasks=(task_keys[pick] - ID_BASE[key])[keep],
+                   support=[srt[s][:support_rows] for s in s_idx if s is not None],
                    query=[srt[q] for q in q_idx if q is not None])
 
 
@@ -193,13 +210,14 @@ def predict(cfg: Config, h: Hidden, ho: HeldOut, knowledge: str, support: bool) 
     return np.concatenate(out)
 
 
-def ceilings(cfg: Config, split: str = "eval", h: Hidden | None = None) -> dict:
+def ceilings(cfg: Config, split: str = "eval", h: Hidden | None = None, support_rows: int | None = None) -> dict:
     """AUC, GAUC and logloss of every (knowledge, support) predictor and of the oracle on the
-    query rows of the held-out campaigns of ``split``."""
+    query rows of the held-out tasks of ``split`` (``support_rows``: their first support rows
+    only)."""
     h = draw(cfg) if h is None else h
-    ho = held_out(cfg, h, split)
+    ho = held_out(cfg, h, split, support_rows)
     if not len(ho.tasks):
-        raise ValueError(f"no campaign in split {split!r} (data.split.eval_fraction / val_fraction)")
+        raise ValueError(f"no held-out task in split {split!r} (data.split.eval_fraction / val_fraction)")
     q = np.concatenate(ho.query)
     y = h.label[q]
     groups = np.repeat(ho.tasks, [len(r) for r in ho.query])
@@ -214,6 +232,40 @@ def ceilings(cfg: Config, split: str = "eval", h: Hidden | None = None) -> dict:
             name = f"{knowledge}{'+support' if support else ''}"
             res["predictors"][name] = scores(predict(cfg, h, ho, knowledge, support))
     return res
+
+
+def warmup_ceilings(cfg: Config, split: str = "eval", h: Hidden | None = None) -> dict:
+    """The ceilings at each stage of the warm-up protocol (``data.split.rule: warmup``): the
+    cold stage from ``ceilings`` with no support row (the knowledge alone), then the Bayesian
+    predictors given each new ad's first K, 2K, 3K warm-up rows; the same test rows at every
+    stage."""
+    sp = cfg.data.split
+    if sp.rule != "warmup":
+        raise ValueError(f"data.split.rule {sp.rule!r}: the warm-up ceilings need rule warmup")
+    h = draw(cfg) if h is None else h
+    stages = {"cold": 0, "a": sp.warmup_rows, "a+b": 2 * sp.warmup_rows, "a+b+c": 3 * sp.warmup_rows}
+    out: dict = {"split": split, "warmup_rows": sp.warmup_rows, "attribute_share": h.attribute_share, "stages": {}}
+    for stage, k in stages.items():
+        res = ceilings(cfg, split, h, support_rows=k)
+        out["tasks"], out["query_rows"], out["oracle"] = res["campaigns"], res["query_rows"], res["oracle"]
+        out["stages"][stage] = {kn: res["predictors"][kn if k == 0 else f"{kn}+support"] for kn in KNOWLEDGE}
+    return out
+
+
+def warmup_table(res: dict) -> str:
+    """The figures of ``warmup_ceilings`` as Markdown: AUC and GAUC per knowledge and stage."""
+    stages = list(res["stages"])
+    lines = [f"New ads of split {res['split']} ({res['tasks']:,} ads, {res['query_rows']:,} test rows); attributes "
+             f"explain {res['attribute_share']:.0%} of an ad's latent variance; cold: the knowledge alone, then "
+             f"given the first {', '.join(str(i * res['warmup_rows']) for i in range(1, len(stages)))} warm-up rows",
+             "", "| the new ad known by | " + " | ".join(f"{s} AUC" for s in stages) + " | "
+             + " | ".join(f"{s} GAUC" for s in stages) + " |", "|---|" + "---|" * (2 * len(stages))]
+    for kn in KNOWLEDGE:
+        cells = [f"{res['stages'][s][kn][m]:.4f}" for m in ("auc", "gauc") for s in stages]
+        lines.append(f"| {KNOWLEDGE_LABEL[kn]} | " + " | ".join(cells) + " |")
+    o = res["oracle"]
+    lines.append(f"| oracle (true probabilities) | {o['auc']:.4f} | | | | {o['gauc']:.4f} | | | |")
+    return "\n".join(lines)
 
 
 def table(res: dict) -> str:
@@ -238,15 +290,17 @@ def table(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gmeta.evaluation.ceiling", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", required=True, help="an ads-CVR config (its synth and data.split sections)")
+    ap.add_argument("--config", required=True, help="an ads-CVR config (its synth, features.task_key and "
+                    "data.split sections; under data.split.rule warmup, the ceilings of each stage)")
     ap.add_argument("--split", choices=("eval", "val"), default="eval", help="the held-out campaigns to score")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(args.config, args.overrides)
-    res = ceilings(cfg, args.split)
-    print(table(res))
+    warmup = cfg.data.split.rule == "warmup"
+    res = warmup_ceilings(cfg, args.split) if warmup else ceilings(cfg, args.split)
+    print(warmup_table(res) if warmup else table(res))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=2)
