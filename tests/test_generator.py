@@ -169,8 +169,14 @@ def _zeroed(model):
     return other
 
 
-def test_forward_scoring_and_the_meta_step_start_a_new_id_from_the_same_generated_row(debug_data):
-    cfg, model, batch, known = _setup(debug_data, extra=("meta.algorithm=erm", "generator.cold_weight=0"))
+@pytest.mark.parametrize("offset_ids", ["new", "all"])
+def test_forward_scoring_and_the_meta_step_start_a_new_id_from_the_same_generated_row(debug_data, offset_ids):
+    """A new id scores from its generated row on every path (plain forward, scoring, the ERM
+    step); a known id from its own row, or with generator.offset_ids all, its own row + the
+    offset (its scores move with the generator too)."""
+    cfg, model, batch, known = _setup(debug_data, extra=("meta.algorithm=erm", "generator.cold_weight=0",
+                                                         f"generator.offset_ids={offset_ids}"))
+    assert model.generator is not None and model.generator.every_id == (offset_ids == "all")
     ids = _row_ids(batch)
     adv = {}
     for a, v in zip(ids["ad_id"], ids["advertiser_id"]):
@@ -182,36 +188,16 @@ def test_forward_scoring_and_the_meta_step_start_a_new_id_from_the_same_generate
     new_rows = torch.tensor([not known[a[0]] for a in ids["ad_id"]])
     assert 0 < int(new_rows.sum()) < len(new_rows)
     assert not torch.allclose(plain[new_rows], without[new_rows])  # the generator changes new ids' scores ...
-    torch.testing.assert_close(plain[~new_rows], without[~new_rows], rtol=0, atol=0)  # ... and only theirs
+    if offset_ids == "new":
+        torch.testing.assert_close(plain[~new_rows], without[~new_rows], rtol=0, atol=0)  # ... and only theirs
+    else:
+        assert not torch.allclose(plain[~new_rows], without[~new_rows])  # ... and known ids' as well
     scored = predict_queries(model, cfg, batch, [0])[0]
     torch.testing.assert_close(torch.from_numpy(scored), torch.sigmoid(plain[s:]), rtol=1e-6, atol=1e-6)
     out = meta_step(model, batch, cfg)  # ERM on every row, cold term weighted 0
     want = F.binary_cross_entropy_with_logits(plain, batch.labels)
     torch.testing.assert_close(out.loss, want, rtol=1e-6, atol=1e-6)
     assert set(out.extra) == {"generator_cold_loss", "generator_new_share"}
-    torch.testing.assert_close(out.extra["generator_new_share"], new_rows.float().mean())
-
-
-def test_offset_on_every_id_moves_known_ids_too_and_every_path_agrees(debug_data):
-    """generator.offset_ids all: a known id scores as its own row + the offset (the forward
-    differs from a zero generator on known ids' rows too), and scoring and the ERM step
-    give the plain forward's scores."""
-    cfg, model, batch, known = _setup(debug_data, extra=("meta.algorithm=erm", "generator.cold_weight=0",
-                                                         "generator.offset_ids=all"))
-    assert model.generator is not None and model.generator.every_id
-    ids = _row_ids(batch)
-    s = batch.num_support
-    with torch.no_grad():
-        plain = model(batch.sparse, batch.dense)
-        without = _zeroed(model)(batch.sparse, batch.dense)
-    new_rows = torch.tensor([not known[a[0]] for a in ids["ad_id"]])
-    assert 0 < int(new_rows.sum()) < len(new_rows)
-    assert not torch.allclose(plain[~new_rows], without[~new_rows])  # known ids' scores move as well
-    scored = predict_queries(model, cfg, batch, [0])[0]
-    torch.testing.assert_close(torch.from_numpy(scored), torch.sigmoid(plain[s:]), rtol=1e-6, atol=1e-6)
-    out = meta_step(model, batch, cfg)
-    torch.testing.assert_close(out.loss, F.binary_cross_entropy_with_logits(plain, batch.labels), rtol=1e-6,
-                               atol=1e-6)
     torch.testing.assert_close(out.extra["generator_new_share"], new_rows.float().mean())  # new ids only
 
 

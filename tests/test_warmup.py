@@ -474,14 +474,12 @@ def test_warmup_table_keeps_seeds_already_scored_and_shows_a_missing_method_as_n
     assert "| generator | n/a (1 of 2 seeds) | n/a (1 of 2 seeds) |" in md and "| init_model | 0.6000 ± 0.0000" in md
 
 
-@pytest.mark.parametrize("trials", [0, 3])
-def test_warmup_table_searches_the_generator_on_a_base_model_of_its_own_and_trains_each_seed_with_its_choice(
-        tmp_path, monkeypatch, trials):
-    """--trials N searches the generator's own settings with N trials, like each base model,
-    on an ERM model trained for the search (not a scored seed's), and each seed's generator
-    trains with the choice; with no trials the defaults train (no search, no extra model)."""
+def _fake_table_runs(monkeypatch, chosen: list[str]) -> tuple[list[list[str]], list[tuple]]:
+    """run_warmup_table with its training, searches and checkpoints faked: returns the
+    overrides of every model trained and (what, overrides, keys, out, trials) of every
+    generator search, which chooses ``chosen``; each base model's search chooses dense rate
+    0.002."""
     import gmeta.checkpoint
-    import gmeta.evaluation.warmup
     from gmeta.experiments import cold_start
 
     trained: list[list[str]] = []
@@ -493,13 +491,26 @@ def test_warmup_table_searches_the_generator_on_a_base_model_of_its_own_and_trai
 
     def sweep(what, config, overrides, space, out, n):
         sweeps.append((what, overrides, [p.key for p in space], out, n))
-        return ["optim.dense_lr=0.05", "generator.cold_weight=0.7"], {"trials": n, "keys": [p.key for p in space]}
+        return chosen, {"trials": n, "keys": [p.key for p in space]}
 
     monkeypatch.setattr(cold_start, "_prepare", lambda ds, base: base / "shards")
     monkeypatch.setattr(cold_start, "_search", lambda ds, v, fixed, out, trials: (["optim.dense_lr=0.002"], {}))
     monkeypatch.setattr(cold_start, "_train", train)
     monkeypatch.setattr(cold_start, "_sweep", sweep)
     monkeypatch.setattr(gmeta.checkpoint, "load_unsharded", lambda path: (str(path), None, None))
+    return trained, sweeps
+
+
+@pytest.mark.parametrize("trials", [0, 3])
+def test_warmup_table_searches_the_generator_on_a_base_model_of_its_own_and_trains_each_seed_with_its_choice(
+        tmp_path, monkeypatch, trials):
+    """--trials N searches the generator's own settings with N trials, like each base model,
+    on an ERM model trained for the search (not a scored seed's), and each seed's generator
+    trains with the choice; with no trials the defaults train (no search, no extra model)."""
+    import gmeta.evaluation.warmup
+    from gmeta.experiments import cold_start
+
+    trained, sweeps = _fake_table_runs(monkeypatch, ["optim.dense_lr=0.05", "generator.cold_weight=0.7"])
     monkeypatch.setattr(gmeta.evaluation.warmup, "warmup_report", lambda model, cfg, shards, **kw: {
         "stages": ["cold"], "support_rows": [0], "warmup_rows": 4, "tasks": 1,
         "methods": {"generator": {"label": "g", "stages": {"cold": {"auc": 0.6}}}}, "generator": kw["generator"][0]})
@@ -538,26 +549,10 @@ def test_warmup_table_trains_a_joint_generator_from_scratch_with_a_model_of_its_
     directory apart from the base_fixed generator's."""
     import argparse
 
-    import gmeta.checkpoint
     import gmeta.evaluation.warmup
     from gmeta.experiments import cold_start
 
-    trained: list[list[str]] = []
-    sweeps: list[tuple] = []
-
-    def train(config, overrides):
-        trained.append(overrides)
-        return Path([o for o in overrides if o.startswith("train.output_dir=")][-1].split("=", 1)[1])
-
-    def sweep(what, config, overrides, space, out, n):
-        sweeps.append((overrides, [p.key for p in space], out))
-        return ["generator.hidden=[]"], {"trials": n, "keys": [p.key for p in space]}
-
-    monkeypatch.setattr(cold_start, "_prepare", lambda ds, base: base / "shards")
-    monkeypatch.setattr(cold_start, "_search", lambda ds, v, fixed, out, trials: (["optim.dense_lr=0.002"], {}))
-    monkeypatch.setattr(cold_start, "_train", train)
-    monkeypatch.setattr(cold_start, "_sweep", sweep)
-    monkeypatch.setattr(gmeta.checkpoint, "load_unsharded", lambda path: (str(path), None, None))
+    trained, sweeps = _fake_table_runs(monkeypatch, ["generator.hidden=[]"])
     monkeypatch.setattr(gmeta.evaluation.warmup, "warmup_report", lambda model, cfg, shards, **kw: {
         "stages": ["cold"], "support_rows": [0], "warmup_rows": 4, "tasks": 1, "methods": {}})
     args = argparse.Namespace(movielens="", ads_tasks=60, ads_override=[], movielens_override=[],
@@ -566,7 +561,7 @@ def test_warmup_table_trains_a_joint_generator_from_scratch_with_a_model_of_its_
     assert ds.generator_joint and ds.name.endswith("generator trained jointly, attributes the generator's alone")
     ds = cold_start.Dataset("toy", tmp_path / "toy.yaml", [], generator=ds.generator, generator_joint=True)
     cold_start.run_warmup_table([ds], [4], tmp_path, trials=2)
-    (overrides, keys, out), = sweeps
+    (_, overrides, keys, out, _), = sweeps
     assert keys == [k for k, _ in cold_start.GENERATOR_JOINT_SPACE]
     assert out == tmp_path / "toy" / "generator-joint" / "search"
     assert {"generator.mode=joint", "generator.offset_ids=all", "optim.dense_lr=0.002"} <= set(overrides)
