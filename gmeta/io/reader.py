@@ -16,6 +16,7 @@ group and what to do, also from inside a DataLoader worker.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -395,7 +396,14 @@ class TaskReader:
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             pin_memory=self.pin_memory and torch.cuda.is_available(),
-                            collate_fn=_identity, persistent_workers=False, worker_init_fn=_die_with_parent)
+                            collate_fn=_identity, persistent_workers=False, worker_init_fn=_worker_init)
+        if self.num_workers:
+            # The workers are forked: garbage of this process left for a later collection
+            # (a cycle holding a destroyed gloo process group, from a model trained earlier in
+            # the same process) would be collected in a worker, whose copy has none of the
+            # threads its destructor waits for. A worker hung so, and the reader with it, in a
+            # warm-up table's evaluation. Collect it here, where its destructors can run.
+            gc.collect()
         it = iter(loader)
         try:
             for item in it:
@@ -408,6 +416,13 @@ class TaskReader:
 
 def _identity(x):
     return x
+
+
+def _worker_init(worker_id: int) -> None:
+    """A reader worker: ends with its parent (``_die_with_parent``) and never collects the
+    objects it inherited from it (``gc.freeze``): their destructors belong to the parent."""
+    gc.freeze()
+    _die_with_parent(worker_id)
 
 
 def _die_with_parent(worker_id: int) -> None:

@@ -232,3 +232,30 @@ def test_max_tasks_limits_the_epoch(debug_data):
     full = [i for b in TaskReader(debug_data["shards"], "eval", 7, shuffle=False, drop_last=False)
             for i in b.task_ids.tolist()]
     assert ids == full[:30]
+
+
+def test_the_parents_garbage_is_collected_before_the_workers_fork(debug_data):
+    """Reader workers are forked: garbage the parent has not collected yet would be collected
+    in a worker (a cycle holding a destroyed gloo process group hung one there, its
+    destructor waiting for threads only the parent has). The reader collects it first, in
+    the parent, where the finaliser runs."""
+    import gc
+    import os
+
+    ran: list[int] = []
+
+    class Cycle:
+        def __del__(self) -> None:
+            ran.append(os.getpid())
+
+    gc.disable()  # (the parent would otherwise collect it whenever it likes)
+    try:
+        c = Cycle()
+        c.self = c
+        del c
+        assert ran == []
+        batches = iter(TaskReader(debug_data["shards"], "train", 4, shuffle=False, num_workers=1))
+        next(batches)
+        assert ran == [os.getpid()]
+    finally:
+        gc.enable()
