@@ -210,10 +210,11 @@ def predict(cfg: Config, h: Hidden, ho: HeldOut, knowledge: str, support: bool) 
     return np.concatenate(out)
 
 
-def ceilings(cfg: Config, split: str = "eval", h: Hidden | None = None, support_rows: int | None = None) -> dict:
-    """AUC, GAUC and logloss of every (knowledge, support) predictor and of the oracle on the
-    query rows of the held-out tasks of ``split`` (``support_rows``: their first support rows
-    only)."""
+def ceilings(cfg: Config, split: str = "eval", h: Hidden | None = None, support_rows: int | None = None,
+             supports: tuple[bool, ...] = (False, True)) -> dict:
+    """AUC, GAUC and logloss of every (knowledge, support) predictor (``supports``: which of
+    alone and with the support rows) and of the oracle on the query rows of the held-out
+    tasks of ``split`` (``support_rows``: their first support rows only)."""
     h = draw(cfg) if h is None else h
     ho = held_out(cfg, h, split, support_rows)
     if not len(ho.tasks):
@@ -228,7 +229,7 @@ def ceilings(cfg: Config, split: str = "eval", h: Hidden | None = None, support_
     res: dict = {"split": split, "campaigns": int(len(ho.tasks)), "query_rows": int(len(q)),
                  "attribute_share": h.attribute_share, "oracle": scores(h.p_true[q]), "predictors": {}}
     for knowledge in KNOWLEDGE:
-        for support in (False, True):
+        for support in supports:
             name = f"{knowledge}{'+support' if support else ''}"
             res["predictors"][name] = scores(predict(cfg, h, ho, knowledge, support))
     return res
@@ -246,7 +247,7 @@ def warmup_ceilings(cfg: Config, split: str = "eval", h: Hidden | None = None) -
     stages = {"cold": 0, "a": sp.warmup_rows, "a+b": 2 * sp.warmup_rows, "a+b+c": 3 * sp.warmup_rows}
     out: dict = {"split": split, "warmup_rows": sp.warmup_rows, "attribute_share": h.attribute_share, "stages": {}}
     for stage, k in stages.items():
-        res = ceilings(cfg, split, h, support_rows=k)
+        res = ceilings(cfg, split, h, support_rows=k, supports=(k > 0,))  # only the predictors shown
         out["tasks"], out["query_rows"], out["oracle"] = res["campaigns"], res["query_rows"], res["oracle"]
         out["stages"][stage] = {kn: res["predictors"][kn if k == 0 else f"{kn}+support"] for kn in KNOWLEDGE}
     return out
