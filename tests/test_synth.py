@@ -106,6 +106,23 @@ def test_synth_refuses_features_it_does_not_write(debug_config_path, tmp_path):
 def test_attribute_share_is_checked(debug_config_path):
     with pytest.raises(ConfigError, match=r"synth.ad_attribute_share: must be in \[0, 1\]"):
         load_config(debug_config_path, ["synth.ad_attribute_share=1.5"])
+    with pytest.raises(ConfigError, match=r"synth.ad_quality_scale: must be > 0"):
+        load_config(debug_config_path, ["synth.ad_quality_scale=0"])
+
+
+def test_quality_scale_scales_the_ad_quality_alone(debug_config_path):
+    base = load_config(debug_config_path, ["synth.num_tasks=2000"])
+    a = draw(base)
+    b = draw(load_config(debug_config_path, ["synth.num_tasks=2000", "synth.ad_quality_scale=1.2"]))
+    assert a.ad_quality_scale == 0.3 and b.ad_quality_scale == 1.2
+    # the same draw, the quality and its attribute part four times as large
+    np.testing.assert_allclose(b.ad_quality, 4.0 * a.ad_quality)
+    np.testing.assert_allclose(b.ad_quality_attr, 4.0 * a.ad_quality_attr)
+    assert abs(b.ad_quality.std() - 1.2) < 0.06, b.ad_quality.std()
+    for name in ("ad_lat", "ad_lat_attr", "user_lat", "t_bias", "t_pref", "user", "ad", "order"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    # the shared logit moves by exactly the change of the ad's quality
+    np.testing.assert_allclose(b.shared - a.shared, 3.0 * a.ad_quality[a.ad], atol=1e-12)
 
 
 def _cli(cwd, *args) -> subprocess.CompletedProcess:

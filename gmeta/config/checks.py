@@ -118,6 +118,7 @@ def validate(cfg: Config) -> None:
               "num_ad_categories", "num_creative_types", "num_landing_pages"):
         _check(getattr(s, k) >= 1, f"synth.{k}", "must be >= 1")
     _check(0.0 <= s.ad_attribute_share <= 1.0, "synth.ad_attribute_share", "must be in [0, 1]")
+    _check(s.ad_quality_scale > 0.0, "synth.ad_quality_scale", "must be > 0")
     _check(s.min_rows_per_task >= 2, "synth.min_rows_per_task", "must be >= 2")
     _check(s.max_rows_per_task >= s.min_rows_per_task, "synth.max_rows_per_task",
            "must be >= synth.min_rows_per_task")

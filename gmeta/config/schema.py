@@ -175,6 +175,10 @@ class SynthConfig:
     # residual of its own, which only the ad's rows reveal. 0: attributes carry no signal
     # (the hidden model of the data before attributes existed, drawn from the same seed).
     ad_attribute_share: float = 0.5
+    # Standard deviation of an ad's quality (its main effect on the logit, b_ad; the
+    # attributes explain ad_attribute_share of its variance as of the latent's). The
+    # interaction <u_user, a_ad> has a standard deviation of about 0.45 over the rows.
+    ad_quality_scale: float = 0.3
     rows_per_file: int = 200_000
     # A conversion column of this name (empty: none): 1 only on a click (the label), with
     # the probability of a hidden model of its own given the click (an offset, the ad's

@@ -64,10 +64,9 @@ AD_ATTRIBUTES = {"ad_category": "num_ad_categories", "creative_type": "num_creat
                  "landing_page": "num_landing_pages"}
 # The sparse columns gmeta synth writes.
 SPARSE_COLUMNS = ("user_id", "ad_id", "advertiser_id", "hour", "device", "site_id", "interests", *AD_ATTRIBUTES)
-# Standard deviations of a_ad (its norm; each coordinate has this over sqrt(latent_dim))
-# and of the ad quality.
+# Standard deviation of a_ad (its norm; each coordinate has this over sqrt(latent_dim)); the
+# ad quality's is synth.ad_quality_scale.
 _AD_LAT_SCALE = 1.5
-_AD_QUALITY_SCALE = 0.3
 
 
 def _ad_attributes(cfg: Config, n_ads: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -261,7 +260,7 @@ def draw(cfg: Config) -> Hidden:
     # a_ad and quality in units of their standard deviation: the attributes' part and the
     # ad's own residual, independent, each of unit variance
     ad_std = np.sqrt(s.ad_attribute_share) * ad_attr_part + np.sqrt(1.0 - s.ad_attribute_share) * ad_resid
-    ad_scale = np.concatenate([np.full(k, _AD_LAT_SCALE / np.sqrt(k)), [_AD_QUALITY_SCALE]])
+    ad_scale = np.concatenate([np.full(k, _AD_LAT_SCALE / np.sqrt(k)), [s.ad_quality_scale]])
     ad_lat, ad_quality = (ad_std * ad_scale)[:, :k], (ad_std * ad_scale)[:, k]
     ad_mean = np.sqrt(s.ad_attribute_share) * ad_attr_part * ad_scale  # E[a_ad, quality | attributes]
     t_bias = rng.normal(0, s.task_bias_scale, size=s.num_tasks)
@@ -318,7 +317,7 @@ def draw(cfg: Config) -> Hidden:
     return Hidden(user_lat=user_lat, ad_lat=ad_lat, ad_quality=ad_quality,
                   ad_campaign=np.repeat(np.arange(s.num_tasks), ads_per_camp), ad_attrs=ad_attrs,
                   ad_lat_attr=ad_mean[:, :k], ad_quality_attr=ad_mean[:, k],
-                  ad_lat_scale=_AD_LAT_SCALE / np.sqrt(k), ad_quality_scale=_AD_QUALITY_SCALE,
+                  ad_lat_scale=_AD_LAT_SCALE / np.sqrt(k), ad_quality_scale=s.ad_quality_scale,
                   attribute_share=s.ad_attribute_share,
                   t_bias=t_bias, t_pref=t_pref, t_slope=t_slope, camp_adv=camp_adv, sizes=sizes, task=task,
                   user=user, ad=ad, hour=hour, device=device, site=site, dense=dense, base=base, shared=shared,
@@ -501,6 +500,7 @@ def generate(cfg: Config, out_dir: str | Path) -> dict:
         "task_size_max": int(sizes.max()),
         "ads": len(h.ad_lat),
         "ad_attribute_share": s.ad_attribute_share,
+        "ad_quality_scale": s.ad_quality_scale,
         **affinity,
         "seed": s.seed,
         "files": files,
